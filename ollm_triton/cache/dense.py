@@ -1,0 +1,80 @@
+"""`dense`: K/V kept as contiguous tensors in the model dtype (or a chosen one), the baseline cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ollm_triton.cache.base import CacheCodec, CacheLayer, LayerSpec
+from ollm_triton.registry import register
+
+DTYPES = {"model": None, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass
+class DenseConfig:
+    dtype: str = "model"  # model | float16 | bfloat16 | float32
+    preallocate: bool = True  # one buffer of max_len tokens up front (no re-allocation while decoding)
+
+    def check(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+
+class DenseLayer(CacheLayer):
+    def __init__(self, spec: LayerSpec, dtype: torch.dtype, preallocate: bool):
+        super().__init__(spec)
+        self.dtype = dtype
+        self._len = 0
+        cap = spec.max_len if preallocate else 0
+        shape = (spec.batch, spec.kv_heads, cap, spec.head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=spec.device)
+        self.v = torch.empty(shape, dtype=dtype, device=spec.device)
+
+    @property
+    def length(self) -> int:
+        return self._len
+
+    def append(self, k, v):
+        new = self._len + k.shape[2]
+        if new > self.k.shape[2]:  # grow geometrically so appends stay amortised O(1)
+            cap = max(new, 2 * self.k.shape[2], 256)
+            self.k = _grow(self.k, cap, self._len)
+            self.v = _grow(self.v, cap, self._len)
+        self.k[:, :, self._len : new] = k
+        self.v[:, :, self._len : new] = v
+        self._len = new
+        self.appended = new
+
+    def dense(self):
+        k, v = self.k[:, :, : self._len], self.v[:, :, : self._len]
+        if self.dtype != self.spec.dtype:  # a cache kept in another dtype is read back in the model dtype
+            k, v = k.to(self.spec.dtype), v.to(self.spec.dtype)
+        return k, v
+
+    def truncate(self, length):
+        if not 0 <= length <= self._len:
+            raise ValueError(f"cannot truncate a cache of {self._len} tokens to {length}")
+        self._len = length
+        self.appended = length
+
+    def stored_bytes(self):
+        return 2 * self.spec.batch * self.spec.kv_heads * self.spec.head_dim * self._len * self.k.element_size()
+
+
+def _grow(buf: torch.Tensor, cap: int, used: int) -> torch.Tensor:
+    out = torch.empty(*buf.shape[:2], cap, buf.shape[3], dtype=buf.dtype, device=buf.device)
+    out[:, :, :used] = buf[:, :, :used]
+    return out
+
+
+@register("cache", "dense", DenseConfig)
+class Dense(CacheCodec):
+    """Contiguous K/V buffers (pre-allocated to the run's maximum context, or growing), no compression."""
+
+    def __init__(self, cfg: DenseConfig):
+        self.cfg = cfg
+
+    def new_layer(self, spec: LayerSpec) -> CacheLayer:
+        return DenseLayer(spec, DTYPES[self.cfg.dtype] or spec.dtype, self.cfg.preallocate)

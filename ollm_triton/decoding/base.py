@@ -1,0 +1,25 @@
+"""The decoder-strategy interface: turn a prompt into new tokens with an Engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Generation:
+    """tokens: [B, N] new tokens (prompt excluded). counters: strategy statistics (acceptance rate, forwards...)."""
+
+    tokens: torch.Tensor
+    counters: dict[str, float] = field(default_factory=dict)
+
+
+class DecoderStrategy:
+    """Base class of decoder strategies; `plugin_name` is set by the registry."""
+
+    plugin_name = "base"
+
+    def generate(self, engine, prompt_ids: torch.Tensor, max_new_tokens: int, *, eos_id: int | None = None) -> Generation:
+        """prompt_ids: [B, T] on any device. Stops after max_new_tokens, or when every row has produced eos_id."""
+        raise NotImplementedError

@@ -1,0 +1,5 @@
+"""Layer-prefetch policy plugins. Every module in this folder registers its plugins when imported (base.py holds the interface)."""
+
+from ollm_triton._discover import import_submodules
+
+import_submodules(__name__)
