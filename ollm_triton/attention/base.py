@@ -14,9 +14,21 @@ every (attention, cache) pair runs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ollm_triton.cache.base import CacheLayer
+
+
+@dataclass(frozen=True)
+class DecodeSchedule:
+    """Keys visited by a decode query: the KV blocks in `block_ids` (int32, ascending; None = all blocks), and
+    inside them only keys with position < sink or position > q_pos - window (window 0 = no window)."""
+
+    block_ids: torch.Tensor | None = None
+    window: int = 0
+    sink: int = 0
 
 
 class AttentionBackend:
@@ -51,6 +63,11 @@ class AttentionBackend:
                 return out
         k, v = layer_cache.dense()
         return self.prefill(q, k, v, q_offset=k.shape[2] - q.shape[2], tree_mask=tree_mask)
+
+    def decode_schedule(self, kv_len: int, block_k: int) -> DecodeSchedule:
+        """Which keys a decode query at position kv_len - 1 visits, for fused codec kernels (the cache's
+        `attend`): dense backends visit everything; windowed and sparse backends override this."""
+        return DecodeSchedule()
 
     def describe(self) -> dict:
         """Plugin parameters and runtime choices, for metrics.json."""

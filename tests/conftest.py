@@ -1,0 +1,36 @@
+"""Shared test setup.
+
+Without CUDA, Triton kernels run through the interpreter: TRITON_INTERPRET must be set before triton is imported,
+so it is set here, before anything else imports torch or triton.
+"""
+
+import os
+
+# Decided before importing torch, from the driver's device file (torch.cuda would import triton first).
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def poison():
+    """poison(t) fills a freshly allocated output with NaN (or the integer minimum), so a kernel that leaves an
+    element unwritten fails the comparison."""
+
+    def fill(t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point():
+            return t.fill_(float("nan"))
+        return t.fill_(torch.iinfo(t.dtype).min)
+
+    return fill
