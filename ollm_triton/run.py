@@ -1,0 +1,228 @@
+"""The Hydra entry point: `python -m ollm_triton.run [+attention=X] [+cache=Y] [task=...] [-m ...]`.
+
+Composes conf/config.yaml, validates every plugin's parameters before loading anything, builds the engine, runs
+the tasks, and writes metrics.json (+ the resolved config) in the run directory and a W&B run.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from ollm_triton.registry import PluginError, registry
+from ollm_triton.results import WandbLogger, environment, write_metrics
+from ollm_triton.tasks.base import RunContext, TaskRefused
+
+# The plugin groups and the baseline each falls back to when the user does not append it.
+PLUGIN_GROUPS = {"attention": ("attention", "sdpa"), "cache": ("cache", "dense"), "decoder": ("decoder", "greedy"), "prefetch": ("prefetch", "resident")}
+ASSETS = Path(__file__).parent / "assets"
+
+
+class RunError(Exception):
+    """A user-facing failure: one line saying what was wrong and what is accepted."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RunError(f"device={name} requested but CUDA is not available (torch {torch.__version__}); accepted here: auto, cpu")
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise RunError(f"device={name!r} is not a device; accepted: auto, cpu, cuda, cuda:N") from None
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RunError(f"device={name} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+        return device
+    raise RunError(f"device={name!r} is not a device; accepted: auto, cpu, cuda, cuda:N")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in names:
+        raise RunError(f"model.dtype={name!r} is not accepted; accepted: auto, {', '.join(names)}")
+    return names[name]
+
+
+def resolve_plugins(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """{group: {name, params, default}} for the four plugin groups, every parameter validated."""
+    out = {}
+    for group, (kind, baseline) in PLUGIN_GROUPS.items():
+        section = dict(cfg.get(group) or {})
+        name = section.pop("name", None) or baseline
+        registry.config(kind, name, section)  # raises PluginError naming plugin, field and type
+        out[group] = {"name": name, "params": section, "default": group not in cfg}
+    return out
+
+
+def resolve_tasks(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    tasks = cfg.get("task") or {}
+    if not tasks:
+        raise RunError("no task selected; choose with task=<name> or task=[a,b]; registered: " + ", ".join(registry.names("task")))
+    for name, params in tasks.items():
+        registry.config("task", name, params or {})
+    return {name: dict(params or {}) for name, params in tasks.items()}
+
+
+def model_source(model: dict[str, Any]) -> tuple[Any, bool]:
+    """(what load_engine takes, trained?) from the model group."""
+    source = model.get("source")
+    if source == "random":
+        if not model.get("arch"):
+            raise RunError(f"model {model.get('name')!r}: source=random needs an `arch` section of Hugging Face config fields")
+        return dict(model["arch"]), False
+    if isinstance(source, str) and source.startswith("embedded:"):
+        path = ASSETS / source.split(":", 1)[1]
+        if not (path / "config.json").exists():
+            raise RunError(f"embedded model {source!r} is not in this checkout ({path}); train it with scripts/train_tiny_lm.py")
+        return str(path), True
+    if not source:
+        raise RunError("model.source is empty; give a checkpoint directory or a hub id (model=hf model.source=...)")
+    return str(source), True
+
+
+def run_job(cfg: DictConfig, run_dir: Path, group: str | None) -> dict[str, Any]:
+    """Run one job; returns the metrics.json record. Raises RunError/PluginError/ValueError for bad input."""
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as e:
+        raise RunError(f"{e.full_key} is required but not set (see conf/ for what it accepts)") from None
+    plugins = resolve_plugins(resolved)
+    tasks = resolve_tasks(resolved)
+    device = resolve_device(str(resolved.get("device", "auto")))
+    dtype = resolve_dtype(str(resolved["model"].get("dtype", "auto")), device)
+    source, trained = model_source(resolved["model"])
+
+    torch.manual_seed(int(resolved.get("seed", 0)))
+    built = {group: registry.build(kind, plugins[group]["name"], plugins[group]["params"]) for group, (kind, _) in PLUGIN_GROUPS.items()}
+    from ollm_triton.engine import load_engine
+
+    t0 = time.perf_counter()
+    engine = load_engine(source, attention=built["attention"], codec=built["cache"], prefetch=built["prefetch"], device=device, dtype=dtype)
+    load_s = time.perf_counter() - t0
+    ctx = RunContext(engine=engine, decoder=built["decoder"], device=device, smoke=bool(resolved.get("smoke")), trained=trained, cfg=resolved, seed=int(resolved.get("seed", 0)))
+
+    metrics: dict[str, Any] = {"load_s": load_s}
+    refused: dict[str, str] = {}
+    try:
+        for name, params in tasks.items():
+            task = registry.build("task", name, params)
+            try:
+                out = task.run(ctx)
+            except TaskRefused as e:
+                refused[name] = str(e)
+                print(f"{name}: refused: {e}", file=sys.stderr)
+                continue
+            metrics.update({f"{name}/{k}": v for k, v in out.items()})
+        metrics["attention_path"] = built["attention"].last_path
+        metrics.update({f"prefetch/{k}": v for k, v in built["prefetch"].stats().items()})
+        engine_info = engine.describe()
+    finally:
+        engine.close() if hasattr(engine, "close") else None
+        del engine, ctx
+    if refused and len(refused) == len(tasks):
+        raise RunError("every task refused: " + "; ".join(f"{k}: {v}" for k, v in refused.items()))
+    return {
+        "status": "ok",
+        "error": None,
+        "metrics": metrics,
+        "refused": refused,
+        "plugins": plugins,
+        "tasks": tasks,
+        "model": {**{k: v for k, v in resolved["model"].items() if k != "arch"}, "trained": trained, **engine_info},
+        "env": environment(device),
+        "smoke": bool(resolved.get("smoke")),
+        "seed": resolved.get("seed"),
+    }
+
+
+def clean_state() -> None:
+    """Start each job of a multirun from nothing: the previous model freed, CUDA peak statistics reset."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+_failed_jobs: list[str] = []
+USER_ERRORS = (RunError, PluginError, ValueError, FileNotFoundError, NotImplementedError)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def hydra_main(cfg: DictConfig) -> float | None:
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    multirun = hc.mode == RunMode.MULTIRUN
+    group = Path(hc.sweep.dir).name if multirun else None
+    clean_state()
+    (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=False))
+    plugin_names = {g: (cfg.get(g) or {}).get("name", base) for g, (_, base) in PLUGIN_GROUPS.items()}
+    name = "-".join([str(cfg.model.get("name", "model")), *plugin_names.values()])
+    logger = None
+    started = time.perf_counter()
+    try:
+        logger = WandbLogger(
+            OmegaConf.to_container(cfg.logger, resolve=True), run_dir,
+            config=OmegaConf.to_container(cfg, resolve=True), tags=[f"{g}:{n}" for g, n in plugin_names.items()], group=group, name=name,
+        )
+        record = run_job(cfg, run_dir, group)
+        record["duration_s"] = time.perf_counter() - started
+        (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        write_metrics(run_dir, record)
+        logger.log(record["metrics"], "ok")
+        logger.finish(0)
+        print_summary(record, run_dir)
+        return None
+    except Exception as e:  # recorded as failed; a single run exits non-zero, a sweep goes on
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if not isinstance(e, USER_ERRORS):
+            (run_dir / "error.log").write_text(traceback.format_exc())
+            message = f"{type(e).__name__}: {message} (traceback in {run_dir / 'error.log'})"
+        write_metrics(run_dir, {"status": "failed", "error": message, "duration_s": time.perf_counter() - started, "overrides": list(hc.overrides.task)})
+        if logger is not None:
+            logger.finish(1)
+        print(f"error: {message}", file=sys.stderr)
+        _failed_jobs.append(message)
+        if not multirun:
+            sys.exit(2)
+        return None
+    finally:
+        clean_state()
+
+
+def print_summary(record: dict[str, Any], run_dir: Path) -> None:
+    plugins = ", ".join(f"{g}={p['name']}{' (default)' if p['default'] else ''}" for g, p in record["plugins"].items())
+    print(f"model={record['model'].get('name')} {plugins}")
+    for key, value in record["metrics"].items():
+        if isinstance(value, float):
+            print(f"  {key:40s} {value:.6g}")
+        else:
+            print(f"  {key:40s} {value}")
+    print(f"metrics: {run_dir / 'metrics.json'}")
+
+
+def main() -> None:
+    hydra_main()
+    if _failed_jobs:
+        print(f"{len(_failed_jobs)} job(s) failed", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
