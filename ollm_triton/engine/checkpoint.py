@@ -1,0 +1,162 @@
+"""Weights for the native decoder: a checkpoint directory (safetensors only), a hub id, or seeded random weights.
+
+A model is first built on the `meta` device (no memory), then every parameter is created once, directly on the
+target device in the target dtype: read from safetensors (which can read straight to a CUDA device) or drawn from
+a seeded normal. An 8B model in bf16 therefore never passes through host memory when it is random, and a
+checkpoint tensor is converted on the device it lands on.
+
+Pickle is never used: `.bin` / `.pt` files are ignored and a directory without `*.safetensors` is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from ollm_triton.engine.config import ModelConfig
+from ollm_triton.engine.model import CausalLM
+
+INDEX_FILE = "model.safetensors.index.json"
+HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", INDEX_FILE, "tokenizer.json",
+                "tokenizer_config.json", "special_tokens_map.json"]
+# owner/name or name: letters, digits, '-', '_', '.'; a path-like string (/, ./, ~) is never a hub id.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
+INIT_STD = 0.02  # transformers' default initializer_range for these model types
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded. The message is one line naming the file or tensor at fault."""
+
+
+def resolve_source(source: str | os.PathLike) -> Path:
+    """A local checkpoint directory for `source`: the directory itself, or a hub snapshot when `source` is a hub id.
+
+    Raises CheckpointError (one line) for a missing path or a hub id that cannot be fetched (offline, unknown).
+    """
+    path = Path(os.path.expanduser(str(source)))
+    if path.is_file() and path.name == "config.json":
+        path = path.parent
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"model path {str(source)!r} is not a directory; pass a checkpoint directory "
+                              "(config.json + *.safetensors), a dict of config fields, or a hub id")
+    text = str(source)
+    if not _HUB_ID.match(text):
+        raise CheckpointError(f"model path {text!r} does not exist; pass a checkpoint directory "
+                              "(config.json + *.safetensors), a dict of config fields, or a hub id")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=text, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # offline, unknown repo, gated repo, no network: all end the same way for the user
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") else ""
+        raise CheckpointError(
+            f"{text!r} is not a local directory and could not be fetched from the Hugging Face hub{offline}: "
+            f"{type(e).__name__}: {reason}; pass a checkpoint directory (config.json + *.safetensors)"
+        ) from None
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    cfg_path = directory / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"no config.json in {directory}; a checkpoint directory holds config.json and "
+                              "*.safetensors")
+    try:
+        with open(cfg_path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from None
+
+
+def empty_model(cfg: ModelConfig) -> CausalLM:
+    """The decoder with every parameter on the meta device (no storage yet)."""
+    with torch.device("meta"):
+        return CausalLM(cfg)
+
+
+def weight_files(directory: Path) -> dict[str, Path]:
+    """tensor name -> safetensors file that holds it, from the shard index or from the files' own headers."""
+    index = directory / INDEX_FILE
+    if index.is_file():
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map", {})
+        return {name: directory / file for name, file in weight_map.items()}
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        pickled = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+        hint = f" (found {', '.join(pickled)}: pickle files are never loaded)" if pickled else ""
+        raise CheckpointError(f"no *.safetensors weights in {directory}{hint}; convert the checkpoint to safetensors")
+    out: dict[str, Path] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                out.setdefault(name, file)
+    return out
+
+
+def load_weights(model: CausalLM, directory: Path, device: torch.device, dtype: torch.dtype) -> None:
+    """Fill every parameter of a meta `model` from the checkpoint in `directory`, on `device` in `dtype`.
+
+    Tensors the model does not use (e.g. a tied `lm_head.weight`, old `rotary_emb.inv_freq`) are skipped.
+    """
+    where = weight_files(directory)
+    needed = dict(model.named_parameters())  # deduplicated: a tied lm_head is filled through embed_tokens
+    by_file: dict[Path, list[str]] = {}
+    for name in needed:
+        file = where.get(name)
+        if file is None:
+            listed = f"{INDEX_FILE}" if (directory / INDEX_FILE).is_file() else "any *.safetensors file"
+            raise CheckpointError(f"checkpoint {directory}: tensor {name!r} is missing (not in {listed})")
+        by_file.setdefault(file, []).append(name)
+    for file, names in by_file.items():
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {directory}: {file.name} (listed in {INDEX_FILE}) is missing")
+        with safe_open(str(file), framework="pt", device=_safetensors_device(device)) as f:
+            present = set(f.keys())
+            for name in names:
+                if name not in present:
+                    raise CheckpointError(f"checkpoint {directory}: tensor {name!r} is missing from {file.name}")
+                expected = tuple(needed[name].shape)
+                shape = tuple(f.get_slice(name).get_shape())
+                if shape != expected:
+                    raise CheckpointError(f"checkpoint tensor {name!r} in {file.name} has shape {list(shape)}, "
+                                          f"the config needs {list(expected)}")
+                _set_parameter(model, name, f.get_tensor(name).to(dtype))
+    model.tie_weights()
+
+
+def init_random(model: CausalLM, device: torch.device, dtype: torch.dtype, seed: int = 0) -> None:
+    """Fill every parameter of a meta `model` on `device` in `dtype`: projections and embeddings ~ N(0, 0.02),
+    biases 0, norm weights 1 (transformers' initialisation), from a generator seeded with `seed` on `device`."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, param in list(model.named_parameters()):
+        value = torch.empty(param.shape, device=device, dtype=dtype)
+        if name.endswith("norm.weight"):
+            value.fill_(1.0)
+        elif name.endswith(".bias"):
+            value.zero_()
+        else:
+            value.normal_(0.0, INIT_STD, generator=gen)
+        _set_parameter(model, name, value)
+    model.tie_weights()
+
+
+def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    setattr(module, attr, nn.Parameter(value, requires_grad=False))
+
+
+def _safetensors_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{device.index if device.index is not None else torch.cuda.current_device()}"
+    return str(device)

@@ -1,0 +1,260 @@
+"""`Engine`: the native decoder bound to one attention backend, one cache codec and one prefetch policy.
+
+    engine = load_engine("path/to/checkpoint", attention=sdpa, codec=dense, prefetch=resident,
+                         device="cpu", dtype=torch.float32)
+    cache = engine.new_cache(batch=1, max_len=4096)
+    logits = engine.forward(ids, cache)           # ids [B, T] -> float32 [B, T, V]; cache.position += T
+    engine.close()                                 # frees the weights (multirun jobs in one process)
+
+A prefetch policy may say where the weights should be materialised before its `setup` (a streaming policy keeps
+them on the host) by defining `weights_device(device) -> torch.device`; without it they are created on `device`.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ollm_triton.cache.base import KVCache, LayerSpec
+from ollm_triton.engine.checkpoint import (
+    CheckpointError,
+    empty_model,
+    init_random,
+    load_weights,
+    read_config,
+    resolve_source,
+)
+from ollm_triton.engine.config import ModelConfig
+from ollm_triton.engine.model import DECODE_MAX_TOKENS, CausalLM, rope_cos_sin
+from ollm_triton.engine.tokenizer import Tokenizer
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+class Engine:
+    """The native decoder with its plugins. Build it with `load_engine`."""
+
+    def __init__(
+        self,
+        model: CausalLM,
+        *,
+        attention,
+        codec,
+        prefetch,
+        device: torch.device,
+        dtype: torch.dtype,
+        tokenizer: Tokenizer | None = None,
+        source: str = "random",
+        decode_max_tokens: int = DECODE_MAX_TOKENS,
+    ):
+        self.model = model
+        self.config: ModelConfig = model.config
+        self.attention = attention
+        self.codec = codec
+        self.prefetch = prefetch
+        self.device = device
+        self.dtype = dtype
+        self.tokenizer = tokenizer
+        self.source = source
+        self.decode_max_tokens = decode_max_tokens
+        self._num_parameters = sum(p.numel() for p in model.parameters())
+        prefetch.setup(model, device)
+        self.inv_freq = self.config.inv_freq().to(device)
+
+    def new_cache(self, batch: int = 1, max_len: int = 2048) -> KVCache:
+        """A KVCache with one codec layer per decoder layer; `max_len` is the run's maximum context (codecs may
+        pre-allocate to it)."""
+        if batch < 1 or max_len < 1:
+            raise ValueError(f"new_cache needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}")
+        cfg = self.config
+        spec = LayerSpec(batch=batch, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, dtype=self.dtype,
+                         device=self.device, max_len=max_len)
+        return KVCache([self.codec.new_layer(spec) for _ in range(cfg.num_layers)])
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        ids: torch.Tensor,
+        cache: KVCache,
+        positions: torch.Tensor | None = None,
+        tree_mask: torch.Tensor | None = None,
+        *,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Run T new tokens through the decoder, append their K/V to `cache` and advance `cache.position` by T.
+
+        ids: [B, T] long. positions: optional [T] absolute positions (default cache.position + arange(T)).
+        tree_mask: optional bool [T, T] among the new tokens (True = visible) in place of the causal triangle.
+        Returns float32 logits [B, T, V], or [B, 1, V] for the last token only with `last_only` (a long prefill
+        then never materialises T x V logits).
+        """
+        if self.model is None:
+            raise RuntimeError("this engine was closed")
+        if ids.dim() != 2:
+            raise ValueError(f"ids must be [batch, tokens], got shape {list(ids.shape)}")
+        ids = ids.to(self.device)
+        t = ids.shape[1]
+        if positions is None:
+            positions = torch.arange(cache.position, cache.position + t, device=self.device)
+        else:
+            positions = torch.as_tensor(positions, device=self.device).reshape(-1)
+            if positions.numel() != t:
+                raise ValueError(f"positions must hold one entry per new token ({t}), got {positions.numel()}")
+        if tree_mask is not None:
+            tree_mask = tree_mask.to(device=self.device, dtype=torch.bool)
+            if tuple(tree_mask.shape) != (t, t):
+                raise ValueError(f"tree_mask must be bool [{t}, {t}], got shape {list(tree_mask.shape)}")
+        cos, sin = rope_cos_sin(self.inv_freq, positions, self.dtype)
+        logits = self.model(ids, cache, cos, sin, self.attention, self.prefetch, tree_mask=tree_mask,
+                            decode_max_tokens=self.decode_max_tokens, last_only=last_only)
+        cache.position += t
+        return logits.float()
+
+    __call__ = forward
+
+    def num_parameters(self) -> int:
+        """Distinct parameters (tied embeddings counted once)."""
+        return self._num_parameters
+
+    def describe(self) -> dict[str, Any]:
+        """Model, plugins and runtime choices, for metrics.json."""
+        out = {
+            "model_type": self.config.model_type,
+            "model_source": self.source,
+            "num_parameters": self._num_parameters,
+            "num_layers": self.config.num_layers,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "device": str(self.device),
+            "attention": getattr(self.attention, "plugin_name", type(self.attention).__name__),
+            "attention_path": getattr(self.attention, "last_path", "unknown"),
+            "cache": getattr(self.codec, "plugin_name", type(self.codec).__name__),
+            "prefetch": getattr(self.prefetch, "plugin_name", type(self.prefetch).__name__),
+            "decode_max_tokens": self.decode_max_tokens,
+        }
+        if self.tokenizer is not None:
+            out["tokenizer_add_bos"] = self.tokenizer.add_bos
+        return out
+
+    def close(self) -> None:
+        """Drop the weights and release cached device memory, so the next job of a multirun starts clean."""
+        close = getattr(self.prefetch, "close", None)
+        if callable(close):
+            close()
+        self.model = None
+        self.inv_freq = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def load_engine(
+    model_source: str | os.PathLike | Mapping[str, Any] | ModelConfig,
+    attention=None,
+    codec=None,
+    prefetch=None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = torch.float32,
+    seed: int = 0,
+    decode_max_tokens: int = DECODE_MAX_TOKENS,
+) -> Engine:
+    """Build an Engine.
+
+    model_source: a checkpoint directory (config.json + *.safetensors [+ tokenizer.json]); a dict of Hugging Face
+        config fields or a ModelConfig for seeded random weights; or a hub id, fetched when the network allows.
+    attention, codec, prefetch: plugin instances, or registered names, or None for the baselines
+        (sdpa, dense, resident).
+    device: "cpu", "cuda", "cuda:N" or "auto" (cuda when available). dtype: a torch dtype, a name
+        ("bfloat16", "fp16", ...), or "auto" (the checkpoint's dtype on CUDA, float32 on the CPU).
+    """
+    from ollm_triton.registry import registry
+
+    attention = _plugin(registry, "attention", attention, "sdpa")
+    codec = _plugin(registry, "cache", codec, "dense")
+    prefetch = _plugin(registry, "prefetch", prefetch, "resident")
+    device = resolve_device(device)
+
+    tokenizer = None
+    if isinstance(model_source, ModelConfig):
+        cfg, directory, source = model_source, None, "random"
+    elif isinstance(model_source, Mapping):
+        cfg, directory, source = ModelConfig.from_hf(dict(model_source)), None, "random"
+    elif isinstance(model_source, (str, os.PathLike)):
+        directory = resolve_source(model_source)
+        hf = read_config(directory)
+        cfg, source = ModelConfig.from_hf(hf), str(model_source)
+        if (directory / "tokenizer.json").is_file():
+            tokenizer = Tokenizer(directory, hf)
+    else:
+        raise TypeError(f"model_source must be a checkpoint path, a hub id, a config dict or a ModelConfig, "
+                        f"got {type(model_source).__name__}")
+    dtype = resolve_dtype(dtype, cfg, device)
+
+    weights_device = getattr(prefetch, "weights_device", None)
+    weights_device = torch.device(weights_device(device)) if callable(weights_device) else device
+    model = empty_model(cfg)
+    if directory is None:
+        init_random(model, weights_device, dtype, seed)
+    else:
+        load_weights(model, Path(directory), weights_device, dtype)
+    model.eval()
+    return Engine(model, attention=attention, codec=codec, prefetch=prefetch, device=device, dtype=dtype,
+                  tokenizer=tokenizer, source=source, decode_max_tokens=decode_max_tokens)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; accepted: cpu, cuda, cuda:N, auto") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} requested but CUDA is not available here; accepted: cpu, auto")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    elif dev.type != "cpu":
+        raise ValueError(f"unsupported device {str(device)!r}; accepted: cpu, cuda, cuda:N, auto")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"unsupported dtype {dtype}; accepted: float32, bfloat16, float16")
+        return dtype
+    name = str(dtype).replace("torch.", "")
+    if name == "auto":
+        if device.type == "cpu":
+            return torch.float32  # half-precision matmuls on the CPU are slow and gain nothing here
+        return DTYPES.get(cfg.checkpoint_dtype or "", torch.bfloat16)
+    if name not in DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; accepted: {', '.join(DTYPES)}, auto")
+    return DTYPES[name]
+
+
+def _plugin(registry, kind: str, value, default: str):
+    if value is None:
+        return registry.build(kind, default)
+    if isinstance(value, str):
+        return registry.build(kind, value)
+    return value
+
+
+__all__ = ["CheckpointError", "Engine", "load_engine", "resolve_device", "resolve_dtype"]
