@@ -3,7 +3,7 @@
 For each supported model type a small random-weight model is built with transformers' model class (every parameter,
 norm weights and biases included, perturbed away from its initial value so that a missing norm or bias shows),
 saved with `save_pretrained` (safetensors), loaded through `load_engine`, and run side by side in fp32: a 20-token
-prefill, then 16 single-token decode steps, each with its own cache. Max abs error <= 1e-4.
+prefill, then 16 single-token decode steps, each with its own cache, batch 2. Max abs error <= 1e-4.
 """
 
 from __future__ import annotations
@@ -80,12 +80,12 @@ def test_logits_match_transformers(saved, model_type):
     assert engine.config.model_type == model_type
     assert engine.num_parameters() == model.num_parameters() == engine.config.num_parameters()
 
-    ids = torch.randint(0, SMALL["vocab_size"], (1, PROMPT + STEPS), generator=torch.Generator().manual_seed(1))
-    cache = engine.new_cache(batch=1, max_len=PROMPT + STEPS)
+    ids = torch.randint(0, SMALL["vocab_size"], (2, PROMPT + STEPS), generator=torch.Generator().manual_seed(1))
+    cache = engine.new_cache(batch=2, max_len=PROMPT + STEPS)
     with torch.no_grad():
         ref = model(ids[:, :PROMPT], use_cache=True)
         ours = engine.forward(ids[:, :PROMPT], cache)
-        assert ours.dtype == torch.float32 and ours.shape == (1, PROMPT, SMALL["vocab_size"])
+        assert ours.dtype == torch.float32 and ours.shape == (2, PROMPT, SMALL["vocab_size"])
         errors = [(ours - ref.logits).abs().max().item()]
         past = ref.past_key_values
         for i in range(PROMPT, PROMPT + STEPS):
