@@ -82,7 +82,7 @@ class WandbLogger:
             config=config,
             dir=str(run_dir),
             mode=self.mode,
-            reinit=True,
+            settings=wandb.Settings(silent=True),  # the runner prints its own summary; W&B's would bury it
         )
 
     def log(self, metrics: dict[str, Any], status: str) -> None:

@@ -33,9 +33,13 @@ class RunError(Exception):
     """A user-facing failure: one line saying what was wrong and what is accepted."""
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, job_num: int = 0) -> torch.device:
+    """auto: CUDA when available, else the CPU; in a sweep over several GPUs, job k takes GPU k mod count (Hydra
+    assigns none, and CUDA_VISIBLE_DEVICES set after CUDA started does nothing)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", job_num % torch.cuda.device_count())
     if name == "cpu":
         return torch.device("cpu")
     if name.startswith("cuda"):
@@ -97,7 +101,7 @@ def model_source(model: dict[str, Any]) -> tuple[Any, bool]:
     return str(source), True
 
 
-def run_job(cfg: DictConfig, run_dir: Path, group: str | None) -> dict[str, Any]:
+def run_job(cfg: DictConfig, run_dir: Path, job_num: int = 0) -> dict[str, Any]:
     """Run one job; returns the metrics.json record. Raises RunError/PluginError/ValueError for bad input."""
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
@@ -105,7 +109,7 @@ def run_job(cfg: DictConfig, run_dir: Path, group: str | None) -> dict[str, Any]
         raise RunError(f"{e.full_key} is required but not set (see conf/ for what it accepts)") from None
     plugins = resolve_plugins(resolved)
     tasks = resolve_tasks(resolved)
-    device = resolve_device(str(resolved.get("device", "auto")))
+    device = resolve_device(str(resolved.get("device", "auto")), job_num)
     dtype = resolve_dtype(str(resolved["model"].get("dtype", "auto")), device)
     source, trained = model_source(resolved["model"])
 
@@ -181,7 +185,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
             OmegaConf.to_container(cfg.logger, resolve=True), run_dir,
             config=OmegaConf.to_container(cfg, resolve=True), tags=[f"{g}:{n}" for g, n in plugin_names.items()], group=group, name=name,
         )
-        record = run_job(cfg, run_dir, group)
+        record = run_job(cfg, run_dir, hc.job.num if multirun else 0)
         record["duration_s"] = time.perf_counter() - started
         (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         write_metrics(run_dir, record)

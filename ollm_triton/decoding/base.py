@@ -9,7 +9,11 @@ import torch
 
 @dataclass
 class Generation:
-    """tokens: [B, N] new tokens (prompt excluded). counters: strategy statistics (acceptance rate, forwards...)."""
+    """tokens: [B, N] new tokens (prompt excluded). counters: strategy statistics (acceptance rate, forwards...).
+
+    Every strategy reports `prefill_s` (prompt forward to first-token logits) and `decode_s` (everything after,
+    drafting and verification included), measured with device-synchronized timers: throughput is derived from them.
+    """
 
     tokens: torch.Tensor
     counters: dict[str, float] = field(default_factory=dict)

@@ -8,6 +8,7 @@ import torch
 
 from ollm_triton.decoding.base import DecoderStrategy, Generation
 from ollm_triton.registry import register
+from ollm_triton.tasks.base import Timer
 
 
 def decode_loop(engine, prompt_ids: torch.Tensor, max_new_tokens: int, pick, eos_id: int | None) -> Generation:
@@ -15,20 +16,23 @@ def decode_loop(engine, prompt_ids: torch.Tensor, max_new_tokens: int, pick, eos
     ids = prompt_ids.to(engine.device)
     batch, prompt_len = ids.shape
     cache = engine.new_cache(batch=batch, max_len=prompt_len + max_new_tokens)
-    logits = engine.forward(ids, cache)[:, -1]
     out = torch.empty(batch, max_new_tokens, dtype=torch.long, device=ids.device)
     done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
+    with Timer(engine.device) as prefill:
+        logits = engine.forward(ids, cache, last_only=True)[:, -1]
     n = 0
-    for n in range(1, max_new_tokens + 1):
-        token = pick(logits)
-        if eos_id is not None:  # finished rows keep emitting eos
-            token = torch.where(done, torch.full_like(token, eos_id), token)
-            done |= token == eos_id
-        out[:, n - 1] = token
-        if n == max_new_tokens or (eos_id is not None and bool(done.all())):
-            break
-        logits = engine.forward(token[:, None], cache)[:, -1]
-    return Generation(out[:, :n], {"generated_tokens": float(n * batch), "target_forwards": float(n)})
+    with Timer(engine.device) as decode:
+        for n in range(1, max_new_tokens + 1):
+            token = pick(logits)
+            if eos_id is not None:  # finished rows keep emitting eos
+                token = torch.where(done, torch.full_like(token, eos_id), token)
+                done |= token == eos_id
+            out[:, n - 1] = token
+            if n == max_new_tokens or (eos_id is not None and bool(done.all())):
+                break
+            logits = engine.forward(token[:, None], cache)[:, -1]
+    counters = {"generated_tokens": float(n * batch), "target_forwards": float(n), "prefill_s": prefill.seconds, "decode_s": decode.seconds}
+    return Generation(out[:, :n], counters)
 
 
 @register("decoder", "greedy")

@@ -1,0 +1,101 @@
+"""End to end: `python -m ollm_triton.run` as a user types it (subprocesses), metrics.json, W&B offline, sweeps,
+and the bad-input contract (one clear line, non-zero exit, no metrics.json that looks like success)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ollm_triton.results import load
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = ["model=tiny_random", "task=[throughput,memory]", "debug=smoke"]
+
+
+def run(*args, env=None):
+    env = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
+    env.pop("WANDB_SILENT", None)
+    return subprocess.run([sys.executable, "-m", "ollm_triton.run", *args], cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+
+
+def last_line(proc):
+    return proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_single_run_writes_metrics_and_offline_wandb(tmp_path):
+    proc = run(*SMOKE, f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert record["status"] == "ok"
+    assert record["plugins"]["attention"] == {"name": "sdpa", "params": {}, "default": True}
+    assert record["plugins"]["cache"]["name"] == "dense" and record["plugins"]["cache"]["default"]
+    m = record["metrics"]
+    assert m["throughput/decode_tok_s"] > 0 and m["memory/kv_stored_bytes"] > 0
+    assert m["memory/kv_tokens_kept"] == m["memory/context_len"]
+    for key in ("torch", "triton", "transformers", "git_sha", "device_name", "python", "date"):
+        assert key in record["env"]
+    assert (tmp_path / "resolved_config.yaml").exists()
+    assert list((tmp_path / "wandb").glob("offline-run-*")), "no offline W&B run written"
+
+
+@pytest.mark.slow
+def test_multirun_over_decoders_with_a_failing_job(tmp_path):
+    # the third job has an invalid temperature: it is recorded as failed, the sweep goes on, the exit is non-zero
+    proc = run("-m", *SMOKE, "logger=none", "+decoder=sample", "decoder.temperature=0.7,1.3,-1", f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 1, proc.stderr
+    df = load(tmp_path).sort_values("decoder.temperature", na_position="last")
+    assert len(df) == 3
+    ok = df[df.status == "ok"]
+    assert sorted(ok["decoder.temperature"]) == [0.7, 1.3]
+    failed = df[df.status == "failed"]
+    assert len(failed) == 1 and "temperature must be > 0" in failed.error.iloc[0]
+    assert "1 job(s) failed" in proc.stderr
+
+
+@pytest.mark.slow
+def test_multirun_shares_wandb_group(tmp_path):
+    proc = run("-m", *SMOKE, "task=memory", "+decoder=greedy,sample", f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    runs = sorted(tmp_path.glob("*/wandb/offline-run-*"))
+    assert len(runs) == 2
+    df = load(tmp_path)
+    assert sorted(df.decoder) == ["greedy", "sample"] and (df.status == "ok").all()
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["+attention=nope"], ["attention", "nope"]),
+        (["+decoder=sample", "decoder.top_k=many"], ["decoder 'sample'", "'top_k'", "expects int"]),
+        (["+decoder=sample", "+decoder.warmth=3"], ["unknown parameter 'warmth'"]),
+        (["device=cuda"], ["device=cuda", "CUDA is not available", "accepted"]),
+        (["model=hf", "model.source=/no/such/checkpoint"], ["/no/such/checkpoint"]),
+        (["model=hf"], ["model.source"]),
+        (["model=tiny_random", "task=perplexity"], ["perplexity", "random weights"]),
+    ],
+    ids=["unknown-plugin", "bad-type", "unknown-param", "no-cuda", "missing-path", "no-source", "refused-task"],
+)
+def test_bad_input_one_clear_line(tmp_path, args, words):
+    if args == ["device=cuda"] and _has_cuda():
+        pytest.skip("CUDA is available here")
+    base = [a for a in ("model=tiny_random", "task=memory") if not any(x.startswith(a.split("=")[0] + "=") for x in args)]
+    proc = run(*base, *args, "logger=none", "debug=smoke", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode != 0
+    line = last_line(proc)
+    for w in words:
+        assert w in proc.stderr, (w, proc.stderr[-1500:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-1500:]
+    metrics = tmp_path / "metrics.json"
+    if metrics.exists():
+        assert json.loads(metrics.read_text())["status"] == "failed"
+    assert line
+
+
+def _has_cuda():
+    import torch
+
+    return torch.cuda.is_available()
