@@ -1,0 +1,259 @@
+"""`int8`, `int4`, `int2`, `quant`: KIVI-style asymmetric low-bit KV cache with a full-precision recent window.
+
+Layout of one layer (B batch, H KV heads, D head_dim, P = 8 // bits codes per byte, G = group_size,
+Gv = value group, see kernels/quant.py):
+
+    tokens [0, n_quant)              quantized: k_codes/v_codes uint8 [B, H, cap, D/P]
+                                     k_scale/k_zero [B, H, cap/G, D]  (per channel, per group of G tokens)
+                                     v_scale/v_zero [B, H, cap, D/Gv] (per token, per group of Gv channels)
+    tokens [n_quant, length)         residual: k_res/v_res [B, H, residual + G, D] in the model dtype
+
+Appends go to the residual window; once it holds `residual + G` tokens or more, its oldest whole groups of G
+tokens are quantized (keys need G tokens to form a per-channel group), so between `residual` and
+`residual + G - 1` of the most recent tokens stay exact (fewer only right after a truncation, and all of them
+before the first G + residual tokens). A prompt is attended at full precision by the engine's prefill and
+quantized once when it is appended.
+
+Truncation (speculative-decoding rollback), `truncate(length)`:
+- inside the residual window (length >= n_quant): exact, the dropped tokens are simply forgotten;
+- inside the quantized region: values are per token, so their codes are cut at `length`; keys share scales in
+  groups of G tokens, so the partially kept group [G*floor(length/G), length) is dequantized back into the
+  residual window. Every kept token reads exactly as before (attention sees the same numbers); when those tokens
+  are later quantized again with the new group's range they pick up a second rounding.
+
+On CUDA, `attend` runs the fused Triton decode (kernels/kv_quant_decode.py) over the packed codes along the
+attention backend's decode schedule; on the CPU it returns None and the backend attends over `dense()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ollm_triton.cache._timing import EncodeTimer, TimedLayerMixin
+from ollm_triton.cache.base import CacheCodec, CacheLayer, LayerSpec
+from ollm_triton.kernels import quant as Q
+from ollm_triton.kernels.kv_quant_decode import quant_decode
+from ollm_triton.registry import register
+
+
+@dataclass
+class QuantParams:
+    group_size: int = 128  # tokens per key group = channels per value group (capped at head_dim)
+    residual: int = 128  # most recent tokens kept in the model dtype
+    symmetric: bool = False  # scale only (code - 2**(bits-1)) * scale, no zero point
+    preallocate: bool = True  # codes and scales for max_len tokens up front
+
+    def check(self) -> None:
+        g = self.group_size
+        if g < 16 or g > 4096 or g & (g - 1):
+            raise ValueError(f"group_size must be a power of two in [16, 4096], got {g}")
+        if self.residual < 0:
+            raise ValueError(f"residual must be >= 0, got {self.residual}")
+
+
+@dataclass
+class QuantConfig(QuantParams):
+    bits: int = 4  # 8 | 4 | 2
+
+    def check(self) -> None:
+        super().check()
+        if self.bits not in Q.BITS:
+            raise ValueError(f"bits must be one of {', '.join(map(str, Q.BITS))}, got {self.bits}")
+
+
+class QuantLayer(TimedLayerMixin, CacheLayer):
+    block_k = 64  # key tokens per block of the fused kernel (divides group_size); the bench may tune it
+    kernel_options: dict = {}  # num_splits / num_warps / num_stages overrides for the fused kernel
+
+    def __init__(self, spec: LayerSpec, bits: int, cfg: QuantParams):
+        self._timer = EncodeTimer()
+        super().__init__(spec)
+        d = spec.head_dim
+        self.bits, self.p = bits, Q.codes_per_byte(bits)
+        if d % self.p:
+            raise ValueError(f"{bits}-bit packing needs head_dim divisible by {self.p}, got {d}")
+        self.group, self.residual, self.symmetric = cfg.group_size, cfg.residual, cfg.symmetric
+        self.value_group = Q.value_group_size(cfg.group_size, d)
+        self.sdtype = Q.scale_dtype_for(spec.dtype)
+        self.block_k = min(type(self).block_k, self.group)
+        self.n_quant = 0
+        self.n_res = 0
+        self.last_path = "none"
+        cap = -(-spec.max_len // self.group) * self.group if cfg.preallocate else 0
+        self._alloc_quant(cap)
+        b, h = spec.batch, spec.kv_heads
+        res_cap = self.residual + self.group
+        self.k_res = torch.empty(b, h, res_cap, d, dtype=spec.dtype, device=spec.device)
+        self.v_res = torch.empty_like(self.k_res)
+
+    # -- storage -------------------------------------------------------------------------------------------------
+
+    def _alloc_quant(self, cap: int, old: QuantLayer | None = None) -> None:
+        s = self.spec
+        b, h, d = s.batch, s.kv_heads, s.head_dim
+        new = lambda *shape, dtype: torch.empty(b, h, *shape, dtype=dtype, device=s.device)  # noqa: E731
+        bufs = {
+            "k_codes": new(cap, d // self.p, dtype=torch.uint8),
+            "v_codes": new(cap, d // self.p, dtype=torch.uint8),
+            "k_scale": new(cap // self.group, d, dtype=self.sdtype),
+            "v_scale": new(cap, d // self.value_group, dtype=self.sdtype),
+            "k_zero": None if self.symmetric else new(cap // self.group, d, dtype=self.sdtype),
+            "v_zero": None if self.symmetric else new(cap, d // self.value_group, dtype=self.sdtype),
+        }
+        for name, buf in bufs.items():
+            if old is not None and buf is not None:  # keep what is held when growing
+                n = self.n_quant // self.group if name == "k_scale" or name == "k_zero" else self.n_quant
+                buf[:, :, :n] = getattr(self, name)[:, :, :n]
+            setattr(self, name, buf)
+        self.cap = cap
+
+    def _encode(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Quantize n (a multiple of G) tokens k, v: [B, H, n, D] into the slots after n_quant."""
+        n = k.shape[2]
+        lo, hi = self.n_quant, self.n_quant + n
+        if hi > self.cap:  # grow geometrically, in whole groups
+            self._alloc_quant(max(hi, 2 * self.cap, 4 * self.group), old=self)
+        g0, g1 = lo // self.group, hi // self.group
+        k_out = (self.k_codes[:, :, lo:hi], self.k_scale[:, :, g0:g1],
+                 None if self.symmetric else self.k_zero[:, :, g0:g1])
+        v_out = (self.v_codes[:, :, lo:hi], self.v_scale[:, :, lo:hi],
+                 None if self.symmetric else self.v_zero[:, :, lo:hi])
+        with self._timer.measure(k.device):
+            if k.is_cuda:
+                Q.quantize_keys(k, self.bits, self.group, self.symmetric, self.sdtype, out=k_out)
+                Q.quantize_values(v, self.bits, self.value_group, self.symmetric, self.sdtype, out=v_out)
+            else:
+                for dst, src in ((k_out, Q.quantize_keys_ref(k, self.bits, self.group, self.symmetric, self.sdtype)),
+                                 (v_out, Q.quantize_values_ref(v, self.bits, self.value_group, self.symmetric,
+                                                               self.sdtype))):
+                    for d_t, s_t in zip(dst, src, strict=True):
+                        if d_t is not None:
+                            d_t.copy_(s_t)
+        self.n_quant = hi
+
+    # -- CacheLayer ----------------------------------------------------------------------------------------------
+
+    @property
+    def length(self) -> int:
+        return self.n_quant + self.n_res
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        t = k.shape[2]
+        if t == 0:
+            return
+        total = self.n_res + t
+        n_flush = (total - self.residual) // self.group * self.group if total >= self.residual + self.group else 0
+        if n_flush == 0:
+            self.k_res[:, :, self.n_res : total] = k
+            self.v_res[:, :, self.n_res : total] = v
+            self.n_res = total
+        else:
+            src_k, src_v = k, v
+            if self.n_res:
+                src_k = torch.cat((self.k_res[:, :, : self.n_res], k), dim=2)
+                src_v = torch.cat((self.v_res[:, :, : self.n_res], v), dim=2)
+            self._encode(src_k[:, :, :n_flush], src_v[:, :, :n_flush])
+            keep = total - n_flush
+            self.k_res[:, :, :keep] = src_k[:, :, n_flush:]
+            self.v_res[:, :, :keep] = src_v[:, :, n_flush:]
+            self.n_res = keep
+        self.appended += t
+
+    def _dequant(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantized keys and values of the quantized tokens [lo, hi) (lo a multiple of G)."""
+        d, dt, g = self.spec.head_dim, self.spec.dtype, self.group
+        g0, g1 = lo // g, -(-hi // g)
+        kz = None if self.symmetric else self.k_zero[:, :, g0:g1]
+        k = Q.dequantize_keys_ref(self.k_codes[:, :, g0 * g : g1 * g], self.k_scale[:, :, g0:g1], kz, self.bits, g, d,
+                                  self.symmetric, dt)[:, :, : hi - lo]
+        vz = None if self.symmetric else self.v_zero[:, :, lo:hi]
+        v = Q.dequantize_values_ref(self.v_codes[:, :, lo:hi], self.v_scale[:, :, lo:hi], vz, self.bits,
+                                    self.value_group, d, self.symmetric, dt)
+        return k, v
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        k_res, v_res = self.k_res[:, :, : self.n_res], self.v_res[:, :, : self.n_res]
+        if self.n_quant == 0:
+            return k_res, v_res
+        k, v = self._dequant(0, self.n_quant)
+        return torch.cat((k, k_res), dim=2), torch.cat((v, v_res), dim=2)
+
+    def truncate(self, length: int) -> None:
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {length}")
+        if length >= self.n_quant:
+            self.n_res = length - self.n_quant
+        else:
+            g0 = length // self.group * self.group
+            keep = length - g0
+            if keep:  # the partly kept key group goes back to full precision (see the module docstring)
+                k, v = self._dequant(g0, length)
+                self.k_res[:, :, :keep] = k
+                self.v_res[:, :, :keep] = v
+            self.n_quant, self.n_res = g0, keep
+        self.appended = length
+
+    def attend(self, q: torch.Tensor, backend) -> torch.Tensor | None:
+        if not q.is_cuda:
+            self.last_path = "torch.dense"
+            return None
+        kv_len, t = self.length, q.shape[2]
+        sched = backend.decode_schedule(kv_len, self.block_k)
+        if t > 1 and sched.block_ids is not None:
+            # the schedule is for the last query only; earlier draft tokens may need other blocks
+            self.last_path = "torch.dense"
+            return None
+        self.last_path = "triton.quant_decode"
+        return quant_decode(
+            q, self.k_codes, self.k_scale, self.k_zero, self.v_codes, self.v_scale, self.v_zero, self.k_res,
+            self.v_res, n_quant=self.n_quant, kv_len=kv_len, bits=self.bits, key_group=self.group,
+            value_group=self.value_group, block_ids=sched.block_ids, window=sched.window, sink=sched.sink,
+            block_k=self.block_k, **self.kernel_options,
+        )
+
+    def stored_bytes(self) -> int:
+        s = self.spec
+        bh, d, n = s.batch * s.kv_heads, s.head_dim, self.n_quant
+        sb = torch.empty((), dtype=self.sdtype).element_size()
+        per_scale = 1 if self.symmetric else 2  # scale (+ zero point)
+        codes = 2 * n * (d // self.p)
+        scales = per_scale * sb * (n // self.group * d + n * (d // self.value_group))
+        residual = 2 * self.n_res * d * self.k_res.element_size()
+        return bh * (codes + scales + residual)
+
+
+@register("cache", "quant", QuantConfig)
+class Quant(CacheCodec):
+    """KIVI-style K/V quantization (keys per channel, values per token) to `bits`, full-precision recent window."""
+
+    bits: int | None = None  # fixed by the int8/int4/int2 names
+
+    def __init__(self, cfg: QuantParams):
+        self.cfg = cfg
+
+    def new_layer(self, spec: LayerSpec) -> CacheLayer:
+        bits = self.bits if self.bits is not None else self.cfg.bits
+        return QuantLayer(spec, bits, self.cfg)
+
+
+@register("cache", "int8", QuantParams)
+class Int8(Quant):
+    """8-bit KIVI K/V cache (keys per channel, values per token, groups of group_size) with a full-precision window."""
+
+    bits = 8
+
+
+@register("cache", "int4", QuantParams)
+class Int4(Quant):
+    """4-bit KIVI K/V cache (two codes a byte) with scale/zero per group and a full-precision recent window."""
+
+    bits = 4
+
+
+@register("cache", "int2", QuantParams)
+class Int2(Quant):
+    """2-bit KIVI K/V cache (four codes a byte) with scale/zero per group and a full-precision recent window."""
+
+    bits = 2

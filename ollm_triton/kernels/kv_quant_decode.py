@@ -1,0 +1,287 @@
+"""Fused decode attention over a KIVI-quantized KV cache (packed codes + scales/zeros + a full-precision tail).
+
+The cache of one (batch, KV head) holds `n_quant` quantized tokens (a multiple of the key group) followed by
+`kv_len - n_quant` residual tokens in the model dtype. One program serves every query head of one KV head (and
+every one of the T new tokens): K/V bytes are read once for the whole GQA group, which is what makes decode
+bandwidth-bound on the codes rather than on the query count.
+
+Dequantization happens in registers, and most of it is folded away:
+- keys: a block of BLOCK_K tokens lies inside one key group, so its scale s[d] and zero z[d] are per channel:
+      q . k_n = sum_d (q_d s_d) c_nd + sum_d q_d z_d
+  the query is scaled once per block and the codes go straight into the dot (no per-element multiply);
+- values with one group per token (value group == head_dim, the default for head_dim 128):
+      sum_n p_n v_nd = sum_n (p_n s_n) c_nd + sum_n p_n z_n
+  so the probabilities are scaled instead of the values. Narrower value groups dequantize c*s+z per element.
+
+The KV blocks visited follow the attention backend's `DecodeSchedule` (block ids in units of BLOCK_K, plus the
+sliding-window/sink mask), so `+attention=sliding_window +cache=int4` reads only the window's packed blocks.
+The visit list is split over programs (flash-decoding) because at batch 1 there are only Hkv (8) heads to spread
+over 132 SMs; a second kernel merges the splits' (max, sum, acc) partials.
+
+`quant_decode_ref` is the reference: dequantize everything, then attend with the same visibility mask in float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+@triton.jit
+def _unpack(b_packed, BITS: tl.constexpr):
+    """uint8 [N, J] -> int32 codes [N, J * (8 // BITS)]: element P*j + i comes from bits [i*BITS, (i+1)*BITS)."""
+    b = b_packed.to(tl.int32)
+    if BITS == 8:
+        return b
+    elif BITS == 4:
+        return tl.interleave(b & 15, (b >> 4) & 15)
+    else:
+        # interleave(interleave(c0, c2), interleave(c1, c3)) puts c_i at 4j + i
+        return tl.interleave(tl.interleave(b & 3, (b >> 4) & 3), tl.interleave((b >> 2) & 3, (b >> 6) & 3))
+
+
+@triton.jit(do_not_specialize=["n_quant", "kv_len", "n_visit", "blocks_per_split", "window", "sink"])
+def _quant_decode_kernel(
+    Q, KC, KS, KZ, VC, VS, VZ, KR, VR, BLOCK_IDS, M_OUT, L_OUT, ACC_OUT,
+    stride_qb, stride_qh, stride_qt,
+    stride_kc_bh, stride_kc_n, stride_ks_bh, stride_ks_g,
+    stride_vc_bh, stride_vc_n, stride_vs_bh, stride_vs_n,
+    stride_r_bh, stride_r_n,
+    n_quant, kv_len, n_visit, blocks_per_split, window, sink, qk_scale,
+    H_KV: tl.constexpr, GQ: tl.constexpr, T: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, KEY_GROUP: tl.constexpr,
+    V_GROUPS: tl.constexpr, V_GROUP: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr,
+    HAS_BLOCK_IDS: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT: tl.constexpr,
+):
+    P: tl.constexpr = 8 // BITS
+    BLOCK_J: tl.constexpr = BLOCK_D // P
+    HALF: tl.constexpr = 1 << (BITS - 1)
+    i_bh, i_split = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H_KV, i_bh % H_KV
+
+    # rows m = g * T + t: query head i_h * GQ + g, new token t at position kv_len - T + t
+    o_m = tl.arange(0, BLOCK_M)
+    o_g, o_t = o_m // T, o_m % T
+    m_m = o_m < GQ * T
+    o_d = tl.arange(0, BLOCK_D)
+    o_j = tl.arange(0, BLOCK_J)
+    m_d, m_j = o_d < D, o_j < D // P
+    p_q = Q + i_b * stride_qb + (i_h * GQ + o_g)[:, None] * stride_qh + o_t[:, None] * stride_qt + o_d[None, :]
+    # qk_scale = log2(e) / sqrt(D): scores come out in the log2 domain for exp2
+    b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0).to(tl.float32) * qk_scale
+    q_pos = kv_len - T + o_t
+
+    b_mx = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    b_l = tl.zeros([BLOCK_M], tl.float32)
+    b_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    n_res = kv_len - n_quant
+
+    i_lo = i_split * blocks_per_split
+    i_hi = tl.minimum(i_lo + blocks_per_split, n_visit)
+    for i in range(i_lo, i_hi):
+        if HAS_BLOCK_IDS:
+            i_blk = tl.load(BLOCK_IDS + i)
+        else:
+            i_blk = i
+        start = i_blk * BLOCK_K
+        o_n = start + tl.arange(0, BLOCK_K)
+        if start < n_quant:
+            # a whole block of codes inside one key group (KEY_GROUP % BLOCK_K == 0, n_quant % KEY_GROUP == 0)
+            p_s = KS + i_bh * stride_ks_bh + (start // KEY_GROUP) * stride_ks_g + o_d
+            b_ks = tl.load(p_s, mask=m_d, other=0.0).to(tl.float32)
+            if SYMMETRIC:
+                b_kz = -b_ks * HALF
+            else:
+                b_kz = tl.load(KZ + i_bh * stride_ks_bh + (start // KEY_GROUP) * stride_ks_g + o_d,
+                               mask=m_d, other=0.0).to(tl.float32)
+            b_qs = (b_q * b_ks[None, :]).to(DOT)
+            b_bias = tl.sum(b_q * b_kz[None, :], 1)
+            p_kc = KC + i_bh * stride_kc_bh + o_n[:, None] * stride_kc_n + o_j[None, :]
+            b_kc = _unpack(tl.load(p_kc, mask=m_j[None, :], other=0), BITS).to(DOT)  # [BLOCK_K, BLOCK_D]
+            b_s = tl.dot(b_qs, tl.trans(b_kc)) + b_bias[:, None]  # [BM, BD] @ [BD, BK] -> [BM, BK]
+        else:
+            o_r = o_n - n_quant
+            p_kr = KR + i_bh * stride_r_bh + o_r[:, None] * stride_r_n + o_d[None, :]
+            b_k = tl.load(p_kr, mask=(o_r < n_res)[:, None] & m_d[None, :], other=0.0).to(DOT)
+            b_s = tl.dot(b_q.to(DOT), tl.trans(b_k))  # [BM, BD] @ [BD, BK] -> [BM, BK]
+
+        m_vis = (o_n[None, :] < kv_len) & (o_n[None, :] <= q_pos[:, None])
+        if HAS_WINDOW:
+            m_vis = m_vis & ((o_n[None, :] < sink) | (o_n[None, :] > q_pos[:, None] - window))
+        b_s = tl.where(m_vis, b_s, float("-inf"))
+        b_mx_new = tl.maximum(b_mx, tl.max(b_s, 1))
+        b_ref = tl.where(b_mx_new == float("-inf"), 0.0, b_mx_new)  # a row that has seen nothing yet stays 0
+        b_alpha = tl.exp2(b_mx - b_ref)
+        b_p = tl.exp2(b_s - b_ref[:, None])
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)
+
+        if start < n_quant:
+            p_vc = VC + i_bh * stride_vc_bh + o_n[:, None] * stride_vc_n + o_j[None, :]
+            b_vc = _unpack(tl.load(p_vc, mask=m_j[None, :], other=0), BITS)  # [BLOCK_K, BLOCK_D]
+            if V_GROUPS == 1:
+                b_vs = tl.load(VS + i_bh * stride_vs_bh + o_n * stride_vs_n).to(tl.float32)
+                if SYMMETRIC:
+                    b_vz = -b_vs * HALF
+                else:
+                    b_vz = tl.load(VZ + i_bh * stride_vs_bh + o_n * stride_vs_n).to(tl.float32)
+                b_ps = (b_p * b_vs[None, :]).to(DOT)
+                b_pv = tl.dot(b_ps, b_vc.to(DOT))  # [BM, BK] @ [BK, BD] -> [BM, BD]
+                b_pv += tl.sum(b_p * b_vz[None, :], 1)[:, None]
+            else:
+                p_vs = i_bh * stride_vs_bh + o_n[:, None] * stride_vs_n + (o_d // V_GROUP)[None, :]
+                b_vs = tl.load(VS + p_vs, mask=m_d[None, :], other=0.0).to(tl.float32)
+                if SYMMETRIC:
+                    b_vz = -b_vs * HALF
+                else:
+                    b_vz = tl.load(VZ + p_vs, mask=m_d[None, :], other=0.0).to(tl.float32)
+                b_v = (b_vc.to(tl.float32) * b_vs + b_vz).to(DOT)
+                b_pv = tl.dot(b_p.to(DOT), b_v)  # [BM, BK] @ [BK, BD] -> [BM, BD]
+        else:
+            o_r = o_n - n_quant
+            p_vr = VR + i_bh * stride_r_bh + o_r[:, None] * stride_r_n + o_d[None, :]
+            b_v = tl.load(p_vr, mask=(o_r < n_res)[:, None] & m_d[None, :], other=0.0).to(DOT)
+            b_pv = tl.dot(b_p.to(DOT), b_v)  # [BM, BK] @ [BK, BD] -> [BM, BD]
+        b_acc = b_acc * b_alpha[:, None] + b_pv
+        b_mx = b_mx_new
+
+    o_part = i_bh * tl.num_programs(1) + i_split
+    tl.store(M_OUT + o_part * BLOCK_M + o_m, b_mx)
+    tl.store(L_OUT + o_part * BLOCK_M + o_m, b_l)
+    tl.store(ACC_OUT + (o_part * BLOCK_M + o_m)[:, None] * BLOCK_D + o_d[None, :], b_acc)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    M_IN, L_IN, ACC_IN, O,
+    stride_ob, stride_oh, stride_ot, n_splits,
+    H_KV: tl.constexpr, GQ: tl.constexpr, T: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """out = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s over the splits of one (batch, KV head)."""
+    i_bh = tl.program_id(0)
+    i_b, i_h = i_bh // H_KV, i_bh % H_KV
+    o_m = tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    b_mx = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    b_l = tl.zeros([BLOCK_M], tl.float32)
+    b_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for i_s in range(0, n_splits):
+        o_part = i_bh * n_splits + i_s
+        b_ms = tl.load(M_IN + o_part * BLOCK_M + o_m)
+        b_mx_new = tl.maximum(b_mx, b_ms)
+        b_ref = tl.where(b_mx_new == float("-inf"), 0.0, b_mx_new)
+        b_alpha, b_beta = tl.exp2(b_mx - b_ref), tl.exp2(b_ms - b_ref)
+        b_l = b_l * b_alpha + tl.load(L_IN + o_part * BLOCK_M + o_m) * b_beta
+        b_as = tl.load(ACC_IN + (o_part * BLOCK_M + o_m)[:, None] * BLOCK_D + o_d[None, :])
+        b_acc = b_acc * b_alpha[:, None] + b_as * b_beta[:, None]
+        b_mx = b_mx_new
+    b_out = b_acc / b_l[:, None]
+    o_g, o_t = o_m // T, o_m % T
+    p_o = O + i_b * stride_ob + (i_h * GQ + o_g)[:, None] * stride_oh + o_t[:, None] * stride_ot + o_d[None, :]
+    tl.store(p_o, b_out.to(O.dtype.element_ty), mask=(o_m < GQ * T)[:, None] & (o_d < D)[None, :])
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: a few splits so the merge path is exercised
+
+
+def quant_decode(
+    q: torch.Tensor,
+    k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res,
+    *, n_quant: int, kv_len: int, bits: int, key_group: int, value_group: int,
+    block_ids: torch.Tensor | None = None, window: int = 0, sink: int = 0,
+    block_k: int = 64, num_splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Decode attention of T new queries over a quantized cache, all in one launch (+ a merge launch).
+
+    q: [B, Hq, T, D]. k_codes, v_codes: uint8 [B, Hkv, >= n_quant, D/P]; k_scale, k_zero: [B, Hkv, >= n_quant/key_group,
+    D]; v_scale, v_zero: [B, Hkv, >= n_quant, D/value_group] (zeros None when symmetric); k_res, v_res:
+    [B, Hkv, >= kv_len - n_quant, D] in the model dtype. Query t sits at position kv_len - T + t and sees keys
+    <= its position, inside the schedule's blocks (units of block_k) and window/sink. Returns [B, Hq, T, D] in q's dtype
+    (written into `out` when given).
+    """
+    b, hq, t, d = q.shape
+    hkv = k_codes.shape[1]
+    if hq % hkv:
+        raise ValueError(f"query heads {hq} must be a multiple of KV heads {hkv}")
+    if key_group % block_k or n_quant % key_group:
+        raise ValueError(f"block_k {block_k} must divide key_group {key_group}, which must divide n_quant {n_quant}")
+    gq = hq // hkv
+    symmetric = k_zero is None
+    block_m = max(16, triton.next_power_of_2(gq * t))  # tl.dot needs >= 16 rows
+    block_d = max(16, triton.next_power_of_2(d))
+    if block_ids is not None:
+        block_ids = block_ids.to(device=q.device, dtype=torch.int32).contiguous()
+        n_visit = block_ids.numel()
+    else:
+        n_visit = triton.cdiv(kv_len, block_k)
+    if num_splits is None:
+        # ~2 programs per SM, but keep >= 4 blocks per program so the merge stays cheap
+        num_splits = max(1, min(triton.cdiv(2 * _num_sms(q.device), b * hkv), triton.cdiv(n_visit, 4)))
+    blocks_per_split = max(1, triton.cdiv(n_visit, max(num_splits, 1)))
+    num_splits = max(1, triton.cdiv(n_visit, blocks_per_split))
+
+    dot = tl.float32 if q.dtype == torch.float32 else tl.float16  # codes <= 255 are exact in fp16
+    flat = lambda x: x.reshape(b * hkv, *x.shape[2:]) if x is not None else None  # noqa: E731
+    kc, vc, ks, vs, kr, vr = map(flat, (k_codes, v_codes, k_scale, v_scale, k_res, v_res))
+    kz, vz = flat(k_zero) if k_zero is not None else ks, flat(v_zero) if v_zero is not None else vs
+    for name, x in (("k_codes", kc), ("v_codes", vc), ("k_scale", ks), ("v_scale", vs), ("k_res", kr), ("v_res", vr)):
+        if x.stride(-1) != 1:
+            raise ValueError(f"{name} needs a unit stride on its last axis")
+    m_part = torch.empty(b * hkv * num_splits * block_m, dtype=torch.float32, device=q.device)
+    l_part = torch.empty_like(m_part)
+    acc_part = torch.empty(b * hkv * num_splits * block_m * block_d, dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q) if out is None else out
+
+    _quant_decode_kernel[(b * hkv, num_splits)](
+        q, kc, ks, kz, vc, vs, vz, kr, vr, block_ids if block_ids is not None else kc, m_part, l_part, acc_part,
+        q.stride(0), q.stride(1), q.stride(2),
+        kc.stride(0), kc.stride(1), ks.stride(0), ks.stride(1),
+        vc.stride(0), vc.stride(1), vs.stride(0), vs.stride(1),
+        kr.stride(0), kr.stride(1),
+        n_quant, kv_len, n_visit, blocks_per_split, window, sink, math.log2(math.e) / math.sqrt(d),
+        H_KV=hkv, GQ=gq, T=t, D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_K=block_k, KEY_GROUP=key_group,
+        V_GROUPS=d // value_group, V_GROUP=value_group, BITS=bits, SYMMETRIC=symmetric,
+        HAS_BLOCK_IDS=block_ids is not None, HAS_WINDOW=window > 0, DOT=dot,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    _merge_splits_kernel[(b * hkv,)](
+        m_part, l_part, acc_part, out, out.stride(0), out.stride(1), out.stride(2), num_splits,
+        H_KV=hkv, GQ=gq, T=t, D=d, BLOCK_D=block_d, BLOCK_M=block_m, num_warps=4,
+    )
+    return out
+
+
+def visible_mask(t: int, kv_len: int, *, block_ids=None, window: int = 0, sink: int = 0, block_k: int = 64,
+                 device=None) -> torch.Tensor:
+    """Bool [T, kv_len]: which keys each of the T new queries (positions kv_len - T + t) sees under a schedule."""
+    q_pos = torch.arange(kv_len - t, kv_len, device=device)[:, None]
+    k_pos = torch.arange(kv_len, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if window > 0:
+        mask &= (k_pos < sink) | (k_pos > q_pos - window)
+    if block_ids is not None:
+        in_blocks = torch.zeros(kv_len, dtype=torch.bool, device=device)
+        for blk in block_ids.tolist():
+            in_blocks[blk * block_k : (blk + 1) * block_k] = True
+        mask &= in_blocks[None, :]
+    return mask
+
+
+def quant_decode_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Reference: attention of q [B, Hq, T, D] over dequantized k, v [B, Hkv, S, D] under mask [T, S], in float64."""
+    b, hq, t, d = q.shape
+    gq = hq // k.shape[1]
+    k64 = k.double().repeat_interleave(gq, dim=1)
+    v64 = v.double().repeat_interleave(gq, dim=1)
+    s = q.double() @ k64.transpose(-1, -2) / math.sqrt(d)
+    s = s.masked_fill(~mask.to(q.device), float("-inf"))
+    return torch.softmax(s, -1) @ v64

@@ -1,0 +1,161 @@
+"""The int8/int4/int2/quant cache codecs: append/flush bookkeeping, round trip, truncation, bytes, config."""
+
+import pytest
+import torch
+
+from ollm_triton.cache.base import KVCache, LayerSpec
+from ollm_triton.cache.quant import QuantConfig, QuantLayer
+from ollm_triton.registry import PluginError, registry
+
+
+def spec(d=32, h=2, b=1, max_len=512, dtype=torch.float32):
+    return LayerSpec(batch=b, kv_heads=h, head_dim=d, dtype=dtype, device=torch.device("cpu"), max_len=max_len)
+
+
+def layer(bits=4, group=32, residual=16, symmetric=False, preallocate=True, **kw):
+    cfg = QuantConfig(bits=bits, group_size=group, residual=residual, symmetric=symmetric, preallocate=preallocate)
+    return QuantLayer(spec(**kw), bits, cfg)
+
+
+def kv(n, d=32, h=2, b=1, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, h, n, d, generator=g).to(dtype), torch.randn(b, h, n, d, generator=g).to(dtype))
+
+
+@pytest.mark.parametrize("name,bits", [("int8", 8), ("int4", 4), ("int2", 2), ("quant", 4)])
+def test_registered_names_build_layers(name, bits):
+    codec = registry.build("cache", name, {"group_size": 32, "residual": 16})
+    lay = codec.new_layer(spec())
+    assert isinstance(lay, QuantLayer) and lay.bits == bits
+
+
+def test_bad_parameters_are_one_clear_line():
+    with pytest.raises(PluginError, match="group_size must be a power of two"):
+        registry.build("cache", "int4", {"group_size": 48})
+    with pytest.raises(PluginError, match="bits must be one of 2, 4, 8"):
+        registry.build("cache", "quant", {"bits": 3})
+    with pytest.raises(PluginError, match="unknown parameter 'bits'"):
+        registry.build("cache", "int4", {"bits": 8})
+    with pytest.raises(ValueError, match="head_dim divisible by 4"):
+        registry.build("cache", "int2").new_layer(spec(d=6))
+
+
+@pytest.mark.parametrize("preallocate", [True, False])
+def test_flush_keeps_residual_window_and_whole_groups(preallocate):
+    lay = layer(group=32, residual=16, preallocate=preallocate)
+    lay.append(*kv(40))  # 40 < 16 + 32: all full precision
+    assert (lay.n_quant, lay.n_res) == (0, 40)
+    lay.append(*kv(9, seed=1))  # 49 >= 48: one group of 32 quantized, 17 left
+    assert (lay.n_quant, lay.n_res) == (32, 17)
+    for i in range(31):
+        lay.append(*kv(1, seed=2 + i))
+    assert (lay.n_quant, lay.n_res) == (64, 16) and lay.length == 80 == lay.appended
+    lay.append(*kv(300, seed=99))  # a long chunk beyond the preallocation-free capacity
+    assert lay.n_quant % 32 == 0 and 16 <= lay.n_res < 48 and lay.length == 380
+
+
+@pytest.mark.parametrize("bits,tol", [(8, 0.01), (4, 0.15), (2, 0.6)])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_dense_roundtrip_and_exact_residual(bits, tol, symmetric):
+    lay = layer(bits=bits, group=32, residual=16, symmetric=symmetric)
+    chunks = [kv(n, seed=n) for n in (63, 1, 1, 65)]
+    for k, v in chunks:
+        lay.append(k, v)
+    k_all = torch.cat([c[0] for c in chunks], 2)
+    v_all = torch.cat([c[1] for c in chunks], 2)
+    k, v = lay.dense()
+    assert k.shape == k_all.shape and k.dtype == torch.float32
+    n = lay.n_quant
+    assert torch.equal(k[:, :, n:], k_all[:, :, n:]) and torch.equal(v[:, :, n:], v_all[:, :, n:])
+    for got, want in ((k, k_all), (v, v_all)):
+        err = ((got[:, :, :n] - want[:, :, :n]).pow(2).mean() / want[:, :, :n].pow(2).mean()).sqrt()
+        assert 0 < err < tol + (0.25 if symmetric and bits == 2 else 0)
+
+
+def test_truncate_inside_residual_and_inside_quantized_region():
+    lay = layer(bits=4, group=32, residual=16)
+    lay.append(*kv(120))
+    k0, v0 = lay.dense()
+    assert (lay.n_quant, lay.n_res) == (96, 24)
+    lay.truncate(110)  # residual only: exact
+    k1, v1 = lay.dense()
+    assert lay.length == 110 and torch.equal(k1, k0[:, :, :110]) and torch.equal(v1, v0[:, :, :110])
+    lay.truncate(70)  # inside the third key group: [64, 70) goes back to full precision, same numbers
+    k2, v2 = lay.dense()
+    assert (lay.n_quant, lay.n_res, lay.appended) == (64, 6, 70)
+    torch.testing.assert_close(k2, k0[:, :, :70], rtol=0, atol=1e-6)
+    torch.testing.assert_close(v2, v0[:, :, :70], rtol=0, atol=1e-6)
+    lay.append(*kv(50, seed=5))  # and the cache keeps working after the rollback
+    assert lay.length == 120 and lay.n_quant == 96
+    k3, _ = lay.dense()
+    assert (k3[:, :, :64] == k0[:, :, :64]).all()
+    with pytest.raises(ValueError, match="cannot truncate"):
+        lay.truncate(121)
+
+
+def test_kvcache_truncate_resets_position():
+    cache = KVCache([layer(), layer()])
+    for lay in cache.layers:
+        lay.append(*kv(90))
+    cache.position = 90
+    cache.truncate(50)
+    assert cache.position == 50 and all(lay.length == 50 for lay in cache.layers)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_stored_bytes_counts_codes_scales_zeros_residual(bits):
+    d, g, r = 128, 128, 128
+    lay = layer(bits=bits, group=g, residual=r, d=d, h=2, max_len=4096, dtype=torch.bfloat16)
+    lay.append(*kv(4000, d=d, dtype=torch.bfloat16))
+    n, res = lay.n_quant, lay.n_res
+    assert (n, res) == (3840, 160)
+    codes = 2 * n * d * bits // 8
+    scales = 2 * 2 * (n // g * d + n * 1)  # fp16 scale + zero: keys per (group, channel), values per token
+    expected = 2 * (codes + scales + 2 * res * d * 2)
+    assert lay.stored_bytes() == expected
+    assert lay.original_bytes() == 2 * 2 * 4000 * d * 2
+    ratio = lay.stored_bytes() / lay.original_bytes()
+    assert ratio < {8: 0.54, 4: 0.30, 2: 0.18}[bits]  # 4% of 4000 tokens sit in the residual window
+    sym = layer(bits=bits, group=g, residual=r, d=d, h=2, max_len=4096, dtype=torch.bfloat16, symmetric=True)
+    sym.append(*kv(4000, d=d, dtype=torch.bfloat16))
+    assert sym.stored_bytes() == expected - 2 * (2 * (n // g * d + n))  # no zero points
+
+
+def test_compress_time_and_stats():
+    cache = KVCache([layer()])
+    cache.layers[0].append(*kv(100))
+    cache.position = 100
+    st = cache.stats()
+    assert st["kv_tokens_kept"] == 100 and st["kv_compress_seconds"] > 0
+    assert 0 < st["kv_ratio"] < 1
+
+
+def test_attend_returns_none_on_cpu_so_the_backend_uses_dense():
+    lay = layer()
+    lay.append(*kv(100))
+    backend = registry.build("attention", "sdpa")
+    q = torch.randn(1, 8, 1, 32)
+    assert lay.attend(q, backend) is None
+    out = backend.decode(q, lay)
+    k, v = lay.dense()
+    ref = torch.softmax(q @ k.repeat_interleave(4, 1).transpose(-1, -2) / 32**0.5, -1) @ v.repeat_interleave(4, 1)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["int8", "int4", "int2"])
+def test_layer_fused_attend_matches_dense_path_gpu(name):
+    s = LayerSpec(batch=1, kv_heads=8, head_dim=128, dtype=torch.bfloat16, device=torch.device("cuda"), max_len=3000)
+    lay = registry.build("cache", name).new_layer(s)
+    k, v = (torch.randn(1, 8, 2900, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    lay.append(k, v)
+    for i in range(3):
+        lay.append(k[:, :, i : i + 1], v[:, :, i : i + 1])
+    backend = registry.build("attention", "sdpa")
+    q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+    fused = lay.attend(q, backend)
+    assert lay.last_path == "triton.quant_decode"
+    kd, vd = lay.dense()
+    ref = backend.prefill(q, kd, vd, q_offset=kd.shape[2] - 1)
+    err = ((fused.float() - ref.float()).pow(2).mean() / ref.float().pow(2).mean()).sqrt()
+    assert err < 1e-2
