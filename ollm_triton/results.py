@@ -38,13 +38,16 @@ def environment(device) -> dict[str, Any]:
 
 
 def git_sha() -> str | None:
+    """The checkout's commit (+"-dirty"); OLLM_GIT_SHA overrides it where the tree travels without .git (the GPU box)."""
+    if os.environ.get("OLLM_GIT_SHA"):
+        return os.environ["OLLM_GIT_SHA"]
     root = Path(__file__).resolve().parents[1]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
-    if sha.returncode != 0:
+    if sha.returncode != 0 or len(sha.stdout.strip()) != 40:
         return None
     return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
