@@ -1,4 +1,4 @@
-"""KV cache-codec plugins. Every module in this folder registers its plugins when imported (base.py holds the interface)."""
+"""KV cache-codec plugins. Every module in this folder registers its plugins when imported (base.py: the interface)."""
 
 from ollm_triton._discover import import_submodules
 

@@ -54,6 +54,11 @@ class CacheLayer:
         """A fused decode kernel over this codec's own storage, or None to let the backend use dense()."""
         return None
 
+    def observe(self, q: torch.Tensor) -> None:
+        """Called by the engine after each layer's attention step with that step's queries q: [B, Hq, T, D]
+        (post-RoPE), whose T tokens were appended just before. Eviction codecs score the held tokens and evict
+        here (after the step attended, so a prompt attends to all of itself); other codecs ignore it."""
+
     def stored_bytes(self) -> int:
         raise NotImplementedError
 

@@ -27,10 +27,12 @@ attention backend's decode schedule; on the CPU it returns None and the backend 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
 
+from ollm_triton.attention.base import DecodeSchedule
 from ollm_triton.cache._timing import EncodeTimer, TimedLayerMixin
 from ollm_triton.cache.base import CacheCodec, CacheLayer, LayerSpec
 from ollm_triton.kernels import quant as Q
@@ -199,10 +201,9 @@ class QuantLayer(TimedLayerMixin, CacheLayer):
         if not q.is_cuda:
             self.last_path = "torch.dense"
             return None
-        kv_len, t = self.length, q.shape[2]
-        sched = backend.decode_schedule(kv_len, self.block_k)
-        if t > 1 and sched.block_ids is not None:
-            # the schedule is for the last query only; earlier draft tokens may need other blocks
+        kv_len = self.length
+        sched = decode_schedule(backend, kv_len, self.block_k, q.shape[2], q.device)
+        if sched is None:
             self.last_path = "torch.dense"
             return None
         self.last_path = "triton.quant_decode"
@@ -222,6 +223,27 @@ class QuantLayer(TimedLayerMixin, CacheLayer):
         scales = per_scale * sb * (n // self.group * d + n * (d // self.value_group))
         residual = 2 * self.n_res * d * self.k_res.element_size()
         return bh * (codes + scales + residual)
+
+
+_TAKES_NUM_QUERIES: dict[type, bool] = {}
+
+
+def decode_schedule(backend, kv_len: int, block_k: int, t: int, device) -> DecodeSchedule | None:
+    """The backend's schedule for the T newest queries, or None when a fused kernel cannot follow it (the backend
+    has none for codec kernels, or its blocks are those of the last query only and T > 1)."""
+    cls = type(backend)
+    if cls not in _TAKES_NUM_QUERIES:
+        params = inspect.signature(backend.decode_schedule).parameters
+        _TAKES_NUM_QUERIES[cls] = "num_queries" in params and "device" in params
+    try:
+        if _TAKES_NUM_QUERIES[cls]:
+            return backend.decode_schedule(kv_len, block_k, num_queries=t, device=device)
+        sched = backend.decode_schedule(kv_len, block_k)
+    except (NotImplementedError, ValueError):  # no schedule for codec kernels, or queries spanning pattern rows
+        return None
+    if t > 1 and sched.block_ids is not None:
+        return None  # blocks of the last query only: earlier draft tokens may need others
+    return sched
 
 
 @register("cache", "quant", QuantConfig)
