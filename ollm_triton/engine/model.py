@@ -101,13 +101,16 @@ def attention_step(q, k, v, layer_cache, attention, *, tree_mask=None, decode_ma
     held = layer_cache.length
     if held > 0 and (tree_mask is not None or t <= decode_max_tokens):
         layer_cache.append(k, v)
-        return attention.decode(q, layer_cache, tree_mask=tree_mask)
-    k_all, v_all = k, v
-    if held > 0:
-        past_k, past_v = layer_cache.dense()
-        k_all, v_all = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)
-    out = attention.prefill(q, k_all, v_all, q_offset=k_all.shape[2] - t, tree_mask=tree_mask)
-    layer_cache.append(k, v)
+        out = attention.decode(q, layer_cache, tree_mask=tree_mask)
+    else:
+        k_all, v_all = k, v
+        if held > 0:
+            past_k, past_v = layer_cache.dense()
+            k_all, v_all = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)
+        out = attention.prefill(q, k_all, v_all, q_offset=k_all.shape[2] - t, tree_mask=tree_mask)
+        layer_cache.append(k, v)
+    # eviction codecs score the held tokens with this step's queries, after the step attended to all of them
+    layer_cache.observe(q)
     return out
 
 
