@@ -1,0 +1,144 @@
+"""The shared machinery of the block-schedule backends (flash, sliding_window, sparse, multiscale).
+
+A subclass says which keys a query sees by setting `window`, `sink`, `window_align` and `pattern`; this class
+turns that into block schedules for the prefill kernel, visited-block lists for the decode kernel and for fused
+codec kernels (`decode_schedule`), and dense masks for the PyTorch reference. CUDA tensors take the Triton path,
+anything else (the CPU runs) the reference; `last_path` says which ran.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from ollm_triton.attention.base import AttentionBackend, DecodeSchedule
+from ollm_triton.cache.base import CacheLayer
+from ollm_triton.kernels.attention_decode import decode_supports, flash_decode
+from ollm_triton.kernels.attention_prefill import (
+    attention_reference,
+    check_qkv,
+    flash_prefill,
+    kernel_supports,
+    prefill_config,
+)
+from ollm_triton.kernels.attention_schedule import (
+    BlockPattern,
+    BlockSchedule,
+    build_schedule,
+    decode_block_ids,
+    schedule_to_mask,
+)
+
+DECODE_BLOCK = 64  # keys per block of the decode kernel (and of decode_schedule's default)
+REFERENCE_TILE = 64
+
+
+class ScheduledAttention(AttentionBackend):
+    """Base of the Triton block-schedule backends (not a plugin itself)."""
+
+    window: int = 0
+    sink: int = 0
+    window_align: int = 1
+    pattern: BlockPattern | None = None
+    # Whether decode may hand the query to a codec's fused kernel (layer_cache.attend); multiscale may not.
+    fused_decode: bool = True
+
+    def __init__(self, cfg=None):
+        self.cfg = cfg
+        self.last_path = "none"
+        self._schedules: OrderedDict[tuple, BlockSchedule] = OrderedDict()
+
+    # ---- schedules --------------------------------------------------------------------------------------------
+    def tiles(self, head_dim: int, dtype: torch.dtype, q_len: int) -> tuple[int, int]:
+        """(block_m, block_n) for the prefill kernel; a sparse pattern's block must be a multiple of both."""
+        cfg = prefill_config(head_dim, dtype, q_len)
+        bm, bn = cfg.block_m, cfg.block_n
+        if self.pattern is not None:
+            bm, bn = min(bm, self.pattern.block_size), min(bn, self.pattern.block_size)
+        return bm, bn
+
+    def schedule(self, q_len: int, kv_len: int, q_offset: int, block_m: int, block_n: int, device,
+                 tree: bool = False) -> BlockSchedule:
+        """The block schedule of one call; the last few are kept (every layer of a forward asks for the same)."""
+        key = (q_len, kv_len, q_offset, block_m, block_n, str(device), tree)
+        hit = self._schedules.get(key)
+        if hit is not None:
+            self._schedules.move_to_end(key)
+            return hit
+        sched = build_schedule(q_len, kv_len, q_offset, block_m, block_n, device=device, window=self.window,
+                               sink=self.sink, window_align=self.window_align, tree=tree, pattern=self.pattern)
+        self._schedules[key] = sched
+        if len(self._schedules) > 8:
+            self._schedules.popitem(last=False)
+        return sched
+
+    def mask(self, q_len: int, kv_len: int, q_offset: int, tree_mask: torch.Tensor | None = None, device=None):
+        """A function rows -> bool [rows, S]: the dense mask of this backend (what the reference applies)."""
+        sched = self.schedule(q_len, kv_len, q_offset, REFERENCE_TILE, REFERENCE_TILE, device, tree_mask is not None)
+        return lambda rows: schedule_to_mask(sched, tree_mask, rows)
+
+    # ---- prefill ----------------------------------------------------------------------------------------------
+    def prefill(self, q, k, v, *, q_offset, tree_mask=None):
+        check_qkv(q, k, v)
+        t, s = q.shape[2], k.shape[2]
+        if tree_mask is not None and tuple(tree_mask.shape) != (t, t):
+            raise ValueError(f"tree_mask must be bool [T, T] = [{t}, {t}], got {tuple(tree_mask.shape)}")
+        if q.is_cuda and kernel_supports(q, k):
+            self.last_path = "triton.prefill"
+            return self.kernel_prefill(q, k, v, q_offset, tree_mask)
+        self.last_path = "torch.reference"
+        return self.reference(q, k, v, q_offset=q_offset, tree_mask=tree_mask)
+
+    def kernel_prefill(self, q, k, v, q_offset, tree_mask):
+        bm, bn = self.tiles(q.shape[3], q.dtype, q.shape[2])
+        sched = self.schedule(q.shape[2], k.shape[2], q_offset, bm, bn, q.device, tree_mask is not None)
+        return flash_prefill(q, k, v, sched, tree_mask=tree_mask)
+
+    def reference(self, q, k, v, *, q_offset, tree_mask=None, compute_dtype=None):
+        """The PyTorch path: softmax attention under this backend's dense mask, in float32 (or compute_dtype)."""
+        mask = self.mask(q.shape[2], k.shape[2], q_offset, tree_mask, q.device)
+        return attention_reference(q, k, v, mask, compute_dtype=compute_dtype or torch.float32)
+
+    # ---- decode -----------------------------------------------------------------------------------------------
+    def decode(self, q, layer_cache: CacheLayer, *, tree_mask=None):
+        if tree_mask is None and self.fused_decode:
+            out = layer_cache.attend(q, self)
+            if out is not None:
+                self.last_path = f"fused:{layer_cache.__class__.__name__}"
+                return out
+        k, v = layer_cache.dense()
+        t, s = q.shape[2], k.shape[2]
+        if tree_mask is None and q.is_cuda and decode_supports(q, k) and self.decode_kernel_fits(t, s):
+            block = self.decode_block()
+            ids = decode_block_ids(s, t, block, window=self.window, sink=self.sink, window_align=self.window_align,
+                                   pattern=self.pattern, device=q.device)
+            self.last_path = "triton.decode"
+            return flash_decode(q, k, v, block_ids=ids, block_n=block, window=self.window, sink=self.sink,
+                                window_align=self.window_align)
+        return self.prefill(q, k, v, q_offset=s - t, tree_mask=tree_mask)
+
+    def decode_block(self) -> int:
+        return min(DECODE_BLOCK, self.pattern.block_size) if self.pattern is not None else DECODE_BLOCK
+
+    def decode_kernel_fits(self, q_len: int, kv_len: int) -> bool:
+        """The decode kernel has one block list for all T queries: with a sparse pattern they must share a row."""
+        if self.pattern is None:
+            return True
+        bs = self.pattern.block_size
+        return (kv_len - q_len) // bs == (kv_len - 1) // bs
+
+    def decode_schedule(self, kv_len: int, block_k: int, *, num_queries: int = 1, device=None) -> DecodeSchedule:
+        """Keys the newest `num_queries` queries (the last at position kv_len - 1) visit, in `block_k`-key blocks:
+        ascending int32 block ids (None = all) on `device` (default CPU), plus the window/sink element rules."""
+        if self.window_align != 1:
+            raise NotImplementedError(f"{self.plugin_name} has no decode schedule for fused codec kernels")
+        ids = decode_block_ids(kv_len, num_queries, block_k, window=self.window, sink=self.sink,
+                               pattern=self.pattern, device=device)
+        return DecodeSchedule(block_ids=ids, window=self.window, sink=self.sink)
+
+    def describe(self) -> dict:
+        info = {"attention_path": self.last_path}
+        if self.cfg is not None and hasattr(self.cfg, "__dataclass_fields__"):
+            info.update({f"attention_{k}": getattr(self.cfg, k) for k in self.cfg.__dataclass_fields__})
+        return info

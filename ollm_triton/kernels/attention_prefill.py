@@ -1,0 +1,332 @@
+"""Prefill flash attention driven by a block schedule, and its PyTorch reference.
+
+    q: [B, Hq, T, D]   k, v: [B, Hkv, S, D]   out: [B, Hq, T, D]   (Hq % Hkv == 0; D a power of two 16..128)
+
+One program computes one query tile (BLOCK_M absolute positions) of one query head. Query heads of one KV head
+read the same K/V rows (no repeated K/V in memory; the programs of a group run next to each other so the second
+to fourth reads come from L2). The program walks the tiles its schedule row lists: the fully visible ones without
+any mask, then the boundary ones with the element rules (causal, window + sink, tree). Softmax runs online in
+fp32 in the exp2 domain; P is cast to the input dtype for the PV product as every flash kernel does.
+
+Multi-scale attention adds "summary keys" (mean-pooled K/V of whole blocks, see attention_multiscale.py): extra
+keys with a per-key rule, visited after the exact tiles in the same online softmax.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ollm_triton.kernels.attention_schedule import BlockSchedule, window_start
+
+LOG2E = 1.4426950408889634
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class SummaryKeys:
+    """Extra keys attended after the exact ones (multi-scale summaries).
+
+    k, v: [B, Hkv, N, D]. Per summary key e: pool size f[e], the next coarser pool size f_next[e] (2**30 for the
+    coarsest), block index j[e] (the summary covers keys [j*f, (j+1)*f)). meta: int32 [3, N] = (f, f_next, j).
+    A summary is visible to the query at position p iff, with E = max(p - window + 1, 0),
+    floor(E / f_next) * f_next <= j * f and (j + 1) * f <= floor(E / f) * f. Its logit gets + ln(f) so that a
+    block of identical keys weighs as much as its f exact copies.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    meta: torch.Tensor
+
+    @property
+    def count(self) -> int:
+        return self.k.shape[2]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Triton kernel
+
+
+@triton.jit
+def _online_softmax_step(acc, l_i, m_i, b_qk, b_v):
+    """One tile of the online softmax: b_qk [BM, BN] scores in log2 units (masked ones -inf), b_v [BN, D]."""
+    m_new = tl.maximum(m_i, tl.max(b_qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    b_p = tl.exp2(b_qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(b_p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(b_p.to(b_v.dtype), b_v, acc)  # [BM, BN] @ [BN, D] -> [BM, D]
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _attn_tiles(
+    acc, l_i, m_i, b_q, p_list, j_start, j_end, p_k, p_v, stride_ks, stride_vs,
+    o_p, o_t, m_t, T, S, window, sink, window_align, qk_scale, TREE, stride_tree,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_TREE: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    o_n = tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, HEAD_DIM)
+    if MASKED and HAS_WINDOW:
+        # First key of each row's window; sinks stay visible below it.
+        lo = (tl.maximum(o_p - window + 1, 0) // window_align) * window_align
+    for j in range(j_start, j_end):
+        i_k = tl.load(p_list + j)
+        o_s = i_k * BLOCK_N + o_n
+        m_s = o_s < S
+        b_k = tl.load(p_k + o_s[:, None] * stride_ks + o_d[None, :], mask=m_s[:, None], other=0.0)
+        b_v = tl.load(p_v + o_s[:, None] * stride_vs + o_d[None, :], mask=m_s[:, None], other=0.0)
+        b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale  # [BM, D] @ [D, BN] -> [BM, BN]
+        if MASKED:
+            m_vis = m_s[None, :]
+            if CAUSAL:
+                m_causal = o_s[None, :] <= o_p[:, None]
+                if HAS_TREE:
+                    # The trailing T keys follow the tree mask instead of the causal triangle.
+                    tail = S - T
+                    m_tail = o_s >= tail
+                    b_tree = tl.load(TREE + o_t[:, None] * stride_tree + (o_s - tail)[None, :],
+                                     mask=m_t[:, None] & (m_tail & m_s)[None, :], other=0)
+                    m_causal = tl.where(m_tail[None, :], b_tree != 0, m_causal)
+                m_vis = m_vis & m_causal
+            if HAS_WINDOW:
+                m_vis = m_vis & ((o_s[None, :] < sink) | (o_s[None, :] >= lo[:, None]))
+            b_qk = tl.where(m_vis, b_qk, float("-inf"))
+        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, b_qk, b_v)
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["T", "S", "q_offset", "window", "sink", "window_align", "n_sum", "max_visits"])
+def _attn_prefill_kernel(
+    Q, K, V, O, KV_BLOCKS, KV_FULL, KV_TOTAL, TREE, KS, VS, SUM_META,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+    stride_ob, stride_oh, stride_ot, stride_ksb, stride_ksh, stride_kss, stride_vsb, stride_vsh, stride_vss,
+    stride_tree, Hq, T, S, q_offset, window, sink, window_align, n_sum, max_visits, qk_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_TREE: tl.constexpr, HAS_SUMMARY: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    i_bh = tl.program_id(0)
+    # Heaviest (last) query tiles first: under causal masking they have the most KV tiles, so the tail of the
+    # grid is made of short programs.
+    i_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    i_b = i_bh // Hq
+    i_h = i_bh % Hq
+    i_kvh = i_h // GROUP
+
+    o_p = (q_offset // BLOCK_M + i_m) * BLOCK_M + tl.arange(0, BLOCK_M)  # absolute query positions
+    o_t = o_p - q_offset  # query index within this call
+    m_t = (o_t >= 0) & (o_t < T)
+    o_d = tl.arange(0, HEAD_DIM)
+    p_q = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
+    b_q = tl.load(p_q + o_t[:, None] * stride_qt + o_d[None, :], mask=m_t[:, None], other=0.0)
+    p_k = K + i_b.to(tl.int64) * stride_kb + i_kvh.to(tl.int64) * stride_kh
+    p_v = V + i_b.to(tl.int64) * stride_vb + i_kvh.to(tl.int64) * stride_vh
+
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    # A finite start keeps exp2(m_old - m_new) at 1 (not NaN) for rows that have seen only masked keys.
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    p_list = KV_BLOCKS + i_m.to(tl.int64) * max_visits
+    n_full = tl.load(KV_FULL + i_m)
+    n_total = tl.load(KV_TOTAL + i_m)
+    acc, l_i, m_i = _attn_tiles(
+        acc, l_i, m_i, b_q, p_list, 0, n_full, p_k, p_v, stride_ks, stride_vs,
+        o_p, o_t, m_t, T, S, window, sink, window_align, qk_scale, TREE, stride_tree,
+        BLOCK_N, HEAD_DIM, False, CAUSAL, HAS_WINDOW, HAS_TREE, DOT_PREC)
+    acc, l_i, m_i = _attn_tiles(
+        acc, l_i, m_i, b_q, p_list, n_full, n_total, p_k, p_v, stride_ks, stride_vs,
+        o_p, o_t, m_t, T, S, window, sink, window_align, qk_scale, TREE, stride_tree,
+        BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_TREE, DOT_PREC)
+
+    if HAS_SUMMARY:
+        o_n = tl.arange(0, BLOCK_N)
+        p_ks = KS + i_b.to(tl.int64) * stride_ksb + i_kvh.to(tl.int64) * stride_ksh
+        p_vs = VS + i_b.to(tl.int64) * stride_vsb + i_kvh.to(tl.int64) * stride_vsh
+        b_e = tl.maximum(o_p - window + 1, 0)  # start of each row's exact window before alignment
+        for j in range(0, tl.cdiv(n_sum, BLOCK_N)):
+            o_e = j * BLOCK_N + o_n
+            m_e = o_e < n_sum
+            b_k = tl.load(p_ks + o_e[:, None] * stride_kss + o_d[None, :], mask=m_e[:, None], other=0.0)
+            b_v = tl.load(p_vs + o_e[:, None] * stride_vss + o_d[None, :], mask=m_e[:, None], other=0.0)
+            b_f = tl.load(SUM_META + o_e, mask=m_e, other=1)
+            b_fn = tl.load(SUM_META + n_sum + o_e, mask=m_e, other=1)
+            b_j = tl.load(SUM_META + 2 * n_sum + o_e, mask=m_e, other=0)
+            b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale  # [BM, D] @ [D, BN] -> [BM, BN]
+            b_qk += tl.log2(b_f.to(tl.float32))[None, :]  # a summary stands for f keys
+            m_vis = m_e[None, :] & (b_j[None, :] < b_e[:, None] // b_f[None, :])
+            m_vis = m_vis & (b_j[None, :] * b_f[None, :] >= (b_e[:, None] // b_fn[None, :]) * b_fn[None, :])
+            b_qk = tl.where(m_vis, b_qk, float("-inf"))
+            acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, b_qk, b_v)
+
+    # A row with no visible key (only possible with an all-False tree row) outputs zeros, like the reference.
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    b_o = acc / l_safe[:, None]
+    p_o = O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
+    tl.store(p_o + o_t[:, None] * stride_ot + o_d[None, :], b_o.to(O.dtype.element_ty), mask=m_t[:, None])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Launcher
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def prefill_config(head_dim: int, dtype: torch.dtype, q_len: int = 1 << 20) -> PrefillConfig:
+    """Tile sizes for a call. On Hopper, 128x64 tiles with 8 warps and 3 stages are the usual best for d=128 bf16
+    (two warpgroups of 64 rows; K and V tiles of 16 KB each per stage). fp32 halves the tiles to stay inside
+    registers and shared memory. Calls of few queries (decode-like) use 16- or 64-row tiles."""
+    if dtype == torch.float32:
+        bm, bn, warps, stages = 64, 32, 4, 2
+    else:
+        bm, bn, warps, stages = 128, 64, 8, 3
+    if q_len <= 16:
+        bm, warps = 16, 4
+    elif q_len <= 64:
+        bm, warps = 64, 4
+    return PrefillConfig(bm, bn, warps, stages)
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """One-line ValueErrors for shapes the kernels do not take."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be [B, H, T, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch or head_dim")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of KV heads ({k.shape[1]})")
+
+
+def kernel_supports(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether the Triton path takes these tensors (head_dim a power of two 16..128; fp16/bf16/fp32)."""
+    return q.shape[-1] in SUPPORTED_HEAD_DIMS and q.dtype in (torch.float16, torch.bfloat16, torch.float32) \
+        and k.dtype == q.dtype
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def flash_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    schedule: BlockSchedule,
+    *,
+    tree_mask: torch.Tensor | None = None,
+    summaries: SummaryKeys | None = None,
+    scale: float | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of q over k, v following `schedule` (built for T = q.shape[2], S = k.shape[2]).
+
+    q: [B, Hq, T, D]; k, v: [B, Hkv, S, D]; tree_mask: bool [T, T] if the schedule has tree=True;
+    summaries: extra multi-scale keys. Returns [B, Hq, T, D] in q's dtype (or writes `out`).
+    """
+    check_qkv(q, k, v)
+    b, hq, t, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    if not kernel_supports(q, k):
+        raise ValueError(f"the Triton prefill takes head_dim in {SUPPORTED_HEAD_DIMS} and fp16/bf16/fp32, "
+                         f"got head_dim={d}, dtypes {q.dtype}/{k.dtype}")
+    if (schedule.q_len, schedule.kv_len) != (t, s):
+        raise ValueError(f"schedule built for T={schedule.q_len}, S={schedule.kv_len}; called with T={t}, S={s}")
+    if schedule.tree != (tree_mask is not None):
+        raise ValueError("pass tree_mask exactly when the schedule was built with tree=True")
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    if out is None:
+        out = torch.empty_like(q)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    tree = tree_mask.to(device=q.device, dtype=torch.int8).contiguous() if tree_mask is not None else q
+    has_sum = summaries is not None and summaries.count > 0
+    ks = _last_dim_contiguous(summaries.k) if has_sum else k
+    vs = _last_dim_contiguous(summaries.v) if has_sum else v
+    meta = summaries.meta.to(device=q.device, dtype=torch.int32).contiguous() if has_sum else schedule.kv_total
+    cfg = prefill_config(d, q.dtype, t)
+    grid = (b * hq, schedule.n_q_tiles)
+    _attn_prefill_kernel[grid](
+        q, k, v, out, schedule.kv_blocks, schedule.kv_full, schedule.kv_total, tree, ks, vs, meta,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        ks.stride(0), ks.stride(1), ks.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
+        tree.stride(0) if tree_mask is not None else 0,
+        hq, t, s, schedule.q_offset, schedule.window, schedule.sink, schedule.window_align,
+        summaries.count if has_sum else 0, schedule.kv_blocks.shape[1], scale * LOG2E,
+        GROUP=hq // hkv, HEAD_DIM=d, BLOCK_M=schedule.block_m, BLOCK_N=schedule.block_n,
+        CAUSAL=schedule.causal, HAS_WINDOW=schedule.window > 0, HAS_TREE=tree_mask is not None,
+        HAS_SUMMARY=has_sum, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps or (8 if schedule.block_m >= 128 else 4), num_stages=num_stages or cfg.num_stages,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# PyTorch reference
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | Callable[[slice], torch.Tensor],
+    *,
+    summaries: tuple[torch.Tensor, torch.Tensor, Callable[[slice], torch.Tensor], torch.Tensor] | None = None,
+    scale: float | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+    max_scores: int = 1 << 25,
+) -> torch.Tensor:
+    """Masked softmax attention in `compute_dtype` (float64 for tests), returned in q's dtype.
+
+    q: [B, Hq, T, D]; k, v: [B, Hkv, S, D]; mask: bool [T, S] (True = visible) or a function of a row slice
+    returning that slice of the mask (so a long call is built in pieces of at most `max_scores` scores).
+    summaries: (k_sum [B, Hkv, N, D], v_sum, mask function rows -> bool [rows, N], logit bias [N]).
+    Rows without a visible key give zeros.
+    """
+    check_qkv(q, k, v)
+    b, hq, t, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    group = hq // hkv
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    mask_fn = mask if callable(mask) else (lambda rows: mask[rows])
+    kc = k.to(compute_dtype).repeat_interleave(group, dim=1)
+    vc = v.to(compute_dtype).repeat_interleave(group, dim=1)
+    if summaries is not None:
+        k_sum, v_sum, sum_mask_fn, bias = summaries
+        kc = torch.cat((kc, k_sum.to(compute_dtype).repeat_interleave(group, dim=1)), dim=2)
+        vc = torch.cat((vc, v_sum.to(compute_dtype).repeat_interleave(group, dim=1)), dim=2)
+        bias = torch.cat((torch.zeros(s, dtype=compute_dtype, device=q.device), bias.to(q.device, compute_dtype)))
+    out = torch.empty(b, hq, t, d, dtype=compute_dtype, device=q.device)
+    step = max(1, max_scores // max(1, b * hq * kc.shape[2]))
+    for start in range(0, t, step):
+        rows = slice(start, min(t, start + step))
+        m = mask_fn(rows).to(q.device)
+        if summaries is not None:
+            m = torch.cat((m, sum_mask_fn(rows).to(q.device)), dim=1)
+        scores = torch.matmul(q[:, :, rows].to(compute_dtype), kc.transpose(-1, -2)) * scale
+        if summaries is not None:
+            scores = scores + bias
+        scores = scores.masked_fill(~m, float("-inf"))
+        weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows: NaN -> 0
+        out[:, :, rows] = torch.matmul(weights, vc)
+    return out.to(q.dtype)
+
+
+__all__ = ["flash_prefill", "attention_reference", "prefill_config", "PrefillConfig", "SummaryKeys",
+           "kernel_supports", "check_qkv", "SUPPORTED_HEAD_DIMS", "window_start"]
