@@ -31,8 +31,8 @@ from typing import Any
 KINDS = ("attention", "cache", "decoder", "prefetch", "task")
 ENTRY_POINT_GROUP = "ollm_triton.plugins"
 
-# Built-in plugin modules, imported on first use so that `import ollm_triton` stays cheap.
-_BUILTIN_MODULES = (
+# Built-in plugin folders, imported on first use so that `import ollm_triton` stays cheap.
+_BUILTIN_PACKAGES = (
     "ollm_triton.attention",
     "ollm_triton.cache",
     "ollm_triton.decoding",
@@ -104,8 +104,10 @@ class Registry:
         if self._loaded:
             return
         self._loaded = True
-        for module in _BUILTIN_MODULES:
-            importlib.import_module(module)
+        from ollm_triton._discover import import_submodules
+
+        for package in _BUILTIN_PACKAGES:  # every module of a plugin folder registers itself on import
+            import_submodules(package)
         from importlib.metadata import entry_points
 
         for ep in entry_points(group=ENTRY_POINT_GROUP):

@@ -58,3 +58,14 @@ def test_combined_plugins_and_single_task():
     assert plugins["decoder"] == {"name": "sample", "params": {"temperature": 0.5, "top_k": 0, "top_p": 0.95, "seed": 0}, "default": False}
     assert plugins["attention"]["name"] == "sdpa" and plugins["attention"]["default"]
     assert list(cfg.task) == ["throughput"] and cfg.smoke is True
+
+
+LAUNCHER_PLUGINS = {"per_gpu": "hydra_plugins.hydra_joblib_launcher", "slurm": "hydra_plugins.hydra_submitit_launcher", "ray": "hydra_plugins.hydra_ray_launcher"}
+
+
+@pytest.mark.parametrize("launcher", options("hydra/launcher"))
+def test_launcher_presets_compose(launcher):
+    pytest.importorskip(LAUNCHER_PLUGINS[launcher], reason="install the `sweep` extra for this launcher")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert "_target_" in cfg.hydra.launcher

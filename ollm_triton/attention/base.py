@@ -15,10 +15,12 @@ every (attention, cache) pair runs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from ollm_triton.cache.base import CacheLayer
+if TYPE_CHECKING:  # cache codecs import this module for DecodeSchedule
+    from ollm_triton.cache.base import CacheLayer
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,1 @@
-"""Evaluation-task plugins. Every module in this folder registers its plugins when imported (base.py holds the interface)."""
-
-from ollm_triton._discover import import_submodules
-
-import_submodules(__name__)
+"""Evaluation-task plugins. The registry imports every module in this folder on first use (base.py holds the interface)."""
