@@ -43,6 +43,9 @@ class ScheduledAttention(AttentionBackend):
     pattern: BlockPattern | None = None
     # Whether decode may hand the query to a codec's fused kernel (layer_cache.attend); multiscale may not.
     fused_decode: bool = True
+    # None: Triton on CUDA tensors, the reference elsewhere. True forces the kernels (the interpreter on the CPU,
+    # for tests); False forces the reference.
+    use_kernels: bool | None = None
 
     def __init__(self, cfg=None):
         self.cfg = cfg
@@ -75,7 +78,8 @@ class ScheduledAttention(AttentionBackend):
 
     def mask(self, q_len: int, kv_len: int, q_offset: int, tree_mask: torch.Tensor | None = None, device=None):
         """A function rows -> bool [rows, S]: the dense mask of this backend (what the reference applies)."""
-        sched = self.schedule(q_len, kv_len, q_offset, REFERENCE_TILE, REFERENCE_TILE, device, tree_mask is not None)
+        tile = min(REFERENCE_TILE, self.pattern.block_size) if self.pattern is not None else REFERENCE_TILE
+        sched = self.schedule(q_len, kv_len, q_offset, tile, tile, device, tree_mask is not None)
         return lambda rows: schedule_to_mask(sched, tree_mask, rows)
 
     # ---- prefill ----------------------------------------------------------------------------------------------
@@ -84,11 +88,14 @@ class ScheduledAttention(AttentionBackend):
         t, s = q.shape[2], k.shape[2]
         if tree_mask is not None and tuple(tree_mask.shape) != (t, t):
             raise ValueError(f"tree_mask must be bool [T, T] = [{t}, {t}], got {tuple(tree_mask.shape)}")
-        if q.is_cuda and kernel_supports(q, k):
+        if self._kernels(q) and kernel_supports(q, k):
             self.last_path = "triton.prefill"
             return self.kernel_prefill(q, k, v, q_offset, tree_mask)
         self.last_path = "torch.reference"
         return self.reference(q, k, v, q_offset=q_offset, tree_mask=tree_mask)
+
+    def _kernels(self, q: torch.Tensor) -> bool:
+        return q.is_cuda if self.use_kernels is None else self.use_kernels
 
     def kernel_prefill(self, q, k, v, q_offset, tree_mask):
         bm, bn = self.tiles(q.shape[3], q.dtype, q.shape[2])
@@ -109,7 +116,7 @@ class ScheduledAttention(AttentionBackend):
                 return out
         k, v = layer_cache.dense()
         t, s = q.shape[2], k.shape[2]
-        if tree_mask is None and q.is_cuda and decode_supports(q, k) and self.decode_kernel_fits(t, s):
+        if tree_mask is None and self._kernels(q) and decode_supports(q, k) and self.decode_kernel_fits(t, s):
             block = self.decode_block()
             ids = decode_block_ids(s, t, block, window=self.window, sink=self.sink, window_align=self.window_align,
                                    pattern=self.pattern, device=q.device)

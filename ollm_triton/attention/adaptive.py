@@ -119,10 +119,10 @@ class Adaptive(AttentionBackend):
         self.last_path = f"{self.choice}:{backend.last_path}"
         return out
 
-    def decode_schedule(self, kv_len: int, block_k: int, **kw) -> DecodeSchedule:
+    def decode_schedule(self, kv_len: int, block_k: int, *, num_queries: int = 1, device=None) -> DecodeSchedule:
         # A fused codec kernel asks while decode() runs: answer for the mechanism chosen for this call.
         backend = self.backends.get(self.choice) or self.backends["flash"]
-        return backend.decode_schedule(kv_len, block_k, **kw)
+        return backend.decode_schedule(kv_len, block_k, num_queries=num_queries, device=device)
 
     def describe(self) -> dict:
         return {
