@@ -1,0 +1,106 @@
+"""`passkey`: retrieve a `<key> = <value>` fact buried in long filler, by context length and needle depth."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ollm_triton.registry import register
+from ollm_triton.tasks.base import RunContext, Task, TaskRefused
+
+
+@dataclass
+class PasskeyConfig:
+    lengths: list[int] = field(default_factory=lambda: [512, 1024, 2048, 4096])  # prompt lengths in tokens
+    depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])  # needle position, fraction of the filler
+    samples: int = 1  # documents per (length, depth) cell
+    num_needles: int = 1  # needles per document; the others are distractors with distinct keys and values
+    seed: int = 0
+    max_new_tokens: int = 10  # values have 5-7 digits; a few tokens more let a wrong answer show itself
+
+    def check(self) -> None:
+        if not self.lengths or min(self.lengths) < 64:
+            raise ValueError(f"lengths must be a non-empty list of token counts >= 64, got {self.lengths}")
+        if not self.depths or not all(0.0 <= d <= 1.0 for d in self.depths):
+            raise ValueError(f"depths must be a non-empty list of fractions in [0, 1], got {self.depths}")
+        if self.samples < 1 or self.num_needles < 1 or self.max_new_tokens < 1:
+            raise ValueError("samples, num_needles and max_new_tokens must be >= 1")
+
+
+class _Segments:
+    """The engine's tokenizer without its BOS: the retrieval generator tokenizes segments and joins them, so a BOS
+    that the tokenizer prepends to every encode would land inside the document. The task adds one BOS in front."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.bos = tokenizer.bos_token_id if getattr(tokenizer, "add_bos", False) else None
+
+    def encode(self, text: str) -> list[int]:
+        ids = list(self.tokenizer.encode(text))
+        return ids[1:] if self.bos is not None and ids[:1] == [self.bos] else ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+
+@register("task", "passkey", PasskeyConfig)
+class Passkey(Task):
+    """Passkey retrieval accuracy (exact match of a 5-7 digit value) by context length and needle depth."""
+
+    def __init__(self, cfg: PasskeyConfig):
+        self.cfg = cfg
+
+    def run(self, ctx: RunContext) -> dict[str, float | str]:
+        from ollm_triton.data.corpus import load_corpus
+        from ollm_triton.data.retrieval import corpus_filler, extract_answer, make_retrieval_doc
+
+        c = self.cfg
+        engine = ctx.engine
+        if not ctx.trained:
+            raise TaskRefused("passkey of random weights means nothing; use a trained model (model=tiny, model=hf)")
+        if engine.tokenizer is None:
+            raise TaskRefused("passkey needs a trained model with a tokenizer; the model directory has no "
+                              "tokenizer.json")
+        lengths, depths, samples = (
+            ([min(c.lengths)], [c.depths[len(c.depths) // 2]], 1) if ctx.smoke else (c.lengths, c.depths, c.samples)
+        )
+        tok = _Segments(engine.tokenizer)
+        prefix = [tok.bos] if tok.bos is not None else []
+        # Filler is the corpus eval split as the engine's tokenizer encodes it (a BOS-adding tokenizer leaves one BOS
+        # at each file's start, where a document would have it).
+        filler = corpus_filler(engine.tokenizer, "eval")
+        eos_id = getattr(engine.tokenizer, "eos_token_id", None)
+        rng = random.Random(c.seed)
+
+        t0 = time.perf_counter()
+        by_length: dict[int, list[bool]] = {n: [] for n in lengths}
+        by_depth: dict[float, list[bool]] = {d: [] for d in depths}
+        for length in lengths:
+            for depth in depths:
+                for _ in range(samples):
+                    doc = make_retrieval_doc(tok, filler, length - len(prefix), rng, depth=depth,
+                                             num_needles=c.num_needles)
+                    prompt = torch.tensor([prefix + doc.ids], dtype=torch.long)
+                    gen = ctx.decoder.generate(engine, prompt, c.max_new_tokens, eos_id=eos_id)
+                    answer = extract_answer(tok.decode(gen.tokens[0].tolist()))
+                    by_length[length].append(answer == doc.answer)
+                    by_depth[depth].append(answer == doc.answer)
+        seconds = time.perf_counter() - t0
+
+        every = [ok for oks in by_length.values() for ok in oks]
+        corpus = load_corpus()
+        out: dict[str, float | str] = {"acc": sum(every) / len(every)}
+        out.update({f"acc@{n}": sum(oks) / len(oks) for n, oks in by_length.items()})
+        out.update({f"acc_depth@{d:g}": sum(oks) / len(oks) for d, oks in by_depth.items()})
+        out.update({
+            "samples": float(len(every)),
+            "num_needles": float(c.num_needles),
+            "seconds": seconds,
+            "data_python_version": corpus.python_version,
+            "data_eval_hash": corpus.eval_hash,
+        })
+        return out
