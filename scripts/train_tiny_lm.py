@@ -397,6 +397,12 @@ def write_card(folder: Path, name: str, log: dict, role: str) -> None:
         log["command"],
         "```",
         "",
+        "The same run with its step counts fixed (what was timed above, repeatable without the timing probe):",
+        "",
+        "```",
+        reproduce_command(log),
+        "```",
+        "",
         "| field | value |",
         "| --- | --- |",
         f"| device | {log['device_name']} |",
@@ -405,7 +411,7 @@ def write_card(folder: Path, name: str, log: dict, role: str) -> None:
         f"| tokens seen | {t['tokens_seen']:,} |",
         f"| wall time (training loop) | {t['train_seconds']:.0f} s |",
         f"| batch | {log['args']['batch_tokens']:,} tokens, AdamW (0.9, 0.95), peak lr {log['args']['lr']:g}, cosine to "
-        f"10%, bf16 autocast |",
+        f"10%, {'bf16 autocast' if log['args'].get('amp') else 'fp32'} |",
         f"| retrieval documents | {log['args']['retrieval_frac']:.0%} of sequences, answer tokens weighted "
         f"{log['args']['answer_weight']:g}x |",
         f"| corpus | Python {log['corpus']['python_version']} stdlib, {log['corpus']['train_docs']} train files; "
@@ -476,8 +482,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-tokens", type=int, default=65536)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--retrieval-frac", type=float, default=0.3)
-    p.add_argument("--answer-weight", type=float, default=3.0)
+    p.add_argument("--retrieval-frac", type=float, default=0.35)
+    p.add_argument("--answer-weight", type=float, default=5.0)
     p.add_argument("--distill", type=float, default=0.7, help="weight of KL(target||draft) in the draft's loss")
     p.add_argument("--target-steps", type=int, default=0, help="0: as many as fit in --target-seconds")
     p.add_argument("--target-seconds", type=float, default=240.0)
@@ -501,7 +507,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def reproduce_command(log: dict) -> str:
+    """The logged command without paths and time budgets, with the step counts the run resolved."""
+    words = shlex.split(log["command"])[2:]
+    drop_with_value = {"--out", "--log", "--target-seconds", "--draft-seconds", "--target-steps", "--draft-steps",
+                       "--corpus-root"}
+    kept, skip = [], False
+    for w in words:
+        if skip:
+            skip = False
+        elif w in drop_with_value:
+            skip = True
+        elif w.split("=", 1)[0] not in drop_with_value:
+            kept.append(w)
+    steps = [f"--target-steps {log['target']['training']['steps']}", f"--draft-steps {log['draft']['training']['steps']}"]
+    return " ".join(["python scripts/train_tiny_lm.py", *kept, *steps])
+
+
 def git_sha() -> str:
+    if os.environ.get("OLLM_GIT_SHA"):  # the device copy of the tree has no .git: the caller passes the commit
+        return os.environ["OLLM_GIT_SHA"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                               timeout=10).stdout.strip() or "unknown"
