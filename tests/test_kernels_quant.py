@@ -186,7 +186,8 @@ def test_fused_decode_matches_dequantize_then_attend(case, dtype, poison):
     mask = visible_mask(t, kv_len, block_ids=block_ids, window=window, sink=sink, block_k=block_k)
     ref = quant_decode_ref(q, k_deq, v_deq, mask)
     assert not out.isnan().any()
-    assert rel_rms(ref, out) < {torch.float32: 1e-5, torch.float16: 2e-3}[dtype]
+    # float32 dots run as tf32 on a GPU
+    assert rel_rms(ref, out) < {torch.float32: 1e-5 if DEVICE == "cpu" else 3e-3, torch.float16: 2e-3}[dtype]
 
 
 @pytest.mark.interpreter

@@ -236,8 +236,8 @@ def decode_schedule(backend, kv_len: int, block_k: int, t: int, device) -> Decod
         params = inspect.signature(backend.decode_schedule).parameters
         _TAKES_NUM_QUERIES[cls] = "num_queries" in params and "device" in params
     try:
-        if _TAKES_NUM_QUERIES[cls]:
-            return backend.decode_schedule(kv_len, block_k, num_queries=t, device=device)
+        if _TAKES_NUM_QUERIES[cls]:  # on the CPU: the kernel launcher counts its quantized blocks without a sync
+            return backend.decode_schedule(kv_len, block_k, num_queries=t, device=None)
         sched = backend.decode_schedule(kv_len, block_k)
     except (NotImplementedError, ValueError):  # no schedule for codec kernels, or queries spanning pattern rows
         return None

@@ -45,19 +45,36 @@ def _unpack(b_packed, BITS: tl.constexpr):
         return tl.interleave(tl.interleave(b & 3, (b >> 4) & 3), tl.interleave((b >> 2) & 3, (b >> 6) & 3))
 
 
-@triton.jit(do_not_specialize=["n_quant", "kv_len", "n_visit", "blocks_per_split", "window", "sink"])
+@triton.jit
+def _softmax_step(b_s, o_n, q_pos, kv_len, window, sink, b_mx, b_l, HAS_WINDOW: tl.constexpr):
+    """Mask the block's log2-domain scores, update the running max and sum; -> (p, alpha, max, sum)."""
+    m_vis = (o_n[None, :] < kv_len) & (o_n[None, :] <= q_pos[:, None])
+    if HAS_WINDOW:
+        m_vis = m_vis & ((o_n[None, :] < sink) | (o_n[None, :] > q_pos[:, None] - window))
+    b_s = tl.where(m_vis, b_s, float("-inf"))
+    b_mx_new = tl.maximum(b_mx, tl.max(b_s, 1))
+    b_ref = tl.where(b_mx_new == float("-inf"), 0.0, b_mx_new)  # a row that has seen nothing yet stays at 0
+    b_alpha = tl.exp2(b_mx - b_ref)
+    b_p = tl.exp2(b_s - b_ref[:, None])
+    return b_p, b_alpha, b_mx_new, b_l * b_alpha + tl.sum(b_p, 1)
+
+
+@triton.jit(do_not_specialize=["n_quant", "kv_len", "n_visit", "n_quant_visit", "blocks_per_split", "window", "sink"])
 def _quant_decode_kernel(
     Q, KC, KS, KZ, VC, VS, VZ, KR, VR, BLOCK_IDS, M_OUT, L_OUT, ACC_OUT,
     stride_qb, stride_qh, stride_qt,
     stride_kc_bh, stride_kc_n, stride_ks_bh, stride_ks_g,
     stride_vc_bh, stride_vc_n, stride_vs_bh, stride_vs_n,
     stride_r_bh, stride_r_n,
-    n_quant, kv_len, n_visit, blocks_per_split, window, sink, qk_scale,
+    n_quant, kv_len, n_visit, n_quant_visit, blocks_per_split, window, sink, qk_scale,
     H_KV: tl.constexpr, GQ: tl.constexpr, T: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, KEY_GROUP: tl.constexpr,
     V_GROUPS: tl.constexpr, V_GROUP: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr,
     HAS_BLOCK_IDS: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT: tl.constexpr,
 ):
+    """Program (batch*KV head, split): visits [i_lo, i_hi) of the visit list. The first n_quant_visit visits are
+    quantized blocks and the rest residual ones (the list is ascending and the quantized region comes first), so
+    two branch-free loops replace a per-block branch that would keep the compiler from pipelining the loads."""
     P: tl.constexpr = 8 // BITS
     BLOCK_J: tl.constexpr = BLOCK_D // P
     HALF: tl.constexpr = 1 << (BITS - 1)
@@ -70,6 +87,7 @@ def _quant_decode_kernel(
     m_m = o_m < GQ * T
     o_d = tl.arange(0, BLOCK_D)
     o_j = tl.arange(0, BLOCK_J)
+    o_k = tl.arange(0, BLOCK_K)
     m_d, m_j = o_d < D, o_j < D // P
     p_q = Q + i_b * stride_qb + (i_h * GQ + o_g)[:, None] * stride_qh + o_t[:, None] * stride_qt + o_d[None, :]
     # qk_scale = log2(e) / sqrt(D): scores come out in the log2 domain for exp2
@@ -80,74 +98,65 @@ def _quant_decode_kernel(
     b_l = tl.zeros([BLOCK_M], tl.float32)
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     n_res = kv_len - n_quant
+    p_kc0 = KC + i_bh * stride_kc_bh + o_j[None, :]
+    p_vc0 = VC + i_bh * stride_vc_bh + o_j[None, :]
 
     i_lo = i_split * blocks_per_split
     i_hi = tl.minimum(i_lo + blocks_per_split, n_visit)
-    for i in range(i_lo, i_hi):
+    # quantized blocks: each lies inside one key group (KEY_GROUP % BLOCK_K == 0, n_quant % KEY_GROUP == 0)
+    for i in range(i_lo, tl.minimum(i_hi, n_quant_visit)):
         if HAS_BLOCK_IDS:
-            i_blk = tl.load(BLOCK_IDS + i)
+            start = tl.load(BLOCK_IDS + i) * BLOCK_K
         else:
-            i_blk = i
-        start = i_blk * BLOCK_K
-        o_n = start + tl.arange(0, BLOCK_K)
-        if start < n_quant:
-            # a whole block of codes inside one key group (KEY_GROUP % BLOCK_K == 0, n_quant % KEY_GROUP == 0)
-            p_s = KS + i_bh * stride_ks_bh + (start // KEY_GROUP) * stride_ks_g + o_d
-            b_ks = tl.load(p_s, mask=m_d, other=0.0).to(tl.float32)
+            start = i * BLOCK_K
+        o_n = start + o_k
+        p_s = i_bh * stride_ks_bh + (start // KEY_GROUP) * stride_ks_g + o_d
+        b_ks = tl.load(KS + p_s, mask=m_d, other=0.0).to(tl.float32)
+        if SYMMETRIC:
+            b_kz = -b_ks * HALF
+        else:
+            b_kz = tl.load(KZ + p_s, mask=m_d, other=0.0).to(tl.float32)
+        b_qs = (b_q * b_ks[None, :]).to(DOT)  # q . (c s + z) = (q s) . c + q . z
+        b_bias = tl.sum(b_q * b_kz[None, :], 1)
+        b_kc = _unpack(tl.load(p_kc0 + o_n[:, None] * stride_kc_n, mask=m_j[None, :], other=0), BITS).to(DOT)
+        b_s = tl.dot(b_qs, tl.trans(b_kc)) + b_bias[:, None]  # [BM, BD] @ [BD, BK] -> [BM, BK]
+        b_p, b_alpha, b_mx, b_l = _softmax_step(b_s, o_n, q_pos, kv_len, window, sink, b_mx, b_l, HAS_WINDOW)
+
+        b_vc = _unpack(tl.load(p_vc0 + o_n[:, None] * stride_vc_n, mask=m_j[None, :], other=0), BITS)
+        if V_GROUPS == 1:  # one scale per token: scale the probabilities, not the values
+            b_vs = tl.load(VS + i_bh * stride_vs_bh + o_n * stride_vs_n).to(tl.float32)
             if SYMMETRIC:
-                b_kz = -b_ks * HALF
+                b_vz = -b_vs * HALF
             else:
-                b_kz = tl.load(KZ + i_bh * stride_ks_bh + (start // KEY_GROUP) * stride_ks_g + o_d,
-                               mask=m_d, other=0.0).to(tl.float32)
-            b_qs = (b_q * b_ks[None, :]).to(DOT)
-            b_bias = tl.sum(b_q * b_kz[None, :], 1)
-            p_kc = KC + i_bh * stride_kc_bh + o_n[:, None] * stride_kc_n + o_j[None, :]
-            b_kc = _unpack(tl.load(p_kc, mask=m_j[None, :], other=0), BITS).to(DOT)  # [BLOCK_K, BLOCK_D]
-            b_s = tl.dot(b_qs, tl.trans(b_kc)) + b_bias[:, None]  # [BM, BD] @ [BD, BK] -> [BM, BK]
+                b_vz = tl.load(VZ + i_bh * stride_vs_bh + o_n * stride_vs_n).to(tl.float32)
+            b_pv = tl.dot((b_p * b_vs[None, :]).to(DOT), b_vc.to(DOT))  # [BM, BK] @ [BK, BD] -> [BM, BD]
+            b_pv += tl.sum(b_p * b_vz[None, :], 1)[:, None]
         else:
-            o_r = o_n - n_quant
-            p_kr = KR + i_bh * stride_r_bh + o_r[:, None] * stride_r_n + o_d[None, :]
-            b_k = tl.load(p_kr, mask=(o_r < n_res)[:, None] & m_d[None, :], other=0.0).to(DOT)
-            b_s = tl.dot(b_q.to(DOT), tl.trans(b_k))  # [BM, BD] @ [BD, BK] -> [BM, BK]
-
-        m_vis = (o_n[None, :] < kv_len) & (o_n[None, :] <= q_pos[:, None])
-        if HAS_WINDOW:
-            m_vis = m_vis & ((o_n[None, :] < sink) | (o_n[None, :] > q_pos[:, None] - window))
-        b_s = tl.where(m_vis, b_s, float("-inf"))
-        b_mx_new = tl.maximum(b_mx, tl.max(b_s, 1))
-        b_ref = tl.where(b_mx_new == float("-inf"), 0.0, b_mx_new)  # a row that has seen nothing yet stays 0
-        b_alpha = tl.exp2(b_mx - b_ref)
-        b_p = tl.exp2(b_s - b_ref[:, None])
-        b_l = b_l * b_alpha + tl.sum(b_p, 1)
-
-        if start < n_quant:
-            p_vc = VC + i_bh * stride_vc_bh + o_n[:, None] * stride_vc_n + o_j[None, :]
-            b_vc = _unpack(tl.load(p_vc, mask=m_j[None, :], other=0), BITS)  # [BLOCK_K, BLOCK_D]
-            if V_GROUPS == 1:
-                b_vs = tl.load(VS + i_bh * stride_vs_bh + o_n * stride_vs_n).to(tl.float32)
-                if SYMMETRIC:
-                    b_vz = -b_vs * HALF
-                else:
-                    b_vz = tl.load(VZ + i_bh * stride_vs_bh + o_n * stride_vs_n).to(tl.float32)
-                b_ps = (b_p * b_vs[None, :]).to(DOT)
-                b_pv = tl.dot(b_ps, b_vc.to(DOT))  # [BM, BK] @ [BK, BD] -> [BM, BD]
-                b_pv += tl.sum(b_p * b_vz[None, :], 1)[:, None]
+            p_vs = i_bh * stride_vs_bh + o_n[:, None] * stride_vs_n + (o_d // V_GROUP)[None, :]
+            b_vs = tl.load(VS + p_vs, mask=m_d[None, :], other=0.0).to(tl.float32)
+            if SYMMETRIC:
+                b_vz = -b_vs * HALF
             else:
-                p_vs = i_bh * stride_vs_bh + o_n[:, None] * stride_vs_n + (o_d // V_GROUP)[None, :]
-                b_vs = tl.load(VS + p_vs, mask=m_d[None, :], other=0.0).to(tl.float32)
-                if SYMMETRIC:
-                    b_vz = -b_vs * HALF
-                else:
-                    b_vz = tl.load(VZ + p_vs, mask=m_d[None, :], other=0.0).to(tl.float32)
-                b_v = (b_vc.to(tl.float32) * b_vs + b_vz).to(DOT)
-                b_pv = tl.dot(b_p.to(DOT), b_v)  # [BM, BK] @ [BK, BD] -> [BM, BD]
-        else:
-            o_r = o_n - n_quant
-            p_vr = VR + i_bh * stride_r_bh + o_r[:, None] * stride_r_n + o_d[None, :]
-            b_v = tl.load(p_vr, mask=(o_r < n_res)[:, None] & m_d[None, :], other=0.0).to(DOT)
+                b_vz = tl.load(VZ + p_vs, mask=m_d[None, :], other=0.0).to(tl.float32)
+            b_v = (b_vc.to(tl.float32) * b_vs + b_vz).to(DOT)
             b_pv = tl.dot(b_p.to(DOT), b_v)  # [BM, BK] @ [BK, BD] -> [BM, BD]
         b_acc = b_acc * b_alpha[:, None] + b_pv
-        b_mx = b_mx_new
+
+    # residual blocks: the newest tokens, in the model dtype
+    for i in range(tl.maximum(i_lo, n_quant_visit), i_hi):
+        if HAS_BLOCK_IDS:
+            start = tl.load(BLOCK_IDS + i) * BLOCK_K
+        else:
+            start = i * BLOCK_K
+        o_n = start + o_k
+        o_r = o_n - n_quant
+        p_r = i_bh * stride_r_bh + o_r[:, None] * stride_r_n + o_d[None, :]
+        m_r = (o_r < n_res)[:, None] & m_d[None, :]
+        b_k = tl.load(KR + p_r, mask=m_r, other=0.0).to(DOT)
+        b_s = tl.dot(b_q.to(DOT), tl.trans(b_k))  # [BM, BD] @ [BD, BK] -> [BM, BK]
+        b_p, b_alpha, b_mx, b_l = _softmax_step(b_s, o_n, q_pos, kv_len, window, sink, b_mx, b_l, HAS_WINDOW)
+        b_v = tl.load(VR + p_r, mask=m_r, other=0.0).to(DOT)
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(DOT), b_v)  # [BM, BK] @ [BK, BD] -> [BM, BD]
 
     o_part = i_bh * tl.num_programs(1) + i_split
     tl.store(M_OUT + o_part * BLOCK_M + o_m, b_mx)
@@ -219,10 +228,14 @@ def quant_decode(
     block_m = max(16, triton.next_power_of_2(gq * t))  # tl.dot needs >= 16 rows
     block_d = max(16, triton.next_power_of_2(d))
     if block_ids is not None:
+        # visits to quantized blocks come first in the ascending list; counted on the host (a CPU schedule
+        # costs no sync; a device one costs one)
+        n_quant_visit = int((block_ids.cpu().long() * block_k < n_quant).sum())
         block_ids = block_ids.to(device=q.device, dtype=torch.int32).contiguous()
         n_visit = block_ids.numel()
     else:
         n_visit = triton.cdiv(kv_len, block_k)
+        n_quant_visit = n_quant // block_k
     if num_splits is None:
         # ~2 programs per SM, but keep >= 4 blocks per program so the merge stays cheap
         num_splits = max(1, min(triton.cdiv(2 * _num_sms(q.device), b * hkv), triton.cdiv(n_visit, 4)))
@@ -247,7 +260,7 @@ def quant_decode(
         kc.stride(0), kc.stride(1), ks.stride(0), ks.stride(1),
         vc.stride(0), vc.stride(1), vs.stride(0), vs.stride(1),
         kr.stride(0), kr.stride(1),
-        n_quant, kv_len, n_visit, blocks_per_split, window, sink, math.log2(math.e) / math.sqrt(d),
+        n_quant, kv_len, n_visit, n_quant_visit, blocks_per_split, window, sink, math.log2(math.e) / math.sqrt(d),
         H_KV=hkv, GQ=gq, T=t, D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_K=block_k, KEY_GROUP=key_group,
         V_GROUPS=d // value_group, V_GROUP=value_group, BITS=bits, SYMMETRIC=symmetric,
         HAS_BLOCK_IDS=block_ids is not None, HAS_WINDOW=window > 0, DOT=dot,

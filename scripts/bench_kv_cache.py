@@ -1,0 +1,278 @@
+"""KV cache codecs on the GPU: fused quantized decode vs SDPA over the dense bf16 cache, and bytes stored.
+
+    python scripts/bench_kv_cache.py [--ctx 131072] [--ratio-ctx 32768] [--sweep] [--out results.json]
+
+Llama-3-8B attention shapes (32 query heads, 8 KV heads, head_dim 128), bf16, batch 1, one layer. In one process:
+1. the device copy bandwidth (read + write bytes of a 2 GB copy), the ceiling for everything below;
+2. decode attention at `--ctx` tokens: SDPA (`enable_gqa`) over the dense bf16 K/V, against each quantized codec's
+   `attend` (the fused Triton kernel, through the layer as the engine calls it), checked against SDPA over the
+   codec's own dequantized K/V; effective bandwidth counts the bytes each path actually reads (codes, scales,
+   zeros, residual window, the split partials it writes and reads back). `--sweep` also tries kernel block
+   sizes / warps and reports the best next to the default;
+3. int4 under the sliding_window backend (window 4096) next to the same backend over the dense cache;
+4. stored/original bytes (and allocated device bytes, measured) of every codec after a `--ratio-ctx` prompt.
+Writes JSON (device, versions, git sha, date, command) and prints a GitHub table last. Timings: triton do_bench,
+median, after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ollm_triton.attention.base import AttentionBackend  # noqa: E402
+from ollm_triton.cache.base import LayerSpec  # noqa: E402
+from ollm_triton.registry import registry  # noqa: E402
+
+HQ, HKV, D = 32, 8, 128
+DT = torch.bfloat16
+
+
+def git_sha() -> str:
+    if os.environ.get("OLLM_GIT_SHA"):
+        return os.environ["OLLM_GIT_SHA"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def bench(fn) -> float:
+    return do_bench(fn, warmup=50, rep=200, return_mode="median")
+
+
+def rel_err(out, ref) -> float:
+    out, ref = out.float(), ref.float()
+    return ((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
+
+
+def copy_bandwidth() -> float:
+    x = torch.randint(0, 255, (2 * 1024**3,), dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = bench(lambda: y.copy_(x))
+    return 2 * 2 * 1024**3 / ms / 1e9  # TB/s, read + write
+
+
+def spec(ctx: int) -> LayerSpec:
+    return LayerSpec(batch=1, kv_heads=HKV, head_dim=D, dtype=DT, device=torch.device("cuda"), max_len=ctx + 64)
+
+
+def fill(layer, k, v, decode_steps=5):
+    """A prompt in one append (as after prefill), then a few single-token appends (as while decoding)."""
+    n = k.shape[2] - decode_steps
+    layer.append(k[:, :, :n], v[:, :, :n])
+    for i in range(n, k.shape[2]):
+        layer.append(k[:, :, i : i + 1], v[:, :, i : i + 1])
+    return layer
+
+
+def fused_bytes(layer, splits_info) -> int:
+    """Bytes the fused decode reads: the quantized region's codes, scales, zeros, the residual window, q, plus
+    the split partials written and read back, plus the output."""
+    n, r = layer.n_quant, layer.n_res
+    bh = layer.spec.batch * layer.spec.kv_heads
+    sb = layer.k_scale.element_size()
+    per_scale = 1 if layer.symmetric else 2
+    codes = 2 * n * (D // layer.p)
+    scales = per_scale * sb * (n // layer.group * D + n * (D // layer.value_group))
+    residual = 2 * r * D * 2
+    partial = 2 * splits_info * 16 * (D + 2) * 4  # written then read by the merge
+    return bh * (codes + scales + residual) + bh * partial + 2 * HQ * D * 2
+
+
+def num_splits(layer, kv_len: int, block_k: int, override=None) -> int:
+    if override:
+        return override
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    n_visit = triton.cdiv(kv_len, block_k)
+    s = max(1, min(triton.cdiv(2 * sms, HKV), triton.cdiv(n_visit, 4)))
+    per = triton.cdiv(n_visit, s)
+    return triton.cdiv(n_visit, per)
+
+
+def decode_section(ctx: int, sweep: bool) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    k = torch.randn(1, HKV, ctx, D, device="cuda", dtype=DT, generator=g)
+    v = torch.randn(1, HKV, ctx, D, device="cuda", dtype=DT, generator=g)
+    q = torch.randn(1, HQ, 1, D, device="cuda", dtype=DT, generator=g)
+    sdpa = AttentionBackend()  # decode_schedule of a dense backend: every block
+    res = {}
+    ms = bench(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+    dense_bytes = 2 * k.numel() * 2
+    res["sdpa_dense_bf16"] = {"ms": ms, "bytes_read": dense_bytes, "TBps": dense_bytes / ms / 1e9}
+    for name in ("int8", "int4", "int2"):
+        layer = fill(registry.build("cache", name).new_layer(spec(ctx)), k, v)
+        out = layer.attend(q, sdpa)
+        assert layer.last_path == "triton.quant_decode", layer.last_path
+        kd, vd = layer.dense()
+        ref = F.scaled_dot_product_attention(q.float(), kd.float(), vd.float(), enable_gqa=True)
+        err = rel_err(out, ref)
+        err_vs_dense = rel_err(out, F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True))
+        del kd, vd
+        configs = [{}]
+        if sweep:
+            configs += [{"block_k": bk, "num_warps": w} for bk in (32, 64, 128) for w in (4, 8) if (bk, w) != (64, 4)]
+            configs += [{"block_k": 64, "num_warps": 4, "num_splits": s} for s in (16, 64, 128)]
+        rows = []
+        for cfg in configs:
+            layer.block_k = cfg.get("block_k", type(layer).block_k)
+            layer.kernel_options = {k2: v2 for k2, v2 in cfg.items() if k2 != "block_k"}
+            try:
+                o2 = layer.attend(q, sdpa)
+                e2 = rel_err(o2, ref)
+                t = bench(lambda: layer.attend(q, sdpa))  # noqa: B023
+            except Exception as e:  # a config that does not compile (registers, shared memory) is skipped
+                rows.append({"config": cfg, "error": repr(e)[:200]})
+                continue
+            splits = num_splits(layer, layer.length, layer.block_k, cfg.get("num_splits"))
+            nbytes = fused_bytes(layer, splits)
+            rows.append({"config": cfg, "ms": t, "err_vs_dequant_sdpa": e2, "bytes_read": nbytes,
+                         "TBps": nbytes / t / 1e9, "splits": splits})
+        ok = [r for r in rows if "ms" in r and r["err_vs_dequant_sdpa"] < 2e-2]
+        best = min(ok, key=lambda r: r["ms"]) if ok else None
+        res[name] = {"default": rows[0], "best": best, "sweep": rows, "err_vs_dequant_sdpa": err,
+                     "err_vs_dense_sdpa": err_vs_dense, "n_quant": layer.n_quant, "n_res": layer.n_res}
+        layer = None  # free it before the next codec
+        torch.cuda.empty_cache()
+    return res
+
+
+def window_section(ctx: int) -> dict:
+    try:
+        sw = registry.build("attention", "sliding_window", {"window": 4096, "sink": 4})
+    except Exception as e:
+        return {"skipped": repr(e)}
+    g = torch.Generator(device="cuda").manual_seed(1)
+    k = torch.randn(1, HKV, ctx, D, device="cuda", dtype=DT, generator=g)
+    v = torch.randn(1, HKV, ctx, D, device="cuda", dtype=DT, generator=g)
+    q = torch.randn(1, HQ, 1, D, device="cuda", dtype=DT, generator=g)
+    out = {}
+    dense = fill(registry.build("cache", "dense").new_layer(spec(ctx)), k, v)
+    int4 = fill(registry.build("cache", "int4").new_layer(spec(ctx)), k, v)
+    o_dense = sw.decode(q, dense)
+    out["dense_path"] = sw.last_path
+    o_int4 = sw.decode(q, int4)
+    out["int4_path"] = sw.last_path
+    kd, vd = int4.dense()
+    ref = sw.prefill(q, kd, vd, q_offset=kd.shape[2] - 1)
+    out["int4_err_vs_dequant_window"] = rel_err(o_int4, ref)
+    out["int4_err_vs_dense_window"] = rel_err(o_int4, o_dense)
+    out["dense_ms"] = bench(lambda: sw.decode(q, dense))
+    out["int4_ms"] = bench(lambda: sw.decode(q, int4))
+    return out
+
+
+def ratio_section(ctx: int) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(2)
+    k = torch.randn(1, HKV, ctx, D, device="cuda", dtype=DT, generator=g)
+    v = torch.randn(1, HKV, ctx, D, device="cuda", dtype=DT, generator=g)
+    q = torch.randn(1, HQ, ctx, D, device="cuda", dtype=DT, generator=g)
+    res = {}
+    for name, params in [("dense", {}), ("int8", {}), ("int4", {}), ("int2", {}), ("cluster", {}),
+                         ("streaming", {"ratio": 0.25}), ("h2o", {"ratio": 0.25}), ("snapkv", {"ratio": 0.25})]:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        try:
+            layer = registry.build("cache", name, params).new_layer(spec(ctx))
+            layer.append(k, v)
+            layer.observe(q)
+            layer.append(k[:, :, -1:], v[:, :, -1:])  # the eviction owed by the prompt happens here
+            layer.observe(q[:, :, -1:])
+            torch.cuda.synchronize()
+            res[name] = {"params": params, "stored_bytes": layer.stored_bytes(),
+                         "original_bytes": layer.original_bytes(),
+                         "ratio": layer.stored_bytes() / layer.original_bytes(), "tokens_kept": layer.length,
+                         "allocated_bytes": torch.cuda.memory_allocated() - base,
+                         "compress_s": layer.compress_seconds}
+            del layer
+        except Exception as e:
+            res[name] = {"error": repr(e)[:300]}
+        torch.cuda.empty_cache()
+    return res
+
+
+def table(r: dict) -> str:
+    cb = r["copy_TBps"]
+    dec = r["decode"]
+    sd = dec["sdpa_dense_bf16"]
+    lines = [f"Decode attention, 1 x {r['ctx']} tokens, 32 q / 8 KV heads, d=128, bf16 ({r['device']}; "
+             f"copy bandwidth {cb:.2f} TB/s)", "",
+             "| path | ms | speedup vs SDPA | bytes read (MB) | effective TB/s | % of copy BW | rel. err |",
+             "| --- | --- | --- | --- | --- | --- | --- |",
+             f"| SDPA, dense bf16 | {sd['ms']:.4f} | 1.00x | {sd['bytes_read'] / 1e6:.0f} | {sd['TBps']:.2f} | "
+             f"{100 * sd['TBps'] / cb:.0f}% | - |"]
+    for name in ("int8", "int4", "int2"):
+        if name not in dec:
+            continue
+        for label in ("default", "best"):
+            row = dec[name][label]
+            if not row or "ms" not in row or (label == "best" and row is dec[name]["default"]):
+                continue
+            cfg = "" if label == "default" else f" best {row['config']}"
+            lines.append(f"| {name} fused{cfg} | {row['ms']:.4f} | {sd['ms'] / row['ms']:.2f}x | "
+                         f"{row['bytes_read'] / 1e6:.0f} | {row['TBps']:.2f} | {100 * row['TBps'] / cb:.0f}% | "
+                         f"{row['err_vs_dequant_sdpa']:.1e} |")
+    w = r.get("window", {})
+    if "int4_ms" in w:
+        lines += ["", f"sliding_window 4096 at {r['ctx']}: dense cache {w['dense_ms']:.4f} ms ({w['dense_path']}), "
+                  f"int4 {w['int4_ms']:.4f} ms ({w['int4_path']}), int4 err vs its dequantized window "
+                  f"{w['int4_err_vs_dequant_window']:.1e}"]
+    lines += ["", f"Bytes after a {r['ratio_ctx']}-token prompt and one decode step (one layer, 8 KV heads, d=128, "
+              "bf16)", "",
+              "| codec | stored / original | tokens kept | allocated (MB, measured) | compress s |",
+              "| --- | --- | --- | --- | --- |"]
+    for name, row in r["ratios"].items():
+        if "error" in row:
+            lines.append(f"| {name} | error: {row['error'][:80]} | | | |")
+            continue
+        lines.append(f"| {name} {row['params'] or ''} | {row['ratio']:.3f} | {row['tokens_kept']} | "
+                     f"{row['allocated_bytes'] / 1e6:.1f} | {row['compress_s']:.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ctx", type=int, default=131072)
+    ap.add_argument("--ratio-ctx", type=int, default=32768)
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_kv_cache.json"))
+    a = ap.parse_args()
+    r = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "git_sha": git_sha(),
+        "device": torch.cuda.get_device_name(0),
+        "sms": torch.cuda.get_device_properties(0).multi_processor_count,
+        "torch": torch.__version__, "triton": triton.__version__, "python": sys.version.split()[0],
+        "ctx": a.ctx, "ratio_ctx": a.ratio_ctx,
+    }
+    r["copy_TBps"] = copy_bandwidth()
+    print(f"copy {r['copy_TBps']:.2f} TB/s", flush=True)
+    for key, fn in (("decode", lambda: decode_section(a.ctx, a.sweep)), ("window", lambda: window_section(a.ctx)),
+                    ("ratios", lambda: ratio_section(a.ratio_ctx))):
+        try:
+            r[key] = fn()
+        except Exception as e:  # keep the other sections' numbers
+            import traceback
+
+            r[key] = {"error": repr(e), "trace": traceback.format_exc()[-2000:]}
+        print(key, json.dumps(r[key], default=str)[:3000], flush=True)
+        Path(a.out).write_text(json.dumps(r, indent=1, default=str))
+    print(table(r))
+
+
+if __name__ == "__main__":
+    main()
