@@ -498,6 +498,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-docs", type=int, default=0, help="use only the first N train docs (0: all)")
     p.add_argument("--max-eval-docs", type=int, default=0, help="use only the first N eval docs (0: all)")
     p.add_argument("--no-amp", action="store_true", help="train in fp32 (default: bf16 autocast on CUDA)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast on any device (the CPU too)")
     args = p.parse_args(argv)
     if args.smoke:  # toy sizes become the defaults; options given explicitly still win
         p.set_defaults(vocab_size=384, target="64,2,2,1,128", draft="32,1,2,1,32", head_dim=32, context=256,
@@ -554,7 +555,7 @@ def environment(device: torch.device) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    args.amp = device.type == "cuda" and not args.no_amp
+    args.amp = args.amp or (device.type == "cuda" and not args.no_amp)
     out = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="tiny_lm_")) if args.smoke
                                            else REPO / "ollm_triton" / "assets")
     log_path = Path(args.log) if args.log else out / "train_log.json"
