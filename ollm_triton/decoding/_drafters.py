@@ -1,0 +1,259 @@
+"""Where draft tokens come from: a draft model, the target's own first layers, or the text itself (n-gram lookup).
+
+Also resolves a draft-model source (`embedded:NAME`, a checkpoint directory, `random:<json|preset>`) into an
+Engine built on the target's device and dtype.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ollm_triton.cache.base import KVCache
+from ollm_triton.decoding._speculation import Drafter, Sampling
+from ollm_triton.engine.model import rope_cos_sin
+from ollm_triton.tasks.base import Timer
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+CONF_MODELS = Path(__file__).resolve().parents[2] / "conf" / "model"
+SOURCE_FORMS = "embedded:NAME, a checkpoint directory, or random:<json of HF config fields | conf/model preset>"
+
+
+def draft_source(spec: str):
+    """(what load_engine takes, seed) for a draft-model source string.
+
+    embedded:NAME      -> ollm_triton/assets/NAME (a checkpoint directory shipped with the package)
+    random:{...}       -> seeded random weights from a JSON object of Hugging Face config fields ("seed" optional)
+    random:PRESET      -> the `arch` of conf/model/PRESET.yaml (a random-weight model option)
+    anything else      -> a checkpoint directory (or a hub id when online)
+    """
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"draft must be a non-empty string: {SOURCE_FORMS}")
+    if spec.startswith("embedded:"):
+        path = ASSETS / spec.split(":", 1)[1]
+        if not (path / "config.json").is_file():
+            raise ValueError(f"draft model {spec!r} is not in this checkout ({path}); train it with "
+                             f"scripts/train_tiny_lm.py or pass draft=<{SOURCE_FORMS}>")
+        return str(path), 0
+    if spec.startswith("random:"):
+        body = spec.split(":", 1)[1].strip()
+        if body.startswith("{"):
+            try:
+                fields = json.loads(body)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"draft {spec!r}: the JSON after random: does not parse ({e})") from None
+        else:
+            preset = CONF_MODELS / f"{body}.yaml"
+            if not preset.is_file():
+                known = sorted(p.stem for p in CONF_MODELS.glob("*.yaml")) if CONF_MODELS.is_dir() else []
+                raise ValueError(f"draft {spec!r}: no preset conf/model/{body}.yaml; presets: {', '.join(known)}")
+            from omegaconf import OmegaConf
+
+            fields = OmegaConf.to_container(OmegaConf.load(preset), resolve=True).get("arch")
+            if not fields:
+                raise ValueError(f"draft {spec!r}: conf/model/{body}.yaml has no `arch` (not a random-weight model)")
+        seed = int(fields.pop("seed", 0))
+        return fields, seed
+    return spec, 0
+
+
+def load_draft_engine(spec: str, target):
+    """The draft Engine for `spec` on the target's device and dtype, with the baseline plugins (sdpa, dense,
+    resident): the draft's attention is not the subject of a run, and a small model stays resident."""
+    from ollm_triton.engine import load_engine
+
+    source, seed = draft_source(spec)
+    return load_engine(source, device=target.device, dtype=target.dtype, seed=seed,
+                       decode_max_tokens=target.decode_max_tokens)
+
+
+def fit_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Draft logits [..., Vd] over the target's vocabulary [..., V]: extra draft entries dropped, missing ones -inf
+    (checkpoints often pad their vocabularies to different multiples)."""
+    vd = logits.shape[-1]
+    if vd == vocab:
+        return logits
+    if vd > vocab:
+        return logits[..., :vocab]
+    pad = logits.new_full((*logits.shape[:-1], vocab - vd), float("-inf"))
+    return torch.cat((logits, pad), dim=-1)
+
+
+def draw_chain(step, logits: torch.Tensor, m: int, sampling: Sampling, gen):
+    """m tokens from a model one step at a time. logits [B, V] predict the first; step(tokens [B]) -> logits [B, V]
+    of the next. Returns (tokens [B, m], q [B, m, V] or None in greedy mode)."""
+    tokens, probs = [], []
+    for i in range(m):
+        if sampling.greedy:
+            t = logits.argmax(-1)
+        else:
+            pr = sampling.probs(logits)
+            t = torch.multinomial(pr, 1, generator=gen)[:, 0]
+            probs.append(pr)
+        tokens.append(t)
+        if i < m - 1:
+            logits = step(t)
+    return torch.stack(tokens, 1), (torch.stack(probs, 1) if probs else None)
+
+
+class ModelDrafter(Drafter):
+    """A separate draft model with its own cache. The cache lags the sequence by the tokens it has not seen; each
+    proposal first feeds those (1 or 2 tokens: the pending one, and the last accepted draft after a full accept)."""
+
+    def __init__(self, draft_engine, vocab: int, sampling: Sampling):
+        self.engine = draft_engine
+        self.vocab = vocab
+        self.sampling = sampling
+        self.cache = None
+        self.prefill_s = 0.0
+        self.forwards = 0
+
+    def start(self, prompt, target_cache, max_len, gen):
+        with Timer(self.engine.device) as t:
+            self.cache = self.engine.new_cache(batch=prompt.shape[0], max_len=max_len)
+            self.engine.forward(prompt, self.cache, last_only=True)
+        self.prefill_s = t.seconds
+        self.forwards = 0
+
+    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
+        self.forwards += 1
+        return fit_vocab(self.engine.forward(ids, self.cache, last_only=True)[:, -1], self.vocab)
+
+    def propose(self, seq, seq_len, m, gen):
+        logits = self._forward(seq[:, self.cache.position : seq_len])
+        return draw_chain(lambda t: self._forward(t[:, None]), logits, m, self.sampling, gen)
+
+    def commit(self, valid_len):
+        if self.cache.position > valid_len:
+            self.cache.truncate(valid_len)
+
+
+@torch.inference_mode()
+def forward_first_layers(engine, ids: torch.Tensor, cache: KVCache, num_layers: int, *, last_only: bool = False):
+    """The target's first `num_layers` decoder layers, then its final norm and LM head (early exit).
+
+    ids: [B, T]; cache: a KVCache with (at least) `num_layers` layers, advanced by T. Returns float32 logits
+    [B, T, V] (or [B, 1, V]). Mirrors CausalLM.forward layer for layer (tests check that all layers give exactly
+    engine.forward's logits), so it needs no engine change; prefetch hooks bracket each layer as usual.
+    """
+    model = engine.model
+    t = ids.shape[1]
+    positions = torch.arange(cache.position, cache.position + t, device=engine.device)
+    cos, sin = rope_cos_sin(engine.inv_freq, positions, engine.dtype)
+    x = model.model.embed_tokens(ids.to(engine.device))
+    for i in range(num_layers):
+        engine.prefetch.before_layer(i)
+        x = model.model.layers[i](x, cos, sin, cache.layers[i], engine.attention,
+                                  decode_max_tokens=engine.decode_max_tokens)
+        engine.prefetch.after_layer(i)
+    if last_only:
+        x = x[:, -1:]
+    cache.position += t
+    return model.lm_head(model.model.norm(x)).float()
+
+
+class LayerSkipDrafter(Drafter):
+    """The target's first k layers as the draft, reading and writing the target cache's first k layers.
+
+    Those layers' K/V for accepted tokens are exactly the target's (same weights, same inputs), so the draft needs
+    no prefill and no cache of its own: it appends its drafts to the shared layers and truncates them back to the
+    target's length before the target verifies.
+    """
+
+    def __init__(self, engine, num_layers: int, sampling: Sampling):
+        self.engine = engine
+        self.num_layers = num_layers
+        self.sampling = sampling
+        self.forwards = 0
+
+    def start(self, prompt, target_cache, max_len, gen):
+        self.target_cache = target_cache
+        self.view = KVCache(target_cache.layers[: self.num_layers])
+        self.forwards = 0
+
+    def _forward(self, ids):
+        self.forwards += 1
+        return forward_first_layers(self.engine, ids, self.view, self.num_layers, last_only=True)[:, -1]
+
+    def propose(self, seq, seq_len, m, gen):
+        base = self.target_cache.position
+        self.view.position = base
+        logits = self._forward(seq[:, base:seq_len])
+        out = draw_chain(lambda t: self._forward(t[:, None]), logits, m, self.sampling, gen)
+        self.view.truncate(base)  # the target's verify forward re-appends these layers' K/V
+        return out
+
+
+class LookupDrafter(Drafter):
+    """Drafts the tokens that followed the most recent earlier occurrence of the sequence's last n-gram
+    (n from max_ngram down to min_ngram), in the prompt or the generated text. Deterministic drafts (q one-hot)."""
+
+    def __init__(self, max_ngram: int, min_ngram: int):
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.forwards = 0
+        self.lookups = 0
+        self.hits = 0
+
+    def start(self, prompt, target_cache, max_len, gen):
+        self.host = torch.empty(prompt.shape[0], max_len, dtype=torch.long)
+        self.known = 0
+        self.lookups = self.hits = 0
+
+    def propose(self, seq, seq_len, m, gen):
+        self.host[:, self.known : seq_len] = seq[:, self.known : seq_len].cpu()
+        self.known = seq_len
+        rows = [self._match(self.host[r, :seq_len], m) for r in range(self.host.shape[0])]
+        self.lookups += len(rows)
+        self.hits += sum(len(r) > 0 for r in rows)
+        width = max(len(r) for r in rows)
+        if width == 0:
+            return None, None
+        # shorter rows are padded with their last token: any draft is safe, the target only accepts agreement
+        padded = [r + [r[-1] if r else int(self.host[i, seq_len - 1])] * (width - len(r)) for i, r in enumerate(rows)]
+        return torch.tensor(padded, dtype=torch.long).to(seq.device), None
+
+    def _match(self, s: torch.Tensor, m: int) -> list[int]:
+        length = s.shape[0]
+        for n in range(min(self.max_ngram, length - 1), self.min_ngram - 1, -1):
+            tail = s[length - n :]
+            # windows starting at 0 .. length-1-n: each has a continuation token and none is the tail itself
+            starts = (s[: length - 1].unfold(0, n, 1) == tail).all(1).nonzero()
+            if starts.numel():
+                i = int(starts[-1]) + n
+                return s[i : i + m].tolist()
+        return []
+
+    def commit(self, valid_len):
+        self.known = min(self.known, valid_len)
+
+    def counters(self):
+        return {"lookup_hit_rate": self.hits / self.lookups if self.lookups else 0.0}
+
+
+class DraftEngineHolder:
+    """Loads the draft Engine on first use and keeps it while the target's device and dtype stay the same, so the
+    tasks of a run (and repeated generate calls) share one; `close()` frees it. A draft Engine passed in by the
+    caller (`draft_engine=`) is used as is and never closed here."""
+
+    def __init__(self, spec: str, engine=None):
+        self.spec = spec
+        self.given = engine
+        self._key = None
+        self._engine = None
+
+    def get(self, target):
+        if self.given is not None:
+            return self.given
+        key = (self.spec, str(target.device), target.dtype)
+        if self._key != key:
+            self.close()
+            self._engine = load_draft_engine(self.spec, target)
+            self._key = key
+        return self._engine
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+        self._engine, self._key = None, None

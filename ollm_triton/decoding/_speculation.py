@@ -1,0 +1,348 @@
+"""The draft-then-verify loop shared by `speculative`, `adaptive`, `prompt_lookup` and `self_speculative`.
+
+One iteration, with `seq` holding the prompt and every emitted token, and the target cache holding all of them but
+the last (the *pending* token, whose logits the target has not computed yet):
+
+    drafter.propose(seq, m)             -> m draft tokens d_1..d_m (and the draft's distributions q_1..q_m)
+    target.forward([pending, d_1..d_m]) -> p_0..p_m, one forward (the engine appends K/V first, so these are the
+                                           logits of m+1 single steps)
+    accept                              -> the leading drafts the target agrees with, plus one target token
+    roll back                           -> both caches truncated to the accepted tokens (KVCache.truncate)
+
+Greedy mode (temperature 0) accepts d_i while it equals argmax p_{i-1} and then emits argmax p_n: token for token
+what `greedy` emits. Sampling mode uses the speculative-sampling rule (Leviathan et al. 2023, Chen et al. 2023):
+accept d_i with probability min(1, p(d_i) / q(d_i)); at the first rejection emit a sample of the normalised
+residual max(0, p - q); after m acceptances emit a sample of p_m. Each emitted token is then distributed exactly
+as the target's (filtered) distribution, the one `sample` draws from.
+
+Batches: every row shares one cache length, so an iteration keeps n = the fewest drafts any unfinished row accepted.
+Rows that accepted more emit their (accepted) draft token at position n, which is itself a valid outcome of the
+rule; since n depends only on the other rows' randomness, each row remains an exact sampler (and, in greedy mode,
+identical to `greedy`). Batch 1 is where the speed-up is.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from ollm_triton.decoding.base import Generation
+from ollm_triton.decoding.greedy import sampling_probs
+from ollm_triton.tasks.base import Timer
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """temperature 0 = greedy (argmax); > 0 = sampling from `sampling_probs` (the `sample` decoder's distribution)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        return sampling_probs(logits, self.temperature, self.top_k, self.top_p)
+
+    def pick(self, logits: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        """logits [B, V] -> tokens [B]."""
+        if self.greedy:
+            return logits.argmax(-1)
+        return torch.multinomial(self.probs(logits), 1, generator=gen)[:, 0]
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    """Range checks shared by the strategies' config schemas (raise ValueError with the accepted range)."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy, lossless against decoder=greedy), got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = no top-k filter), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+# ------------------------------------------------------------------------------------------------- acceptance rules
+
+
+def accept_greedy(logits: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits: [B, m+1, V] target logits at the pending token and each draft; drafts: [B, m].
+
+    Returns (accepted [B]: leading drafts equal to the target's argmax, outcome [B, m+1]: the target's argmax at
+    every position). A row that accepted a drafts emits outcome[:, :a+1]; outcome[:, i] == drafts[:, i] for i < a.
+    """
+    target = logits.argmax(-1)
+    m = drafts.shape[1]
+    agree = drafts == target[:, :m]
+    return agree.long().cumprod(-1).sum(-1), target
+
+
+def accept_sampled(
+    p: torch.Tensor, q: torch.Tensor | None, drafts: torch.Tensor, gen: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The speculative-sampling rule, every row independently.
+
+    p: [B, m+1, V] target probabilities at the pending token and after each draft; q: [B, m, V] the draft's
+    probabilities the drafts were sampled from, or None for deterministic drafts (q one-hot: prompt lookup);
+    drafts: [B, m]. Returns (accepted [B], outcome [B, m+1]): a row that accepted a drafts emits outcome[:, :a+1]:
+    drafts[:, :a] (accepted), then a sample of the residual at position a (or of p_m when a = m). Emitting only
+    outcome[:, :n+1] for some n <= a chosen independently of the row (the batch rule) is also exact: it is the rule
+    run with n drafts, whose last token is then drawn from p_n by accept-or-residual.
+    """
+    b, m1, v = p.shape
+    m = m1 - 1
+    if q is None:
+        q = torch.nn.functional.one_hot(drafts, v).to(p.dtype)
+    p_d = p[:, :m].gather(-1, drafts[..., None])[..., 0]
+    q_d = q.gather(-1, drafts[..., None])[..., 0]
+    u = torch.rand(b, m, generator=gen, device=p.device, dtype=p.dtype)
+    ok = u * q_d < p_d  # u < p/q without dividing by a q that may underflow to 0
+    accepted = ok.long().cumprod(-1).sum(-1)
+    # corrections at every position: residual max(0, p_i - q_i) for i < m, p_m itself after the last draft
+    residual = torch.cat((torch.clamp(p[:, :m] - q, min=0.0), p[:, m:]), dim=1)
+    mass = residual.sum(-1, keepdim=True)
+    # where p == q (mass 0) rejection has probability 0; fall back to p so multinomial gets a distribution
+    residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), p)
+    correction = torch.multinomial(residual.reshape(b * m1, v), 1, generator=gen).view(b, m1)
+    outcome = correction.clone()
+    outcome[:, :m] = torch.where(ok, drafts, correction[:, :m])
+    return accepted, outcome
+
+
+# ----------------------------------------------------------------------------------------------- output and timing
+
+
+class EmittedTokens:
+    """The [B, max_new] output with `greedy`'s eos rule: a row that emitted eos_id keeps emitting it, and the
+    output ends at the first column where every row is done (or at max_new)."""
+
+    def __init__(self, batch: int, max_new: int, eos_id: int | None, device: torch.device):
+        self.tokens = torch.empty(batch, max_new, dtype=torch.long, device=device)
+        self.max_new = max_new
+        self.eos_id = eos_id
+        self.count = 0
+        self.done = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.finished = max_new <= 0
+
+    @property
+    def remaining(self) -> int:
+        return self.max_new - self.count
+
+    def extend(self, chunk: torch.Tensor) -> None:
+        """chunk: [B, c] tokens in order; keeps what fits and applies the eos rule."""
+        c = min(chunk.shape[1], self.remaining)
+        chunk = chunk[:, :c]
+        if self.eos_id is not None and c > 0:
+            is_eos = (chunk == self.eos_id).long()
+            done_before = self.done[:, None] | ((is_eos.cumsum(1) - is_eos) > 0)
+            chunk = chunk.masked_fill(done_before, self.eos_id)
+            done_after = done_before | (chunk == self.eos_id)
+            all_done = done_after.all(0)
+            if bool(all_done.any()):
+                c = int(all_done.long().argmax()) + 1
+                chunk, done_after = chunk[:, :c], done_after[:, :c]
+                self.finished = True
+            self.done = done_after[:, -1]
+        self.tokens[:, self.count : self.count + c] = chunk
+        self.count += c
+        if self.count >= self.max_new:
+            self.finished = True
+
+    def result(self) -> torch.Tensor:
+        return self.tokens[:, : self.count]
+
+
+class PhaseClock:
+    """Splits the decode loop's time into named phases (draft, verify, accept) without host syncs.
+
+    `mark(phase)` starts a phase (and ends the previous one). On CUDA a mark records an event, read once the
+    events have completed (`durations()` after a synchronize, or `since()` right after the loop's own sync);
+    on the CPU it reads perf_counter.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list[tuple[str, object]] = []
+
+    def mark(self, phase: str) -> int:
+        if self.cuda:
+            stamp = torch.cuda.Event(enable_timing=True)
+            stamp.record()
+        else:
+            stamp = time.perf_counter()
+        self.marks.append((phase, stamp))
+        return len(self.marks) - 1
+
+    def _seconds(self, a, b) -> float:
+        return a.elapsed_time(b) / 1e3 if self.cuda else b - a
+
+    def since(self, start: int, stop: int | None = None) -> dict[str, float]:
+        """Seconds per phase between marks start and stop (default: the last mark); those marks must have completed."""
+        stop = len(self.marks) - 1 if stop is None else stop
+        out: dict[str, float] = defaultdict(float)
+        for (phase, a), (_, b) in zip(self.marks[start:stop], self.marks[start + 1 : stop + 1]):
+            out[phase] += self._seconds(a, b)
+        return out
+
+    def durations(self) -> dict[str, float]:
+        return self.since(0)
+
+
+# --------------------------------------------------------------------------------------------------- the loop
+
+
+class FixedCandidates:
+    """The number of drafts per iteration for `speculative`, `prompt_lookup`, `self_speculative`."""
+
+    needs_timing = False  # the loop reads the phase clock for observe() only when a controller uses it
+
+    def __init__(self, k: int):
+        self.k = k
+        self.max_candidates = k
+
+    def candidates(self) -> int:
+        return self.k
+
+    def observe(self, drafted: int, accepted: int, draft_s: float, iteration_s: float, emitted: int) -> None:
+        """After each iteration: drafts verified and accepted, seconds spent drafting, the iteration's wall time
+        (between the loop's host syncs), and tokens emitted so far."""
+
+
+class Drafter:
+    """Proposes draft tokens. `propose` may return fewer than asked (prompt lookup finds no match)."""
+
+    prefill_s = 0.0
+    forwards = 0  # draft forwards in the decode loop (prompt prefill excluded)
+
+    def start(self, prompt: torch.Tensor, target_cache, max_len: int, gen: torch.Generator | None) -> None:
+        """After the target's prefill: prompt [B, P] on the engine's device."""
+
+    def propose(self, seq: torch.Tensor, seq_len: int, m: int, gen: torch.Generator | None):
+        """seq: [B, >= seq_len] tokens so far (seq[:, seq_len-1] is pending). -> (drafts [B, m'] long, q [B, m', V]
+        or None when the drafts are deterministic), m' <= m."""
+        raise NotImplementedError
+
+    def commit(self, valid_len: int) -> None:
+        """seq[:, :valid_len] is now final: roll back any draft state past it."""
+
+    def counters(self) -> dict[str, float]:
+        return {}
+
+
+@dataclass
+class LoopStats:
+    iterations: int = 0
+    drafted: int = 0  # drafts verified
+    accepted: int = 0  # drafts accepted (the batch rule's n)
+    target_forwards: int = 0
+
+
+def speculate(
+    engine,
+    prompt_ids: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    eos_id: int | None,
+    drafter: Drafter,
+    sampling: Sampling,
+    seed: int,
+    controller=None,
+    keep_state: dict | None = None,
+) -> Generation:
+    """Draft-then-verify decoding (this module's docstring). prompt_ids: [B, P]. Returns Generation with
+    tokens [B, N] and the counters every speculative strategy reports."""
+    controller = controller or FixedCandidates(1)
+    ids = prompt_ids.to(engine.device)
+    batch, prompt_len = ids.shape
+    if prompt_len < 1:
+        raise ValueError("speculative decoding needs a prompt of at least one token")
+    max_len = prompt_len + max(max_new_tokens, 1) + controller.max_candidates + 2
+    device = engine.device
+    gen = None if sampling.greedy else torch.Generator(device=device).manual_seed(seed)
+    out = EmittedTokens(batch, max_new_tokens, eos_id, device)
+    seq = torch.empty(batch, max_len, dtype=torch.long, device=device)
+    seq[:, :prompt_len] = ids
+    stats = LoopStats()
+    clock = PhaseClock(device)
+    with torch.inference_mode():
+        cache = engine.new_cache(batch=batch, max_len=max_len)
+        with Timer(device) as prefill:
+            if max_new_tokens > 0:
+                first = sampling.pick(engine.forward(ids, cache, last_only=True)[:, -1], gen)
+                stats.target_forwards = 1
+                drafter.start(ids, cache, max_len, gen)
+                seq[:, prompt_len] = first
+                out.extend(first[:, None])
+        seq_len = prompt_len + 1
+        with Timer(device) as decode:
+            wall = time.perf_counter()
+            while not out.finished:
+                start = clock.mark("draft")
+                m = min(controller.candidates(), out.remaining - 1)
+                drafts, q = drafter.propose(seq, seq_len, m, gen) if m > 0 else (None, None)
+                if drafts is None:
+                    drafts = seq.new_empty(batch, 0)
+                m = drafts.shape[1]
+                clock.mark("verify")
+                block = torch.cat((seq[:, seq_len - 1 : seq_len], drafts), dim=1)
+                logits = engine.forward(block, cache)
+                clock.mark("accept")
+                if sampling.greedy:
+                    accepted, outcome = accept_greedy(logits, drafts)
+                else:
+                    accepted, outcome = accept_sampled(sampling.probs(logits), q, drafts, gen)
+                # finished rows emit eos whatever they accept, so they do not hold the batch back
+                accepted = accepted.masked_fill(out.done, m)
+                n = int(accepted.min())  # the iteration's one host sync
+                emitted = outcome[:, : n + 1]
+                seq[:, seq_len : seq_len + n + 1] = emitted
+                cache.truncate(seq_len + n)  # pending + n accepted drafts; the rejected ones never happened
+                drafter.commit(seq_len + n)
+                seq_len += n + 1
+                out.extend(emitted)
+                stats.iterations += 1
+                stats.target_forwards += 1
+                stats.drafted += m
+                stats.accepted += n
+                now = time.perf_counter()
+                draft_s = clock.since(start).get("draft", 0.0) if controller.needs_timing else 0.0
+                controller.observe(m, n, draft_s, now - wall, out.count)
+                wall = now
+            clock.mark("end")
+        if keep_state is not None:  # tests compare the final caches with a fresh run
+            keep_state.update(target_cache=cache, seq=seq[:, :seq_len], drafter=drafter)
+    phases = clock.durations()
+    counters = speculation_counters(out, stats, prefill.seconds, decode.seconds, phases, drafter)
+    return Generation(out.result(), counters)
+
+
+def speculation_counters(out: EmittedTokens, stats: LoopStats, prefill_s: float, decode_s: float,
+                         phases: dict[str, float], drafter: Drafter) -> dict[str, float]:
+    """The counters every speculative strategy reports (see base.Generation)."""
+    n = max(out.count, 1)
+    batch = out.tokens.shape[0]
+    iters = max(stats.iterations, 1)
+    draft_forwards = drafter.forwards
+    return {
+        "generated_tokens": float(out.count * batch),
+        "acceptance_rate": stats.accepted / stats.drafted if stats.drafted else 0.0,
+        "mean_accepted_length": (stats.accepted + stats.iterations) / iters,  # tokens per verify forward
+        "mean_drafted": stats.drafted / iters,
+        "iterations": float(stats.iterations),
+        "target_forwards": float(stats.target_forwards),
+        "target_forwards_per_token": stats.target_forwards / n,
+        "draft_forwards": float(draft_forwards),
+        "prefill_s": prefill_s,
+        "decode_s": decode_s,
+        "draft_prefill_s": drafter.prefill_s,
+        "draft_s": phases.get("draft", 0.0),
+        "verify_s": phases.get("verify", 0.0),
+        "accept_s": phases.get("accept", 0.0),
+        "draft_step_s": phases.get("draft", 0.0) / draft_forwards if draft_forwards else 0.0,
+        "verify_step_s": phases.get("verify", 0.0) / iters,
+        **drafter.counters(),
+    }

@@ -1,0 +1,50 @@
+"""`speculative`: a draft model proposes `num_candidates` tokens, the target verifies them in one forward."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ollm_triton.decoding._drafters import DraftEngineHolder, ModelDrafter, draft_source
+from ollm_triton.decoding._speculation import FixedCandidates, Sampling, check_sampling, speculate
+from ollm_triton.decoding.base import DecoderStrategy
+from ollm_triton.registry import register
+
+
+@dataclass
+class SpeculativeConfig:
+    draft: str = "embedded:tiny-llama-draft"  # embedded:NAME | checkpoint dir | random:<json|conf/model preset>
+    num_candidates: int = 4  # drafts per target forward
+    temperature: float = 0.0  # 0 = greedy (token-identical to decoder=greedy); > 0 = speculative sampling
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def check(self) -> None:
+        if not 1 <= self.num_candidates <= 64:
+            raise ValueError(f"num_candidates must be in [1, 64], got {self.num_candidates}")
+        check_sampling(self.temperature, self.top_k, self.top_p)
+        if not self.draft.startswith("embedded:"):  # a missing embedded draft is reported when first needed
+            draft_source(self.draft)
+
+
+@register("decoder", "speculative", SpeculativeConfig)
+class Speculative(DecoderStrategy):
+    """Draft-model speculative decoding: lossless greedy, or speculative sampling with the target's distribution."""
+
+    def __init__(self, cfg: SpeculativeConfig, *, draft_engine=None):
+        self.cfg = cfg
+        self.draft = DraftEngineHolder(cfg.draft, draft_engine)
+        self.sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p)
+        self.keep_state: dict | None = None  # set to {} to keep the last run's caches (tests)
+
+    def generate(self, engine, prompt_ids, max_new_tokens, *, eos_id=None):
+        drafter = ModelDrafter(self.draft.get(engine), engine.config.vocab_size, self.sampling)
+        out = speculate(engine, prompt_ids, max_new_tokens, eos_id=eos_id, drafter=drafter, sampling=self.sampling,
+                        seed=self.cfg.seed, controller=FixedCandidates(self.cfg.num_candidates),
+                        keep_state=self.keep_state)
+        out.counters["num_candidates"] = float(self.cfg.num_candidates)
+        return out
+
+    def close(self) -> None:
+        """Free the draft model (the runner's multirun jobs each build their own strategy)."""
+        self.draft.close()

@@ -1,0 +1,223 @@
+"""`tree`: the draft expands a token tree, the target verifies every node in one forward with a tree mask.
+
+Drafting (batch 1): the root is the pending token. Level 1 holds the draft's top `branching` tokens after the root;
+each next level takes the top `branching` children of every node of the previous level and keeps the `width` of
+them with the highest cumulative draft log-probability (a beam that keeps its pruned siblings as candidates).
+The draft computes level l+1 with one forward over all nodes so far under their ancestor mask (the engine's
+`tree_mask` covers only the new tokens, so the nodes are re-fed each level and the draft cache is truncated back
+to the root afterwards): `depth` draft forwards per iteration, as many as a chain of `depth` drafts.
+
+Verification: one target forward over [root, nodes] with `positions` = root position + node depth and the ancestor
+mask. From the root, the walk follows the child whose token equals the target's argmax; the path's tokens and the
+target's argmax at its end are emitted: token for token what `greedy` emits (greedy only: tree speculative
+sampling is not implemented).
+
+KV compaction: the verify forward appended every node's K/V. `compaction=gather` (default) keeps the accepted
+path's K/V in place: through the layer's own `keep(start, indices)` when a codec defines one, else generically by
+reading the layer's dense K/V of the path, truncating to the root and appending them again (exact for dense, a
+copy of path-length tokens per layer; a lossy codec re-encodes its own decoded values). `compaction=rerun`
+truncates to the pre-tree length and re-runs the path through the target: one more target forward per iteration
+(counted in target_forwards), but the cache then holds exactly what sequential decoding would have stored, for any
+codec. Gather is the default because the extra forward costs as much as the verification itself at batch 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ollm_triton.decoding._drafters import DraftEngineHolder, ModelDrafter, draft_source, fit_vocab
+from ollm_triton.decoding._speculation import EmittedTokens, LoopStats, PhaseClock, Sampling, speculation_counters
+from ollm_triton.decoding.base import DecoderStrategy, Generation
+from ollm_triton.registry import register
+from ollm_triton.tasks.base import Timer
+
+
+@dataclass
+class TreeConfig:
+    draft: str = "embedded:tiny-llama-draft"  # embedded:NAME | checkpoint dir | random:<json|conf/model preset>
+    depth: int = 5  # tree levels = longest acceptable run of drafts
+    branching: int = 2  # children (draft top-k) expanded per node
+    width: int = 4  # nodes kept per level
+    compaction: str = "gather"  # gather | rerun (see the module docstring)
+
+    def check(self) -> None:
+        if not 1 <= self.depth <= 32 or not 1 <= self.branching <= 16 or not 1 <= self.width <= 32:
+            raise ValueError(f"need depth in [1, 32], branching in [1, 16], width in [1, 32]; got depth={self.depth}, "
+                             f"branching={self.branching}, width={self.width}")
+        if self.compaction not in ("gather", "rerun"):
+            raise ValueError(f"compaction must be gather or rerun, got {self.compaction!r}")
+        if not self.draft.startswith("embedded:"):
+            draft_source(self.draft)
+
+
+def level_sizes(depth: int, branching: int, width: int) -> list[int]:
+    sizes, prev = [], 1
+    for _ in range(depth):
+        prev = min(width, prev * branching)
+        sizes.append(prev)
+    return sizes
+
+
+@dataclass
+class Tree:
+    """Nodes in level order (every parent before its children). tokens, parents (-1 = the root), depths: [N];
+    ancestors: bool [N, N], True where node j is node i or one of its ancestors."""
+
+    tokens: torch.Tensor
+    parents: torch.Tensor
+    depths: torch.Tensor
+    ancestors: torch.Tensor
+
+
+class TreeDrafter(ModelDrafter):
+    def expand(self, seq: torch.Tensor, seq_len: int, sizes: list[int], branching: int) -> Tree:
+        """The draft tree under the pending token seq[:, seq_len-1] (batch 1). No host sync: shapes depend only on
+        `sizes`."""
+        cache, dev = self.cache, seq.device
+        root_logits = self._forward(seq[:, cache.position : seq_len])[0]  # catch-up + root, causal
+        scores, tokens = torch.log_softmax(root_logits, -1).topk(sizes[0])
+        parents = torch.full((sizes[0],), -1, dtype=torch.long, device=dev)
+        depths = torch.ones(sizes[0], dtype=torch.long, device=dev)
+        ancestors = torch.eye(sizes[0], dtype=torch.bool, device=dev)
+        frontier = torch.arange(sizes[0], device=dev)
+        for level, size in enumerate(sizes[1:], start=2):
+            self.forwards += 1
+            logits = self.engine.forward(tokens[None], cache, positions=seq_len - 1 + depths, tree_mask=ancestors)
+            cache.truncate(seq_len)  # keep the draft cache at the root: the next level re-feeds every node
+            logp = torch.log_softmax(fit_vocab(logits[0, frontier], self.vocab), -1)  # [F, V]
+            child_scores, child_tokens = logp.topk(branching, dim=-1)  # [F, b]
+            cand = (scores[frontier, None] + child_scores).reshape(-1)
+            best_scores, pick = cand.topk(size)
+            new_parents = frontier[pick // branching]
+            n = tokens.shape[0]
+            rows = torch.cat((ancestors[new_parents], torch.eye(size, dtype=torch.bool, device=dev)), dim=1)
+            ancestors = torch.cat((torch.cat((ancestors, ancestors.new_zeros(n, size)), dim=1), rows), dim=0)
+            tokens = torch.cat((tokens, child_tokens.reshape(-1)[pick]))
+            scores = torch.cat((scores, best_scores))
+            parents = torch.cat((parents, new_parents))
+            depths = torch.cat((depths, torch.full((size,), level, dtype=torch.long, device=dev)))
+            frontier = torch.arange(n, n + size, device=dev)
+        return Tree(tokens, parents, depths, ancestors)
+
+
+def accepted_path(target_argmax: list[int], tokens: list[int], parents: list[int]) -> tuple[list[int], int]:
+    """Greedy walk. target_argmax: [N+1] over [root, nodes]; tokens, parents: [N]. Returns (node indices of the
+    accepted path, the target's token after it)."""
+    children: dict[int, dict[int, int]] = {}
+    for i, (tok, par) in enumerate(zip(tokens, parents)):
+        children.setdefault(par + 1, {}).setdefault(tok, i)  # verify index: 0 = root, node i -> i + 1
+    path, at = [], 0
+    while (child := children.get(at, {}).get(target_argmax[at])) is not None:
+        path.append(child)
+        at = child + 1
+    return path, target_argmax[at]
+
+
+def keep_tokens(layer, start: int, indices: torch.Tensor) -> None:
+    """Keep a cache layer's first `start` tokens followed by its tokens at `indices` (ascending, >= start)."""
+    keep = getattr(layer, "keep", None)
+    if callable(keep):
+        keep(start, indices)
+        return
+    k, v = layer.dense()
+    k_path, v_path = k[:, :, indices], v[:, :, indices]  # advanced indexing copies: safe to overwrite below
+    layer.truncate(start)
+    if indices.numel():
+        layer.append(k_path, v_path)
+
+
+@register("decoder", "tree", TreeConfig)
+class TreeSpeculative(DecoderStrategy):
+    """Tree speculative decoding: a draft token tree verified in one target forward (greedy, lossless, batch 1)."""
+
+    def __init__(self, cfg: TreeConfig, *, draft_engine=None):
+        self.cfg = cfg
+        self.draft = DraftEngineHolder(cfg.draft, draft_engine)
+        self.sizes = level_sizes(cfg.depth, cfg.branching, cfg.width)
+        self.keep_state: dict | None = None
+
+    def generate(self, engine, prompt_ids, max_new_tokens, *, eos_id=None):
+        c = self.cfg
+        ids = prompt_ids.to(engine.device)
+        batch, prompt_len = ids.shape
+        if batch != 1:
+            raise ValueError(f"decoder=tree decodes batch 1 (each row would need its own tree mask), got batch {batch}")
+        device = engine.device
+        drafter = TreeDrafter(self.draft.get(engine), engine.config.vocab_size, Sampling())
+        max_len = prompt_len + max(max_new_tokens, 1) + sum(self.sizes) + 2
+        seq = torch.empty(1, max_len, dtype=torch.long, device=device)
+        seq[:, :prompt_len] = ids
+        out = EmittedTokens(1, max_new_tokens, eos_id, device)
+        stats, clock = LoopStats(), PhaseClock(device)
+        nodes_total = levels_total = compaction_forwards = 0
+        with torch.inference_mode():
+            cache = engine.new_cache(batch=1, max_len=max_len)
+            with Timer(device) as prefill:
+                if max_new_tokens > 0:
+                    first = engine.forward(ids, cache, last_only=True)[:, -1].argmax(-1)
+                    stats.target_forwards = 1
+                    drafter.start(ids, cache, max_len, None)
+                    seq[:, prompt_len] = first
+                    out.extend(first[:, None])
+            seq_len = prompt_len + 1
+            with Timer(device) as decode:
+                while not out.finished:
+                    clock.mark("draft")
+                    levels = min(c.depth, out.remaining - 1)
+                    root = seq[:, seq_len - 1 : seq_len]
+                    if levels > 0:
+                        tree = drafter.expand(seq, seq_len, self.sizes[:levels], c.branching)
+                        n_nodes = tree.tokens.shape[0]
+                        mask = torch.ones(n_nodes + 1, n_nodes + 1, dtype=torch.bool, device=device).tril_()
+                        mask[1:, 1:] = tree.ancestors
+                        block = torch.cat((root, tree.tokens[None]), dim=1)
+                        positions = seq_len - 1 + torch.cat((tree.depths.new_zeros(1), tree.depths))
+                    else:
+                        tree, n_nodes, block, mask, positions = None, 0, root, None, None
+                    clock.mark("verify")
+                    logits = engine.forward(block, cache, positions=positions, tree_mask=mask)
+                    clock.mark("accept")
+                    argmax = logits[0].argmax(-1)
+                    if tree is None:
+                        path, last, path_tokens = [], int(argmax[0]), []
+                    else:
+                        host = torch.cat((argmax, tree.tokens, tree.parents)).tolist()  # the one host sync
+                        g, toks, pars = host[: n_nodes + 1], host[n_nodes + 1 : 2 * n_nodes + 1], host[2 * n_nodes + 1 :]
+                        path, last = accepted_path(g, toks, pars)
+                        path_tokens = [toks[i] for i in path]
+                    emitted = torch.tensor([path_tokens + [last]], dtype=torch.long, device=device)
+                    if c.compaction == "gather":
+                        index = torch.tensor(path, dtype=torch.long, device=device) + seq_len
+                        for layer in cache.layers:
+                            keep_tokens(layer, seq_len, index)
+                        cache.position = seq_len + len(path)
+                    else:
+                        cache.truncate(seq_len - 1)
+                        engine.forward(torch.cat((root, emitted[:, :-1]), dim=1), cache)
+                        compaction_forwards += 1
+                    seq[:, seq_len : seq_len + len(path) + 1] = emitted
+                    seq_len += len(path) + 1
+                    out.extend(emitted)
+                    stats.iterations += 1
+                    stats.target_forwards += 1 + (c.compaction == "rerun")
+                    stats.drafted += n_nodes
+                    stats.accepted += len(path)
+                    nodes_total += n_nodes
+                    levels_total += levels
+                clock.mark("end")
+            if self.keep_state is not None:
+                self.keep_state.update(target_cache=cache, seq=seq[:, :seq_len], drafter=drafter)
+        counters = speculation_counters(out, stats, prefill.seconds, decode.seconds, clock.durations(), drafter)
+        iters = max(stats.iterations, 1)
+        counters.update(
+            tree_nodes_mean=nodes_total / iters,
+            accepted_per_level=stats.accepted / levels_total if levels_total else 0.0,
+            compaction_forwards=float(compaction_forwards),
+            depth=float(c.depth), branching=float(c.branching), width=float(c.width),
+        )
+        return Generation(out.result(), counters)
+
+    def close(self) -> None:
+        self.draft.close()

@@ -1,0 +1,256 @@
+"""Speculative decoder strategies in greedy mode: token-identical to `greedy`, caches rolled back exactly.
+
+Small random models (vocab 48, hidden 32, 2 layers) with a sharpened LM head so next-token choices are not ties.
+Drafts: the target itself (acceptance 1), a noisy copy (partial acceptance), a 1-layer truncated copy (low).
+"""
+
+import json
+
+import pytest
+import torch
+
+from ollm_triton.decoding._drafters import draft_source, forward_first_layers
+from ollm_triton.decoding.adaptive import AdaptiveConfig, CandidateController, expected_tokens
+from ollm_triton.decoding.tree import accepted_path, keep_tokens, level_sizes
+from ollm_triton.engine import load_engine
+from ollm_triton.registry import PluginError, registry
+
+V = 48
+ARCH = dict(model_type="llama", vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
+NEW = 24
+
+
+def build(layers=2, seed=1):
+    eng = load_engine({**ARCH, "num_hidden_layers": layers}, device="cpu", dtype=torch.float32, seed=seed)
+    with torch.no_grad():  # logits with std ~3: distinct argmaxes, non-degenerate distributions
+        eng.model.lm_head.weight.mul_(40.0)
+    return eng
+
+
+def copy_of(target, layers=2, noise=0.0):
+    """A draft holding the target's weights (its first `layers` layers), plus relative Gaussian noise."""
+    draft = build(layers)
+    gen = torch.Generator().manual_seed(5)
+    src = target.model.state_dict()
+    with torch.no_grad():
+        for name, p in draft.model.named_parameters():
+            p.copy_(src[name])
+            if noise and p.dim() > 1:
+                p.add_(torch.randn(p.shape, generator=gen) * p.std() * noise)
+    return draft
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls: one thread is ~7x faster than two on a shared 2-core machine (no OpenMP hand-offs)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def models():
+    target = build()
+    return {"target": target, "self": target, "noisy": copy_of(target, noise=0.1), "truncated": copy_of(target, 1)}
+
+
+def prompts():
+    gen = torch.Generator().manual_seed(0)
+    repetitive = torch.tensor([[3, 9, 4, 3, 9, 4, 3, 9, 4, 3, 9]])  # prompt_lookup finds matches here
+    return [torch.randint(0, V, (1, 9), generator=gen), torch.randint(0, V, (1, 1), generator=gen), repetitive]
+
+
+CASES = {
+    "speculative-self-k3": ("speculative", {"num_candidates": 3}, "self"),
+    "speculative-noisy-k4": ("speculative", {"num_candidates": 4}, "noisy"),
+    "speculative-truncated-k1": ("speculative", {"num_candidates": 1}, "truncated"),
+    "adaptive-noisy": ("adaptive", {"initial_candidates": 2, "warmup": 1}, "noisy"),
+    "tree-noisy-gather": ("tree", {"depth": 4, "branching": 2, "width": 3}, "noisy"),
+    "tree-noisy-rerun": ("tree", {"depth": 3, "branching": 3, "width": 4, "compaction": "rerun"}, "noisy"),
+    "tree-chain": ("tree", {"depth": 3, "branching": 1, "width": 1}, "truncated"),
+    "prompt_lookup": ("prompt_lookup", {"num_candidates": 4, "max_ngram": 2}, None),
+    "self_speculative": ("self_speculative", {"draft_layers": 1, "num_candidates": 3}, None),
+}
+
+
+def strategy(case, models):
+    name, params, draft = CASES[case]
+    kwargs = {"draft_engine": models[draft]} if draft else {}
+    return registry.build("decoder", name, params, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def greedy_refs(models):
+    greedy = registry.build("decoder", "greedy")
+    return [greedy.generate(models["target"], p, NEW).tokens for p in prompts()]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_greedy_token_for_token(case, models, greedy_refs):
+    s = strategy(case, models)
+    for prompt, ref in zip(prompts(), greedy_refs):
+        out = s.generate(models["target"], prompt, NEW)
+        assert torch.equal(out.tokens, ref), (case, out.tokens.tolist(), ref.tolist())
+        c = out.counters
+        assert c["generated_tokens"] == NEW
+        assert c["target_forwards"] == 1 + c["iterations"] * (2 if "rerun" in case else 1)
+        assert c["target_forwards_per_token"] == pytest.approx(c["target_forwards"] / NEW)
+        assert c["decode_s"] > 0 and c["prefill_s"] > 0
+    if CASES[case][2] == "self":  # the target drafting for itself: every draft accepted
+        assert c["acceptance_rate"] == 1.0 and c["mean_accepted_length"] > 3.5
+
+
+def test_acceptance_is_partial_with_a_noisy_draft(models):
+    out = strategy("speculative-noisy-k4", models).generate(models["target"], prompts()[0], NEW)
+    assert 0.2 < out.counters["acceptance_rate"] < 1.0
+    assert out.counters["target_forwards"] < NEW  # fewer target forwards than greedy's NEW
+
+
+@pytest.mark.parametrize("case", ["speculative-noisy-k4", "self_speculative", "prompt_lookup"])
+def test_batch_rows_match_greedy(case, models):
+    gen = torch.Generator().manual_seed(4)
+    batch = torch.randint(0, V, (3, 6), generator=gen)
+    ref = registry.build("decoder", "greedy").generate(models["target"], batch, 16).tokens
+    assert torch.equal(strategy(case, models).generate(models["target"], batch, 16).tokens, ref)
+
+
+@pytest.mark.parametrize("case", ["speculative-noisy-k4", "tree-noisy-gather", "prompt_lookup"])
+def test_stops_at_eos_like_greedy(case, models):
+    prompt = prompts()[0]
+    ref = registry.build("decoder", "greedy").generate(models["target"], prompt, NEW).tokens[0]
+    eos = int(ref[5])
+    expected = registry.build("decoder", "greedy").generate(models["target"], prompt, NEW, eos_id=eos).tokens
+    out = strategy(case, models).generate(models["target"], prompt, NEW, eos_id=eos)
+    assert torch.equal(out.tokens, expected) and out.tokens.shape[1] < NEW
+
+
+def assert_cache_matches_fresh(engine, cache, tokens, what):
+    """cache must hold exactly tokens' K/V: same length and position as a fresh prefill, same K/V values."""
+    fresh = engine.new_cache(batch=tokens.shape[0], max_len=tokens.shape[1] + 1)
+    engine.forward(tokens, fresh)
+    assert cache.position == fresh.position == tokens.shape[1], what
+    for i, (layer, ref) in enumerate(zip(cache.layers, fresh.layers)):
+        assert layer.length == ref.length, (what, i)
+        for got, want in zip(layer.dense(), ref.dense()):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, msg=f"{what} layer {i}")
+
+
+ROLLBACK = ["speculative-noisy-k4", "adaptive-noisy", "tree-noisy-gather", "tree-noisy-rerun", "self_speculative",
+            "prompt_lookup"]
+
+
+@pytest.mark.parametrize("case", ROLLBACK)
+def test_rollback_leaves_caches_as_if_rejected_tokens_never_existed(case, models):
+    s = strategy(case, models)
+    s.keep_state = {}
+    out = s.generate(models["target"], prompts()[0], NEW)
+    assert out.counters["accept_s"] >= 0 and 0 < out.counters["acceptance_rate"] < 1  # drafts were rejected
+    state = s.keep_state
+    seq = state["seq"]
+    # the target cache holds every emitted token but the last (pending) one
+    assert_cache_matches_fresh(models["target"], state["target_cache"], seq[:, :-1], "target")
+    drafter = state["drafter"]
+    draft_cache = getattr(drafter, "cache", None)
+    if draft_cache is not None:  # a draft model's cache: a prefix of the final sequence, nothing rejected in it
+        held = draft_cache.position
+        assert 0 < held <= seq.shape[1]
+        assert_cache_matches_fresh(drafter.engine, draft_cache, seq[:, :held], "draft")
+
+
+def test_first_layers_helper_equals_the_engine(models):
+    target = models["target"]
+    ids = prompts()[0]
+    a, b = target.new_cache(1, 16), target.new_cache(1, 16)
+    full = target.forward(ids, a)
+    mine = forward_first_layers(target, ids, b, target.config.num_layers)
+    assert torch.equal(full, mine) and a.position == b.position
+    step = torch.tensor([[7]])
+    assert torch.equal(target.forward(step, a), forward_first_layers(target, step, b, target.config.num_layers))
+
+
+def test_keep_tokens_gathers_the_path():
+    eng = build()
+    cache = eng.new_cache(1, 32)
+    eng.forward(torch.arange(10)[None], cache)
+    before = [tuple(t.clone() for t in layer.dense()) for layer in cache.layers]
+    index = torch.tensor([5, 7, 8])
+    for layer in cache.layers:
+        keep_tokens(layer, 4, index)
+    for layer, (k, v) in zip(cache.layers, before):
+        kk, vv = layer.dense()
+        keep = torch.tensor([0, 1, 2, 3, 5, 7, 8])
+        assert torch.equal(kk, k[:, :, keep]) and torch.equal(vv, v[:, :, keep])
+
+
+def test_tree_walk_and_shape():
+    assert level_sizes(4, 2, 3) == [2, 3, 3, 3]
+    # root -> a(5) -> c(9); root -> b(6); target argmax: root 5, a 9, c 1
+    tokens, parents = [5, 6, 9], [-1, -1, 0]
+    assert accepted_path([5, 9, 2, 1], tokens, parents) == ([0, 2], 1)
+    assert accepted_path([7, 9, 2, 1], tokens, parents) == ([], 7)
+    assert accepted_path([6, 9, 3, 1], tokens, parents) == ([1], 3)
+
+
+def test_adaptive_controller_moves_towards_the_cost_optimum():
+    cfg = AdaptiveConfig(initial_candidates=2, min_candidates=1, max_candidates=10, warmup=1, hysteresis=0.0)
+    ctl = CandidateController(cfg)
+    for _ in range(60):  # every draft accepted, drafts nearly free: more candidates pay
+        k = ctl.candidates()
+        ctl.observe(k, k, 0.001 * k, 0.1 + 0.001 * k, 0)
+    assert ctl.k == 10 and ctl.history and ctl.history[0]["from"] == 2.0
+    for _ in range(200):  # nothing accepted and drafts costly: one candidate
+        k = ctl.candidates()
+        ctl.observe(k, 0, 0.05 * k, 0.1 + 0.05 * k, 0)
+    assert ctl.k == 1
+    assert expected_tokens(0.0, 5) == 1.0 and expected_tokens(1.0, 5) == 6.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+
+
+def test_adaptive_records_changes_in_counters(models, monkeypatch):
+    # timings are machine noise: a controller that always predicts more candidates to be faster makes it exact
+    monkeypatch.setattr(CandidateController, "rate", lambda self, k: float(k))
+    s = registry.build("decoder", "adaptive", {"initial_candidates": 1, "max_candidates": 5, "warmup": 2},
+                       draft_engine=models["noisy"])
+    ref = registry.build("decoder", "greedy").generate(models["target"], prompts()[0], 32).tokens
+    out = s.generate(models["target"], prompts()[0], 32)
+    assert torch.equal(out.tokens, ref)
+    c = out.counters
+    assert c["candidates_changes"] == 1 and c["candidates_change_0_to"] == 5 and c["candidates_final"] == 5
+    assert c["candidates_change_0_at_token"] > 1 and 1 < c["candidates_mean"] < 5
+    assert len(s.history) == 1 and s.history[0]["from"] == 1.0 and s.history[0]["iteration"] == 2.0
+
+
+def test_bad_parameters_are_one_line_errors(models):
+    with pytest.raises(PluginError, match="num_candidates"):
+        registry.build("decoder", "speculative", {"num_candidates": 0})
+    with pytest.raises(PluginError, match="does not parse"):
+        registry.build("decoder", "speculative", {"draft": "random:{bad"})
+    with pytest.raises(PluginError, match="compaction"):
+        registry.build("decoder", "tree", {"compaction": "copy"})
+    with pytest.raises(PluginError, match="min_ngram"):
+        registry.build("decoder", "prompt_lookup", {"min_ngram": 4, "max_ngram": 2})
+    with pytest.raises(PluginError, match="temperature"):
+        registry.build("decoder", "self_speculative", {"temperature": -1.0})
+    with pytest.raises(ValueError, match="batch 1"):
+        strategy("tree-chain", models).generate(models["target"], torch.zeros(2, 3, dtype=torch.long), 4)
+    with pytest.raises(ValueError, match="below the target"):
+        registry.build("decoder", "self_speculative", {"draft_layers": 2}).generate(models["target"], prompts()[0], 4)
+    with pytest.raises(ValueError, match="not in this checkout"):
+        draft_source("embedded:no-such-model")
+
+
+def test_random_draft_sources(models):
+    fields, seed = draft_source("random:" + json.dumps({**ARCH, "seed": 3}))
+    assert seed == 3 and fields["vocab_size"] == V
+    fields, _ = draft_source("random:tiny_random")
+    assert fields["num_hidden_layers"] == 4
+    # a draft loaded from a source string: the target's random config and seed give the target itself (unsharpened)
+    plain = load_engine(ARCH, seed=1)
+    s = registry.build("decoder", "speculative", {"draft": "random:" + json.dumps({**ARCH, "seed": 1})})
+    out = s.generate(plain, prompts()[0], 8)
+    assert out.counters["acceptance_rate"] == 1.0
+    assert s.draft.get(plain) is s.draft.get(plain)  # loaded once, kept on the strategy
+    s.close()
+    assert s.draft._engine is None
