@@ -167,6 +167,7 @@ DECODE_CASES = [
     (4, 16, 16, 48, 15, 1, True, 0, 0, None, 1),
     (4, 32, 32, 128, 1, 1, False, 40, 4, [0, 5, 6, 7, 8], None),  # sliding window over packed blocks
     (2, 16, 16, 0, 63, 1, True, 0, 0, None, None),  # nothing quantized yet
+    (2, 16, 8, 32, 5, 2, False, 0, 0, None, 2),  # four planes, four value groups per token
 ]
 
 

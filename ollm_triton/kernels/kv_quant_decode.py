@@ -5,7 +5,7 @@ The cache of one (batch, KV head) holds `n_quant` quantized tokens (a multiple o
 every one of the T new tokens): K/V bytes are read once for the whole GQA group, which is what makes decode
 bandwidth-bound on the codes rather than on the query count.
 
-Dequantization happens in registers, and most of it is folded away:
+Dequantization happens in registers, plane by plane (see the kernel's docstring), and most of it is folded away:
 - keys: a block of BLOCK_K tokens lies inside one key group, so its scale s[d] and zero z[d] are per channel:
       q . k_n = sum_d (q_d s_d) c_nd + sum_d q_d z_d
   the query is scaled once per block and the codes go straight into the dot (no per-element multiply);
@@ -33,16 +33,46 @@ _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl
 
 
 @triton.jit
-def _unpack(b_packed, BITS: tl.constexpr):
-    """uint8 [N, J] -> int32 codes [N, J * (8 // BITS)]: element P*j + i comes from bits [i*BITS, (i+1)*BITS)."""
-    b = b_packed.to(tl.int32)
-    if BITS == 8:
-        return b
-    elif BITS == 4:
-        return tl.interleave(b & 15, (b >> 4) & 15)
+def _plane(b_w, I: tl.constexpr, BITS: tl.constexpr, MAGIC: tl.constexpr, DOT: tl.constexpr):
+    """Codes of plane I (channels P*j + I) of packed bytes b_w: int32 [N, J] -> DOT [N, J].
+
+    With MAGIC (fp16 dots), the fp16 whose bits are 0x6400 | c is exactly 1024 + c: an OR and a subtraction
+    instead of an integer-to-float conversion, which runs at a quarter of the ALU rate."""
+    b_c = (b_w >> (I * BITS)) & ((1 << BITS) - 1)
+    if MAGIC:
+        b_f = (b_c | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+        return (b_f - 1024.0).to(tl.float16)
     else:
-        # interleave(interleave(c0, c2), interleave(c1, c3)) puts c_i at 4j + i
-        return tl.interleave(tl.interleave(b & 3, (b >> 4) & 3), tl.interleave((b >> 2) & 3, (b >> 6) & 3))
+        return b_c.to(DOT)
+
+
+@triton.jit
+def _key_plane(b_qi, b_kw, p_s, p_z, m_j, I: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr,
+               MAGIC: tl.constexpr, DOT: tl.constexpr):
+    """Plane I's share of q . k for a block: (q_i s_i) . c_i and q_i . z_i (k = c s + z per channel)."""
+    b_ks = tl.load(p_s, mask=m_j, other=0.0).to(tl.float32)
+    if SYMMETRIC:
+        b_kz = -b_ks * (1 << (BITS - 1))
+    else:
+        b_kz = tl.load(p_z, mask=m_j, other=0.0).to(tl.float32)
+    b_c = _plane(b_kw, I, BITS, MAGIC, DOT)
+    b_s = tl.dot((b_qi * b_ks[None, :]).to(DOT), tl.trans(b_c))  # [BM, BJ] @ [BJ, BK] -> [BM, BK]
+    return b_s, tl.sum(b_qi * b_kz[None, :], 1)
+
+
+@triton.jit
+def _value_plane_grouped(b_p, b_vw, p_vs, p_vz, o_j, m_j, I: tl.constexpr, P: tl.constexpr, V_GROUP: tl.constexpr,
+                         BITS: tl.constexpr, SYMMETRIC: tl.constexpr, DOT: tl.constexpr):
+    """p @ v for plane I when a token has several value groups: dequantize c*s+z in registers.
+    p_vs, p_vz: [BK, 1] pointers to each token's scales/zeros."""
+    o_grp = ((o_j * P + I) // V_GROUP)[None, :]
+    b_vs = tl.load(p_vs + o_grp, mask=m_j[None, :], other=0.0).to(tl.float32)
+    if SYMMETRIC:
+        b_vz = -b_vs * (1 << (BITS - 1))
+    else:
+        b_vz = tl.load(p_vz + o_grp, mask=m_j[None, :], other=0.0).to(tl.float32)
+    b_c = ((b_vw >> (I * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+    return tl.dot(b_p.to(DOT), (b_c * b_vs + b_vz).to(DOT))  # [BM, BK] @ [BK, BJ] -> [BM, BJ]
 
 
 @triton.jit
@@ -68,35 +98,48 @@ def _quant_decode_kernel(
     stride_r_bh, stride_r_n,
     n_quant, kv_len, n_visit, n_quant_visit, blocks_per_split, window, sink, qk_scale,
     H_KV: tl.constexpr, GQ: tl.constexpr, T: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, KEY_GROUP: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, KEY_GROUP: tl.constexpr,
     V_GROUPS: tl.constexpr, V_GROUP: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr,
-    HAS_BLOCK_IDS: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT: tl.constexpr,
+    HAS_BLOCK_IDS: tl.constexpr, HAS_WINDOW: tl.constexpr, MAGIC: tl.constexpr, DOT: tl.constexpr,
 ):
     """Program (batch*KV head, split): visits [i_lo, i_hi) of the visit list. The first n_quant_visit visits are
     quantized blocks and the rest residual ones (the list is ascending and the quantized region comes first), so
-    two branch-free loops replace a per-block branch that would keep the compiler from pipelining the loads."""
+    two branch-free loops replace a per-block branch that would keep the compiler from pipelining the loads.
+
+    The P = 8 // BITS code planes of a packed byte (channels P*j + i) are never interleaved back into a
+    [BLOCK_K, D] tile: the query is split into the same planes, each plane makes its own dot, and each plane has
+    its own output accumulator, written back to channels P*j + i at the end. (Interleaving with tl.interleave
+    gave wrong results on the H200 for tiles of 16 x 16 codes and smaller, Triton 3.6.)"""
     P: tl.constexpr = 8 // BITS
-    BLOCK_J: tl.constexpr = BLOCK_D // P
-    HALF: tl.constexpr = 1 << (BITS - 1)
     i_bh, i_split = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H_KV, i_bh % H_KV
 
     # rows m = g * T + t: query head i_h * GQ + g, new token t at position kv_len - T + t
     o_m = tl.arange(0, BLOCK_M)
     o_g, o_t = o_m // T, o_m % T
-    m_m = o_m < GQ * T
+    m_q = (o_m < GQ * T)[:, None]
     o_d = tl.arange(0, BLOCK_D)
     o_j = tl.arange(0, BLOCK_J)
     o_k = tl.arange(0, BLOCK_K)
     m_d, m_j = o_d < D, o_j < D // P
-    p_q = Q + i_b * stride_qb + (i_h * GQ + o_g)[:, None] * stride_qh + o_t[:, None] * stride_qt + o_d[None, :]
+    p_q = Q + i_b * stride_qb + (i_h * GQ + o_g)[:, None] * stride_qh + o_t[:, None] * stride_qt
     # qk_scale = log2(e) / sqrt(D): scores come out in the log2 domain for exp2
-    b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0).to(tl.float32) * qk_scale
+    b_q = tl.load(p_q + o_d[None, :], mask=m_q & m_d[None, :], other=0.0).to(tl.float32) * qk_scale
+    m_qj = m_q & m_j[None, :]
+    b_q0 = tl.load(p_q + (o_j * P)[None, :], mask=m_qj, other=0.0).to(tl.float32) * qk_scale
+    b_acc0 = tl.zeros([BLOCK_M, BLOCK_J], tl.float32)
+    if P >= 2:
+        b_q1 = tl.load(p_q + (o_j * P + 1)[None, :], mask=m_qj, other=0.0).to(tl.float32) * qk_scale
+        b_acc1 = tl.zeros([BLOCK_M, BLOCK_J], tl.float32)
+    if P >= 4:
+        b_q2 = tl.load(p_q + (o_j * P + 2)[None, :], mask=m_qj, other=0.0).to(tl.float32) * qk_scale
+        b_q3 = tl.load(p_q + (o_j * P + 3)[None, :], mask=m_qj, other=0.0).to(tl.float32) * qk_scale
+        b_acc2 = tl.zeros([BLOCK_M, BLOCK_J], tl.float32)
+        b_acc3 = tl.zeros([BLOCK_M, BLOCK_J], tl.float32)
     q_pos = kv_len - T + o_t
 
     b_mx = tl.full([BLOCK_M], float("-inf"), tl.float32)
     b_l = tl.zeros([BLOCK_M], tl.float32)
-    b_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     n_res = kv_len - n_quant
     p_kc0 = KC + i_bh * stride_kc_bh + o_j[None, :]
     p_vc0 = VC + i_bh * stride_vc_bh + o_j[None, :]
@@ -110,37 +153,51 @@ def _quant_decode_kernel(
         else:
             start = i * BLOCK_K
         o_n = start + o_k
-        p_s = i_bh * stride_ks_bh + (start // KEY_GROUP) * stride_ks_g + o_d
-        b_ks = tl.load(KS + p_s, mask=m_d, other=0.0).to(tl.float32)
-        if SYMMETRIC:
-            b_kz = -b_ks * HALF
-        else:
-            b_kz = tl.load(KZ + p_s, mask=m_d, other=0.0).to(tl.float32)
-        b_qs = (b_q * b_ks[None, :]).to(DOT)  # q . (c s + z) = (q s) . c + q . z
-        b_bias = tl.sum(b_q * b_kz[None, :], 1)
-        b_kc = _unpack(tl.load(p_kc0 + o_n[:, None] * stride_kc_n, mask=m_j[None, :], other=0), BITS).to(DOT)
-        b_s = tl.dot(b_qs, tl.trans(b_kc)) + b_bias[:, None]  # [BM, BD] @ [BD, BK] -> [BM, BK]
+        o_s = i_bh * stride_ks_bh + (start // KEY_GROUP) * stride_ks_g + o_j * P
+        b_kw = tl.load(p_kc0 + o_n[:, None] * stride_kc_n, mask=m_j[None, :], other=0).to(tl.int32)  # [BK, BJ]
+        # q . (c s + z) = sum over planes of (q_i s_i) . c_i + q_i . z_i
+        b_s, b_bias = _key_plane(b_q0, b_kw, KS + o_s, KZ + o_s, m_j, 0, BITS, SYMMETRIC, MAGIC, DOT)
+        if P >= 2:
+            b_s1, b_bias1 = _key_plane(b_q1, b_kw, KS + o_s + 1, KZ + o_s + 1, m_j, 1, BITS, SYMMETRIC, MAGIC, DOT)
+            b_s += b_s1
+            b_bias += b_bias1
+        if P >= 4:
+            b_s2, b_bias2 = _key_plane(b_q2, b_kw, KS + o_s + 2, KZ + o_s + 2, m_j, 2, BITS, SYMMETRIC, MAGIC, DOT)
+            b_s3, b_bias3 = _key_plane(b_q3, b_kw, KS + o_s + 3, KZ + o_s + 3, m_j, 3, BITS, SYMMETRIC, MAGIC, DOT)
+            b_s += b_s2 + b_s3
+            b_bias += b_bias2 + b_bias3
+        b_s += b_bias[:, None]
         b_p, b_alpha, b_mx, b_l = _softmax_step(b_s, o_n, q_pos, kv_len, window, sink, b_mx, b_l, HAS_WINDOW)
 
-        b_vc = _unpack(tl.load(p_vc0 + o_n[:, None] * stride_vc_n, mask=m_j[None, :], other=0), BITS)
+        b_vw = tl.load(p_vc0 + o_n[:, None] * stride_vc_n, mask=m_j[None, :], other=0).to(tl.int32)  # [BK, BJ]
         if V_GROUPS == 1:  # one scale per token: scale the probabilities, not the values
             b_vs = tl.load(VS + i_bh * stride_vs_bh + o_n * stride_vs_n).to(tl.float32)
             if SYMMETRIC:
-                b_vz = -b_vs * HALF
+                b_vz = -b_vs * (1 << (BITS - 1))
             else:
                 b_vz = tl.load(VZ + i_bh * stride_vs_bh + o_n * stride_vs_n).to(tl.float32)
-            b_pv = tl.dot((b_p * b_vs[None, :]).to(DOT), b_vc.to(DOT))  # [BM, BK] @ [BK, BD] -> [BM, BD]
-            b_pv += tl.sum(b_p * b_vz[None, :], 1)[:, None]
+            b_ps = (b_p * b_vs[None, :]).to(DOT)
+            b_pz = tl.sum(b_p * b_vz[None, :], 1)[:, None]  # sum_n p_n z_n, the same for every channel
+            # [BM, BK] @ [BK, BJ] -> [BM, BJ] per plane
+            b_acc0 = b_acc0 * b_alpha[:, None] + tl.dot(b_ps, _plane(b_vw, 0, BITS, MAGIC, DOT)) + b_pz
+            if P >= 2:
+                b_acc1 = b_acc1 * b_alpha[:, None] + tl.dot(b_ps, _plane(b_vw, 1, BITS, MAGIC, DOT)) + b_pz
+            if P >= 4:
+                b_acc2 = b_acc2 * b_alpha[:, None] + tl.dot(b_ps, _plane(b_vw, 2, BITS, MAGIC, DOT)) + b_pz
+                b_acc3 = b_acc3 * b_alpha[:, None] + tl.dot(b_ps, _plane(b_vw, 3, BITS, MAGIC, DOT)) + b_pz
         else:
-            p_vs = i_bh * stride_vs_bh + o_n[:, None] * stride_vs_n + (o_d // V_GROUP)[None, :]
-            b_vs = tl.load(VS + p_vs, mask=m_d[None, :], other=0.0).to(tl.float32)
-            if SYMMETRIC:
-                b_vz = -b_vs * HALF
-            else:
-                b_vz = tl.load(VZ + p_vs, mask=m_d[None, :], other=0.0).to(tl.float32)
-            b_v = (b_vc.to(tl.float32) * b_vs + b_vz).to(DOT)
-            b_pv = tl.dot(b_p.to(DOT), b_v)  # [BM, BK] @ [BK, BD] -> [BM, BD]
-        b_acc = b_acc * b_alpha[:, None] + b_pv
+            p_vs = VS + i_bh * stride_vs_bh + o_n[:, None] * stride_vs_n
+            p_vz = VZ + i_bh * stride_vs_bh + o_n[:, None] * stride_vs_n
+            b_acc0 = b_acc0 * b_alpha[:, None] + _value_plane_grouped(
+                b_p, b_vw, p_vs, p_vz, o_j, m_j, 0, P, V_GROUP, BITS, SYMMETRIC, DOT)
+            if P >= 2:
+                b_acc1 = b_acc1 * b_alpha[:, None] + _value_plane_grouped(
+                    b_p, b_vw, p_vs, p_vz, o_j, m_j, 1, P, V_GROUP, BITS, SYMMETRIC, DOT)
+            if P >= 4:
+                b_acc2 = b_acc2 * b_alpha[:, None] + _value_plane_grouped(
+                    b_p, b_vw, p_vs, p_vz, o_j, m_j, 2, P, V_GROUP, BITS, SYMMETRIC, DOT)
+                b_acc3 = b_acc3 * b_alpha[:, None] + _value_plane_grouped(
+                    b_p, b_vw, p_vs, p_vz, o_j, m_j, 3, P, V_GROUP, BITS, SYMMETRIC, DOT)
 
     # residual blocks: the newest tokens, in the model dtype
     for i in range(tl.maximum(i_lo, n_quant_visit), i_hi):
@@ -150,18 +207,35 @@ def _quant_decode_kernel(
             start = i * BLOCK_K
         o_n = start + o_k
         o_r = o_n - n_quant
-        p_r = i_bh * stride_r_bh + o_r[:, None] * stride_r_n + o_d[None, :]
-        m_r = (o_r < n_res)[:, None] & m_d[None, :]
-        b_k = tl.load(KR + p_r, mask=m_r, other=0.0).to(DOT)
+        m_r = (o_r < n_res)[:, None]
+        p_r = i_bh * stride_r_bh + o_r[:, None] * stride_r_n
+        b_k = tl.load(KR + p_r + o_d[None, :], mask=m_r & m_d[None, :], other=0.0).to(DOT)
         b_s = tl.dot(b_q.to(DOT), tl.trans(b_k))  # [BM, BD] @ [BD, BK] -> [BM, BK]
         b_p, b_alpha, b_mx, b_l = _softmax_step(b_s, o_n, q_pos, kv_len, window, sink, b_mx, b_l, HAS_WINDOW)
-        b_v = tl.load(VR + p_r, mask=m_r, other=0.0).to(DOT)
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(DOT), b_v)  # [BM, BK] @ [BK, BD] -> [BM, BD]
+        b_pd = b_p.to(DOT)
+        m_rj = m_r & m_j[None, :]
+        # the residual's values, read plane by plane to match the accumulators: [BM, BK] @ [BK, BJ] -> [BM, BJ]
+        b_v0 = tl.load(VR + p_r + (o_j * P)[None, :], mask=m_rj, other=0.0).to(DOT)
+        b_acc0 = b_acc0 * b_alpha[:, None] + tl.dot(b_pd, b_v0)
+        if P >= 2:
+            b_v1 = tl.load(VR + p_r + (o_j * P + 1)[None, :], mask=m_rj, other=0.0).to(DOT)
+            b_acc1 = b_acc1 * b_alpha[:, None] + tl.dot(b_pd, b_v1)
+        if P >= 4:
+            b_v2 = tl.load(VR + p_r + (o_j * P + 2)[None, :], mask=m_rj, other=0.0).to(DOT)
+            b_v3 = tl.load(VR + p_r + (o_j * P + 3)[None, :], mask=m_rj, other=0.0).to(DOT)
+            b_acc2 = b_acc2 * b_alpha[:, None] + tl.dot(b_pd, b_v2)
+            b_acc3 = b_acc3 * b_alpha[:, None] + tl.dot(b_pd, b_v3)
 
     o_part = i_bh * tl.num_programs(1) + i_split
     tl.store(M_OUT + o_part * BLOCK_M + o_m, b_mx)
     tl.store(L_OUT + o_part * BLOCK_M + o_m, b_l)
-    tl.store(ACC_OUT + (o_part * BLOCK_M + o_m)[:, None] * BLOCK_D + o_d[None, :], b_acc)
+    p_acc = ACC_OUT + (o_part * BLOCK_M + o_m)[:, None] * BLOCK_D + (o_j * P)[None, :]
+    tl.store(p_acc, b_acc0, mask=m_j[None, :])
+    if P >= 2:
+        tl.store(p_acc + 1, b_acc1, mask=m_j[None, :])
+    if P >= 4:
+        tl.store(p_acc + 2, b_acc2, mask=m_j[None, :])
+        tl.store(p_acc + 3, b_acc3, mask=m_j[None, :])
 
 
 @triton.jit
@@ -223,10 +297,14 @@ def quant_decode(
         raise ValueError(f"query heads {hq} must be a multiple of KV heads {hkv}")
     if key_group % block_k or n_quant % key_group:
         raise ValueError(f"block_k {block_k} must divide key_group {key_group}, which must divide n_quant {n_quant}")
+    p = 8 // bits
+    if d % p:
+        raise ValueError(f"head_dim {d} must be divisible by {p} for {bits}-bit codes")
     gq = hq // hkv
     symmetric = k_zero is None
     block_m = max(16, triton.next_power_of_2(gq * t))  # tl.dot needs >= 16 rows
     block_d = max(16, triton.next_power_of_2(d))
+    block_j = max(16, triton.next_power_of_2(d // p))  # a plane's channels; tl.dot needs >= 16
     if block_ids is not None:
         # visits to quantized blocks come first in the ascending list; counted on the host (a CPU schedule
         # costs no sync; a device one costs one)
@@ -261,9 +339,9 @@ def quant_decode(
         vc.stride(0), vc.stride(1), vs.stride(0), vs.stride(1),
         kr.stride(0), kr.stride(1),
         n_quant, kv_len, n_visit, n_quant_visit, blocks_per_split, window, sink, math.log2(math.e) / math.sqrt(d),
-        H_KV=hkv, GQ=gq, T=t, D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_K=block_k, KEY_GROUP=key_group,
-        V_GROUPS=d // value_group, V_GROUP=value_group, BITS=bits, SYMMETRIC=symmetric,
-        HAS_BLOCK_IDS=block_ids is not None, HAS_WINDOW=window > 0, DOT=dot,
+        H_KV=hkv, GQ=gq, T=t, D=d, BLOCK_D=block_d, BLOCK_J=block_j, BLOCK_M=block_m, BLOCK_K=block_k,
+        KEY_GROUP=key_group, V_GROUPS=d // value_group, V_GROUP=value_group, BITS=bits, SYMMETRIC=symmetric,
+        HAS_BLOCK_IDS=block_ids is not None, HAS_WINDOW=window > 0, MAGIC=dot == tl.float16, DOT=dot,
         num_warps=num_warps, num_stages=num_stages,
     )
     _merge_splits_kernel[(b * hkv,)](
