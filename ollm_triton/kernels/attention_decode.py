@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ollm_triton.kernels.attention_prefill import LOG2E, check_qkv, kernel_supports
+from ollm_triton.kernels.attention_prefill import LOG2E, check_qkv, dot_precision, kernel_supports
 from ollm_triton.kernels.attention_schedule import cdiv, window_start
 
 MAX_ROWS = 128  # GROUP * T rows per program; more goes through the prefill kernel
@@ -122,12 +122,6 @@ def decode_supports(q: torch.Tensor, k: torch.Tensor) -> bool:
         and q.shape[2] <= k.shape[2]
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 2  # the interpreter: a few splits still exercise the merge
-
-
 def flash_decode(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -140,7 +134,7 @@ def flash_decode(
     window_align: int = 1,
     scale: float | None = None,
     num_splits: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     num_stages: int = 3,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -168,11 +162,15 @@ def flash_decode(
     if n_visit == 0:
         raise ValueError("decode visits no KV block: the schedule is empty")
     if num_splits is None:
-        # Aim for about two waves of programs; a split shorter than a few blocks only adds merge traffic.
-        num_splits = min(cdiv(2 * _num_sms(q.device), b * hkv), max(1, n_visit // 4), 64)
+        # Many short splits: programs of equal length leave a small tail however many fit on an SM at once
+        # (3 at d=128: 70 KB of shared memory each), and the partials they write are ~1% of the K/V bytes.
+        # A split keeps at least 4 blocks so the pipeline has something to overlap.
+        num_splits = min(max(1, n_visit // 4), 64)
     per_split = cdiv(n_visit, max(1, num_splits))
     n_split = cdiv(n_visit, per_split)
     rows = group * t
+    if num_warps is None:  # 128 rows with 4 warps spill (sm_90, d=128); 8 warps take 197 registers
+        num_warps = 8 if rows > 64 else 4
     o_part = torch.empty(b * hkv, n_split, rows, d, dtype=torch.float32, device=q.device)
     l_part = torch.empty(b * hkv, n_split, rows, dtype=torch.float32, device=q.device)
     if out is None:
@@ -185,7 +183,7 @@ def flash_decode(
         hkv, t, s, window, sink, window_align, n_visit, per_split, scale * LOG2E,
         GROUP=group, HEAD_DIM=d, BLOCK_R=max(16, triton.next_power_of_2(rows)), BLOCK_N=block_n,
         HAS_IDS=block_ids is not None, HAS_WINDOW=window > 0,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages,
+        DOT_PREC=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
     )
     _attn_decode_merge_kernel[(b * hkv * rows,)](
         o_part, l_part, out, out.stride(0), out.stride(1), out.stride(2), hkv, t, n_split,

@@ -186,18 +186,22 @@ class PrefillConfig:
 
 
 def prefill_config(head_dim: int, dtype: torch.dtype, q_len: int = 1 << 20) -> PrefillConfig:
-    """Tile sizes for a call. On Hopper, 128x64 tiles with 8 warps and 3 stages are the usual best for d=128 bf16
-    (two warpgroups of 64 rows; K and V tiles of 16 KB each per stage). fp32 halves the tiles to stay inside
-    registers and shared memory. Calls of few queries (decode-like) use 16- or 64-row tiles."""
+    """Tile sizes for a call. 128x64 tiles, 8 warps (two warpgroups of 64 rows), 3 stages: for d=128 bf16 on sm_90
+    this compiles to wgmma with 183 registers, no spills and 128 KB of shared memory (experiments/attention/
+    aot_compile.py); 128x128 tiles reach the 255-register cap. fp32 (3xTF32 dots) uses 64x32 tiles; calls of few
+    queries use 64- or 16-row tiles (64 rows with 4 warps spill, with 8 they take 139 registers)."""
     if dtype == torch.float32:
-        bm, bn, warps, stages = 64, 32, 4, 2
-    else:
-        bm, bn, warps, stages = 128, 64, 8, 3
+        return PrefillConfig(64 if q_len > 16 else 16, 32, 4, 2)
     if q_len <= 16:
-        bm, warps = 16, 4
-    elif q_len <= 64:
-        bm, warps = 64, 4
-    return PrefillConfig(bm, bn, warps, stages)
+        return PrefillConfig(16, 64, 4, 3)
+    if q_len <= 64:
+        return PrefillConfig(64, 64, 8, 3)
+    return PrefillConfig(128, 64, 8, 3)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs use 3xTF32 (fp32-accurate on tensor cores; plain "ieee" fp32 dots spill thousands of bytes)."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -260,6 +264,8 @@ def flash_prefill(
     vs = _last_dim_contiguous(summaries.v) if has_sum else v
     meta = summaries.meta.to(device=q.device, dtype=torch.int32).contiguous() if has_sum else schedule.kv_total
     cfg = prefill_config(d, q.dtype, t)
+    if cfg.block_m != schedule.block_m:  # a schedule built for other tiles: pick warps for its row count
+        cfg = PrefillConfig(schedule.block_m, schedule.block_n, 8 if schedule.block_m >= 64 else 4, cfg.num_stages)
     grid = (b * hq, schedule.n_q_tiles)
     _attn_prefill_kernel[grid](
         q, k, v, out, schedule.kv_blocks, schedule.kv_full, schedule.kv_total, tree, ks, vs, meta,
@@ -271,8 +277,8 @@ def flash_prefill(
         summaries.count if has_sum else 0, schedule.kv_blocks.shape[1], scale * LOG2E,
         GROUP=hq // hkv, HEAD_DIM=d, BLOCK_M=schedule.block_m, BLOCK_N=schedule.block_n,
         CAUSAL=schedule.causal, HAS_WINDOW=schedule.window > 0, HAS_TREE=tree_mask is not None,
-        HAS_SUMMARY=has_sum, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps or (8 if schedule.block_m >= 128 else 4), num_stages=num_stages or cfg.num_stages,
+        HAS_SUMMARY=has_sum, DOT_PREC=dot_precision(q.dtype),
+        num_warps=num_warps or cfg.num_warps, num_stages=num_stages or cfg.num_stages,
     )
     return out
 
@@ -329,4 +335,4 @@ def attention_reference(
 
 
 __all__ = ["flash_prefill", "attention_reference", "prefill_config", "PrefillConfig", "SummaryKeys",
-           "kernel_supports", "check_qkv", "SUPPORTED_HEAD_DIMS", "window_start"]
+           "kernel_supports", "check_qkv", "dot_precision", "SUPPORTED_HEAD_DIMS", "window_start"]
