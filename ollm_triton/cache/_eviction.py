@@ -28,17 +28,19 @@ from dataclasses import dataclass
 
 import torch
 
+from ollm_triton.cache._storage import StoreParams
 from ollm_triton.cache._timing import EncodeTimer, TimedLayerMixin
 from ollm_triton.cache.base import CacheLayer, LayerSpec
 
 
 @dataclass
-class EvictionParams:
+class EvictionParams(StoreParams):
     budget: int = 0  # tokens kept per layer and KV head; 0 = use `ratio`
     ratio: float = 0.5  # fraction of the tokens seen that is kept (when budget is 0)
     evict_every: int = 1  # evict once the held tokens exceed the budget by this many (amortizes the compaction)
 
     def check(self) -> None:
+        super().check()
         if self.budget < 0:
             raise ValueError(f"budget must be >= 0 tokens, got {self.budget}")
         if self.budget == 0 and not 0.0 < self.ratio <= 1.0:

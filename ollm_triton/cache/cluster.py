@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ollm_triton.cache._storage import StoreParams, wrap_store
 from ollm_triton.cache._timing import EncodeTimer, TimedLayerMixin
 from ollm_triton.cache.base import CacheCodec, CacheLayer, LayerSpec
 from ollm_triton.kernels.cluster import assign, assign_ref, kmeans
@@ -28,13 +29,14 @@ FLUSH_BLOCK = 64  # tokens leave the window in blocks of this many (amortizes th
 
 
 @dataclass
-class ClusterConfig:
+class ClusterConfig(StoreParams):
     num_clusters: int = 256  # centroids per (layer, KV head), for keys and for values
     iters: int = 10  # Lloyd rounds of the fit
     residual: int = 128  # newest tokens kept in the model dtype
     seed: int = 0
 
     def check(self) -> None:
+        super().check()
         if not 2 <= self.num_clusters <= 32767:
             raise ValueError(f"num_clusters must be in [2, 32767], got {self.num_clusters}")
         if self.iters < 0 or self.residual < 0:
@@ -146,4 +148,4 @@ class Cluster(CacheCodec):
         self.cfg = cfg
 
     def new_layer(self, spec: LayerSpec) -> CacheLayer:
-        return ClusterLayer(spec, self.cfg)
+        return wrap_store(ClusterLayer(spec, self.cfg), self.cfg, self)

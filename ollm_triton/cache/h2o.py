@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ollm_triton.cache._eviction import EvictingLayer, EvictionParams, topk_sorted
+from ollm_triton.cache._storage import wrap_store
 from ollm_triton.cache.base import CacheCodec, CacheLayer, LayerSpec
 from ollm_triton.kernels.kv_scores import attention_column_sums
 from ollm_triton.registry import register
@@ -68,4 +69,4 @@ class H2O(CacheCodec):
         self.cfg = cfg
 
     def new_layer(self, spec: LayerSpec) -> CacheLayer:
-        return H2OLayer(spec, self.cfg)
+        return wrap_store(H2OLayer(spec, self.cfg), self.cfg, self)

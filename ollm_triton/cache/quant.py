@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from ollm_triton.attention.base import DecodeSchedule
+from ollm_triton.cache._storage import StoreParams, wrap_store
 from ollm_triton.cache._timing import EncodeTimer, TimedLayerMixin
 from ollm_triton.cache.base import CacheCodec, CacheLayer, LayerSpec
 from ollm_triton.kernels import quant as Q
@@ -41,13 +42,14 @@ from ollm_triton.registry import register
 
 
 @dataclass
-class QuantParams:
+class QuantParams(StoreParams):
     group_size: int = 128  # tokens per key group = channels per value group (capped at head_dim)
     residual: int = 128  # most recent tokens kept in the model dtype
     symmetric: bool = False  # scale only (code - 2**(bits-1)) * scale, no zero point
     preallocate: bool = True  # codes and scales for max_len tokens up front
 
     def check(self) -> None:
+        super().check()
         g = self.group_size
         if g < 16 or g > 4096 or g & (g - 1):
             raise ValueError(f"group_size must be a power of two in [16, 4096], got {g}")
@@ -259,7 +261,7 @@ class Quant(CacheCodec):
 
     def new_layer(self, spec: LayerSpec) -> CacheLayer:
         bits = self.bits if self.bits is not None else self.cfg.bits
-        return QuantLayer(spec, bits, self.cfg)
+        return wrap_store(QuantLayer(spec, bits, self.cfg), self.cfg, self)
 
 
 @register("cache", "int8", QuantParams)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ollm_triton.cache._eviction import EvictingLayer, EvictionParams, topk_sorted
+from ollm_triton.cache._storage import wrap_store
 from ollm_triton.cache.base import CacheCodec, CacheLayer, LayerSpec
 from ollm_triton.kernels.kv_scores import attention_column_sums, pool_scores
 from ollm_triton.registry import register
@@ -84,4 +85,4 @@ class SnapKV(CacheCodec):
         self.cfg = cfg
 
     def new_layer(self, spec: LayerSpec) -> CacheLayer:
-        return SnapKVLayer(spec, self.cfg)
+        return wrap_store(SnapKVLayer(spec, self.cfg), self.cfg, self)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ollm_triton.cache._eviction import EvictingLayer, EvictionParams
+from ollm_triton.cache._storage import wrap_store
 from ollm_triton.cache.base import CacheCodec, CacheLayer, LayerSpec
 from ollm_triton.registry import register
 
@@ -51,4 +52,4 @@ class Streaming(CacheCodec):
         self.cfg = cfg
 
     def new_layer(self, spec: LayerSpec) -> CacheLayer:
-        return StreamingLayer(spec, self.cfg)
+        return wrap_store(StreamingLayer(spec, self.cfg), self.cfg, self)
