@@ -11,15 +11,31 @@ from ollm_triton.registry import register
 from ollm_triton.tasks.base import Timer
 
 
+def argmax_pick(logits: torch.Tensor) -> torch.Tensor:
+    """Greedy's pick: logits [B, V] -> tokens [B]."""
+    return logits.argmax(-1)
+
+
 def decode_loop(engine, prompt_ids: torch.Tensor, max_new_tokens: int, pick, eos_id: int | None) -> Generation:
-    """Prefill the prompt, then feed back one picked token per step. pick: logits [B, V] -> tokens [B]."""
+    """Prefill the prompt, then feed back one picked token per step. pick: logits [B, V] -> tokens [B].
+
+    The prompt goes through `engine.prefill` (chunked when the engine has a `prefill_chunk`). When the engine offers
+    a fast decoder (graph-captured static decode steps, engine/fast_decode.py; `engine.fast_path` says whether),
+    the loop runs there with the same tokens and stopping rule; greedy's argmax then runs inside the step.
+    """
+    fast = engine.fast_decoder() if hasattr(engine, "fast_decoder") else None
+    if fast is not None:
+        return fast.generate(prompt_ids, max_new_tokens, pick, eos_id, greedy=pick is argmax_pick)
     ids = prompt_ids.to(engine.device)
     batch, prompt_len = ids.shape
     cache = engine.new_cache(batch=batch, max_len=prompt_len + max_new_tokens)
     out = torch.empty(batch, max_new_tokens, dtype=torch.long, device=ids.device)
     done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
     with Timer(engine.device) as prefill:
-        logits = engine.forward(ids, cache, last_only=True)[:, -1]
+        if hasattr(engine, "prefill"):
+            logits = engine.prefill(ids, cache)
+        else:
+            logits = engine.forward(ids, cache, last_only=True)[:, -1]
     n = 0
     with Timer(engine.device) as decode:
         for n in range(1, max_new_tokens + 1):
@@ -43,7 +59,7 @@ class Greedy(DecoderStrategy):
         self.cfg = cfg
 
     def generate(self, engine, prompt_ids, max_new_tokens, *, eos_id=None):
-        return decode_loop(engine, prompt_ids, max_new_tokens, lambda logits: logits.argmax(-1), eos_id)
+        return decode_loop(engine, prompt_ids, max_new_tokens, argmax_pick, eos_id)
 
 
 @dataclass

@@ -8,6 +8,15 @@
 
 A prefetch policy may say where the weights should be materialised before its `setup` (a streaming policy keeps
 them on the host) by defining `weights_device(device) -> torch.device`; without it they are created on `device`.
+
+The fast path (ollm_triton/engine/fast_decode.py, issue 8), all optional and additive:
+    logits = engine.prefill(ids, cache, chunk=4096)   # a long prompt in chunks: activations bounded by the chunk
+    fast = engine.fast_decoder()                      # graph-captured decode for decode loops, or None
+    engine.fast_path                                  # "graph", "static", or "eager (<why not>)"
+`prefill_chunk` (tokens, 0 = whole prompt) sets the default chunk; `fast_decode` is "auto" (CUDA graphs on a CUDA
+device when every plugin is capturable, else eager with the reason), "graph", "static" (the same static-buffer
+step replayed without capture: any device), or "off". On CUDA tensors the model runs the fused Triton kernels
+(describe()["fused_kernels"]).
 """
 
 from __future__ import annotations
@@ -55,6 +64,8 @@ class Engine:
         tokenizer: Tokenizer | None = None,
         source: str = "random",
         decode_max_tokens: int = DECODE_MAX_TOKENS,
+        prefill_chunk: int = 0,
+        fast_decode: str = "auto",
     ):
         self.model = model
         self.config: ModelConfig = model.config
@@ -69,6 +80,16 @@ class Engine:
         self._num_parameters = sum(p.numel() for p in model.parameters())
         prefetch.setup(model, device)
         self.inv_freq = self.config.inv_freq().to(device)
+        if int(prefill_chunk) < 0:
+            raise ValueError(f"prefill_chunk must be >= 0 tokens (0 = the whole prompt at once), got {prefill_chunk}")
+        self.prefill_chunk = int(prefill_chunk)
+        from ollm_triton.engine.fast_decode import FAST_DECODE_MODES, plan_fast_path
+
+        if fast_decode not in FAST_DECODE_MODES:
+            raise ValueError(f"fast_decode={fast_decode!r} is not accepted; accepted: {', '.join(FAST_DECODE_MODES)}")
+        self.fast_decode = fast_decode
+        self.fast_path = plan_fast_path(self, fast_decode)  # "graph" | "static" | "eager (<reason>)"
+        self._fast = None
 
     def new_cache(self, batch: int = 1, max_len: int = 2048) -> KVCache:
         """A KVCache with one codec layer per decoder layer; `max_len` is the run's maximum context (codecs may
@@ -121,6 +142,34 @@ class Engine:
 
     __call__ = forward
 
+    def prefill(self, ids: torch.Tensor, cache: KVCache, chunk: int | None = None) -> torch.Tensor:
+        """Run a prompt through the decoder in chunks of `chunk` tokens (default `self.prefill_chunk`; 0 = all at
+        once) and return the float32 logits of its last token, [B, V].
+
+        Each chunk attends to the cache so far plus itself and runs its MLP over its own tokens only, so the
+        activation memory is bounded by the chunk, not by the prompt (the KV cache still grows with the prompt).
+        """
+        chunk = self.prefill_chunk if chunk is None else int(chunk)
+        if chunk < 0:
+            raise ValueError(f"prefill chunk must be >= 0 tokens (0 = the whole prompt at once), got {chunk}")
+        t = ids.shape[1]
+        if chunk == 0 or t <= chunk:
+            return self.forward(ids, cache, last_only=True)[:, -1]
+        logits = None
+        for start in range(0, t, chunk):
+            logits = self.forward(ids[:, start : start + chunk], cache, last_only=True)
+        return logits[:, -1]
+
+    def fast_decoder(self):
+        """The FastDecoder that decode loops hand their steps to, or None when `fast_path` says eager."""
+        if self.fast_path.startswith("eager"):
+            return None
+        if self._fast is None:
+            from ollm_triton.engine.fast_decode import FastDecoder
+
+            self._fast = FastDecoder(self, capture=self.fast_path == "graph")
+        return self._fast
+
     def num_parameters(self) -> int:
         """Distinct parameters (tied embeddings counted once)."""
         return self._num_parameters
@@ -139,6 +188,10 @@ class Engine:
             "cache": getattr(self.codec, "plugin_name", type(self.codec).__name__),
             "prefetch": getattr(self.prefetch, "plugin_name", type(self.prefetch).__name__),
             "decode_max_tokens": self.decode_max_tokens,
+            "fused_kernels": self.model.kernel_path if self.model is not None else "none",
+            "prefill_chunk": self.prefill_chunk,
+            "fast_path": self.fast_path,
+            "fast_path_steps": self._fast.steps if self._fast is not None else 0,
         }
         if self.tokenizer is not None:
             out["tokenizer_add_bos"] = self.tokenizer.add_bos
@@ -149,6 +202,9 @@ class Engine:
         close = getattr(self.prefetch, "close", None)
         if callable(close):
             close()
+        if self._fast is not None:
+            self._fast.close()
+            self._fast = None
         self.model = None
         self.inv_freq = None
         gc.collect()
@@ -172,6 +228,8 @@ def load_engine(
     dtype: str | torch.dtype = torch.float32,
     seed: int = 0,
     decode_max_tokens: int = DECODE_MAX_TOKENS,
+    prefill_chunk: int = 0,
+    fast_decode: str = "auto",
 ) -> Engine:
     """Build an Engine.
 
@@ -181,6 +239,7 @@ def load_engine(
         (sdpa, dense, resident).
     device: "cpu", "cuda", "cuda:N" or "auto" (cuda when available). dtype: a torch dtype, a name
         ("bfloat16", "fp16", ...), or "auto" (the checkpoint's dtype on CUDA, float32 on the CPU).
+    prefill_chunk, fast_decode: see the module docstring (chunked prefill; graph-captured decode).
     """
     from ollm_triton.registry import registry
 
@@ -214,7 +273,8 @@ def load_engine(
         load_weights(model, Path(directory), weights_device, dtype)
     model.eval()
     return Engine(model, attention=attention, codec=codec, prefetch=prefetch, device=device, dtype=dtype,
-                  tokenizer=tokenizer, source=source, decode_max_tokens=decode_max_tokens)
+                  tokenizer=tokenizer, source=source, decode_max_tokens=decode_max_tokens,
+                  prefill_chunk=prefill_chunk, fast_decode=fast_decode)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

@@ -18,6 +18,13 @@ depends on transformers. Which of the backend's two calls runs for a layer (`att
   chunk attends to itself at full precision.
 For a lossless cache (dense) the two calls see the same keys under the same causal mask, so the choice changes no
 result beyond floating-point summation order.
+
+Fused kernels (`CausalLM.fused_kernels`; by default on CUDA tensors, the eager PyTorch ops elsewhere): the residual
+add is fused into the next RMSNorm, RoPE into one kernel that also produces the head-major layout, and SiLU-gate
+into one pass (ollm_triton/kernels/{norm,rope,mlp}.py). Their rounding points are the eager path's, so results
+agree to the reduction order. A layer whose q/k/v (or gate/up) weights were concatenated into one matrix
+(`qkv_weight`, `gate_up_weight`: the fast decode path does this, the separate weights become views of it) runs one
+matmul instead of three (two). `CausalLM.kernel_path` says which path the last forward ran.
 """
 
 from __future__ import annotations
@@ -27,8 +34,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ollm_triton.engine.config import ModelConfig
+from ollm_triton.kernels.mlp import silu_mul
+from ollm_triton.kernels.norm import rmsnorm
+from ollm_triton.kernels.rope import rope_qk
 
 DECODE_MAX_TOKENS = 16
+FUSED_PATH = "triton:rmsnorm+residual,rope,silu_mul"
 
 
 class RMSNorm(nn.Module):
@@ -63,6 +74,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
+    qkv_weight: torch.Tensor | None = None  # [(Hq + 2 Hkv) D, hidden] when the projections were fused
+    qkv_bias: torch.Tensor | None = None
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d, h = cfg.head_dim, cfg.hidden_size
@@ -78,16 +92,35 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x, cos, sin, layer_cache, attention, *, tree_mask=None, decode_max_tokens=DECODE_MAX_TOKENS):
+    def project(self, x: torch.Tensor, fused: bool = False) -> tuple[torch.Tensor, ...]:
+        """x: [B, T, hidden] -> token-major q [B, T, Hq, D], k, v [B, T, Hkv, D] (q/k-normed for qwen3)."""
+        b, t, _ = x.shape
+        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.qkv_weight is not None:
+            qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+            q, k, v = qkv.split((hq * d, hkv * d, hkv * d), dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = q.view(b, t, hq, d), k.view(b, t, hkv, d), v.view(b, t, hkv, d)
+        if self.q_norm is not None:  # qwen3: per-head RMSNorm before RoPE
+            if fused:
+                q = rmsnorm(q, self.q_norm.weight, self.q_norm.eps, use_kernel=True)
+                k = rmsnorm(k, self.k_norm.weight, self.k_norm.eps, use_kernel=True)
+            else:
+                q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def forward(self, x, cos, sin, layer_cache, attention, *, tree_mask=None, decode_max_tokens=DECODE_MAX_TOKENS,
+                fused: bool = False):
         """x: [B, T, hidden] -> [B, T, hidden]; appends this layer's T keys/values to `layer_cache`."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:  # qwen3: per-head RMSNorm before RoPE
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.project(x, fused)
+        if fused:
+            q, k = rope_qk(q, k, cos, sin, use_kernel=True)
+            v = v.transpose(1, 2)
+        else:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = attention_step(q, k, v, layer_cache, attention, tree_mask=tree_mask, decode_max_tokens=decode_max_tokens)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
@@ -117,6 +150,9 @@ def attention_step(q, k, v, layer_cache, attention, *, tree_mask=None, decode_ma
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
+    gate_up_weight: torch.Tensor | None = None  # [2 * intermediate, hidden] when gate and up were fused
+    gate_up_bias: torch.Tensor | None = None
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         h, m = cfg.hidden_size, cfg.intermediate_size
@@ -124,8 +160,13 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(h, m, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(m, h, bias=cfg.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        if self.gate_up_weight is not None:
+            gate, up = F.linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        act = silu_mul(gate, up, use_kernel=True) if fused else F.silu(gate) * up
+        return self.down_proj(act)
 
 
 class DecoderLayer(nn.Module):
@@ -151,6 +192,11 @@ class Backbone(nn.Module):
 
 class CausalLM(nn.Module):
     """The decoder with its LM head; `lm_head.weight` is `model.embed_tokens.weight` when embeddings are tied."""
+
+    # None: the fused Triton kernels on CUDA tensors and the eager ops elsewhere; True/False force one path
+    # (True on the CPU runs the kernels through the Triton interpreter: tests).
+    fused_kernels: bool | None = None
+    kernel_path: str = "none"  # what the last forward ran: "torch" or FUSED_PATH
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -183,6 +229,11 @@ class CausalLM(nn.Module):
         advances `cache.position`. `prefetch.before_layer(i)` / `after_layer(i)` bracket decoder layer i.
         """
         x = self.model.embed_tokens(ids)
+        fused = x.is_cuda if self.fused_kernels is None else self.fused_kernels
+        self.kernel_path = FUSED_PATH if fused else "torch"
+        if fused:
+            return self._forward_fused(x, cache, cos, sin, attention, prefetch, tree_mask=tree_mask,
+                                       decode_max_tokens=decode_max_tokens, last_only=last_only)
         for i, layer in enumerate(self.model.layers):
             prefetch.before_layer(i)
             x = layer(x, cos, sin, cache.layers[i], attention, tree_mask=tree_mask,
@@ -191,3 +242,27 @@ class CausalLM(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))
+
+    def _forward_fused(self, x, cache, cos, sin, attention, prefetch, *, tree_mask, decode_max_tokens, last_only):
+        """`forward` with the residual add carried into the next norm: h + delta is formed inside the fused
+        RMSNorm kernel (same rounding as the eager `x = x + ...`)."""
+        residual, delta = x, None
+        for i, layer in enumerate(self.model.layers):
+            prefetch.before_layer(i)
+            normed, residual = add_rmsnorm(delta, residual, layer.input_layernorm)
+            delta = layer.self_attn(normed, cos, sin, cache.layers[i], attention, tree_mask=tree_mask,
+                                    decode_max_tokens=decode_max_tokens, fused=True)
+            normed, residual = add_rmsnorm(delta, residual, layer.post_attention_layernorm)
+            delta = layer.mlp(normed, fused=True)
+            prefetch.after_layer(i)
+        if last_only:
+            residual, delta = residual[:, -1:], delta[:, -1:]
+        normed, _ = add_rmsnorm(delta, residual, self.model.norm)
+        return self.lm_head(normed)
+
+
+def add_rmsnorm(delta: torch.Tensor | None, residual: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(residual + delta), residual + delta) through the fused kernel; delta None: norm(residual) alone."""
+    if delta is None:
+        return rmsnorm(residual, norm.weight, norm.eps, use_kernel=True), residual
+    return rmsnorm(delta, norm.weight, norm.eps, residual=residual, use_kernel=True)

@@ -1,0 +1,340 @@
+"""Graph-captured decode: one decode step of the whole model, replayed as a CUDA graph over static buffers.
+
+The eager engine launches ~15 kernels per layer from Python per token; for an 8B model at batch 1 that host work
+(~30 ms per token on the H200) is eight times the ~3.9 ms it takes to read the weights. Here one step -- embed,
+every layer (fused RMSNorm + residual, q/k/v projection, RoPE fused with the K/V cache write, attention over the
+cache, o-projection, SiLU-gate MLP), the final norm, the LM head and the argmax -- runs on static buffers:
+
+    token [B] long       the token fed this step (the graph writes the argmax of the step's logits back into it)
+    pos   [B] long       its position = the sequence's length before the step (incremented by the graph)
+    logits [B, V] fp32   the step's logits (for samplers, which pick outside the graph)
+    K/V  [B, Hkv, cap, D] per layer: the dense cache's own pre-allocated buffers, cap = the run's maximum context
+
+Nothing in the step depends on a host value (the attention reads each sequence's length from `pos` on the device,
+ollm_triton/kernels/attention_decode_varlen.py), so one capture per batch size ("bucket") serves every step and
+every later generation that fits its capacity. On the CPU (or with `capture=False`) the same step runs eagerly:
+the "static" mode, which tests compare token for token with the engine's ordinary decode loop.
+
+Which plugin combinations are capturable (`capture_blocker`): the step does dense causal attention over the dense
+cache's buffers itself, so the attention backend must be one whose decode is exactly that (sdpa, flash, or a
+backend declaring `capturable = True`, which promises that), the codec must be `dense` (pre-allocated, in the model
+dtype), and the prefetch policy must keep every weight resident (`resident`, or `capturable = True`). Anything else
+decodes eagerly, and `engine.fast_path` says why in one line (recorded in metrics.json; printed once when a GPU run
+falls back).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ollm_triton.cache.base import CacheLayer, KVCache, LayerSpec
+from ollm_triton.cache.dense import DenseLayer
+from ollm_triton.decoding.base import Generation
+from ollm_triton.engine.model import add_rmsnorm, rope_cos_sin
+from ollm_triton.kernels.attention_decode_varlen import decode_varlen
+from ollm_triton.kernels.rope import rope_write_kv
+from ollm_triton.tasks.base import Timer
+
+FAST_DECODE_MODES = ("auto", "graph", "static", "off")
+DENSE_CAUSAL_ATTENTION = ("sdpa", "flash")  # backends whose decode is plain causal attention over every held key
+CAPACITY_STEP = 1024  # bucket capacities are rounded up to this, so nearby lengths share a captured graph
+MAX_BUCKETS = 2  # captured graphs (each with its KV buffers) kept alive at once
+
+
+# ---- which runs can use it ----------------------------------------------------------------------------------------
+
+
+def capture_blocker(engine) -> str | None:
+    """Why this engine's plugins cannot run the static decode step (one line), or None when they can."""
+    attn = engine.attention
+    name = getattr(attn, "plugin_name", type(attn).__name__)
+    declared = getattr(attn, "capturable", None)
+    if declared is False:
+        return f"attention '{name}' declares its decode not capturable"
+    dense_causal = name in DENSE_CAUSAL_ATTENTION and not getattr(attn, "window", 0) \
+        and getattr(attn, "pattern", None) is None
+    if declared is None and not dense_causal:
+        return (f"attention '{name}' has no capturable decode (data-dependent shapes); capturable: "
+                f"{', '.join(DENSE_CAUSAL_ATTENTION)}")
+    codec = getattr(engine.codec, "plugin_name", type(engine.codec).__name__)
+    cfg = engine.config
+    probe = engine.codec.new_layer(LayerSpec(batch=1, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                                             dtype=engine.dtype, device=engine.device, max_len=1))
+    if not isinstance(probe, DenseLayer) or type(probe).observe is not CacheLayer.observe:
+        return f"cache '{codec}' has no static-buffer decode; capturable: dense"
+    if probe.dtype != engine.dtype:
+        return f"cache '{codec}' stores {str(probe.dtype).replace('torch.', '')}, not the model dtype"
+    if probe.k.shape[2] < 1:
+        return f"cache '{codec}' is not pre-allocated (preallocate=false grows its buffers)"
+    prefetch = getattr(engine.prefetch, "plugin_name", type(engine.prefetch).__name__)
+    if prefetch != "resident" and not getattr(engine.prefetch, "capturable", False):
+        return f"prefetch '{prefetch}' moves weights between steps; capturable: resident"
+    return None
+
+
+_notified: set[str] = set()
+
+
+def plan_fast_path(engine, mode: str) -> str:
+    """'graph', 'static' or 'eager (<reason>)' for `mode` in FAST_DECODE_MODES; a GPU run that asked for the fast
+    path and cannot have it gets a one-line notice on stderr (once per reason)."""
+    if mode == "off":
+        return "eager (fast_decode=off)"
+    if mode in ("auto", "graph") and engine.device.type != "cuda":
+        reason = "cpu: CUDA graphs need a CUDA device; fast_decode=static replays the same step without capture"
+    else:
+        reason = capture_blocker(engine)
+    if reason is None:
+        return "static" if mode == "static" else "graph"
+    if (engine.device.type == "cuda" or mode != "auto") and reason not in _notified:
+        _notified.add(reason)
+        print(f"fast decode: eager ({reason})", file=sys.stderr)
+    return f"eager ({reason})"
+
+
+# ---- weight fusion ------------------------------------------------------------------------------------------------
+
+
+def fuse_projections(model) -> None:
+    """Concatenate each layer's q/k/v weights into one [(Hq + 2 Hkv) D, hidden] matrix and gate/up into one
+    [2 M, hidden] matrix; the original parameters become views of them (no extra memory after the swap; one
+    layer's worth while it happens). The model's forward then runs one matmul where it ran three (two)."""
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if attn.qkv_weight is None:
+            attn.qkv_weight, attn.qkv_bias = _fuse(attn.q_proj, attn.k_proj, attn.v_proj)
+        if mlp.gate_up_weight is None:
+            mlp.gate_up_weight, mlp.gate_up_bias = _fuse(mlp.gate_proj, mlp.up_proj)
+
+
+def _fuse(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    weight = torch.cat([m.weight.detach() for m in linears])
+    bias = torch.cat([m.bias.detach() for m in linears]) if linears[0].bias is not None else None
+    start = 0
+    for m in linears:
+        n = m.weight.shape[0]
+        m.weight = nn.Parameter(weight[start : start + n], requires_grad=False)
+        if bias is not None:
+            m.bias = nn.Parameter(bias[start : start + n], requires_grad=False)
+        start += n
+    return weight, bias
+
+
+# ---- static buffers of one batch size ------------------------------------------------------------------------------
+
+
+@dataclass
+class Bucket:
+    """The static state of one batch size: a dense KVCache of `capacity` tokens and the step's I/O buffers."""
+
+    batch: int
+    capacity: int
+    cache: KVCache
+    token: torch.Tensor  # [B] long
+    pos: torch.Tensor  # [B] long
+    logits: torch.Tensor  # [B, V] float32
+    cos: torch.Tensor  # [capacity, D] RoPE table in the model dtype
+    sin: torch.Tensor
+    graph: object | None = None  # torch.cuda.CUDAGraph once captured
+
+    def reset(self) -> None:
+        for layer in self.cache.layers:
+            layer.truncate(0)
+        self.cache.position = 0
+
+    def row_cache(self, b: int) -> KVCache:
+        """A batch-1 KVCache whose layers write into row b of this bucket's buffers (ragged prefill)."""
+        layers = []
+        for big in self.cache.layers:
+            spec = LayerSpec(batch=1, kv_heads=big.spec.kv_heads, head_dim=big.spec.head_dim, dtype=big.spec.dtype,
+                             device=big.spec.device, max_len=self.capacity)
+            row = DenseLayer(spec, big.dtype, preallocate=False)
+            row.k, row.v = big.k[b : b + 1], big.v[b : b + 1]
+            layers.append(row)
+        return KVCache(layers)
+
+    def set_length(self, lengths: list[int]) -> None:
+        """Make the cache layers' host-side lengths agree with what the device steps wrote (the longest row)."""
+        n = max(lengths)
+        for layer in self.cache.layers:
+            layer._len = n  # DenseLayer keeps its fill level here; the steps wrote the buffers behind its back
+            layer.appended = n
+        self.cache.position = n
+
+
+class FastDecoder:
+    """Static-buffer decode steps for one Engine, captured as CUDA graphs (`capture=True`) or run eagerly.
+
+    use_kernels: None = the fused Triton kernels on CUDA and the PyTorch references elsewhere (True on the CPU runs
+    them through the interpreter). fuse_weights (default: with capture) concatenates q/k/v and gate/up weights.
+    """
+
+    def __init__(self, engine, *, capture: bool, use_kernels: bool | None = None, fuse_weights: bool | None = None):
+        if capture and engine.device.type != "cuda":
+            raise ValueError("FastDecoder(capture=True) needs a CUDA engine; use capture=False (static) on the CPU")
+        self.engine = engine
+        self.capture = capture
+        self.kernels = engine.device.type == "cuda" if use_kernels is None else use_kernels
+        self.buckets: OrderedDict[int, Bucket] = OrderedDict()
+        self.steps = 0  # decode steps run through the static step (replayed or eager)
+        self.captures = 0
+        self.capture_s = 0.0
+        if capture if fuse_weights is None else fuse_weights:
+            fuse_projections(engine.model)
+
+    @property
+    def mode(self) -> str:
+        return "graph" if self.capture else "static"
+
+    # ---- buckets ---------------------------------------------------------------------------------------------
+    def bucket(self, batch: int, max_len: int) -> Bucket:
+        """The bucket for `batch` sequences of up to `max_len` tokens (created, or grown and re-captured)."""
+        bk = self.buckets.get(batch)
+        if bk is not None and bk.capacity >= max_len:
+            self.buckets.move_to_end(batch)
+            return bk
+        if bk is not None:
+            del self.buckets[batch]
+        while len(self.buckets) >= MAX_BUCKETS:
+            self.buckets.popitem(last=False)
+        e = self.engine
+        cap = -(-max_len // CAPACITY_STEP) * CAPACITY_STEP
+        cache = e.new_cache(batch=batch, max_len=cap)
+        for layer in cache.layers:  # finite values everywhere: the masked reference attention multiplies by 0
+            layer.k.zero_()
+            layer.v.zero_()
+        cos, sin = rope_cos_sin(e.inv_freq, torch.arange(cap, device=e.device), e.dtype)
+        bk = Bucket(batch=batch, capacity=cap, cache=cache,
+                    token=torch.zeros(batch, dtype=torch.long, device=e.device),
+                    pos=torch.zeros(batch, dtype=torch.long, device=e.device),
+                    logits=torch.zeros(batch, e.config.vocab_size, dtype=torch.float32, device=e.device),
+                    cos=cos, sin=sin)
+        self.buckets[batch] = bk
+        return bk
+
+    # ---- the step --------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self, bk: Bucket) -> None:
+        """One decode step for every row: feed bk.token at bk.pos, write K/V, write logits, argmax -> bk.token,
+        pos += 1. Static shapes only, no host synchronisation (capturable)."""
+        model, kern = self.engine.model, self.kernels
+        b = bk.batch
+        x = model.model.embed_tokens(bk.token[:, None])  # [B, 1, hidden]
+        cos = bk.cos.index_select(0, bk.pos)[:, None]  # [B, 1, D]: each row at its own position
+        sin = bk.sin.index_select(0, bk.pos)[:, None]
+        lengths = bk.pos + 1
+        residual, delta = x, None
+        for i, layer in enumerate(model.model.layers):
+            attn, kv = layer.self_attn, bk.cache.layers[i]
+            normed, residual = _add_norm(delta, residual, layer.input_layernorm, kern)
+            q, k, v = attn.project(normed, fused=kern)  # [B, 1, H, D] token-major
+            q_rot = rope_write_kv(q, k, v, cos, sin, kv.k, kv.v, bk.pos, use_kernel=kern)  # [B, Hq, 1, D]
+            out = decode_varlen(q_rot[:, :, 0], kv.k, kv.v, lengths, use_kernel=kern)  # [B, Hq, D]
+            delta = attn.o_proj(out.reshape(b, 1, attn.num_heads * attn.head_dim))
+            normed, residual = _add_norm(delta, residual, layer.post_attention_layernorm, kern)
+            delta = layer.mlp(normed, fused=kern)
+        normed, _ = _add_norm(delta, residual, model.model.norm, kern)
+        logits = model.lm_head(normed)[:, 0]  # [B, V]
+        bk.logits.copy_(logits)
+        bk.token.copy_(logits.argmax(-1))  # argmax of the model-dtype logits = argmax of their float32 copy
+        bk.pos.add_(1)
+
+    def _capture(self, bk: Bucket) -> None:
+        """Warm up on a side stream (Triton compiles, cuBLAS picks kernels), restore the inputs, capture."""
+        t0 = time.perf_counter()
+        saved = bk.token.clone(), bk.pos.clone()
+        stream = torch.cuda.Stream(device=self.engine.device)
+        stream.wait_stream(torch.cuda.current_stream(self.engine.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # writes K/V at slots the first real steps overwrite before anything reads them
+                self.step(bk)
+        torch.cuda.current_stream(self.engine.device).wait_stream(stream)
+        bk.token.copy_(saved[0])
+        bk.pos.copy_(saved[1])
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.step(bk)
+        bk.graph = graph
+        torch.cuda.synchronize(self.engine.device)
+        self.captures += 1
+        self.capture_s += time.perf_counter() - t0
+
+    def replay(self, bk: Bucket) -> None:
+        """Run one step: the captured graph (capturing it on first use) or the eager step."""
+        if self.capture:
+            if bk.graph is None:
+                self._capture(bk)
+            bk.graph.replay()
+        else:
+            self.step(bk)
+        self.steps += 1
+
+    # ---- decode loops ----------------------------------------------------------------------------------------
+    def decode(self, bk: Bucket, first_logits: torch.Tensor, lengths: list[int], max_new_tokens: int, pick,
+               eos_id: int | None, greedy: bool) -> tuple[torch.Tensor, int]:
+        """Decode after a prefill that left row b holding lengths[b] tokens. first_logits: [B, V] of each row's
+        last prompt token. pick: logits [B, V] -> tokens [B] (greedy: the step's own argmax is used instead).
+        Returns (tokens [B, n], n), the same tokens and stopping rule as greedy.decode_loop."""
+        dev = self.engine.device
+        b = bk.batch
+        out = torch.empty(b, max_new_tokens, dtype=torch.long, device=dev)
+        done = torch.zeros(b, dtype=torch.bool, device=dev)
+        bk.pos.copy_(torch.as_tensor(lengths, dtype=torch.long).to(dev))
+        token = pick(first_logits)
+        n = 0
+        for n in range(1, max_new_tokens + 1):
+            if eos_id is not None:  # finished rows keep emitting eos
+                token = torch.where(done, torch.full_like(token, eos_id), token)
+                done |= token == eos_id
+            out[:, n - 1] = token
+            if n == max_new_tokens or (eos_id is not None and bool(done.all())):
+                break
+            if token is not bk.token:
+                bk.token.copy_(token)
+            self.replay(bk)
+            token = bk.token if greedy else pick(bk.logits)
+        bk.set_length([length + n - 1 for length in lengths])
+        return out[:, :n], n
+
+    def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int, pick, eos_id: int | None = None, *,
+                 greedy: bool = False) -> Generation:
+        """greedy.decode_loop on the fast path: eager (optionally chunked) prefill into the bucket's cache, then
+        static decode steps. prompt_ids: [B, T]."""
+        e = self.engine
+        ids = prompt_ids.to(e.device)
+        batch, prompt_len = ids.shape
+        bk = self.bucket(batch, prompt_len + max_new_tokens)
+        bk.reset()
+        with Timer(e.device) as prefill:
+            first = e.prefill(ids, bk.cache)
+        capture_before = self.capture_s
+        if self.capture and bk.graph is None and max_new_tokens > 1:
+            bk.pos.fill_(prompt_len)  # the warm-up steps need a valid position; decode() sets it again
+            self._capture(bk)  # once per bucket, outside the decode timer, reported on its own
+        with Timer(e.device) as decode:
+            tokens, n = self.decode(bk, first, [prompt_len] * batch, max_new_tokens, pick, eos_id, greedy)
+        counters = {"generated_tokens": float(n * batch), "target_forwards": float(n), "prefill_s": prefill.seconds,
+                    "decode_s": decode.seconds, "graph_capture_s": self.capture_s - capture_before,
+                    "fast_path_graph": float(self.capture)}
+        return Generation(tokens, counters)
+
+    def close(self) -> None:
+        self.buckets.clear()
+
+
+def _add_norm(delta, residual, norm, kernels: bool):
+    if kernels:
+        return add_rmsnorm(delta, residual, norm)
+    if delta is None:
+        return norm(residual), residual
+    residual = residual + delta
+    return norm(residual), residual
+
+
+__all__ = ["FAST_DECODE_MODES", "Bucket", "FastDecoder", "capture_blocker", "fuse_projections", "plan_fast_path"]

@@ -1,0 +1,173 @@
+"""The static-buffer decode step (engine/fast_decode.py) against the engine's ordinary decode loop.
+
+On the CPU the step runs eagerly ("static" mode, the code path a CUDA graph captures): greedy tokens must equal the
+ordinary loop's exactly and every step's logits must agree to fp32 rounding, for the model variants the step
+handles (GQA llama, qwen2 biases, qwen3 q/k-norm with tied embeddings). On the GPU, graph replay must equal the
+same step run eagerly, token for token.
+"""
+
+import pytest
+import torch
+
+from ollm_triton.decoding.greedy import argmax_pick, decode_loop
+from ollm_triton.engine import load_engine
+from ollm_triton.engine.fast_decode import FastDecoder, capture_blocker, fuse_projections
+from ollm_triton.registry import registry
+
+SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
+VARIANTS = {
+    "llama": dict(model_type="llama"),
+    "qwen2": dict(model_type="qwen2"),
+    "qwen3": dict(model_type="qwen3", head_dim=16, tie_word_embeddings=True),
+}
+
+
+def engine_for(variant="llama", **kw):
+    engine = load_engine({**SMALL, **VARIANTS[variant]}, seed=1, **kw)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # norms off 1 and biases off 0, so that a step forgetting one of them differs
+        for name, p in engine.model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.2 * torch.randn(p.shape, generator=gen))
+            elif name.endswith(".bias"):
+                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+    return engine
+
+
+def prompt(batch=2, t=19, seed=0):
+    return torch.randint(0, 256, (batch, t), generator=torch.Generator().manual_seed(seed))
+
+
+def recording_pick(store):
+    def pick(logits):
+        store.append(logits.clone())
+        return logits.argmax(-1)
+    return pick
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_static_step_equals_the_decode_loop(variant):
+    eager = engine_for(variant, fast_decode="off")
+    static = engine_for(variant, fast_decode="static")
+    assert static.fast_path == "static" and eager.fast_path == "eager (fast_decode=off)"
+    ids = prompt()
+    ref_logits, got_logits = [], []
+    ref = decode_loop(eager, ids, 12, recording_pick(ref_logits), None)
+    got = decode_loop(static, ids, 12, recording_pick(got_logits), None)  # pick outside the step (samplers' path)
+    assert torch.equal(ref.tokens, got.tokens)
+    for a, b in zip(ref_logits, got_logits, strict=True):
+        assert (a - b).abs().max().item() <= 1e-5
+    greedy = registry.build("decoder", "greedy").generate(static, ids, 12)  # argmax inside the step
+    assert torch.equal(greedy.tokens, ref.tokens)
+    info = static.describe()
+    assert info["fast_path"] == "static" and info["fast_path_steps"] == 22 and info["fused_kernels"] == "torch"
+    # the static step wrote the same K/V the loop appended (row 0, layer 1, every position fed)
+    bk = static.fast_decoder().buckets[2]
+    cache = eager.new_cache(2, 64)
+    eager.forward(torch.cat((ids, ref.tokens[:, :-1]), 1), cache)
+    n = ids.shape[1] + 11
+    assert bk.cache.layers[1].length == n
+    assert (bk.cache.layers[1].k[:, :, :n] - cache.layers[1].k[:, :, :n]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.interpreter
+def test_static_step_with_fused_kernels_and_weights_under_the_interpreter():
+    eager = engine_for("qwen3", fast_decode="off")
+    fused = engine_for("qwen3", fast_decode="off")
+    fused.model.fused_kernels = True  # prefill through the fused kernels too (the interpreter here)
+    ids = prompt(batch=2, t=9)
+    ref_logits, got_logits = [], []
+    ref = decode_loop(eager, ids, 5, recording_pick(ref_logits), None)
+    fast = FastDecoder(fused, capture=False, use_kernels=True, fuse_weights=True)
+    got = fast.generate(ids, 5, recording_pick(got_logits))
+    assert torch.equal(ref.tokens, got.tokens) and fused.model.kernel_path.startswith("triton")
+    for a, b in zip(ref_logits, got_logits, strict=True):
+        assert (a - b).abs().max().item() <= 1e-4
+
+
+def test_fused_projections_are_views_and_keep_logits():
+    engine = engine_for("qwen2")
+    ids = prompt(batch=1, t=7)
+    before = engine.forward(ids, engine.new_cache(1, 8))
+    n_params = sum(p.numel() for p in engine.model.parameters())
+    fuse_projections(engine.model)
+    attn, mlp = engine.model.model.layers[0].self_attn, engine.model.model.layers[0].mlp
+    assert attn.qkv_weight.shape == (64 + 2 * 32, 64) and mlp.gate_up_weight.shape == (256, 64)
+    assert attn.k_proj.weight.data_ptr() == attn.qkv_weight[64:].data_ptr()  # a view, no second copy
+    assert attn.qkv_bias is not None and sum(p.numel() for p in engine.model.parameters()) == n_params
+    after = engine.forward(ids, engine.new_cache(1, 8))
+    assert (before - after).abs().max().item() <= 1e-5
+
+
+def test_eos_sampling_and_bucket_reuse():
+    eager = engine_for(fast_decode="off")
+    static = engine_for(fast_decode="static")
+    ids = prompt(batch=2, t=11, seed=3)
+    free = registry.build("decoder", "greedy").generate(eager, ids, 10).tokens
+    eos = int(free[0, 3])  # row 0 stops at step 4; row 1 keeps going unless it meets it too
+    for decoder in (registry.build("decoder", "greedy"), registry.build("decoder", "sample", {"seed": 7})):
+        a = decoder.generate(eager, ids, 10, eos_id=eos)
+        b = decoder.generate(static, ids, 10, eos_id=eos)
+        assert torch.equal(a.tokens, b.tokens) and a.counters["target_forwards"] == b.counters["target_forwards"]
+    fast = static.fast_decoder()
+    bucket = fast.buckets[2]
+    decode_loop(static, prompt(batch=2, t=30), 5, argmax_pick, None)  # fits the bucket's capacity: reused
+    assert fast.buckets[2] is bucket and bucket.capacity == 1024
+    decode_loop(static, prompt(batch=1, t=5), 3, argmax_pick, None)
+    assert set(fast.buckets) == {1, 2}
+
+
+def test_fast_path_says_why_not():
+    cpu_auto = engine_for()
+    assert cpu_auto.fast_path.startswith("eager (cpu: CUDA graphs need a CUDA device")
+    assert cpu_auto.fast_decoder() is None and cpu_auto.describe()["fast_path_steps"] == 0
+    cases = {
+        "attention 'sliding_window' has no capturable decode": dict(attention="sliding_window"),
+        "cache 'int4' has no static-buffer decode": dict(codec="int4"),
+        "cache 'dense' stores float16": dict(codec=registry.build("cache", "dense", {"dtype": "float16"})),
+        "cache 'dense' is not pre-allocated": dict(codec=registry.build("cache", "dense", {"preallocate": False})),
+    }
+    for reason, plugins in cases.items():
+        engine = engine_for(fast_decode="static", **plugins)
+        assert engine.fast_path.startswith(f"eager ({reason}") and engine.fast_decoder() is None
+        assert capture_blocker(engine).startswith(reason)
+    assert engine_for(fast_decode="static", attention="flash").fast_path == "static"
+    with pytest.raises(ValueError, match="fast_decode='fastest' is not accepted; accepted: auto, graph, static, off"):
+        engine_for(fast_decode="fastest")
+    with pytest.raises(ValueError, match="needs a CUDA engine"):
+        FastDecoder(cpu_auto, capture=True)
+
+
+# ---- GPU ---------------------------------------------------------------------------------------------------------
+
+GPU_MODEL = dict(model_type="llama", vocab_size=4096, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+                 num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=8192,
+                 rms_norm_eps=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 3])
+def test_gpu_graph_replay_equals_eager_step(batch):
+    graph = load_engine(GPU_MODEL, device="cuda", dtype=torch.bfloat16, seed=0)
+    static = load_engine(GPU_MODEL, device="cuda", dtype=torch.bfloat16, seed=0, fast_decode="static")
+    assert graph.fast_path == "graph" and static.fast_path == "static"
+    ids = prompt(batch=batch, t=300).to("cuda") % 4096
+    # the static engine runs the same kernels and fused weights, only without capture
+    static._fast = FastDecoder(static, capture=False, fuse_weights=True)
+    greedy = registry.build("decoder", "greedy")
+    a = greedy.generate(graph, ids, 64)
+    b = greedy.generate(static, ids, 64)
+    assert torch.equal(a.tokens, b.tokens)
+    assert a.counters["fast_path_graph"] == 1.0 and a.counters["graph_capture_s"] > 0
+    again = greedy.generate(graph, ids, 64)  # replays the captured graph: no second capture
+    assert torch.equal(again.tokens, a.tokens) and again.counters["graph_capture_s"] == 0
+    info = graph.describe()
+    assert info["fast_path"] == "graph" and info["fused_kernels"].startswith("triton")
+    # next to the unfused eager engine: same logits to bf16 rounding at the first decode step
+    eager = load_engine(GPU_MODEL, device="cuda", dtype=torch.bfloat16, seed=0, fast_decode="off")
+    ref_logits, got_logits = [], []
+    decode_loop(eager, ids, 2, recording_pick(ref_logits), None)
+    graph.fast_decoder().generate(ids, 2, recording_pick(got_logits))
+    for r, g in zip(ref_logits, got_logits, strict=True):
+        assert ((r - g).norm() / r.norm()).item() < 2e-2
