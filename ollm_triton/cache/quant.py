@@ -29,16 +29,19 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from ollm_triton.attention.base import DecodeSchedule
 from ollm_triton.cache._storage import StoreParams, wrap_store
 from ollm_triton.cache._timing import EncodeTimer, TimedLayerMixin
 from ollm_triton.cache.base import CacheCodec, CacheLayer, LayerSpec
 from ollm_triton.kernels import quant as Q
 from ollm_triton.kernels.kv_quant_decode import quant_decode
 from ollm_triton.registry import register
+
+if TYPE_CHECKING:  # the cache package does not import the attention package at run time
+    from ollm_triton.attention.base import DecodeSchedule
 
 
 @dataclass

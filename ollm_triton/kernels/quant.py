@@ -9,8 +9,8 @@ fixed channels, value errors average out over tokens.
     x ~= (code - 2**(bits-1)) * scale                                 (symmetric: no zero point is stored)
 
 Packing: P = 8 // bits codes per byte, interleaved along the last (channel) axis: byte j holds channels P*j + i
-at bits [i*bits, (i+1)*bits). Unpacking P planes and interleaving them is then one `tl.interleave` per halving
-in the fused decode kernel, so a tile of codes is read with contiguous, vectorisable loads.
+at bits [i*bits, (i+1)*bits). A shift and a mask give plane i (channels i, P + i, 2P + i, ...) of a whole tile
+of bytes, read with contiguous loads; the fused decode works plane by plane (kernels/kv_quant_decode.py).
 
 Scales and zero points are stored in float16 for 16-bit models (bfloat16's 8-bit mantissa would put the zero
 point of an int8 group off by more than one code step) and in float32 for float32 models. Codes are computed
