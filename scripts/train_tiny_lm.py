@@ -414,7 +414,8 @@ def write_card(folder: Path, name: str, log: dict, role: str) -> None:
         f"10%, {'bf16 autocast' if log['args'].get('amp') else 'fp32'} |",
         f"| retrieval documents | {log['args']['retrieval_frac']:.0%} of sequences, answer tokens weighted "
         f"{log['args']['answer_weight']:g}x |",
-        f"| corpus | Python {log['corpus']['python_version']} stdlib, {log['corpus']['train_docs']} train files; "
+        f"| corpus | Python {log['corpus']['python_version']} stdlib ({log['corpus'].get('source', 'the interpreter')}"
+        f"), {log['corpus']['train_docs']} train files; "
         f"eval split hash `{log['corpus']['eval_hash'][:16]}` |",
         f"| versions | torch {log['versions']['torch']}, transformers {log['versions']['transformers']}, "
         f"tokenizers {log['versions']['tokenizers']}, Python {log['versions']['python']} |",
@@ -493,6 +494,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--passkey-lengths", default="512,1024,2048,4096,8192,16384")
     p.add_argument("--passkey-samples", type=int, default=20)
     p.add_argument("--corpus-root", default=None, help="stdlib folder to read (default: this interpreter's)")
+    p.add_argument("--corpus-python", default=None, help="Python version of --corpus-root, for the record")
+    p.add_argument("--tokenizer", default=None, help="reuse this tokenizer.json instead of training one")
+    p.add_argument("--skip-eval", action="store_true", help="stop after saving the models (evaluate later with "
+                   "--eval-only, e.g. on another machine)")
     p.add_argument("--eval-only", action="store_true", help="evaluate the models already in --out and rewrite the "
                    "cards, taking the training record from the existing log")
     p.add_argument("--max-docs", type=int, default=0, help="use only the first N train docs (0: all)")
@@ -512,15 +517,17 @@ def reproduce_command(log: dict) -> str:
     """The logged command without paths and time budgets, with the step counts the run resolved."""
     words = shlex.split(log["command"])[2:]
     drop_with_value = {"--out", "--log", "--target-seconds", "--draft-seconds", "--target-steps", "--draft-steps",
-                       "--corpus-root"}
+                       "--corpus-root", "--corpus-python", "--tokenizer"}
     kept, skip = [], False
     for w in words:
         if skip:
             skip = False
         elif w in drop_with_value:
             skip = True
-        elif w.split("=", 1)[0] not in drop_with_value:
+        elif w.split("=", 1)[0] not in drop_with_value and w not in ("--skip-eval", "--eval-only"):
             kept.append(w)
+    if log.get("tokenizer", {}).get("source", "").endswith(".json"):  # a reused tokenizer: the shipped copy of it
+        kept += ["--tokenizer", "ollm_triton/assets/tiny-llama/tokenizer.json"]
     steps = [f"--target-steps {log['target']['training']['steps']}", f"--draft-steps {log['draft']['training']['steps']}"]
     return " ".join(["python scripts/train_tiny_lm.py", *kept, *steps])
 
@@ -567,12 +574,13 @@ def main(argv: list[str] | None = None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
 
     t0 = time.perf_counter()
-    corpus = build_corpus(args.corpus_root) if args.corpus_root else load_corpus()
+    corpus = build_corpus(args.corpus_root, args.corpus_python) if args.corpus_root else load_corpus()
     train_docs = corpus.train_docs[: args.max_docs] if args.max_docs else corpus.train_docs
     eval_docs = corpus.eval_docs[: args.max_eval_docs] if args.max_eval_docs else corpus.eval_docs
     print(f"corpus: Python {corpus.python_version}, {len(train_docs)} train / {len(eval_docs)} eval files "
           f"({time.perf_counter() - t0:.1f}s)", flush=True)
     corpus_info = {"python_version": corpus.python_version, "eval_hash": corpus.eval_hash,
+                   "source": f"a copy of the stdlib at {args.corpus_root}" if args.corpus_root else "the interpreter's",
                    "train_docs": len(train_docs), "eval_docs": len(eval_docs)}
 
     if args.eval_only:
@@ -589,13 +597,21 @@ def main(argv: list[str] | None = None) -> dict:
             "corpus": corpus_info,
         }
         t1 = time.perf_counter()
-        tok = train_tokenizer(train_docs, args.vocab_size)
+        if args.tokenizer:
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(args.tokenizer)
+        else:
+            tok = train_tokenizer(train_docs, args.vocab_size)
         train_stream = tokenize_stream(tok, train_docs)
         log["tokenizer"] = {"vocab_size": tok.get_vocab_size(), "train_tokens": int(len(train_stream)),
+                            "source": args.tokenizer or "trained on the train split",
                             "seconds": round(time.perf_counter() - t1, 1)}
         print(f"tokenizer: vocab {tok.get_vocab_size()}, train {len(train_stream)} tokens "
               f"({time.perf_counter() - t1:.1f}s)", flush=True)
         train_both(args, device, tok, train_stream, target_dir, draft_dir, log, log_path)
+        if args.skip_eval:
+            return log
 
     eval_stream = tokenize_stream(tok, eval_docs)
     log["eval_env"] = {**environment(device), "corpus": corpus_info, "eval_tokens": int(len(eval_stream))}
