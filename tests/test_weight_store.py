@@ -190,3 +190,34 @@ def test_cpu_tier_images_hold_the_weights():
         assert all(torch.equal(views[n], p) for n, p in layer.named_parameters())
     with pytest.raises(ValueError, match="tier"):
         WeightStore.from_layers(list(model.model.layers), "tape")
+
+
+def test_shard_script_writes_the_cache_a_policy_then_reuses(tmp_path, monkeypatch):
+    import importlib.util
+
+    from safetensors.torch import save_file
+
+    from ollm_triton.engine import load_engine
+    from ollm_triton.registry import registry
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    model = _model(seed=3)
+    save_file({n: p.contiguous() for n, p in model.named_parameters()}, str(ckpt / "model.safetensors"))
+    (ckpt / "config.json").write_text(json.dumps(CFG))
+    spec = importlib.util.spec_from_file_location("shard_layers", os.path.join(
+        os.path.dirname(__file__), "..", "scripts", "shard_layers.py"))
+    shard_layers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shard_layers)
+    monkeypatch.setenv("OLLM_TRITON_CACHE", str(tmp_path / "root"))
+    out = shard_layers.shard(str(ckpt), torch.float32)
+    assert out.parent == tmp_path / "root" and (out / MANIFEST).is_file()
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    resident = load_engine(str(ckpt))
+    ref = resident.forward(ids, resident.new_cache(1, 8))
+    engine = load_engine(str(ckpt), prefetch=registry.build("prefetch", "lookahead", {"tier": "disk"}))
+    assert engine.prefetch.store.directory == out  # found by the model hash: nothing rewritten
+    assert torch.equal(engine.forward(ids, engine.new_cache(1, 8)), ref)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+    engine.close()

@@ -129,7 +129,7 @@ class GPUMemoryPool:
         materialised (a new allocation), the cached slot `victim(lru_names)` picks (default: least recently
         released).
         """
-        nbytes = math.prod(int(s) for s in shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         if nbytes > self.slot_bytes:
             raise ValueError(f"pool {self.name!r}: {name!r} needs {nbytes} bytes, slots hold {self.slot_bytes}")
         self.requests += 1
@@ -166,8 +166,11 @@ class GPUMemoryPool:
             self._by_name[name] = index
         slot.in_use = True
         self._update_peaks()
-        with torch.inference_mode(False):  # a view made under inference mode could not be written outside it
-            view = slot.storage[:nbytes].view(dtype).view(tuple(int(s) for s in shape))
+        if dtype == torch.uint8 and len(shape) == 1 and nbytes == self.slot_bytes:
+            view = slot.storage  # the whole slot as bytes: no new view needed
+        else:
+            with torch.inference_mode(False):  # a view made under inference mode could not be written outside it
+                view = slot.storage[:nbytes].view(dtype).view(tuple(int(s) for s in shape))
         return Allocation(name, view, index, reused, evicted)
 
     def release(self, name: str, *, keep: bool = True) -> None:
@@ -222,8 +225,12 @@ class GPUMemoryPool:
         return None
 
     def _update_peaks(self) -> None:
-        self.peak_in_use_bytes = max(self.peak_in_use_bytes, self.in_use_count() * self.slot_bytes)
-        self.peak_reserved_bytes = max(self.peak_reserved_bytes, self.reserved_bytes())
+        in_use = reserved = 0
+        for s in self._slots:
+            in_use += s.in_use
+            reserved += s.storage is not None
+        self.peak_in_use_bytes = max(self.peak_in_use_bytes, in_use * self.slot_bytes)
+        self.peak_reserved_bytes = max(self.peak_reserved_bytes, reserved * self.slot_bytes)
 
     def report(self) -> dict[str, float]:
         """Sizes in bytes and counters: `reuse_hits` found their own bytes still in a slot; `allocations_avoided`
@@ -285,7 +292,7 @@ class MemoryManager:
 
     def allocate(self, name: str, shape: Sequence[int], dtype: torch.dtype = torch.uint8, *, pool: str | None = None,
                  victim: Callable[[list[str]], str | None] | None = None) -> Allocation:
-        nbytes = math.prod(int(s) for s in shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         with self._lock:
             p = self._route(nbytes, pool)
             out = p.allocate(name, shape, dtype, victim=victim)

@@ -142,7 +142,7 @@ class WeightStore:
         layouts = [LayerLayout.of_module(layer) for layer in layers]
         if tier in ("cpu", "device"):
             images, registered = [], []
-            for layer, layout in zip(layers, layouts):
+            for layer, layout in zip(layers, layouts, strict=True):
                 image = cls._new_image(layout, "cpu" if tier == "cpu" else device, pin and tier == "cpu", registered)
                 layout.pack(layer_tensors(layer), image)
                 images.append(image)
@@ -156,9 +156,9 @@ class WeightStore:
         model_hash = hasher.hexdigest()
         directory = Path(cache_dir).expanduser() if cache_dir else cache_root() / model_hash
         if not (directory / MANIFEST).is_file():
-            write_layer_cache(directory, ((i, layout, layer_tensors(layer)) for i, (layer, layout)
-                                          in enumerate(zip(layers, layouts))), layouts, model_hash=model_hash,
-                              config=config, dtype=dtype, workers=workers)
+            items = ((i, layouts[i], layer_tensors(layer)) for i, layer in enumerate(layers))
+            write_layer_cache(directory, items, layouts, model_hash=model_hash, config=config, dtype=dtype,
+                              workers=workers)
         return cls.open_disk(directory, layouts, model_hash=model_hash, verify=verify)
 
     @classmethod
@@ -237,13 +237,22 @@ class WeightStore:
         self.read_into(i, scratch)
 
     def close(self) -> None:
+        """Unpin registered host images (their memory must not be freed while still registered with CUDA)."""
         for t in self._registered:
             _unregister_pinned(t)
         self._registered, self.images = [], None
 
+    def __del__(self):
+        if getattr(self, "_registered", None):
+            try:
+                self.close()
+            except Exception:  # interpreter shutdown: CUDA may already be gone
+                pass
+
 
 def write_layer_cache(directory: Path, layers: Iterable[tuple[int, LayerLayout, dict[str, torch.Tensor]]],
-                      layouts: list[LayerLayout], *, model_hash: str, config=None, dtype=None, workers: int = 4) -> None:
+                      layouts: list[LayerLayout], *, model_hash: str, config=None, dtype=None,
+                      workers: int = 4) -> None:
     """Write one file per layer into `directory`, then manifest.json (the mark of a complete cache).
 
     `layers` yields (index, layout, name -> tensor) and may be a generator that loads each layer on demand (the

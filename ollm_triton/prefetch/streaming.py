@@ -73,6 +73,7 @@ class StreamingPolicy(PrefetchPolicy):
     """Base of the policies that stream decoder layers from a WeightStore (not registered itself)."""
 
     discard_after_use = False  # on_demand frees a slot right after its layer instead of keeping it cached
+    capturable = False  # parameters point at other memory from one forward to the next: no CUDA-graph capture
 
     def __init__(self, cfg: StreamingConfig, store: WeightStore | None = None):
         self.cfg = cfg
@@ -154,13 +155,18 @@ class StreamingPolicy(PrefetchPolicy):
         self._bound: dict[int, object] = {}  # layer -> allocation in use by compute
         # slot address -> compute-done event of the last layer that ran from it (addresses survive pool resizes)
         self._free_events: dict[int, Completion | None] = {}
-        self._hooks.append(model.model.embed_tokens.register_forward_hook(
-            lambda *_: self.stats_.timeline.forward_start()))
 
     def _place_head(self, model: nn.Module, device: torch.device) -> int:
-        """Embeddings, final norm and LM head: onto the device, or into (pinned) host memory with hooks that move
-        them in for their own forward. Returns the device bytes they take."""
-        modules = [model.model.embed_tokens, model.model.norm, model.lm_head]
+        """Embeddings, final norm and LM head: onto the device, or (embeddings, LM head) into (pinned) host memory
+        with hooks that move them in for their own forward. The final norm's few kB always go to the device: the
+        fused forward reads its weight without calling the module, so a hook would not run. Returns the device
+        bytes they take."""
+        norm = model.model.norm
+        for name, p in list(norm._parameters.items()):
+            if p is not None:
+                norm._parameters[name] = nn.Parameter(p.detach().to(device), requires_grad=False)
+        norm_bytes = sum(p.numel() * p.element_size() for p in norm._parameters.values() if p is not None)
+        modules = [model.model.embed_tokens, model.lm_head]
         moved: dict[int, torch.Tensor] = {}  # tied weights (lm_head = embed_tokens) move once
         keep = self.cfg.keep_head_on_device
         pin = self.cuda and not keep
@@ -178,11 +184,11 @@ class StreamingPolicy(PrefetchPolicy):
         per_module = [sum(p.numel() * p.element_size() for p in m._parameters.values() if p is not None)
                       for m in modules]
         if keep:
-            return sum(t.numel() * t.element_size() for t in moved.values())
+            return norm_bytes + sum(t.numel() * t.element_size() for t in moved.values())
         for module in modules:
             self._hooks.append(module.register_forward_pre_hook(self._head_in))
             self._hooks.append(module.register_forward_hook(self._head_out))
-        return max(per_module)  # one module's weights on the device at a time
+        return norm_bytes + max(per_module)  # one module's weights on the device at a time
 
     def _head_in(self, module, args):
         module._ollm_host = dict(module._parameters)
@@ -200,15 +206,16 @@ class StreamingPolicy(PrefetchPolicy):
     # --- the hooks -----------------------------------------------------------------------------------------
     def before_layer(self, index: int) -> None:
         if index == 0:
+            self.stats_.timeline.forward_start()  # here, not in an embedding hook: fused forwards may skip hooks
             self.forward_start()
         if index not in self._loading and not self.pool.holds(_key(index)):
             self._load(index, prefetch=False, victim=self._victim_for(index, index))
         self._prefetch_after(index)
         alloc = self._acquire(index)
         self._bound[index] = alloc
-        for (module, attr, name), view in zip(self._bindings[index],
-                                              self.store.layouts[index].views(alloc.tensor).values()):
-            module._parameters[attr] = view
+        views = self.store.layouts[index].views(alloc.tensor)
+        for module, attr, name in self._bindings[index]:
+            module._parameters[attr] = views[name]
         self.stats_.timeline.layer_start()
 
     def after_layer(self, index: int) -> None:
