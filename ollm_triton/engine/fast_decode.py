@@ -265,6 +265,13 @@ class FastDecoder:
         self.captures += 1
         self.capture_s += time.perf_counter() - t0
 
+    def ensure_graph(self, bk: Bucket, lengths: list[int]) -> None:
+        """Capture the bucket's graph now (when capturing and not yet done), with the rows at `lengths`: the
+        warm-up steps write K/V at slots the first real steps overwrite before anything reads them."""
+        if self.capture and bk.graph is None:
+            bk.pos.copy_(torch.as_tensor(lengths, dtype=torch.long).to(self.engine.device))
+            self._capture(bk)
+
     def replay(self, bk: Bucket) -> None:
         """Run one step: the captured graph (capturing it on first use) or the eager step."""
         if self.capture:
@@ -314,9 +321,8 @@ class FastDecoder:
         with Timer(e.device) as prefill:
             first = e.prefill(ids, bk.cache)
         capture_before = self.capture_s
-        if self.capture and bk.graph is None and max_new_tokens > 1:
-            bk.pos.fill_(prompt_len)  # the warm-up steps need a valid position; decode() sets it again
-            self._capture(bk)  # once per bucket, outside the decode timer, reported on its own
+        if max_new_tokens > 1:
+            self.ensure_graph(bk, [prompt_len] * batch)  # once per bucket, outside the decode timer
         with Timer(e.device) as decode:
             tokens, n = self.decode(bk, first, [prompt_len] * batch, max_new_tokens, pick, eos_id, greedy)
         counters = {"generated_tokens": float(n * batch), "target_forwards": float(n), "prefill_s": prefill.seconds,
