@@ -42,7 +42,7 @@ def prefill(dt="bf16", d=128, bm=128, bn=64, warps=8, stages=3, **flags):
     types.update({"KV_BLOCKS": "*i32", "KV_FULL": "*i32", "KV_TOTAL": "*i32", "TREE": "*i8", "SUM_META": "*i32",
                   "qk_scale": "fp32"})
     const = dict(GROUP=4, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=True, HAS_WINDOW=False, HAS_TREE=False,
-                 HAS_SUMMARY=False, DOT_PREC="ieee" if dt == "fp32" else "tf32")
+                 HAS_SUMMARY=False, DOT_PREC="tf32x3" if dt == "fp32" else "tf32")
     const.update(flags)
     return compile_one(_attn_prefill_kernel, types, const, warps, stages)
 
@@ -51,7 +51,7 @@ def decode(dt="bf16", d=128, rows=4, bn=64, warps=4, stages=3, **flags):
     types = {n: f"*{dt}" for n in ("Q", "K", "V")}
     types.update({"O_PART": "*fp32", "L_PART": "*fp32", "BLOCK_IDS": "*i32", "qk_scale": "fp32"})
     const = dict(GROUP=rows, HEAD_DIM=d, BLOCK_R=max(16, triton.next_power_of_2(rows)), BLOCK_N=bn, HAS_IDS=False,
-                 HAS_WINDOW=False, DOT_PREC="ieee" if dt == "fp32" else "tf32")
+                 HAS_WINDOW=False, DOT_PREC="tf32x3" if dt == "fp32" else "tf32")
     const.update(flags)
     return compile_one(_attn_decode_split_kernel, types, const, warps, stages)
 

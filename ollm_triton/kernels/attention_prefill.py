@@ -73,7 +73,7 @@ def _attn_tiles(
 ):
     o_n = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, HEAD_DIM)
-    if MASKED and HAS_WINDOW:
+    if HAS_WINDOW:
         # First key of each row's window; sinks stay visible below it.
         lo = (tl.maximum(o_p - window + 1, 0) // window_align) * window_align
     for j in range(j_start, j_end):
