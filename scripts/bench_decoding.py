@@ -87,7 +87,7 @@ def make_prompts(engine, count: int, length: int, seed: int) -> tuple[list[torch
 
     corpus = load_corpus()
     prompts, names = [], []
-    for path, doc in zip(corpus.eval_paths, corpus.eval_docs):
+    for path, doc in zip(corpus.eval_paths, corpus.eval_docs, strict=False):
         ids = engine.tokenizer.encode(doc)
         if len(ids) >= length:
             prompts.append(torch.tensor([ids[:length]]))
@@ -162,7 +162,8 @@ def table(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--target", default="embedded:tiny-llama", help="embedded:NAME | checkpoint dir | random:<json|preset>")
+    ap.add_argument("--target", default="embedded:tiny-llama",
+                    help="embedded:NAME | checkpoint dir | random:<json|preset>")
     ap.add_argument("--draft", default="embedded:tiny-llama-draft")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on the CPU")
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
                   + ("" if matches is None else f"  = greedy: {matches}"), flush=True)
 
     results = []
-    for label, (name, params), runs in zip(labels, specs, per_prompt):
+    for label, (name, params), runs in zip(labels, specs, per_prompt, strict=False):
         results.append({"strategy": label, "name": name, "params": params, "aggregate": aggregate(runs),
                         "per_prompt": runs})
     base = results[0]["aggregate"]["decode_tok_s"]

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from ollm_triton.decoding._drafters import draft_source, forward_first_layers
+from ollm_triton.decoding._targets import keep_tokens
 from ollm_triton.decoding.adaptive import AdaptiveConfig, CandidateController, expected_tokens
-from ollm_triton.decoding.tree import accepted_path, keep_tokens, level_sizes
+from ollm_triton.decoding.tree import accepted_path, level_sizes
 from ollm_triton.engine import load_engine
 from ollm_triton.registry import PluginError, registry
 
@@ -75,10 +76,13 @@ CASES = {
 }
 
 
-def strategy(case, models):
+def strategy(case, models, fast_path="off"):
     name, params, draft = CASES[case]
     kwargs = {"draft_engine": models[draft]} if draft else {}
-    return registry.build("decoder", name, params, **kwargs)
+    return registry.build("decoder", name, {**params, "fast_path": fast_path}, **kwargs)
+
+
+PATHS = ["off", "static"]  # eager engine.forward + codec cache | static-buffer steps (the CUDA-graph path, eager here)
 
 
 @pytest.fixture(scope="module")
@@ -87,10 +91,11 @@ def greedy_refs(models):
     return [greedy.generate(models["target"], p, NEW).tokens for p in prompts()]
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_greedy_token_for_token(case, models, greedy_refs):
-    s = strategy(case, models)
-    for prompt, ref in zip(prompts(), greedy_refs):
+def test_matches_greedy_token_for_token(case, path, models, greedy_refs):
+    s = strategy(case, models, path)
+    for prompt, ref in zip(prompts(), greedy_refs, strict=True):
         out = s.generate(models["target"], prompt, NEW)
         assert torch.equal(out.tokens, ref), (case, out.tokens.tolist(), ref.tolist())
         c = out.counters
@@ -108,55 +113,64 @@ def test_acceptance_is_partial_with_a_noisy_draft(models):
     assert out.counters["target_forwards"] < NEW  # fewer target forwards than greedy's NEW
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("case", ["speculative-noisy-k4", "self_speculative", "prompt_lookup"])
-def test_batch_rows_match_greedy(case, models):
+def test_batch_rows_match_greedy(case, path, models):
     gen = torch.Generator().manual_seed(4)
     batch = torch.randint(0, V, (3, 6), generator=gen)
     ref = registry.build("decoder", "greedy").generate(models["target"], batch, 16).tokens
-    assert torch.equal(strategy(case, models).generate(models["target"], batch, 16).tokens, ref)
+    assert torch.equal(strategy(case, models, path).generate(models["target"], batch, 16).tokens, ref)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("case", ["speculative-noisy-k4", "tree-noisy-gather", "prompt_lookup"])
-def test_stops_at_eos_like_greedy(case, models):
+def test_stops_at_eos_like_greedy(case, path, models):
     prompt = prompts()[0]
     ref = registry.build("decoder", "greedy").generate(models["target"], prompt, NEW).tokens[0]
     eos = int(ref[5])
     expected = registry.build("decoder", "greedy").generate(models["target"], prompt, NEW, eos_id=eos).tokens
-    out = strategy(case, models).generate(models["target"], prompt, NEW, eos_id=eos)
+    out = strategy(case, models, path).generate(models["target"], prompt, NEW, eos_id=eos)
     assert torch.equal(out.tokens, expected) and out.tokens.shape[1] < NEW
 
 
-def assert_cache_matches_fresh(engine, cache, tokens, what):
-    """cache must hold exactly tokens' K/V: same length and position as a fresh prefill, same K/V values."""
+def assert_kv_matches_fresh(engine, held_kv, tokens, what):
+    """held_kv (per layer (K, V) [B, Hkv, L, D]) must be exactly tokens' K/V: a fresh prefill's, L = len(tokens)."""
     fresh = engine.new_cache(batch=tokens.shape[0], max_len=tokens.shape[1] + 1)
     engine.forward(tokens, fresh)
-    assert cache.position == fresh.position == tokens.shape[1], what
-    for i, (layer, ref) in enumerate(zip(cache.layers, fresh.layers)):
-        assert layer.length == ref.length, (what, i)
-        for got, want in zip(layer.dense(), ref.dense()):
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, msg=f"{what} layer {i}")
+    for i, ((k, v), ref) in enumerate(zip(held_kv, fresh.layers, strict=True)):
+        ref_k, ref_v = ref.dense()
+        assert k.shape == ref_k.shape, (what, i, k.shape, ref_k.shape)
+        torch.testing.assert_close(k, ref_k, atol=1e-5, rtol=1e-4, msg=f"{what} K layer {i}")
+        torch.testing.assert_close(v, ref_v, atol=1e-5, rtol=1e-4, msg=f"{what} V layer {i}")
 
 
 ROLLBACK = ["speculative-noisy-k4", "adaptive-noisy", "tree-noisy-gather", "tree-noisy-rerun", "self_speculative",
             "prompt_lookup"]
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("case", ROLLBACK)
-def test_rollback_leaves_caches_as_if_rejected_tokens_never_existed(case, models):
-    s = strategy(case, models)
+def test_rollback_leaves_caches_as_if_rejected_tokens_never_existed(case, path, models):
+    s = strategy(case, models, path)
     s.keep_state = {}
     out = s.generate(models["target"], prompts()[0], NEW)
-    assert out.counters["accept_s"] >= 0 and 0 < out.counters["acceptance_rate"] < 1  # drafts were rejected
+    assert 0 < out.counters["acceptance_rate"] < 1  # drafts were accepted and rejected
     state = s.keep_state
-    seq = state["seq"]
-    # the target cache holds every emitted token but the last (pending) one
-    assert_cache_matches_fresh(models["target"], state["target_cache"], seq[:, :-1], "target")
+    seq, target = state["seq"], state["target"]
+    # the target holds every emitted token but the last (pending) one
+    assert target.length == seq.shape[1] - 1
+    if path == "off":
+        assert all(layer.length == target.length for layer in target.cache.layers)
+    assert_kv_matches_fresh(models["target"], target.held_kv(), seq[:, :-1], "target")
     drafter = state["drafter"]
-    draft_cache = getattr(drafter, "cache", None)
-    if draft_cache is not None:  # a draft model's cache: a prefix of the final sequence, nothing rejected in it
-        held = draft_cache.position
-        assert 0 < held <= seq.shape[1]
-        assert_cache_matches_fresh(drafter.engine, draft_cache, seq[:, :held], "draft")
+    if getattr(drafter, "cache", None) is not None:  # eager draft model: its cache is a prefix of the sequence
+        held = drafter.cache.position
+        assert 0 < held <= seq.shape[1] and all(layer.length == held for layer in drafter.cache.layers)
+        assert_kv_matches_fresh(drafter.engine, [layer.dense() for layer in drafter.cache.layers], seq[:, :held],
+                                "draft")
+    elif hasattr(drafter, "held") and drafter.sm is not getattr(target, "sm", None):  # static draft model
+        assert 0 < drafter.held <= seq.shape[1]
+        assert_kv_matches_fresh(drafter.engine, drafter.sm.dense(drafter.held), seq[:, : drafter.held], "draft")
 
 
 def test_first_layers_helper_equals_the_engine(models):
@@ -178,7 +192,7 @@ def test_keep_tokens_gathers_the_path():
     index = torch.tensor([5, 7, 8])
     for layer in cache.layers:
         keep_tokens(layer, 4, index)
-    for layer, (k, v) in zip(cache.layers, before):
+    for layer, (k, v) in zip(cache.layers, before, strict=True):
         kk, vv = layer.dense()
         keep = torch.tensor([0, 1, 2, 3, 5, 7, 8])
         assert torch.equal(kk, k[:, :, keep]) and torch.equal(vv, v[:, :, keep])

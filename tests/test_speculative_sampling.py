@@ -166,6 +166,10 @@ CASES = {
     "adaptive": ("adaptive", {"initial_candidates": 2, "warmup": 1}, "truncated"),
     "self_speculative": ("self_speculative", {"draft_layers": 1, "num_candidates": 2}, None),
     "prompt_lookup": ("prompt_lookup", {"num_candidates": 3, "max_ngram": 2}, None),
+    # the static-buffer path (CUDA graphs on the GPU) runs the same rule
+    "speculative-static": ("speculative", {"num_candidates": 3, "fast_path": "static"}, "truncated"),
+    "self_speculative-static": ("self_speculative", {"draft_layers": 1, "num_candidates": 2, "fast_path": "static"},
+                                None),
 }
 
 

@@ -111,7 +111,7 @@ class ModelDrafter(Drafter):
         self.prefill_s = 0.0
         self.forwards = 0
 
-    def start(self, prompt, target_cache, max_len, gen):
+    def start(self, prompt, target, max_len, gen):
         with Timer(self.engine.device) as t:
             self.cache = self.engine.new_cache(batch=prompt.shape[0], max_len=max_len)
             self.engine.forward(prompt, self.cache, last_only=True)
@@ -184,9 +184,9 @@ class LayerSkipDrafter(Drafter):
         self.sampling = sampling
         self.forwards = 0
 
-    def start(self, prompt, target_cache, max_len, gen):
-        self.target_cache = target_cache
-        self.view = KVCache(target_cache.layers[: self.num_layers])
+    def start(self, prompt, target, max_len, gen):
+        self.target_cache = target.cache
+        self.view = KVCache(target.cache.layers[: self.num_layers])
         self.model = first_layers_model(self.engine.model, self.num_layers)
         self.forwards = 0
 
@@ -214,7 +214,7 @@ class LookupDrafter(Drafter):
         self.lookups = 0
         self.hits = 0
 
-    def start(self, prompt, target_cache, max_len, gen):
+    def start(self, prompt, target, max_len, gen):
         self.host = torch.empty(prompt.shape[0], max_len, dtype=torch.long)
         self.known = 0
         self.lookups = self.hits = 0
@@ -250,6 +250,99 @@ class LookupDrafter(Drafter):
         return {"lookup_hit_rate": self.hits / self.lookups if self.lookups else 0.0}
 
 
+class StaticModelDrafter(Drafter):
+    """ModelDrafter on static buffers (_static.py): each draft token is one replayed single-token step of the
+    draft model (a CUDA graph on the GPU); rolling back only lowers `held`, the slot the next step writes."""
+
+    def __init__(self, draft_engine, vocab: int, sampling: Sampling, capture: bool):
+        self.engine = draft_engine
+        self.vocab = vocab
+        self.sampling = sampling
+        self.capture = capture
+        self.prefill_s = 0.0
+        self.forwards = 0
+
+    @property
+    def capture_s(self) -> float:
+        return self.sm.capture_s if getattr(self, "sm", None) is not None else 0.0
+
+    def start(self, prompt, target, max_len, gen):
+        from ollm_triton.decoding._static import static_model
+
+        self.sm = static_model(self.engine, prompt.shape[0], max_len, self.capture)
+        self.step = self.sm.step(1)
+        with Timer(self.engine.device) as t:
+            self.sm.prefill(prompt)
+        self.held = prompt.shape[1]
+        self.prefill_s = t.seconds
+        self.forwards = 0
+
+    def prepare(self, catch_up: int = 2):
+        """Capture the single-token step and the catch-up steps of 2..catch_up tokens."""
+        for t in range(1, catch_up + 1):
+            st = self.sm.step(t)
+            st.base.fill_(self.held)
+            self.sm.prepare(st)
+
+    def _feed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B] at slot `held` -> the draft's logits [B, V] for the next token."""
+        st = self.step
+        st.tokens.copy_(tokens[:, None])
+        st.base.fill_(self.held)
+        self.sm.run(st)
+        self.held += 1
+        self.forwards += 1
+        return fit_vocab(st.logits[:, 0], self.vocab)
+
+    def catch_up(self, seq: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """Feed the tokens the draft has not seen (the pending one, and the accepted drafts it never fed) in one
+        step -> logits [B, V] after the last."""
+        r = seq_len - self.held
+        if r == 1:
+            return self._feed(seq[:, self.held])
+        st = self.sm.step(r)
+        st.tokens.copy_(seq[:, self.held : seq_len])
+        st.base.fill_(self.held)
+        self.sm.run(st)
+        self.held = seq_len
+        self.forwards += 1
+        return fit_vocab(st.logits[:, -1], self.vocab)
+
+    def propose(self, seq, seq_len, m, gen):
+        return draw_chain(self._feed, self.catch_up(seq, seq_len), m, self.sampling, gen)
+
+    def commit(self, valid_len):
+        self.held = min(self.held, valid_len)
+
+
+class StaticLayerSkipDrafter(StaticModelDrafter):
+    """LayerSkipDrafter on the target's static buffers: single-token steps through the first k layers write those
+    layers' K/V at the slots the target's verify block then overwrites, so nothing is ever rolled back."""
+
+    def __init__(self, engine, num_layers: int, sampling: Sampling):
+        self.engine = engine
+        self.num_layers = num_layers
+        self.vocab = engine.config.vocab_size
+        self.sampling = sampling
+        self.prefill_s = 0.0
+        self.forwards = 0
+
+    @property
+    def capture_s(self) -> float:
+        return 0.0  # the target's StaticModel counts its captures
+
+    def start(self, prompt, target, max_len, gen):
+        self.target = target
+        self.sm = target.sm
+        self.step = self.sm.step(1, layers=self.num_layers)
+        self.held = target.length
+        self.forwards = 0
+
+    def propose(self, seq, seq_len, m, gen):
+        self.held = self.target.length  # = seq_len - 1: the pending token goes to the target's next slot
+        return super().propose(seq, seq_len, m, gen)
+
+
 class DraftEngineHolder:
     """Loads the draft Engine on first use and keeps it while the target's device and dtype stay the same, so the
     tasks of a run (and repeated generate calls) share one; `close()` frees it. A draft Engine passed in by the
@@ -275,3 +368,16 @@ class DraftEngineHolder:
         if self._engine is not None:
             self._engine.close()
         self._engine, self._key = None, None
+
+
+def model_drafter(draft_engine, vocab: int, sampling: Sampling, path: str) -> Drafter:
+    """The draft-model drafter for the target's path ("eager", "static", "graph")."""
+    if path == "eager":
+        return ModelDrafter(draft_engine, vocab, sampling)
+    return StaticModelDrafter(draft_engine, vocab, sampling, capture=path == "graph")
+
+
+def layer_skip_drafter(engine, num_layers: int, sampling: Sampling, path: str) -> Drafter:
+    if path == "eager":
+        return LayerSkipDrafter(engine, num_layers, sampling)
+    return StaticLayerSkipDrafter(engine, num_layers, sampling)

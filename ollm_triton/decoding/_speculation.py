@@ -184,7 +184,7 @@ class PhaseClock:
         """Seconds per phase between marks start and stop (default: the last mark); those marks must have completed."""
         stop = len(self.marks) - 1 if stop is None else stop
         out: dict[str, float] = defaultdict(float)
-        for (phase, a), (_, b) in zip(self.marks[start:stop], self.marks[start + 1 : stop + 1]):
+        for (phase, a), (_, b) in zip(self.marks[start:stop], self.marks[start + 1 : stop + 1], strict=False):
             out[phase] += self._seconds(a, b)
         return out
 
@@ -217,9 +217,13 @@ class Drafter:
 
     prefill_s = 0.0
     forwards = 0  # draft forwards in the decode loop (prompt prefill excluded)
+    capture_s = 0.0  # seconds spent capturing CUDA graphs (static drafters)
 
-    def start(self, prompt: torch.Tensor, target_cache, max_len: int, gen: torch.Generator | None) -> None:
-        """After the target's prefill: prompt [B, P] on the engine's device."""
+    def start(self, prompt: torch.Tensor, target, max_len: int, gen: torch.Generator | None) -> None:
+        """After the target's prefill (target: an EagerTarget or StaticTarget): prompt [B, P] on the device."""
+
+    def prepare(self) -> None:
+        """Capture the draft's graphs before the decode timer starts (static drafters)."""
 
     def propose(self, seq: torch.Tensor, seq_len: int, m: int, gen: torch.Generator | None):
         """seq: [B, >= seq_len] tokens so far (seq[:, seq_len-1] is pending). -> (drafts [B, m'] long, q [B, m', V]
@@ -251,10 +255,14 @@ def speculate(
     sampling: Sampling,
     seed: int,
     controller=None,
+    path: str = "eager",
     keep_state: dict | None = None,
 ) -> Generation:
-    """Draft-then-verify decoding (this module's docstring). prompt_ids: [B, P]. Returns Generation with
-    tokens [B, N] and the counters every speculative strategy reports."""
+    """Draft-then-verify decoding (this module's docstring). prompt_ids: [B, P]. path: "eager", "static" or
+    "graph" (_static.resolve_fast_path). Returns Generation with tokens [B, N] and the counters every speculative
+    strategy reports."""
+    from ollm_triton.decoding._targets import make_target
+
     controller = controller or FixedCandidates(1)
     ids = prompt_ids.to(engine.device)
     batch, prompt_len = ids.shape
@@ -269,27 +277,37 @@ def speculate(
     stats = LoopStats()
     clock = PhaseClock(device)
     with torch.inference_mode():
-        cache = engine.new_cache(batch=batch, max_len=max_len)
+        target = make_target(engine, batch, max_len, path)
         with Timer(device) as prefill:
             if max_new_tokens > 0:
-                first = sampling.pick(engine.forward(ids, cache, last_only=True)[:, -1], gen)
+                first = sampling.pick(target.prefill(ids), gen)
                 stats.target_forwards = 1
-                drafter.start(ids, cache, max_len, gen)
+                drafter.start(ids, target, max_len, gen)
                 seq[:, prompt_len] = first
                 out.extend(first[:, None])
         seq_len = prompt_len + 1
+        # graphs of the usual block are captured here, outside the timers; any captured later (adaptive's other
+        # block lengths) are taken out of decode_s and reported as graph_capture_s
+        if not out.finished:
+            target.prepare(controller.candidates() + 1)
+            drafter.prepare()
+        capture_before = target.capture_s + drafter.capture_s
         with Timer(device) as decode:
             wall = time.perf_counter()
             while not out.finished:
                 start = clock.mark("draft")
-                m = min(controller.candidates(), out.remaining - 1)
+                m = controller.candidates()
+                if not target.fixed_width:  # no drafts past the end (a static target keeps one block length)
+                    m = min(m, out.remaining - 1)
                 drafts, q = drafter.propose(seq, seq_len, m, gen) if m > 0 else (None, None)
                 if drafts is None:
                     drafts = seq.new_empty(batch, 0)
+                if target.fixed_width and drafts.shape[1] < m:  # prompt lookup found fewer: pad (never harmful)
+                    pad = seq[:, seq_len - 1 : seq_len].expand(batch, m - drafts.shape[1])
+                    drafts = torch.cat((drafts, pad), dim=1)
                 m = drafts.shape[1]
                 clock.mark("verify")
-                block = torch.cat((seq[:, seq_len - 1 : seq_len], drafts), dim=1)
-                logits = engine.forward(block, cache)
+                logits = target.verify(torch.cat((seq[:, seq_len - 1 : seq_len], drafts), dim=1))
                 clock.mark("accept")
                 if sampling.greedy:
                     accepted, outcome = accept_greedy(logits, drafts)
@@ -300,7 +318,7 @@ def speculate(
                 n = int(accepted.min())  # the iteration's one host sync
                 emitted = outcome[:, : n + 1]
                 seq[:, seq_len : seq_len + n + 1] = emitted
-                cache.truncate(seq_len + n)  # pending + n accepted drafts; the rejected ones never happened
+                target.commit(seq_len + n)  # pending + n accepted drafts; the rejected ones never happened
                 drafter.commit(seq_len + n)
                 seq_len += n + 1
                 out.extend(emitted)
@@ -313,10 +331,13 @@ def speculate(
                 controller.observe(m, n, draft_s, now - wall, out.count)
                 wall = now
             clock.mark("end")
+        capture_s = target.capture_s + drafter.capture_s - capture_before
         if keep_state is not None:  # tests compare the final caches with a fresh run
-            keep_state.update(target_cache=cache, seq=seq[:, :seq_len], drafter=drafter)
+            keep_state.update(target=target, seq=seq[:, :seq_len], drafter=drafter)
     phases = clock.durations()
-    counters = speculation_counters(out, stats, prefill.seconds, decode.seconds, phases, drafter)
+    counters = speculation_counters(out, stats, prefill.seconds, decode.seconds - capture_s, phases, drafter)
+    counters.update(graph_capture_s=capture_s, fast_path_graph=float(path == "graph"),
+                    fast_path_static=float(path != "eager"))
     return Generation(out.result(), counters)
 
 

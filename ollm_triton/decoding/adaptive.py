@@ -17,8 +17,9 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from ollm_triton.decoding._drafters import DraftEngineHolder, ModelDrafter, draft_source
+from ollm_triton.decoding._drafters import DraftEngineHolder, draft_source, model_drafter
 from ollm_triton.decoding._speculation import Sampling, check_sampling, speculate
+from ollm_triton.decoding._static import FAST_PATHS, resolve_fast_path
 from ollm_triton.decoding.base import DecoderStrategy
 from ollm_triton.registry import register
 
@@ -39,6 +40,7 @@ class AdaptiveConfig:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    fast_path: str = "auto"  # auto: graph steps where greedy replays graphs (static buffers) | static | off
 
     def check(self) -> None:
         if not 1 <= self.min_candidates <= self.initial_candidates <= self.max_candidates <= 64:
@@ -49,6 +51,8 @@ class AdaptiveConfig:
         if self.warmup < 0 or self.hysteresis < 0:
             raise ValueError(f"warmup and hysteresis must be >= 0, got {self.warmup}, {self.hysteresis}")
         check_sampling(self.temperature, self.top_k, self.top_p)
+        if self.fast_path not in FAST_PATHS:
+            raise ValueError(f"fast_path must be one of {', '.join(FAST_PATHS)}, got {self.fast_path!r}")
         if not self.draft.startswith("embedded:"):
             draft_source(self.draft)
 
@@ -165,9 +169,10 @@ class Adaptive(DecoderStrategy):
             self.controller = CandidateController(self.cfg)
             self._engine_key = key
         self.controller.begin_call()
-        drafter = ModelDrafter(self.draft.get(engine), engine.config.vocab_size, self.sampling)
+        path = resolve_fast_path(self.cfg.fast_path, engine)
+        drafter = model_drafter(self.draft.get(engine), engine.config.vocab_size, self.sampling, path)
         out = speculate(engine, prompt_ids, max_new_tokens, eos_id=eos_id, drafter=drafter, sampling=self.sampling,
-                        seed=self.cfg.seed, controller=self.controller, keep_state=self.keep_state)
+                        seed=self.cfg.seed, controller=self.controller, path=path, keep_state=self.keep_state)
         out.counters.update(self.controller.counters())
         return out
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from ollm_triton.decoding._drafters import LookupDrafter
 from ollm_triton.decoding._speculation import FixedCandidates, Sampling, check_sampling, speculate
+from ollm_triton.decoding._static import FAST_PATHS, resolve_fast_path
 from ollm_triton.decoding.base import DecoderStrategy
 from ollm_triton.registry import register
 
@@ -19,6 +20,7 @@ class PromptLookupConfig:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    fast_path: str = "auto"  # auto: graph steps where greedy replays graphs (static buffers) | static | off
 
     def check(self) -> None:
         if not 1 <= self.num_candidates <= 64:
@@ -27,6 +29,8 @@ class PromptLookupConfig:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got min_ngram={self.min_ngram}, "
                              f"max_ngram={self.max_ngram}")
         check_sampling(self.temperature, self.top_k, self.top_p)
+        if self.fast_path not in FAST_PATHS:
+            raise ValueError(f"fast_path must be one of {', '.join(FAST_PATHS)}, got {self.fast_path!r}")
 
 
 @register("decoder", "prompt_lookup", PromptLookupConfig)
@@ -42,6 +46,6 @@ class PromptLookup(DecoderStrategy):
         drafter = LookupDrafter(self.cfg.max_ngram, self.cfg.min_ngram)
         out = speculate(engine, prompt_ids, max_new_tokens, eos_id=eos_id, drafter=drafter, sampling=self.sampling,
                         seed=self.cfg.seed, controller=FixedCandidates(self.cfg.num_candidates),
-                        keep_state=self.keep_state)
+                        path=resolve_fast_path(self.cfg.fast_path, engine), keep_state=self.keep_state)
         out.counters["num_candidates"] = float(self.cfg.num_candidates)
         return out

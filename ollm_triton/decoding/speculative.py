@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ollm_triton.decoding._drafters import DraftEngineHolder, ModelDrafter, draft_source
+from ollm_triton.decoding._drafters import DraftEngineHolder, draft_source, model_drafter
 from ollm_triton.decoding._speculation import FixedCandidates, Sampling, check_sampling, speculate
+from ollm_triton.decoding._static import FAST_PATHS, resolve_fast_path
 from ollm_triton.decoding.base import DecoderStrategy
 from ollm_triton.registry import register
 
@@ -18,11 +19,14 @@ class SpeculativeConfig:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    fast_path: str = "auto"  # auto: graph steps where greedy replays graphs (static buffers) | static | off
 
     def check(self) -> None:
         if not 1 <= self.num_candidates <= 64:
             raise ValueError(f"num_candidates must be in [1, 64], got {self.num_candidates}")
         check_sampling(self.temperature, self.top_k, self.top_p)
+        if self.fast_path not in FAST_PATHS:
+            raise ValueError(f"fast_path must be one of {', '.join(FAST_PATHS)}, got {self.fast_path!r}")
         if not self.draft.startswith("embedded:"):  # a missing embedded draft is reported when first needed
             draft_source(self.draft)
 
@@ -38,9 +42,10 @@ class Speculative(DecoderStrategy):
         self.keep_state: dict | None = None  # set to {} to keep the last run's caches (tests)
 
     def generate(self, engine, prompt_ids, max_new_tokens, *, eos_id=None):
-        drafter = ModelDrafter(self.draft.get(engine), engine.config.vocab_size, self.sampling)
+        path = resolve_fast_path(self.cfg.fast_path, engine)
+        drafter = model_drafter(self.draft.get(engine), engine.config.vocab_size, self.sampling, path)
         out = speculate(engine, prompt_ids, max_new_tokens, eos_id=eos_id, drafter=drafter, sampling=self.sampling,
-                        seed=self.cfg.seed, controller=FixedCandidates(self.cfg.num_candidates),
+                        seed=self.cfg.seed, controller=FixedCandidates(self.cfg.num_candidates), path=path,
                         keep_state=self.keep_state)
         out.counters["num_candidates"] = float(self.cfg.num_candidates)
         return out

@@ -27,8 +27,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ollm_triton.decoding._drafters import DraftEngineHolder, ModelDrafter, draft_source, fit_vocab
+from ollm_triton.decoding._drafters import DraftEngineHolder, ModelDrafter, StaticModelDrafter, draft_source, fit_vocab
 from ollm_triton.decoding._speculation import EmittedTokens, LoopStats, PhaseClock, Sampling, speculation_counters
+from ollm_triton.decoding._static import FAST_PATHS, resolve_fast_path
+from ollm_triton.decoding._targets import make_target
 from ollm_triton.decoding.base import DecoderStrategy, Generation
 from ollm_triton.registry import register
 from ollm_triton.tasks.base import Timer
@@ -41,6 +43,7 @@ class TreeConfig:
     branching: int = 2  # children (draft top-k) expanded per node
     width: int = 4  # nodes kept per level
     compaction: str = "gather"  # gather | rerun (see the module docstring)
+    fast_path: str = "auto"  # auto: graph steps where greedy replays graphs (static buffers) | static | off
 
     def check(self) -> None:
         if not 1 <= self.depth <= 32 or not 1 <= self.branching <= 16 or not 1 <= self.width <= 32:
@@ -48,6 +51,8 @@ class TreeConfig:
                              f"branching={self.branching}, width={self.width}")
         if self.compaction not in ("gather", "rerun"):
             raise ValueError(f"compaction must be gather or rerun, got {self.compaction!r}")
+        if self.fast_path not in FAST_PATHS:
+            raise ValueError(f"fast_path must be one of {', '.join(FAST_PATHS)}, got {self.fast_path!r}")
         if not self.draft.startswith("embedded:"):
             draft_source(self.draft)
 
@@ -71,61 +76,92 @@ class Tree:
     ancestors: torch.Tensor
 
 
+def expand_tree(root_logits: torch.Tensor, forward_level, sizes: list[int], branching: int) -> Tree:
+    """The draft tree (batch 1) from the draft's logits after the root [V]. forward_level(tokens [N], depths [N],
+    ancestors [N, N]) -> the draft's logits [N, V] for every node so far. No host sync: shapes depend only on
+    `sizes`."""
+    dev = root_logits.device
+    scores, tokens = torch.log_softmax(root_logits, -1).topk(sizes[0])
+    parents = torch.full((sizes[0],), -1, dtype=torch.long, device=dev)
+    depths = torch.ones(sizes[0], dtype=torch.long, device=dev)
+    ancestors = torch.eye(sizes[0], dtype=torch.bool, device=dev)
+    frontier = torch.arange(sizes[0], device=dev)
+    for level, size in enumerate(sizes[1:], start=2):
+        logits = forward_level(tokens, depths, ancestors)
+        logp = torch.log_softmax(logits[frontier], -1)  # [F, V]
+        child_scores, child_tokens = logp.topk(branching, dim=-1)  # [F, b]
+        cand = (scores[frontier, None] + child_scores).reshape(-1)
+        best_scores, pick = cand.topk(size)
+        new_parents = frontier[pick // branching]
+        n = tokens.shape[0]
+        rows = torch.cat((ancestors[new_parents], torch.eye(size, dtype=torch.bool, device=dev)), dim=1)
+        ancestors = torch.cat((torch.cat((ancestors, ancestors.new_zeros(n, size)), dim=1), rows), dim=0)
+        tokens = torch.cat((tokens, child_tokens.reshape(-1)[pick]))
+        scores = torch.cat((scores, best_scores))
+        parents = torch.cat((parents, new_parents))
+        depths = torch.cat((depths, torch.full((size,), level, dtype=torch.long, device=dev)))
+        frontier = torch.arange(n, n + size, device=dev)
+    return Tree(tokens, parents, depths, ancestors)
+
+
 class TreeDrafter(ModelDrafter):
+    """Eager draft: the catch-up forward gives the root's children, each level re-feeds all nodes under their
+    ancestor mask, then the draft cache is truncated back to the root."""
+
     def expand(self, seq: torch.Tensor, seq_len: int, sizes: list[int], branching: int) -> Tree:
-        """The draft tree under the pending token seq[:, seq_len-1] (batch 1). No host sync: shapes depend only on
-        `sizes`."""
-        cache, dev = self.cache, seq.device
+        cache = self.cache
         root_logits = self._forward(seq[:, cache.position : seq_len])[0]  # catch-up + root, causal
-        scores, tokens = torch.log_softmax(root_logits, -1).topk(sizes[0])
-        parents = torch.full((sizes[0],), -1, dtype=torch.long, device=dev)
-        depths = torch.ones(sizes[0], dtype=torch.long, device=dev)
-        ancestors = torch.eye(sizes[0], dtype=torch.bool, device=dev)
-        frontier = torch.arange(sizes[0], device=dev)
-        for level, size in enumerate(sizes[1:], start=2):
+
+        def level(tokens, depths, ancestors):
             self.forwards += 1
             logits = self.engine.forward(tokens[None], cache, positions=seq_len - 1 + depths, tree_mask=ancestors)
             cache.truncate(seq_len)  # keep the draft cache at the root: the next level re-feeds every node
-            logp = torch.log_softmax(fit_vocab(logits[0, frontier], self.vocab), -1)  # [F, V]
-            child_scores, child_tokens = logp.topk(branching, dim=-1)  # [F, b]
-            cand = (scores[frontier, None] + child_scores).reshape(-1)
-            best_scores, pick = cand.topk(size)
-            new_parents = frontier[pick // branching]
-            n = tokens.shape[0]
-            rows = torch.cat((ancestors[new_parents], torch.eye(size, dtype=torch.bool, device=dev)), dim=1)
-            ancestors = torch.cat((torch.cat((ancestors, ancestors.new_zeros(n, size)), dim=1), rows), dim=0)
-            tokens = torch.cat((tokens, child_tokens.reshape(-1)[pick]))
-            scores = torch.cat((scores, best_scores))
-            parents = torch.cat((parents, new_parents))
-            depths = torch.cat((depths, torch.full((size,), level, dtype=torch.long, device=dev)))
-            frontier = torch.arange(n, n + size, device=dev)
-        return Tree(tokens, parents, depths, ancestors)
+            return fit_vocab(logits[0], self.vocab)
+
+        return expand_tree(root_logits, level, sizes, branching)
+
+
+class StaticTreeDrafter(StaticModelDrafter):
+    """The same tree on the draft's static buffers: single-token catch-up steps, then one tree step per level
+    writing the nodes at the slots after the root (rewritten by the next level, never committed)."""
+
+    def expand(self, seq: torch.Tensor, seq_len: int, sizes: list[int], branching: int) -> Tree:
+        root_logits = self.catch_up(seq, seq_len)
+        sm = self.sm
+
+        def level(tokens, depths, ancestors):
+            st = sm.step(tokens.shape[0], tree=True)
+            st.tokens.copy_(tokens[None])
+            st.base.fill_(seq_len)  # slot after the root; RoPE position seq_len - 1 + depth
+            st.offsets.copy_(depths - 1)
+            st.mask.copy_(ancestors)
+            sm.run(st)
+            self.forwards += 1
+            return fit_vocab(st.logits[0], self.vocab)
+
+        return expand_tree(root_logits[0], level, sizes, branching)
+
+    def prepare_levels(self, sizes: list[int]) -> None:
+        """Capture the level steps before the decode timer (each level has its own node count)."""
+        total = 0
+        for size in sizes[:-1]:
+            total += size
+            st = self.sm.step(total, tree=True)
+            st.base.fill_(self.held)
+            self.sm.prepare(st)
 
 
 def accepted_path(target_argmax: list[int], tokens: list[int], parents: list[int]) -> tuple[list[int], int]:
     """Greedy walk. target_argmax: [N+1] over [root, nodes]; tokens, parents: [N]. Returns (node indices of the
     accepted path, the target's token after it)."""
     children: dict[int, dict[int, int]] = {}
-    for i, (tok, par) in enumerate(zip(tokens, parents)):
+    for i, (tok, par) in enumerate(zip(tokens, parents, strict=False)):
         children.setdefault(par + 1, {}).setdefault(tok, i)  # verify index: 0 = root, node i -> i + 1
     path, at = [], 0
     while (child := children.get(at, {}).get(target_argmax[at])) is not None:
         path.append(child)
         at = child + 1
     return path, target_argmax[at]
-
-
-def keep_tokens(layer, start: int, indices: torch.Tensor) -> None:
-    """Keep a cache layer's first `start` tokens followed by its tokens at `indices` (ascending, >= start)."""
-    keep = getattr(layer, "keep", None)
-    if callable(keep):
-        keep(start, indices)
-        return
-    k, v = layer.dense()
-    k_path, v_path = k[:, :, indices], v[:, :, indices]  # advanced indexing copies: safe to overwrite below
-    layer.truncate(start)
-    if indices.numel():
-        layer.append(k_path, v_path)
 
 
 @register("decoder", "tree", TreeConfig)
@@ -145,7 +181,13 @@ class TreeSpeculative(DecoderStrategy):
         if batch != 1:
             raise ValueError(f"decoder=tree decodes batch 1 (each row would need its own tree mask), got batch {batch}")
         device = engine.device
-        drafter = TreeDrafter(self.draft.get(engine), engine.config.vocab_size, Sampling())
+        path_kind = resolve_fast_path(c.fast_path, engine)
+        draft = self.draft.get(engine)
+        vocab = engine.config.vocab_size
+        if path_kind == "eager":
+            drafter = TreeDrafter(draft, vocab, Sampling())
+        else:
+            drafter = StaticTreeDrafter(draft, vocab, Sampling(), capture=path_kind == "graph")
         max_len = prompt_len + max(max_new_tokens, 1) + sum(self.sizes) + 2
         seq = torch.empty(1, max_len, dtype=torch.long, device=device)
         seq[:, :prompt_len] = ids
@@ -153,19 +195,25 @@ class TreeSpeculative(DecoderStrategy):
         stats, clock = LoopStats(), PhaseClock(device)
         nodes_total = levels_total = compaction_forwards = 0
         with torch.inference_mode():
-            cache = engine.new_cache(batch=1, max_len=max_len)
+            target = make_target(engine, 1, max_len, path_kind)
             with Timer(device) as prefill:
                 if max_new_tokens > 0:
-                    first = engine.forward(ids, cache, last_only=True)[:, -1].argmax(-1)
+                    first = target.prefill(ids).argmax(-1)
                     stats.target_forwards = 1
-                    drafter.start(ids, cache, max_len, None)
+                    drafter.start(ids, target, max_len, None)
                     seq[:, prompt_len] = first
                     out.extend(first[:, None])
             seq_len = prompt_len + 1
+            if not out.finished and path_kind != "eager":  # capture outside the timers
+                target.prepare(sum(self.sizes) + 1, tree=True)
+                drafter.prepare(catch_up=c.depth + 1)  # an accepted path of d nodes leaves d + 1 tokens to feed
+                drafter.prepare_levels(self.sizes)
+            capture_before = target.capture_s + drafter.capture_s
             with Timer(device) as decode:
                 while not out.finished:
                     clock.mark("draft")
-                    levels = min(c.depth, out.remaining - 1)
+                    # a static target keeps one block shape (one graph); eager trees shrink near the end
+                    levels = c.depth if target.fixed_width else min(c.depth, out.remaining - 1)
                     root = seq[:, seq_len - 1 : seq_len]
                     if levels > 0:
                         tree = drafter.expand(seq, seq_len, self.sizes[:levels], c.branching)
@@ -173,30 +221,29 @@ class TreeSpeculative(DecoderStrategy):
                         mask = torch.ones(n_nodes + 1, n_nodes + 1, dtype=torch.bool, device=device).tril_()
                         mask[1:, 1:] = tree.ancestors
                         block = torch.cat((root, tree.tokens[None]), dim=1)
-                        positions = seq_len - 1 + torch.cat((tree.depths.new_zeros(1), tree.depths))
+                        offsets = torch.cat((tree.depths.new_zeros(1), tree.depths))
                     else:
-                        tree, n_nodes, block, mask, positions = None, 0, root, None, None
+                        tree, n_nodes, block, mask, offsets = None, 0, root, None, None
                     clock.mark("verify")
-                    logits = engine.forward(block, cache, positions=positions, tree_mask=mask)
+                    logits = target.verify(block, mask, offsets)
                     clock.mark("accept")
                     argmax = logits[0].argmax(-1)
                     if tree is None:
                         path, last, path_tokens = [], int(argmax[0]), []
                     else:
                         host = torch.cat((argmax, tree.tokens, tree.parents)).tolist()  # the one host sync
-                        g, toks, pars = host[: n_nodes + 1], host[n_nodes + 1 : 2 * n_nodes + 1], host[2 * n_nodes + 1 :]
+                        g, toks = host[: n_nodes + 1], host[n_nodes + 1 : 2 * n_nodes + 1]
+                        pars = host[2 * n_nodes + 1 :]
                         path, last = accepted_path(g, toks, pars)
                         path_tokens = [toks[i] for i in path]
                     emitted = torch.tensor([path_tokens + [last]], dtype=torch.long, device=device)
-                    if c.compaction == "gather":
-                        index = torch.tensor(path, dtype=torch.long, device=device) + seq_len
-                        for layer in cache.layers:
-                            keep_tokens(layer, seq_len, index)
-                        cache.position = seq_len + len(path)
+                    if c.compaction == "gather":  # the root sits at slot seq_len - 1, node i at seq_len + i
+                        target.keep_path(seq_len, torch.tensor(path, dtype=torch.long, device=device) + seq_len)
                     else:
-                        cache.truncate(seq_len - 1)
-                        engine.forward(torch.cat((root, emitted[:, :-1]), dim=1), cache)
+                        target.commit(seq_len - 1)
+                        target.verify(torch.cat((root, emitted[:, :-1]), dim=1))
                         compaction_forwards += 1
+                    drafter.commit(seq_len)  # the draft holds the sequence up to the root; nodes were never kept
                     seq[:, seq_len : seq_len + len(path) + 1] = emitted
                     seq_len += len(path) + 1
                     out.extend(emitted)
@@ -207,15 +254,19 @@ class TreeSpeculative(DecoderStrategy):
                     nodes_total += n_nodes
                     levels_total += levels
                 clock.mark("end")
+            capture_s = target.capture_s + drafter.capture_s - capture_before
             if self.keep_state is not None:
-                self.keep_state.update(target_cache=cache, seq=seq[:, :seq_len], drafter=drafter)
-        counters = speculation_counters(out, stats, prefill.seconds, decode.seconds, clock.durations(), drafter)
+                self.keep_state.update(target=target, seq=seq[:, :seq_len], drafter=drafter)
+        counters = speculation_counters(out, stats, prefill.seconds, decode.seconds - capture_s, clock.durations(),
+                                        drafter)
         iters = max(stats.iterations, 1)
         counters.update(
             tree_nodes_mean=nodes_total / iters,
             accepted_per_level=stats.accepted / levels_total if levels_total else 0.0,
             compaction_forwards=float(compaction_forwards),
             depth=float(c.depth), branching=float(c.branching), width=float(c.width),
+            graph_capture_s=capture_s, fast_path_graph=float(path_kind == "graph"),
+            fast_path_static=float(path_kind != "eager"),
         )
         return Generation(out.result(), counters)
 

@@ -1,0 +1,245 @@
+"""Static-buffer, graph-capturable multi-token steps for the speculative strategies.
+
+`greedy` decodes through the engine's fast path (engine/fast_decode.py): on a CUDA device every decode step is a
+replayed CUDA graph. Speculation must run on the same footing or it is measured against a faster loop than its own:
+its steps are "T new tokens with a [T, T] mask among them" (a verify block, a draft step, a tree level), and here
+each such step is one function of static buffers only, captured once per (T, layers) as a CUDA graph:
+
+    tokens  [B, T] long     the new tokens
+    base    [B] long        the slot of the first new token = tokens held before the step (a device value)
+    offsets [T] long        RoPE position of token t = base + offsets[t] (chain: 0..T-1, tree: node depth)
+    mask    [T, T] bool     token t sees new token j (chain: causal, tree: ancestors)
+    logits  [B, T, V] fp32, argmax [B, T] long   outputs
+    K/V per layer [B, Hkv, capacity, D]          dense buffers; token t's K/V land in slot base + t
+
+Key slot s is visible to new token t iff s < base or (s = base + j and mask[t, j]); attention runs over the whole
+buffer with that mask (torch SDPA), so nothing depends on a host value and rolling back is just a smaller `base`
+next time: the rejected tokens' slots are masked out and later overwritten. On the CPU (tests) or with
+capture=False the same function runs eagerly ("static" mode).
+
+Numerics: the eager engine and the fast decoder attend with other kernels and reduction orders, so in bf16 a
+near-tie can resolve differently (greedy equivalence is exact in fp32 on the CPU; the benchmark reports it on the
+GPU). K and V are written post-RoPE in the model dtype, exactly as the dense cache stores them.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ollm_triton.engine.model import add_rmsnorm, apply_rope, rope_cos_sin
+
+CAPACITY_STEP = 1024  # buffer capacities round up to this, so nearby lengths share buffers and graphs
+FAST_PATHS = ("auto", "static", "off")
+
+# engine -> {(batch, capture): StaticModel}; weak, so a closed and dropped engine frees its buffers and graphs
+_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_notified: set[str] = set()
+
+
+def resolve_fast_path(requested: str, engine) -> str:
+    """"graph", "static" or "eager" for a strategy's `fast_path` setting.
+
+    auto: what the engine's own decode loop uses (engine.fast_path: graph-captured on CUDA when every plugin is
+    capturable, eager otherwise), so a strategy and `greedy` run on the same footing; static: the static-buffer
+    steps without capture (any device); off: the eager engine.forward.
+    """
+    if requested == "off":
+        return "eager"
+    if requested == "static":
+        from ollm_triton.engine.fast_decode import capture_blocker
+
+        reason = capture_blocker(engine)
+        if reason is not None:
+            raise ValueError(f"fast_path=static cannot run here: {reason}; use fast_path=auto or off")
+        return "static"
+    path = str(getattr(engine, "fast_path", "eager"))
+    return path if path in ("graph", "static") else "eager"
+
+
+def static_model(engine, batch: int, max_len: int, capture: bool) -> StaticModel:
+    """The engine's StaticModel for `batch` rows and at least `max_len` tokens (shared by every strategy)."""
+    models = _MODELS.setdefault(engine, {})
+    key = (batch, capture)
+    sm = models.get(key)
+    if sm is None or sm.capacity < max_len or sm.model is not engine.model:
+        sm = StaticModel(engine, batch, max_len, capture)
+        models[key] = sm
+    return sm
+
+
+@dataclass
+class Step:
+    """The static I/O of one (T, layers) step and its CUDA graph once captured."""
+
+    tokens: torch.Tensor
+    base: torch.Tensor
+    offsets: torch.Tensor
+    mask: torch.Tensor
+    logits: torch.Tensor
+    argmax: torch.Tensor
+    layers: int
+    graph: object | None = None
+
+
+class StaticModel:
+    """K/V buffers of `capacity` tokens for `batch` rows of one engine, and its captured steps."""
+
+    def __init__(self, engine, batch: int, max_len: int, capture: bool):
+        self.engine = engine
+        self.model = engine.model
+        self.batch = batch
+        self.capacity = -(-max_len // CAPACITY_STEP) * CAPACITY_STEP
+        self.capture = capture
+        self.kernels = engine.device.type == "cuda"  # the engine's fused Triton kernels on CUDA, references elsewhere
+        if capture:  # one q/k/v and one gate/up matmul per layer, as the engine's own graph path does
+            from ollm_triton.engine.fast_decode import fuse_projections
+
+            fuse_projections(engine.model)
+        self.cache = engine.new_cache(batch=batch, max_len=self.capacity)
+        for layer in self.cache.layers:  # finite everywhere: masked scores must not meet NaN garbage
+            layer.k.zero_()
+            layer.v.zero_()
+        dev = engine.device
+        self.cos, self.sin = rope_cos_sin(engine.inv_freq, torch.arange(self.capacity, device=dev), engine.dtype)
+        self.slots = torch.arange(self.capacity, device=dev)
+        self.steps: dict[tuple[int, int, bool], Step] = {}
+        self.capture_s = 0.0
+        self.captures = 0
+
+    # ---- prefill ------------------------------------------------------------------------------------------------
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids: [B, P] -> logits [B, V] of the last prompt token; the prompt's K/V fill slots 0..P-1."""
+        for layer in self.cache.layers:
+            layer.truncate(0)
+        self.cache.position = 0
+        e = self.engine
+        if hasattr(e, "prefill"):  # chunked when the engine has a prefill_chunk
+            return e.prefill(ids, self.cache)
+        return e.forward(ids, self.cache, last_only=True)[:, -1]
+
+    # ---- steps --------------------------------------------------------------------------------------------------
+    def step(self, t: int, layers: int | None = None, tree: bool = False) -> Step:
+        """The step of `t` new tokens through the first `layers` layers (default all), created on first use with
+        a causal mask and chain offsets; `tree` steps are separate buffers whose mask and offsets the caller sets
+        (so a chain step's causal mask is never overwritten)."""
+        layers = layers or self.model.config.num_layers
+        key = (t, layers, tree)
+        st = self.steps.get(key)
+        if st is None:
+            dev, b = self.engine.device, self.batch
+            st = Step(tokens=torch.zeros(b, t, dtype=torch.long, device=dev),
+                      base=torch.zeros(b, dtype=torch.long, device=dev),
+                      offsets=torch.arange(t, device=dev),
+                      mask=torch.ones(t, t, dtype=torch.bool, device=dev).tril_(),
+                      logits=torch.zeros(b, t, self.model.config.vocab_size, dtype=torch.float32, device=dev),
+                      argmax=torch.zeros(b, t, dtype=torch.long, device=dev), layers=layers)
+            self.steps[key] = st
+        return st
+
+    def run(self, st: Step) -> None:
+        """Run a step: its graph (captured on first use) or the eager body."""
+        if self.capture:
+            if st.graph is None:
+                self._capture(st)
+            st.graph.replay()
+        else:
+            self._body(st)
+
+    def prepare(self, st: Step) -> None:
+        """Capture now (outside a timed region) if this step will be replayed."""
+        if self.capture and st.graph is None:
+            self._capture(st)
+
+    def _capture(self, st: Step) -> None:
+        """Warm up on a side stream (kernels compile, cuBLAS chooses), then capture. Warm-up writes K/V at slots
+        from `base` on, which hold nothing valid yet (they are beyond every committed token)."""
+        t0 = time.perf_counter()
+        dev = self.engine.device
+        saved = st.tokens.clone(), st.base.clone()
+        try:
+            stream = torch.cuda.Stream(device=dev)
+            stream.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._body(st)
+            torch.cuda.current_stream(dev).wait_stream(stream)
+            st.tokens.copy_(saved[0])
+            st.base.copy_(saved[1])
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._body(st)
+            st.graph = graph
+        except Exception as e:  # a step that cannot be captured still runs, eagerly, and says so once
+            first = (str(e).splitlines() or [""])[0][:120]
+            reason = f"speculative fast path: capture failed ({type(e).__name__}: {first}); eager steps"
+            if reason not in _notified:
+                _notified.add(reason)
+                print(reason, file=sys.stderr)
+            self.capture = False
+            st.tokens.copy_(saved[0])
+            st.base.copy_(saved[1])
+        torch.cuda.synchronize(dev)
+        self.captures += 1
+        self.capture_s += time.perf_counter() - t0
+
+    @torch.inference_mode()
+    def _body(self, st: Step) -> None:
+        """The step itself: static shapes, device values only (see the module docstring)."""
+        model, kern = self.model, self.kernels
+        b, t = st.tokens.shape
+        rope_pos = st.base[:, None] + st.offsets[None, :]  # [B, T]
+        cos, sin = self.cos[rope_pos][:, None], self.sin[rope_pos][:, None]  # [B, 1, T, D]
+        rel = self.slots[None, :] - st.base[:, None]  # [B, S]: slot s holds new token rel (if 0 <= rel < T)
+        in_block = (rel >= 0) & (rel < t)
+        block = st.mask[:, rel.clamp(0, t - 1)].transpose(0, 1)  # [B, T, S]: mask[t, rel]
+        visible = ((rel < 0)[:, None, :] | (in_block[:, None, :] & block))[:, None]  # [B, 1, T, S]
+        x = model.model.embed_tokens(st.tokens)  # [B, T, hidden]
+        residual, delta = x, None
+        for i in range(st.layers):
+            layer, kv = model.model.layers[i], self.cache.layers[i]
+            attn = layer.self_attn
+            normed, residual = _add_norm(delta, residual, layer.input_layernorm, kern)
+            q, k, v = attn.project(normed, fused=kern)  # [B, T, H, D]
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            index = (st.base[:, None] + torch.arange(t, device=x.device))[:, None, :, None].expand_as(k)
+            kv.k.scatter_(2, index, k.to(kv.k.dtype))
+            kv.v.scatter_(2, index, v.to(kv.v.dtype))
+            out = F.scaled_dot_product_attention(q, kv.k, kv.v, attn_mask=visible,
+                                                 enable_gqa=attn.num_heads != attn.num_kv_heads)  # [B, Hq, T, D]
+            delta = attn.o_proj(out.transpose(1, 2).reshape(b, t, attn.num_heads * attn.head_dim))
+            normed, residual = _add_norm(delta, residual, layer.post_attention_layernorm, kern)
+            delta = layer.mlp(normed, fused=kern)
+        normed, _ = _add_norm(delta, residual, model.model.norm, kern)
+        logits = model.lm_head(normed)
+        st.logits.copy_(logits)
+        st.argmax.copy_(logits.argmax(-1))
+
+    # ---- K/V moves ------------------------------------------------------------------------------------------------
+    def move(self, src: torch.Tensor, dst_start: int) -> None:
+        """Copy the K/V of slots `src` (ascending) to slots dst_start.. in every layer (tree compaction)."""
+        if src.numel() == 0:
+            return
+        dst = torch.arange(dst_start, dst_start + src.numel(), device=src.device)
+        for layer in self.cache.layers:
+            layer.k[:, :, dst] = layer.k[:, :, src]  # the gather copies first: overlapping slots are safe
+            layer.v[:, :, dst] = layer.v[:, :, src]
+
+    def dense(self, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's K/V of slots 0..length-1 (tests compare them with a fresh run)."""
+        return [(layer.k[:, :, :length], layer.v[:, :, :length]) for layer in self.cache.layers]
+
+
+def _add_norm(delta, residual, norm, kernels: bool):
+    """(norm(residual + delta), residual + delta), fused on CUDA; delta None: norm(residual)."""
+    if kernels:
+        return add_rmsnorm(delta, residual, norm)
+    if delta is not None:
+        residual = residual + delta
+    return norm(residual), residual
