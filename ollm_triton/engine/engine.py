@@ -170,6 +170,14 @@ class Engine:
             self._fast = FastDecoder(self, capture=self.fast_path == "graph")
         return self._fast
 
+    def _fast_path_used(self) -> str:
+        """engine.fast_path, saying so when the fast path was available but no decode step ran through it (a
+        decoder with its own loop, or no decoding at all)."""
+        steps = self._fast.steps if self._fast is not None else 0
+        if self.fast_path.startswith("eager") or steps:
+            return self.fast_path
+        return f"{self.fast_path} (available; no decode step ran through the engine's fast decoder)"
+
     def num_parameters(self) -> int:
         """Distinct parameters (tied embeddings counted once)."""
         return self._num_parameters
@@ -190,7 +198,7 @@ class Engine:
             "decode_max_tokens": self.decode_max_tokens,
             "fused_kernels": self.model.kernel_path if self.model is not None else "none",
             "prefill_chunk": self.prefill_chunk,
-            "fast_path": self.fast_path,
+            "fast_path": self._fast_path_used(),
             "fast_path_steps": self._fast.steps if self._fast is not None else 0,
         }
         if self.tokenizer is not None:

@@ -63,6 +63,8 @@ def capture_blocker(engine) -> str | None:
         return (f"attention '{name}' has no capturable decode (data-dependent shapes); capturable: "
                 f"{', '.join(DENSE_CAUSAL_ATTENTION)}")
     codec = getattr(engine.codec, "plugin_name", type(engine.codec).__name__)
+    if codec != "dense":  # decided by name: building a probe layer of another codec could touch its storage tier
+        return f"cache '{codec}' has no static-buffer decode; capturable: dense"
     cfg = engine.config
     probe = engine.codec.new_layer(LayerSpec(batch=1, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                                              dtype=engine.dtype, device=engine.device, max_len=1))

@@ -1,0 +1,515 @@
+"""The fast path end to end (issue 8), every row side by side with its baselines in one run, same weights.
+
+    python3 scripts/bench_fast_path.py --out $OUT/bench_fast_path.json      # H200: llama3_8b random bf16, ~5 min
+    python scripts/bench_fast_path.py --small --out /tmp/fast.json          # CPU smoke test of every section
+
+Sections (each guarded: a failure is recorded in the JSON and the run goes on; a global time budget skips what
+would not fit, saying so):
+  bandwidth  device copy bandwidth (read + write) -> the weight-bandwidth floor: tok/s if a decode step only read
+             the weights it needs (all but the embedding table) and its KV cache once at that bandwidth
+  decode     batch 1, prompt 512, 256 new tokens: engine graph-captured decode, engine eager, transformers
+             `generate` (eager, dynamic cache), transformers `generate` with cache_implementation="static" +
+             torch.compile (a time-boxed subprocess on the same seeded weights, failure reported as such)
+  long       32k context: engine graph (dense), engine eager (dense), engine eager (int4: not capturable), and
+             transformers eager
+  prefill    prefill tok/s at 8k and 32k (engine unchunked and chunked with peak memory, transformers)
+  ttft       time to first token at 100k, chunked (flash attention), with peak memory
+  batch      batch 8 and 32 decode throughput (tok/s summed over sequences): engine graph, transformers eager
+Decode tok/s counts the tokens after the first (which comes from the prefill) over the time after it; medians over
+--repeats runs after a warm-up, CUDA-synchronized. JSON: device, versions, git sha (OLLM_GIT_SHA overrides), date,
+command; a GitHub table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from ollm_triton.decoding.greedy import decode_loop  # noqa: E402
+from ollm_triton.engine import Engine, load_engine  # noqa: E402
+from ollm_triton.registry import registry  # noqa: E402
+from ollm_triton.results import git_sha  # noqa: E402
+
+SMALL_ARCH = dict(model_type="llama", vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-5)
+CUDA = torch.cuda.is_available()
+
+
+def sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def now():
+    sync()
+    return time.perf_counter()
+
+
+def peak_reset():
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gb():
+    return torch.cuda.max_memory_allocated() / 1e9 if CUDA else float("nan")
+
+
+# ---- measurements -------------------------------------------------------------------------------------------------
+
+
+def copy_bandwidth(small: bool) -> float:
+    """Bytes per second of a device-to-device copy, read + write counted (median)."""
+    n = (64 << 20) if small else (2 << 30)
+    src = torch.empty(n, dtype=torch.uint8, device="cuda" if CUDA else "cpu").fill_(1)
+    dst = torch.empty_like(src)
+    if CUDA:
+        import triton.testing
+
+        ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
+        return 2 * n / (ms / 1e3)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    return 2 * n / statistics.median(times)
+
+
+def engine_generate(engine, prompt, new, repeats, warm_new=4):
+    """Greedy through the engine's decode loop (graph-captured when engine.fast_path says so)."""
+    greedy = registry.build("decoder", "greedy")
+    greedy.generate(engine, prompt, warm_new)  # warm-up: Triton compiles, the bucket's graph is captured
+    runs = []
+    for _ in range(repeats):
+        peak_reset()
+        runs.append(greedy.generate(engine, prompt, new))
+    decode = statistics.median(r.counters["decode_s"] for r in runs)
+    prefill = statistics.median(r.counters["prefill_s"] for r in runs)
+    n = runs[0].tokens.shape[1]
+    return {"prefill_s": prefill, "prefill_tok_s": prompt.numel() / prefill,
+            "decode_tok_s": prompt.shape[0] * (n - 1) / decode, "peak_gb": peak_gb(),
+            "fast_path": engine.fast_path, "fused_kernels": engine.describe()["fused_kernels"],
+            "graph_capture_s": sum(r.counters.get("graph_capture_s", 0.0) for r in runs)}, runs[0].tokens
+
+
+def hf_model_from(engine, arch, dtype, device):
+    """transformers' model on the meta device with the engine's tensors assigned (no second copy of weights)."""
+    import transformers
+
+    cfg = transformers.AutoConfig.for_model(**arch)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    _, unexpected = model.load_state_dict(engine.model.state_dict(), strict=False, assign=True)
+    assert not unexpected, unexpected
+    with torch.device(device):  # the rotary buffers were left on meta
+        model.model.rotary_emb = type(model.model.rotary_emb)(cfg)
+    return model.eval()
+
+
+def hf_generate(model, prompt, new, repeats, warm_new=4, **kw):
+    """transformers generate: time to the first token and the decode time after it (a stopping criterion notes
+    when the first token exists), medians over `repeats`."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class FirstTokenClock(StoppingCriteria):
+        def __init__(self):
+            self.t = None
+
+        def __call__(self, input_ids, scores, **_):
+            if self.t is None:
+                self.t = now()
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    args = dict(do_sample=False, pad_token_id=0, **kw)
+    with torch.inference_mode():
+        t0 = now()
+        model.generate(prompt, max_new_tokens=warm_new, min_new_tokens=warm_new, **args)
+        warmup_s = now() - t0
+        ttft, decode, tokens = [], [], None
+        for _ in range(repeats):
+            peak_reset()
+            clock = FirstTokenClock()
+            t0 = now()
+            out = model.generate(prompt, max_new_tokens=new, min_new_tokens=new,
+                                 stopping_criteria=StoppingCriteriaList([clock]), **args)
+            t1 = now()
+            ttft.append(clock.t - t0)
+            decode.append(t1 - clock.t)
+            tokens = out[:, prompt.shape[1]:]
+    return {"ttft_s": statistics.median(ttft), "decode_tok_s": prompt.shape[0] * (new - 1) / statistics.median(decode),
+            "peak_gb": peak_gb(), "warmup_s": warmup_s}, tokens
+
+
+def timed_prefill(fn, repeats):
+    times, peaks = [], []
+    for _ in range(repeats):
+        peak_reset()
+        t0 = now()
+        fn()
+        times.append(now() - t0)
+        peaks.append(peak_gb())
+    return statistics.median(times), max(peaks)
+
+
+# ---- the transformers static-cache + torch.compile worker (own process: compile can hang or blow up) ---------------
+
+
+def compile_worker(args) -> None:
+    """Rebuild the same seeded weights, then generate with a static cache compiled by torch.compile."""
+    out = {"ok": False}
+    try:
+        from transformers.generation import CompileConfig
+
+        arch, dtype, device = model_arch(args), getattr(torch, args.dtype), "cuda" if CUDA else "cpu"
+        engine = load_engine(arch, device=device, dtype=dtype, seed=0, fast_decode="off")
+        model = hf_model_from(engine, arch, dtype, device)
+        prompt = make_prompt(arch, 1, args.prompt, device)
+        config = CompileConfig(fullgraph=False, mode="reduce-overhead") if CUDA else CompileConfig(backend="eager")
+        if not CUDA:  # the CPU smoke test checks the code path with the no-codegen backend
+            config._compile_all_devices = True
+        model.generation_config.compile_config = config
+        # the warm-up has the timed runs' shape: a static cache of another length would compile again
+        res, _ = hf_generate(model, prompt, args.new, args.repeats, warm_new=args.new, cache_implementation="static")
+        out = {"ok": True, **res, "backend": config.backend, "mode": config.mode}
+    except Exception as e:  # reported, never hidden
+        out = {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+               "trace": traceback.format_exc()[-1500:]}
+    Path(args.worker_out).write_text(json.dumps(out))
+
+
+def run_compile_worker(args, timeout: float) -> dict:
+    out = Path(args.out or "/tmp/bench_fast_path.json").with_suffix(".compile.json")
+    cmd = [sys.executable, __file__, "--compile-worker", "--worker-out", str(out), "--prompt", str(args.prompt),
+           "--new", str(args.new), "--repeats", str(args.repeats), "--dtype", args.dtype, "--model", args.model]
+    if args.small:
+        cmd.append("--small")
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"timed out after {timeout:.0f} s (compile + warm-up + {args.repeats} runs)"}
+    if not out.is_file():
+        tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-3:]
+        return {"ok": False, "error": f"worker exited {proc.returncode} without a result: {' | '.join(tail)}"}
+    res = json.loads(out.read_text())
+    out.unlink()
+    res["wall_s"] = time.perf_counter() - t0
+    return res
+
+
+# ---- the run --------------------------------------------------------------------------------------------------------
+
+
+def model_arch(args) -> dict:
+    if args.small:
+        return dict(SMALL_ARCH)
+    return yaml.safe_load((REPO / "conf" / "model" / f"{args.model}.yaml").read_text())["arch"]
+
+
+def make_prompt(arch, batch, length, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, arch["vocab_size"], (batch, length), generator=gen).to(device)
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.t0 = time.perf_counter()
+        self.record = {}
+        self.rows = []  # (name, context, batch, prefill tok/s, decode tok/s, % floor, peak GB, notes)
+
+    def left(self) -> float:
+        return self.args.budget - (time.perf_counter() - self.t0)
+
+    def section(self, name, need_s, fn):
+        """Run one section unless the budget cannot hold it; record failures instead of stopping."""
+        if self.left() < need_s:
+            self.record[name] = {"skipped": f"time budget: {self.left():.0f} s left, section needs ~{need_s:.0f} s"}
+            print(f"[{name}] skipped (time budget)", flush=True)
+            return
+        t0 = time.perf_counter()
+        try:
+            self.record[name] = fn()
+        except Exception as e:
+            self.record[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                                 "trace": traceback.format_exc()[-1500:]}
+            print(f"[{name}] FAILED: {self.record[name]['error']}", flush=True)
+        if isinstance(self.record[name], dict):
+            self.record[name]["section_s"] = time.perf_counter() - t0
+        print(f"[{name}] {time.perf_counter() - t0:.1f} s", flush=True)
+        self.save()
+        if CUDA:
+            torch.cuda.empty_cache()
+
+    def row(self, name, context, batch, prefill, decode, floor, peak, notes="", group=None):
+        """A table row; `group` orders the printed table (default: the order of the calls)."""
+        pct = f"{100 * decode / floor:.0f}%" if decode and floor else ""
+        fmt = lambda x, p: f"{x:.{p}f}" if isinstance(x, float) else ("" if x is None else str(x))  # noqa: E731
+        self.rows.append((len(self.rows) if group is None else group, f"| {name} | {context} | {batch} | "
+                          f"{fmt(prefill, 0)} | {fmt(decode, 1)} | {pct} | {fmt(peak, 2)} | {notes} |"))
+
+    def table(self) -> list[str]:
+        return [text for _, text in sorted(self.rows, key=lambda r: r[0])]
+
+    def save(self):
+        if self.args.out:
+            Path(self.args.out).write_text(json.dumps({**self.header, "sections": self.record, "table": self.table()},
+                                                      indent=1, default=str))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="llama3_8b", help="a conf/model preset with random weights")
+    ap.add_argument("--small", action="store_true", help="a tiny model and lengths: the CPU smoke test")
+    ap.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on the CPU")
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--long", type=int, default=32768)
+    ap.add_argument("--long-new", type=int, default=64)
+    ap.add_argument("--prefill", type=int, nargs="*", default=[8192, 32768])
+    ap.add_argument("--ttft", type=int, default=100_000)
+    ap.add_argument("--chunk", type=int, default=8192)
+    ap.add_argument("--batches", type=int, nargs="*", default=[8, 32])
+    ap.add_argument("--compile-timeout", type=float, default=200.0)
+    ap.add_argument("--no-compile", action="store_true", help="skip the transformers static+compile baseline")
+    ap.add_argument("--budget", type=float, default=330.0, help="seconds for the whole run; later sections skip")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--compile-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.small:
+        args.prompt, args.new, args.long, args.long_new = 32, 8, 160, 4
+        args.prefill, args.ttft, args.chunk, args.batches = [64, 128], 300, 64, [2]
+    args.dtype = args.dtype or ("bfloat16" if CUDA else "float32")
+    if args.compile_worker:
+        return compile_worker(args)
+
+    import transformers
+    import triton
+
+    device = torch.device("cuda" if CUDA else "cpu")
+    dtype = getattr(torch, args.dtype)
+    arch = model_arch(args)
+    bench = Bench(args)
+    bench.header = {
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if CUDA else (platform.processor() or platform.machine()),
+        "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
+        "python": platform.python_version(), "git_sha": git_sha(), "model": "small" if args.small else args.model,
+        "dtype": args.dtype,
+    }
+    # the graph engine (fast_decode=auto: CUDA graphs on the GPU; on the CPU the same step, uncaptured)
+    graph = load_engine(arch, device=device, dtype=dtype, seed=0, fast_decode="auto" if CUDA else "static")
+    graph.fast_decoder()  # fuses q/k/v and gate/up weights now, before anything else shares the tensors
+
+    def sibling(**kw):
+        """Another Engine over the same weights (other plugins / fast-path setting)."""
+        plugins = dict(attention=graph.attention, codec=graph.codec, prefetch=graph.prefetch)
+        for kind, key in (("attention", "attention"), ("cache", "codec")):
+            if isinstance(kw.get(key), str):
+                kw[key] = registry.build(kind, kw[key])
+        plugins.update({k: kw.pop(k) for k in ("attention", "codec") if k in kw})
+        return Engine(graph.model, **plugins, device=device, dtype=dtype, **kw)
+
+    eager = sibling(fast_decode="off")
+    fast_label = "engine, CUDA graph" if graph.fast_path == "graph" else f"engine, {graph.fast_path} step"
+    hf = hf_model_from(graph, arch, dtype, device)
+    cfg = graph.config
+    embed = cfg.vocab_size * cfg.hidden_size if not cfg.tie_word_embeddings else 0
+    elt = torch.empty((), dtype=dtype).element_size()
+    weights_read = (graph.num_parameters() - embed) * elt  # what one decode step must read (one embedding row)
+    kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * elt
+    bench.header.update(weights_gb=graph.num_parameters() * elt / 1e9, weights_read_per_step_gb=weights_read / 1e9)
+
+    def floor(batch, context):
+        """tok/s (summed over the batch) if a step read the weights once and each sequence's KV once."""
+        bw = bench.record.get("bandwidth", {}).get("copy_bytes_s")
+        return batch * bw / (weights_read + batch * kv_per_token * context) if bw else None
+
+    def bandwidth():
+        bw = copy_bandwidth(args.small)
+        return {"copy_bytes_s": bw, "copy_tb_s": bw / 1e12,
+                "floor_tok_s_b1_512": batch_floor(1, args.prompt + args.new // 2, bw)}
+
+    def batch_floor(batch, context, bw):
+        return batch * bw / (weights_read + batch * kv_per_token * context)
+
+    bench.section("bandwidth", 5, bandwidth)
+
+    def decode(hf=hf):
+        p = make_prompt(arch, 1, args.prompt, device)
+        ctx = args.prompt + args.new // 2
+        out = {}
+        out["engine_graph"], tok_graph = engine_generate(graph, p, args.new, args.repeats + 1)
+        out["engine_eager"], tok_eager = engine_generate(eager, p, args.new, args.repeats)
+        out["hf_eager"], _ = hf_generate(hf, p, args.new, args.repeats)
+        # Correctness beside the speed: first-step logits of graph vs eager engine, and their tokens (random
+        # weights give near-flat logits, so bf16 ties flip tokens after a while; the logits are the check).
+        with torch.inference_mode():
+            a, b = [], []
+            graph.fast_decoder().generate(p, 2, lambda lg: a.append(lg.clone()) or lg.argmax(-1))
+            decode_loop(eager, p, 2, lambda lg: b.append(lg.clone()) or lg.argmax(-1), None)
+        rel = [((x - y).norm() / y.norm()).item() for x, y in zip(a, b, strict=True)]
+        out["graph_vs_eager_step_logits_rel_l2"] = max(rel)
+        same = (tok_graph == tok_eager).int().cumprod(1).sum().item()
+        out["graph_vs_eager_identical_prefix_tokens"] = same
+        f = floor(1, ctx)
+        for key, name in (("engine_graph", f"{fast_label} (fused kernels)"),
+                          ("engine_eager", "engine, eager (fused kernels)"),
+                          ("hf_eager", "transformers generate, eager, dynamic cache")):
+            r = out[key]
+            pre = r.get("prefill_tok_s") or (args.prompt / r["ttft_s"] if r.get("ttft_s") else None)
+            bench.row(name, args.prompt, 1, pre, r["decode_tok_s"], f, r["peak_gb"], r.get("fast_path", ""))
+        return out
+
+    bench.section("decode", 60 if not args.small else 1, decode)
+    decode_rows = len(bench.rows) - 0.5  # the compile row, measured last, is printed with these
+    del hf
+
+    def long_context():
+        p = make_prompt(arch, 1, args.long, device, seed=1)
+        ctx = args.long + args.long_new // 2
+        out = {}
+        out["engine_graph_dense"], _ = engine_generate(graph, p, args.long_new, args.repeats)
+        out["engine_eager_dense"], _ = engine_generate(eager, p, max(2, args.long_new // 2), 1)
+        int4 = sibling(codec="int4", fast_decode="auto")
+        out["engine_eager_int4"], _ = engine_generate(int4, p, max(2, args.long_new // 2), 1)
+        hf_long = hf_model_from(graph, arch, dtype, device)
+        out["hf_eager"], _ = hf_generate(hf_long, p, max(2, args.long_new // 2), 1)
+        del hf_long
+        f = floor(1, ctx)
+        for key, name in (("engine_graph_dense", f"{fast_label}, dense cache"),
+                          ("engine_eager_dense", "engine, eager, dense cache"),
+                          ("engine_eager_int4", "engine, int4 cache"),
+                          ("hf_eager", "transformers generate, eager")):
+            r = out[key]
+            pre = r.get("prefill_tok_s") or args.long / r["ttft_s"]
+            bench.row(name, args.long, 1, pre, r["decode_tok_s"], f, r["peak_gb"], r.get("fast_path", ""))
+        return out
+
+    bench.section("long", 40 if not args.small else 1, long_context)
+
+    def prefill():
+        out = {}
+        chunked = sibling(attention="flash", fast_decode="off")
+        for n in args.prefill:
+            p = make_prompt(arch, 1, n, device, seed=2)
+            r = {}
+            with torch.inference_mode():
+                graph.prefill(p[:, :64], graph.new_cache(1, 64))  # warm-up
+                s, pk = timed_prefill(lambda p=p, n=n: graph.prefill(p, graph.new_cache(1, n), chunk=0), args.repeats)
+                r["engine_sdpa_unchunked"] = {"s": s, "tok_s": n / s, "peak_gb": pk}
+                m = min(n, 2 * args.chunk)  # Triton compiles for the chunk shapes the timed run has
+                chunked.prefill(p[:, :m], chunked.new_cache(1, m), chunk=args.chunk)
+                s, pk = timed_prefill(lambda p=p, n=n: chunked.prefill(p, chunked.new_cache(1, n), chunk=args.chunk),
+                                      args.repeats)
+                r["engine_flash_chunked"] = {"s": s, "tok_s": n / s, "peak_gb": pk, "chunk": args.chunk}
+                hf_p = hf_model_from(graph, arch, dtype, device)
+                hf_p(p[:, :64], logits_to_keep=1)
+                s, pk = timed_prefill(lambda m=hf_p, p=p: m(p, logits_to_keep=1), args.repeats)
+                r["hf"] = {"s": s, "tok_s": n / s, "peak_gb": pk}
+                del hf_p
+            out[n] = r
+            bench.row("prefill: engine (sdpa, one shot)", n, 1, r["engine_sdpa_unchunked"]["tok_s"], None, None,
+                      r["engine_sdpa_unchunked"]["peak_gb"])
+            bench.row(f"prefill: engine (flash, chunks of {args.chunk})", n, 1, r["engine_flash_chunked"]["tok_s"],
+                      None, None, r["engine_flash_chunked"]["peak_gb"])
+            bench.row("prefill: transformers forward", n, 1, r["hf"]["tok_s"], None, None, r["hf"]["peak_gb"])
+        return out
+
+    bench.section("prefill", 30 if not args.small else 1, prefill)
+
+    def ttft():
+        n = args.ttft
+        chunked = sibling(attention="flash", fast_decode="off", prefill_chunk=args.chunk)
+        p = make_prompt(arch, 1, n, device, seed=3)
+        with torch.inference_mode():
+            m = args.chunk + (n % args.chunk or args.chunk)  # warm-up: a full chunk and the last, shorter one
+            chunked.prefill(p[:, :m], chunked.new_cache(1, m))
+            cache = chunked.new_cache(1, n)
+            kv_gb = sum(layer.k.numel() * 2 * layer.k.element_size() for layer in cache.layers) / 1e9
+            peak_reset()
+            t0 = now()
+            chunked.prefill(p, cache)
+            s = now() - t0
+        out = {"ttft_s": s, "prefill_tok_s": n / s, "peak_gb": peak_gb(), "kv_cache_gb": kv_gb, "chunk": args.chunk,
+               "weights_gb": bench.header["weights_gb"]}
+        bench.row(f"time to first token: engine (flash, chunks of {args.chunk}) -> {s:.2f} s", n, 1, n / s, None,
+                  None, out["peak_gb"], f"KV cache {kv_gb:.1f} GB")
+        return out
+
+    bench.section("ttft", 40 if not args.small else 1, ttft)
+
+    def batches():
+        out = {}
+        hf_b = hf_model_from(graph, arch, dtype, device)
+        for b in args.batches:
+            p = make_prompt(arch, b, args.prompt, device, seed=4)
+            new = max(2, args.new // 2)
+            r = {"engine_graph": engine_generate(graph, p, new, args.repeats)[0]}
+            if b == args.batches[0]:
+                r["hf_eager"] = hf_generate(hf_b, p, new, 1)[0]
+            out[b] = r
+            f = floor(b, args.prompt + new // 2)
+            bench.row(fast_label, args.prompt, b, r["engine_graph"]["prefill_tok_s"],
+                      r["engine_graph"]["decode_tok_s"], f, r["engine_graph"]["peak_gb"], "tok/s summed over the batch")
+            if "hf_eager" in r:
+                bench.row("transformers generate, eager", args.prompt, b, b * args.prompt / r["hf_eager"]["ttft_s"],
+                          r["hf_eager"]["decode_tok_s"], f, r["hf_eager"]["peak_gb"], "tok/s summed over the batch")
+        del hf_b
+        return out
+
+    bench.section("batch", 30 if not args.small else 1, batches)
+
+    if CUDA:  # the worker rebuilds the weights: give it the memory of ours back
+        torch.cuda.empty_cache()
+    if not args.no_compile:
+        def compiled():
+            res = run_compile_worker(args, min(args.compile_timeout, max(30.0, bench.left() - 5)))
+            f = floor(1, args.prompt + args.new // 2)
+            if res.get("ok"):
+                bench.row("transformers generate, static cache + torch.compile", args.prompt, 1,
+                          args.prompt / res["ttft_s"], res["decode_tok_s"], f, res["peak_gb"],
+                          f"compile + warm-up run {res['warmup_s']:.0f} s ({res['backend']}, {res['mode']})",
+                          group=decode_rows)
+            else:
+                bench.row("transformers generate, static cache + torch.compile", args.prompt, 1, None, None, f, None,
+                          f"FAILED: {res['error'][:100]}", group=decode_rows)
+            return res
+        # last: compiling an 8B model takes minutes, and it gets whatever the budget has left (time-boxed)
+        bench.section("hf_static_compile", 60 if not args.small else 1, compiled)
+
+    bench.header["total_s"] = time.perf_counter() - bench.t0
+    bench.save()
+
+    bw = bench.record.get("bandwidth", {}).get("copy_tb_s")
+    h = bench.header
+    print(f"\n{h['device']}, torch {h['torch']}, triton {h['triton']}, transformers {h['transformers']}, "
+          f"{h['model']} random {args.dtype} ({h['weights_gb']:.1f} GB; a decode step reads "
+          f"{h['weights_read_per_step_gb']:.1f} GB of weights + its KV cache), copy bandwidth "
+          f"{bw:.2f} TB/s; median of {args.repeats}; git {h['git_sha']}; {h['date']}\n" if bw else "")
+    print("| implementation | context | batch | prefill tok/s | decode tok/s | % of weight-bandwidth floor | "
+          "peak GB | notes |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("\n".join(bench.table()))
+
+
+if __name__ == "__main__":
+    main()

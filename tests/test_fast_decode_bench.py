@@ -1,0 +1,34 @@
+"""scripts/bench_fast_path.py runs end to end on the CPU (--small): every section, the compile worker included."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_bench_fast_path_small_runs_every_section(tmp_path):
+    out = tmp_path / "fast.json"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_fast_path.py"), "--small", "--repeats", "1",
+                           "--out", str(out)], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(out.read_text())
+    for key in ("command", "date", "device", "torch", "triton", "transformers", "git_sha"):
+        assert record[key], key
+    sections = record["sections"]
+    assert set(sections) == {"bandwidth", "decode", "long", "prefill", "ttft", "batch", "hf_static_compile"}
+    failed = {k: v.get("error") for k, v in sections.items() if "error" in v or "skipped" in v}
+    assert not failed, failed
+    assert sections["hf_static_compile"]["ok"], sections["hf_static_compile"]
+    decode = sections["decode"]
+    assert decode["engine_graph"]["fast_path"] == "static" and decode["engine_eager"]["fast_path"].startswith("eager")
+    assert decode["graph_vs_eager_step_logits_rel_l2"] < 1e-5  # fp32: the static step equals the eager forward
+    assert sections["long"]["engine_eager_int4"]["fast_path"].startswith("eager (")
+    assert sections["ttft"]["ttft_s"] > 0 and len(record["table"]) == 17
+    # the GitHub table is printed last
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-18].startswith("| --- |") and lines[-1].startswith("| ")
