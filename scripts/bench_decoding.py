@@ -39,15 +39,17 @@ from ollm_triton.results import environment  # noqa: E402
 
 DEFAULT_STRATEGIES = [
     "greedy",
+    "speculative:num_candidates=1",
     "speculative:num_candidates=2",
+    "speculative:num_candidates=3",
     "speculative:num_candidates=4",
     "speculative:num_candidates=6",
-    "speculative:num_candidates=8",
     "adaptive",
+    "tree:depth=4,branching=2,width=3",
     "tree:depth=5,branching=2,width=4",
-    "tree:depth=6,branching=3,width=6",
     "prompt_lookup",
-    "self_speculative",
+    "self_speculative:draft_layers=2",
+    "self_speculative:draft_layers=3",
 ]
 
 

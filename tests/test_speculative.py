@@ -268,3 +268,35 @@ def test_random_draft_sources(models):
     assert s.draft.get(plain) is s.draft.get(plain)  # loaded once, kept on the strategy
     s.close()
     assert s.draft._engine is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["speculative-noisy-k4", "adaptive-noisy", "tree-noisy-gather", "tree-noisy-rerun",
+                                  "prompt_lookup", "self_speculative"])
+def test_cuda_graph_path_matches_greedy(case):
+    """On CUDA (float32) greedy replays the engine's captured decode step and the strategies their captured
+    static-buffer steps (fast_path=auto resolves to graph): the tokens must still be greedy's."""
+
+    def cuda_build(layers=2):
+        eng = load_engine({**ARCH, "num_hidden_layers": layers}, device="cuda", dtype=torch.float32, seed=1)
+        with torch.no_grad():
+            eng.model.lm_head.weight.mul_(40.0)
+        return eng
+
+    target = cuda_build()
+    assert target.fast_path == "graph", target.fast_path
+    noisy = cuda_build()
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    with torch.no_grad():
+        for p, src in zip(noisy.model.parameters(), target.model.parameters(), strict=True):
+            p.copy_(src)
+            if p.dim() > 1:
+                p.add_(torch.randn(p.shape, generator=gen, device="cuda") * p.std() * 0.1)
+    cuda_models = {"target": target, "self": target, "noisy": noisy, "truncated": noisy}
+    greedy = registry.build("decoder", "greedy")
+    s = strategy(case, cuda_models, "auto")
+    for prompt in prompts():
+        ref = greedy.generate(target, prompt.cuda(), 40).tokens
+        out = s.generate(target, prompt.cuda(), 40)
+        assert out.counters["fast_path_graph"] == 1.0
+        assert torch.equal(out.tokens, ref), (case, out.tokens.tolist(), ref.tolist())
