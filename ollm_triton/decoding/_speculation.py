@@ -289,7 +289,7 @@ def speculate(
         # graphs of the usual block are captured here, outside the timers; any captured later (adaptive's other
         # block lengths) are taken out of decode_s and reported as graph_capture_s
         if not out.finished:
-            target.prepare(controller.candidates() + 1)
+            target.prepare(controller.k + 1)
             drafter.prepare()
         capture_before = target.capture_s + drafter.capture_s
         with Timer(device) as decode:

@@ -91,7 +91,8 @@ class StaticModel:
     """K/V buffers of `capacity` tokens for `batch` rows of one engine, and its captured steps."""
 
     def __init__(self, engine, batch: int, max_len: int, capture: bool):
-        self.engine = engine
+        # a weak reference: this object lives in a dictionary keyed weakly by the engine, which must stay collectable
+        self._engine = weakref.ref(engine)
         self.model = engine.model
         self.batch = batch
         self.capacity = -(-max_len // CAPACITY_STEP) * CAPACITY_STEP
@@ -111,6 +112,13 @@ class StaticModel:
         self.steps: dict[tuple[int, int, bool], Step] = {}
         self.capture_s = 0.0
         self.captures = 0
+
+    @property
+    def engine(self):
+        engine = self._engine()
+        if engine is None:
+            raise RuntimeError("the engine of these static buffers was garbage-collected")
+        return engine
 
     # ---- prefill ------------------------------------------------------------------------------------------------
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
