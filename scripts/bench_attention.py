@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ollm_triton.kernels.attention_decode import flash_decode  # noqa: E402
-from ollm_triton.kernels.attention_prefill import flash_prefill  # noqa: E402
+from ollm_triton.kernels.attention_prefill import flash_prefill, prefill_config  # noqa: E402
 from ollm_triton.kernels.attention_schedule import SparsePattern, build_schedule, decode_block_ids  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
@@ -47,7 +47,7 @@ DT = torch.bfloat16
 DEV = "cuda"
 SIZES = {"prefill": (8192, 32768), "long": 32768, "window": 4096, "decode": ((1, 32768), (1, 131072), (8, 32768), (8, 131072))}
 PREFILL_CONFIGS = [  # (block_m, block_n, warps, stages); the first is the kernels' default
-    (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2),
+    (128, 128, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3),
 ]
 T0 = time.time()
 BUDGET_S = 240.0  # optional parts (sweeps, Flex on sparse blocks) are skipped past this many seconds
@@ -220,11 +220,15 @@ def main():
     def _():
         q, k, v = qkv(1, n, n, seed=1)
         window, sink = SIZES["window"], 4
-        sched = build_schedule(n, n, 0, 128, 64, device=DEV, window=window, sink=sink)
+        cfg = prefill_config(D, DT, n)
+        sched = build_schedule(n, n, 0, cfg.block_m, cfg.block_n, device=DEV, window=window, sink=sink)
         out = torch.empty_like(q).fill_(float("nan"))
         flash_prefill(q, k, v, sched, out=out)
-        res = {"visited_tiles": sched.visited_tiles()}
+        res = {"tiles": [cfg.block_m, cfg.block_n], "visited_tiles": sched.visited_tiles()}
         res["ours_ms"] = t_ours = ms(lambda: flash_prefill(q, k, v, sched, out=out))
+        if not quick:  # the other tile width, for the record
+            s64 = build_schedule(n, n, 0, 128, 64, device=DEV, window=window, sink=sink)
+            res["ours_128x64_ms"] = ms(lambda: flash_prefill(q, k, v, s64, out=out))
         base = {}
         if fa is not None:
             def sw(b, h, qi, ki):
@@ -243,12 +247,13 @@ def main():
     def _():
         q, k, v = qkv(1, n, n, seed=2)
         out = torch.empty_like(q)
-        dense_tiles = build_schedule(n, n, 0, 128, 64).visited_tiles()
+        cfg = prefill_config(D, DT, n)
+        dense_tiles = build_schedule(n, n, 0, cfg.block_m, cfg.block_n).visited_tiles()
         res = {}
         for kind in ("local", "bigbird"):
             for d in (0.5, 0.25, 0.125):
                 pat = SparsePattern(kind=kind, block_size=128, density=d, num_global=1, seed=0)
-                sched = build_schedule(n, n, 0, 128, 64, device=DEV, pattern=pat)
+                sched = build_schedule(n, n, 0, cfg.block_m, cfg.block_n, device=DEV, pattern=pat)
                 got = sched.visited_tiles() / dense_tiles
                 out.fill_(float("nan"))
                 flash_prefill(q, k, v, sched, out=out)
@@ -289,8 +294,8 @@ def main():
             r["ours_graph_ms"] = ms_graph(lambda: flash_decode(q, k, v, out=out))
             r["sdpa_ms"] = ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
             r["sdpa_graph_ms"] = ms_graph(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
-            variants = [] if quick or not have_time() else [dict(block_n=128), dict(num_splits=128),
-                                                            dict(num_stages=4)]
+            variants = [] if quick or not have_time() else [dict(num_stages=3), dict(num_splits=128),
+                                                            dict(num_splits=32)]
             for var in variants:
                 name = "_".join(f"{a}{b_}" for a, b_ in var.items())
                 try:

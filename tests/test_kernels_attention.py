@@ -44,6 +44,7 @@ PREFILL_CASES = [
     (63, 400, 337, 4, 1, 64, torch.float16, dict(window=100, sink=0), (16, 32)),
     (1, 1000, 999, 4, 4, 32, torch.float32, {}, (16, 64)),
     (100, 300, 150, 2, 1, 16, torch.float32, {}, (32, 16)),  # q_offset + T < S: keys after the queries stay hidden
+    (300, 300, 0, 2, 1, 128, torch.float16, dict(window=150, sink=2), (128, 128)),  # the GPU's default tiles
 ]
 
 
@@ -160,12 +161,13 @@ def test_bad_shapes_raise_one_line():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("s, rules", [
-    (8192, {}), (32768, {}), (32768, dict(window=4096, sink=4)), (8192 + 77, dict(window=1000, sink=0)),
+@pytest.mark.parametrize("s, rules, tiles", [
+    (8192, {}, (128, 128)), (32768, {}, (128, 128)), (32768, dict(window=4096, sink=4), (128, 128)),
+    (8192 + 77, dict(window=1000, sink=0), (128, 64)), (8192 + 77, {}, (64, 64)),
 ])
-def test_gpu_prefill_bf16(s, rules, poison):
+def test_gpu_prefill_bf16(s, rules, tiles, poison):
     q, k, v = qkv(1, 8, 2, s, s, 128, torch.bfloat16)
-    sched = build_schedule(s, s, 0, 128, 64, device="cuda", **rules)
+    sched = build_schedule(s, s, 0, *tiles, device="cuda", **rules)
     out, ref = run_prefill(q, k, v, sched, poison)
     assert rel_rms(out, ref) < TOL[torch.bfloat16]
 
@@ -174,7 +176,7 @@ def test_gpu_prefill_bf16(s, rules, poison):
 def test_gpu_prefill_sparse_chunked_tree_multiscale(poison):
     s = 16384
     q, k, v = qkv(1, 8, 2, s, s, 128, torch.bfloat16, seed=1)
-    sched = build_schedule(s, s, 0, 128, 64, device="cuda", pattern=SparsePattern("bigbird", 128, 0.25))
+    sched = build_schedule(s, s, 0, 128, 128, device="cuda", pattern=SparsePattern("bigbird", 128, 0.25))
     out, ref = run_prefill(q, k, v, sched, poison)
     assert rel_rms(out, ref) < TOL[torch.bfloat16]
     t = 1000  # a chunk against a cache

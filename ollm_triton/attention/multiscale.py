@@ -40,6 +40,11 @@ class Multiscale(ScheduledAttention):
         self.scales = tuple(cfg.scales)
         self.window, self.window_align = cfg.window, self.scales[0]
 
+    def tiles(self, head_dim, dtype, q_len):
+        # 64-key tiles: with 128 the summary loop's rule pushes the kernel past 255 registers (344 B of spills).
+        bm, bn = super().tiles(head_dim, dtype, q_len)
+        return bm, min(bn, 64)
+
     def kernel_prefill(self, q, k, v, q_offset, tree_mask):
         if tree_mask is not None:
             raise ValueError("multiscale attention takes no tree mask (speculative trees need an exact backend)")

@@ -135,7 +135,7 @@ def flash_decode(
     scale: float | None = None,
     num_splits: int | None = None,
     num_warps: int | None = None,
-    num_stages: int = 3,
+    num_stages: int = 4,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of the T newest queries (positions S - T .. S - 1) over k, v.
