@@ -155,6 +155,36 @@ def hf_generate(model, prompt, new, repeats, warm_new=4, **kw):
             "peak_gb": peak_gb(), "warmup_s": warmup_s}, tokens
 
 
+def matmul_ceiling(model, batch: int = 1) -> float:
+    """Seconds per decode step if it were only its weight matmuls (every layer's q/k/v, o, gate/up and down, and
+    the LM head, at `batch` rows), replayed as one CUDA graph: what the GEMMs alone allow, for reading the gap
+    between a measured step and the bandwidth floor."""
+    import torch.nn.functional as F
+    import triton.testing
+
+    cfg = model.config
+    dev, dt = model.lm_head.weight.device, model.lm_head.weight.dtype
+    h = torch.randn(batch, cfg.hidden_size, device=dev, dtype=dt)
+    a = torch.randn(batch, cfg.num_heads * cfg.head_dim, device=dev, dtype=dt)
+    m = torch.randn(batch, cfg.intermediate_size, device=dev, dtype=dt)
+    weights = []
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = [attn.qkv_weight] if attn.qkv_weight is not None else [attn.q_proj.weight, attn.k_proj.weight,
+                                                                       attn.v_proj.weight]
+        gu = [mlp.gate_up_weight] if mlp.gate_up_weight is not None else [mlp.gate_proj.weight, mlp.up_proj.weight]
+        weights += [(h, w) for w in qkv] + [(a, attn.o_proj.weight)]
+        weights += [(h, w) for w in gu] + [(m, mlp.down_proj.weight)]
+    weights.append((h, model.lm_head.weight))
+
+    def step():
+        for x, w in weights:
+            F.linear(x, w)
+
+    with torch.inference_mode(), torch.cuda.stream(torch.cuda.Stream()):  # some Triton versions refuse to
+        return triton.testing.do_bench_cudagraph(step, rep=200, return_mode="median") / 1e3  # capture on default
+
+
 def timed_prefill(fn, repeats):
     times, peaks = [], []
     for _ in range(repeats):
@@ -238,6 +268,8 @@ class Bench:
 
     def section(self, name, need_s, fn):
         """Run one section unless the budget cannot hold it; record failures instead of stopping."""
+        if self.args.only is not None and name not in self.args.only and name != "bandwidth":
+            return
         if self.left() < need_s:
             self.record[name] = {"skipped": f"time budget: {self.left():.0f} s left, section needs ~{need_s:.0f} s"}
             print(f"[{name}] skipped (time budget)", flush=True)
@@ -288,7 +320,9 @@ def main():
     ap.add_argument("--batches", type=int, nargs="*", default=[8, 32])
     ap.add_argument("--compile-timeout", type=float, default=200.0)
     ap.add_argument("--no-compile", action="store_true", help="skip the transformers static+compile baseline")
-    ap.add_argument("--budget", type=float, default=330.0, help="seconds for the whole run; later sections skip")
+    ap.add_argument("--budget", type=float, default=345.0, help="seconds for the whole run; later sections skip")
+    ap.add_argument("--reserve", type=float, default=150.0, help="seconds kept for the sections after the compile one")
+    ap.add_argument("--only", nargs="*", default=None, help="run only these sections (bandwidth always runs)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--compile-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
@@ -330,6 +364,7 @@ def main():
 
     eager = sibling(fast_decode="off")
     fast_label = "engine, CUDA graph" if graph.fast_path == "graph" else f"engine, {graph.fast_path} step"
+    kernels = " (fused kernels)" if CUDA else ""
     hf = hf_model_from(graph, arch, dtype, device)
     cfg = graph.config
     embed = cfg.vocab_size * cfg.hidden_size if not cfg.tie_word_embeddings else 0
@@ -368,19 +403,45 @@ def main():
             decode_loop(eager, p, 2, lambda lg: b.append(lg.clone()) or lg.argmax(-1), None)
         rel = [((x - y).norm() / y.norm()).item() for x, y in zip(a, b, strict=True)]
         out["graph_vs_eager_step_logits_rel_l2"] = max(rel)
+        if CUDA:
+            s = matmul_ceiling(graph.model)
+            out["matmuls_only_step_ms"] = s * 1e3
+            out["matmuls_only_tok_s"] = 1 / s
+            out["graph_step_ms"] = 1e3 / out["engine_graph"]["decode_tok_s"]
         same = (tok_graph == tok_eager).int().cumprod(1).sum().item()
         out["graph_vs_eager_identical_prefix_tokens"] = same
         f = floor(1, ctx)
-        for key, name in (("engine_graph", f"{fast_label} (fused kernels)"),
-                          ("engine_eager", "engine, eager (fused kernels)"),
+        for key, name in (("engine_graph", f"{fast_label}{kernels}"),
+                          ("engine_eager", f"engine, eager{kernels}"),
                           ("hf_eager", "transformers generate, eager, dynamic cache")):
             r = out[key]
             pre = r.get("prefill_tok_s") or (args.prompt / r["ttft_s"] if r.get("ttft_s") else None)
             bench.row(name, args.prompt, 1, pre, r["decode_tok_s"], f, r["peak_gb"], r.get("fast_path", ""))
+        if "matmuls_only_tok_s" in out:
+            bench.row("(ceiling) the step's weight matmuls alone, one CUDA graph", args.prompt, 1, None,
+                      out["matmuls_only_tok_s"], f, None, "what cuBLAS allows before any other kernel")
         return out
 
     bench.section("decode", 60 if not args.small else 1, decode)
-    decode_rows = len(bench.rows) - 0.5  # the compile row, measured last, is printed with these
+
+    if CUDA:  # the worker rebuilds the weights: give it the memory of ours back
+        torch.cuda.empty_cache()
+    if not args.no_compile:
+        def compiled():
+            res = run_compile_worker(args, min(args.compile_timeout, max(60.0, bench.left() - args.reserve)))
+            f = floor(1, args.prompt + args.new // 2)
+            if res.get("ok"):
+                bench.row("transformers generate, static cache + torch.compile", args.prompt, 1,
+                          args.prompt / res["ttft_s"], res["decode_tok_s"], f, res["peak_gb"],
+                          f"compile + warm-up run {res['warmup_s']:.0f} s ({res['backend']}, {res['mode']})")
+            else:
+                bench.row("transformers generate, static cache + torch.compile", args.prompt, 1, None, None, f, None,
+                          f"FAILED: {res['error'][:100]}")
+            return res
+        # compiling an 8B model takes minutes: time-boxed to what the budget can spare after reserving the
+        # later sections' time
+        bench.section("hf_static_compile", 60 if not args.small else 1, compiled)
+
     del hf
 
     def long_context():
@@ -477,24 +538,6 @@ def main():
         return out
 
     bench.section("batch", 30 if not args.small else 1, batches)
-
-    if CUDA:  # the worker rebuilds the weights: give it the memory of ours back
-        torch.cuda.empty_cache()
-    if not args.no_compile:
-        def compiled():
-            res = run_compile_worker(args, min(args.compile_timeout, max(30.0, bench.left() - 5)))
-            f = floor(1, args.prompt + args.new // 2)
-            if res.get("ok"):
-                bench.row("transformers generate, static cache + torch.compile", args.prompt, 1,
-                          args.prompt / res["ttft_s"], res["decode_tok_s"], f, res["peak_gb"],
-                          f"compile + warm-up run {res['warmup_s']:.0f} s ({res['backend']}, {res['mode']})",
-                          group=decode_rows)
-            else:
-                bench.row("transformers generate, static cache + torch.compile", args.prompt, 1, None, None, f, None,
-                          f"FAILED: {res['error'][:100]}", group=decode_rows)
-            return res
-        # last: compiling an 8B model takes minutes, and it gets whatever the budget has left (time-boxed)
-        bench.section("hf_static_compile", 60 if not args.small else 1, compiled)
 
     bench.header["total_s"] = time.perf_counter() - bench.t0
     bench.save()
