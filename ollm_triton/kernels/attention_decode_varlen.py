@@ -12,8 +12,7 @@ cut into `n_split` contiguous ranges (fixed by the capacity, sized at launch fro
 normalised partial and its log2-sum-exp, and a merge kernel combines them.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: torch.library.custom_op reads the annotations as types.
 import math
 
 import torch

@@ -9,8 +9,7 @@ Eager `F.silu(g) * u` is two kernels and writes silu(g) to memory in between; wi
 products. Rounding follows the eager path: silu in float32 rounded to the input dtype, then the product rounded.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: torch.library.custom_op reads the annotations as types.
 import torch
 import torch.nn.functional as F
 import triton

@@ -14,8 +14,7 @@ input dtype (as `h + delta` is), the norm is taken in float32 from that rounded 
 and only then multiplied by the weight with one more rounding. Only the reduction order of the mean differs.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: torch.library.custom_op reads the annotations as types.
 import torch
 import triton
 import triton.language as tl

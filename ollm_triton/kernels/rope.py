@@ -15,8 +15,7 @@ and the sum are rounded to the input dtype, so bf16 results equal the eager ones
 Writes at sequence indices >= cap are dropped (the caller sizes the cache; a graph-captured step cannot check).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: torch.library.custom_op reads the annotations as types.
 import torch
 import triton
 import triton.language as tl
