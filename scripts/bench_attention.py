@@ -45,7 +45,8 @@ from ollm_triton.kernels.attention_schedule import SparsePattern, build_schedule
 HQ, HKV, D = 32, 8, 128
 DT = torch.bfloat16
 DEV = "cuda"
-SIZES = {"prefill": (8192, 32768), "long": 32768, "window": 4096, "decode": ((1, 32768), (1, 131072), (8, 32768), (8, 131072))}
+SIZES = {"prefill": (8192, 32768), "long": 32768, "window": 4096,
+         "decode": ((1, 32768), (1, 131072), (8, 32768), (8, 131072))}
 PREFILL_CONFIGS = [  # (block_m, block_n, warps, stages); the first is the kernels' default
     (128, 128, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3),
 ]
@@ -139,7 +140,7 @@ def main():
         env = {"device": torch.cuda.get_device_name(0) if cuda else "cpu (interpreter smoke run)",
                "torch": torch.__version__, "triton": triton.__version__, "python": sys.version.split()[0],
                "sms": torch.cuda.get_device_properties(0).multi_processor_count if cuda else 0,
-               "git_sha": git_sha(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "git_sha": git_sha(), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                "command": "python " + " ".join(sys.argv)}
         print(env, flush=True)
         return env
@@ -150,7 +151,6 @@ def main():
         y = torch.empty_like(x)
         t = ms(lambda: y.copy_(x))
         copy["TBps"] = 2 * x.numel() / t / 1e9
-        del x, y
         return {"TBps": round(copy["TBps"], 3), "ms": t}
 
     fa = create_block_mask = None
@@ -177,7 +177,7 @@ def main():
                 out.fill_(float("nan"))
                 flash_prefill(q, k, v, sched, num_warps=w, num_stages=st, out=out)
                 err = rel_rms(out, ref)
-                t = ms(lambda: flash_prefill(q, k, v, sched, num_warps=w, num_stages=st, out=out))
+                t = ms(lambda: flash_prefill(q, k, v, sched, num_warps=w, num_stages=st, out=out))  # noqa: B023 (called at once)
                 res[f"ours_{bm}x{bn}_w{w}_s{st}"] = {"ms": t, "TFLOPs": flops / t / 1e9, "rel_rms_vs_cudnn": err}
             except Exception as e:
                 res[f"ours_{bm}x{bn}_w{w}_s{st}"] = {"error": repr(e)[:300]}
@@ -197,18 +197,19 @@ def main():
             except Exception as e:
                 res["flex"] = {"error": repr(e)[:300]}
         ours = {k_: v_ for k_, v_ in res.items() if k_.startswith("ours") and "ms" in v_}
-        default = res.get("ours_%dx%d_w%d_s%d" % PREFILL_CONFIGS[0], {})
+        bm0, bn0, w0, s0 = PREFILL_CONFIGS[0]
+        default = res.get(f"ours_{bm0}x{bn0}_w{w0}_s{s0}", {})
         best_name = min(ours, key=lambda k_: ours[k_]["ms"]) if ours else None
         dense_ms[n] = default.get("ms", float("nan"))
         tf = default.get("TFLOPs", 0.0)
-        base = {k_: round(res[k_]["TFLOPs"], 1) for k_ in ("sdpa_flash", "sdpa_cudnn", "flex") if "TFLOPs" in res.get(k_, {})}
+        base = {k_: round(res[k_]["TFLOPs"], 1) for k_ in ("sdpa_flash", "sdpa_cudnn", "flex")
+                if "TFLOPs" in res.get(k_, {})}
         need = max(1.1 * base.get("flex", 0), 0.8 * base.get("sdpa_cudnn", 0))
         note = f"best config {best_name}: {ours[best_name]['TFLOPs']:.0f} TFLOP/s" if best_name else ""
         if "rel_rms_vs_cudnn" in default:
             note += f"; rel RMS vs cuDNN {default['rel_rms_vs_cudnn']:.1e}"
         row(f"causal prefill {n // 1024}k (TFLOP/s)", round(tf, 1), "TFLOP/s", base,
-            ">= 1.1x Flex, >= 0.8x cuDNN (%.0f)" % need, bool(tf >= need), note)
-        del q, k, v, kk, vv, out, ref
+            f">= 1.1x Flex, >= 0.8x cuDNN ({need:.0f})", bool(tf >= need), note)
         return res
 
     for size in SIZES["prefill"]:
@@ -257,7 +258,7 @@ def main():
                 got = sched.visited_tiles() / dense_tiles
                 out.fill_(float("nan"))
                 flash_prefill(q, k, v, sched, out=out)
-                t = ms(lambda: flash_prefill(q, k, v, sched, out=out))
+                t = ms(lambda: flash_prefill(q, k, v, sched, out=out))  # noqa: B023 (called at once)
                 r = {"density": got, "ms": t, "ratio_to_dense": t / dense_ms.get(n, float("nan"))}
                 base = {}
                 if fa is not None and kind == "bigbird" and d == 0.25 and not quick and have_time():
@@ -269,7 +270,7 @@ def main():
                         bmask = create_block_mask(mm, None, None, n, n, device=DEV)
                         o = fa(q, k, v, block_mask=bmask, enable_gqa=True)
                         r["rel_rms_vs_flex"] = rel_rms(out, o)
-                        r["flex_ms"] = ms(lambda: fa(q, k, v, block_mask=bmask, enable_gqa=True))
+                        r["flex_ms"] = ms(lambda: fa(q, k, v, block_mask=bmask, enable_gqa=True))  # noqa: B023 (called at once)
                         base["flex ms"] = round(r["flex_ms"], 3)
                     except Exception as e:
                         r["flex_error"] = repr(e)[:300]
@@ -290,37 +291,37 @@ def main():
             out = torch.empty_like(q).fill_(float("nan"))
             flash_decode(q, k, v, out=out)
             r = {"kv_GB": kv_bytes / 1e9, "rel_rms_vs_sdpa": rel_rms(out, ref)}
-            r["ours_ms"] = ms(lambda: flash_decode(q, k, v, out=out))
-            r["ours_graph_ms"] = ms_graph(lambda: flash_decode(q, k, v, out=out))
-            r["sdpa_ms"] = ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
-            r["sdpa_graph_ms"] = ms_graph(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+            r["ours_ms"] = ms(lambda: flash_decode(q, k, v, out=out))  # noqa: B023 (called at once)
+            r["ours_graph_ms"] = ms_graph(lambda: flash_decode(q, k, v, out=out))  # noqa: B023 (called at once)
+            r["sdpa_ms"] = ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))  # noqa: B023 (called at once)
+            r["sdpa_graph_ms"] = ms_graph(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))  # noqa: B023 (called at once)
             variants = [] if quick or not have_time() else [dict(num_stages=3), dict(num_splits=128),
                                                             dict(num_splits=32)]
             for var in variants:
                 name = "_".join(f"{a}{b_}" for a, b_ in var.items())
                 try:
                     flash_decode(q, k, v, out=out, **var)
-                    r[f"var_{name}_graph_ms"] = ms_graph(lambda var=var: flash_decode(q, k, v, out=out, **var))
+                    r[f"var_{name}_graph_ms"] = ms_graph(lambda var=var: flash_decode(q, k, v, out=out, **var))  # noqa: B023 (called at once)
                 except Exception as e:
                     r[f"var_{name}"] = repr(e)[:200]
             if b == 1:  # the window schedule on the same cache: sinks + last 4096 keys
                 w = SIZES["window"]
                 ids = decode_block_ids(ctx, 1, 64, window=w, sink=4, device=DEV)
                 r[f"window{w}_graph_ms"] = ms_graph(
-                    lambda: flash_decode(q, k, v, block_ids=ids, window=w, sink=4, out=out))
+                    lambda: flash_decode(q, k, v, block_ids=ids, window=w, sink=4, out=out))  # noqa: B023 (called at once)
             res[f"b{b}_{ctx // 1024}k"] = r
             bw = kv_bytes / r["ours_graph_ms"] / 1e9
             frac = bw / copy.get("TBps", float("nan"))
             best_var = min((v_ for k_, v_ in r.items() if k_.startswith("var_") and isinstance(v_, float)),
                            default=None)
             row(f"decode b={b} {ctx // 1024}k (TB/s, graph)", round(bw, 2), "TB/s",
-                {"SDPA TB/s": round(kv_bytes / r["sdpa_graph_ms"] / 1e9, 2), "copy TB/s": round(copy.get("TBps", 0), 2)},
+                {"SDPA TB/s": round(kv_bytes / r["sdpa_graph_ms"] / 1e9, 2),
+                 "copy TB/s": round(copy.get("TBps", 0), 2)},
                 ">= 85% of copy, faster than SDPA", bool(frac >= 0.85 and r["ours_graph_ms"] < r["sdpa_graph_ms"]),
                 f"{frac:.0%} of copy; ours {r['ours_graph_ms'] * 1e3:.1f} us graph / {r['ours_ms'] * 1e3:.1f} us "
                 f"plain, SDPA {r['sdpa_graph_ms'] * 1e3:.1f} / {r['sdpa_ms'] * 1e3:.1f} us"
                 + (f"; best variant {best_var * 1e3:.1f} us" if best_var else "")
                 + f"; rel RMS {r['rel_rms_vs_sdpa']:.1e}")
-            del q, k, v, out, ref
             torch.cuda.empty_cache()
         return res
 

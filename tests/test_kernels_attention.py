@@ -77,7 +77,8 @@ def test_prefill_tree_mask_and_batch(poison):
     out, ref = run_prefill(q, k, v, sched, poison, tree=tree)
     assert rel_rms(out, ref) < TOL[torch.float16]
     # The tree changes the answer (so the test would notice it being ignored).
-    plain = attention_reference(q, k, v, schedule_to_mask(build_schedule(t, s, s - t, 16, 32)), compute_dtype=torch.float64)
+    causal = schedule_to_mask(build_schedule(t, s, s - t, 16, 32))
+    plain = attention_reference(q, k, v, causal, compute_dtype=torch.float64)
     assert rel_rms(plain, ref) > 1e-2
 
 

@@ -37,7 +37,7 @@ def report(tag, k):
           f"wgmma={ttgir.count('warp_group_dot ')} {resources(k)[:32]}", flush=True)
 
 
-def prefill(dt="bf16", d=128, bm=128, bn=64, warps=8, stages=3, **flags):
+def prefill(dt="bf16", d=128, bm=128, bn=128, warps=8, stages=2, **flags):
     types = {n: f"*{dt}" for n in ("Q", "K", "V", "O", "KS", "VS")}
     types.update({"KV_BLOCKS": "*i32", "KV_FULL": "*i32", "KV_TOTAL": "*i32", "TREE": "*i8", "SUM_META": "*i32",
                   "qk_scale": "fp32"})
@@ -47,7 +47,7 @@ def prefill(dt="bf16", d=128, bm=128, bn=64, warps=8, stages=3, **flags):
     return compile_one(_attn_prefill_kernel, types, const, warps, stages)
 
 
-def decode(dt="bf16", d=128, rows=4, bn=64, warps=4, stages=3, **flags):
+def decode(dt="bf16", d=128, rows=4, bn=64, warps=4, stages=4, **flags):
     types = {n: f"*{dt}" for n in ("Q", "K", "V")}
     types.update({"O_PART": "*fp32", "L_PART": "*fp32", "BLOCK_IDS": "*i32", "qk_scale": "fp32"})
     const = dict(GROUP=rows, HEAD_DIM=d, BLOCK_R=max(16, triton.next_power_of_2(rows)), BLOCK_N=bn, HAS_IDS=False,
@@ -57,13 +57,14 @@ def decode(dt="bf16", d=128, rows=4, bn=64, warps=4, stages=3, **flags):
 
 
 def main():
-    for cfg in [dict(), dict(bn=128), dict(stages=4), dict(stages=2, bn=128), dict(bm=64, warps=4),
-                dict(HAS_WINDOW=True), dict(HAS_TREE=True, bm=64, warps=4), dict(HAS_SUMMARY=True, HAS_WINDOW=True),
-                dict(d=64), dict(dt="fp16"), dict(dt="fp32", bm=64, bn=32, warps=4, stages=2),
-                dict(d=16, bm=16, warps=4)]:
+    # The configurations the launchers pick (prefill_config; flash_decode's defaults), then alternatives.
+    for cfg in [dict(), dict(HAS_WINDOW=True), dict(bm=64, bn=64, stages=3, HAS_TREE=True),
+                dict(bn=64, stages=3, HAS_SUMMARY=True, HAS_WINDOW=True), dict(d=64), dict(dt="fp16"),
+                dict(dt="fp32", bm=64, bn=32, warps=4), dict(d=16, bm=16, bn=64, warps=4, stages=3),
+                dict(bn=64, stages=3), dict(stages=3)]:
         report(f"prefill {cfg}", prefill(**cfg))
-    for cfg in [dict(), dict(bn=128), dict(stages=4), dict(warps=8, bn=128), dict(rows=32, HAS_IDS=True, HAS_WINDOW=True),
-                dict(rows=128, d=64), dict(dt="fp32")]:
+    for cfg in [dict(), dict(rows=32, HAS_IDS=True, HAS_WINDOW=True), dict(rows=128, warps=8), dict(dt="fp32"),
+                dict(stages=3), dict(bn=128)]:
         report(f"decode {cfg}", decode(**cfg))
     types = {"O_PART": "*fp32", "L_PART": "*fp32", "O": "*bf16"}
     report("merge", compile_one(_attn_decode_merge_kernel, types, dict(GROUP=4, HEAD_DIM=128, BLOCK_SPLIT=64), 4, 1))

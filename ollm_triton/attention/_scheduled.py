@@ -85,7 +85,7 @@ class ScheduledAttention(AttentionBackend):
     # ---- prefill ----------------------------------------------------------------------------------------------
     def prefill(self, q, k, v, *, q_offset, tree_mask=None):
         check_qkv(q, k, v)
-        t, s = q.shape[2], k.shape[2]
+        t = q.shape[2]
         if tree_mask is not None and tuple(tree_mask.shape) != (t, t):
             raise ValueError(f"tree_mask must be bool [T, T] = [{t}, {t}], got {tuple(tree_mask.shape)}")
         if self._kernels(q) and kernel_supports(q, k):

@@ -189,10 +189,11 @@ class PrefillConfig:
 
 def prefill_config(head_dim: int, dtype: torch.dtype, q_len: int = 1 << 20) -> PrefillConfig:
     """Tile sizes for a call. fp16/bf16: 128x128 tiles, 8 warps, 2 stages. Measured on the H200 (bf16, d=128,
-    32/8 heads, causal, experiments/attention/README.md): 406 TFLOP/s at 8k and 413 at 32k, against 359/357 for
-    128x64 with 3 stages and 353/351 with 4; on sm_90 it compiles to wgmma with 250 registers, no spills,
-    160 KB of shared memory (experiments/attention/aot_compile.py). fp32 (3xTF32 dots) uses 64x32 tiles; calls of
-    few queries use 64- or 16-row tiles (64 rows with 4 warps spill, with 8 they take 139 registers)."""
+    32/8 heads, causal; experiments/attention/README.md): 425 TFLOP/s at 8k and 438 at 32k, against 369/367 for
+    128x64 tiles with 3 stages (434/449 with 3 stages at 128x128: 229 KB of shared memory, at the limit); on sm_90
+    it compiles to wgmma with 250 registers, no spills, 160 KB of shared memory (aot_compile.py beside the README).
+    fp32 (3xTF32 dots) uses 64x32 tiles; calls of few queries use 64- or 16-row tiles (64 rows with 4 warps
+    spill, with 8 they take 139 registers)."""
     if dtype == torch.float32:
         return PrefillConfig(64 if q_len > 16 else 16, 32, 4, 2)
     if q_len <= 16:
