@@ -51,6 +51,7 @@ class ScheduledAttention(AttentionBackend):
         self.cfg = cfg
         self.last_path = "none"
         self._schedules: OrderedDict[tuple, BlockSchedule] = OrderedDict()
+        self._decode_ids: OrderedDict[tuple, torch.Tensor | None] = OrderedDict()
 
     # ---- schedules --------------------------------------------------------------------------------------------
     def tiles(self, head_dim: int, dtype: torch.dtype, q_len: int) -> tuple[int, int]:
@@ -118,12 +119,23 @@ class ScheduledAttention(AttentionBackend):
         t, s = q.shape[2], k.shape[2]
         if tree_mask is None and self._kernels(q) and decode_supports(q, k) and self.decode_kernel_fits(t, s):
             block = self.decode_block()
-            ids = decode_block_ids(s, t, block, window=self.window, sink=self.sink, window_align=self.window_align,
-                                   pattern=self.pattern, device=q.device)
+            ids = self.decode_ids(s, t, block, q.device)
             self.last_path = "triton.decode"
             return flash_decode(q, k, v, block_ids=ids, block_n=block, window=self.window, sink=self.sink,
                                 window_align=self.window_align)
         return self.prefill(q, k, v, q_offset=s - t, tree_mask=tree_mask)
+
+    def decode_ids(self, kv_len: int, q_len: int, block: int, device) -> torch.Tensor | None:
+        """decode_block_ids for this backend, kept for the last few lengths: every layer of a decode step asks for
+        the same ones (building them costs ~1 ms on the host for a sparse pattern)."""
+        key = (kv_len, q_len, block, str(device))
+        if key not in self._decode_ids:
+            self._decode_ids[key] = decode_block_ids(kv_len, q_len, block, window=self.window, sink=self.sink,
+                                                     window_align=self.window_align, pattern=self.pattern,
+                                                     device=device)
+            if len(self._decode_ids) > 4:
+                self._decode_ids.popitem(last=False)
+        return self._decode_ids[key]
 
     def decode_block(self) -> int:
         return min(DECODE_BLOCK, self.pattern.block_size) if self.pattern is not None else DECODE_BLOCK

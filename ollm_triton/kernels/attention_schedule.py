@@ -19,6 +19,7 @@ Each row lists its fully visible tiles first (the kernel runs them without masks
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -229,6 +230,7 @@ def block_uniform(seed: int, qb: torch.Tensor, kb: torch.Tensor) -> torch.Tensor
     return x.to(torch.float64) / 2.0**32
 
 
+@lru_cache(maxsize=4096)
 def local_count(n: int, width: int, num_global: int) -> int:
     """Causal blocks visited by the local band of `width` blocks plus `num_global` leading blocks, over n rows."""
     qb = torch.arange(n, dtype=torch.int64)
@@ -237,6 +239,7 @@ def local_count(n: int, width: int, num_global: int) -> int:
     return int((band + extra).sum())
 
 
+@lru_cache(maxsize=1024)  # decode asks every layer of every step for the same few lengths
 def width_for_density(n: int, density: float, num_global: int, share: float = 1.0) -> int:
     """The smallest band width whose local+global count reaches `share * density` of the causal triangle."""
     target = share * density * n * (n + 1) / 2
