@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shlex
 import statistics
 import sys
@@ -154,7 +155,7 @@ def table(results: list[dict]) -> str:
         if "candidates_mean" in a:
             extra = f" (k mean {a['candidates_mean']:.1f})"
         rows.append(
-            f"| {r['strategy']}{extra} | {a['decode_tok_s']:.1f} | {a['speedup']:.2f}x | {a['e2e_tok_s']:.1f} "
+            f"| {r['strategy']}{extra} | {a['decode_tok_s']:.1f} | {a['speedup_ratio']:.2f}x | {a['e2e_tok_s']:.1f} "
             f"| {a.get('acceptance_rate', 0):.2f} | {a.get('mean_accepted_length', 1):.2f} "
             f"| {a.get('mean_drafted', 0):.1f} | {ms(a.get('draft_step_s'))} | {ms(a['verify_step_s'])} "
             f"| {ms(a.get('iteration_s', a['verify_step_s']))} | {same} |"
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
                         "per_prompt": runs})
     base = results[0]["aggregate"]["decode_tok_s"]
     for r in results:
-        r["aggregate"]["speedup"] = r["aggregate"]["decode_tok_s"] / base
+        r["aggregate"]["speedup_ratio"] = r["aggregate"]["decode_tok_s"] / base
 
     env = environment(device)
     record = {
@@ -240,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
         "prompts": prompt_names,
         "results": results,
         "threads": torch.get_num_threads(),
+        "load_average": os.getloadavg(),  # a shared CPU: other processes' load is part of the conditions
     }
     text = table(results)
     if args.out:

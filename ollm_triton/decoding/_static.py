@@ -13,8 +13,10 @@ each such step is one function of static buffers only, captured once per (T, lay
     K/V per layer [B, Hkv, capacity, D]          dense buffers; token t's K/V land in slot base + t
 
 Key slot s is visible to new token t iff s < base or (s = base + j and mask[t, j]); attention runs over the whole
-buffer with that mask (torch SDPA), so nothing depends on a host value and rolling back is just a smaller `base`
-next time: the rejected tokens' slots are masked out and later overwritten. On the CPU (tests) or with
+buffer with that mask (torch SDPA, one call per layer with the G query heads of a KV head stacked along the query
+axis), so nothing depends on a host value and rolling back is just a smaller `base` next time: the rejected
+tokens' slots are masked out and later overwritten. RoPE and the K/V write are the engine's fused kernel
+(kernels/rope.py `rope_write_kv`, its PyTorch reference on the CPU). On the CPU (tests) or with
 capture=False the same function runs eagerly ("static" mode).
 
 Numerics: the eager engine and the fast decoder attend with other kernels and reduction orders, so in bf16 a
@@ -32,7 +34,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ollm_triton.engine.model import add_rmsnorm, apply_rope, rope_cos_sin
+from ollm_triton.engine.model import add_rmsnorm, rope_cos_sin
+from ollm_triton.kernels.rope import rope_write_kv
 
 CAPACITY_STEP = 1024  # buffer capacities round up to this, so nearby lengths share buffers and graphs
 FAST_PATHS = ("auto", "static", "off")
@@ -198,30 +201,34 @@ class StaticModel:
 
     @torch.inference_mode()
     def _body(self, st: Step) -> None:
-        """The step itself: static shapes, device values only (see the module docstring)."""
+        """The step itself: static shapes, device values only (see the module docstring). Per layer: fused
+        norm, one q/k/v matmul, RoPE fused with the K/V write (one kernel on CUDA), one attention call, o_proj,
+        fused norm, MLP: close to the engine's own decode step, so a verify block costs about one decode step."""
         model, kern = self.model, self.kernels
         b, t = st.tokens.shape
         rope_pos = st.base[:, None] + st.offsets[None, :]  # [B, T]
-        cos, sin = self.cos[rope_pos][:, None], self.sin[rope_pos][:, None]  # [B, 1, T, D]
+        cos, sin = self.cos[rope_pos], self.sin[rope_pos]  # [B, T, D]
         rel = self.slots[None, :] - st.base[:, None]  # [B, S]: slot s holds new token rel (if 0 <= rel < T)
         in_block = (rel >= 0) & (rel < t)
         block = st.mask[:, rel.clamp(0, t - 1)].transpose(0, 1)  # [B, T, S]: mask[t, rel]
-        visible = ((rel < 0)[:, None, :] | (in_block[:, None, :] & block))[:, None]  # [B, 1, T, S]
+        visible = (rel < 0)[:, None, :] | (in_block[:, None, :] & block)  # [B, T, S]
+        attn0 = model.model.layers[0].self_attn
+        group = attn0.num_heads // attn0.num_kv_heads
+        # GQA as one attention per KV head over its G query heads x T tokens (rows g*T + t): no K/V expansion
+        grouped_mask = visible[:, None].repeat(1, 1, group, 1)  # [B, 1, G*T, S]
         x = model.model.embed_tokens(st.tokens)  # [B, T, hidden]
         residual, delta = x, None
         for i in range(st.layers):
             layer, kv = model.model.layers[i], self.cache.layers[i]
             attn = layer.self_attn
+            hkv, d = attn.num_kv_heads, attn.head_dim
             normed, residual = _add_norm(delta, residual, layer.input_layernorm, kern)
             q, k, v = attn.project(normed, fused=kern)  # [B, T, H, D]
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            index = (st.base[:, None] + torch.arange(t, device=x.device))[:, None, :, None].expand_as(k)
-            kv.k.scatter_(2, index, k.to(kv.k.dtype))
-            kv.v.scatter_(2, index, v.to(kv.v.dtype))
-            out = F.scaled_dot_product_attention(q, kv.k, kv.v, attn_mask=visible,
-                                                 enable_gqa=attn.num_heads != attn.num_kv_heads)  # [B, Hq, T, D]
-            delta = attn.o_proj(out.transpose(1, 2).reshape(b, t, attn.num_heads * attn.head_dim))
+            q = rope_write_kv(q, k, v, cos, sin, kv.k, kv.v, st.base, use_kernel=kern)  # [B, Hq, T, D]
+            q = q.reshape(b, hkv, group * t, d)
+            out = F.scaled_dot_product_attention(q, kv.k, kv.v, attn_mask=grouped_mask)  # [B, Hkv, G*T, D]
+            out = out.view(b, attn.num_heads, t, d).transpose(1, 2).reshape(b, t, attn.num_heads * d)
+            delta = attn.o_proj(out)
             normed, residual = _add_norm(delta, residual, layer.post_attention_layernorm, kern)
             delta = layer.mlp(normed, fused=kern)
         normed, _ = _add_norm(delta, residual, model.model.norm, kern)
