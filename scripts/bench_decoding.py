@@ -7,8 +7,9 @@
 Batch 1, `--new-tokens` new tokens after each of `--prompts` held-out prompts (the first `--prompt-tokens` tokens of
 the corpus eval documents, ollm_triton.data.corpus), every strategy on every prompt in the same process, greedy
 first. Each strategy generates once untimed (kernels compile, caches fill, `adaptive` learns its costs), then
-`--repeats` timed generations per prompt whose median decode time counts. Timers are the strategies' own
-device-synchronized `prefill_s` / `decode_s` (device events split the decode time into draft / verify / accept).
+`--repeats` timed generations per prompt, round-robin over the strategies, whose median decode time counts.
+Timers are the strategies' own device-synchronized `prefill_s` / `decode_s` (device events split the decode time
+into draft / verify / accept).
 decode tok/s = sum over prompts of (new tokens - 1) / sum of decode seconds (the first token comes from the
 prefill), as the throughput task computes it. Greedy-mode strategies must reproduce greedy's tokens exactly:
 the `= greedy` column says whether they did on every prompt.
@@ -207,18 +208,22 @@ def main(argv: list[str] | None = None) -> None:
 
     per_prompt: list[list[dict]] = [[] for _ in strategies]
     for p_index, prompt in enumerate(prompts):
-        greedy_tokens = None
+        # repeats round-robin over the strategies, so a slow spell of a shared machine hits them all alike
+        runs: list[list] = [[] for _ in strategies]
+        for _ in range(args.repeats):
+            for s_index, strategy in enumerate(strategies):
+                runs[s_index].append(strategy.generate(target, prompt, args.new_tokens, eos_id=eos))
+        greedy_tokens = runs[0][0].tokens
         for s_index, strategy in enumerate(strategies):
-            runs = [strategy.generate(target, prompt, args.new_tokens, eos_id=eos) for _ in range(args.repeats)]
-            runs.sort(key=lambda g: g.counters["decode_s"])
-            out = runs[len(runs) // 2]
-            if s_index == 0:
-                greedy_tokens = out.tokens
-            matches = bool(torch.equal(out.tokens, greedy_tokens)) if s_index and greedy_mode(strategy) else None
+            ordered = sorted(runs[s_index], key=lambda g: g.counters["decode_s"])
+            out = ordered[len(ordered) // 2]
+            matches = None
+            if s_index and greedy_mode(strategy):
+                matches = all(bool(torch.equal(g.tokens, greedy_tokens)) for g in runs[s_index])
             per_prompt[s_index].append({
                 "prompt": prompt_names[p_index], "prompt_tokens": prompt.shape[1], "new_tokens": out.tokens.shape[1],
                 "matches_greedy": matches, "counters": out.counters,
-                "decode_s_runs": [g.counters["decode_s"] for g in runs],
+                "decode_s_runs": [g.counters["decode_s"] for g in runs[s_index]],
             })
             print(f"[{prompt_names[p_index]}] {labels[s_index]:40s} decode {out.counters['decode_s']:.3f} s"
                   + ("" if matches is None else f"  = greedy: {matches}"), flush=True)
