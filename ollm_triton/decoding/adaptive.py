@@ -34,7 +34,7 @@ class AdaptiveConfig:
     max_candidates: int = 12
     decay: float = 0.95  # per-iteration forgetting of the acceptance and cost estimates
     warmup: int = 4  # iterations observed before the first change
-    hysteresis: float = 0.03  # switch only for a predicted gain above 3% (noise in timings would otherwise flap)
+    hysteresis: float = 0.05  # switch only for a predicted gain above 5% (noise in timings would otherwise flap)
     persist: bool = True  # keep the estimates across generate calls on the same engine (a warm-up call teaches them)
     temperature: float = 0.0  # 0 = greedy (token-identical to decoder=greedy); > 0 = speculative sampling
     top_k: int = 0
