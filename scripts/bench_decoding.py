@@ -142,6 +142,26 @@ def aggregate(runs: list[dict]) -> dict:
     return out
 
 
+@torch.inference_mode()
+def draft_agreement(target, draft, prompts, greedy_tokens) -> dict:
+    """How often the draft's top-1 (top-2) next token is the target's greedy token along the greedy outputs: the
+    per-draft acceptance probability a that greedy speculation can expect, and E(k) = (1 - a^(k+1)) / (1 - a)
+    tokens per target forward if acceptances were independent."""
+    top1 = top2 = total = 0
+    for prompt, tokens in zip(prompts, greedy_tokens, strict=True):
+        seq = torch.cat((prompt.to(draft.device), tokens), dim=1)
+        logits = draft.forward(seq, draft.new_cache(1, seq.shape[1] + 1))[0, prompt.shape[1] - 1 : -1]
+        want = tokens[0]
+        best2 = logits[:, : target.config.vocab_size].topk(2, dim=-1).indices
+        top1 += int((best2[:, 0] == want).sum())
+        top2 += int((best2 == want[:, None]).any(-1).sum())
+        total += want.numel()
+    a = top1 / total
+    return {"top1": a, "top2": top2 / total, "tokens": total,
+            "expected_tokens_per_forward": {k: (1 - a ** (k + 1)) / (1 - a) for k in (1, 2, 3, 4, 6, 8)},
+            "bound_infinite_drafts": 1 / (1 - a)}
+
+
 def table(results: list[dict]) -> str:
     ms = lambda s: f"{1e3 * s:.2f}" if s else "-"  # noqa: E731
     rows = [
@@ -207,6 +227,7 @@ def main(argv: list[str] | None = None) -> None:
         strategy.generate(target, prompts[0], min(32, args.new_tokens), eos_id=eos)
 
     per_prompt: list[list[dict]] = [[] for _ in strategies]
+    greedy_outputs: list[dict] = []
     for p_index, prompt in enumerate(prompts):
         # repeats round-robin over the strategies, so a slow spell of a shared machine hits them all alike
         runs: list[list] = [[] for _ in strategies]
@@ -214,6 +235,7 @@ def main(argv: list[str] | None = None) -> None:
             for s_index, strategy in enumerate(strategies):
                 runs[s_index].append(strategy.generate(target, prompt, args.new_tokens, eos_id=eos))
         greedy_tokens = runs[0][0].tokens
+        greedy_outputs.append({"greedy_tokens": greedy_tokens})
         for s_index, strategy in enumerate(strategies):
             ordered = sorted(runs[s_index], key=lambda g: g.counters["decode_s"])
             out = ordered[len(ordered) // 2]
@@ -227,6 +249,9 @@ def main(argv: list[str] | None = None) -> None:
             })
             print(f"[{prompt_names[p_index]}] {labels[s_index]:40s} decode {out.counters['decode_s']:.3f} s"
                   + ("" if matches is None else f"  = greedy: {matches}"), flush=True)
+
+    agreement = draft_agreement(target, draft, prompts, [r["greedy_tokens"] for r in greedy_outputs]) \
+        if draft is not None else None
 
     results = []
     for label, (name, params), runs in zip(labels, specs, per_prompt, strict=False):
@@ -244,6 +269,7 @@ def main(argv: list[str] | None = None) -> None:
         "draft": {"source": args.draft, **draft.describe()} if draft is not None else None,
         "args": vars(args),
         "prompts": prompt_names,
+        "draft_agreement": agreement,
         "results": results,
         "threads": torch.get_num_threads(),
         "load_average": os.getloadavg(),  # a shared CPU: other processes' load is part of the conditions
@@ -259,6 +285,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"target {args.target} ({target.num_parameters():,} params), draft {args.draft}"
           + (f" ({draft.num_parameters():,} params)" if draft is not None else "")
           + f", batch 1, {args.prompts} prompts x {args.prompt_tokens} tokens, {args.new_tokens} new tokens\n")
+    if agreement is not None:
+        print(f"draft agreement with greedy: top-1 {agreement['top1']:.3f}, top-2 {agreement['top2']:.3f} "
+              f"over {agreement['tokens']} tokens; tokens per target forward if independent: "
+              + ", ".join(f"k={k}: {v:.2f}" for k, v in agreement["expected_tokens_per_forward"].items())
+              + f"; infinite free drafts: {agreement['bound_infinite_drafts']:.2f}\n")
     print(text)
 
 
