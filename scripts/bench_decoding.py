@@ -239,12 +239,14 @@ def main(argv: list[str] | None = None) -> None:
         for s_index, strategy in enumerate(strategies):
             ordered = sorted(runs[s_index], key=lambda g: g.counters["decode_s"])
             out = ordered[len(ordered) // 2]
-            matches = None
+            matches, diverges_at = None, None
             if s_index and greedy_mode(strategy):
                 matches = all(bool(torch.equal(g.tokens, greedy_tokens)) for g in runs[s_index])
+                differ = (out.tokens != greedy_tokens).nonzero()
+                diverges_at = int(differ[0, 1]) if differ.numel() else None  # a bf16 near-tie flips one argmax
             per_prompt[s_index].append({
                 "prompt": prompt_names[p_index], "prompt_tokens": prompt.shape[1], "new_tokens": out.tokens.shape[1],
-                "matches_greedy": matches, "counters": out.counters,
+                "matches_greedy": matches, "first_difference": diverges_at, "counters": out.counters,
                 "decode_s_runs": [g.counters["decode_s"] for g in runs[s_index]],
             })
             print(f"[{prompt_names[p_index]}] {labels[s_index]:40s} decode {out.counters['decode_s']:.3f} s"
