@@ -134,19 +134,24 @@ def load_weights(model: CausalLM, directory: Path, device: torch.device, dtype: 
     model.tie_weights()
 
 
-def init_random(model: CausalLM, device: torch.device, dtype: torch.dtype, seed: int = 0) -> None:
+def init_random(model: CausalLM, device: torch.device, dtype: torch.dtype, seed: int = 0,
+                rng_device: torch.device | None = None) -> None:
     """Fill every parameter of a meta `model` on `device` in `dtype`: projections and embeddings ~ N(0, 0.02),
-    biases 0, norm weights 1 (transformers' initialisation), from a generator seeded with `seed` on `device`."""
-    gen = torch.Generator(device=device).manual_seed(seed)
+    biases 0, norm weights 1 (transformers' initialisation), from a generator seeded with `seed` on `rng_device`
+    (default `device`). The engine draws on its compute device even when a streaming policy keeps the weights on
+    the host: CPU and CUDA generators give different numbers for one seed, and the streamed model must be the
+    resident one (seen on the H200: logits 1.9 apart when the host drew them)."""
+    rng_device = device if rng_device is None else rng_device
+    gen = torch.Generator(device=rng_device).manual_seed(seed)
     for name, param in list(model.named_parameters()):
-        value = torch.empty(param.shape, device=device, dtype=dtype)
+        value = torch.empty(param.shape, device=rng_device, dtype=dtype)
         if name.endswith("norm.weight"):
             value.fill_(1.0)
         elif name.endswith(".bias"):
             value.zero_()
         else:
             value.normal_(0.0, INIT_STD, generator=gen)
-        _set_parameter(model, name, value)
+        _set_parameter(model, name, value.to(device))
     model.tie_weights()
 
 

@@ -276,7 +276,7 @@ def load_engine(
     weights_device = torch.device(weights_device(device)) if callable(weights_device) else device
     model = empty_model(cfg)
     if directory is None:
-        init_random(model, weights_device, dtype, seed)
+        init_random(model, weights_device, dtype, seed, rng_device=device)
     else:
         load_weights(model, Path(directory), weights_device, dtype)
     model.eval()
