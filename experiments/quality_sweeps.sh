@@ -6,8 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="${1:-multirun/quality}"
 COMMON=(logger=none "task=[perplexity,passkey]" task.perplexity.max_length=2048 task.perplexity.stride=1024
-        task.perplexity.max_tokens=8192 "task.passkey.lengths=[1024,4096]" "task.passkey.depths=[0.1,0.5,0.9]"
-        task.passkey.samples=2)
+        task.perplexity.max_tokens=4096 "task.passkey.lengths=[1024,4096]" "task.passkey.depths=[0.1,0.5,0.9]"
+        task.passkey.samples=1)
 
 # attention backends: prefill and decode follow the backend's pattern
 python -m ollm_triton.run -m "${COMMON[@]}" hydra.sweep.dir="$ROOT/attention_dense" +attention=sdpa,flash,multiscale,adaptive
