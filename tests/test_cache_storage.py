@@ -104,5 +104,8 @@ def test_tiers_on_gpu_free_device_memory_and_match(store, tmp_path):
             lay.observe(q)
             assert torch.equal(out, want)
     torch.cuda.synchronize()
-    assert all(lay.state in ("cpu", "disk") for lay in layers)
-    assert torch.cuda.memory_allocated() <= before + 1e6
+    # the last layer's use starts fetching its successor (layer 0, wrapping around) ahead of the next step: at most
+    # that one layer may be in flight, every other one is off the device (seen on the H200: layer 0 "fetching")
+    states = [lay.state for lay in layers]
+    assert states.count("fetching") <= 1 and all(s in (store, "fetching") for s in states), states
+    assert torch.cuda.memory_allocated() <= before + layers[0].stored_bytes() + 1e6
