@@ -450,12 +450,14 @@ def write_card(folder: Path, name: str, log: dict, role: str) -> None:
         "| accuracy | " + " | ".join(f"{v:.0%}" for v in pk["by_length"].values()) + " |",
         "",
         "Lengths past the trained context test extrapolation; the quality bar (>= 95%) applies up to the trained "
-        "context.",
+        "context." if role == "target" else "The draft is not expected to retrieve: it proposes tokens for "
+        "speculative decoding, where the target verifies them.",
         "",
+        *([f"## Notes", "", log["card_note"].strip(), ""] if log.get("card_note") else []),
         "## Data and license",
         "",
-        "Trained on text from the CPython standard library (PSF License), read from the training machine's",
-        "interpreter at run time; no text is redistributed here.",
+        "Trained on text from the CPython standard library (PSF License), read from a Python installation at run",
+        "time; no text is redistributed here.",
         "",
     ]
     (folder / "README.md").write_text("\n".join(lines))
@@ -496,6 +498,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--corpus-root", default=None, help="stdlib folder to read (default: this interpreter's)")
     p.add_argument("--corpus-python", default=None, help="Python version of --corpus-root, for the record")
     p.add_argument("--tokenizer", default=None, help="reuse this tokenizer.json instead of training one")
+    p.add_argument("--card-note", default=None, help="a markdown file appended to both model cards under Notes")
     p.add_argument("--skip-eval", action="store_true", help="stop after saving the models (evaluate later with "
                    "--eval-only, e.g. on another machine)")
     p.add_argument("--eval-only", action="store_true", help="evaluate the models already in --out and rewrite the "
@@ -614,6 +617,8 @@ def main(argv: list[str] | None = None) -> dict:
             return log
 
     eval_stream = tokenize_stream(tok, eval_docs)
+    if args.card_note:
+        log["card_note"] = Path(args.card_note).read_text()
     log["eval_env"] = {**environment(device), "corpus": corpus_info, "eval_tokens": int(len(eval_stream))}
     evaluate_both(args, device, tok, eval_stream, target_dir, draft_dir, log)
     log["total_seconds"] = round(time.perf_counter() - t0, 1)
@@ -665,16 +670,18 @@ def train_both(args, device, tok, train_stream: np.ndarray, target_dir: Path, dr
 
 def evaluate_both(args, device, tok, eval_stream: np.ndarray, target_dir: Path, draft_dir: Path, log: dict) -> None:
     target, draft = load_saved(target_dir, device), load_saved(draft_dir, device)
+    batch = 8 if device.type == "cuda" else 2  # a CPU has no room for 8 x 8192-token fp32 attention/logit tensors
     eval_filler = FillerStream(eval_stream)
     lengths = [int(v) for v in args.passkey_lengths.split(",")]
     context = log["args"]["context"]
     for name, model in (("target", target), ("draft", draft)):
         t2 = time.perf_counter()
-        ev = {"perplexity": perplexity(model, eval_stream, context, args.eval_tokens, device)}
+        ev = {"perplexity": perplexity(model, eval_stream, context, args.eval_tokens, device, batch)}
         print(f"[{name}] held-out ppl {ev['perplexity']['ppl']:.3f}", flush=True)
-        ev["passkey"] = passkey(model, tok, eval_filler, lengths, args.passkey_samples, args.seed + 7, device)
+        ev["passkey"] = passkey(model, tok, eval_filler, lengths, args.passkey_samples, args.seed + 7, device,
+                                batch=batch)
         if name == "draft":
-            ev["agreement"] = agreement(target, draft, eval_stream, context, args.eval_tokens, device)
+            ev["agreement"] = agreement(target, draft, eval_stream, context, args.eval_tokens, device, batch)
             print(f"[draft] agreement {ev['agreement']['agreement']:.3f}", flush=True)
         ev["seconds"] = round(time.perf_counter() - t2, 1)
         log[name]["eval"] = ev
