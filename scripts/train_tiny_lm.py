@@ -344,7 +344,7 @@ def passkey(model, tok, filler: FillerStream, lengths: list[int], samples: int, 
             chunk = docs[i:i + batch]
             ids = torch.tensor([d.ids for d in chunk], dtype=torch.long, device=device)
             gen = greedy(model, ids, max_new_tokens).tolist()
-            for d, g in zip(chunk, gen):
+            for d, g in zip(chunk, gen, strict=True):
                 ok = extract_answer(tok.decode(g)) == d.answer
                 correct.append(ok)
                 bucket = f"{min(int(d.depth * 5), 4) / 5:.1f}"  # depth buckets 0.0, 0.2, ..., 0.8
@@ -410,7 +410,8 @@ def write_card(folder: Path, name: str, log: dict, role: str) -> None:
         f"then {log['args']['context']}) |",
         f"| tokens seen | {t['tokens_seen']:,} |",
         f"| wall time (training loop) | {t['train_seconds']:.0f} s |",
-        f"| batch | {log['args']['batch_tokens']:,} tokens, AdamW (0.9, 0.95), peak lr {log['args']['lr']:g}, cosine to "
+        f"| batch | {log['args']['batch_tokens']:,} tokens, AdamW (0.9, 0.95), peak lr {log['args']['lr']:g}, "
+        "cosine to "
         f"10%, {'bf16 autocast' if log['args'].get('amp') else 'fp32'} |",
         f"| retrieval documents | {log['args']['retrieval_frac']:.0%} of sequences, answer tokens weighted "
         f"{log['args']['answer_weight']:g}x |",
@@ -453,7 +454,7 @@ def write_card(folder: Path, name: str, log: dict, role: str) -> None:
         "context." if role == "target" else "The draft is not expected to retrieve: it proposes tokens for "
         "speculative decoding, where the target verifies them.",
         "",
-        *([f"## Notes", "", log["card_note"].strip(), ""] if log.get("card_note") else []),
+        *(["## Notes", "", log["card_note"].strip(), ""] if log.get("card_note") else []),
         "## Data and license",
         "",
         "Trained on text from the CPython standard library (PSF License), read from a Python installation at run",
@@ -531,7 +532,8 @@ def reproduce_command(log: dict) -> str:
             kept.append(w)
     if log.get("tokenizer", {}).get("source", "").endswith(".json"):  # a reused tokenizer: the shipped copy of it
         kept += ["--tokenizer", "ollm_triton/assets/tiny-llama/tokenizer.json"]
-    steps = [f"--target-steps {log['target']['training']['steps']}", f"--draft-steps {log['draft']['training']['steps']}"]
+    steps = [f"--target-steps {log['target']['training']['steps']}",
+             f"--draft-steps {log['draft']['training']['steps']}"]
     return " ".join(["python scripts/train_tiny_lm.py", *kept, *steps])
 
 

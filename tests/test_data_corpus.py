@@ -95,7 +95,7 @@ def test_bad_root(tmp_path):
 def test_real_stdlib_corpus():
     corpus = load_corpus()
     assert load_corpus() is corpus  # cached
-    assert corpus.python_version == "%d.%d.%d" % sys.version_info[:3]
+    assert corpus.python_version == "{}.{}.{}".format(*sys.version_info[:3])
     n = len(corpus.train_docs) + len(corpus.eval_docs)
     assert n > 500
     assert 0.5 * EVAL_PERCENT / 100 < len(corpus.eval_docs) / n < 2 * EVAL_PERCENT / 100

@@ -102,7 +102,7 @@ def test_training_doc_mask_marks_answers(tok, filler):
         asked = re.findall(r"\n# What is the value of (\w+)\?\n\1 = (\d+)\n", body)
         assert asked and all(facts[k] == v for k, v in asked)
         # the masked tokens spell exactly the answers, in order
-        masked = [i for i, m in zip(ids, mask) if m]
+        masked = [i for i, m in zip(ids, mask, strict=True) if m]
         assert text(tok, masked) == "".join(f" {v}" for _, v in asked)
 
 
@@ -123,7 +123,7 @@ def test_bad_input(tok, filler):
 def test_filler_window_wraps():
     stream = FillerStream(list(range(20)))
     out = stream.window(50, random.Random(0))
-    assert len(out) == 50 and all((b - a) % 20 == 1 for a, b in zip(out, out[1:]))
+    assert len(out) == 50 and all((b - a) % 20 == 1 for a, b in zip(out, out[1:], strict=False))
 
 
 def test_extract_answer():

@@ -133,7 +133,9 @@ def load_eval_text(data: str = "corpus") -> tuple[str, dict[str, str]]:
 def _load_hf_text(data: str) -> tuple[str, dict[str, str]]:
     parts = data[len(_HF_PREFIX):].split(":")
     if not parts[0] or len(parts) > 3:
-        raise ValueError(f"data={data!r}: expected 'hf:<dataset>[:<config>[:<split>]]', e.g. hf:wikitext:wikitext-2-raw-v1")
+        raise ValueError(
+            f"data={data!r}: expected 'hf:<dataset>[:<config>[:<split>]]', e.g. hf:wikitext:wikitext-2-raw-v1"
+        )
     name = parts[0]
     config = parts[1] if len(parts) > 1 and parts[1] else None
     split = parts[2] if len(parts) > 2 and parts[2] else "test"

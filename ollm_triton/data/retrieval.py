@@ -123,6 +123,11 @@ def random_values(rng: random.Random, count: int, digits: tuple[int, int] = (5, 
     return values
 
 
+def _needles_length(tokenizer: Any, keys: list[str], values: list[str]) -> int:
+    pairs = zip(keys, values, strict=True)
+    return sum(len(encode(tokenizer, NEEDLE_TEMPLATE.format(key=k, value=v))) for k, v in pairs)
+
+
 def _place_needles(
     tokenizer: Any, filler: list[int], keys: list[str], values: list[str], depths: list[float]
 ) -> tuple[list[int], list[Needle]]:
@@ -164,7 +169,7 @@ def make_retrieval_doc(
     keys = random_keys(rng, num_needles)
     values = random_values(rng, num_needles, digits)
     depths = [depth if depth is not None else rng.random()] + [rng.random() for _ in range(num_needles - 1)]
-    needle_len = sum(len(encode(tokenizer, NEEDLE_TEMPLATE.format(key=k, value=v))) for k, v in zip(keys, values))
+    needle_len = _needles_length(tokenizer, keys, values)
     question = encode(tokenizer, QUESTION_TEMPLATE.format(key=keys[0]))
     n_filler = length - needle_len - len(question)
     if n_filler < 1:
@@ -207,7 +212,7 @@ def make_training_doc(
         e = encode(tokenizer, ANSWER_END)
         tail += q + a + e
         mask_tail += [False] * len(q) + [True] * len(a) + [False] * len(e)
-    needle_len = sum(len(encode(tokenizer, NEEDLE_TEMPLATE.format(key=k, value=v))) for k, v in zip(keys, values))
+    needle_len = _needles_length(tokenizer, keys, values)
     n_filler = length - needle_len - len(tail)
     if n_filler < 1:  # too many questions for a short sequence: fall back to one needle, one question
         return make_training_doc(tokenizer, filler, length, rng, max_needles=1, digits=digits)
