@@ -21,7 +21,6 @@ names a module (or a callable) that registers its plugins when imported (or call
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -164,7 +163,8 @@ def validate(spec: PluginSpec, params: dict[str, Any]) -> Any:
                 f"{where}: parameter {key!r} expects {_type_name(expected)}, got {value!r} ({type(value).__name__})"
             ) from None
     missing = [
-        n for n, f in fields.items()
+        n
+        for n, f in fields.items()
         if n not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     if missing:
@@ -207,7 +207,7 @@ def _coerce(value: Any, expected: Any) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:  # fixed-length tuple[int, str]
             if len(args) != len(items):
                 raise ValueError
-            items = [_coerce(v, t) for v, t in zip(items, args)]
+            items = [_coerce(v, t) for v, t in zip(items, args, strict=True)]
         elif args:  # list[int] or tuple[int, ...]
             items = [_coerce(v, args[0]) for v in items]
         return tuple(items) if tuple in (origin, expected) else items

@@ -23,9 +23,11 @@ def environment(device) -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if getattr(device, "type", "") == "cuda" else platform.processor() or platform.machine(),
+        "device_name": torch.cuda.get_device_name(device)
+        if getattr(device, "type", "") == "cuda"
+        else platform.processor() or platform.machine(),
         "hostname": platform.node(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "git_sha": git_sha(),
         "argv": " ".join(sys.argv),
     }
@@ -38,13 +40,19 @@ def environment(device) -> dict[str, Any]:
 
 
 def git_sha() -> str | None:
-    """The checkout's commit (+"-dirty"); OLLM_GIT_SHA overrides it where the tree travels without .git (the GPU box)."""
+    """The checkout's commit (+"-dirty"); OLLM_GIT_SHA overrides it where the tree travels without .git."""
     if os.environ.get("OLLM_GIT_SHA"):
         return os.environ["OLLM_GIT_SHA"]
     root = Path(__file__).resolve().parents[1]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if sha.returncode != 0 or len(sha.stdout.strip()) != 40:
@@ -65,7 +73,9 @@ def write_metrics(run_dir: str | Path, record: dict[str, Any]) -> Path:
 class WandbLogger:
     """One W&B run per job. wandb is imported only when logging is on."""
 
-    def __init__(self, cfg: dict[str, Any], run_dir: str | Path, *, config: dict, tags: list[str], group: str | None, name: str):
+    def __init__(
+        self, cfg: dict[str, Any], run_dir: str | Path, *, config: dict, tags: list[str], group: str | None, name: str
+    ):
         self.run = None
         self.mode = cfg.get("mode", "offline")
         if self.mode == "disabled":

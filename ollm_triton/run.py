@@ -25,7 +25,12 @@ from ollm_triton.results import WandbLogger, environment, write_metrics
 from ollm_triton.tasks.base import RunContext, TaskRefused
 
 # The plugin groups and the baseline each falls back to when the user does not append it.
-PLUGIN_GROUPS = {"attention": ("attention", "sdpa"), "cache": ("cache", "dense"), "decoder": ("decoder", "greedy"), "prefetch": ("prefetch", "resident")}
+PLUGIN_GROUPS = {
+    "attention": ("attention", "sdpa"),
+    "cache": ("cache", "dense"),
+    "decoder": ("decoder", "greedy"),
+    "prefetch": ("prefetch", "resident"),
+}
 ASSETS = Path(__file__).parent / "assets"
 
 
@@ -44,7 +49,10 @@ def resolve_device(name: str, job_num: int = 0) -> torch.device:
         return torch.device("cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RunError(f"device={name} requested but CUDA is not available (torch {torch.__version__}); accepted here: auto, cpu")
+            raise RunError(
+                f"device={name} requested but CUDA is not available (torch {torch.__version__}); "
+                "accepted here: auto, cpu"
+            )
         try:
             device = torch.device(name)
         except RuntimeError:
@@ -78,7 +86,9 @@ def resolve_plugins(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def resolve_tasks(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
     tasks = cfg.get("task") or {}
     if not tasks:
-        raise RunError("no task selected; choose with task=<name> or task=[a,b]; registered: " + ", ".join(registry.names("task")))
+        raise RunError(
+            "no task selected; choose with task=<name> or task=[a,b]; registered: " + ", ".join(registry.names("task"))
+        )
     for name, params in tasks.items():
         registry.config("task", name, params or {})
     return {name: dict(params or {}) for name, params in tasks.items()}
@@ -89,12 +99,16 @@ def model_source(model: dict[str, Any]) -> tuple[Any, bool]:
     source = model.get("source")
     if source == "random":
         if not model.get("arch"):
-            raise RunError(f"model {model.get('name')!r}: source=random needs an `arch` section of Hugging Face config fields")
+            raise RunError(
+                f"model {model.get('name')!r}: source=random needs an `arch` section of Hugging Face config fields"
+            )
         return dict(model["arch"]), False
     if isinstance(source, str) and source.startswith("embedded:"):
         path = ASSETS / source.split(":", 1)[1]
         if not (path / "config.json").exists():
-            raise RunError(f"embedded model {source!r} is not in this checkout ({path}); train it with scripts/train_tiny_lm.py")
+            raise RunError(
+                f"embedded model {source!r} is not in this checkout ({path}); train it with scripts/train_tiny_lm.py"
+            )
         return str(path), True
     if not source:
         raise RunError("model.source is empty; give a checkpoint directory or a hub id (model=hf model.source=...)")
@@ -114,13 +128,31 @@ def run_job(cfg: DictConfig, run_dir: Path, job_num: int = 0) -> dict[str, Any]:
     source, trained = model_source(resolved["model"])
 
     torch.manual_seed(int(resolved.get("seed", 0)))
-    built = {group: registry.build(kind, plugins[group]["name"], plugins[group]["params"]) for group, (kind, _) in PLUGIN_GROUPS.items()}
+    built = {
+        group: registry.build(kind, plugins[group]["name"], plugins[group]["params"])
+        for group, (kind, _) in PLUGIN_GROUPS.items()
+    }
     from ollm_triton.engine import load_engine
 
     t0 = time.perf_counter()
-    engine = load_engine(source, attention=built["attention"], codec=built["cache"], prefetch=built["prefetch"], device=device, dtype=dtype)
+    engine = load_engine(
+        source,
+        attention=built["attention"],
+        codec=built["cache"],
+        prefetch=built["prefetch"],
+        device=device,
+        dtype=dtype,
+    )
     load_s = time.perf_counter() - t0
-    ctx = RunContext(engine=engine, decoder=built["decoder"], device=device, smoke=bool(resolved.get("smoke")), trained=trained, cfg=resolved, seed=int(resolved.get("seed", 0)))
+    ctx = RunContext(
+        engine=engine,
+        decoder=built["decoder"],
+        device=device,
+        smoke=bool(resolved.get("smoke")),
+        trained=trained,
+        cfg=resolved,
+        seed=int(resolved.get("seed", 0)),
+    )
 
     metrics: dict[str, Any] = {"load_s": load_s}
     refused: dict[str, str] = {}
@@ -182,8 +214,12 @@ def hydra_main(cfg: DictConfig) -> float | None:
     started = time.perf_counter()
     try:
         logger = WandbLogger(
-            OmegaConf.to_container(cfg.logger, resolve=True), run_dir,
-            config=OmegaConf.to_container(cfg, resolve=True), tags=[f"{g}:{n}" for g, n in plugin_names.items()], group=group, name=name,
+            OmegaConf.to_container(cfg.logger, resolve=True),
+            run_dir,
+            config=OmegaConf.to_container(cfg, resolve=True),
+            tags=[f"{g}:{n}" for g, n in plugin_names.items()],
+            group=group,
+            name=name,
         )
         record = run_job(cfg, run_dir, hc.job.num if multirun else 0)
         record["duration_s"] = time.perf_counter() - started
@@ -198,7 +234,15 @@ def hydra_main(cfg: DictConfig) -> float | None:
         if not isinstance(e, USER_ERRORS):
             (run_dir / "error.log").write_text(traceback.format_exc())
             message = f"{type(e).__name__}: {message} (traceback in {run_dir / 'error.log'})"
-        write_metrics(run_dir, {"status": "failed", "error": message, "duration_s": time.perf_counter() - started, "overrides": list(hc.overrides.task)})
+        write_metrics(
+            run_dir,
+            {
+                "status": "failed",
+                "error": message,
+                "duration_s": time.perf_counter() - started,
+                "overrides": list(hc.overrides.task),
+            },
+        )
         if logger is not None:
             logger.finish(1)
         print(f"error: {message}", file=sys.stderr)

@@ -73,10 +73,12 @@ def bench_transformers(hf_model, prompt, new_tokens, repeats, **gen_kwargs):
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
             p, _ = timed(lambda: hf_model(prompt, logits_to_keep=1))
-            g, out = timed(lambda: hf_model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs))
+            g, out = timed(
+                lambda: hf_model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+            )
             prefills.append(p)
             decodes.append(g - p)
-            tokens = out[:, prompt.shape[1]:]
+            tokens = out[:, prompt.shape[1] :]
     prefill, decode = statistics.median(prefills), statistics.median(decodes)
     return {
         "prefill_s": prefill,
@@ -127,15 +129,20 @@ def main():
             a = engine.forward(prompt, engine.new_cache(1, plen), last_only=True)[0, -1]
             b = hf_model(prompt, logits_to_keep=1).logits[0, -1].float()
         agree = ((a - b).norm() / b.norm()).item()
-        for name, r in (("ollm_triton engine (sdpa, dense, greedy; eager)", ours), ("transformers generate (eager, dynamic cache)", theirs)):
+        for name, r in (
+            ("ollm_triton engine (sdpa, dense, greedy; eager)", ours),
+            ("transformers generate (eager, dynamic cache)", theirs),
+        ):
             results.append({"impl": name, "prompt": plen, **{k: v for k, v in r.items() if k != "tokens"}})
-            rows.append(f"| {name} | {plen} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {r['peak_gb']:.2f} |")
+            rows.append(
+                f"| {name} | {plen} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {r['peak_gb']:.2f} |"
+            )
         results.append({"prompt": plen, "last_logits_rel_error": agree})
         rows.append(f"| last-token logits, relative L2 difference ({args.dtype}) | {plen} | {agree:.1e} | | |")
 
     record = {
         "command": " ".join(sys.argv),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -149,8 +156,11 @@ def main():
     }
     if args.out:
         Path(args.out).write_text(json.dumps(record, indent=1))
-    print(f"\n{record['device']}, torch {record['torch']}, transformers {record['transformers']}, {args.model} random {args.dtype} "
-          f"({weights_gb:.1f} GB), batch 1, {args.new} new tokens, median of {args.repeats}\n")
+    print(
+        f"\n{record['device']}, torch {record['torch']}, transformers {record['transformers']}, "
+        f"{args.model} random {args.dtype} "
+        f"({weights_gb:.1f} GB), batch 1, {args.new} new tokens, median of {args.repeats}\n"
+    )
     print("| implementation | prompt | prefill tok/s | decode tok/s | peak GB |")
     print("| --- | ---: | ---: | ---: | ---: |")
     print("\n".join(rows))

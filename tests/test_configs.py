@@ -55,12 +55,20 @@ def test_defaults_leave_plugin_groups_out():
 def test_combined_plugins_and_single_task():
     cfg = compose_with("+decoder=sample", "decoder.temperature=0.5", "task=throughput", "debug=smoke")
     plugins = resolve_plugins(OmegaConf.to_container(cfg))
-    assert plugins["decoder"] == {"name": "sample", "params": {"temperature": 0.5, "top_k": 0, "top_p": 0.95, "seed": 0}, "default": False}
+    assert plugins["decoder"] == {
+        "name": "sample",
+        "params": {"temperature": 0.5, "top_k": 0, "top_p": 0.95, "seed": 0},
+        "default": False,
+    }
     assert plugins["attention"]["name"] == "sdpa" and plugins["attention"]["default"]
     assert list(cfg.task) == ["throughput"] and cfg.smoke is True
 
 
-LAUNCHER_PLUGINS = {"per_gpu": "hydra_plugins.hydra_joblib_launcher", "slurm": "hydra_plugins.hydra_submitit_launcher", "ray": "hydra_plugins.hydra_ray_launcher"}
+LAUNCHER_PLUGINS = {
+    "per_gpu": "hydra_plugins.hydra_joblib_launcher",
+    "slurm": "hydra_plugins.hydra_submitit_launcher",
+    "ray": "hydra_plugins.hydra_ray_launcher",
+}
 
 
 @pytest.mark.parametrize("launcher", options("hydra/launcher"))

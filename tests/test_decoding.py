@@ -9,8 +9,17 @@ from ollm_triton.decoding.greedy import sampling_probs
 from ollm_triton.engine import load_engine
 from ollm_triton.registry import registry
 
-ARCH = dict(model_type="llama", vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+ARCH = dict(
+    model_type="llama",
+    vocab_size=16,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=True,
+)
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +36,7 @@ def reference_greedy(engine, prompt, n):
     for _ in range(n):
         logits = engine.forward(ids, engine.new_cache(batch=ids.shape[0], max_len=ids.shape[1]))
         ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], 1)
-    return ids[:, prompt.shape[1]:]
+    return ids[:, prompt.shape[1] :]
 
 
 def test_greedy_matches_uncached_argmax(engine):

@@ -83,7 +83,8 @@ def test_builtin_baselines_registered():
 
 def _install_fake_distribution(root):
     """A distribution on sys.path with an `ollm_triton.plugins` entry point, as pip would leave it."""
-    (root / "toy_ollm_plugin.py").write_text(textwrap.dedent('''
+    (root / "toy_ollm_plugin.py").write_text(
+        textwrap.dedent('''
         from dataclasses import dataclass
         from ollm_triton.registry import register
         from ollm_triton.cache.dense import Dense
@@ -99,7 +100,8 @@ def _install_fake_distribution(root):
                 from ollm_triton.cache.dense import DenseConfig
                 super().__init__(DenseConfig())
                 self.level = cfg.level
-    '''))
+    ''')
+    )
     dist = root / "toy_ollm_plugin-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-ollm-plugin\nVersion: 0.1\n")
@@ -122,9 +124,23 @@ def test_entry_point_plugin(tmp_path, monkeypatch):
 def test_plugins_listing_command_shows_third_party(tmp_path):
     _install_fake_distribution(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-m", "ollm_triton.plugins"], capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "ollm_triton.plugins"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert out.returncode == 0, out.stderr
-    for word in ("attention:", "sdpa", "cache:", "dense", "toy_thirdparty", "level: int = 3", "decoder:", "greedy", "task:"):
+    for word in (
+        "attention:",
+        "sdpa",
+        "cache:",
+        "dense",
+        "toy_thirdparty",
+        "level: int = 3",
+        "decoder:",
+        "greedy",
+        "task:",
+    ):
         assert word in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "ollm_triton.plugins", "codecs"], capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "ollm_triton.plugins", "codecs"], capture_output=True, text=True, timeout=120
+    )
     assert bad.returncode == 2 and "unknown plugin kind 'codecs'" in bad.stderr

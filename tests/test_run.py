@@ -18,7 +18,9 @@ SMOKE = ["model=tiny_random", "task=[throughput,memory]", "debug=smoke"]
 def run(*args, env=None):
     env = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
     env.pop("WANDB_SILENT", None)
-    return subprocess.run([sys.executable, "-m", "ollm_triton.run", *args], cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "ollm_triton.run", *args], cwd=REPO, capture_output=True, text=True, env=env, timeout=600
+    )
 
 
 def last_line(proc):
@@ -45,7 +47,9 @@ def test_single_run_writes_metrics_and_offline_wandb(tmp_path):
 @pytest.mark.slow
 def test_multirun_over_decoders_with_a_failing_job(tmp_path):
     # the third job has an invalid temperature: it is recorded as failed, the sweep goes on, the exit is non-zero
-    proc = run("-m", *SMOKE, "logger=none", "+decoder=sample", "decoder.temperature=0.7,1.3,-1", f"hydra.sweep.dir={tmp_path}")
+    proc = run(
+        "-m", *SMOKE, "logger=none", "+decoder=sample", "decoder.temperature=0.7,1.3,-1", f"hydra.sweep.dir={tmp_path}"
+    )
     assert proc.returncode == 1, proc.stderr
     df = load(tmp_path).sort_values("decoder.temperature", na_position="last")
     assert len(df) == 3
@@ -82,7 +86,9 @@ def test_multirun_shares_wandb_group(tmp_path):
 def test_bad_input_one_clear_line(tmp_path, args, words):
     if args == ["device=cuda"] and _has_cuda():
         pytest.skip("CUDA is available here")
-    base = [a for a in ("model=tiny_random", "task=memory") if not any(x.startswith(a.split("=")[0] + "=") for x in args)]
+    base = [
+        a for a in ("model=tiny_random", "task=memory") if not any(x.startswith(a.split("=")[0] + "=") for x in args)
+    ]
     proc = run(*base, *args, "logger=none", "debug=smoke", f"hydra.run.dir={tmp_path}")
     assert proc.returncode != 0
     line = last_line(proc)

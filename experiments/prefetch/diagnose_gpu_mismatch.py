@@ -12,8 +12,17 @@ from ollm_triton.engine import load_engine  # noqa: E402
 from ollm_triton.prefetch import streaming  # noqa: E402
 from ollm_triton.registry import registry  # noqa: E402
 
-CFG = dict(model_type="llama", vocab_size=512, hidden_size=256, intermediate_size=704, num_hidden_layers=5,
-           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
+CFG = dict(
+    model_type="llama",
+    vocab_size=512,
+    hidden_size=256,
+    intermediate_size=704,
+    num_hidden_layers=5,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+)
 PROMPT = torch.arange(3, 40).reshape(1, -1) % 500
 
 
@@ -29,7 +38,7 @@ def run(prefetch, fused):
 
 
 def diff(a, b):
-    return max((x - y).abs().max().item() for x, y in zip(a, b))
+    return max((x - y).abs().max().item() for x, y in zip(a, b, strict=True))
 
 
 for fused in (None, False):

@@ -1,1 +1,1 @@
-"""Attention-backend plugins. The registry imports every module in this folder on first use (base.py holds the interface)."""
+"""Attention-backend plugins: the registry imports every module here on first use; base.py holds the interface."""

@@ -56,7 +56,9 @@ class AttentionBackend:
         """
         raise NotImplementedError
 
-    def decode(self, q: torch.Tensor, layer_cache: CacheLayer, *, tree_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(
+        self, q: torch.Tensor, layer_cache: CacheLayer, *, tree_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Attention of the T (few) newest queries over everything in `layer_cache` (already appended)."""
         if tree_mask is None:
             out = layer_cache.attend(q, self)

@@ -28,4 +28,6 @@ class SDPA(AttentionBackend):
 
 def sdpa_gqa(q, k, v, *, is_causal: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
     """SDPA with grouped-query heads. torch's `enable_gqa` avoids materialising repeated K/V."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=k.shape[1] != q.shape[1])
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=k.shape[1] != q.shape[1]
+    )

@@ -1,1 +1,1 @@
-"""Decoder-strategy plugins. The registry imports every module in this folder on first use (base.py holds the interface)."""
+"""Decoder-strategy plugins: the registry imports every module here on first use; base.py holds the interface."""

@@ -24,6 +24,8 @@ class DecoderStrategy:
 
     plugin_name = "base"
 
-    def generate(self, engine, prompt_ids: torch.Tensor, max_new_tokens: int, *, eos_id: int | None = None) -> Generation:
+    def generate(
+        self, engine, prompt_ids: torch.Tensor, max_new_tokens: int, *, eos_id: int | None = None
+    ) -> Generation:
         """prompt_ids: [B, T] on any device. Stops after max_new_tokens, or when every row has produced eos_id."""
         raise NotImplementedError

@@ -47,7 +47,12 @@ def decode_loop(engine, prompt_ids: torch.Tensor, max_new_tokens: int, pick, eos
             if n == max_new_tokens or (eos_id is not None and bool(done.all())):
                 break
             logits = engine.forward(token[:, None], cache)[:, -1]
-    counters = {"generated_tokens": float(n * batch), "target_forwards": float(n), "prefill_s": prefill.seconds, "decode_s": decode.seconds}
+    counters = {
+        "generated_tokens": float(n * batch),
+        "target_forwards": float(n),
+        "prefill_s": prefill.seconds,
+        "decode_s": decode.seconds,
+    }
     return Generation(out[:, :n], counters)
 
 

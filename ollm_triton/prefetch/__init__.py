@@ -1,1 +1,1 @@
-"""Layer-prefetch policy plugins. The registry imports every module in this folder on first use (base.py holds the interface)."""
+"""Layer-prefetch policy plugins: the registry imports every module here on first use; base.py holds the interface."""

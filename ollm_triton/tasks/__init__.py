@@ -1,1 +1,1 @@
-"""Evaluation-task plugins. The registry imports every module in this folder on first use (base.py holds the interface)."""
+"""Evaluation-task plugins: the registry imports every module here on first use; base.py holds the interface."""

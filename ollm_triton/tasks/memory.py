@@ -33,7 +33,9 @@ class Memory(Task):
     def run(self, ctx: RunContext) -> dict[str, float | str]:
         c = self.cfg
         engine, device = ctx.engine, ctx.device
-        context_len, new_tokens = (min(c.context_len, 64), min(c.new_tokens, 2)) if ctx.smoke else (c.context_len, c.new_tokens)
+        context_len, new_tokens = (
+            (min(c.context_len, 64), min(c.new_tokens, 2)) if ctx.smoke else (c.context_len, c.new_tokens)
+        )
         if device.type == "cuda":
             synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)

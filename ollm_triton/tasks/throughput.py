@@ -32,7 +32,9 @@ class Throughput(Task):
     def run(self, ctx: RunContext) -> dict[str, float | str]:
         c = self.cfg
         engine, device = ctx.engine, ctx.device
-        prompt_len, new_tokens = (min(c.prompt_len, 32), min(c.new_tokens, 4)) if ctx.smoke else (c.prompt_len, c.new_tokens)
+        prompt_len, new_tokens = (
+            (min(c.prompt_len, 32), min(c.new_tokens, 4)) if ctx.smoke else (c.prompt_len, c.new_tokens)
+        )
         gen = torch.Generator().manual_seed(ctx.seed)
         prompt = torch.randint(0, engine.config.vocab_size, (c.batch, prompt_len), generator=gen).to(device)
 
