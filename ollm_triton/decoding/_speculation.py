@@ -15,6 +15,10 @@ accept d_i with probability min(1, p(d_i) / q(d_i)); at the first rejection emit
 residual max(0, p - q); after m acceptances emit a sample of p_m. Each emitted token is then distributed exactly
 as the target's (filtered) distribution, the one `sample` draws from.
 
+Lossy KV codecs: exact with `dense`; with a codec whose stored values depend on how tokens arrive (`quant`
+compresses its oldest residual group when a verify block overflows the window, before the block's queries read it)
+the tokens can differ from `greedy` with the same codec (measured in experiments/decoding/README.md).
+
 Batches: every row shares one cache length, so an iteration keeps n = the fewest drafts any unfinished row accepted.
 Rows that accepted more emit their (accepted) draft token at position n, which is itself a valid outcome of the
 rule; since n depends only on the other rows' randomness, each row remains an exact sampler (and, in greedy mode,
