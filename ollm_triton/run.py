@@ -169,8 +169,11 @@ def run_job(cfg: DictConfig, run_dir: Path, job_num: int = 0) -> dict[str, Any]:
         metrics["attention_path"] = built["attention"].last_path
         metrics.update({f"prefetch/{k}": v for k, v in built["prefetch"].stats().items()})
         engine_info = engine.describe()
-    finally:
-        engine.close() if hasattr(engine, "close") else None
+    finally:  # free the model (and a decoder's draft model) now, not at the next job's garbage collection
+        for part in (engine, built["decoder"]):
+            close = getattr(part, "close", None)
+            if callable(close):
+                close()
         del engine, ctx
     if refused and len(refused) == len(tasks):
         raise RunError("every task refused: " + "; ".join(f"{k}: {v}" for k, v in refused.items()))
