@@ -11,11 +11,12 @@
 # ---
 
 # %% [markdown]
-# # Ablation quickstart: a sweep, loaded and plotted
+# # Ablation quickstart: what do int8 / int4 / int2 KV caches cost in perplexity, and what do they save?
 #
-# Runs a small Hydra multirun over plugin choices on the CPU, loads every run's `metrics.json` with
-# `ollm_triton.results.load`, and plots one metric per plugin choice. Change `SWEEP` to ask your own question;
-# on a GPU drop `debug=smoke` and pick a larger model.
+# Runs a small Hydra multirun over KV codecs on the embedded model (CPU, seconds per run), loads every run's
+# `metrics.json` with `ollm_triton.results.load`, and plots perplexity against stored KV bytes. Perplexity is fed
+# through the cache in chunks of 16 tokens, so every token attends over the codec's stored keys and values.
+# Change `SWEEP` to ask your own question.
 
 # %%
 import os
@@ -35,7 +36,17 @@ REPO = Path(os.environ.get("OLLM_REPO", Path.cwd())).resolve()
 if not (REPO / "conf").exists():  # executed from notebooks/
     REPO = REPO.parent
 sweep_dir = Path(tempfile.mkdtemp(prefix="ollm-sweep-"))
-SWEEP = ["model=tiny_random", "task=[throughput,memory]", "debug=smoke", "logger=none", "+decoder=greedy,sample"]
+SWEEP = [
+    "task=[perplexity,memory]",
+    "logger=none",
+    "task.perplexity.max_tokens=1024",
+    "task.perplexity.max_length=512",
+    "task.perplexity.stride=256",
+    "task.perplexity.chunk=16",
+    "task.memory.context_len=1024",
+    "task.memory.new_tokens=4",
+    "+cache=dense,int8,int4,int2",
+]
 
 # %%
 cmd = [sys.executable, "-m", "ollm_triton.run", "-m", *SWEEP, f"hydra.sweep.dir={sweep_dir}"]
@@ -44,12 +55,16 @@ print(proc.stdout[-2000:])
 assert proc.returncode == 0, proc.stderr[-2000:]
 
 # %%
-df = load(sweep_dir)
-cols = ["decoder", "status", "throughput/decode_tok_s", "memory/kv_stored_bytes"]
+df = load(sweep_dir).sort_values("memory/kv_ratio", ascending=False)
+cols = ["cache", "status", "perplexity/ppl", "perplexity/tokens_scored", "memory/kv_ratio", "memory/kv_stored_bytes"]
 df[cols]
 
 # %%
-assert len(df) == 2 and (df.status == "ok").all()
-ax = df.plot.bar(x="decoder", y="throughput/decode_tok_s", legend=False, title="decode tok/s (smoke, CPU)")
-ax.set_ylabel("tok/s")
+assert len(df) == 4 and (df.status == "ok").all()
+fig, ax = plt.subplots()
+ax.scatter(df["memory/kv_ratio"], df["perplexity/ppl"])
+for _, row in df.iterrows():
+    ax.annotate(row["cache"], (row["memory/kv_ratio"], row["perplexity/ppl"]))
+ax.set_xlabel("stored / original KV bytes at 1028 tokens (residual window of 128 included)")
+ax.set_ylabel("perplexity (1024 held-out tokens)")
 plt.tight_layout()
