@@ -21,12 +21,17 @@ PARAMS = {
 }
 
 
-def table(root: Path, kind: str) -> str:
+def baseline_ppl(root: Path) -> float:
+    """Perplexity of the baseline plugins (sdpa + dense) from the attention_dense sweep: every Δ is against it."""
+    df = load(root / "attention_dense")
+    return float(df[df.attention == "sdpa"]["perplexity/ppl"].iloc[0])
+
+
+def table(root: Path, kind: str, base: float) -> str:
     df = load(root)
     if df.empty:
         return f"(no runs under {root})\n"
     params = [c for c in PARAMS[kind] if c in df.columns]
-    base = None
     lines = [
         "| "
         + " | ".join(
@@ -34,7 +39,7 @@ def table(root: Path, kind: str) -> str:
                 kind,
                 *[p.split(".")[1] for p in params],
                 "ppl",
-                "Δ ppl vs first row",
+                "Δ ppl vs sdpa + dense",
                 "passkey acc",
                 "acc@1024",
                 "acc@4096",
@@ -46,7 +51,6 @@ def table(root: Path, kind: str) -> str:
     lines.append("|" + "---|" * (len(params) + 7))
     for _, r in df.iterrows():
         ppl = r.get("perplexity/ppl")
-        base = ppl if base is None else base
         cells = [str(r[kind]), *[("" if str(r[p]) == "nan" else str(r[p])) for p in params]]
         if r.status == "ok":
             cells += [
@@ -65,6 +69,7 @@ def table(root: Path, kind: str) -> str:
 
 if __name__ == "__main__":
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "multirun/quality")
+    base = baseline_ppl(root)
     for sub, kind in [
         ("attention_dense", "attention"),
         ("attention_window", "attention"),
@@ -74,4 +79,4 @@ if __name__ == "__main__":
     ]:
         if (root / sub).exists():
             print(f"### {sub}\n")
-            print(table(root / sub, kind))
+            print(table(root / sub, kind, base))
