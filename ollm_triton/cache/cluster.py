@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ollm_triton.cache._residual import ResidualWindow
 from ollm_triton.cache._storage import StoreParams, wrap_store
 from ollm_triton.cache._timing import EncodeTimer, TimedLayerMixin
 from ollm_triton.cache.base import CacheCodec, CacheLayer, LayerSpec
@@ -43,7 +44,7 @@ class ClusterConfig(StoreParams):
             raise ValueError(f"iters and residual must be >= 0, got {self.iters}, {self.residual}")
 
 
-class ClusterLayer(TimedLayerMixin, CacheLayer):
+class ClusterLayer(TimedLayerMixin, ResidualWindow, CacheLayer):
     def __init__(self, spec: LayerSpec, cfg: ClusterConfig):
         self._timer = EncodeTimer()
         super().__init__(spec)
@@ -92,23 +93,7 @@ class ClusterLayer(TimedLayerMixin, CacheLayer):
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         t = k.shape[2]
-        total = self.n_res + t
-        r = self.cfg.residual
-        n_flush = (total - r) // FLUSH_BLOCK * FLUSH_BLOCK if total >= r + FLUSH_BLOCK else 0
-        if n_flush == 0:
-            self.k_res[:, :, self.n_res : total] = k
-            self.v_res[:, :, self.n_res : total] = v
-            self.n_res = total
-        else:
-            src_k, src_v = k, v
-            if self.n_res:
-                src_k = torch.cat((self.k_res[:, :, : self.n_res], k), dim=2)
-                src_v = torch.cat((self.v_res[:, :, : self.n_res], v), dim=2)
-            self._encode(src_k[:, :, :n_flush], src_v[:, :, :n_flush])
-            keep = total - n_flush
-            self.k_res[:, :, :keep] = src_k[:, :, n_flush:]
-            self.v_res[:, :, :keep] = src_v[:, :, n_flush:]
-            self.n_res = keep
+        self._append_through_residual(k, v, self.cfg.residual, FLUSH_BLOCK)
         self.appended += t
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:

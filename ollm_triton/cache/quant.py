@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ollm_triton.cache._residual import ResidualWindow
 from ollm_triton.cache._storage import StoreParams, wrap_store
 from ollm_triton.cache._timing import EncodeTimer, TimedLayerMixin
 from ollm_triton.cache.base import CacheCodec, CacheLayer, LayerSpec
@@ -70,7 +71,7 @@ class QuantConfig(QuantParams):
             raise ValueError(f"bits must be one of {', '.join(map(str, Q.BITS))}, got {self.bits}")
 
 
-class QuantLayer(TimedLayerMixin, CacheLayer):
+class QuantLayer(TimedLayerMixin, ResidualWindow, CacheLayer):
     # key tokens per block of the fused kernel (divides group_size): 128 was the fastest of 32/64/128 for int8 and
     # int4 at 128k tokens on the H200 (int8 0.187 ms vs 0.271 ms at 64; scripts/bench_kv_cache.py --sweep)
     block_k = 128
@@ -152,22 +153,7 @@ class QuantLayer(TimedLayerMixin, CacheLayer):
         t = k.shape[2]
         if t == 0:
             return
-        total = self.n_res + t
-        n_flush = (total - self.residual) // self.group * self.group if total >= self.residual + self.group else 0
-        if n_flush == 0:
-            self.k_res[:, :, self.n_res : total] = k
-            self.v_res[:, :, self.n_res : total] = v
-            self.n_res = total
-        else:
-            src_k, src_v = k, v
-            if self.n_res:
-                src_k = torch.cat((self.k_res[:, :, : self.n_res], k), dim=2)
-                src_v = torch.cat((self.v_res[:, :, : self.n_res], v), dim=2)
-            self._encode(src_k[:, :, :n_flush], src_v[:, :, :n_flush])
-            keep = total - n_flush
-            self.k_res[:, :, :keep] = src_k[:, :, n_flush:]
-            self.v_res[:, :, :keep] = src_v[:, :, n_flush:]
-            self.n_res = keep
+        self._append_through_residual(k, v, self.residual, self.group)
         self.appended += t
 
     def _dequant(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
