@@ -17,9 +17,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from ollm_triton.decoding._drafters import DraftEngineHolder, draft_source, model_drafter
-from ollm_triton.decoding._speculation import Sampling, check_sampling, speculate
-from ollm_triton.decoding._static import FAST_PATHS, resolve_fast_path
+from ollm_triton.decoding._config import check_strategy_fields
+from ollm_triton.decoding._drafters import DraftEngineHolder, model_drafter
+from ollm_triton.decoding._speculation import Sampling, speculate
+from ollm_triton.decoding._static import resolve_fast_path
 from ollm_triton.decoding.base import DecoderStrategy
 from ollm_triton.registry import register
 
@@ -50,11 +51,7 @@ class AdaptiveConfig:
             raise ValueError(f"decay must be in (0, 1], got {self.decay}")
         if self.warmup < 0 or self.hysteresis < 0:
             raise ValueError(f"warmup and hysteresis must be >= 0, got {self.warmup}, {self.hysteresis}")
-        check_sampling(self.temperature, self.top_k, self.top_p)
-        if self.fast_path not in FAST_PATHS:
-            raise ValueError(f"fast_path must be one of {', '.join(FAST_PATHS)}, got {self.fast_path!r}")
-        if not self.draft.startswith("embedded:"):
-            draft_source(self.draft)
+        check_strategy_fields(self)
 
 
 def expected_tokens(alpha: float, k: int) -> float:

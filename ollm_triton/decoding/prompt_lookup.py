@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ollm_triton.decoding._config import check_strategy_fields
 from ollm_triton.decoding._drafters import LookupDrafter
-from ollm_triton.decoding._speculation import FixedCandidates, Sampling, check_sampling, speculate
-from ollm_triton.decoding._static import FAST_PATHS, resolve_fast_path
+from ollm_triton.decoding._speculation import FixedCandidates, Sampling, speculate
+from ollm_triton.decoding._static import resolve_fast_path
 from ollm_triton.decoding.base import DecoderStrategy
 from ollm_triton.registry import register
 
@@ -28,9 +29,7 @@ class PromptLookupConfig:
         if not 1 <= self.min_ngram <= self.max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got min_ngram={self.min_ngram}, "
                              f"max_ngram={self.max_ngram}")
-        check_sampling(self.temperature, self.top_k, self.top_p)
-        if self.fast_path not in FAST_PATHS:
-            raise ValueError(f"fast_path must be one of {', '.join(FAST_PATHS)}, got {self.fast_path!r}")
+        check_strategy_fields(self)
 
 
 @register("decoder", "prompt_lookup", PromptLookupConfig)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ollm_triton.decoding._config import check_strategy_fields
 from ollm_triton.decoding._drafters import layer_skip_drafter
-from ollm_triton.decoding._speculation import FixedCandidates, Sampling, check_sampling, speculate
-from ollm_triton.decoding._static import FAST_PATHS, resolve_fast_path
+from ollm_triton.decoding._speculation import FixedCandidates, Sampling, speculate
+from ollm_triton.decoding._static import resolve_fast_path
 from ollm_triton.decoding.base import DecoderStrategy
 from ollm_triton.registry import register
 
@@ -26,9 +27,7 @@ class SelfSpeculativeConfig:
             raise ValueError(f"draft_layers must be >= 0 (0 = half the target's layers), got {self.draft_layers}")
         if not 1 <= self.num_candidates <= 64:
             raise ValueError(f"num_candidates must be in [1, 64], got {self.num_candidates}")
-        check_sampling(self.temperature, self.top_k, self.top_p)
-        if self.fast_path not in FAST_PATHS:
-            raise ValueError(f"fast_path must be one of {', '.join(FAST_PATHS)}, got {self.fast_path!r}")
+        check_strategy_fields(self)
 
 
 @register("decoder", "self_speculative", SelfSpeculativeConfig)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ollm_triton.decoding._drafters import DraftEngineHolder, draft_source, model_drafter
-from ollm_triton.decoding._speculation import FixedCandidates, Sampling, check_sampling, speculate
-from ollm_triton.decoding._static import FAST_PATHS, resolve_fast_path
+from ollm_triton.decoding._config import check_strategy_fields
+from ollm_triton.decoding._drafters import DraftEngineHolder, model_drafter
+from ollm_triton.decoding._speculation import FixedCandidates, Sampling, speculate
+from ollm_triton.decoding._static import resolve_fast_path
 from ollm_triton.decoding.base import DecoderStrategy
 from ollm_triton.registry import register
 
@@ -24,11 +25,7 @@ class SpeculativeConfig:
     def check(self) -> None:
         if not 1 <= self.num_candidates <= 64:
             raise ValueError(f"num_candidates must be in [1, 64], got {self.num_candidates}")
-        check_sampling(self.temperature, self.top_k, self.top_p)
-        if self.fast_path not in FAST_PATHS:
-            raise ValueError(f"fast_path must be one of {', '.join(FAST_PATHS)}, got {self.fast_path!r}")
-        if not self.draft.startswith("embedded:"):  # a missing embedded draft is reported when first needed
-            draft_source(self.draft)
+        check_strategy_fields(self)
 
 
 @register("decoder", "speculative", SpeculativeConfig)

@@ -27,9 +27,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ollm_triton.decoding._drafters import DraftEngineHolder, ModelDrafter, StaticModelDrafter, draft_source, fit_vocab
+from ollm_triton.decoding._config import check_strategy_fields
+from ollm_triton.decoding._drafters import DraftEngineHolder, ModelDrafter, StaticModelDrafter, fit_vocab
 from ollm_triton.decoding._speculation import EmittedTokens, LoopStats, PhaseClock, Sampling, speculation_counters
-from ollm_triton.decoding._static import FAST_PATHS, resolve_fast_path
+from ollm_triton.decoding._static import resolve_fast_path
 from ollm_triton.decoding._targets import make_target
 from ollm_triton.decoding.base import DecoderStrategy, Generation
 from ollm_triton.registry import register
@@ -51,10 +52,7 @@ class TreeConfig:
                              f"branching={self.branching}, width={self.width}")
         if self.compaction not in ("gather", "rerun"):
             raise ValueError(f"compaction must be gather or rerun, got {self.compaction!r}")
-        if self.fast_path not in FAST_PATHS:
-            raise ValueError(f"fast_path must be one of {', '.join(FAST_PATHS)}, got {self.fast_path!r}")
-        if not self.draft.startswith("embedded:"):
-            draft_source(self.draft)
+        check_strategy_fields(self)
 
 
 def level_sizes(depth: int, branching: int, width: int) -> list[int]:

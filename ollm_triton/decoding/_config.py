@@ -1,0 +1,18 @@
+"""Checks shared by the speculative strategies' config schemas."""
+
+from __future__ import annotations
+
+from ollm_triton.decoding._drafters import draft_source
+from ollm_triton.decoding._speculation import check_sampling
+from ollm_triton.decoding._static import FAST_PATHS
+
+
+def check_strategy_fields(cfg) -> None:
+    """Validate the fields a strategy's schema has of: temperature/top_k/top_p, fast_path, draft (ValueError)."""
+    if hasattr(cfg, "temperature"):
+        check_sampling(cfg.temperature, cfg.top_k, cfg.top_p)
+    if cfg.fast_path not in FAST_PATHS:
+        raise ValueError(f"fast_path must be one of {', '.join(FAST_PATHS)}, got {cfg.fast_path!r}")
+    draft = getattr(cfg, "draft", None)
+    if draft is not None and not draft.startswith("embedded:"):  # a missing embedded draft is reported when needed
+        draft_source(draft)
