@@ -51,7 +51,7 @@ def test_bf16_logits_equal_resident(name, params, tier, resident, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(resident, outs, strict=True))
     assert st["hits"] + st["misses"] == st["accesses"] == CFG["num_hidden_layers"] * 4
     if tier == "cpu":
-        assert policy.store.image(0).is_pinned()
+        assert policy.store.is_page_locked(0)
     assert policy.loader.stream is not None and engine.describe()["prefetch"] == name
     engine.close()
 

@@ -227,7 +227,8 @@ class StaticModel:
             q = rope_write_kv(q, k, v, cos, sin, kv.k, kv.v, st.base, use_kernel=kern)  # [B, Hq, T, D]
             q = q.reshape(b, hkv, group * t, d)
             out = F.scaled_dot_product_attention(q, kv.k, kv.v, attn_mask=grouped_mask)  # [B, Hkv, G*T, D]
-            out = out.view(b, attn.num_heads, t, d).transpose(1, 2).reshape(b, t, attn.num_heads * d)
+            # reshape, not view: the memory-efficient SDPA backend may return a non-contiguous [B, Hkv, G*T, D]
+            out = out.reshape(b, attn.num_heads, t, d).transpose(1, 2).reshape(b, t, attn.num_heads * d)
             delta = attn.o_proj(out)
             normed, residual = _add_norm(delta, residual, layer.post_attention_layernorm, kern)
             delta = layer.mlp(normed, fused=kern)

@@ -212,6 +212,12 @@ class WeightStore:
             raise ValueError(f"the {self.tier} tier keeps no images in memory")
         return self.images[i]
 
+    def is_page_locked(self, i: int) -> bool:
+        """Whether layer i's host image is page-locked: from torch's pinned allocator, or registered in place with
+        cudaHostRegister (torch's `is_pinned()` only knows its own allocator's blocks on some versions)."""
+        image = self.image(i)
+        return image.is_pinned() or any(r.data_ptr() == image.data_ptr() for r in self._registered)
+
     def path(self, i: int) -> Path:
         if self.files is None:
             raise ValueError(f"the {self.tier} tier has no files")
