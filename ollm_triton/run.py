@@ -142,6 +142,8 @@ def run_job(cfg: DictConfig, run_dir: Path, job_num: int = 0) -> dict[str, Any]:
         prefetch=built["prefetch"],
         device=device,
         dtype=dtype,
+        prefill_chunk=int(resolved.get("prefill_chunk") or 0),
+        fast_decode=str(resolved.get("fast_decode", "auto")),
     )
     load_s = time.perf_counter() - t0
     ctx = RunContext(

@@ -42,7 +42,7 @@ class Memory(Task):
         gen = torch.Generator().manual_seed(ctx.seed)
         ids = torch.randint(0, engine.config.vocab_size, (c.batch, context_len), generator=gen).to(device)
         cache = engine.new_cache(batch=c.batch, max_len=context_len + new_tokens)
-        logits = engine.forward(ids, cache, last_only=True)
+        logits = engine.prefill(ids, cache)[:, None]  # in chunks when the run sets prefill_chunk
         for _ in range(new_tokens):
             logits = engine.forward(logits[:, -1:].argmax(-1), cache)
         synchronize(device)
