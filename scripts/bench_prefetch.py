@@ -333,6 +333,7 @@ class Bench:
                     continue
                 self.guard(f"{setting}/{label}", self.run_policy, label, plugin, params, setting, store, warm=warm,
                            timed=timed, long_prefill=setting == "cpu", tier_gbps=tier_gbps)
+                self.write()  # after every row, so a run cut short by an outer time limit keeps what it measured
         self.results["slot_gb"] = layer / GB
 
     # --- pool vs caching allocator ------------------------------------------------------------------------
