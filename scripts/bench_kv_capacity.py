@@ -169,7 +169,7 @@ def main(argv=None) -> int:
         "command": " ".join(["python", *sys.argv]), "device": torch.cuda.get_device_name() if device.type == "cuda"
         else platform.processor() or "cpu", "model": "tiny (--small)" if args.small else "llama3_8b (random bf16)",
         "torch": torch.__version__, "python": platform.python_version(), "git_sha": git_sha(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "chunk": chunk,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "chunk": chunk,
         "steps": args.steps, "resolution": args.resolution}}
     for name in args.codecs.split(","):
         print(f"[{name}]", flush=True)
@@ -197,7 +197,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_kv_capacity.json").write_text(json.dumps(results, indent=1))
     m = results["meta"]
-    print(f"\n| codec | longest context (tokens) | KV bytes/token (all layers) | trials |\n|---|---|---|---|")
+    print("\n| codec | longest context (tokens) | KV bytes/token (all layers) | trials |\n|---|---|---|---|")
     for name, r in results["codecs"].items():
         print(f"| {name} | {r['max_tokens']:,} | {r['bytes_per_token']:,.0f} | {len(r['trials'])} |")
     print(f"\ndevice: {m['device']}; {m['model']}; torch {m['torch']}; git {m['git_sha']}; {m['date']}")
