@@ -63,6 +63,23 @@ def resolve_device(name: str, job_num: int = 0) -> torch.device:
     raise RunError(f"device={name!r} is not a device; accepted: auto, cpu, cuda, cuda:N")
 
 
+def limit_device_memory(gb: Any, device: torch.device) -> None:
+    """device_memory_gb: cap this process's CUDA allocations (a smaller GPU on a big one), so that a run's
+    "fits in 8 GB" is tested by the allocator failing, not read off a peak counter afterwards."""
+    if gb is None:
+        if device.type == "cuda":  # a previous job of the same sweep may have capped it
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
+        return
+    if isinstance(gb, bool) or not isinstance(gb, (int, float)) or gb <= 0:
+        raise RunError(f"device_memory_gb={gb!r} is not accepted; accepted: null or a positive number of GB (1e9 bytes)")
+    if device.type != "cuda":
+        raise RunError(f"device_memory_gb={gb} caps CUDA memory, but this run is on {device}; accepted there: null")
+    total = torch.cuda.get_device_properties(device).total_memory
+    if gb * 1e9 > total:
+        raise RunError(f"device_memory_gb={gb} exceeds {device}'s {total / 1e9:.1f} GB")
+    torch.cuda.set_per_process_memory_fraction(gb * 1e9 / total, device)
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if name == "auto":
@@ -124,6 +141,7 @@ def run_job(cfg: DictConfig, run_dir: Path, job_num: int = 0) -> dict[str, Any]:
     plugins = resolve_plugins(resolved)
     tasks = resolve_tasks(resolved)
     device = resolve_device(str(resolved.get("device", "auto")), job_num)
+    limit_device_memory(resolved.get("device_memory_gb"), device)
     dtype = resolve_dtype(str(resolved["model"].get("dtype", "auto")), device)
     source, trained = model_source(resolved["model"])
 
@@ -169,6 +187,9 @@ def run_job(cfg: DictConfig, run_dir: Path, job_num: int = 0) -> dict[str, Any]:
                 continue
             metrics.update({f"{name}/{k}": v for k, v in out.items()})
         metrics["attention_path"] = built["attention"].last_path
+        if device.type == "cuda":  # over the whole job (clean_state reset the counter before it began)
+            metrics["device_peak_allocated_bytes"] = float(torch.cuda.max_memory_allocated(device))
+            metrics["device_peak_reserved_bytes"] = float(torch.cuda.max_memory_reserved(device))
         metrics.update({f"prefetch/{k}": v for k, v in built["prefetch"].stats().items()})
         engine_info = engine.describe()
     finally:  # free the model (and a decoder's draft model) now, not at the next job's garbage collection

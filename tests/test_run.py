@@ -80,8 +80,11 @@ def test_multirun_shares_wandb_group(tmp_path):
         (["model=hf", "model.source=/no/such/checkpoint"], ["/no/such/checkpoint"]),
         (["model=hf"], ["model.source"]),
         (["model=tiny_random", "task=perplexity"], ["perplexity", "random weights"]),
+        (["device=cpu", "device_memory_gb=8"], ["device_memory_gb=8", "caps CUDA memory", "accepted"]),
+        (["device_memory_gb=-1"], ["device_memory_gb=-1", "positive number"]),
     ],
-    ids=["unknown-plugin", "bad-type", "unknown-param", "no-cuda", "missing-path", "no-source", "refused-task"],
+    ids=["unknown-plugin", "bad-type", "unknown-param", "no-cuda", "missing-path", "no-source", "refused-task",
+         "memory-cap-on-cpu", "memory-cap-negative"],
 )
 def test_bad_input_one_clear_line(tmp_path, args, words):
     if args == ["device=cuda"] and _has_cuda():
