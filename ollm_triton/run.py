@@ -71,7 +71,7 @@ def limit_device_memory(gb: Any, device: torch.device) -> None:
             torch.cuda.set_per_process_memory_fraction(1.0, device)
         return
     if isinstance(gb, bool) or not isinstance(gb, (int, float)) or gb <= 0:
-        raise RunError(f"device_memory_gb={gb!r} is not accepted; accepted: null or a positive number of GB (1e9 bytes)")
+        raise RunError(f"device_memory_gb={gb!r} is not accepted; accepted: null or a positive number of GB")
     if device.type != "cuda":
         raise RunError(f"device_memory_gb={gb} caps CUDA memory, but this run is on {device}; accepted there: null")
     total = torch.cuda.get_device_properties(device).total_memory
