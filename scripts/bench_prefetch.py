@@ -81,6 +81,8 @@ def sync(device):
 
 
 def git_sha() -> str:
+    if os.environ.get("OLLM_GIT_SHA"):  # the device copy of the tree carries a stale .git: the caller says
+        return os.environ["OLLM_GIT_SHA"]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "ollm_triton", "scripts"], cwd=ROOT,
@@ -181,7 +183,7 @@ class Bench:
             sync(self.device)
             times.append(time.perf_counter() - t)
         bw["copy_gbps"] = nbytes / sorted(times)[1] / GB
-        bw["copy_pinned"] = bool(self.cpu_store.image(0).is_pinned()) if self.device.type == "cuda" else False
+        bw["copy_pinned"] = self.cpu_store.is_page_locked(0) if self.device.type == "cuda" else False
         del slot
         workers = self.args.disk_workers
         stages = [aligned_empty(self.disk_store.slot_bytes, "cpu", pin=self.device.type == "cuda")
