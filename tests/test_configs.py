@@ -44,6 +44,20 @@ def test_every_registered_plugin_has_a_config_file():
         assert not missing, f"plugins without conf/{group}/<name>.yaml: {sorted(missing)}"
 
 
+def test_every_parameter_is_in_its_config_file():
+    """`prefetch.loader=staged` (no `+`) only works when the yaml names the field: Hydra's struct mode rejects
+    overrides of keys the composed config does not have."""
+    import dataclasses
+
+    for group, (kind, _) in PLUGIN_GROUPS.items():
+        for option in options(group):
+            cfg = OmegaConf.load(CONF / group / f"{option}.yaml")
+            schema = registry.get(kind, cfg.get("name", option)).schema
+            fields = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else set()
+            missing = fields - set(cfg)
+            assert not missing, f"conf/{group}/{option}.yaml lacks {sorted(missing)}"
+
+
 def test_defaults_leave_plugin_groups_out():
     cfg = compose_with()
     for group in APPENDED:
