@@ -198,3 +198,25 @@ def test_fused_forward_streams_too(tmp_path):
     ref = run(None)
     got = run(_build("lookahead", tier="disk", cache_dir=str(tmp_path), keep_head_on_device=False))
     assert all(torch.equal(a, b) for a, b in zip(ref, got, strict=True))
+
+
+@pytest.mark.parametrize(("module", "expected"), [
+    ({"is_compat_mode_preferred": lambda: True}, False),  # kvikio 26.x without GDS: compat mode
+    ({"is_compat_mode_preferred": lambda: False}, True),
+    ({"compat_mode": lambda: False}, True),  # older kvikio
+    ({}, False),  # a kvikio that cannot say: not trusted with auto
+])
+def test_auto_picks_kvikio_only_with_gds(monkeypatch, module, expected):
+    import sys
+    import types
+
+    from ollm_triton.prefetch import loader
+
+    fake = types.ModuleType("kvikio")
+    fake.defaults = types.ModuleType("kvikio.defaults")
+    for name, fn in module.items():
+        setattr(fake.defaults, name, fn)
+    monkeypatch.setitem(sys.modules, "kvikio", fake)
+    monkeypatch.setitem(sys.modules, "kvikio.defaults", fake.defaults)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert loader.kvikio_gds_active() is expected

@@ -9,7 +9,9 @@ bytes are in the slot):
   has completed.
 - `kvikio` (disk tier, CUDA, kvikio importable): kvikio reads the file straight into the device slot (GPUDirect
   Storage, or kvikio's own bounce buffers in compat mode). Checksums are verified through a host read the first
-  time a file is used (verify="once"); verify="always" therefore selects `staged`.
+  time a file is used (verify="once"); verify="always" therefore selects `staged`. `auto` picks kvikio only when
+  GDS is active: in compat mode kvikio is a POSIX read plus a copy, and on the H200 VM (no GDS) it decoded 27%
+  slower than `staged` (experiments/prefetch/README.md); `loader=kvikio` still forces it.
 
 A slot may still be read by the compute stream for its previous layer: `after` is that layer's compute-done event,
 and the side stream waits for it before overwriting the slot (kvikio, which writes outside any stream, waits on
@@ -57,6 +59,21 @@ def kvikio_available() -> bool:
     return torch.cuda.is_available()
 
 
+def kvikio_gds_active() -> bool:
+    """Whether kvikio would use GPUDirect Storage rather than its POSIX compat mode (False without kvikio)."""
+    if not kvikio_available():
+        return False
+    import kvikio.defaults as defaults
+
+    preferred = getattr(defaults, "is_compat_mode_preferred", None)  # kvikio >= 24.x
+    if preferred is None:
+        preferred = getattr(defaults, "compat_mode", None)  # older kvikio
+    try:
+        return preferred is not None and not bool(preferred())
+    except Exception:
+        return False
+
+
 class LayerLoader:
     """Loads layers of `store` into slots on `device` with `workers` threads."""
 
@@ -69,7 +86,7 @@ class LayerLoader:
         self.direct_io = direct_io
         if store.tier != "disk":
             self.kind = "copy"
-        elif kind == "kvikio" or (kind == "auto" and self.cuda and kvikio_available() and store.verify != "always"):
+        elif kind == "kvikio" or (kind == "auto" and self.cuda and kvikio_gds_active() and store.verify != "always"):
             if not (self.cuda and kvikio_available()):
                 raise ValueError("loader=kvikio needs CUDA and the kvikio package; accepted here: auto, staged")
             self.kind = "kvikio"
