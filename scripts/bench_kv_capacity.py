@@ -154,7 +154,7 @@ def git_sha() -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--codecs", default="dense,int4,int2")
-    p.add_argument("--small", action="store_true", help="tiny model on any device, with a pretend 64 MB limit")
+    p.add_argument("--small", action="store_true", help="tiny model on any device, with a pretend 8 MB limit")
     p.add_argument("--chunk", type=int, default=None, help="tokens per append (default 32768; --small 256)")
     p.add_argument("--steps", type=int, default=4, help="decode steps at the full context")
     p.add_argument("--resolution", type=float, default=0.02, help="stop bisecting at this relative gap")
@@ -164,7 +164,7 @@ def main(argv=None) -> int:
     arch = SMALL if args.small else LLAMA3_8B
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     chunk = args.chunk or (256 if args.small else 32768)
-    limit = 64 * 2**20 if args.small else None
+    limit = 8 * 2**20 if args.small else None
     results = {"codecs": {}, "meta": {
         "command": " ".join(["python", *sys.argv]), "device": torch.cuda.get_device_name() if device.type == "cuda"
         else platform.processor() or "cpu", "model": "tiny (--small)" if args.small else "llama3_8b (random bf16)",
