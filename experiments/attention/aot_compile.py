@@ -67,7 +67,8 @@ def main():
                 dict(stages=3), dict(bn=128)]:
         report(f"decode {cfg}", decode(**cfg))
     types = {"O_PART": "*fp32", "L_PART": "*fp32", "O": "*bf16"}
-    report("merge", compile_one(_attn_decode_merge_kernel, types, dict(GROUP=4, HEAD_DIM=128, BLOCK_SPLIT=64), 4, 1))
+    merge = dict(GROUP=4, HEAD_DIM=128, BLOCK_D=128, BLOCK_SPLIT=64)
+    report("merge", compile_one(_attn_decode_merge_kernel, types, merge, 4, 1))
 
 
 

@@ -93,7 +93,7 @@ def _attn_decode_split_kernel(
 @triton.jit(do_not_specialize=["T", "n_split"])
 def _attn_decode_merge_kernel(
     O_PART, L_PART, O, stride_ob, stride_oh, stride_ot, Hkv, T, n_split,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SPLIT: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SPLIT: tl.constexpr,
 ):
     i = tl.program_id(0)
     rows = GROUP * T
@@ -101,19 +101,19 @@ def _attn_decode_merge_kernel(
     i_r = i % rows
     o_sp = tl.arange(0, BLOCK_SPLIT)
     m_sp = o_sp < n_split
-    o_d = tl.arange(0, HEAD_DIM)
+    o_d = tl.arange(0, BLOCK_D)  # partial rows are BLOCK_D wide (>= HEAD_DIM, a power of two)
     o_part = (i_bkv.to(tl.int64) * n_split + o_sp) * rows + i_r
     b_lse = tl.load(L_PART + o_part, mask=m_sp, other=float("-inf"))
     b_max = tl.max(b_lse, 0)
     b_max = tl.where(b_max == float("-inf"), 0.0, b_max)
     b_w = tl.exp2(b_lse - b_max)  # [BLOCK_SPLIT] weights of the splits
-    b_o = tl.load(O_PART + o_part[:, None] * HEAD_DIM + o_d[None, :], mask=m_sp[:, None], other=0.0)
+    b_o = tl.load(O_PART + o_part[:, None] * BLOCK_D + o_d[None, :], mask=m_sp[:, None], other=0.0)
     b_sum = tl.sum(b_w, 0)
     b_out = tl.sum(b_o * b_w[:, None], 0) / tl.where(b_sum > 0, b_sum, 1.0)
     i_b = i_bkv // Hkv
     i_h = (i_bkv % Hkv) * GROUP + i_r // T
     p_o = O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh + (i_r % T) * stride_ot
-    tl.store(p_o + o_d, b_out.to(O.dtype.element_ty))
+    tl.store(p_o + o_d, b_out.to(O.dtype.element_ty), mask=o_d < HEAD_DIM)
 
 
 def decode_supports(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -188,7 +188,7 @@ def flash_decode(
     )
     _attn_decode_merge_kernel[(b * hkv * rows,)](
         o_part, l_part, out, out.stride(0), out.stride(1), out.stride(2), hkv, t, n_split,
-        GROUP=group, HEAD_DIM=d, BLOCK_SPLIT=max(2, triton.next_power_of_2(n_split)), num_warps=4,
+        GROUP=group, HEAD_DIM=d, BLOCK_D=d, BLOCK_SPLIT=max(2, triton.next_power_of_2(n_split)), num_warps=4,
     )
     return out
 

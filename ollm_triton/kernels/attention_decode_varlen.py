@@ -19,7 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+from ollm_triton.kernels.attention_decode import _attn_decode_merge_kernel
+from ollm_triton.kernels.attention_prefill import LOG2E
+
 BLOCK_N = 64
 MAX_GROUP = 128
 
@@ -82,31 +84,6 @@ def _decode_varlen_split_kernel(
     tl.store(L_PART + o_part, b_lse, mask=m_r)
 
 
-@triton.jit
-def _decode_varlen_merge_kernel(
-    O_PART, L_PART, O, stride_ob, stride_oh, Hkv, n_split,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SPLIT: tl.constexpr,
-):
-    i = tl.program_id(0)  # one output row: (batch, kv head, group member)
-    i_bkv = i // GROUP
-    i_r = i % GROUP
-    o_sp = tl.arange(0, BLOCK_SPLIT)
-    m_sp = o_sp < n_split
-    o_d = tl.arange(0, BLOCK_D)
-    o_part = (i_bkv.to(tl.int64) * n_split + o_sp) * GROUP + i_r
-    b_lse = tl.load(L_PART + o_part, mask=m_sp, other=float("-inf"))
-    b_max = tl.max(b_lse, 0)
-    b_max = tl.where(b_max == float("-inf"), 0.0, b_max)
-    b_w = tl.exp2(b_lse - b_max)  # [BLOCK_SPLIT] weights of the splits
-    b_o = tl.load(O_PART + o_part[:, None] * BLOCK_D + o_d[None, :], mask=m_sp[:, None], other=0.0)
-    b_sum = tl.sum(b_w, 0)
-    b_out = tl.sum(b_o * b_w[:, None], 0) / tl.where(b_sum > 0, b_sum, 1.0)
-    i_b = i_bkv // Hkv
-    i_h = (i_bkv % Hkv) * GROUP + i_r
-    p_o = O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
-    tl.store(p_o + o_d, b_out.to(O.dtype.element_ty), mask=o_d < HEAD_DIM)
-
-
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -158,8 +135,9 @@ def decode_varlen_kernel(q, k_cache, v_cache, lengths, *, scale=None, num_splits
         GROUP=group, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=3,
     )
-    _decode_varlen_merge_kernel[(b * hq,)](
-        o_part, l_part, out, out.stride(0), out.stride(1), hkv, n_split,
+    # the flash-decoding merge, with one new token per sequence (T=1)
+    _attn_decode_merge_kernel[(b * hq,)](
+        o_part, l_part, out, out.stride(0), out.stride(1), 0, hkv, 1, n_split,
         GROUP=group, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_SPLIT=max(2, triton.next_power_of_2(n_split)), num_warps=4,
     )
     return out
