@@ -1,6 +1,8 @@
-"""Checks shared by the speculative strategies' config schemas."""
+"""Fields and checks shared by the speculative strategies' config schemas."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from ollm_triton.decoding._drafters import draft_source
 from ollm_triton.decoding._speculation import check_sampling
@@ -16,3 +18,24 @@ def check_strategy_fields(cfg) -> None:
     draft = getattr(cfg, "draft", None)
     if draft is not None and not draft.startswith("embedded:"):  # a missing embedded draft is reported when needed
         draft_source(draft)
+
+
+@dataclass
+class StrategyFields:
+    """The field every speculative strategy has. A schema subclasses this (or SamplingStrategyFields), adds its own
+    fields, and ends its `check` with `super().check()`."""
+
+    fast_path: str = "auto"  # auto: graph steps where greedy replays graphs (static buffers) | static | off
+
+    def check(self) -> None:
+        check_strategy_fields(self)
+
+
+@dataclass
+class SamplingStrategyFields(StrategyFields):
+    """StrategyFields plus the sampling fields of the strategies that can sample."""
+
+    temperature: float = 0.0  # 0 = greedy (token-identical to decoder=greedy); > 0 = speculative sampling
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0

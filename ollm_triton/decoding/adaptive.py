@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from ollm_triton.decoding._config import check_strategy_fields
+from ollm_triton.decoding._config import SamplingStrategyFields
 from ollm_triton.decoding._drafters import DraftEngineHolder, model_drafter
 from ollm_triton.decoding._speculation import Sampling, speculate
 from ollm_triton.decoding._static import resolve_fast_path
@@ -28,7 +28,7 @@ MAX_RECORDED_CHANGES = 16  # per generate call in the counters; `history` keeps 
 
 
 @dataclass
-class AdaptiveConfig:
+class AdaptiveConfig(SamplingStrategyFields):
     draft: str = "embedded:tiny-llama-draft"  # embedded:NAME | checkpoint dir | random:<json|conf/model preset>
     initial_candidates: int = 4
     min_candidates: int = 1
@@ -37,11 +37,6 @@ class AdaptiveConfig:
     warmup: int = 4  # iterations observed before the first change
     hysteresis: float = 0.05  # switch only for a predicted gain above 5% (noise in timings would otherwise flap)
     persist: bool = True  # keep the estimates across generate calls on the same engine (a warm-up call teaches them)
-    temperature: float = 0.0  # 0 = greedy (token-identical to decoder=greedy); > 0 = speculative sampling
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-    fast_path: str = "auto"  # auto: graph steps where greedy replays graphs (static buffers) | static | off
 
     def check(self) -> None:
         if not 1 <= self.min_candidates <= self.initial_candidates <= self.max_candidates <= 64:
@@ -51,7 +46,7 @@ class AdaptiveConfig:
             raise ValueError(f"decay must be in (0, 1], got {self.decay}")
         if self.warmup < 0 or self.hysteresis < 0:
             raise ValueError(f"warmup and hysteresis must be >= 0, got {self.warmup}, {self.hysteresis}")
-        check_strategy_fields(self)
+        super().check()
 
 
 def expected_tokens(alpha: float, k: int) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ollm_triton.decoding._config import check_strategy_fields
+from ollm_triton.decoding._config import SamplingStrategyFields
 from ollm_triton.decoding._drafters import LookupDrafter
 from ollm_triton.decoding._speculation import FixedCandidates, Sampling, speculate
 from ollm_triton.decoding._static import resolve_fast_path
@@ -13,15 +13,10 @@ from ollm_triton.registry import register
 
 
 @dataclass
-class PromptLookupConfig:
+class PromptLookupConfig(SamplingStrategyFields):
     num_candidates: int = 8  # at most this many copied tokens per target forward (drafts cost nothing)
     max_ngram: int = 3  # longest suffix matched first
     min_ngram: int = 1
-    temperature: float = 0.0  # 0 = greedy (token-identical to decoder=greedy); > 0 = speculative sampling
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-    fast_path: str = "auto"  # auto: graph steps where greedy replays graphs (static buffers) | static | off
 
     def check(self) -> None:
         if not 1 <= self.num_candidates <= 64:
@@ -29,7 +24,7 @@ class PromptLookupConfig:
         if not 1 <= self.min_ngram <= self.max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got min_ngram={self.min_ngram}, "
                              f"max_ngram={self.max_ngram}")
-        check_strategy_fields(self)
+        super().check()
 
 
 @register("decoder", "prompt_lookup", PromptLookupConfig)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ollm_triton.decoding._config import check_strategy_fields
+from ollm_triton.decoding._config import SamplingStrategyFields
 from ollm_triton.decoding._drafters import DraftEngineHolder, model_drafter
 from ollm_triton.decoding._speculation import FixedCandidates, Sampling, speculate
 from ollm_triton.decoding._static import resolve_fast_path
@@ -13,19 +13,14 @@ from ollm_triton.registry import register
 
 
 @dataclass
-class SpeculativeConfig:
+class SpeculativeConfig(SamplingStrategyFields):
     draft: str = "embedded:tiny-llama-draft"  # embedded:NAME | checkpoint dir | random:<json|conf/model preset>
     num_candidates: int = 4  # drafts per target forward
-    temperature: float = 0.0  # 0 = greedy (token-identical to decoder=greedy); > 0 = speculative sampling
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-    fast_path: str = "auto"  # auto: graph steps where greedy replays graphs (static buffers) | static | off
 
     def check(self) -> None:
         if not 1 <= self.num_candidates <= 64:
             raise ValueError(f"num_candidates must be in [1, 64], got {self.num_candidates}")
-        check_strategy_fields(self)
+        super().check()
 
 
 @register("decoder", "speculative", SpeculativeConfig)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ollm_triton.decoding._config import check_strategy_fields
+from ollm_triton.decoding._config import StrategyFields
 from ollm_triton.decoding._drafters import DraftEngineHolder, ModelDrafter, StaticModelDrafter, fit_vocab
 from ollm_triton.decoding._speculation import EmittedTokens, LoopStats, PhaseClock, Sampling, speculation_counters
 from ollm_triton.decoding._static import resolve_fast_path
@@ -38,13 +38,12 @@ from ollm_triton.tasks.base import Timer
 
 
 @dataclass
-class TreeConfig:
+class TreeConfig(StrategyFields):
     draft: str = "embedded:tiny-llama-draft"  # embedded:NAME | checkpoint dir | random:<json|conf/model preset>
     depth: int = 5  # tree levels = longest acceptable run of drafts
     branching: int = 2  # children (draft top-k) expanded per node
     width: int = 4  # nodes kept per level
     compaction: str = "gather"  # gather | rerun (see the module docstring)
-    fast_path: str = "auto"  # auto: graph steps where greedy replays graphs (static buffers) | static | off
 
     def check(self) -> None:
         if not 1 <= self.depth <= 32 or not 1 <= self.branching <= 16 or not 1 <= self.width <= 32:
@@ -52,7 +51,7 @@ class TreeConfig:
                              f"branching={self.branching}, width={self.width}")
         if self.compaction not in ("gather", "rerun"):
             raise ValueError(f"compaction must be gather or rerun, got {self.compaction!r}")
-        check_strategy_fields(self)
+        super().check()
 
 
 def level_sizes(depth: int, branching: int, width: int) -> list[int]:
