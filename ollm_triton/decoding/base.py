@@ -29,3 +29,17 @@ class DecoderStrategy:
     ) -> Generation:
         """prompt_ids: [B, T] on any device. Stops after max_new_tokens, or when every row has produced eos_id."""
         raise NotImplementedError
+
+
+def emit_step(out: torch.Tensor, n: int, token: torch.Tensor, done: torch.Tensor,
+              eos_id: int | None) -> tuple[torch.Tensor, bool]:
+    """Write decode step n's tokens [B] into out[:, n - 1]. Rows that already emitted eos keep emitting it (`done`
+    is updated in place). Returns (the tokens written, whether every row is done)."""
+    if eos_id is None:
+        out[:, n - 1] = token
+        return token, False
+    token = torch.where(done, torch.full_like(token, eos_id), token)
+    done |= token == eos_id
+    out[:, n - 1] = token
+    return token, bool(done.all())
+

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ollm_triton.decoding.base import DecoderStrategy, Generation
+from ollm_triton.decoding.base import DecoderStrategy, Generation, emit_step
 from ollm_triton.registry import register
 from ollm_triton.tasks.base import Timer
 
@@ -39,12 +39,8 @@ def decode_loop(engine, prompt_ids: torch.Tensor, max_new_tokens: int, pick, eos
     n = 0
     with Timer(engine.device) as decode:
         for n in range(1, max_new_tokens + 1):
-            token = pick(logits)
-            if eos_id is not None:  # finished rows keep emitting eos
-                token = torch.where(done, torch.full_like(token, eos_id), token)
-                done |= token == eos_id
-            out[:, n - 1] = token
-            if n == max_new_tokens or (eos_id is not None and bool(done.all())):
+            token, finished = emit_step(out, n, pick(logits), done, eos_id)
+            if n == max_new_tokens or finished:
                 break
             logits = engine.forward(token[:, None], cache)[:, -1]
     counters = {

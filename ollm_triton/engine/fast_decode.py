@@ -35,7 +35,7 @@ from torch import nn
 
 from ollm_triton.cache.base import CacheLayer, KVCache, LayerSpec
 from ollm_triton.cache.dense import DenseLayer
-from ollm_triton.decoding.base import Generation
+from ollm_triton.decoding.base import Generation, emit_step
 from ollm_triton.engine.model import add_rmsnorm, rope_cos_sin
 from ollm_triton.kernels.attention_decode_varlen import decode_varlen
 from ollm_triton.kernels.rope import rope_write_kv
@@ -298,11 +298,8 @@ class FastDecoder:
         token = pick(first_logits)
         n = 0
         for n in range(1, max_new_tokens + 1):
-            if eos_id is not None:  # finished rows keep emitting eos
-                token = torch.where(done, torch.full_like(token, eos_id), token)
-                done |= token == eos_id
-            out[:, n - 1] = token
-            if n == max_new_tokens or (eos_id is not None and bool(done.all())):
+            token, finished = emit_step(out, n, token, done, eos_id)
+            if n == max_new_tokens or finished:
                 break
             if token is not bk.token:
                 bk.token.copy_(token)
