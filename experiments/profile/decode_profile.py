@@ -1,0 +1,129 @@
+"""Where the decode kernels spend their time: a launch-config sweep (CUDA-graph timed) and a target for `ncu`.
+
+    python experiments/profile/decode_profile.py sweep [--ctx 131072] [--dense-ctx 32768]   # prints JSON lines
+    ncu --clock-control none --kernel-name regex:'decode' python experiments/profile/decode_profile.py run int4
+
+`sweep` times the fused quantized decode (int8/int4/int2 at --ctx) and the dense flash decode (at --dense-ctx)
+over a grid of block sizes, warps and split counts, each replayed from a CUDA graph (no launch overhead), next to
+SDPA on the same dense cache. `run X` calls one path a few times so that `ncu` can read its counters.
+Llama-3-8B attention shapes, bf16, batch 1, random normal K/V.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench_cudagraph
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from ollm_triton.attention.base import AttentionBackend  # noqa: E402
+from ollm_triton.cache.base import LayerSpec  # noqa: E402
+from ollm_triton.kernels.attention_decode import flash_decode  # noqa: E402
+from ollm_triton.registry import registry  # noqa: E402
+
+HQ, HKV, D = 32, 8, 128
+DT = torch.bfloat16
+
+
+def kv(ctx: int, seed: int = 0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    k = torch.randn(1, HKV, ctx, D, device="cuda", dtype=DT, generator=g)
+    v = torch.randn(1, HKV, ctx, D, device="cuda", dtype=DT, generator=g)
+    q = torch.randn(1, HQ, 1, D, device="cuda", dtype=DT, generator=g)
+    return q, k, v
+
+
+def quant_layer(name: str, k, v):
+    ctx = k.shape[2]
+    spec = LayerSpec(batch=1, kv_heads=HKV, head_dim=D, dtype=DT, device=torch.device("cuda"), max_len=ctx + 64)
+    layer = registry.build("cache", name).new_layer(spec)
+    layer.append(k[:, :, : ctx - 3], v[:, :, : ctx - 3])
+    for i in range(ctx - 3, ctx):  # a few decode appends, so the residual window is not empty
+        layer.append(k[:, :, i : i + 1], v[:, :, i : i + 1])
+    return layer
+
+
+def us(fn) -> float:
+    return 1000 * do_bench_cudagraph(fn, rep=100, return_mode="median")
+
+
+def rel(a, b) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt()).item()
+
+
+def sweep(ctx: int, dense_ctx: int) -> None:
+    q, k, v = kv(ctx)
+    print(json.dumps({"path": "sdpa", "ctx": ctx, "us": us(lambda: F.scaled_dot_product_attention(
+        q, k, v, enable_gqa=True))}), flush=True)
+    backend = AttentionBackend()
+    for name in ("int4", "int8", "int2"):
+        layer = quant_layer(name, k, v)
+        kd, vd = layer.dense()
+        ref = F.scaled_dot_product_attention(q.float(), kd.float(), vd.float(), enable_gqa=True)
+        del kd, vd
+        for bk in (64, 128):
+            for w in (4, 8):
+                for s in (None, 66, 132, 264):
+                    layer.block_k = bk
+                    layer.kernel_options = {"num_warps": w} | ({"num_splits": s} if s else {})
+                    row = {"path": name, "ctx": ctx, "block_k": bk, "warps": w, "splits": s}
+                    try:
+                        row["err"] = rel(layer.attend(q, backend), ref)
+                        row["us"] = us(lambda: layer.attend(q, backend))  # noqa: B023
+                    except Exception as e:  # a config that does not fit (registers, shared memory)
+                        row["error"] = repr(e)[:160]
+                    print(json.dumps(row), flush=True)
+        del layer
+        torch.cuda.empty_cache()
+    del q, k, v
+    q, k, v = kv(dense_ctx)
+    bytes_kv = 2 * k.numel() * k.element_size()
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)
+    t = us(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+    print(json.dumps({"path": "sdpa", "ctx": dense_ctx, "us": t, "TBps": bytes_kv / t / 1e6}), flush=True)
+    for bn in (64, 128):
+        for st in (3, 4):
+            for s in (None, 33, 66, 132):
+                row = {"path": "flash_decode", "ctx": dense_ctx, "block_n": bn, "stages": st, "splits": s}
+                try:
+                    fn = lambda: flash_decode(q, k, v, block_n=bn, num_stages=st, num_splits=s)  # noqa: E731,B023
+                    row["err"] = rel(fn(), ref)
+                    row["us"] = us(fn)
+                    row["TBps"] = bytes_kv / row["us"] / 1e6
+                except Exception as e:
+                    row["error"] = repr(e)[:160]
+                print(json.dumps(row), flush=True)
+    x = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    t = us(lambda: y.copy_(x))
+    print(json.dumps({"path": "copy_2GB", "us": t, "TBps": 2 * x.numel() / t / 1e6}), flush=True)
+
+
+def run(what: str, ctx: int, dense_ctx: int) -> None:
+    if what == "dense":
+        q, k, v = kv(dense_ctx)
+        for _ in range(5):
+            flash_decode(q, k, v)
+    else:
+        q, k, v = kv(ctx)
+        layer = quant_layer(what, k, v)
+        for _ in range(5):
+            layer.attend(q, AttentionBackend())
+    torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode", choices=["sweep", "run"])
+    ap.add_argument("what", nargs="?", default="int4", help="run: int8 | int4 | int2 | dense")
+    ap.add_argument("--ctx", type=int, default=131072)
+    ap.add_argument("--dense-ctx", type=int, default=32768)
+    a = ap.parse_args()
+    sweep(a.ctx, a.dense_ctx) if a.mode == "sweep" else run(a.what, a.ctx, a.dense_ctx)
