@@ -3,9 +3,9 @@
     python experiments/profile/decode_profile.py sweep [--ctx 131072] [--dense-ctx 32768]   # prints JSON lines
     ncu --clock-control none --kernel-name regex:'decode' python experiments/profile/decode_profile.py run int4
 
-`sweep` times the fused quantized decode (int8/int4/int2 at --ctx) and the dense flash decode (at --dense-ctx)
-over a grid of block sizes, warps and split counts, each replayed from a CUDA graph (no launch overhead), next to
-SDPA on the same dense cache. `run X` calls one path a few times so that `ncu` can read its counters.
+`sweep` times the dense flash decode (batch 1 and 8, at --dense-ctx and --ctx) and the fused quantized decode
+(int4/int8/int2 at --ctx, batch 1) over a few launch configurations, each replayed from a CUDA graph (no launch
+overhead), next to SDPA on the same dense cache and the device copy bandwidth. `run X` calls one path a few times so that `ncu` can read its counters.
 Llama-3-8B attention shapes, bf16, batch 1, random normal K/V.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench_cudagraph
+from triton.testing import do_bench, do_bench_cudagraph
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -31,11 +31,11 @@ HQ, HKV, D = 32, 8, 128
 DT = torch.bfloat16
 
 
-def kv(ctx: int, seed: int = 0):
+def kv(ctx: int, seed: int = 0, batch: int = 1):
     g = torch.Generator(device="cuda").manual_seed(seed)
-    k = torch.randn(1, HKV, ctx, D, device="cuda", dtype=DT, generator=g)
-    v = torch.randn(1, HKV, ctx, D, device="cuda", dtype=DT, generator=g)
-    q = torch.randn(1, HQ, 1, D, device="cuda", dtype=DT, generator=g)
+    k = torch.randn(batch, HKV, ctx, D, device="cuda", dtype=DT, generator=g)
+    v = torch.randn(batch, HKV, ctx, D, device="cuda", dtype=DT, generator=g)
+    q = torch.randn(batch, HQ, 1, D, device="cuda", dtype=DT, generator=g)
     return q, k, v
 
 
@@ -59,51 +59,52 @@ def rel(a, b) -> float:
 
 
 def sweep(ctx: int, dense_ctx: int) -> None:
+    x = torch.randint(0, 255, (2 * 1024**3,), dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    t = 1000 * do_bench(lambda: y.copy_(x), warmup=50, rep=200, return_mode="median")
+    print(json.dumps({"path": "copy_2GB", "us": t, "TBps": 2 * x.numel() / t / 1e6}), flush=True)
+    del x, y
+    for b, n in ((1, dense_ctx), (8, dense_ctx), (1, ctx), (8, ctx)):
+        q, k, v = kv(n, batch=b)
+        bytes_kv = 2 * k.numel() * k.element_size()
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)
+        t = us(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))  # noqa: B023
+        print(json.dumps({"path": "sdpa", "b": b, "ctx": n, "us": t, "TBps": bytes_kv / t / 1e6}), flush=True)
+        for cfg in ({}, {"num_stages": 3, "programs_per_sm": 3}, {"num_stages": 3}, {"num_stages": 3, "block_n": 128},
+                    {"num_splits": 64}):
+            row = {"path": "flash_decode", "b": b, "ctx": n} | cfg
+            try:
+                fn = lambda: flash_decode(q, k, v, **cfg)  # noqa: E731,B023
+                row["err"] = rel(fn(), ref)
+                row["us"] = us(fn)
+                row["TBps"] = bytes_kv / row["us"] / 1e6
+            except Exception as e:
+                row["error"] = repr(e)[:160]
+            print(json.dumps(row), flush=True)
+        del q, k, v, ref
+        torch.cuda.empty_cache()
     q, k, v = kv(ctx)
-    print(json.dumps({"path": "sdpa", "ctx": ctx, "us": us(lambda: F.scaled_dot_product_attention(
-        q, k, v, enable_gqa=True))}), flush=True)
+    t = us(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+    print(json.dumps({"path": "sdpa", "b": 1, "ctx": ctx, "us": t}), flush=True)
     backend = AttentionBackend()
     for name in ("int4", "int8", "int2"):
         layer = quant_layer(name, k, v)
         kd, vd = layer.dense()
         ref = F.scaled_dot_product_attention(q.float(), kd.float(), vd.float(), enable_gqa=True)
         del kd, vd
-        for bk in (64, 128):
-            for w in (4, 8):
-                for s in (None, 66, 132, 264):
-                    layer.block_k = bk
-                    layer.kernel_options = {"num_warps": w} | ({"num_splits": s} if s else {})
-                    row = {"path": name, "ctx": ctx, "block_k": bk, "warps": w, "splits": s}
-                    try:
-                        row["err"] = rel(layer.attend(q, backend), ref)
-                        row["us"] = us(lambda: layer.attend(q, backend))  # noqa: B023
-                    except Exception as e:  # a config that does not fit (registers, shared memory)
-                        row["error"] = repr(e)[:160]
-                    print(json.dumps(row), flush=True)
+        for bk, opts in ((64, {}), (64, {"programs_per_sm": 3}), (128, {}), (128, {"maxnreg": 168, "programs_per_sm": 3}),
+                         (128, {"num_stages": 3}), (128, {"num_stages": 1})):
+            layer.block_k = bk
+            layer.kernel_options = opts
+            row = {"path": name, "ctx": ctx, "block_k": bk} | opts
+            try:
+                row["err"] = rel(layer.attend(q, backend), ref)
+                row["us"] = us(lambda: layer.attend(q, backend))  # noqa: B023
+            except Exception as e:  # a config that does not fit (registers, shared memory)
+                row["error"] = repr(e)[:160]
+            print(json.dumps(row), flush=True)
         del layer
         torch.cuda.empty_cache()
-    del q, k, v
-    q, k, v = kv(dense_ctx)
-    bytes_kv = 2 * k.numel() * k.element_size()
-    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)
-    t = us(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
-    print(json.dumps({"path": "sdpa", "ctx": dense_ctx, "us": t, "TBps": bytes_kv / t / 1e6}), flush=True)
-    for bn in (64, 128):
-        for st in (3, 4):
-            for s in (None, 33, 66, 132):
-                row = {"path": "flash_decode", "ctx": dense_ctx, "block_n": bn, "stages": st, "splits": s}
-                try:
-                    fn = lambda: flash_decode(q, k, v, block_n=bn, num_stages=st, num_splits=s)  # noqa: E731,B023
-                    row["err"] = rel(fn(), ref)
-                    row["us"] = us(fn)
-                    row["TBps"] = bytes_kv / row["us"] / 1e6
-                except Exception as e:
-                    row["error"] = repr(e)[:160]
-                print(json.dumps(row), flush=True)
-    x = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    t = us(lambda: y.copy_(x))
-    print(json.dumps({"path": "copy_2GB", "us": t, "TBps": 2 * x.numel() / t / 1e6}), flush=True)
 
 
 def run(what: str, ctx: int, dense_ctx: int) -> None:

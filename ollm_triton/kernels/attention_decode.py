@@ -5,8 +5,8 @@
 Decode is memory-bound: every K/V byte is read once per step. One program serves all GROUP * T query rows of one
 KV head (the rows are the M of the dot, padded to 16), so K/V are read once for the whole group, not once per
 query head. The visited KV blocks (all of them, or the ascending `block_ids` of a window / sparse pattern) are cut
-into contiguous splits so that B * Hkv * splits programs fill the GPU; each split writes a normalised partial
-output and its log-sum-exp, and a second small kernel merges the splits.
+into contiguous splits so that B * Hkv * splits programs fill the GPU once; each split writes a normalised partial
+output and its log-sum-exp, and the last split of each (batch, KV head) to finish merges them (decode_merge.py).
 Element rules inside the visited blocks: causal among the T new queries, and window + sink (as in
 attention_schedule: key s visible iff s < sink or s >= floor(max(p - window + 1, 0) / align) * align).
 """
@@ -21,17 +21,19 @@ import triton.language as tl
 
 from ollm_triton.kernels.attention_prefill import LOG2E, check_qkv, dot_precision, kernel_supports
 from ollm_triton.kernels.attention_schedule import cdiv, window_start
+from ollm_triton.kernels.decode_merge import merge_chunk, merge_splits_if_last, one_wave_splits, tickets
 
 MAX_ROWS = 128  # GROUP * T rows per program; more goes through the prefill kernel
 
 
 @triton.jit(do_not_specialize=["T", "S", "window", "sink", "window_align", "n_visit", "per_split"])
 def _attn_decode_split_kernel(
-    Q, K, V, O_PART, L_PART, BLOCK_IDS,
+    Q, K, V, O_PART, L_PART, O, TICKETS, BLOCK_IDS,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+    stride_ob, stride_oh, stride_ot,
     Hkv, T, S, window, sink, window_align, n_visit, per_split, qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_IDS: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_SPLIT: tl.constexpr, HAS_IDS: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     i_s = tl.program_id(0)
     i_bkv = tl.program_id(1)
@@ -88,32 +90,8 @@ def _attn_decode_split_kernel(
     o_part = (i_bkv.to(tl.int64) * n_split + i_s) * rows + o_r
     tl.store(O_PART + o_part[:, None] * HEAD_DIM + o_d[None, :], b_o, mask=m_r[:, None])
     tl.store(L_PART + o_part, b_lse, mask=m_r)
-
-
-@triton.jit(do_not_specialize=["T", "n_split"])
-def _attn_decode_merge_kernel(
-    O_PART, L_PART, O, stride_ob, stride_oh, stride_ot, Hkv, T, n_split,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SPLIT: tl.constexpr,
-):
-    i = tl.program_id(0)
-    rows = GROUP * T
-    i_bkv = i // rows
-    i_r = i % rows
-    o_sp = tl.arange(0, BLOCK_SPLIT)
-    m_sp = o_sp < n_split
-    o_d = tl.arange(0, BLOCK_D)  # partial rows are BLOCK_D wide (>= HEAD_DIM, a power of two)
-    o_part = (i_bkv.to(tl.int64) * n_split + o_sp) * rows + i_r
-    b_lse = tl.load(L_PART + o_part, mask=m_sp, other=float("-inf"))
-    b_max = tl.max(b_lse, 0)
-    b_max = tl.where(b_max == float("-inf"), 0.0, b_max)
-    b_w = tl.exp2(b_lse - b_max)  # [BLOCK_SPLIT] weights of the splits
-    b_o = tl.load(O_PART + o_part[:, None] * BLOCK_D + o_d[None, :], mask=m_sp[:, None], other=0.0)
-    b_sum = tl.sum(b_w, 0)
-    b_out = tl.sum(b_o * b_w[:, None], 0) / tl.where(b_sum > 0, b_sum, 1.0)
-    i_b = i_bkv // Hkv
-    i_h = (i_bkv % Hkv) * GROUP + i_r // T
-    p_o = O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh + (i_r % T) * stride_ot
-    tl.store(p_o + o_d, b_out.to(O.dtype.element_ty), mask=o_d < HEAD_DIM)
+    merge_splits_if_last(O_PART, L_PART, O, TICKETS, i_bkv, n_split, Hkv, T, stride_ob, stride_oh, stride_ot,
+                         GROUP, HEAD_DIM, HEAD_DIM, BLOCK_SPLIT)
 
 
 def decode_supports(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -136,13 +114,15 @@ def flash_decode(
     num_splits: int | None = None,
     num_warps: int | None = None,
     num_stages: int = 4,  # 4 stages: 129.5 us at 128k b=1 on the H200, 144.4 with 3
+    programs_per_sm: int = 2,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of the T newest queries (positions S - T .. S - 1) over k, v.
 
     q: [B, Hq, T, D]; k, v: [B, Hkv, S, D] (any strides with a contiguous last dim, e.g. a cache buffer's view);
     block_ids: ascending int32 ids of the `block_n`-key blocks to visit (None = all); window/sink/window_align:
-    element rules. Returns [B, Hq, T, D] in q's dtype.
+    element rules. num_splits defaults to one wave of `programs_per_sm` programs per SM. Returns [B, Hq, T, D] in
+    q's dtype.
     """
     check_qkv(q, k, v)
     if not decode_supports(q, k):
@@ -162,11 +142,8 @@ def flash_decode(
     if n_visit == 0:
         raise ValueError("decode visits no KV block: the schedule is empty")
     if num_splits is None:
-        # Many short splits: programs of equal length leave a small tail however many fit on an SM at once
-        # (2 at d=128 with 4 stages: 104 KB of shared memory each), and the partials they write are ~1% of the
-        # K/V bytes. A split keeps at least 4 blocks so the pipeline has something to overlap. On the H200 32, 64
-        # (this rule) and 128 splits were within 1-3 us of each other (experiments/attention/README.md).
-        num_splits = min(max(1, n_visit // 4), 64)
+        # 2 programs fit an SM at d=128 with 4 stages (104 KB of shared memory each)
+        num_splits = one_wave_splits(q.device, b * hkv, n_visit, per_sm=programs_per_sm)
     per_split = cdiv(n_visit, max(1, num_splits))
     n_split = cdiv(n_visit, per_split)
     rows = group * t
@@ -178,17 +155,13 @@ def flash_decode(
         out = torch.empty_like(q)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     _attn_decode_split_kernel[(n_split, b * hkv)](
-        q, k, v, o_part, l_part, block_ids if block_ids is not None else l_part,
+        q, k, v, o_part, l_part, out, tickets(q.device, b * hkv), block_ids if block_ids is not None else l_part,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         hkv, t, s, window, sink, window_align, n_visit, per_split, scale * LOG2E,
         GROUP=group, HEAD_DIM=d, BLOCK_R=max(16, triton.next_power_of_2(rows)), BLOCK_N=block_n,
-        HAS_IDS=block_ids is not None, HAS_WINDOW=window > 0,
+        BLOCK_SPLIT=merge_chunk(n_split), HAS_IDS=block_ids is not None, HAS_WINDOW=window > 0,
         DOT_PREC=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
-    )
-    _attn_decode_merge_kernel[(b * hkv * rows,)](
-        o_part, l_part, out, out.stride(0), out.stride(1), out.stride(2), hkv, t, n_split,
-        GROUP=group, HEAD_DIM=d, BLOCK_D=d, BLOCK_SPLIT=max(2, triton.next_power_of_2(n_split)), num_warps=4,
     )
     return out
 

@@ -9,7 +9,7 @@ the buffer's capacity, one captured graph serves every step, and each sequence o
 (no padding waste for sequences of different lengths). The split-K layout is the same as flash_decode's: GROUP
 query heads of one KV head share the K/V reads (rows of the dot, padded to 16), the blocks of each sequence are
 cut into `n_split` contiguous ranges (fixed by the capacity, sized at launch from the SM count), each writes a
-normalised partial and its log2-sum-exp, and a merge kernel combines them.
+normalised partial and its log2-sum-exp, and the last split to finish merges them (decode_merge.py).
 """
 
 # No `from __future__ import annotations`: torch.library.custom_op reads the annotations as types.
@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ollm_triton.kernels.attention_decode import _attn_decode_merge_kernel
 from ollm_triton.kernels.attention_prefill import LOG2E
+from ollm_triton.kernels.decode_merge import merge_chunk, merge_splits_if_last, one_wave_splits, tickets
 
 BLOCK_N = 64
 MAX_GROUP = 128
@@ -28,11 +28,11 @@ MAX_GROUP = 128
 
 @triton.jit
 def _decode_varlen_split_kernel(
-    Q, K, V, LENS, O_PART, L_PART,
-    stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+    Q, K, V, LENS, O_PART, L_PART, O, TICKETS,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_ob, stride_oh,
     Hkv, qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     i_s = tl.program_id(0)
     i_bkv = tl.program_id(1)
@@ -82,18 +82,14 @@ def _decode_varlen_split_kernel(
     o_part = (i_bkv.to(tl.int64) * n_split + i_s) * GROUP + o_r
     tl.store(O_PART + o_part[:, None] * BLOCK_D + o_d[None, :], b_o, mask=m_r[:, None])
     tl.store(L_PART + o_part, b_lse, mask=m_r)
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 2  # the interpreter: a few splits still exercise the merge
+    # one new token per sequence: T = 1, no token stride
+    merge_splits_if_last(O_PART, L_PART, O, TICKETS, i_bkv, n_split, Hkv, 1, stride_ob, stride_oh, 0,
+                         GROUP, HEAD_DIM, BLOCK_D, BLOCK_SPLIT)
 
 
 def num_splits_for(batch: int, kv_heads: int, capacity: int, device: torch.device) -> int:
-    """Splits per (sequence, KV head): about two waves of programs, at least ~4 blocks per split at full capacity."""
-    blocks = triton.cdiv(capacity, BLOCK_N)
-    return max(1, min(triton.cdiv(2 * _num_sms(device), batch * kv_heads), max(1, blocks // 4), 64))
+    """Splits per (sequence, KV head): one wave of programs at full capacity, >= 4 blocks per split, <= 64."""
+    return min(one_wave_splits(device, batch * kv_heads, triton.cdiv(capacity, BLOCK_N)), 64)
 
 
 def check_varlen(q, k_cache, v_cache, lengths):
@@ -129,16 +125,12 @@ def decode_varlen_kernel(q, k_cache, v_cache, lengths, *, scale=None, num_splits
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device) if out is None else out
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     _decode_varlen_split_kernel[(n_split, b * hkv)](
-        q, k_cache, v_cache, lengths, o_part, l_part,
+        q, k_cache, v_cache, lengths, o_part, l_part, out, tickets(q.device, b * hkv),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), hkv, scale * LOG2E,
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), hkv, scale * LOG2E,
         GROUP=group, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=3,
-    )
-    # the flash-decoding merge, with one new token per sequence (T=1)
-    _attn_decode_merge_kernel[(b * hq,)](
-        o_part, l_part, out, out.stride(0), out.stride(1), 0, hkv, 1, n_split,
-        GROUP=group, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_SPLIT=max(2, triton.next_power_of_2(n_split)), num_warps=4,
+        BLOCK_SPLIT=merge_chunk(n_split), DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4, num_stages=3,
     )
     return out
 

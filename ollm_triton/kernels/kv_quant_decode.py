@@ -16,7 +16,7 @@ Dequantization happens in registers, plane by plane (see the kernel's docstring)
 The KV blocks visited follow the attention backend's `DecodeSchedule` (block ids in units of BLOCK_K, plus the
 sliding-window/sink mask), so `+attention=sliding_window +cache=int4` reads only the window's packed blocks.
 The visit list is split over programs (flash-decoding) because at batch 1 there are only Hkv (8) heads to spread
-over 132 SMs; a second kernel merges the splits' (max, sum, acc) partials.
+over 132 SMs; the last split of each head to finish merges the partials (decode_merge.py).
 
 `quant_decode_ref` is the reference: dequantize everything, then attend with the same visibility mask in float64.
 """
@@ -28,6 +28,8 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+from ollm_triton.kernels.decode_merge import merge_chunk, merge_splits_if_last, one_wave_splits, tickets
 
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -91,14 +93,15 @@ def _softmax_step(b_s, o_n, q_pos, kv_len, window, sink, b_mx, b_l, HAS_WINDOW: 
 
 @triton.jit(do_not_specialize=["n_quant", "kv_len", "n_visit", "n_quant_visit", "blocks_per_split", "window", "sink"])
 def _quant_decode_kernel(
-    Q, KC, KS, KZ, VC, VS, VZ, KR, VR, BLOCK_IDS, M_OUT, L_OUT, ACC_OUT,
-    stride_qb, stride_qh, stride_qt,
+    Q, KC, KS, KZ, VC, VS, VZ, KR, VR, BLOCK_IDS, O_PART, L_PART, O, TICKETS,
+    stride_qb, stride_qh, stride_qt, stride_ob, stride_oh, stride_ot,
     stride_kc_bh, stride_kc_n, stride_ks_bh, stride_ks_g,
     stride_vc_bh, stride_vc_n, stride_vs_bh, stride_vs_n,
     stride_r_bh, stride_r_n,
     n_quant, kv_len, n_visit, n_quant_visit, blocks_per_split, window, sink, qk_scale,
     H_KV: tl.constexpr, GQ: tl.constexpr, T: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_J: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, KEY_GROUP: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_SPLIT: tl.constexpr,
+    KEY_GROUP: tl.constexpr,
     V_GROUPS: tl.constexpr, V_GROUP: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr,
     HAS_BLOCK_IDS: tl.constexpr, HAS_WINDOW: tl.constexpr, MAGIC: tl.constexpr, DOT: tl.constexpr,
 ):
@@ -226,53 +229,21 @@ def _quant_decode_kernel(
             b_acc2 = b_acc2 * b_alpha[:, None] + tl.dot(b_pd, b_v2)
             b_acc3 = b_acc3 * b_alpha[:, None] + tl.dot(b_pd, b_v3)
 
-    o_part = i_bh * tl.num_programs(1) + i_split
-    tl.store(M_OUT + o_part * BLOCK_M + o_m, b_mx)
-    tl.store(L_OUT + o_part * BLOCK_M + o_m, b_l)
-    p_acc = ACC_OUT + (o_part * BLOCK_M + o_m)[:, None] * BLOCK_D + (o_j * P)[None, :]
-    tl.store(p_acc, b_acc0, mask=m_j[None, :])
+    # this split's normalised partial and log2-sum-exp (-inf when it saw no key); the last split merges
+    n_split = tl.num_programs(1)
+    b_l_safe = tl.where(b_l > 0, b_l, 1.0)
+    b_lse = tl.where(b_l > 0, b_mx + tl.log2(b_l_safe), float("-inf"))
+    o_part = (i_bh.to(tl.int64) * n_split + i_split) * (GQ * T) + o_m
+    tl.store(L_PART + o_part, b_lse, mask=o_m < GQ * T)
+    p_o = O_PART + o_part[:, None] * BLOCK_D + (o_j * P)[None, :]
+    tl.store(p_o, b_acc0 / b_l_safe[:, None], mask=m_qj)
     if P >= 2:
-        tl.store(p_acc + 1, b_acc1, mask=m_j[None, :])
+        tl.store(p_o + 1, b_acc1 / b_l_safe[:, None], mask=m_qj)
     if P >= 4:
-        tl.store(p_acc + 2, b_acc2, mask=m_j[None, :])
-        tl.store(p_acc + 3, b_acc3, mask=m_j[None, :])
-
-
-@triton.jit
-def _merge_splits_kernel(
-    M_IN, L_IN, ACC_IN, O,
-    stride_ob, stride_oh, stride_ot, n_splits,
-    H_KV: tl.constexpr, GQ: tl.constexpr, T: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):
-    """out = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s over the splits of one (batch, KV head)."""
-    i_bh = tl.program_id(0)
-    i_b, i_h = i_bh // H_KV, i_bh % H_KV
-    o_m = tl.arange(0, BLOCK_M)
-    o_d = tl.arange(0, BLOCK_D)
-    b_mx = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    b_l = tl.zeros([BLOCK_M], tl.float32)
-    b_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for i_s in range(0, n_splits):
-        o_part = i_bh * n_splits + i_s
-        b_ms = tl.load(M_IN + o_part * BLOCK_M + o_m)
-        b_mx_new = tl.maximum(b_mx, b_ms)
-        b_ref = tl.where(b_mx_new == float("-inf"), 0.0, b_mx_new)
-        b_alpha, b_beta = tl.exp2(b_mx - b_ref), tl.exp2(b_ms - b_ref)
-        b_l = b_l * b_alpha + tl.load(L_IN + o_part * BLOCK_M + o_m) * b_beta
-        b_as = tl.load(ACC_IN + (o_part * BLOCK_M + o_m)[:, None] * BLOCK_D + o_d[None, :])
-        b_acc = b_acc * b_alpha[:, None] + b_as * b_beta[:, None]
-        b_mx = b_mx_new
-    b_out = b_acc / b_l[:, None]
-    o_g, o_t = o_m // T, o_m % T
-    p_o = O + i_b * stride_ob + (i_h * GQ + o_g)[:, None] * stride_oh + o_t[:, None] * stride_ot + o_d[None, :]
-    tl.store(p_o, b_out.to(O.dtype.element_ty), mask=(o_m < GQ * T)[:, None] & (o_d < D)[None, :])
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter: a few splits so the merge path is exercised
+        tl.store(p_o + 2, b_acc2 / b_l_safe[:, None], mask=m_qj)
+        tl.store(p_o + 3, b_acc3 / b_l_safe[:, None], mask=m_qj)
+    merge_splits_if_last(O_PART, L_PART, O, TICKETS, i_bh, n_split, H_KV, T, stride_ob, stride_oh, stride_ot,
+                         GQ, D, BLOCK_D, BLOCK_SPLIT)
 
 
 def quant_decode(
@@ -281,15 +252,18 @@ def quant_decode(
     *, n_quant: int, kv_len: int, bits: int, key_group: int, value_group: int,
     block_ids: torch.Tensor | None = None, window: int = 0, sink: int = 0,
     block_k: int = 64, num_splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
+    maxnreg: int | None = None, programs_per_sm: int = 2,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Decode attention of T new queries over a quantized cache, all in one launch (+ a merge launch).
+    """Decode attention of T new queries over a quantized cache, in one launch.
 
     q: [B, Hq, T, D]. k_codes, v_codes: uint8 [B, Hkv, >= n_quant, D/P]; k_scale, k_zero: [B, Hkv, >= n_quant/key_group,
     D]; v_scale, v_zero: [B, Hkv, >= n_quant, D/value_group] (zeros None when symmetric); k_res, v_res:
     [B, Hkv, >= kv_len - n_quant, D] in the model dtype. Query t sits at position kv_len - T + t and sees keys
     <= its position, inside the schedule's blocks (units of block_k) and window/sink. Returns [B, Hq, T, D] in q's dtype
     (written into `out` when given).
+    Launch: num_splits (default: one wave of `programs_per_sm` programs per SM), num_warps, num_stages, and
+    maxnreg (a register cap per thread, to fit more programs on an SM at the price of spills).
     """
     b, hq, t, d = q.shape
     hkv = k_codes.shape[1]
@@ -315,8 +289,8 @@ def quant_decode(
         n_visit = triton.cdiv(kv_len, block_k)
         n_quant_visit = n_quant // block_k
     if num_splits is None:
-        # ~2 programs per SM, but keep >= 4 blocks per program so the merge stays cheap
-        num_splits = max(1, min(triton.cdiv(2 * _num_sms(q.device), b * hkv), triton.cdiv(n_visit, 4)))
+        # 2 programs fit an SM (228 registers a thread at block 128, 4 warps on sm_90)
+        num_splits = one_wave_splits(q.device, b * hkv, n_visit, per_sm=programs_per_sm)
     blocks_per_split = max(1, triton.cdiv(n_visit, max(num_splits, 1)))
     num_splits = max(1, triton.cdiv(n_visit, blocks_per_split))
 
@@ -327,26 +301,21 @@ def quant_decode(
     for name, x in (("k_codes", kc), ("v_codes", vc), ("k_scale", ks), ("v_scale", vs), ("k_res", kr), ("v_res", vr)):
         if x.stride(-1) != 1:
             raise ValueError(f"{name} needs a unit stride on its last axis")
-    m_part = torch.empty(b * hkv * num_splits * block_m, dtype=torch.float32, device=q.device)
-    l_part = torch.empty_like(m_part)
-    acc_part = torch.empty(b * hkv * num_splits * block_m * block_d, dtype=torch.float32, device=q.device)
+    l_part = torch.empty(b * hkv * num_splits * gq * t, dtype=torch.float32, device=q.device)
+    o_part = torch.empty(b * hkv * num_splits * gq * t * block_d, dtype=torch.float32, device=q.device)
     out = torch.empty_like(q) if out is None else out
 
     _quant_decode_kernel[(b * hkv, num_splits)](
-        q, kc, ks, kz, vc, vs, vz, kr, vr, block_ids if block_ids is not None else kc, m_part, l_part, acc_part,
-        q.stride(0), q.stride(1), q.stride(2),
+        q, kc, ks, kz, vc, vs, vz, kr, vr, block_ids if block_ids is not None else kc, o_part, l_part, out,
+        tickets(q.device, b * hkv), q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
         kc.stride(0), kc.stride(1), ks.stride(0), ks.stride(1),
         vc.stride(0), vc.stride(1), vs.stride(0), vs.stride(1),
         kr.stride(0), kr.stride(1),
         n_quant, kv_len, n_visit, n_quant_visit, blocks_per_split, window, sink, math.log2(math.e) / math.sqrt(d),
         H_KV=hkv, GQ=gq, T=t, D=d, BLOCK_D=block_d, BLOCK_J=block_j, BLOCK_M=block_m, BLOCK_K=block_k,
-        KEY_GROUP=key_group, V_GROUPS=d // value_group, V_GROUP=value_group, BITS=bits, SYMMETRIC=symmetric,
+        BLOCK_SPLIT=merge_chunk(num_splits), KEY_GROUP=key_group, V_GROUPS=d // value_group, V_GROUP=value_group, BITS=bits, SYMMETRIC=symmetric,
         HAS_BLOCK_IDS=block_ids is not None, HAS_WINDOW=window > 0, MAGIC=dot == tl.float16, DOT=dot,
-        num_warps=num_warps, num_stages=num_stages,
-    )
-    _merge_splits_kernel[(b * hkv,)](
-        m_part, l_part, acc_part, out, out.stride(0), out.stride(1), out.stride(2), num_splits,
-        H_KV=hkv, GQ=gq, T=t, D=d, BLOCK_D=block_d, BLOCK_M=block_m, num_warps=4,
+        num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     return out
 
