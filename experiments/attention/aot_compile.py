@@ -51,9 +51,9 @@ def decode(dt="bf16", d=128, rows=4, bn=64, warps=4, stages=4, **flags):
     types = {n: f"*{dt}" for n in ("Q", "K", "V")}
     types.update({"O_PART": "*fp32", "L_PART": "*fp32", "O": f"*{dt}", "TICKETS": "*i32", "BLOCK_IDS": "*i32",
                   "qk_scale": "fp32"})
-    const = dict(GROUP=rows, HEAD_DIM=d, BLOCK_R=max(16, triton.next_power_of_2(rows)), BLOCK_N=bn, BLOCK_SPLIT=64,
-                 HAS_IDS=False,
-                 HAS_WINDOW=False, DOT_PREC="tf32x3" if dt == "fp32" else "tf32")
+    merge_rows = triton.next_power_of_2(rows)
+    const = dict(GROUP=rows, HEAD_DIM=d, BLOCK_R=max(16, merge_rows), BLOCK_N=bn, MERGE_ROWS=merge_rows,
+                 BLOCK_SPLIT=max(1, 8192 // (merge_rows * d)), HAS_IDS=False, HAS_WINDOW=False, DOT_PREC="tf32x3" if dt == "fp32" else "tf32")
     const.update(flags)
     return compile_one(_attn_decode_split_kernel, types, const, warps, stages)
 

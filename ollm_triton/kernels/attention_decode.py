@@ -21,7 +21,7 @@ import triton.language as tl
 
 from ollm_triton.kernels.attention_prefill import LOG2E, check_qkv, dot_precision, kernel_supports
 from ollm_triton.kernels.attention_schedule import cdiv, window_start
-from ollm_triton.kernels.decode_merge import merge_chunk, merge_splits_if_last, one_wave_splits, tickets
+from ollm_triton.kernels.decode_merge import merge_shape, merge_splits_if_last, one_wave_splits, tickets
 
 MAX_ROWS = 128  # GROUP * T rows per program; more goes through the prefill kernel
 
@@ -33,7 +33,8 @@ def _attn_decode_split_kernel(
     stride_ob, stride_oh, stride_ot,
     Hkv, T, S, window, sink, window_align, n_visit, per_split, qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_SPLIT: tl.constexpr, HAS_IDS: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
+    MERGE_ROWS: tl.constexpr, BLOCK_SPLIT: tl.constexpr, HAS_IDS: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     i_s = tl.program_id(0)
     i_bkv = tl.program_id(1)
@@ -91,7 +92,7 @@ def _attn_decode_split_kernel(
     tl.store(O_PART + o_part[:, None] * HEAD_DIM + o_d[None, :], b_o, mask=m_r[:, None])
     tl.store(L_PART + o_part, b_lse, mask=m_r)
     merge_splits_if_last(O_PART, L_PART, O, TICKETS, i_bkv, n_split, Hkv, T, stride_ob, stride_oh, stride_ot,
-                         GROUP, HEAD_DIM, HEAD_DIM, BLOCK_SPLIT)
+                         GROUP, HEAD_DIM, HEAD_DIM, MERGE_ROWS, BLOCK_SPLIT)
 
 
 def decode_supports(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -154,13 +155,14 @@ def flash_decode(
     if out is None:
         out = torch.empty_like(q)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
+    merge_rows, merge_split = merge_shape(rows, d, n_split)
     _attn_decode_split_kernel[(n_split, b * hkv)](
         q, k, v, o_part, l_part, out, tickets(q.device, b * hkv), block_ids if block_ids is not None else l_part,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         hkv, t, s, window, sink, window_align, n_visit, per_split, scale * LOG2E,
         GROUP=group, HEAD_DIM=d, BLOCK_R=max(16, triton.next_power_of_2(rows)), BLOCK_N=block_n,
-        BLOCK_SPLIT=merge_chunk(n_split), HAS_IDS=block_ids is not None, HAS_WINDOW=window > 0,
+        MERGE_ROWS=merge_rows, BLOCK_SPLIT=merge_split, HAS_IDS=block_ids is not None, HAS_WINDOW=window > 0,
         DOT_PREC=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
     )
     return out

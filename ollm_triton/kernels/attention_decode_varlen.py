@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ollm_triton.kernels.attention_prefill import LOG2E
-from ollm_triton.kernels.decode_merge import merge_chunk, merge_splits_if_last, one_wave_splits, tickets
+from ollm_triton.kernels.decode_merge import merge_shape, merge_splits_if_last, one_wave_splits, tickets
 
 BLOCK_N = 64
 MAX_GROUP = 128
@@ -32,7 +32,7 @@ def _decode_varlen_split_kernel(
     stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_ob, stride_oh,
     Hkv, qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, MERGE_ROWS: tl.constexpr, BLOCK_SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     i_s = tl.program_id(0)
     i_bkv = tl.program_id(1)
@@ -84,7 +84,7 @@ def _decode_varlen_split_kernel(
     tl.store(L_PART + o_part, b_lse, mask=m_r)
     # one new token per sequence: T = 1, no token stride
     merge_splits_if_last(O_PART, L_PART, O, TICKETS, i_bkv, n_split, Hkv, 1, stride_ob, stride_oh, 0,
-                         GROUP, HEAD_DIM, BLOCK_D, BLOCK_SPLIT)
+                         GROUP, HEAD_DIM, BLOCK_D, MERGE_ROWS, BLOCK_SPLIT)
 
 
 def num_splits_for(batch: int, kv_heads: int, capacity: int, device: torch.device) -> int:
@@ -124,12 +124,13 @@ def decode_varlen_kernel(q, k_cache, v_cache, lengths, *, scale=None, num_splits
     l_part = torch.empty(b * hkv, n_split, group, dtype=torch.float32, device=q.device)
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device) if out is None else out
     scale = 1.0 / math.sqrt(d) if scale is None else scale
+    merge_rows, merge_split = merge_shape(group, block_d, n_split)
     _decode_varlen_split_kernel[(n_split, b * hkv)](
         q, k_cache, v_cache, lengths, o_part, l_part, out, tickets(q.device, b * hkv),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), hkv, scale * LOG2E,
         GROUP=group, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N,
-        BLOCK_SPLIT=merge_chunk(n_split), DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        MERGE_ROWS=merge_rows, BLOCK_SPLIT=merge_split, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4, num_stages=3,
     )
     return out

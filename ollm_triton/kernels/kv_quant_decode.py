@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ollm_triton.kernels.decode_merge import merge_chunk, merge_splits_if_last, one_wave_splits, tickets
+from ollm_triton.kernels.decode_merge import merge_shape, merge_splits_if_last, one_wave_splits, tickets
 
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -100,7 +100,8 @@ def _quant_decode_kernel(
     stride_r_bh, stride_r_n,
     n_quant, kv_len, n_visit, n_quant_visit, blocks_per_split, window, sink, qk_scale,
     H_KV: tl.constexpr, GQ: tl.constexpr, T: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_J: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_SPLIT: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, MERGE_ROWS: tl.constexpr,
+    BLOCK_SPLIT: tl.constexpr,
     KEY_GROUP: tl.constexpr,
     V_GROUPS: tl.constexpr, V_GROUP: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr,
     HAS_BLOCK_IDS: tl.constexpr, HAS_WINDOW: tl.constexpr, MAGIC: tl.constexpr, DOT: tl.constexpr,
@@ -243,7 +244,7 @@ def _quant_decode_kernel(
         tl.store(p_o + 2, b_acc2 / b_l_safe[:, None], mask=m_qj)
         tl.store(p_o + 3, b_acc3 / b_l_safe[:, None], mask=m_qj)
     merge_splits_if_last(O_PART, L_PART, O, TICKETS, i_bh, n_split, H_KV, T, stride_ob, stride_oh, stride_ot,
-                         GQ, D, BLOCK_D, BLOCK_SPLIT)
+                         GQ, D, BLOCK_D, MERGE_ROWS, BLOCK_SPLIT)
 
 
 def quant_decode(
@@ -252,7 +253,7 @@ def quant_decode(
     *, n_quant: int, kv_len: int, bits: int, key_group: int, value_group: int,
     block_ids: torch.Tensor | None = None, window: int = 0, sink: int = 0,
     block_k: int = 64, num_splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
-    maxnreg: int | None = None, programs_per_sm: int = 2,
+    maxnreg: int | None = None, programs_per_sm: int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention of T new queries over a quantized cache, in one launch.
@@ -288,9 +289,13 @@ def quant_decode(
     else:
         n_visit = triton.cdiv(kv_len, block_k)
         n_quant_visit = n_quant // block_k
+    if programs_per_sm is None and maxnreg is None and bits < 8 and q.is_cuda:
+        # At block 128 the kernel takes ~225 registers a thread: 2 programs an SM. Capped at 168 (136 bytes of
+        # spills) a third fits; H200, 128k keys: int4 159 -> 128 us, int2 160 -> 122 us, but int8 151 -> 161 us
+        # (experiments/kv_cache/README.md), so int8 keeps 2.
+        maxnreg, programs_per_sm = 168, 3
     if num_splits is None:
-        # 2 programs fit an SM (228 registers a thread at block 128, 4 warps on sm_90)
-        num_splits = one_wave_splits(q.device, b * hkv, n_visit, per_sm=programs_per_sm)
+        num_splits = one_wave_splits(q.device, b * hkv, n_visit, per_sm=programs_per_sm or 2)
     blocks_per_split = max(1, triton.cdiv(n_visit, max(num_splits, 1)))
     num_splits = max(1, triton.cdiv(n_visit, blocks_per_split))
 
@@ -304,6 +309,7 @@ def quant_decode(
     l_part = torch.empty(b * hkv * num_splits * gq * t, dtype=torch.float32, device=q.device)
     o_part = torch.empty(b * hkv * num_splits * gq * t * block_d, dtype=torch.float32, device=q.device)
     out = torch.empty_like(q) if out is None else out
+    merge_rows, merge_split = merge_shape(gq * t, block_d, num_splits)
 
     _quant_decode_kernel[(b * hkv, num_splits)](
         q, kc, ks, kz, vc, vs, vz, kr, vr, block_ids if block_ids is not None else kc, o_part, l_part, out,
@@ -313,7 +319,8 @@ def quant_decode(
         kr.stride(0), kr.stride(1),
         n_quant, kv_len, n_visit, n_quant_visit, blocks_per_split, window, sink, math.log2(math.e) / math.sqrt(d),
         H_KV=hkv, GQ=gq, T=t, D=d, BLOCK_D=block_d, BLOCK_J=block_j, BLOCK_M=block_m, BLOCK_K=block_k,
-        BLOCK_SPLIT=merge_chunk(num_splits), KEY_GROUP=key_group, V_GROUPS=d // value_group, V_GROUP=value_group, BITS=bits, SYMMETRIC=symmetric,
+        MERGE_ROWS=merge_rows, BLOCK_SPLIT=merge_split, KEY_GROUP=key_group, V_GROUPS=d // value_group,
+        V_GROUP=value_group, BITS=bits, SYMMETRIC=symmetric,
         HAS_BLOCK_IDS=block_ids is not None, HAS_WINDOW=window > 0, MAGIC=dot == tl.float16, DOT=dot,
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
