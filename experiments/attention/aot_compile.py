@@ -16,6 +16,7 @@ from triton.compiler import ASTSource
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from ollm_triton.kernels.attention_decode import _attn_decode_split_kernel  # noqa: E402
+from ollm_triton.kernels.decode_merge import _merge_splits_kernel  # noqa: E402
 from ollm_triton.kernels.attention_prefill import _attn_prefill_kernel  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -49,11 +50,9 @@ def prefill(dt="bf16", d=128, bm=128, bn=128, warps=8, stages=2, **flags):
 
 def decode(dt="bf16", d=128, rows=4, bn=64, warps=4, stages=4, **flags):
     types = {n: f"*{dt}" for n in ("Q", "K", "V")}
-    types.update({"O_PART": "*fp32", "L_PART": "*fp32", "O": f"*{dt}", "TICKETS": "*i32", "BLOCK_IDS": "*i32",
-                  "qk_scale": "fp32"})
-    merge_rows = triton.next_power_of_2(rows)
-    const = dict(GROUP=rows, HEAD_DIM=d, BLOCK_R=max(16, merge_rows), BLOCK_N=bn, MERGE_ROWS=merge_rows,
-                 BLOCK_SPLIT=max(1, 8192 // (merge_rows * d)), HAS_IDS=False, HAS_WINDOW=False, DOT_PREC="tf32x3" if dt == "fp32" else "tf32")
+    types.update({"O_PART": "*fp32", "L_PART": "*fp32", "BLOCK_IDS": "*i32", "qk_scale": "fp32"})
+    const = dict(GROUP=rows, HEAD_DIM=d, BLOCK_R=max(16, triton.next_power_of_2(rows)), BLOCK_N=bn, HAS_IDS=False,
+                 HAS_WINDOW=False, DOT_PREC="tf32x3" if dt == "fp32" else "tf32")
     const.update(flags)
     return compile_one(_attn_decode_split_kernel, types, const, warps, stages)
 
@@ -68,6 +67,10 @@ def main():
     for cfg in [dict(), dict(rows=32, HAS_IDS=True, HAS_WINDOW=True), dict(rows=128, warps=8), dict(dt="fp32"),
                 dict(stages=3), dict(bn=128)]:
         report(f"decode {cfg}", decode(**cfg))
+    types = {"O_PART": "*fp32", "L_PART": "*fp32", "O": "*bf16"}
+    merge = dict(GROUP=4, HEAD_DIM=128, BLOCK_D=128, BLOCK_SPLIT=64)
+    report("merge", compile_one(_merge_splits_kernel, types, merge, 4, 1))
+
 
 
 def resources(kernel) -> str:

@@ -50,10 +50,9 @@ def quant(bits: int, block_k: int = 64, warps: int = 4, d: int = 128, gq: int = 
     least = 16  # tl.dot's minimum, as the launcher pads
     types = {"Q": "*bf16", "KC": "*u8", "VC": "*u8", "KS": "*bf16", "KZ": "*bf16", "VS": "*bf16", "VZ": "*bf16",
              "KR": "*bf16", "VR": "*bf16", "BLOCK_IDS": "*i32", "O_PART": "*fp32", "L_PART": "*fp32",
-             "O": "*bf16", "TICKETS": "*i32", "qk_scale": "fp32"}
+             "qk_scale": "fp32"}
     const = dict(H_KV=8, GQ=gq, T=1, D=d, BLOCK_D=max(least, d), BLOCK_J=max(least, d // p),
-                 BLOCK_M=max(least, triton.next_power_of_2(gq)), BLOCK_K=block_k, MERGE_ROWS=4, BLOCK_SPLIT=16,
-                 KEY_GROUP=128, V_GROUPS=1,
+                 BLOCK_M=max(least, triton.next_power_of_2(gq)), BLOCK_K=block_k, KEY_GROUP=128, V_GROUPS=1,
                  V_GROUP=d, BITS=bits, SYMMETRIC=False, HAS_BLOCK_IDS=False, HAS_WINDOW=False,
                  MAGIC=True, DOT=tl.float16)
     return compile_one(_quant_decode_kernel, types, const, warps, 2)

@@ -6,7 +6,7 @@ Decode is memory-bound: every K/V byte is read once per step. One program serves
 KV head (the rows are the M of the dot, padded to 16), so K/V are read once for the whole group, not once per
 query head. The visited KV blocks (all of them, or the ascending `block_ids` of a window / sparse pattern) are cut
 into contiguous splits so that B * Hkv * splits programs fill the GPU once; each split writes a normalised partial
-output and its log-sum-exp, and the last split of each (batch, KV head) to finish merges them (decode_merge.py).
+output and its log-sum-exp, and a second small kernel merges the splits (decode_merge.py).
 Element rules inside the visited blocks: causal among the T new queries, and window + sink (as in
 attention_schedule: key s visible iff s < sink or s >= floor(max(p - window + 1, 0) / align) * align).
 """
@@ -21,20 +21,18 @@ import triton.language as tl
 
 from ollm_triton.kernels.attention_prefill import LOG2E, check_qkv, dot_precision, kernel_supports
 from ollm_triton.kernels.attention_schedule import cdiv, window_start
-from ollm_triton.kernels.decode_merge import merge_shape, merge_splits_if_last, one_wave_splits, tickets
+from ollm_triton.kernels.decode_merge import merge_splits, one_wave_splits
 
 MAX_ROWS = 128  # GROUP * T rows per program; more goes through the prefill kernel
 
 
 @triton.jit(do_not_specialize=["T", "S", "window", "sink", "window_align", "n_visit", "per_split"])
 def _attn_decode_split_kernel(
-    Q, K, V, O_PART, L_PART, O, TICKETS, BLOCK_IDS,
+    Q, K, V, O_PART, L_PART, BLOCK_IDS,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
-    stride_ob, stride_oh, stride_ot,
     Hkv, T, S, window, sink, window_align, n_visit, per_split, qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    MERGE_ROWS: tl.constexpr, BLOCK_SPLIT: tl.constexpr, HAS_IDS: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    HAS_IDS: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     i_s = tl.program_id(0)
     i_bkv = tl.program_id(1)
@@ -91,8 +89,6 @@ def _attn_decode_split_kernel(
     o_part = (i_bkv.to(tl.int64) * n_split + i_s) * rows + o_r
     tl.store(O_PART + o_part[:, None] * HEAD_DIM + o_d[None, :], b_o, mask=m_r[:, None])
     tl.store(L_PART + o_part, b_lse, mask=m_r)
-    merge_splits_if_last(O_PART, L_PART, O, TICKETS, i_bkv, n_split, Hkv, T, stride_ob, stride_oh, stride_ot,
-                         GROUP, HEAD_DIM, HEAD_DIM, MERGE_ROWS, BLOCK_SPLIT)
 
 
 def decode_supports(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -155,16 +151,16 @@ def flash_decode(
     if out is None:
         out = torch.empty_like(q)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    merge_rows, merge_split = merge_shape(rows, d, n_split)
     _attn_decode_split_kernel[(n_split, b * hkv)](
-        q, k, v, o_part, l_part, out, tickets(q.device, b * hkv), block_ids if block_ids is not None else l_part,
+        q, k, v, o_part, l_part, block_ids if block_ids is not None else l_part,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
         hkv, t, s, window, sink, window_align, n_visit, per_split, scale * LOG2E,
         GROUP=group, HEAD_DIM=d, BLOCK_R=max(16, triton.next_power_of_2(rows)), BLOCK_N=block_n,
-        MERGE_ROWS=merge_rows, BLOCK_SPLIT=merge_split, HAS_IDS=block_ids is not None, HAS_WINDOW=window > 0,
+        HAS_IDS=block_ids is not None, HAS_WINDOW=window > 0,
         DOT_PREC=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
     )
+    merge_splits(o_part, l_part, out, kv_heads=hkv, group=group, t=t, n_split=n_split)
     return out
 
 

@@ -9,7 +9,7 @@ the buffer's capacity, one captured graph serves every step, and each sequence o
 (no padding waste for sequences of different lengths). The split-K layout is the same as flash_decode's: GROUP
 query heads of one KV head share the K/V reads (rows of the dot, padded to 16), the blocks of each sequence are
 cut into `n_split` contiguous ranges (fixed by the capacity, sized at launch from the SM count), each writes a
-normalised partial and its log2-sum-exp, and the last split to finish merges them (decode_merge.py).
+normalised partial and its log2-sum-exp, and a merge kernel combines them (decode_merge.py).
 """
 
 # No `from __future__ import annotations`: torch.library.custom_op reads the annotations as types.
@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ollm_triton.kernels.attention_prefill import LOG2E
-from ollm_triton.kernels.decode_merge import merge_shape, merge_splits_if_last, one_wave_splits, tickets
+from ollm_triton.kernels.decode_merge import merge_splits, one_wave_splits
 
 BLOCK_N = 64
 MAX_GROUP = 128
@@ -28,11 +28,11 @@ MAX_GROUP = 128
 
 @triton.jit
 def _decode_varlen_split_kernel(
-    Q, K, V, LENS, O_PART, L_PART, O, TICKETS,
-    stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_ob, stride_oh,
+    Q, K, V, LENS, O_PART, L_PART,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     Hkv, qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_N: tl.constexpr, MERGE_ROWS: tl.constexpr, BLOCK_SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     i_s = tl.program_id(0)
     i_bkv = tl.program_id(1)
@@ -82,9 +82,6 @@ def _decode_varlen_split_kernel(
     o_part = (i_bkv.to(tl.int64) * n_split + i_s) * GROUP + o_r
     tl.store(O_PART + o_part[:, None] * BLOCK_D + o_d[None, :], b_o, mask=m_r[:, None])
     tl.store(L_PART + o_part, b_lse, mask=m_r)
-    # one new token per sequence: T = 1, no token stride
-    merge_splits_if_last(O_PART, L_PART, O, TICKETS, i_bkv, n_split, Hkv, 1, stride_ob, stride_oh, 0,
-                         GROUP, HEAD_DIM, BLOCK_D, MERGE_ROWS, BLOCK_SPLIT)
 
 
 def num_splits_for(batch: int, kv_heads: int, capacity: int, device: torch.device) -> int:
@@ -124,15 +121,15 @@ def decode_varlen_kernel(q, k_cache, v_cache, lengths, *, scale=None, num_splits
     l_part = torch.empty(b * hkv, n_split, group, dtype=torch.float32, device=q.device)
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device) if out is None else out
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    merge_rows, merge_split = merge_shape(group, block_d, n_split)
     _decode_varlen_split_kernel[(n_split, b * hkv)](
-        q, k_cache, v_cache, lengths, o_part, l_part, out, tickets(q.device, b * hkv),
+        q, k_cache, v_cache, lengths, o_part, l_part,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), hkv, scale * LOG2E,
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), hkv, scale * LOG2E,
         GROUP=group, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N,
-        MERGE_ROWS=merge_rows, BLOCK_SPLIT=merge_split, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=3,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=3,
     )
+    # one new token per sequence: T = 1, no token stride
+    merge_splits(o_part, l_part, out, kv_heads=hkv, group=group, t=1, n_split=n_split, stride_ot=0)
     return out
 
 

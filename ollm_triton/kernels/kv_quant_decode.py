@@ -16,7 +16,7 @@ Dequantization happens in registers, plane by plane (see the kernel's docstring)
 The KV blocks visited follow the attention backend's `DecodeSchedule` (block ids in units of BLOCK_K, plus the
 sliding-window/sink mask), so `+attention=sliding_window +cache=int4` reads only the window's packed blocks.
 The visit list is split over programs (flash-decoding) because at batch 1 there are only Hkv (8) heads to spread
-over 132 SMs; the last split of each head to finish merges the partials (decode_merge.py).
+over 132 SMs; a second kernel merges the splits' partials (decode_merge.py).
 
 `quant_decode_ref` is the reference: dequantize everything, then attend with the same visibility mask in float64.
 """
@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ollm_triton.kernels.decode_merge import merge_shape, merge_splits_if_last, one_wave_splits, tickets
+from ollm_triton.kernels.decode_merge import merge_splits, one_wave_splits
 
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -93,15 +93,14 @@ def _softmax_step(b_s, o_n, q_pos, kv_len, window, sink, b_mx, b_l, HAS_WINDOW: 
 
 @triton.jit(do_not_specialize=["n_quant", "kv_len", "n_visit", "n_quant_visit", "blocks_per_split", "window", "sink"])
 def _quant_decode_kernel(
-    Q, KC, KS, KZ, VC, VS, VZ, KR, VR, BLOCK_IDS, O_PART, L_PART, O, TICKETS,
-    stride_qb, stride_qh, stride_qt, stride_ob, stride_oh, stride_ot,
+    Q, KC, KS, KZ, VC, VS, VZ, KR, VR, BLOCK_IDS, O_PART, L_PART,
+    stride_qb, stride_qh, stride_qt,
     stride_kc_bh, stride_kc_n, stride_ks_bh, stride_ks_g,
     stride_vc_bh, stride_vc_n, stride_vs_bh, stride_vs_n,
     stride_r_bh, stride_r_n,
     n_quant, kv_len, n_visit, n_quant_visit, blocks_per_split, window, sink, qk_scale,
     H_KV: tl.constexpr, GQ: tl.constexpr, T: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_J: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, MERGE_ROWS: tl.constexpr,
-    BLOCK_SPLIT: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     KEY_GROUP: tl.constexpr,
     V_GROUPS: tl.constexpr, V_GROUP: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr,
     HAS_BLOCK_IDS: tl.constexpr, HAS_WINDOW: tl.constexpr, MAGIC: tl.constexpr, DOT: tl.constexpr,
@@ -230,7 +229,7 @@ def _quant_decode_kernel(
             b_acc2 = b_acc2 * b_alpha[:, None] + tl.dot(b_pd, b_v2)
             b_acc3 = b_acc3 * b_alpha[:, None] + tl.dot(b_pd, b_v3)
 
-    # this split's normalised partial and log2-sum-exp (-inf when it saw no key); the last split merges
+    # this split's normalised partial and log2-sum-exp (-inf when it saw no key), for decode_merge
     n_split = tl.num_programs(1)
     b_l_safe = tl.where(b_l > 0, b_l, 1.0)
     b_lse = tl.where(b_l > 0, b_mx + tl.log2(b_l_safe), float("-inf"))
@@ -243,8 +242,6 @@ def _quant_decode_kernel(
     if P >= 4:
         tl.store(p_o + 2, b_acc2 / b_l_safe[:, None], mask=m_qj)
         tl.store(p_o + 3, b_acc3 / b_l_safe[:, None], mask=m_qj)
-    merge_splits_if_last(O_PART, L_PART, O, TICKETS, i_bh, n_split, H_KV, T, stride_ob, stride_oh, stride_ot,
-                         GQ, D, BLOCK_D, MERGE_ROWS, BLOCK_SPLIT)
 
 
 def quant_decode(
@@ -256,7 +253,7 @@ def quant_decode(
     maxnreg: int | None = None, programs_per_sm: int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Decode attention of T new queries over a quantized cache, in one launch.
+    """Decode attention of T new queries over a quantized cache: one launch, plus the split merge.
 
     q: [B, Hq, T, D]. k_codes, v_codes: uint8 [B, Hkv, >= n_quant, D/P]; k_scale, k_zero: [B, Hkv, >= n_quant/key_group,
     D]; v_scale, v_zero: [B, Hkv, >= n_quant, D/value_group] (zeros None when symmetric); k_res, v_res:
@@ -309,21 +306,22 @@ def quant_decode(
     l_part = torch.empty(b * hkv * num_splits * gq * t, dtype=torch.float32, device=q.device)
     o_part = torch.empty(b * hkv * num_splits * gq * t * block_d, dtype=torch.float32, device=q.device)
     out = torch.empty_like(q) if out is None else out
-    merge_rows, merge_split = merge_shape(gq * t, block_d, num_splits)
 
     _quant_decode_kernel[(b * hkv, num_splits)](
-        q, kc, ks, kz, vc, vs, vz, kr, vr, block_ids if block_ids is not None else kc, o_part, l_part, out,
-        tickets(q.device, b * hkv), q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        q, kc, ks, kz, vc, vs, vz, kr, vr, block_ids if block_ids is not None else kc, o_part, l_part,
+        q.stride(0), q.stride(1), q.stride(2),
         kc.stride(0), kc.stride(1), ks.stride(0), ks.stride(1),
         vc.stride(0), vc.stride(1), vs.stride(0), vs.stride(1),
         kr.stride(0), kr.stride(1),
         n_quant, kv_len, n_visit, n_quant_visit, blocks_per_split, window, sink, math.log2(math.e) / math.sqrt(d),
         H_KV=hkv, GQ=gq, T=t, D=d, BLOCK_D=block_d, BLOCK_J=block_j, BLOCK_M=block_m, BLOCK_K=block_k,
-        MERGE_ROWS=merge_rows, BLOCK_SPLIT=merge_split, KEY_GROUP=key_group, V_GROUPS=d // value_group,
+        KEY_GROUP=key_group, V_GROUPS=d // value_group,
         V_GROUP=value_group, BITS=bits, SYMMETRIC=symmetric,
         HAS_BLOCK_IDS=block_ids is not None, HAS_WINDOW=window > 0, MAGIC=dot == tl.float16, DOT=dot,
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
+    merge_splits(o_part.view(b * hkv, num_splits, gq * t, block_d), l_part, out, kv_heads=hkv, group=gq, t=t,
+                 n_split=num_splits)
     return out
 
 
