@@ -171,3 +171,17 @@ def test_gpu_graph_replay_equals_eager_step(batch):
     graph.fast_decoder().generate(ids, 2, recording_pick(got_logits))
     for r, g in zip(ref_logits, got_logits, strict=True):
         assert ((r - g).norm() / r.norm()).item() < 2e-2
+
+
+@pytest.mark.parametrize("v", [128256, 4096, 7, 32000, 1])
+def test_argmax_rows_matches_argmax_with_ties(v):
+    """The two-pass argmax of the graph step returns torch's index, the first maximum, ties included."""
+    from ollm_triton.engine.fast_decode import argmax_rows
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(v)
+    for _ in range(10):
+        x = torch.randint(0, 4, (3, v), generator=g).to(torch.bfloat16).to(device)  # many ties
+        assert torch.equal(argmax_rows(x), x.argmax(-1))
+    x = torch.randn(2, v, generator=g).to(device)
+    assert torch.equal(argmax_rows(x), x.argmax(-1))

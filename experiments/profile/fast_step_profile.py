@@ -27,7 +27,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--gemv", action="store_true", help="only time llama3_8b's batch-1 matmuls three ways")
     args = ap.parse_args()
+    if args.gemv:
+        return gemv()
     arch = yaml.safe_load((REPO / "conf" / "model" / "llama3_8b.yaml").read_text())["arch"]
     engine = load_engine(arch, device="cuda", dtype=torch.bfloat16, seed=0, fast_decode="graph")
     fd = engine.fast_decoder()
@@ -61,6 +64,27 @@ def main():
     print(f"{'us/step':>9} {'calls/step':>10} {'us/call':>8}  kernel")
     for name, (n, t) in sorted(rows.items(), key=lambda kv: -kv[1][1]):
         print(f"{t / args.steps:9.1f} {n / args.steps:10.1f} {t / n:8.2f}  {name}")
+
+
+def gemv():
+    """Each weight shape of a llama3_8b decode step at batch 1: F.linear (what the engine calls), torch.mv and
+    W @ x as a column, each replayed from a CUDA graph; GB/s of weight bytes."""
+    import torch.nn.functional as F
+    from triton.testing import do_bench_cudagraph
+
+    shapes = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
+              "lm_head": (128256, 4096)}
+    with torch.inference_mode(), torch.cuda.stream(torch.cuda.Stream()):
+        for name, (n, k) in shapes.items():
+            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+            x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+            row = {}
+            for how, fn in (("linear", lambda: F.linear(x, w)), ("mv", lambda: torch.mv(w, x[0])),  # noqa: B023
+                            ("w@xT", lambda: w @ x.T)):  # noqa: B023
+                us = 1000 * do_bench_cudagraph(fn, rep=100, return_mode="median")
+                row[how] = f"{us:.2f} us ({w.numel() * 2 / us / 1e3:.0f} GB/s)"
+            print(name, n, k, row, flush=True)
+            del w
 
 
 if __name__ == "__main__":

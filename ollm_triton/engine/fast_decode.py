@@ -244,7 +244,7 @@ class FastDecoder:
         normed, _ = _add_norm(delta, residual, model.model.norm, kern)
         logits = model.lm_head(normed)[:, 0]  # [B, V]
         bk.logits.copy_(logits)
-        bk.token.copy_(logits.argmax(-1))  # argmax of the model-dtype logits = argmax of their float32 copy
+        bk.token.copy_(argmax_rows(logits))  # argmax of the model-dtype logits = argmax of their float32 copy
         bk.pos.add_(1)
 
     def _capture(self, bk: Bucket) -> None:
@@ -331,6 +331,27 @@ class FastDecoder:
 
     def close(self) -> None:
         self.buckets.clear()
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(-1) of a [B, V] tensor in two passes: the maximum of each of ~sqrt(V) chunks, then the best chunk.
+    torch reduces one row of 128k logits in one thread block (28 us of a 4.8 ms step on the H200); the chunk
+    pass spreads it over many. Same index, ties included: both passes keep the first maximum."""
+    b, v = x.shape
+    chunk = _divisor_near_sqrt(v)
+    if chunk == 1:
+        return x.argmax(-1)
+    vals, idx = x.view(b, v // chunk, chunk).max(-1)
+    best = vals.argmax(-1, keepdim=True)  # [B, 1]
+    return (best * chunk + idx.gather(1, best))[:, 0]
+
+
+def _divisor_near_sqrt(n: int) -> int:
+    """The divisor of n closest to sqrt(n) from above (1 when n is prime or small)."""
+    for d in range(max(2, int(n**0.5)), min(n, 4 * int(n**0.5) + 2)):
+        if n % d == 0 and n // d > 1:
+            return d
+    return 1
 
 
 def _add_norm(delta, residual, norm, kernels: bool):

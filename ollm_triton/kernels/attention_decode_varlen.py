@@ -85,8 +85,10 @@ def _decode_varlen_split_kernel(
 
 
 def num_splits_for(batch: int, kv_heads: int, capacity: int, device: torch.device) -> int:
-    """Splits per (sequence, KV head): one wave of programs at full capacity, >= 4 blocks per split, <= 64."""
-    return min(one_wave_splits(device, batch * kv_heads, triton.cdiv(capacity, BLOCK_N)), 64)
+    """Splits per (sequence, KV head): one wave of programs at full capacity, <= 64. A split may hold a single
+    block: at short context (a 512-token prompt in a 1024-slot buffer) 4 blocks a split left 32 programs on 132
+    SMs, each walking its blocks one after another (5.8 us a layer on the H200, of ~0.7 us of K/V bytes)."""
+    return min(one_wave_splits(device, batch * kv_heads, triton.cdiv(capacity, BLOCK_N), min_blocks=1), 64)
 
 
 def check_varlen(q, k_cache, v_cache, lengths):

@@ -31,6 +31,8 @@ def _rmsnorm_kernel(
     o_h = tl.arange(0, BLOCK_H)
     m_h = o_h < H
     b_x = tl.load(X + i_r * stride_x + o_h, mask=m_h, other=0.0)
+    # the weight is loaded before the residual store: a load after a store that may alias it waits for it
+    b_w = tl.load(W + o_h, mask=m_h, other=0.0)
     if HAS_RESIDUAL:
         b_r = tl.load(R + i_r * stride_r + o_h, mask=m_h, other=0.0)
         # rounded to the input dtype before the norm reads it, as the eager `h + delta` is
@@ -39,7 +41,6 @@ def _rmsnorm_kernel(
     b_x32 = b_x.to(tl.float32)
     b_rstd = 1.0 / tl.sqrt(tl.sum(b_x32 * b_x32, 0) / H + eps)
     b_n = (b_x32 * b_rstd).to(X.dtype.element_ty)
-    b_w = tl.load(W + o_h, mask=m_h, other=0.0)
     b_y = b_n.to(tl.float32) * b_w.to(tl.float32)
     tl.store(Y + i_r * stride_y + o_h, b_y.to(Y.dtype.element_ty), mask=m_h)
 

@@ -43,43 +43,49 @@ def _rope_kernel(
     b_s1 = tl.load(p_s + o_j, mask=m_j, other=0.0).to(tl.float32)
     b_s2 = tl.load(p_s + HALF + o_j, mask=m_j, other=0.0).to(tl.float32)
 
-    # queries: rotate, write head-major
+    # Every load comes before the first store: a store may alias a later load as far as the compiler knows, so
+    # loads after it would wait for it and then pay their own memory latency, one after the other.
     o_hq = tl.arange(0, BLOCK_HQ)
     m_q = (o_hq < HQ)[:, None] & m_j[None, :]
-    p_x = Q + i_b * stride_qb + i_t * stride_qt + o_hq[:, None] * stride_qh + o_j[None, :]
-    b_x1 = tl.load(p_x, mask=m_q, other=0.0).to(tl.float32)
-    b_x2 = tl.load(p_x + HALF, mask=m_q, other=0.0).to(tl.float32)
-    # each product and the sum rounded to the input dtype, as the eager x * cos + rotate_half(x) * sin
-    b_y1 = ((b_x1 * b_c1[None, :]).to(Q.dtype.element_ty).to(tl.float32)
-            + (-b_x2 * b_s1[None, :]).to(Q.dtype.element_ty).to(tl.float32)).to(Q.dtype.element_ty)
-    b_y2 = ((b_x2 * b_c2[None, :]).to(Q.dtype.element_ty).to(tl.float32)
-            + (b_x1 * b_s2[None, :]).to(Q.dtype.element_ty).to(tl.float32)).to(Q.dtype.element_ty)
-    p_y = QO + i_b * stride_qob + o_hq[:, None] * stride_qoh + i_t * stride_qot + o_j[None, :]
-    tl.store(p_y, b_y1.to(QO.dtype.element_ty), mask=m_q)
-    tl.store(p_y + HALF, b_y2.to(QO.dtype.element_ty), mask=m_q)
-
-    # keys (and values): rotate k, write both at their sequence index in the output / cache
+    p_q = Q + i_b * stride_qb + i_t * stride_qt + o_hq[:, None] * stride_qh + o_j[None, :]
+    b_q1 = tl.load(p_q, mask=m_q, other=0.0).to(tl.float32)
+    b_q2 = tl.load(p_q + HALF, mask=m_q, other=0.0).to(tl.float32)
     if HAS_SLOTS:
         i_s = tl.load(SLOTS + i_b) + i_t
     else:
         i_s = i_t
     o_hk = tl.arange(0, BLOCK_HKV)
     m_k = ((o_hk < HKV) & (o_hk * 0 + i_s < CAP))[:, None] & m_j[None, :]
-    p_x = K + i_b * stride_kb + i_t * stride_kt + o_hk[:, None] * stride_kh + o_j[None, :]
-    b_x1 = tl.load(p_x, mask=m_k, other=0.0).to(tl.float32)
-    b_x2 = tl.load(p_x + HALF, mask=m_k, other=0.0).to(tl.float32)
-    b_y1 = ((b_x1 * b_c1[None, :]).to(K.dtype.element_ty).to(tl.float32)
-            + (-b_x2 * b_s1[None, :]).to(K.dtype.element_ty).to(tl.float32)).to(K.dtype.element_ty)
-    b_y2 = ((b_x2 * b_c2[None, :]).to(K.dtype.element_ty).to(tl.float32)
-            + (b_x1 * b_s2[None, :]).to(K.dtype.element_ty).to(tl.float32)).to(K.dtype.element_ty)
+    p_k = K + i_b * stride_kb + i_t * stride_kt + o_hk[:, None] * stride_kh + o_j[None, :]
+    b_k1 = tl.load(p_k, mask=m_k, other=0.0).to(tl.float32)
+    b_k2 = tl.load(p_k + HALF, mask=m_k, other=0.0).to(tl.float32)
+    if HAS_V:
+        p_v = V + i_b * stride_vb + i_t * stride_vt + o_hk[:, None] * stride_vh + o_j[None, :]
+        b_v1 = tl.load(p_v, mask=m_k, other=0.0)
+        b_v2 = tl.load(p_v + HALF, mask=m_k, other=0.0)
+
+    # queries: rotate, write head-major
+    # each product and the sum rounded to the input dtype, as the eager x * cos + rotate_half(x) * sin
+    b_y1 = ((b_q1 * b_c1[None, :]).to(Q.dtype.element_ty).to(tl.float32)
+            + (-b_q2 * b_s1[None, :]).to(Q.dtype.element_ty).to(tl.float32)).to(Q.dtype.element_ty)
+    b_y2 = ((b_q2 * b_c2[None, :]).to(Q.dtype.element_ty).to(tl.float32)
+            + (b_q1 * b_s2[None, :]).to(Q.dtype.element_ty).to(tl.float32)).to(Q.dtype.element_ty)
+    p_y = QO + i_b * stride_qob + o_hq[:, None] * stride_qoh + i_t * stride_qot + o_j[None, :]
+    tl.store(p_y, b_y1.to(QO.dtype.element_ty), mask=m_q)
+    tl.store(p_y + HALF, b_y2.to(QO.dtype.element_ty), mask=m_q)
+
+    # keys (and values): rotate k, write both at their sequence index in the output / cache
+    b_y1 = ((b_k1 * b_c1[None, :]).to(K.dtype.element_ty).to(tl.float32)
+            + (-b_k2 * b_s1[None, :]).to(K.dtype.element_ty).to(tl.float32)).to(K.dtype.element_ty)
+    b_y2 = ((b_k2 * b_c2[None, :]).to(K.dtype.element_ty).to(tl.float32)
+            + (b_k1 * b_s2[None, :]).to(K.dtype.element_ty).to(tl.float32)).to(K.dtype.element_ty)
     p_y = KO + i_b * stride_kob + o_hk[:, None] * stride_koh + i_s.to(tl.int64) * stride_kos + o_j[None, :]
     tl.store(p_y, b_y1.to(KO.dtype.element_ty), mask=m_k)
     tl.store(p_y + HALF, b_y2.to(KO.dtype.element_ty), mask=m_k)
     if HAS_V:
-        p_x = V + i_b * stride_vb + i_t * stride_vt + o_hk[:, None] * stride_vh + o_j[None, :]
         p_y = VO + i_b * stride_vob + o_hk[:, None] * stride_voh + i_s.to(tl.int64) * stride_vos + o_j[None, :]
-        tl.store(p_y, tl.load(p_x, mask=m_k, other=0.0).to(VO.dtype.element_ty), mask=m_k)
-        tl.store(p_y + HALF, tl.load(p_x + HALF, mask=m_k, other=0.0).to(VO.dtype.element_ty), mask=m_k)
+        tl.store(p_y, b_v1.to(VO.dtype.element_ty), mask=m_k)
+        tl.store(p_y + HALF, b_v2.to(VO.dtype.element_ty), mask=m_k)
 
 
 # ---- checks and the launcher ------------------------------------------------------------------------------------
