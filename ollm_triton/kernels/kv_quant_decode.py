@@ -244,6 +244,15 @@ def _quant_decode_kernel(
         tl.store(p_o + 3, b_acc3 / b_l_safe[:, None], mask=m_qj)
 
 
+def launch_defaults(bits: int, device: torch.device) -> tuple[int | None, int]:
+    """(maxnreg, programs per SM) of the fused decode. At block 128 it takes ~225 registers a thread: 2 programs an
+    SM. Capped at 168 (136 bytes of spills) a third fits; H200, 128k keys: int4 159 -> 128 us, int2 160 -> 122 us,
+    but int8 151 -> 161 us (experiments/kv_cache/README.md, section 5), so int8 keeps 2."""
+    if bits < 8 and device.type == "cuda":
+        return 168, 3
+    return None, 2
+
+
 def quant_decode(
     q: torch.Tensor,
     k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res,
@@ -286,11 +295,8 @@ def quant_decode(
     else:
         n_visit = triton.cdiv(kv_len, block_k)
         n_quant_visit = n_quant // block_k
-    if programs_per_sm is None and maxnreg is None and bits < 8 and q.is_cuda:
-        # At block 128 the kernel takes ~225 registers a thread: 2 programs an SM. Capped at 168 (136 bytes of
-        # spills) a third fits; H200, 128k keys: int4 159 -> 128 us, int2 160 -> 122 us, but int8 151 -> 161 us
-        # (experiments/kv_cache/README.md), so int8 keeps 2.
-        maxnreg, programs_per_sm = 168, 3
+    if programs_per_sm is None and maxnreg is None:
+        maxnreg, programs_per_sm = launch_defaults(bits, q.device)
     if num_splits is None:
         num_splits = one_wave_splits(q.device, b * hkv, n_visit, per_sm=programs_per_sm or 2)
     blocks_per_split = max(1, triton.cdiv(n_visit, max(num_splits, 1)))
