@@ -16,8 +16,8 @@ from triton.compiler import ASTSource
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from ollm_triton.kernels.attention_decode import _attn_decode_split_kernel  # noqa: E402
-from ollm_triton.kernels.decode_merge import _merge_splits_kernel  # noqa: E402
 from ollm_triton.kernels.attention_prefill import _attn_prefill_kernel  # noqa: E402
+from ollm_triton.kernels.decode_merge import _merge_splits_kernel  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 

@@ -5,7 +5,8 @@
 
 `sweep` times the dense flash decode (batch 1 and 8, at --dense-ctx and --ctx) and the fused quantized decode
 (int4/int8/int2 at --ctx, batch 1) over a few launch configurations, each replayed from a CUDA graph (no launch
-overhead), next to SDPA on the same dense cache and the device copy bandwidth. `run X` calls one path a few times so that `ncu` can read its counters.
+overhead), next to SDPA on the same dense cache and the device copy bandwidth.
+`run X` calls one path a few times so that `ncu` can read its counters.
 Llama-3-8B attention shapes, bf16, batch 1, random normal K/V.
 """
 
@@ -63,7 +64,7 @@ def sweep(ctx: int, dense_ctx: int) -> None:
     y = torch.empty_like(x)
     t = 1000 * do_bench(lambda: y.copy_(x), warmup=50, rep=200, return_mode="median")
     print(json.dumps({"path": "copy_2GB", "us": t, "TBps": 2 * x.numel() / t / 1e6}), flush=True)
-    del x, y
+    x = y = None  # free the 4 GB before the decode cases
     for b, n in ((1, dense_ctx), (8, dense_ctx), (1, ctx), (8, ctx)):
         q, k, v = kv(n, batch=b)
         bytes_kv = 2 * k.numel() * k.element_size()
@@ -92,8 +93,9 @@ def sweep(ctx: int, dense_ctx: int) -> None:
         kd, vd = layer.dense()
         ref = F.scaled_dot_product_attention(q.float(), kd.float(), vd.float(), enable_gqa=True)
         del kd, vd
-        for bk, opts in ((64, {}), (64, {"programs_per_sm": 3}), (128, {}), (128, {"maxnreg": 168, "programs_per_sm": 3}),
-                         (128, {"num_stages": 3}), (128, {"num_stages": 1})):
+        for bk, opts in ((64, {}), (64, {"programs_per_sm": 3}), (128, {}),
+                         (128, {"maxnreg": 168, "programs_per_sm": 3}), (128, {"num_stages": 3}),
+                         (128, {"num_stages": 1})):
             layer.block_k = bk
             layer.kernel_options = opts
             row = {"path": name, "ctx": ctx, "block_k": bk} | opts
@@ -103,7 +105,7 @@ def sweep(ctx: int, dense_ctx: int) -> None:
             except Exception as e:  # a config that does not fit (registers, shared memory)
                 row["error"] = repr(e)[:160]
             print(json.dumps(row), flush=True)
-        del layer
+        layer = None  # free it before the next codec
         torch.cuda.empty_cache()
 
 

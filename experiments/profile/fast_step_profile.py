@@ -84,7 +84,7 @@ def gemv():
                 us = 1000 * do_bench_cudagraph(fn, rep=100, return_mode="median")
                 row[how] = f"{us:.2f} us ({w.numel() * 2 / us / 1e3:.0f} GB/s)"
             print(name, n, k, row, flush=True)
-            del w
+            w = None  # free it before the next shape
 
 
 if __name__ == "__main__":
