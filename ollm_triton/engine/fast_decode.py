@@ -31,6 +31,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ollm_triton.cache.base import CacheLayer, KVCache, LayerSpec
@@ -38,6 +39,7 @@ from ollm_triton.cache.dense import DenseLayer
 from ollm_triton.decoding.base import Generation, emit_step
 from ollm_triton.engine.model import add_rmsnorm, rope_cos_sin
 from ollm_triton.kernels.attention_decode_varlen import decode_varlen
+from ollm_triton.kernels.gemv import GemvPlan
 from ollm_triton.kernels.rope import rope_write_kv
 from ollm_triton.tasks.base import Timer
 
@@ -187,6 +189,10 @@ class FastDecoder:
         self.steps = 0  # decode steps run through the static step (replayed or eager)
         self.captures = 0
         self.capture_s = 0.0
+        # the attention projections' matmuls: cuBLAS, or the Triton GEMV where the device timed it faster (timed
+        # per batch size when a bucket is made; elsewhere, and with use_kernels off, F.linear)
+        self.gemv_plan = GemvPlan()
+        self.linear = self.gemv_plan if self.kernels and engine.device.type == "cuda" else F.linear
         if capture if fuse_weights is None else fuse_weights:
             fuse_projections(engine.model)
 
@@ -218,6 +224,12 @@ class FastDecoder:
                     logits=torch.zeros(batch, e.config.vocab_size, dtype=torch.float32, device=e.device),
                     cos=cos, sin=sin)
         self.buckets[batch] = bk
+        if self.linear is self.gemv_plan:
+            attn = e.model.model.layers[0].self_attn  # every layer has the same shapes
+            qkv = [(attn.qkv_weight, attn.qkv_bias)] if attn.qkv_weight is not None else \
+                [(p.weight, p.bias) for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
+            for w, b_ in qkv + [(attn.o_proj.weight, attn.o_proj.bias)]:
+                self.gemv_plan.tune(w, b_, rows=batch)
         return bk
 
     # ---- the step --------------------------------------------------------------------------------------------
@@ -235,10 +247,11 @@ class FastDecoder:
         for i, layer in enumerate(model.model.layers):
             attn, kv = layer.self_attn, bk.cache.layers[i]
             normed, residual = _add_norm(delta, residual, layer.input_layernorm, kern)
-            q, k, v = attn.project(normed, fused=kern)  # [B, 1, H, D] token-major
+            q, k, v = attn.project(normed, fused=kern, linear=self.linear)  # [B, 1, H, D] token-major
             q_rot = rope_write_kv(q, k, v, cos, sin, kv.k, kv.v, bk.pos, use_kernel=kern)  # [B, Hq, 1, D]
             out = decode_varlen(q_rot[:, :, 0], kv.k, kv.v, lengths, use_kernel=kern)  # [B, Hq, D]
-            delta = attn.o_proj(out.reshape(b, 1, attn.num_heads * attn.head_dim))
+            delta = self.linear(out.reshape(b, 1, attn.num_heads * attn.head_dim), attn.o_proj.weight,
+                                attn.o_proj.bias)
             normed, residual = _add_norm(delta, residual, layer.post_attention_layernorm, kern)
             delta = layer.mlp(normed, fused=kern)
         normed, _ = _add_norm(delta, residual, model.model.norm, kern)
