@@ -190,7 +190,7 @@ class FastDecoder:
         self.captures = 0
         self.capture_s = 0.0
         # the attention projections' matmuls: cuBLAS, or the Triton GEMV where the device timed it faster (timed
-        # per batch size when a bucket is made; elsewhere, and with use_kernels off, F.linear)
+        # per batch size before a graph is captured; untimed shapes, the CPU and use_kernels off: F.linear)
         self.gemv_plan = GemvPlan()
         self.linear = self.gemv_plan if self.kernels and engine.device.type == "cuda" else F.linear
         if capture if fuse_weights is None else fuse_weights:
@@ -224,12 +224,6 @@ class FastDecoder:
                     logits=torch.zeros(batch, e.config.vocab_size, dtype=torch.float32, device=e.device),
                     cos=cos, sin=sin)
         self.buckets[batch] = bk
-        if self.linear is self.gemv_plan:
-            attn = e.model.model.layers[0].self_attn  # every layer has the same shapes
-            qkv = [(attn.qkv_weight, attn.qkv_bias)] if attn.qkv_weight is not None else \
-                [(p.weight, p.bias) for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
-            for w, b_ in qkv + [(attn.o_proj.weight, attn.o_proj.bias)]:
-                self.gemv_plan.tune(w, b_, rows=batch)
         return bk
 
     # ---- the step --------------------------------------------------------------------------------------------
@@ -263,6 +257,12 @@ class FastDecoder:
     def _capture(self, bk: Bucket) -> None:
         """Warm up on a side stream (Triton compiles, cuBLAS picks kernels), restore the inputs, capture."""
         t0 = time.perf_counter()
+        if self.linear is self.gemv_plan:  # time the projections' matmuls first (counted as capture time)
+            attn = self.engine.model.model.layers[0].self_attn  # every layer has the same shapes
+            qkv = [(attn.qkv_weight, attn.qkv_bias)] if attn.qkv_weight is not None else \
+                [(p.weight, p.bias) for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
+            for w, b in qkv + [(attn.o_proj.weight, attn.o_proj.bias)]:
+                self.gemv_plan.tune(w, b, rows=bk.batch)
         saved = bk.token.clone(), bk.pos.clone()
         stream = torch.cuda.Stream(device=self.engine.device)
         stream.wait_stream(torch.cuda.current_stream(self.engine.device))
