@@ -35,8 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ollm_triton.attention.base import AttentionBackend  # noqa: E402
 from ollm_triton.cache.base import LayerSpec  # noqa: E402
-from ollm_triton.kernels.decode_merge import one_wave_splits  # noqa: E402
-from ollm_triton.kernels.kv_quant_decode import launch_defaults  # noqa: E402
+from ollm_triton.kernels.kv_quant_decode import split_launch  # noqa: E402
 from ollm_triton.registry import registry  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
@@ -104,14 +103,8 @@ def fused_bytes(layer, splits_info) -> int:
 
 
 def num_splits(layer, kv_len: int, block_k: int, override=None) -> int:
-    """The split count the fused decode launches with (its own rule, kv_quant_decode.quant_decode)."""
-    if override:
-        return override
-    n_visit = triton.cdiv(kv_len, block_k)
-    _, per_sm = launch_defaults(layer.bits, torch.device("cuda"))
-    s = one_wave_splits(torch.device("cuda"), HKV, n_visit, per_sm=per_sm)
-    per = triton.cdiv(n_visit, s)
-    return triton.cdiv(n_visit, per)
+    """The split count the fused decode launches with (its own rule, kv_quant_decode.split_launch)."""
+    return split_launch(layer.bits, torch.device("cuda"), HKV, triton.cdiv(kv_len, block_k), num_splits=override)[0]
 
 
 def decode_section(ctx: int, sweep: bool) -> dict:

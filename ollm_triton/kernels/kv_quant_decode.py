@@ -100,8 +100,7 @@ def _quant_decode_kernel(
     stride_r_bh, stride_r_n,
     n_quant, kv_len, n_visit, n_quant_visit, blocks_per_split, window, sink, qk_scale,
     H_KV: tl.constexpr, GQ: tl.constexpr, T: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_J: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    KEY_GROUP: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, KEY_GROUP: tl.constexpr,
     V_GROUPS: tl.constexpr, V_GROUP: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr,
     HAS_BLOCK_IDS: tl.constexpr, HAS_WINDOW: tl.constexpr, MAGIC: tl.constexpr, DOT: tl.constexpr,
 ):
@@ -244,13 +243,18 @@ def _quant_decode_kernel(
         tl.store(p_o + 3, b_acc3 / b_l_safe[:, None], mask=m_qj)
 
 
-def launch_defaults(bits: int, device: torch.device) -> tuple[int | None, int]:
-    """(maxnreg, programs per SM) of the fused decode. At block 128 it takes ~225 registers a thread: 2 programs an
-    SM. Capped at 168 (136 bytes of spills) a third fits; H200, 128k keys: int4 159 -> 128 us, int2 160 -> 122 us,
-    but int8 151 -> 161 us (experiments/kv_cache/README.md, section 5), so int8 keeps 2."""
-    if bits < 8 and device.type == "cuda":
-        return 168, 3
-    return None, 2
+def split_launch(bits: int, device: torch.device, heads: int, n_visit: int, *, num_splits: int | None = None,
+                 programs_per_sm: int | None = None, maxnreg: int | None = None) -> tuple[int, int, int | None]:
+    """(splits, blocks per split, maxnreg) of a fused decode launch over n_visit blocks of `heads` (batch, KV head)
+    pairs. Defaults: at block 128 the kernel takes ~225 registers a thread, so 2 programs an SM; capped at 168 (136
+    bytes of spills) a third fits. H200, 128k keys: int4 159 -> 128 us, int2 160 -> 122 us, but int8 151 -> 161 us
+    (experiments/kv_cache/README.md, section 5), so int8 keeps 2. Splits default to one wave of those programs."""
+    if programs_per_sm is None and maxnreg is None and bits < 8 and device.type == "cuda":
+        maxnreg, programs_per_sm = 168, 3
+    if num_splits is None:
+        num_splits = one_wave_splits(device, heads, n_visit, per_sm=programs_per_sm or 2)
+    per_split = max(1, triton.cdiv(n_visit, max(num_splits, 1)))
+    return max(1, triton.cdiv(n_visit, per_split)), per_split, maxnreg
 
 
 def quant_decode(
@@ -295,12 +299,8 @@ def quant_decode(
     else:
         n_visit = triton.cdiv(kv_len, block_k)
         n_quant_visit = n_quant // block_k
-    if programs_per_sm is None and maxnreg is None:
-        maxnreg, programs_per_sm = launch_defaults(bits, q.device)
-    if num_splits is None:
-        num_splits = one_wave_splits(q.device, b * hkv, n_visit, per_sm=programs_per_sm or 2)
-    blocks_per_split = max(1, triton.cdiv(n_visit, max(num_splits, 1)))
-    num_splits = max(1, triton.cdiv(n_visit, blocks_per_split))
+    num_splits, blocks_per_split, maxnreg = split_launch(bits, q.device, b * hkv, n_visit, num_splits=num_splits,
+                                                         programs_per_sm=programs_per_sm, maxnreg=maxnreg)
 
     dot = tl.float32 if q.dtype == torch.float32 else tl.float16  # codes <= 255 are exact in fp16
     flat = lambda x: x.reshape(b * hkv, *x.shape[2:]) if x is not None else None  # noqa: E731
