@@ -104,7 +104,6 @@ def engine_generate(engine, prompt, new, repeats, warm_new=4):
     return {"prefill_s": prefill, "prefill_tok_s": prompt.numel() / prefill,
             "decode_tok_s": prompt.shape[0] * (n - 1) / decode, "peak_gb": peak_gb(),
             "fast_path": engine.fast_path, "fused_kernels": engine.describe()["fused_kernels"],
-            "fast_path_matmuls": engine.describe().get("fast_path_matmuls"),
             "graph_capture_s": sum(r.counters.get("graph_capture_s", 0.0) for r in runs)}, runs[0].tokens
 
 

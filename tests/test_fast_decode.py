@@ -157,7 +157,6 @@ def test_gpu_graph_replay_equals_eager_step(batch):
     static._fast = FastDecoder(static, capture=False, fuse_weights=True)
     greedy = registry.build("decoder", "greedy")
     a = greedy.generate(graph, ids, 64)
-    static._fast.gemv_plan.choice = dict(graph._fast.gemv_plan.choice)  # the same matmul choices, not re-timed
     b = greedy.generate(static, ids, 64)
     assert torch.equal(a.tokens, b.tokens)
     assert a.counters["fast_path_graph"] == 1.0 and a.counters["graph_capture_s"] > 0

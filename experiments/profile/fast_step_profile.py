@@ -59,7 +59,6 @@ def main():
             n, t = rows.get(name, (0, 0.0))
             rows[name] = (n + 1, t + e.device_time)
     total = sum(t for _, t in rows.values()) / args.steps
-    print("matmuls:", fd.gemv_plan.describe())
     print(f"wall per step {wall_us:.1f} us ({1e6 / wall_us:.1f} tok/s); kernel time per step {total:.1f} us; "
           f"gaps {wall_us - total:.1f} us; layers {len(engine.model.model.layers)}")
     print(f"{'us/step':>9} {'calls/step':>10} {'us/call':>8}  kernel")

@@ -201,8 +201,6 @@ class Engine:
             "fast_path": self._fast_path_used(),
             "fast_path_steps": self._fast.steps if self._fast is not None else 0,
         }
-        if self._fast is not None and self._fast.gemv_plan.timings:
-            out["fast_path_matmuls"] = self._fast.gemv_plan.describe()
         if self.tokenizer is not None:
             out["tokenizer_add_bos"] = self.tokenizer.add_bos
         return out

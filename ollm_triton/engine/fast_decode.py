@@ -31,7 +31,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ollm_triton.cache.base import CacheLayer, KVCache, LayerSpec
@@ -39,7 +38,6 @@ from ollm_triton.cache.dense import DenseLayer
 from ollm_triton.decoding.base import Generation, emit_step
 from ollm_triton.engine.model import add_rmsnorm, rope_cos_sin
 from ollm_triton.kernels.attention_decode_varlen import decode_varlen
-from ollm_triton.kernels.gemv import GemvPlan
 from ollm_triton.kernels.rope import rope_write_kv
 from ollm_triton.tasks.base import Timer
 
@@ -189,10 +187,6 @@ class FastDecoder:
         self.steps = 0  # decode steps run through the static step (replayed or eager)
         self.captures = 0
         self.capture_s = 0.0
-        # the attention projections' matmuls: cuBLAS, or the Triton GEMV where the device timed it faster (timed
-        # per batch size before a graph is captured; untimed shapes, the CPU and use_kernels off: F.linear)
-        self.gemv_plan = GemvPlan()
-        self.linear = self.gemv_plan if self.kernels and engine.device.type == "cuda" else F.linear
         if capture if fuse_weights is None else fuse_weights:
             fuse_projections(engine.model)
 
@@ -241,11 +235,10 @@ class FastDecoder:
         for i, layer in enumerate(model.model.layers):
             attn, kv = layer.self_attn, bk.cache.layers[i]
             normed, residual = _add_norm(delta, residual, layer.input_layernorm, kern)
-            q, k, v = attn.project(normed, fused=kern, linear=self.linear)  # [B, 1, H, D] token-major
+            q, k, v = attn.project(normed, fused=kern)  # [B, 1, H, D] token-major
             q_rot = rope_write_kv(q, k, v, cos, sin, kv.k, kv.v, bk.pos, use_kernel=kern)  # [B, Hq, 1, D]
             out = decode_varlen(q_rot[:, :, 0], kv.k, kv.v, lengths, use_kernel=kern)  # [B, Hq, D]
-            delta = self.linear(out.reshape(b, 1, attn.num_heads * attn.head_dim), attn.o_proj.weight,
-                                attn.o_proj.bias)
+            delta = attn.o_proj(out.reshape(b, 1, attn.num_heads * attn.head_dim))
             normed, residual = _add_norm(delta, residual, layer.post_attention_layernorm, kern)
             delta = layer.mlp(normed, fused=kern)
         normed, _ = _add_norm(delta, residual, model.model.norm, kern)
@@ -257,12 +250,6 @@ class FastDecoder:
     def _capture(self, bk: Bucket) -> None:
         """Warm up on a side stream (Triton compiles, cuBLAS picks kernels), restore the inputs, capture."""
         t0 = time.perf_counter()
-        if self.linear is self.gemv_plan:  # time the projections' matmuls first (counted as capture time)
-            attn = self.engine.model.model.layers[0].self_attn  # every layer has the same shapes
-            qkv = [(attn.qkv_weight, attn.qkv_bias)] if attn.qkv_weight is not None else \
-                [(p.weight, p.bias) for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
-            for w, b in qkv + [(attn.o_proj.weight, attn.o_proj.bias)]:
-                self.gemv_plan.tune(w, b, rows=bk.batch)
         saved = bk.token.clone(), bk.pos.clone()
         stream = torch.cuda.Stream(device=self.engine.device)
         stream.wait_stream(torch.cuda.current_stream(self.engine.device))

@@ -92,16 +92,15 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def project(self, x: torch.Tensor, fused: bool = False, linear=F.linear) -> tuple[torch.Tensor, ...]:
-        """x: [B, T, hidden] -> token-major q [B, T, Hq, D], k, v [B, T, Hkv, D] (q/k-normed for qwen3).
-        linear(x, weight, bias): the matmul to use (the fast decode path passes its GemvPlan)."""
+    def project(self, x: torch.Tensor, fused: bool = False) -> tuple[torch.Tensor, ...]:
+        """x: [B, T, hidden] -> token-major q [B, T, Hq, D], k, v [B, T, Hkv, D] (q/k-normed for qwen3)."""
         b, t, _ = x.shape
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         if self.qkv_weight is not None:
-            qkv = linear(x, self.qkv_weight, self.qkv_bias)
+            qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
             q, k, v = qkv.split((hq * d, hkv * d, hkv * d), dim=-1)
         else:
-            q, k, v = (linear(x, p.weight, p.bias) for p in (self.q_proj, self.k_proj, self.v_proj))
+            q, k, v = (p(x) for p in (self.q_proj, self.k_proj, self.v_proj))
         q, k, v = q.view(b, t, hq, d), k.view(b, t, hkv, d), v.view(b, t, hkv, d)
         if self.q_norm is not None:  # qwen3: per-head RMSNorm before RoPE
             if fused:
