@@ -204,15 +204,32 @@ def test_fused_decode_really_reads_the_codes():
     assert (before - after).abs().max() > 1e-4
 
 
+def test_fused_decode_unpack_modes_checked():
+    store, _, _ = _quantized_cache(1, 1, 16, 32, 4, 4, 32, 16, False, torch.float16, "cpu")
+    q = torch.randn(1, 4, 1, 16, dtype=torch.float16)
+    kw = dict(n_quant=32, kv_len=36, bits=4, key_group=32, value_group=16, block_k=16)
+    with pytest.raises(ValueError, match="unpack must be one of"):
+        quant_decode(q, *store, unpack="fast", **kw)
+    with pytest.raises(ValueError, match="unpack must be one of"):
+        quant_decode(q.float(), *store, unpack="magic", **kw)
+    with pytest.raises(ValueError, match="needs a GPU"):
+        quant_decode(q, *store, unpack="asm", **kw)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", Q.BITS)
-def test_fused_decode_bf16_gpu(bits):
+@pytest.mark.parametrize("unpack", ["asm", "magic"])
+@pytest.mark.parametrize("n_quant,n_res", [(4096, 100), (128, 1), (1024 + 256, 63), (0, 129)])
+def test_fused_decode_bf16_gpu(bits, unpack, n_quant, n_res):
     b, hkv, gq, d, group = 1, 8, 4, 128, 128
-    store, k_deq, v_deq = _quantized_cache(b, hkv, d, 4096, 100, bits, group, 128, False, torch.bfloat16, "cuda")
+    store, k_deq, v_deq = _quantized_cache(b, hkv, d, n_quant, n_res, bits, group, 128, False, torch.bfloat16,
+                                           "cuda")
     q = torch.randn(b, hkv * gq, 1, d, device="cuda", dtype=torch.bfloat16)
     out = torch.full_like(q, float("nan"))
-    quant_decode(q, *store, n_quant=4096, kv_len=4196, bits=bits, key_group=group, value_group=128, out=out)
-    ref = quant_decode_ref(q, k_deq, v_deq, visible_mask(1, 4196, device="cuda"))
+    kv_len = n_quant + n_res
+    quant_decode(q, *store, n_quant=n_quant, kv_len=kv_len, bits=bits, key_group=group, value_group=128,
+                 block_k=128, unpack=unpack, out=out)
+    ref = quant_decode_ref(q, k_deq, v_deq, visible_mask(1, kv_len, device="cuda"))
     assert rel_rms(ref, out) < 1e-2
 
 

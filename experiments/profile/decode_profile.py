@@ -1,6 +1,6 @@
 """Where the decode kernels spend their time: a launch-config sweep (CUDA-graph timed) and a target for `ncu`.
 
-    python experiments/profile/decode_profile.py sweep [--ctx 131072] [--dense-ctx 32768]   # prints JSON lines
+    python experiments/profile/decode_profile.py sweep [--ctx 131072] [--dense-ctx 32768] [--quant-only]  # JSON lines
     ncu --clock-control none --kernel-name regex:'decode' python experiments/profile/decode_profile.py run int4
 
 `sweep` times the dense flash decode (batch 1 and 8, at --dense-ctx and --ctx) and the fused quantized decode
@@ -50,6 +50,15 @@ def quant_layer(name: str, k, v):
     return layer
 
 
+# (block_k, launch options) of the fused quantized decode to time; {} is the default launch
+QUANT_CONFIGS = (
+    (128, {}), (128, {"unpack": "magic"}), (128, {"programs_per_sm": 2}), (128, {"programs_per_sm": 3}),
+    (128, {"maxnreg": 128, "programs_per_sm": 4}), (128, {"num_warps": 8, "programs_per_sm": 2}),
+    (64, {"programs_per_sm": 3}), (64, {"programs_per_sm": 4}), (64, {"maxnreg": 128, "programs_per_sm": 4}),
+    (128, {"num_stages": 3}),
+)
+
+
 def us(fn) -> float:
     return 1000 * do_bench_cudagraph(fn, rep=100, return_mode="median")
 
@@ -59,13 +68,13 @@ def rel(a, b) -> float:
     return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt()).item()
 
 
-def sweep(ctx: int, dense_ctx: int) -> None:
+def sweep(ctx: int, dense_ctx: int, quant_only: bool = False) -> None:
     x = torch.randint(0, 255, (2 * 1024**3,), dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
     t = 1000 * do_bench(lambda: y.copy_(x), warmup=50, rep=200, return_mode="median")
     print(json.dumps({"path": "copy_2GB", "us": t, "TBps": 2 * x.numel() / t / 1e6}), flush=True)
     x = y = None  # free the 4 GB before the decode cases
-    for b, n in ((1, dense_ctx), (8, dense_ctx), (1, ctx), (8, ctx)):
+    for b, n in () if quant_only else ((1, dense_ctx), (8, dense_ctx), (1, ctx), (8, ctx)):
         q, k, v = kv(n, batch=b)
         bytes_kv = 2 * k.numel() * k.element_size()
         ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)
@@ -93,9 +102,7 @@ def sweep(ctx: int, dense_ctx: int) -> None:
         kd, vd = layer.dense()
         ref = F.scaled_dot_product_attention(q.float(), kd.float(), vd.float(), enable_gqa=True)
         del kd, vd
-        for bk, opts in ((64, {}), (64, {"programs_per_sm": 3}), (128, {}),
-                         (128, {"maxnreg": 168, "programs_per_sm": 3}), (128, {"num_stages": 3}),
-                         (128, {"num_stages": 1})):
+        for bk, opts in QUANT_CONFIGS:
             layer.block_k = bk
             layer.kernel_options = opts
             row = {"path": name, "ctx": ctx, "block_k": bk} | opts
@@ -128,5 +135,6 @@ if __name__ == "__main__":
     ap.add_argument("what", nargs="?", default="int4", help="run: int8 | int4 | int2 | dense")
     ap.add_argument("--ctx", type=int, default=131072)
     ap.add_argument("--dense-ctx", type=int, default=32768)
+    ap.add_argument("--quant-only", action="store_true", help="sweep: skip the dense decode cases")
     a = ap.parse_args()
-    sweep(a.ctx, a.dense_ctx) if a.mode == "sweep" else run(a.what, a.ctx, a.dense_ctx)
+    sweep(a.ctx, a.dense_ctx, a.quant_only) if a.mode == "sweep" else run(a.what, a.ctx, a.dense_ctx)

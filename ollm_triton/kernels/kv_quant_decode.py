@@ -24,7 +24,9 @@ over 132 SMs; a second kernel merges the splits' partials (decode_merge.py).
 from __future__ import annotations
 
 import math
+import os
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -34,14 +36,59 @@ from ollm_triton.kernels.decode_merge import merge_splits, one_wave_splits
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
-@triton.jit
-def _plane(b_w, I: tl.constexpr, BITS: tl.constexpr, MAGIC: tl.constexpr, DOT: tl.constexpr):
-    """Codes of plane I (channels P*j + I) of packed bytes b_w: int32 [N, J] -> DOT [N, J].
+def _unpack_asm(bits: int, i: int) -> str:
+    """PTX for plane i of 4 packed bytes (one 32-bit register, $2) -> 4 fp16 codes in two f16x2 registers ($0, $1).
 
-    With MAGIC (fp16 dots), the fp16 whose bits are 0x6400 | c is exactly 1024 + c: an OR and a subtraction
-    instead of an integer-to-float conversion, which runs at a quarter of the ALU rate."""
+    Each pair of bytes is spread to the two halves of a register (prmt), the plane's bits are masked in place and
+    OR-ed under 0x6400 (lop3), which makes the fp16 1024 + c * 2**(bits*i) exactly, and one f16x2 fma scales and
+    shifts that to c. Two codes per instruction after the spread: about 1.25 instructions a code for int4, where
+    the compiler's own unpack of the same expression takes 2.5-3 (SASS of the sm_90 build)."""
+    shift = bits * i
+    mask = ((1 << bits) - 1) << shift
+    f16 = lambda x: int(np.float16(x).view(np.uint16))  # noqa: E731
+    scale, bias = f16(2.0**-shift), f16(-1024.0 * 2.0**-shift)
+    return ("{ .reg .b32 t0, t1, a0, a1, s, c;\n"
+            "prmt.b32 t0, $2, 0, 0x4140;\n"  # bytes 0 and 1 -> the low bytes of the two halves
+            "prmt.b32 t1, $2, 0, 0x4342;\n"  # bytes 2 and 3
+            f"lop3.b32 a0, t0, {mask | mask << 16:#x}, 0x64006400, 0xea;\n"  # (t & mask) | 0x6400 in each half
+            f"lop3.b32 a1, t1, {mask | mask << 16:#x}, 0x64006400, 0xea;\n"
+            f"mov.b32 s, {scale | scale << 16:#x};\n"
+            f"mov.b32 c, {bias | bias << 16:#x};\n"
+            "fma.rn.f16x2 $0, a0, s, c;\n"
+            "fma.rn.f16x2 $1, a1, s, c; }")
+
+
+# one constexpr string per (bits, plane): jitted code reads module constants only when they are tl.constexpr
+_ASM_8_0 = tl.constexpr(_unpack_asm(8, 0))
+_ASM_4_0, _ASM_4_1 = tl.constexpr(_unpack_asm(4, 0)), tl.constexpr(_unpack_asm(4, 1))
+_ASM_2_0, _ASM_2_1 = tl.constexpr(_unpack_asm(2, 0)), tl.constexpr(_unpack_asm(2, 1))
+_ASM_2_2, _ASM_2_3 = tl.constexpr(_unpack_asm(2, 2)), tl.constexpr(_unpack_asm(2, 3))
+
+# how codes become dot operands: integer-to-float conversion, the 0x6400 trick in Triton ops, or the PTX above
+UNPACK_MODES = {"cvt": 0, "magic": 1, "asm": 2}
+
+
+def _interpreted(x: torch.Tensor) -> bool:
+    return not x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _plane(b_w, I: tl.constexpr, BITS: tl.constexpr, UNPACK: tl.constexpr, DOT: tl.constexpr):
+    """Codes of plane I (channels P*j + I) of packed bytes b_w [N, J] -> DOT [N, J].
+
+    UNPACK 1, "magic" (fp16 dots): the fp16 whose bits are 0x6400 | c is exactly 1024 + c: an OR and a subtraction
+    instead of an integer-to-float conversion, which runs at a quarter of the ALU rate. UNPACK 2, "asm", does the
+    same two codes at a time in PTX (b_w must be uint8 there; the others take int32)."""
+    if UNPACK == 2:
+        if BITS == 8:
+            asm: tl.constexpr = _ASM_8_0
+        elif BITS == 4:
+            asm: tl.constexpr = _ASM_4_0 if I == 0 else _ASM_4_1
+        else:
+            asm: tl.constexpr = _ASM_2_0 if I == 0 else _ASM_2_1 if I == 1 else _ASM_2_2 if I == 2 else _ASM_2_3
+        return tl.inline_asm_elementwise(asm, "=r,=r,r", [b_w], dtype=tl.float16, is_pure=True, pack=4)
     b_c = (b_w >> (I * BITS)) & ((1 << BITS) - 1)
-    if MAGIC:
+    if UNPACK == 1:
         b_f = (b_c | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
         return (b_f - 1024.0).to(tl.float16)
     else:
@@ -49,17 +96,14 @@ def _plane(b_w, I: tl.constexpr, BITS: tl.constexpr, MAGIC: tl.constexpr, DOT: t
 
 
 @triton.jit
-def _key_plane(b_qi, b_kw, p_s, p_z, m_j, I: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr,
-               MAGIC: tl.constexpr, DOT: tl.constexpr):
-    """Plane I's share of q . k for a block: (q_i s_i) . c_i and q_i . z_i (k = c s + z per channel)."""
+def _key_plane(b_qi, p_s, p_z, m_j, BITS: tl.constexpr, SYMMETRIC: tl.constexpr, DOT: tl.constexpr):
+    """Plane i's query side for a block (k = c s + z per channel): (q_i s_i) as a dot operand, and q_i . z_i."""
     b_ks = tl.load(p_s, mask=m_j, other=0.0).to(tl.float32)
     if SYMMETRIC:
         b_kz = -b_ks * (1 << (BITS - 1))
     else:
         b_kz = tl.load(p_z, mask=m_j, other=0.0).to(tl.float32)
-    b_c = _plane(b_kw, I, BITS, MAGIC, DOT)
-    b_s = tl.dot((b_qi * b_ks[None, :]).to(DOT), tl.trans(b_c))  # [BM, BJ] @ [BJ, BK] -> [BM, BK]
-    return b_s, tl.sum(b_qi * b_kz[None, :], 1)
+    return (b_qi * b_ks[None, :]).to(DOT), tl.sum(b_qi * b_kz[None, :], 1)
 
 
 @triton.jit
@@ -73,7 +117,7 @@ def _value_plane_grouped(b_p, b_vw, p_vs, p_vz, o_j, m_j, I: tl.constexpr, P: tl
         b_vz = -b_vs * (1 << (BITS - 1))
     else:
         b_vz = tl.load(p_vz + o_grp, mask=m_j[None, :], other=0.0).to(tl.float32)
-    b_c = ((b_vw >> (I * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+    b_c = ((b_vw.to(tl.int32) >> (I * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
     return tl.dot(b_p.to(DOT), (b_c * b_vs + b_vz).to(DOT))  # [BM, BK] @ [BK, BJ] -> [BM, BJ]
 
 
@@ -100,9 +144,10 @@ def _quant_decode_kernel(
     stride_r_bh, stride_r_n,
     n_quant, kv_len, n_visit, n_quant_visit, blocks_per_split, window, sink, qk_scale,
     H_KV: tl.constexpr, GQ: tl.constexpr, T: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_J: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, KEY_GROUP: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    KEY_GROUP: tl.constexpr,
     V_GROUPS: tl.constexpr, V_GROUP: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr,
-    HAS_BLOCK_IDS: tl.constexpr, HAS_WINDOW: tl.constexpr, MAGIC: tl.constexpr, DOT: tl.constexpr,
+    HAS_BLOCK_IDS: tl.constexpr, HAS_WINDOW: tl.constexpr, UNPACK: tl.constexpr, DOT: tl.constexpr,
 ):
     """Program (batch*KV head, split): visits [i_lo, i_hi) of the visit list. The first n_quant_visit visits are
     quantized blocks and the rest residual ones (the list is ascending and the quantized region comes first), so
@@ -126,7 +171,6 @@ def _quant_decode_kernel(
     m_d, m_j = o_d < D, o_j < D // P
     p_q = Q + i_b * stride_qb + (i_h * GQ + o_g)[:, None] * stride_qh + o_t[:, None] * stride_qt
     # qk_scale = log2(e) / sqrt(D): scores come out in the log2 domain for exp2
-    b_q = tl.load(p_q + o_d[None, :], mask=m_q & m_d[None, :], other=0.0).to(tl.float32) * qk_scale
     m_qj = m_q & m_j[None, :]
     b_q0 = tl.load(p_q + (o_j * P)[None, :], mask=m_qj, other=0.0).to(tl.float32) * qk_scale
     b_acc0 = tl.zeros([BLOCK_M, BLOCK_J], tl.float32)
@@ -156,22 +200,31 @@ def _quant_decode_kernel(
             start = i * BLOCK_K
         o_n = start + o_k
         o_s = i_bh * stride_ks_bh + (start // KEY_GROUP) * stride_ks_g + o_j * P
-        b_kw = tl.load(p_kc0 + o_n[:, None] * stride_kc_n, mask=m_j[None, :], other=0).to(tl.int32)  # [BK, BJ]
-        # q . (c s + z) = sum over planes of (q_i s_i) . c_i + q_i . z_i
-        b_s, b_bias = _key_plane(b_q0, b_kw, KS + o_s, KZ + o_s, m_j, 0, BITS, SYMMETRIC, MAGIC, DOT)
+        b_kw = tl.load(p_kc0 + o_n[:, None] * stride_kc_n, mask=m_j[None, :], other=0)  # uint8 [BK, BJ]
+        if UNPACK != 2:
+            b_kw = b_kw.to(tl.int32)
+        # q . (c s + z) = sum over planes of (q_i s_i) . c_i + q_i . z_i: the biases first, as the dots' initial
+        # accumulator, then each plane's dot accumulates in place: [BM, BJ] @ [BJ, BK] -> [BM, BK]
+        b_a0, b_bias = _key_plane(b_q0, KS + o_s, KZ + o_s, m_j, BITS, SYMMETRIC, DOT)
         if P >= 2:
-            b_s1, b_bias1 = _key_plane(b_q1, b_kw, KS + o_s + 1, KZ + o_s + 1, m_j, 1, BITS, SYMMETRIC, MAGIC, DOT)
-            b_s += b_s1
+            b_a1, b_bias1 = _key_plane(b_q1, KS + o_s + 1, KZ + o_s + 1, m_j, BITS, SYMMETRIC, DOT)
             b_bias += b_bias1
         if P >= 4:
-            b_s2, b_bias2 = _key_plane(b_q2, b_kw, KS + o_s + 2, KZ + o_s + 2, m_j, 2, BITS, SYMMETRIC, MAGIC, DOT)
-            b_s3, b_bias3 = _key_plane(b_q3, b_kw, KS + o_s + 3, KZ + o_s + 3, m_j, 3, BITS, SYMMETRIC, MAGIC, DOT)
-            b_s += b_s2 + b_s3
+            b_a2, b_bias2 = _key_plane(b_q2, KS + o_s + 2, KZ + o_s + 2, m_j, BITS, SYMMETRIC, DOT)
+            b_a3, b_bias3 = _key_plane(b_q3, KS + o_s + 3, KZ + o_s + 3, m_j, BITS, SYMMETRIC, DOT)
             b_bias += b_bias2 + b_bias3
-        b_s += b_bias[:, None]
+        b_s = tl.broadcast_to(b_bias[:, None], [BLOCK_M, BLOCK_K])
+        b_s = tl.dot(b_a0, tl.trans(_plane(b_kw, 0, BITS, UNPACK, DOT)), b_s)
+        if P >= 2:
+            b_s = tl.dot(b_a1, tl.trans(_plane(b_kw, 1, BITS, UNPACK, DOT)), b_s)
+        if P >= 4:
+            b_s = tl.dot(b_a2, tl.trans(_plane(b_kw, 2, BITS, UNPACK, DOT)), b_s)
+            b_s = tl.dot(b_a3, tl.trans(_plane(b_kw, 3, BITS, UNPACK, DOT)), b_s)
         b_p, b_alpha, b_mx, b_l = _softmax_step(b_s, o_n, q_pos, kv_len, window, sink, b_mx, b_l, HAS_WINDOW)
 
-        b_vw = tl.load(p_vc0 + o_n[:, None] * stride_vc_n, mask=m_j[None, :], other=0).to(tl.int32)  # [BK, BJ]
+        b_vw = tl.load(p_vc0 + o_n[:, None] * stride_vc_n, mask=m_j[None, :], other=0)  # uint8 [BK, BJ]
+        if UNPACK != 2:
+            b_vw = b_vw.to(tl.int32)
         if V_GROUPS == 1:  # one scale per token: scale the probabilities, not the values
             b_vs = tl.load(VS + i_bh * stride_vs_bh + o_n * stride_vs_n).to(tl.float32)
             if SYMMETRIC:
@@ -181,12 +234,13 @@ def _quant_decode_kernel(
             b_ps = (b_p * b_vs[None, :]).to(DOT)
             b_pz = tl.sum(b_p * b_vz[None, :], 1)[:, None]  # sum_n p_n z_n, the same for every channel
             # [BM, BK] @ [BK, BJ] -> [BM, BJ] per plane
-            b_acc0 = b_acc0 * b_alpha[:, None] + tl.dot(b_ps, _plane(b_vw, 0, BITS, MAGIC, DOT)) + b_pz
+            # rescaled and shifted accumulators, into which each plane's dot accumulates in place
+            b_acc0 = tl.dot(b_ps, _plane(b_vw, 0, BITS, UNPACK, DOT), b_acc0 * b_alpha[:, None] + b_pz)
             if P >= 2:
-                b_acc1 = b_acc1 * b_alpha[:, None] + tl.dot(b_ps, _plane(b_vw, 1, BITS, MAGIC, DOT)) + b_pz
+                b_acc1 = tl.dot(b_ps, _plane(b_vw, 1, BITS, UNPACK, DOT), b_acc1 * b_alpha[:, None] + b_pz)
             if P >= 4:
-                b_acc2 = b_acc2 * b_alpha[:, None] + tl.dot(b_ps, _plane(b_vw, 2, BITS, MAGIC, DOT)) + b_pz
-                b_acc3 = b_acc3 * b_alpha[:, None] + tl.dot(b_ps, _plane(b_vw, 3, BITS, MAGIC, DOT)) + b_pz
+                b_acc2 = tl.dot(b_ps, _plane(b_vw, 2, BITS, UNPACK, DOT), b_acc2 * b_alpha[:, None] + b_pz)
+                b_acc3 = tl.dot(b_ps, _plane(b_vw, 3, BITS, UNPACK, DOT), b_acc3 * b_alpha[:, None] + b_pz)
         else:
             p_vs = VS + i_bh * stride_vs_bh + o_n[:, None] * stride_vs_n
             p_vz = VZ + i_bh * stride_vs_bh + o_n[:, None] * stride_vs_n
@@ -201,32 +255,38 @@ def _quant_decode_kernel(
                 b_acc3 = b_acc3 * b_alpha[:, None] + _value_plane_grouped(
                     b_p, b_vw, p_vs, p_vz, o_j, m_j, 3, P, V_GROUP, BITS, SYMMETRIC, DOT)
 
-    # residual blocks: the newest tokens, in the model dtype
+    # residual blocks: the newest tokens, in the model dtype. The full query is loaded only now, and the blocks are
+    # walked in sub-blocks of BLOCK_R keys: this loop would otherwise set the kernel's register count (213 against
+    # 190 without it, int4 at block 128, sm_90), and the tail is at most residual + group tokens long.
+    b_q = tl.load(p_q + o_d[None, :], mask=m_q & m_d[None, :], other=0.0).to(tl.float32) * qk_scale
+    b_q = b_q.to(DOT)
+    o_rk = tl.arange(0, BLOCK_R)
     for i in range(tl.maximum(i_lo, n_quant_visit), i_hi):
         if HAS_BLOCK_IDS:
             start = tl.load(BLOCK_IDS + i) * BLOCK_K
         else:
             start = i * BLOCK_K
-        o_n = start + o_k
-        o_r = o_n - n_quant
-        m_r = (o_r < n_res)[:, None]
-        p_r = i_bh * stride_r_bh + o_r[:, None] * stride_r_n
-        b_k = tl.load(KR + p_r + o_d[None, :], mask=m_r & m_d[None, :], other=0.0).to(DOT)
-        b_s = tl.dot(b_q.to(DOT), tl.trans(b_k))  # [BM, BD] @ [BD, BK] -> [BM, BK]
-        b_p, b_alpha, b_mx, b_l = _softmax_step(b_s, o_n, q_pos, kv_len, window, sink, b_mx, b_l, HAS_WINDOW)
-        b_pd = b_p.to(DOT)
-        m_rj = m_r & m_j[None, :]
-        # the residual's values, read plane by plane to match the accumulators: [BM, BK] @ [BK, BJ] -> [BM, BJ]
-        b_v0 = tl.load(VR + p_r + (o_j * P)[None, :], mask=m_rj, other=0.0).to(DOT)
-        b_acc0 = b_acc0 * b_alpha[:, None] + tl.dot(b_pd, b_v0)
-        if P >= 2:
-            b_v1 = tl.load(VR + p_r + (o_j * P + 1)[None, :], mask=m_rj, other=0.0).to(DOT)
-            b_acc1 = b_acc1 * b_alpha[:, None] + tl.dot(b_pd, b_v1)
-        if P >= 4:
-            b_v2 = tl.load(VR + p_r + (o_j * P + 2)[None, :], mask=m_rj, other=0.0).to(DOT)
-            b_v3 = tl.load(VR + p_r + (o_j * P + 3)[None, :], mask=m_rj, other=0.0).to(DOT)
-            b_acc2 = b_acc2 * b_alpha[:, None] + tl.dot(b_pd, b_v2)
-            b_acc3 = b_acc3 * b_alpha[:, None] + tl.dot(b_pd, b_v3)
+        for r in range(0, BLOCK_K, BLOCK_R):
+            o_n = start + r + o_rk
+            o_r = o_n - n_quant
+            m_r = (o_r < n_res)[:, None]
+            p_r = i_bh * stride_r_bh + o_r[:, None] * stride_r_n
+            b_k = tl.load(KR + p_r + o_d[None, :], mask=m_r & m_d[None, :], other=0.0).to(DOT)
+            b_s = tl.dot(b_q, tl.trans(b_k))  # [BM, BD] @ [BD, BR] -> [BM, BR]
+            b_p, b_alpha, b_mx, b_l = _softmax_step(b_s, o_n, q_pos, kv_len, window, sink, b_mx, b_l, HAS_WINDOW)
+            b_pd = b_p.to(DOT)
+            m_rj = m_r & m_j[None, :]
+            # the values, read plane by plane to match the accumulators: [BM, BR] @ [BR, BJ] -> [BM, BJ]
+            b_v0 = tl.load(VR + p_r + (o_j * P)[None, :], mask=m_rj, other=0.0).to(DOT)
+            b_acc0 = tl.dot(b_pd, b_v0, b_acc0 * b_alpha[:, None])
+            if P >= 2:
+                b_v1 = tl.load(VR + p_r + (o_j * P + 1)[None, :], mask=m_rj, other=0.0).to(DOT)
+                b_acc1 = tl.dot(b_pd, b_v1, b_acc1 * b_alpha[:, None])
+            if P >= 4:
+                b_v2 = tl.load(VR + p_r + (o_j * P + 2)[None, :], mask=m_rj, other=0.0).to(DOT)
+                b_v3 = tl.load(VR + p_r + (o_j * P + 3)[None, :], mask=m_rj, other=0.0).to(DOT)
+                b_acc2 = tl.dot(b_pd, b_v2, b_acc2 * b_alpha[:, None])
+                b_acc3 = tl.dot(b_pd, b_v3, b_acc3 * b_alpha[:, None])
 
     # this split's normalised partial and log2-sum-exp (-inf when it saw no key), for decode_merge
     n_split = tl.num_programs(1)
@@ -263,7 +323,7 @@ def quant_decode(
     *, n_quant: int, kv_len: int, bits: int, key_group: int, value_group: int,
     block_ids: torch.Tensor | None = None, window: int = 0, sink: int = 0,
     block_k: int = 64, num_splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
-    maxnreg: int | None = None, programs_per_sm: int | None = None,
+    maxnreg: int | None = None, programs_per_sm: int | None = None, unpack: str | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention of T new queries over a quantized cache: one launch, plus the split merge.
@@ -275,6 +335,8 @@ def quant_decode(
     (written into `out` when given).
     Launch: num_splits (default: one wave of `programs_per_sm` programs per SM), num_warps, num_stages, and
     maxnreg (a register cap per thread, to fit more programs on an SM at the price of spills).
+    unpack: how codes become fp16 dot operands, "asm" (PTX, the default on a GPU), "magic" (the same trick in
+    Triton ops, the default under the CPU interpreter, which cannot run PTX) or "cvt" (the only one for fp32 queries).
     """
     b, hq, t, d = q.shape
     hkv = k_codes.shape[1]
@@ -303,6 +365,13 @@ def quant_decode(
                                                          programs_per_sm=programs_per_sm, maxnreg=maxnreg)
 
     dot = tl.float32 if q.dtype == torch.float32 else tl.float16  # codes <= 255 are exact in fp16
+    if unpack is None:
+        unpack = "cvt" if dot == tl.float32 else "magic" if _interpreted(q) else "asm"
+    if unpack not in UNPACK_MODES or (dot == tl.float32 and unpack != "cvt"):
+        raise ValueError(f"unpack must be one of {', '.join(UNPACK_MODES)} ('cvt' for float32 queries), got {unpack!r}")
+    if unpack == "asm" and _interpreted(q):
+        raise ValueError("unpack='asm' runs PTX and needs a GPU without TRITON_INTERPRET; use 'magic' or 'cvt'")
+    unpack = UNPACK_MODES[unpack]
     flat = lambda x: x.reshape(b * hkv, *x.shape[2:]) if x is not None else None  # noqa: E731
     kc, vc, ks, vs, kr, vr = map(flat, (k_codes, v_codes, k_scale, v_scale, k_res, v_res))
     kz, vz = flat(k_zero) if k_zero is not None else ks, flat(v_zero) if v_zero is not None else vs
@@ -321,9 +390,10 @@ def quant_decode(
         kr.stride(0), kr.stride(1),
         n_quant, kv_len, n_visit, n_quant_visit, blocks_per_split, window, sink, math.log2(math.e) / math.sqrt(d),
         H_KV=hkv, GQ=gq, T=t, D=d, BLOCK_D=block_d, BLOCK_J=block_j, BLOCK_M=block_m, BLOCK_K=block_k,
+        BLOCK_R=min(block_k, 32),
         KEY_GROUP=key_group, V_GROUPS=d // value_group,
         V_GROUP=value_group, BITS=bits, SYMMETRIC=symmetric,
-        HAS_BLOCK_IDS=block_ids is not None, HAS_WINDOW=window > 0, MAGIC=dot == tl.float16, DOT=dot,
+        HAS_BLOCK_IDS=block_ids is not None, HAS_WINDOW=window > 0, UNPACK=unpack, DOT=dot,
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     merge_splits(o_part.view(b * hkv, num_splits, gq * t, block_d), l_part, out, kv_heads=hkv, group=gq, t=t,
