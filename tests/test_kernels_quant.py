@@ -174,7 +174,8 @@ DECODE_CASES = [
 @pytest.mark.interpreter
 @pytest.mark.parametrize("case", DECODE_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_fused_decode_matches_dequantize_then_attend(case, dtype, poison):
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_fused_decode_matches_dequantize_then_attend(case, dtype, pipeline, poison):
     bits, group, vg, n_quant, n_res, t, symmetric, window, sink, blocks, splits = case
     b, hkv, gq, d, block_k = 2, 2, 4, 32, 16
     store, k_deq, v_deq = _quantized_cache(b, hkv, d, n_quant, n_res, bits, group, vg, symmetric, dtype, DEVICE)
@@ -183,7 +184,8 @@ def test_fused_decode_matches_dequantize_then_attend(case, dtype, poison):
     block_ids = torch.tensor(blocks, dtype=torch.int32) if blocks is not None else None
     out = poison(torch.empty_like(q))
     quant_decode(q, *store, n_quant=n_quant, kv_len=kv_len, bits=bits, key_group=group, value_group=vg,
-                 block_ids=block_ids, window=window, sink=sink, block_k=block_k, num_splits=splits, out=out)
+                 block_ids=block_ids, window=window, sink=sink, block_k=block_k, num_splits=splits, pipeline=pipeline,
+                 out=out)
     mask = visible_mask(t, kv_len, block_ids=block_ids, window=window, sink=sink, block_k=block_k)
     ref = quant_decode_ref(q, k_deq, v_deq, mask)
     assert not out.isnan().any()
@@ -218,9 +220,9 @@ def test_fused_decode_unpack_modes_checked():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", Q.BITS)
-@pytest.mark.parametrize("unpack", ["asm", "magic"])
+@pytest.mark.parametrize("unpack,pipeline", [("asm", False), ("asm", True), ("magic", False)])
 @pytest.mark.parametrize("n_quant,n_res", [(4096, 100), (128, 1), (1024 + 256, 63), (0, 129)])
-def test_fused_decode_bf16_gpu(bits, unpack, n_quant, n_res):
+def test_fused_decode_bf16_gpu(bits, unpack, pipeline, n_quant, n_res):
     b, hkv, gq, d, group = 1, 8, 4, 128, 128
     store, k_deq, v_deq = _quantized_cache(b, hkv, d, n_quant, n_res, bits, group, 128, False, torch.bfloat16,
                                            "cuda")
@@ -228,7 +230,7 @@ def test_fused_decode_bf16_gpu(bits, unpack, n_quant, n_res):
     out = torch.full_like(q, float("nan"))
     kv_len = n_quant + n_res
     quant_decode(q, *store, n_quant=n_quant, kv_len=kv_len, bits=bits, key_group=group, value_group=128,
-                 block_k=128, unpack=unpack, out=out)
+                 block_k=128, unpack=unpack, pipeline=pipeline, out=out)
     ref = quant_decode_ref(q, k_deq, v_deq, visible_mask(1, kv_len, device="cuda"))
     assert rel_rms(ref, out) < 1e-2
 

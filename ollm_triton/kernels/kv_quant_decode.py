@@ -107,6 +107,42 @@ def _key_plane(b_qi, p_s, p_z, m_j, BITS: tl.constexpr, SYMMETRIC: tl.constexpr,
 
 
 @triton.jit
+def _block_scores(i, valid, BLOCK_IDS, p_kc0, stride_kc_n, KS, KZ, off_ks, stride_ks_g, o_j, o_k, m_j,
+                  b_q0, b_q1, b_q2, b_q3, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, KEY_GROUP: tl.constexpr,
+                  P: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BLOCK_IDS: tl.constexpr,
+                  UNPACK: tl.constexpr, DOT: tl.constexpr):
+    """Log2-domain scores [BM, BK] of visit i (a quantized block), and the block's first key. Loads are masked off
+    when not `valid` (the pipelined loop asks for one block past its end)."""
+    if HAS_BLOCK_IDS:
+        start = tl.load(BLOCK_IDS + tl.where(valid, i, 0)) * BLOCK_K  # the list has >= 1 entry
+    else:
+        start = i * BLOCK_K
+    m_jv = m_j & (tl.zeros_like(o_j) + valid.to(tl.int32) > 0)  # a vector mask (the interpreter wants one)
+    b_kw = tl.load(p_kc0 + (start + o_k)[:, None] * stride_kc_n, mask=m_jv[None, :], other=0)  # uint8 [BK, BJ]
+    if UNPACK != 2:
+        b_kw = b_kw.to(tl.int32)
+    # q . (c s + z) = sum over planes of (q_i s_i) . c_i + q_i . z_i: the biases first, as the dots' initial
+    # accumulator, then each plane's dot accumulates in place: [BM, BJ] @ [BJ, BK] -> [BM, BK]
+    o_s = off_ks + (start // KEY_GROUP) * stride_ks_g + o_j * P
+    b_a0, b_bias = _key_plane(b_q0, KS + o_s, KZ + o_s, m_jv, BITS, SYMMETRIC, DOT)
+    if P >= 2:
+        b_a1, b_bias1 = _key_plane(b_q1, KS + o_s + 1, KZ + o_s + 1, m_jv, BITS, SYMMETRIC, DOT)
+        b_bias += b_bias1
+    if P >= 4:
+        b_a2, b_bias2 = _key_plane(b_q2, KS + o_s + 2, KZ + o_s + 2, m_jv, BITS, SYMMETRIC, DOT)
+        b_a3, b_bias3 = _key_plane(b_q3, KS + o_s + 3, KZ + o_s + 3, m_jv, BITS, SYMMETRIC, DOT)
+        b_bias += b_bias2 + b_bias3
+    b_s = tl.broadcast_to(b_bias[:, None], [BLOCK_M, BLOCK_K])
+    b_s = tl.dot(b_a0, tl.trans(_plane(b_kw, 0, BITS, UNPACK, DOT)), b_s)
+    if P >= 2:
+        b_s = tl.dot(b_a1, tl.trans(_plane(b_kw, 1, BITS, UNPACK, DOT)), b_s)
+    if P >= 4:
+        b_s = tl.dot(b_a2, tl.trans(_plane(b_kw, 2, BITS, UNPACK, DOT)), b_s)
+        b_s = tl.dot(b_a3, tl.trans(_plane(b_kw, 3, BITS, UNPACK, DOT)), b_s)
+    return b_s, start
+
+
+@triton.jit
 def _value_plane_grouped(b_p, b_vw, p_vs, p_vz, o_j, m_j, I: tl.constexpr, P: tl.constexpr, V_GROUP: tl.constexpr,
                          BITS: tl.constexpr, SYMMETRIC: tl.constexpr, DOT: tl.constexpr):
     """p @ v for plane I when a token has several value groups: dequantize c*s+z in registers.
@@ -147,7 +183,8 @@ def _quant_decode_kernel(
     BLOCK_J: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     KEY_GROUP: tl.constexpr,
     V_GROUPS: tl.constexpr, V_GROUP: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr,
-    HAS_BLOCK_IDS: tl.constexpr, HAS_WINDOW: tl.constexpr, UNPACK: tl.constexpr, DOT: tl.constexpr,
+    HAS_BLOCK_IDS: tl.constexpr, HAS_WINDOW: tl.constexpr, UNPACK: tl.constexpr, PIPELINE: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     """Program (batch*KV head, split): visits [i_lo, i_hi) of the visit list. The first n_quant_visit visits are
     quantized blocks and the rest residual ones (the list is ascending and the quantized region comes first), so
@@ -174,6 +211,7 @@ def _quant_decode_kernel(
     m_qj = m_q & m_j[None, :]
     b_q0 = tl.load(p_q + (o_j * P)[None, :], mask=m_qj, other=0.0).to(tl.float32) * qk_scale
     b_acc0 = tl.zeros([BLOCK_M, BLOCK_J], tl.float32)
+    b_q1, b_q2, b_q3 = b_q0, b_q0, b_q0  # placeholders for the planes a byte does not have (unused)
     if P >= 2:
         b_q1 = tl.load(p_q + (o_j * P + 1)[None, :], mask=m_qj, other=0.0).to(tl.float32) * qk_scale
         b_acc1 = tl.zeros([BLOCK_M, BLOCK_J], tl.float32)
@@ -192,34 +230,28 @@ def _quant_decode_kernel(
 
     i_lo = i_split * blocks_per_split
     i_hi = tl.minimum(i_lo + blocks_per_split, n_visit)
-    # quantized blocks: each lies inside one key group (KEY_GROUP % BLOCK_K == 0, n_quant % KEY_GROUP == 0)
-    for i in range(i_lo, tl.minimum(i_hi, n_quant_visit)):
-        if HAS_BLOCK_IDS:
-            start = tl.load(BLOCK_IDS + i) * BLOCK_K
+    # quantized blocks: each lies inside one key group (KEY_GROUP % BLOCK_K == 0, n_quant % KEY_GROUP == 0). With
+    # PIPELINE the loop is software-pipelined by hand: block i+1's scores are computed before block i's softmax and
+    # value dots,
+    # so that the two independent chains interleave (a block alone is one long dependent chain, and with ~12 warps
+    # an SM the scheduler found an eligible warp in only 40% of cycles; experiments/kv_cache/README.md, section 5).
+    i_q_hi = tl.minimum(i_hi, n_quant_visit)
+    if PIPELINE:
+        b_s_next, start_next = _block_scores(
+            i_lo, i_lo < i_q_hi, BLOCK_IDS, p_kc0, stride_kc_n, KS, KZ, i_bh * stride_ks_bh, stride_ks_g, o_j, o_k,
+            m_j, b_q0, b_q1, b_q2, b_q3, BLOCK_M, BLOCK_K, KEY_GROUP, P, BITS, SYMMETRIC, HAS_BLOCK_IDS, UNPACK, DOT)
+    for i in range(i_lo, i_q_hi):
+        if PIPELINE:
+            b_s, start = b_s_next, start_next
+            b_s_next, start_next = _block_scores(
+                i + 1, i + 1 < i_q_hi, BLOCK_IDS, p_kc0, stride_kc_n, KS, KZ, i_bh * stride_ks_bh, stride_ks_g, o_j,
+                o_k, m_j, b_q0, b_q1, b_q2, b_q3, BLOCK_M, BLOCK_K, KEY_GROUP, P, BITS, SYMMETRIC, HAS_BLOCK_IDS,
+                UNPACK, DOT)
         else:
-            start = i * BLOCK_K
+            b_s, start = _block_scores(
+                i, i < i_q_hi, BLOCK_IDS, p_kc0, stride_kc_n, KS, KZ, i_bh * stride_ks_bh, stride_ks_g, o_j, o_k, m_j,
+                b_q0, b_q1, b_q2, b_q3, BLOCK_M, BLOCK_K, KEY_GROUP, P, BITS, SYMMETRIC, HAS_BLOCK_IDS, UNPACK, DOT)
         o_n = start + o_k
-        o_s = i_bh * stride_ks_bh + (start // KEY_GROUP) * stride_ks_g + o_j * P
-        b_kw = tl.load(p_kc0 + o_n[:, None] * stride_kc_n, mask=m_j[None, :], other=0)  # uint8 [BK, BJ]
-        if UNPACK != 2:
-            b_kw = b_kw.to(tl.int32)
-        # q . (c s + z) = sum over planes of (q_i s_i) . c_i + q_i . z_i: the biases first, as the dots' initial
-        # accumulator, then each plane's dot accumulates in place: [BM, BJ] @ [BJ, BK] -> [BM, BK]
-        b_a0, b_bias = _key_plane(b_q0, KS + o_s, KZ + o_s, m_j, BITS, SYMMETRIC, DOT)
-        if P >= 2:
-            b_a1, b_bias1 = _key_plane(b_q1, KS + o_s + 1, KZ + o_s + 1, m_j, BITS, SYMMETRIC, DOT)
-            b_bias += b_bias1
-        if P >= 4:
-            b_a2, b_bias2 = _key_plane(b_q2, KS + o_s + 2, KZ + o_s + 2, m_j, BITS, SYMMETRIC, DOT)
-            b_a3, b_bias3 = _key_plane(b_q3, KS + o_s + 3, KZ + o_s + 3, m_j, BITS, SYMMETRIC, DOT)
-            b_bias += b_bias2 + b_bias3
-        b_s = tl.broadcast_to(b_bias[:, None], [BLOCK_M, BLOCK_K])
-        b_s = tl.dot(b_a0, tl.trans(_plane(b_kw, 0, BITS, UNPACK, DOT)), b_s)
-        if P >= 2:
-            b_s = tl.dot(b_a1, tl.trans(_plane(b_kw, 1, BITS, UNPACK, DOT)), b_s)
-        if P >= 4:
-            b_s = tl.dot(b_a2, tl.trans(_plane(b_kw, 2, BITS, UNPACK, DOT)), b_s)
-            b_s = tl.dot(b_a3, tl.trans(_plane(b_kw, 3, BITS, UNPACK, DOT)), b_s)
         b_p, b_alpha, b_mx, b_l = _softmax_step(b_s, o_n, q_pos, kv_len, window, sink, b_mx, b_l, HAS_WINDOW)
 
         b_vw = tl.load(p_vc0 + o_n[:, None] * stride_vc_n, mask=m_j[None, :], other=0)  # uint8 [BK, BJ]
@@ -324,7 +356,7 @@ def quant_decode(
     block_ids: torch.Tensor | None = None, window: int = 0, sink: int = 0,
     block_k: int = 64, num_splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
     maxnreg: int | None = None, programs_per_sm: int | None = None, unpack: str | None = None,
-    out: torch.Tensor | None = None,
+    pipeline: bool = False, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention of T new queries over a quantized cache: one launch, plus the split merge.
 
@@ -337,6 +369,7 @@ def quant_decode(
     maxnreg (a register cap per thread, to fit more programs on an SM at the price of spills).
     unpack: how codes become fp16 dot operands, "asm" (PTX, the default on a GPU), "magic" (the same trick in
     Triton ops, the default under the CPU interpreter, which cannot run PTX) or "cvt" (the only one for fp32 queries).
+    pipeline: compute the next block's scores before this block's softmax and value dots (more registers).
     """
     b, hq, t, d = q.shape
     hkv = k_codes.shape[1]
@@ -393,7 +426,7 @@ def quant_decode(
         BLOCK_R=min(block_k, 32),
         KEY_GROUP=key_group, V_GROUPS=d // value_group,
         V_GROUP=value_group, BITS=bits, SYMMETRIC=symmetric,
-        HAS_BLOCK_IDS=block_ids is not None, HAS_WINDOW=window > 0, UNPACK=unpack, DOT=dot,
+        HAS_BLOCK_IDS=block_ids is not None, HAS_WINDOW=window > 0, UNPACK=unpack, PIPELINE=pipeline, DOT=dot,
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     merge_splits(o_part.view(b * hkv, num_splits, gq * t, block_d), l_part, out, kv_heads=hkv, group=gq, t=t,
