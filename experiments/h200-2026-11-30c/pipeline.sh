@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Device call 3 of session 2026-11-30c: the fused quant decode with the hand-pipelined loop and 3 stages:
-# its GPU tests, the launch sweep (quantized codecs only) and the KV-codec benchmark.
+# its GPU tests and the launch sweep (quantized codecs only).
 # Carry .whl and .whl_kv. Usage: OLLM_GIT_SHA=<sha> bash experiments/h200-2026-11-30c/quant.sh
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl .whl_kv/*.whl || exit 1
@@ -15,6 +15,4 @@ import json
 for l in open('$OUT/decode_sweep.jsonl'):
     r=json.loads(l); print({k: (round(v,1) if isinstance(v,float) and k=='us' else v) for k,v in r.items() if k!='err'}, 'err=%.1e' % r['err'] if 'err' in r else '')
 "
-stamp "bench_kv_cache"
-timeout 120 python3 scripts/bench_kv_cache.py --out $OUT/bench_kv_cache.json > $OUT/bench_kv_cache.log 2>&1; tail -n 22 $OUT/bench_kv_cache.log | head -8
 stamp done
