@@ -97,7 +97,9 @@ def _check_same_quantization(ref, tri, deq, bits):
     if z_r is not None:
         torch.testing.assert_close(z_t, z_r, rtol=0, atol=0)
     d_r, d_t = deq(p_r, s_r, z_r), deq(p_t, s_t, z_t)
-    assert (p_t != p_r).float().mean() < 0.01
+    # at most 1% of the codes, or one where there are fewer than 100 (96 codes at one token: a single tie is 1.04%,
+    # which failed once on the H200 under the old "< 1%" rule)
+    assert (p_t != p_r).sum() <= max(1, 0.01 * p_t.numel())
     step = (d_r - d_t).abs().max()
     assert step <= s_r.float().max() * 1.001
 
@@ -113,7 +115,7 @@ def _poisoned_out(poison, shapes, dtypes, device):
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_quantize_keys_triton_matches_ref(bits, dtype, symmetric, poison):
     group, d = 32, 48  # 48 channels: a partial channel block
-    k = (torch.randn(2, 3, 2 * group, d) * 2).to(dtype).to(DEVICE)
+    k = (torch.randn(2, 3, 2 * group, d, generator=torch.Generator().manual_seed(bits)) * 2).to(dtype).to(DEVICE)
     sd = Q.scale_dtype_for(dtype)
     p = 8 // bits
     out = _poisoned_out(poison, [(2, 3, 2 * group, d // p), (2, 3, 2, d), None if symmetric else (2, 3, 2, d)],
@@ -130,7 +132,7 @@ def test_quantize_keys_triton_matches_ref(bits, dtype, symmetric, poison):
 @pytest.mark.parametrize("tokens", [1, 63, 129])
 def test_quantize_values_triton_matches_ref(bits, dtype, tokens, poison):
     group, d, symmetric = 16, 48, bits == 8  # 3 groups (padded to 4 in the kernel)
-    v = torch.randn(1, 2, tokens, d).to(dtype).to(DEVICE)
+    v = torch.randn(1, 2, tokens, d, generator=torch.Generator().manual_seed(bits + tokens)).to(dtype).to(DEVICE)
     sd = Q.scale_dtype_for(dtype)
     out = _poisoned_out(poison, [(1, 2, tokens, d // (8 // bits)), (1, 2, tokens, 3), None if symmetric else
                                  (1, 2, tokens, 3)], [torch.uint8, sd, sd], DEVICE)
@@ -174,8 +176,7 @@ DECODE_CASES = [
 @pytest.mark.interpreter
 @pytest.mark.parametrize("case", DECODE_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("pipeline", [False, True])
-def test_fused_decode_matches_dequantize_then_attend(case, dtype, pipeline, poison):
+def test_fused_decode_matches_dequantize_then_attend(case, dtype, poison):
     bits, group, vg, n_quant, n_res, t, symmetric, window, sink, blocks, splits = case
     b, hkv, gq, d, block_k = 2, 2, 4, 32, 16
     store, k_deq, v_deq = _quantized_cache(b, hkv, d, n_quant, n_res, bits, group, vg, symmetric, dtype, DEVICE)
@@ -184,8 +185,7 @@ def test_fused_decode_matches_dequantize_then_attend(case, dtype, pipeline, pois
     block_ids = torch.tensor(blocks, dtype=torch.int32) if blocks is not None else None
     out = poison(torch.empty_like(q))
     quant_decode(q, *store, n_quant=n_quant, kv_len=kv_len, bits=bits, key_group=group, value_group=vg,
-                 block_ids=block_ids, window=window, sink=sink, block_k=block_k, num_splits=splits, pipeline=pipeline,
-                 out=out)
+                 block_ids=block_ids, window=window, sink=sink, block_k=block_k, num_splits=splits, out=out)
     mask = visible_mask(t, kv_len, block_ids=block_ids, window=window, sink=sink, block_k=block_k)
     ref = quant_decode_ref(q, k_deq, v_deq, mask)
     assert not out.isnan().any()
@@ -220,9 +220,9 @@ def test_fused_decode_unpack_modes_checked():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", Q.BITS)
-@pytest.mark.parametrize("unpack,pipeline", [("asm", False), ("asm", True), ("magic", False)])
+@pytest.mark.parametrize("unpack", ["asm", "magic"])
 @pytest.mark.parametrize("n_quant,n_res", [(4096, 100), (128, 1), (1024 + 256, 63), (0, 129)])
-def test_fused_decode_bf16_gpu(bits, unpack, pipeline, n_quant, n_res):
+def test_fused_decode_bf16_gpu(bits, unpack, n_quant, n_res):
     b, hkv, gq, d, group = 1, 8, 4, 128, 128
     store, k_deq, v_deq = _quantized_cache(b, hkv, d, n_quant, n_res, bits, group, 128, False, torch.bfloat16,
                                            "cuda")
@@ -230,7 +230,7 @@ def test_fused_decode_bf16_gpu(bits, unpack, pipeline, n_quant, n_res):
     out = torch.full_like(q, float("nan"))
     kv_len = n_quant + n_res
     quant_decode(q, *store, n_quant=n_quant, kv_len=kv_len, bits=bits, key_group=group, value_group=128,
-                 block_k=128, unpack=unpack, pipeline=pipeline, out=out)
+                 block_k=128, unpack=unpack, out=out)
     ref = quant_decode_ref(q, k_deq, v_deq, visible_mask(1, kv_len, device="cuda"))
     assert rel_rms(ref, out) < 1e-2
 

@@ -111,8 +111,9 @@ def _block_scores(i, valid, BLOCK_IDS, p_kc0, stride_kc_n, KS, KZ, off_ks, strid
                   b_q0, b_q1, b_q2, b_q3, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, KEY_GROUP: tl.constexpr,
                   P: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BLOCK_IDS: tl.constexpr,
                   UNPACK: tl.constexpr, DOT: tl.constexpr):
-    """Log2-domain scores [BM, BK] of visit i (a quantized block), and the block's first key. Loads are masked off
-    when not `valid` (the pipelined loop asks for one block past its end)."""
+    """Log2-domain scores [BM, BK] of visit i (a quantized block), and the block's first key; loads are masked off
+    when not `valid`. (Computing block i+1's scores before block i's softmax, software pipelining by hand, was
+    tried on the H200: within 2% either way, so it was dropped; experiments/kv_cache/README.md, section 6.)"""
     if HAS_BLOCK_IDS:
         start = tl.load(BLOCK_IDS + tl.where(valid, i, 0)) * BLOCK_K  # the list has >= 1 entry
     else:
@@ -183,8 +184,7 @@ def _quant_decode_kernel(
     BLOCK_J: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     KEY_GROUP: tl.constexpr,
     V_GROUPS: tl.constexpr, V_GROUP: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr,
-    HAS_BLOCK_IDS: tl.constexpr, HAS_WINDOW: tl.constexpr, UNPACK: tl.constexpr, PIPELINE: tl.constexpr,
-    DOT: tl.constexpr,
+    HAS_BLOCK_IDS: tl.constexpr, HAS_WINDOW: tl.constexpr, UNPACK: tl.constexpr, DOT: tl.constexpr,
 ):
     """Program (batch*KV head, split): visits [i_lo, i_hi) of the visit list. The first n_quant_visit visits are
     quantized blocks and the rest residual ones (the list is ascending and the quantized region comes first), so
@@ -230,27 +230,12 @@ def _quant_decode_kernel(
 
     i_lo = i_split * blocks_per_split
     i_hi = tl.minimum(i_lo + blocks_per_split, n_visit)
-    # quantized blocks: each lies inside one key group (KEY_GROUP % BLOCK_K == 0, n_quant % KEY_GROUP == 0). With
-    # PIPELINE the loop is software-pipelined by hand: block i+1's scores are computed before block i's softmax and
-    # value dots,
-    # so that the two independent chains interleave (a block alone is one long dependent chain, and with ~12 warps
-    # an SM the scheduler found an eligible warp in only 40% of cycles; experiments/kv_cache/README.md, section 5).
+    # quantized blocks: each lies inside one key group (KEY_GROUP % BLOCK_K == 0, n_quant % KEY_GROUP == 0)
     i_q_hi = tl.minimum(i_hi, n_quant_visit)
-    if PIPELINE:
-        b_s_next, start_next = _block_scores(
-            i_lo, i_lo < i_q_hi, BLOCK_IDS, p_kc0, stride_kc_n, KS, KZ, i_bh * stride_ks_bh, stride_ks_g, o_j, o_k,
-            m_j, b_q0, b_q1, b_q2, b_q3, BLOCK_M, BLOCK_K, KEY_GROUP, P, BITS, SYMMETRIC, HAS_BLOCK_IDS, UNPACK, DOT)
     for i in range(i_lo, i_q_hi):
-        if PIPELINE:
-            b_s, start = b_s_next, start_next
-            b_s_next, start_next = _block_scores(
-                i + 1, i + 1 < i_q_hi, BLOCK_IDS, p_kc0, stride_kc_n, KS, KZ, i_bh * stride_ks_bh, stride_ks_g, o_j,
-                o_k, m_j, b_q0, b_q1, b_q2, b_q3, BLOCK_M, BLOCK_K, KEY_GROUP, P, BITS, SYMMETRIC, HAS_BLOCK_IDS,
-                UNPACK, DOT)
-        else:
-            b_s, start = _block_scores(
-                i, i < i_q_hi, BLOCK_IDS, p_kc0, stride_kc_n, KS, KZ, i_bh * stride_ks_bh, stride_ks_g, o_j, o_k, m_j,
-                b_q0, b_q1, b_q2, b_q3, BLOCK_M, BLOCK_K, KEY_GROUP, P, BITS, SYMMETRIC, HAS_BLOCK_IDS, UNPACK, DOT)
+        b_s, start = _block_scores(
+            i, i < i_q_hi, BLOCK_IDS, p_kc0, stride_kc_n, KS, KZ, i_bh * stride_ks_bh, stride_ks_g, o_j, o_k, m_j,
+            b_q0, b_q1, b_q2, b_q3, BLOCK_M, BLOCK_K, KEY_GROUP, P, BITS, SYMMETRIC, HAS_BLOCK_IDS, UNPACK, DOT)
         o_n = start + o_k
         b_p, b_alpha, b_mx, b_l = _softmax_step(b_s, o_n, q_pos, kv_len, window, sink, b_mx, b_l, HAS_WINDOW)
 
@@ -338,9 +323,10 @@ def _quant_decode_kernel(
 def split_launch(bits: int, device: torch.device, heads: int, n_visit: int, *, num_splits: int | None = None,
                  programs_per_sm: int | None = None, maxnreg: int | None = None) -> tuple[int, int, int | None]:
     """(splits, blocks per split, maxnreg) of a fused decode launch over n_visit blocks of `heads` (batch, KV head)
-    pairs. Defaults: at block 128 the kernel takes ~225 registers a thread, so 2 programs an SM; capped at 168 (136
-    bytes of spills) a third fits. H200, 128k keys: int4 159 -> 128 us, int2 160 -> 122 us, but int8 151 -> 161 us
-    (experiments/kv_cache/README.md, section 5), so int8 keeps 2. Splits default to one wave of those programs."""
+    pairs. Defaults: int4 and int2 run 3 programs an SM under a cap of 168 registers (since the PTX unpack and the
+    leaner residual loop, int4 at block 128 needs about that many uncapped; before them the cap spilled 136 bytes
+    and still paid: 159 -> 128 us at 128k keys on the H200). int8 keeps 2 programs an SM: capped, it was slower
+    (151 -> 161 us; experiments/kv_cache/README.md, sections 5 and 6). Splits default to one wave of programs."""
     if programs_per_sm is None and maxnreg is None and bits < 8 and device.type == "cuda":
         maxnreg, programs_per_sm = 168, 3
     if num_splits is None:
@@ -354,9 +340,9 @@ def quant_decode(
     k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res,
     *, n_quant: int, kv_len: int, bits: int, key_group: int, value_group: int,
     block_ids: torch.Tensor | None = None, window: int = 0, sink: int = 0,
-    block_k: int = 64, num_splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
+    block_k: int = 64, num_splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
     maxnreg: int | None = None, programs_per_sm: int | None = None, unpack: str | None = None,
-    pipeline: bool = False, out: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention of T new queries over a quantized cache: one launch, plus the split merge.
 
@@ -369,7 +355,6 @@ def quant_decode(
     maxnreg (a register cap per thread, to fit more programs on an SM at the price of spills).
     unpack: how codes become fp16 dot operands, "asm" (PTX, the default on a GPU), "magic" (the same trick in
     Triton ops, the default under the CPU interpreter, which cannot run PTX) or "cvt" (the only one for fp32 queries).
-    pipeline: compute the next block's scores before this block's softmax and value dots (more registers).
     """
     b, hq, t, d = q.shape
     hkv = k_codes.shape[1]
@@ -426,7 +411,7 @@ def quant_decode(
         BLOCK_R=min(block_k, 32),
         KEY_GROUP=key_group, V_GROUPS=d // value_group,
         V_GROUP=value_group, BITS=bits, SYMMETRIC=symmetric,
-        HAS_BLOCK_IDS=block_ids is not None, HAS_WINDOW=window > 0, UNPACK=unpack, PIPELINE=pipeline, DOT=dot,
+        HAS_BLOCK_IDS=block_ids is not None, HAS_WINDOW=window > 0, UNPACK=unpack, DOT=dot,
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     merge_splits(o_part.view(b * hkv, num_splits, gq * t, block_d), l_part, out, kv_heads=hkv, group=gq, t=t,
