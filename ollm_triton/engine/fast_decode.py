@@ -31,6 +31,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ollm_triton.cache.base import CacheLayer, KVCache, LayerSpec
@@ -38,6 +39,7 @@ from ollm_triton.cache.dense import DenseLayer
 from ollm_triton.decoding.base import Generation, emit_step
 from ollm_triton.engine.model import add_rmsnorm, rope_cos_sin
 from ollm_triton.kernels.attention_decode_varlen import decode_varlen
+from ollm_triton.kernels.gemv import decode_linear
 from ollm_triton.kernels.rope import rope_write_kv
 from ollm_triton.tasks.base import Timer
 
@@ -226,6 +228,8 @@ class FastDecoder:
         """One decode step for every row: feed bk.token at bk.pos, write K/V, write logits, argmax -> bk.token,
         pos += 1. Static shapes only, no host synchronisation (capturable)."""
         model, kern = self.engine.model, self.kernels
+        # the weight matmuls: at one row, the one-shot GEMV (faster than cuBLAS on cold weights, kernels/gemv.py)
+        lin = decode_linear if kern else F.linear
         b = bk.batch
         x = model.model.embed_tokens(bk.token[:, None])  # [B, 1, hidden]
         cos = bk.cos.index_select(0, bk.pos)[:, None]  # [B, 1, D]: each row at its own position
@@ -235,14 +239,14 @@ class FastDecoder:
         for i, layer in enumerate(model.model.layers):
             attn, kv = layer.self_attn, bk.cache.layers[i]
             normed, residual = _add_norm(delta, residual, layer.input_layernorm, kern)
-            q, k, v = attn.project(normed, fused=kern)  # [B, 1, H, D] token-major
+            q, k, v = attn.project(normed, fused=kern, linear=lin)  # [B, 1, H, D] token-major
             q_rot = rope_write_kv(q, k, v, cos, sin, kv.k, kv.v, bk.pos, use_kernel=kern)  # [B, Hq, 1, D]
             out = decode_varlen(q_rot[:, :, 0], kv.k, kv.v, lengths, use_kernel=kern)  # [B, Hq, D]
-            delta = attn.o_proj(out.reshape(b, 1, attn.num_heads * attn.head_dim))
+            delta = lin(out.reshape(b, 1, attn.num_heads * attn.head_dim), attn.o_proj.weight, attn.o_proj.bias)
             normed, residual = _add_norm(delta, residual, layer.post_attention_layernorm, kern)
-            delta = layer.mlp(normed, fused=kern)
+            delta = layer.mlp(normed, fused=kern, linear=lin)
         normed, _ = _add_norm(delta, residual, model.model.norm, kern)
-        logits = model.lm_head(normed)[:, 0]  # [B, V]
+        logits = lin(normed, model.lm_head.weight, model.lm_head.bias)[:, 0]  # [B, V]
         bk.logits.copy_(logits)
         bk.token.copy_(argmax_rows(logits))  # argmax of the model-dtype logits = argmax of their float32 copy
         bk.pos.add_(1)

@@ -92,15 +92,16 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def project(self, x: torch.Tensor, fused: bool = False) -> tuple[torch.Tensor, ...]:
-        """x: [B, T, hidden] -> token-major q [B, T, Hq, D], k, v [B, T, Hkv, D] (q/k-normed for qwen3)."""
+    def project(self, x: torch.Tensor, fused: bool = False, linear=F.linear) -> tuple[torch.Tensor, ...]:
+        """x: [B, T, hidden] -> token-major q [B, T, Hq, D], k, v [B, T, Hkv, D] (q/k-normed for qwen3).
+        linear(x, weight, bias): the matmul (the fast decode step passes kernels.gemv.decode_linear)."""
         b, t, _ = x.shape
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         if self.qkv_weight is not None:
-            qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+            qkv = linear(x, self.qkv_weight, self.qkv_bias)
             q, k, v = qkv.split((hq * d, hkv * d, hkv * d), dim=-1)
         else:
-            q, k, v = (p(x) for p in (self.q_proj, self.k_proj, self.v_proj))
+            q, k, v = (linear(x, p.weight, p.bias) for p in (self.q_proj, self.k_proj, self.v_proj))
         q, k, v = q.view(b, t, hq, d), k.view(b, t, hkv, d), v.view(b, t, hkv, d)
         if self.q_norm is not None:  # qwen3: per-head RMSNorm before RoPE
             if fused:
@@ -160,13 +161,15 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(h, m, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(m, h, bias=cfg.mlp_bias)
 
-    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused: bool = False, linear=F.linear) -> torch.Tensor:
+        """linear(x, weight, bias): the matmul (the fast decode step passes kernels.gemv.decode_linear)."""
         if self.gate_up_weight is not None:
-            gate, up = F.linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
+            gate, up = linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
         else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+            gate, up = linear(x, self.gate_proj.weight, self.gate_proj.bias), linear(x, self.up_proj.weight,
+                                                                                    self.up_proj.bias)
         act = silu_mul(gate, up, use_kernel=True) if fused else F.silu(gate) * up
-        return self.down_proj(act)
+        return linear(act, self.down_proj.weight, self.down_proj.bias)
 
 
 class DecoderLayer(nn.Module):
