@@ -42,6 +42,7 @@ sys.path.insert(0, str(REPO))
 
 from ollm_triton.decoding.greedy import decode_loop  # noqa: E402
 from ollm_triton.engine import Engine, load_engine  # noqa: E402
+from ollm_triton.kernels.gemv import decode_linear  # noqa: E402
 from ollm_triton.registry import registry  # noqa: E402
 from ollm_triton.results import git_sha  # noqa: E402
 
@@ -155,12 +156,14 @@ def hf_generate(model, prompt, new, repeats, warm_new=4, **kw):
             "peak_gb": peak_gb(), "warmup_s": warmup_s}, tokens
 
 
-def matmul_ceiling(model, batch: int = 1) -> float:
+def matmul_ceiling(model, batch: int = 1, linear=None) -> float:
     """Seconds per decode step if it were only its weight matmuls (every layer's q/k/v, o, gate/up and down, and
     the LM head, at `batch` rows), replayed as one CUDA graph: what the GEMMs alone allow, for reading the gap
-    between a measured step and the bandwidth floor."""
+    between a measured step and the bandwidth floor. linear: the matmul (default cuBLAS through F.linear)."""
     import torch.nn.functional as F
     import triton.testing
+
+    linear = linear or F.linear
 
     cfg = model.config
     dev, dt = model.lm_head.weight.device, model.lm_head.weight.dtype
@@ -179,7 +182,7 @@ def matmul_ceiling(model, batch: int = 1) -> float:
 
     def step():
         for x, w in weights:
-            F.linear(x, w)
+            linear(x, w)
 
     with torch.inference_mode(), torch.cuda.stream(torch.cuda.Stream()):  # some Triton versions refuse to
         return triton.testing.do_bench_cudagraph(step, rep=200, return_mode="median") / 1e3  # capture on default
@@ -407,6 +410,9 @@ def main():
             s = matmul_ceiling(graph.model)
             out["matmuls_only_step_ms"] = s * 1e3
             out["matmuls_only_tok_s"] = 1 / s
+            s = matmul_ceiling(graph.model, linear=decode_linear)  # the matmul the graph step runs at batch 1
+            out["gemv_matmuls_only_step_ms"] = s * 1e3
+            out["gemv_matmuls_only_tok_s"] = 1 / s
             out["graph_step_ms"] = 1e3 / out["engine_graph"]["decode_tok_s"]
         same = (tok_graph == tok_eager).int().cumprod(1).sum().item()
         out["graph_vs_eager_identical_prefix_tokens"] = same
@@ -420,6 +426,8 @@ def main():
         if "matmuls_only_tok_s" in out:
             bench.row("(ceiling) the step's weight matmuls alone, one CUDA graph", args.prompt, 1, None,
                       out["matmuls_only_tok_s"], f, None, "what cuBLAS allows before any other kernel")
+            bench.row("(ceiling) the same with the one-shot Triton GEMV (what the graph step runs)", args.prompt, 1,
+                      None, out["gemv_matmuls_only_tok_s"], f, None, "kernels/gemv.py")
         return out
 
     bench.section("decode", 60 if not args.small else 1, decode)

@@ -26,7 +26,7 @@ BLOCK_N = 1  # rows a program; 1 was the fastest of 1, 2, 4 and 8 at three of th
 NUM_WARPS = 4
 
 
-@triton.jit(do_not_specialize=["N", "K"])
+@triton.jit
 def _gemv_kernel(X, W, B, Y, N, K, stride_wn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     i_n = tl.program_id(0)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)

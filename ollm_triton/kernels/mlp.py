@@ -18,7 +18,7 @@ import triton.language as tl
 BLOCK = 1024
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit
 def _silu_mul_kernel(G, U, O, stride_g, stride_u, stride_o, M, BLOCK_M: tl.constexpr):
     i_r = tl.program_id(0).to(tl.int64)
     i_c = tl.program_id(1)
