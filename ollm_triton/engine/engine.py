@@ -182,6 +182,12 @@ class Engine:
         """Distinct parameters (tied embeddings counted once)."""
         return self._num_parameters
 
+    def _fast_matmul(self) -> str:
+        """The weight matmuls of the fast decode step (kernels.gemv.decode_linear): ours at one row on a GPU."""
+        if self._fast is None:
+            return "none"
+        return "triton:gemv at batch 1, cublas above" if self._fast.kernels and self.device.type == "cuda" else "torch"
+
     def describe(self) -> dict[str, Any]:
         """Model, plugins and runtime choices, for metrics.json."""
         out = {
@@ -200,6 +206,7 @@ class Engine:
             "prefill_chunk": self.prefill_chunk,
             "fast_path": self._fast_path_used(),
             "fast_path_steps": self._fast.steps if self._fast is not None else 0,
+            "fast_path_matmul": self._fast_matmul(),
         }
         if self.tokenizer is not None:
             out["tokenizer_add_bos"] = self.tokenizer.add_bos
