@@ -52,7 +52,7 @@ def quant_layer(name: str, k, v):
 
 # (block_k, launch options) of the fused quantized decode to time; {} is the default launch
 QUANT_CONFIGS = (
-    (128, {}), (128, {"num_stages": 2}), (128, {"unpack": "magic"}),
+    (128, {}), (128, {"num_stages": 2}), (128, {"unpack": "magic"}), (128, {"maxnreg": 168, "programs_per_sm": 3}),
     (128, {"maxnreg": 128, "programs_per_sm": 4}), (64, {"maxnreg": 168, "programs_per_sm": 3}),
 )
 
