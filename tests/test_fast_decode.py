@@ -119,6 +119,31 @@ def test_eos_sampling_and_bucket_reuse():
     assert set(fast.buckets) == {1, 2}
 
 
+@pytest.mark.parametrize("variant,plugins", [
+    ("llama", dict(codec="int4")),  # a quantized codec: codes flushed every group, fused decode on a GPU
+    ("qwen3", dict(codec="h2o")),  # an eviction codec: observes the step's queries, frees memory
+    ("qwen2", dict(attention="sliding_window")),  # a windowed backend
+])
+def test_piecewise_step_equals_the_decode_loop(variant, plugins):
+    """The piecewise step (segments that a GPU captures, each layer's attention eager between them) runs any codec
+    and backend; uncaptured on the CPU it must give the ordinary loop's tokens and logits, rows of a batch too."""
+    eager = engine_for(variant, fast_decode="off", **plugins)
+    pw = engine_for(variant, fast_decode="piecewise", **plugins)
+    assert pw.fast_path == "piecewise static" and pw.fast_decoder().piecewise
+    ids = prompt(batch=2, t=150)  # past int4's first quantized group (residual 128 + group 128 by default)
+    ref_logits, got_logits = [], []
+    ref = decode_loop(eager, ids, 140, recording_pick(ref_logits), None)
+    got = decode_loop(pw, ids, 140, recording_pick(got_logits), None)
+    assert torch.equal(ref.tokens, got.tokens)
+    for a, b in zip(ref_logits, got_logits, strict=True):
+        assert (a - b).abs().max().item() <= 1e-4
+    info = pw.describe()
+    assert info["fast_path"] == "piecewise static" and info["fast_path_steps"] == 139
+    # a second generation starts from a fresh cache of the codec
+    again = decode_loop(pw, ids, 20, argmax_pick, None)
+    assert torch.equal(again.tokens, ref.tokens[:, :20])
+
+
 def test_fast_path_says_why_not():
     cpu_auto = engine_for()
     assert cpu_auto.fast_path.startswith("eager (cpu: CUDA graphs need a CUDA device")
@@ -134,7 +159,11 @@ def test_fast_path_says_why_not():
         assert engine.fast_path.startswith(f"eager ({reason}") and engine.fast_decoder() is None
         assert capture_blocker(engine).startswith(reason)
     assert engine_for(fast_decode="static", attention="flash").fast_path == "static"
-    with pytest.raises(ValueError, match="fast_decode='fastest' is not accepted; accepted: auto, graph, static, off"):
+    assert engine_for(fast_decode="piecewise", codec="int4").fast_path == "piecewise static"
+    streamed = engine_for(fast_decode="piecewise", prefetch="on_demand")
+    assert streamed.fast_path.startswith("eager (prefetch 'on_demand' moves weights") and not streamed.fast_decoder()
+    accepted = "accepted: auto, graph, static, piecewise, off"
+    with pytest.raises(ValueError, match=f"fast_decode='fastest' is not accepted; {accepted}"):
         engine_for(fast_decode="fastest")
     with pytest.raises(ValueError, match="needs a CUDA engine"):
         FastDecoder(cpu_auto, capture=True)
@@ -171,6 +200,30 @@ def test_gpu_graph_replay_equals_eager_step(batch):
     ref_logits, got_logits = [], []
     decode_loop(eager, ids, 2, recording_pick(ref_logits), None)
     graph.fast_decoder().generate(ids, 2, recording_pick(got_logits))
+    for r, g in zip(ref_logits, got_logits, strict=True):
+        assert ((r - g).norm() / r.norm()).item() < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("plugins", [dict(codec="int4"), dict(attention="sliding_window", codec="int8")])
+def test_gpu_piecewise_graph_equals_its_uncaptured_step(plugins):
+    """auto picks the piecewise step for plugins the whole graph cannot hold; replaying its segment graphs (with the
+    fused quantized decode between them) gives the same tokens as running the same segments uncaptured."""
+    graph = load_engine(GPU_MODEL, device="cuda", dtype=torch.bfloat16, seed=0, **plugins)
+    static = load_engine(GPU_MODEL, device="cuda", dtype=torch.bfloat16, seed=0, **plugins)
+    assert graph.fast_path.startswith("piecewise graph (")
+    static._fast = FastDecoder(static, capture=False, fuse_weights=True, piecewise=True)
+    static.fast_path = "piecewise static"
+    ids = prompt(batch=1, t=300).to("cuda") % 4096
+    greedy = registry.build("decoder", "greedy")
+    a = greedy.generate(graph, ids, 200)  # past a quantized group flush (residual 128 + group 128)
+    b = greedy.generate(static, ids, 200)
+    assert torch.equal(a.tokens, b.tokens) and a.counters["fast_path_graph"] == 1.0
+    # next to the eager engine: the same logits to bf16 rounding at the first decode steps
+    eager = load_engine(GPU_MODEL, device="cuda", dtype=torch.bfloat16, seed=0, fast_decode="off", **plugins)
+    ref_logits, got_logits = [], []
+    decode_loop(eager, ids, 3, recording_pick(ref_logits), None)
+    graph.fast_decoder().generate(ids, 3, recording_pick(got_logits))
     for r, g in zip(ref_logits, got_logits, strict=True):
         assert ((r - g).norm() / r.norm()).item() < 2e-2
 

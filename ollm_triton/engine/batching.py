@@ -28,9 +28,9 @@ def ragged_decoder(engine) -> FastDecoder:
     """The engine's fast decoder, or a static (uncaptured) one where graphs are unavailable (the CPU, or
     fast_decode=off). Raises ValueError (one line) when the plugins have no static decode step at all."""
     fast = engine.fast_decoder()
-    if fast is not None:
+    if fast is not None and not fast.piecewise:
         return fast
-    reason = capture_blocker(engine)
+    reason = capture_blocker(engine)  # piecewise steps attend through the codec's cache, one length for all rows
     if reason is not None:
         raise ValueError(f"batched decode of different lengths needs the static decode step, and {reason}")
     if getattr(engine, "_ragged", None) is None:

@@ -12,11 +12,13 @@ them on the host) by defining `weights_device(device) -> torch.device`; without 
 The fast path (ollm_triton/engine/fast_decode.py, issue 8), all optional and additive:
     logits = engine.prefill(ids, cache, chunk=4096)   # a long prompt in chunks: activations bounded by the chunk
     fast = engine.fast_decoder()                      # graph-captured decode for decode loops, or None
-    engine.fast_path                                  # "graph", "static", or "eager (<why not>)"
+    engine.fast_path                                  # "graph", "static", "piecewise ...", or "eager (<why not>)"
 `prefill_chunk` (tokens, 0 = whole prompt) sets the default chunk; `fast_decode` is "auto" (CUDA graphs on a CUDA
-device when every plugin is capturable, else eager with the reason), "graph", "static" (the same static-buffer
-step replayed without capture: any device), or "off". On CUDA tensors the model runs the fused Triton kernels
-(describe()["fused_kernels"]).
+device when every plugin is capturable; when a codec or attention backend is not, the piecewise step: the dense
+compute captured in segments with each layer's attention eager between them; else eager with the reason),
+"graph", "static" (the same static-buffer step replayed without capture: any device), "piecewise" (that step on
+any plugins, captured on a GPU, uncaptured on the CPU), or "off". On CUDA tensors the model runs the fused Triton
+kernels (describe()["fused_kernels"]).
 """
 
 from __future__ import annotations
@@ -88,7 +90,8 @@ class Engine:
         if fast_decode not in FAST_DECODE_MODES:
             raise ValueError(f"fast_decode={fast_decode!r} is not accepted; accepted: {', '.join(FAST_DECODE_MODES)}")
         self.fast_decode = fast_decode
-        self.fast_path = plan_fast_path(self, fast_decode)  # "graph" | "static" | "eager (<reason>)"
+        # "graph" | "static" | "piecewise graph (<why not whole>)" | "piecewise static" | "eager (<reason>)"
+        self.fast_path = plan_fast_path(self, fast_decode)
         self._fast = None
 
     def new_cache(self, batch: int = 1, max_len: int = 2048) -> KVCache:
@@ -167,7 +170,8 @@ class Engine:
         if self._fast is None:
             from ollm_triton.engine.fast_decode import FastDecoder
 
-            self._fast = FastDecoder(self, capture=self.fast_path == "graph")
+            self._fast = FastDecoder(self, capture=self.fast_path.split(" (")[0] in ("graph", "piecewise graph"),
+                                     piecewise=self.fast_path.startswith("piecewise"))
         return self._fast
 
     def _fast_path_used(self) -> str:

@@ -20,9 +20,15 @@ the "static" mode, which tests compare token for token with the engine's ordinar
 Which plugin combinations are capturable (`capture_blocker`): the step does dense causal attention over the dense
 cache's buffers itself, so the attention backend must be one whose decode is exactly that (sdpa, flash, or a
 backend declaring `capturable = True`, which promises that), the codec must be `dense` (pre-allocated, in the model
-dtype), and the prefetch policy must keep every weight resident (`resident`, or `capturable = True`). Anything else
-decodes eagerly, and `engine.fast_path` says why in one line (recorded in metrics.json; printed once when a GPU run
-falls back).
+dtype), and the prefetch policy must keep every weight resident (`resident`, or `capturable = True`).
+
+The piecewise step serves every other codec and backend (int4, eviction, sliding window, sparse, ...): the same
+compute cut at each layer's attention into L + 1 segments, each captured as its own graph, with the attention --
+the codec's append and the backend's decode, data-dependent shapes and all -- run eagerly between them through
+static q/k/v/out buffers (`segment`, `attend`). It keeps the codec's own cache and all of its behaviour, and costs
+one graph launch and one eager attention call a layer. `fast_decode=auto` takes it on a GPU when the whole step is
+not capturable and the weights are resident; anything else decodes eagerly, and `engine.fast_path` says why in one
+line (recorded in metrics.json; printed once when a GPU run falls back).
 """
 
 from __future__ import annotations
@@ -39,13 +45,13 @@ from torch import nn
 from ollm_triton.cache.base import CacheLayer, KVCache, LayerSpec
 from ollm_triton.cache.dense import DenseLayer
 from ollm_triton.decoding.base import Generation, emit_step
-from ollm_triton.engine.model import add_rmsnorm, rope_cos_sin
+from ollm_triton.engine.model import add_rmsnorm, attention_step, rope_cos_sin
 from ollm_triton.kernels.attention_decode_varlen import decode_varlen
 from ollm_triton.kernels.gemv import decode_linear
-from ollm_triton.kernels.rope import rope_write_kv
+from ollm_triton.kernels.rope import rope_qk, rope_write_kv
 from ollm_triton.tasks.base import Timer
 
-FAST_DECODE_MODES = ("auto", "graph", "static", "off")
+FAST_DECODE_MODES = ("auto", "graph", "static", "piecewise", "off")
 DENSE_CAUSAL_ATTENTION = ("sdpa", "flash")  # backends whose decode is plain causal attention over every held key
 CAPACITY_STEP = 1024  # bucket capacities are rounded up to this, so nearby lengths share a captured graph
 MAX_BUCKETS = 2  # captured graphs (each with its KV buffers) kept alive at once
@@ -87,18 +93,37 @@ def capture_blocker(engine) -> str | None:
 _notified: set[str] = set()
 
 
+def piecewise_blocker(engine) -> str | None:
+    """Why this engine cannot run the piecewise step either (one line), or None when it can. Piecewise: the step's
+    dense compute is captured in segments and each layer's attention (the codec's append and the backend's decode)
+    runs eagerly between them, so any codec and attention backend works; only the weights must stay put."""
+    prefetch = getattr(engine.prefetch, "plugin_name", type(engine.prefetch).__name__)
+    if prefetch != "resident" and not getattr(engine.prefetch, "capturable", False):
+        return f"prefetch '{prefetch}' moves weights between steps; capturable: resident"
+    return None
+
+
 def plan_fast_path(engine, mode: str) -> str:
-    """'graph', 'static' or 'eager (<reason>)' for `mode` in FAST_DECODE_MODES; a GPU run that asked for the fast
-    path and cannot have it gets a one-line notice on stderr (once per reason)."""
+    """'graph', 'static', 'piecewise graph (<why not whole>)', 'piecewise static' or 'eager (<reason>)' for `mode`
+    in FAST_DECODE_MODES. auto takes the whole captured step when every plugin allows it, else the piecewise one
+    on a GPU. A GPU run that asked for the fast path and cannot have it gets a one-line notice on stderr (once per
+    reason)."""
     if mode == "off":
         return "eager (fast_decode=off)"
-    if mode in ("auto", "graph") and engine.device.type != "cuda":
+    cuda = engine.device.type == "cuda"
+    if mode == "piecewise":
+        reason = piecewise_blocker(engine)
+        if reason is None:
+            return "piecewise graph" if cuda else "piecewise static"
+    elif mode in ("auto", "graph") and not cuda:
         reason = "cpu: CUDA graphs need a CUDA device; fast_decode=static replays the same step without capture"
     else:
         reason = capture_blocker(engine)
-    if reason is None:
-        return "static" if mode == "static" else "graph"
-    if (engine.device.type == "cuda" or mode != "auto") and reason not in _notified:
+        if reason is None:
+            return "static" if mode == "static" else "graph"
+        if mode == "auto" and piecewise_blocker(engine) is None:
+            return f"piecewise graph ({reason}: its attention runs eagerly between captured segments)"
+    if (cuda or mode != "auto") and reason not in _notified:
         _notified.add(reason)
         print(f"fast decode: eager ({reason})", file=sys.stderr)
     return f"eager ({reason})"
@@ -147,7 +172,10 @@ class Bucket:
     logits: torch.Tensor  # [B, V] float32
     cos: torch.Tensor  # [capacity, D] RoPE table in the model dtype
     sin: torch.Tensor
-    graph: object | None = None  # torch.cuda.CUDAGraph once captured
+    graph: object | None = None  # torch.cuda.CUDAGraph once captured (piecewise: a list, one a segment)
+    # piecewise buckets: the codec's own cache, and the buffers that cross from a captured segment to the eager
+    # attention and back (q, k, v, out, residual)
+    io: dict[str, torch.Tensor] | None = None
 
     def reset(self) -> None:
         for layer in self.cache.layers:
@@ -166,7 +194,10 @@ class Bucket:
         return KVCache(layers)
 
     def set_length(self, lengths: list[int]) -> None:
-        """Make the cache layers' host-side lengths agree with what the device steps wrote (the longest row)."""
+        """Make the cache layers' host-side lengths agree with what the device steps wrote (the longest row). A
+        piecewise bucket's cache counted its own appends."""
+        if self.io is not None:
+            return
         n = max(lengths)
         for layer in self.cache.layers:
             layer._len = n  # DenseLayer keeps its fill level here; the steps wrote the buffers behind its back
@@ -181,11 +212,13 @@ class FastDecoder:
     them through the interpreter). fuse_weights (default: with capture) concatenates q/k/v and gate/up weights.
     """
 
-    def __init__(self, engine, *, capture: bool, use_kernels: bool | None = None, fuse_weights: bool | None = None):
+    def __init__(self, engine, *, capture: bool, use_kernels: bool | None = None, fuse_weights: bool | None = None,
+                 piecewise: bool = False):
         if capture and engine.device.type != "cuda":
             raise ValueError("FastDecoder(capture=True) needs a CUDA engine; use capture=False (static) on the CPU")
         self.engine = engine
         self.capture = capture
+        self.piecewise = piecewise  # segments captured, each layer's attention eager between them
         self.kernels = engine.device.type == "cuda" if use_kernels is None else use_kernels
         self.buckets: OrderedDict[int, Bucket] = OrderedDict()
         self.steps = 0  # decode steps run through the static step (replayed or eager)
@@ -196,7 +229,7 @@ class FastDecoder:
 
     @property
     def mode(self) -> str:
-        return "graph" if self.capture else "static"
+        return ("piecewise " if self.piecewise else "") + ("graph" if self.capture else "static")
 
     # ---- buckets ---------------------------------------------------------------------------------------------
     def bucket(self, batch: int, max_len: int) -> Bucket:
@@ -212,15 +245,22 @@ class FastDecoder:
         e = self.engine
         cap = -(-max_len // CAPACITY_STEP) * CAPACITY_STEP
         cache = e.new_cache(batch=batch, max_len=cap)
-        for layer in cache.layers:  # finite values everywhere: the masked reference attention multiplies by 0
-            layer.k.zero_()
-            layer.v.zero_()
+        io = None
+        if self.piecewise:  # the codec's own cache; the buffers a captured segment hands to the eager attention
+            c, new = e.config, lambda *shape: torch.zeros(*shape, dtype=e.dtype, device=e.device)  # noqa: E731
+            io = {"q": new(batch, c.num_heads, 1, c.head_dim), "k": new(batch, c.num_kv_heads, 1, c.head_dim),
+                  "v": new(batch, c.num_kv_heads, 1, c.head_dim), "out": new(batch, c.num_heads, 1, c.head_dim),
+                  "residual": new(batch, 1, c.hidden_size)}
+        else:
+            for layer in cache.layers:  # finite values everywhere: the masked reference attention multiplies by 0
+                layer.k.zero_()
+                layer.v.zero_()
         cos, sin = rope_cos_sin(e.inv_freq, torch.arange(cap, device=e.device), e.dtype)
         bk = Bucket(batch=batch, capacity=cap, cache=cache,
                     token=torch.zeros(batch, dtype=torch.long, device=e.device),
                     pos=torch.zeros(batch, dtype=torch.long, device=e.device),
                     logits=torch.zeros(batch, e.config.vocab_size, dtype=torch.float32, device=e.device),
-                    cos=cos, sin=sin)
+                    cos=cos, sin=sin, io=io)
         self.buckets[batch] = bk
         return bk
 
@@ -228,7 +268,15 @@ class FastDecoder:
     @torch.inference_mode()
     def step(self, bk: Bucket) -> None:
         """One decode step for every row: feed bk.token at bk.pos, write K/V, write logits, argmax -> bk.token,
-        pos += 1. Static shapes only, no host synchronisation (capturable)."""
+        pos += 1. Static shapes only, no host synchronisation (capturable). Piecewise: the segments and the eager
+        attention in turn."""
+        if bk.io is not None:
+            layers = len(self.engine.model.model.layers)
+            for i in range(layers + 1):
+                self.segment(bk, i)
+                if i < layers:
+                    self.attend(bk, i)
+            return
         model, kern = self.engine.model, self.kernels
         # the weight matmuls: at one row, the one-shot GEMV (faster than cuBLAS on cold weights, kernels/gemv.py)
         lin = decode_linear if kern else F.linear
@@ -253,21 +301,77 @@ class FastDecoder:
         bk.token.copy_(argmax_rows(logits))  # argmax of the model-dtype logits = argmax of their float32 copy
         bk.pos.add_(1)
 
+    @torch.inference_mode()
+    def segment(self, bk: Bucket, i: int) -> None:
+        """Piecewise segment i of a step (static shapes, capturable): the end of layer i-1 after its attention
+        (o-projection, norm, MLP), then the start of layer i up to its attention (norm, q/k/v, RoPE) into bk.io;
+        segment 0 starts at the embedding, the last one ends with the LM head, the argmax and pos += 1."""
+        model, kern, io = self.engine.model, self.kernels, bk.io
+        lin = decode_linear if kern else F.linear
+        layers = model.model.layers
+        b = bk.batch
+        if i == 0:
+            normed, residual = _add_norm(None, model.model.embed_tokens(bk.token[:, None]),
+                                         layers[0].input_layernorm, kern)
+        else:
+            prev = layers[i - 1]
+            attn = prev.self_attn
+            out = io["out"].transpose(1, 2).reshape(b, 1, attn.num_heads * attn.head_dim)
+            delta = lin(out, attn.o_proj.weight, attn.o_proj.bias)
+            normed, residual = _add_norm(delta, io["residual"], prev.post_attention_layernorm, kern)
+            delta = prev.mlp(normed, fused=kern, linear=lin)
+            if i == len(layers):
+                normed, _ = _add_norm(delta, residual, model.model.norm, kern)
+                logits = lin(normed, model.lm_head.weight, model.lm_head.bias)[:, 0]  # [B, V]
+                bk.logits.copy_(logits)
+                bk.token.copy_(argmax_rows(logits))
+                bk.pos.add_(1)
+                return
+            normed, residual = _add_norm(delta, residual, layers[i].input_layernorm, kern)
+        io["residual"].copy_(residual)
+        q, k, v = layers[i].self_attn.project(normed, fused=kern, linear=lin)  # [B, 1, H, D] token-major
+        cos = bk.cos.index_select(0, bk.pos)[:, None]  # [B, 1, D]
+        sin = bk.sin.index_select(0, bk.pos)[:, None]
+        q_rot, k_rot = rope_qk(q, k, cos, sin, use_kernel=kern)  # [B, H, 1, D]
+        io["q"].copy_(q_rot)
+        io["k"].copy_(k_rot)
+        io["v"].copy_(v.transpose(1, 2))
+
+    @torch.inference_mode()
+    def attend(self, bk: Bucket, i: int) -> None:
+        """Piecewise: layer i's attention, eagerly (the codec appends the step's K/V, the backend decodes)."""
+        e = self.engine
+        io = bk.io
+        out = attention_step(io["q"], io["k"], io["v"], bk.cache.layers[i], e.attention,
+                             decode_max_tokens=e.decode_max_tokens)
+        io["out"].copy_(out)
+
     def _capture(self, bk: Bucket) -> None:
         """Warm up on a side stream (Triton compiles, cuBLAS picks kernels), restore the inputs, capture."""
         t0 = time.perf_counter()
         saved = bk.token.clone(), bk.pos.clone()
         stream = torch.cuda.Stream(device=self.engine.device)
         stream.wait_stream(torch.cuda.current_stream(self.engine.device))
+        segments = range(len(self.engine.model.model.layers) + 1) if bk.io is not None else ()
         with torch.cuda.stream(stream):
             for _ in range(2):  # writes K/V at slots the first real steps overwrite before anything reads them
-                self.step(bk)
+                if bk.io is None:
+                    self.step(bk)
+                for i in segments:  # piecewise: the segments only; the codec's cache is not touched
+                    self.segment(bk, i)
         torch.cuda.current_stream(self.engine.device).wait_stream(stream)
         bk.token.copy_(saved[0])
         bk.pos.copy_(saved[1])
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.step(bk)
+        if bk.io is None:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.step(bk)
+        else:
+            graph = []
+            for i in segments:
+                graph.append(torch.cuda.CUDAGraph())
+                with torch.cuda.graph(graph[-1]):
+                    self.segment(bk, i)
         bk.graph = graph
         torch.cuda.synchronize(self.engine.device)
         self.captures += 1
@@ -282,12 +386,18 @@ class FastDecoder:
 
     def replay(self, bk: Bucket) -> None:
         """Run one step: the captured graph (capturing it on first use) or the eager step."""
-        if self.capture:
+        if not self.capture:
+            self.step(bk)
+        else:
             if bk.graph is None:
                 self._capture(bk)
-            bk.graph.replay()
-        else:
-            self.step(bk)
+            if bk.io is None:
+                bk.graph.replay()
+            else:  # piecewise: segment graphs, each layer's attention eager between them
+                for i, graph in enumerate(bk.graph):
+                    graph.replay()
+                    if i < len(bk.graph) - 1:
+                        self.attend(bk, i)
         self.steps += 1
 
     # ---- decode loops ----------------------------------------------------------------------------------------
@@ -322,7 +432,10 @@ class FastDecoder:
         ids = prompt_ids.to(e.device)
         batch, prompt_len = ids.shape
         bk = self.bucket(batch, prompt_len + max_new_tokens)
-        bk.reset()
+        if bk.io is None:
+            bk.reset()
+        else:  # a fresh cache of the codec (not every codec can truncate to 0); the segments do not hold it
+            bk.cache = e.new_cache(batch=batch, max_len=bk.capacity)
         with Timer(e.device) as prefill:
             first = e.prefill(ids, bk.cache)
         capture_before = self.capture_s
