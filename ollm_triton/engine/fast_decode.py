@@ -434,8 +434,8 @@ class FastDecoder:
         bk = self.bucket(batch, prompt_len + max_new_tokens)
         if bk.io is None:
             bk.reset()
-        else:  # a fresh cache of the codec (not every codec can truncate to 0); the segments do not hold it
-            bk.cache = e.new_cache(batch=batch, max_len=bk.capacity)
+        elif any(layer.length for layer in bk.cache.layers):  # a fresh cache of the codec (not every codec can
+            bk.cache = e.new_cache(batch=batch, max_len=bk.capacity)  # truncate to 0); the segments do not hold it
         with Timer(e.device) as prefill:
             first = e.prefill(ids, bk.cache)
         capture_before = self.capture_s
