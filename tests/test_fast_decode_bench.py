@@ -28,6 +28,7 @@ def test_bench_fast_path_small_runs_every_section(tmp_path):
     assert decode["engine_graph"]["fast_path"] == "static" and decode["engine_eager"]["fast_path"].startswith("eager")
     assert decode["graph_vs_eager_step_logits_rel_l2"] < 1e-5  # fp32: the static step equals the eager forward
     assert sections["long"]["engine_int4"]["fast_path"].startswith("eager (")  # auto on the CPU
+    assert sections["long"]["int4_kv_ratio"] == 1.0  # 162 tokens: all still in int4's full-precision window
     assert sections["ttft"]["ttft_s"] > 0 and len(record["table"]) == 17
     # the GitHub table is printed last
     lines = proc.stdout.strip().splitlines()
