@@ -12,6 +12,8 @@ Dequantization happens in registers, plane by plane (see the kernel's docstring)
 - values with one group per token (value group == head_dim, the default for head_dim 128):
       sum_n p_n v_nd = sum_n (p_n s_n) c_nd + sum_n p_n z_n
   so the probabilities are scaled instead of the values. Narrower value groups dequantize c*s+z per element.
+The codes themselves become fp16 dot operands two at a time in inline PTX on a GPU (`_unpack_asm`); the CPU
+interpreter, which cannot run PTX, uses the same bit trick in Triton ops.
 
 The KV blocks visited follow the attention backend's `DecodeSchedule` (block ids in units of BLOCK_K, plus the
 sliding-window/sink mask), so `+attention=sliding_window +cache=int4` reads only the window's packed blocks.
