@@ -109,31 +109,30 @@ def _key_plane(b_qi, p_s, p_z, m_j, BITS: tl.constexpr, SYMMETRIC: tl.constexpr,
 
 
 @triton.jit
-def _block_scores(i, valid, BLOCK_IDS, p_kc0, stride_kc_n, KS, KZ, off_ks, stride_ks_g, o_j, o_k, m_j,
+def _block_scores(i, BLOCK_IDS, p_kc0, stride_kc_n, KS, KZ, off_ks, stride_ks_g, o_j, o_k, m_j,
                   b_q0, b_q1, b_q2, b_q3, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, KEY_GROUP: tl.constexpr,
                   P: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BLOCK_IDS: tl.constexpr,
                   UNPACK: tl.constexpr, DOT: tl.constexpr):
-    """Log2-domain scores [BM, BK] of visit i (a quantized block), and the block's first key; loads are masked off
-    when not `valid`. (Computing block i+1's scores before block i's softmax, software pipelining by hand, was
-    tried on the H200: within 2% either way, so it was dropped; experiments/kv_cache/README.md, section 6.)"""
+    """Log2-domain scores [BM, BK] of visit i (a quantized block), and the block's first key. (Computing block
+    i+1's scores before block i's softmax, software pipelining by hand, was tried on the H200: within 2% either
+    way, so it was dropped; experiments/kv_cache/README.md, section 6.)"""
     if HAS_BLOCK_IDS:
-        start = tl.load(BLOCK_IDS + tl.where(valid, i, 0)) * BLOCK_K  # the list has >= 1 entry
+        start = tl.load(BLOCK_IDS + i) * BLOCK_K
     else:
         start = i * BLOCK_K
-    m_jv = m_j & (tl.zeros_like(o_j) + valid.to(tl.int32) > 0)  # a vector mask (the interpreter wants one)
-    b_kw = tl.load(p_kc0 + (start + o_k)[:, None] * stride_kc_n, mask=m_jv[None, :], other=0)  # uint8 [BK, BJ]
+    b_kw = tl.load(p_kc0 + (start + o_k)[:, None] * stride_kc_n, mask=m_j[None, :], other=0)  # uint8 [BK, BJ]
     if UNPACK != 2:
         b_kw = b_kw.to(tl.int32)
     # q . (c s + z) = sum over planes of (q_i s_i) . c_i + q_i . z_i: the biases first, as the dots' initial
     # accumulator, then each plane's dot accumulates in place: [BM, BJ] @ [BJ, BK] -> [BM, BK]
     o_s = off_ks + (start // KEY_GROUP) * stride_ks_g + o_j * P
-    b_a0, b_bias = _key_plane(b_q0, KS + o_s, KZ + o_s, m_jv, BITS, SYMMETRIC, DOT)
+    b_a0, b_bias = _key_plane(b_q0, KS + o_s, KZ + o_s, m_j, BITS, SYMMETRIC, DOT)
     if P >= 2:
-        b_a1, b_bias1 = _key_plane(b_q1, KS + o_s + 1, KZ + o_s + 1, m_jv, BITS, SYMMETRIC, DOT)
+        b_a1, b_bias1 = _key_plane(b_q1, KS + o_s + 1, KZ + o_s + 1, m_j, BITS, SYMMETRIC, DOT)
         b_bias += b_bias1
     if P >= 4:
-        b_a2, b_bias2 = _key_plane(b_q2, KS + o_s + 2, KZ + o_s + 2, m_jv, BITS, SYMMETRIC, DOT)
-        b_a3, b_bias3 = _key_plane(b_q3, KS + o_s + 3, KZ + o_s + 3, m_jv, BITS, SYMMETRIC, DOT)
+        b_a2, b_bias2 = _key_plane(b_q2, KS + o_s + 2, KZ + o_s + 2, m_j, BITS, SYMMETRIC, DOT)
+        b_a3, b_bias3 = _key_plane(b_q3, KS + o_s + 3, KZ + o_s + 3, m_j, BITS, SYMMETRIC, DOT)
         b_bias += b_bias2 + b_bias3
     b_s = tl.broadcast_to(b_bias[:, None], [BLOCK_M, BLOCK_K])
     b_s = tl.dot(b_a0, tl.trans(_plane(b_kw, 0, BITS, UNPACK, DOT)), b_s)
@@ -236,7 +235,7 @@ def _quant_decode_kernel(
     i_q_hi = tl.minimum(i_hi, n_quant_visit)
     for i in range(i_lo, i_q_hi):
         b_s, start = _block_scores(
-            i, i < i_q_hi, BLOCK_IDS, p_kc0, stride_kc_n, KS, KZ, i_bh * stride_ks_bh, stride_ks_g, o_j, o_k, m_j,
+            i, BLOCK_IDS, p_kc0, stride_kc_n, KS, KZ, i_bh * stride_ks_bh, stride_ks_g, o_j, o_k, m_j,
             b_q0, b_q1, b_q2, b_q3, BLOCK_M, BLOCK_K, KEY_GROUP, P, BITS, SYMMETRIC, HAS_BLOCK_IDS, UNPACK, DOT)
         o_n = start + o_k
         b_p, b_alpha, b_mx, b_l = _softmax_step(b_s, o_n, q_pos, kv_len, window, sink, b_mx, b_l, HAS_WINDOW)
