@@ -295,7 +295,12 @@ class FastDecoder:
             delta = lin(out.reshape(b, 1, attn.num_heads * attn.head_dim), attn.o_proj.weight, attn.o_proj.bias)
             normed, residual = _add_norm(delta, residual, layer.post_attention_layernorm, kern)
             delta = layer.mlp(normed, fused=kern, linear=lin)
-        normed, _ = _add_norm(delta, residual, model.model.norm, kern)
+        self._finish(bk, delta, residual, lin)
+
+    def _finish(self, bk: Bucket, delta, residual, lin) -> None:
+        """The end of a step: final norm, LM head -> bk.logits, argmax -> bk.token, pos += 1."""
+        model = self.engine.model
+        normed, _ = _add_norm(delta, residual, model.model.norm, self.kernels)
         logits = lin(normed, model.lm_head.weight, model.lm_head.bias)[:, 0]  # [B, V]
         bk.logits.copy_(logits)
         bk.token.copy_(argmax_rows(logits))  # argmax of the model-dtype logits = argmax of their float32 copy
@@ -321,11 +326,7 @@ class FastDecoder:
             normed, residual = _add_norm(delta, io["residual"], prev.post_attention_layernorm, kern)
             delta = prev.mlp(normed, fused=kern, linear=lin)
             if i == len(layers):
-                normed, _ = _add_norm(delta, residual, model.model.norm, kern)
-                logits = lin(normed, model.lm_head.weight, model.lm_head.bias)[:, 0]  # [B, V]
-                bk.logits.copy_(logits)
-                bk.token.copy_(argmax_rows(logits))
-                bk.pos.add_(1)
+                self._finish(bk, delta, residual, lin)
                 return
             normed, residual = _add_norm(delta, residual, layers[i].input_layernorm, kern)
         io["residual"].copy_(residual)
