@@ -230,7 +230,7 @@ def test_fused_decode_bf16_gpu(bits, unpack, n_quant, n_res):
     out = torch.full_like(q, float("nan"))
     kv_len = n_quant + n_res
     quant_decode(q, *store, n_quant=n_quant, kv_len=kv_len, bits=bits, key_group=group, value_group=128,
-                 block_k=128, unpack=unpack, out=out)
+                 block_k=128, unpack=unpack, kernel="triton", out=out)  # the MMA kernel: test_kernels_quant_mma.py
     ref = quant_decode_ref(q, k_deq, v_deq, visible_mask(1, kv_len, device="cuda"))
     assert rel_rms(ref, out) < 1e-2
 

@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ollm_triton.kernels import kv_quant_decode_mma as mma
 from ollm_triton.kernels.decode_merge import merge_splits, one_wave_splits
 
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -173,21 +174,23 @@ def _softmax_step(b_s, o_n, q_pos, kv_len, window, sink, b_mx, b_l, HAS_WINDOW: 
     return b_p, b_alpha, b_mx_new, b_l * b_alpha + tl.sum(b_p, 1)
 
 
-@triton.jit(do_not_specialize=["n_quant", "kv_len", "n_visit", "n_quant_visit", "blocks_per_split", "window", "sink"])
+@triton.jit(do_not_specialize=["n_quant", "kv_len", "n_visit", "n_quant_visit", "blocks_per_split", "visit_lo",
+                            "split_lo", "n_split_total", "window", "sink"])
 def _quant_decode_kernel(
     Q, KC, KS, KZ, VC, VS, VZ, KR, VR, BLOCK_IDS, O_PART, L_PART,
     stride_qb, stride_qh, stride_qt,
     stride_kc_bh, stride_kc_n, stride_ks_bh, stride_ks_g,
     stride_vc_bh, stride_vc_n, stride_vs_bh, stride_vs_n,
     stride_r_bh, stride_r_n,
-    n_quant, kv_len, n_visit, n_quant_visit, blocks_per_split, window, sink, qk_scale,
-    H_KV: tl.constexpr, GQ: tl.constexpr, T: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    n_quant, kv_len, n_visit, n_quant_visit, blocks_per_split, visit_lo, split_lo, n_split_total, window, sink,
+    qk_scale, H_KV: tl.constexpr, GQ: tl.constexpr, T: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     KEY_GROUP: tl.constexpr,
     V_GROUPS: tl.constexpr, V_GROUP: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr,
     HAS_BLOCK_IDS: tl.constexpr, HAS_WINDOW: tl.constexpr, UNPACK: tl.constexpr, DOT: tl.constexpr,
 ):
-    """Program (batch*KV head, split): visits [i_lo, i_hi) of the visit list. The first n_quant_visit visits are
+    """Program (batch*KV head, split): visits [i_lo, i_hi) of the visit list from visit_lo on, written as split
+    split_lo + split of n_split_total (the MMA kernel may have written the others). The first n_quant_visit visits are
     quantized blocks and the rest residual ones (the list is ascending and the quantized region comes first), so
     two branch-free loops replace a per-block branch that would keep the compiler from pipelining the loads.
 
@@ -229,7 +232,7 @@ def _quant_decode_kernel(
     p_kc0 = KC + i_bh * stride_kc_bh + o_j[None, :]
     p_vc0 = VC + i_bh * stride_vc_bh + o_j[None, :]
 
-    i_lo = i_split * blocks_per_split
+    i_lo = visit_lo + i_split * blocks_per_split
     i_hi = tl.minimum(i_lo + blocks_per_split, n_visit)
     # quantized blocks: each lies inside one key group (KEY_GROUP % BLOCK_K == 0, n_quant % KEY_GROUP == 0)
     i_q_hi = tl.minimum(i_hi, n_quant_visit)
@@ -307,10 +310,9 @@ def _quant_decode_kernel(
                 b_acc3 = tl.dot(b_pd, b_v3, b_acc3 * b_alpha[:, None])
 
     # this split's normalised partial and log2-sum-exp (-inf when it saw no key), for decode_merge
-    n_split = tl.num_programs(1)
     b_l_safe = tl.where(b_l > 0, b_l, 1.0)
     b_lse = tl.where(b_l > 0, b_mx + tl.log2(b_l_safe), float("-inf"))
-    o_part = (i_bh.to(tl.int64) * n_split + i_split) * (GQ * T) + o_m
+    o_part = (i_bh.to(tl.int64) * n_split_total + split_lo + i_split) * (GQ * T) + o_m
     tl.store(L_PART + o_part, b_lse, mask=o_m < GQ * T)
     p_o = O_PART + o_part[:, None] * BLOCK_D + (o_j * P)[None, :]
     tl.store(p_o, b_acc0 / b_l_safe[:, None], mask=m_qj)
@@ -343,7 +345,7 @@ def quant_decode(
     block_ids: torch.Tensor | None = None, window: int = 0, sink: int = 0,
     block_k: int = 64, num_splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
     maxnreg: int | None = None, programs_per_sm: int | None = None, unpack: str | None = None,
-    out: torch.Tensor | None = None,
+    kernel: str | None = None, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention of T new queries over a quantized cache: one launch, plus the split merge.
 
@@ -356,6 +358,9 @@ def quant_decode(
     maxnreg (a register cap per thread, to fit more programs on an SM at the price of spills).
     unpack: how codes become fp16 dot operands, "asm" (PTX, the default on a GPU), "magic" (the same trick in
     Triton ops, the default under the CPU interpreter, which cannot run PTX) or "cvt" (the only one for fp32 queries).
+    kernel: "mma" (kv_quant_decode_mma.py: Gluon, hand-laid-out tensor-core operands) for the quantized blocks,
+    "triton" (this file's kernel for everything), or None: "mma" where it applies. With "mma", num_warps, num_stages,
+    maxnreg and unpack apply to the residual tail only, and programs_per_sm to the MMA kernel's one-warp programs.
     """
     b, hq, t, d = q.shape
     hkv = k_codes.shape[1]
@@ -380,9 +385,6 @@ def quant_decode(
     else:
         n_visit = triton.cdiv(kv_len, block_k)
         n_quant_visit = n_quant // block_k
-    num_splits, blocks_per_split, maxnreg = split_launch(bits, q.device, b * hkv, n_visit, num_splits=num_splits,
-                                                         programs_per_sm=programs_per_sm, maxnreg=maxnreg)
-
     dot = tl.float32 if q.dtype == torch.float32 else tl.float16  # codes <= 255 are exact in fp16
     if unpack is None:
         unpack = "cvt" if dot == tl.float32 else "magic" if _interpreted(q) else "asm"
@@ -397,27 +399,71 @@ def quant_decode(
     for name, x in (("k_codes", kc), ("v_codes", vc), ("k_scale", ks), ("v_scale", vs), ("k_res", kr), ("v_res", vr)):
         if x.stride(-1) != 1:
             raise ValueError(f"{name} needs a unit stride on its last axis")
-    l_part = torch.empty(b * hkv * num_splits * gq * t, dtype=torch.float32, device=q.device)
-    o_part = torch.empty(b * hkv * num_splits * gq * t * block_d, dtype=torch.float32, device=q.device)
     out = torch.empty_like(q) if out is None else out
 
-    _quant_decode_kernel[(b * hkv, num_splits)](
-        q, kc, ks, kz, vc, vs, vz, kr, vr, block_ids if block_ids is not None else kc, o_part, l_part,
-        q.stride(0), q.stride(1), q.stride(2),
-        kc.stride(0), kc.stride(1), ks.stride(0), ks.stride(1),
-        vc.stride(0), vc.stride(1), vs.stride(0), vs.stride(1),
-        kr.stride(0), kr.stride(1),
-        n_quant, kv_len, n_visit, n_quant_visit, blocks_per_split, window, sink, math.log2(math.e) / math.sqrt(d),
-        H_KV=hkv, GQ=gq, T=t, D=d, BLOCK_D=block_d, BLOCK_J=block_j, BLOCK_M=block_m, BLOCK_K=block_k,
-        BLOCK_R=min(block_k, 32),
-        KEY_GROUP=key_group, V_GROUPS=d // value_group,
-        V_GROUP=value_group, BITS=bits, SYMMETRIC=symmetric,
-        HAS_BLOCK_IDS=block_ids is not None, HAS_WINDOW=window > 0, UNPACK=unpack, DOT=dot,
-        num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
-    )
-    merge_splits(o_part.view(b * hkv, num_splits, gq * t, block_d), l_part, out, kv_heads=hkv, group=gq, t=t,
-                 n_split=num_splits)
+    use_mma = _use_mma(kernel, q, bits, d, gq * t, d // value_group, n_quant_visit, block_k, kc, vc)
+    if use_mma:  # quantized visits by the MMA kernel, the residual tail by this file's kernel as one more split
+        mma_splits, mma_per_split = mma.split_launch(q.device, b * hkv, n_quant_visit, num_splits=num_splits,
+                                                     programs_per_sm=programs_per_sm)
+        res_visits = n_visit - n_quant_visit
+        num_splits, blocks_per_split, visit_lo = 1, max(res_visits, 1), n_quant_visit
+        split_lo, n_split_total = mma_splits, mma_splits + (res_visits > 0)
+    else:
+        num_splits, blocks_per_split, maxnreg = split_launch(bits, q.device, b * hkv, n_visit, num_splits=num_splits,
+                                                             programs_per_sm=programs_per_sm, maxnreg=maxnreg)
+        visit_lo, split_lo, n_split_total = 0, 0, num_splits
+    l_part = torch.empty(b * hkv * n_split_total * gq * t, dtype=torch.float32, device=q.device)
+    o_part = torch.empty(b * hkv * n_split_total * gq * t * block_d, dtype=torch.float32, device=q.device)
+    ids = block_ids if block_ids is not None else kc
+    scale = math.log2(math.e) / math.sqrt(d)
+    if use_mma:
+        mma.launch(q, kc, ks, kz if k_zero is not None else None, vc, vs, vz if v_zero is not None else None, ids,
+                   o_part, l_part, kv_len=kv_len, n_quant_visit=n_quant_visit, per_split=mma_per_split,
+                   splits=mma_splits, n_split_total=n_split_total, window=window, sink=sink, qk_scale=scale,
+                   hkv=hkv, gq=gq, block_k=block_k, key_group=key_group, bits=bits,
+                   has_block_ids=block_ids is not None)
+    if not use_mma or n_visit > n_quant_visit:
+        _quant_decode_kernel[(b * hkv, num_splits)](
+            q, kc, ks, kz, vc, vs, vz, kr, vr, ids, o_part, l_part,
+            q.stride(0), q.stride(1), q.stride(2),
+            kc.stride(0), kc.stride(1), ks.stride(0), ks.stride(1),
+            vc.stride(0), vc.stride(1), vs.stride(0), vs.stride(1),
+            kr.stride(0), kr.stride(1),
+            n_quant, kv_len, n_visit, n_quant_visit, blocks_per_split, visit_lo, split_lo, n_split_total, window,
+            sink, scale,
+            H_KV=hkv, GQ=gq, T=t, D=d, BLOCK_D=block_d, BLOCK_J=block_j, BLOCK_M=block_m, BLOCK_K=block_k,
+            BLOCK_R=min(block_k, 32),
+            KEY_GROUP=key_group, V_GROUPS=d // value_group,
+            V_GROUP=value_group, BITS=bits, SYMMETRIC=symmetric,
+            HAS_BLOCK_IDS=block_ids is not None, HAS_WINDOW=window > 0, UNPACK=unpack, DOT=dot,
+            num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
+        )
+    merge_splits(o_part.view(b * hkv, n_split_total, gq * t, block_d), l_part, out, kv_heads=hkv, group=gq, t=t,
+                 n_split=n_split_total)
     return out
+
+
+def _use_mma(kernel: str | None, q, bits, d, rows, value_groups, n_quant_visit, block_k, kc, vc) -> bool:
+    """Whether the quantized visits go to the MMA kernel: kernel="mma" demands it, "triton" refuses it, None takes
+    it where it applies (a GPU, shapes mma.supported covers, at least one quantized visit)."""
+    if kernel not in (None, "mma", "triton"):
+        raise ValueError(f"kernel must be 'mma', 'triton' or None (automatic), got {kernel!r}")
+    if kernel == "triton":
+        return False
+    why = None
+    if _interpreted(q):
+        why = "it runs on a GPU only (Gluon has no CPU interpreter)"
+    elif not mma.supported(bits, d, rows, value_groups, q.dtype):
+        why = (f"it covers 2/4/8-bit codes, head_dim*bits >= 256, <= 8 query rows a KV head, one value group a "
+               f"token and fp16/bf16 queries (got {bits} bits, head_dim {d}, {rows} rows, {value_groups} value "
+               f"groups, {q.dtype})")
+    elif block_k % mma.BLOCK_N:
+        why = f"block_k must be a multiple of {mma.BLOCK_N} (got {block_k})"
+    elif any(x.stride(1) % 4 or x.stride(0) % 4 or x.data_ptr() % 16 for x in (kc, vc)):
+        why = "the codes must be read as 32-bit words (rows a multiple of 4 bytes, 16-byte aligned)"
+    if why is not None and kernel == "mma":
+        raise ValueError(f"kernel='mma' cannot serve this call: {why}")
+    return why is None and n_quant_visit > 0
 
 
 def visible_mask(t: int, kv_len: int, *, block_ids=None, window: int = 0, sink: int = 0, block_k: int = 64,

@@ -1,0 +1,354 @@
+"""Fused decode over packed KIVI codes with hand-laid-out tensor-core operands (Gluon, GPU only).
+
+Why a second kernel: the Triton-language kernel (kv_quant_decode.py) leaves register layouts to the compiler. Its
+code tiles are staged through shared memory into the MMA operand layout (byte-wise loads for 8-bit data feeding a
+16-bit MMA), the 4 query heads of a KV head are padded to 16 rows in both dots, and its warps share one softmax
+through cross-warp reductions: about 1,300 instructions a warp per 128 keys, which capped it near 1.2x SDPA at 128k
+(experiments/kv_cache/README.md, section 6). Here, in Gluon (Triton's layout-explicit dialect), every layout is
+chosen so that the packed words land in registers exactly where `mma.sync` wants them:
+
+- Keys, S = Q' @ K^T (query rows on M, keys on N): a lane of the B operand holds one key and 32 channel slots. The
+  order of channels inside a dot is free, so each lane loads its key's 16 contiguous bytes (one 128-bit load for
+  int4) and `lop3` turns two codes at a time into fp16 operands in place: no shared memory, no shuffles.
+- Values, O^T = V^T @ P'^T (channels on M, the 8 query rows on N): the score accumulator's registers are already the
+  B operand of this product (the flash-attention register reuse), so P never moves. A lane of the A operand holds
+  pairs of keys of one channel: `prmt` pairs the two keys' bytes, `lop3` extracts.
+- Dequantization is folded away. A code's fp16 is 0x6400 | (c << s) = 1024 + c 2^s. For keys (scale s_d, zero z_d
+  per channel of the group) the query absorbs the scale and 2^-s: q'_d = q_d s_d 2^-s, and
+      q . k_n = q' . (1024 + c 2^s)_n - 1024 sum_d q'_d + q . z.
+  For values (scale s_n, zero z_n per token) the probabilities absorb the scale: p'_n = p_n s_n, and
+      sum_n p_n v_nd = 2^-s (sum_n p'_n (1024 + c_nd 2^s) - 1024 sum_n p'_n) + sum_n p_n z_n.
+  Each lop3 is therefore the whole unpack of two codes.
+- One warp a program: each warp owns its keys and its softmax, so nothing crosses warps; splits of the visit list
+  are merged by the shared merge kernel (decode_merge.py).
+
+Covered: 8-, 4- and 2-bit codes with one value group per token, head_dim * bits >= 256 (head_dim 128 at every
+width, 64 at int4/int8), up to 8 query rows per KV head (GQA group x new tokens), fp16/bf16 queries, the
+attention schedule's block list and sliding window. The residual tail (full-precision newest tokens) is attended
+by the Triton-language kernel as one more split. Gluon does not run under the CPU interpreter: the CPU tests check
+this kernel's channel bookkeeping through `mma_decode_emulated` (the same data flow in torch), and the GPU tests
+check the kernel itself against the float64 reference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ollm_triton.kernels.decode_merge import one_wave_splits
+
+try:  # Gluon ships with Triton >= 3.5
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    HAVE_GLUON = True
+except ImportError:  # pragma: no cover - older Triton
+    HAVE_GLUON = False
+
+
+def supported(bits: int, d: int, rows: int, value_groups: int, dtype: torch.dtype) -> bool:
+    """Shapes this kernel serves (the Triton-language kernel serves the rest)."""
+    return (HAVE_GLUON and bits in (2, 4, 8) and d in (64, 128, 256) and d * bits >= 256 and rows <= 8
+            and value_groups == 1 and dtype in (torch.float16, torch.bfloat16))
+
+
+def layout_sizes(bits: int, d: int) -> dict:
+    """Per-lane word counts of the two code layouts. K: a lane holds WK 32-bit words of a key, each unpacked into
+    UK fp16 pairs. V: a lane holds VW words of each of its keys, a pair of keys' words unpacked into UV pairs."""
+    p = 8 // bits
+    return dict(P=p, WK=d * bits // 128, UK=16 // bits, VW=d * bits // 256, UV=4 * p)
+
+
+def key_channels(bits: int, d: int) -> np.ndarray:
+    """Channel of each k slot of the key operand (the order the kernel's reshapes give the unpacked words).
+    Word W = WK t + w of a key holds bytes 4W..4W+3; output u of its unpack is plane u // 2 of bytes
+    (u % 2, u % 2 + 2) in its two halves h; byte j holds channels P j + plane. The kernel lays the outputs as
+    [t, (w, u), h] and then puts t inside (w, u): slot k = ((w UK + u) 4 + t) 2 + h."""
+    s = layout_sizes(bits, d)
+    t, w, u, h = np.meshgrid(np.arange(4), np.arange(s["WK"]), np.arange(s["UK"]), np.arange(2), indexing="ij")
+    ch = s["P"] * (4 * (s["WK"] * t + w) + u % 2 + 2 * h) + u // 2  # [t, w, u, h]
+    return ch.transpose(1, 2, 0, 3).reshape(-1).astype(np.int32)   # [(w, u), t, h] -> k
+
+
+def value_channels(bits: int, d: int) -> np.ndarray:
+    """Channel of each row of the value operand: row = (vw UV + u) 8 + g, lane group g holds words VW g + vw of
+    each key, and output u of a key pair's unpack is plane u // 4 of byte u % 4."""
+    s = layout_sizes(bits, d)
+    vw, u, g = np.meshgrid(np.arange(s["VW"]), np.arange(s["UV"]), np.arange(8), indexing="ij")
+    ch = s["P"] * (4 * (s["VW"] * g + vw) + u % 4) + u // 4
+    return ch.reshape(-1).astype(np.int32)
+
+
+def _lop3(dst: str, src: str, mask: int) -> str:
+    return f"lop3.b32 {dst}, {src}, {mask | mask << 16:#010x}, 0x64006400, 0xea;\n"  # (src & mask) | 0x6400 each half
+
+
+def key_unpack_asm(bits: int) -> str:
+    """One word of 32 // bits codes -> 16 // bits f16x2 registers; output u = 2 plane + (bytes 1,3 ? 1 : 0)."""
+    u_n = 16 // bits
+    body = f"{{ .reg .b32 s;\nshr.b32 s, ${u_n}, 8;\n"
+    for u in range(u_n):
+        body += _lop3(f"${u}", "s" if u % 2 else f"${u_n}", ((1 << bits) - 1) << (bits * (u // 2)))
+    return body + "}"
+
+
+def value_unpack_asm(bits: int) -> str:
+    """The same word of two keys (a = $UV, b = $UV+1) -> 4 * (8 // bits) f16x2 registers, each holding one
+    channel of key a (low half) and key b (high half); output u = 4 plane + byte."""
+    u_n = 32 // bits
+    a, b = f"${u_n}", f"${u_n + 1}"
+    body = ("{ .reg .b32 x0, x1, y0, y1;\n"
+            f"prmt.b32 x0, {a}, {b}, 0x5410;\n"  # bytes a0 a1 b0 b1
+            f"prmt.b32 x1, {a}, {b}, 0x7632;\n"  # bytes a2 a3 b2 b3
+            "shr.b32 y0, x0, 8;\nshr.b32 y1, x1, 8;\n")
+    for u in range(u_n):
+        body += _lop3(f"${u}", ("x0", "y0", "x1", "y1")[u % 4], ((1 << bits) - 1) << (bits * (u // 4)))
+    return body + "}"
+
+
+if HAVE_GLUON:
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
+    A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+    ROWS: gl.constexpr = gl.SliceLayout(1, MMA)
+    COLS: gl.constexpr = gl.SliceLayout(0, MMA)
+
+    @gluon.constexpr_function
+    def _axis_layout(layout, d, rank):
+        for k in reversed(range(rank)):
+            if k != d:
+                layout = gl.SliceLayout(k, layout)
+        return layout
+
+    @gluon.jit
+    def _idx(n: gl.constexpr, d: gl.constexpr, L: gl.constexpr):
+        """arange(n) along axis d of a tensor in layout L, with size-1 axes elsewhere (for broadcast offsets)."""
+        R: gl.constexpr = len(L.order)
+        x = gl.arange(0, n, layout=_axis_layout(L, d, R))
+        for k in gl.static_range(R):
+            if k != d:
+                x = gl.expand_dims(x, k)
+        return x
+
+    @gluon.jit
+    def _halves(x):
+        """int32 [..., N] of f16x2 words -> fp16 [..., N, 2] (low half first); ptxas keeps the registers."""
+        xx = gl.join(x, x)
+        return gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [xx], dtype=gl.float16, is_pure=True, pack=2)
+
+    @gluon.jit
+    def _join_n(u, N: gl.constexpr):
+        """Tuple of N tensors -> [..., N] with u[i] at index i (joins interleave: evens, odds, recursively)."""
+        if N == 2:
+            return gl.join(u[0], u[1])
+        elif N == 4:
+            return gl.join(gl.join(u[0], u[2]), gl.join(u[1], u[3]))
+        elif N == 8:
+            return gl.join(gl.join(gl.join(u[0], u[4]), gl.join(u[2], u[6])),
+                           gl.join(gl.join(u[1], u[5]), gl.join(u[3], u[7])))
+        else:
+            return gl.join(
+                gl.join(gl.join(gl.join(u[0], u[8]), gl.join(u[4], u[12])),
+                        gl.join(gl.join(u[2], u[10]), gl.join(u[6], u[14]))),
+                gl.join(gl.join(gl.join(u[1], u[9]), gl.join(u[5], u[13])),
+                        gl.join(gl.join(u[3], u[11]), gl.join(u[7], u[15]))))
+
+
+    @gluon.jit
+    def _key_row(ROW, D: gl.constexpr, WK: gl.constexpr, P: gl.constexpr, BITS: gl.constexpr, SCALED: gl.constexpr):
+        """A per-channel row of a key group (scales or zeros) [D], in the slot order of the key operand
+        (key_channels), as SliceLayout(0, A_OP). Lane t's slots are channels [t D/4, (t+1) D/4): it loads them as
+        one contiguous run [w, byte b, plane i], and reshapes recast them, register for register, into slots
+        ((w UK + u) 4 + t) 2 + h with b = u % 2 + 2 h, i = u // 2. SCALED multiplies by 2^-(bits i), which undoes
+        the plane's 2^s in the fp16 code."""
+        L: gl.constexpr = gl.BlockedLayout([1, WK, 4, P], [4, 8, 1, 1], [1, 1, 1, 1], [0, 3, 2, 1])
+        i = _idx(P, 3, L)
+        ch = ((_idx(4, 0, L) * WK + _idx(WK, 1, L)) * 4 + _idx(4, 2, L)) * P + i
+        x = gl.load(ROW + ch).to(gl.float32)
+        if SCALED:
+            x = x * gl.exp2(-(BITS * i).to(gl.float32))
+        x = gl.permute(gl.reshape(x, [4, WK, 2, 2, P]), [1, 4, 3, 0, 2])  # [w, i, u % 2, t, h]
+        return gl.convert_layout(gl.reshape(x, [D]), gl.SliceLayout(0, A_OP), assert_trivial=True)
+
+    @gluon.jit
+    def _key_operand(KW, n0, stride_n, BN: gl.constexpr, D: gl.constexpr, WK: gl.constexpr, UK: gl.constexpr,
+                     ASM: gl.constexpr, CONS: gl.constexpr):
+        """Key codes of keys n0..n0+BN as the B operand [D, BN] (slot order: key_channels)."""
+        L: gl.constexpr = gl.BlockedLayout([1, 1, WK], [8, 4, 1], [1, 1, 1], [2, 1, 0])
+        w = gl.load(KW + (n0 + _idx(BN, 0, L)) * stride_n + _idx(4, 1, L) * WK + _idx(WK, 2, L))
+        u = gl.inline_asm_elementwise(ASM, CONS, [w], dtype=(gl.int32,) * UK, is_pure=True, pack=1)
+        x = gl.reshape(_join_n(u, UK), [BN, 4, WK * UK])
+        x = gl.reshape(gl.permute(x, [0, 2, 1]), [BN, D // 2])
+        x = gl.reshape(_halves(x), [BN, D])
+        return gl.convert_layout(gl.permute(x, [1, 0]), B_OP, assert_trivial=True)
+
+    @gluon.jit
+    def _value_operand(VW_, n0, stride_n, BN: gl.constexpr, D: gl.constexpr, VW: gl.constexpr, UV: gl.constexpr,
+                       ASM: gl.constexpr, CONS: gl.constexpr):
+        """Value codes of keys n0..n0+BN as the A operand [D, BN] (row order: value_channels). Lane (g, t) loads
+        words VW g.. of keys 16 j + 8 a + 2 t + e, and a pair of keys (e = 0, 1) shares each f16x2 register."""
+        L: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 1, VW], [1, 1, 4, 1, 8, 1], [1, 1, 1, 1, 1, 1],
+                                           [5, 2, 4, 3, 1, 0])
+        key = n0 + _idx(BN // 16, 0, L) * 16 + _idx(2, 1, L) * 8 + _idx(4, 2, L) * 2 + _idx(2, 3, L)
+        w = gl.load(VW_ + key * stride_n + _idx(8, 4, L) * VW + _idx(VW, 5, L))
+        wa, wb = gl.split(gl.permute(w, [0, 1, 2, 4, 5, 3]))
+        u = gl.inline_asm_elementwise(ASM, CONS, [wa, wb], dtype=(gl.int32,) * UV, is_pure=True, pack=1)
+        x = gl.reshape(_join_n(u, UV), [BN // 16, 2, 4, 8, VW, UV])
+        x = gl.permute(x, [4, 5, 3, 0, 1, 2])  # [VW, UV, g, j, a, t]
+        x = gl.reshape(_halves(gl.reshape(x, [D, BN // 2])), [D, BN])
+        return gl.convert_layout(x, A_OP, assert_trivial=True)
+
+    @gluon.jit(do_not_specialize=["kv_len", "n_quant_visit", "blocks_per_split", "window", "sink", "sub_blocks"])
+    def _quant_decode_mma_kernel(
+        Q, KW, KS, KZ, VW_, VS, VZ, BLOCK_IDS, KCH, VCH, O_PART, L_PART,
+        stride_qb, stride_qh, stride_qt, stride_kw_bh, stride_kw_n, stride_ks_bh, stride_ks_g,
+        stride_vw_bh, stride_vw_n, stride_vs_bh, stride_vs_n,
+        kv_len, n_quant_visit, blocks_per_split, n_split_total, window, sink, sub_blocks, qk_scale,
+        H_KV: gl.constexpr, GQ: gl.constexpr, T: gl.constexpr, D: gl.constexpr, BLOCK_K: gl.constexpr,
+        BN: gl.constexpr, KEY_GROUP: gl.constexpr, BITS: gl.constexpr, SYMMETRIC: gl.constexpr,
+        HAS_BLOCK_IDS: gl.constexpr, HAS_WINDOW: gl.constexpr,
+        WK: gl.constexpr, UK: gl.constexpr, VW: gl.constexpr, UV: gl.constexpr,
+        K_ASM: gl.constexpr, K_CONS: gl.constexpr, V_ASM: gl.constexpr, V_CONS: gl.constexpr,
+    ):
+        """Program (batch * KV head, split) over quantized visits [split * per_split, ...) of the visit list.
+        Rows m = g T + t of S are query head g of the group and new token t; rows >= GQ T are zero padding."""
+        P: gl.constexpr = 8 // BITS
+        i_bh, i_split = gl.program_id(0), gl.program_id(1)
+        i_b, i_h = i_bh // H_KV, i_bh % H_KV
+
+        # the query side of the key dot, in the A operand's own layout: rows m, slots k (channel KCH[k])
+        o_m = gl.arange(0, 16, layout=gl.SliceLayout(1, A_OP))
+        k_ch = gl.load(KCH + gl.arange(0, D, layout=gl.SliceLayout(0, A_OP)))
+        m_row = (o_m < GQ * T)[:, None]
+        p_q = Q + i_b * stride_qb + (i_h * GQ + o_m // T)[:, None] * stride_qh + (o_m % T)[:, None] * stride_qt
+        # held as fp16 (bf16 queries convert exactly, scaled by qk_scale): 32 registers a lane instead of 64
+        b_q = (gl.load(p_q + k_ch[None, :], mask=m_row, other=0.0).to(gl.float32) * qk_scale).to(gl.float16)
+
+        o_r = gl.arange(0, 16, layout=ROWS)
+        o_n = gl.arange(0, BN, layout=COLS)
+        q_pos = kv_len - T + o_r % T
+        b_mx = gl.full([16], float("-inf"), gl.float32, layout=ROWS)
+        b_l = gl.full([16], 0.0, gl.float32, layout=ROWS)
+        b_ps = gl.full([16], 0.0, gl.float32, layout=ROWS)  # sum of p' = p s_v as the dot saw it (fp16)
+        b_pz = gl.full([16], 0.0, gl.float32, layout=ROWS)  # sum of p z_v
+        b_acc = gl.full([D, 8], 0.0, gl.float32, layout=MMA)  # O^T: channels (VCH order) x rows 0..7
+
+        p_kw = KW + i_bh * stride_kw_bh
+        p_vw = VW_ + i_bh * stride_vw_bh
+        p_vs = VS + i_bh * stride_vs_bh
+        p_vz = VZ + i_bh * stride_vs_bh
+        i_lo = i_split * blocks_per_split
+        i_hi = gl.minimum(i_lo + blocks_per_split, n_quant_visit)
+        for i in range(i_lo, i_hi):
+            if HAS_BLOCK_IDS:
+                start = gl.load(BLOCK_IDS + i) * BLOCK_K
+            else:
+                start = i * BLOCK_K
+            # this block's key group: q' = q s 2^-s per slot, and the bias q . z - 1024 sum q'
+            p_row = i_bh * stride_ks_bh + (start // KEY_GROUP) * stride_ks_g
+            b_ks = _key_row(KS + p_row, D, WK, P, BITS, True)
+            if SYMMETRIC:
+                b_kz = -_key_row(KS + p_row, D, WK, P, BITS, False) * (1 << (BITS - 1))
+            else:
+                b_kz = _key_row(KZ + p_row, D, WK, P, BITS, False)
+            b_qf = b_q.to(gl.float32)
+            b_qs = (b_qf * b_ks[None, :]).to(gl.float16)
+            b_bias = gl.sum(b_qf * b_kz[None, :], 1) - 1024.0 * gl.sum(b_qs.to(gl.float32), 1)
+            b_bias = gl.convert_layout(b_bias, ROWS)
+            for sb in range(0, sub_blocks):  # a runtime count: unrolled, ptxas would hoist every sub-block's loads
+                n0 = start + sb * BN
+                b_s = gl.nvidia.ampere.mma_v2(
+                    b_qs, _key_operand(p_kw, n0, stride_kw_n, BN, D, WK, UK, K_ASM, K_CONS),
+                    gl.full([16, BN], 0.0, gl.float32, layout=MMA) + b_bias[:, None])
+                if HAS_WINDOW or T > 1:
+                    key = n0 + o_n
+                    m_vis = key[None, :] <= q_pos[:, None]
+                    if HAS_WINDOW:
+                        m_vis = m_vis & ((key[None, :] < sink) | (key[None, :] > q_pos[:, None] - window))
+                    b_s = gl.where(m_vis, b_s, float("-inf"))
+                b_new = gl.maximum(b_mx, gl.max(b_s, 1))
+                b_ref = gl.where(b_new == float("-inf"), 0.0, b_new)
+                b_alpha = gl.exp2(b_mx - b_ref)
+                b_p = gl.exp2(b_s - b_ref[:, None])
+                b_mx = b_new
+                b_vs = gl.load(p_vs + (n0 + o_n) * stride_vs_n).to(gl.float32)
+                if SYMMETRIC:
+                    b_vz = -b_vs * (1 << (BITS - 1))
+                else:
+                    b_vz = gl.load(p_vz + (n0 + o_n) * stride_vs_n).to(gl.float32)
+                b_pp = (b_p * b_vs[None, :]).to(gl.float16)
+                b_l = b_l * b_alpha + gl.sum(b_p, 1)
+                b_ps = b_ps * b_alpha + gl.sum(b_pp.to(gl.float32), 1)
+                b_pz = b_pz * b_alpha + gl.sum(b_p * b_vz[None, :], 1)
+                # rows 0..7 of p' [16, BN] are, register for register, the B operand [BN, 8] of O^T
+                b_p8, _ = gl.split(gl.permute(gl.reshape(b_pp, [2, 8, BN]), [1, 2, 0]))
+                b_pt = gl.convert_layout(gl.permute(b_p8, [1, 0]), B_OP, assert_trivial=True)
+                b_a8, _ = gl.split(gl.permute(gl.reshape(b_alpha, [2, 8]), [1, 0]))
+                b_acc = b_acc * gl.convert_layout(b_a8, COLS)[None, :]
+                b_acc = gl.nvidia.ampere.mma_v2(
+                    _value_operand(p_vw, n0, stride_vw_n, BN, D, VW, UV, V_ASM, V_CONS), b_pt, b_acc)
+
+        # O[m, VCH[r]] = (2^-s (acc[r, m] - 1024 ps[m]) + pz[m]) / l[m]; the partial is normalised for the merge
+        b_l8, _ = gl.split(gl.permute(gl.reshape(b_l, [2, 8]), [1, 0]))
+        b_ps8, _ = gl.split(gl.permute(gl.reshape(b_ps, [2, 8]), [1, 0]))
+        b_pz8, _ = gl.split(gl.permute(gl.reshape(b_pz, [2, 8]), [1, 0]))
+        b_mx8, _ = gl.split(gl.permute(gl.reshape(b_mx, [2, 8]), [1, 0]))
+        b_l8, b_ps8 = gl.convert_layout(b_l8, COLS), gl.convert_layout(b_ps8, COLS)
+        b_pz8, b_mx8 = gl.convert_layout(b_pz8, COLS), gl.convert_layout(b_mx8, COLS)
+        v_ch = gl.load(VCH + gl.arange(0, D, layout=ROWS))
+        v_fac = gl.exp2(-(BITS * (v_ch % P)).to(gl.float32))
+        b_l_safe = gl.where(b_l8 > 0, b_l8, 1.0)
+        b_o = ((b_acc - 1024.0 * b_ps8[None, :]) * v_fac[:, None] + b_pz8[None, :]) / b_l_safe[None, :]
+        o_h = gl.arange(0, 8, layout=COLS)
+        o_part = (i_bh.to(gl.int64) * n_split_total + i_split) * (GQ * T) + o_h
+        gl.store(O_PART + o_part[None, :] * D + v_ch[:, None], b_o, mask=(o_h < GQ * T)[None, :])
+        b_lse = gl.where(b_l8 > 0, b_mx8 + gl.log2(b_l_safe), float("-inf"))
+        gl.store(L_PART + o_part, b_lse, mask=o_h < GQ * T)
+
+
+BLOCK_N = 64  # keys a program attends per step (two steps per 128-key block of the schedule)
+PROGRAMS_PER_SM = 16  # one-warp programs resident an SM in the default launch
+
+
+def split_launch(device: torch.device, heads: int, n_visit: int, *, num_splits: int | None = None,
+                 programs_per_sm: int | None = None) -> tuple[int, int]:
+    """(splits, visits per split) over n_visit quantized visits of `heads` (batch, KV head) pairs: by default one
+    wave of `programs_per_sm` one-warp programs an SM."""
+    if num_splits is None:
+        num_splits = one_wave_splits(device, heads, n_visit, per_sm=programs_per_sm or PROGRAMS_PER_SM, min_blocks=2)
+    per_split = max(1, -(-n_visit // max(num_splits, 1)))
+    return max(1, -(-n_visit // per_split)), per_split
+
+
+_CHANNELS: dict = {}
+
+
+def _channel_tables(bits: int, d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    key = (bits, d, device)
+    if key not in _CHANNELS:
+        _CHANNELS[key] = (torch.from_numpy(key_channels(bits, d)).to(device),
+                          torch.from_numpy(value_channels(bits, d)).to(device))
+    return _CHANNELS[key]
+
+
+def launch(q, kc, ks, kz, vc, vs, vz, block_ids, o_part, l_part, *, kv_len, n_quant_visit, per_split, splits,
+           n_split_total, window, sink, qk_scale, hkv, gq, block_k, key_group, bits, has_block_ids):
+    """Attend the first n_quant_visit visits into splits [0, splits) of o_part / l_part (flattened [B*Hkv, ...]
+    codes, scales and zeros as quant_decode prepares them; kz / vz None when symmetric)."""
+    b, _, t, d = q.shape
+    s = layout_sizes(bits, d)
+    kw, vw = kc.view(torch.int32), vc.view(torch.int32)
+    kch, vch = _channel_tables(bits, d, q.device)
+    ku, vu = s["UK"], s["UV"]
+    _quant_decode_mma_kernel[(b * hkv, splits)](
+        q, kw, ks, kz if kz is not None else ks, vw, vs, vz if vz is not None else vs, block_ids, kch, vch,
+        o_part, l_part,
+        q.stride(0), q.stride(1), q.stride(2), kw.stride(0), kw.stride(1), ks.stride(0), ks.stride(1),
+        vw.stride(0), vw.stride(1), vs.stride(0), vs.stride(1),
+        kv_len, n_quant_visit, per_split, n_split_total, window, sink, block_k // BLOCK_N, qk_scale,
+        H_KV=hkv, GQ=gq, T=t, D=d, BLOCK_K=block_k, BN=BLOCK_N, KEY_GROUP=key_group, BITS=bits,
+        SYMMETRIC=kz is None, HAS_BLOCK_IDS=has_block_ids, HAS_WINDOW=window > 0,
+        WK=s["WK"], UK=ku, VW=s["VW"], UV=vu,
+        K_ASM=key_unpack_asm(bits), K_CONS=",".join(["=r"] * ku + ["r"]),
+        V_ASM=value_unpack_asm(bits), V_CONS=",".join(["=r"] * vu + ["r", "r"]),
+        num_warps=1,
+    )
