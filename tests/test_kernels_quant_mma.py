@@ -32,11 +32,12 @@ def _codes(n, d, bits, seed):
     return codes, packed
 
 
-def _expected(codes, channels, bits):
-    """1024 + c 2^s of each operand slot: what the fp16 bits 0x6400 | (c << s) mean."""
+def _expected(codes, channels, bits, offset=1024):
+    """offset + c 2^s of each operand slot: the fp16 bits 0x6400 | (c << s) mean 1024 + c 2^s, which the asm
+    takes to c 2^s with a sub.f16x2."""
     p = 8 // bits
     c = codes[:, channels].astype(np.float64)  # [n, slots]
-    return (1024 + c * 2.0 ** (bits * (channels % p))).T  # [slots, n]
+    return (offset + c * 2.0 ** (bits * (channels % p))).T  # [slots, n]
 
 
 @pytest.mark.parametrize("bits,d", SHAPES)
@@ -46,15 +47,19 @@ def test_channel_tables_are_permutations(bits, d):
 
 
 @pytest.mark.parametrize("bits,d", SHAPES)
-def test_key_operand_mirror(bits, d):
+@pytest.mark.parametrize("exact", [True, False])
+def test_key_operand_mirror(bits, d, exact):
     """_key_operand: words [BN, 4 t, WK w] -> UK lop3 outputs -> [BN, (w, u), t] -> halves -> [D, BN]."""
     s, bn = M.layout_sizes(bits, d), 16
     codes, packed = _codes(bn, d, bits, seed=bits * d)
     w = packed.view(np.uint32).reshape(bn, 4, s["WK"])
     outs = [_lop3(w >> np.uint32(8) if u % 2 else w, ((1 << bits) - 1) << (bits * (u // 2))) for u in range(s["UK"])]
     x = np.stack(outs, -1).reshape(bn, 4, s["WK"] * s["UK"]).transpose(0, 2, 1).reshape(bn, d // 2)
-    kt = np.ascontiguousarray(x).view(np.float16).reshape(bn, d).T  # little-endian: low half first
-    np.testing.assert_array_equal(kt.astype(np.float64), _expected(codes, M.key_channels(bits, d), bits))
+    kt = np.ascontiguousarray(x).view(np.float16).reshape(bn, d).T.astype(np.float64)  # little-endian: low half first
+    if exact:  # the asm's sub.f16x2
+        kt -= 1024
+        assert M.key_unpack_asm(bits, True).count("sub.f16x2") == s["UK"]
+    np.testing.assert_array_equal(kt, _expected(codes, M.key_channels(bits, d), bits, offset=0 if exact else 1024))
 
 
 @pytest.mark.parametrize("bits,d", SHAPES)
@@ -71,8 +76,8 @@ def test_value_operand_mirror(bits, d):
     srcs = (x0, x0 >> np.uint32(8), x1, x1 >> np.uint32(8))
     outs = [_lop3(srcs[u % 4], ((1 << bits) - 1) << (bits * (u // 4))) for u in range(s["UV"])]
     x = np.stack(outs, -1).transpose(4, 5, 3, 0, 1, 2).reshape(d, bn // 2)
-    vt = np.ascontiguousarray(x).view(np.float16).reshape(d, bn)
-    np.testing.assert_array_equal(vt.astype(np.float64), _expected(codes, M.value_channels(bits, d), bits))
+    vt = np.ascontiguousarray(x).view(np.float16).reshape(d, bn).astype(np.float64) - 1024  # the asm's sub.f16x2
+    np.testing.assert_array_equal(vt, _expected(codes, M.value_channels(bits, d), bits, offset=0))
 
 
 def test_asm_matches_the_mirror_masks():
@@ -81,6 +86,7 @@ def test_asm_matches_the_mirror_masks():
     assert "shr.b32 s, $4, 8" in M.key_unpack_asm(4)
     v = M.value_unpack_asm(2)
     assert "prmt.b32 x0, $16, $17, 0x5410" in v and "prmt.b32 x1, $16, $17, 0x7632" in v and "0x00c000c0" in v
+    assert v.count("sub.f16x2") == 16 and "mov.b32 m, 0x64006400" in v
 
 
 def test_mma_kernel_refused_clearly_on_cpu():

@@ -13,12 +13,14 @@ chosen so that the packed words land in registers exactly where `mma.sync` wants
 - Values, O^T = V^T @ P'^T (channels on M, the 8 query rows on N): the score accumulator's registers are already the
   B operand of this product (the flash-attention register reuse), so P never moves. A lane of the A operand holds
   pairs of keys of one channel: `prmt` pairs the two keys' bytes, `lop3` extracts.
-- Dequantization is folded away. A code's fp16 is 0x6400 | (c << s) = 1024 + c 2^s. For keys (scale s_d, zero z_d
-  per channel of the group) the query absorbs the scale and 2^-s: q'_d = q_d s_d 2^-s, and
-      q . k_n = q' . (1024 + c 2^s)_n - 1024 sum_d q'_d + q . z.
-  For values (scale s_n, zero z_n per token) the probabilities absorb the scale: p'_n = p_n s_n, and
-      sum_n p_n v_nd = 2^-s (sum_n p'_n (1024 + c_nd 2^s) - 1024 sum_n p'_n) + sum_n p_n z_n.
-  Each lop3 is therefore the whole unpack of two codes.
+- Dequantization is folded away. A code's fp16 is 0x6400 | (c << s) = 1024 + c 2^s (one lop3 for two codes), less
+  1024 (one sub.f16x2, exact) = c 2^s. For keys (scale s_d, zero z_d per channel of the group) the query absorbs
+  the scale and 2^-s: q'_d = q_d s_d 2^-s, and q . k_n = q' . (c 2^s)_n + q . z. For values (scale s_n, zero z_n
+  per token) the probabilities absorb the scale: p'_n = p_n s_n, and
+      sum_n p_n v_nd = 2^-s sum_n p'_n (c_nd 2^s) + sum_n p_n z_n.
+  (Leaving the 1024 in the codes and taking it back afterwards saves the sub but carries an offset 100-700x the
+  signal through the accumulators: for the values, whose accumulator spans every block of a split, that lost up to
+  0.3 relative error at 128k keys on the H200, device call 2 of 2026-11-30d.)
 - One warp a program: each warp owns its keys and its softmax, so nothing crosses warps; splits of the visit list
   are merged by the shared merge kernel (decode_merge.py).
 
@@ -82,26 +84,33 @@ def _lop3(dst: str, src: str, mask: int) -> str:
     return f"lop3.b32 {dst}, {src}, {mask | mask << 16:#010x}, 0x64006400, 0xea;\n"  # (src & mask) | 0x6400 each half
 
 
-def key_unpack_asm(bits: int) -> str:
-    """One word of 32 // bits codes -> 16 // bits f16x2 registers; output u = 2 plane + (bytes 1,3 ? 1 : 0)."""
+def key_unpack_asm(bits: int, exact: bool = False) -> str:
+    """One word of 32 // bits codes -> 16 // bits f16x2 registers; output u = 2 plane + (bytes 1,3 ? 1 : 0).
+    Each holds 1024 + c 2^s (the kernel's bias takes the 1024 back), or with `exact` c 2^s (one sub.f16x2 more)."""
     u_n = 16 // bits
-    body = f"{{ .reg .b32 s;\nshr.b32 s, ${u_n}, 8;\n"
+    body = f"{{ .reg .b32 s, t, m;\nmov.b32 m, 0x64006400;\nshr.b32 s, ${u_n}, 8;\n"
     for u in range(u_n):
-        body += _lop3(f"${u}", "s" if u % 2 else f"${u_n}", ((1 << bits) - 1) << (bits * (u // 2)))
+        src, mask = "s" if u % 2 else f"${u_n}", ((1 << bits) - 1) << (bits * (u // 2))
+        body += _lop3("t", src, mask) + f"sub.f16x2 ${u}, t, m;\n" if exact else _lop3(f"${u}", src, mask)
     return body + "}"
 
 
 def value_unpack_asm(bits: int) -> str:
     """The same word of two keys (a = $UV, b = $UV+1) -> 4 * (8 // bits) f16x2 registers, each holding one
-    channel of key a (low half) and key b (high half); output u = 4 plane + byte."""
+    channel of key a (low half) and key b (high half) as c 2^s exactly; output u = 4 plane + byte. Unlike the keys,
+    the values subtract the 1024 here (one sub.f16x2 a pair): folded into the output, the offset would ride in the
+    O accumulator across every block of a split, and on the H200 that lost 1e-3 of it (errors up to 0.3 at 128k
+    keys for int4, growing with the blocks a split attends; device call 2, 2026-11-30d)."""
     u_n = 32 // bits
     a, b = f"${u_n}", f"${u_n + 1}"
-    body = ("{ .reg .b32 x0, x1, y0, y1;\n"
+    body = ("{ .reg .b32 x0, x1, y0, y1, t, m;\n"
+            "mov.b32 m, 0x64006400;\n"
             f"prmt.b32 x0, {a}, {b}, 0x5410;\n"  # bytes a0 a1 b0 b1
             f"prmt.b32 x1, {a}, {b}, 0x7632;\n"  # bytes a2 a3 b2 b3
             "shr.b32 y0, x0, 8;\nshr.b32 y1, x1, 8;\n")
     for u in range(u_n):
-        body += _lop3(f"${u}", ("x0", "y0", "x1", "y1")[u % 4], ((1 << bits) - 1) << (bits * (u // 4)))
+        body += _lop3("t", ("x0", "y0", "x1", "y1")[u % 4], ((1 << bits) - 1) << (bits * (u // 4)))
+        body += f"sub.f16x2 ${u}, t, m;\n"
     return body + "}"
 
 
@@ -208,6 +217,7 @@ if HAVE_GLUON:
         HAS_BLOCK_IDS: gl.constexpr, HAS_WINDOW: gl.constexpr,
         WK: gl.constexpr, UK: gl.constexpr, VW: gl.constexpr, UV: gl.constexpr,
         K_ASM: gl.constexpr, K_CONS: gl.constexpr, V_ASM: gl.constexpr, V_CONS: gl.constexpr,
+        KEYS_EXACT: gl.constexpr,
     ):
         """Program (batch * KV head, split) over quantized visits [split * per_split, ...) of the visit list.
         Rows m = g T + t of S are query head g of the group and new token t; rows >= GQ T are zero padding."""
@@ -228,7 +238,6 @@ if HAVE_GLUON:
         q_pos = kv_len - T + o_r % T
         b_mx = gl.full([16], float("-inf"), gl.float32, layout=ROWS)
         b_l = gl.full([16], 0.0, gl.float32, layout=ROWS)
-        b_ps = gl.full([16], 0.0, gl.float32, layout=ROWS)  # sum of p' = p s_v as the dot saw it (fp16)
         b_pz = gl.full([16], 0.0, gl.float32, layout=ROWS)  # sum of p z_v
         b_acc = gl.full([D, 8], 0.0, gl.float32, layout=MMA)  # O^T: channels (VCH order) x rows 0..7
 
@@ -252,7 +261,9 @@ if HAVE_GLUON:
                 b_kz = _key_row(KZ + p_row, D, WK, P, BITS, False)
             b_qf = b_q.to(gl.float32)
             b_qs = (b_qf * b_ks[None, :]).to(gl.float16)
-            b_bias = gl.sum(b_qf * b_kz[None, :], 1) - 1024.0 * gl.sum(b_qs.to(gl.float32), 1)
+            b_bias = gl.sum(b_qf * b_kz[None, :], 1)
+            if not KEYS_EXACT:
+                b_bias -= 1024.0 * gl.sum(b_qs.to(gl.float32), 1)
             b_bias = gl.convert_layout(b_bias, ROWS)
             for sb in range(0, sub_blocks):  # a runtime count: unrolled, ptxas would hoist every sub-block's loads
                 n0 = start + sb * BN
@@ -277,7 +288,6 @@ if HAVE_GLUON:
                     b_vz = gl.load(p_vz + (n0 + o_n) * stride_vs_n).to(gl.float32)
                 b_pp = (b_p * b_vs[None, :]).to(gl.float16)
                 b_l = b_l * b_alpha + gl.sum(b_p, 1)
-                b_ps = b_ps * b_alpha + gl.sum(b_pp.to(gl.float32), 1)
                 b_pz = b_pz * b_alpha + gl.sum(b_p * b_vz[None, :], 1)
                 # rows 0..7 of p' [16, BN] are, register for register, the B operand [BN, 8] of O^T
                 b_p8, _ = gl.split(gl.permute(gl.reshape(b_pp, [2, 8, BN]), [1, 2, 0]))
@@ -287,17 +297,16 @@ if HAVE_GLUON:
                 b_acc = gl.nvidia.ampere.mma_v2(
                     _value_operand(p_vw, n0, stride_vw_n, BN, D, VW, UV, V_ASM, V_CONS), b_pt, b_acc)
 
-        # O[m, VCH[r]] = (2^-s (acc[r, m] - 1024 ps[m]) + pz[m]) / l[m]; the partial is normalised for the merge
+        # O[m, VCH[r]] = (2^-s acc[r, m] + pz[m]) / l[m]; the partial is normalised for the merge
         b_l8, _ = gl.split(gl.permute(gl.reshape(b_l, [2, 8]), [1, 0]))
-        b_ps8, _ = gl.split(gl.permute(gl.reshape(b_ps, [2, 8]), [1, 0]))
         b_pz8, _ = gl.split(gl.permute(gl.reshape(b_pz, [2, 8]), [1, 0]))
         b_mx8, _ = gl.split(gl.permute(gl.reshape(b_mx, [2, 8]), [1, 0]))
-        b_l8, b_ps8 = gl.convert_layout(b_l8, COLS), gl.convert_layout(b_ps8, COLS)
+        b_l8 = gl.convert_layout(b_l8, COLS)
         b_pz8, b_mx8 = gl.convert_layout(b_pz8, COLS), gl.convert_layout(b_mx8, COLS)
         v_ch = gl.load(VCH + gl.arange(0, D, layout=ROWS))
         v_fac = gl.exp2(-(BITS * (v_ch % P)).to(gl.float32))
         b_l_safe = gl.where(b_l8 > 0, b_l8, 1.0)
-        b_o = ((b_acc - 1024.0 * b_ps8[None, :]) * v_fac[:, None] + b_pz8[None, :]) / b_l_safe[None, :]
+        b_o = (b_acc * v_fac[:, None] + b_pz8[None, :]) / b_l_safe[None, :]
         o_h = gl.arange(0, 8, layout=COLS)
         o_part = (i_bh.to(gl.int64) * n_split_total + i_split) * (GQ * T) + o_h
         gl.store(O_PART + o_part[None, :] * D + v_ch[:, None], b_o, mask=(o_h < GQ * T)[None, :])
@@ -307,6 +316,9 @@ if HAVE_GLUON:
 
 BLOCK_N = 64  # keys a program attends per step (two steps per 128-key block of the schedule)
 PROGRAMS_PER_SM = 16  # one-warp programs resident an SM in the default launch
+# key codes as c 2^s (a sub.f16x2 a pair), or as 1024 + c 2^s with the 1024 taken back in the scores' bias: the same
+# instruction count in the sm_90 build (the bias then needs a sum of q' a block), and no offset to cancel
+KEYS_EXACT = True
 
 
 def split_launch(device: torch.device, heads: int, n_visit: int, *, num_splits: int | None = None,
@@ -348,7 +360,7 @@ def launch(q, kc, ks, kz, vc, vs, vz, block_ids, o_part, l_part, *, kv_len, n_qu
         H_KV=hkv, GQ=gq, T=t, D=d, BLOCK_K=block_k, BN=BLOCK_N, KEY_GROUP=key_group, BITS=bits,
         SYMMETRIC=kz is None, HAS_BLOCK_IDS=has_block_ids, HAS_WINDOW=window > 0,
         WK=s["WK"], UK=ku, VW=s["VW"], UV=vu,
-        K_ASM=key_unpack_asm(bits), K_CONS=",".join(["=r"] * ku + ["r"]),
-        V_ASM=value_unpack_asm(bits), V_CONS=",".join(["=r"] * vu + ["r", "r"]),
+        K_ASM=key_unpack_asm(bits, KEYS_EXACT), K_CONS=",".join(["=r"] * ku + ["r"]),
+        V_ASM=value_unpack_asm(bits), V_CONS=",".join(["=r"] * vu + ["r", "r"]), KEYS_EXACT=KEYS_EXACT,
         num_warps=1,
     )
