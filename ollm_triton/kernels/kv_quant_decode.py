@@ -402,9 +402,14 @@ def quant_decode(
     out = torch.empty_like(q) if out is None else out
 
     use_mma = _use_mma(kernel, q, bits, d, gq * t, d // value_group, n_quant_visit, block_k, kc, vc)
+    ids = block_ids if block_ids is not None else kc
+    scale = math.log2(math.e) / math.sqrt(d)
     if use_mma:  # quantized visits by the MMA kernel, the residual tail by this file's kernel as one more split
-        mma_splits, mma_per_split = mma.split_launch(q.device, b * hkv, n_quant_visit, num_splits=num_splits,
-                                                     programs_per_sm=programs_per_sm)
+        mma_in = (q, kc, ks, kz if k_zero is not None else None, vc, vs, vz if v_zero is not None else None, ids)
+        mma_kw = dict(kv_len=kv_len, n_quant_visit=n_quant_visit, window=window, sink=sink, qk_scale=scale, hkv=hkv,
+                      gq=gq, block_k=block_k, key_group=key_group, bits=bits, has_block_ids=block_ids is not None)
+        mma_splits, mma_per_split = mma.split_launch(*mma_in, n_quant_visit, num_splits=num_splits,
+                                                     per_sm=programs_per_sm, **mma_kw)
         res_visits = n_visit - n_quant_visit
         num_splits, blocks_per_split, visit_lo = 1, max(res_visits, 1), n_quant_visit
         split_lo, n_split_total = mma_splits, mma_splits + (res_visits > 0)
@@ -414,14 +419,9 @@ def quant_decode(
         visit_lo, split_lo, n_split_total = 0, 0, num_splits
     l_part = torch.empty(b * hkv * n_split_total * gq * t, dtype=torch.float32, device=q.device)
     o_part = torch.empty(b * hkv * n_split_total * gq * t * block_d, dtype=torch.float32, device=q.device)
-    ids = block_ids if block_ids is not None else kc
-    scale = math.log2(math.e) / math.sqrt(d)
     if use_mma:
-        mma.launch(q, kc, ks, kz if k_zero is not None else None, vc, vs, vz if v_zero is not None else None, ids,
-                   o_part, l_part, kv_len=kv_len, n_quant_visit=n_quant_visit, per_split=mma_per_split,
-                   splits=mma_splits, n_split_total=n_split_total, window=window, sink=sink, qk_scale=scale,
-                   hkv=hkv, gq=gq, block_k=block_k, key_group=key_group, bits=bits,
-                   has_block_ids=block_ids is not None)
+        mma.launch(*mma_in, o_part, l_part, splits=mma_splits, per_split=mma_per_split, n_split_total=n_split_total,
+                   **mma_kw)
     if not use_mma or n_visit > n_quant_visit:
         _quant_decode_kernel[(b * hkv, num_splits)](
             q, kc, ks, kz, vc, vs, vz, kr, vr, ids, o_part, l_part,

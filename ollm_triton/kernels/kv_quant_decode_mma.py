@@ -315,23 +315,11 @@ if HAVE_GLUON:
 
 
 BLOCK_N = 64  # keys a program attends per step (two steps per 128-key block of the schedule)
-PROGRAMS_PER_SM = 16  # one-warp programs resident an SM in the default launch
 # key codes as c 2^s (a sub.f16x2 a pair), or as 1024 + c 2^s with the 1024 taken back in the scores' bias: the same
 # instruction count in the sm_90 build (the bias then needs a sum of q' a block), and no offset to cancel
 KEYS_EXACT = True
-
-
-def split_launch(device: torch.device, heads: int, n_visit: int, *, num_splits: int | None = None,
-                 programs_per_sm: int | None = None) -> tuple[int, int]:
-    """(splits, visits per split) over n_visit quantized visits of `heads` (batch, KV head) pairs: by default one
-    wave of `programs_per_sm` one-warp programs an SM."""
-    if num_splits is None:
-        num_splits = one_wave_splits(device, heads, n_visit, per_sm=programs_per_sm or PROGRAMS_PER_SM, min_blocks=2)
-    per_split = max(1, -(-n_visit // max(num_splits, 1)))
-    return max(1, -(-n_visit // per_split)), per_split
-
-
 _CHANNELS: dict = {}
+_PER_SM: dict = {}
 
 
 def _channel_tables(bits: int, d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -342,16 +330,15 @@ def _channel_tables(bits: int, d: int, device: torch.device) -> tuple[torch.Tens
     return _CHANNELS[key]
 
 
-def launch(q, kc, ks, kz, vc, vs, vz, block_ids, o_part, l_part, *, kv_len, n_quant_visit, per_split, splits,
-           n_split_total, window, sink, qk_scale, hkv, gq, block_k, key_group, bits, has_block_ids):
-    """Attend the first n_quant_visit visits into splits [0, splits) of o_part / l_part (flattened [B*Hkv, ...]
-    codes, scales and zeros as quant_decode prepares them; kz / vz None when symmetric)."""
+def _call(grid, warmup: bool, q, kc, ks, kz, vc, vs, vz, block_ids, o_part, l_part, *, kv_len, n_quant_visit,
+          per_split, n_split_total, window, sink, qk_scale, hkv, gq, block_k, key_group, bits, has_block_ids):
     b, _, t, d = q.shape
     s = layout_sizes(bits, d)
     kw, vw = kc.view(torch.int32), vc.view(torch.int32)
     kch, vch = _channel_tables(bits, d, q.device)
     ku, vu = s["UK"], s["UV"]
-    _quant_decode_mma_kernel[(b * hkv, splits)](
+    fn = _quant_decode_mma_kernel.warmup if warmup else _quant_decode_mma_kernel[grid]
+    return fn(
         q, kw, ks, kz if kz is not None else ks, vw, vs, vz if vz is not None else vs, block_ids, kch, vch,
         o_part, l_part,
         q.stride(0), q.stride(1), q.stride(2), kw.stride(0), kw.stride(1), ks.stride(0), ks.stride(1),
@@ -362,5 +349,39 @@ def launch(q, kc, ks, kz, vc, vs, vz, block_ids, o_part, l_part, *, kv_len, n_qu
         WK=s["WK"], UK=ku, VW=s["VW"], UV=vu,
         K_ASM=key_unpack_asm(bits, KEYS_EXACT), K_CONS=",".join(["=r"] * ku + ["r"]),
         V_ASM=value_unpack_asm(bits), V_CONS=",".join(["=r"] * vu + ["r", "r"]), KEYS_EXACT=KEYS_EXACT,
-        num_warps=1,
+        num_warps=1, **({"grid": grid} if warmup else {}),
     )
+
+
+def programs_per_sm(q, kc, ks, kz, vc, vs, vz, block_ids, **kw) -> int:
+    """One-warp programs an SM can hold at this specialization's register count (compiled ahead, once): the
+    default launch fills the SMs exactly once. At 168 registers (int4, head_dim 128) that is 12; asking for 16 left
+    a second, partial wave and took 110 against 88.6 us at 128k keys (device call 2 of 2026-11-30d)."""
+    key = (q.dtype, q.shape[2], q.shape[3], kz is None, block_ids is not None, kw["window"] > 0, kw["hkv"], kw["gq"],
+           kw["block_k"], kw["key_group"], kw["bits"], q.device)
+    if key not in _PER_SM:
+        part = torch.empty(16, dtype=torch.float32, device=q.device)
+        compiled = _call((1,), True, q, kc, ks, kz, vc, vs, vz, block_ids, part, part, per_split=1,
+                         n_split_total=1, **kw)
+        compiled._init_handles()
+        regs = -(-compiled.n_regs // 8) * 8  # registers are allocated in units of 8 a thread
+        _PER_SM[key] = max(1, min(32, 65536 // (32 * regs)))  # 32 resident blocks an SM at most (sm_90)
+    return _PER_SM[key]
+
+
+def split_launch(q, kc, ks, kz, vc, vs, vz, block_ids, n_visit: int, *, num_splits: int | None = None,
+                 per_sm: int | None = None, **kw) -> tuple[int, int]:
+    """(splits, visits per split) over n_visit quantized visits: by default one wave of as many one-warp programs
+    an SM as its registers allow."""
+    if num_splits is None:
+        per_sm = per_sm or programs_per_sm(q, kc, ks, kz, vc, vs, vz, block_ids, **kw)
+        heads = q.shape[0] * kw["hkv"]
+        num_splits = one_wave_splits(q.device, heads, n_visit, per_sm=per_sm, min_blocks=2)
+    per_split = max(1, -(-n_visit // max(num_splits, 1)))
+    return max(1, -(-n_visit // per_split)), per_split
+
+
+def launch(q, kc, ks, kz, vc, vs, vz, block_ids, o_part, l_part, *, splits, **kw) -> None:
+    """Attend the first n_quant_visit visits into splits [0, splits) of o_part / l_part (flattened [B*Hkv, ...]
+    codes, scales and zeros as quant_decode prepares them; kz / vz None when symmetric)."""
+    _call((q.shape[0] * kw["hkv"], splits), False, q, kc, ks, kz, vc, vs, vz, block_ids, o_part, l_part, **kw)
