@@ -35,6 +35,18 @@ def test_merge_of_more_splits_than_one_step(poison):
 
 
 @pytest.mark.interpreter
+def test_merge_spreads_channels_over_programs_when_splits_are_many(poison):
+    """150 splits at head_dim 64: the merge takes 32 channels a program and 128 splits a step (two steps)."""
+    s, t = 150 * 16, 1
+    q, k, v = randn(1, 2, t, 64, dtype=torch.float32, seed=11), *(randn(1, 1, s, 64, dtype=torch.float32, seed=i)
+                                                                  for i in (12, 13))
+    out = poison(torch.empty_like(q))
+    flash_decode(q, k, v, block_n=16, num_splits=150, out=out)
+    ref = decode_reference(q, k, v, compute_dtype=torch.float64)
+    assert rel_rms(out, ref) < 1e-5
+
+
+@pytest.mark.interpreter
 def test_merge_ignores_splits_that_saw_nothing(poison):
     """A length-1 sequence next to longer ones: most of its splits see no key (lse -inf, weight 0)."""
     lengths = torch.tensor([1, 200, 63], dtype=torch.int32, device=DEVICE)

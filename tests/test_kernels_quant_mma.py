@@ -89,6 +89,16 @@ def test_asm_matches_the_mirror_masks():
     assert v.count("sub.f16x2") == 16 and "mov.b32 m, 0x64006400" in v
 
 
+def test_tail_visits():
+    """The residual tail after the MMA kernel: blocks of 32 keys, cut from the schedule's blocks past n_quant."""
+    from ollm_triton.kernels.kv_quant_decode import _tail_visits
+    ph = torch.zeros(1)
+    assert _tail_visits(None, 128, 1024, 1024 + 70, "cpu", ph)[0::2] == (32, 35)
+    assert _tail_visits(None, 128, 1024, 1024 + 70, "cpu", ph)[3] == 32  # visits 32..34 are the tail
+    bk, ids, n, first = _tail_visits(torch.tensor([0, 7, 8, 9], dtype=torch.int32), 128, 1024, 1024 + 70, "cpu", ph)
+    assert (bk, n, first) == (32, 3, 0) and ids.tolist() == [32, 33, 34]  # block 9 lies past kv_len
+
+
 def test_mma_kernel_refused_clearly_on_cpu():
     store, _, _ = _quantized_cache(1, 1, 128, 128, 4, 4, 128, 128, False, torch.float16, "cpu")
     q = torch.randn(1, 4, 1, 128, dtype=torch.float16)
@@ -138,6 +148,22 @@ def test_mma_decode_bf16_gpu(case):
     assert rel_rms(ref, out) < 1e-2
     tri = quant_decode(q, *store, kernel="triton", **kw)
     assert rel_rms(tri.float(), out.float()) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bn", [32, 64, 128])
+def test_mma_decode_block_n_gpu(bits, bn):
+    """Every step size over the same cache, a window schedule included."""
+    store, k_deq, v_deq = _quantized_cache(1, 2, 128, 1280, 63, bits, 128, 128, False, torch.bfloat16, "cuda")
+    q = torch.randn(1, 8, 1, 128, device="cuda", dtype=torch.bfloat16)
+    ids = torch.tensor([0, 4, 5, 6, 7, 8, 9, 10], dtype=torch.int32)
+    kw = dict(n_quant=1280, kv_len=1343, bits=bits, key_group=128, value_group=128, block_k=128, kernel="mma",
+              mma_block_n=bn)
+    for block_ids, window, sink in ((None, 0, 0), (ids, 700, 2)):
+        out = quant_decode(q, *store, block_ids=block_ids, window=window, sink=sink, **kw)
+        mask = visible_mask(1, 1343, block_ids=block_ids, window=window, sink=sink, block_k=128, device="cuda")
+        assert rel_rms(quant_decode_ref(q, k_deq, v_deq, mask), out) < 1e-2
 
 
 @pytest.mark.gpu

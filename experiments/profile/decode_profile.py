@@ -52,9 +52,9 @@ def quant_layer(name: str, k, v):
 
 # (block_k, launch options) of the fused quantized decode to time; {} is the default launch
 QUANT_CONFIGS = (
-    (128, {}), (128, {"kernel": "triton"}), (128, {"kernel": "mma", "programs_per_sm": 8}),
-    (128, {"kernel": "mma", "programs_per_sm": 12}), (128, {"kernel": "mma", "programs_per_sm": 16}),
-    (128, {"kernel": "mma", "programs_per_sm": 24}),
+    (128, {}), (128, {"kernel": "triton"}), (128, {"kernel": "mma", "mma_block_n": 32}),
+    (128, {"kernel": "mma", "mma_block_n": 64}), (128, {"kernel": "mma", "mma_block_n": 128}),
+    (128, {"kernel": "mma", "programs_per_sm": 12}),
 )
 
 

@@ -345,7 +345,7 @@ def quant_decode(
     block_ids: torch.Tensor | None = None, window: int = 0, sink: int = 0,
     block_k: int = 64, num_splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
     maxnreg: int | None = None, programs_per_sm: int | None = None, unpack: str | None = None,
-    kernel: str | None = None, out: torch.Tensor | None = None,
+    kernel: str | None = None, mma_block_n: int | None = None, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention of T new queries over a quantized cache: one launch, plus the split merge.
 
@@ -360,7 +360,8 @@ def quant_decode(
     Triton ops, the default under the CPU interpreter, which cannot run PTX) or "cvt" (the only one for fp32 queries).
     kernel: "mma" (kv_quant_decode_mma.py: Gluon, hand-laid-out tensor-core operands) for the quantized blocks,
     "triton" (this file's kernel for everything), or None: "mma" where it applies. With "mma", num_warps, num_stages,
-    maxnreg and unpack apply to the residual tail only, and programs_per_sm to the MMA kernel's one-warp programs.
+    maxnreg and unpack apply to the residual tail only, programs_per_sm to the MMA kernel's one-warp programs, and
+    mma_block_n sets the keys an MMA program attends per step (mma.block_n).
     """
     b, hq, t, d = q.shape
     hkv = k_codes.shape[1]
@@ -401,18 +402,22 @@ def quant_decode(
             raise ValueError(f"{name} needs a unit stride on its last axis")
     out = torch.empty_like(q) if out is None else out
 
-    use_mma = _use_mma(kernel, q, bits, d, gq * t, d // value_group, n_quant_visit, block_k, kc, vc)
+    bn = mma.block_n(bits, mma_block_n)
+    use_mma = _use_mma(kernel, q, bits, d, gq * t, d // value_group, n_quant_visit, block_k, bn, kc, vc)
     ids = block_ids if block_ids is not None else kc
     scale = math.log2(math.e) / math.sqrt(d)
     if use_mma:  # quantized visits by the MMA kernel, the residual tail by this file's kernel as one more split
         mma_in = (q, kc, ks, kz if k_zero is not None else None, vc, vs, vz if v_zero is not None else None, ids)
         mma_kw = dict(kv_len=kv_len, n_quant_visit=n_quant_visit, window=window, sink=sink, qk_scale=scale, hkv=hkv,
-                      gq=gq, block_k=block_k, key_group=key_group, bits=bits, has_block_ids=block_ids is not None)
+                      gq=gq, block_k=block_k, key_group=key_group, bits=bits, has_block_ids=block_ids is not None,
+                      bn=bn)
         mma_splits, mma_per_split = mma.split_launch(*mma_in, n_quant_visit, num_splits=num_splits,
                                                      per_sm=programs_per_sm, **mma_kw)
-        res_visits = n_visit - n_quant_visit
-        num_splits, blocks_per_split, visit_lo = 1, max(res_visits, 1), n_quant_visit
-        split_lo, n_split_total = mma_splits, mma_splits + (res_visits > 0)
+        # the tail in blocks of 32 keys, one split each: walked by 8 programs (one a head) in blocks of 128 it took
+        # 18.7 us of a 92 us call at 128k keys (ncu, H200), longer than the quantized region's 1,000 blocks a head
+        block_k, ids, n_visit, n_quant_visit = _tail_visits(block_ids, block_k, n_quant, kv_len, q.device, kc)
+        num_splits, blocks_per_split, visit_lo = max(n_visit - n_quant_visit, 1), 1, n_quant_visit
+        split_lo, n_split_total = mma_splits, mma_splits + n_visit - n_quant_visit
     else:
         num_splits, blocks_per_split, maxnreg = split_launch(bits, q.device, b * hkv, n_visit, num_splits=num_splits,
                                                              programs_per_sm=programs_per_sm, maxnreg=maxnreg)
@@ -443,7 +448,19 @@ def quant_decode(
     return out
 
 
-def _use_mma(kernel: str | None, q, bits, d, rows, value_groups, n_quant_visit, block_k, kc, vc) -> bool:
+def _tail_visits(block_ids, block_k: int, n_quant: int, kv_len: int, device, placeholder):
+    """The residual tail as visits of min(block_k, 32) keys: (block size, block ids or a placeholder, visits,
+    first tail visit). With a schedule, its blocks past n_quant are cut into the smaller blocks."""
+    tail_k = min(block_k, 32)
+    per, n_blocks = block_k // tail_k, triton.cdiv(kv_len, tail_k)
+    if block_ids is None:
+        return tail_k, placeholder, n_blocks, n_quant // tail_k
+    small = (block_ids.cpu().long()[:, None] * per + torch.arange(per)).flatten()
+    small = small[(small * tail_k >= n_quant) & (small < n_blocks)]
+    return tail_k, small.to(device=device, dtype=torch.int32), small.numel(), 0
+
+
+def _use_mma(kernel: str | None, q, bits, d, rows, value_groups, n_quant_visit, block_k, bn, kc, vc) -> bool:
     """Whether the quantized visits go to the MMA kernel: kernel="mma" demands it, "triton" refuses it, None takes
     it where it applies (a GPU, shapes mma.supported covers, at least one quantized visit)."""
     if kernel not in (None, "mma", "triton"):
@@ -457,8 +474,8 @@ def _use_mma(kernel: str | None, q, bits, d, rows, value_groups, n_quant_visit, 
         why = (f"it covers 2/4/8-bit codes, head_dim*bits >= 256, <= 8 query rows a KV head, one value group a "
                f"token and fp16/bf16 queries (got {bits} bits, head_dim {d}, {rows} rows, {value_groups} value "
                f"groups, {q.dtype})")
-    elif block_k % mma.BLOCK_N:
-        why = f"block_k must be a multiple of {mma.BLOCK_N} (got {block_k})"
+    elif block_k % bn or bn % 16:
+        why = f"block_k must be a multiple of the MMA step {bn}, itself a multiple of 16 (got {block_k})"
     elif any(x.stride(1) % 4 or x.stride(0) % 4 or x.data_ptr() % 16 for x in (kc, vc)):
         why = "the codes must be read as 32-bit words (rows a multiple of 4 bytes, 16-byte aligned)"
     if why is not None and kernel == "mma":

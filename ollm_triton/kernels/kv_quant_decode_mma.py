@@ -179,11 +179,15 @@ if HAVE_GLUON:
         return gl.convert_layout(gl.reshape(x, [D]), gl.SliceLayout(0, A_OP), assert_trivial=True)
 
     @gluon.jit
-    def _key_operand(KW, n0, stride_n, BN: gl.constexpr, D: gl.constexpr, WK: gl.constexpr, UK: gl.constexpr,
-                     ASM: gl.constexpr, CONS: gl.constexpr):
-        """Key codes of keys n0..n0+BN as the B operand [D, BN] (slot order: key_channels)."""
+    def _key_words(KW, n0, stride_n, BN: gl.constexpr, WK: gl.constexpr):
+        """The 32-bit words of keys n0..n0+BN, lane (g, t) holding words WK t.. of keys g + 8 i (16 bytes for int4)."""
         L: gl.constexpr = gl.BlockedLayout([1, 1, WK], [8, 4, 1], [1, 1, 1], [2, 1, 0])
-        w = gl.load(KW + (n0 + _idx(BN, 0, L)) * stride_n + _idx(4, 1, L) * WK + _idx(WK, 2, L))
+        return gl.load(KW + (n0 + _idx(BN, 0, L)) * stride_n + _idx(4, 1, L) * WK + _idx(WK, 2, L))
+
+    @gluon.jit
+    def _key_operand(w, BN: gl.constexpr, D: gl.constexpr, WK: gl.constexpr, UK: gl.constexpr,
+                     ASM: gl.constexpr, CONS: gl.constexpr):
+        """Key words -> the B operand [D, BN] of the score dot (slot order: key_channels), in registers."""
         u = gl.inline_asm_elementwise(ASM, CONS, [w], dtype=(gl.int32,) * UK, is_pure=True, pack=1)
         x = gl.reshape(_join_n(u, UK), [BN, 4, WK * UK])
         x = gl.reshape(gl.permute(x, [0, 2, 1]), [BN, D // 2])
@@ -191,20 +195,35 @@ if HAVE_GLUON:
         return gl.convert_layout(gl.permute(x, [1, 0]), B_OP, assert_trivial=True)
 
     @gluon.jit
-    def _value_operand(VW_, n0, stride_n, BN: gl.constexpr, D: gl.constexpr, VW: gl.constexpr, UV: gl.constexpr,
-                       ASM: gl.constexpr, CONS: gl.constexpr):
-        """Value codes of keys n0..n0+BN as the A operand [D, BN] (row order: value_channels). Lane (g, t) loads
-        words VW g.. of keys 16 j + 8 a + 2 t + e, and a pair of keys (e = 0, 1) shares each f16x2 register."""
+    def _value_words(VW_, n0, stride_n, BN: gl.constexpr, VW: gl.constexpr):
+        """The 32-bit words of values n0..n0+BN, lane (g, t) holding words VW g.. of keys 16 j + 8 a + 2 t + e."""
         L: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 1, VW], [1, 1, 4, 1, 8, 1], [1, 1, 1, 1, 1, 1],
                                            [5, 2, 4, 3, 1, 0])
         key = n0 + _idx(BN // 16, 0, L) * 16 + _idx(2, 1, L) * 8 + _idx(4, 2, L) * 2 + _idx(2, 3, L)
-        w = gl.load(VW_ + key * stride_n + _idx(8, 4, L) * VW + _idx(VW, 5, L))
+        return gl.load(VW_ + key * stride_n + _idx(8, 4, L) * VW + _idx(VW, 5, L))
+
+    @gluon.jit
+    def _value_operand(w, BN: gl.constexpr, D: gl.constexpr, VW: gl.constexpr, UV: gl.constexpr,
+                       ASM: gl.constexpr, CONS: gl.constexpr):
+        """Value words -> the A operand [D, BN] of O^T (row order: value_channels): a pair of keys (e = 0, 1)
+        shares each f16x2 register."""
         wa, wb = gl.split(gl.permute(w, [0, 1, 2, 4, 5, 3]))
         u = gl.inline_asm_elementwise(ASM, CONS, [wa, wb], dtype=(gl.int32,) * UV, is_pure=True, pack=1)
         x = gl.reshape(_join_n(u, UV), [BN // 16, 2, 4, 8, VW, UV])
         x = gl.permute(x, [4, 5, 3, 0, 1, 2])  # [VW, UV, g, j, a, t]
         x = gl.reshape(_halves(gl.reshape(x, [D, BN // 2])), [D, BN])
         return gl.convert_layout(x, A_OP, assert_trivial=True)
+
+    @gluon.jit
+    def _sub_block_start(BLOCK_IDS, j, sub_blocks, i_lo, n_quant_visit, BLOCK_K: gl.constexpr, BN: gl.constexpr,
+                         HAS_BLOCK_IDS: gl.constexpr):
+        """First key of sub-block j of a split (clamped to the last quantized visit, for the prefetch past the end)."""
+        i = gl.minimum(i_lo + j // sub_blocks, n_quant_visit - 1)
+        if HAS_BLOCK_IDS:
+            start = gl.load(BLOCK_IDS + i) * BLOCK_K
+        else:
+            start = i * BLOCK_K
+        return start + (j % sub_blocks) * BN
 
     @gluon.jit(do_not_specialize=["kv_len", "n_quant_visit", "blocks_per_split", "window", "sink", "sub_blocks"])
     def _quant_decode_mma_kernel(
@@ -246,56 +265,64 @@ if HAVE_GLUON:
         p_vs = VS + i_bh * stride_vs_bh
         p_vz = VZ + i_bh * stride_vs_bh
         i_lo = i_split * blocks_per_split
-        i_hi = gl.minimum(i_lo + blocks_per_split, n_quant_visit)
-        for i in range(i_lo, i_hi):
-            if HAS_BLOCK_IDS:
-                start = gl.load(BLOCK_IDS + i) * BLOCK_K
-            else:
-                start = i * BLOCK_K
-            # this block's key group: q' = q s 2^-s per slot, and the bias q . z - 1024 sum q'
-            p_row = i_bh * stride_ks_bh + (start // KEY_GROUP) * stride_ks_g
-            b_ks = _key_row(KS + p_row, D, WK, P, BITS, True)
-            if SYMMETRIC:
-                b_kz = -_key_row(KS + p_row, D, WK, P, BITS, False) * (1 << (BITS - 1))
-            else:
-                b_kz = _key_row(KZ + p_row, D, WK, P, BITS, False)
-            b_qf = b_q.to(gl.float32)
-            b_qs = (b_qf * b_ks[None, :]).to(gl.float16)
-            b_bias = gl.sum(b_qf * b_kz[None, :], 1)
-            if not KEYS_EXACT:
-                b_bias -= 1024.0 * gl.sum(b_qs.to(gl.float32), 1)
-            b_bias = gl.convert_layout(b_bias, ROWS)
-            for sb in range(0, sub_blocks):  # a runtime count: unrolled, ptxas would hoist every sub-block's loads
-                n0 = start + sb * BN
-                b_s = gl.nvidia.ampere.mma_v2(
-                    b_qs, _key_operand(p_kw, n0, stride_kw_n, BN, D, WK, UK, K_ASM, K_CONS),
-                    gl.full([16, BN], 0.0, gl.float32, layout=MMA) + b_bias[:, None])
-                if HAS_WINDOW or T > 1:
-                    key = n0 + o_n
-                    m_vis = key[None, :] <= q_pos[:, None]
-                    if HAS_WINDOW:
-                        m_vis = m_vis & ((key[None, :] < sink) | (key[None, :] > q_pos[:, None] - window))
-                    b_s = gl.where(m_vis, b_s, float("-inf"))
-                b_new = gl.maximum(b_mx, gl.max(b_s, 1))
-                b_ref = gl.where(b_new == float("-inf"), 0.0, b_new)
-                b_alpha = gl.exp2(b_mx - b_ref)
-                b_p = gl.exp2(b_s - b_ref[:, None])
-                b_mx = b_new
-                b_vs = gl.load(p_vs + (n0 + o_n) * stride_vs_n).to(gl.float32)
+        n_sub = (gl.minimum(i_lo + blocks_per_split, n_quant_visit) - i_lo) * sub_blocks
+        # software pipelining: sub-block j + 1's words are in flight while j is computed (each load otherwise
+        # waited in full, twice a sub-block: the value loads were issued only after the score dots)
+        n0 = _sub_block_start(BLOCK_IDS, 0, sub_blocks, i_lo, n_quant_visit, BLOCK_K, BN, HAS_BLOCK_IDS)
+        w_k = _key_words(p_kw, n0, stride_kw_n, BN, WK)
+        w_v = _value_words(p_vw, n0, stride_vw_n, BN, VW)
+        r_vs = gl.load(p_vs + (n0 + o_n) * stride_vs_n)
+        r_vz = gl.load(p_vz + (n0 + o_n) * stride_vs_n)
+        b_qs = gl.full([16, D], 0.0, gl.float16, layout=A_OP)
+        b_bias = gl.full([16], 0.0, gl.float32, layout=ROWS)
+        for j in range(0, n_sub):
+            n1 = _sub_block_start(BLOCK_IDS, j + 1, sub_blocks, i_lo, n_quant_visit, BLOCK_K, BN, HAS_BLOCK_IDS)
+            w_k1 = _key_words(p_kw, n1, stride_kw_n, BN, WK)
+            w_v1 = _value_words(p_vw, n1, stride_vw_n, BN, VW)
+            r_vs1 = gl.load(p_vs + (n1 + o_n) * stride_vs_n)
+            r_vz1 = gl.load(p_vz + (n1 + o_n) * stride_vs_n)
+            if j % sub_blocks == 0:
+                # a new key group: q' = q s 2^-s per slot, and the bias q . z (- 1024 sum q' for offset codes)
+                p_row = i_bh * stride_ks_bh + (n0 // KEY_GROUP) * stride_ks_g
+                b_ks = _key_row(KS + p_row, D, WK, P, BITS, True)
                 if SYMMETRIC:
-                    b_vz = -b_vs * (1 << (BITS - 1))
+                    b_kz = -_key_row(KS + p_row, D, WK, P, BITS, False) * (1 << (BITS - 1))
                 else:
-                    b_vz = gl.load(p_vz + (n0 + o_n) * stride_vs_n).to(gl.float32)
-                b_pp = (b_p * b_vs[None, :]).to(gl.float16)
-                b_l = b_l * b_alpha + gl.sum(b_p, 1)
-                b_pz = b_pz * b_alpha + gl.sum(b_p * b_vz[None, :], 1)
-                # rows 0..7 of p' [16, BN] are, register for register, the B operand [BN, 8] of O^T
-                b_p8, _ = gl.split(gl.permute(gl.reshape(b_pp, [2, 8, BN]), [1, 2, 0]))
-                b_pt = gl.convert_layout(gl.permute(b_p8, [1, 0]), B_OP, assert_trivial=True)
-                b_a8, _ = gl.split(gl.permute(gl.reshape(b_alpha, [2, 8]), [1, 0]))
-                b_acc = b_acc * gl.convert_layout(b_a8, COLS)[None, :]
-                b_acc = gl.nvidia.ampere.mma_v2(
-                    _value_operand(p_vw, n0, stride_vw_n, BN, D, VW, UV, V_ASM, V_CONS), b_pt, b_acc)
+                    b_kz = _key_row(KZ + p_row, D, WK, P, BITS, False)
+                b_qf = b_q.to(gl.float32)
+                b_qs = (b_qf * b_ks[None, :]).to(gl.float16)
+                b_sum = gl.sum(b_qf * b_kz[None, :], 1)
+                if not KEYS_EXACT:
+                    b_sum -= 1024.0 * gl.sum(b_qs.to(gl.float32), 1)
+                b_bias = gl.convert_layout(b_sum, ROWS)
+            b_s = gl.nvidia.ampere.mma_v2(b_qs, _key_operand(w_k, BN, D, WK, UK, K_ASM, K_CONS),
+                                          gl.full([16, BN], 0.0, gl.float32, layout=MMA) + b_bias[:, None])
+            if HAS_WINDOW or T > 1:
+                key = n0 + o_n
+                m_vis = key[None, :] <= q_pos[:, None]
+                if HAS_WINDOW:
+                    m_vis = m_vis & ((key[None, :] < sink) | (key[None, :] > q_pos[:, None] - window))
+                b_s = gl.where(m_vis, b_s, float("-inf"))
+            b_new = gl.maximum(b_mx, gl.max(b_s, 1))
+            b_ref = gl.where(b_new == float("-inf"), 0.0, b_new)
+            b_alpha = gl.exp2(b_mx - b_ref)
+            b_p = gl.exp2(b_s - b_ref[:, None])
+            b_mx = b_new
+            b_vs = r_vs.to(gl.float32)
+            if SYMMETRIC:
+                b_vz = -b_vs * (1 << (BITS - 1))
+            else:
+                b_vz = r_vz.to(gl.float32)
+            b_pp = (b_p * b_vs[None, :]).to(gl.float16)
+            b_l = b_l * b_alpha + gl.sum(b_p, 1)
+            b_pz = b_pz * b_alpha + gl.sum(b_p * b_vz[None, :], 1)
+            # rows 0..7 of p' [16, BN] are, register for register, the B operand [BN, 8] of O^T
+            b_p8, _ = gl.split(gl.permute(gl.reshape(b_pp, [2, 8, BN]), [1, 2, 0]))
+            b_pt = gl.convert_layout(gl.permute(b_p8, [1, 0]), B_OP, assert_trivial=True)
+            b_a8, _ = gl.split(gl.permute(gl.reshape(b_alpha, [2, 8]), [1, 0]))
+            b_acc = b_acc * gl.convert_layout(b_a8, COLS)[None, :]
+            b_acc = gl.nvidia.ampere.mma_v2(_value_operand(w_v, BN, D, VW, UV, V_ASM, V_CONS), b_pt, b_acc)
+            n0, w_k, w_v, r_vs, r_vz = n1, w_k1, w_v1, r_vs1, r_vz1
 
         # O[m, VCH[r]] = (2^-s acc[r, m] + pz[m]) / l[m]; the partial is normalised for the merge
         b_l8, _ = gl.split(gl.permute(gl.reshape(b_l, [2, 8]), [1, 0]))
@@ -314,7 +341,6 @@ if HAVE_GLUON:
         gl.store(L_PART + o_part, b_lse, mask=o_h < GQ * T)
 
 
-BLOCK_N = 64  # keys a program attends per step (two steps per 128-key block of the schedule)
 # key codes as c 2^s (a sub.f16x2 a pair), or as 1024 + c 2^s with the 1024 taken back in the scores' bias: the same
 # instruction count in the sm_90 build (the bias then needs a sum of q' a block), and no offset to cancel
 KEYS_EXACT = True
@@ -330,8 +356,13 @@ def _channel_tables(bits: int, d: int, device: torch.device) -> tuple[torch.Tens
     return _CHANNELS[key]
 
 
+def block_n(bits: int, requested: int | None = None) -> int:
+    """Keys a program attends per step: 64, or 32 for 8-bit codes, whose prefetched words would spill at 64."""
+    return requested or (32 if bits == 8 else 64)
+
+
 def _call(grid, warmup: bool, q, kc, ks, kz, vc, vs, vz, block_ids, o_part, l_part, *, kv_len, n_quant_visit,
-          per_split, n_split_total, window, sink, qk_scale, hkv, gq, block_k, key_group, bits, has_block_ids):
+          per_split, n_split_total, window, sink, qk_scale, hkv, gq, block_k, key_group, bits, has_block_ids, bn):
     b, _, t, d = q.shape
     s = layout_sizes(bits, d)
     kw, vw = kc.view(torch.int32), vc.view(torch.int32)
@@ -343,8 +374,8 @@ def _call(grid, warmup: bool, q, kc, ks, kz, vc, vs, vz, block_ids, o_part, l_pa
         o_part, l_part,
         q.stride(0), q.stride(1), q.stride(2), kw.stride(0), kw.stride(1), ks.stride(0), ks.stride(1),
         vw.stride(0), vw.stride(1), vs.stride(0), vs.stride(1),
-        kv_len, n_quant_visit, per_split, n_split_total, window, sink, block_k // BLOCK_N, qk_scale,
-        H_KV=hkv, GQ=gq, T=t, D=d, BLOCK_K=block_k, BN=BLOCK_N, KEY_GROUP=key_group, BITS=bits,
+        kv_len, n_quant_visit, per_split, n_split_total, window, sink, block_k // bn, qk_scale,
+        H_KV=hkv, GQ=gq, T=t, D=d, BLOCK_K=block_k, BN=bn, KEY_GROUP=key_group, BITS=bits,
         SYMMETRIC=kz is None, HAS_BLOCK_IDS=has_block_ids, HAS_WINDOW=window > 0,
         WK=s["WK"], UK=ku, VW=s["VW"], UV=vu,
         K_ASM=key_unpack_asm(bits, KEYS_EXACT), K_CONS=",".join(["=r"] * ku + ["r"]),
@@ -358,7 +389,7 @@ def programs_per_sm(q, kc, ks, kz, vc, vs, vz, block_ids, **kw) -> int:
     default launch fills the SMs exactly once. At 168 registers (int4, head_dim 128) that is 12; asking for 16 left
     a second, partial wave and took 110 against 88.6 us at 128k keys (device call 2 of 2026-11-30d)."""
     key = (q.dtype, q.shape[2], q.shape[3], kz is None, block_ids is not None, kw["window"] > 0, kw["hkv"], kw["gq"],
-           kw["block_k"], kw["key_group"], kw["bits"], q.device)
+           kw["block_k"], kw["key_group"], kw["bits"], kw["bn"], q.device)
     if key not in _PER_SM:
         part = torch.empty(16, dtype=torch.float32, device=q.device)
         compiled = _call((1,), True, q, kc, ks, kz, vc, vs, vz, block_ids, part, part, per_split=1,
