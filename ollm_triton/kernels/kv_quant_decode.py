@@ -345,7 +345,8 @@ def quant_decode(
     block_ids: torch.Tensor | None = None, window: int = 0, sink: int = 0,
     block_k: int = 64, num_splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
     maxnreg: int | None = None, programs_per_sm: int | None = None, unpack: str | None = None,
-    kernel: str | None = None, mma_block_n: int | None = None, out: torch.Tensor | None = None,
+    kernel: str | None = None, mma_block_n: int | None = None, mma_maxnreg: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention of T new queries over a quantized cache: one launch, plus the split merge.
 
@@ -361,7 +362,7 @@ def quant_decode(
     kernel: "mma" (kv_quant_decode_mma.py: Gluon, hand-laid-out tensor-core operands) for the quantized blocks,
     "triton" (this file's kernel for everything), or None: "mma" where it applies. With "mma", num_warps, num_stages,
     maxnreg and unpack apply to the residual tail only, programs_per_sm to the MMA kernel's one-warp programs, and
-    mma_block_n sets the keys an MMA program attends per step (mma.block_n).
+    mma_block_n sets the keys an MMA program attends per step (mma.block_n) and mma_maxnreg caps its registers.
     """
     b, hq, t, d = q.shape
     hkv = k_codes.shape[1]
@@ -410,7 +411,7 @@ def quant_decode(
         mma_in = (q, kc, ks, kz if k_zero is not None else None, vc, vs, vz if v_zero is not None else None, ids)
         mma_kw = dict(kv_len=kv_len, n_quant_visit=n_quant_visit, window=window, sink=sink, qk_scale=scale, hkv=hkv,
                       gq=gq, block_k=block_k, key_group=key_group, bits=bits, has_block_ids=block_ids is not None,
-                      bn=bn)
+                      bn=bn, maxnreg=mma_maxnreg)
         mma_splits, mma_per_split = mma.split_launch(*mma_in, n_quant_visit, num_splits=num_splits,
                                                      per_sm=programs_per_sm, **mma_kw)
         # the tail in blocks of 32 keys, one split each: walked by 8 programs (one a head) in blocks of 128 it took
