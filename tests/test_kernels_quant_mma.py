@@ -90,13 +90,14 @@ def test_asm_matches_the_mirror_masks():
 
 
 def test_tail_visits():
-    """The residual tail after the MMA kernel: blocks of 32 keys, cut from the schedule's blocks past n_quant."""
+    """The residual tail's blocks for the MMA kernel, cut from the schedule's blocks past n_quant."""
     from ollm_triton.kernels.kv_quant_decode import _tail_visits
     ph = torch.zeros(1)
-    assert _tail_visits(None, 128, 1024, 1024 + 70, "cpu", ph)[0::2] == (32, 35)
-    assert _tail_visits(None, 128, 1024, 1024 + 70, "cpu", ph)[3] == 32  # visits 32..34 are the tail
-    bk, ids, n, first = _tail_visits(torch.tensor([0, 7, 8, 9], dtype=torch.int32), 128, 1024, 1024 + 70, "cpu", ph)
-    assert (bk, n, first) == (32, 3, 0) and ids.tolist() == [32, 33, 34]  # block 9 lies past kv_len
+    assert _tail_visits(None, 128, 1024, 1024 + 70, "cpu", ph, 32)[0::2] == (32, 35)
+    assert _tail_visits(None, 128, 1024, 1024 + 70, "cpu", ph, 32)[3] == 32  # blocks 32..34 are the tail
+    ids = torch.tensor([0, 7, 8, 9], dtype=torch.int32)
+    bk, tail, n, first = _tail_visits(ids, 128, 1024, 1024 + 70, "cpu", ph, 64)
+    assert (bk, n, first) == (64, 2, 0) and tail.tolist() == [16, 17]  # block 9 lies past kv_len
 
 
 def test_mma_kernel_refused_clearly_on_cpu():

@@ -174,23 +174,21 @@ def _softmax_step(b_s, o_n, q_pos, kv_len, window, sink, b_mx, b_l, HAS_WINDOW: 
     return b_p, b_alpha, b_mx_new, b_l * b_alpha + tl.sum(b_p, 1)
 
 
-@triton.jit(do_not_specialize=["n_quant", "kv_len", "n_visit", "n_quant_visit", "blocks_per_split", "visit_lo",
-                            "split_lo", "n_split_total", "window", "sink"])
+@triton.jit(do_not_specialize=["n_quant", "kv_len", "n_visit", "n_quant_visit", "blocks_per_split", "window", "sink"])
 def _quant_decode_kernel(
     Q, KC, KS, KZ, VC, VS, VZ, KR, VR, BLOCK_IDS, O_PART, L_PART,
     stride_qb, stride_qh, stride_qt,
     stride_kc_bh, stride_kc_n, stride_ks_bh, stride_ks_g,
     stride_vc_bh, stride_vc_n, stride_vs_bh, stride_vs_n,
     stride_r_bh, stride_r_n,
-    n_quant, kv_len, n_visit, n_quant_visit, blocks_per_split, visit_lo, split_lo, n_split_total, window, sink,
-    qk_scale, H_KV: tl.constexpr, GQ: tl.constexpr, T: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    n_quant, kv_len, n_visit, n_quant_visit, blocks_per_split, window, sink, qk_scale,
+    H_KV: tl.constexpr, GQ: tl.constexpr, T: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     KEY_GROUP: tl.constexpr,
     V_GROUPS: tl.constexpr, V_GROUP: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr,
     HAS_BLOCK_IDS: tl.constexpr, HAS_WINDOW: tl.constexpr, UNPACK: tl.constexpr, DOT: tl.constexpr,
 ):
-    """Program (batch*KV head, split): visits [i_lo, i_hi) of the visit list from visit_lo on, written as split
-    split_lo + split of n_split_total (the MMA kernel may have written the others). The first n_quant_visit visits are
+    """Program (batch*KV head, split): visits [i_lo, i_hi) of the visit list. The first n_quant_visit visits are
     quantized blocks and the rest residual ones (the list is ascending and the quantized region comes first), so
     two branch-free loops replace a per-block branch that would keep the compiler from pipelining the loads.
 
@@ -232,7 +230,7 @@ def _quant_decode_kernel(
     p_kc0 = KC + i_bh * stride_kc_bh + o_j[None, :]
     p_vc0 = VC + i_bh * stride_vc_bh + o_j[None, :]
 
-    i_lo = visit_lo + i_split * blocks_per_split
+    i_lo = i_split * blocks_per_split
     i_hi = tl.minimum(i_lo + blocks_per_split, n_visit)
     # quantized blocks: each lies inside one key group (KEY_GROUP % BLOCK_K == 0, n_quant % KEY_GROUP == 0)
     i_q_hi = tl.minimum(i_hi, n_quant_visit)
@@ -312,7 +310,7 @@ def _quant_decode_kernel(
     # this split's normalised partial and log2-sum-exp (-inf when it saw no key), for decode_merge
     b_l_safe = tl.where(b_l > 0, b_l, 1.0)
     b_lse = tl.where(b_l > 0, b_mx + tl.log2(b_l_safe), float("-inf"))
-    o_part = (i_bh.to(tl.int64) * n_split_total + split_lo + i_split) * (GQ * T) + o_m
+    o_part = (i_bh.to(tl.int64) * tl.num_programs(1) + i_split) * (GQ * T) + o_m
     tl.store(L_PART + o_part, b_lse, mask=o_m < GQ * T)
     p_o = O_PART + o_part[:, None] * BLOCK_D + (o_j * P)[None, :]
     tl.store(p_o, b_acc0 / b_l_safe[:, None], mask=m_qj)
@@ -407,36 +405,33 @@ def quant_decode(
     use_mma = _use_mma(kernel, q, bits, d, gq * t, d // value_group, n_quant_visit, block_k, bn, kc, vc)
     ids = block_ids if block_ids is not None else kc
     scale = math.log2(math.e) / math.sqrt(d)
-    if use_mma:  # quantized visits by the MMA kernel, the residual tail by this file's kernel as one more split
-        mma_in = (q, kc, ks, kz if k_zero is not None else None, vc, vs, vz if v_zero is not None else None, ids)
-        mma_kw = dict(kv_len=kv_len, n_quant_visit=n_quant_visit, window=window, sink=sink, qk_scale=scale, hkv=hkv,
-                      gq=gq, block_k=block_k, key_group=key_group, bits=bits, has_block_ids=block_ids is not None,
-                      bn=bn, maxnreg=mma_maxnreg)
+    if use_mma:  # one launch: quantized visits, then the residual tail in blocks of bn keys, one split each
+        _, res_ids, n_res_blocks, first_res = _tail_visits(block_ids, block_k, n_quant, kv_len, q.device, kc, bn)
+        mma_in = (q, kc, ks, kz if k_zero is not None else None, vc, vs, vz if v_zero is not None else None, kr, vr,
+                  ids, res_ids)
+        mma_kw = dict(kv_len=kv_len, n_quant=n_quant, n_quant_visit=n_quant_visit, window=window, sink=sink,
+                      qk_scale=scale, hkv=hkv, gq=gq, block_k=block_k, key_group=key_group, bits=bits,
+                      has_block_ids=block_ids is not None, bn=bn, maxnreg=mma_maxnreg)
         mma_splits, mma_per_split = mma.split_launch(*mma_in, n_quant_visit, num_splits=num_splits,
                                                      per_sm=programs_per_sm, **mma_kw)
-        # the tail in blocks of 32 keys, one split each: walked by 8 programs (one a head) in blocks of 128 it took
-        # 18.7 us of a 92 us call at 128k keys (ncu, H200), longer than the quantized region's 1,000 blocks a head
-        block_k, ids, n_visit, n_quant_visit = _tail_visits(block_ids, block_k, n_quant, kv_len, q.device, kc)
-        num_splits, blocks_per_split, visit_lo = max(n_visit - n_quant_visit, 1), 1, n_quant_visit
-        split_lo, n_split_total = mma_splits, mma_splits + n_visit - n_quant_visit
+        n_split_total = mma_splits + n_res_blocks - first_res
     else:
         num_splits, blocks_per_split, maxnreg = split_launch(bits, q.device, b * hkv, n_visit, num_splits=num_splits,
                                                              programs_per_sm=programs_per_sm, maxnreg=maxnreg)
-        visit_lo, split_lo, n_split_total = 0, 0, num_splits
+        n_split_total = num_splits
     l_part = torch.empty(b * hkv * n_split_total * gq * t, dtype=torch.float32, device=q.device)
     o_part = torch.empty(b * hkv * n_split_total * gq * t * block_d, dtype=torch.float32, device=q.device)
     if use_mma:
-        mma.launch(*mma_in, o_part, l_part, splits=mma_splits, per_split=mma_per_split, n_split_total=n_split_total,
-                   **mma_kw)
-    if not use_mma or n_visit > n_quant_visit:
+        mma.launch(*mma_in, o_part, l_part, per_split=mma_per_split, n_split_quant=mma_splits,
+                   n_split_total=n_split_total, **mma_kw)
+    else:
         _quant_decode_kernel[(b * hkv, num_splits)](
             q, kc, ks, kz, vc, vs, vz, kr, vr, ids, o_part, l_part,
             q.stride(0), q.stride(1), q.stride(2),
             kc.stride(0), kc.stride(1), ks.stride(0), ks.stride(1),
             vc.stride(0), vc.stride(1), vs.stride(0), vs.stride(1),
             kr.stride(0), kr.stride(1),
-            n_quant, kv_len, n_visit, n_quant_visit, blocks_per_split, visit_lo, split_lo, n_split_total, window,
-            sink, scale,
+            n_quant, kv_len, n_visit, n_quant_visit, blocks_per_split, window, sink, scale,
             H_KV=hkv, GQ=gq, T=t, D=d, BLOCK_D=block_d, BLOCK_J=block_j, BLOCK_M=block_m, BLOCK_K=block_k,
             BLOCK_R=min(block_k, 32),
             KEY_GROUP=key_group, V_GROUPS=d // value_group,
@@ -449,10 +444,9 @@ def quant_decode(
     return out
 
 
-def _tail_visits(block_ids, block_k: int, n_quant: int, kv_len: int, device, placeholder):
-    """The residual tail as visits of min(block_k, 32) keys: (block size, block ids or a placeholder, visits,
-    first tail visit). With a schedule, its blocks past n_quant are cut into the smaller blocks."""
-    tail_k = min(block_k, 32)
+def _tail_visits(block_ids, block_k: int, n_quant: int, kv_len: int, device, placeholder, tail_k: int):
+    """The residual tail as blocks of tail_k keys: (tail_k, block ids or a placeholder, blocks, first tail block).
+    With a schedule, its blocks past n_quant are cut into the smaller blocks."""
     per, n_blocks = block_k // tail_k, triton.cdiv(kv_len, tail_k)
     if block_ids is None:
         return tail_k, placeholder, n_blocks, n_quant // tail_k

@@ -192,6 +192,40 @@ if HAVE_GLUON:
         x = gl.permute(gl.reshape(x, [16, 4, WK, 2, 2, P]), [0, 2, 5, 4, 1, 3])  # [m, w, i, u % 2, t, h]
         return gl.convert_layout(gl.reshape(x, [16, D]), A_OP, assert_trivial=True)
 
+
+    @gluon.jit
+    def _residual_key_operand(KR, n0, n_end, stride_n, BN: gl.constexpr, D: gl.constexpr, WK: gl.constexpr,
+                              P: gl.constexpr):
+        """Full-precision keys n0..n0+BN of the residual tail (rows >= n_end zero) as the fp16 B operand [D, BN],
+        in the key operand's slot order (loaded as _query_rows loads the query)."""
+        L: gl.constexpr = gl.BlockedLayout([1, 1, WK, 4, P], [8, 4, 1, 1, 1], [1, 1, 1, 1, 1], [4, 3, 2, 1, 0])
+        n = n0 + _idx(BN, 0, L)
+        ch = ((_idx(4, 1, L) * WK + _idx(WK, 2, L)) * 4 + _idx(4, 3, L)) * P + _idx(P, 4, L)
+        x = gl.load(KR + n * stride_n + ch, mask=(n < n_end) & (ch < D), other=0.0).to(gl.float16)
+        x = gl.reshape(gl.permute(gl.reshape(x, [BN, 4, WK, 2, 2, P]), [0, 2, 5, 4, 1, 3]), [BN, D])
+        return gl.convert_layout(gl.permute(x, [1, 0]), B_OP, assert_trivial=True)
+
+    @gluon.jit
+    def _residual_value_operand(VR, n0, n_end, stride_n, BN: gl.constexpr, D: gl.constexpr, VW: gl.constexpr,
+                                P: gl.constexpr):
+        """Full-precision values n0..n0+BN (rows >= n_end zero) as the fp16 A operand [D, BN] in value_channels
+        row order: lane group g's rows are channels [g D/8, (g+1) D/8), one contiguous run a key."""
+        L: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 1, VW, 4, P], [1, 1, 4, 1, 8, 1, 1, 1], [1] * 8,
+                                           [7, 6, 5, 2, 4, 3, 1, 0])
+        n = n0 + _idx(BN // 16, 0, L) * 16 + _idx(2, 1, L) * 8 + _idx(4, 2, L) * 2 + _idx(2, 3, L)
+        ch = ((_idx(8, 4, L) * VW + _idx(VW, 5, L)) * 4 + _idx(4, 6, L)) * P + _idx(P, 7, L)
+        x = gl.load(VR + n * stride_n + ch, mask=(n < n_end) & (ch < D), other=0.0).to(gl.float16)
+        x = gl.reshape(gl.permute(x, [5, 7, 6, 4, 0, 1, 2, 3]), [D, BN])  # rows (vw, plane, byte, g), keys
+        return gl.convert_layout(x, A_OP, assert_trivial=True)
+
+    @gluon.jit
+    def _visible(b_s, key, q_pos, kv_len, window, sink, HAS_WINDOW: gl.constexpr):
+        """Scores of keys a row does not see -> -inf (past kv_len, after the row's position, outside the window)."""
+        m_vis = (key[None, :] <= q_pos[:, None]) & (key[None, :] < kv_len)
+        if HAS_WINDOW:
+            m_vis = m_vis & ((key[None, :] < sink) | (key[None, :] > q_pos[:, None] - window))
+        return gl.where(m_vis, b_s, float("-inf"))
+
     @gluon.jit
     def _key_words(KW, n0, stride_n, BN: gl.constexpr, WK: gl.constexpr):
         """The 32-bit words of keys n0..n0+BN, lane (g, t) holding words WK t.. of keys g + 8 i (16 bytes for int4)."""
@@ -239,12 +273,14 @@ if HAVE_GLUON:
             start = i * BLOCK_K
         return start + (j % sub_blocks) * BN
 
-    @gluon.jit(do_not_specialize=["kv_len", "n_quant_visit", "blocks_per_split", "window", "sink", "sub_blocks"])
+    @gluon.jit(do_not_specialize=["kv_len", "n_quant", "n_quant_visit", "blocks_per_split", "n_split_quant",
+                                  "n_split_total", "window", "sink", "sub_blocks"])
     def _quant_decode_mma_kernel(
-        Q, KW, KS, KZ, VW_, VS, VZ, BLOCK_IDS, VCH, O_PART, L_PART,
+        Q, KW, KS, KZ, VW_, VS, VZ, KR, VR, BLOCK_IDS, RES_IDS, VCH, O_PART, L_PART,
         stride_qb, stride_qh, stride_qt, stride_kw_bh, stride_kw_n, stride_ks_bh, stride_ks_g,
-        stride_vw_bh, stride_vw_n, stride_vs_bh, stride_vs_n,
-        kv_len, n_quant_visit, blocks_per_split, n_split_total, window, sink, sub_blocks, qk_scale,
+        stride_vw_bh, stride_vw_n, stride_vs_bh, stride_vs_n, stride_r_bh, stride_r_n,
+        kv_len, n_quant, n_quant_visit, blocks_per_split, n_split_quant, n_split_total, window, sink, sub_blocks,
+        qk_scale,
         H_KV: gl.constexpr, GQ: gl.constexpr, T: gl.constexpr, D: gl.constexpr, BLOCK_K: gl.constexpr,
         BN: gl.constexpr, KEY_GROUP: gl.constexpr, BITS: gl.constexpr, SYMMETRIC: gl.constexpr,
         HAS_BLOCK_IDS: gl.constexpr, HAS_WINDOW: gl.constexpr,
@@ -252,8 +288,10 @@ if HAVE_GLUON:
         K_ASM: gl.constexpr, K_CONS: gl.constexpr, V_ASM: gl.constexpr, V_CONS: gl.constexpr,
         KEYS_EXACT: gl.constexpr,
     ):
-        """Program (batch * KV head, split) over quantized visits [split * per_split, ...) of the visit list.
-        Rows m = g T + t of S are query head g of the group and new token t; rows >= GQ T are zero padding."""
+        """Program (batch * KV head, split). Splits below n_split_quant attend quantized visits [split * per_split,
+        ...) of the visit list; each split above attends one BN-key block of the full-precision residual tail
+        (block RES_IDS[r] with a schedule, else n_quant / BN + r). Rows m = g T + t of S are query head g of the
+        group and new token t; rows >= GQ T are zero padding."""
         P: gl.constexpr = 8 // BITS
         i_bh, i_split = gl.program_id(0), gl.program_id(1)
         i_b, i_h = i_bh // H_KV, i_bh % H_KV
@@ -266,70 +304,86 @@ if HAVE_GLUON:
         b_pz = gl.full([16], 0.0, gl.float32, layout=ROWS)  # sum of p z_v
         b_acc = gl.full([D, 8], 0.0, gl.float32, layout=MMA)  # O^T: channels (VCH order) x rows 0..7
 
-        p_kw = KW + i_bh * stride_kw_bh
-        p_vw = VW_ + i_bh * stride_vw_bh
-        p_vs = VS + i_bh * stride_vs_bh
-        p_vz = VZ + i_bh * stride_vs_bh
-        i_lo = i_split * blocks_per_split
-        n_sub = (gl.minimum(i_lo + blocks_per_split, n_quant_visit) - i_lo) * sub_blocks
-        # software pipelining: sub-block j + 1's words are in flight while j is computed (each load otherwise
-        # waited in full, twice a sub-block: the value loads were issued only after the score dots)
-        n0 = _sub_block_start(BLOCK_IDS, 0, sub_blocks, i_lo, n_quant_visit, BLOCK_K, BN, HAS_BLOCK_IDS)
-        w_k = _key_words(p_kw, n0, stride_kw_n, BN, WK)
-        w_v = _value_words(p_vw, n0, stride_vw_n, BN, VW)
-        r_vs = gl.load(p_vs + (n0 + o_n) * stride_vs_n)
-        r_vz = gl.load(p_vz + (n0 + o_n) * stride_vs_n)
-        b_qs = gl.full([16, D], 0.0, gl.float16, layout=A_OP)
-        b_bias = gl.full([16], 0.0, gl.float32, layout=ROWS)
-        for j in range(0, n_sub):
-            n1 = _sub_block_start(BLOCK_IDS, j + 1, sub_blocks, i_lo, n_quant_visit, BLOCK_K, BN, HAS_BLOCK_IDS)
-            w_k1 = _key_words(p_kw, n1, stride_kw_n, BN, WK)
-            w_v1 = _value_words(p_vw, n1, stride_vw_n, BN, VW)
-            r_vs1 = gl.load(p_vs + (n1 + o_n) * stride_vs_n)
-            r_vz1 = gl.load(p_vz + (n1 + o_n) * stride_vs_n)
-            if j % sub_blocks == 0:
-                # a new key group: q' = q s 2^-s per slot, and the bias q . z (- 1024 sum q' for offset codes)
-                p_row = i_bh * stride_ks_bh + (n0 // KEY_GROUP) * stride_ks_g
-                b_ks = _key_row(KS + p_row, D, WK, P, BITS, True)
-                if SYMMETRIC:
-                    b_kz = -_key_row(KS + p_row, D, WK, P, BITS, False) * (1 << (BITS - 1))
-                else:
-                    b_kz = _key_row(KZ + p_row, D, WK, P, BITS, False)
-                # the query is reloaded (from L1/L2) rather than held: 32 registers fewer, one program more an SM
-                b_qf = _query_rows(Q, i_b, i_h, stride_qb, stride_qh, stride_qt, GQ, T, D, WK, P) * qk_scale
-                b_qs = (b_qf * b_ks[None, :]).to(gl.float16)
-                b_sum = gl.sum(b_qf * b_kz[None, :], 1)
-                if not KEYS_EXACT:
-                    b_sum -= 1024.0 * gl.sum(b_qs.to(gl.float32), 1)
-                b_bias = gl.convert_layout(b_sum, ROWS)
-            b_s = gl.nvidia.ampere.mma_v2(b_qs, _key_operand(w_k, BN, D, WK, UK, K_ASM, K_CONS),
-                                          gl.full([16, BN], 0.0, gl.float32, layout=MMA) + b_bias[:, None])
-            if HAS_WINDOW or T > 1:
-                key = n0 + o_n
-                m_vis = key[None, :] <= q_pos[:, None]
-                if HAS_WINDOW:
-                    m_vis = m_vis & ((key[None, :] < sink) | (key[None, :] > q_pos[:, None] - window))
-                b_s = gl.where(m_vis, b_s, float("-inf"))
-            b_new = gl.maximum(b_mx, gl.max(b_s, 1))
-            b_ref = gl.where(b_new == float("-inf"), 0.0, b_new)
-            b_alpha = gl.exp2(b_mx - b_ref)
-            b_p = gl.exp2(b_s - b_ref[:, None])
-            b_mx = b_new
-            b_vs = r_vs.to(gl.float32)
-            if SYMMETRIC:
-                b_vz = -b_vs * (1 << (BITS - 1))
+        if i_split >= n_split_quant:
+            # the residual tail: one block of full-precision keys, fp16 operands, no scales to fold
+            if HAS_BLOCK_IDS:
+                n0 = gl.load(RES_IDS + i_split - n_split_quant) * BN
             else:
-                b_vz = r_vz.to(gl.float32)
-            b_pp = (b_p * b_vs[None, :]).to(gl.float16)
-            b_l = b_l * b_alpha + gl.sum(b_p, 1)
-            b_pz = b_pz * b_alpha + gl.sum(b_p * b_vz[None, :], 1)
-            # rows 0..7 of p' [16, BN] are, register for register, the B operand [BN, 8] of O^T
-            b_p8, _ = gl.split(gl.permute(gl.reshape(b_pp, [2, 8, BN]), [1, 2, 0]))
+                n0 = n_quant + (i_split - n_split_quant) * BN
+            p_r = i_bh * stride_r_bh
+            b_q16 = (_query_rows(Q, i_b, i_h, stride_qb, stride_qh, stride_qt, GQ, T, D, WK, P) * qk_scale).to(
+                gl.float16)
+            b_kt = _residual_key_operand(KR + p_r, n0 - n_quant, kv_len - n_quant, stride_r_n, BN, D, WK, P)
+            b_s = gl.nvidia.ampere.mma_v2(b_q16, b_kt, gl.full([16, BN], 0.0, gl.float32, layout=MMA))
+            b_s = _visible(b_s, n0 + o_n, q_pos, kv_len, window, sink, HAS_WINDOW)
+            b_mx = gl.max(b_s, 1)
+            b_p = gl.exp2(b_s - gl.where(b_mx == float("-inf"), 0.0, b_mx)[:, None])
+            b_l = gl.sum(b_p, 1)
+            b_p8, _ = gl.split(gl.permute(gl.reshape(b_p.to(gl.float16), [2, 8, BN]), [1, 2, 0]))
             b_pt = gl.convert_layout(gl.permute(b_p8, [1, 0]), B_OP, assert_trivial=True)
-            b_a8, _ = gl.split(gl.permute(gl.reshape(b_alpha, [2, 8]), [1, 0]))
-            b_acc = b_acc * gl.convert_layout(b_a8, COLS)[None, :]
-            b_acc = gl.nvidia.ampere.mma_v2(_value_operand(w_v, BN, D, VW, UV, V_ASM, V_CONS), b_pt, b_acc)
-            n0, w_k, w_v, r_vs, r_vz = n1, w_k1, w_v1, r_vs1, r_vz1
+            b_vt = _residual_value_operand(VR + p_r, n0 - n_quant, kv_len - n_quant, stride_r_n, BN, D, VW, P)
+            b_acc = gl.nvidia.ampere.mma_v2(b_vt, b_pt, b_acc)
+        else:
+            p_kw = KW + i_bh * stride_kw_bh
+            p_vw = VW_ + i_bh * stride_vw_bh
+            p_vs = VS + i_bh * stride_vs_bh
+            p_vz = VZ + i_bh * stride_vs_bh
+            i_lo = i_split * blocks_per_split
+            n_sub = (gl.minimum(i_lo + blocks_per_split, n_quant_visit) - i_lo) * sub_blocks
+            # software pipelining: sub-block j + 1's words are in flight while j is computed (each load otherwise
+            # waited in full, twice a sub-block: the value loads were issued only after the score dots)
+            n0 = _sub_block_start(BLOCK_IDS, 0, sub_blocks, i_lo, n_quant_visit, BLOCK_K, BN, HAS_BLOCK_IDS)
+            w_k = _key_words(p_kw, n0, stride_kw_n, BN, WK)
+            w_v = _value_words(p_vw, n0, stride_vw_n, BN, VW)
+            r_vs = gl.load(p_vs + (n0 + o_n) * stride_vs_n)
+            r_vz = gl.load(p_vz + (n0 + o_n) * stride_vs_n)
+            b_qs = gl.full([16, D], 0.0, gl.float16, layout=A_OP)
+            b_bias = gl.full([16], 0.0, gl.float32, layout=ROWS)
+            for j in range(0, n_sub):
+                n1 = _sub_block_start(BLOCK_IDS, j + 1, sub_blocks, i_lo, n_quant_visit, BLOCK_K, BN, HAS_BLOCK_IDS)
+                w_k1 = _key_words(p_kw, n1, stride_kw_n, BN, WK)
+                w_v1 = _value_words(p_vw, n1, stride_vw_n, BN, VW)
+                r_vs1 = gl.load(p_vs + (n1 + o_n) * stride_vs_n)
+                r_vz1 = gl.load(p_vz + (n1 + o_n) * stride_vs_n)
+                if j % sub_blocks == 0:
+                    # a new key group: q' = q s 2^-s per slot, and the bias q . z (- 1024 sum q' for offset codes)
+                    p_row = i_bh * stride_ks_bh + (n0 // KEY_GROUP) * stride_ks_g
+                    b_ks = _key_row(KS + p_row, D, WK, P, BITS, True)
+                    if SYMMETRIC:
+                        b_kz = -_key_row(KS + p_row, D, WK, P, BITS, False) * (1 << (BITS - 1))
+                    else:
+                        b_kz = _key_row(KZ + p_row, D, WK, P, BITS, False)
+                    # the query is reloaded (from L1/L2) rather than held: 32 registers fewer, one program more an SM
+                    b_qf = _query_rows(Q, i_b, i_h, stride_qb, stride_qh, stride_qt, GQ, T, D, WK, P) * qk_scale
+                    b_qs = (b_qf * b_ks[None, :]).to(gl.float16)
+                    b_sum = gl.sum(b_qf * b_kz[None, :], 1)
+                    if not KEYS_EXACT:
+                        b_sum -= 1024.0 * gl.sum(b_qs.to(gl.float32), 1)
+                    b_bias = gl.convert_layout(b_sum, ROWS)
+                b_s = gl.nvidia.ampere.mma_v2(b_qs, _key_operand(w_k, BN, D, WK, UK, K_ASM, K_CONS),
+                                              gl.full([16, BN], 0.0, gl.float32, layout=MMA) + b_bias[:, None])
+                if HAS_WINDOW or T > 1:  # quantized keys all lie below kv_len
+                    b_s = _visible(b_s, n0 + o_n, q_pos, kv_len, window, sink, HAS_WINDOW)
+                b_new = gl.maximum(b_mx, gl.max(b_s, 1))
+                b_ref = gl.where(b_new == float("-inf"), 0.0, b_new)
+                b_alpha = gl.exp2(b_mx - b_ref)
+                b_p = gl.exp2(b_s - b_ref[:, None])
+                b_mx = b_new
+                b_vs = r_vs.to(gl.float32)
+                if SYMMETRIC:
+                    b_vz = -b_vs * (1 << (BITS - 1))
+                else:
+                    b_vz = r_vz.to(gl.float32)
+                b_pp = (b_p * b_vs[None, :]).to(gl.float16)
+                b_l = b_l * b_alpha + gl.sum(b_p, 1)
+                b_pz = b_pz * b_alpha + gl.sum(b_p * b_vz[None, :], 1)
+                # rows 0..7 of p' [16, BN] are, register for register, the B operand [BN, 8] of O^T
+                b_p8, _ = gl.split(gl.permute(gl.reshape(b_pp, [2, 8, BN]), [1, 2, 0]))
+                b_pt = gl.convert_layout(gl.permute(b_p8, [1, 0]), B_OP, assert_trivial=True)
+                b_a8, _ = gl.split(gl.permute(gl.reshape(b_alpha, [2, 8]), [1, 0]))
+                b_acc = b_acc * gl.convert_layout(b_a8, COLS)[None, :]
+                b_acc = gl.nvidia.ampere.mma_v2(_value_operand(w_v, BN, D, VW, UV, V_ASM, V_CONS), b_pt, b_acc)
+                n0, w_k, w_v, r_vs, r_vz = n1, w_k1, w_v1, r_vs1, r_vz1
 
         # O[m, VCH[r]] = (2^-s acc[r, m] + pz[m]) / l[m]; the partial is normalised for the merge
         b_l8, _ = gl.split(gl.permute(gl.reshape(b_l, [2, 8]), [1, 0]))
@@ -338,7 +392,8 @@ if HAVE_GLUON:
         b_l8 = gl.convert_layout(b_l8, COLS)
         b_pz8, b_mx8 = gl.convert_layout(b_pz8, COLS), gl.convert_layout(b_mx8, COLS)
         v_ch = gl.load(VCH + gl.arange(0, D, layout=ROWS))
-        v_fac = gl.exp2(-(BITS * (v_ch % P)).to(gl.float32))
+        v_fac = gl.exp2(-(BITS * (v_ch % P)).to(gl.float32))  # undoes the plane's 2^s (codes only)
+        v_fac = gl.where(i_split >= n_split_quant, 1.0, v_fac)
         b_l_safe = gl.where(b_l8 > 0, b_l8, 1.0)
         b_o = (b_acc * v_fac[:, None] + b_pz8[None, :]) / b_l_safe[None, :]
         o_h = gl.arange(0, 8, layout=COLS)
@@ -370,9 +425,9 @@ def block_n(bits: int, requested: int | None = None) -> int:
     return requested or (32 if bits == 8 else 64)
 
 
-def _call(grid, warmup: bool, q, kc, ks, kz, vc, vs, vz, block_ids, o_part, l_part, *, kv_len, n_quant_visit,
-          per_split, n_split_total, window, sink, qk_scale, hkv, gq, block_k, key_group, bits, has_block_ids, bn,
-          maxnreg):
+def _call(grid, warmup: bool, q, kc, ks, kz, vc, vs, vz, kr, vr, block_ids, res_ids, o_part, l_part, *, kv_len,
+          n_quant, n_quant_visit, per_split, n_split_quant, n_split_total, window, sink, qk_scale, hkv, gq, block_k,
+          key_group, bits, has_block_ids, bn, maxnreg):
     b, _, t, d = q.shape
     s = layout_sizes(bits, d)
     kw, vw = kc.view(torch.int32), vc.view(torch.int32)
@@ -380,11 +435,12 @@ def _call(grid, warmup: bool, q, kc, ks, kz, vc, vs, vz, block_ids, o_part, l_pa
     ku, vu = s["UK"], s["UV"]
     fn = _quant_decode_mma_kernel.warmup if warmup else _quant_decode_mma_kernel[grid]
     return fn(
-        q, kw, ks, kz if kz is not None else ks, vw, vs, vz if vz is not None else vs, block_ids, vch,
-        o_part, l_part,
+        q, kw, ks, kz if kz is not None else ks, vw, vs, vz if vz is not None else vs, kr, vr, block_ids, res_ids,
+        vch, o_part, l_part,
         q.stride(0), q.stride(1), q.stride(2), kw.stride(0), kw.stride(1), ks.stride(0), ks.stride(1),
-        vw.stride(0), vw.stride(1), vs.stride(0), vs.stride(1),
-        kv_len, n_quant_visit, per_split, n_split_total, window, sink, block_k // bn, qk_scale,
+        vw.stride(0), vw.stride(1), vs.stride(0), vs.stride(1), kr.stride(0), kr.stride(1),
+        kv_len, n_quant, n_quant_visit, per_split, n_split_quant, n_split_total, window, sink, block_k // bn,
+        qk_scale,
         H_KV=hkv, GQ=gq, T=t, D=d, BLOCK_K=block_k, BN=bn, KEY_GROUP=key_group, BITS=bits,
         SYMMETRIC=kz is None, HAS_BLOCK_IDS=has_block_ids, HAS_WINDOW=window > 0,
         WK=s["WK"], UK=ku, VW=s["VW"], UV=vu,
@@ -394,7 +450,7 @@ def _call(grid, warmup: bool, q, kc, ks, kz, vc, vs, vz, block_ids, o_part, l_pa
     )
 
 
-def programs_per_sm(q, kc, ks, kz, vc, vs, vz, block_ids, **kw) -> int:
+def programs_per_sm(q, kc, ks, kz, vc, vs, vz, kr, vr, block_ids, res_ids, **kw) -> int:
     """One-warp programs an SM can hold at this specialization's register count (compiled ahead, once): the
     default launch fills the SMs exactly once. At 168 registers (int4, head_dim 128) that is 12; asking for 16 left
     a second, partial wave and took 110 against 88.6 us at 128k keys (device call 2 of 2026-11-30d)."""
@@ -402,27 +458,30 @@ def programs_per_sm(q, kc, ks, kz, vc, vs, vz, block_ids, **kw) -> int:
            kw["block_k"], kw["key_group"], kw["bits"], kw["bn"], kw["maxnreg"], q.device)
     if key not in _PER_SM:
         part = torch.empty(16, dtype=torch.float32, device=q.device)
-        compiled = _call((1,), True, q, kc, ks, kz, vc, vs, vz, block_ids, part, part, per_split=1,
-                         n_split_total=1, **kw)
+        compiled = _call((1,), True, q, kc, ks, kz, vc, vs, vz, kr, vr, block_ids, res_ids, part, part, per_split=1,
+                         n_split_quant=1, n_split_total=1, **kw)
         compiled._init_handles()
         regs = -(-compiled.n_regs // 8) * 8  # registers are allocated in units of 8 a thread
         _PER_SM[key] = max(1, min(32, 65536 // (32 * regs)))  # 32 resident blocks an SM at most (sm_90)
     return _PER_SM[key]
 
 
-def split_launch(q, kc, ks, kz, vc, vs, vz, block_ids, n_visit: int, *, num_splits: int | None = None,
-                 per_sm: int | None = None, **kw) -> tuple[int, int]:
+def split_launch(q, kc, ks, kz, vc, vs, vz, kr, vr, block_ids, res_ids, n_visit: int, *,
+                 num_splits: int | None = None, per_sm: int | None = None, **kw) -> tuple[int, int]:
     """(splits, visits per split) over n_visit quantized visits: by default one wave of as many one-warp programs
     an SM as its registers allow."""
     if num_splits is None:
-        per_sm = per_sm or programs_per_sm(q, kc, ks, kz, vc, vs, vz, block_ids, **kw)
+        per_sm = per_sm or programs_per_sm(q, kc, ks, kz, vc, vs, vz, kr, vr, block_ids, res_ids, **kw)
         heads = q.shape[0] * kw["hkv"]
         num_splits = one_wave_splits(q.device, heads, n_visit, per_sm=per_sm, min_blocks=2)
     per_split = max(1, -(-n_visit // max(num_splits, 1)))
     return max(1, -(-n_visit // per_split)), per_split
 
 
-def launch(q, kc, ks, kz, vc, vs, vz, block_ids, o_part, l_part, *, splits, **kw) -> None:
-    """Attend the first n_quant_visit visits into splits [0, splits) of o_part / l_part (flattened [B*Hkv, ...]
-    codes, scales and zeros as quant_decode prepares them; kz / vz None when symmetric)."""
-    _call((q.shape[0] * kw["hkv"], splits), False, q, kc, ks, kz, vc, vs, vz, block_ids, o_part, l_part, **kw)
+def launch(q, kc, ks, kz, vc, vs, vz, kr, vr, block_ids, res_ids, o_part, l_part, **kw) -> None:
+    """Attend the quantized visits into splits [0, n_split_quant) of o_part / l_part and the residual tail's blocks
+    (res_ids, or every block from n_quant on) into the rest, up to n_split_total: one launch (flattened
+    [B*Hkv, ...] codes, scales, zeros and residual buffers as quant_decode prepares them; kz / vz None when
+    symmetric)."""
+    _call((q.shape[0] * kw["hkv"], kw["n_split_total"]), False, q, kc, ks, kz, vc, vs, vz, kr, vr, block_ids, res_ids,
+          o_part, l_part, **kw)
