@@ -53,7 +53,8 @@ def quant_layer(name: str, k, v):
 # (block_k, launch options) of the fused quantized decode to time; {} is the default launch
 QUANT_CONFIGS = (
     (128, {}), (128, {"kernel": "triton"}), (128, {"kernel": "mma", "mma_block_n": 32}),
-    (128, {"kernel": "mma", "mma_block_n": 64}), (128, {"kernel": "mma", "mma_maxnreg": 168}),
+    (128, {"kernel": "mma", "mma_block_n": 32, "mma_maxnreg": 168}), (128, {"kernel": "mma", "mma_block_n": 64}),
+    (128, {"kernel": "mma", "mma_block_n": 64, "mma_maxnreg": 168}),
 )
 
 

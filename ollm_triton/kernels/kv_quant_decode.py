@@ -360,7 +360,8 @@ def quant_decode(
     kernel: "mma" (kv_quant_decode_mma.py: Gluon, hand-laid-out tensor-core operands) for the quantized blocks,
     "triton" (this file's kernel for everything), or None: "mma" where it applies. With "mma", num_warps, num_stages,
     maxnreg and unpack apply to the residual tail only, programs_per_sm to the MMA kernel's one-warp programs, and
-    mma_block_n sets the keys an MMA program attends per step (mma.block_n) and mma_maxnreg caps its registers.
+    mma_block_n sets the keys an MMA program attends per step and mma_maxnreg caps its registers (defaults:
+    mma.DEFAULTS; an explicit mma_block_n alone runs uncapped).
     """
     b, hq, t, d = q.shape
     hkv = k_codes.shape[1]
@@ -401,7 +402,7 @@ def quant_decode(
             raise ValueError(f"{name} needs a unit stride on its last axis")
     out = torch.empty_like(q) if out is None else out
 
-    bn = mma.block_n(bits, mma_block_n)
+    bn, mma_maxnreg = mma.launch_defaults(bits, mma_block_n, mma_maxnreg)
     use_mma = _use_mma(kernel, q, bits, d, gq * t, d // value_group, n_quant_visit, block_k, bn, kc, vc)
     ids = block_ids if block_ids is not None else kc
     scale = math.log2(math.e) / math.sqrt(d)
@@ -412,8 +413,8 @@ def quant_decode(
         mma_kw = dict(kv_len=kv_len, n_quant=n_quant, n_quant_visit=n_quant_visit, window=window, sink=sink,
                       qk_scale=scale, hkv=hkv, gq=gq, block_k=block_k, key_group=key_group, bits=bits,
                       has_block_ids=block_ids is not None, bn=bn, maxnreg=mma_maxnreg)
-        mma_splits, mma_per_split = mma.split_launch(*mma_in, n_quant_visit, num_splits=num_splits,
-                                                     per_sm=programs_per_sm, **mma_kw)
+        mma_splits, mma_per_split = mma.split_launch(*mma_in, n_quant_visit, res_blocks=n_res_blocks - first_res,
+                                                     num_splits=num_splits, per_sm=programs_per_sm, **mma_kw)
         n_split_total = mma_splits + n_res_blocks - first_res
     else:
         num_splits, blocks_per_split, maxnreg = split_launch(bits, q.device, b * hkv, n_visit, num_splits=num_splits,

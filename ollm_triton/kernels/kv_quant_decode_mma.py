@@ -37,7 +37,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ollm_triton.kernels.decode_merge import one_wave_splits
+from ollm_triton.kernels.decode_merge import num_sms
 
 try:  # Gluon ships with Triton >= 3.5
     from triton.experimental import gluon
@@ -420,9 +420,15 @@ def _value_channel_table(bits: int, d: int, device: torch.device) -> torch.Tenso
     return _CHANNELS[key]
 
 
-def block_n(bits: int, requested: int | None = None) -> int:
-    """Keys a program attends per step: 64, or 32 for 8-bit codes, whose prefetched words would spill at 64."""
-    return requested or (32 if bits == 8 else 64)
+# default (keys a step, register cap) per bit width, from the 128k sweep (device call 8 of 2026-11-30d): 32-key steps
+# under 168 registers fit 12 one-warp programs an SM; 8-bit words are twice as many registers a step
+DEFAULTS = {8: (64, None), 4: (32, 168), 2: (32, 168)}
+
+
+def launch_defaults(bits: int, block_n: int | None = None, maxnreg: int | None = None) -> tuple[int, int | None]:
+    """(keys a program attends per step, register cap) of an MMA launch: the arguments, else DEFAULTS."""
+    bn, cap = DEFAULTS[bits]
+    return block_n or bn, maxnreg if maxnreg is not None or block_n is not None else cap
 
 
 def _call(grid, warmup: bool, q, kc, ks, kz, vc, vs, vz, kr, vr, block_ids, res_ids, o_part, l_part, *, kv_len,
@@ -451,9 +457,10 @@ def _call(grid, warmup: bool, q, kc, ks, kz, vc, vs, vz, kr, vr, block_ids, res_
 
 
 def programs_per_sm(q, kc, ks, kz, vc, vs, vz, kr, vr, block_ids, res_ids, **kw) -> int:
-    """One-warp programs an SM can hold at this specialization's register count (compiled ahead, once): the
-    default launch fills the SMs exactly once. At 168 registers (int4, head_dim 128) that is 12; asking for 16 left
-    a second, partial wave and took 110 against 88.6 us at 128k keys (device call 2 of 2026-11-30d)."""
+    """One-warp programs an SM holds at this specialization's register count (compiled ahead, once). Registers are
+    allocated per warp in units of 8 a thread, from each of the 4 schedulers' 16,384: 168 registers give 3 warps a
+    scheduler (12 an SM), 169-224 give 2 (8). Asking for more than fit leaves a second, partial wave: 110 against
+    88.6 us at 128k keys (device call 2 of 2026-11-30d)."""
     key = (q.dtype, q.shape[2], q.shape[3], kz is None, block_ids is not None, kw["window"] > 0, kw["hkv"], kw["gq"],
            kw["block_k"], kw["key_group"], kw["bits"], kw["bn"], kw["maxnreg"], q.device)
     if key not in _PER_SM:
@@ -461,19 +468,20 @@ def programs_per_sm(q, kc, ks, kz, vc, vs, vz, kr, vr, block_ids, res_ids, **kw)
         compiled = _call((1,), True, q, kc, ks, kz, vc, vs, vz, kr, vr, block_ids, res_ids, part, part, per_split=1,
                          n_split_quant=1, n_split_total=1, **kw)
         compiled._init_handles()
-        regs = -(-compiled.n_regs // 8) * 8  # registers are allocated in units of 8 a thread
-        _PER_SM[key] = max(1, min(32, 65536 // (32 * regs)))  # 32 resident blocks an SM at most (sm_90)
+        regs = -(-compiled.n_regs // 8) * 8
+        _PER_SM[key] = max(1, min(32, 4 * (16384 // (32 * regs))))  # 32 resident blocks an SM at most (sm_90)
     return _PER_SM[key]
 
 
-def split_launch(q, kc, ks, kz, vc, vs, vz, kr, vr, block_ids, res_ids, n_visit: int, *,
+def split_launch(q, kc, ks, kz, vc, vs, vz, kr, vr, block_ids, res_ids, n_visit: int, *, res_blocks: int = 0,
                  num_splits: int | None = None, per_sm: int | None = None, **kw) -> tuple[int, int]:
-    """(splits, visits per split) over n_visit quantized visits: by default one wave of as many one-warp programs
-    an SM as its registers allow."""
+    """(splits, visits per split) over n_visit quantized visits: by default as many one-warp programs an SM as its
+    registers allow, in one wave together with the res_blocks residual programs of every head."""
     if num_splits is None:
         per_sm = per_sm or programs_per_sm(q, kc, ks, kz, vc, vs, vz, kr, vr, block_ids, res_ids, **kw)
         heads = q.shape[0] * kw["hkv"]
-        num_splits = one_wave_splits(q.device, heads, n_visit, per_sm=per_sm, min_blocks=2)
+        slots = per_sm * num_sms(q.device) - heads * res_blocks
+        num_splits = max(1, min(slots // heads, n_visit // 2))
     per_split = max(1, -(-n_visit // max(num_splits, 1)))
     return max(1, -(-n_visit // per_split)), per_split
 
