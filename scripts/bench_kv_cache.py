@@ -5,10 +5,11 @@
 Llama-3-8B attention shapes (32 query heads, 8 KV heads, head_dim 128), bf16, batch 1, one layer. In one process:
 1. the device copy bandwidth (read + write bytes of a 2 GB copy), the ceiling for everything below;
 2. decode attention at `--ctx` tokens: SDPA (`enable_gqa`) over the dense bf16 K/V, against each quantized codec's
-   `attend` (the fused Triton kernel, through the layer as the engine calls it), checked against SDPA over the
-   codec's own dequantized K/V; effective bandwidth counts the bytes each path actually reads (codes, scales,
-   zeros, residual window, the split partials it writes and reads back). `--sweep` also tries kernel block
-   sizes / warps and reports the best next to the default;
+   `attend` (through the layer as the engine calls it: the Gluon MMA kernel, kv_quant_decode_mma.py, by default on
+   a GPU, and the Triton-language kernel beside it), checked against SDPA over the codec's own dequantized K/V;
+   effective bandwidth counts the bytes each path actually reads (codes, scales, zeros, residual window, the split
+   partials it writes and reads back). `--sweep` also tries launch variants and reports the best next to the
+   default;
 3. int4 under the sliding_window backend (window 4096) next to the same backend over the dense cache;
 4. stored/original bytes (and allocated device bytes, measured) of every codec after a `--ratio-ctx` prompt.
 Writes JSON (device, versions, git sha, date, command) and prints a GitHub table last. Timings: triton do_bench,
@@ -35,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ollm_triton.attention.base import AttentionBackend  # noqa: E402
 from ollm_triton.cache.base import LayerSpec  # noqa: E402
-from ollm_triton.kernels.kv_quant_decode import split_launch  # noqa: E402
+from ollm_triton.kernels import kv_quant_decode  # noqa: E402
 from ollm_triton.registry import registry  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
@@ -90,7 +91,7 @@ def fill(layer, k, v, decode_steps=5):
 
 def fused_bytes(layer, splits_info) -> int:
     """Bytes the fused decode reads: the quantized region's codes, scales, zeros, the residual window, q, plus
-    the split partials written and read back, plus the output."""
+    the split partials (4 query rows a KV head, D + 1 floats each) written and read back, plus the output."""
     n, r = layer.n_quant, layer.n_res
     bh = layer.spec.batch * layer.spec.kv_heads
     sb = layer.k_scale.element_size()
@@ -98,13 +99,8 @@ def fused_bytes(layer, splits_info) -> int:
     codes = 2 * n * (D // layer.p)
     scales = per_scale * sb * (n // layer.group * D + n * (D // layer.value_group))
     residual = 2 * r * D * 2
-    partial = 2 * splits_info * 16 * (D + 2) * 4  # written then read by the merge
+    partial = 2 * splits_info * (HQ // HKV) * (D + 1) * 4  # written then read by the merge
     return bh * (codes + scales + residual) + bh * partial + 2 * HQ * D * 2
-
-
-def num_splits(layer, kv_len: int, block_k: int, override=None) -> int:
-    """The split count the fused decode launches with (its own rule, kv_quant_decode.split_launch)."""
-    return split_launch(layer.bits, torch.device("cuda"), HKV, triton.cdiv(kv_len, block_k), num_splits=override)[0]
 
 
 def decode_section(ctx: int, sweep: bool) -> dict:
@@ -127,29 +123,29 @@ def decode_section(ctx: int, sweep: bool) -> dict:
         err = rel_err(out, ref)
         err_vs_dense = rel_err(out, F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True))
         del kd, vd
-        configs = [{}]
+        configs = [{}, {"kernel": "triton"}]  # the default (the MMA kernel on a GPU), and the Triton-language one
         if sweep:
-            configs += [{"block_k": bk, "num_warps": w} for bk in (32, 64, 128) for w in (4, 8) if (bk, w) != (64, 4)]
-            configs += [{"block_k": 64, "num_warps": 4, "num_splits": s} for s in (16, 64, 128)]
+            configs += [{"mma_block_n": n} for n in (32, 64)] + [{"mma_block_n": 32, "mma_maxnreg": 168}]
+            configs += [{"kernel": "triton", "block_k": 64}, {"kernel": "triton", "num_stages": 2}]
         rows = []
         for cfg in configs:
             layer.block_k = cfg.get("block_k", type(layer).block_k)
             layer.kernel_options = {k2: v2 for k2, v2 in cfg.items() if k2 != "block_k"}
             try:
                 o2 = layer.attend(q, sdpa)
+                launch = dict(kv_quant_decode.LAST_LAUNCH)
                 e2 = rel_err(o2, ref)
                 t = bench(lambda: layer.attend(q, sdpa))  # noqa: B023
                 t_graph = bench_graph(lambda: layer.attend(q, sdpa))  # noqa: B023
             except Exception as e:  # a config that does not compile (registers, shared memory) is skipped
                 rows.append({"config": cfg, "error": repr(e)[:200]})
                 continue
-            splits = num_splits(layer, layer.length, layer.block_k, cfg.get("num_splits"))
-            nbytes = fused_bytes(layer, splits)
+            nbytes = fused_bytes(layer, launch["splits"])
             rows.append({"config": cfg, "ms": t, "ms_graph": t_graph, "err_vs_dequant_sdpa": e2, "bytes_read": nbytes,
-                         "TBps": nbytes / t / 1e9, "splits": splits})
+                         "TBps": nbytes / t / 1e9, "splits": launch["splits"], "kernel": launch["kernel"]})
         ok = [r for r in rows if "ms" in r and r["err_vs_dequant_sdpa"] < 2e-2]
         best = min(ok, key=lambda r: r["ms"]) if ok else None
-        res[name] = {"default": rows[0], "best": best, "sweep": rows, "err_vs_dequant_sdpa": err,
+        res[name] = {"default": rows[0], "triton": rows[1], "best": best, "sweep": rows, "err_vs_dequant_sdpa": err,
                      "err_vs_dense_sdpa": err_vs_dense, "n_quant": layer.n_quant, "n_res": layer.n_res}
         layer = None  # free it before the next codec
         torch.cuda.empty_cache()
@@ -238,11 +234,11 @@ def table(r: dict) -> str:
     for name in ("int8", "int4", "int2"):
         if name not in dec:
             continue
-        for label in ("default", "best"):
-            row = dec[name][label]
-            if not row or "ms" not in row or (label == "best" and row["config"] == dec[name]["default"]["config"]):
+        for label in ("default", "triton", "best"):
+            row = dec[name].get(label)
+            if not row or "ms" not in row or (label == "best" and row["config"] in ({}, {"kernel": "triton"})):
                 continue
-            cfg = "" if label == "default" else f" best {row['config']}"
+            cfg = f" ({row.get('kernel', '?')} kernel)" + ("" if label != "best" else f" best {row['config']}")
             both = row.get("ms_graph") and sd.get("ms_graph")
             speedup = f"{sd['ms_graph'] / row['ms_graph']:.2f}x" if both else "-"
             lines.append(f"| {name} fused{cfg} | {row['ms']:.4f} | {_ms(row.get('ms_graph'))} | {speedup} | "

@@ -37,6 +37,7 @@ from ollm_triton.kernels import kv_quant_decode_mma as mma
 from ollm_triton.kernels.decode_merge import merge_splits, one_wave_splits
 
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+LAST_LAUNCH: dict = {}  # what the last quant_decode call ran ({"kernel", "splits"}), for benchmarks to report
 
 
 def _unpack_asm(bits: int, i: int) -> str:
@@ -442,6 +443,7 @@ def quant_decode(
         )
     merge_splits(o_part.view(b * hkv, n_split_total, gq * t, block_d), l_part, out, kv_heads=hkv, group=gq, t=t,
                  n_split=n_split_total)
+    LAST_LAUNCH.update(kernel="mma" if use_mma else "triton", splits=n_split_total)
     return out
 
 

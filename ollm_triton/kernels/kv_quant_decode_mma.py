@@ -420,9 +420,10 @@ def _value_channel_table(bits: int, d: int, device: torch.device) -> torch.Tenso
     return _CHANNELS[key]
 
 
-# default (keys a step, register cap) per bit width, from the 128k sweep (device call 8 of 2026-11-30d): 32-key steps
-# under 168 registers fit 12 one-warp programs an SM; 8-bit words are twice as many registers a step
-DEFAULTS = {8: (64, None), 4: (32, 168), 2: (32, 168)}
+# default (keys a step, register cap) per bit width: the fastest of the 128k sweep (device call 8 of 2026-11-30d,
+# experiments/h200-2026-11-30d/call8_decode_sweep.jsonl): int4 55.7 us at 64 keys (57.3 at 32, 58.2 at 32 under a
+# 168-register cap, which fits 12 programs an SM instead of 8), int2 50.9 at 64, int8 80.7 at 32 (89.6 at 64)
+DEFAULTS = {8: (32, None), 4: (64, None), 2: (64, None)}
 
 
 def launch_defaults(bits: int, block_n: int | None = None, maxnreg: int | None = None) -> tuple[int, int | None]:
