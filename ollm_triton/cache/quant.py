@@ -21,8 +21,9 @@ Truncation (speculative-decoding rollback), `truncate(length)`:
   residual window. Every kept token reads exactly as before (attention sees the same numbers); when those tokens
   are later quantized again with the new group's range they pick up a second rounding.
 
-On CUDA, `attend` runs the fused Triton decode (kernels/kv_quant_decode.py) over the packed codes along the
-attention backend's decode schedule; on the CPU it returns None and the backend attends over `dense()`.
+On CUDA, `attend` runs the fused decode (kernels/kv_quant_decode.py: the Gluon MMA kernel of kv_quant_decode_mma.py
+where it applies, the Triton-language kernel otherwise) over the packed codes along the attention backend's decode
+schedule; on the CPU it returns None and the backend attends over `dense()`.
 """
 
 from __future__ import annotations
