@@ -22,26 +22,16 @@ def randn(*shape, dtype, seed):
 
 
 @pytest.mark.interpreter
-def test_merge_of_more_splits_than_one_step(poison):
-    """71 splits of one block each: the merge takes MAX_MERGE_CHUNK (64) a step and must weigh them all."""
+@pytest.mark.parametrize("splits, d, t", [(71, 16, 2), (150, 64, 1)])
+def test_merge_of_more_splits_than_one_step(splits, d, t, poison):
+    """One block a split. 71 at head_dim 16: the merge takes MAX_MERGE_CHUNK (64) a step and must weigh them all.
+    150 at head_dim 64: it spreads 32 channels a program and takes 128 splits a step (two steps)."""
     assert decode_merge.MAX_MERGE_CHUNK < 71
-    s, t = 71 * 16, 2
-    q, k, v = randn(1, 4, t, 16, dtype=torch.float32, seed=1), *(randn(1, 2, s, 16, dtype=torch.float32, seed=i)
-                                                                 for i in (2, 3))
+    s = splits * 16
+    q, k, v = randn(1, 4, t, d, dtype=torch.float32, seed=1), *(randn(1, 2, s, d, dtype=torch.float32, seed=i)
+                                                                for i in (2, 3))
     out = poison(torch.empty_like(q))
-    flash_decode(q, k, v, block_n=16, num_splits=71, out=out)
-    ref = decode_reference(q, k, v, compute_dtype=torch.float64)
-    assert rel_rms(out, ref) < 1e-5
-
-
-@pytest.mark.interpreter
-def test_merge_spreads_channels_over_programs_when_splits_are_many(poison):
-    """150 splits at head_dim 64: the merge takes 32 channels a program and 128 splits a step (two steps)."""
-    s, t = 150 * 16, 1
-    q, k, v = randn(1, 2, t, 64, dtype=torch.float32, seed=11), *(randn(1, 1, s, 64, dtype=torch.float32, seed=i)
-                                                                  for i in (12, 13))
-    out = poison(torch.empty_like(q))
-    flash_decode(q, k, v, block_n=16, num_splits=150, out=out)
+    flash_decode(q, k, v, block_n=16, num_splits=splits, out=out)
     ref = decode_reference(q, k, v, compute_dtype=torch.float64)
     assert rel_rms(out, ref) < 1e-5
 
