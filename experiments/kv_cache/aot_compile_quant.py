@@ -39,7 +39,7 @@ def sass_counts(kernel) -> collections.Counter:
     os.unlink(f.name)
     ops = collections.Counter()
     for line in out.splitlines():
-        m = re.search(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9]+)", line)
+        m = re.search(r"/\*[0-9a-f]{4,6}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9]+)", line)  # kernels past 64 KB too
         if m:
             ops[m.group(1)] += 1
     return ops
