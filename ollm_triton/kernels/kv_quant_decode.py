@@ -381,7 +381,8 @@ def quant_decode(
     if block_ids is not None:
         # visits to quantized blocks come first in the ascending list; counted on the host (a CPU schedule
         # costs no sync; a device one costs one)
-        n_quant_visit = int((block_ids.cpu().long() * block_k < n_quant).sum())
+        ids_host = block_ids.cpu()
+        n_quant_visit = int((ids_host.long() * block_k < n_quant).sum())
         block_ids = block_ids.to(device=q.device, dtype=torch.int32).contiguous()
         n_visit = block_ids.numel()
     else:
@@ -408,7 +409,9 @@ def quant_decode(
     ids = block_ids if block_ids is not None else kc
     scale = math.log2(math.e) / math.sqrt(d)
     if use_mma:  # one launch: quantized visits, then the residual tail in blocks of bn keys, one split each
-        _, res_ids, n_res_blocks, first_res = _tail_visits(block_ids, block_k, n_quant, kv_len, q.device, kc, bn)
+        # the host copy of the schedule: block_ids is on the device by now, and reading it back would sync again
+        _, res_ids, n_res_blocks, first_res = _tail_visits(ids_host if block_ids is not None else None, block_k,
+                                                           n_quant, kv_len, q.device, kc, bn)
         mma_in = (q, kc, ks, kz if k_zero is not None else None, vc, vs, vz if v_zero is not None else None, kr, vr,
                   ids, res_ids)
         mma_kw = dict(kv_len=kv_len, n_quant=n_quant, n_quant_visit=n_quant_visit, window=window, sink=sink,
@@ -453,7 +456,7 @@ def _tail_visits(block_ids, block_k: int, n_quant: int, kv_len: int, device, pla
     per, n_blocks = block_k // tail_k, triton.cdiv(kv_len, tail_k)
     if block_ids is None:
         return tail_k, placeholder, n_blocks, n_quant // tail_k
-    small = (block_ids.cpu().long()[:, None] * per + torch.arange(per)).flatten()
+    small = (block_ids.long()[:, None] * per + torch.arange(per)).flatten()  # block_ids: on the host
     small = small[(small * tail_k >= n_quant) & (small < n_blocks)]
     return tail_k, small.to(device=device, dtype=torch.int32), small.numel(), 0
 
