@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from typing import Any
 
 KINDS = ("attention", "cache", "decoder", "prefetch", "task")
+# The plugin a run uses for a kind the user did not choose (the baselines every other plugin is compared with).
+BASELINES = {"attention": "sdpa", "cache": "dense", "decoder": "greedy", "prefetch": "resident"}
 ENTRY_POINT_GROUP = "ollm_triton.plugins"
 
 # Built-in plugin folders, imported on first use so that `import ollm_triton` stays cheap.
@@ -139,6 +141,12 @@ class Registry:
         """Validate and instantiate. Extra keyword arguments go to the plugin's constructor."""
         spec = self.get(kind, name)
         return spec.cls(validate(spec, dict(params or {})), **kwargs)
+
+    def baseline(self, kind: str) -> str:
+        """The baseline plugin name of a plugin kind (BASELINES)."""
+        if kind not in BASELINES:
+            raise PluginError(f"plugin kind {kind!r} has no baseline; kinds with one: {', '.join(BASELINES)}")
+        return BASELINES[kind]
 
     def all(self) -> list[PluginSpec]:
         self.load()

@@ -34,7 +34,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ollm_triton.decoding._drafters import draft_source  # noqa: E402
+from ollm_triton.decoding.drafters import draft_source  # noqa: E402
 from ollm_triton.engine import load_engine  # noqa: E402
 from ollm_triton.registry import registry  # noqa: E402
 from ollm_triton.results import environment  # noqa: E402

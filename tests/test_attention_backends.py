@@ -140,8 +140,7 @@ def test_fused_codec_path_and_decode_schedules():
     ms = registry.build("attention", "multiscale", {"window": 30, "scales": [8, 32]})
     ms.decode(q, layer)  # never hands the query to the codec: summaries are not in its format
     assert ms.last_path == "torch.reference"
-    with pytest.raises(NotImplementedError):
-        ms.decode_schedule(100, 16)
+    assert ms.decode_schedule(100, 16) is None  # an aligned window is no rule the codec kernels know
 
 
 def test_adaptive_records_choice_and_reason():

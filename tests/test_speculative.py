@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from ollm_triton.decoding._drafters import draft_source, forward_first_layers
-from ollm_triton.decoding._targets import keep_tokens
+from ollm_triton.decoding.drafters import draft_source, forward_first_layers
+from ollm_triton.decoding.targets import keep_tokens
 from ollm_triton.decoding.adaptive import AdaptiveConfig, CandidateController, expected_tokens
 from ollm_triton.decoding.tree import accepted_path, level_sizes
 from ollm_triton.engine import load_engine

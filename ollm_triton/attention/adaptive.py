@@ -124,6 +124,11 @@ class Adaptive(AttentionBackend):
         backend = self.backends.get(self.choice) or self.backends["flash"]
         return backend.decode_schedule(kv_len, block_k, num_queries=num_queries, device=device)
 
+    def visible_fraction(self, q_len: int, kv_len: int, q_offset: int) -> float:
+        # the mechanism chosen for the last call (tasks ask right after the calls they report on)
+        backend = self.backends.get(self.choice) or self.backends["flash"]
+        return backend.visible_fraction(q_len, kv_len, q_offset)
+
     def describe(self) -> dict:
         return {
             "attention_path": self.last_path,

@@ -1,4 +1,4 @@
-"""The attention-backend interface.
+"""The attention-backend interface: the whole contract a backend keeps with the engine and the cache codecs.
 
 Shapes (everywhere in the toolkit):
     q: [B, Hq, T, D]      T query tokens, Hq query heads
@@ -7,37 +7,38 @@ Shapes (everywhere in the toolkit):
 Query token t sits at absolute position `q_offset + t`; key s at position s. Causality: key s is visible to
 query t iff s <= q_offset + t. `q_offset = S - T` for an ordinary forward.
 
-A backend implements `prefill` and may override `decode`. The default `decode` asks the cache layer for a fused
-kernel over its own storage format (`layer_cache.attend`) and otherwise attends over `layer_cache.dense()`, so
-every (attention, cache) pair runs.
+A backend implements `prefill` and may override `decode`. The default `decode` offers the query to the cache
+layer's fused kernel over its own storage (`layer_cache.attend`, when `fused_codec_decode`) and otherwise attends
+over `layer_cache.dense()`, so every (attention, cache) pair runs.
+
+What the engine reads, declared here and never inferred from a backend's name:
+    dense_causal        decode is plain causal attention over every held key, so the engine's static (CUDA-graph)
+                        decode step may attend with its own kernel instead of calling `decode`
+    fused_codec_decode  `decode` may hand the query to a codec's fused kernel, which follows `decode_schedule`
+    window, sink        the keys a query sees (0 = unbounded): what tasks report as masked
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:  # cache codecs import this module for DecodeSchedule
+from ollm_triton.kernels.attention_schedule import DecodeSchedule
+
+if TYPE_CHECKING:
     from ollm_triton.cache.base import CacheLayer
-
-
-@dataclass(frozen=True)
-class DecodeSchedule:
-    """Keys visited by a decode query: the KV blocks in `block_ids` (int32, ascending; None = all blocks), and
-    inside them only keys with position < sink or position > q_pos - window (window 0 = no window)."""
-
-    block_ids: torch.Tensor | None = None
-    window: int = 0
-    sink: int = 0
 
 
 class AttentionBackend:
     """Base class of attention backends; `plugin_name` is set by the registry."""
 
     plugin_name = "base"
-    # What the last call ran ("triton", "torch", a fused codec kernel...), recorded by the runner.
+    dense_causal: bool = False
+    fused_codec_decode: bool = True
+    window: int = 0  # keys p - window < s <= p visible to the query at position p (0 = every earlier key)
+    sink: int = 0  # the first `sink` keys stay visible under a window
+    # What the last call ran ("triton.prefill", "torch.sdpa", "fused:QuantLayer"...), recorded by the runner.
     last_path: str = "torch"
 
     def prefill(
@@ -60,7 +61,7 @@ class AttentionBackend:
         self, q: torch.Tensor, layer_cache: CacheLayer, *, tree_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Attention of the T (few) newest queries over everything in `layer_cache` (already appended)."""
-        if tree_mask is None:
+        if tree_mask is None and self.fused_codec_decode:
             out = layer_cache.attend(q, self)
             if out is not None:
                 self.last_path = f"fused:{layer_cache.__class__.__name__}"
@@ -68,10 +69,19 @@ class AttentionBackend:
         k, v = layer_cache.dense()
         return self.prefill(q, k, v, q_offset=k.shape[2] - q.shape[2], tree_mask=tree_mask)
 
-    def decode_schedule(self, kv_len: int, block_k: int) -> DecodeSchedule:
-        """Which keys a decode query at position kv_len - 1 visits, for fused codec kernels (the cache's
-        `attend`): dense backends visit everything; windowed and sparse backends override this."""
+    def decode_schedule(self, kv_len: int, block_k: int, *, num_queries: int = 1,
+                        device: torch.device | None = None) -> DecodeSchedule | None:
+        """Which keys the newest `num_queries` queries (the last at position kv_len - 1) visit, in `block_k`-key
+        blocks, for a codec's fused kernel; None when this backend has no schedule such a kernel can follow (the
+        codec then returns None from `attend` and the backend attends over `dense()`). Dense backends visit
+        everything."""
         return DecodeSchedule()
+
+    def visible_fraction(self, q_len: int, kv_len: int, q_offset: int) -> float:
+        """The fraction of causally visible (query, key) pairs this backend actually attends to, for T = q_len
+        queries at positions q_offset.. over kv_len keys: 1.0 for dense backends. Tasks report 1 minus this as
+        the keys the backend masked."""
+        return 1.0
 
     def describe(self) -> dict:
         """Plugin parameters and runtime choices, for metrics.json."""
@@ -86,3 +96,13 @@ def causal_mask(t: int, s: int, q_offset: int, device, tree_mask: torch.Tensor |
     if tree_mask is not None:
         mask[:, s - t :] = tree_mask.to(device)
     return mask
+
+
+def causal_pairs(q_len: int, kv_len: int, q_offset: int) -> int:
+    """Visible (query, key) pairs under the plain causal rule: the query at position p sees min(p + 1, S) keys."""
+    last = max(min(q_offset + q_len, kv_len), q_offset)  # queries q_offset..last-1 see keys 0..p
+    inside = last - q_offset
+    return inside * (q_offset + 1 + last) // 2 + (q_len - inside) * kv_len
+
+
+__all__ = ["AttentionBackend", "DecodeSchedule", "causal_mask", "causal_pairs"]

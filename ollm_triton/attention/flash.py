@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ollm_triton.attention._scheduled import ScheduledAttention
+from ollm_triton.attention.scheduled import ScheduledAttention
 from ollm_triton.registry import register
 
 

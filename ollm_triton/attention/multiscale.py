@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ollm_triton.attention._scheduled import ScheduledAttention
+from ollm_triton.attention.scheduled import ScheduledAttention
 from ollm_triton.kernels.attention_multiscale import check_scales, flash_multiscale, multiscale_reference
 from ollm_triton.registry import register
 
@@ -32,7 +32,7 @@ class MultiscaleConfig:
 class Multiscale(ScheduledAttention):
     """Local window attention plus mean-pooled K/V summaries of distant blocks at one or more coarser scales."""
 
-    fused_decode = False
+    fused_codec_decode = False  # summaries are recomputed from dense K/V on every call
 
     def __init__(self, cfg: MultiscaleConfig | None = None):
         cfg = cfg or MultiscaleConfig()

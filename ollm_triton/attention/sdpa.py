@@ -13,6 +13,8 @@ from ollm_triton.registry import register
 class SDPA(AttentionBackend):
     """Dense causal attention through torch.nn.functional.scaled_dot_product_attention (the baseline)."""
 
+    dense_causal = True
+
     def __init__(self, cfg=None):
         self.cfg = cfg
         self.last_path = "torch.sdpa"

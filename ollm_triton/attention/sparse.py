@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ollm_triton.attention._scheduled import ScheduledAttention
+from ollm_triton.attention.scheduled import ScheduledAttention
 from ollm_triton.kernels.attention_schedule import SparsePattern
 from ollm_triton.registry import register
 

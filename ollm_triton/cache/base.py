@@ -1,9 +1,19 @@
-"""The KV cache-codec interface.
+"""The KV cache-codec interface: the whole contract a codec keeps with the engine and the attention backends.
 
 A `CacheCodec` plugin builds one `CacheLayer` per decoder layer. A layer stores the post-RoPE keys and values of
 every token appended so far (or of the tokens an eviction codec kept), in whatever format the codec chooses.
 
 Shapes: k, v: [B, Hkv, T, D]. `dense()` returns [B, Hkv, L, D] in the model dtype, L = tokens held.
+
+What the engine reads, declared here and never inferred from a codec's name:
+    CacheCodec.static_buffers   its layers are pre-allocated K/V buffers [B, Hkv, max_len, D] in the model dtype,
+                                exposed as `layer.k`, `layer.v`, that the engine's static (CUDA-graph) decode step
+                                may write and attend in place, telling the layer its new fill level through
+                                `set_length(n)`; such a layer keeps no other state (no scores, no eviction)
+    CacheCodec.bytes_per_token  what one token costs a layer, for the run's memory check before building a model
+    CacheLayer.attend           an optional fused decode kernel over the codec's own storage
+    CacheLayer.compressed_tokens, evicted_tokens   tokens held lossily and tokens dropped (tasks report whether the
+                                codec had any effect)
 """
 
 from __future__ import annotations
@@ -11,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from ollm_triton.timing import Timer
 
 
 @dataclass
@@ -31,12 +43,27 @@ class CacheLayer:
     def __init__(self, spec: LayerSpec):
         self.spec = spec
         self.appended = 0  # tokens ever appended minus those truncated; codecs keep it current
-        self.compress_seconds = 0.0  # time spent encoding, reported by stats()
+        self.encode_timer = Timer(spec.device)  # codecs time their encoding in `encode_timer.region()`
+
+    @property
+    def compress_seconds(self) -> float:
+        """Seconds spent encoding (quantizing, scoring, clustering), reported by stats()."""
+        return self.encode_timer.seconds
 
     @property
     def length(self) -> int:
         """Tokens held now."""
         raise NotImplementedError
+
+    @property
+    def compressed_tokens(self) -> int:
+        """Held tokens whose K/V read back inexactly (quantized, clustered); 0 for a lossless layer."""
+        return 0
+
+    @property
+    def evicted_tokens(self) -> int:
+        """Tokens appended and then dropped by the codec."""
+        return max(self.appended - self.length, 0)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         raise NotImplementedError
@@ -49,6 +76,11 @@ class CacheLayer:
         """Keep the first `length` tokens and drop the rest (speculative-decoding rollback).
         Codecs that cannot roll back raise NotImplementedError with the reason."""
         raise NotImplementedError(f"{type(self).__name__} cannot truncate")
+
+    def set_length(self, length: int) -> None:
+        """Static-buffer layers only (`CacheCodec.static_buffers`): the engine's static step wrote K/V into
+        `k`, `v` up to `length` tokens behind the layer's back; take that as the fill level."""
+        raise NotImplementedError(f"{type(self).__name__} has no static buffers")
 
     def attend(self, q: torch.Tensor, backend) -> torch.Tensor | None:
         """A fused decode kernel over this codec's own storage, or None to let the backend use dense()."""
@@ -73,9 +105,16 @@ class CacheCodec:
     """Base class of cache-codec plugins."""
 
     plugin_name = "base"
+    static_buffers: bool = False
 
     def new_layer(self, spec: LayerSpec) -> CacheLayer:
         raise NotImplementedError
+
+    def bytes_per_token(self, spec: LayerSpec) -> float:
+        """Bytes one token costs one layer of `spec.batch` sequences at long context (an upper bound is fine: the
+        run refuses a model that would not fit by it). Default: dense K/V in the model dtype."""
+        elt = torch.empty((), dtype=spec.dtype).element_size()
+        return 2.0 * spec.batch * spec.kv_heads * spec.head_dim * elt
 
 
 class KVCache:
@@ -94,14 +133,17 @@ class KVCache:
             layer.truncate(length)
         self.position = length
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, float | int]:
         original = sum(layer.original_bytes() for layer in self.layers)
         stored = sum(layer.stored_bytes() for layer in self.layers)
+        first = self.layers[0] if self.layers else None
         return {
-            "kv_original_bytes": original,
-            "kv_stored_bytes": stored,
+            "kv_original_bytes": int(original),
+            "kv_stored_bytes": int(stored),
             "kv_ratio": stored / original if original else 0.0,
-            "kv_tokens_kept": self.layers[0].length if self.layers else 0,
+            "kv_tokens_kept": first.length if first else 0,
             "kv_tokens_seen": self.position,
+            "kv_tokens_compressed": first.compressed_tokens if first else 0,
+            "kv_tokens_evicted": first.evicted_tokens if first else 0,
             "kv_compress_seconds": sum(layer.compress_seconds for layer in self.layers),
         }

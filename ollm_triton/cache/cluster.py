@@ -19,9 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ollm_triton.cache._residual import ResidualWindow
-from ollm_triton.cache._storage import StoreParams, wrap_store
-from ollm_triton.cache._timing import EncodeTimer, TimedLayerMixin
+from ollm_triton.cache.residual import ResidualWindow
+from ollm_triton.cache.storage import StoreParams, wrap_store
 from ollm_triton.cache.base import CacheCodec, CacheLayer, LayerSpec
 from ollm_triton.kernels.cluster import assign, assign_ref, kmeans
 from ollm_triton.registry import register
@@ -44,9 +43,8 @@ class ClusterConfig(StoreParams):
             raise ValueError(f"iters and residual must be >= 0, got {self.iters}, {self.residual}")
 
 
-class ClusterLayer(TimedLayerMixin, ResidualWindow, CacheLayer):
+class ClusterLayer(ResidualWindow, CacheLayer):
     def __init__(self, spec: LayerSpec, cfg: ClusterConfig):
-        self._timer = EncodeTimer()
         super().__init__(spec)
         self.cfg = cfg
         b, h, d = spec.batch, spec.kv_heads, spec.head_dim
@@ -65,6 +63,10 @@ class ClusterLayer(TimedLayerMixin, ResidualWindow, CacheLayer):
     def length(self) -> int:
         return self.n_coded + self.n_res
 
+    @property
+    def compressed_tokens(self) -> int:
+        return self.n_coded
+
     def _codes_for(self, x: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
         b, h, n, d = x.shape
         xf, bf = x.reshape(b * h, n, d), book.reshape(b * h, -1, d)
@@ -73,7 +75,7 @@ class ClusterLayer(TimedLayerMixin, ResidualWindow, CacheLayer):
 
     def _encode(self, k: torch.Tensor, v: torch.Tensor) -> None:
         b, h, n, d = k.shape
-        with self._timer.measure(k.device):
+        with self.encode_timer.region():
             if self.k_book is None:
                 c = self.cfg
                 self.k_book = kmeans(k.reshape(b * h, n, d), c.num_clusters, c.iters, c.seed).reshape(b, h, -1, d)

@@ -59,6 +59,12 @@ class DenseLayer(CacheLayer):
         self._len = length
         self.appended = length
 
+    def set_length(self, length: int) -> None:
+        if not 0 <= length <= self.k.shape[2]:
+            raise ValueError(f"fill level {length} is outside this layer's {self.k.shape[2]} slots")
+        self._len = length
+        self.appended = length
+
     def stored_bytes(self):
         return 2 * self.spec.batch * self.spec.kv_heads * self.spec.head_dim * self._len * self.k.element_size()
 
@@ -73,8 +79,17 @@ def _grow(buf: torch.Tensor, cap: int, used: int) -> torch.Tensor:
 class Dense(CacheCodec):
     """Contiguous K/V buffers (pre-allocated to the run's maximum context, or growing), no compression."""
 
-    def __init__(self, cfg: DenseConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: DenseConfig | None = None):
+        self.cfg = cfg or DenseConfig()
+
+    @property
+    def static_buffers(self) -> bool:
+        """Pre-allocated buffers in the model dtype: the engine's static step writes and attends them in place."""
+        return self.cfg.dtype == "model" and self.cfg.preallocate
+
+    def bytes_per_token(self, spec: LayerSpec) -> float:
+        dtype = DTYPES[self.cfg.dtype] or spec.dtype
+        return 2.0 * spec.batch * spec.kv_heads * spec.head_dim * torch.empty((), dtype=dtype).element_size()
 
     def new_layer(self, spec: LayerSpec) -> CacheLayer:
         return DenseLayer(spec, DTYPES[self.cfg.dtype] or spec.dtype, self.cfg.preallocate)

@@ -28,22 +28,17 @@ schedule; on the CPU it returns None and the backend attends over `dense()`.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-from ollm_triton.cache._residual import ResidualWindow
-from ollm_triton.cache._storage import StoreParams, wrap_store
-from ollm_triton.cache._timing import EncodeTimer, TimedLayerMixin
+from ollm_triton.cache.residual import ResidualWindow
+from ollm_triton.cache.storage import StoreParams, wrap_store
 from ollm_triton.cache.base import CacheCodec, CacheLayer, LayerSpec
 from ollm_triton.kernels import quant as Q
+from ollm_triton.kernels.attention_schedule import DecodeSchedule
 from ollm_triton.kernels.kv_quant_decode import quant_decode
 from ollm_triton.registry import register
-
-if TYPE_CHECKING:  # the cache package does not import the attention package at run time
-    from ollm_triton.attention.base import DecodeSchedule
 
 
 @dataclass
@@ -72,14 +67,13 @@ class QuantConfig(QuantParams):
             raise ValueError(f"bits must be one of {', '.join(map(str, Q.BITS))}, got {self.bits}")
 
 
-class QuantLayer(TimedLayerMixin, ResidualWindow, CacheLayer):
+class QuantLayer(ResidualWindow, CacheLayer):
     # key tokens per block of the fused kernel (divides group_size): 128 was the fastest of 32/64/128 for int8 and
     # int4 at 128k tokens on the H200 (int8 0.187 ms vs 0.271 ms at 64; scripts/bench_kv_cache.py --sweep)
     block_k = 128
     kernel_options: dict = {}  # num_splits / num_warps / num_stages overrides for the fused kernel
 
     def __init__(self, spec: LayerSpec, bits: int, cfg: QuantParams):
-        self._timer = EncodeTimer()
         super().__init__(spec)
         d = spec.head_dim
         self.bits, self.p = bits, Q.codes_per_byte(bits)
@@ -131,7 +125,7 @@ class QuantLayer(TimedLayerMixin, ResidualWindow, CacheLayer):
                  None if self.symmetric else self.k_zero[:, :, g0:g1])
         v_out = (self.v_codes[:, :, lo:hi], self.v_scale[:, :, lo:hi],
                  None if self.symmetric else self.v_zero[:, :, lo:hi])
-        with self._timer.measure(k.device):
+        with self.encode_timer.region():
             if k.is_cuda:
                 Q.quantize_keys(k, self.bits, self.group, self.symmetric, self.sdtype, out=k_out)
                 Q.quantize_values(v, self.bits, self.value_group, self.symmetric, self.sdtype, out=v_out)
@@ -149,6 +143,10 @@ class QuantLayer(TimedLayerMixin, ResidualWindow, CacheLayer):
     @property
     def length(self) -> int:
         return self.n_quant + self.n_res
+
+    @property
+    def compressed_tokens(self) -> int:
+        return self.n_quant
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         t = k.shape[2]
@@ -196,7 +194,7 @@ class QuantLayer(TimedLayerMixin, ResidualWindow, CacheLayer):
             self.last_path = "torch.dense"
             return None
         kv_len = self.length
-        sched = decode_schedule(backend, kv_len, self.block_k, q.shape[2], q.device)
+        sched = decode_schedule(backend, kv_len, self.block_k, q.shape[2])
         if sched is None:
             self.last_path = "torch.dense"
             return None
@@ -219,25 +217,14 @@ class QuantLayer(TimedLayerMixin, ResidualWindow, CacheLayer):
         return bh * (codes + scales + residual)
 
 
-_TAKES_NUM_QUERIES: dict[type, bool] = {}
-
-
-def decode_schedule(backend, kv_len: int, block_k: int, t: int, device) -> DecodeSchedule | None:
+def decode_schedule(backend, kv_len: int, block_k: int, t: int) -> DecodeSchedule | None:
     """The backend's schedule for the T newest queries, or None when a fused kernel cannot follow it (the backend
-    has none for codec kernels, or its blocks are those of the last query only and T > 1)."""
-    cls = type(backend)
-    if cls not in _TAKES_NUM_QUERIES:
-        params = inspect.signature(backend.decode_schedule).parameters
-        _TAKES_NUM_QUERIES[cls] = "num_queries" in params and "device" in params
+    has none for codec kernels, or its queries span rows of a sparse pattern). Block ids stay on the host: the
+    kernel launcher counts its quantized blocks without a device sync."""
     try:
-        if _TAKES_NUM_QUERIES[cls]:  # on the CPU: the kernel launcher counts its quantized blocks without a sync
-            return backend.decode_schedule(kv_len, block_k, num_queries=t, device=None)
-        sched = backend.decode_schedule(kv_len, block_k)
-    except (NotImplementedError, ValueError):  # no schedule for codec kernels, or queries spanning pattern rows
+        return backend.decode_schedule(kv_len, block_k, num_queries=t, device=None)
+    except ValueError:  # queries spanning two pattern rows: no one block list serves them all
         return None
-    if t > 1 and sched.block_ids is not None:
-        return None  # blocks of the last query only: earlier draft tokens may need others
-    return sched
 
 
 @register("cache", "quant", QuantConfig)
@@ -250,8 +237,19 @@ class Quant(CacheCodec):
         self.cfg = cfg
 
     def new_layer(self, spec: LayerSpec) -> CacheLayer:
-        bits = self.bits if self.bits is not None else self.cfg.bits
-        return wrap_store(QuantLayer(spec, bits, self.cfg), self.cfg, self)
+        return wrap_store(QuantLayer(spec, self._bits(), self.cfg), self.cfg, self)
+
+    def _bits(self) -> int:
+        return self.bits if self.bits is not None else self.cfg.bits
+
+    def bytes_per_token(self, spec: LayerSpec) -> float:
+        """Codes plus each token's share of the key (per group) and value (per token) scales and zero points."""
+        d, bits = spec.head_dim, self._bits()
+        sb = torch.empty((), dtype=Q.scale_dtype_for(spec.dtype)).element_size()
+        per_scale = 1 if self.cfg.symmetric else 2
+        group = self.cfg.group_size
+        scales = per_scale * sb * (d / group + d / Q.value_group_size(group, d))
+        return spec.batch * spec.kv_heads * (2 * d * bits / 8 + scales)
 
 
 @register("cache", "int8", QuantParams)

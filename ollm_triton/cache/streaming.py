@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ollm_triton.cache._eviction import EvictingLayer, EvictionParams
-from ollm_triton.cache._storage import wrap_store
+from ollm_triton.cache.eviction import EvictingLayer, EvictionParams
+from ollm_triton.cache.storage import wrap_store
 from ollm_triton.cache.base import CacheCodec, CacheLayer, LayerSpec
 from ollm_triton.registry import register
 
@@ -34,7 +34,7 @@ class StreamingLayer(EvictingLayer):
 
     def evict_pending(self) -> None:
         if self.over_budget():
-            with self._timer.measure(self.k.device):
+            with self.encode_timer.region():
                 self.keep(self.select(self.budget()))
 
     def select(self, budget: int) -> torch.Tensor:

@@ -27,11 +27,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ollm_triton.decoding._config import StrategyFields
-from ollm_triton.decoding._drafters import DraftEngineHolder, ModelDrafter, StaticModelDrafter, fit_vocab
-from ollm_triton.decoding._speculation import EmittedTokens, LoopStats, PhaseClock, Sampling, speculation_counters
-from ollm_triton.decoding._static import resolve_fast_path
-from ollm_triton.decoding._targets import make_target
+from ollm_triton.decoding.strategy_fields import StrategyFields
+from ollm_triton.decoding.drafters import DraftEngineHolder, ModelDrafter, StaticModelDrafter, fit_vocab
+from ollm_triton.decoding.speculation import EmittedTokens, LoopStats, PhaseClock, Sampling, speculation_counters
+from ollm_triton.decoding.static_steps import resolve_fast_path
+from ollm_triton.decoding.targets import make_target
 from ollm_triton.decoding.base import DecoderStrategy, Generation
 from ollm_triton.registry import register
 from ollm_triton.tasks.base import Timer

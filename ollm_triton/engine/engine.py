@@ -42,13 +42,9 @@ from ollm_triton.engine.checkpoint import (
 )
 from ollm_triton.engine.config import ModelConfig
 from ollm_triton.engine.model import DECODE_MAX_TOKENS, CausalLM, rope_cos_sin
+from ollm_triton.engine.placement import resolve_device, resolve_dtype
 from ollm_triton.engine.tokenizer import Tokenizer
 
-DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-}
 
 
 class Engine:
@@ -262,9 +258,9 @@ def load_engine(
     """
     from ollm_triton.registry import registry
 
-    attention = _plugin(registry, "attention", attention, "sdpa")
-    codec = _plugin(registry, "cache", codec, "dense")
-    prefetch = _plugin(registry, "prefetch", prefetch, "resident")
+    attention = _plugin(registry, "attention", attention)
+    codec = _plugin(registry, "cache", codec)
+    prefetch = _plugin(registry, "prefetch", prefetch)
     device = resolve_device(device)
 
     tokenizer = None
@@ -281,10 +277,9 @@ def load_engine(
     else:
         raise TypeError(f"model_source must be a checkpoint path, a hub id, a config dict or a ModelConfig, "
                         f"got {type(model_source).__name__}")
-    dtype = resolve_dtype(dtype, cfg, device)
+    dtype = resolve_dtype(dtype, device, cfg.checkpoint_dtype)
 
-    weights_device = getattr(prefetch, "weights_device", None)
-    weights_device = torch.device(weights_device(device)) if callable(weights_device) else device
+    weights_device = torch.device(prefetch.weights_device(device))
     model = empty_model(cfg)
     if directory is None:
         init_random(model, weights_device, dtype, seed, rng_device=device)
@@ -296,41 +291,9 @@ def load_engine(
                   prefill_chunk=prefill_chunk, fast_decode=fast_decode)
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {device!r}; accepted: cpu, cuda, cuda:N, auto") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {str(device)!r} requested but CUDA is not available here; accepted: cpu, auto")
-        if dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-    elif dev.type != "cpu":
-        raise ValueError(f"unsupported device {str(device)!r}; accepted: cpu, cuda, cuda:N, auto")
-    return dev
-
-
-def resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        if dtype not in DTYPES.values():
-            raise ValueError(f"unsupported dtype {dtype}; accepted: float32, bfloat16, float16")
-        return dtype
-    name = str(dtype).replace("torch.", "")
-    if name == "auto":
-        if device.type == "cpu":
-            return torch.float32  # half-precision matmuls on the CPU are slow and gain nothing here
-        return DTYPES.get(cfg.checkpoint_dtype or "", torch.bfloat16)
-    if name not in DTYPES:
-        raise ValueError(f"unsupported dtype {dtype!r}; accepted: {', '.join(DTYPES)}, auto")
-    return DTYPES[name]
-
-
-def _plugin(registry, kind: str, value, default: str):
+def _plugin(registry, kind: str, value):
     if value is None:
-        return registry.build(kind, default)
+        return registry.build(kind, registry.baseline(kind))
     if isinstance(value, str):
         return registry.build(kind, value)
     return value

@@ -300,6 +300,18 @@ class SparsePattern(BlockPattern):
         return float(rows.sum()) / (n_k_blocks * (n_k_blocks + 1) / 2)
 
 
+@dataclass(frozen=True)
+class DecodeSchedule:
+    """Keys visited by the newest decode queries: the KV blocks in `block_ids` (int32, ascending; None = all
+    blocks), and inside them only keys with position < sink or position > q_pos - window (window 0 = no window).
+    An attention backend produces it (`decode_schedule`), a codec's fused decode kernel follows it; it lives here,
+    below both plugin kinds."""
+
+    block_ids: torch.Tensor | None = None
+    window: int = 0
+    sink: int = 0
+
+
 def decode_block_ids(
     kv_len: int, num_queries: int, block_k: int, *, window: int = 0, sink: int = 0, window_align: int = 1,
     pattern: BlockPattern | None = None, device=None,
@@ -331,5 +343,5 @@ def decode_block_ids(
 
 __all__ = [
     "BlockSchedule", "BlockPattern", "SparsePattern", "build_schedule", "pack_schedule", "schedule_to_mask",
-    "decode_block_ids", "window_start", "block_uniform", "width_for_density", "cdiv",
+    "DecodeSchedule", "decode_block_ids", "window_start", "block_uniform", "width_for_density", "cdiv",
 ]

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 
 from ollm_triton.prefetch.store import WeightStore
-from ollm_triton.prefetch.streaming import EVICTIONS, StreamingConfig, StreamingPolicy
+from ollm_triton.prefetch.layer_streaming import EVICTIONS, StreamingConfig, StreamingPolicy
 from ollm_triton.registry import register
 
 

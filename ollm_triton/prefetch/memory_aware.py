@@ -20,7 +20,7 @@ import psutil
 import torch
 
 from ollm_triton.prefetch.store import WeightStore
-from ollm_triton.prefetch.streaming import EVICTIONS, StreamingConfig, StreamingPolicy
+from ollm_triton.prefetch.layer_streaming import EVICTIONS, StreamingConfig, StreamingPolicy
 from ollm_triton.registry import register
 
 GB = 1e9

@@ -10,6 +10,8 @@ from ollm_triton.registry import register
 class Resident(PrefetchPolicy):
     """All weights moved to the device once; nothing is streamed."""
 
+    resident_weights = True
+
     def __init__(self, cfg=None):
         self.cfg = cfg
 

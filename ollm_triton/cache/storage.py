@@ -236,9 +236,13 @@ class StoredLayer(CacheLayer):
     def compress_seconds(self) -> float:
         return self.inner.compress_seconds
 
-    @compress_seconds.setter
-    def compress_seconds(self, value: float) -> None:
-        self.inner.compress_seconds = value
+    @property
+    def compressed_tokens(self) -> int:
+        return self.inner.compressed_tokens
+
+    @property
+    def evicted_tokens(self) -> int:
+        return self.inner.evicted_tokens
 
     @property
     def last_path(self) -> str:

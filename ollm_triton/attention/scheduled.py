@@ -12,7 +12,7 @@ from collections import OrderedDict
 
 import torch
 
-from ollm_triton.attention.base import AttentionBackend, DecodeSchedule
+from ollm_triton.attention.base import AttentionBackend, DecodeSchedule, causal_pairs
 from ollm_triton.cache.base import CacheLayer
 from ollm_triton.kernels.attention_decode import decode_supports, flash_decode
 from ollm_triton.kernels.attention_prefill import (
@@ -41,11 +41,14 @@ class ScheduledAttention(AttentionBackend):
     sink: int = 0
     window_align: int = 1
     pattern: BlockPattern | None = None
-    # Whether decode may hand the query to a codec's fused kernel (layer_cache.attend); multiscale may not.
-    fused_decode: bool = True
     # None: Triton on CUDA tensors, the reference elsewhere. True forces the kernels (the interpreter on the CPU,
     # for tests); False forces the reference.
     use_kernels: bool | None = None
+
+    @property
+    def dense_causal(self) -> bool:
+        """Plain causal attention over every key (flash with no window and no pattern)."""
+        return self.window == 0 and self.pattern is None
 
     def __init__(self, cfg=None):
         self.cfg = cfg
@@ -110,7 +113,7 @@ class ScheduledAttention(AttentionBackend):
 
     # ---- decode -----------------------------------------------------------------------------------------------
     def decode(self, q, layer_cache: CacheLayer, *, tree_mask=None):
-        if tree_mask is None and self.fused_decode:
+        if tree_mask is None and self.fused_codec_decode:
             out = layer_cache.attend(q, self)
             if out is not None:
                 self.last_path = f"fused:{layer_cache.__class__.__name__}"
@@ -147,14 +150,25 @@ class ScheduledAttention(AttentionBackend):
         bs = self.pattern.block_size
         return (kv_len - q_len) // bs == (kv_len - 1) // bs
 
-    def decode_schedule(self, kv_len: int, block_k: int, *, num_queries: int = 1, device=None) -> DecodeSchedule:
+    def decode_schedule(self, kv_len: int, block_k: int, *, num_queries: int = 1,
+                        device=None) -> DecodeSchedule | None:
         """Keys the newest `num_queries` queries (the last at position kv_len - 1) visit, in `block_k`-key blocks:
-        ascending int32 block ids (None = all) on `device` (default CPU), plus the window/sink element rules."""
+        ascending int32 block ids (None = all) on `device` (default CPU), plus the window/sink element rules.
+        Raises ValueError when the queries span rows of a sparse pattern (no one block list serves them)."""
         if self.window_align != 1:
-            raise NotImplementedError(f"{self.plugin_name} has no decode schedule for fused codec kernels")
+            return None  # an aligned window (multiscale) is not a rule the codec kernels know
         ids = decode_block_ids(kv_len, num_queries, block_k, window=self.window, sink=self.sink,
                                pattern=self.pattern, device=device)
         return DecodeSchedule(block_ids=ids, window=self.window, sink=self.sink)
+
+    def visible_fraction(self, q_len: int, kv_len: int, q_offset: int) -> float:
+        """Counted on this backend's dense mask, a tile of rows at a time."""
+        total = causal_pairs(q_len, kv_len, q_offset)
+        if total == 0 or self.dense_causal:
+            return 1.0
+        mask = self.mask(q_len, kv_len, q_offset)
+        seen = sum(int(mask(slice(r, min(r + 256, q_len))).sum()) for r in range(0, q_len, 256))
+        return seen / total
 
     def describe(self) -> dict:
         info = {"attention_path": self.last_path}

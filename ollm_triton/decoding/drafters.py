@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ollm_triton.cache.base import KVCache
-from ollm_triton.decoding._speculation import Drafter, Sampling
+from ollm_triton.decoding.speculation import Drafter, Sampling
 from ollm_triton.engine.model import rope_cos_sin
 from ollm_triton.tasks.base import Timer
 
@@ -267,7 +267,7 @@ class StaticModelDrafter(Drafter):
         return self.sm.capture_s if getattr(self, "sm", None) is not None else 0.0
 
     def start(self, prompt, target, max_len, gen):
-        from ollm_triton.decoding._static import static_model
+        from ollm_triton.decoding.static_steps import static_model
 
         self.sm = static_model(self.engine, prompt.shape[0], max_len, self.capture)
         self.step = self.sm.step(1)

@@ -28,8 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ollm_triton.cache._storage import StoreParams
-from ollm_triton.cache._timing import EncodeTimer, TimedLayerMixin
+from ollm_triton.cache.storage import StoreParams
 from ollm_triton.cache.base import CacheLayer, LayerSpec
 
 
@@ -49,13 +48,12 @@ class EvictionParams(StoreParams):
             raise ValueError(f"evict_every must be >= 1, got {self.evict_every}")
 
 
-class EvictingLayer(TimedLayerMixin, CacheLayer):
+class EvictingLayer(CacheLayer):
     """Dense, position-ordered buffers with eviction by index; subclasses choose what to keep."""
 
     needs_scores = False  # h2o / snapkv cannot evict without `observe(q)`
 
     def __init__(self, spec: LayerSpec, cfg: EvictionParams, min_budget: int = 1):
-        self._timer = EncodeTimer()
         super().__init__(spec)
         self.cfg = cfg
         self.min_budget = min_budget
@@ -145,12 +143,12 @@ class EvictingLayer(TimedLayerMixin, CacheLayer):
             raise RuntimeError(
                 f"{type(self).__name__} needs the engine to call layer_cache.observe(q) after each attention step; "
                 "without the queries it cannot score tokens, and would silently keep everything")
-        with self._timer.measure(self.k.device):
+        with self.encode_timer.region():
             self.keep(self.select(self.budget()))
 
     def observe(self, q: torch.Tensor) -> None:
         self.observed = True
-        with self._timer.measure(q.device):
+        with self.encode_timer.region():
             self.score(q)
 
     def score(self, q: torch.Tensor) -> None:

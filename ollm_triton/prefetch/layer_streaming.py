@@ -73,7 +73,7 @@ class StreamingPolicy(PrefetchPolicy):
     """Base of the policies that stream decoder layers from a WeightStore (not registered itself)."""
 
     discard_after_use = False  # on_demand frees a slot right after its layer instead of keeping it cached
-    capturable = False  # parameters point at other memory from one forward to the next: no CUDA-graph capture
+
 
     def __init__(self, cfg: StreamingConfig, store: WeightStore | None = None):
         self.cfg = cfg

@@ -265,7 +265,7 @@ def speculate(
     """Draft-then-verify decoding (this module's docstring). prompt_ids: [B, P]. path: "eager", "static" or
     "graph" (_static.resolve_fast_path). Returns Generation with tokens [B, N] and the counters every speculative
     strategy reports."""
-    from ollm_triton.decoding._targets import make_target
+    from ollm_triton.decoding.targets import make_target
 
     controller = controller or FixedCandidates(1)
     ids = prompt_ids.to(engine.device)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ollm_triton.decoding._static import StaticModel, static_model
+from ollm_triton.decoding.static_steps import StaticModel, static_model
 
 
 def keep_tokens(layer, start: int, indices: torch.Tensor) -> None:

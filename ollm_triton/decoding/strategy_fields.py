@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ollm_triton.decoding._drafters import draft_source
-from ollm_triton.decoding._speculation import check_sampling
-from ollm_triton.decoding._static import FAST_PATHS
+from ollm_triton.decoding.drafters import draft_source
+from ollm_triton.decoding.speculation import check_sampling
+from ollm_triton.decoding.static_steps import FAST_PATHS
 
 
 def check_strategy_fields(cfg) -> None:
