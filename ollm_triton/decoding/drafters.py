@@ -15,7 +15,7 @@ import torch
 from ollm_triton.cache.base import KVCache
 from ollm_triton.decoding.speculation import Drafter, Sampling
 from ollm_triton.engine.model import rope_cos_sin
-from ollm_triton.tasks.base import Timer
+from ollm_triton.timing import Timer
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 CONF_MODELS = Path(__file__).resolve().parents[2] / "conf" / "model"

@@ -8,7 +8,7 @@ import torch
 
 from ollm_triton.decoding.base import DecoderStrategy, Generation, emit_step
 from ollm_triton.registry import register
-from ollm_triton.tasks.base import Timer
+from ollm_triton.timing import Timer
 
 
 def argmax_pick(logits: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ import torch
 
 from ollm_triton.decoding.base import Generation
 from ollm_triton.decoding.greedy import sampling_probs
-from ollm_triton.tasks.base import Timer
+from ollm_triton.timing import Timer
 
 
 @dataclass(frozen=True)

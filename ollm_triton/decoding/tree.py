@@ -34,7 +34,7 @@ from ollm_triton.decoding.static_steps import resolve_fast_path
 from ollm_triton.decoding.targets import make_target
 from ollm_triton.decoding.base import DecoderStrategy, Generation
 from ollm_triton.registry import register
-from ollm_triton.tasks.base import Timer
+from ollm_triton.timing import Timer
 
 
 @dataclass

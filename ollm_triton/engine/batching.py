@@ -21,7 +21,7 @@ import torch
 from ollm_triton.decoding.base import Generation
 from ollm_triton.decoding.greedy import argmax_pick
 from ollm_triton.engine.fast_decode import FastDecoder, capture_blocker
-from ollm_triton.tasks.base import Timer
+from ollm_triton.timing import Timer
 
 
 def ragged_decoder(engine) -> FastDecoder:

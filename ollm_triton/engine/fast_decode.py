@@ -49,7 +49,7 @@ from ollm_triton.engine.model import add_rmsnorm, attention_step, rope_cos_sin
 from ollm_triton.kernels.attention_decode_varlen import decode_varlen
 from ollm_triton.kernels.gemv import decode_linear
 from ollm_triton.kernels.rope import rope_qk, rope_write_kv
-from ollm_triton.tasks.base import Timer
+from ollm_triton.timing import Timer
 
 FAST_DECODE_MODES = ("auto", "graph", "static", "piecewise", "off")
 DENSE_CAUSAL_ATTENTION = ("sdpa", "flash")  # backends whose decode is plain causal attention over every held key

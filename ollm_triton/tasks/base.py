@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from ollm_triton.timing import Timer, synchronize  # noqa: F401  (tasks time their regions with it)
 
 
 class TaskRefused(Exception):
@@ -34,25 +35,3 @@ class Task:
 
     def run(self, ctx: RunContext) -> dict[str, float | str]:
         raise NotImplementedError
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class Timer:
-    """Wall time of a region, synchronized with the device on both ends (kernels are asynchronous)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.seconds = 0.0
-
-    def __enter__(self):
-        synchronize(self.device)
-        self._t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        synchronize(self.device)
-        self.seconds = time.perf_counter() - self._t0
