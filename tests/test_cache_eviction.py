@@ -44,6 +44,24 @@ def test_pool_scores_keeps_length_and_spreads_a_peak():
     assert pool_scores(x, 4).shape == x.shape
 
 
+@pytest.mark.parametrize("prompt", [1, 7, 8])
+def test_snapkv_prompt_not_longer_than_the_window(prompt):
+    """A prompt of at most `window` tokens leaves no token outside the observation window to vote on: nothing to
+    pool (avg_pool1d refused the empty score row), and the layer still decodes; one of exactly `window` tokens over
+    the budget keeps its newest."""
+    assert pool_scores(torch.zeros(2, 3, 0), 7).shape == (2, 3, 0)
+    lay = build("snapkv", budget=4, window=8, kernel_size=7)
+    k, v = rand(1, 2, prompt, D), rand(1, 2, prompt, D, seed=1)
+    lay.append(k, v)
+    lay.observe(rand(1, 8, prompt, D, seed=2))
+    lay.append(rand(1, 2, 1, D, seed=3), rand(1, 2, 1, D, seed=4))
+    lay.observe(rand(1, 8, 1, D, seed=5))
+    kept = min(prompt, 4) if prompt == 8 else prompt  # a shorter prompt casts no vote: kept whole, as in SnapKV
+    assert lay.length == kept + 1
+    assert lay.positions()[0, 0].tolist() == list(range(prompt - kept, prompt + 1))
+    torch.testing.assert_close(lay.dense()[0][:, :, :kept], k[:, :, prompt - kept :])
+
+
 # ---------------------------------------------------------------------------------------------- which tokens
 
 

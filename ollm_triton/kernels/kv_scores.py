@@ -68,9 +68,9 @@ def attention_column_sums_ref(q: torch.Tensor, k: torch.Tensor, *, q_offset: int
 
 def pool_scores(scores: torch.Tensor, kernel_size: int, mode: str = "avg") -> torch.Tensor:
     """scores: [B, H, S] -> [B, H, S], pooled over a window of `kernel_size` (odd) keys centred on each key."""
-    if kernel_size <= 1:
-        return scores
     b, h, s = scores.shape
+    if kernel_size <= 1 or s == 0:  # nothing to smooth (the pooling ops refuse an empty axis)
+        return scores
     x = scores.reshape(b * h, 1, s)
     pad = kernel_size // 2
     if mode == "max":
