@@ -1,6 +1,6 @@
 """The Hydra entry point: `python -m ollm_triton.run [+attention=X] [+cache=Y] [task=...] [-m ...]`.
 
-Composes conf/config.yaml, validates every plugin's parameters before loading anything, builds the engine, runs
+Composes ollm_triton/conf/config.yaml, validates every plugin's parameters before loading anything, builds the engine, runs
 the tasks, and writes metrics.json (+ the resolved config) in the run directory and a W&B run.
 """
 
@@ -137,7 +137,7 @@ def run_job(cfg: DictConfig, run_dir: Path, job_num: int = 0) -> dict[str, Any]:
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except MissingMandatoryValue as e:
-        raise RunError(f"{e.full_key} is required but not set (see conf/ for what it accepts)") from None
+        raise RunError(f"{e.full_key} is required but not set (see ollm_triton/conf/ for what it accepts)") from None
     plugins = resolve_plugins(resolved)
     tasks = resolve_tasks(resolved)
     device = resolve_device(str(resolved.get("device", "auto")), job_num)
@@ -226,7 +226,7 @@ _failed_jobs: list[str] = []
 USER_ERRORS = (RunError, PluginError, ValueError, FileNotFoundError, NotImplementedError)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def hydra_main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)

@@ -91,7 +91,7 @@ def bench_transformers(hf_model, prompt, new_tokens, repeats, **gen_kwargs):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="llama3_8b", help="a conf/model preset with random weights")
+    ap.add_argument("--model", default="llama3_8b", help="an ollm_triton/conf/model preset with random weights")
     ap.add_argument("--prompt", type=int, nargs="+", default=[512])
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
@@ -102,7 +102,7 @@ def main():
     import transformers
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    arch = yaml.safe_load((REPO / "conf" / "model" / f"{args.model}.yaml").read_text())["arch"]
+    arch = yaml.safe_load((REPO / "ollm_triton" / "conf" / "model" / f"{args.model}.yaml").read_text())["arch"]
     dtype = getattr(torch, args.dtype)
     engine = load_engine(arch, device=device, dtype=dtype, seed=0)
     weights_gb = sum(p.numel() * p.element_size() for p in engine.model.parameters()) / 1e9

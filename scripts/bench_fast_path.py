@@ -263,7 +263,7 @@ def run_compile_worker(args, timeout: float) -> dict:
 def model_arch(args) -> dict:
     if args.small:
         return dict(SMALL_ARCH)
-    return yaml.safe_load((REPO / "conf" / "model" / f"{args.model}.yaml").read_text())["arch"]
+    return yaml.safe_load((REPO / "ollm_triton" / "conf" / "model" / f"{args.model}.yaml").read_text())["arch"]
 
 
 def make_prompt(arch, batch, length, device, seed=0):
@@ -321,7 +321,7 @@ class Bench:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="llama3_8b", help="a conf/model preset with random weights")
+    ap.add_argument("--model", default="llama3_8b", help="an ollm_triton/conf/model preset with random weights")
     ap.add_argument("--small", action="store_true", help="a tiny model and lengths: the CPU smoke test")
     ap.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on the CPU")
     ap.add_argument("--prompt", type=int, default=512)

@@ -60,7 +60,7 @@ SMALL_ARCH = dict(model_type="llama", vocab_size=8192, hidden_size=256, intermed
 def llama3_8b_arch() -> dict:
     import yaml
 
-    return yaml.safe_load((ROOT / "conf" / "model" / "llama3_8b.yaml").read_text())["arch"]
+    return yaml.safe_load((ROOT / "ollm_triton" / "conf" / "model" / "llama3_8b.yaml").read_text())["arch"]
 
 
 def policies(budget_slots_cap: int) -> dict[str, tuple[str, dict]]:

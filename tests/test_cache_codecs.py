@@ -10,7 +10,7 @@ import yaml
 from ollm_triton.cache.base import KVCache, LayerSpec
 from ollm_triton.registry import registry
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "cache"
+CONF = Path(__file__).resolve().parents[1] / "ollm_triton" / "conf" / "cache"
 B, HKV, GQ, D = 1, 2, 4, 32
 PROMPT, STEPS = 150, 6
 

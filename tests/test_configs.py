@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from ollm_triton.registry import registry
 from ollm_triton.run import PLUGIN_GROUPS, resolve_plugins, resolve_tasks
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[1] / "ollm_triton" / "conf"
 APPENDED = set(PLUGIN_GROUPS)  # groups not in the primary defaults list: selected with +group=option
 GROUPS = ["model", "task", "logger", "profile", "debug", *sorted(APPENDED)]
 

@@ -113,7 +113,7 @@ def test_bad_parameters_give_one_clear_line(name, params, match):
 
 
 def test_every_prefetch_config_builds():
-    for path in sorted((Path(__file__).parents[1] / "conf" / "prefetch").glob("*.yaml")):
+    for path in sorted((Path(__file__).parents[1] / "ollm_triton" / "conf" / "prefetch").glob("*.yaml")):
         params = yaml.safe_load(path.read_text())
         name = params.pop("name")
         assert name == path.stem
