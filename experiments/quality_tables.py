@@ -1,4 +1,4 @@
-"""Markdown tables from the quality sweeps (experiments/quality_sweeps.sh): one row per run.
+"""Markdown tables from the quality sweeps (`bash experiments/device_run.sh quality ROOT`): one row per run.
 
 python experiments/quality_tables.py /tmp/quality
 """

@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# One entry point for every measurement committed under experiments/: on the GPU box (the device tool's machine,
+# whose tree travels without .git and whose image lacks hydra/omegaconf) and on any other machine.
+#
+#   OLLM_GIT_SHA=<sha> bash experiments/device_run.sh <what> [args...]
+#
+#   gpu-tests [pytest args]   every `gpu` test (or the files/args given)             -> $OUT/<tag>.log
+#   bench_<name> [args]       scripts/bench_<name>.py with its own arguments          -> $OUT/<tag>.json and .log
+#                             (bench_prefetch and bench_kv_capacity take --out as a folder and get $OUT)
+#   profile <tool> [args]     experiments/profile/<tool>.py (decode_profile, fast_step_profile, step_kernels)
+#                                                                                    -> $OUT/<tag>.txt, .err
+#   run [overrides]           python -m ollm_triton.run with Hydra overrides (-m for a sweep);
+#                             each run's metrics.json                              -> $OUT/<tag>[_<job>]_metrics.json
+#   quality [ROOT]            the CPU quality sweeps of experiments/{attention,kv_cache} (multirun/quality by default);
+#                             tables: python experiments/quality_tables.py ROOT
+#   retrain                   retrain the embedded tiny-llama + draft, two variants side by side; needs
+#                             .carry3/stdlib.tgz (Python 3.11.7's stdlib *.py, the training corpus) -> $OUT/best_*.tgz.part_*
+#   exec CMD...               any command in the same environment, e.g.
+#                             exec ncu --clock-control none --kernel-name regex:'quant_decode|merge' --launch-skip 4 \
+#                               --launch-count 2 python3 experiments/profile/decode_profile.py run int4
+#
+# Environment: OUT (default outputs/device_run), TAG (output file stem, default <what>), OLLM_GIT_SHA (recorded in
+# every JSON; taken from git when the tree has .git), LIMIT_S (a `timeout` for the command), PYTHON (python3).
+# Wheels: every `.whl*/` folder at the repository root (hydra-core, omegaconf, antlr4, and whatever else was carried,
+# see DEVICE.md) is installed with --no-index into /tmp/site first. Several steps in one device call: call this
+# script once per step with a different TAG; the device tool brings back at most 8 files.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+what="${1:-}"
+[ -n "$what" ] || { sed -n '2,25p' "$0"; exit 2; }
+shift
+PY="${PYTHON:-python3}"
+OUT="${OUT:-outputs/device_run}"
+TAG="${TAG:-$what}"
+mkdir -p "$OUT"
+export OUT PYTHONUNBUFFERED=1 PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
+
+if [ -z "${OLLM_GIT_SHA:-}" ]; then
+  OLLM_GIT_SHA="$(git rev-parse --short HEAD 2>/dev/null || true)"
+  [ -n "$OLLM_GIT_SHA" ] || echo "warning: no .git and no OLLM_GIT_SHA: the JSON will not name the commit" >&2
+fi
+export OLLM_GIT_SHA
+
+wheels=(.whl*/*.whl)
+if [ -e "${wheels[0]}" ]; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "${wheels[@]}" || exit 1
+  export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+limit=()
+[ -n "${LIMIT_S:-}" ] && limit=(timeout "$LIMIT_S")
+has_out() { for a in "$@"; do case "$a" in --out|--out=*) return 0 ;; esac; done; return 1; }
+t0=$(date +%s)
+echo "== $what (sha ${OLLM_GIT_SHA:-?}) -> $OUT/$TAG*"
+
+case "$what" in
+  gpu-tests)
+    [ $# -gt 0 ] || set -- tests/
+    "${limit[@]}" "$PY" -m pytest -q -p no:cacheprovider -m gpu "$@" > "$OUT/$TAG.log" 2>&1
+    rc=$?; tail -n 8 "$OUT/$TAG.log" ;;
+  bench_*)
+    script="scripts/$what.py"
+    [ -f "$script" ] || { echo "no $script" >&2; exit 2; }
+    if ! has_out "$@"; then
+      case "$what" in
+        bench_prefetch|bench_kv_capacity) set -- "$@" --out "$OUT" ;;
+        *) set -- "$@" --out "$OUT/$TAG.json" ;;
+      esac
+    fi
+    "${limit[@]}" "$PY" "$script" "$@" > "$OUT/$TAG.log" 2>&1
+    rc=$?; tail -n 40 "$OUT/$TAG.log" ;;
+  profile)
+    tool="experiments/profile/${1:?profile needs a tool name}.py"; shift
+    "${limit[@]}" "$PY" "$tool" "$@" > "$OUT/$TAG.txt" 2> "$OUT/$TAG.err"
+    rc=$?; tail -n 20 "$OUT/$TAG.txt"; tail -n 3 "$OUT/$TAG.err" ;;
+  run)
+    tmp=$(mktemp -d /tmp/ollm_run.XXXX)
+    case " $* " in
+      *" -m "*|*" --multirun "*) "${limit[@]}" "$PY" -m ollm_triton.run "$@" hydra.sweep.dir="$tmp" ;;
+      *) "${limit[@]}" "$PY" -m ollm_triton.run "$@" hydra.run.dir="$tmp" ;;
+    esac
+    rc=$?
+    [ -f "$tmp/metrics.json" ] && cp "$tmp/metrics.json" "$OUT/${TAG}_metrics.json"
+    for f in "$tmp"/*/metrics.json; do
+      [ -f "$f" ] && cp "$f" "$OUT/${TAG}_$(basename "$(dirname "$f")")_metrics.json"
+    done ;;
+  quality)
+    root="${1:-multirun/quality}"
+    common=(logger=none "task=[perplexity,passkey]" task.perplexity.max_length=2048 task.perplexity.stride=1024
+            task.perplexity.max_tokens=4096 "task.passkey.lengths=[1024,4096]" "task.passkey.depths=[0.1,0.5,0.9]"
+            task.passkey.samples=1)
+    q() { "$PY" -m ollm_triton.run -m "${common[@]}" "$@" || exit 1; }
+    # attention backends: prefill and decode follow the backend's pattern
+    q hydra.sweep.dir="$root/attention_dense" +attention=sdpa,flash,multiscale,adaptive
+    q hydra.sweep.dir="$root/attention_window" +attention=sliding_window attention.window=256,1024 attention.sink=4
+    q hydra.sweep.dir="$root/attention_sparse" +attention=sparse attention.block_size=64 \
+      attention.pattern=local,strided,bigbird attention.density=0.25,0.5
+    # KV codecs: perplexity fed in chunks of 16 tokens, so every token attends over the codec's stored K/V
+    q task.perplexity.chunk=16 hydra.sweep.dir="$root/cache_quant" +cache=dense,int8,int4,int2,cluster
+    q task.perplexity.chunk=16 hydra.sweep.dir="$root/cache_evict" +cache=streaming,h2o,snapkv cache.ratio=0.5,0.25,0.125
+    rc=0; echo "tables: $PY experiments/quality_tables.py $root" ;;
+  retrain)
+    [ -f .carry3/stdlib.tgz ] || { echo "retrain needs .carry3/stdlib.tgz (the corpus)" >&2; exit 2; }
+    mkdir -p /tmp/stdlib && tar xzf .carry3/stdlib.tgz -C /tmp/stdlib
+    common=(--tokenizer ollm_triton/assets/tiny-llama/tokenizer.json --corpus-root /tmp/stdlib --corpus-python 3.11.7
+            --batch-tokens 32768 --short-frac 0.2 --target-steps 3000 --draft-steps 1400
+            --passkey-lengths 512,1024,2048,3072,4096,8192 --passkey-samples 40 --eval-tokens 200000)
+    for v in A:0.35 B:0.5; do
+      "${limit[@]}" "$PY" scripts/train_tiny_lm.py "${common[@]}" --retrieval-frac "${v#*:}" --out "/tmp/v${v%%:*}" \
+        --log "$OUT/log_${v%%:*}.json" > "$OUT/train_${v%%:*}.txt" 2>&1 &
+    done
+    wait
+    # keep the variant with the best worst-case passkey up to the trained context (4096), then the lower perplexity
+    best=$("$PY" - <<'P'
+import json, os
+scores = {}
+for v in "AB":
+    try:
+        ev = json.load(open(f"{os.environ['OUT']}/log_{v}.json"))["target"]["eval"]
+    except (OSError, KeyError, ValueError):
+        continue
+    worst = min(a for n, a in ev["passkey"]["by_length"].items() if int(n) <= 4096)
+    scores[v] = (worst, -ev["perplexity"]["ppl"])
+print(max(scores, key=scores.get) if scores else "")
+P
+)
+    echo "best variant: ${best:-none}"
+    [ -n "$best" ] && tar czf /tmp/best.tgz -C "/tmp/v$best" tiny-llama tiny-llama-draft \
+      && split -b 15M /tmp/best.tgz "$OUT/best_$best.tgz.part_"
+    rc=$? ;;
+  exec)
+    "${limit[@]}" "$@"
+    rc=$? ;;
+  *)
+    echo "unknown <what>: $what" >&2; sed -n '5,19p' "$0" >&2; exit 2 ;;
+esac
+echo "== $what done: rc=$rc in $(( $(date +%s) - t0 )) s"
+exit "$rc"
