@@ -110,7 +110,7 @@ def flash_decode(
     scale: float | None = None,
     num_splits: int | None = None,
     num_warps: int | None = None,
-    num_stages: int = 3,  # with one wave of splits, 3 beat 4 at 32k/128k x b=1/8 (H200, 2026-11-30b call 4)
+    num_stages: int = 3,  # with one wave of splits, 3 beat 4 at 32k/128k x b=1/8 (experiments/attention, run 3)
     programs_per_sm: int = 2,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:

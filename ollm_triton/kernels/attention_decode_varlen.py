@@ -87,7 +87,8 @@ def _decode_varlen_split_kernel(
 def num_splits_for(batch: int, kv_heads: int, capacity: int, device: torch.device) -> int:
     """Splits per (sequence, KV head): one wave of programs at full capacity, <= 64. A split may hold a single
     block: at short context (a 512-token prompt in a 1024-slot buffer) 4 blocks a split left 32 programs on 132
-    SMs, each walking its blocks one after another (5.8 us a layer on the H200, of ~0.7 us of K/V bytes)."""
+    SMs, each walking its blocks one after another (5.8 us a layer on the H200 against 3.9 us at one block a split,
+    of ~0.7 us of K/V bytes; experiments/engine/README.md section 5)."""
     return min(one_wave_splits(device, batch * kv_heads, triton.cdiv(capacity, BLOCK_N), min_blocks=1), 64)
 
 

@@ -11,7 +11,7 @@ decode kernels.
 
 Tried and measured slower: merging inside the split kernel, by the last program of each head to take a ticket from
 an atomic counter. On the H200 at 32k keys, b = 1 (33 splits, CUDA-graph replays) that took 42.2 us against 37.6 us
-for split kernel + this merge kernel (experiments/h200-2026-11-30b/, calls 1-3): the lone merging program waits on
+for split kernel + this merge kernel (experiments/attention/README.md, run 3): the lone merging program waits on
 its loads at the very end of the kernel, while this kernel spreads the merge over 32 programs.
 """
 
@@ -33,8 +33,8 @@ def num_sms(device: torch.device) -> int:
 def one_wave_splits(device: torch.device, heads: int, n_blocks: int, *, per_sm: int = 2, min_blocks: int = 4) -> int:
     """Splits per (batch, KV head) so that heads * splits programs fill each SM `per_sm` times, once: programs of
     equal length then finish together, with no second, partial wave. Each split keeps >= min_blocks blocks (the
-    load pipeline needs something to overlap). On the H200 at 32k keys, b = 1: 33 splits (one wave) 37.6 us,
-    64 splits 42.1 us, 132 splits 40.1 us (experiments/h200-2026-11-30b/call1_decode_sweep.jsonl)."""
+    load pipeline needs something to overlap). On the H200 at 32k keys, b = 1: one wave (33 splits) 38.1 us against
+    42.1 us for 64 splits, a second wave 94% full (experiments/attention/README.md, run 3)."""
     return max(1, min((per_sm * num_sms(device)) // max(heads, 1), n_blocks // min_blocks))
 
 

@@ -21,7 +21,7 @@ chosen so that the packed words land in registers exactly where `mma.sync` wants
       sum_n p_n v_nd = 2^-s sum_n p'_n (c_nd 2^s) + sum_n p_n z_n.
   (Leaving the 1024 in the codes and taking it back afterwards saves the sub but carries an offset 100-700x the
   signal through the accumulators: for the values, whose accumulator spans every block of a split, that lost up to
-  0.3 relative error at 128k keys on the H200, device call 2 of 2026-11-30d.)
+  0.3 relative error at 128k keys on the H200: experiments/kv_cache/README.md section 7.)
 - One warp a program: each warp owns its keys and its softmax, so nothing crosses warps; splits of the visit list
   are merged by the shared merge kernel (decode_merge.py). Each program's next step of codes is loaded while the
   current one is computed, and the default launch is one wave at the occupancy its registers allow.
@@ -102,7 +102,7 @@ def value_unpack_asm(bits: int) -> str:
     channel of key a (low half) and key b (high half) as c 2^s exactly; output u = 4 plane + byte. Unlike the keys,
     the values subtract the 1024 here (one sub.f16x2 a pair): folded into the output, the offset would ride in the
     O accumulator across every block of a split, and on the H200 that lost 1e-3 of it (errors up to 0.3 at 128k
-    keys for int4, growing with the blocks a split attends; device call 2, 2026-11-30d)."""
+    keys for int4, growing with the blocks a split attends; experiments/kv_cache/README.md section 7)."""
     u_n = 32 // bits
     a, b = f"${u_n}", f"${u_n + 1}"
     body = ("{ .reg .b32 x0, x1, y0, y1, t, m;\n"
@@ -422,9 +422,10 @@ def _value_channel_table(bits: int, d: int, device: torch.device) -> torch.Tenso
     return _CHANNELS[key]
 
 
-# default (keys a step, register cap) per bit width: the fastest of the 128k sweep (device call 8 of 2026-11-30d,
-# experiments/h200-2026-11-30d/call8_decode_sweep.jsonl): int4 55.7 us at 64 keys (57.3 at 32, 58.2 at 32 under a
-# 168-register cap, which fits 12 programs an SM instead of 8), int2 50.9 at 64, int8 80.7 at 32 (89.6 at 64)
+# default (keys a step, register cap) per bit width: the fastest of the 128k-key launch sweep on the H200
+# (experiments/kv_cache/README.md section 7):
+# int4 64 keys (55.7 us; 57.3 at 32, 58.2 at 32 under a 168-register cap that fits 12 programs an SM instead of 8),
+# int2 64 keys (50.9 us), int8 32 keys (80.7 us; 89.6 at 64); no cap: capped, the kernel spilled and was no faster
 DEFAULTS = {8: (32, None), 4: (64, None), 2: (64, None)}
 
 
@@ -462,8 +463,8 @@ def _call(grid, warmup: bool, q, kc, ks, kz, vc, vs, vz, kr, vr, block_ids, res_
 def programs_per_sm(q, kc, ks, kz, vc, vs, vz, kr, vr, block_ids, res_ids, **kw) -> int:
     """One-warp programs an SM holds at this specialization's register count (compiled ahead, once). Registers are
     allocated per warp in units of 8 a thread, from each of the 4 schedulers' 16,384: 168 registers give 3 warps a
-    scheduler (12 an SM), 169-224 give 2 (8). Asking for more than fit leaves a second, partial wave: 110 against
-    88.6 us at 128k keys (device call 2 of 2026-11-30d)."""
+    scheduler (12 an SM), 169-224 give 2 (8). Asking for more than fit leaves a second, partial wave, which was
+    slower on the H200 (experiments/kv_cache/README.md section 7)."""
     key = (q.dtype, q.shape[2], q.shape[3], kz is None, block_ids is not None, kw["window"] > 0, kw["hkv"], kw["gq"],
            kw["block_k"], kw["key_group"], kw["bits"], kw["bn"], kw["maxnreg"], q.device)
     if key not in _PER_SM:
