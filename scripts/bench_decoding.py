@@ -1,6 +1,6 @@
 """Decoder strategies side by side: decode tok/s and speed-up over `greedy`, with what explains each speed-up.
 
-    python scripts/bench_decoding.py --out experiments/decoding/cpu.json                  # embedded target + draft
+    python scripts/bench_decoding.py --out experiments/decoding/results/<date>-cpu-bench_decoding.json  # embedded pair
     python scripts/bench_decoding.py --device cuda --out $OUT/decoding_h200.json
     python scripts/bench_decoding.py --target random:tiny_random --draft random:tiny_random --new-tokens 32  # plumbing
 
