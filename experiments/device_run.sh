@@ -14,7 +14,8 @@
 #   quality [ROOT]            the CPU quality sweeps of experiments/{attention,kv_cache} (multirun/quality by default);
 #                             tables: python experiments/quality_tables.py ROOT
 #   retrain                   retrain the embedded tiny-llama + draft, two variants side by side; needs
-#                             .carry3/stdlib.tgz (Python 3.11.7's stdlib *.py, the training corpus) -> $OUT/best_*.tgz.part_*
+#                             .carry3/stdlib.tgz (Python 3.11.7's stdlib *.py, the training corpus)
+#                                                                                    -> $OUT/best_*.tgz.part_*
 #   exec CMD...               any command in the same environment, e.g.
 #                             exec ncu --clock-control none --kernel-name regex:'quant_decode|merge' --launch-skip 4 \
 #                               --launch-count 2 python3 experiments/profile/decode_profile.py run int4
@@ -28,7 +29,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 what="${1:-}"
-[ -n "$what" ] || { sed -n '2,25p' "$0"; exit 2; }
+[ -n "$what" ] || { sed -n '2,26p' "$0"; exit 2; }
 shift
 PY="${PYTHON:-python3}"
 OUT="${OUT:-outputs/device_run}"
@@ -101,7 +102,8 @@ case "$what" in
       attention.pattern=local,strided,bigbird attention.density=0.25,0.5
     # KV codecs: perplexity fed in chunks of 16 tokens, so every token attends over the codec's stored K/V
     q task.perplexity.chunk=16 hydra.sweep.dir="$root/cache_quant" +cache=dense,int8,int4,int2,cluster
-    q task.perplexity.chunk=16 hydra.sweep.dir="$root/cache_evict" +cache=streaming,h2o,snapkv cache.ratio=0.5,0.25,0.125
+    q task.perplexity.chunk=16 hydra.sweep.dir="$root/cache_evict" +cache=streaming,h2o,snapkv \
+      cache.ratio=0.5,0.25,0.125
     rc=0; echo "tables: $PY experiments/quality_tables.py $root" ;;
   retrain)
     [ -f .carry3/stdlib.tgz ] || { echo "retrain needs .carry3/stdlib.tgz (the corpus)" >&2; exit 2; }
@@ -136,7 +138,7 @@ P
     "${limit[@]}" "$@"
     rc=$? ;;
   *)
-    echo "unknown <what>: $what" >&2; sed -n '5,19p' "$0" >&2; exit 2 ;;
+    echo "unknown <what>: $what" >&2; sed -n '6,23p' "$0" >&2; exit 2 ;;
 esac
 echo "== $what done: rc=$rc in $(( $(date +%s) - t0 )) s"
 exit "$rc"
