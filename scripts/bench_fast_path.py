@@ -105,7 +105,7 @@ def engine_generate(engine, prompt, new, repeats, warm_new=4):
     n = runs[0].tokens.shape[1]
     return {"prefill_s": prefill, "prefill_tok_s": prompt.numel() / prefill,
             "decode_tok_s": prompt.shape[0] * (n - 1) / decode, "peak_gb": peak_gb(),
-            "fast_path": engine.fast_path, "fused_kernels": engine.describe()["fused_kernels"],
+            "fast_path": str(engine.fast_path), "fused_kernels": engine.describe()["fused_kernels"],
             "graph_capture_s": sum(r.counters.get("graph_capture_s", 0.0) for r in runs)}, runs[0].tokens
 
 
@@ -378,7 +378,7 @@ def main():
         return Engine(graph.model, **plugins, device=device, dtype=dtype, **kw)
 
     eager = sibling(fast_decode="off")
-    fast_label = "engine, CUDA graph" if graph.fast_path == "graph" else f"engine, {graph.fast_path} step"
+    fast_label = "engine, CUDA graph" if str(graph.fast_path) == "graph" else f"engine, {graph.fast_path} step"
     kernels = " (fused kernels)" if CUDA else ""
     hf = hf_model_from(graph, arch, dtype, device)
     cfg = graph.config

@@ -50,7 +50,7 @@ def recording_pick(store):
 def test_static_step_equals_the_decode_loop(variant):
     eager = engine_for(variant, fast_decode="off")
     static = engine_for(variant, fast_decode="static")
-    assert static.fast_path == "static" and eager.fast_path == "eager (fast_decode=off)"
+    assert str(static.fast_path) == "static" and str(eager.fast_path) == "eager (fast_decode=off)"
     ids = prompt()
     ref_logits, got_logits = [], []
     ref = decode_loop(eager, ids, 12, recording_pick(ref_logits), None)
@@ -76,13 +76,13 @@ def test_static_step_equals_the_decode_loop(variant):
 def test_static_step_with_fused_kernels_and_weights_under_the_interpreter():
     eager = engine_for("qwen3", fast_decode="off")
     fused = engine_for("qwen3", fast_decode="off")
-    fused.model.fused_kernels = True  # prefill through the fused kernels too (the interpreter here)
+    fused.kernels = True  # prefill through the fused kernels too (the interpreter here)
     ids = prompt(batch=2, t=9)
     ref_logits, got_logits = [], []
     ref = decode_loop(eager, ids, 5, recording_pick(ref_logits), None)
     fast = FastDecoder(fused, capture=False, use_kernels=True, fuse_weights=True)
     got = fast.generate(ids, 5, recording_pick(got_logits))
-    assert torch.equal(ref.tokens, got.tokens) and fused.model.kernel_path.startswith("triton")
+    assert torch.equal(ref.tokens, got.tokens) and fused.kernel_path.startswith("triton")
     for a, b in zip(ref_logits, got_logits, strict=True):
         assert (a - b).abs().max().item() <= 1e-4
 
@@ -129,7 +129,7 @@ def test_piecewise_step_equals_the_decode_loop(variant, plugins):
     and backend; uncaptured on the CPU it must give the ordinary loop's tokens and logits, rows of a batch too."""
     eager = engine_for(variant, fast_decode="off", **plugins)
     pw = engine_for(variant, fast_decode="piecewise", **plugins)
-    assert pw.fast_path == "piecewise static" and pw.fast_decoder().piecewise
+    assert str(pw.fast_path) == "piecewise static" and pw.fast_decoder().piecewise
     ids = prompt(batch=2, t=150)  # past int4's first quantized group (residual 128 + group 128 by default)
     ref_logits, got_logits = [], []
     ref = decode_loop(eager, ids, 140, recording_pick(ref_logits), None)
@@ -146,22 +146,23 @@ def test_piecewise_step_equals_the_decode_loop(variant, plugins):
 
 def test_fast_path_says_why_not():
     cpu_auto = engine_for()
-    assert cpu_auto.fast_path.startswith("eager (cpu: CUDA graphs need a CUDA device")
+    assert str(cpu_auto.fast_path).startswith("eager (cpu: CUDA graphs need a CUDA device")
     assert cpu_auto.fast_decoder() is None and cpu_auto.describe()["fast_path_steps"] == 0
     cases = {
-        "attention 'sliding_window' has no capturable decode": dict(attention="sliding_window"),
-        "cache 'int4' has no static-buffer decode": dict(codec="int4"),
-        "cache 'dense' stores float16": dict(codec=registry.build("cache", "dense", {"dtype": "float16"})),
-        "cache 'dense' is not pre-allocated": dict(codec=registry.build("cache", "dense", {"preallocate": False})),
+        "attention 'sliding_window' is not dense causal": dict(attention="sliding_window"),
+        "cache 'int4' declares no static buffers": dict(codec="int4"),
     }
+    for params in ({"dtype": "float16"}, {"preallocate": False}):  # a dense cache the step cannot write in place
+        cases[f"cache 'dense' declares no static buffers {params}"] = dict(codec=registry.build("cache", "dense", params))
     for reason, plugins in cases.items():
+        reason = reason.split(" {")[0]
         engine = engine_for(fast_decode="static", **plugins)
-        assert engine.fast_path.startswith(f"eager ({reason}") and engine.fast_decoder() is None
+        assert str(engine.fast_path).startswith(f"eager ({reason}") and engine.fast_decoder() is None
         assert capture_blocker(engine).startswith(reason)
-    assert engine_for(fast_decode="static", attention="flash").fast_path == "static"
-    assert engine_for(fast_decode="piecewise", codec="int4").fast_path == "piecewise static"
+    assert str(engine_for(fast_decode="static", attention="flash").fast_path) == "static"
+    assert str(engine_for(fast_decode="piecewise", codec="int4").fast_path) == "piecewise static"
     streamed = engine_for(fast_decode="piecewise", prefetch="on_demand")
-    assert streamed.fast_path.startswith("eager (prefetch 'on_demand' moves weights") and not streamed.fast_decoder()
+    assert str(streamed.fast_path).startswith("eager (prefetch 'on_demand' moves weights") and not streamed.fast_decoder()
     accepted = "accepted: auto, graph, static, piecewise, off"
     with pytest.raises(ValueError, match=f"fast_decode='fastest' is not accepted; {accepted}"):
         engine_for(fast_decode="fastest")
@@ -181,7 +182,7 @@ GPU_MODEL = dict(model_type="llama", vocab_size=4096, hidden_size=512, intermedi
 def test_gpu_graph_replay_equals_eager_step(batch):
     graph = load_engine(GPU_MODEL, device="cuda", dtype=torch.bfloat16, seed=0)
     static = load_engine(GPU_MODEL, device="cuda", dtype=torch.bfloat16, seed=0, fast_decode="static")
-    assert graph.fast_path == "graph" and static.fast_path == "static"
+    assert str(graph.fast_path) == "graph" and str(static.fast_path) == "static"
     ids = prompt(batch=batch, t=300).to("cuda") % 4096
     # the static engine runs the same kernels and fused weights, only without capture
     static._fast = FastDecoder(static, capture=False, fuse_weights=True)
@@ -211,7 +212,7 @@ def test_gpu_piecewise_graph_equals_its_uncaptured_step(plugins):
     fused quantized decode between them) gives the same tokens as running the same segments uncaptured."""
     graph = load_engine(GPU_MODEL, device="cuda", dtype=torch.bfloat16, seed=0, **plugins)
     static = load_engine(GPU_MODEL, device="cuda", dtype=torch.bfloat16, seed=0, **plugins)
-    assert graph.fast_path.startswith("piecewise graph (")
+    assert str(graph.fast_path).startswith("piecewise graph (")
     static._fast = FastDecoder(static, capture=False, fuse_weights=True, piecewise=True)
     static.fast_path = "piecewise static"
     ids = prompt(batch=1, t=300).to("cuda") % 4096

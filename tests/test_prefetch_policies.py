@@ -187,11 +187,11 @@ def test_fused_forward_streams_too(tmp_path):
 
     def run(prefetch):
         engine = load_engine(TIED, prefetch=prefetch)
-        engine.model.fused_kernels = True
+        engine.kernels = True
         cache = engine.new_cache(1, 16)
         first = engine.forward(ids, cache)
         second = engine.forward(first[:, -1:].argmax(-1), cache)
-        assert engine.model.kernel_path.startswith("triton")
+        assert engine.kernel_path.startswith("triton")
         engine.close()
         return first, second
 

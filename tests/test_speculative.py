@@ -9,7 +9,8 @@ import json
 import pytest
 import torch
 
-from ollm_triton.decoding.drafters import draft_source, forward_first_layers
+from ollm_triton.cache.base import KVCache
+from ollm_triton.decoding.drafters import draft_source
 from ollm_triton.decoding.targets import keep_tokens
 from ollm_triton.decoding.adaptive import AdaptiveConfig, CandidateController, expected_tokens
 from ollm_triton.decoding.tree import accepted_path, level_sizes
@@ -173,15 +174,20 @@ def test_rollback_leaves_caches_as_if_rejected_tokens_never_existed(case, path, 
         assert_kv_matches_fresh(drafter.engine, drafter.sm.dense(drafter.held), seq[:, : drafter.held], "draft")
 
 
-def test_first_layers_helper_equals_the_engine(models):
+def test_early_exit_runs_the_same_layers_as_the_engine(models):
+    """engine.forward(num_layers=k), the layer-skip draft's step: all layers give exactly the full forward, and k
+    layers write exactly the full forward's K/V into those k layers."""
     target = models["target"]
     ids = prompts()[0]
     a, b = target.new_cache(1, 16), target.new_cache(1, 16)
     full = target.forward(ids, a)
-    mine = forward_first_layers(target, ids, b, target.config.num_layers)
-    assert torch.equal(full, mine) and a.position == b.position
-    step = torch.tensor([[7]])
-    assert torch.equal(target.forward(step, a), forward_first_layers(target, step, b, target.config.num_layers))
+    assert torch.equal(full, target.forward(ids, b, num_layers=target.config.num_layers))
+    k = target.config.num_layers - 1
+    c = KVCache(target.new_cache(1, 16).layers[:k])
+    early = target.forward(ids, c, num_layers=k)
+    assert c.position == a.position and not torch.equal(early, full)  # a different head input: other logits
+    for mine, ref in zip(c.layers, a.layers[:k], strict=False):
+        assert all(torch.equal(x, y) for x, y in zip(mine.dense(), ref.dense(), strict=True))
 
 
 def test_keep_tokens_gathers_the_path():
@@ -284,7 +290,7 @@ def test_cuda_graph_path_matches_greedy(case):
         return eng
 
     target = cuda_build()
-    assert target.fast_path == "graph", target.fast_path
+    assert str(target.fast_path) == "graph", target.fast_path
     noisy = cuda_build()
     gen = torch.Generator(device="cuda").manual_seed(5)
     with torch.no_grad():

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ollm_triton.cache.base import CacheCodec, CacheLayer, LayerSpec
 from ollm_triton.cache.residual import ResidualWindow
 from ollm_triton.cache.storage import StoreParams, wrap_store
-from ollm_triton.cache.base import CacheCodec, CacheLayer, LayerSpec
 from ollm_triton.kernels.cluster import assign, assign_ref, kmeans
 from ollm_triton.registry import register
 

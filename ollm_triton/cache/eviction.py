@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ollm_triton.cache.storage import StoreParams
 from ollm_triton.cache.base import CacheLayer, LayerSpec
+from ollm_triton.cache.storage import StoreParams
 
 
 @dataclass

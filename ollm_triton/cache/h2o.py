@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ollm_triton.cache.base import CacheCodec, CacheLayer, LayerSpec
 from ollm_triton.cache.eviction import EvictingLayer, EvictionParams, topk_sorted
 from ollm_triton.cache.storage import wrap_store
-from ollm_triton.cache.base import CacheCodec, CacheLayer, LayerSpec
 from ollm_triton.kernels.kv_scores import attention_column_sums
 from ollm_triton.registry import register
 

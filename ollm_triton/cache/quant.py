@@ -32,9 +32,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ollm_triton.cache.base import CacheCodec, CacheLayer, LayerSpec
 from ollm_triton.cache.residual import ResidualWindow
 from ollm_triton.cache.storage import StoreParams, wrap_store
-from ollm_triton.cache.base import CacheCodec, CacheLayer, LayerSpec
 from ollm_triton.kernels import quant as Q
 from ollm_triton.kernels.attention_schedule import DecodeSchedule
 from ollm_triton.kernels.kv_quant_decode import quant_decode

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ollm_triton.cache.base import CacheCodec, CacheLayer, LayerSpec
 from ollm_triton.cache.eviction import EvictingLayer, EvictionParams
 from ollm_triton.cache.storage import wrap_store
-from ollm_triton.cache.base import CacheCodec, CacheLayer, LayerSpec
 from ollm_triton.registry import register
 
 

@@ -17,11 +17,11 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from ollm_triton.decoding.strategy_fields import SamplingStrategyFields
+from ollm_triton.decoding.base import DecoderStrategy
 from ollm_triton.decoding.drafters import DraftEngineHolder, model_drafter
 from ollm_triton.decoding.speculation import Sampling, speculate
 from ollm_triton.decoding.static_steps import resolve_fast_path
-from ollm_triton.decoding.base import DecoderStrategy
+from ollm_triton.decoding.strategy_fields import SamplingStrategyFields
 from ollm_triton.registry import register
 
 MAX_RECORDED_CHANGES = 16  # per generate call in the counters; `history` keeps them all
@@ -128,9 +128,9 @@ class CandidateController:
     def counters(self) -> dict[str, float]:
         total = sum(self.used.values())
         out = {
-            "candidates_final": float(self.k),
+            "candidates_final": int(self.k),
             "candidates_mean": sum(k * c for k, c in self.used.items()) / total if total else float(self.k),
-            "candidates_changes": float(len(self.call_changes)),
+            "candidates_changes": int(len(self.call_changes)),
             "alpha_estimate": self.alpha,
         }
         for i, change in enumerate(self.call_changes[:MAX_RECORDED_CHANGES]):

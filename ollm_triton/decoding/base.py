@@ -1,22 +1,15 @@
-"""The decoder-strategy interface: turn a prompt into new tokens with an Engine."""
+"""The decoder-strategy interface: turn a prompt into new tokens with an Engine; and the Drafter interface the
+speculative strategies share (ollm_triton/decoding/speculation.py runs the draft-then-verify loop over a Drafter).
+
+A strategy returns a `Generation` (engine/generation.py): tokens [B, N] and counters, with `prefill_s` and
+`decode_s` from device-synchronized timers.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
-
-@dataclass
-class Generation:
-    """tokens: [B, N] new tokens (prompt excluded). counters: strategy statistics (acceptance rate, forwards...).
-
-    Every strategy reports `prefill_s` (prompt forward to first-token logits) and `decode_s` (everything after,
-    drafting and verification included), measured with device-synchronized timers: throughput is derived from them.
-    """
-
-    tokens: torch.Tensor
-    counters: dict[str, float] = field(default_factory=dict)
+from ollm_triton.engine.generation import Generation
 
 
 class DecoderStrategy:
@@ -31,15 +24,30 @@ class DecoderStrategy:
         raise NotImplementedError
 
 
-def emit_step(out: torch.Tensor, n: int, token: torch.Tensor, done: torch.Tensor,
-              eos_id: int | None) -> tuple[torch.Tensor, bool]:
-    """Write decode step n's tokens [B] into out[:, n - 1]. Rows that already emitted eos keep emitting it (`done`
-    is updated in place). Returns (the tokens written, whether every row is done)."""
-    if eos_id is None:
-        out[:, n - 1] = token
-        return token, False
-    token = torch.where(done, torch.full_like(token, eos_id), token)
-    done |= token == eos_id
-    out[:, n - 1] = token
-    return token, bool(done.all())
+class Drafter:
+    """Proposes draft tokens for the speculative loop. `propose` may return fewer than asked (prompt lookup finds
+    no match)."""
 
+    prefill_s = 0.0
+    forwards = 0  # draft forwards in the decode loop (prompt prefill excluded)
+    capture_s = 0.0  # seconds spent capturing CUDA graphs (static drafters)
+
+    def start(self, prompt: torch.Tensor, target, max_len: int, gen: torch.Generator | None) -> None:
+        """After the target's prefill (target: an EagerTarget or StaticTarget): prompt [B, P] on the device."""
+
+    def prepare(self) -> None:
+        """Capture the draft's graphs before the decode timer starts (static drafters)."""
+
+    def propose(self, seq: torch.Tensor, seq_len: int, m: int, gen: torch.Generator | None):
+        """seq: [B, >= seq_len] tokens so far (seq[:, seq_len-1] is pending). -> (drafts [B, m'] long, q [B, m', V]
+        or None when the drafts are deterministic), m' <= m."""
+        raise NotImplementedError
+
+    def commit(self, valid_len: int) -> None:
+        """seq[:, :valid_len] is now final: roll back any draft state past it."""
+
+    def counters(self) -> dict[str, float]:
+        return {}
+
+
+__all__ = ["DecoderStrategy", "Drafter", "Generation"]

@@ -6,19 +6,18 @@ Engine built on the target's device and dtype.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 import torch
 
 from ollm_triton.cache.base import KVCache
-from ollm_triton.decoding.speculation import Drafter, Sampling
-from ollm_triton.engine.model import rope_cos_sin
+from ollm_triton.decoding.base import Drafter
+from ollm_triton.decoding.speculation import Sampling
 from ollm_triton.timing import Timer
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
-CONF_MODELS = Path(__file__).resolve().parents[2] / "conf" / "model"
+CONF_MODELS = Path(__file__).resolve().parents[1] / "conf" / "model"
 SOURCE_FORMS = "embedded:NAME, a checkpoint directory, or random:<json of HF config fields | conf/model preset>"
 
 
@@ -131,45 +130,6 @@ class ModelDrafter(Drafter):
             self.cache.truncate(valid_len)
 
 
-def first_layers_model(model, num_layers: int):
-    """A CausalLM that shares the target's embedding, first `num_layers` decoder layers, final norm and LM head
-    (modules shared, no weight copied): the target's own forward code then runs the early exit, fused kernels
-    and all, with no engine change."""
-    from torch import nn
-
-    from ollm_triton.engine.model import CausalLM
-
-    with torch.device("meta"):  # allocates nothing: every module is replaced by the target's below
-        view = CausalLM(dataclasses.replace(model.config, num_layers=num_layers))
-    view.model.embed_tokens = model.model.embed_tokens
-    view.model.layers = nn.ModuleList(list(model.model.layers[:num_layers]))
-    view.model.norm = model.model.norm
-    view.lm_head = model.lm_head
-    if "fused_kernels" in vars(model):  # an instance-level choice of kernel path carries over
-        view.fused_kernels = model.fused_kernels
-    return view.eval()
-
-
-@torch.inference_mode()
-def forward_first_layers(engine, ids: torch.Tensor, cache: KVCache, num_layers: int, *, last_only: bool = False,
-                         view=None):
-    """The target's first `num_layers` decoder layers, then its final norm and LM head (early exit).
-
-    ids: [B, T]; cache: a KVCache with (at least) `num_layers` layers, advanced by T. Returns float32 logits
-    [B, T, V] (or [B, 1, V]). Does what Engine.forward does (RoPE at the cache position, prefetch hooks around
-    each layer) on `first_layers_model(engine.model, num_layers)` (pass it as `view` to reuse one); tests check
-    that all layers give exactly engine.forward's logits.
-    """
-    view = view if view is not None else first_layers_model(engine.model, num_layers)
-    t = ids.shape[1]
-    positions = torch.arange(cache.position, cache.position + t, device=engine.device)
-    cos, sin = rope_cos_sin(engine.inv_freq, positions, engine.dtype)
-    logits = view(ids.to(engine.device), cache, cos, sin, engine.attention, engine.prefetch,
-                  decode_max_tokens=engine.decode_max_tokens, last_only=last_only)
-    cache.position += t
-    return logits.float()
-
-
 class LayerSkipDrafter(Drafter):
     """The target's first k layers as the draft, reading and writing the target cache's first k layers.
 
@@ -187,13 +147,12 @@ class LayerSkipDrafter(Drafter):
     def start(self, prompt, target, max_len, gen):
         self.target_cache = target.cache
         self.view = KVCache(target.cache.layers[: self.num_layers])
-        self.model = first_layers_model(self.engine.model, self.num_layers)
         self.forwards = 0
 
     def _forward(self, ids):
+        """The target's own model step through its first k layers, then its final norm and head (early exit)."""
         self.forwards += 1
-        return forward_first_layers(self.engine, ids, self.view, self.num_layers, last_only=True,
-                                    view=self.model)[:, -1]
+        return self.engine.forward(ids, self.view, last_only=True, num_layers=self.num_layers)[:, -1]
 
     def propose(self, seq, seq_len, m, gen):
         base = self.target_cache.position

@@ -6,14 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ollm_triton.decoding.base import DecoderStrategy, Generation, emit_step
+from ollm_triton.decoding.base import DecoderStrategy, Generation
+from ollm_triton.engine.generation import argmax_pick, emit_step
 from ollm_triton.registry import register
 from ollm_triton.timing import Timer
-
-
-def argmax_pick(logits: torch.Tensor) -> torch.Tensor:
-    """Greedy's pick: logits [B, V] -> tokens [B]."""
-    return logits.argmax(-1)
 
 
 def decode_loop(engine, prompt_ids: torch.Tensor, max_new_tokens: int, pick, eos_id: int | None) -> Generation:
@@ -23,19 +19,16 @@ def decode_loop(engine, prompt_ids: torch.Tensor, max_new_tokens: int, pick, eos
     a fast decoder (graph-captured static decode steps, engine/fast_decode.py; `engine.fast_path` says whether),
     the loop runs there with the same tokens and stopping rule; greedy's argmax then runs inside the step.
     """
-    fast = engine.fast_decoder() if hasattr(engine, "fast_decoder") else None
+    fast = engine.fast_decoder()
     if fast is not None:
-        return fast.generate(prompt_ids, max_new_tokens, pick, eos_id, greedy=pick is argmax_pick)
+        return fast.generate(prompt_ids, max_new_tokens, pick, eos_id)
     ids = prompt_ids.to(engine.device)
     batch, prompt_len = ids.shape
     cache = engine.new_cache(batch=batch, max_len=prompt_len + max_new_tokens)
     out = torch.empty(batch, max_new_tokens, dtype=torch.long, device=ids.device)
     done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
     with Timer(engine.device) as prefill:
-        if hasattr(engine, "prefill"):
-            logits = engine.prefill(ids, cache)
-        else:
-            logits = engine.forward(ids, cache, last_only=True)[:, -1]
+        logits = engine.prefill(ids, cache)
     n = 0
     with Timer(engine.device) as decode:
         for n in range(1, max_new_tokens + 1):
@@ -44,8 +37,8 @@ def decode_loop(engine, prompt_ids: torch.Tensor, max_new_tokens: int, pick, eos
                 break
             logits = engine.forward(token[:, None], cache)[:, -1]
     counters = {
-        "generated_tokens": float(n * batch),
-        "target_forwards": float(n),
+        "generated_tokens": int(n * batch),
+        "target_forwards": int(n),
         "prefill_s": prefill.seconds,
         "decode_s": decode.seconds,
     }

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ollm_triton.decoding.strategy_fields import SamplingStrategyFields
+from ollm_triton.decoding.base import DecoderStrategy
 from ollm_triton.decoding.drafters import LookupDrafter
 from ollm_triton.decoding.speculation import FixedCandidates, Sampling, speculate
 from ollm_triton.decoding.static_steps import resolve_fast_path
-from ollm_triton.decoding.base import DecoderStrategy
+from ollm_triton.decoding.strategy_fields import SamplingStrategyFields
 from ollm_triton.registry import register
 
 

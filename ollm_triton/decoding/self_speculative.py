@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ollm_triton.decoding.strategy_fields import SamplingStrategyFields
+from ollm_triton.decoding.base import DecoderStrategy
 from ollm_triton.decoding.drafters import layer_skip_drafter
 from ollm_triton.decoding.speculation import FixedCandidates, Sampling, speculate
 from ollm_triton.decoding.static_steps import resolve_fast_path
-from ollm_triton.decoding.base import DecoderStrategy
+from ollm_triton.decoding.strategy_fields import SamplingStrategyFields
 from ollm_triton.registry import register
 
 
@@ -48,5 +48,5 @@ class SelfSpeculative(DecoderStrategy):
         out = speculate(engine, prompt_ids, max_new_tokens, eos_id=eos_id, drafter=drafter, sampling=self.sampling,
                         seed=self.cfg.seed, controller=FixedCandidates(self.cfg.num_candidates), path=path,
                         keep_state=self.keep_state)
-        out.counters.update(num_candidates=float(self.cfg.num_candidates), draft_layers=float(k))
+        out.counters.update(num_candidates=int(self.cfg.num_candidates), draft_layers=int(k))
         return out

@@ -28,12 +28,11 @@ identical to `greedy`). Batch 1 is where the speed-up is.
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 
-from ollm_triton.decoding.base import Generation
+from ollm_triton.decoding.base import Drafter, Generation
 from ollm_triton.decoding.greedy import sampling_probs
 from ollm_triton.timing import Timer
 
@@ -160,42 +159,6 @@ class EmittedTokens:
         return self.tokens[:, : self.count]
 
 
-class PhaseClock:
-    """Splits the decode loop's time into named phases (draft, verify, accept) without host syncs.
-
-    `mark(phase)` starts a phase (and ends the previous one). On CUDA a mark records an event, read once the
-    events have completed (`durations()` after a synchronize, or `since()` right after the loop's own sync);
-    on the CPU it reads perf_counter.
-    """
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.marks: list[tuple[str, object]] = []
-
-    def mark(self, phase: str) -> int:
-        if self.cuda:
-            stamp = torch.cuda.Event(enable_timing=True)
-            stamp.record()
-        else:
-            stamp = time.perf_counter()
-        self.marks.append((phase, stamp))
-        return len(self.marks) - 1
-
-    def _seconds(self, a, b) -> float:
-        return a.elapsed_time(b) / 1e3 if self.cuda else b - a
-
-    def since(self, start: int, stop: int | None = None) -> dict[str, float]:
-        """Seconds per phase between marks start and stop (default: the last mark); those marks must have completed."""
-        stop = len(self.marks) - 1 if stop is None else stop
-        out: dict[str, float] = defaultdict(float)
-        for (phase, a), (_, b) in zip(self.marks[start:stop], self.marks[start + 1 : stop + 1], strict=False):
-            out[phase] += self._seconds(a, b)
-        return out
-
-    def durations(self) -> dict[str, float]:
-        return self.since(0)
-
-
 # --------------------------------------------------------------------------------------------------- the loop
 
 
@@ -214,31 +177,6 @@ class FixedCandidates:
     def observe(self, drafted: int, accepted: int, draft_s: float, iteration_s: float, emitted: int) -> None:
         """After each iteration: drafts verified and accepted, seconds spent drafting, the iteration's wall time
         (between the loop's host syncs), and tokens emitted so far."""
-
-
-class Drafter:
-    """Proposes draft tokens. `propose` may return fewer than asked (prompt lookup finds no match)."""
-
-    prefill_s = 0.0
-    forwards = 0  # draft forwards in the decode loop (prompt prefill excluded)
-    capture_s = 0.0  # seconds spent capturing CUDA graphs (static drafters)
-
-    def start(self, prompt: torch.Tensor, target, max_len: int, gen: torch.Generator | None) -> None:
-        """After the target's prefill (target: an EagerTarget or StaticTarget): prompt [B, P] on the device."""
-
-    def prepare(self) -> None:
-        """Capture the draft's graphs before the decode timer starts (static drafters)."""
-
-    def propose(self, seq: torch.Tensor, seq_len: int, m: int, gen: torch.Generator | None):
-        """seq: [B, >= seq_len] tokens so far (seq[:, seq_len-1] is pending). -> (drafts [B, m'] long, q [B, m', V]
-        or None when the drafts are deterministic), m' <= m."""
-        raise NotImplementedError
-
-    def commit(self, valid_len: int) -> None:
-        """seq[:, :valid_len] is now final: roll back any draft state past it."""
-
-    def counters(self) -> dict[str, float]:
-        return {}
 
 
 @dataclass
@@ -263,7 +201,7 @@ def speculate(
     keep_state: dict | None = None,
 ) -> Generation:
     """Draft-then-verify decoding (this module's docstring). prompt_ids: [B, P]. path: "eager", "static" or
-    "graph" (_static.resolve_fast_path). Returns Generation with tokens [B, N] and the counters every speculative
+    "graph" (static_steps.resolve_fast_path). Returns Generation with tokens [B, N] and the counters every speculative
     strategy reports."""
     from ollm_triton.decoding.targets import make_target
 
@@ -279,7 +217,7 @@ def speculate(
     seq = torch.empty(batch, max_len, dtype=torch.long, device=device)
     seq[:, :prompt_len] = ids
     stats = LoopStats()
-    clock = PhaseClock(device)
+    clock = Timer(device)
     with torch.inference_mode():
         target = make_target(engine, batch, max_len, path)
         with Timer(device) as prefill:
@@ -331,17 +269,17 @@ def speculate(
                 stats.drafted += m
                 stats.accepted += n
                 now = time.perf_counter()
-                draft_s = clock.since(start).get("draft", 0.0) if controller.needs_timing else 0.0
+                draft_s = clock.phases(start).get("draft", 0.0) if controller.needs_timing else 0.0
                 controller.observe(m, n, draft_s, now - wall, out.count)
                 wall = now
             clock.mark("end")
         capture_s = target.capture_s + drafter.capture_s - capture_before
         if keep_state is not None:  # tests compare the final caches with a fresh run
             keep_state.update(target=target, seq=seq[:, :seq_len], drafter=drafter)
-    phases = clock.durations()
+    phases = clock.phases()
     counters = speculation_counters(out, stats, prefill.seconds, decode.seconds - capture_s, phases, drafter)
-    counters.update(graph_capture_s=capture_s, fast_path_graph=float(path == "graph"),
-                    fast_path_static=float(path != "eager"))
+    counters.update(graph_capture_s=capture_s, fast_path_graph=int(path == "graph"),
+                    fast_path_static=int(path != "eager"))
     return Generation(out.result(), counters)
 
 
@@ -353,14 +291,14 @@ def speculation_counters(out: EmittedTokens, stats: LoopStats, prefill_s: float,
     iters = max(stats.iterations, 1)
     draft_forwards = drafter.forwards
     return {
-        "generated_tokens": float(out.count * batch),
+        "generated_tokens": int(out.count * batch),
         "acceptance_rate": stats.accepted / stats.drafted if stats.drafted else 0.0,
         "mean_accepted_length": (stats.accepted + stats.iterations) / iters,  # tokens per verify forward
         "mean_drafted": stats.drafted / iters,
-        "iterations": float(stats.iterations),
-        "target_forwards": float(stats.target_forwards),
+        "iterations": int(stats.iterations),
+        "target_forwards": int(stats.target_forwards),
         "target_forwards_per_token": stats.target_forwards / n,
-        "draft_forwards": float(draft_forwards),
+        "draft_forwards": int(draft_forwards),
         "prefill_s": prefill_s,
         "decode_s": decode_s,
         "draft_prefill_s": drafter.prefill_s,

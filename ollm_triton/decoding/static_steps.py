@@ -12,12 +12,10 @@ each such step is one function of static buffers only, captured once per (T, lay
     logits  [B, T, V] fp32, argmax [B, T] long   outputs
     K/V per layer [B, Hkv, capacity, D]          dense buffers; token t's K/V land in slot base + t
 
-Key slot s is visible to new token t iff s < base or (s = base + j and mask[t, j]); attention runs over the whole
-buffer with that mask (torch SDPA, one call per layer with the G query heads of a KV head stacked along the query
-axis), so nothing depends on a host value and rolling back is just a smaller `base` next time: the rejected
-tokens' slots are masked out and later overwritten. RoPE and the K/V write are the engine's fused kernel
-(kernels/rope.py `rope_write_kv`, its PyTorch reference on the CPU). On the CPU (tests) or with
-capture=False the same function runs eagerly ("static" mode).
+Each step is the engine's one model step (engine/model.py) with the static-block mixer (engine/mixers.py
+`StaticBlockMixer`): key slot s is visible to new token t iff s < base or (s = base + j and mask[t, j]), so
+nothing depends on a host value and rolling back is just a smaller `base` next time. On the CPU (tests) or with
+capture=False the same step runs uncaptured ("static" mode).
 
 Numerics: the eager engine and the fast decoder attend with other kernels and reduction orders, so in bf16 a
 near-tie can resolve differently (greedy equivalence is exact in fp32 on the CPU; the benchmark reports it on the
@@ -26,23 +24,21 @@ GPU). K and V are written post-RoPE in the model dtype, exactly as the dense cac
 
 from __future__ import annotations
 
-import sys
 import time
 import weakref
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from ollm_triton.engine.model import add_rmsnorm, rope_cos_sin
-from ollm_triton.kernels.rope import rope_write_kv
+from ollm_triton.engine.fast_decode import capture_blocker, fuse_projections
+from ollm_triton.engine.graphs import capture, notify_once, round_capacity
+from ollm_triton.engine.mixers import StaticBlockMixer
+from ollm_triton.engine.model import rope_cos_sin
 
-CAPACITY_STEP = 1024  # buffer capacities round up to this, so nearby lengths share buffers and graphs
 FAST_PATHS = ("auto", "static", "off")
 
 # engine -> {(batch, capture): StaticModel}; weak, so a closed and dropped engine frees its buffers and graphs
 _MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_notified: set[str] = set()
 
 
 def resolve_fast_path(requested: str, engine) -> str:
@@ -55,14 +51,14 @@ def resolve_fast_path(requested: str, engine) -> str:
     if requested == "off":
         return "eager"
     if requested == "static":
-        from ollm_triton.engine.fast_decode import capture_blocker
-
         reason = capture_blocker(engine)
         if reason is not None:
             raise ValueError(f"fast_path=static cannot run here: {reason}; use fast_path=auto or off")
         return "static"
-    path = str(getattr(engine, "fast_path", "eager"))
-    return path if path in ("graph", "static") else "eager"
+    fast = engine.fast_path
+    if fast.mode != "graph":  # the piecewise step attends through the codec's cache: speculation runs eagerly there
+        return "eager"
+    return "graph" if fast.captured else "static"
 
 
 def static_model(engine, batch: int, max_len: int, capture: bool) -> StaticModel:
@@ -98,12 +94,10 @@ class StaticModel:
         self._engine = weakref.ref(engine)
         self.model = engine.model
         self.batch = batch
-        self.capacity = -(-max_len // CAPACITY_STEP) * CAPACITY_STEP
+        self.capacity = round_capacity(max_len)
         self.capture = capture
-        self.kernels = engine.device.type == "cuda"  # the engine's fused Triton kernels on CUDA, references elsewhere
+        self.kernels = engine.use_kernels()  # the engine's fused Triton kernels on CUDA, references elsewhere
         if capture:  # one q/k/v and one gate/up matmul per layer, as the engine's own graph path does
-            from ollm_triton.engine.fast_decode import fuse_projections
-
             fuse_projections(engine.model)
         self.cache = engine.new_cache(batch=batch, max_len=self.capacity)
         for layer in self.cache.layers:  # finite everywhere: masked scores must not meet NaN garbage
@@ -111,7 +105,8 @@ class StaticModel:
             layer.v.zero_()
         dev = engine.device
         self.cos, self.sin = rope_cos_sin(engine.inv_freq, torch.arange(self.capacity, device=dev), engine.dtype)
-        self.slots = torch.arange(self.capacity, device=dev)
+        cfg = engine.config
+        self.group = cfg.num_heads // cfg.num_kv_heads
         self.steps: dict[tuple[int, int, bool], Step] = {}
         self.capture_s = 0.0
         self.captures = 0
@@ -129,10 +124,7 @@ class StaticModel:
         for layer in self.cache.layers:
             layer.truncate(0)
         self.cache.position = 0
-        e = self.engine
-        if hasattr(e, "prefill"):  # chunked when the engine has a prefill_chunk
-            return e.prefill(ids, self.cache)
-        return e.forward(ids, self.cache, last_only=True)[:, -1]
+        return self.engine.prefill(ids, self.cache)  # chunked when the engine has a prefill_chunk
 
     # ---- steps --------------------------------------------------------------------------------------------------
     def step(self, t: int, layers: int | None = None, tree: bool = False) -> Step:
@@ -168,72 +160,30 @@ class StaticModel:
             self._capture(st)
 
     def _capture(self, st: Step) -> None:
-        """Warm up on a side stream (kernels compile, cuBLAS chooses), then capture. Warm-up writes K/V at slots
-        from `base` on, which hold nothing valid yet (they are beyond every committed token)."""
+        """Warm up, restore the inputs, capture. Warm-up writes K/V at slots from `base` on, which hold nothing
+        valid yet (they are beyond every committed token). A step that cannot be captured still runs, uncaptured,
+        and says so once."""
         t0 = time.perf_counter()
         dev = self.engine.device
         saved = st.tokens.clone(), st.base.clone()
         try:
-            stream = torch.cuda.Stream(device=dev)
-            stream.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self._body(st)
-            torch.cuda.current_stream(dev).wait_stream(stream)
-            st.tokens.copy_(saved[0])
-            st.base.copy_(saved[1])
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._body(st)
-            st.graph = graph
-        except Exception as e:  # a step that cannot be captured still runs, eagerly, and says so once
+            st.graph = capture(lambda: self._body(st), dev)  # the body reads tokens and base, never writes them
+        except Exception as e:
             first = (str(e).splitlines() or [""])[0][:120]
-            reason = f"speculative fast path: capture failed ({type(e).__name__}: {first}); eager steps"
-            if reason not in _notified:
-                _notified.add(reason)
-                print(reason, file=sys.stderr)
+            notify_once(f"speculative fast path: capture failed ({type(e).__name__}: {first}); uncaptured steps")
             self.capture = False
-            st.tokens.copy_(saved[0])
-            st.base.copy_(saved[1])
+        st.tokens.copy_(saved[0])
+        st.base.copy_(saved[1])
         torch.cuda.synchronize(dev)
         self.captures += 1
         self.capture_s += time.perf_counter() - t0
 
     @torch.inference_mode()
     def _body(self, st: Step) -> None:
-        """The step itself: static shapes, device values only (see the module docstring). Per layer: fused
-        norm, one q/k/v matmul, RoPE fused with the K/V write (one kernel on CUDA), one attention call, o_proj,
-        fused norm, MLP: close to the engine's own decode step, so a verify block costs about one decode step."""
-        model, kern = self.model, self.kernels
-        b, t = st.tokens.shape
-        rope_pos = st.base[:, None] + st.offsets[None, :]  # [B, T]
-        cos, sin = self.cos[rope_pos], self.sin[rope_pos]  # [B, T, D]
-        rel = self.slots[None, :] - st.base[:, None]  # [B, S]: slot s holds new token rel (if 0 <= rel < T)
-        in_block = (rel >= 0) & (rel < t)
-        block = st.mask[:, rel.clamp(0, t - 1)].transpose(0, 1)  # [B, T, S]: mask[t, rel]
-        visible = (rel < 0)[:, None, :] | (in_block[:, None, :] & block)  # [B, T, S]
-        attn0 = model.model.layers[0].self_attn
-        group = attn0.num_heads // attn0.num_kv_heads
-        # GQA as one attention per KV head over its G query heads x T tokens (rows g*T + t): no K/V expansion
-        grouped_mask = visible[:, None].repeat(1, 1, group, 1)  # [B, 1, G*T, S]
-        x = model.model.embed_tokens(st.tokens)  # [B, T, hidden]
-        residual, delta = x, None
-        for i in range(st.layers):
-            layer, kv = model.model.layers[i], self.cache.layers[i]
-            attn = layer.self_attn
-            hkv, d = attn.num_kv_heads, attn.head_dim
-            normed, residual = _add_norm(delta, residual, layer.input_layernorm, kern)
-            q, k, v = attn.project(normed, fused=kern)  # [B, T, H, D]
-            q = rope_write_kv(q, k, v, cos, sin, kv.k, kv.v, st.base, use_kernel=kern)  # [B, Hq, T, D]
-            q = q.reshape(b, hkv, group * t, d)
-            out = F.scaled_dot_product_attention(q, kv.k, kv.v, attn_mask=grouped_mask)  # [B, Hkv, G*T, D]
-            # reshape, not view: the memory-efficient SDPA backend may return a non-contiguous [B, Hkv, G*T, D]
-            out = out.reshape(b, attn.num_heads, t, d).transpose(1, 2).reshape(b, t, attn.num_heads * d)
-            delta = attn.o_proj(out)
-            normed, residual = _add_norm(delta, residual, layer.post_attention_layernorm, kern)
-            delta = layer.mlp(normed, fused=kern)
-        normed, _ = _add_norm(delta, residual, model.model.norm, kern)
-        logits = model.lm_head(normed)
+        """The step: the engine's model step with the static-block mixer over this object's buffers."""
+        mixer = StaticBlockMixer(self.cache.layers, self.cos, self.sin, st.base, st.offsets, st.mask,
+                                 group=self.group, kernels=self.kernels)
+        logits = self.model.step(st.tokens, mixer, kernels=self.kernels, num_layers=st.layers)
         st.logits.copy_(logits)
         st.argmax.copy_(logits.argmax(-1))
 
@@ -250,12 +200,3 @@ class StaticModel:
     def dense(self, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Every layer's K/V of slots 0..length-1 (tests compare them with a fresh run)."""
         return [(layer.k[:, :, :length], layer.v[:, :, :length]) for layer in self.cache.layers]
-
-
-def _add_norm(delta, residual, norm, kernels: bool):
-    """(norm(residual + delta), residual + delta), fused on CUDA; delta None: norm(residual)."""
-    if kernels:
-        return add_rmsnorm(delta, residual, norm)
-    if delta is not None:
-        residual = residual + delta
-    return norm(residual), residual

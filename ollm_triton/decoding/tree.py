@@ -27,12 +27,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ollm_triton.decoding.strategy_fields import StrategyFields
-from ollm_triton.decoding.drafters import DraftEngineHolder, ModelDrafter, StaticModelDrafter, fit_vocab
-from ollm_triton.decoding.speculation import EmittedTokens, LoopStats, PhaseClock, Sampling, speculation_counters
-from ollm_triton.decoding.static_steps import resolve_fast_path
-from ollm_triton.decoding.targets import make_target
 from ollm_triton.decoding.base import DecoderStrategy, Generation
+from ollm_triton.decoding.drafters import DraftEngineHolder, ModelDrafter, StaticModelDrafter, fit_vocab
+from ollm_triton.decoding.speculation import EmittedTokens, LoopStats, Sampling, speculation_counters
+from ollm_triton.decoding.static_steps import resolve_fast_path
+from ollm_triton.decoding.strategy_fields import StrategyFields
+from ollm_triton.decoding.targets import make_target
 from ollm_triton.registry import register
 from ollm_triton.timing import Timer
 
@@ -189,7 +189,7 @@ class TreeSpeculative(DecoderStrategy):
         seq = torch.empty(1, max_len, dtype=torch.long, device=device)
         seq[:, :prompt_len] = ids
         out = EmittedTokens(1, max_new_tokens, eos_id, device)
-        stats, clock = LoopStats(), PhaseClock(device)
+        stats, clock = LoopStats(), Timer(device)
         nodes_total = levels_total = compaction_forwards = 0
         with torch.inference_mode():
             target = make_target(engine, 1, max_len, path_kind)
@@ -254,16 +254,16 @@ class TreeSpeculative(DecoderStrategy):
             capture_s = target.capture_s + drafter.capture_s - capture_before
             if self.keep_state is not None:
                 self.keep_state.update(target=target, seq=seq[:, :seq_len], drafter=drafter)
-        counters = speculation_counters(out, stats, prefill.seconds, decode.seconds - capture_s, clock.durations(),
+        counters = speculation_counters(out, stats, prefill.seconds, decode.seconds - capture_s, clock.phases(),
                                         drafter)
         iters = max(stats.iterations, 1)
         counters.update(
             tree_nodes_mean=nodes_total / iters,
             accepted_per_level=stats.accepted / levels_total if levels_total else 0.0,
-            compaction_forwards=float(compaction_forwards),
-            depth=float(c.depth), branching=float(c.branching), width=float(c.width),
-            graph_capture_s=capture_s, fast_path_graph=float(path_kind == "graph"),
-            fast_path_static=float(path_kind != "eager"),
+            compaction_forwards=int(compaction_forwards),
+            depth=int(c.depth), branching=int(c.branching), width=int(c.width),
+            graph_capture_s=capture_s, fast_path_graph=int(path_kind == "graph"),
+            fast_path_static=int(path_kind != "eager"),
         )
         return Generation(out.result(), counters)
 

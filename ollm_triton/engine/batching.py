@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from ollm_triton.decoding.base import Generation
-from ollm_triton.decoding.greedy import argmax_pick
 from ollm_triton.engine.fast_decode import FastDecoder, capture_blocker
+from ollm_triton.engine.generation import Generation, argmax_pick
 from ollm_triton.timing import Timer
 
 
@@ -34,7 +33,7 @@ def ragged_decoder(engine) -> FastDecoder:
     if reason is not None:
         raise ValueError(f"batched decode of different lengths needs the static decode step, and {reason}")
     if getattr(engine, "_ragged", None) is None:
-        engine._ragged = FastDecoder(engine, capture=False)
+        engine._ragged = FastDecoder(engine, capture=False, use_kernels=engine.kernels)
     return engine._ragged
 
 
@@ -64,9 +63,9 @@ def generate_ragged(engine, prompts: list[torch.Tensor], max_new_tokens: int, *,
         fast.ensure_graph(bk, lengths)
     with Timer(engine.device) as decode:
         tokens, n = fast.decode(bk, first, lengths, max_new_tokens, pick, eos_id, greedy=pick is argmax_pick)
-    counters = {"generated_tokens": float(n * len(ids)), "target_forwards": float(n), "prefill_s": prefill.seconds,
+    counters = {"generated_tokens": n * len(ids), "target_forwards": n, "prefill_s": prefill.seconds,
                 "decode_s": decode.seconds, "graph_capture_s": fast.capture_s - capture_before,
-                "fast_path_graph": float(fast.capture), "prompt_tokens": float(sum(lengths))}
+                "fast_path_graph": int(fast.capture), "prompt_tokens": sum(lengths)}
     return Generation(tokens, counters)
 
 

@@ -4,21 +4,18 @@
                          device="cpu", dtype=torch.float32)
     cache = engine.new_cache(batch=1, max_len=4096)
     logits = engine.forward(ids, cache)           # ids [B, T] -> float32 [B, T, V]; cache.position += T
-    engine.close()                                 # frees the weights (multirun jobs in one process)
-
-A prefetch policy may say where the weights should be materialised before its `setup` (a streaming policy keeps
-them on the host) by defining `weights_device(device) -> torch.device`; without it they are created on `device`.
-
-The fast path (ollm_triton/engine/fast_decode.py, issue 8), all optional and additive:
     logits = engine.prefill(ids, cache, chunk=4096)   # a long prompt in chunks: activations bounded by the chunk
-    fast = engine.fast_decoder()                      # graph-captured decode for decode loops, or None
-    engine.fast_path                                  # "graph", "static", "piecewise ...", or "eager (<why not>)"
-`prefill_chunk` (tokens, 0 = whole prompt) sets the default chunk; `fast_decode` is "auto" (CUDA graphs on a CUDA
-device when every plugin is capturable; when a codec or attention backend is not, the piecewise step: the dense
-compute captured in segments with each layer's attention eager between them; else eager with the reason),
-"graph", "static" (the same static-buffer step replayed without capture: any device), "piecewise" (that step on
-any plugins, captured on a GPU, uncaptured on the CPU), or "off". On CUDA tensors the model runs the fused Triton
-kernels (describe()["fused_kernels"]).
+    fast = engine.fast_decoder()                  # graph-captured decode steps for decode loops, or None
+    engine.fast_path                              # a FastPath: graph / piecewise / eager, and why
+    engine.close()                                # frees the weights (multirun jobs in one process)
+
+Every forward is the one model step (engine/model.py) with the plugin mixer (engine/mixers.py): the codec stores,
+the backend attends, the prefetch policy brackets each layer. `prefill_chunk` (tokens, 0 = whole prompt) sets the
+default chunk; `fast_decode` is "auto" (CUDA graphs on a CUDA device when the plugins declare what the whole
+static step needs; else the piecewise step, captured segments with each layer's attention eager between them; else
+eager with the reason), "graph", "static" (the same static-buffer step without capture: any device), "piecewise"
+(that step on any plugins, captured on a GPU, uncaptured on the CPU), or "off" (engine/fast_decode.py). On CUDA
+tensors the step runs the fused Triton kernels (`kernels`; describe()["fused_kernels"]).
 """
 
 from __future__ import annotations
@@ -41,14 +38,19 @@ from ollm_triton.engine.checkpoint import (
     resolve_source,
 )
 from ollm_triton.engine.config import ModelConfig
-from ollm_triton.engine.model import DECODE_MAX_TOKENS, CausalLM, rope_cos_sin
-from ollm_triton.engine.placement import resolve_device, resolve_dtype
+from ollm_triton.engine.fast_decode import FAST_DECODE_MODES, FastDecoder, FastPath, plan_fast_path
+from ollm_triton.engine.mixers import DECODE_MAX_TOKENS, PluginMixer
+from ollm_triton.engine.model import FUSED_PATH, CausalLM, rope_cos_sin
+from ollm_triton.engine.placement import dtype_name, resolve_device, resolve_dtype
 from ollm_triton.engine.tokenizer import Tokenizer
-
 
 
 class Engine:
     """The native decoder with its plugins. Build it with `load_engine`."""
+
+    # None: the fused Triton kernels on CUDA tensors and the eager ops elsewhere; True/False force one path
+    # (True on the CPU runs the kernels through the Triton interpreter: tests).
+    kernels: bool | None = None
 
     def __init__(
         self,
@@ -75,30 +77,33 @@ class Engine:
         self.tokenizer = tokenizer
         self.source = source
         self.decode_max_tokens = decode_max_tokens
+        self.kernel_path = "none"  # what the last forward ran: "torch" or FUSED_PATH
         self._num_parameters = sum(p.numel() for p in model.parameters())
         prefetch.setup(model, device)
         self.inv_freq = self.config.inv_freq().to(device)
         if int(prefill_chunk) < 0:
             raise ValueError(f"prefill_chunk must be >= 0 tokens (0 = the whole prompt at once), got {prefill_chunk}")
         self.prefill_chunk = int(prefill_chunk)
-        from ollm_triton.engine.fast_decode import FAST_DECODE_MODES, plan_fast_path
-
         if fast_decode not in FAST_DECODE_MODES:
             raise ValueError(f"fast_decode={fast_decode!r} is not accepted; accepted: {', '.join(FAST_DECODE_MODES)}")
         self.fast_decode = fast_decode
-        # "graph" | "static" | "piecewise graph (<why not whole>)" | "piecewise static" | "eager (<reason>)"
-        self.fast_path = plan_fast_path(self, fast_decode)
-        self._fast = None
+        self.fast_path: FastPath = plan_fast_path(self, fast_decode)
+        self._fast: FastDecoder | None = None
 
     def new_cache(self, batch: int = 1, max_len: int = 2048) -> KVCache:
         """A KVCache with one codec layer per decoder layer; `max_len` is the run's maximum context (codecs may
         pre-allocate to it)."""
         if batch < 1 or max_len < 1:
             raise ValueError(f"new_cache needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}")
+        return KVCache([self.codec.new_layer(self.layer_spec(batch, max_len)) for _ in range(self.config.num_layers)])
+
+    def layer_spec(self, batch: int, max_len: int) -> LayerSpec:
         cfg = self.config
-        spec = LayerSpec(batch=batch, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, dtype=self.dtype,
+        return LayerSpec(batch=batch, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, dtype=self.dtype,
                          device=self.device, max_len=max_len)
-        return KVCache([self.codec.new_layer(spec) for _ in range(cfg.num_layers)])
+
+    def use_kernels(self) -> bool:
+        return self.device.type == "cuda" if self.kernels is None else self.kernels
 
     @torch.inference_mode()
     def forward(
@@ -109,11 +114,13 @@ class Engine:
         tree_mask: torch.Tensor | None = None,
         *,
         last_only: bool = False,
+        num_layers: int | None = None,
     ) -> torch.Tensor:
         """Run T new tokens through the decoder, append their K/V to `cache` and advance `cache.position` by T.
 
         ids: [B, T] long. positions: optional [T] absolute positions (default cache.position + arange(T)).
         tree_mask: optional bool [T, T] among the new tokens (True = visible) in place of the causal triangle.
+        num_layers: only the first layers, then the final norm and head (an early exit; `cache` needs that many).
         Returns float32 logits [B, T, V], or [B, 1, V] for the last token only with `last_only` (a long prefill
         then never materialises T x V logits).
         """
@@ -134,8 +141,12 @@ class Engine:
             if tuple(tree_mask.shape) != (t, t):
                 raise ValueError(f"tree_mask must be bool [{t}, {t}], got shape {list(tree_mask.shape)}")
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.dtype)
-        logits = self.model(ids, cache, cos, sin, self.attention, self.prefetch, tree_mask=tree_mask,
-                            decode_max_tokens=self.decode_max_tokens, last_only=last_only)
+        kernels = self.use_kernels()
+        self.kernel_path = FUSED_PATH if kernels else "torch"
+        mixer = PluginMixer(cache.layers, self.attention, cos, sin, kernels=kernels, tree_mask=tree_mask,
+                            decode_max_tokens=self.decode_max_tokens)
+        logits = self.model.step(ids, mixer, kernels=kernels, hooks=self.prefetch, num_layers=num_layers,
+                                 last_only=last_only)
         cache.position += t
         return logits.float()
 
@@ -159,58 +170,56 @@ class Engine:
             logits = self.forward(ids[:, start : start + chunk], cache, last_only=True)
         return logits[:, -1]
 
-    def fast_decoder(self):
-        """The FastDecoder that decode loops hand their steps to, or None when `fast_path` says eager."""
-        if self.fast_path.startswith("eager"):
+    def fast_decoder(self) -> FastDecoder | None:
+        """The FastDecoder that decode loops hand their steps to, or None when `fast_path` is eager."""
+        if not self.fast_path.enabled:
             return None
         if self._fast is None:
-            from ollm_triton.engine.fast_decode import FastDecoder
-
-            self._fast = FastDecoder(self, capture=self.fast_path.split(" (")[0] in ("graph", "piecewise graph"),
-                                     piecewise=self.fast_path.startswith("piecewise"))
+            self._fast = FastDecoder(self, capture=self.fast_path.captured, piecewise=self.fast_path.piecewise,
+                                     use_kernels=self.kernels)
         return self._fast
-
-    def _fast_path_used(self) -> str:
-        """engine.fast_path, saying so when the fast path was available but no decode step ran through it (a
-        decoder with its own loop, or no decoding at all)."""
-        steps = self._fast.steps if self._fast is not None else 0
-        if self.fast_path.startswith("eager") or steps:
-            return self.fast_path
-        return f"{self.fast_path} (available; no decode step ran through the engine's fast decoder)"
 
     def num_parameters(self) -> int:
         """Distinct parameters (tied embeddings counted once)."""
         return self._num_parameters
+
+    def describe(self) -> dict[str, Any]:
+        """Model, plugins and runtime choices, for metrics.json. The attention paths are reported per phase: the
+        plugin's last call (prefill and eager decode) and what the fast decode steps ran, which under the whole
+        captured step is the step's own kernel, not the plugin."""
+        steps = self._fast.steps if self._fast is not None else 0
+        fast = self.fast_path.describe()
+        if self.fast_path.enabled and not steps:
+            fast["fast_path"] += " (available; no decode step ran through the engine's fast decoder)"
+        out = {
+            "model_type": self.config.model_type,
+            "model_source": self.source,
+            "num_parameters": self._num_parameters,
+            "num_layers": self.config.num_layers,
+            "dtype": dtype_name(self.dtype),
+            "device": str(self.device),
+            "attention": self.attention.plugin_name,
+            "attention_path": self.attention.last_path,
+            "decode_attention_path": self._fast.attention_path if steps else self.attention.last_path,
+            "cache": self.codec.plugin_name,
+            "prefetch": self.prefetch.plugin_name,
+            "decode_max_tokens": self.decode_max_tokens,
+            "fused_kernels": self.kernel_path,
+            "prefill_chunk": self.prefill_chunk,
+            **fast,
+            "fast_path_steps": steps,
+            "fast_path_matmul": self._fast_matmul(),
+            **{k: v for k, v in self.attention.describe().items() if k != "attention_path"},
+        }
+        if self.tokenizer is not None:
+            out["tokenizer_add_bos"] = self.tokenizer.add_bos
+        return out
 
     def _fast_matmul(self) -> str:
         """The weight matmuls of the fast decode step (kernels.gemv.decode_linear): ours at one row on a GPU."""
         if self._fast is None:
             return "none"
         return "triton:gemv at batch 1, cublas above" if self._fast.kernels and self.device.type == "cuda" else "torch"
-
-    def describe(self) -> dict[str, Any]:
-        """Model, plugins and runtime choices, for metrics.json."""
-        out = {
-            "model_type": self.config.model_type,
-            "model_source": self.source,
-            "num_parameters": self._num_parameters,
-            "num_layers": self.config.num_layers,
-            "dtype": str(self.dtype).replace("torch.", ""),
-            "device": str(self.device),
-            "attention": getattr(self.attention, "plugin_name", type(self.attention).__name__),
-            "attention_path": getattr(self.attention, "last_path", "unknown"),
-            "cache": getattr(self.codec, "plugin_name", type(self.codec).__name__),
-            "prefetch": getattr(self.prefetch, "plugin_name", type(self.prefetch).__name__),
-            "decode_max_tokens": self.decode_max_tokens,
-            "fused_kernels": self.model.kernel_path if self.model is not None else "none",
-            "prefill_chunk": self.prefill_chunk,
-            "fast_path": self._fast_path_used(),
-            "fast_path_steps": self._fast.steps if self._fast is not None else 0,
-            "fast_path_matmul": self._fast_matmul(),
-        }
-        if self.tokenizer is not None:
-            out["tokenizer_add_bos"] = self.tokenizer.add_bos
-        return out
 
     def close(self) -> None:
         """Drop the weights and release cached device memory, so the next job of a multirun starts clean."""

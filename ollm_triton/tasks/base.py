@@ -1,13 +1,22 @@
-"""The evaluation-task interface and what the runner hands every task."""
+"""The evaluation-task interface and what the runner hands every task.
+
+Besides `run`, a task declares the context it needs (`footprint`), so the runner can check that the model, its KV
+cache and activations fit before it builds anything (ollm_triton/engine/footprint.py). The helpers below let a task
+say whether the plugins it reports on had any effect (`plugin_effect`, `report_no_effect`), watch the caches a
+decoder builds (`CacheWatch`), and choose its prompt (`prompt_ids`: held-out text, or seeded random tokens).
+"""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ollm_triton.timing import Timer, synchronize  # noqa: F401  (tasks time their regions with it)
+
+PROMPTS = ("corpus", "random")
 
 
 class TaskRefused(Exception):
@@ -33,5 +42,127 @@ class Task:
 
     plugin_name = "base"
 
-    def run(self, ctx: RunContext) -> dict[str, float | str]:
+    def run(self, ctx: RunContext) -> dict[str, float | int | str]:
         raise NotImplementedError
+
+    def footprint(self, smoke: bool) -> tuple[int, int]:
+        """(batch, tokens): the most sequences and the longest context (prompt + new tokens) one of this task's
+        caches holds, for the runner's memory check before it builds the model. (1, 0) declares no context: only
+        the weights are checked."""
+        return 1, 0
+
+
+# --- did the selected plugins do anything? ---------------------------------------------------------------------
+
+def _baseline(kind: str) -> str:
+    from ollm_triton.registry import BASELINES
+
+    return BASELINES[kind]
+
+
+def _name(plugin: Any) -> str:
+    return getattr(plugin, "plugin_name", type(plugin).__name__)
+
+
+def plugin_effect(engine, *, longest: int, masked: float | None = None, compressed: int | None = None,
+                  evicted: int = 0, lossy_scored: int | None = None, unit: str = "tokens scored"
+                  ) -> tuple[str, list[str]]:
+    """One line saying what the run's attention backend and KV codec did to what a task measured, and the list of
+    the selected plugins that provably had none (empty when each did something, or only baselines ran).
+
+    longest: the longest sequence a cache held. masked: the fraction of causally visible (query, key) pairs the
+    backend masked (None: not measured). compressed / evicted: the most tokens one layer held lossily / dropped
+    when the task read it (None: not measured). lossy_scored: how many of the measured tokens read such storage.
+    """
+    parts, none = [], []
+    attention, codec = engine.attention, engine.codec
+    a_name, c_name = _name(attention), _name(codec)
+    if a_name != _baseline("attention") and masked is not None:
+        if masked > 0:
+            parts.append(f"attention {a_name}: {masked:.1%} of keys masked")
+        else:
+            window = int(getattr(attention, "window", 0) or 0)
+            why = (f"window {window} >= longest sequence {longest}" if window
+                   else f"{a_name} masked no keys of sequences up to {longest} tokens")
+            none.append(f"attention {a_name}: {why}")
+    if c_name != _baseline("cache") and compressed is not None:
+        if compressed or evicted:
+            what = f"{lossy_scored} {unit} against lossy storage, " if lossy_scored is not None else ""
+            parts.append(f"cache {c_name}: {what}up to {compressed} tokens compressed, {evicted} evicted per layer")
+        else:
+            residual = getattr(getattr(codec, "cfg", None), "residual", None)
+            why = (f" (its full-precision residual of {residual}+ tokens covered every token of sequences up to "
+                   f"{longest})" if residual is not None else f" (sequences up to {longest} tokens)")
+            none.append(f"cache {c_name}: 0 tokens compressed or evicted{why}")
+    if not parts and not none:
+        return f"baseline: attention {a_name}, cache {c_name}", []
+    return "; ".join([*(f"none: {n}" for n in none), *parts]), none
+
+
+def report_no_effect(task: str, none: list[str]) -> None:
+    """The one stderr line a run prints when a selected plugin had no effect on a task."""
+    if none:
+        print(f"{task}: selected plugin had no effect: {'; '.join(none)}", file=sys.stderr)
+
+
+def lossy_tokens(cache) -> tuple[int, int]:
+    """(most compressed tokens, most evicted tokens) over a KVCache's layers."""
+    return (max((layer.compressed_tokens for layer in cache.layers), default=0),
+            max((layer.evicted_tokens for layer in cache.layers), default=0))
+
+
+class CacheWatch:
+    """Records the KV caches `engine.new_cache` builds while active (decoders build their own), so a task can read
+    how much of them the codec compressed or evicted after a generation."""
+
+    def __init__(self, engine):
+        self.engine, self.caches = engine, []
+
+    def __enter__(self) -> CacheWatch:
+        build = self.engine.new_cache
+
+        def new_cache(*args, **kwargs):
+            cache = build(*args, **kwargs)
+            self.caches.append(cache)
+            return cache
+
+        self.engine.new_cache = new_cache  # an instance attribute shadows the method until __exit__
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.engine.__dict__.pop("new_cache", None)
+
+    def lossy(self) -> tuple[int, int]:
+        """(most compressed, most evicted) tokens of one layer over the caches seen, at their final state."""
+        seen = [lossy_tokens(c) for c in self.caches] or [(0, 0)]
+        return max(s[0] for s in seen), max(s[1] for s in seen)
+
+    def longest(self) -> int:
+        return max((c.position for c in self.caches), default=0)
+
+
+# --- prompts -----------------------------------------------------------------------------------------------------
+
+def prompt_ids(engine, kind: str, batch: int, length: int, seed: int) -> tuple[torch.Tensor, str]:
+    """[batch, length] prompt ids on the CPU and what they are: `corpus` (held-out text, the eval split, tokenized
+    with the engine's tokenizer; row b starts b * length tokens further in) or `random` (seeded uniform tokens).
+    A model without a tokenizer gets random tokens, and the returned description says so."""
+    if kind not in PROMPTS:
+        raise ValueError(f"prompt must be one of {', '.join(PROMPTS)}, got {kind!r}")
+    if kind == "corpus" and engine.tokenizer is not None:
+        from ollm_triton.data.corpus import load_eval_text
+
+        need = batch * length
+        text, _ = load_eval_text("corpus")
+        chars = 8 * need + 64  # 8 characters a token is ample; doubled if not
+        while True:
+            ids = list(engine.tokenizer.encode(text[:chars]))
+            if len(ids) >= need or chars >= len(text):
+                break
+            chars *= 2
+        if len(ids) < need:
+            raise ValueError(f"the held-out corpus has {len(ids)} tokens; the prompt needs {need}")
+        return torch.tensor(ids[:need], dtype=torch.long).view(batch, length), "corpus"
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, engine.config.vocab_size, (batch, length), generator=gen)
+    return ids, ("random" if kind == "random" else "random (the model has no tokenizer)")

@@ -1,0 +1,145 @@
+"""The token mixers of the one model step (engine/model.py): RoPE, the K/V store and attention, per path.
+
+A mixer is called as `mixer(i, q, k, v)` for layer i with token-major q: [B, T, Hq, D], k, v: [B, T, Hkv, D]
+(before RoPE) and returns [B, Hq, T, D]. The model step is the same on every path; only the mixer differs:
+
+    PluginMixer         the engine's forward: the cache codec stores, the attention backend attends (any plugins)
+    StaticDecodeMixer   one token per row over dense static buffers (the CUDA-graph decode step): RoPE fused with
+                        the K/V write at each row's own slot, then the varlen decode kernel reading each row's
+                        length from the device (no host value: capturable)
+    StaticBlockMixer    T tokens with a [T, T] mask among them over dense static buffers (speculative verify
+                        blocks, draft steps, tree levels): masked attention over the whole buffer, capturable
+    SegmentMixer        the piecewise step: RoPE, then q/k/v handed to static buffers and the attention run
+                        eagerly through the plugins between captured segments (`cut`)
+
+Which attention call PluginMixer makes for a layer (`attention_step`):
+- the layer cache is empty (the first chunk of a prompt): `prefill(q, k, v, q_offset=0)`, then append k, v;
+- a tree mask is given, or T <= `decode_max_tokens` (decoding, speculative verification): append k, v first, then
+  `decode(q, layer_cache)`. Every new token then sees the keys exactly as the cache stores them, which is what it
+  would have seen had the tokens been decoded one at a time; so k drafted tokens verified in one call give the same
+  logits as k single steps, for lossy codecs too (a quantised or evicting cache);
+- otherwise (a later prompt chunk longer than `decode_max_tokens`): `prefill` over the cache's dense K/V followed
+  by the chunk's own exact K/V, with `q_offset` = tokens held, then append. This is the usual chunked prefill: the
+  chunk attends to itself at full precision.
+For a lossless cache (dense) the two calls see the same keys under the same causal mask, so the choice changes no
+result beyond floating-point summation order. After either, `layer_cache.observe(q)`: eviction codecs score there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ollm_triton.kernels.attention_decode_varlen import decode_varlen
+from ollm_triton.kernels.rope import rope_qk, rope_write_kv
+
+DECODE_MAX_TOKENS = 16
+
+
+def attention_step(q, k, v, layer_cache, attention, *, tree_mask=None, decode_max_tokens=DECODE_MAX_TOKENS):
+    """Attend T new queries and store their keys (the rule is in this module's docstring).
+
+    q: [B, Hq, T, D]; k, v: [B, Hkv, T, D] (after RoPE) -> [B, Hq, T, D].
+    """
+    t = q.shape[2]
+    held = layer_cache.length
+    if held > 0 and (tree_mask is not None or t <= decode_max_tokens):
+        layer_cache.append(k, v)
+        out = attention.decode(q, layer_cache, tree_mask=tree_mask)
+    else:
+        k_all, v_all = k, v
+        if held > 0:
+            past_k, past_v = layer_cache.dense()
+            k_all, v_all = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)
+        out = attention.prefill(q, k_all, v_all, q_offset=k_all.shape[2] - t, tree_mask=tree_mask)
+        layer_cache.append(k, v)
+    # eviction codecs score the held tokens with this step's queries, after the step attended to all of them
+    layer_cache.observe(q)
+    return out
+
+
+class PluginMixer:
+    """Through the plugins: RoPE at cos, sin ([T, D] or [B, T, D]), then `attention_step` on cache layer i."""
+
+    def __init__(self, layers, attention, cos, sin, *, kernels: bool, tree_mask=None,
+                 decode_max_tokens: int = DECODE_MAX_TOKENS):
+        self.layers, self.attention = layers, attention
+        self.cos, self.sin, self.kernels = cos, sin, kernels
+        self.tree_mask, self.decode_max_tokens = tree_mask, decode_max_tokens
+
+    def rope(self, q, k, v):
+        """-> head-major q_rot [B, Hq, T, D], k_rot, v [B, Hkv, T, D]."""
+        q, k = rope_qk(q, k, self.cos, self.sin, use_kernel=self.kernels)
+        return q, k, v.transpose(1, 2)
+
+    def __call__(self, i, q, k, v):
+        q, k, v = self.rope(q, k, v)
+        return attention_step(q, k, v, self.layers[i], self.attention, tree_mask=self.tree_mask,
+                              decode_max_tokens=self.decode_max_tokens)
+
+
+class StaticDecodeMixer:
+    """One new token per row over static buffers: layers[i].k, .v [B, Hkv, cap, D]; pos [B] each row's slot (its
+    length before the step), cos, sin [B, 1, D] at those positions."""
+
+    def __init__(self, layers, cos, sin, pos, *, kernels: bool):
+        self.layers, self.cos, self.sin, self.pos, self.kernels = layers, cos, sin, pos, kernels
+        self.lengths = pos + 1
+
+    def __call__(self, i, q, k, v):
+        kv = self.layers[i]
+        q_rot = rope_write_kv(q, k, v, self.cos, self.sin, kv.k, kv.v, self.pos, use_kernel=self.kernels)
+        return decode_varlen(q_rot[:, :, 0], kv.k, kv.v, self.lengths, use_kernel=self.kernels)[:, :, None]
+
+
+class StaticBlockMixer:
+    """T new tokens per row over static buffers: token t of row b goes to slot base[b] + t at RoPE position
+    base[b] + offsets[t] and sees slot s iff s < base[b] or (s = base[b] + j and mask[t, j]).
+
+    Attention is torch SDPA over the whole buffer under that mask, one call per layer with the G query heads of a
+    KV head stacked along the query axis (rows g*T + t): no K/V expansion, no host value (capturable). Rolling back
+    is a smaller `base` next time: rejected tokens' slots are masked out and later overwritten."""
+
+    def __init__(self, layers, cos_table, sin_table, base, offsets, mask, *, group: int, kernels: bool):
+        self.layers, self.kernels, self.base, self.group = layers, kernels, base, group
+        t = offsets.shape[0]
+        rope_pos = base[:, None] + offsets[None, :]  # [B, T]
+        self.cos, self.sin = cos_table[rope_pos], sin_table[rope_pos]  # [B, T, D]
+        slots = torch.arange(cos_table.shape[0], device=base.device)
+        rel = slots[None, :] - base[:, None]  # [B, S]: slot s holds new token rel (if 0 <= rel < T)
+        in_block = (rel >= 0) & (rel < t)
+        block = mask[:, rel.clamp(0, t - 1)].transpose(0, 1)  # [B, T, S]: mask[t, rel]
+        visible = (rel < 0)[:, None, :] | (in_block[:, None, :] & block)  # [B, T, S]
+        self.mask = visible[:, None].repeat(1, 1, group, 1)  # [B, 1, G*T, S]
+
+    def __call__(self, i, q, k, v):
+        kv = self.layers[i]
+        b, t, hq, d = q.shape
+        q = rope_write_kv(q, k, v, self.cos, self.sin, kv.k, kv.v, self.base, use_kernel=self.kernels)
+        q = q.reshape(b, hq // self.group, self.group * t, d)
+        out = F.scaled_dot_product_attention(q, kv.k, kv.v, attn_mask=self.mask)  # [B, Hkv, G*T, D]
+        return out.reshape(b, hq, t, d)
+
+
+class SegmentMixer:
+    """The piecewise step's boundary: RoPE at cos, sin [B, 1, D], q/k/v copied into io["q"], io["k"], io["v"]
+    ([B, H, 1, D]), then `cut(i)`, and io["out"] returned. While capturing, `cut` ends one segment's graph and
+    begins the next; uncaptured it runs layer i's attention at once. io["out"] is filled by that attention."""
+
+    def __init__(self, io: dict[str, torch.Tensor], cos, sin, cut: Callable[[int], None], *, kernels: bool):
+        self.io, self.cos, self.sin, self.cut, self.kernels = io, cos, sin, cut, kernels
+
+    def __call__(self, i, q, k, v):
+        io = self.io
+        q_rot, k_rot = rope_qk(q, k, self.cos, self.sin, use_kernel=self.kernels)
+        io["q"].copy_(q_rot)
+        io["k"].copy_(k_rot)
+        io["v"].copy_(v.transpose(1, 2))
+        self.cut(i)
+        return io["out"]
+
+
+__all__ = ["DECODE_MAX_TOKENS", "PluginMixer", "SegmentMixer", "StaticBlockMixer", "StaticDecodeMixer",
+           "attention_step"]
