@@ -17,25 +17,25 @@
 # `metrics.json` with `ollm_triton.results.load`, and plots perplexity against stored KV bytes. Perplexity is fed
 # through the cache in chunks of 16 tokens, so every token attends over the codec's stored keys and values.
 # Change `SWEEP` to ask your own question.
+#
+# The sweep lands under `multirun/quickstart/<date>_<time>/` (beside the repository's other sweeps when the notebook
+# runs from the repository or from `notebooks/`, else under the working directory), and each figure is shown and
+# saved there as PNG, next to the runs it plots.
 
 # %%
-import os
 import subprocess
 import sys
-import tempfile
+import time
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from ollm_triton.results import load
 
-REPO = Path(os.environ.get("OLLM_REPO", Path.cwd())).resolve()
-if not (REPO / "conf").exists():  # executed from notebooks/
-    REPO = REPO.parent
-sweep_dir = Path(tempfile.mkdtemp(prefix="ollm-sweep-"))
+HERE = Path.cwd().resolve()
+# Jupyter starts the kernel in the notebook's folder: put the sweep under the repository's multirun/ then.
+ROOT = HERE.parent if HERE.name == "notebooks" and (HERE.parent / "pyproject.toml").exists() else HERE
+sweep_dir = ROOT / "multirun" / "quickstart" / time.strftime("%Y-%m-%d_%H-%M-%S")
 SWEEP = [
     "task=[perplexity,memory]",
     "logger=none",
@@ -50,7 +50,7 @@ SWEEP = [
 
 # %%
 cmd = [sys.executable, "-m", "ollm_triton.run", "-m", *SWEEP, f"hydra.sweep.dir={sweep_dir}"]
-proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
 print(proc.stdout[-2000:])
 assert proc.returncode == 0, proc.stderr[-2000:]
 
@@ -67,4 +67,9 @@ for _, row in df.iterrows():
     ax.annotate(row["cache"], (row["memory/kv_ratio"], row["perplexity/ppl"]))
 ax.set_xlabel("stored / original KV bytes at 1028 tokens (residual window of 128 included)")
 ax.set_ylabel("perplexity (1024 held-out tokens)")
-plt.tight_layout()
+ax.set_title("KV codecs on the embedded tiny-llama (CPU)")
+fig.tight_layout()
+figure_path = sweep_dir / "ppl_vs_kv_bytes.png"
+fig.savefig(figure_path, dpi=120)
+print(f"saved {figure_path}")
+plt.show()

@@ -1,19 +1,30 @@
-"""Execute every notebook in notebooks/ (jupytext percent scripts) top to bottom."""
+"""Execute every notebook in notebooks/ (jupytext percent scripts) top to bottom, in a temporary working directory,
+and check that it showed its figures and saved them as PNG beside its sweep (under multirun/)."""
 
 from pathlib import Path
 
 import pytest
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.py"))
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_executes(path, tmp_path, monkeypatch):
+def test_notebook_executes(path, tmp_path):
     jupytext = pytest.importorskip("jupytext")
     nbclient = pytest.importorskip("nbclient")
     nb = jupytext.read(path)
-    monkeypatch.setenv("OLLM_REPO", str(path.parents[1]))
     nbclient.NotebookClient(
         nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
     ).execute()
+
+    shown = [o for cell in nb.cells for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert shown, "the notebook displayed no figure"
+    figures = sorted(tmp_path.glob("multirun/*/*/*.png"))
+    assert figures, f"no PNG saved under {tmp_path / 'multirun'}: {sorted(p.name for p in tmp_path.rglob('*'))[:20]}"
+    for png in figures:
+        data = png.read_bytes()
+        assert data.startswith(PNG_SIGNATURE), f"{png} is not a PNG"
+        assert len(data) > 5_000, f"{png} is only {len(data)} bytes"
+        assert (png.parent / "multirun.yaml").exists(), f"{png} is not beside a sweep"
