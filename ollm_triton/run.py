@@ -7,6 +7,7 @@ the tasks, and writes metrics.json (+ the resolved config) in the run directory 
 from __future__ import annotations
 
 import gc
+import os
 import sys
 import time
 import traceback
@@ -16,51 +17,23 @@ from typing import Any
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
+from ollm_triton.config_nodes import PLUGIN_GROUPS
+from ollm_triton.engine.placement import resolve_device, resolve_dtype
 from ollm_triton.registry import PluginError, registry
 from ollm_triton.results import WandbLogger, environment, write_metrics
 from ollm_triton.tasks.base import RunContext, TaskRefused
 
-# The plugin groups and the baseline each falls back to when the user does not append it.
-PLUGIN_GROUPS = {
-    "attention": ("attention", "sdpa"),
-    "cache": ("cache", "dense"),
-    "decoder": ("decoder", "greedy"),
-    "prefetch": ("prefetch", "resident"),
-}
 ASSETS = Path(__file__).parent / "assets"
+CONF = Path(__file__).parent / "conf"
 
 
 class RunError(Exception):
     """A user-facing failure: one line saying what was wrong and what is accepted."""
-
-
-def resolve_device(name: str, job_num: int = 0) -> torch.device:
-    """auto: CUDA when available, else the CPU; in a sweep over several GPUs, job k takes GPU k mod count (Hydra
-    assigns none, and CUDA_VISIBLE_DEVICES set after CUDA started does nothing)."""
-    if name == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        return torch.device("cuda", job_num % torch.cuda.device_count())
-    if name == "cpu":
-        return torch.device("cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise RunError(
-                f"device={name} requested but CUDA is not available (torch {torch.__version__}); "
-                "accepted here: auto, cpu"
-            )
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            raise RunError(f"device={name!r} is not a device; accepted: auto, cpu, cuda, cuda:N") from None
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise RunError(f"device={name} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
-        return device
-    raise RunError(f"device={name!r} is not a device; accepted: auto, cpu, cuda, cuda:N")
 
 
 def limit_device_memory(gb: Any, device: torch.device) -> None:
@@ -80,22 +53,35 @@ def limit_device_memory(gb: Any, device: torch.device) -> None:
     torch.cuda.set_per_process_memory_fraction(gb * 1e9 / total, device)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in names:
-        raise RunError(f"model.dtype={name!r} is not accepted; accepted: auto, {', '.join(names)}")
-    return names[name]
+def config_groups() -> tuple[list[str], list[str]]:
+    """The groups a run accepts: (those of the primary defaults list, `group=name`; those appended, `+group=name`)."""
+    primary = OmegaConf.load(CONF / "config.yaml")
+    listed = [next(iter(d)) for d in primary.get("defaults", []) if isinstance(d, DictConfig)]
+    folders = {p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "__pycache__")}
+    return listed, [*PLUGIN_GROUPS, *sorted(folders - set(listed) - set(PLUGIN_GROUPS))]
+
+
+def check_top_level_keys(cfg: DictConfig | dict) -> None:
+    """Refuse a key the config does not know (`+cahce=int4` would otherwise run the dense baseline and write a
+    metrics.json that looks like an int4 result)."""
+    keys = [k for k in OmegaConf.load(CONF / "config.yaml") if k not in ("defaults", "hydra")]
+    listed, appended = config_groups()
+    unknown = [k for k in cfg if k not in (*keys, *listed, *appended)]
+    if unknown:
+        groups = ", ".join([*(f"+{g}=" for g in appended), *(f"{g}=" for g in listed)])
+        raise RunError(
+            f"unknown config key {', '.join(repr(k) for k in unknown)}; accepted groups: {groups}; "
+            f"keys: {', '.join(keys)} (see python -m ollm_triton.run --help)"
+        )
 
 
 def resolve_plugins(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """{group: {name, params, default}} for the four plugin groups, every parameter validated."""
     out = {}
-    for group, (kind, baseline) in PLUGIN_GROUPS.items():
+    for group in PLUGIN_GROUPS:  # a plugin group is named after its kind
         section = dict(cfg.get(group) or {})
-        name = section.pop("name", None) or baseline
-        registry.config(kind, name, section)  # raises PluginError naming plugin, field and type
+        name = section.pop("name", None) or registry.baseline(group)
+        registry.config(group, name, section)  # raises PluginError naming plugin, field and type
         out[group] = {"name": name, "params": section, "default": group not in cfg}
     return out
 
@@ -140,15 +126,15 @@ def run_job(cfg: DictConfig, run_dir: Path, job_num: int = 0) -> dict[str, Any]:
         raise RunError(f"{e.full_key} is required but not set (see ollm_triton/conf/ for what it accepts)") from None
     plugins = resolve_plugins(resolved)
     tasks = resolve_tasks(resolved)
-    device = resolve_device(str(resolved.get("device", "auto")), job_num)
-    limit_device_memory(resolved.get("device_memory_gb"), device)
-    dtype = resolve_dtype(str(resolved["model"].get("dtype", "auto")), device)
     source, trained = model_source(resolved["model"])
+    device = resolve_device(str(resolved.get("device", "auto")), job_num)  # ValueError: the one-line error
+    limit_device_memory(resolved.get("device_memory_gb"), device)
+    dtype = str(resolved["model"].get("dtype", "auto"))
+    resolve_dtype(dtype, device)  # a bad name fails here, before anything loads; load_engine resolves auto itself
 
     torch.manual_seed(int(resolved.get("seed", 0)))
     built = {
-        group: registry.build(kind, plugins[group]["name"], plugins[group]["params"])
-        for group, (kind, _) in PLUGIN_GROUPS.items()
+        group: registry.build(group, plugins[group]["name"], plugins[group]["params"]) for group in PLUGIN_GROUPS
     }
     from ollm_triton.engine import load_engine
 
@@ -234,10 +220,14 @@ def hydra_main(cfg: DictConfig) -> float | None:
     group = Path(hc.sweep.dir).name if multirun else None
     clean_state()
     (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=False))
-    plugin_names = {g: (cfg.get(g) or {}).get("name", base) for g, (_, base) in PLUGIN_GROUPS.items()}
-    name = "-".join([str(cfg.model.get("name", "model")), *plugin_names.values()])
     logger = None
     started = time.perf_counter()
+    try:
+        check_top_level_keys(cfg)  # before anything loads or logs
+    except RunError as e:
+        return fail(e, run_dir, hc, started, logger=None, multirun=multirun)
+    plugin_names = {g: (cfg.get(g) or {}).get("name", registry.baseline(g)) for g in PLUGIN_GROUPS}
+    name = "-".join([str(cfg.model.get("name", "model")), *plugin_names.values()])
     try:
         logger = WandbLogger(
             OmegaConf.to_container(cfg.logger, resolve=True),
@@ -256,28 +246,66 @@ def hydra_main(cfg: DictConfig) -> float | None:
         print_summary(record, run_dir)
         return None
     except Exception as e:  # recorded as failed; a single run exits non-zero, a sweep goes on
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if not isinstance(e, USER_ERRORS):
-            (run_dir / "error.log").write_text(traceback.format_exc())
-            message = f"{type(e).__name__}: {message} (traceback in {run_dir / 'error.log'})"
-        write_metrics(
-            run_dir,
-            {
-                "status": "failed",
-                "error": message,
-                "duration_s": time.perf_counter() - started,
-                "overrides": list(hc.overrides.task),
-            },
-        )
-        if logger is not None:
-            logger.finish(1)
-        print(f"error: {message}", file=sys.stderr)
-        _failed_jobs.append(message)
-        if not multirun:
-            sys.exit(2)
-        return None
+        return fail(e, run_dir, hc, started, logger=logger, multirun=multirun)
     finally:
         clean_state()
+
+
+def fail(e: Exception, run_dir: Path, hc: Any, started: float, *, logger: Any, multirun: bool) -> None:
+    """Record a failed job (metrics.json with its one-line error), print the line; a single run exits 2."""
+    message = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if not isinstance(e, USER_ERRORS):
+        (run_dir / "error.log").write_text(traceback.format_exc())
+        message = f"{type(e).__name__}: {message} (traceback in {run_dir / 'error.log'})"
+    write_metrics(
+        run_dir,
+        {
+            "status": "failed",
+            "error": message,
+            "duration_s": time.perf_counter() - started,
+            "overrides": list(hc.overrides.task),
+        },
+    )
+    if logger is not None:
+        logger.finish(1)
+    print(f"error: {message}", file=sys.stderr)
+    _failed_jobs.append(message)
+    if not multirun:
+        sys.exit(2)
+    return None
+
+
+def composition_error(e: Exception) -> str:
+    """One line for an error Hydra or OmegaConf raised while composing the config (before any job ran)."""
+    cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else e
+    node = getattr(cause, "object_type", None)
+    key = getattr(cause, "key", None)
+    kind, name = getattr(node, "plugin_kind", None), getattr(node, "plugin_name", None)
+    if kind and isinstance(key, str):  # a plugin's or a task's node: name the plugin, the field, what it accepts
+        spec = registry.get(kind, name)
+        params = {p: t for p, t, _ in spec.parameters()}
+        where = f"{kind} {name!r}" if kind != "task" else f"task {name!r}"
+        override = str(e).rsplit(" ", 1)[-1] if str(e).startswith("Error merging override") else ""
+        if key not in params:
+            return f"{where}: unknown parameter {key!r}; accepted: {', '.join(params) or 'none'}"
+        if isinstance(cause, ValidationError):
+            got = f", got {override.split('=', 1)[1]!r}" if "=" in override else ""
+            return f"{where}: parameter {key!r} expects {params[key]}{got}"
+    pieces: list[str] = []
+    for source in (e, cause) if cause is not e else (e,):
+        listing = False  # after "Available options in 'cache':" Hydra writes one indented option a line
+        for raw in str(source).splitlines():
+            line = raw.strip().removesuffix(".")
+            if line.startswith("Config search path"):
+                break
+            if not line or line.startswith(("full_key:", "object_type=", "reference_type=")):
+                continue
+            if listing and raw[:1].isspace():
+                pieces[-1] += (" " if pieces[-1].endswith(":") else ", ") + line
+                continue
+            pieces.append(line)
+            listing = line.endswith(":")
+    return "; ".join(pieces) or type(e).__name__
 
 
 def print_summary(record: dict[str, Any], run_dir: Path) -> None:
@@ -292,7 +320,22 @@ def print_summary(record: dict[str, Any], run_dir: Path) -> None:
 
 
 def main() -> None:
-    hydra_main()
+    """The console script `ollm-triton` and `python -m ollm_triton.run`. A config that does not compose (a
+    misspelt group, field or value) ends here in one line, exit status 2; HYDRA_FULL_ERROR=1 shows the traceback."""
+    full_error = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing several lines and exiting 1
+    try:
+        hydra_main()
+    except (HydraException, OmegaConfBaseException) as e:
+        if full_error == "1":
+            raise
+        print(f"error: {composition_error(e)}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if full_error is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = full_error
     if _failed_jobs:
         print(f"{len(_failed_jobs)} job(s) failed", file=sys.stderr)
         sys.exit(1)

@@ -82,9 +82,18 @@ def test_multirun_shares_wandb_group(tmp_path):
         (["model=tiny_random", "task=perplexity"], ["perplexity", "random weights"]),
         (["device=cpu", "device_memory_gb=8"], ["device_memory_gb=8", "caps CUDA memory", "accepted"]),
         (["device_memory_gb=-1"], ["device_memory_gb=-1", "positive number"]),
+        (["+cahce=int4"], ["unknown config key 'cahce'", "accepted groups: +attention=, +cache=", "keys: device"]),
+        (["cahce=int4"], ["'cahce'", "+cahce=int4"]),
+        (["cache=int4"], ["+cache=int4"]),
+        (["+cache=int4", "cache.residul=64"], ["cache 'int4'", "unknown parameter 'residul'", "accepted: ", "residual"]),
+        (["+cache=int4", "cache.residual=abc"], ["cache 'int4'", "'residual'", "expects int", "'abc'"]),
+        (["task.memory.batch=x"], ["task 'memory'", "'batch'", "expects int"]),
+        (["+cache=nope"], ["cache/nope", "Available options in 'cache': cluster, dense"]),
+        (["model.dtype=fp8"], ["dtype='fp8'", "accepted: auto"]),
     ],
     ids=["unknown-plugin", "bad-type", "unknown-param", "no-cuda", "missing-path", "no-source", "refused-task",
-         "memory-cap-on-cpu", "memory-cap-negative"],
+         "memory-cap-on-cpu", "memory-cap-negative", "misspelt-group", "misspelt-group-no-plus", "group-without-plus",
+         "misspelt-field", "field-type", "task-field-type", "unknown-option", "bad-dtype"],
 )
 def test_bad_input_one_clear_line(tmp_path, args, words):
     if args == ["device=cuda"] and _has_cuda():
@@ -98,10 +107,11 @@ def test_bad_input_one_clear_line(tmp_path, args, words):
     for w in words:
         assert w in proc.stderr, (w, proc.stderr[-1500:])
     assert "Traceback" not in proc.stderr, proc.stderr[-1500:]
+    assert line.startswith("error: ") and "HYDRA_FULL_ERROR" not in proc.stderr, proc.stderr[-1500:]
     metrics = tmp_path / "metrics.json"
     if metrics.exists():
-        assert json.loads(metrics.read_text())["status"] == "failed"
-    assert line
+        record = json.loads(metrics.read_text())
+        assert record["status"] == "failed" and "load_s" not in record.get("metrics", {})
 
 
 def _has_cuda():
