@@ -241,3 +241,30 @@ def test_argmax_rows_matches_argmax_with_ties(v):
         assert torch.equal(argmax_rows(x), x.argmax(-1))
     x = torch.randn(2, v, generator=g).to(device)
     assert torch.equal(argmax_rows(x), x.argmax(-1))
+
+
+def test_a_third_party_plugin_declares_its_way_onto_the_static_step():
+    """The fast path reads declarations, not names: a codec and a backend registered under other names that declare
+    `static_buffers` / `dense_causal` get the static step; the same classes without the declaration do not."""
+    from ollm_triton.attention.sdpa import SDPA
+    from ollm_triton.cache.dense import Dense, DenseConfig
+
+    class MyDense(Dense):
+        plugin_name = "my_dense"
+
+    class MyAttention(SDPA):
+        plugin_name = "my_attention"
+
+    declared = engine_for(fast_decode="static", codec=MyDense(DenseConfig()), attention=MyAttention())
+    assert str(declared.fast_path) == "static"
+    ids = prompt(batch=1)
+    ref = decode_loop(engine_for(fast_decode="off"), ids, 6, argmax_pick, None)
+    assert torch.equal(decode_loop(declared, ids, 6, argmax_pick, None).tokens, ref.tokens)
+    MyDense.static_buffers = False
+    MyAttention.dense_causal = False
+    undeclared = engine_for(fast_decode="static", codec=MyDense(DenseConfig()), attention=MyAttention())
+    assert str(undeclared.fast_path) == "eager (attention 'my_attention' is not dense causal: the static step " \
+                                        "cannot stand in for its decode)"
+    MyAttention.dense_causal = True
+    assert capture_blocker(engine_for(codec=MyDense(DenseConfig()), attention=MyAttention())) == \
+        "cache 'my_dense' declares no static buffers"
