@@ -173,10 +173,35 @@ def test_distance_tuner_grows_keeps_steps_back_and_shrinks():
 
 
 def test_adaptive_moves_its_distance_and_slots_together(resident):
+    """The cold first forward misses (nothing was prefetched before it): with stall_target 0 the distance grows
+    right after it, and the slots with it; the calm forwards after it (or a grow that did not pay) bring it back
+    down. Each forward's misses and the distance and slots after it are recorded from the policy's own stats."""
     policy = _build("adaptive")
+    history = []  # (misses during the forward, distance after it, slots after it)
+    forward_start, forward_end = policy.forward_start, policy.forward_end
+
+    def misses():
+        st = policy.stats()
+        return st["prefetch_late"] + st["demand_loads"]
+
+    def start():
+        forward_start()
+        history.append(misses())
+
+    def end():
+        forward_end()
+        st = policy.stats()
+        history[-1] = (misses() - history[-1], st["distance"], st["slots"])
+
+    policy.forward_start, policy.forward_end = start, end
     outs, st = _run(CFG, policy, steps=STEPS)
     assert all(torch.equal(a, b) for a, b in zip(resident["untied"], outs, strict=True))
-    assert st["slots"] == st["distance"] + 1 and 1 <= st["distance"] <= 3
+    assert len(history) == 1 + STEPS
+    assert history[0][0] > 0 and history[0][1:] == (2, 3), history  # measured misses -> one step further
+    assert history[-1][1] < 2, history  # and back once the misses stopped
+    assert all(slots == distance + 1 and 1 <= distance <= 3 for _, distance, slots in history), history
+    changes = sum(a[1] != b[1] for a, b in zip([(0, 1, 2), *history], history, strict=False))
+    assert st["distance_changes"] == changes >= 2
 
 
 @pytest.mark.interpreter
