@@ -60,8 +60,9 @@ class PluginSpec:
 
     @property
     def description(self) -> str:
+        """The first paragraph of the class docstring, on one line."""
         doc = (self.cls.__doc__ or "").strip()
-        return doc.splitlines()[0] if doc else ""
+        return " ".join(line.strip() for line in doc.split("\n\n")[0].splitlines()) if doc else ""
 
     def parameters(self) -> list[tuple[str, str, Any]]:
         """(name, type, default) of every schema field."""

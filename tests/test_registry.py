@@ -144,3 +144,54 @@ def test_plugins_listing_command_shows_third_party(tmp_path):
         [sys.executable, "-m", "ollm_triton.plugins", "codecs"], capture_output=True, text=True, timeout=120
     )
     assert bad.returncode == 2 and "unknown plugin kind 'codecs'" in bad.stderr
+
+
+@dataclass
+class _DocumentedBase:
+    store: str = "device"  # where it lives
+
+
+@dataclass
+class _Documented(_DocumentedBase):
+    window: int = 64  # keys visible behind a query
+    # Tokens per step. A longer explanation follows here
+    # and goes on.
+    chunk: int = 0
+    plain: int = 1
+    wrapped: float = 0.5  # first part,
+    #                      second part
+
+
+def test_field_descriptions_come_from_the_schema_comments():
+    from ollm_triton.plugins import field_descriptions
+
+    assert field_descriptions(_Documented) == {
+        "store": "where it lives",  # inherited
+        "window": "keys visible behind a query",  # trailing
+        "chunk": "Tokens per step.",  # the block above: its first sentence
+        "plain": "",
+        "wrapped": "first part, second part",  # continued on the next line
+    }
+
+
+def test_plugins_listing_shows_what_a_run_composes():
+    """Each parameter line carries the default a run composes (the node generated from the same schema) and the
+    field's comment; the baselines are marked."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from ollm_triton.plugins import describe
+    from ollm_triton.run import CONF
+
+    text = describe()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        tasks = OmegaConf.to_container(compose(config_name="config").task)
+        int4 = OmegaConf.to_container(compose(config_name="config", overrides=["+cache=int4"]).cache)
+    assert f"max_tokens: int = {tasks['perplexity']['max_tokens']!r}  # score at most" in text
+    assert f"residual: int = {int4['residual']!r}  # most recent tokens kept" in text
+    for name, params in tasks.items():
+        for key, value in params.items():
+            assert f"      {key}: " in text and f"= {value!r}" in text, (name, key)
+    for kind in ("attention", "cache", "decoder", "prefetch"):
+        assert f"[baseline: runs when +{kind} is not given]" in text
+    assert "profile=memory_optimized selects it" in text
