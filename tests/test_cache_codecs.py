@@ -161,9 +161,11 @@ def check_fidelity(name, layer, record):
             exact = slice(n_coded, held)
         else:
             exact = slice(0, held)  # dense and eviction codecs hold exact rows
+            newest = int(pos.max()) + 1
             if name == "streaming":  # the 4 sinks and the newest tokens
-                newest = int(pos.max()) + 1
                 assert pos[0, 0].tolist() == [0, 1, 2, 3, *range(newest - (held - 4), newest)]
+            elif name == "h2o":  # half the budget (~ 0.5 * 0.5 * 150 tokens) goes to the newest tokens
+                assert torch.equal(pos[..., -30:], torch.arange(newest - 30, newest).expand(B, HKV, -1))
         assert torch.equal(kd[:, :, exact], k_true[:, :, exact]) and torch.equal(vd[:, :, exact], v_true[:, :, exact])
 
 

@@ -38,7 +38,7 @@ ATTENTION = {
     "sparse": {"pattern": "bigbird", "block_size": 16, "density": 0.25, "num_global": 1},
     "multiscale": {"window": 8, "scales": [4, 16]},
     "adaptive": {"short_seq_threshold": 16, "long_seq_threshold": 32, "low_memory_gb": 0.0, "window": 8,
-                 "sink": 2, "sparse_block_size": 16},
+                 "sink": 2, "sparse_block_size": 16},  # window and sink as sliding_window's (its third mechanism)
 }
 QUANT = {"group_size": 16, "residual": 16}
 CACHE = {
@@ -61,12 +61,13 @@ def causal(t, s, q_offset):
 
 def expected_mask(backend, name, t, s, q_offset):
     """bool [T, S]: what the backend's queries should see."""
+    cfg = ATTENTION[name]
     if name == "adaptive":  # the mechanism it chose for this call
         return expected_mask(backend.backends[backend.choice], backend.choice, t, s, q_offset)
     mask = causal(t, s, q_offset)
-    if name == "sliding_window":
+    if name == "sliding_window":  # the configured window, not the one the backend says it has
         pos, key = (q_offset + torch.arange(t))[:, None], torch.arange(s)[None, :]
-        mask &= (key > pos - backend.window) | (key < backend.sink)
+        mask &= (key > pos - cfg["window"]) | (key < cfg["sink"])
     elif name == "sparse":
         mask &= backend.mask(t, s, q_offset)(slice(0, t)).cpu()
     return mask
