@@ -13,6 +13,17 @@ from pathlib import Path
 from typing import Any
 
 METRICS_FILE = "metrics.json"
+SUMMARY_FILE = "summary.md"  # a sweep's table, beside multirun.yaml
+# The metric a reader looks at first, per task (a sweep's summary shows those any job reported).
+HEADLINE = (
+    "perplexity/ppl",
+    "passkey/acc",
+    "throughput/decode_tok_s",
+    "throughput/prefill_tok_s",
+    "memory/kv_stored_bytes",
+    "memory/host_peak_rss_bytes",
+    "device_peak_allocated_bytes",
+)
 
 
 def environment(device) -> dict[str, Any]:
@@ -136,14 +147,87 @@ def load(path_or_glob: str | Path, include_failed: bool = True):
 
 
 def flatten_record(record: dict[str, Any], run_dir: str = "") -> dict[str, Any]:
-    row: dict[str, Any] = {"run_dir": run_dir, "status": record.get("status"), "error": record.get("error")}
-    for kind, plugin in record.get("plugins", {}).items():
+    """One row: status, error, the overrides the job ran with, `smoke`, plugin names and `<kind>.<param>`,
+    `task.<name>.<param>`, the model, `env.<field>` and every metric. Failed runs carry all but the metrics."""
+    row: dict[str, Any] = {
+        "run_dir": run_dir,
+        "status": record.get("status"),
+        "error": record.get("error"),
+        "overrides": " ".join(record.get("overrides") or []),
+        "smoke": record.get("smoke"),
+    }
+    for kind, plugin in (record.get("plugins") or {}).items():
         row[kind] = plugin.get("name")
-        for key, value in plugin.get("params", {}).items():
-            row[f"{kind}.{key}"] = value if not isinstance(value, (list, dict)) else json.dumps(value)
-    model = record.get("model", {})
+        for key, value in (plugin.get("params") or {}).items():
+            row[f"{kind}.{key}"] = _cell(value)
+    for task, params in (record.get("tasks") or {}).items():
+        for key, value in (params or {}).items():
+            row[f"task.{task}.{key}"] = _cell(value)
+    model = record.get("model") or {}
     row["model"] = model.get("name")
-    for key, value in record.get("env", {}).items():
+    for key, value in (record.get("env") or {}).items():
         row[f"env.{key}"] = value
-    row.update(record.get("metrics", {}))
+    row.update(record.get("metrics") or {})
     return row
+
+
+def _cell(value: Any) -> Any:
+    return value if not isinstance(value, (list, dict, tuple)) else json.dumps(value)
+
+
+def _fmt(value: Any) -> str:
+    if value is None or value != value:  # None, NaN
+        return ""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int) or float(value).is_integer() and abs(value) >= 1000:
+        return f"{int(value):,}"
+    return f"{value:.4g}"
+
+
+def summary_table(sweep_dir: str | Path) -> str:
+    """A sweep as a markdown table: one row per job (its number, the overrides it ran with, the headline metrics,
+    ok or the failure's one-line error), in job order."""
+    sweep = Path(sweep_dir)
+    jobs = []
+    for path in sweep.glob(f"*/{METRICS_FILE}"):
+        record = json.loads(path.read_text())
+        key = (0, int(path.parent.name), "") if path.parent.name.isdigit() else (1, 0, path.parent.name)
+        jobs.append((key, path.parent.name, record))
+    jobs.sort(key=lambda j: j[0])
+    if not jobs:
+        return f"no job of {sweep} wrote {METRICS_FILE}"
+    overrides = [dict(o.split("=", 1) for o in r.get("overrides") or [] if "=" in o) for _, _, r in jobs]
+    keys = list(dict.fromkeys(k for o in overrides for k in o))
+    fixed = [k for k in keys if len(jobs) > 1 and len({o.get(k) for o in overrides}) == 1]
+    keys = [k for k in keys if k not in fixed]  # columns for what the sweep varied; the rest on one line above
+    metrics = [m for m in HEADLINE if any(m in (r.get("metrics") or {}) for _, _, r in jobs)]
+    header = ["job", *keys, *metrics, "status"]
+    rows = []
+    for (_, name, record), over in zip(jobs, overrides, strict=True):
+        m = record.get("metrics") or {}
+        status = "ok" if record.get("status") == "ok" else f"failed: {record.get('error') or ''}"
+        rows.append([name, *(over.get(k, "") for k in keys), *(_fmt(m.get(k)) for k in metrics), status])
+    out = [f"every job: {' '.join(f'{k}={overrides[0][k]}' for k in fixed)}", ""] if fixed else []
+    out += ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    failed = sum(1 for _, _, r in jobs if r.get("status") != "ok")
+    out.append(f"\n{len(jobs)} job(s), {failed} failed; rows: `ollm_triton.results.load({str(sweep)!r})`")
+    return "\n".join(out)
+
+
+try:  # Hydra's callback base class (hydra-core >= 1.1); the summary is written by the parent process of a sweep
+    from hydra.experimental.callback import Callback as _Callback
+except ImportError:  # pragma: no cover
+    _Callback = object
+
+
+class SweepSummary(_Callback):
+    """Registered in config.yaml's hydra.callbacks: at the end of `-m`, print the sweep's table and write it to
+    summary.md beside multirun.yaml."""
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        sweep = Path(str(config.hydra.sweep.dir))
+        table = summary_table(sweep)
+        (sweep / SUMMARY_FILE).write_text(table + "\n")
+        print(f"\nsweep summary ({sweep / SUMMARY_FILE}):\n{table}")

@@ -7,6 +7,7 @@ the tasks, and writes metrics.json (+ the resolved config) in the run directory 
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import sys
 import time
@@ -30,6 +31,14 @@ from ollm_triton.tasks.base import RunContext, TaskRefused
 
 ASSETS = Path(__file__).parent / "assets"
 CONF = Path(__file__).parent / "conf"
+# What the runner prints also goes to the job's run.log (hydra/job_logging/ollm: this logger writes only the file,
+# so the console shows the printed lines once).
+log = logging.getLogger("ollm_triton.run")
+
+
+def say(message: str, *, err: bool = False) -> None:
+    print(message, file=sys.stderr if err else sys.stdout)
+    log.info(message)
 
 
 class RunError(Exception):
@@ -169,13 +178,13 @@ def run_job(cfg: DictConfig, run_dir: Path, job_num: int = 0) -> dict[str, Any]:
                 out = task.run(ctx)
             except TaskRefused as e:
                 refused[name] = str(e)
-                print(f"{name}: refused: {e}", file=sys.stderr)
+                say(f"{name}: refused: {e}", err=True)
                 continue
             metrics.update({f"{name}/{k}": v for k, v in out.items()})
         metrics["attention_path"] = built["attention"].last_path
         if device.type == "cuda":  # over the whole job (clean_state reset the counter before it began)
-            metrics["device_peak_allocated_bytes"] = float(torch.cuda.max_memory_allocated(device))
-            metrics["device_peak_reserved_bytes"] = float(torch.cuda.max_memory_reserved(device))
+            metrics["device_peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated(device))
+            metrics["device_peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved(device))
         metrics.update({f"prefetch/{k}": v for k, v in built["prefetch"].stats().items()})
         engine_info = engine.describe()
     finally:  # free the model (and a decoder's draft model) now, not at the next job's garbage collection
@@ -201,11 +210,47 @@ def run_job(cfg: DictConfig, run_dir: Path, job_num: int = 0) -> dict[str, Any]:
 
 
 def clean_state() -> None:
-    """Start each job of a multirun from nothing: the previous model freed, CUDA peak statistics reset."""
+    """Start each job of a multirun from nothing: the previous model freed, CUDA peak statistics and the process's
+    peak resident set (VmHWM, which the memory task reads) reset, so no job reports the previous job's peak."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    reset_host_peak()
+
+
+def reset_host_peak() -> bool:
+    """Reset the kernel's peak-RSS counter of this process (Linux: writing 5 to /proc/self/clear_refs resets
+    VmHWM to the current RSS). False where the OS has no such counter to reset."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux, or a kernel/sandbox that refuses it: the peak then covers the process's life
+        return False
+    return True
+
+
+def run_name(model: str, plugin_names: dict[str, str], overrides: list[str]) -> str:
+    """The W&B run name: model, the four plugins, then the job's other overrides (a sweep's swept values), so the
+    runs of a sweep over cache.ratio do not share one name."""
+    values = [o.lstrip("+") for o in overrides if o.lstrip("+").split("=", 1)[0] not in (*PLUGIN_GROUPS, "model")]
+    return "-".join([model, *plugin_names.values(), *values])
+
+
+def job_overrides(hc: Any) -> list[str]:
+    """The command-line overrides of this job (a sweep's job: with its swept values), hydra.* left out."""
+    return [o for o in hc.overrides.task if not o.lstrip("+~").startswith("hydra.")]
+
+
+def plugin_sections(cfg: DictConfig | dict) -> dict[str, dict[str, Any]]:
+    """{group: {name, params, default}} as composed, without validation (a failed job's record carries them)."""
+    out = {}
+    for group in PLUGIN_GROUPS:
+        section = cfg.get(group)
+        section = dict(OmegaConf.to_container(section, resolve=False) if OmegaConf.is_config(section) else section or {})
+        name = section.pop("name", None) or registry.baseline(group)
+        out[group] = {"name": name, "params": section, "default": cfg.get(group) is None}
+    return out
 
 
 _failed_jobs: list[str] = []
@@ -225,9 +270,10 @@ def hydra_main(cfg: DictConfig) -> float | None:
     try:
         check_top_level_keys(cfg)  # before anything loads or logs
     except RunError as e:
-        return fail(e, run_dir, hc, started, logger=None, multirun=multirun)
+        return fail(e, run_dir, hc, started, logger=None, multirun=multirun, cfg=cfg)
     plugin_names = {g: (cfg.get(g) or {}).get("name", registry.baseline(g)) for g in PLUGIN_GROUPS}
-    name = "-".join([str(cfg.model.get("name", "model")), *plugin_names.values()])
+    overrides = job_overrides(hc)
+    name = run_name(str(cfg.model.get("name", "model")), plugin_names, overrides)
     try:
         logger = WandbLogger(
             OmegaConf.to_container(cfg.logger, resolve=True),
@@ -238,6 +284,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
             name=name,
         )
         record = run_job(cfg, run_dir, hc.job.num if multirun else 0)
+        record["overrides"] = overrides
         record["duration_s"] = time.perf_counter() - started
         (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         write_metrics(run_dir, record)
@@ -246,29 +293,38 @@ def hydra_main(cfg: DictConfig) -> float | None:
         print_summary(record, run_dir)
         return None
     except Exception as e:  # recorded as failed; a single run exits non-zero, a sweep goes on
-        return fail(e, run_dir, hc, started, logger=logger, multirun=multirun)
+        return fail(e, run_dir, hc, started, logger=logger, multirun=multirun, cfg=cfg)
     finally:
         clean_state()
 
 
-def fail(e: Exception, run_dir: Path, hc: Any, started: float, *, logger: Any, multirun: bool) -> None:
+def fail(
+    e: Exception, run_dir: Path, hc: Any, started: float, *, logger: Any, multirun: bool, cfg: DictConfig | None = None
+) -> None:
     """Record a failed job (metrics.json with its one-line error), print the line; a single run exits 2."""
     message = str(e).splitlines()[0] if str(e) else type(e).__name__
     if not isinstance(e, USER_ERRORS):
         (run_dir / "error.log").write_text(traceback.format_exc())
         message = f"{type(e).__name__}: {message} (traceback in {run_dir / 'error.log'})"
-    write_metrics(
-        run_dir,
-        {
-            "status": "failed",
-            "error": message,
-            "duration_s": time.perf_counter() - started,
-            "overrides": list(hc.overrides.task),
-        },
-    )
+    record: dict[str, Any] = {
+        "status": "failed",
+        "error": message,
+        "duration_s": time.perf_counter() - started,
+        "overrides": job_overrides(hc),
+    }
+    if cfg is not None:  # what the job was asked to run, so results.load() shows a failure beside its sweep
+        try:
+            record["plugins"] = plugin_sections(cfg)
+            record["tasks"] = OmegaConf.to_container(cfg.get("task") or {}, resolve=False)
+            record["model"] = {"name": cfg.model.get("name")} if cfg.get("model") else {}
+            record["smoke"] = bool(cfg.get("smoke"))
+            record["seed"] = cfg.get("seed")
+        except Exception:  # a config too broken to read: the error line and the overrides still say what ran
+            pass
+    write_metrics(run_dir, record)
     if logger is not None:
         logger.finish(1)
-    print(f"error: {message}", file=sys.stderr)
+    say(f"error: {message}", err=True)
     _failed_jobs.append(message)
     if not multirun:
         sys.exit(2)
@@ -310,13 +366,15 @@ def composition_error(e: Exception) -> str:
 
 def print_summary(record: dict[str, Any], run_dir: Path) -> None:
     plugins = ", ".join(f"{g}={p['name']}{' (default)' if p['default'] else ''}" for g, p in record["plugins"].items())
-    print(f"model={record['model'].get('name')} {plugins}")
+    say(f"model={record['model'].get('name')} {plugins}")
+    if record.get("overrides"):  # a sweep's swept values (and any other override) in each run's header
+        say(f"overrides: {' '.join(record['overrides'])}")
     for key, value in record["metrics"].items():
         if isinstance(value, float):
-            print(f"  {key:40s} {value:.6g}")
+            say(f"  {key:40s} {value:.6g}")
         else:
-            print(f"  {key:40s} {value}")
-    print(f"metrics: {run_dir / 'metrics.json'}")
+            say(f"  {key:40s} {value}")
+    say(f"metrics: {run_dir / 'metrics.json'}")
 
 
 def main() -> None:
