@@ -11,7 +11,7 @@ import torch
 
 from ollm_triton.decoding.greedy import argmax_pick, decode_loop
 from ollm_triton.engine import load_engine
-from ollm_triton.engine.fast_decode import FastDecoder, capture_blocker, fuse_projections
+from ollm_triton.engine.fast_decode import FastDecoder, FastPath, capture_blocker, fuse_projections
 from ollm_triton.registry import registry
 
 SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -214,7 +214,7 @@ def test_gpu_piecewise_graph_equals_its_uncaptured_step(plugins):
     static = load_engine(GPU_MODEL, device="cuda", dtype=torch.bfloat16, seed=0, **plugins)
     assert str(graph.fast_path).startswith("piecewise graph (")
     static._fast = FastDecoder(static, capture=False, fuse_weights=True, piecewise=True)
-    static.fast_path = "piecewise static"
+    static.fast_path = FastPath("piecewise", captured=False)
     ids = prompt(batch=1, t=300).to("cuda") % 4096
     greedy = registry.build("decoder", "greedy")
     a = greedy.generate(graph, ids, 200)  # past a quantized group flush (residual 128 + group 128)
