@@ -103,7 +103,8 @@ def presets() -> dict[tuple[str, str], list[str]]:
                         kind = str(key).lstrip("/").removeprefix("override ").lstrip("/")
                         if kind in KINDS and isinstance(name, str):
                             values = OmegaConf.to_container(cfg.get(kind, {})) if kind in cfg else {}
-                            found.setdefault((kind, name), []).append(f"{group}={path.stem} selects it: {_values(values)}")
+                            note = f"{group}={path.stem} selects it: {_values(values)}"
+                            found.setdefault((kind, name), []).append(note)
     return found
 
 
@@ -121,7 +122,7 @@ def describe(kind: str | None = None) -> str:
         lines.append(f"{k}:  ({how})")
         for name in registry.names(k):
             spec = registry.get(k, name)
-            baseline = "  [baseline: runs when +{} is not given]".format(k) if BASELINES.get(k) == name else ""
+            baseline = f"  [baseline: runs when +{k} is not given]" if BASELINES.get(k) == name else ""
             lines.append(f"  {name:18s} {spec.description}{baseline}")
             notes = field_descriptions(spec.schema)
             for field, type_name, default in spec.parameters():

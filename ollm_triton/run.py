@@ -1,7 +1,8 @@
 """The Hydra entry point: `python -m ollm_triton.run [+attention=X] [+cache=Y] [task=...] [-m ...]`.
 
-Composes ollm_triton/conf/config.yaml, validates every plugin's parameters before loading anything, builds the engine, runs
-the tasks, and writes metrics.json (+ the resolved config) in the run directory and a W&B run.
+Composes ollm_triton/conf/config.yaml (plugin nodes generated from the registry's schemas: config_nodes.py), validates
+every plugin's parameters and checks the memory it needs before loading anything, builds the engine, runs the tasks,
+and writes metrics.json (+ the resolved config) in the run directory and a W&B run.
 """
 
 from __future__ import annotations
@@ -127,6 +128,34 @@ def model_source(model: dict[str, Any]) -> tuple[Any, bool]:
     return str(source), True
 
 
+def memory_check(resolved: dict[str, Any], source: Any, built: dict[str, Any], tasks: dict[str, Any],
+                 device: torch.device, dtype: str) -> dict[str, Any] | None:
+    """Weights + KV + activations of the largest cache a task declares (Task.footprint) against free memory
+    (engine/footprint.py): raises DoesNotFit (a ValueError, one line naming the need, what is free and what to do)
+    before anything is built. None where it cannot estimate (a hub id: no local config.json)."""
+    try:
+        from ollm_triton.engine.footprint import check_fits
+    except ImportError:  # an engine without the estimator: run unchecked
+        return None
+    if not isinstance(source, dict) and not (Path(str(source)) / "config.json").exists():
+        return None
+    smoke = bool(resolved.get("smoke"))
+    shapes = [getattr(t, "footprint", lambda s: (1, 0))(smoke) for t in tasks.values()] or [(1, 0)]
+    batch, context = max(shapes, key=lambda bc: (bc[0] * bc[1], bc[1]))
+    return check_fits(
+        source,
+        dtype=dtype,
+        device=device,
+        batch=int(batch),
+        context=int(context),
+        codec=built["cache"],
+        prefetch=built["prefetch"],
+        device_memory_gb=resolved.get("device_memory_gb"),
+        prefill_chunk=int(resolved.get("prefill_chunk") or 0),
+        name=str(resolved["model"].get("name") or ""),
+    )
+
+
 def run_job(cfg: DictConfig, run_dir: Path, job_num: int = 0) -> dict[str, Any]:
     """Run one job; returns the metrics.json record. Raises RunError/PluginError/ValueError for bad input."""
     try:
@@ -145,6 +174,8 @@ def run_job(cfg: DictConfig, run_dir: Path, job_num: int = 0) -> dict[str, Any]:
     built = {
         group: registry.build(group, plugins[group]["name"], plugins[group]["params"]) for group in PLUGIN_GROUPS
     }
+    task_objs = {name: registry.build("task", name, params) for name, params in tasks.items()}
+    footprint = memory_check(resolved, source, built, task_objs, device, dtype)  # refuses in one line, before loading
     from ollm_triton.engine import load_engine
 
     t0 = time.perf_counter()
@@ -172,8 +203,7 @@ def run_job(cfg: DictConfig, run_dir: Path, job_num: int = 0) -> dict[str, Any]:
     metrics: dict[str, Any] = {"load_s": load_s}
     refused: dict[str, str] = {}
     try:
-        for name, params in tasks.items():
-            task = registry.build("task", name, params)
+        for name, task in task_objs.items():
             try:
                 out = task.run(ctx)
             except TaskRefused as e:
@@ -206,6 +236,7 @@ def run_job(cfg: DictConfig, run_dir: Path, job_num: int = 0) -> dict[str, Any]:
         "env": environment(device),
         "smoke": bool(resolved.get("smoke")),
         "seed": resolved.get("seed"),
+        "footprint": footprint,
     }
 
 
@@ -247,7 +278,9 @@ def plugin_sections(cfg: DictConfig | dict) -> dict[str, dict[str, Any]]:
     out = {}
     for group in PLUGIN_GROUPS:
         section = cfg.get(group)
-        section = dict(OmegaConf.to_container(section, resolve=False) if OmegaConf.is_config(section) else section or {})
+        if OmegaConf.is_config(section):
+            section = OmegaConf.to_container(section, resolve=False)
+        section = dict(section or {})
         name = section.pop("name", None) or registry.baseline(group)
         out[group] = {"name": name, "params": section, "default": cfg.get(group) is None}
     return out

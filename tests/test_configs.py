@@ -2,7 +2,6 @@
 are generated from the registry), and a yaml preset may only say what differs from its schema."""
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir

@@ -85,7 +85,7 @@ def test_multirun_shares_wandb_group(tmp_path):
         (["+cahce=int4"], ["unknown config key 'cahce'", "accepted groups: +attention=, +cache=", "keys: device"]),
         (["cahce=int4"], ["'cahce'", "+cahce=int4"]),
         (["cache=int4"], ["+cache=int4"]),
-        (["+cache=int4", "cache.residul=64"], ["cache 'int4'", "unknown parameter 'residul'", "accepted: ", "residual"]),
+        (["+cache=int4", "cache.residul=64"], ["cache 'int4'", "unknown parameter 'residul'", "accepted: "]),
         (["+cache=int4", "cache.residual=abc"], ["cache 'int4'", "'residual'", "expects int", "'abc'"]),
         (["task.memory.batch=x"], ["task 'memory'", "'batch'", "expects int"]),
         (["+cache=nope"], ["cache/nope", "Available options in 'cache': cluster, dense"]),
@@ -129,3 +129,25 @@ def test_help_teaches_appending_plugin_groups():
     assert "cache: cluster, dense, h2o" in out and "attention: adaptive, flash" in out  # groups and their options
     assert "task: memory, passkey, perplexity, throughput" in out
     assert "Powered by Hydra" not in out  # our help, not Hydra's default
+
+
+def test_memory_check_refuses_before_building(monkeypatch):
+    """run_job asks engine/footprint.py before load_engine: a model that cannot fit is refused in one line."""
+    footprint = pytest.importorskip("ollm_triton.engine.footprint")
+    import torch
+    from omegaconf import OmegaConf
+
+    from ollm_triton.registry import registry
+    from ollm_triton.run import CONF, memory_check, model_source
+
+    model = OmegaConf.to_container(OmegaConf.load(CONF / "model" / "llama3_8b.yaml"))
+    source, _ = model_source(model)
+    built = {"cache": registry.build("cache", "dense"), "prefetch": registry.build("prefetch", "resident")}
+    tasks = {"throughput": registry.build("task", "throughput")}
+    resolved = {"model": model, "smoke": False}
+    monkeypatch.setattr(footprint, "free_memory", lambda *a, **k: (8 * 10**9, 8 * 10**9))
+    with pytest.raises(ValueError, match="llama3_8b does not fit") as e:
+        memory_check(resolved, source, built, tasks, torch.device("cpu"), "auto")
+    assert "\n" not in str(e.value)
+    monkeypatch.setattr(footprint, "free_memory", lambda *a, **k: (10**12, 10**12))
+    assert memory_check(resolved, source, built, tasks, torch.device("cpu"), "auto")["fits"]
