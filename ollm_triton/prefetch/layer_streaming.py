@@ -98,6 +98,33 @@ class StreamingPolicy(PrefetchPolicy):
     def forward_end(self) -> None:
         """Called at after_layer(last)."""
 
+    # --- the run's memory check (engine/footprint.py), before any model exists ---------------------------------
+    def max_planned_slots(self, num_layers: int, allowed: int) -> int:
+        """The most layer slots this policy may hold given `allowed` by the budget: its slot cap (max_cache_size,
+        max_distance + 1, one for on_demand), else every allowed layer."""
+        if self.discard_after_use:
+            cap = 1
+        elif getattr(self.cfg, "max_cache_size", None):
+            cap = self.cfg.max_cache_size
+        elif getattr(self.cfg, "max_distance", None):
+            cap = self.cfg.max_distance + 1
+        else:
+            cap = num_layers
+        return max(1, min(cap, allowed, num_layers))
+
+    def device_weight_bytes(self, total_bytes: int, layer_bytes: int | None = None, num_layers: int | None = None,
+                            head_bytes: int = 0) -> float:
+        """Weight bytes on the device at once: the embeddings/head (all of them, or the larger module when
+        keep_head_on_device is false) plus the layer slots the budget and the policy allow. Without the layer
+        shape: all weights, capped by budget_gb - headroom_gb."""
+        budget = None if self.cfg.budget_gb is None else self.cfg.budget_gb * GB
+        if not layer_bytes or not num_layers:
+            cap = total_bytes if budget is None else max(budget - self.cfg.headroom_gb * GB, 0.0)
+            return float(min(total_bytes, cap))
+        head = head_bytes if self.cfg.keep_head_on_device else head_bytes / 2
+        allowed = num_layers if budget is None else int((budget - head - self.cfg.headroom_gb * GB) // layer_bytes)
+        return float(min(total_bytes, head + self.max_planned_slots(num_layers, max(allowed, 1)) * layer_bytes))
+
     # --- setup ---------------------------------------------------------------------------------------------
     def weights_device(self, device: torch.device) -> torch.device:
         # load_engine materialises the weights on the host; setup moves the head and stores the layers

@@ -119,7 +119,9 @@ class CacheWatch:
         self.engine, self.caches = engine, []
 
     def __enter__(self) -> CacheWatch:
-        build = self.engine.new_cache
+        build = getattr(self.engine, "new_cache", None)
+        if build is None:  # a stand-in engine that builds no caches
+            return self
 
         def new_cache(*args, **kwargs):
             cache = build(*args, **kwargs)
@@ -144,25 +146,32 @@ class CacheWatch:
 # --- prompts -----------------------------------------------------------------------------------------------------
 
 def prompt_ids(engine, kind: str, batch: int, length: int, seed: int) -> tuple[torch.Tensor, str]:
-    """[batch, length] prompt ids on the CPU and what they are: `corpus` (held-out text, the eval split, tokenized
-    with the engine's tokenizer; row b starts b * length tokens further in) or `random` (seeded uniform tokens).
-    A model without a tokenizer gets random tokens, and the returned description says so."""
+    """[batch, length] prompt ids on the CPU and what they are.
+
+    `corpus`: held-out text as the decoding study (experiments/decoding) prompts it: the first `length` tokens
+    (the engine's tokenizer, BOS included when it adds one) of the first `batch` documents of the corpus eval split
+    that hold that many, one document a row. `random`: seeded uniform tokens. A model without a tokenizer gets
+    random tokens, and the description says so."""
     if kind not in PROMPTS:
         raise ValueError(f"prompt must be one of {', '.join(PROMPTS)}, got {kind!r}")
     if kind == "corpus" and engine.tokenizer is not None:
-        from ollm_triton.data.corpus import load_eval_text
+        from ollm_triton.data.corpus import load_corpus
 
-        need = batch * length
-        text, _ = load_eval_text("corpus")
-        chars = 8 * need + 64  # 8 characters a token is ample; doubled if not
-        while True:
-            ids = list(engine.tokenizer.encode(text[:chars]))
-            if len(ids) >= need or chars >= len(text):
-                break
-            chars *= 2
-        if len(ids) < need:
-            raise ValueError(f"the held-out corpus has {len(ids)} tokens; the prompt needs {need}")
-        return torch.tensor(ids[:need], dtype=torch.long).view(batch, length), "corpus"
+        corpus = load_corpus()
+        rows: list[list[int]] = []
+        for doc in corpus.eval_docs:
+            ids = list(engine.tokenizer.encode(doc[: 8 * length + 64]))  # 8 characters a token is ample
+            if len(ids) >= length:
+                rows.append(ids[:length])
+                if len(rows) == batch:
+                    return torch.tensor(rows, dtype=torch.long), "corpus"
+        # more rows than documents that long: consecutive slices of the whole eval text
+        need = (batch - len(rows)) * length
+        stream = list(engine.tokenizer.encode(corpus.eval_text()[: 8 * need + 64]))
+        if len(stream) < need:
+            raise ValueError(f"the held-out corpus holds too few tokens for {batch} x {length}; use prompt=random")
+        rows += [stream[i * length : (i + 1) * length] for i in range(batch - len(rows))]
+        return torch.tensor(rows, dtype=torch.long), "corpus"
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, engine.config.vocab_size, (batch, length), generator=gen)
     return ids, ("random" if kind == "random" else "random (the model has no tokenizer)")

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ollm_triton.registry import register
-from ollm_triton.tasks.base import RunContext, Task, TaskRefused
+from ollm_triton.tasks.base import CacheWatch, RunContext, Task, TaskRefused, plugin_effect, report_no_effect
 
 
 @dataclass
@@ -54,8 +54,17 @@ class Passkey(Task):
     def __init__(self, cfg: PasskeyConfig):
         self.cfg = cfg
 
-    def run(self, ctx: RunContext) -> dict[str, float | str]:
+    def _grid(self, smoke: bool) -> tuple[list[int], list[float], int]:
+        c = self.cfg
+        return ([min(c.lengths)], [c.depths[len(c.depths) // 2]], 1) if smoke else (c.lengths, c.depths, c.samples)
+
+    def footprint(self, smoke: bool) -> tuple[int, int]:
+        lengths, _, _ = self._grid(smoke)
+        return 1, max(lengths) + self.cfg.max_new_tokens + 16  # + a speculative verify block
+
+    def run(self, ctx: RunContext) -> dict[str, float | int | str]:
         from ollm_triton.data.corpus import load_corpus
+        from ollm_triton.attention.base import causal_pairs
         from ollm_triton.data.retrieval import corpus_filler, extract_answer, make_retrieval_doc
 
         c = self.cfg
@@ -65,9 +74,7 @@ class Passkey(Task):
         if engine.tokenizer is None:
             raise TaskRefused("passkey needs a trained model with a tokenizer; the model directory has no "
                               "tokenizer.json")
-        lengths, depths, samples = (
-            ([min(c.lengths)], [c.depths[len(c.depths) // 2]], 1) if ctx.smoke else (c.lengths, c.depths, c.samples)
-        )
+        lengths, depths, samples = self._grid(ctx.smoke)
         tok = _Segments(engine.tokenizer)
         prefix = [tok.bos] if tok.bos is not None else []
         # Filler is the corpus eval split as the engine's tokenizer encodes it (a BOS-adding tokenizer leaves one BOS
@@ -79,26 +86,40 @@ class Passkey(Task):
         t0 = time.perf_counter()
         by_length: dict[int, list[bool]] = {n: [] for n in lengths}
         by_depth: dict[float, list[bool]] = {d: [] for d in depths}
-        for length in lengths:
-            for depth in depths:
-                for _ in range(samples):
-                    doc = make_retrieval_doc(tok, filler, length - len(prefix), rng, depth=depth,
-                                             num_needles=c.num_needles)
-                    prompt = torch.tensor([prefix + doc.ids], dtype=torch.long)
-                    gen = ctx.decoder.generate(engine, prompt, c.max_new_tokens, eos_id=eos_id)
-                    answer = extract_answer(tok.decode(gen.tokens[0].tolist()))
-                    by_length[length].append(answer == doc.answer)
-                    by_depth[depth].append(answer == doc.answer)
+        visible = causal = 0.0  # (query, key) pairs of the answer's decode steps: attended, causally visible
+        with CacheWatch(engine) as watch:
+            for length in lengths:
+                for depth in depths:
+                    for _ in range(samples):
+                        doc = make_retrieval_doc(tok, filler, length - len(prefix), rng, depth=depth,
+                                                 num_needles=c.num_needles)
+                        prompt = torch.tensor([prefix + doc.ids], dtype=torch.long)
+                        gen = ctx.decoder.generate(engine, prompt, c.max_new_tokens, eos_id=eos_id)
+                        answer = extract_answer(tok.decode(gen.tokens[0].tolist()))
+                        by_length[length].append(answer == doc.answer)
+                        by_depth[depth].append(answer == doc.answer)
+                        n, new = prompt.shape[1], max(int(gen.tokens.shape[1]), 1)
+                        pairs = causal_pairs(new, n + new, n)
+                        causal += pairs
+                        visible += engine.attention.visible_fraction(new, n + new, n) * pairs
         seconds = time.perf_counter() - t0
 
         every = [ok for oks in by_length.values() for ok in oks]
         corpus = load_corpus()
-        out: dict[str, float | str] = {"acc": sum(every) / len(every)}
+        compressed, evicted = watch.lossy()
+        longest = watch.longest() or max(lengths)
+        effect, none = plugin_effect(engine, longest=longest, masked=1 - visible / causal if causal else None,
+                                     compressed=compressed, evicted=evicted)
+        report_no_effect("passkey", none)
+        out: dict[str, float | int | str] = {"acc": sum(every) / len(every)}
         out.update({f"acc@{n}": sum(oks) / len(oks) for n, oks in by_length.items()})
         out.update({f"acc_depth@{d:g}": sum(oks) / len(oks) for d, oks in by_depth.items()})
         out.update({
-            "samples": float(len(every)),
-            "num_needles": float(c.num_needles),
+            "samples": samples,  # documents per (length, depth) cell, as configured (1 in smoke runs)
+            "documents": len(every),  # documents generated and scored: lengths x depths x samples
+            "num_needles": c.num_needles,
+            "keys_masked": 1 - visible / causal if causal else 0.0,  # of the answer's decode steps
+            "plugin_effect": effect,
             "seconds": seconds,
             "data_python_version": corpus.python_version,
             "data_eval_hash": corpus.eval_hash,

@@ -1,0 +1,187 @@
+"""Will it fit? Weights + KV cache + activations of a run, estimated from shapes before anything is built.
+
+`check_fits(model_cfg, dtype=, device=, batch=, context=, codec=, prefetch=)` returns the estimate (bytes, for
+metrics.json) or raises `DoesNotFit` (a ValueError) with one line: what the run needs, what is free, and what to
+do. It allocates nothing and reads no weights, so `model=llama3_8b` on a 24 GB CPU machine refuses in milliseconds
+instead of building a float32 8B model until the OOM killer ends it.
+
+What it counts (all upper-bound-ish, from shapes):
+- weights: `ModelConfig.num_parameters()` in the run's dtype. On the compute device: what the prefetch policy holds
+  there at once (`prefetch.device_weight_bytes(total)`; every weight for resident, head + layer slots for the
+  streaming policies). A streaming policy keeps all of them in host memory (load_engine materialises them there).
+- KV: `codec.bytes_per_token(LayerSpec)` x context x layers (the codec declares its own cost: int4 a quarter of
+  bf16, eviction codecs dense as an upper bound).
+- activations of the largest forward (the prompt, or one `prefill_chunk` of it): hidden states, q/k/v, the MLP's
+  intermediate, on the CPU the float32 attention scores of one layer (the math path materialises them), and the
+  float32 logits of one chunk.
+
+Against what: free device memory (`torch.cuda.mem_get_info`, capped by the run's `device_memory_gb`) on a GPU,
+available host memory (psutil) on the CPU; on a GPU the host must also hold the weights a streaming policy keeps
+there.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ollm_triton.cache.base import LayerSpec
+from ollm_triton.engine.config import ModelConfig
+
+GB = 1e9
+USABLE = 0.9  # share of the free memory a run may plan to fill (allocator slack, the OS, other processes)
+
+
+class DoesNotFit(ValueError):
+    """A run that cannot fit; the message is one line: the need, what is free, what to do."""
+
+
+def model_config(source: ModelConfig | Mapping[str, Any] | str | os.PathLike) -> ModelConfig:
+    """A ModelConfig for a model source: a ModelConfig, a dict of Hugging Face config fields (`arch` of a
+    source=random model), or a checkpoint directory / hub id (reads its config.json only)."""
+    if isinstance(source, ModelConfig):
+        return source
+    if isinstance(source, Mapping):
+        return ModelConfig.from_hf(dict(source))
+    from ollm_triton.engine.checkpoint import read_config, resolve_source
+
+    return ModelConfig.from_hf(read_config(resolve_source(source)))
+
+
+def _elt(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def estimate(model_cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device, batch: int, context: int,
+             codec, prefetch, prefill_chunk: int = 0) -> dict[str, int]:
+    """The bytes a run needs, by part (see the module docstring); no memory is read or allocated."""
+    cfg = model_config(model_cfg)
+    device = torch.device(device)
+    elt = _elt(dtype)
+    weights = cfg.num_parameters() * elt
+    h, d = cfg.hidden_size, cfg.head_dim
+    embed = cfg.vocab_size * h * elt
+    head = embed * (1 if cfg.tie_word_embeddings else 2) + h * elt
+    layer = (weights - head) // max(cfg.num_layers, 1)
+    device_weights = weights if device.type == "cpu" else _device_weight_bytes(
+        prefetch, weights, layer_bytes=layer, num_layers=cfg.num_layers, head_bytes=head)
+    kv = 0
+    if context > 0:
+        spec = LayerSpec(batch=batch, kv_heads=cfg.num_kv_heads, head_dim=d, dtype=dtype, device=device,
+                         max_len=context)
+        kv = int(codec.bytes_per_token(spec) * context * cfg.num_layers)
+    t = min(context, prefill_chunk) if prefill_chunk else context
+    acts = 0
+    if t > 0:
+        qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * d
+        acts = batch * t * (4 * h + qkv + 3 * cfg.intermediate_size) * elt  # residual stream, q/k/v, MLP
+        if device.type == "cpu":  # the math path's float32 scores [B, Hq, T, S] of one layer
+            acts += batch * cfg.num_heads * t * context * 4
+        acts += batch * t * cfg.vocab_size * 4  # float32 logits of a chunk (perplexity scores every token)
+    host_weights = weights if device.type == "cpu" or torch.device(prefetch.weights_device(device)).type == "cpu" \
+        else 0
+    on_device = device_weights + kv + acts
+    return {
+        "weights_bytes": int(weights),
+        "device_weights_bytes": int(device_weights),
+        "kv_bytes": int(kv),
+        "activation_bytes": int(acts),
+        "device_bytes": int(on_device),
+        # on the CPU the device is the host; on a GPU the host holds what a streaming policy keeps there
+        "host_bytes": int(on_device if device.type == "cpu" else host_weights),
+    }
+
+
+def _device_weight_bytes(prefetch, total: int, **shape) -> float:
+    """prefetch.device_weight_bytes(total), with the layer shape for policies that take it (the streaming ones
+    count their slots: prefetch/layer_streaming.py)."""
+    params = inspect.signature(prefetch.device_weight_bytes).parameters
+    if all(k in params for k in shape):
+        return float(prefetch.device_weight_bytes(total, **shape))
+    return float(prefetch.device_weight_bytes(total))
+
+
+def free_memory(device: torch.device, device_memory_gb: float | None = None) -> tuple[int, int]:
+    """(free device bytes, available host bytes); on the CPU both are the host's available memory. The run's
+    `device_memory_gb` cap bounds the device figure."""
+    import psutil
+
+    host = int(psutil.virtual_memory().available)
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if device_memory_gb:
+            free = min(free, int(device_memory_gb * GB))
+        return int(free), host
+    return host, host
+
+
+def check_fits(model_cfg: ModelConfig | Mapping[str, Any] | str | os.PathLike, *, dtype: torch.dtype | str,
+               device: torch.device | str, batch: int, context: int, codec, prefetch,
+               device_memory_gb: float | None = None, prefill_chunk: int = 0, name: str | None = None,
+               free: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Raise DoesNotFit (one line) unless weights + KV + activations of the run fit; return the estimate.
+
+    model_cfg: a ModelConfig, a dict of Hugging Face config fields (source=random's `arch`), or a checkpoint
+    directory. dtype: a torch dtype or a name ("auto" resolves as load_engine does). batch, context: the largest
+    (sequences, tokens) a task holds in one cache (Task.footprint). codec, prefetch: the built plugins.
+    prefill_chunk: the run's prefill_chunk (bounds activations). name: the model's name in the message.
+    free: (device, host) free bytes to check against instead of measuring them (tests).
+    """
+    from ollm_triton.engine.placement import dtype_name, resolve_dtype
+
+    cfg = model_config(model_cfg)
+    device = torch.device(device)
+    dtype = resolve_dtype(dtype, device, cfg.checkpoint_dtype)
+    est = estimate(cfg, dtype=dtype, device=device, batch=batch, context=context, codec=codec, prefetch=prefetch,
+                   prefill_chunk=prefill_chunk)
+    free_device, free_host = free if free is not None else free_memory(device, device_memory_gb)
+    if device.type == "cuda" and device_memory_gb:
+        free_device = min(free_device, int(device_memory_gb * GB))
+    est.update({"free_device_bytes": int(free_device), "free_host_bytes": int(free_host)})
+    label = name or f"{cfg.model_type} {cfg.num_parameters() / 1e9:.2f}B"
+    where = "host memory" if device.type == "cpu" else f"{device} memory"
+    over = []
+    if est["device_bytes"] > USABLE * free_device:
+        over.append((where, est["device_bytes"], free_device))
+    if device.type != "cpu" and est["host_bytes"] > USABLE * free_host:
+        over.append(("host memory (the weights a streaming policy keeps there)", est["host_bytes"], free_host))
+    if not over:
+        est["fits"] = True
+        return est
+    what, need, have = over[0]
+    parts = (f"weights {est['device_weights_bytes'] / GB:.2f} GB {dtype_name(dtype)}"
+             if what != "host memory (the weights a streaming policy keeps there)"
+             else f"weights {est['weights_bytes'] / GB:.2f} GB {dtype_name(dtype)}")
+    if what != "host memory (the weights a streaming policy keeps there)":
+        parts += (f" + KV {est['kv_bytes'] / GB:.2f} GB ({getattr(codec, 'plugin_name', type(codec).__name__)})"
+                  f" + activations {est['activation_bytes'] / GB:.2f} GB")
+    cap = f" (device_memory_gb={device_memory_gb})" if device.type == "cuda" and device_memory_gb else ""
+    raise DoesNotFit(
+        f"{label} does not fit: {batch} x {context} tokens need {need / GB:.1f} GB of {what} ({parts}) but "
+        f"{have / GB:.1f} GB is free{cap}; {_advice(est, device, dtype, have, codec)}")
+
+
+def _advice(est: dict[str, int], device: torch.device, dtype: torch.dtype, have: int, codec) -> str:
+    tips = []
+    weights = est["device_weights_bytes"]
+    if device.type == "cpu":
+        tips.append("use a GPU (device=cuda)")
+        if dtype == torch.float32 and est["weights_bytes"] / 2 + est["kv_bytes"] / 2 < USABLE * have:
+            tips.append("model.dtype=bfloat16")
+    elif weights > 0.5 * USABLE * have:
+        budget = max(USABLE * have / GB - 1.0, 0.5)
+        tips.append(f"+prefetch=lookahead prefetch.budget_gb={budget:.0f}")
+    if est["kv_bytes"] > 0.25 * est["device_bytes"] and getattr(codec, "plugin_name", "") not in ("int4", "int2"):
+        tips.append("+cache=int4")
+    if est["kv_bytes"] + est["activation_bytes"] > 0.25 * est["device_bytes"]:
+        tips.append("a shorter context or smaller batch")
+    tips.append("model=tiny_random")
+    return "try " + ", ".join(tips[:-1]) + " or " + tips[-1] if len(tips) > 1 else "try " + tips[0]
+
+
+__all__ = ["DoesNotFit", "check_fits", "estimate", "free_memory", "model_config"]
