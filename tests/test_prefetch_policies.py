@@ -3,11 +3,8 @@ add up, budgets and bad parameters give one clear line, a corrupt layer file sto
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-import yaml
 
 from ollm_triton.engine import load_engine
 from ollm_triton.prefetch.adaptive import DistanceTuner
@@ -112,13 +109,13 @@ def test_bad_parameters_give_one_clear_line(name, params, match):
     assert "\n" not in str(e.value)
 
 
-def test_every_prefetch_config_builds():
-    for path in sorted((Path(__file__).parents[1] / "ollm_triton" / "conf" / "prefetch").glob("*.yaml")):
-        params = yaml.safe_load(path.read_text())
-        name = params.pop("name")
-        assert name == path.stem
-        assert registry.build("prefetch", name, params).cfg is not None
-        assert registry.get("prefetch", name).description
+def test_every_prefetch_plugin_builds_from_its_schema():
+    names = registry.names("prefetch")
+    assert {"resident", "on_demand", "lookahead", "memory_aware", "adaptive"} <= set(names)
+    for name in names:
+        policy = registry.build("prefetch", name)
+        assert policy.plugin_name == name and registry.get("prefetch", name).description
+        assert policy.resident_weights == (name == "resident")  # only the baseline keeps every weight in place
 
 
 def test_corrupt_layer_file_stops_the_run_naming_the_file(tmp_path):

@@ -31,7 +31,7 @@ def main():
     args = ap.parse_args()
     if args.gemv:
         return gemv()
-    arch = yaml.safe_load((REPO / "conf" / "model" / "llama3_8b.yaml").read_text())["arch"]
+    arch = yaml.safe_load((REPO / "ollm_triton" / "conf" / "model" / "llama3_8b.yaml").read_text())["arch"]
     engine = load_engine(arch, device="cuda", dtype=torch.bfloat16, seed=0, fast_decode="graph")
     fd = engine.fast_decoder()
     prompt = torch.randint(0, arch["vocab_size"], (1, args.prompt), device="cuda")
