@@ -211,12 +211,14 @@ def run_job(cfg: DictConfig, run_dir: Path, job_num: int = 0) -> dict[str, Any]:
                 say(f"{name}: refused: {e}", err=True)
                 continue
             metrics.update({f"{name}/{k}": v for k, v in out.items()})
-        metrics["attention_path"] = built["attention"].last_path
+        engine_info = engine.describe()
+        # what attention ran, per phase: under the captured decode step it is the step's own kernel, not the plugin
+        metrics["attention_path"] = engine_info["attention_path"]
+        metrics["decode_attention_path"] = engine_info["decode_attention_path"]
         if device.type == "cuda":  # over the whole job (clean_state reset the counter before it began)
             metrics["device_peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated(device))
             metrics["device_peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved(device))
         metrics.update({f"prefetch/{k}": v for k, v in built["prefetch"].stats().items()})
-        engine_info = engine.describe()
     finally:  # free the model (and a decoder's draft model) now, not at the next job's garbage collection
         for part in (engine, built["decoder"]):
             close = getattr(part, "close", None)

@@ -42,6 +42,22 @@ def test_single_run_writes_metrics_and_offline_wandb(tmp_path):
         assert key in record["env"]
     assert (tmp_path / "resolved_config.yaml").exists()
     assert list((tmp_path / "wandb").glob("offline-run-*")), "no offline W&B run written"
+    # no decode step ran through a static step here: the plugin's own path is what decoding ran
+    assert m["decode_attention_path"] == m["attention_path"] == "torch.sdpa"
+
+
+@pytest.mark.slow
+def test_metrics_name_the_attention_the_static_decode_step_ran(tmp_path):
+    """Under the static (graph-capturable) step, decode attention is the step's own varlen kernel, not the plugin's
+    SDPA that prefill ran: metrics.json says which ran where."""
+    proc = run("model=tiny_random", "task=throughput", "debug=smoke", "fast_decode=static", "logger=none",
+               f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    m, model = record["metrics"], record["model"]
+    assert m["attention_path"] == "torch.sdpa"
+    assert m["decode_attention_path"] == "torch.decode_varlen_reference (static step)"
+    assert model["fast_path"] == "static" and model["fast_path_mode"] == "graph" and not model["fast_path_captured"]
 
 
 @pytest.mark.slow
