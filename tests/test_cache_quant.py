@@ -102,23 +102,35 @@ def test_kvcache_truncate_resets_position():
     assert cache.position == 50 and all(lay.length == 50 for lay in cache.layers)
 
 
+def held_bytes(lay) -> int:
+    """Bytes of the rows a quant layer actually holds, measured on its own tensors: codes and value scales/zeros of
+    the n_quant quantized tokens, key scales/zeros of their n_quant / G groups, residual K/V of n_res tokens."""
+    n, groups, res = lay.n_quant, lay.n_quant // lay.group, lay.n_res
+    total = 0
+    for name, rows in (("k_codes", n), ("v_codes", n), ("v_scale", n), ("v_zero", n), ("k_scale", groups),
+                       ("k_zero", groups), ("k_res", res), ("v_res", res)):
+        t = getattr(lay, name)
+        if t is not None:
+            total += t[:, :, :rows].numel() * t.element_size()
+    return total
+
+
 @pytest.mark.parametrize("bits", [8, 4, 2])
-def test_stored_bytes_counts_codes_scales_zeros_residual(bits):
-    d, g, r = 128, 128, 128
-    lay = layer(bits=bits, group=g, residual=r, d=d, h=2, max_len=4096, dtype=torch.bfloat16)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_stored_bytes_are_the_bytes_the_layer_holds(bits, symmetric):
+    d = 128
+    lay = layer(bits=bits, group=128, residual=128, d=d, h=2, max_len=4096, dtype=torch.bfloat16, symmetric=symmetric)
     lay.append(*kv(4000, d=d, dtype=torch.bfloat16))
-    n, res = lay.n_quant, lay.n_res
-    assert (n, res) == (3840, 160)
-    codes = 2 * n * d * bits // 8
-    scales = 2 * 2 * (n // g * d + n * 1)  # fp16 scale + zero: keys per (group, channel), values per token
-    expected = 2 * (codes + scales + 2 * res * d * 2)
-    assert lay.stored_bytes() == expected
-    assert lay.original_bytes() == 2 * 2 * 4000 * d * 2
+    assert (lay.n_quant, lay.n_res) == (3840, 160)
+    assert lay.stored_bytes() == held_bytes(lay)
+    k, v = kv(4000, d=d, dtype=torch.bfloat16)
+    assert lay.original_bytes() == k.numel() * k.element_size() + v.numel() * v.element_size()
     ratio = lay.stored_bytes() / lay.original_bytes()
     assert ratio < {8: 0.54, 4: 0.30, 2: 0.18}[bits]  # 4% of 4000 tokens sit in the residual window
-    sym = layer(bits=bits, group=g, residual=r, d=d, h=2, max_len=4096, dtype=torch.bfloat16, symmetric=True)
-    sym.append(*kv(4000, d=d, dtype=torch.bfloat16))
-    assert sym.stored_bytes() == expected - 2 * (2 * (n // g * d + n))  # no zero points
+    # the codec's declared per-token cost (the runner's memory check) is what a quantized token really takes
+    codec = registry.build("cache", "quant", {"bits": bits, "group_size": 128, "residual": 128, "symmetric": symmetric})
+    quantized = held_bytes(lay) - sum(getattr(lay, x)[:, :, : lay.n_res].numel() * 2 for x in ("k_res", "v_res"))
+    assert codec.bytes_per_token(lay.spec) * lay.n_quant == quantized
 
 
 def test_compress_time_and_stats():
