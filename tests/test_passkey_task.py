@@ -32,6 +32,7 @@ class EngineTokenizer:
 class FakeEngine:
     def __init__(self, tokenizer):
         self.tokenizer, self.device = tokenizer, torch.device("cpu")
+        self.attention, self.codec = registry.build("attention", "sdpa"), registry.build("cache", "dense")
 
 
 class Oracle(DecoderStrategy):
@@ -74,7 +75,10 @@ def test_oracle_scores_one_and_wrong_scores_zero(bpe):
         RunContext(engine=engine, decoder=oracle, device=torch.device("cpu")))
     assert out["acc"] == 1.0 and out["acc@256"] == 1.0 and out["acc@512"] == 1.0
     assert out["acc_depth@0"] == out["acc_depth@0.5"] == out["acc_depth@1"] == 1.0
-    assert out["samples"] == 12.0
+    # samples is the configured documents per (length, depth) cell; documents counts them all; both integers
+    assert out["samples"] == 2 and out["documents"] == 12
+    assert type(out["samples"]) is int and type(out["documents"]) is int and type(out["num_needles"]) is int
+    assert out["plugin_effect"] == "baseline: attention sdpa, cache dense"
     assert out["data_eval_hash"] == load_corpus().eval_hash
     assert sorted(len(p) for p in oracle.prompts) == [256] * 6 + [512] * 6
     wrong = build(lengths=[256], depths=[0.5]).run(
@@ -87,7 +91,7 @@ def test_smoke_runs_one_short_sample(bpe):
     out = build(lengths=[2048, 300, 1024]).run(
         RunContext(engine=FakeEngine(EngineTokenizer(bpe)), decoder=oracle, device=torch.device("cpu"), smoke=True))
     assert len(oracle.prompts) == 1 and len(oracle.prompts[0]) == 300
-    assert out["samples"] == 1.0 and set(k for k in out if k.startswith("acc@")) == {"acc@300"}
+    assert out["samples"] == 1 and out["documents"] == 1 and set(k for k in out if k.startswith("acc@")) == {"acc@300"}
 
 
 def test_bos_tokenizer_gets_one_bos_in_front(bpe):
@@ -123,3 +127,18 @@ def test_shipped_model_retrieves_through_the_engine():
         RunContext(engine=engine, decoder=decoder, device=torch.device("cpu")))
     # The model card reports >= 95% at these lengths over many more samples; 6 samples may miss one.
     assert out["acc"] >= 5 / 6, out
+    assert out["samples"] == 1 and out["documents"] == 6
+
+
+@pytest.mark.skipif(not (ASSETS / "tiny-llama" / "config.json").is_file(), reason="embedded model not trained yet")
+def test_window_longer_than_every_document_says_none(capsys):
+    from ollm_triton.engine import load_engine
+
+    window = registry.build("attention", "sliding_window", {"window": 4096})
+    engine = load_engine(ASSETS / "tiny-llama", attention=window, codec="int4", device="cpu", dtype=torch.float32)
+    out = build(lengths=[300], depths=[0.5], max_new_tokens=4).run(
+        RunContext(engine=engine, decoder=registry.build("decoder", "greedy"), device=torch.device("cpu")))
+    effect = out["plugin_effect"]
+    assert effect.startswith("none: attention sliding_window: window 4096 >= longest sequence 30"), effect
+    assert "cache int4: up to " in effect and out["keys_masked"] == 0.0  # int4 quantized most of the 300 tokens
+    assert "passkey: selected plugin had no effect: attention sliding_window" in capsys.readouterr().err

@@ -13,7 +13,7 @@ What it counts (all upper-bound-ish, from shapes):
   bf16, eviction codecs dense as an upper bound).
 - activations of the largest forward (the prompt, or one `prefill_chunk` of it): hidden states, q/k/v, the MLP's
   intermediate, on the CPU the float32 attention scores of one layer (the math path materialises them), and the
-  float32 logits of one chunk.
+  float32 logits of one decode block (a prefill keeps only its last row).
 
 Against what: free device memory (`torch.cuda.mem_get_info`, capped by the run's `device_memory_gb`) on a GPU,
 available host memory (psutil) on the CPU; on a GPU the host must also hold the weights a streaming policy keeps
@@ -33,6 +33,7 @@ from ollm_triton.cache.base import LayerSpec
 from ollm_triton.engine.config import ModelConfig
 
 GB = 1e9
+LOGIT_ROWS = 16  # logits rows of the largest forward that keeps them all: a decode block, a perplexity chunk
 USABLE = 0.9  # share of the free memory a run may plan to fill (allocator slack, the OS, other processes)
 
 
@@ -81,7 +82,7 @@ def estimate(model_cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device
         acts = batch * t * (4 * h + qkv + 3 * cfg.intermediate_size) * elt  # residual stream, q/k/v, MLP
         if device.type == "cpu":  # the math path's float32 scores [B, Hq, T, S] of one layer
             acts += batch * cfg.num_heads * t * context * 4
-        acts += batch * t * cfg.vocab_size * 4  # float32 logits of a chunk (perplexity scores every token)
+        acts += batch * min(t, LOGIT_ROWS) * cfg.vocab_size * 4  # float32 logits (a prefill keeps its last row)
     host_weights = weights if device.type == "cpu" or torch.device(prefetch.weights_device(device)).type == "cpu" \
         else 0
     on_device = device_weights + kv + acts
@@ -163,10 +164,11 @@ def check_fits(model_cfg: ModelConfig | Mapping[str, Any] | str | os.PathLike, *
     cap = f" (device_memory_gb={device_memory_gb})" if device.type == "cuda" and device_memory_gb else ""
     raise DoesNotFit(
         f"{label} does not fit: {batch} x {context} tokens need {need / GB:.1f} GB of {what} ({parts}) but "
-        f"{have / GB:.1f} GB is free{cap}; {_advice(est, device, dtype, have, codec)}")
+        f"{have / GB:.1f} GB is free{cap}; {_advice(est, device, dtype, have, codec, prefill_chunk)}")
 
 
-def _advice(est: dict[str, int], device: torch.device, dtype: torch.dtype, have: int, codec) -> str:
+def _advice(est: dict[str, int], device: torch.device, dtype: torch.dtype, have: int, codec,
+            prefill_chunk: int) -> str:
     tips = []
     weights = est["device_weights_bytes"]
     if device.type == "cpu":
@@ -178,10 +180,12 @@ def _advice(est: dict[str, int], device: torch.device, dtype: torch.dtype, have:
         tips.append(f"+prefetch=lookahead prefetch.budget_gb={budget:.0f}")
     if est["kv_bytes"] > 0.25 * est["device_bytes"] and getattr(codec, "plugin_name", "") not in ("int4", "int2"):
         tips.append("+cache=int4")
+    if est["activation_bytes"] > 0.25 * est["device_bytes"] and not prefill_chunk:
+        tips.append("prefill_chunk=4096")
     if est["kv_bytes"] + est["activation_bytes"] > 0.25 * est["device_bytes"]:
         tips.append("a shorter context or smaller batch")
     tips.append("model=tiny_random")
-    return "try " + ", ".join(tips[:-1]) + " or " + tips[-1] if len(tips) > 1 else "try " + tips[0]
+    return "to run it: " + ", ".join(tips[:-1]) + " or " + tips[-1]
 
 
 __all__ = ["DoesNotFit", "check_fits", "estimate", "free_memory", "model_config"]

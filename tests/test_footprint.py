@@ -1,0 +1,107 @@
+"""The memory check before building: refuse in one line what cannot fit, in milliseconds, and let the rest through."""
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ollm_triton.engine.footprint import DoesNotFit, check_fits, estimate, model_config
+from ollm_triton.registry import registry
+
+ROOT = Path(__file__).resolve().parents[1]
+GB = 1e9
+
+
+def arch(name):
+    for conf in (ROOT / "ollm_triton" / "conf", ROOT / "conf"):
+        path = conf / "model" / f"{name}.yaml"
+        if path.is_file():
+            return yaml.safe_load(path.read_text())["arch"]
+    raise FileNotFoundError(name)
+
+
+def plugins(cache="dense", prefetch="resident", **prefetch_params):
+    return registry.build("cache", cache), registry.build("prefetch", prefetch, prefetch_params)
+
+
+def test_llama3_8b_on_a_24gb_cpu_refuses_in_milliseconds():
+    codec, policy = plugins()
+    seconds = []
+    for _ in range(2):  # the first call imports what it reads (psutil, placement); the second is the check alone
+        t0 = time.perf_counter()
+        with pytest.raises(DoesNotFit) as e:
+            check_fits(arch("llama3_8b"), dtype="auto", device="cpu", batch=1, context=2048 + 16, codec=codec,
+                       prefetch=policy, name="llama3_8b", free=(24 * GB, 24 * GB))
+        seconds.append(time.perf_counter() - t0)
+    assert seconds[0] < 2 and seconds[1] < 0.05, seconds
+    msg = str(e.value)
+    assert "\n" not in msg and isinstance(e.value, ValueError)
+    assert msg.startswith("llama3_8b does not fit: 1 x 2064 tokens need 33.")
+    assert "weights 32.12 GB float32" in msg and "but 24.0 GB is free" in msg
+    assert "use a GPU" in msg and "model=tiny_random" in msg
+
+
+def test_llama3_8b_measured_against_this_machine():
+    """Without injected numbers it reads psutil: float32 8B needs 32 GB, more than this CPU machine has."""
+    import psutil
+
+    if psutil.virtual_memory().available > 40 * GB:
+        pytest.skip("this machine has room for 32 GB of weights")
+    codec, policy = plugins()
+    with pytest.raises(DoesNotFit, match="does not fit"):
+        check_fits(arch("llama3_8b"), dtype="auto", device="cpu", batch=1, context=4096, codec=codec,
+                   prefetch=policy)
+
+
+def test_tiny_models_pass_and_return_the_estimate():
+    codec, policy = plugins()
+    est = check_fits(arch("tiny_random"), dtype="auto", device="cpu", batch=1, context=4096, codec=codec,
+                     prefetch=policy)
+    assert est["fits"] and est["weights_bytes"] == model_config(arch("tiny_random")).num_parameters() * 4
+    assert est["kv_bytes"] == 2 * 2 * 64 * 4 * 4096 * 4  # K and V, 2 KV heads x 64, float32, 4 layers
+    embedded = ROOT / "ollm_triton" / "assets" / "tiny-llama"
+    if (embedded / "config.json").is_file():
+        assert check_fits(str(embedded), dtype="auto", device="cpu", batch=1, context=4096, codec=codec,
+                          prefetch=policy)["fits"]
+
+
+def test_codec_and_prefill_chunk_shrink_the_estimate():
+    cfg = model_config(arch("llama3_8b"))
+    dense, policy = plugins()
+    int4, _ = plugins("int4")
+    kw = dict(dtype=torch.bfloat16, device=torch.device("cuda"), batch=1, context=131072, prefetch=policy)
+    a = estimate(cfg, codec=dense, **kw)
+    b = estimate(cfg, codec=int4, **kw)
+    assert b["kv_bytes"] < a["kv_bytes"] / 3.5
+    c = estimate(cfg, codec=dense, prefill_chunk=4096, **kw)
+    assert c["activation_bytes"] < a["activation_bytes"] / 10
+
+
+def test_gpu_checks_the_device_cap_and_suggests_streaming_or_int4():
+    codec, policy = plugins()
+    with pytest.raises(DoesNotFit) as e:  # 16 GB of bf16 weights under an 8 GB cap on an 80 GB card
+        check_fits(arch("llama3_8b"), dtype="bfloat16", device="cuda", batch=1, context=4096, codec=codec,
+                   prefetch=policy, device_memory_gb=8, free=(80 * GB, 200 * GB))
+    msg = str(e.value)
+    assert "of cuda memory" in msg and "(device_memory_gb=8)" in msg and "+prefetch=lookahead prefetch.budget_gb=" in msg
+    with pytest.raises(DoesNotFit, match=r"\+cache=int4, prefill_chunk=4096"):  # KV and activations of 8 x 128k
+        check_fits(arch("llama3_8b"), dtype="bfloat16", device="cuda", batch=8, context=131072, codec=codec,
+                   prefetch=policy, free=(80 * GB, 200 * GB))
+
+
+def test_streaming_policy_is_checked_against_its_budget():
+    codec, lookahead = plugins("dense", "lookahead", budget_gb=6.0)
+    est = check_fits(arch("llama3_8b"), dtype="bfloat16", device="cuda", batch=1, context=4096, codec=codec,
+                     prefetch=lookahead, device_memory_gb=8, free=(80 * GB, 200 * GB))
+    # head (1.05 GB embeddings + 1.05 GB LM head) + 4 slots of 0.44 GB: under the budget, far under 16 GB
+    assert 3 * GB < est["device_weights_bytes"] < 6 * GB and est["host_bytes"] == est["weights_bytes"]
+    on_demand = registry.build("prefetch", "on_demand")
+    one = estimate(model_config(arch("llama3_8b")), dtype=torch.bfloat16, device=torch.device("cuda"), batch=1,
+                   context=0, codec=codec, prefetch=on_demand)
+    assert one["device_weights_bytes"] < est["device_weights_bytes"]
+    # the host must hold what a streaming policy keeps there
+    with pytest.raises(DoesNotFit, match="host memory"):
+        check_fits(arch("llama3_8b"), dtype="bfloat16", device="cuda", batch=1, context=4096, codec=codec,
+                   prefetch=lookahead, free=(80 * GB, 8 * GB))
