@@ -1,0 +1,102 @@
+"""Every registered attention backend as a transformers attention implementation (`AttentionInterface`).
+
+`attn_implementation="ollm_sliding_window"` runs transformers' model with the toolkit's `sliding_window` backend
+at its schema's defaults; `attention_name("sliding_window", window=256)` registers the same backend with
+parameters (validated by the schema, the CLI's) and returns its name, `ollm_sliding_window[window=256]`.
+The flash backend is registered as `ollm_fa`: transformers (5.17-5.25) treats any implementation whose name
+contains "flash" as a flash-attn kernel to import and refuses to load the model otherwise.
+
+What a call does, for q: [B, Hq, T, D] and the k, v [B, Hkv, S, D] the cache returned:
+- With a CompressedKVCache (cache.py), the cache's note says the step's mode: a decoding step goes through
+  `backend.decode(q, layer)`, so the codec's fused kernel runs where it has one; a prompt or a long chunk through
+  `backend.prefill(q, k, v, q_offset=S - T)`. Then `layer.observe(q)`, which scoring codecs (h2o, snapkv) need.
+- With any other cache (or none), `backend.prefill(q, k, v, q_offset=S - T)`: plain right-aligned causal attention
+  under the backend's own rule (window, sink, block pattern).
+- A scale other than 1/sqrt(D) (Gemma's query_pre_attn_scalar) is folded into q. Padding masks, logit soft-capping,
+  dropout, and a model's own sliding window wider than nothing refuse with one line: the backends apply their own
+  causal rule and know none of them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+
+from ollm_triton.hf.cache import take_note
+from ollm_triton.registry import PluginError, registry
+
+PREFIX = "ollm_"
+_BUILT: dict[str, Any] = {}  # implementation name -> backend instance
+
+
+def attention_name(backend: str, **params: Any) -> str:
+    """Register backend `backend` with `params` under AttentionInterface (once) and return the implementation name
+    to pass as `attn_implementation=` (or to `set_attention`)."""
+    cfg = registry.config("attention", backend, params)  # one-line PluginError for a wrong name or parameter
+    base = PREFIX + ("fa" if backend == "flash" else backend)
+    if "flash" in base:
+        raise PluginError(f"attention {backend!r}: transformers takes any implementation named '*flash*' for a "
+                          "flash-attn kernel; this backend needs another name")
+    name = base + ("[" + ",".join(f"{k}={params[k]}" for k in sorted(params)) + "]" if params else "")
+    if name not in _BUILT:
+        spec = registry.get("attention", backend)
+        _BUILT[name] = spec.cls(cfg)
+        AttentionInterface.register(name, _attention_function(name, _BUILT[name]))
+    return name
+
+
+def register_all() -> list[str]:
+    """Register every attention plugin at its defaults; returns the names."""
+    return [attention_name(name) for name in registry.names("attention")]
+
+
+def set_attention(model, backend: str, **params: Any) -> str:
+    """Switch a loaded model to backend `backend` (through transformers' own `set_attn_implementation`)."""
+    name = attention_name(backend, **params)
+    model.set_attn_implementation(name)
+    return name
+
+
+def backend_of(name: str):
+    """The backend instance behind implementation `name` (its `last_path` says what the last call ran)."""
+    return _BUILT[name]
+
+
+def _attention_function(name: str, backend):
+    def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                  sliding_window: int | None = None, softcap: float | None = None, **kwargs: Any):
+        """query: [B, Hq, T, D], key/value: [B, Hkv, S, D] -> ([B, T, Hq, D], None)."""
+        t, d = query.shape[2], query.shape[3]
+        if dropout:
+            raise PluginError(f"{name}: attention dropout ({dropout}) is not supported (inference only)")
+        if softcap is not None:
+            raise PluginError(f"{name}: attention logit soft-capping (softcap={softcap}) is not supported; set the "
+                              "model config's attn_logit_softcapping to None or use attn_implementation='eager'")
+        if attention_mask is not None:
+            raise PluginError(f"{name}: applies its own causal rule and takes no attention mask (padding or a "
+                              "custom mask); run unpadded sequences of one length")
+        note = take_note(getattr(module, "layer_idx", -1))
+        seen = note.layer.appended if note is not None else key.shape[2]
+        if sliding_window is not None and seen > sliding_window:
+            raise PluginError(f"{name}: layer {getattr(module, 'layer_idx', '?')} of this model attends within its "
+                              f"own sliding window of {sliding_window} tokens, which {name} does not apply "
+                              f"({seen} tokens seen); use attn_implementation='sdpa' for this model")
+        if scaling is not None and not math.isclose(scaling * math.sqrt(d), 1.0, rel_tol=1e-6):
+            query = query * (scaling * math.sqrt(d))  # the backends scale by 1/sqrt(D)
+        if note is not None and note.mode == "decode":
+            out = backend.decode(query, note.layer)
+        else:
+            out = backend.prefill(query, key, value, q_offset=key.shape[2] - t)
+        if note is not None:
+            note.layer.observe(query)
+        return out.transpose(1, 2).contiguous(), None
+
+    attention.__name__ = attention.__qualname__ = name
+    return attention
+
+
+__all__ = ["PREFIX", "attention_name", "backend_of", "register_all", "set_attention"]
