@@ -39,7 +39,7 @@ from ollm_triton.engine.checkpoint import (
 )
 from ollm_triton.engine.config import ModelConfig
 from ollm_triton.engine.fast_decode import FAST_DECODE_MODES, FastDecoder, FastPath, plan_fast_path
-from ollm_triton.engine.mixers import DECODE_MAX_TOKENS, PluginMixer
+from ollm_triton.engine.mixers import DECODE_MAX_TOKENS, PluginMixer, RowsMixer
 from ollm_triton.engine.model import FUSED_PATH, CausalLM, rope_cos_sin
 from ollm_triton.engine.placement import dtype_name, resolve_device, resolve_dtype
 from ollm_triton.engine.tokenizer import Tokenizer
@@ -151,6 +151,25 @@ class Engine:
         return logits.float()
 
     __call__ = forward
+
+    @torch.inference_mode()
+    def decode_rows(self, tokens: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+        """One decode step for B independent sequences: tokens [B] (row b's next token), caches[b] its own cache
+        (any codec, any length; each advanced by one). Returns float32 logits [B, V]. The rows share the model
+        step's matmuls; each attends over its own cache (continuous batching: rows join and leave between steps,
+        ollm_triton/serve/scheduler.py)."""
+        if self.model is None:
+            raise RuntimeError("this engine was closed")
+        if tokens.dim() != 1 or tokens.numel() != len(caches):
+            raise ValueError(f"tokens must be [B] with one cache a row, got {list(tokens.shape)} for {len(caches)}")
+        positions = torch.tensor([c.position for c in caches], device=self.device)
+        cos, sin = rope_cos_sin(self.inv_freq, positions[:, None], self.dtype)  # [B, 1, D]
+        kernels = self.use_kernels()
+        mixer = RowsMixer(caches, self.attention, cos, sin, kernels=kernels, decode_max_tokens=self.decode_max_tokens)
+        logits = self.model.step(tokens.to(self.device)[:, None], mixer, kernels=kernels, hooks=self.prefetch)
+        for c in caches:
+            c.position += 1
+        return logits[:, 0].float()
 
     def prefill(self, ids: torch.Tensor, cache: KVCache, chunk: int | None = None) -> torch.Tensor:
         """Run a prompt through the decoder in chunks of `chunk` tokens (default `self.prefill_chunk`; 0 = all at

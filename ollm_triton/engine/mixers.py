@@ -4,6 +4,9 @@ A mixer is called as `mixer(i, q, k, v)` for layer i with token-major q: [B, T, 
 (before RoPE) and returns [B, Hq, T, D]. The model step is the same on every path; only the mixer differs:
 
     PluginMixer         the engine's forward: the cache codec stores, the attention backend attends (any plugins)
+    RowsMixer           one new token for each of B independent sequences, each with its own cache and position
+                        (continuous batching: rows join and leave between steps); projections and MLP run the B
+                        rows as one matmul, attention goes through the plugins row by row
     StaticDecodeMixer   one token per row over dense static buffers (the CUDA-graph decode step): RoPE fused with
                         the K/V write at each row's own slot, then the varlen decode kernel reading each row's
                         length from the device (no host value: capturable)
@@ -80,6 +83,22 @@ class PluginMixer:
                               decode_max_tokens=self.decode_max_tokens)
 
 
+class RowsMixer:
+    """B sequences, one new token each: row b at its own position (cos, sin [B, 1, D]) and with its own cache
+    (caches[b], any codec); attention row by row through `attention_step`, so every codec and backend works."""
+
+    def __init__(self, caches, attention, cos, sin, *, kernels: bool, decode_max_tokens: int = DECODE_MAX_TOKENS):
+        self.caches, self.attention = caches, attention
+        self.cos, self.sin, self.kernels, self.decode_max_tokens = cos, sin, kernels, decode_max_tokens
+
+    def __call__(self, i, q, k, v):
+        q, k = rope_qk(q, k, self.cos, self.sin, use_kernel=self.kernels)
+        v = v.transpose(1, 2)
+        rows = [attention_step(q[b : b + 1], k[b : b + 1], v[b : b + 1], cache.layers[i], self.attention,
+                               decode_max_tokens=self.decode_max_tokens) for b, cache in enumerate(self.caches)]
+        return torch.cat(rows) if len(rows) > 1 else rows[0]
+
+
 class StaticDecodeMixer:
     """One new token per row over static buffers: layers[i].k, .v [B, Hkv, cap, D]; pos [B] each row's slot (its
     length before the step), cos, sin [B, 1, D] at those positions."""
@@ -141,5 +160,5 @@ class SegmentMixer:
         return io["out"]
 
 
-__all__ = ["DECODE_MAX_TOKENS", "PluginMixer", "SegmentMixer", "StaticBlockMixer", "StaticDecodeMixer",
+__all__ = ["DECODE_MAX_TOKENS", "PluginMixer", "RowsMixer", "SegmentMixer", "StaticBlockMixer", "StaticDecodeMixer",
            "attention_step"]
