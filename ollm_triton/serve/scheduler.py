@@ -21,8 +21,9 @@ One step of the loop:
 
 Each request's cache is built by the run's codec and lives only as long as the request (or in the prefix cache):
 results equal running the request alone with the same prefill chunk (greedy token for token up to the rounding of
-batched matmuls; sampling the same tokens for the same seed). A finished request's cache goes to a prefix cache keyed by its tokens, so a
-chat's next turn, whose prompt starts with this turn's prompt and answer, prefills only its new tokens
+batched matmuls; sampling the same tokens for the same seed). A finished request's cache goes to a prefix cache keyed
+by its tokens, so a chat's next turn, whose prompt starts with this turn's prompt and answer, prefills only its new
+tokens
 (`Request.prefill_tokens`). The prefix cache holds at most `prefix_cache_bytes` and drops the least recently used.
 """
 
@@ -36,7 +37,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
