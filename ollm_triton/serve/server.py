@@ -1,0 +1,210 @@
+"""The server composed by Hydra: `compose(overrides)` -> config, `build(cfg)` -> engine + scheduler + app.
+
+The config is ollm_triton/conf/serve.yaml with the runner's groups (model=, +attention=, +cache=, +decoder=,
++prefetch=); the plugins are validated and the model source resolved by the runner's own functions (run.py), so a
+plugin, a parameter or a model means the same in a sweep and in the server. The decoder group sets the sampling of
+requests that omit it: left out, OpenAI's defaults (temperature 1); `+decoder=greedy`, temperature 0;
+`+decoder=sample`, its temperature, top_k and top_p. Other decoders (speculative, ...) are not served yet: the
+continuous batch samples one token per request per step.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from ollm_triton.config_nodes import PLUGIN_GROUPS
+from ollm_triton.engine.placement import resolve_device, resolve_dtype
+from ollm_triton.registry import registry
+from ollm_triton.run import CONF, RunError, limit_device_memory, model_source, resolve_plugins
+from ollm_triton.serve.scheduler import SamplingParams, Scheduler
+
+SERVED_DECODERS = ("greedy", "sample")
+
+
+@dataclass
+class ServeSettings:
+    """The `serve` section, checked (types and ranges) with one-line errors."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_name: str | None = None
+    max_batch: int = 8
+    max_queue: int = 64
+    queue_timeout_s: float = 60.0
+    prefill_chunk: int = 256
+    kv_budget_gb: float | None = None
+    prefix_cache_gb: float | None = None
+    shutdown_timeout_s: float = 10.0
+    log_level: str = "info"
+
+    @classmethod
+    def from_config(cls, section: dict[str, Any]) -> ServeSettings:
+        out = cls(**section)  # an unknown key fails at composition already (the config is a struct)
+
+        def need(ok: bool, key: str, accepted: str) -> None:
+            if not ok:
+                raise RunError(f"serve.{key}={getattr(out, key)!r} is not accepted; accepted: {accepted}")
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        need(isinstance(out.host, str) and bool(out.host), "host", "an address to bind (127.0.0.1, 0.0.0.0, ...)")
+        need(is_int(out.port) and 0 <= out.port < 65536, "port", "an integer port from 0 (any free port) to 65535")
+        need(out.model_name is None or isinstance(out.model_name, str), "model_name", "null or a string")
+        need(is_int(out.max_batch) and out.max_batch >= 1, "max_batch", "an integer >= 1")
+        need(is_int(out.max_queue) and out.max_queue >= 0, "max_queue", "an integer >= 0")
+        need(is_num(out.queue_timeout_s) and out.queue_timeout_s > 0, "queue_timeout_s", "a number of seconds > 0")
+        need(is_int(out.prefill_chunk) and out.prefill_chunk >= 1, "prefill_chunk", "an integer >= 1 (tokens)")
+        need(out.kv_budget_gb is None or (is_num(out.kv_budget_gb) and out.kv_budget_gb > 0), "kv_budget_gb",
+             "null (no limit) or a number of GB > 0")
+        need(out.prefix_cache_gb is None or (is_num(out.prefix_cache_gb) and out.prefix_cache_gb >= 0),
+             "prefix_cache_gb", "null (the scheduler's default) or a number of GB >= 0 (0 = off)")
+        need(is_num(out.shutdown_timeout_s) and out.shutdown_timeout_s >= 0, "shutdown_timeout_s",
+             "a number of seconds >= 0")
+        levels = ("critical", "error", "warning", "info", "debug", "trace")
+        need(out.log_level in levels, "log_level", " | ".join(levels))
+        return out
+
+
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """serve.yaml composed with `overrides` (Hydra's compose API: no run directory, no logging changes).
+    Raises Hydra's/OmegaConf's errors (run.composition_error makes them one line) or RunError."""
+    import ollm_triton.config_nodes  # noqa: F401  (stores the plugin nodes before composition)
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="ollm_triton.conf", version_base="1.3"):
+        cfg = hydra_compose(config_name="serve", overrides=list(overrides))
+    check_keys(cfg)
+    return cfg
+
+
+def check_keys(cfg: DictConfig) -> None:
+    """Refuse a top-level key serve.yaml does not know (`+cahce=int4` would otherwise serve the dense cache)."""
+    keys = [k for k in OmegaConf.load(CONF / "serve.yaml") if k not in ("defaults", "hydra")]
+    unknown = [k for k in cfg if k not in (*keys, "model", *PLUGIN_GROUPS)]
+    if unknown:
+        groups = ", ".join([*(f"+{g}=" for g in PLUGIN_GROUPS), "model="])
+        raise RunError(f"unknown config key {', '.join(repr(k) for k in unknown)}; accepted groups: {groups}; "
+                       f"keys: {', '.join(keys)} (see python -m ollm_triton.serve --help)")
+
+
+@dataclass
+class Server:
+    """What `build` made: the engine, its scheduler, the app, and the settings to bind with."""
+
+    engine: Any
+    scheduler: Scheduler
+    app: Any
+    settings: ServeSettings
+    model_name: str
+    plugins: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        plugins = " ".join(f"{g}={n}" for g, n in self.plugins.items())
+        return f"model={self.model_name} {plugins} device={self.engine.device} max_batch={self.settings.max_batch}"
+
+    def bind(self) -> socket.socket:
+        """A listening socket on (host, port); port 0 takes a free one (`sock.getsockname()[1]`)."""
+        family = socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.settings.host, self.settings.port))
+        except OSError as e:
+            sock.close()
+            raise RunError(f"cannot listen on {self.settings.host}:{self.settings.port}: {e.strerror}; choose "
+                           "another with serve.port=N (0 = any free port)") from None
+        sock.listen(2048)
+        sock.set_inheritable(True)
+        return sock
+
+    def uvicorn_server(self, **overrides: Any):
+        import uvicorn
+
+        config = uvicorn.Config(self.app, log_level=self.settings.log_level, lifespan="on",
+                                timeout_graceful_shutdown=self.settings.shutdown_timeout_s or None,
+                                **overrides)
+        return uvicorn.Server(config)
+
+    def close(self) -> None:
+        self.scheduler.shutdown(cancel=True)
+        self.engine.close()
+
+
+def sampling_defaults(plugins: dict[str, dict[str, Any]]) -> SamplingParams:
+    decoder = plugins["decoder"]
+    name = decoder["name"]
+    if name not in SERVED_DECODERS:
+        raise RunError(f"+decoder={name} is not served: the continuous batch samples one token per request per step; "
+                       f"accepted: {', '.join('+decoder=' + d for d in SERVED_DECODERS)} (the sampling defaults of "
+                       "requests that omit them)")
+    if decoder["default"]:
+        return SamplingParams()  # OpenAI's defaults: temperature 1, top_p 1
+    if name == "greedy":
+        return SamplingParams(temperature=0.0)
+    cfg = registry.config("decoder", name, decoder["params"])
+    return SamplingParams(temperature=float(cfg.temperature), top_p=float(cfg.top_p), top_k=int(cfg.top_k))
+
+
+def build(cfg: DictConfig, *, shutdown_cancel: bool = True) -> Server:
+    """Validate, load the engine, make the scheduler and the app (not started: the app's lifespan starts it).
+    Raises RunError/PluginError/ValueError with one line for bad input, before loading anything."""
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as e:
+        raise RunError(f"{e.full_key} is required but not set (see ollm_triton/conf/serve.yaml)") from None
+    settings = ServeSettings.from_config(dict(resolved.get("serve") or {}))
+    plugins = resolve_plugins(resolved)
+    defaults = sampling_defaults(plugins)
+    source, _trained = model_source(resolved["model"])
+    device = resolve_device(str(resolved.get("device", "auto")))
+    limit_device_memory(resolved.get("device_memory_gb"), device)
+    dtype = str(resolved["model"].get("dtype", "auto"))
+    resolve_dtype(dtype, device)
+    torch.manual_seed(int(resolved.get("seed", 0)))
+    built = {g: registry.build(g, plugins[g]["name"], plugins[g]["params"]) for g in ("attention", "cache", "prefetch")}
+
+    from ollm_triton.engine import load_engine
+    from ollm_triton.engine.checkpoint import resolve_source
+    from ollm_triton.serve.app import create_app
+    from ollm_triton.serve.chat import load_chat_template
+
+    engine = load_engine(source, attention=built["attention"], codec=built["cache"], prefetch=built["prefetch"],
+                         device=device, dtype=dtype, seed=int(resolved.get("seed", 0)),
+                         fast_decode=str(resolved.get("fast_decode", "auto")))
+    if engine.tokenizer is None:
+        engine.close()
+        raise RunError(f"model {resolved['model'].get('name')!r} has no tokenizer.json: the server needs one to read "
+                       "prompts; serve a checkpoint directory with its tokenizer (model=tiny, model=hf ...)")
+    template = load_chat_template(resolve_source(source)) if not isinstance(source, dict) else None
+    gb = 1e9
+    scheduler = Scheduler(
+        engine,
+        max_batch=settings.max_batch,
+        max_queue=settings.max_queue,
+        queue_timeout_s=float(settings.queue_timeout_s),
+        prefill_chunk=settings.prefill_chunk,
+        kv_budget_bytes=int(settings.kv_budget_gb * gb) if settings.kv_budget_gb is not None else None,
+        prefix_cache_bytes=int(settings.prefix_cache_gb * gb) if settings.prefix_cache_gb is not None else None,
+    )
+    name = settings.model_name or str(resolved["model"].get("name") or Path(str(source)).name)
+    names = {g: p["name"] for g, p in plugins.items()}
+    if plugins["decoder"]["default"]:  # no +decoder: each request's own sampling, OpenAI's defaults when omitted
+        names["decoder"] = "openai_defaults"
+    app = create_app(scheduler, engine.tokenizer, model_name=name, chat_template=template, defaults=defaults,
+                     plugins=names, shutdown_cancel=shutdown_cancel)
+    return Server(engine, scheduler, app, settings, name, names)
