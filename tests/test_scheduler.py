@@ -23,19 +23,23 @@ CHUNK = 48
 @pytest.fixture(scope="module")
 def engines():
     # the reference engine prefills in the scheduler's chunks: an eviction codec scores (and evicts) per chunk
-    return {codec: (load_engine(TINY, codec=codec), load_engine(TINY, codec=codec, prefill_chunk=CHUNK))
-            for codec in ("dense", "int4", "h2o")}
+    out = {codec: (load_engine(TINY, codec=codec), load_engine(TINY, codec=codec, prefill_chunk=CHUNK))
+           for codec in ("dense", "int4", "h2o")}
+    # the static decode step over slot rows of one dense cache (what a GPU runs captured), here uncaptured
+    out["slots"] = (load_engine(TINY, fast_decode="static"), load_engine(TINY, prefill_chunk=CHUNK))
+    return out
 
 
 def tokens(events):
     return [e.token_id for e in events if e.token_id is not None]
 
 
-@pytest.mark.parametrize("codec", ["dense", "int4", "h2o"])
+@pytest.mark.parametrize("codec", ["dense", "int4", "h2o", "slots"])
 def test_concurrent_requests_equal_their_one_at_a_time_outputs(engines, codec):
     engine, alone = engines[codec]
     tok = engine.tokenizer
-    sched = Scheduler(engine, max_batch=4, prefill_chunk=CHUNK).start()  # 8 requests, 4 slots, chunked prompts
+    sched = Scheduler(engine, max_batch=4, prefill_chunk=CHUNK, max_context=512).start()  # 8 requests, 4 slots
+    assert sched.rows.kind == ("static slots" if codec == "slots" else "codec caches")
     try:
         prompts = [tok.encode(t) for t in TEXTS]
         lengths = [5, 17, 9, 12, 3, 20, 7, 11]
@@ -69,10 +73,11 @@ def test_sampling_is_the_same_for_the_same_seed_alone_or_in_a_batch(engines):
         sched.shutdown()
 
 
-def test_a_chat_turn_reuses_the_previous_turns_cache(engines):
-    engine, _ = engines["dense"]
+@pytest.mark.parametrize("layout", ["dense", "slots"])
+def test_a_chat_turn_reuses_the_previous_turns_cache(engines, layout):
+    engine, _ = engines[layout]
     tok = engine.tokenizer
-    sched = Scheduler(engine).start()
+    sched = Scheduler(engine, max_context=512).start()
     try:
         first = tok.encode("def add(a, b):\n")
         turn1 = sched.submit(first, 8, GREEDY)

@@ -198,6 +198,21 @@ class Bucket:
             layers.append(row)
         return KVCache(layers)
 
+    def rows(self, n: int) -> Bucket:
+        """A bucket over this one's first n rows, sharing its storage (K/V, token, pos, logits): the static step of
+        batch n then reads and writes rows 0..n-1 in place (continuous batching's slots, engine/slots.py)."""
+        from ollm_triton.cache.dense import DenseLayer
+
+        layers = []
+        for big in self.cache.layers:
+            spec = LayerSpec(batch=n, kv_heads=big.spec.kv_heads, head_dim=big.spec.head_dim, dtype=big.spec.dtype,
+                             device=big.spec.device, max_len=self.capacity)
+            view = DenseLayer(spec, big.k.dtype, preallocate=False)
+            view.k, view.v = big.k[:n], big.v[:n]
+            layers.append(view)
+        return Bucket(batch=n, capacity=self.capacity, cache=KVCache(layers), token=self.token[:n], pos=self.pos[:n],
+                      logits=self.logits[:n], cos=self.cos, sin=self.sin)
+
     def set_length(self, lengths: list[int]) -> None:
         """Tell the cache layers what the device steps wrote (the longest row). A piecewise bucket's cache counted
         its own appends."""
@@ -254,6 +269,12 @@ class FastDecoder:
             del self.buckets[batch]
         while len(self.buckets) >= MAX_BUCKETS:
             self.buckets.popitem(last=False)
+        bk = self.new_bucket(batch, max_len)
+        self.buckets[batch] = bk
+        return bk
+
+    def new_bucket(self, batch: int, max_len: int) -> Bucket:
+        """Fresh static buffers for `batch` rows of up to `max_len` tokens (not kept in `buckets`)."""
         e = self.engine
         cap = round_capacity(max_len)
         cache = e.new_cache(batch=batch, max_len=cap)
@@ -272,7 +293,6 @@ class FastDecoder:
                     pos=torch.zeros(batch, dtype=torch.long, device=e.device),
                     logits=torch.zeros(batch, e.config.vocab_size, dtype=torch.float32, device=e.device),
                     cos=cos, sin=sin, io=io)
-        self.buckets[batch] = bk
         return bk
 
     # ---- the step --------------------------------------------------------------------------------------------

@@ -15,9 +15,11 @@ One step of the loop:
 3. prefill: joining requests' prompts go through the engine in chunks of `prefill_chunk` tokens (`Engine.forward`
    on the request's own cache), about one chunk a step, so a long prompt is spread over several steps and never
    stalls the running decodes for more than one chunk; a request whose prompt is done samples its first token;
-4. decode: every running request feeds its last token, all rows in one model step (`Engine.decode_rows`: the
-   matmuls batched, attention through the plugins over each row's own cache); each samples its next token
-   (greedy, or its own seeded generator) and finishes on EOS ("stop") or `max_tokens` ("length").
+4. decode: every running request feeds its last token, all rows in one model step; each samples its next token
+   (greedy, or its own seeded generator) and finishes on EOS ("stop") or `max_tokens` ("length"). Where the KV
+   lives and how the step runs is engine/slots.py: each request's own cache of the run's codec and
+   `Engine.decode_rows` (any plugins), or slot rows of one dense cache and the captured static step (when the
+   plugins declare what the whole static step needs: the GPU's fast path).
 
 Each request's cache is built by the run's codec and lives only as long as the request (or in the prefix cache):
 results equal running the request alone with the same prefill chunk (greedy token for token up to the rounding of
@@ -43,6 +45,7 @@ import torch
 
 from ollm_triton.cache.base import KVCache
 from ollm_triton.decoding.greedy import sampling_probs
+from ollm_triton.engine.slots import CacheRows, SlotRows
 
 MAX_LOGPROBS = 20
 LATENCY_WINDOW = 4096  # recent samples kept for the latency percentiles
@@ -242,6 +245,8 @@ class Scheduler:
         self.prefix = PrefixCache(default_prefix if prefix_cache_bytes is None else prefix_cache_bytes)
         tok = engine.tokenizer
         self.eos_ids = set(getattr(tok, "eos_token_ids", None) or [])
+        self.rows = SlotRows(engine, max_batch, self.max_context) if engine.fast_path.mode == "graph" \
+            else CacheRows(engine)
         self._queue: list[tuple[int, int, Request]] = []  # heap of (-priority, order, request)
         self._order = itertools.count()
         self._running: list[_Running] = []
@@ -327,9 +332,9 @@ class Scheduler:
             for _, _, req in self._queue:
                 req._emit(TokenEvent(None, finish_reason="cancelled"))
             self._queue.clear()
-            for run in self._running:
+            for run in list(self._running):
+                self._leave(run)
                 run.req._emit(TokenEvent(None, finish_reason="cancelled"))
-            self._running.clear()
 
     @torch.inference_mode()
     def step(self) -> bool:
@@ -358,7 +363,7 @@ class Scheduler:
                 heapq.heapify(kept)
                 self._queue = kept
         for run in [r for r in self._running if r.req.cancelled]:
-            self._running.remove(run)
+            self._leave(run)
             self._finish(run.req, "cancelled")
 
     def _kv_reserved(self) -> float:
@@ -378,9 +383,13 @@ class Scheduler:
             req.started = now
             self._queue_s.append(now - req.submitted)
             hit = self.prefix.take(req.prompt)
-            cache, reused = hit if hit is not None else (None, 0)
-            if cache is None:
-                cache = self.engine.new_cache(batch=1, max_len=req.prompt_tokens + req.max_tokens)
+            reused = hit[1] if hit is not None else 0
+            if hit is not None and isinstance(self.rows, CacheRows):
+                cache = hit[0]
+            else:
+                cache = self.rows.allocate(req.prompt_tokens + req.max_tokens)
+                if hit is not None:
+                    cache = self.rows.adopt(cache, hit[0])
             gen = None
             if req.sampling.temperature > 0:
                 seed = req.sampling.seed if req.sampling.seed is not None else int(torch.seed() % 2**63)
@@ -400,7 +409,7 @@ class Scheduler:
                 break
             ids = torch.tensor([run.pending[:n]], dtype=torch.long)
             try:
-                logits = self.engine.forward(ids, run.cache, last_only=True)[:, -1]
+                logits = self.rows.prefill(run.cache, ids)
             except Exception as e:  # this request fails alone
                 self._fail(run, e)
                 continue
@@ -410,7 +419,7 @@ class Scheduler:
             budget -= n
             did = True
             if not run.pending:
-                self._take_token(run, logits[0])
+                self._take_token(run, logits)
         return did
 
     def _decode(self) -> bool:
@@ -418,27 +427,29 @@ class Scheduler:
         if not rows:
             return False
         tokens = torch.tensor([r.next_token for r in rows], dtype=torch.long)
+        argmax = None
         try:
-            logits = self.engine.decode_rows(tokens, [r.cache for r in rows])
+            logits, argmax = self.rows.decode([r.cache for r in rows], tokens, [])
         except Exception:  # find the failing rows: each row alone (a cache that broke fails its own request)
             logits = []
-            for r in rows:
+            for i, r in enumerate(rows):
                 try:
-                    logits.append(self.engine.decode_rows(tokens[rows.index(r) : rows.index(r) + 1], [r.cache])[0])
+                    logits.append(self.rows.decode([r.cache], tokens[i : i + 1], [])[0][0])
                 except Exception as e:
                     self._fail(r, e)
                     logits.append(None)
         self.counts["decode_rows"] += len(rows)
-        for r, row in zip(rows, logits, strict=True):
+        for i, (r, row) in enumerate(zip(rows, logits, strict=True)):
             if row is not None:
-                self._take_token(r, row)
+                self._take_token(r, row, None if argmax is None else int(argmax[i]))
         return True
 
-    def _take_token(self, run: _Running, logits: torch.Tensor) -> None:
-        """Pick the next token from logits [V], emit it, and finish the request or queue the token to feed."""
+    def _take_token(self, run: _Running, logits: torch.Tensor, argmax: int | None = None) -> None:
+        """Pick the next token from logits [V] (greedy: `argmax` when the step computed it), emit it, and finish
+        the request or queue the token to feed."""
         req, s = run.req, run.req.sampling
         if s.temperature == 0:
-            token = int(logits.argmax())
+            token = int(logits.argmax()) if argmax is None else argmax
         else:
             probs = sampling_probs(logits[None], s.temperature, s.top_k, s.top_p)
             token = int(torch.multinomial(probs, 1, generator=run.gen)[0, 0])
@@ -462,15 +473,26 @@ class Scheduler:
         if done is None:
             run.next_token = token
             return
-        self._running.remove(run)
         self._last_token_at.pop(req.id, None)
         self.counts["finished"] += 1
         # the cache holds the prompt and every generated token but the last (never fed): keep it for a next turn
-        self.prefix.put(req.prompt + req.generated[:-1], run.cache)
+        self._leave(run, keep=req.prompt + req.generated[:-1])
+
+    def _leave(self, run: _Running, keep: list[int] | None = None) -> None:
+        """Take a request out of the batch and give its rows back; `keep`: the tokens its cache holds, to keep it
+        in the prefix cache."""
+        if run in self._running:
+            self._running.remove(run)
+        if keep is not None and self.prefix.max_bytes > 0:
+            kept = self.rows.release(run.cache)
+            if kept is not None:
+                self.prefix.put(keep, kept)
+        else:
+            self.rows.free(run.cache)
 
     def _fail(self, run: _Running, error: Exception) -> None:
         if run in self._running:
-            self._running.remove(run)
+            self._leave(run)
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         self._finish(run.req, "error", f"{type(error).__name__}: {message}", 500)
 
@@ -500,14 +522,15 @@ class Scheduler:
             "requests_per_s": self.counts["finished"] / elapsed,
             "generated_tokens_per_s": self.counts["generated_tokens"] / elapsed,
             "batch_size_mean": self.counts["decode_rows"] / steps,
-            "padding_ratio": 0.0,  # rows are only the running requests: no padded row is computed
+            # rows computed for no request (slot rows inside a bucket that are free or still prefilling)
+            "padding_ratio": self.rows.padding_rows / max(self.rows.padding_rows + self.counts["decode_rows"], 1),
             "queue_s_p50": _percentile(self._queue_s, 0.5),
             "queue_s_p99": _percentile(self._queue_s, 0.99),
             "ttft_s_p50": _percentile(self._ttft, 0.5),
             "ttft_s_p99": _percentile(self._ttft, 0.99),
             "itl_s_p50": _percentile(self._itl, 0.5),
             "itl_s_p99": _percentile(self._itl, 0.99),
-            "kv_bytes_in_use": sum(_cache_bytes(r.cache) for r in running),
+            "kv_bytes_in_use": self.rows.bytes_held([r.cache for r in running]),
             "kv_bytes_prefix_cache": self.prefix.bytes(),
             "kv_bytes_reserved": self._kv_reserved(),
         }
