@@ -171,3 +171,15 @@ def test_layer_fused_attend_matches_dense_path_gpu(name):
     ref = backend.prefill(q, kd, vd, q_offset=kd.shape[2] - 1)
     err = ((fused.float() - ref.float()).pow(2).mean() / ref.float().pow(2).mean()).sqrt()
     assert err < 1e-2
+
+
+@pytest.mark.parametrize("n", [1, 200, 300, 1000, 4000])
+def test_bytes_for_bounds_what_the_layer_holds(n):
+    """The codec's admission estimate never undercounts a layer's bytes, and is tight once most tokens are codes."""
+    lay = layer(bits=4, group=128, residual=128, d=128, h=2, max_len=4096, dtype=torch.bfloat16)
+    lay.append(*kv(n, d=128, dtype=torch.bfloat16))
+    codec = registry.build("cache", "int4", {"group_size": 128, "residual": 128})
+    estimate = codec.bytes_for(lay.spec, n)
+    assert held_bytes(lay) <= estimate
+    if n >= 1000:
+        assert held_bytes(lay) >= 0.9 * estimate

@@ -158,7 +158,7 @@ def test_kv_budget_admits_by_the_codecs_bytes(engines):
     """The same KV budget admits more int4 requests at once than dense ones: admission counts the codec's bytes."""
     def admitted(engine, budget):
         sched = Scheduler(engine, max_batch=8, kv_budget_bytes=budget, max_queue=16)
-        reqs = [sched.submit(engine.tokenizer.encode(t), 150, GREEDY) for t in TEXTS]
+        reqs = [sched.submit(engine.tokenizer.encode(t), 600, GREEDY) for t in TEXTS]
         for _ in range(3):  # admission happens at the start of each step
             sched.step()
             assert sched.stats()["kv_bytes_reserved"] <= budget
@@ -168,5 +168,6 @@ def test_kv_budget_admits_by_the_codecs_bytes(engines):
         return running
 
     dense, int4 = engines["dense"][0], engines["int4"][0]
-    budget = int(3 * Scheduler(dense).token_bytes * 200)  # three 200-token requests in dense bytes
+    budget = int(3 * Scheduler(dense).kv_bytes(800))  # three 800-token requests in dense bytes
+    # int4 keeps the newest residual + group - 1 tokens exact and the rest at about a quarter: more fit
     assert admitted(int4, budget) > admitted(dense, budget) >= 1

@@ -10,7 +10,8 @@ What the engine reads, declared here and never inferred from a codec's name:
                                 exposed as `layer.k`, `layer.v`, that the engine's static (CUDA-graph) decode step
                                 may write and attend in place, telling the layer its new fill level through
                                 `set_length(n)`; such a layer keeps no other state (no scores, no eviction)
-    CacheCodec.bytes_per_token  what one token costs a layer, for the run's memory check before building a model
+    CacheCodec.bytes_per_token, bytes_for   what one token (or a sequence of n) costs a layer: the run's memory check
+                                before building a model, and the server's admission of requests
     CacheLayer.attend           an optional fused decode kernel over the codec's own storage
     CacheLayer.compressed_tokens, evicted_tokens   tokens held lossily and tokens dropped (tasks report whether the
                                 codec had any effect)
@@ -115,6 +116,10 @@ class CacheCodec:
         run refuses a model that would not fit by it). Default: dense K/V in the model dtype."""
         elt = torch.empty((), dtype=spec.dtype).element_size()
         return 2.0 * spec.batch * spec.kv_heads * spec.head_dim * elt
+
+    def bytes_for(self, spec: LayerSpec, tokens: int) -> float:
+        """Bytes a layer holding `tokens` tokens takes at most (a codec with a full-precision window overrides)."""
+        return tokens * self.bytes_per_token(spec)
 
 
 class KVCache:

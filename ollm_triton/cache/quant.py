@@ -251,6 +251,12 @@ class Quant(CacheCodec):
         scales = per_scale * sb * (d / group + d / Q.value_group_size(group, d))
         return spec.batch * spec.kv_heads * (2 * d * bits / 8 + scales)
 
+    def bytes_for(self, spec: LayerSpec, tokens: int) -> float:
+        """Up to residual + group - 1 newest tokens stay in the model dtype; the rest are codes."""
+        exact = min(tokens, self.cfg.residual + self.cfg.group_size - 1)
+        dense = 2.0 * spec.batch * spec.kv_heads * spec.head_dim * torch.empty((), dtype=spec.dtype).element_size()
+        return exact * dense + (tokens - exact) * self.bytes_per_token(spec)
+
 
 @register("cache", "int8", QuantParams)
 class Int8(Quant):

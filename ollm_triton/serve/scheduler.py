@@ -239,8 +239,7 @@ class Scheduler:
         self.queue_timeout_s, self.prefill_chunk = queue_timeout_s, prefill_chunk
         self.max_context = int(max_context or engine.config.max_position_embeddings)
         self.kv_budget_bytes = kv_budget_bytes
-        self.token_bytes = engine.codec.bytes_per_token(engine.layer_spec(1, self.max_context)) * \
-            engine.config.num_layers  # one token of one request, every layer
+        self._spec = engine.layer_spec(1, self.max_context)
         default_prefix = 256 * 2**20 if kv_budget_bytes is None else kv_budget_bytes // 4
         self.prefix = PrefixCache(default_prefix if prefix_cache_bytes is None else prefix_cache_bytes)
         tok = engine.tokenizer
@@ -278,7 +277,7 @@ class Scheduler:
         if len(prompt) + max_tokens > self.max_context:
             raise AdmissionError(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
                                  f"context of {self.max_context} tokens", 400, "max_tokens")
-        need = self.token_bytes * (len(prompt) + max_tokens)
+        need = self.kv_bytes(len(prompt) + max_tokens)
         if self.kv_budget_bytes is not None and need > self.kv_budget_bytes:
             raise AdmissionError(f"the request's KV cache ({need / 2**20:.1f} MiB) exceeds the server's KV budget "
                                  f"({self.kv_budget_bytes / 2**20:.1f} MiB)", 400, "max_tokens")
@@ -366,8 +365,12 @@ class Scheduler:
             self._leave(run)
             self._finish(run.req, "cancelled")
 
+    def kv_bytes(self, tokens: int) -> float:
+        """The KV bytes a request of `tokens` tokens may take in the run's codec, every layer (admission)."""
+        return self.engine.codec.bytes_for(self._spec, tokens) * self.engine.config.num_layers
+
     def _kv_reserved(self) -> float:
-        return sum(self.token_bytes * (r.req.prompt_tokens + r.req.max_tokens) for r in self._running)
+        return sum(self.kv_bytes(r.req.prompt_tokens + r.req.max_tokens) for r in self._running)
 
     def _admit(self, now: float) -> None:
         while True:
@@ -375,7 +378,7 @@ class Scheduler:
                 if not self._queue or len(self._running) >= self.max_batch:
                     return
                 req = self._queue[0][2]
-                need = self.token_bytes * (req.prompt_tokens + req.max_tokens)
+                need = self.kv_bytes(req.prompt_tokens + req.max_tokens)
                 if self.kv_budget_bytes is not None and self._running and \
                         self._kv_reserved() + need > self.kv_budget_bytes:
                     return  # waits until running requests free their KV
