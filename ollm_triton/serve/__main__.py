@@ -9,10 +9,11 @@ finish, then the scheduler cancels what is left and the process exits 0.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
-HELP = """usage: python -m ollm_triton.serve [model=NAME] [+attention=X] [+cache=Y] [+decoder=greedy|sample] [+prefetch=Z]
-                                  [plugin.param=value ...] [serve.key=value ...]
+HELP = """usage: python -m ollm_triton.serve [model=NAME] [+attention=X] [+cache=Y] [+decoder=greedy|sample]
+                                  [+prefetch=Z] [plugin.param=value ...] [serve.key=value ...]
 
 An OpenAI-compatible server over the engine and its plugins, with continuous batching. Same groups as the runner
 (python -m ollm_triton.run --help); plugins are APPENDED with +. A group left out runs its baseline.
@@ -62,11 +63,19 @@ def main(argv: list[str] | None = None) -> None:
     shown = f"[{host}]" if ":" in host else host
     print(f"ollm-triton serve: {server.describe()}", flush=True)
     print(f"ollm-triton serve: listening on http://{shown}:{port}/v1", flush=True)
+    # uvicorn handles SIGTERM/SIGINT while it runs (graceful shutdown, then the lifespan's), then raises the signal
+    # again for the handler it found: this one, so that a shut-down server exits 0 rather than dying of the signal
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_cleanly)
     try:
         server.uvicorn_server().run(sockets=[sock])  # returns after SIGTERM/SIGINT and the lifespan's shutdown
     finally:
         sock.close()
         server.engine.close()
+
+
+def _exit_cleanly(signum, frame) -> None:
+    raise SystemExit(0)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ continuous batch samples one token per request per step.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from ollm_triton.config_nodes import PLUGIN_GROUPS
+from ollm_triton.config_nodes import PLUGIN_GROUPS  # importing it stores the plugin nodes Hydra composes with
 from ollm_triton.engine.placement import resolve_device, resolve_dtype
 from ollm_triton.registry import registry
 from ollm_triton.run import CONF, RunError, limit_device_memory, model_source, resolve_plugins
@@ -79,7 +80,6 @@ class ServeSettings:
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """serve.yaml composed with `overrides` (Hydra's compose API: no run directory, no logging changes).
     Raises Hydra's/OmegaConf's errors (run.composition_error makes them one line) or RunError."""
-    import ollm_triton.config_nodes  # noqa: F401  (stores the plugin nodes before composition)
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
@@ -133,12 +133,26 @@ class Server:
         return sock
 
     def uvicorn_server(self, **overrides: Any):
+        """A uvicorn.Server for the app whose shutdown (SIGTERM, SIGINT, `should_exit`) stops accepting, gives the
+        running requests serve.shutdown_timeout_s to finish, then cancels the rest in the scheduler: their streams
+        end with an error event and `data: [DONE]`, a waiting answer with 503, and the connections close."""
         import uvicorn
 
+        grace = float(self.settings.shutdown_timeout_s)
+        scheduler = self.scheduler
+
+        class GracefulServer(uvicorn.Server):
+            async def shutdown(self, sockets=None) -> None:
+                loop = asyncio.get_running_loop()
+                cancel = loop.call_later(grace, lambda: loop.run_in_executor(None, scheduler.shutdown, True))
+                try:
+                    await super().shutdown(sockets)
+                finally:
+                    cancel.cancel()
+
         config = uvicorn.Config(self.app, log_level=self.settings.log_level, lifespan="on",
-                                timeout_graceful_shutdown=self.settings.shutdown_timeout_s or None,
-                                **overrides)
-        return uvicorn.Server(config)
+                                timeout_graceful_shutdown=grace + 5.0, **overrides)
+        return GracefulServer(config)
 
     def close(self) -> None:
         self.scheduler.shutdown(cancel=True)
