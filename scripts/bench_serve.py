@@ -67,7 +67,7 @@ def static_batch(engine, n, p, g):
 
 def serve(engine, reqs, *, max_batch, max_context, kv_budget_bytes=None, warm=True):
     """Submit every (prompt, max_tokens) at once; wall time to the last token, steady-state decode rate."""
-    sched = Scheduler(engine, max_batch=max_batch, max_queue=len(reqs) + 1, prefill_chunk=2048,
+    sched = Scheduler(engine, max_batch=max_batch, max_queue=len(reqs) + 1, prefill_chunk=2048, prefill_budget=8192,
                       max_context=max_context, kv_budget_bytes=kv_budget_bytes, prefix_cache_bytes=0)
     if warm:  # captures the buckets' graphs and compiles kernels outside the timed run
         for b in (1, 2, 4, 8, 16, 32, 64, 128):

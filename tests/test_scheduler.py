@@ -38,7 +38,8 @@ def tokens(events):
 def test_concurrent_requests_equal_their_one_at_a_time_outputs(engines, codec):
     engine, alone = engines[codec]
     tok = engine.tokenizer
-    sched = Scheduler(engine, max_batch=4, prefill_chunk=CHUNK, max_context=512).start()  # 8 requests, 4 slots
+    # 8 requests through 4 slots; prompts in chunks of 48, up to three chunks of one length in one forward
+    sched = Scheduler(engine, max_batch=4, prefill_chunk=CHUNK, prefill_budget=3 * CHUNK, max_context=512).start()
     assert sched.rows.kind == ("static slots" if codec == "slots" else "codec caches")
     try:
         prompts = [tok.encode(t) for t in TEXTS]
@@ -51,7 +52,7 @@ def test_concurrent_requests_equal_their_one_at_a_time_outputs(engines, codec):
             assert tokens(events) == ref[: len(tokens(events))] and events[-1].finish_reason in ("length", "stop")
             assert len(tokens(events)) == n or events[-1].finish_reason == "stop"
         st = sched.stats()
-        assert st["batch_size_mean"] > 1.5  # the rows really ran together
+        assert st["batch_size_mean"] > 1.5 and st["prefill_rows_mean"] > 1  # the rows really ran together
         assert st["running"] == st["queued"] == 0 and st["kv_bytes_in_use"] == 0
     finally:
         sched.shutdown()

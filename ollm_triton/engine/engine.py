@@ -153,23 +153,31 @@ class Engine:
     __call__ = forward
 
     @torch.inference_mode()
-    def decode_rows(self, tokens: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
-        """One decode step for B independent sequences: tokens [B] (row b's next token), caches[b] its own cache
-        (any codec, any length; each advanced by one). Returns float32 logits [B, V]. The rows share the model
-        step's matmuls; each attends over its own cache (continuous batching: rows join and leave between steps,
-        ollm_triton/serve/scheduler.py)."""
+    def forward_rows(self, ids: torch.Tensor, caches: list[KVCache], *, last_only: bool = False) -> torch.Tensor:
+        """T new tokens for each of B independent sequences: ids [B, T], caches[b] row b's own cache (any codec,
+        any length; each advanced by T). Returns float32 logits [B, T, V] ([B, 1, V] with `last_only`). The rows
+        share the model step's matmuls; each attends over its own cache exactly as `forward` would with that cache
+        alone (continuous batching: rows join and leave between steps, ollm_triton/serve/scheduler.py)."""
         if self.model is None:
             raise RuntimeError("this engine was closed")
-        if tokens.dim() != 1 or tokens.numel() != len(caches):
-            raise ValueError(f"tokens must be [B] with one cache a row, got {list(tokens.shape)} for {len(caches)}")
-        positions = torch.tensor([c.position for c in caches], device=self.device)
-        cos, sin = rope_cos_sin(self.inv_freq, positions[:, None], self.dtype)  # [B, 1, D]
+        if ids.dim() != 2 or ids.shape[0] != len(caches):
+            raise ValueError(f"ids must be [B, T] with one cache a row, got {list(ids.shape)} for {len(caches)}")
+        t = ids.shape[1]
+        start = torch.tensor([c.position for c in caches], device=self.device)
+        positions = start[:, None] + torch.arange(t, device=self.device)[None, :]
+        cos, sin = rope_cos_sin(self.inv_freq, positions, self.dtype)  # [B, T, D]
         kernels = self.use_kernels()
         mixer = RowsMixer(caches, self.attention, cos, sin, kernels=kernels, decode_max_tokens=self.decode_max_tokens)
-        logits = self.model.step(tokens.to(self.device)[:, None], mixer, kernels=kernels, hooks=self.prefetch)
+        logits = self.model.step(ids.to(self.device), mixer, kernels=kernels, hooks=self.prefetch, last_only=last_only)
         for c in caches:
-            c.position += 1
-        return logits[:, 0].float()
+            c.position += t
+        return logits.float()
+
+    def decode_rows(self, tokens: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+        """One decode step for B independent sequences: tokens [B] -> float32 logits [B, V] (`forward_rows`)."""
+        if tokens.dim() != 1:
+            raise ValueError(f"tokens must be [B], got {list(tokens.shape)}")
+        return self.forward_rows(tokens[:, None], caches)[:, 0]
 
     def prefill(self, ids: torch.Tensor, cache: KVCache, chunk: int | None = None) -> torch.Tensor:
         """Run a prompt through the decoder in chunks of `chunk` tokens (default `self.prefill_chunk`; 0 = all at

@@ -4,7 +4,7 @@ A mixer is called as `mixer(i, q, k, v)` for layer i with token-major q: [B, T, 
 (before RoPE) and returns [B, Hq, T, D]. The model step is the same on every path; only the mixer differs:
 
     PluginMixer         the engine's forward: the cache codec stores, the attention backend attends (any plugins)
-    RowsMixer           one new token for each of B independent sequences, each with its own cache and position
+    RowsMixer           T new tokens for each of B independent sequences, each with its own cache and position
                         (continuous batching: rows join and leave between steps); projections and MLP run the B
                         rows as one matmul, attention goes through the plugins row by row
     StaticDecodeMixer   one token per row over dense static buffers (the CUDA-graph decode step): RoPE fused with
@@ -84,7 +84,7 @@ class PluginMixer:
 
 
 class RowsMixer:
-    """B sequences, one new token each: row b at its own position (cos, sin [B, 1, D]) and with its own cache
+    """B sequences, T new tokens each: row b at its own positions (cos, sin [B, T, D]) and with its own cache
     (caches[b], any codec); attention row by row through `attention_step`, so every codec and backend works."""
 
     def __init__(self, caches, attention, cos, sin, *, kernels: bool, decode_max_tokens: int = DECODE_MAX_TOKENS):

@@ -44,9 +44,9 @@ class CacheRows:
     def adopt(self, cache: KVCache, prefix: KVCache) -> KVCache:
         return prefix  # a prefix-cache hit is this layout's own cache: use it as is
 
-    def prefill(self, cache: KVCache, ids: torch.Tensor) -> torch.Tensor:
-        """ids: [1, T] -> float32 logits [V] of the last token; appends to `cache`."""
-        return self.engine.forward(ids, cache, last_only=True)[0, -1]
+    def prefill(self, caches: list[KVCache], ids: torch.Tensor) -> torch.Tensor:
+        """ids: [B, T], one row a cache -> float32 logits [B, V] of each row's last token; appends to the caches."""
+        return self.engine.forward_rows(ids, caches, last_only=True)[:, -1]
 
     def decode(self, caches: list[KVCache], tokens: torch.Tensor, greedy: list[bool]) -> tuple[torch.Tensor, None]:
         """tokens [B] -> (float32 logits [B, V], None: no in-step argmax)."""
@@ -111,8 +111,8 @@ class SlotRows:
         cache.position = prefix.position
         return cache
 
-    def prefill(self, cache: KVCache, ids: torch.Tensor) -> torch.Tensor:
-        return self.engine.forward(ids, cache, last_only=True)[0, -1]
+    def prefill(self, caches: list[KVCache], ids: torch.Tensor) -> torch.Tensor:
+        return self.engine.forward_rows(ids, caches, last_only=True)[:, -1]
 
     def _view(self, n: int):
         size = 1

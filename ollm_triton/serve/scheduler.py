@@ -12,9 +12,11 @@ One step of the loop:
    their KV fits `kv_budget_bytes` (the codec's declared `bytes_per_token` times the request's prompt + max_tokens,
    so a compressing codec admits more requests into the same memory); a request that can never fit is refused at
    `submit`;
-3. prefill: joining requests' prompts go through the engine in chunks of `prefill_chunk` tokens (`Engine.forward`
-   on the request's own cache), about one chunk a step, so a long prompt is spread over several steps and never
-   stalls the running decodes for more than one chunk; a request whose prompt is done samples its first token;
+3. prefill: joining requests' prompts go through the engine in chunks of `prefill_chunk` tokens, at most
+   `prefill_budget` tokens a step (at least one chunk), requests whose next chunks have one length batched into
+   one forward (`Engine.forward_rows`, each row on its own cache), so a long prompt is spread over several steps
+   and never stalls the running decodes for more than the budget; a request whose prompt is done samples its
+   first token;
 4. decode: every running request feeds its last token, all rows in one model step; each samples its next token
    (greedy, or its own seeded generator) and finishes on EOS ("stop") or `max_tokens` ("length"). Where the KV
    lives and how the step runs is engine/slots.py: each request's own cache of the run's codec and
@@ -230,13 +232,14 @@ class Scheduler:
     """Continuous batching over one Engine (see the module docstring)."""
 
     def __init__(self, engine, *, max_batch: int = 8, max_queue: int = 64, queue_timeout_s: float = 60.0,
-                 prefill_chunk: int = 256, kv_budget_bytes: int | None = None, prefix_cache_bytes: int | None = None,
-                 max_context: int | None = None):
+                 prefill_chunk: int = 256, prefill_budget: int | None = None, kv_budget_bytes: int | None = None,
+                 prefix_cache_bytes: int | None = None, max_context: int | None = None):
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1 or queue_timeout_s <= 0:
             raise ValueError("need max_batch >= 1, max_queue >= 0, prefill_chunk >= 1, queue_timeout_s > 0")
         self.engine = engine
         self.max_batch, self.max_queue = max_batch, max_queue
         self.queue_timeout_s, self.prefill_chunk = queue_timeout_s, prefill_chunk
+        self.prefill_budget = prefill_chunk if prefill_budget is None else prefill_budget  # prompt tokens a step
         self.max_context = int(max_context or engine.config.max_position_embeddings)
         self.kv_budget_bytes = kv_budget_bytes
         self._spec = engine.layer_spec(1, self.max_context)
@@ -254,7 +257,8 @@ class Scheduler:
         self._stopping = False
         self.started_at = time.monotonic()
         self.counts = {"submitted": 0, "refused": 0, "finished": 0, "cancelled": 0, "errors": 0, "timeouts": 0,
-                       "generated_tokens": 0, "prefill_tokens": 0, "steps": 0, "decode_rows": 0}
+                       "generated_tokens": 0, "prefill_tokens": 0, "prefill_chunks": 0, "prefill_forwards": 0, "steps": 0,
+                       "decode_rows": 0}
         self._ttft: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._itl: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._queue_s: deque[float] = deque(maxlen=LATENCY_WINDOW)
@@ -400,29 +404,41 @@ class Scheduler:
             self._running.append(_Running(req, cache, req.prompt[reused:], gen, reused=reused))
 
     def _prefill(self) -> bool:
-        """Whole chunks of `prefill_chunk` tokens (the last one shorter), at least one a step, at most the budget
-        beyond the first: a request's chunk boundaries do not depend on what else runs, so its result equals the
-        request alone through `Engine.prefill` with the same chunk (an eviction codec scores per chunk)."""
-        budget, did = self.prefill_chunk, False
-        for run in list(self._running):
-            if not run.pending:
-                continue
-            n = min(self.prefill_chunk, len(run.pending))
+        """Whole chunks of `prefill_chunk` tokens (the last one shorter), at least one a step, at most
+        `prefill_budget` tokens beyond it; joining requests whose next chunks have one length go through one batched
+        forward. A request's chunk boundaries do not depend on what else runs, so its result equals the request
+        alone through `Engine.prefill` with the same chunk (an eviction codec scores per chunk)."""
+        budget, did = self.prefill_budget, False
+        waiting = [r for r in self._running if r.pending]
+        while waiting:
+            n = min(self.prefill_chunk, len(waiting[0].pending))
             if did and n > budget:
                 break
-            ids = torch.tensor([run.pending[:n]], dtype=torch.long)
+            group = [r for r in waiting if min(self.prefill_chunk, len(r.pending)) == n][: max(1, budget // n)]
+            ids = torch.tensor([r.pending[:n] for r in group], dtype=torch.long)
             try:
-                logits = self.rows.prefill(run.cache, ids)
-            except Exception as e:  # this request fails alone
-                self._fail(run, e)
-                continue
-            run.pending = run.pending[n:]
-            run.req.prefill_tokens += n
-            self.counts["prefill_tokens"] += n
-            budget -= n
+                logits = self.rows.prefill([r.cache for r in group], ids)
+            except Exception:  # find the failing request: each alone (it fails alone)
+                logits = []
+                for i, r in enumerate(group):
+                    try:
+                        logits.append(self.rows.prefill([r.cache], ids[i : i + 1])[0])
+                    except Exception as e:
+                        self._fail(r, e)
+                        logits.append(None)
+            for r, row in zip(group, logits, strict=True):
+                waiting.remove(r)
+                if row is None:
+                    continue
+                r.pending = r.pending[n:]
+                r.req.prefill_tokens += n
+                self.counts["prefill_tokens"] += n
+                if not r.pending:
+                    self._take_token(r, row)
+            budget -= n * len(group)
+            self.counts["prefill_chunks"] += len(group)
+            self.counts["prefill_forwards"] += 1
             did = True
-            if not run.pending:
-                self._take_token(run, logits)
         return did
 
     def _decode(self) -> bool:
@@ -520,6 +536,7 @@ class Scheduler:
                                                                              "cancelled", "errors", "timeouts")},
             "generated_tokens": self.counts["generated_tokens"],
             "prefill_tokens": self.counts["prefill_tokens"],
+            "prefill_rows_mean": self.counts["prefill_chunks"] / max(self.counts["prefill_forwards"], 1),
             "prefix_cache_hits": self.prefix.hits,
             "prefix_tokens_reused": self.prefix.tokens_reused,
             "requests_per_s": self.counts["finished"] / elapsed,
