@@ -276,7 +276,7 @@ class CompressedKVCache(Cache):
         if needs_scores(note.layer):
             raise PluginError(f"cache {self.codec_name!r} scores tokens with the attention queries, which this "
                               "attention implementation does not hand to the cache; load the model with "
-                              "attn_implementation='ollm_sdpa' (or any ollm_* backend)")
+                              "attn_implementation='ollm_fa' (or any ollm_* backend)")
         spec = note.layer.spec
         note.layer.observe(torch.empty(spec.batch, spec.kv_heads, 0, spec.head_dim, dtype=spec.dtype,
                                        device=spec.device))
@@ -287,8 +287,7 @@ class CompressedKVCache(Cache):
         return self.layers[layer_idx].get_seq_length() if layer_idx < len(self.layers) else 0
 
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
-        if query_length > 1:
-            self._settle_evictions()
+        self._settle_evictions()
         if layer_idx >= len(self.layers):
             return query_length, 0
         return self.layers[layer_idx].get_mask_sizes(query_length)
