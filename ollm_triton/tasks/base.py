@@ -87,8 +87,11 @@ def plugin_effect(engine, *, longest: int, masked: float | None = None, compress
             none.append(f"attention {a_name}: {why}")
     if c_name != _baseline("cache") and compressed is not None:
         if compressed or evicted:
-            what = f"{lossy_scored} {unit} against lossy storage, " if lossy_scored is not None else ""
-            parts.append(f"cache {c_name}: {what}up to {compressed} tokens compressed, {evicted} evicted per layer")
+            held = " and ".join(f"{n} tokens {what}" for n, what in ((compressed, "compressed"), (evicted, "evicted"))
+                                if n)
+            what = f"{lossy_scored} {unit} against lossy storage (up to {held} per layer)" if lossy_scored is not None \
+                else f"up to {held} per layer"
+            parts.append(f"cache {c_name}: {what}")
         else:
             residual = getattr(getattr(codec, "cfg", None), "residual", None)
             why = (f" (its full-precision residual of {residual}+ tokens covered every token of sequences up to "
