@@ -26,7 +26,7 @@ from ollm_triton.registry import register
 from ollm_triton.tasks.base import RunContext, Task, TaskRefused, lossy_tokens, plugin_effect, report_no_effect
 
 
-SMOKE_LENGTH = 256  # debug=smoke: windows of at most this many tokens, two of them
+SMOKE_LENGTH = 384  # debug=smoke: windows of at most this many tokens (past int4/int2's default residual + group)
 
 
 @dataclass
