@@ -364,6 +364,23 @@ def test_too_many_requests_and_bounded_load():
         assert metrics["ollm_requests_running"] == metrics["ollm_requests_queued"] == 0
 
 
+def test_queue_timeout_and_a_client_that_leaves_a_waiting_answer():
+    with serving("serve.max_batch=1", "serve.queue_timeout_s=0.5") as (server, base):
+        # a non-streamed answer whose client gives up is cancelled in the scheduler
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(base + "/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 3000}, timeout=0.5)
+        assert wait_idle(server, 5)["requests_cancelled"] == 1
+        # a request queued longer than queue_timeout_s behind a long one: 429 with its own code
+        api = client(base)
+        stream = api.completions.create(model="tiny", prompt="x", max_tokens=3000, temperature=0, stream=True)
+        next(stream)
+        with pytest.raises(openai.RateLimitError) as e:
+            api.completions.create(model="tiny", prompt="y", max_tokens=2)
+        assert e.value.body["code"] == "queue_timeout" and "queue_timeout_s" in e.value.body["message"]
+        stream.close()
+        assert wait_idle(server, 5)["requests_timeouts"] == 1
+
+
 @pytest.mark.parametrize("where", [
     "before the step",
     pytest.param("inside the step", marks=pytest.mark.xfail(strict=True, reason=(

@@ -246,6 +246,7 @@ class Watch:
         self.req, self.request, self.poll = req, request, True
         self._stream = req.stream()
         self._done = False
+        self._checked = time.monotonic()
 
     def __aiter__(self):
         return self
@@ -257,10 +258,13 @@ class Watch:
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+                now = time.monotonic()
+                if self.poll and now - self._checked >= DISCONNECT_POLL_S:  # also while tokens keep coming
+                    self._checked = now
+                    if await self.request.is_disconnected():
+                        raise ClientGone()
                 if done:
                     break
-                if self.poll and await self.request.is_disconnected():
-                    raise ClientGone()
         except BaseException:  # client gone, or this coroutine cancelled (a stream whose client left)
             task.cancel()
             self.close()

@@ -31,19 +31,20 @@ SERVED_DECODERS = ("greedy", "sample")
 
 @dataclass
 class ServeSettings:
-    """The `serve` section, checked (types and ranges) with one-line errors."""
+    """The `serve` section, checked (types and ranges) with one-line errors. Its defaults live in serve.yaml."""
 
-    host: str = "127.0.0.1"
-    port: int = 8000
-    model_name: str | None = None
-    max_batch: int = 8
-    max_queue: int = 64
-    queue_timeout_s: float = 60.0
-    prefill_chunk: int = 256
-    kv_budget_gb: float | None = None
-    prefix_cache_gb: float | None = None
-    shutdown_timeout_s: float = 10.0
-    log_level: str = "info"
+    host: str
+    port: int
+    model_name: str | None
+    max_batch: int
+    max_queue: int
+    queue_timeout_s: float
+    prefill_chunk: int
+    prefill_budget: int | None
+    kv_budget_gb: float | None
+    prefix_cache_gb: float | None
+    shutdown_timeout_s: float
+    log_level: str
 
     @classmethod
     def from_config(cls, section: dict[str, Any]) -> ServeSettings:
@@ -66,6 +67,8 @@ class ServeSettings:
         need(is_int(out.max_queue) and out.max_queue >= 0, "max_queue", "an integer >= 0")
         need(is_num(out.queue_timeout_s) and out.queue_timeout_s > 0, "queue_timeout_s", "a number of seconds > 0")
         need(is_int(out.prefill_chunk) and out.prefill_chunk >= 1, "prefill_chunk", "an integer >= 1 (tokens)")
+        need(out.prefill_budget is None or (is_int(out.prefill_budget) and out.prefill_budget >= 1), "prefill_budget",
+             "null (= prefill_chunk) or an integer >= 1 (tokens per step)")
         need(out.kv_budget_gb is None or (is_num(out.kv_budget_gb) and out.kv_budget_gb > 0), "kv_budget_gb",
              "null (no limit) or a number of GB > 0")
         need(out.prefix_cache_gb is None or (is_num(out.prefix_cache_gb) and out.prefix_cache_gb >= 0),
@@ -212,6 +215,7 @@ def build(cfg: DictConfig, *, shutdown_cancel: bool = True) -> Server:
         max_queue=settings.max_queue,
         queue_timeout_s=float(settings.queue_timeout_s),
         prefill_chunk=settings.prefill_chunk,
+        prefill_budget=settings.prefill_budget,
         kv_budget_bytes=int(settings.kv_budget_gb * gb) if settings.kv_budget_gb is not None else None,
         prefix_cache_bytes=int(settings.prefix_cache_gb * gb) if settings.prefix_cache_gb is not None else None,
     )
