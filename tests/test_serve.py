@@ -453,6 +453,21 @@ def test_metrics_export_the_batching_statistics(main_server, api):
     assert 'ollm_model_info{attention="sdpa",cache="dense",decoder="openai_defaults",model="tiny"' in text
 
 
+def test_a_random_model_without_tokenizer_takes_token_ids():
+    with serving("model=tiny_random", "+decoder=greedy") as (server, base):
+        api = client(base)
+        r = api.completions.create(model="tiny_random", prompt=[5, 17, 300], max_tokens=4, logprobs=1)
+        assert r.choices[0].text.count("<") == 4 and r.choices[0].logprobs.tokens[0].startswith("<")
+        assert r.choices[0].text == api.completions.create(model="tiny_random", prompt=[5, 17, 300],
+                                                           max_tokens=4).choices[0].text  # +decoder=greedy
+        with pytest.raises(openai.BadRequestError) as e:
+            api.completions.create(model="tiny_random", prompt="text", max_tokens=4)
+        assert e.value.body["param"] == "prompt" and "token ids" in e.value.body["message"]
+        with pytest.raises(openai.BadRequestError) as e:
+            api.chat.completions.create(model="tiny_random", messages=[{"role": "user", "content": "x"}])
+        assert "chat template" in e.value.body["message"]
+
+
 # ---- configuration and the process ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("overrides, words", [
     (["+cahce=int4"], ["cahce"]),

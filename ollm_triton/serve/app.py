@@ -32,7 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ollm_triton.serve.chat import ChatTemplate, ChatTemplateError
-from ollm_triton.serve.detokenize import Detokenizer, TokenText
+from ollm_triton.serve.detokenize import Detokenizer, NoTokenizer, TokenText
 from ollm_triton.serve.metrics import make_registry
 from ollm_triton.serve.protocol import APIError, Generate, Limits, parse_chat, parse_completion
 from ollm_triton.serve.scheduler import AdmissionError, SamplingParams
@@ -130,9 +130,15 @@ def create_app(scheduler, tokenizer, *, model_name: str, chat_template: ChatTemp
         except ChatTemplateError as e:
             raise APIError(str(e), param="messages", code="invalid_value") from None
 
+    def encode(text: str) -> list[int]:
+        try:
+            return tokenizer.encode(text)
+        except NoTokenizer as e:
+            raise APIError(str(e), param="prompt", code="invalid_value") from None
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        gen = parse_completion(await read_body(request), limits, tokenizer.encode)
+        gen = parse_completion(await read_body(request), limits, encode)
         return await respond(request, gen, chat=False)
 
     @app.post("/v1/chat/completions")

@@ -105,3 +105,27 @@ class Detokenizer:
     def released(self, start: int) -> list[TokenText]:
         """Tokens from index `start` whose text begins before what has been sent (for a stream's logprobs)."""
         return [t for t in self.tokens[start:] if t.offset < self.sent]
+
+
+class TokenIds:
+    """The tokenizer of a model without one (random weights: model=tiny_random, model=llama3_8b): prompts are token
+    ids, and a token's text is its id in angle brackets (`<8123>`), so streaming, stop strings and logprobs still
+    have text to work on."""
+
+    add_bos = False
+    eos_token_ids: list[int] = []
+    eos_token_id = None
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        raise NoTokenizer("this model has no tokenizer (random weights): send `prompt` as a list of token ids "
+                          f"in [0, {self.vocab_size})")
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return "".join(f"<{int(i)}>" for i in ids)
+
+
+class NoTokenizer(ValueError):
+    """Text where only token ids can be read."""

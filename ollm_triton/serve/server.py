@@ -24,6 +24,7 @@ from ollm_triton.config_nodes import PLUGIN_GROUPS  # importing it stores the pl
 from ollm_triton.engine.placement import resolve_device, resolve_dtype
 from ollm_triton.registry import registry
 from ollm_triton.run import CONF, RunError, limit_device_memory, model_source, resolve_plugins
+from ollm_triton.serve.detokenize import TokenIds
 from ollm_triton.serve.scheduler import SamplingParams, Scheduler
 
 SERVED_DECODERS = ("greedy", "sample")
@@ -203,10 +204,8 @@ def build(cfg: DictConfig, *, shutdown_cancel: bool = True) -> Server:
     engine = load_engine(source, attention=built["attention"], codec=built["cache"], prefetch=built["prefetch"],
                          device=device, dtype=dtype, seed=int(resolved.get("seed", 0)),
                          fast_decode=str(resolved.get("fast_decode", "auto")))
-    if engine.tokenizer is None:
-        engine.close()
-        raise RunError(f"model {resolved['model'].get('name')!r} has no tokenizer.json: the server needs one to read "
-                       "prompts; serve a checkpoint directory with its tokenizer (model=tiny, model=hf ...)")
+    # a model without tokenizer.json (random weights): token-id prompts, ids as text (detokenize.TokenIds)
+    tokenizer = engine.tokenizer if engine.tokenizer is not None else TokenIds(engine.config.vocab_size)
     template = load_chat_template(resolve_source(source)) if not isinstance(source, dict) else None
     gb = 1e9
     scheduler = Scheduler(
@@ -223,6 +222,6 @@ def build(cfg: DictConfig, *, shutdown_cancel: bool = True) -> Server:
     names = {g: p["name"] for g, p in plugins.items()}
     if plugins["decoder"]["default"]:  # no +decoder: each request's own sampling, OpenAI's defaults when omitted
         names["decoder"] = "openai_defaults"
-    app = create_app(scheduler, engine.tokenizer, model_name=name, chat_template=template, defaults=defaults,
+    app = create_app(scheduler, tokenizer, model_name=name, chat_template=template, defaults=defaults,
                      plugins=names, shutdown_cancel=shutdown_cancel)
     return Server(engine, scheduler, app, settings, name, names)
