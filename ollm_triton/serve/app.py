@@ -69,16 +69,16 @@ def create_app(scheduler, tokenizer, *, model_name: str, chat_template: ChatTemp
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         scheduler.start()
-        app.state.ready = True
+        app.state.status = "ok"
         try:
             yield
         finally:  # uvicorn's shutdown (SIGTERM, Ctrl-C): requests still running end "cancelled"
-            app.state.ready = False
+            app.state.status = "stopped"
             await asyncio.to_thread(scheduler.shutdown, shutdown_cancel)
 
     app = FastAPI(title="ollm-triton", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.scheduler = scheduler
-    app.state.ready = False
+    app.state.status = "starting"  # ok | shutting_down (server.py's graceful shutdown) | stopped
     app.state.requests = {}  # request id -> scheduler Request of the last answers (tests, debugging)
 
     # ---- errors: OpenAI's body everywhere ----------------------------------------------------------------------
@@ -106,8 +106,8 @@ def create_app(scheduler, tokenizer, *, model_name: str, chat_template: ChatTemp
     @app.get("/health")
     async def health() -> JSONResponse:
         stats = scheduler.stats()
-        ok = app.state.ready
-        return JSONResponse({"status": "ok" if ok else "starting", "model": model_name, **info.plugins,
+        ok = app.state.status == "ok"
+        return JSONResponse({"status": app.state.status, "model": model_name, **info.plugins,
                              "running": stats.get("running"), "queued": stats.get("queued")},
                             status_code=200 if ok else 503)
 

@@ -143,10 +143,11 @@ class Server:
         import uvicorn
 
         grace = float(self.settings.shutdown_timeout_s)
-        scheduler = self.scheduler
+        scheduler, app = self.scheduler, self.app
 
         class GracefulServer(uvicorn.Server):
             async def shutdown(self, sockets=None) -> None:
+                app.state.status = "shutting_down"  # /health answers 503 from now on
                 loop = asyncio.get_running_loop()
                 cancel = loop.call_later(grace, lambda: loop.run_in_executor(None, scheduler.shutdown, True))
                 try:
