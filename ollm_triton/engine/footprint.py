@@ -22,7 +22,6 @@ there.
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -68,13 +67,13 @@ def estimate(model_cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device
     embed = cfg.vocab_size * h * elt
     head = embed * (1 if cfg.tie_word_embeddings else 2) + h * elt
     layer = (weights - head) // max(cfg.num_layers, 1)
-    device_weights = weights if device.type == "cpu" else _device_weight_bytes(
-        prefetch, weights, layer_bytes=layer, num_layers=cfg.num_layers, head_bytes=head)
+    device_weights = weights if device.type == "cpu" else float(prefetch.device_weight_bytes(
+        weights, layer_bytes=layer, num_layers=cfg.num_layers, head_bytes=head))
     kv = 0
     if context > 0:
         spec = LayerSpec(batch=batch, kv_heads=cfg.num_kv_heads, head_dim=d, dtype=dtype, device=device,
                          max_len=context)
-        kv = int(codec.bytes_per_token(spec) * context * cfg.num_layers)
+        kv = int(codec.bytes_for(spec, context) * cfg.num_layers)
     t = min(context, prefill_chunk) if prefill_chunk else context
     acts = 0
     if t > 0:
@@ -95,15 +94,6 @@ def estimate(model_cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device
         # on the CPU the device is the host; on a GPU the host holds what a streaming policy keeps there
         "host_bytes": int(on_device if device.type == "cpu" else host_weights),
     }
-
-
-def _device_weight_bytes(prefetch, total: int, **shape) -> float:
-    """prefetch.device_weight_bytes(total), with the layer shape for policies that take it (the streaming ones
-    count their slots: prefetch/layer_streaming.py)."""
-    params = inspect.signature(prefetch.device_weight_bytes).parameters
-    if all(k in params for k in shape):
-        return float(prefetch.device_weight_bytes(total, **shape))
-    return float(prefetch.device_weight_bytes(total))
 
 
 def free_memory(device: torch.device, device_memory_gb: float | None = None) -> tuple[int, int]:

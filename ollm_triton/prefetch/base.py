@@ -9,8 +9,8 @@ What the engine reads, declared here and never inferred from a policy's name:
                         be captured as a CUDA graph (which replays those addresses)
     weights_device(d)   where the weights are materialised before `setup` (a streaming policy keeps them on the
                         host); default: the compute device
-    device_weight_bytes(total)  the weight bytes this policy holds on the device at once, for the run's memory
-                        check before building a model; default: all of them
+    device_weight_bytes(total, layer_bytes=, num_layers=, head_bytes=)  the weight bytes this policy holds on the
+                        device at once, for the run's memory check before building a model; default: all of them
 """
 
 from __future__ import annotations
@@ -27,7 +27,10 @@ class PrefetchPolicy:
     def weights_device(self, device: torch.device) -> torch.device:
         return device
 
-    def device_weight_bytes(self, total_bytes: int) -> float:
+    def device_weight_bytes(self, total_bytes: int, layer_bytes: int | None = None, num_layers: int | None = None,
+                            head_bytes: int = 0) -> float:
+        """Weight bytes on the device at once, given the model's total (and, for policies that stream layers, one
+        decoder layer's bytes, the layer count and the embeddings/head bytes)."""
         return float(total_bytes)
 
     def setup(self, model: torch.nn.Module, device: torch.device) -> None:
