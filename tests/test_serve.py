@@ -491,6 +491,16 @@ def test_bad_configuration_fails_in_one_line(overrides, words):
     assert all(w in message for w in words), message
 
 
+def test_a_model_that_does_not_fit_is_refused_before_loading(monkeypatch):
+    """The runner's memory check runs before load_engine: with 2 GB free, Llama-3-8B shapes are refused in one line
+    (the embedded model fits)."""
+    import ollm_triton.engine.footprint as footprint
+
+    monkeypatch.setattr(footprint, "free_memory", lambda device, gb=None: (2 * 10**9, 2 * 10**9))
+    with pytest.raises(ValueError, match="llama3_8b does not fit"):
+        build(compose(["model=llama3_8b", "+cache=int4"]))
+
+
 def test_python_m_serve_starts_answers_and_stops_on_sigterm(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "ollm_triton.serve", "serve.port=0", "serve.shutdown_timeout_s=0.5"],

@@ -23,7 +23,7 @@ from omegaconf.errors import MissingMandatoryValue
 from ollm_triton.config_nodes import PLUGIN_GROUPS  # importing it stores the plugin nodes Hydra composes with
 from ollm_triton.engine.placement import resolve_device, resolve_dtype
 from ollm_triton.registry import registry
-from ollm_triton.run import CONF, RunError, limit_device_memory, model_source, resolve_plugins
+from ollm_triton.run import CONF, RunError, limit_device_memory, memory_check, model_source, resolve_plugins
 from ollm_triton.serve.detokenize import TokenIds
 from ollm_triton.serve.scheduler import SamplingParams, Scheduler
 
@@ -164,6 +164,16 @@ class Server:
         self.engine.close()
 
 
+class OneRequest:
+    """What run.memory_check asks of a task: the (batch, context) it holds in one cache."""
+
+    def __init__(self, context: int):
+        self.context = context
+
+    def footprint(self, smoke: bool) -> tuple[int, int]:
+        return 1, self.context
+
+
 def sampling_defaults(plugins: dict[str, dict[str, Any]]) -> SamplingParams:
     decoder = plugins["decoder"]
     name = decoder["name"]
@@ -196,6 +206,10 @@ def build(cfg: DictConfig, *, shutdown_cancel: bool = True) -> Server:
     resolve_dtype(dtype, device)
     torch.manual_seed(int(resolved.get("seed", 0)))
     built = {g: registry.build(g, plugins[g]["name"], plugins[g]["params"]) for g in ("attention", "cache", "prefetch")}
+    # the runner's memory check (engine/footprint.py) before anything loads: the weights and one request's prefill
+    # chunk must fit (model=llama3_8b on a CPU refuses in one line instead of swapping); KV beyond that is the
+    # scheduler's admission (serve.kv_budget_gb)
+    memory_check(resolved, source, built, {"serve": OneRequest(settings.prefill_chunk)}, device, dtype)
 
     from ollm_triton.engine import load_engine
     from ollm_triton.engine.checkpoint import resolve_source
