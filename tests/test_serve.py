@@ -381,12 +381,7 @@ def test_queue_timeout_and_a_client_that_leaves_a_waiting_answer():
         assert wait_idle(server, 5)["requests_timeouts"] == 1
 
 
-@pytest.mark.parametrize("where", [
-    "before the step",
-    pytest.param("inside the step", marks=pytest.mark.xfail(strict=True, reason=(
-        "scheduler: after a batched prefill fails in its fourth layer, each row is retried alone on a cache that "
-        "already holds the failed step's first layers, so the neighbour's answer changes"))),
-])
+@pytest.mark.parametrize("where", ["before the step", "inside the step"])
 def test_an_engine_failure_fails_alone(where, ref):
     """A request whose prompt holds token 8000 makes the model step raise (at its start, or in its fourth layer
     after three layers wrote K/V): that request gets 500 with OpenAI's body, the request prefilled in the same

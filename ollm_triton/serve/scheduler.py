@@ -208,6 +208,22 @@ class PrefixCache:
         return cache, best_len
 
 
+def _rollback(cache: KVCache, position: int) -> None:
+    """Put a cache back to `position` tokens after a step that failed part-way (some layers appended, some not)."""
+    for layer in cache.layers:
+        if layer.appended > position:
+            layer.truncate(position)
+    cache.position = position
+
+
+def _keep_argmax(result, store: list, whole: bool):
+    """rows.decode's (logits, argmax): keep the in-step argmax of a whole-batch call, return the logits."""
+    logits, argmax = result
+    if whole and argmax is not None:
+        store.append(argmax)
+    return logits
+
+
 def _common_prefix(a, b) -> int:
     n = 0
     for x, y in zip(a, b, strict=False):
@@ -257,8 +273,8 @@ class Scheduler:
         self._stopping = False
         self.started_at = time.monotonic()
         self.counts = {"submitted": 0, "refused": 0, "finished": 0, "cancelled": 0, "errors": 0, "timeouts": 0,
-                       "generated_tokens": 0, "prefill_tokens": 0, "prefill_chunks": 0, "prefill_forwards": 0, "steps": 0,
-                       "decode_rows": 0}
+                       "generated_tokens": 0, "prefill_tokens": 0, "prefill_chunks": 0, "prefill_forwards": 0,
+                       "steps": 0, "decode_rows": 0}
         self._ttft: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._itl: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._queue_s: deque[float] = deque(maxlen=LATENCY_WINDOW)
@@ -416,16 +432,8 @@ class Scheduler:
                 break
             group = [r for r in waiting if min(self.prefill_chunk, len(r.pending)) == n][: max(1, budget // n)]
             ids = torch.tensor([r.pending[:n] for r in group], dtype=torch.long)
-            try:
-                logits = self.rows.prefill([r.cache for r in group], ids)
-            except Exception:  # find the failing request: each alone (it fails alone)
-                logits = []
-                for i, r in enumerate(group):
-                    try:
-                        logits.append(self.rows.prefill([r.cache], ids[i : i + 1])[0])
-                    except Exception as e:
-                        self._fail(r, e)
-                        logits.append(None)
+            logits = self._rows_call(group, lambda rows, sel, ids=ids: self.rows.prefill([r.cache for r in rows],
+                                                                                          ids[sel]))
             for r, row in zip(group, logits, strict=True):
                 waiting.remove(r)
                 if row is None:
@@ -446,22 +454,35 @@ class Scheduler:
         if not rows:
             return False
         tokens = torch.tensor([r.next_token for r in rows], dtype=torch.long)
-        argmax = None
-        try:
-            logits, argmax = self.rows.decode([r.cache for r in rows], tokens, [])
-        except Exception:  # find the failing rows: each row alone (a cache that broke fails its own request)
-            logits = []
-            for i, r in enumerate(rows):
-                try:
-                    logits.append(self.rows.decode([r.cache], tokens[i : i + 1], [])[0][0])
-                except Exception as e:
-                    self._fail(r, e)
-                    logits.append(None)
+        argmax = []
+        logits = self._rows_call(rows, lambda sub, sel: _keep_argmax(
+            self.rows.decode([r.cache for r in sub], tokens[sel], []), argmax, len(sub) == len(rows)))
+        argmax = argmax[0] if argmax else None
         self.counts["decode_rows"] += len(rows)
         for i, (r, row) in enumerate(zip(rows, logits, strict=True)):
             if row is not None:
                 self._take_token(r, row, None if argmax is None else int(argmax[i]))
         return True
+
+    def _rows_call(self, rows: list[_Running], call) -> list:
+        """call(rows, index) -> logits [len(rows), V] for all rows at once; when it raises, every row's cache is
+        rolled back to where it stood (a step can fail after some layers appended) and each row runs alone, so the
+        failing request fails alone and the others get exactly the tokens they would have had. A cache that cannot
+        roll back (an eviction codec that evicted in the failed step) fails its request too."""
+        before = [r.cache.position for r in rows]
+        try:
+            return list(call(rows, slice(None)))
+        except Exception:
+            pass
+        out = []
+        for i, r in enumerate(rows):
+            try:
+                _rollback(r.cache, before[i])
+                out.append(call([r], slice(i, i + 1))[0])
+            except Exception as e:
+                self._fail(r, e)
+                out.append(None)
+        return out
 
     def _take_token(self, run: _Running, logits: torch.Tensor, argmax: int | None = None) -> None:
         """Pick the next token from logits [V] (greedy: `argmax` when the step computed it), emit it, and finish
