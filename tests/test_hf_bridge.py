@@ -130,6 +130,23 @@ def test_lossy_codecs_give_the_engines_logits_at_every_step(name, hf_models, pro
     assert float(err.max()) < ENGINE_TOL[name], f"{name}: per-step max |logit diff| {err.tolist()}"
 
 
+@pytest.mark.parametrize("name", ["streaming", "h2o"])
+def test_direct_forwards_take_positions_from_tokens_seen_not_held(name, hf_models, prompt_ids, engine):
+    """model(ids, past_key_values=cache) step by step (no generate): RoPE positions come from get_seq_length, which
+    must count the tokens seen once the codec has evicted some."""
+    codec = registry.build("cache", name, codec_params(name))
+    model = hf_models[impl_for(codec)]
+    tokens = torch.randint(3, 8000, (NEW - 1,), generator=torch.Generator().manual_seed(4))
+    cache = CompressedKVCache(codec)
+    with torch.inference_mode():
+        out = [model(prompt_ids, past_key_values=cache).logits[0, -1:]]
+        for tok in tokens:
+            out.append(model(tok.view(1, 1), past_key_values=cache).logits[0, -1:])
+    assert cache.compression_stats.tokens_evicted > 0
+    ref = engine_logits(engine, name, prompt_ids, torch.cat((tokens, tokens[-1:])))
+    assert float((torch.cat(out).float() - ref).abs().max()) < ENGINE_TOL[name]
+
+
 # ------------------------------------------------------------------------------ an architecture the engine lacks
 
 
@@ -203,6 +220,16 @@ def test_every_codec_round_trips_through_a_cache_on_gemma2(name, gemma_models):
         assert stats.compressed_bytes == dense_bytes
     elif name in ("int8", "int4", "int2", "quant", "cluster"):
         assert stats.tokens_compressed > 0 and stats.compressed_bytes < dense_bytes
+
+
+@pytest.mark.parametrize("name", ["dense", "int4"])
+def test_bridged_attention_on_gemma2_matches_transformers_eager(name, gemma_models):
+    """ollm_fa against transformers' eager attention over the same codec: Gemma-2 scales queries by
+    query_pre_attn_scalar**-0.5, not head_dim**-0.5, which the bridge folds into q."""
+    ids = torch.randint(3, 500, (1, PROMPT + NEW), generator=torch.Generator().manual_seed(5))
+    got = stepwise(gemma_models["ollm_fa"], CompressedKVCache(name, **codec_params(name)), ids, PROMPT)
+    ref = stepwise(gemma_models["eager"], CompressedKVCache(name, **codec_params(name)), ids, PROMPT)
+    assert float((got - ref).abs().max()) < 1e-4
 
 
 def test_gemma2_sliding_layers_use_transformers_masks_over_a_compressed_cache():
