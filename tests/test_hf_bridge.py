@@ -357,3 +357,14 @@ def test_the_version_check_names_the_supported_range(monkeypatch):
     assert hf.SUPPORTED in one_line(e) and "4.57.1" in one_line(e)
     monkeypatch.undo()
     assert importlib.import_module("ollm_triton.hf").TRANSFORMERS_VERSION == transformers.__version__
+
+
+def test_a_bridged_backend_refuses_padding(hf_models):
+    ids = torch.randint(3, 8000, (2, 12), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding in the first row
+    model = AutoModelForCausalLM.from_pretrained(ASSET, dtype=torch.float32, attn_implementation="ollm_fa").eval()
+    model(ids, attention_mask=torch.ones_like(ids), past_key_values=CompressedKVCache())  # no padding: runs
+    with pytest.raises(PluginError) as e:
+        model(ids, attention_mask=mask, past_key_values=CompressedKVCache())
+    assert "padding" in one_line(e)
