@@ -12,9 +12,9 @@ What a call does, for q: [B, Hq, T, D] and the k, v [B, Hkv, S, D] the cache ret
   `backend.prefill(q, k, v, q_offset=S - T)`. Then `layer.observe(q)`, which scoring codecs (h2o, snapkv) need.
 - With any other cache (or none), `backend.prefill(q, k, v, q_offset=S - T)`: plain right-aligned causal attention
   under the backend's own rule (window, sink, block pattern).
-- A scale other than 1/sqrt(D) (Gemma's query_pre_attn_scalar) is folded into q. Padding masks, logit soft-capping,
-  dropout, and a model's own sliding window wider than nothing refuse with one line: the backends apply their own
-  causal rule and know none of them.
+- A scale other than 1/sqrt(D) (Gemma's query_pre_attn_scalar) is folded into q. Padding masks (transformers builds
+  its sdpa mask for these names only to see them), logit soft-capping, dropout, and a model's own sliding window
+  once it would mask anything refuse with one line: the backends apply their own causal rule and know none of them.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ollm_triton.hf.cache import take_note
 from ollm_triton.registry import PluginError, registry
@@ -45,6 +46,8 @@ def attention_name(backend: str, **params: Any) -> str:
         spec = registry.get("attention", backend)
         _BUILT[name] = spec.cls(cfg)
         AttentionInterface.register(name, _attention_function(name, _BUILT[name]))
+        # transformers' boolean masks (None when plain causal), only to see padding: the backends apply their rule
+        AttentionMaskInterface.register(name, sdpa_mask)
     return name
 
 
@@ -71,20 +74,20 @@ def _attention_function(name: str, backend):
                   sliding_window: int | None = None, softcap: float | None = None, **kwargs: Any):
         """query: [B, Hq, T, D], key/value: [B, Hkv, S, D] -> ([B, T, Hq, D], None)."""
         t, d = query.shape[2], query.shape[3]
+        note = take_note(getattr(module, "layer_idx", -1))  # first, so that a refusal below leaves no stale note
         if dropout:
             raise PluginError(f"{name}: attention dropout ({dropout}) is not supported (inference only)")
         if softcap is not None:
             raise PluginError(f"{name}: attention logit soft-capping (softcap={softcap}) is not supported; set the "
                               "model config's attn_logit_softcapping to None or use attn_implementation='eager'")
-        if attention_mask is not None:
-            raise PluginError(f"{name}: applies its own causal rule and takes no attention mask (padding or a "
-                              "custom mask); run unpadded sequences of one length")
-        note = take_note(getattr(module, "layer_idx", -1))
         seen = note.layer.appended if note is not None else key.shape[2]
         if sliding_window is not None and seen > sliding_window:
             raise PluginError(f"{name}: layer {getattr(module, 'layer_idx', '?')} of this model attends within its "
                               f"own sliding window of {sliding_window} tokens, which {name} does not apply "
-                              f"({seen} tokens seen); use attn_implementation='sdpa' for this model")
+                              f"({seen} tokens seen); use transformers' own attention ('eager' or 'sdpa')")
+        if attention_mask is not None and not is_plain_causal(attention_mask, t):
+            raise PluginError(f"{name}: applies its own causal rule and takes no other attention mask (padding or a "
+                              "custom mask); run unpadded sequences of one length")
         if scaling is not None and not math.isclose(scaling * math.sqrt(d), 1.0, rel_tol=1e-6):
             query = query * (scaling * math.sqrt(d))  # the backends scale by 1/sqrt(D)
         if note is not None and note.mode == "decode":
@@ -97,6 +100,16 @@ def _attention_function(name: str, backend):
 
     attention.__name__ = attention.__qualname__ = name
     return attention
+
+
+def is_plain_causal(mask: torch.Tensor, t: int) -> bool:
+    """Whether transformers' mask [B, 1, T, S] (bool, True = attend; or additive float) is the right-aligned causal
+    rule the backends apply: key j visible to query i iff j <= S - T + i."""
+    if mask.dtype != torch.bool:
+        mask = mask == 0
+    s = mask.shape[-1]
+    causal = torch.arange(s, device=mask.device)[None, :] <= torch.arange(t, device=mask.device)[:, None] + (s - t)
+    return bool((mask[..., -t:, :] == causal).all())
 
 
 __all__ = ["PREFIX", "attention_name", "backend_of", "register_all", "set_attention"]
