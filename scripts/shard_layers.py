@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ollm_triton.engine.checkpoint import empty_model, read_config, resolve_source, weight_files  # noqa: E402
 from ollm_triton.engine.config import ModelConfig  # noqa: E402
-from ollm_triton.engine.engine import DTYPES  # noqa: E402
+from ollm_triton.engine.placement import DTYPES  # noqa: E402
 from ollm_triton.prefetch.layer_file import LayerLayout, WeightStoreError  # noqa: E402
 from ollm_triton.prefetch.store import (  # noqa: E402
     LAYER_PREFIX,
