@@ -61,13 +61,21 @@ class AttentionBackend:
         self, q: torch.Tensor, layer_cache: CacheLayer, *, tree_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Attention of the T (few) newest queries over everything in `layer_cache` (already appended)."""
-        if tree_mask is None and self.fused_codec_decode:
-            out = layer_cache.attend(q, self)
-            if out is not None:
-                self.last_path = f"fused:{layer_cache.__class__.__name__}"
-                return out
+        out = self.codec_decode(q, layer_cache, tree_mask)
+        if out is not None:
+            return out
         k, v = layer_cache.dense()
         return self.prefill(q, k, v, q_offset=k.shape[2] - q.shape[2], tree_mask=tree_mask)
+
+    def codec_decode(self, q: torch.Tensor, layer_cache: CacheLayer, tree_mask=None) -> torch.Tensor | None:
+        """The codec's fused kernel over its own storage when this backend declares `fused_codec_decode` and the
+        codec has one (`layer_cache.attend`); None otherwise (the caller attends over `dense()`)."""
+        if tree_mask is not None or not self.fused_codec_decode:
+            return None
+        out = layer_cache.attend(q, self)
+        if out is not None:
+            self.last_path = f"fused:{layer_cache.__class__.__name__}"
+        return out
 
     def decode_schedule(self, kv_len: int, block_k: int, *, num_queries: int = 1,
                         device: torch.device | None = None) -> DecodeSchedule | None:

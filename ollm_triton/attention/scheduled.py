@@ -113,11 +113,9 @@ class ScheduledAttention(AttentionBackend):
 
     # ---- decode -----------------------------------------------------------------------------------------------
     def decode(self, q, layer_cache: CacheLayer, *, tree_mask=None):
-        if tree_mask is None and self.fused_codec_decode:
-            out = layer_cache.attend(q, self)
-            if out is not None:
-                self.last_path = f"fused:{layer_cache.__class__.__name__}"
-                return out
+        out = self.codec_decode(q, layer_cache, tree_mask)
+        if out is not None:
+            return out
         k, v = layer_cache.dense()
         t, s = q.shape[2], k.shape[2]
         if tree_mask is None and self._kernels(q) and decode_supports(q, k) and self.decode_kernel_fits(t, s):
