@@ -69,11 +69,12 @@ def estimate(model_cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device
     layer = (weights - head) // max(cfg.num_layers, 1)
     device_weights = weights if device.type == "cpu" else float(prefetch.device_weight_bytes(
         weights, layer_bytes=layer, num_layers=cfg.num_layers, head_bytes=head))
-    kv = 0
+    kv = kv_dense = 0
     if context > 0:
         spec = LayerSpec(batch=batch, kv_heads=cfg.num_kv_heads, head_dim=d, dtype=dtype, device=device,
                          max_len=context)
         kv = int(codec.bytes_for(spec, context) * cfg.num_layers)
+        kv_dense = 2 * batch * cfg.num_kv_heads * d * elt * context * cfg.num_layers
     t = min(context, prefill_chunk) if prefill_chunk else context
     acts = 0
     if t > 0:
@@ -89,6 +90,7 @@ def estimate(model_cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device
         "weights_bytes": int(weights),
         "device_weights_bytes": int(device_weights),
         "kv_bytes": int(kv),
+        "kv_dense_bytes": int(kv_dense),  # what the same tokens take uncompressed (the advice's yardstick)
         "activation_bytes": int(acts),
         "device_bytes": int(on_device),
         # on the CPU the device is the host; on a GPU the host holds what a streaming policy keeps there
@@ -168,7 +170,8 @@ def _advice(est: dict[str, int], device: torch.device, dtype: torch.dtype, have:
     elif weights > 0.5 * USABLE * have:
         budget = max(USABLE * have / GB - 1.0, 0.5)
         tips.append(f"+prefetch=lookahead prefetch.budget_gb={budget:.0f}")
-    if est["kv_bytes"] > 0.25 * est["device_bytes"] and getattr(codec, "plugin_name", "") not in ("int4", "int2"):
+    compresses = est["kv_bytes"] < 0.5 * est.get("kv_dense_bytes", est["kv_bytes"])  # read from the codec's bytes
+    if est["kv_bytes"] > 0.25 * est["device_bytes"] and not compresses:
         tips.append("+cache=int4")
     if est["activation_bytes"] > 0.25 * est["device_bytes"] and not prefill_chunk:
         tips.append("prefill_chunk=4096")

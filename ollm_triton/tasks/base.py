@@ -81,7 +81,7 @@ def plugin_effect(engine, *, longest: int, masked: float | None = None, compress
         if masked > 0:
             parts.append(f"attention {a_name}: {masked:.1%} of keys masked")
         else:
-            window = int(getattr(attention, "window", 0) or 0)
+            window = attention.window  # declared by every backend (attention/base.py)
             why = (f"window {window} >= longest sequence {longest}" if window
                    else f"{a_name} masked no keys of sequences up to {longest} tokens")
             none.append(f"attention {a_name}: {why}")
