@@ -34,3 +34,12 @@ def poison():
         return t.fill_(torch.iinfo(t.dtype).min)
 
     return fill
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny tensors: a second intra-op thread only waits (6x slower on the shared 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -184,13 +184,7 @@ def run(attention: str, cache: str, check: bool = True):
     return torch.cat(outs, dim=1), checked, kv
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tensors are tiny: a second intra-op thread only waits (6x slower on the shared 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: see conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -42,13 +42,7 @@ PROMPTS = [*range(1, GROUP + RESIDUAL + 3), *range(CLUSTER_FLUSH - 2, CLUSTER_FL
 PAIRS = list(itertools.product(registry.names("attention"), registry.names("cache")))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tensors are tiny: a second intra-op thread only waits (6x slower on the shared 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: see conftest.py
 
 
 def test_every_plugin_has_property_settings():

@@ -248,17 +248,7 @@ def parse_completion(body: dict, limits: Limits, encode) -> Generate:
     prompt_ids = read_prompt(body.get("prompt"), limits, encode)
     max_tokens = read_int(body, "max_tokens", 16, lo=1)  # OpenAI's completions default: 16
     logprobs = read_int(body, "logprobs", None, lo=0, hi=COMPLETION_MAX_LOGPROBS)
-    stream, include_usage = read_stream(body)
-    return Generate(
-        prompt_ids=prompt_ids,
-        max_tokens=check_length(len(prompt_ids), max_tokens, limits, "prompt"),
-        sampling=read_sampling(body, limits, logprobs),
-        stop=read_stop(body),
-        stream=stream,
-        include_usage=include_usage,
-        logprobs=logprobs,
-        priority=read_int(body, "priority", 0),
-    )
+    return _generate(body, limits, prompt_ids, max_tokens, logprobs, "prompt")
 
 
 def read_prompt(prompt: Any, limits: Limits, encode) -> list[int]:
@@ -339,10 +329,15 @@ def parse_chat(body: dict, limits: Limits, render) -> Generate:
         raise APIError("top_logprobs needs logprobs=true", param="top_logprobs", code="invalid_value")
     logprobs = (top or 0) if want else None
     prompt_ids = render(messages)
+    return _generate(body, limits, prompt_ids, max_tokens, logprobs, "messages")
+
+
+def _generate(body, limits, prompt_ids, max_tokens, logprobs, prompt_param) -> Generate:
+    """The request fields both endpoints share, read from `body` once the prompt and its token ids are known."""
     stream, include_usage = read_stream(body)
     return Generate(
         prompt_ids=prompt_ids,
-        max_tokens=check_length(len(prompt_ids), max_tokens, limits, "messages"),
+        max_tokens=check_length(len(prompt_ids), max_tokens, limits, prompt_param),
         sampling=read_sampling(body, limits, logprobs),
         stop=read_stop(body),
         stream=stream,
