@@ -16,6 +16,10 @@ class DecoderStrategy:
     """Base class of decoder strategies; `plugin_name` is set by the registry."""
 
     plugin_name = "base"
+    # Generates through `engine.new_cache`, `engine.prefill`, `engine.forward(ids, cache)` and `fast_decoder()`
+    # only (no static steps, tree masks, early exits or draft models): runs on any engine-shaped model, such as
+    # transformers' own forward under the bridge (ollm_triton/hf/engine.py), which refuses the others.
+    forward_only: bool = False
 
     def generate(
         self, engine, prompt_ids: torch.Tensor, max_new_tokens: int, *, eos_id: int | None = None

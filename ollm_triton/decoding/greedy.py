@@ -49,6 +49,8 @@ def decode_loop(engine, prompt_ids: torch.Tensor, max_new_tokens: int, pick, eos
 class Greedy(DecoderStrategy):
     """Argmax of the target's logits, one forward per token."""
 
+    forward_only = True
+
     def __init__(self, cfg=None):
         self.cfg = cfg
 
@@ -92,6 +94,8 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: 
 @register("decoder", "sample", SampleConfig)
 class Sample(DecoderStrategy):
     """Seeded sampling with temperature, top-k and top-p."""
+
+    forward_only = True
 
     def __init__(self, cfg: SampleConfig):
         self.cfg = cfg
