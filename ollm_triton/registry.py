@@ -27,9 +27,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-KINDS = ("attention", "cache", "decoder", "prefetch", "task")
+KINDS = ("attention", "cache", "decoder", "prefetch", "context", "task")
 # The plugin a run uses for a kind the user did not choose (the baselines every other plugin is compared with).
-BASELINES = {"attention": "sdpa", "cache": "dense", "decoder": "greedy", "prefetch": "resident"}
+BASELINES = {"attention": "sdpa", "cache": "dense", "decoder": "greedy", "prefetch": "resident", "context": "none"}
 ENTRY_POINT_GROUP = "ollm_triton.plugins"
 
 # Built-in plugin folders, imported on first use so that `import ollm_triton` stays cheap.
@@ -38,6 +38,7 @@ _BUILTIN_PACKAGES = (
     "ollm_triton.cache",
     "ollm_triton.decoding",
     "ollm_triton.prefetch",
+    "ollm_triton.context",
     "ollm_triton.tasks",
 )
 

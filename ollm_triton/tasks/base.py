@@ -26,7 +26,8 @@ class TaskRefused(Exception):
 @dataclass
 class RunContext:
     """engine: the loaded Engine; decoder: the DecoderStrategy; smoke: run a tiny slice (debug=smoke);
-    trained: False for random weights; cfg: the full resolved run config (a dict)."""
+    trained: False for random weights; cfg: the full resolved run config (a dict); context: the ContextCompressor
+    that shortens prompts before prefill (None: prompts as given)."""
 
     engine: Any
     decoder: Any
@@ -35,6 +36,7 @@ class RunContext:
     trained: bool = True
     cfg: dict = field(default_factory=dict)
     seed: int = 0
+    context: Any = None
 
 
 class Task:
