@@ -198,6 +198,7 @@ def run_job(cfg: DictConfig, run_dir: Path, job_num: int = 0) -> dict[str, Any]:
         trained=trained,
         cfg=resolved,
         seed=int(resolved.get("seed", 0)),
+        context=built["context"],
     )
 
     metrics: dict[str, Any] = {"load_s": load_s}
