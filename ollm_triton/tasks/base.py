@@ -9,6 +9,8 @@ decoder builds (`CacheWatch`), and choose its prompt (`prompt_ids`: held-out tex
 from __future__ import annotations
 
 import sys
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,10 +26,22 @@ class TaskRefused(Exception):
 
 
 @dataclass
+class TimedRegion:
+    """A task's timed interval (time.perf_counter seconds, the device synchronized at both ends) and the tokens the
+    task generated or scored in it (`counted` says which); the runner summarizes the system monitor over it."""
+
+    t0: float
+    t1: float | None = None
+    tokens: int = 0
+    counted: str = "generated"
+
+
+@dataclass
 class RunContext:
     """engine: the loaded Engine; decoder: the DecoderStrategy; smoke: run a tiny slice (debug=smoke);
     trained: False for random weights; cfg: the full resolved run config (a dict); context: the ContextCompressor
-    that shortens prompts before prefill (None: prompts as given)."""
+    that shortens prompts before prefill (None: prompts as given); monitor: the run's SystemMonitor
+    (ollm_triton/monitor.py) or None; regions: the timed regions the tasks declared (`timed`)."""
 
     engine: Any
     decoder: Any
@@ -37,6 +51,25 @@ class RunContext:
     cfg: dict = field(default_factory=dict)
     seed: int = 0
     context: Any = None
+    monitor: Any = None
+    regions: list[TimedRegion] = field(default_factory=list)
+
+    @contextmanager
+    def timed(self, counted: str = "generated"):
+        """Declare the task's timed region: `with ctx.timed("scored") as region: ...; region.tokens += n`. The
+        monitor samples at both ends, so a region shorter than its sampling period still has readings around it."""
+        synchronize(self.device)
+        if self.monitor is not None:
+            self.monitor.sample_now()
+        region = TimedRegion(time.perf_counter(), counted=counted)
+        try:
+            yield region
+        finally:
+            synchronize(self.device)
+            region.t1 = time.perf_counter()
+            if self.monitor is not None:
+                self.monitor.sample_now()
+            self.regions.append(region)
 
 
 class Task:
