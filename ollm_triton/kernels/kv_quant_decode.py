@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from ollm_triton.kernels import kv_quant_decode_mma as mma
+from ollm_triton.kernels import quant as Q
 from ollm_triton.kernels.decode_merge import merge_splits, one_wave_splits
 
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -177,7 +178,7 @@ def _softmax_step(b_s, o_n, q_pos, kv_len, window, sink, b_mx, b_l, HAS_WINDOW: 
 
 @triton.jit(do_not_specialize=["n_quant", "kv_len", "n_visit", "n_quant_visit", "blocks_per_split", "window", "sink"])
 def _quant_decode_kernel(
-    Q, KC, KS, KZ, VC, VS, VZ, KR, VR, BLOCK_IDS, O_PART, L_PART,
+    Q, KC, KS, KZ, VC, VS, VZ, KR, VR, BLOCK_IDS, O_PART, L_PART, ROW_QUANT, ROW_LEN,
     stride_qb, stride_qh, stride_qt,
     stride_kc_bh, stride_kc_n, stride_ks_bh, stride_ks_g,
     stride_vc_bh, stride_vc_n, stride_vs_bh, stride_vs_n,
@@ -188,6 +189,7 @@ def _quant_decode_kernel(
     KEY_GROUP: tl.constexpr,
     V_GROUPS: tl.constexpr, V_GROUP: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr,
     HAS_BLOCK_IDS: tl.constexpr, HAS_WINDOW: tl.constexpr, UNPACK: tl.constexpr, DOT: tl.constexpr,
+    VARLEN: tl.constexpr = False,
 ):
     """Program (batch*KV head, split): visits [i_lo, i_hi) of the visit list. The first n_quant_visit visits are
     quantized blocks and the rest residual ones (the list is ascending and the quantized region comes first), so
@@ -200,6 +202,11 @@ def _quant_decode_kernel(
     P: tl.constexpr = 8 // BITS
     i_bh, i_split = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H_KV, i_bh % H_KV
+    if VARLEN:  # each row its own lengths, read on the device (the static decode step: no host value)
+        n_quant = tl.load(ROW_QUANT + i_b).to(tl.int32)
+        kv_len = tl.load(ROW_LEN + i_b).to(tl.int32)
+        n_visit = tl.cdiv(kv_len, BLOCK_K)
+        n_quant_visit = n_quant // BLOCK_K
 
     # rows m = g * T + t: query head i_h * GQ + g, new token t at position kv_len - T + t
     o_m = tl.arange(0, BLOCK_M)
@@ -431,7 +438,7 @@ def quant_decode(
                    n_split_total=n_split_total, **mma_kw)
     else:
         _quant_decode_kernel[(b * hkv, num_splits)](
-            q, kc, ks, kz, vc, vs, vz, kr, vr, ids, o_part, l_part,
+            q, kc, ks, kz, vc, vs, vz, kr, vr, ids, o_part, l_part, ids, ids,
             q.stride(0), q.stride(1), q.stride(2),
             kc.stride(0), kc.stride(1), ks.stride(0), ks.stride(1),
             vc.stride(0), vc.stride(1), vs.stride(0), vs.stride(1),
@@ -447,6 +454,101 @@ def quant_decode(
     merge_splits(o_part.view(b * hkv, n_split_total, gq * t, block_d), l_part, out, kv_heads=hkv, group=gq, t=t,
                  n_split=n_split_total)
     LAST_LAUNCH.update(kernel="mma" if use_mma else "triton", splits=n_split_total)
+    return out
+
+
+def quant_decode_varlen(
+    q: torch.Tensor,
+    k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res,
+    row_quant: torch.Tensor, lengths: torch.Tensor,
+    *, bits: int, key_group: int, value_group: int, block_k: int = 64, num_splits: int | None = None,
+    num_warps: int = 4, num_stages: int = 3, maxnreg: int | None = None, programs_per_sm: int | None = None,
+    unpack: str | None = None, out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Decode attention of one new token per row, each row at its own length (the static decode step).
+
+    q: [B, Hq, 1, D]. Storage as in `quant_decode`, row b holding `row_quant[b]` quantized tokens (a multiple of
+    key_group) followed by `lengths[b] - row_quant[b]` residual tokens; the new query sits at `lengths[b] - 1`.
+    row_quant, lengths: [B] integer tensors on the device, read by the kernel (no host value: capturable). The
+    launch (splits, blocks per split) is sized for the buffers' capacity, and a split past a row's last block
+    writes an empty partial that the merge ignores. Returns [B, Hq, 1, D] in q's dtype.
+    """
+    b, hq, t, d = q.shape
+    if t != 1:
+        raise ValueError(f"quant_decode_varlen decodes one token per row, got T = {t}")
+    hkv = k_codes.shape[1]
+    if hq % hkv:
+        raise ValueError(f"query heads {hq} must be a multiple of KV heads {hkv}")
+    if key_group % block_k:
+        raise ValueError(f"block_k {block_k} must divide key_group {key_group}")
+    p = 8 // bits
+    if d % p:
+        raise ValueError(f"head_dim {d} must be divisible by {p} for {bits}-bit codes")
+    if row_quant.shape != (b,) or lengths.shape != (b,):
+        raise ValueError(f"row_quant and lengths must be [B] = [{b}], got {tuple(row_quant.shape)} and "
+                         f"{tuple(lengths.shape)}")
+    gq = hq // hkv
+    symmetric = k_zero is None
+    dot = tl.float32 if q.dtype == torch.float32 else tl.float16
+    if unpack is None:
+        unpack = "cvt" if dot == tl.float32 else "magic" if _interpreted(q) else "asm"
+    if unpack not in UNPACK_MODES or (dot == tl.float32 and unpack != "cvt"):
+        raise ValueError(f"unpack must be one of {', '.join(UNPACK_MODES)} ('cvt' for float32 queries), got {unpack!r}")
+    flat = lambda x: x.reshape(b * hkv, *x.shape[2:])  # noqa: E731
+    kc, vc, ks, vs, kr, vr = map(flat, (k_codes, v_codes, k_scale, v_scale, k_res, v_res))
+    kz, vz = flat(k_zero) if k_zero is not None else ks, flat(v_zero) if v_zero is not None else vs
+    block_d = max(16, triton.next_power_of_2(d))
+    max_visit = triton.cdiv(kc.shape[1] + kr.shape[1], block_k)  # the longest row the buffers can hold
+    num_splits, blocks_per_split, maxnreg = split_launch(bits, q.device, b * hkv, max_visit, num_splits=num_splits,
+                                                         programs_per_sm=programs_per_sm, maxnreg=maxnreg)
+    l_part = torch.empty(b * hkv * num_splits * gq, dtype=torch.float32, device=q.device)
+    o_part = torch.empty(b * hkv * num_splits * gq * block_d, dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q) if out is None else out
+    _quant_decode_kernel[(b * hkv, num_splits)](
+        q, kc, ks, kz, vc, vs, vz, kr, vr, kc, o_part, l_part, row_quant, lengths,
+        q.stride(0), q.stride(1), q.stride(2),
+        kc.stride(0), kc.stride(1), ks.stride(0), ks.stride(1),
+        vc.stride(0), vc.stride(1), vs.stride(0), vs.stride(1),
+        kr.stride(0), kr.stride(1),
+        0, 0, 0, 0, blocks_per_split, 0, 0, math.log2(math.e) / math.sqrt(d),
+        H_KV=hkv, GQ=gq, T=1, D=d, BLOCK_D=block_d, BLOCK_J=max(16, triton.next_power_of_2(d // p)),
+        BLOCK_M=max(16, triton.next_power_of_2(gq)), BLOCK_K=block_k, BLOCK_R=min(block_k, 32),
+        KEY_GROUP=key_group, V_GROUPS=d // value_group, V_GROUP=value_group, BITS=bits, SYMMETRIC=symmetric,
+        HAS_BLOCK_IDS=False, HAS_WINDOW=False, UNPACK=UNPACK_MODES[unpack], DOT=dot, VARLEN=True,
+        num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
+    )
+    merge_splits(o_part.view(b * hkv, num_splits, gq, block_d), l_part, out, kv_heads=hkv, group=gq, t=1,
+                 n_split=num_splits)
+    LAST_LAUNCH.update(kernel="triton.varlen", splits=num_splits)
+    return out
+
+
+def quant_decode_varlen_ref(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res,
+                            row_quant: list[int], lengths: list[int], *, bits: int, key_group: int, value_group: int,
+                            compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Reference of `quant_decode_varlen`: row by row, dequantize the row's codes (kernels/quant.py references),
+    append its residual tokens and attend in `compute_dtype`. row_quant, lengths: host ints. -> [B, Hq, 1, D]."""
+    b, hq, _, d = q.shape
+    symmetric = k_zero is None
+    out = torch.empty_like(q)
+    for r in range(b):
+        nq, n = int(row_quant[r]), int(lengths[r])
+        rows = slice(r, r + 1)
+        ks, vs = k_res[rows, :, : n - nq], v_res[rows, :, : n - nq]
+        if nq:
+            g = nq // key_group
+            k = Q.dequantize_keys_ref(k_codes[rows, :, :nq], k_scale[rows, :, :g],
+                                      None if symmetric else k_zero[rows, :, :g], bits, key_group, d, symmetric,
+                                      q.dtype)
+            v = Q.dequantize_values_ref(v_codes[rows, :, :nq], v_scale[rows, :, :nq],
+                                        None if symmetric else v_zero[rows, :, :nq], bits, value_group, d,
+                                        symmetric, q.dtype)
+            ks, vs = torch.cat((k, ks), dim=2), torch.cat((v, vs), dim=2)
+        gq = hq // ks.shape[1]
+        kk = ks.to(compute_dtype).repeat_interleave(gq, dim=1)
+        vv = vs.to(compute_dtype).repeat_interleave(gq, dim=1)
+        s = q[rows].to(compute_dtype) @ kk.transpose(-1, -2) / math.sqrt(d)
+        out[rows] = (torch.softmax(s, -1) @ vv).to(q.dtype)
     return out
 
 
