@@ -94,7 +94,21 @@ def store() -> None:
         for name in registry.names(kind):
             package = f"task.{name}" if kind == "task" else kind
             cs.store(group=kind, name=name, node=node_class(kind, name), package=package)
+    from ollm_triton.monitor import MonitorConfig  # the run's `monitor:` section (config.yaml: monitor: default)
+
+    cs.store(group="monitor", name="default", node=MonitorConfig, package="monitor")
     _stored = True
 
 
 store()
+
+
+def _if_smoke(smoke_value: Any, full_value: Any, *, _root_: Any) -> Any:
+    """`${if_smoke:A,B}`: A when the run's `smoke` is set (debug=smoke), else B. A study preset
+    (conf/experiment/<study>.yaml, appended with +experiment=) composes after `debug=` in the defaults order, so
+    debug=smoke cannot override what the preset sets; its sweep chooses the model and the lengths through this."""
+    return smoke_value if _root_.get("smoke") else full_value
+
+
+if not OmegaConf.has_resolver("if_smoke"):
+    OmegaConf.register_new_resolver("if_smoke", _if_smoke)

@@ -348,15 +348,15 @@ class SystemMonitor:
         if e0 is not None and e1 is not None:
             counter = e1 - e0
         energy = counter if counter is not None else trapezoid
+        if tokens is not None:
+            out["tokens"] = int(tokens)
         if energy is not None:
             out["energy_j"] = energy
             out["energy_source"] = "nvml energy counter" if counter is not None else "trapezoid over power"
             if counter is not None and trapezoid is not None:
                 out["energy_j_trapezoid"] = trapezoid
-            if tokens is not None:
-                out["tokens"] = int(tokens)
-                if energy > 0:
-                    out["tokens_per_j"] = tokens / energy
+            if tokens is not None and energy > 0:
+                out["tokens_per_j"] = tokens / energy
         stats = {
             "power_mean_w": mean("gpu_power_w"),
             "power_peak_w": peak("gpu_power_w"),
@@ -378,6 +378,37 @@ class SystemMonitor:
         return out
 
 
+SUMMED = ("seconds", "samples", "energy_j", "energy_j_trapezoid", "tokens", "read_bytes")
+
+
+def merge_summaries(parts: list[dict[str, float | str]]) -> dict[str, float | str]:
+    """One summary of several regions' (`SystemMonitor.summary`): seconds, samples, energy, tokens and bytes read
+    summed; peaks the largest; means weighted by each region's seconds; tokens_per_j from the sums; text fields
+    (gpu, energy_source, ...) their distinct values joined by '; '."""
+    out: dict[str, float | str] = {}
+    keys = list(dict.fromkeys(k for p in parts for k in p))
+    for key in keys:
+        have = [p for p in parts if key in p]
+        values = [p[key] for p in have]
+        if any(isinstance(v, str) for v in values):
+            out[key] = "; ".join(dict.fromkeys(str(v) for v in values))
+        elif key in SUMMED:
+            out[key] = sum(values)
+        elif "_peak" in key:
+            out[key] = max(values)
+        elif "_mean" in key:
+            weights = [float(p.get("seconds", 0.0)) for p in have]
+            total = sum(weights)
+            out[key] = sum(w * v for w, v in zip(weights, values, strict=True)) / total if total > 0 else \
+                sum(values) / len(values)
+    if "tokens" in out and out.get("energy_j"):
+        out["tokens_per_j"] = out["tokens"] / out["energy_j"]
+    for key in out:
+        if key.endswith("_bytes") or key in ("samples", "tokens"):
+            out[key] = int(out[key])
+    return out
+
+
 def wandb_series(run, samples: list[Sample], origin: float) -> int:
     """Log every sample to a W&B run as monitor/<field> against monitor/t_s (seconds since `origin`); returns how
     many were logged. `run` is a wandb Run (anything with define_metric and log)."""
@@ -391,4 +422,5 @@ def wandb_series(run, samples: list[Sample], origin: float) -> int:
     return len(samples)
 
 
-__all__ = ["MonitorConfig", "Sample", "SystemMonitor", "energy_joules", "nvml_sampler", "wandb_series"]
+__all__ = ["MonitorConfig", "Sample", "SystemMonitor", "energy_joules", "merge_summaries", "nvml_sampler",
+           "wandb_series"]

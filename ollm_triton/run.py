@@ -26,6 +26,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException, Vali
 
 from ollm_triton.config_nodes import PLUGIN_GROUPS
 from ollm_triton.engine.placement import resolve_device, resolve_dtype
+from ollm_triton.monitor import MonitorConfig, Sample, SystemMonitor, merge_summaries, wandb_series
 from ollm_triton.registry import PluginError, registry
 from ollm_triton.results import WandbLogger, environment, write_metrics
 from ollm_triton.tasks.base import RunContext, TaskRefused
@@ -156,8 +157,40 @@ def memory_check(resolved: dict[str, Any], source: Any, built: dict[str, Any], t
     )
 
 
-def run_job(cfg: DictConfig, run_dir: Path, job_num: int = 0) -> dict[str, Any]:
-    """Run one job; returns the metrics.json record. Raises RunError/PluginError/ValueError for bad input."""
+def start_monitor(section: dict[str, Any] | None, device: torch.device) -> SystemMonitor | None:
+    """The job's system monitor (ollm_triton/monitor.py), started; None when `monitor.enabled` is false."""
+    cfg = MonitorConfig(**(section or {}))
+    try:
+        cfg.check()
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    return SystemMonitor(cfg.rate_hz, device).start() if cfg.enabled else None
+
+
+def monitor_metrics(monitor: SystemMonitor, by_task: dict[str, dict[str, Any]], t0: float, t1: float
+                    ) -> dict[str, Any]:
+    """monitor/<task>/<key> over each task's timed region; monitor/<key> over all of them together (energy and
+    tokens summed); monitor/job_* over the whole job; monitor/gpu says what was sampled or why the GPU was not."""
+    out: dict[str, Any] = {"monitor/gpu": monitor.gpu, "monitor/rate_hz": monitor.rate_hz}
+    for task, summary in by_task.items():
+        out.update({f"monitor/{task}/{k}": v for k, v in summary.items() if k != "gpu"})
+    if by_task:
+        merged = merge_summaries(list(by_task.values()))
+        out.update({f"monitor/{k}": v for k, v in merged.items() if k != "gpu"})
+        out["monitor/tokens_counted"] = "; ".join(f"{t}: {s.get('tokens_counted', 'none')}"
+                                                  for t, s in by_task.items())
+    job = monitor.summary(t0, t1)
+    for key in ("seconds", "samples", "energy_j", "power_peak_w", "temp_peak_c", "rss_peak_bytes"):
+        if key in job:
+            out[f"monitor/job_{key}"] = job[key]
+    out["monitor/overhead_s"] = monitor.read_s  # the sampling's own time, on its thread
+    return out
+
+
+def run_job(cfg: DictConfig, run_dir: Path, job_num: int = 0,
+            on_samples: Any = None) -> dict[str, Any]:
+    """Run one job; returns the metrics.json record. Raises RunError/PluginError/ValueError for bad input.
+    on_samples(samples, origin): handed the monitor's samples at the end (the W&B time series)."""
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except MissingMandatoryValue as e:
@@ -169,6 +202,8 @@ def run_job(cfg: DictConfig, run_dir: Path, job_num: int = 0) -> dict[str, Any]:
     limit_device_memory(resolved.get("device_memory_gb"), device)
     dtype = str(resolved["model"].get("dtype", "auto"))
     resolve_dtype(dtype, device)  # a bad name fails here, before anything loads; load_engine resolves auto itself
+    monitor = start_monitor(resolved.get("monitor"), device)
+    job_t0 = time.perf_counter()
 
     torch.manual_seed(int(resolved.get("seed", 0)))
     built = {
@@ -199,12 +234,16 @@ def run_job(cfg: DictConfig, run_dir: Path, job_num: int = 0) -> dict[str, Any]:
         cfg=resolved,
         seed=int(resolved.get("seed", 0)),
         context=built["context"],
+        monitor=monitor,
     )
 
     metrics: dict[str, Any] = {"load_s": load_s}
     refused: dict[str, str] = {}
     try:
+        by_task: dict[str, dict[str, Any]] = {}
         for name, task in task_objs.items():
+            ctx.regions.clear()
+            task_t0 = time.perf_counter()
             try:
                 out = task.run(ctx)
             except TaskRefused as e:
@@ -212,6 +251,8 @@ def run_job(cfg: DictConfig, run_dir: Path, job_num: int = 0) -> dict[str, Any]:
                 say(f"{name}: refused: {e}", err=True)
                 continue
             metrics.update({f"{name}/{k}": v for k, v in out.items()})
+            if monitor is not None:  # over the region the task timed; a task that declares none: its whole run
+                by_task[name] = task_monitor_summary(monitor, ctx.regions, task_t0, time.perf_counter())
         engine_info = engine.describe()
         # what attention ran, per phase: under the captured decode step it is the step's own kernel, not the plugin
         metrics["attention_path"] = engine_info["attention_path"]
@@ -220,7 +261,14 @@ def run_job(cfg: DictConfig, run_dir: Path, job_num: int = 0) -> dict[str, Any]:
             metrics["device_peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated(device))
             metrics["device_peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved(device))
         metrics.update({f"prefetch/{k}": v for k, v in built["prefetch"].stats().items()})
+        if monitor is not None:
+            monitor.stop()
+            metrics.update(monitor_metrics(monitor, by_task, job_t0, time.perf_counter()))
+            if on_samples is not None:
+                on_samples(monitor.samples(), job_t0)
     finally:  # free the model (and a decoder's draft model) now, not at the next job's garbage collection
+        if monitor is not None:
+            monitor.stop()
         for part in (engine, built["decoder"]):
             close = getattr(part, "close", None)
             if callable(close):
@@ -241,6 +289,14 @@ def run_job(cfg: DictConfig, run_dir: Path, job_num: int = 0) -> dict[str, Any]:
         "seed": resolved.get("seed"),
         "footprint": footprint,
     }
+
+
+def task_monitor_summary(monitor: SystemMonitor, regions: list[Any], t0: float, t1: float) -> dict[str, Any]:
+    """The monitor's summary over a task's timed regions (tokens summed), or over [t0, t1] when it timed none."""
+    if not regions:
+        return {**monitor.summary(t0, t1), "region": "whole task (it declared no timed region)"}
+    parts = [{**monitor.summary(r.t0, r.t1, tokens=r.tokens), "tokens_counted": r.counted} for r in regions]
+    return {**merge_summaries(parts), "region": "timed"}
 
 
 def clean_state() -> None:
@@ -319,7 +375,11 @@ def hydra_main(cfg: DictConfig) -> float | None:
             group=group,
             name=name,
         )
-        record = run_job(cfg, run_dir, hc.job.num if multirun else 0)
+        def series(samples: list[Sample], origin: float) -> None:  # before the metrics: W&B steps only grow
+            if logger is not None and logger.run is not None:
+                wandb_series(logger.run, samples, origin)
+
+        record = run_job(cfg, run_dir, hc.job.num if multirun else 0, on_samples=series)
         record["overrides"] = overrides
         record["duration_s"] = time.perf_counter() - started
         (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

@@ -73,11 +73,12 @@ class Memory(Task):
         if device.type == "cuda":
             synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-        cache = engine.new_cache(batch=c.batch, max_len=context_len + new_tokens)
-        logits = engine.prefill(ids, cache)[:, None]  # in chunks when the run sets prefill_chunk
-        for _ in range(new_tokens):
-            logits = engine.forward(logits[:, -1:].argmax(-1), cache)
-        synchronize(device)
+        with ctx.timed("prompt+generated") as region:
+            cache = engine.new_cache(batch=c.batch, max_len=context_len + new_tokens)
+            logits = engine.prefill(ids, cache)[:, None]  # in chunks when the run sets prefill_chunk
+            for _ in range(new_tokens):
+                logits = engine.forward(logits[:, -1:].argmax(-1), cache)
+            region.tokens = c.batch * (context_len + new_tokens)
         peak, peak_source = host_peak_rss_bytes()
         out: dict[str, float | int | str] = {
             "prompt": prompt_kind,

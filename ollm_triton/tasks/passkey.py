@@ -87,7 +87,7 @@ class Passkey(Task):
         by_length: dict[int, list[bool]] = {n: [] for n in lengths}
         by_depth: dict[float, list[bool]] = {d: [] for d in depths}
         visible = causal = 0.0  # (query, key) pairs of the answer's decode steps: attended, causally visible
-        with CacheWatch(engine) as watch:
+        with CacheWatch(engine) as watch, ctx.timed("prompt+generated") as region:
             for length in lengths:
                 for depth in depths:
                     for _ in range(samples):
@@ -99,6 +99,7 @@ class Passkey(Task):
                         by_length[length].append(answer == doc.answer)
                         by_depth[depth].append(answer == doc.answer)
                         n, new = prompt.shape[1], max(int(gen.tokens.shape[1]), 1)
+                        region.tokens += n + int(gen.tokens.shape[1])
                         pairs = causal_pairs(new, n + new, n)
                         causal += pairs
                         visible += engine.attention.visible_fraction(new, n + new, n) * pairs

@@ -91,7 +91,9 @@ class Perplexity(Task):
         if ids.numel() < 2:
             raise ValueError(f"perplexity: the text from {c.data!r} has fewer than 2 tokens")
         chunk = c.chunk or engine.decode_max_tokens
-        s = score(engine, ids, max_length, stride, chunk)
+        with ctx.timed("scored") as region:
+            s = score(engine, ids, max_length, stride, chunk)
+            region.tokens = s.scored
         effect, none = plugin_effect(engine, longest=s.longest, masked=s.masked_fraction,
                                      compressed=s.tokens_compressed, evicted=s.max_evicted,
                                      lossy_scored=s.scored_lossy)
