@@ -27,9 +27,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-KINDS = ("attention", "cache", "decoder", "prefetch", "context", "task")
+KINDS = ("attention", "cache", "decoder", "prefetch", "context", "adapt", "task")
 # The plugin a run uses for a kind the user did not choose (the baselines every other plugin is compared with).
-BASELINES = {"attention": "sdpa", "cache": "dense", "decoder": "greedy", "prefetch": "resident", "context": "none"}
+BASELINES = {"attention": "sdpa", "cache": "dense", "decoder": "greedy", "prefetch": "resident", "context": "none",
+             "adapt": "none"}  # adapt none: every strategy stays as launched
 ENTRY_POINT_GROUP = "ollm_triton.plugins"
 
 # Built-in plugin folders, imported on first use so that `import ollm_triton` stays cheap.
@@ -39,6 +40,7 @@ _BUILTIN_PACKAGES = (
     "ollm_triton.decoding",
     "ollm_triton.prefetch",
     "ollm_triton.context",
+    "ollm_triton.adapt",
     "ollm_triton.tasks",
 )
 

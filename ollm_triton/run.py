@@ -149,7 +149,7 @@ def memory_check(resolved: dict[str, Any], source: Any, built: dict[str, Any], t
         device=device,
         batch=int(batch),
         context=int(context),
-        codec=built["cache"],
+        codec=built["adapt"].planning_codec(built["cache"]) if "adapt" in built else built["cache"],
         prefetch=built["prefetch"],
         device_memory_gb=resolved.get("device_memory_gb"),
         prefill_chunk=int(resolved.get("prefill_chunk") or 0),
@@ -210,7 +210,9 @@ def run_job(cfg: DictConfig, run_dir: Path, job_num: int = 0,
         group: registry.build(group, plugins[group]["name"], plugins[group]["params"]) for group in PLUGIN_GROUPS
     }
     task_objs = {name: registry.build("task", name, params) for name, params in tasks.items()}
+    adapter = built["adapt"]  # +adapt: the run-time controller (ollm_triton/adapt/base.py)
     footprint = memory_check(resolved, source, built, task_objs, device, dtype)  # refuses in one line, before loading
+    built["cache"] = adapter.wrap_codec(built["cache"])  # its clock, and the codec it may switch live
     from ollm_triton.engine import load_engine
 
     t0 = time.perf_counter()
@@ -225,6 +227,8 @@ def run_job(cfg: DictConfig, run_dir: Path, job_num: int = 0,
         fast_decode=str(resolved.get("fast_decode", "auto")),
     )
     load_s = time.perf_counter() - t0
+    adapter.attach(engine=engine, decoder=built["decoder"], prefetch=built["prefetch"], monitor=monitor,
+                   device_memory_gb=resolved.get("device_memory_gb"))
     ctx = RunContext(
         engine=engine,
         decoder=built["decoder"],
@@ -261,6 +265,7 @@ def run_job(cfg: DictConfig, run_dir: Path, job_num: int = 0,
             metrics["device_peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated(device))
             metrics["device_peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved(device))
         metrics.update({f"prefetch/{k}": v for k, v in built["prefetch"].stats().items()})
+        metrics.update(adapter.report())  # adapt/decisions: every switch, when, why, its measured effect
         if monitor is not None:
             monitor.stop()
             metrics.update(monitor_metrics(monitor, by_task, job_t0, time.perf_counter()))
@@ -269,7 +274,7 @@ def run_job(cfg: DictConfig, run_dir: Path, job_num: int = 0,
     finally:  # free the model (and a decoder's draft model) now, not at the next job's garbage collection
         if monitor is not None:
             monitor.stop()
-        for part in (engine, built["decoder"]):
+        for part in (engine, built["decoder"], adapter):
             close = getattr(part, "close", None)
             if callable(close):
                 close()

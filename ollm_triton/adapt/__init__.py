@@ -1,0 +1,1 @@
+"""Run-time adaptation: a controller that switches strategies live (`+adapt=...`; adapt/base.py is the contract)."""
