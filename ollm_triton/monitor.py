@@ -312,70 +312,76 @@ class SystemMonitor:
         return [s for s in out if (t0 is None or s.t >= t0) and (t1 is None or s.t <= t1)]
 
     def summary(self, t0: float, t1: float, tokens: int | None = None) -> dict[str, float | str]:
-        """What the region [t0, t1] drew and used (keys without a prefix; the runner writes them as monitor/...).
+        """What the region [t0, t1] drew and used: `summarize` over this monitor's samples."""
+        return summarize(self.samples(), t0, t1, tokens=tokens, gpu=self.gpu)
 
-        seconds, samples; energy_j (and energy_source; energy_j_trapezoid beside a counter's), tokens_per_j (when
-        `tokens` is given and energy is known); power_mean_w / power_peak_w, temp_peak_c, gpu_util_mean,
-        gpu_mem_peak_bytes, sm_clock_mean_mhz; cpu_percent_mean, rss_peak_bytes, read_bytes (read in the region);
-        gpu: the GPU's name, or `unavailable (<why>)`. A field no sample holds is left out.
-        """
-        everything = self.samples()
-        inside = [s for s in everything if t0 <= s.t <= t1]
-        out: dict[str, float | str] = {"gpu": self.gpu, "seconds": t1 - t0, "samples": len(inside)}
 
-        def values(name: str) -> list[float]:
-            return [getattr(s, name) for s in inside if getattr(s, name) is not None]
+def summarize(samples: list[Sample], t0: float, t1: float, tokens: int | None = None,
+              gpu: str = "") -> dict[str, float | str]:
+    """What the region [t0, t1] drew and used (keys without a prefix; the runner writes them as monitor/...).
 
-        def mean(name: str) -> float | None:
-            """Time-weighted over the region (the trapezoid of the interpolated curve divided by its length)."""
-            if not any(getattr(s, name) is not None for s in everything):
-                return None
-            if t1 <= t0:
-                return _interp(everything, name, t0)
-            pts = [(s.t, getattr(s, name)) for s in inside if getattr(s, name) is not None]
-            curve = [(t0, _interp(everything, name, t0)), *pts, (t1, _interp(everything, name, t1))]
-            area = sum((tb - ta) * (a + b) / 2 for (ta, a), (tb, b) in zip(curve, curve[1:], strict=False))
-            return area / (t1 - t0)
+    seconds, samples; energy_j (and energy_source; energy_j_trapezoid beside a counter's), tokens_per_j (when
+    `tokens` is given and energy is known); power_mean_w / power_peak_w, temp_peak_c, gpu_util_mean,
+    gpu_mem_peak_bytes, sm_clock_mean_mhz; cpu_percent_mean, rss_peak_bytes, read_bytes (read in the region);
+    gpu: what was sampled (the GPU's name, or `unavailable (<why>)`). A field no sample holds is left out.
+    """
+    everything = sorted(samples, key=lambda s: s.t)
+    inside = [s for s in everything if t0 <= s.t <= t1]
+    out: dict[str, float | str] = {"gpu": gpu, "seconds": t1 - t0, "samples": len(inside)}
 
-        def peak(name: str) -> float | None:
-            vals = values(name) + [v for v in (_interp(everything, name, t0), _interp(everything, name, t1))
-                                   if v is not None]
-            return max(vals) if vals else None
+    def values(name: str) -> list[float]:
+        return [getattr(s, name) for s in inside if getattr(s, name) is not None]
 
-        trapezoid = energy_joules(everything, t0, t1)
-        counter = None
-        e0, e1 = _interp(everything, "gpu_energy_j", t0), _interp(everything, "gpu_energy_j", t1)
-        if e0 is not None and e1 is not None:
-            counter = e1 - e0
-        energy = counter if counter is not None else trapezoid
-        if tokens is not None:
-            out["tokens"] = int(tokens)
-        if energy is not None:
-            out["energy_j"] = energy
-            out["energy_source"] = "nvml energy counter" if counter is not None else "trapezoid over power"
-            if counter is not None and trapezoid is not None:
-                out["energy_j_trapezoid"] = trapezoid
-            if tokens is not None and energy > 0:
-                out["tokens_per_j"] = tokens / energy
-        stats = {
-            "power_mean_w": mean("gpu_power_w"),
-            "power_peak_w": peak("gpu_power_w"),
-            "temp_peak_c": peak("gpu_temp_c"),
-            "gpu_util_mean": mean("gpu_util"),
-            "gpu_mem_peak_bytes": peak("gpu_mem_used"),
-            "sm_clock_mean_mhz": mean("sm_clock_mhz"),
-            "rss_peak_bytes": peak("rss_bytes"),
-        }
-        c0, c1 = _interp(everything, "cpu_time_s", t0), _interp(everything, "cpu_time_s", t1)
-        if c0 is not None and c1 is not None and t1 > t0:
-            stats["cpu_percent_mean"] = 100 * (c1 - c0) / (t1 - t0)
-        r0, r1 = _interp(everything, "read_bytes", t0), _interp(everything, "read_bytes", t1)
-        if r0 is not None and r1 is not None:
-            stats["read_bytes"] = r1 - r0
-        for key, value in stats.items():
-            if value is not None:
-                out[key] = int(value) if key.endswith("_bytes") else float(value)
-        return out
+    def mean(name: str) -> float | None:
+        """Time-weighted over the region (the trapezoid of the interpolated curve divided by its length)."""
+        if not any(getattr(s, name) is not None for s in everything):
+            return None
+        if t1 <= t0:
+            return _interp(everything, name, t0)
+        pts = [(s.t, getattr(s, name)) for s in inside if getattr(s, name) is not None]
+        curve = [(t0, _interp(everything, name, t0)), *pts, (t1, _interp(everything, name, t1))]
+        area = sum((tb - ta) * (a + b) / 2 for (ta, a), (tb, b) in zip(curve, curve[1:], strict=False))
+        return area / (t1 - t0)
+
+    def peak(name: str) -> float | None:
+        vals = values(name) + [v for v in (_interp(everything, name, t0), _interp(everything, name, t1))
+                               if v is not None]
+        return max(vals) if vals else None
+
+    trapezoid = energy_joules(everything, t0, t1)
+    counter = None
+    e0, e1 = _interp(everything, "gpu_energy_j", t0), _interp(everything, "gpu_energy_j", t1)
+    if e0 is not None and e1 is not None:
+        counter = e1 - e0
+    energy = counter if counter is not None else trapezoid
+    if tokens is not None:
+        out["tokens"] = int(tokens)
+    if energy is not None:
+        out["energy_j"] = energy
+        out["energy_source"] = "nvml energy counter" if counter is not None else "trapezoid over power"
+        if counter is not None and trapezoid is not None:
+            out["energy_j_trapezoid"] = trapezoid
+        if tokens is not None and energy > 0:
+            out["tokens_per_j"] = tokens / energy
+    stats = {
+        "power_mean_w": mean("gpu_power_w"),
+        "power_peak_w": peak("gpu_power_w"),
+        "temp_peak_c": peak("gpu_temp_c"),
+        "gpu_util_mean": mean("gpu_util"),
+        "gpu_mem_peak_bytes": peak("gpu_mem_used"),
+        "sm_clock_mean_mhz": mean("sm_clock_mhz"),
+        "rss_peak_bytes": peak("rss_bytes"),
+    }
+    c0, c1 = _interp(everything, "cpu_time_s", t0), _interp(everything, "cpu_time_s", t1)
+    if c0 is not None and c1 is not None and t1 > t0:
+        stats["cpu_percent_mean"] = 100 * (c1 - c0) / (t1 - t0)
+    r0, r1 = _interp(everything, "read_bytes", t0), _interp(everything, "read_bytes", t1)
+    if r0 is not None and r1 is not None:
+        stats["read_bytes"] = r1 - r0
+    for key, value in stats.items():
+        if value is not None:
+            out[key] = int(value) if key.endswith("_bytes") else float(value)
+    return out
 
 
 SUMMED = ("seconds", "samples", "energy_j", "energy_j_trapezoid", "tokens", "read_bytes")
@@ -423,4 +429,4 @@ def wandb_series(run, samples: list[Sample], origin: float) -> int:
 
 
 __all__ = ["MonitorConfig", "Sample", "SystemMonitor", "energy_joules", "merge_summaries", "nvml_sampler",
-           "wandb_series"]
+           "summarize", "wandb_series"]
