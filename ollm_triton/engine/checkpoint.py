@@ -10,6 +10,7 @@ Pickle is never used: `.bin` / `.pt` files are ignored and a directory without `
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -106,32 +107,66 @@ def weight_files(directory: Path) -> dict[str, Path]:
 def load_weights(model: CausalLM, directory: Path, device: torch.device, dtype: torch.dtype) -> None:
     """Fill every parameter of a meta `model` from the checkpoint in `directory`, on `device` in `dtype`.
 
-    Tensors the model does not use (e.g. a tied `lm_head.weight`, old `rotary_emb.inv_freq`) are skipped.
+    Tensors the model does not use (e.g. a tied `lm_head.weight`, old `rotary_emb.inv_freq`) are skipped. A MoE's
+    stacked expert tensors (`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj` [E, H, I]: transformers
+    5's names) are read as they are, or stacked from per-expert tensors (`mlp.experts.{e}.gate_proj.weight`,
+    `up_proj`, `down_proj`: the layout of the official Qwen3-MoE checkpoints), one expert at a time on `device`.
     """
     where = weight_files(directory)
     needed = dict(model.named_parameters())  # deduplicated: a tied lm_head is filled through embed_tokens
-    by_file: dict[Path, list[str]] = {}
+    sources: dict[str, list[list[str]] | None] = {}
     for name in needed:
-        file = where.get(name)
-        if file is None:
+        parts = None if name in where else _per_expert_sources(name, needed[name].shape[0])
+        if name not in where and (parts is None or any(p not in where for group in parts for p in group)):
             listed = f"{INDEX_FILE}" if (directory / INDEX_FILE).is_file() else "any *.safetensors file"
-            raise CheckpointError(f"checkpoint {directory}: tensor {name!r} is missing (not in {listed})")
-        by_file.setdefault(file, []).append(name)
-    for file, names in by_file.items():
-        if not file.is_file():
-            raise CheckpointError(f"checkpoint {directory}: {file.name} (listed in {INDEX_FILE}) is missing")
-        with safe_open(str(file), framework="pt", device=_safetensors_device(device)) as f:
-            present = set(f.keys())
-            for name in names:
-                if name not in present:
-                    raise CheckpointError(f"checkpoint {directory}: tensor {name!r} is missing from {file.name}")
-                expected = tuple(needed[name].shape)
-                shape = tuple(f.get_slice(name).get_shape())
-                if shape != expected:
-                    raise CheckpointError(f"checkpoint tensor {name!r} in {file.name} has shape {list(shape)}, "
-                                          f"the config needs {list(expected)}")
-                _set_parameter(model, name, f.get_tensor(name).to(dtype))
+            also = f" nor as per-expert tensors ({parts[0][0]!r}, ...)" if parts else ""
+            raise CheckpointError(f"checkpoint {directory}: tensor {name!r} is missing (not in {listed}{also})")
+        sources[name] = parts
+    with contextlib.ExitStack() as stack:
+        handles: dict[Path, Any] = {}
+
+        def read(tensor: str) -> torch.Tensor:
+            file = where[tensor]
+            if file not in handles:
+                if not file.is_file():
+                    raise CheckpointError(f"checkpoint {directory}: {file.name} (listed in {INDEX_FILE}) is missing")
+                handles[file] = stack.enter_context(safe_open(str(file), framework="pt",
+                                                              device=_safetensors_device(device)))
+            if tensor not in handles[file].keys():
+                raise CheckpointError(f"checkpoint {directory}: tensor {tensor!r} is missing from {file.name}")
+            return handles[file].get_tensor(tensor).to(dtype)
+
+        for name, parts in sources.items():
+            expected = tuple(needed[name].shape)
+            if parts is None:
+                value = read(name)
+            else:  # expert e's row of the stack: its tensors concatenated along their output dim (gate, then up)
+                value = torch.empty(expected, device=device, dtype=dtype)
+                for e, group in enumerate(parts):
+                    row = torch.cat([read(p) for p in group]) if len(group) > 1 else read(group[0])
+                    if tuple(row.shape) != expected[1:]:
+                        raise CheckpointError(f"checkpoint tensors {group} (expert {e} of {name!r}) have shape "
+                                              f"{list(row.shape)}, the config needs {list(expected[1:])}")
+                    value[e] = row
+            if tuple(value.shape) != expected:
+                raise CheckpointError(f"checkpoint tensor {name!r} in {where[name].name} has shape "
+                                      f"{list(value.shape)}, the config needs {list(expected)}")
+            _set_parameter(model, name, value)
     model.tie_weights()
+
+
+_STACKED_EXPERTS = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<which>gate_up_proj|down_proj)$")
+
+
+def _per_expert_sources(name: str, num_experts: int) -> list[list[str]] | None:
+    """The per-expert tensor names that stack into the stacked expert parameter `name` (None: not one)."""
+    m = _STACKED_EXPERTS.match(name)
+    if m is None:
+        return None
+    prefix = m["prefix"]
+    if m["which"] == "gate_up_proj":
+        return [[f"{prefix}.{e}.gate_proj.weight", f"{prefix}.{e}.up_proj.weight"] for e in range(num_experts)]
+    return [[f"{prefix}.{e}.down_proj.weight"] for e in range(num_experts)]
 
 
 def init_random(model: CausalLM, device: torch.device, dtype: torch.dtype, seed: int = 0,
@@ -145,8 +180,8 @@ def init_random(model: CausalLM, device: torch.device, dtype: torch.dtype, seed:
     gen = torch.Generator(device=rng_device).manual_seed(seed)
     for name, param in list(model.named_parameters()):
         value = torch.empty(param.shape, device=rng_device, dtype=dtype)
-        if name.endswith("norm.weight"):
-            value.fill_(1.0)
+        if name.endswith("norm.weight"):  # 1, or 0 for a zero-centred norm (x * (1 + w): qwen3_next)
+            value.fill_(getattr(model.get_submodule(name.rpartition(".")[0]), "init_value", 1.0))
         elif name.endswith(".bias"):
             value.zero_()
         else:

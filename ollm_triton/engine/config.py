@@ -11,6 +11,15 @@ Per model type:
   attends over the full context, and windowing is an attention-backend plugin's decision.
 - qwen2: q/k/v carry a bias, o_proj does not (fixed by the architecture, not by a config flag).
 - qwen3: RMSNorm over each head of q and k (`q_norm`, `k_norm`) before RoPE; optional `attention_bias` on q/k/v/o.
+- qwen3_moe: qwen3's attention; the MLP of layer i is a mixture of experts (engine/moe.py) unless i is in
+  `mlp_only_layers` or (i + 1) % `decoder_sparse_step` != 0: `num_experts` (`num_local_experts` in transformers 5's
+  own dict) SwiGLU experts of `moe_intermediate_size`, `num_experts_per_tok` routed per token, softmax over all
+  experts then top-k, renormalised when `norm_topk_prob`.
+- qwen3_next: `layer_types` (or every `full_attention_interval`-th layer full, default 4) mixes Gated DeltaNet
+  layers (engine/linear_attention.py: `linear_*` sizes) with full attention whose q_proj also yields a sigmoid
+  output gate per head, q/k norms, RoPE on the first `partial_rotary_factor` of each head; every RMSNorm but the
+  gated one is zero-centred (x * (1 + w)); the MLP is qwen3_moe's with a sigmoid-gated shared expert
+  (`shared_expert_intermediate_size`).
 """
 
 from __future__ import annotations
@@ -21,7 +30,8 @@ from typing import Any
 
 import torch
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen3_next")
+LAYER_TYPES = ("full_attention", "linear_attention")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -63,6 +73,34 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     checkpoint_dtype: str | None = None  # the dtype config.json names ("bfloat16"), for dtype="auto"
+    # Mixture of experts (engine/moe.py); num_experts 0 = a dense MLP in every layer.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False  # renormalise the top-k routing weights to sum to 1
+    decoder_sparse_step: int = 1  # layer i is MoE when (i + 1) % step == 0 and i is not in mlp_only_layers
+    mlp_only_layers: tuple[int, ...] = ()
+    router: str = "softmax_topk"  # softmax over every expert, then top-k; "topk_softmax": softmax over the top-k logits
+    router_bias: bool = False
+    expert_bias: bool = False
+    expert_act: str = "silu"  # silu(gate) * up; "clamped_swiglu": gpt-oss' variant (swiglu_alpha, swiglu_limit)
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    # how the stacked expert weights are stored: "concat" gate_up_proj [E, 2I, H] (gate rows first) and
+    # down_proj [E, H, I]; "interleaved_t" [E, H, 2I] with gate/up interleaved columns and [E, I, H] (gpt-oss)
+    expert_layout: str = "concat"
+    shared_expert_intermediate_size: int = 0  # a dense SwiGLU beside the experts, sigmoid-gated (qwen3_next)
+    # Hybrid models (qwen3_next): layer i's token mixer is layer_types[i]; () = full attention everywhere. The
+    # linear-attention (Gated DeltaNet) sizes: key/value heads, their dims, the short convolution's kernel.
+    layer_types: tuple[str, ...] = ()
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel_dim: int = 0
+    partial_rotary_factor: float = 1.0  # RoPE on the first int(head_dim * factor) dims of q and k, the rest as is
+    attn_output_gate: bool = False  # q_proj yields [q | gate] per head; o_proj(attention * sigmoid(gate))
+    norm_offset: float = 0.0  # 1.0: zero-centred RMSNorm weights, normalised x * (1 + w) in float32 (qwen3_next)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # fields read but not used (sliding_window)
 
     @classmethod
@@ -89,9 +127,10 @@ class ModelConfig:
         if heads % kv_heads:
             raise ValueError(f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})")
         max_pos = int(hf.get("max_position_embeddings") or 2048)
-        theta, scaling = _read_rope(hf, model_type, max_pos)
+        theta, scaling, partial = _read_rope(hf, model_type, max_pos)
 
-        attention_bias = bool(hf.get("attention_bias", False)) and model_type in ("llama", "qwen3")
+        attention_bias = bool(hf.get("attention_bias", False)) and model_type in ("llama", "qwen3", "qwen3_moe",
+                                                                                "qwen3_next")
         dtype = hf.get("dtype") or hf.get("torch_dtype")  # 5.x writes "dtype", 4.x "torch_dtype"
         return cls(
             model_type=model_type,
@@ -110,12 +149,58 @@ class ModelConfig:
             attention_bias=attention_bias,
             qkv_bias=model_type == "qwen2",
             mlp_bias=bool(hf.get("mlp_bias", False)) and model_type == "llama",
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type in ("qwen3", "qwen3_moe", "qwen3_next"),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=hf.get("eos_token_id"),
             checkpoint_dtype=str(dtype).replace("torch.", "") if dtype else None,
             extra={k: hf[k] for k in ("sliding_window", "use_sliding_window") if k in hf},
+            **_read_moe(hf, model_type),
+            **_read_hybrid(hf, model_type, int(hf["num_hidden_layers"]), partial),
         )
+
+    def layer_type(self, i: int) -> str:
+        """Decoder layer i's token mixer: "full_attention" or "linear_attention"."""
+        return self.layer_types[i] if self.layer_types else "full_attention"
+
+    @property
+    def linear_layers(self) -> int:
+        """How many layers are linear attention (they hold a fixed-size state, not K/V)."""
+        return sum(t == "linear_attention" for t in self.layer_types)
+
+    @property
+    def rotary_dim(self) -> int:
+        """The leading dims of each q/k head that RoPE rotates (all of them unless `partial_rotary_factor` < 1)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def static_step_blocker(self) -> str | None:
+        """Why the engine's static decode step (dense K/V buffers, full-dim RoPE, plain attention output) cannot
+        run this model (one line), or None when it can."""
+        if self.linear_layers:
+            return (f"model {self.model_type} has {self.linear_layers} linear-attention layers (a recurrent state, "
+                    "not K/V): decode runs the eager step")
+        if self.rotary_dim != self.head_dim or self.attn_output_gate or self.norm_offset:
+            return f"model {self.model_type}'s partial RoPE / output gate / zero-centred norms: decode runs eager"
+        return None
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether decoder layer i's MLP is the mixture of experts (transformers' rule for qwen3_moe)."""
+        return self.num_experts > 0 and i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
+
+    def moe_layer_parameters(self) -> int:
+        """Parameters of one MoE block: router, every expert, the shared expert and its gate."""
+        h, m, e = self.hidden_size, self.moe_intermediate_size, self.num_experts
+        router = e * h + (e if self.router_bias else 0)
+        experts = e * 3 * h * m + (e * (2 * m + h) if self.expert_bias else 0)
+        s = self.shared_expert_intermediate_size
+        shared = 3 * h * s + h if s else 0
+        return router + experts + shared
+
+    def moe_active_parameters(self) -> int:
+        """Parameters of one MoE block that one token reads: router, its top-k experts, the shared expert."""
+        h, m, k = self.hidden_size, self.moe_intermediate_size, self.num_experts_per_tok
+        full = self.moe_layer_parameters()
+        per_expert = 3 * h * m + ((2 * m + h) if self.expert_bias else 0)
+        return full - (self.num_experts - k) * per_expert
 
     def num_parameters(self) -> int:
         """Parameter count of the decoder this config describes (tied embeddings counted once)."""
@@ -128,15 +213,26 @@ class ModelConfig:
             attn += q + 2 * kv
         if self.qk_norm:
             attn += 2 * d
+        if self.attn_output_gate:
+            attn += h * q
         mlp = 3 * h * self.intermediate_size + ((2 * self.intermediate_size + h) if self.mlp_bias else 0)
-        layer = attn + mlp + 2 * h
+        moe_layers = sum(self.is_moe_layer(i) for i in range(self.num_layers))
+        lin = self.linear_layers
+        hk, hv, dk, dv = (self.linear_num_key_heads, self.linear_num_value_heads, self.linear_key_head_dim,
+                          self.linear_value_head_dim)
+        # in_proj_qkvz, in_proj_ba, conv1d, dt_bias, A_log, the gated norm, out_proj
+        linear_attn = (h * (2 * hk * dk + 2 * hv * dv) + 2 * h * hv + (2 * hk * dk + hv * dv) *
+                       self.linear_conv_kernel_dim + 2 * hv + dv + hv * dv * h)
+        layers = (self.num_layers - lin) * attn + lin * linear_attn + self.num_layers * 2 * h
+        layers += (self.num_layers - moe_layers) * mlp
+        layers += moe_layers * self.moe_layer_parameters()
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
-        return self.vocab_size * h + self.num_layers * layer + h + head
+        return self.vocab_size * h + layers + h + head
 
     def inv_freq(self) -> torch.Tensor:
         """RoPE inverse frequencies [head_dim // 2], float32 on the CPU (computed there so that every device
         uses the same values, as transformers does)."""
-        d = self.head_dim
+        d = self.rotary_dim
         inv = 1.0 / (self.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
         s = self.rope_scaling
         if s is None:
@@ -163,7 +259,56 @@ class ModelConfig:
         return out
 
 
-def _read_rope(hf: dict[str, Any], model_type: str, max_pos: int) -> tuple[float, RopeScaling | None]:
+def _read_moe(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
+    """The mixture-of-experts fields of a config dict (none for dense model types)."""
+    if model_type not in ("qwen3_moe", "qwen3_next"):
+        return {}
+    experts = hf.get("num_experts", hf.get("num_local_experts"))  # config.json: num_experts; 5.x dict: local
+    top_k, size = hf.get("num_experts_per_tok"), hf.get("moe_intermediate_size")
+    missing = [n for n, v in (("num_experts", experts), ("num_experts_per_tok", top_k),
+                              ("moe_intermediate_size", size)) if v is None]
+    if missing:
+        raise ValueError(f"{model_type} config is missing required field(s): {', '.join(missing)}")
+    experts, top_k, step = int(experts), int(top_k), int(hf.get("decoder_sparse_step") or 1)
+    if experts > 0 and not 1 <= top_k <= experts:
+        raise ValueError(f"{model_type}: num_experts_per_tok must be in 1..num_experts ({experts}), got {top_k}")
+    if step < 1:
+        raise ValueError(f"{model_type}: decoder_sparse_step must be >= 1, got {step}")
+    return dict(num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=int(size),
+                norm_topk_prob=bool(hf.get("norm_topk_prob", False)), decoder_sparse_step=step,
+                mlp_only_layers=tuple(int(i) for i in hf.get("mlp_only_layers") or ()),
+                shared_expert_intermediate_size=int(hf.get("shared_expert_intermediate_size") or 0)
+                if model_type == "qwen3_next" else 0)
+
+
+def _read_hybrid(hf: dict[str, Any], model_type: str, num_layers: int, partial: float) -> dict[str, Any]:
+    """qwen3_next's fields: layer types, the linear-attention sizes, partial RoPE, output gate, zero-centred norms."""
+    if model_type != "qwen3_next":
+        return {}
+    types = hf.get("layer_types")
+    if types is None:  # transformers' default: every `full_attention_interval`-th layer is full attention
+        interval = int(hf.get("full_attention_interval") or 4)
+        types = ["linear_attention" if (i + 1) % interval else "full_attention" for i in range(num_layers)]
+    types = tuple(types)
+    bad = sorted({t for t in types if t not in LAYER_TYPES})
+    if len(types) != num_layers or bad:
+        raise UnsupportedModelError(
+            f"{model_type}: layer_types must name one of {', '.join(LAYER_TYPES)} for each of the {num_layers} "
+            f"layers, got {len(types)} entries" + (f" with {', '.join(map(repr, bad))}" if bad else ""))
+    sizes = {k: int(hf.get(k, default)) for k, default in (
+        ("linear_num_key_heads", 16), ("linear_num_value_heads", 32), ("linear_key_head_dim", 128),
+        ("linear_value_head_dim", 128), ("linear_conv_kernel_dim", 4))}  # transformers' defaults
+    if sizes["linear_num_value_heads"] % sizes["linear_num_key_heads"]:
+        raise ValueError(f"{model_type}: linear_num_value_heads ({sizes['linear_num_value_heads']}) must be a "
+                         f"multiple of linear_num_key_heads ({sizes['linear_num_key_heads']})")
+    if sizes["linear_conv_kernel_dim"] < 2:
+        raise UnsupportedModelError(f"{model_type}: linear_conv_kernel_dim must be >= 2, got "
+                                    f"{sizes['linear_conv_kernel_dim']}")
+    return dict(layer_types=types, partial_rotary_factor=partial, attn_output_gate=True, norm_offset=1.0, **sizes)
+
+
+def _read_rope(hf: dict[str, Any], model_type: str, max_pos: int) -> tuple[float, RopeScaling | None, float]:
+    """(theta, scaling, partial_rotary_factor): a partial factor below 1 only where the model type has one."""
     params = hf.get("rope_parameters")
     if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
         # 5.x per-layer-type nesting: the decoder here has full attention only
@@ -174,22 +319,24 @@ def _read_rope(hf: dict[str, Any], model_type: str, max_pos: int) -> tuple[float
         params = dict(legacy)
     theta = params.get("rope_theta") or hf.get("rope_theta") or 10000.0
     kind = params.get("rope_type", params.get("type", "default")) or "default"
-    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-    if partial not in (None, 1, 1.0):
-        raise UnsupportedModelError(f"{model_type}: partial_rotary_factor {partial} is not supported; supported: 1.0")
+    default_partial = 0.25 if model_type == "qwen3_next" else 1.0  # transformers' default for qwen3_next
+    partial = float(params.get("partial_rotary_factor", hf.get("partial_rotary_factor", default_partial)) or 1.0)
+    if partial != 1.0 and model_type != "qwen3_next" or not 0 < partial <= 1:
+        raise UnsupportedModelError(f"{model_type}: partial_rotary_factor {partial} is not supported; supported: 1.0"
+                                    " (qwen3_next: 0 < factor <= 1)")
     if kind not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedModelError(
             f"{model_type}: unsupported rope type {kind!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
         )
     if kind == "default":
-        return float(theta), None
+        return float(theta), None, partial
     factor = float(params["factor"])
     if kind == "linear":
-        return float(theta), RopeScaling("linear", factor)
+        return float(theta), RopeScaling("linear", factor), partial
     return float(theta), RopeScaling(
         "llama3",
         factor,
         float(params.get("low_freq_factor", 1.0)),
         float(params.get("high_freq_factor", 4.0)),
         int(params.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings") or max_pos),
-    )
+    ), partial

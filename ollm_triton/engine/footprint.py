@@ -6,14 +6,15 @@ do. It allocates nothing and reads no weights, so `model=llama3_8b` on a 24 GB C
 instead of building a float32 8B model until the OOM killer ends it.
 
 What it counts (all upper-bound-ish, from shapes):
-- weights: `ModelConfig.num_parameters()` in the run's dtype. On the compute device: what the prefetch policy holds
-  there at once (`prefetch.device_weight_bytes(total)`; every weight for resident, head + layer slots for the
-  streaming policies). A streaming policy keeps all of them in host memory (load_engine materialises them there).
+- weights: `ModelConfig.num_parameters()` in the run's dtype (a MoE's experts all count: all are stored). On the
+  compute device: what the prefetch policy holds there at once (`prefetch.device_weight_bytes(total)`; every
+  weight for resident, head + layer slots for the streaming policies). A streaming policy keeps all of them in
+  host memory (load_engine materialises them there).
 - KV: `codec.bytes_per_token(LayerSpec)` x context x layers (the codec declares its own cost: int4 a quarter of
   bf16, eviction codecs dense as an upper bound).
 - activations of the largest forward (the prompt, or one `prefill_chunk` of it): hidden states, q/k/v, the MLP's
-  intermediate, on the CPU the float32 attention scores of one layer (the math path materialises them), and the
-  float32 logits of one decode block (a prefill keeps only its last row).
+  intermediate (a MoE's: k expert rows per token), on the CPU the float32 attention scores of one layer (the math
+  path materialises them), and the float32 logits of one decode block (a prefill keeps only its last row).
 
 Against what: free device memory (`torch.cuda.mem_get_info`, capped by the run's `device_memory_gb`) on a GPU,
 available host memory (psutil) on the CPU; on a GPU the host must also hold the weights a streaming policy keeps
@@ -79,7 +80,7 @@ def estimate(model_cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device
     acts = 0
     if t > 0:
         qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * d
-        acts = batch * t * (4 * h + qkv + 3 * cfg.intermediate_size) * elt  # residual stream, q/k/v, MLP
+        acts = batch * t * (4 * h + qkv + _mlp_width(cfg)) * elt  # residual stream, q/k/v, MLP
         if device.type == "cpu":  # the math path's float32 scores [B, Hq, T, S] of one layer
             acts += batch * cfg.num_heads * t * context * 4
         acts += batch * min(t, LOGIT_ROWS) * cfg.vocab_size * 4  # float32 logits (a prefill keeps its last row)
@@ -96,6 +97,17 @@ def estimate(model_cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device
         # on the CPU the device is the host; on a GPU the host holds what a streaming policy keeps there
         "host_bytes": int(on_device if device.type == "cpu" else host_weights),
     }
+
+
+def _mlp_width(cfg: ModelConfig) -> int:
+    """Activation elements per token of the widest MLP: the dense SwiGLU's gate, up and product, or a MoE's router
+    logits plus, for each of its k slots, the expert's intermediate row (padding included) and its output row."""
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+    dense = 3 * cfg.intermediate_size if moe_layers < cfg.num_layers else 0
+    if not moe_layers:
+        return dense
+    moe = cfg.num_experts + cfg.num_experts_per_tok * (3 * cfg.moe_intermediate_size + cfg.hidden_size)
+    return max(dense, moe + 3 * cfg.shared_expert_intermediate_size)
 
 
 def free_memory(device: torch.device, device_memory_gb: float | None = None) -> tuple[int, int]:

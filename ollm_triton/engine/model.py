@@ -19,7 +19,8 @@ not copies of it: `kernels` runs the fused Triton RMSNorm(+residual), RoPE and S
 points are the eager ops', so results agree to the reduction order), `linear` is the weight matmul (the static
 decode step passes the one-shot GEMV), and a layer whose q/k/v (gate/up) weights were concatenated into one matrix
 (`qkv_weight`, `gate_up_weight`, engine/fast_decode.py `fuse_projections`) runs one matmul instead of three (two).
-A new MLP (MoE) or mixer (linear attention) is one module here.
+A new MLP or mixer (linear attention) is one module here: the mixture of experts is engine/moe.py's `MoE`, which
+layer i runs in place of the dense MLP when the config says so (`ModelConfig.is_moe_layer`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ollm_triton.engine.config import ModelConfig
+from ollm_triton.engine.linear_attention import GatedDeltaNet
+from ollm_triton.engine.moe import MoE
 from ollm_triton.kernels.mlp import silu_mul
 from ollm_triton.kernels.norm import rmsnorm
 
@@ -45,6 +48,11 @@ class Mixer(Protocol):
 
     def __call__(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
 
+    def state(self, i: int):
+        """Layer i's fixed-size state when it is a linear-attention layer (cache/state.py: `state` dict, `length`,
+        `update`); paths that hold no such state raise with one line."""
+        ...
+
 
 class LayerHooks(Protocol):
     """Called around every decoder layer (the prefetch policy: layer i's weights are on the device inside)."""
@@ -55,24 +63,29 @@ class LayerHooks(Protocol):
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, normalised in float32 and cast back before the weight (as transformers does)."""
+    """x / rms(x) * weight, normalised in float32 and cast back before the weight (as transformers does). With
+    `offset` 1 (qwen3_next's zero-centred weights) x / rms(x) * (1 + weight), all in float32, then cast back."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.eps, self.offset = eps, offset
+        self.init_value = 1.0 - offset  # what random initialisation fills the weight with (engine/checkpoint.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (x32 * (self.offset + self.weight.float())).to(x.dtype)
         return self.weight * x32.to(x.dtype)
 
 
 def add_norm(delta: torch.Tensor | None, residual: torch.Tensor, norm: RMSNorm,
              kernels: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(norm(residual + delta), residual + delta); delta None: (norm(residual), residual). With `kernels` the add
-    happens inside the fused RMSNorm kernel (same rounding as the eager add)."""
-    if kernels:
+    happens inside the fused RMSNorm kernel (same rounding as the eager add); a zero-centred norm (`offset`) runs
+    eagerly: the kernel rounds before the weight, transformers' Qwen3NextRMSNorm after it."""
+    if kernels and not norm.offset:
         if delta is None:
             return rmsnorm(residual, norm.weight, norm.eps, use_kernel=True), residual
         return rmsnorm(delta, norm.weight, norm.eps, residual=residual, use_kernel=True)
@@ -100,50 +113,58 @@ class Attention(nn.Module):
         d, h = cfg.head_dim, cfg.hidden_size
         qkv_bias = cfg.attention_bias or cfg.qkv_bias
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
-        self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=qkv_bias)
+        self.output_gate = cfg.attn_output_gate  # q_proj rows per head: [q (D), gate (D)] (qwen3_next)
+        self.q_proj = nn.Linear(h, cfg.num_heads * d * (2 if self.output_gate else 1), bias=qkv_bias)
         self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=qkv_bias)
         self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=cfg.attention_bias)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_offset)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_offset)
         else:
             self.q_norm = self.k_norm = None
 
     def project(self, x: torch.Tensor, kernels: bool, linear: Linear) -> tuple[torch.Tensor, ...]:
-        """x: [B, T, hidden] -> token-major q [B, T, Hq, D], k, v [B, T, Hkv, D] (q/k-normed for qwen3)."""
+        """x: [B, T, hidden] -> token-major q [B, T, Hq, D], k, v [B, T, Hkv, D] (q/k-normed for qwen3) and the
+        output gate [B, T, Hq * D] (None unless `output_gate`)."""
         b, t, _ = x.shape
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        gate = None
         if self.qkv_weight is not None:
             q, k, v = linear(x, self.qkv_weight, self.qkv_bias).split((hq * d, hkv * d, hkv * d), dim=-1)
         else:
             q, k, v = (linear(x, p.weight, p.bias) for p in (self.q_proj, self.k_proj, self.v_proj))
-        q, k, v = q.view(b, t, hq, d), k.view(b, t, hkv, d), v.view(b, t, hkv, d)
+        if self.output_gate:
+            q, gate = q.view(b, t, hq, 2 * d).chunk(2, dim=-1)
+            gate = gate.reshape(b, t, hq * d)
+        q, k, v = q.view(b, t, hq, d) if gate is None else q, k.view(b, t, hkv, d), v.view(b, t, hkv, d)
         if self.q_norm is not None:  # qwen3: per-head RMSNorm before RoPE
-            if kernels:
+            if kernels and not self.q_norm.offset:
                 q = rmsnorm(q, self.q_norm.weight, self.q_norm.eps, use_kernel=True)
                 k = rmsnorm(k, self.k_norm.weight, self.k_norm.eps, use_kernel=True)
             else:
                 q, k = self.q_norm(q), self.k_norm(k)
-        return q, k, v
+        return q, k, v, gate
 
-    def output(self, out: torch.Tensor, linear: Linear) -> torch.Tensor:
-        """out: [B, Hq, T, D] -> o-projection [B, T, hidden]. reshape, not view: a backend may return a
-        non-contiguous result."""
+    def output(self, out: torch.Tensor, linear: Linear, gate: torch.Tensor | None = None) -> torch.Tensor:
+        """out: [B, Hq, T, D] -> o-projection [B, T, hidden] (of out * sigmoid(gate) with an output gate).
+        reshape, not view: a backend may return a non-contiguous result."""
         b, _, t, _ = out.shape
         out = out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
+        if gate is not None:
+            out = out * torch.sigmoid(gate)
         return linear(out, self.o_proj.weight, self.o_proj.bias)
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)); `intermediate_size` overrides the config's (a MoE's shared expert)."""
 
     gate_up_weight: torch.Tensor | None = None  # [2 * intermediate, hidden] when gate and up were fused
     gate_up_bias: torch.Tensor | None = None
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, intermediate_size: int | None = None):
         super().__init__()
-        h, m = cfg.hidden_size, cfg.intermediate_size
+        h, m = cfg.hidden_size, intermediate_size or cfg.intermediate_size
         self.gate_proj = nn.Linear(h, m, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(h, m, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(m, h, bias=cfg.mlp_bias)
@@ -158,21 +179,36 @@ class MLP(nn.Module):
         return linear(act, self.down_proj.weight, self.down_proj.bias)
 
 
+def make_mlp(cfg: ModelConfig, index: int) -> nn.Module:
+    """Layer `index`'s MLP: the mixture of experts (with its shared expert, if any) or the dense SwiGLU."""
+    if not cfg.is_moe_layer(index):
+        return MLP(cfg)
+    shared = cfg.shared_expert_intermediate_size
+    return MoE(cfg, MLP(cfg, shared) if shared else None)
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, index: int = 0):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
+        # the token mixer: attention (K/V through the mixer) or Gated DeltaNet (a state through `mixer.state`)
+        if cfg.layer_type(index) == "linear_attention":
+            self.linear_attn = GatedDeltaNet(cfg)
+        else:
+            self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
+        self.mlp = make_mlp(cfg, index)
 
     def forward(self, i: int, delta: torch.Tensor | None, residual: torch.Tensor, mixer: Mixer, kernels: bool,
                 linear: Linear) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoder layer: (delta, residual) in, (this layer's MLP output, the residual stream before it) out;
         the previous layer's delta is added into the residual inside this layer's first norm."""
         normed, residual = add_norm(delta, residual, self.input_layernorm, kernels)
-        q, k, v = self.self_attn.project(normed, kernels, linear)
-        delta = self.self_attn.output(mixer(i, q, k, v), linear)
+        if hasattr(self, "linear_attn"):
+            delta = self.linear_attn(normed, mixer.state(i), linear)
+        else:
+            q, k, v, gate = self.self_attn.project(normed, kernels, linear)
+            delta = self.self_attn.output(mixer(i, q, k, v), linear, gate)
         normed, residual = add_norm(delta, residual, self.post_attention_layernorm, kernels)
         return self.mlp(normed, kernels, linear), residual
 
@@ -181,8 +217,8 @@ class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
 
 
 class CausalLM(nn.Module):

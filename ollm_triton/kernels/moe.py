@@ -1,0 +1,251 @@
+"""The experts of a mixture-of-experts MLP over tokens grouped by expert: two launches for all experts, and the
+PyTorch reference beside them.
+
+    moe_experts(x, weights, experts, w_gate_up, w_down, b_gate_up, b_down, layout=, act=, use_kernel=)
+        x: [N, H]; weights: [N, k] routing weights; experts: [N, k] long expert ids
+        layout "concat":        w_gate_up [E, 2I, H] (gate rows, then up rows), w_down [E, H, I]
+        layout "interleaved_t": w_gate_up [E, H, 2I] (gate, up interleaved columns), w_down [E, I, H]
+        b_gate_up [E, 2I], b_down [E, H] or None
+        -> [N, H] = sum over the k slots of weight * down(act(gate, up))
+
+How the kernels see the tokens. The N*k (token, slot) pairs are sorted by expert and each expert's run padded to a
+multiple of BLOCK_M rows (`align_pairs`), so every BLOCK_M-row block belongs to one expert (`block_expert`, -1 past
+the end). The row count is bounded from the shapes alone (N*k + min(E, N*k) * (BLOCK_M - 1)), so nothing is read
+back to the host and the launch can be captured in a CUDA graph; blocks past the last expert's run return at once.
+- `_gate_up_kernel`: per (block, I-tile), x rows gathered by token @ that expert's gate and up columns, the
+  activation, written to `inter` [rows, I] in the model dtype (the eager path rounds there too);
+- `_down_kernel`: per (block, H-tile), inter @ the expert's down matrix, + bias, times the pair's routing weight,
+  written to the pair's own row of [N*k, H]; the k rows of a token are then summed in PyTorch (a fixed order, so
+  results do not depend on scheduling, unlike atomics).
+Each program reads only its block's expert, so a batch-1 decode step reads k experts' weights. The layouts differ
+only in strides and where the up column of gate column n sits (`GATE_STEP`, `UP_OFFSET`): no weight is copied.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+ACTS = ("silu", "clamped_swiglu")
+LAYOUTS = ("concat", "interleaved_t")
+
+
+# ---- PyTorch reference ----------------------------------------------------------------------------------------------
+
+
+def expert_activation(gate: torch.Tensor, up: torch.Tensor, act: str, alpha: float = 1.702,
+                      limit: float = 7.0) -> torch.Tensor:
+    """silu(gate) * up, or gpt-oss' clamped variant (up clamped to +-limit, gate to <= limit,
+    (up + 1) * gate * sigmoid(alpha * gate))."""
+    if act == "silu":
+        return F.silu(gate) * up
+    gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+def expert_forward(h: torch.Tensor, e: int, w_gate_up, w_down, b_gate_up=None, b_down=None, *, layout="concat",
+                   act="silu", alpha=1.702, limit=7.0) -> torch.Tensor:
+    """Expert e on its tokens: h [n, H] -> [n, H]."""
+    if layout == "concat":
+        gate, up = F.linear(h, w_gate_up[e], None if b_gate_up is None else b_gate_up[e]).chunk(2, dim=-1)
+    else:
+        gate_up = h @ w_gate_up[e]
+        if b_gate_up is not None:
+            gate_up = gate_up + b_gate_up[e]
+        gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+    a = expert_activation(gate, up, act, alpha, limit)
+    if layout == "concat":
+        return F.linear(a, w_down[e], None if b_down is None else b_down[e])
+    out = a @ w_down[e]
+    return out if b_down is None else out + b_down[e]
+
+
+def moe_experts_torch(x, weights, experts, w_gate_up, w_down, b_gate_up=None, b_down=None, *, layout="concat",
+                      act="silu", alpha=1.702, limit=7.0) -> torch.Tensor:
+    """The reference: expert by expert over the tokens that chose it, index_add into [N, H] (transformers' loop)."""
+    out = torch.zeros_like(x)
+    for e in experts.unique().tolist():
+        token, slot = torch.where(experts == e)
+        y = expert_forward(x[token], e, w_gate_up, w_down, b_gate_up, b_down, layout=layout, act=act, alpha=alpha,
+                           limit=limit)
+        out.index_add_(0, token, y * weights[token, slot, None])
+    return out
+
+
+# ---- Triton ---------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _activation(b_g, b_u, ACT: tl.constexpr, alpha, limit):
+    if ACT == 0:
+        return b_g / (1.0 + tl.exp(-b_g)) * b_u
+    b_g = tl.minimum(b_g, limit)
+    b_u = tl.minimum(tl.maximum(b_u, -limit), limit)
+    return (b_u + 1.0) * (b_g / (1.0 + tl.exp(-alpha * b_g)))
+
+
+@triton.jit(do_not_specialize=["NK"])
+def _gate_up_kernel(
+    X, W, B, PAIRS, BLOCK_EXPERT, INTER,
+    NK, H, I, alpha, limit,
+    s_xn, s_we, s_wn, s_wk, s_be, s_in,
+    TOP_K: tl.constexpr, GATE_STEP: tl.constexpr, UP_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    i_m, i_n = tl.program_id(0), tl.program_id(1)
+    i_e = tl.load(BLOCK_EXPERT + i_m).to(tl.int64)
+    if i_e < 0:
+        return
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    b_pair = tl.load(PAIRS + o_m)
+    m_m = b_pair < NK
+    o_tok = (b_pair // TOP_K).to(tl.int64)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < I
+    o_gate = o_n * GATE_STEP  # column of gate n in the stacked [2I] axis; up n sits UP_OFFSET after it
+    p_w = W + i_e * s_we
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < H
+        b_x = tl.load(X + o_tok[:, None] * s_xn + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.0)
+        m_w = m_k[:, None] & m_n[None, :]
+        b_wg = tl.load(p_w + o_gate[None, :] * s_wn + o_k[:, None] * s_wk, mask=m_w, other=0.0)
+        b_wu = tl.load(p_w + (o_gate + UP_OFFSET)[None, :] * s_wn + o_k[:, None] * s_wk, mask=m_w, other=0.0)
+        acc_g = tl.dot(b_x, b_wg, acc_g, input_precision=DOT_PREC)  # [BM, BK] @ [BK, BN] -> [BM, BN]
+        acc_u = tl.dot(b_x, b_wu, acc_u, input_precision=DOT_PREC)  # [BM, BK] @ [BK, BN] -> [BM, BN]
+    if HAS_BIAS:
+        p_b = B + i_e * s_be
+        acc_g += tl.load(p_b + o_gate, mask=m_n, other=0.0).to(tl.float32)[None, :]
+        acc_u += tl.load(p_b + o_gate + UP_OFFSET, mask=m_n, other=0.0).to(tl.float32)[None, :]
+    b_a = _activation(acc_g, acc_u, ACT, alpha, limit)
+    tl.store(INTER + o_m[:, None].to(tl.int64) * s_in + o_n[None, :], b_a.to(INTER.dtype.element_ty),
+             mask=m_m[:, None] & m_n[None, :])
+
+
+@triton.jit(do_not_specialize=["NK"])
+def _down_kernel(
+    INTER, W, B, PAIRS, BLOCK_EXPERT, ROUTE_W, OUT,
+    NK, H, I,
+    s_in, s_we, s_wn, s_wk, s_be, s_on,
+    HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    i_m, i_n = tl.program_id(0), tl.program_id(1)
+    i_e = tl.load(BLOCK_EXPERT + i_m).to(tl.int64)
+    if i_e < 0:
+        return
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    b_pair = tl.load(PAIRS + o_m)
+    m_m = b_pair < NK
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < H
+    p_w = W + i_e * s_we
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < I
+        b_a = tl.load(INTER + o_m[:, None].to(tl.int64) * s_in + o_k[None, :], mask=m_m[:, None] & m_k[None, :],
+                      other=0.0)
+        b_w = tl.load(p_w + o_n[None, :] * s_wn + o_k[:, None] * s_wk, mask=m_k[:, None] & m_n[None, :], other=0.0)
+        acc = tl.dot(b_a, b_w, acc, input_precision=DOT_PREC)  # [BM, BK] @ [BK, BN] -> [BM, BN]
+    if HAS_BIAS:
+        acc += tl.load(B + i_e * s_be + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+    b_r = tl.load(ROUTE_W + b_pair, mask=m_m, other=0.0).to(tl.float32)
+    acc = acc * b_r[:, None]
+    tl.store(OUT + b_pair[:, None].to(tl.int64) * s_on + o_n[None, :], acc.to(OUT.dtype.element_ty),
+             mask=m_m[:, None] & m_n[None, :])
+
+
+def align_pairs(experts: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (token, slot) pairs grouped by expert in BLOCK_M-aligned runs, without a host sync.
+
+    experts: [N, k] -> pairs [R] int32 (pair id = token * k + slot, N*k in padding rows), block_expert [R / block_m]
+    int32 (the expert of each block, -1 past the last run), R = N*k + min(E, N*k) * (block_m - 1) rounded up.
+    """
+    flat = experts.reshape(-1)
+    nk = flat.numel()
+    rows = triton.cdiv(nk + min(num_experts, nk) * (block_m - 1), block_m) * block_m
+    counts = torch.bincount(flat, minlength=num_experts)
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = torch.cumsum(padded, 0)
+    order = torch.argsort(flat, stable=True)
+    sorted_e = flat[order]
+    first = torch.cumsum(counts, 0) - counts  # where each expert's run starts in `order`
+    dest = (ends - padded)[sorted_e] + torch.arange(nk, device=flat.device) - first[sorted_e]
+    pairs = torch.full((rows,), nk, dtype=torch.int32, device=flat.device)
+    pairs[dest] = order.to(torch.int32)
+    block_start = torch.arange(0, rows, block_m, device=flat.device)
+    block_expert = torch.searchsorted(ends, block_start, right=True)
+    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
+    return pairs, block_expert
+
+
+def _block_m(num_pairs: int, num_experts: int) -> int:
+    """16 rows (tl.dot's minimum) while experts see few tokens each (decode), 64 once runs are long (prefill)."""
+    return 16 if num_pairs <= 16 * num_experts else 64
+
+
+def moe_experts_kernel(x, weights, experts, w_gate_up, w_down, b_gate_up=None, b_down=None, *, layout="concat",
+                       act="silu", alpha=1.702, limit=7.0, block_m: int | None = None) -> torch.Tensor:
+    """The Triton path (shapes in the module docstring)."""
+    if layout not in LAYOUTS or act not in ACTS:
+        raise ValueError(f"moe_experts: layout {layout!r} / act {act!r}; accepted: {LAYOUTS} / {ACTS}")
+    n, h = x.shape
+    k = experts.shape[1]
+    e = w_gate_up.shape[0]
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    if layout == "concat":  # [E, 2I, H]: n along dim 1, k along dim 2
+        i = w_gate_up.shape[1] // 2
+        gu_strides, gate_step, up_offset = (w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2)), 1, i
+        d_strides = (w_down.stride(0), w_down.stride(1), w_down.stride(2))  # [E, H, I]
+    else:  # [E, H, 2I]: n along dim 2, k along dim 1; gate n at column 2n, up n at 2n + 1
+        i = w_gate_up.shape[2] // 2
+        gu_strides, gate_step, up_offset = (w_gate_up.stride(0), w_gate_up.stride(2), w_gate_up.stride(1)), 2, 1
+        d_strides = (w_down.stride(0), w_down.stride(2), w_down.stride(1))  # [E, I, H]
+    nk = n * k
+    out = torch.empty(n, h, dtype=x.dtype, device=x.device)
+    if nk == 0:
+        return out.zero_()
+    bm = block_m or _block_m(nk, e)
+    pairs, block_expert = align_pairs(experts, e, bm)
+    rows = pairs.numel()
+    inter = torch.empty(rows, i, dtype=x.dtype, device=x.device)
+    out_pairs = torch.empty(nk, h, dtype=x.dtype, device=x.device)
+    route_w = weights.reshape(-1).contiguous()
+    prec = "ieee" if x.dtype == torch.float32 else "tf32"
+    has_bias = b_gate_up is not None
+    bn, bk = 64, 64
+    _gate_up_kernel[(rows // bm, triton.cdiv(i, bn))](
+        x, w_gate_up, b_gate_up if has_bias else x, pairs, block_expert, inter,
+        nk, h, i, float(alpha), float(limit),
+        x.stride(0), *gu_strides, b_gate_up.stride(0) if has_bias else 0, inter.stride(0),
+        TOP_K=k, GATE_STEP=gate_step, UP_OFFSET=up_offset,
+        HAS_BIAS=has_bias, ACT=ACTS.index(act), DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
+    )
+    _down_kernel[(rows // bm, triton.cdiv(h, bn))](
+        inter, w_down, b_down if b_down is not None else x, pairs, block_expert, route_w, out_pairs,
+        nk, h, i,
+        inter.stride(0), *d_strides, b_down.stride(0) if b_down is not None else 0, out_pairs.stride(0),
+        HAS_BIAS=b_down is not None, DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
+    )
+    return torch.sum(out_pairs.view(n, k, h), dim=1, out=out)
+
+
+def moe_experts(x, weights, experts, w_gate_up, w_down, b_gate_up=None, b_down=None, *, layout="concat",
+                act="silu", alpha=1.702, limit=7.0, use_kernel: bool | None = None) -> torch.Tensor:
+    """weights * experts(x) summed over the k slots (module docstring). use_kernel: None = Triton on CUDA tensors,
+    the reference elsewhere; True/False force one path (True on the CPU: the interpreter)."""
+    if use_kernel if use_kernel is not None else x.is_cuda:
+        return moe_experts_kernel(x, weights, experts, w_gate_up, w_down, b_gate_up, b_down, layout=layout, act=act,
+                                  alpha=alpha, limit=limit)
+    return moe_experts_torch(x, weights, experts, w_gate_up, w_down, b_gate_up, b_down, layout=layout, act=act,
+                             alpha=alpha, limit=limit)
+
+
+__all__ = ["ACTS", "LAYOUTS", "align_pairs", "expert_activation", "expert_forward", "moe_experts",
+           "moe_experts_kernel", "moe_experts_torch"]

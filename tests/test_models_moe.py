@@ -1,0 +1,203 @@
+"""Mixture-of-experts models in the native engine against transformers' own implementation.
+
+A small random Qwen3-MoE (fp32; 8 experts, 2 routed per token, one dense MLP layer among three) is built with
+transformers' class, its router weights scaled up so that routing is decisive (near-ties between experts would let
+rounding pick a different expert in either implementation), its norms moved off 1. It is loaded into the engine
+from `save_pretrained` (per-expert tensors: the official checkpoints' layout) and from its state dict (transformers
+5's stacked `experts.gate_up_proj`), and run side by side: a 20-token prefill, then 16 greedy decode steps through
+the engine's KV cache, batch 2. Max abs error <= 1e-4. The plugins that apply run the same sequence against their own
+reference: flash against the engine's dense run, sliding_window against transformers' own sliding-window attention,
+int8 against the dense run within the codec's quantisation loss.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from ollm_triton.engine import CheckpointError, ModelConfig, load_engine
+from ollm_triton.engine.footprint import estimate
+from ollm_triton.engine.moe import MoE
+from ollm_triton.registry import registry
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TOL = 1e-4
+PROMPT, STEPS, VOCAB = 20, 16, 256
+QWEN3_MOE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                 num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
+                 num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1],
+                 max_position_embeddings=256, rms_norm_eps=1e-5)
+
+
+def hf_qwen3_moe(**overrides):
+    cfg = transformers.Qwen3MoeConfig(**{**QWEN3_MOE, **overrides})
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.Qwen3MoeForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.1 * torch.randn_like(p))
+            elif name.endswith("mlp.gate.weight"):  # decisive routing: top-k gaps far above rounding
+                p.normal_(0.0, 1.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def qwen3_moe(tmp_path_factory):
+    """(transformers model, save_pretrained directory, stacked state-dict directory)."""
+    model = hf_qwen3_moe()
+    per_expert = tmp_path_factory.mktemp("per_expert")
+    model.save_pretrained(per_expert)
+    stacked = tmp_path_factory.mktemp("stacked")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, stacked / "model.safetensors")
+    (stacked / "config.json").write_text((per_expert / "config.json").read_text())
+    return model, per_expert, stacked
+
+
+def ids_for(seed=1):
+    return torch.randint(0, VOCAB, (2, PROMPT), generator=torch.Generator().manual_seed(seed))
+
+
+def transformers_run(model, ids):
+    """Prefill, then STEPS greedy steps: the logits of every step [prefill [B, T, V], step 1 [B, 1, V], ...] and the
+    tokens fed (transformers' own argmax)."""
+    out, fed = [], []
+    with torch.no_grad():
+        ref = model(ids, use_cache=True)
+        out.append(ref.logits)
+        past = ref.past_key_values
+        for _ in range(STEPS):
+            token = out[-1][:, -1:].argmax(-1)
+            fed.append(token)
+            ref = model(token, past_key_values=past, use_cache=True)
+            past = ref.past_key_values
+            out.append(ref.logits)
+    return out, fed
+
+
+def engine_run(engine, ids, fed):
+    cache = engine.new_cache(batch=ids.shape[0], max_len=PROMPT + STEPS)
+    out = [engine.forward(ids, cache)]
+    for token in fed:
+        out.append(engine.forward(token, cache))
+    return out, cache
+
+
+def max_error(a, b):
+    return max((x - y).abs().max().item() for x, y in zip(a, b, strict=True))
+
+
+@pytest.fixture(scope="module")
+def reference(qwen3_moe):
+    model, _, _ = qwen3_moe
+    return transformers_run(model, ids_for())
+
+
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated")
+@pytest.mark.parametrize("layout", ["per_expert", "stacked"])
+def test_qwen3_moe_matches_transformers(qwen3_moe, reference, layout):
+    model, per_expert, stacked = qwen3_moe
+    engine = load_engine(per_expert if layout == "per_expert" else stacked, attention="sdpa", codec="dense")
+    assert [type(layer.mlp) is MoE for layer in engine.model.model.layers] == [True, False, True]
+    assert engine.num_parameters() == model.num_parameters() == engine.config.num_parameters()
+    expected, fed = reference
+    ours, cache = engine_run(engine, ids_for(), fed)
+    assert cache.position == PROMPT + STEPS
+    errors = [(o - e).abs().max().item() for o, e in zip(ours, expected, strict=True)]
+    print(f"qwen3_moe ({layout}): max abs error prefill {errors[0]:.2e}, decode {max(errors[1:]):.2e}")
+    assert max(errors) <= TOL, errors
+
+
+def test_expert_paths_agree(qwen3_moe, reference):
+    """The eager grouped path (the default), the naive per-expert reference and the Triton grouped kernels (the
+    interpreter) give transformers' logits."""
+    _, _, stacked = qwen3_moe
+    expected, fed = reference
+    engine = load_engine(stacked, attention="sdpa", codec="dense")
+    moes = [layer.mlp for layer in engine.model.model.layers if isinstance(layer.mlp, MoE)]
+    for path in ("naive", "kernel"):
+        for m in moes:
+            m.path = path
+        ours, _ = engine_run(engine, ids_for(), fed[:2])
+        assert max_error(ours, expected[:3]) <= TOL, path
+
+
+def test_plugins_on_qwen3_moe(qwen3_moe, reference):
+    _, _, stacked = qwen3_moe
+    expected, fed = reference
+    dense, _ = engine_run(load_engine(stacked, attention="sdpa", codec="dense"), ids_for(), fed)
+    flash, _ = engine_run(load_engine(stacked, attention="flash", codec="dense"), ids_for(), fed)
+    assert max_error(flash, dense) <= TOL
+    # int8 with 16-token groups: the prompt is quantised, so logits move by the codec's loss, not more
+    codec = registry.build("cache", "int8", {"group_size": 16, "residual": 4})
+    quant, cache = engine_run(load_engine(stacked, attention="sdpa", codec=codec), ids_for(), fed)
+    assert cache.layers[0].compressed_tokens > 0
+    spread = torch.cat([d.flatten() for d in dense]).std().item()
+    error = max_error(quant, dense)
+    assert 0 < error <= 0.02 * spread, (error, spread)
+
+
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated")
+def test_sliding_window_matches_transformers_window(tmp_path):
+    """+attention=sliding_window (window 8, no sink) against transformers' own sliding-window Qwen3-MoE."""
+    model = hf_qwen3_moe(use_sliding_window=True, sliding_window=8)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "model.safetensors")
+    model.config.to_json_file(tmp_path / "config.json")
+    expected, fed = transformers_run(model, ids_for())
+    window = registry.build("attention", "sliding_window", {"window": 8, "sink": 0})
+    ours, _ = engine_run(load_engine(tmp_path, attention=window, codec="dense"), ids_for(), fed)
+    assert max_error(ours, expected) <= TOL
+
+
+def test_missing_expert_tensor_names_it(qwen3_moe, tmp_path):
+    _, per_expert, _ = qwen3_moe
+    from safetensors.torch import load_file
+
+    tensors = load_file(per_expert / "model.safetensors")
+    del tensors["model.layers.2.mlp.experts.5.up_proj.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text((per_expert / "config.json").read_text())
+    with pytest.raises(CheckpointError, match=r"model\.layers\.2\.mlp\.experts\.gate_up_proj") as err:
+        load_engine(tmp_path)
+    assert "\n" not in str(err.value) and "per-expert" in str(err.value)
+
+
+def test_bad_moe_config_refuses_in_one_line(qwen3_moe):
+    _, per_expert, _ = qwen3_moe
+    hf = json.loads((per_expert / "config.json").read_text())
+    with pytest.raises(ValueError, match="num_experts_per_tok must be in 1..num_experts") as err:
+        ModelConfig.from_hf({**hf, "num_experts_per_tok": 9})
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="missing required field.*moe_intermediate_size"):
+        ModelConfig.from_hf({k: v for k, v in hf.items() if k != "moe_intermediate_size"})
+
+
+def test_qwen3_moe_30b_preset_counts_every_expert():
+    """Qwen3-30B-A3B: 30.5B parameters stored, 3.3B read per token (Qwen's model card); the memory check counts
+    all of them, and a MoE's activations by its k expert rows per token."""
+    from ollm_triton.conf import __file__ as conf_init
+
+    arch = yaml.safe_load((Path(conf_init).parent / "model" / "qwen3_moe_30b.yaml").read_text())["arch"]
+    cfg = ModelConfig.from_hf(arch)
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+    active = cfg.num_parameters() - moe_layers * (cfg.moe_layer_parameters() - cfg.moe_active_parameters())
+    assert round(cfg.num_parameters() / 1e9, 1) == 30.5 and abs(active / 1e9 - 3.35) < 0.05
+    dense, resident = registry.build("cache", "dense"), registry.build("prefetch", "resident")
+
+    def est(c):
+        return estimate(c, dtype=torch.bfloat16, device=torch.device("cpu"), batch=1, context=1024, codec=dense,
+                        prefetch=resident)
+
+    assert est(cfg)["weights_bytes"] == 2 * cfg.num_parameters()
+    # each routed slot holds an intermediate row and an output row per token: 8 slots cost more than 1
+    one_slot = ModelConfig.from_hf({**arch, "num_experts_per_tok": 1})
+    grown = est(cfg)["activation_bytes"] - est(one_slot)["activation_bytes"]
+    assert grown == 1024 * 7 * (3 * cfg.moe_intermediate_size + cfg.hidden_size) * 2
