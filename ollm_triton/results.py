@@ -216,6 +216,169 @@ def summary_table(sweep_dir: str | Path) -> str:
     return "\n".join(out)
 
 
+# --- studies: one table per preset of conf/experiment/ ------------------------------------------------------------
+
+STUDIES = ("memory", "throughput", "context_scaling", "energy")  # conf/experiment/<study>.yaml
+SET_GROUP = "experiment/plugins"  # the group a study sweeps: conf/experiment/plugins/<set>.yaml
+BASELINE_SET = "baseline"
+GB = 1e9
+# The length a study sweeps, per study: the task parameter as configured (a smoke run clips it; the task records
+# what it ran), so a job that failed before measuring keeps its row.
+STUDY_LENGTH = {"memory": "task.memory.context_len", "context_scaling": "task.throughput.prompt_len"}
+
+
+def override_value(overrides: Any, key: str) -> str | None:
+    """The value of `key=...` (also `+key=...`) in a row's space-joined overrides; None when absent."""
+    for item in str(overrides or "").split():
+        name, _, value = item.lstrip("+~").partition("=")
+        if name == key:
+            return value
+    return None
+
+
+def plugin_set(row: Any) -> str:
+    """The plugin set a run belongs to: its `+experiment/plugins=<set>`, else the plugins it chose that are not
+    baselines (`cache=int4 + attention=flash`), else `baseline`."""
+    named = override_value(row.get("overrides"), SET_GROUP)
+    if named:
+        return named
+    from ollm_triton.registry import BASELINES
+
+    chosen = [f"{kind}={row.get(kind)}" for kind, base in BASELINES.items()
+              if isinstance(row.get(kind), str) and row.get(kind) != base]
+    return " + ".join(chosen) or BASELINE_SET
+
+
+def outcome(row: Any) -> str:
+    """ok | does not fit (the runner's memory check refused before loading) | out of memory (the allocator, during
+    the run) | failed (anything else: the row's `error` says what)."""
+    if row.get("status") == "ok":
+        return "ok"
+    error = str(row.get("error") or "")
+    if " does not fit: " in error:
+        return "does not fit"
+    if "OutOfMemoryError" in error or "out of memory" in error.lower():
+        return "out of memory"
+    return "failed"
+
+
+def _first(row: Any, *keys: str) -> tuple[Any, str | None]:
+    """(the first of `keys` the row holds as a number, its key)."""
+    for key in keys:
+        value = row.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
+            return value, key
+    return None, None
+
+
+def _peak_gb(row: Any, task: str) -> tuple[float | None, str | None]:
+    """Peak memory in GB and what measured it: the device's allocator over the task (memory task) or the job, else
+    (a CPU run) the host's resident set."""
+    value, key = _first(row, f"{task}/device_peak_allocated_bytes", "device_peak_allocated_bytes",
+                        f"{task}/host_peak_rss_bytes", f"monitor/{task}/rss_peak_bytes", "monitor/job_rss_peak_bytes")
+    if value is None:
+        return None, None
+    return value / GB, ("device allocated" if "device" in key else "host RSS")
+
+
+def study_name(df: Any) -> str:
+    """The study of a loaded sweep, from its jobs' `+experiment=<study>` override."""
+    names = {override_value(o, "experiment") for o in df.get("overrides", [])} - {None}
+    if len(names) != 1:
+        raise ValueError(f"expected the jobs of one study (+experiment=<study>), found {sorted(names) or 'none'}; "
+                         f"studies: {', '.join(STUDIES)}")
+    return names.pop()
+
+
+def _ratio(value: Any, base: Any) -> float | None:
+    ok = all(isinstance(v, (int, float)) and v == v for v in (value, base))
+    return value / base if ok and base else None
+
+
+def study_table(path_or_df: Any, study: str | None = None):
+    """The table of a study's multirun (a directory for `load`, or its DataFrame): one row per plugin set (and
+    length, for memory and context_scaling), in sweep order, with the study's columns and each against the
+    `baseline` set of the same length (`x_baseline`: this / baseline; for time to first token baseline / this, so
+    above 1 is better everywhere). A job that did not finish keeps its row: `status` says does not fit / out of
+    memory / failed and `error` has its line. The table's `attrs` say the study, whether it was a smoke run, and
+    the device."""
+    import pandas as pd
+
+    df = load(path_or_df) if isinstance(path_or_df, (str, Path)) else path_or_df
+    if df.empty:
+        raise ValueError(f"no metrics.json under {path_or_df}")
+    study = study or study_name(df)
+    if study not in STUDIES:
+        raise ValueError(f"unknown study {study!r}; studies: {', '.join(STUDIES)}")
+    df = df.assign(_job=[int(Path(d).name) if Path(d).name.isdigit() else i for i, d in enumerate(df.run_dir)])
+    rows = []
+    for _, r in df.sort_values("_job").iterrows():
+        task = "memory" if study == "memory" else "throughput"
+        peak, peak_source = _peak_gb(r, task)
+        row: dict[str, Any] = {"set": plugin_set(r)}
+        if study in STUDY_LENGTH:
+            row["context"] = r.get(STUDY_LENGTH[study])
+        row["status"] = outcome(r)
+        if study == "memory":
+            kv = r.get("memory/kv_stored_bytes")
+            row.update({"peak_gb": peak, "kv_gb": kv / GB if isinstance(kv, (int, float)) else None})
+        else:
+            row.update({"ttft_s": r.get("throughput/ttft_s"), "decode_tok_s": r.get("throughput/decode_tok_s")})
+            if study in ("throughput", "energy"):
+                row["tokens_per_j"] = r.get("monitor/throughput/tokens_per_j")
+            if study == "energy":
+                idle = r.get("monitor/idle_power_w")  # expected from the monitor; absent until it measures idle
+                energy, seconds = r.get("monitor/throughput/energy_j"), r.get("monitor/throughput/seconds")
+                tokens = r.get("monitor/throughput/tokens")
+                above = (energy - idle * seconds) if all(isinstance(v, (int, float)) and v == v
+                                                         for v in (idle, energy, seconds)) else None
+                row.update({"power_mean_w": r.get("monitor/throughput/power_mean_w"), "energy_j": energy,
+                            "idle_power_w": idle,
+                            "tokens_per_j_above_idle": tokens / above if above and above > 0 and tokens else None})
+            if study != "energy":
+                row["peak_gb"] = peak
+        if study != "energy":
+            row["peak_source"] = peak_source
+        row["error"] = r.get("error") if row["status"] != "ok" else None
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    keys = ["context"] if "context" in table else []
+    base = table[(table["set"] == BASELINE_SET) & (table["status"] == "ok")]
+    base = base.drop_duplicates(keys or ["set"]).set_index(keys) if keys else base.head(1)
+
+    def baseline_of(row: Any, column: str) -> Any:
+        if base.empty or column not in base:
+            return None
+        if not keys:
+            return base[column].iloc[0]
+        return base[column].get(row["context"]) if row["context"] in base.index else None
+
+    against = {"memory": ["peak_gb", "kv_gb"], "throughput": ["decode_tok_s", "ttft_s", "tokens_per_j"],
+               "context_scaling": ["decode_tok_s", "ttft_s", "peak_gb"], "energy": ["tokens_per_j", "decode_tok_s"]}
+    for column in against[study]:
+        if column not in table:
+            continue
+        inverse = column == "ttft_s"  # shorter is better: baseline / this
+        table[f"{column}_x_baseline"] = [
+            _ratio(baseline_of(row, column), row[column]) if inverse else _ratio(row[column], baseline_of(row, column))
+            for _, row in table.iterrows()
+        ]
+    table = table[[c for c in table.columns if c != "error"] + ["error"]]  # the long line last
+    smoke = df.get("smoke")
+    table.attrs.update({"study": study, "smoke": bool(smoke.fillna(False).any()) if smoke is not None else False,
+                        "device": ", ".join(sorted({str(d) for d in df.get("env.device_name", []) if d == d}))})
+    return table
+
+
+def markdown_table(table: Any) -> str:
+    """A study table (or any DataFrame) as a GitHub table, numbers as the sweep summary prints them."""
+    header = [str(c) for c in table.columns]
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    for _, row in table.iterrows():
+        out.append("| " + " | ".join(_fmt(v).replace("|", "\\|") for v in row) + " |")
+    return "\n".join(out)
+
+
 try:  # Hydra's callback base class (hydra-core >= 1.1); the summary is written by the parent process of a sweep
     from hydra.experimental.callback import Callback as _Callback
 except ImportError:  # pragma: no cover
@@ -231,3 +394,10 @@ class SweepSummary(_Callback):
         table = summary_table(sweep)
         (sweep / SUMMARY_FILE).write_text(table + "\n")
         print(f"\nsweep summary ({sweep / SUMMARY_FILE}):\n{table}")
+
+
+if __name__ == "__main__":  # python -m ollm_triton.results <sweep dir>...: each study's table
+    for sweep_arg in sys.argv[1:] or ["."]:
+        study_df = study_table(sweep_arg)
+        print(f"## {study_df.attrs['study']}: {sweep_arg} ({study_df.attrs['device'] or 'device unknown'}"
+              f"{', smoke' if study_df.attrs['smoke'] else ''})\n\n{markdown_table(study_df)}\n")
