@@ -244,8 +244,11 @@ def plugin_set(row: Any) -> str:
         return named
     from ollm_triton.registry import BASELINES
 
-    chosen = [f"{kind}={row.get(kind)}" for kind, base in BASELINES.items()
-              if isinstance(row.get(kind), str) and row.get(kind) != base]
+    chosen = [
+        f"{kind}={row.get(kind)}"
+        for kind, base in BASELINES.items()
+        if isinstance(row.get(kind), str) and row.get(kind) != base
+    ]
     return " + ".join(chosen) or BASELINE_SET
 
 
@@ -274,8 +277,14 @@ def _first(row: Any, *keys: str) -> tuple[Any, str | None]:
 def _peak_gb(row: Any, task: str) -> tuple[float | None, str | None]:
     """Peak memory in GB and what measured it: the device's allocator over the task (memory task) or the job, else
     (a CPU run) the host's resident set."""
-    value, key = _first(row, f"{task}/device_peak_allocated_bytes", "device_peak_allocated_bytes",
-                        f"{task}/host_peak_rss_bytes", f"monitor/{task}/rss_peak_bytes", "monitor/job_rss_peak_bytes")
+    value, key = _first(
+        row,
+        f"{task}/device_peak_allocated_bytes",
+        "device_peak_allocated_bytes",
+        f"{task}/host_peak_rss_bytes",
+        f"monitor/{task}/rss_peak_bytes",
+        "monitor/job_rss_peak_bytes",
+    )
     if value is None:
         return None, None
     return value / GB, ("device allocated" if "device" in key else "host RSS")
@@ -285,8 +294,10 @@ def study_name(df: Any) -> str:
     """The study of a loaded sweep, from its jobs' `+experiment=<study>` override."""
     names = {override_value(o, "experiment") for o in df.get("overrides", [])} - {None}
     if len(names) != 1:
-        raise ValueError(f"expected the jobs of one study (+experiment=<study>), found {sorted(names) or 'none'}; "
-                         f"studies: {', '.join(STUDIES)}")
+        raise ValueError(
+            f"expected the jobs of one study (+experiment=<study>), found {sorted(names) or 'none'}; "
+            f"studies: {', '.join(STUDIES)}"
+        )
     return names.pop()
 
 
@@ -330,11 +341,19 @@ def study_table(path_or_df: Any, study: str | None = None):
                 idle = r.get("monitor/idle_power_w")  # expected from the monitor; absent until it measures idle
                 energy, seconds = r.get("monitor/throughput/energy_j"), r.get("monitor/throughput/seconds")
                 tokens = r.get("monitor/throughput/tokens")
-                above = (energy - idle * seconds) if all(isinstance(v, (int, float)) and v == v
-                                                         for v in (idle, energy, seconds)) else None
-                row.update({"power_mean_w": r.get("monitor/throughput/power_mean_w"), "energy_j": energy,
-                            "idle_power_w": idle,
-                            "tokens_per_j_above_idle": tokens / above if above and above > 0 and tokens else None})
+                above = (
+                    (energy - idle * seconds)
+                    if all(isinstance(v, (int, float)) and v == v for v in (idle, energy, seconds))
+                    else None
+                )
+                row.update(
+                    {
+                        "power_mean_w": r.get("monitor/throughput/power_mean_w"),
+                        "energy_j": energy,
+                        "idle_power_w": idle,
+                        "tokens_per_j_above_idle": tokens / above if above and above > 0 and tokens else None,
+                    }
+                )
             if study != "energy":
                 row["peak_gb"] = peak
         if study != "energy":
@@ -353,8 +372,12 @@ def study_table(path_or_df: Any, study: str | None = None):
             return base[column].iloc[0]
         return base[column].get(row["context"]) if row["context"] in base.index else None
 
-    against = {"memory": ["peak_gb", "kv_gb"], "throughput": ["decode_tok_s", "ttft_s", "tokens_per_j"],
-               "context_scaling": ["decode_tok_s", "ttft_s", "peak_gb"], "energy": ["tokens_per_j", "decode_tok_s"]}
+    against = {
+        "memory": ["peak_gb", "kv_gb"],
+        "throughput": ["decode_tok_s", "ttft_s", "tokens_per_j"],
+        "context_scaling": ["decode_tok_s", "ttft_s", "peak_gb"],
+        "energy": ["tokens_per_j", "decode_tok_s"],
+    }
     for column in against[study]:
         if column not in table:
             continue
@@ -365,8 +388,13 @@ def study_table(path_or_df: Any, study: str | None = None):
         ]
     table = table[[c for c in table.columns if c != "error"] + ["error"]]  # the long line last
     smoke = df.get("smoke")
-    table.attrs.update({"study": study, "smoke": bool(smoke.fillna(False).any()) if smoke is not None else False,
-                        "device": ", ".join(sorted({str(d) for d in df.get("env.device_name", []) if d == d}))})
+    table.attrs.update(
+        {
+            "study": study,
+            "smoke": bool(smoke.fillna(False).any()) if smoke is not None else False,
+            "device": ", ".join(sorted({str(d) for d in df.get("env.device_name", []) if d == d})),
+        }
+    )
     return table
 
 
@@ -399,5 +427,7 @@ class SweepSummary(_Callback):
 if __name__ == "__main__":  # python -m ollm_triton.results <sweep dir>...: each study's table
     for sweep_arg in sys.argv[1:] or ["."]:
         study_df = study_table(sweep_arg)
-        print(f"## {study_df.attrs['study']}: {sweep_arg} ({study_df.attrs['device'] or 'device unknown'}"
-              f"{', smoke' if study_df.attrs['smoke'] else ''})\n\n{markdown_table(study_df)}\n")
+        print(
+            f"## {study_df.attrs['study']}: {sweep_arg} ({study_df.attrs['device'] or 'device unknown'}"
+            f"{', smoke' if study_df.attrs['smoke'] else ''})\n\n{markdown_table(study_df)}\n"
+        )
