@@ -132,7 +132,8 @@ class ContextCompressor:
         seconds = time.perf_counter() - start
         method = info.pop("method", self.plugin_name)
         pooled = int(info.pop("pooled_tokens", 0))
-        over = max(kept.shape[1] - int(info.pop("budget", self.budget(t))), 0)
+        budget = info.pop("budget") if "budget" in info else self.budget(t)
+        over = max(kept.shape[1] - int(budget), 0)
         return Compressed(out_ids, kept, t, method, seconds, pooled, over, info)
 
     def protected(self, t: int, protect: Sequence[tuple[int, int]], query: tuple[int, int] | None) -> torch.Tensor:
