@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 ACTS = ("silu", "clamped_swiglu")
+_empty = torch.empty  # every buffer the kernels write is allocated here (tests fill them with NaN)
 LAYOUTS = ("concat", "interleaved_t")
 
 
@@ -208,14 +209,14 @@ def moe_experts_kernel(x, weights, experts, w_gate_up, w_down, b_gate_up=None, b
         gu_strides, gate_step, up_offset = (w_gate_up.stride(0), w_gate_up.stride(2), w_gate_up.stride(1)), 2, 1
         d_strides = (w_down.stride(0), w_down.stride(2), w_down.stride(1))  # [E, I, H]
     nk = n * k
-    out = torch.empty(n, h, dtype=x.dtype, device=x.device)
+    out = _empty(n, h, dtype=x.dtype, device=x.device)
     if nk == 0:
         return out.zero_()
     bm = block_m or _block_m(nk, e)
     pairs, block_expert = align_pairs(experts, e, bm)
     rows = pairs.numel()
-    inter = torch.empty(rows, i, dtype=x.dtype, device=x.device)
-    out_pairs = torch.empty(nk, h, dtype=x.dtype, device=x.device)
+    inter = _empty(rows, i, dtype=x.dtype, device=x.device)
+    out_pairs = _empty(nk, h, dtype=x.dtype, device=x.device)
     route_w = weights.reshape(-1).contiguous()
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
     has_bias = b_gate_up is not None
