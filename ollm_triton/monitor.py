@@ -202,7 +202,7 @@ class _ProcessReader:
             self.proc = None
             return
         self.proc = psutil.Process()
-        self.proc.cpu_percent(None)  # the first call only starts psutil's interval
+        self.last: tuple[float, float] | None = None  # (wall, CPU seconds) of the previous read
         try:
             self.proc.io_counters()
             self.io = True
@@ -214,8 +214,11 @@ class _ProcessReader:
             return {}
         with self.proc.oneshot():
             times = self.proc.cpu_times()
-            out = {"cpu_percent": float(self.proc.cpu_percent(None)), "rss_bytes": int(self.proc.memory_info().rss),
-                   "cpu_time_s": float(times.user + times.system)}
+            now, cpu = time.perf_counter(), float(times.user + times.system)
+            out = {"rss_bytes": int(self.proc.memory_info().rss), "cpu_time_s": cpu}
+            if self.last is not None and now > self.last[0]:  # since the previous sample (psutil's cpu_percent
+                out["cpu_percent"] = 100 * (cpu - self.last[1]) / (now - self.last[0])  # reads the same counter)
+            self.last = (now, cpu)
             if self.io:
                 try:
                     out["read_bytes"] = int(self.proc.io_counters().read_bytes)
