@@ -183,6 +183,30 @@ class CacheWatch:
 
 # --- prompts -----------------------------------------------------------------------------------------------------
 
+def compress_prompt(ctx: RunContext, ids: torch.Tensor, *, protect: list[tuple[int, int]] | tuple = (),
+                    query: tuple[int, int] | None = None):
+    """The run's context compressor (`+context=...`) applied to a prompt ids [B, T] before prefill: (the ids to
+    prefill [B, K], the compressor's record `context.base.Compressed`, or None when the run has no compressor)."""
+    if ctx.context is None:
+        return ids, None
+    out = ctx.context.compress(ids, protect=protect, query=query, target=ctx.engine)
+    return out.ids, out
+
+
+def context_metrics(records: list) -> dict[str, float | int | str]:
+    """What a task reports about the prompts its compressor shortened (nothing without a compressor)."""
+    records = [r for r in records if r is not None]
+    if not records:
+        return {}
+    original = sum(r.original_length for r in records)
+    kept = sum(r.length for r in records)
+    methods = sorted({r.method for r in records})
+    return {"context_method": ",".join(methods), "context_ratio": kept / original if original else 1.0,
+            "context_tokens_dropped": original - kept, "context_s": sum(r.seconds for r in records),
+            # tokens kept beyond the ratio because protected spans (BOS, the question, keep_last) needed them
+            "context_over_budget": sum(r.over_budget for r in records)}
+
+
 def prompt_ids(engine, kind: str, batch: int, length: int, seed: int) -> tuple[torch.Tensor, str]:
     """[batch, length] prompt ids on the CPU and what they are.
 

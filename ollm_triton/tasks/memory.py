@@ -17,8 +17,8 @@ import psutil
 import torch
 
 from ollm_triton.registry import register
-from ollm_triton.tasks.base import PROMPTS, RunContext, Task, lossy_tokens, plugin_effect, prompt_ids, \
-    report_no_effect, synchronize
+from ollm_triton.tasks.base import PROMPTS, RunContext, Task, compress_prompt, context_metrics, lossy_tokens, \
+    plugin_effect, prompt_ids, report_no_effect, synchronize
 
 
 @dataclass
@@ -70,11 +70,14 @@ class Memory(Task):
         context_len, new_tokens = self._lengths(ctx.smoke)
         ids, prompt_kind = prompt_ids(engine, c.prompt, c.batch, context_len, ctx.seed)
         ids = ids.to(device)
+        if ctx.context is not None:  # the scorer's weights load before the peak is reset; its activations count
+            ctx.context.prepare(engine)
         if device.type == "cuda":
             synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
         with ctx.timed("prompt+generated") as region:
-            cache = engine.new_cache(batch=c.batch, max_len=context_len + new_tokens)
+            ids, record = compress_prompt(ctx, ids)  # a context compressor shortens the prompt the cache holds
+            cache = engine.new_cache(batch=c.batch, max_len=ids.shape[1] + new_tokens)
             logits = engine.prefill(ids, cache)[:, None]  # in chunks when the run sets prefill_chunk
             for _ in range(new_tokens):
                 logits = engine.forward(logits[:, -1:].argmax(-1), cache)
@@ -88,6 +91,7 @@ class Memory(Task):
             "host_peak_rss_bytes": peak,
             "host_peak_rss_source": peak_source,
             "host_rss_bytes": int(psutil.Process().memory_info().rss),
+            **context_metrics([record]),
         }
         if device.type == "cuda":
             out["device_peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated(device))

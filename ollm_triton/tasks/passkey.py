@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 from ollm_triton.registry import register
-from ollm_triton.tasks.base import CacheWatch, RunContext, Task, TaskRefused, plugin_effect, report_no_effect
+from ollm_triton.tasks.base import CacheWatch, RunContext, Task, TaskRefused, compress_prompt, context_metrics, \
+    plugin_effect, report_no_effect
 
 
 @dataclass
@@ -65,7 +66,7 @@ class Passkey(Task):
     def run(self, ctx: RunContext) -> dict[str, float | int | str]:
         from ollm_triton.data.corpus import load_corpus
         from ollm_triton.attention.base import causal_pairs
-        from ollm_triton.data.retrieval import corpus_filler, extract_answer, make_retrieval_doc
+        from ollm_triton.data.retrieval import QUESTION_TEMPLATE, corpus_filler, extract_answer, make_retrieval_doc
 
         c = self.cfg
         engine = ctx.engine
@@ -87,6 +88,10 @@ class Passkey(Task):
         by_length: dict[int, list[bool]] = {n: [] for n in lengths}
         by_depth: dict[float, list[bool]] = {d: [] for d in depths}
         visible = causal = 0.0  # (query, key) pairs of the answer's decode steps: attended, causally visible
+        shortened: list = []  # the context compressor's records, one per document
+        needle_kept: list[bool] = []  # did every token of the asked needle survive the compressor
+        if ctx.context is not None:
+            ctx.context.prepare(engine)
         with CacheWatch(engine) as watch, ctx.timed("prompt+generated") as region:
             for length in lengths:
                 for depth in depths:
@@ -94,6 +99,16 @@ class Passkey(Task):
                         doc = make_retrieval_doc(tok, filler, length - len(prefix), rng, depth=depth,
                                                  num_needles=c.num_needles)
                         prompt = torch.tensor([prefix + doc.ids], dtype=torch.long)
+                        # the question ends the prompt: the compressor keeps it and scores the context against it
+                        asked = len(tok.encode(QUESTION_TEMPLATE.format(key=doc.needle.key)))
+                        n_full = prompt.shape[1]
+                        prompt, record = compress_prompt(ctx, prompt, protect=[(0, len(prefix))],
+                                                         query=(n_full - asked, n_full))
+                        if record is not None:
+                            shortened.append(record)
+                            a, b = doc.needle.span
+                            held = set(record.kept[0].tolist())
+                            needle_kept.append(all(p + len(prefix) in held for p in range(a, b)))
                         gen = ctx.decoder.generate(engine, prompt, c.max_new_tokens, eos_id=eos_id)
                         answer = extract_answer(tok.decode(gen.tokens[0].tolist()))
                         by_length[length].append(answer == doc.answer)
@@ -121,6 +136,8 @@ class Passkey(Task):
             "num_needles": c.num_needles,
             "keys_masked": 1 - visible / causal if causal else 0.0,  # of the answer's decode steps
             "plugin_effect": effect,
+            **context_metrics(shortened),
+            **({"context_needle_kept": sum(needle_kept) / len(needle_kept)} if needle_kept else {}),
             "seconds": seconds,
             "data_python_version": corpus.python_version,
             "data_eval_hash": corpus.eval_hash,

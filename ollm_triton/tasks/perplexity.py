@@ -17,13 +17,14 @@ line) when a selected plugin provably had no effect.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from ollm_triton.registry import register
-from ollm_triton.tasks.base import RunContext, Task, TaskRefused, lossy_tokens, plugin_effect, report_no_effect
+from ollm_triton.tasks.base import RunContext, Task, TaskRefused, context_metrics, lossy_tokens, plugin_effect, \
+    report_no_effect
 
 
 SMOKE_LENGTH = 384  # debug=smoke: windows of at most this many tokens (past int4/int2's default residual + group)
@@ -113,6 +114,7 @@ class Perplexity(Task):
             "kv_tokens_evicted_max": s.max_evicted,
             "keys_masked": s.masked_fraction,  # 1 - visible / causally visible (query, key) pairs, scored queries
             "plugin_effect": effect,
+            **context_metrics(s.context),  # each window's context (not its scored tokens) as the compressor kept it
             **{f"data_{k}": v for k, v in meta.items()},
         }
 
@@ -128,16 +130,21 @@ class Scored:
     causal_pairs: int = 0  # (query, key) pairs plain causal attention would attend
     windows: int = 0
     longest: int = 0  # the longest window (tokens)
+    context: list = field(default_factory=list)  # a context compressor's record per window context it shortened
 
     @property
     def masked_fraction(self) -> float:
         return 1.0 - self.visible_pairs / self.causal_pairs if self.causal_pairs else 0.0
 
 
-def score(engine, ids: torch.Tensor, max_length: int, stride: int, chunk: int) -> Scored:
+def score(engine, ids: torch.Tensor, max_length: int, stride: int, chunk: int, context=None) -> Scored:
     """Score every token of ids [N] after the first: windows of max_length tokens every stride tokens; in each,
     the tokens before the first new one are prefilled (engine.prefill, in the engine's prefill_chunk pieces) and
-    the new ones are fed `chunk` at a time, each chunk's logits predicting the next tokens."""
+    the new ones are fed `chunk` at a time, each chunk's logits predicting the next tokens.
+
+    context: a context compressor (`+context=...`) that shortens each window's context before its prefill; the
+    scored tokens then follow the kept ones (positions renumbered, as a compressed prompt is read). Its tail
+    (`keep_last`), the text the scored tokens continue, is kept and stands in for the query."""
     from ollm_triton.attention.base import causal_pairs
 
     n = ids.numel()
@@ -148,8 +155,13 @@ def score(engine, ids: torch.Tensor, max_length: int, stride: int, chunk: int) -
         end = min(begin + max_length, n)
         window = ids[begin:end].to(engine.device)[None]
         first = max(prev_end, begin + 1) - begin  # index in the window of its first token not yet scored (>= 1)
-        cache = engine.new_cache(batch=1, max_len=end - begin)
-        logits = engine.prefill(window[:, :first], cache)  # [1, V]: predicts window[first]
+        head = window[:, :first]
+        if context is not None and first > 1:
+            record = context.compress(head, target=engine)
+            head = record.ids
+            out.context.append(record)
+        cache = engine.new_cache(batch=1, max_len=head.shape[1] + end - begin - first)
+        logits = engine.prefill(head, cache)  # [1, V]: predicts window[first]
         # the prefill's last query is a scored one: count what it saw
         held = cache.layers[0].length
         _count_keys(out, attention, 1, held, held - 1, causal_pairs)

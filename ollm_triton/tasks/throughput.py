@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ollm_triton.registry import register
-from ollm_triton.tasks.base import PROMPTS, CacheWatch, RunContext, Task, Timer, plugin_effect, prompt_ids, \
-    report_no_effect
+from ollm_triton.tasks.base import PROMPTS, CacheWatch, RunContext, Task, Timer, compress_prompt, context_metrics, \
+    plugin_effect, prompt_ids, report_no_effect
 
 
 @dataclass
@@ -52,6 +52,15 @@ class Throughput(Task):
         prompt_len, new_tokens = self._lengths(ctx.smoke)
         prompt, prompt_kind = prompt_ids(engine, c.prompt, c.batch, prompt_len, ctx.seed)
         prompt = prompt.to(device)
+        # A context compressor shortens the prompt once (its scorer loaded before, outside the timing); its time is
+        # part of the time to first token.
+        record = None
+        if ctx.context is not None:
+            ctx.context.prepare(engine)
+            with Timer(device) as shorten:
+                prompt, record = compress_prompt(ctx, prompt)
+        context_s = shorten.seconds if record is not None else 0.0
+        held_len = int(prompt.shape[1])
 
         # warm-up: kernels compile / autotune and allocator pools fill outside the timed region
         ctx.decoder.generate(engine, prompt, 2)
@@ -67,10 +76,10 @@ class Throughput(Task):
         decode_s, total_s, out = runs[len(runs) // 2]  # the median run by decode time
         produced = int(out.tokens.shape[1])
         prefill_s = out.counters["prefill_s"]
-        longest = prompt_len + produced
+        longest = held_len + produced
         compressed, evicted = watch.lossy()
         effect, none = plugin_effect(engine, longest=longest,
-                                     masked=1 - engine.attention.visible_fraction(produced, longest, prompt_len),
+                                     masked=1 - engine.attention.visible_fraction(produced, longest, held_len),
                                      compressed=compressed, evicted=evicted)
         report_no_effect("throughput", none)
         # the first token comes from the prefill's logits; decode_s covers the produced - 1 steps after it
@@ -80,8 +89,10 @@ class Throughput(Task):
             "new_tokens": produced,
             "batch": c.batch,
             "prefill_s": prefill_s,
-            "prefill_tok_s": c.batch * prompt_len / prefill_s,
-            "ttft_s": prefill_s,
+            "prefill_tok_s": c.batch * held_len / prefill_s,  # tokens prefilled (after any context compressor)
+            "ttft_s": prefill_s + context_s,
+            **({**context_metrics([record]), "context_s": context_s, "prompt_len_prefilled": held_len}
+               if record is not None else {}),
             "decode_s": decode_s,
             "decode_tok_s": c.batch * (produced - 1) / decode_s,
             "e2e_tok_s": c.batch * produced / total_s,
