@@ -171,7 +171,9 @@ def align_pairs(experts: torch.Tensor, num_experts: int, block_m: int) -> tuple[
     flat = experts.reshape(-1)
     nk = flat.numel()
     rows = triton.cdiv(nk + min(num_experts, nk) * (block_m - 1), block_m) * block_m
-    counts = torch.bincount(flat, minlength=num_experts)
+    # scatter_add, not bincount: CUDA's bincount reads the max back to size its output (a sync; not capturable)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
     ends = torch.cumsum(padded, 0)
     order = torch.argsort(flat, stable=True)
