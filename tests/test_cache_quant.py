@@ -45,13 +45,47 @@ def test_flush_keeps_residual_window_and_whole_groups(preallocate):
     lay = layer(group=32, residual=16, preallocate=preallocate)
     lay.append(*kv(40))  # 40 < 16 + 32: all full precision
     assert (lay.n_quant, lay.n_res) == (0, 40)
-    lay.append(*kv(9, seed=1))  # 49 >= 48: one group of 32 quantized, 17 left
+    lay.append(*kv(9, seed=1))  # a decode-sized block: attended exact, quantized once it has (observe)
+    assert (lay.n_quant, lay.n_res) == (0, 49)
+    lay.observe(None)  # 49 >= 48: one group of 32 quantized, 17 left
     assert (lay.n_quant, lay.n_res) == (32, 17)
     for i in range(31):
         lay.append(*kv(1, seed=2 + i))
+        lay.observe(None)
     assert (lay.n_quant, lay.n_res) == (64, 16) and lay.length == 80 == lay.appended
+    lay.append(*kv(40, seed=98))  # longer than a decode block: quantized as it is appended
+    assert (lay.n_quant, lay.n_res) == (96, 24)
     lay.append(*kv(300, seed=99))  # a long chunk beyond the preallocation-free capacity
-    assert lay.n_quant % 32 == 0 and 16 <= lay.n_res < 48 and lay.length == 380
+    assert lay.n_quant % 32 == 0 and 16 <= lay.n_res < 48 and lay.length == 420
+
+
+def test_static_step_rows_keep_their_own_windows():
+    """The static decode step over rows of one layer: each row's token lands in its own window at its own split
+    point, an idle row (at or past scratch_from) writes only the spare slot, and `set_length` quantizes a row's
+    full window on the host."""
+    from ollm_triton.engine.model import rope_cos_sin
+
+    big = layer(group=16, residual=16, b=2, max_len=128)
+    big.zero_storage()
+    big.scratch_from = 100
+    busy = big.row_view(1, 2)  # row 1: a request being prefilled, 40 tokens (16 quantized, 24 in its window)
+    busy.append(*kv(40, seed=3))
+    before = busy.k_res.clone(), busy.v_res.clone(), busy.k_codes.clone()
+    row = big.row_view(0, 1)  # row 0: decoding, 31 tokens held, all in its window
+    row.append(*kv(31, seed=4))
+    pos = torch.tensor([31, 100])
+    cos, sin = rope_cos_sin(torch.ones(16), pos, torch.float32)
+    q = torch.randn(2, 1, 4, 32)
+    k, v = (torch.randn(2, 1, 2, 32) for _ in range(2))
+    out = big.static_decode(q, k, v, cos[:, None], sin[:, None], pos, kernels=False)
+    assert out.shape == (2, 4, 1, 32) and torch.isfinite(out).all()
+    assert busy.n_res == 24 and torch.equal(busy.k_res[:, :, :32], before[0][:, :, :32])
+    assert torch.equal(busy.v_res[:, :, :32], before[1][:, :, :32])  # the idle row's write missed its window
+    assert torch.equal(row.v_res[0, :, 31], v[0, 0])  # row 0's token: its window, after its 31 exact tokens
+    row.set_length(32)  # 16 + 16: the window is full -> its oldest group is quantized
+    assert (row.n_quant, row.n_res) == (16, 16) and torch.equal(busy.k_codes, before[2])
+    with pytest.raises(ValueError, match="must be told every static step"):
+        row.set_length(60)  # steps it was not told of
 
 
 @pytest.mark.parametrize("bits,tol", [(8, 0.01), (4, 0.15), (2, 0.6)])

@@ -119,6 +119,33 @@ def test_eos_sampling_and_bucket_reuse():
     assert set(fast.buckets) == {1, 2}
 
 
+@pytest.mark.parametrize("codec", ["int4", "int2"])
+def test_quantized_static_step_equals_the_decode_loop(codec):
+    """A quantized codec's static step (the residual window written in place, a full group quantized on the host
+    after the step, the varlen fused decode): the ordinary loop's tokens and logits, past two group flushes, rows of
+    one length and rows of different lengths (each row's split point computed on the device)."""
+    from ollm_triton.engine.batching import generate_ragged
+
+    params = {"residual": 16, "group_size": 16}
+    eager = engine_for(fast_decode="off", codec=registry.build("cache", codec, params))
+    static = engine_for(fast_decode="static", codec=registry.build("cache", codec, params))
+    assert str(static.fast_path) == "static"
+    ids = prompt(batch=2, t=21)
+    ref_logits, got_logits = [], []
+    ref = decode_loop(eager, ids, 40, recording_pick(ref_logits), None)
+    got = decode_loop(static, ids, 40, recording_pick(got_logits), None)
+    assert torch.equal(ref.tokens, got.tokens)
+    for a, b in zip(ref_logits, got_logits, strict=True):
+        assert (a - b).abs().max().item() <= 1e-4
+    layer = static.fast_decoder().buckets[2].cache.layers[0]
+    assert layer.n_quant == 48 and layer.length == 21 + 39  # two groups flushed by the steps, after the prompt's one
+    assert static.describe()["decode_attention_path"] == "torch.quant_decode_varlen_reference (static step)"
+    prompts = [prompt(batch=1, t=t, seed=t)[0] for t in (5, 33, 18)]
+    rows = generate_ragged(static, prompts, 30)
+    for p, row in zip(prompts, rows.tokens, strict=True):
+        assert torch.equal(row, decode_loop(eager, p[None], 30, argmax_pick, None).tokens[0])
+
+
 @pytest.mark.parametrize("variant,plugins", [
     ("llama", dict(codec="int4")),  # a quantized codec: codes flushed every group, fused decode on a GPU
     ("qwen3", dict(codec="h2o")),  # an eviction codec: observes the step's queries, frees memory
@@ -150,10 +177,11 @@ def test_fast_path_says_why_not():
     assert cpu_auto.fast_decoder() is None and cpu_auto.describe()["fast_path_steps"] == 0
     cases = {
         "attention 'sliding_window' is not dense causal": dict(attention="sliding_window"),
-        "cache 'int4' declares no static buffers": dict(codec="int4"),
+        "cache 'h2o' declares no static decode step": dict(codec="h2o"),
+        "cache 'int4' declares no static decode step": dict(codec=registry.build("cache", "int4", {"preallocate": False})),
     }
     for params in ({"dtype": "float16"}, {"preallocate": False}):  # a dense cache the step cannot write in place
-        cases[f"cache 'dense' declares no static buffers {params}"] = dict(codec=registry.build("cache", "dense", params))
+        cases[f"cache 'dense' declares no static decode step {params}"] = dict(codec=registry.build("cache", "dense", params))
     for reason, plugins in cases.items():
         reason = reason.split(" {")[0]
         engine = engine_for(fast_decode="static", **plugins)
@@ -161,6 +189,7 @@ def test_fast_path_says_why_not():
         assert capture_blocker(engine).startswith(reason)
     assert str(engine_for(fast_decode="static", attention="flash").fast_path) == "static"
     assert str(engine_for(fast_decode="piecewise", codec="int4").fast_path) == "piecewise static"
+    assert str(engine_for(fast_decode="static", codec="int4").fast_path) == "static"
     streamed = engine_for(fast_decode="piecewise", prefetch="on_demand")
     assert str(streamed.fast_path).startswith("eager (prefetch 'on_demand' moves weights") and not streamed.fast_decoder()
     accepted = "accepted: auto, graph, static, piecewise, off"
@@ -267,4 +296,4 @@ def test_a_third_party_plugin_declares_its_way_onto_the_static_step():
                                         "cannot stand in for its decode)"
     MyAttention.dense_causal = True
     assert capture_blocker(engine_for(codec=MyDense(DenseConfig()), attention=MyAttention())) == \
-        "cache 'my_dense' declares no static buffers"
+        "cache 'my_dense' declares no static decode step"

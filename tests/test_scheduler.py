@@ -27,6 +27,10 @@ def engines():
            for codec in ("dense", "int4", "h2o")}
     # the static decode step over slot rows of one dense cache (what a GPU runs captured), here uncaptured
     out["slots"] = (load_engine(TINY, fast_decode="static"), load_engine(TINY, prefill_chunk=CHUNK))
+    # the same slots over a quantized codec's storage, with groups small enough that the rows quantize mid-decode
+    small = {"residual": 16, "group_size": 16}
+    out["int4 slots"] = (load_engine(TINY, fast_decode="static", codec=registry.build("cache", "int4", small)),
+                         load_engine(TINY, prefill_chunk=CHUNK, codec=registry.build("cache", "int4", small)))
     return out
 
 
@@ -34,13 +38,13 @@ def tokens(events):
     return [e.token_id for e in events if e.token_id is not None]
 
 
-@pytest.mark.parametrize("codec", ["dense", "int4", "h2o", "slots"])
+@pytest.mark.parametrize("codec", ["dense", "int4", "h2o", "slots", "int4 slots"])
 def test_concurrent_requests_equal_their_one_at_a_time_outputs(engines, codec):
     engine, alone = engines[codec]
     tok = engine.tokenizer
     # 8 requests through 4 slots; prompts in chunks of 48, up to three chunks of one length in one forward
     sched = Scheduler(engine, max_batch=4, prefill_chunk=CHUNK, prefill_budget=3 * CHUNK, max_context=512).start()
-    assert sched.rows.kind == ("static slots" if codec == "slots" else "codec caches")
+    assert sched.rows.kind == ("static slots" if codec.endswith("slots") else "codec caches")
     try:
         prompts = [tok.encode(t) for t in TEXTS]
         lengths = [5, 17, 9, 12, 3, 20, 7, 11]

@@ -10,6 +10,14 @@ What the engine reads, declared here and never inferred from a codec's name:
                                 exposed as `layer.k`, `layer.v`, that the engine's static (CUDA-graph) decode step
                                 may write and attend in place, telling the layer its new fill level through
                                 `set_length(n)`; such a layer keeps no other state (no scores, no eviction)
+    CacheCodec.static_decode    its layers take one new token per row inside the engine's static decode step (the
+                                CUDA-graph step of engine/fast_decode.py and the slot rows of continuous batching):
+                                `layer.static_decode(q, k, v, cos, sin, pos)` stores and attends with every row's
+                                position read on the device (no host value), `row_view(start, stop)` gives rows of the
+                                layer that share its storage, `zero_storage()` makes every slot finite
+    CacheCodec.static_sync      such a layer must be told each row's fill level (`set_length`) after every static
+                                step, not only at the end of a generation: it does host-side work then (quantizing
+                                a full residual group)
     CacheCodec.bytes_per_token, bytes_for   what one token (or a sequence of n) costs a layer: the run's memory check
                                 before building a model, and the server's admission of requests
     CacheLayer.attend           an optional fused decode kernel over the codec's own storage
@@ -87,6 +95,28 @@ class CacheLayer:
         """A fused decode kernel over this codec's own storage, or None to let the backend use dense()."""
         return None
 
+    # -- the static decode step (layers of codecs that declare `static_decode`) -------------------------------------
+    static_kernel = "none"  # what static_decode attends with (metrics.json's decode_attention_path)
+    # continuous batching steps idle rows at positions >= scratch_from (past every request's tokens, engine/slots.py):
+    # their writes must not land on a slot that holds a token of a row (dense buffers: they land past them)
+    scratch_from: int | None = None
+
+    def static_decode(self, q, k, v, cos, sin, pos, *, kernels: bool) -> torch.Tensor:
+        """One new token per row: q [B, 1, Hq, D], k, v [B, 1, Hkv, D] (token-major, before RoPE), cos, sin
+        [B, 1, D] at the rows' positions, pos [B] long on the device (each row's length before the step). Store
+        the new K/V of row b at position pos[b] and attend it over the row's pos[b] + 1 tokens -> [B, Hq, 1, D].
+        Capturable: reads no host value."""
+        raise NotImplementedError(f"{type(self).__name__} has no static decode step")
+
+    def row_view(self, start: int, stop: int) -> CacheLayer:
+        """Rows [start, stop) of this layer as a layer of their own that shares this one's storage (empty: fill
+        level 0). Continuous batching prefills a request into its row through such a view."""
+        raise NotImplementedError(f"{type(self).__name__} has no static decode step")
+
+    def zero_storage(self) -> None:
+        """Fill every slot with finite values (masked reference attention multiplies unwritten slots by 0)."""
+        raise NotImplementedError(f"{type(self).__name__} has no static decode step")
+
     def observe(self, q: torch.Tensor) -> None:
         """Called by the engine after each layer's attention step with that step's queries q: [B, Hq, T, D]
         (post-RoPE), whose T tokens were appended just before. Eviction codecs score the held tokens and evict
@@ -107,6 +137,8 @@ class CacheCodec:
 
     plugin_name = "base"
     static_buffers: bool = False
+    static_decode: bool = False
+    static_sync: bool = False
 
     def new_layer(self, spec: LayerSpec) -> CacheLayer:
         raise NotImplementedError

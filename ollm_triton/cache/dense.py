@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from ollm_triton.cache.base import CacheCodec, CacheLayer, LayerSpec
+from ollm_triton.kernels.attention_decode_varlen import decode_varlen
+from ollm_triton.kernels.rope import rope_write_kv
 from ollm_triton.registry import register
 
 DTYPES = {"model": None, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -65,6 +67,25 @@ class DenseLayer(CacheLayer):
         self._len = length
         self.appended = length
 
+    static_kernel = "decode_varlen"
+
+    def static_decode(self, q, k, v, cos, sin, pos, *, kernels: bool) -> torch.Tensor:
+        """RoPE fused with the K/V write at each row's slot, then the varlen decode reading each row's length."""
+        q_rot = rope_write_kv(q, k, v, cos, sin, self.k, self.v, pos, use_kernel=kernels)
+        return decode_varlen(q_rot[:, :, 0], self.k, self.v, pos + 1, use_kernel=kernels)[:, :, None]
+
+    def row_view(self, start: int, stop: int) -> DenseLayer:
+        s = self.spec
+        spec = LayerSpec(batch=stop - start, kv_heads=s.kv_heads, head_dim=s.head_dim, dtype=s.dtype,
+                         device=s.device, max_len=self.k.shape[2])
+        view = DenseLayer(spec, self.dtype, preallocate=False)
+        view.k, view.v = self.k[start:stop], self.v[start:stop]
+        return view
+
+    def zero_storage(self) -> None:
+        self.k.zero_()
+        self.v.zero_()
+
     def stored_bytes(self):
         return 2 * self.spec.batch * self.spec.kv_heads * self.spec.head_dim * self._len * self.k.element_size()
 
@@ -86,6 +107,11 @@ class Dense(CacheCodec):
     def static_buffers(self) -> bool:
         """Pre-allocated buffers in the model dtype: the engine's static step writes and attends them in place."""
         return self.cfg.dtype == "model" and self.cfg.preallocate
+
+    @property
+    def static_decode(self) -> bool:
+        """The static step writes and attends the buffers in place (DenseLayer.static_decode)."""
+        return self.static_buffers
 
     def bytes_per_token(self, spec: LayerSpec) -> float:
         dtype = DTYPES[self.cfg.dtype] or spec.dtype

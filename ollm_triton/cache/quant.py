@@ -12,7 +12,9 @@ Appends go to the residual window; once it holds `residual + G` tokens or more, 
 tokens are quantized (keys need G tokens to form a per-channel group), so between `residual` and
 `residual + G - 1` of the most recent tokens stay exact (fewer only right after a truncation, and all of them
 before the first G + residual tokens). A prompt is attended at full precision by the engine's prefill and
-quantized once when it is appended.
+quantized once when it is appended. A decode-sized append (up to DEFER tokens: a decode step, a verify block) is
+quantized after it attended (`observe`), so the step that fills the window still sees it exact: the rule the static
+decode step follows, whose host side quantizes a full window after the step (`set_length`).
 
 Truncation (speculative-decoding rollback), `truncate(length)`:
 - inside the residual window (length >= n_quant): exact, the dropped tokens are simply forgotten;
@@ -37,8 +39,13 @@ from ollm_triton.cache.residual import ResidualWindow
 from ollm_triton.cache.storage import StoreParams, wrap_store
 from ollm_triton.kernels import quant as Q
 from ollm_triton.kernels.attention_schedule import DecodeSchedule
-from ollm_triton.kernels.kv_quant_decode import quant_decode
+from ollm_triton.kernels.kv_quant_decode import quant_decode, quant_decode_varlen, quant_decode_varlen_ref
+from ollm_triton.kernels.rope import rope_write_kv
 from ollm_triton.registry import register
+from ollm_triton.timing import Timer
+
+
+DEFER = 16  # appends of up to this many tokens (decode steps, verify blocks) are quantized after they attended
 
 
 @dataclass
@@ -89,7 +96,9 @@ class QuantLayer(ResidualWindow, CacheLayer):
         cap = -(-spec.max_len // self.group) * self.group if cfg.preallocate else 0
         self._alloc_quant(cap)
         b, h = spec.batch, spec.kv_heads
-        res_cap = self.residual + self.group
+        # a deferred decode block (DEFER tokens) on top of a window one short of full; slot residual + group is
+        # the static step's spare slot for idle rows (scratch_from), which its rows never reach
+        res_cap = self.residual + self.group - 1 + DEFER
         self.k_res = torch.empty(b, h, res_cap, d, dtype=spec.dtype, device=spec.device)
         self.v_res = torch.empty_like(self.k_res)
 
@@ -118,6 +127,8 @@ class QuantLayer(ResidualWindow, CacheLayer):
         """Quantize n (a multiple of G) tokens k, v: [B, H, n, D] into the slots after n_quant."""
         n = k.shape[2]
         lo, hi = self.n_quant, self.n_quant + n
+        if hi > self.cap and self.shared:
+            raise ValueError(f"a row of static buffers holds at most {self.cap} quantized tokens, asked for {hi}")
         if hi > self.cap:  # grow geometrically, in whole groups
             self._alloc_quant(max(hi, 2 * self.cap, 4 * self.group), old=self)
         g0, g1 = lo // self.group, hi // self.group
@@ -152,8 +163,20 @@ class QuantLayer(ResidualWindow, CacheLayer):
         t = k.shape[2]
         if t == 0:
             return
-        self._append_through_residual(k, v, self.residual, self.group)
+        if t <= DEFER and self.n_res + t <= self.residual + self.group - 1 + DEFER:
+            # a decode-sized block waits in the window until it has attended (`observe` quantizes), exactly as the
+            # static decode step, which quantizes a full window after the step
+            self.k_res[:, :, self.n_res : self.n_res + t] = k
+            self.v_res[:, :, self.n_res : self.n_res + t] = v
+            self.n_res += t
+        else:
+            self._append_through_residual(k, v, self.residual, self.group)
         self.appended += t
+
+    def observe(self, q: torch.Tensor) -> None:
+        """After the step attended: quantize the window's oldest whole groups once it holds residual + group."""
+        if self.n_res >= self.residual + self.group:
+            self._append_through_residual(self.k_res[:, :, :0], self.v_res[:, :, :0], self.residual, self.group)
 
     def _dequant(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantized keys and values of the quantized tokens [lo, hi) (lo a multiple of G)."""
@@ -206,6 +229,68 @@ class QuantLayer(ResidualWindow, CacheLayer):
             block_k=self.block_k, **self.kernel_options,
         )
 
+    # -- the static decode step (Quant.static_decode) ----------------------------------------------------------------
+    # Appends quantize the oldest whole groups once the residual window holds residual + group tokens, whatever the
+    # chunking, so a layer that was never truncated holds exactly `quantized_for(length)` quantized tokens: the step
+    # computes each row's split point from its position on the device, and `set_length` quantizes a group on the
+    # host when a row's window fills (once every `group` steps a row).
+    static_kernel = "quant_decode_varlen"
+    shared = False  # a row view of another layer's buffers: it must never re-allocate them
+
+    def quantized_for(self, length):
+        """Quantized tokens of a layer holding `length` tokens (an int, or a tensor of lengths)."""
+        r, g = self.residual, self.group
+        if isinstance(length, torch.Tensor):
+            return (torch.div(length - r, g, rounding_mode="floor") * g).clamp_min(0)
+        return max((length - r) // g * g, 0)
+
+    def static_decode(self, q, k, v, cos, sin, pos, *, kernels: bool) -> torch.Tensor:
+        """The new token of row b goes to the residual window at pos[b] - quantized_for(pos[b]); the fused decode
+        attends the row's codes and window with the row's lengths read on the device."""
+        n_quant = self.quantized_for(pos)
+        slot = pos - n_quant
+        if self.scratch_from is not None:  # idle rows write to the spare slot, never into a row being prefilled
+            slot = torch.where(pos >= self.scratch_from, self.residual + self.group, slot)
+        q_rot = rope_write_kv(q, k, v, cos, sin, self.k_res, self.v_res, slot, use_kernel=kernels)
+        store = (self.k_codes, self.k_scale, self.k_zero, self.v_codes, self.v_scale, self.v_zero, self.k_res,
+                 self.v_res)
+        kw = dict(bits=self.bits, key_group=self.group, value_group=self.value_group)
+        if kernels:
+            opts = {k: v for k, v in self.kernel_options.items() if k in ("num_splits", "num_warps", "num_stages")}
+            return quant_decode_varlen(q_rot, *store, n_quant, pos + 1, block_k=self.block_k, **kw, **opts)
+        return quant_decode_varlen_ref(q_rot, *store, n_quant.tolist(), (pos + 1).tolist(), **kw)
+
+    def set_length(self, length: int) -> None:
+        """The static step wrote tokens into the residual window up to `length`: take that as the fill level, and
+        quantize the window's oldest group once it is full."""
+        n_res = length - self.n_quant
+        if not 0 <= n_res <= self.residual + self.group or self.n_quant != self.quantized_for(length - 1):
+            raise ValueError(f"fill level {length} does not follow {self.length} tokens with {self.n_quant} quantized "
+                             "(a quantized layer must be told every static step's length, and not after truncation)")
+        self.n_res, self.appended = n_res, length
+        if n_res >= self.residual + self.group:
+            self.observe(None)
+
+    def row_view(self, start: int, stop: int) -> QuantLayer:
+        view = object.__new__(type(self))
+        view.__dict__.update(self.__dict__)
+        s = self.spec
+        view.spec = LayerSpec(batch=stop - start, kv_heads=s.kv_heads, head_dim=s.head_dim, dtype=s.dtype,
+                              device=s.device, max_len=s.max_len)
+        for name in ("k_codes", "v_codes", "k_scale", "v_scale", "k_zero", "v_zero", "k_res", "v_res"):
+            buf = getattr(self, name)
+            setattr(view, name, None if buf is None else buf[start:stop])
+        view.n_quant = view.n_res = view.appended = 0
+        view.encode_timer = Timer(s.device)
+        view.shared = True
+        return view
+
+    def zero_storage(self) -> None:
+        for name in ("k_codes", "v_codes", "k_scale", "v_scale", "k_zero", "v_zero", "k_res", "v_res"):
+            buf = getattr(self, name)
+            if buf is not None:
+                buf.zero_()
+
     def stored_bytes(self) -> int:
         s = self.spec
         bh, d, n = s.batch * s.kv_heads, s.head_dim, self.n_quant
@@ -233,8 +318,16 @@ class Quant(CacheCodec):
 
     bits: int | None = None  # fixed by the int8/int4/int2 names
 
+    static_sync = True  # QuantLayer.set_length quantizes a full residual window after a static step
+
     def __init__(self, cfg: QuantParams):
         self.cfg = cfg
+
+    @property
+    def static_decode(self) -> bool:
+        """Pre-allocated codes on the device: the static step writes the residual window and runs the fused
+        decode in place (QuantLayer.static_decode)."""
+        return self.cfg.preallocate and self.cfg.store == "device"
 
     def new_layer(self, spec: LayerSpec) -> CacheLayer:
         return wrap_store(QuantLayer(spec, self._bits(), self.cfg), self.cfg, self)

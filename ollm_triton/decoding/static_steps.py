@@ -52,11 +52,15 @@ def resolve_fast_path(requested: str, engine) -> str:
         return "eager"
     if requested == "static":
         reason = capture_blocker(engine)
+        if reason is None and not engine.codec.static_buffers:
+            reason = f"cache '{engine.codec.plugin_name}' keeps no dense K/V buffers for the static verify blocks"
         if reason is not None:
             raise ValueError(f"fast_path=static cannot run here: {reason}; use fast_path=auto or off")
         return "static"
     fast = engine.fast_path
     if fast.mode != "graph":  # the piecewise step attends through the codec's cache: speculation runs eagerly there
+        return "eager"
+    if not engine.codec.static_buffers:  # the static verify blocks attend dense K/V buffers (StaticBlockMixer)
         return "eager"
     return "graph" if fast.captured else "static"
 

@@ -57,12 +57,14 @@ def generate_ragged(engine, prompts: list[torch.Tensor], max_new_tokens: int, *,
     bk = fast.bucket(len(ids), max(lengths) + max_new_tokens)
     bk.reset()
     with Timer(engine.device) as prefill:
-        first = torch.cat([engine.prefill(p[None], bk.row_cache(b)) for b, p in enumerate(ids)])  # [B, V]
+        rows = [bk.row_cache(b) for b in range(len(ids))]
+        first = torch.cat([engine.prefill(p[None], row) for p, row in zip(ids, rows, strict=True)])  # [B, V]
     capture_before = fast.capture_s
     if max_new_tokens > 1:
         fast.ensure_graph(bk, lengths)
     with Timer(engine.device) as decode:
-        tokens, n = fast.decode(bk, first, lengths, max_new_tokens, pick, eos_id, greedy=pick is argmax_pick)
+        tokens, n = fast.decode(bk, first, lengths, max_new_tokens, pick, eos_id, greedy=pick is argmax_pick,
+                                rows=rows)
     counters = {"generated_tokens": n * len(ids), "target_forwards": n, "prefill_s": prefill.seconds,
                 "decode_s": decode.seconds, "graph_capture_s": fast.capture_s - capture_before,
                 "fast_path_graph": int(fast.capture), "prompt_tokens": sum(lengths)}

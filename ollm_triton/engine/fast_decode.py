@@ -10,7 +10,8 @@ rows, cuBLAS.
     token [B] long       the token fed this step (the graph writes the argmax of the step's logits back into it)
     pos   [B] long       its position = the sequence's length before the step (incremented by the graph)
     logits [B, V] fp32   the step's logits (for samplers, which pick outside the graph)
-    K/V  [B, Hkv, cap, D] per layer: the codec's own pre-allocated buffers (`CacheCodec.static_buffers`)
+    K/V  per layer: the codec's own pre-allocated storage (`CacheCodec.static_decode`): dense [B, Hkv, cap, D]
+         buffers, or a quantized codec's codes and residual window, written and attended in place
 
 Nothing in the step depends on a host value (the attention reads each row's length from `pos` on the device), so
 one capture per batch size ("bucket") serves every step and every later generation that fits its capacity. On the
@@ -20,7 +21,7 @@ token with the engine's ordinary decode loop.
 Which path a run takes (`plan_fast_path` -> `FastPath`, recorded in metrics.json with its reason) is read from
 what the plugins declare, never from their names:
 - whole step captured ("graph"): the attention backend is `dense_causal` (the step's own varlen kernel computes
-  exactly its decode), the codec has `static_buffers`, the prefetch policy keeps `resident_weights`;
+  exactly its decode), the codec has a `static_decode` step, the prefetch policy keeps `resident_weights`;
 - piecewise ("piecewise"): any codec and backend, resident weights. The same step is cut at each layer's
   attention into L + 1 captured segments (graphs.SegmentRecorder), and the attention -- the codec's append and
   the backend's decode, data-dependent shapes and all -- runs eagerly between them through static q/k/v/out
@@ -39,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ollm_triton.cache.base import KVCache, LayerSpec
+from ollm_triton.cache.base import KVCache
 from ollm_triton.engine.generation import Generation, argmax_pick, emit_step
 from ollm_triton.engine.graphs import SegmentRecorder, notify_once, round_capacity, warm_up
 from ollm_triton.engine.mixers import SegmentMixer, StaticDecodeMixer, attention_step
@@ -94,8 +95,8 @@ def capture_blocker(engine) -> str | None:
     if not engine.attention.dense_causal:
         return (f"attention '{_name(engine.attention)}' is not dense causal: the static step cannot stand in for "
                 "its decode")
-    if not engine.codec.static_buffers:
-        return f"cache '{_name(engine.codec)}' declares no static buffers"
+    if not engine.codec.static_decode:
+        return f"cache '{_name(engine.codec)}' declares no static decode step"
     return piecewise_blocker(engine)
 
 
@@ -187,32 +188,14 @@ class Bucket:
         self.cache.position = 0
 
     def row_cache(self, b: int) -> KVCache:
-        """A batch-1 KVCache whose layers write into row b of this bucket's buffers (ragged prefill)."""
-        from ollm_triton.cache.dense import DenseLayer
-
-        layers = []
-        for big in self.cache.layers:
-            spec = LayerSpec(batch=1, kv_heads=big.spec.kv_heads, head_dim=big.spec.head_dim, dtype=big.spec.dtype,
-                             device=big.spec.device, max_len=self.capacity)
-            row = DenseLayer(spec, big.k.dtype, preallocate=False)
-            row.k, row.v = big.k[b : b + 1], big.v[b : b + 1]
-            layers.append(row)
-        return KVCache(layers)
+        """A batch-1 KVCache whose layers write into row b of this bucket's storage (ragged prefill, slots)."""
+        return KVCache([big.row_view(b, b + 1) for big in self.cache.layers])
 
     def rows(self, n: int) -> Bucket:
         """A bucket over this one's first n rows, sharing its storage (K/V, token, pos, logits): the static step of
         batch n then reads and writes rows 0..n-1 in place (continuous batching's slots, engine/slots.py)."""
-        from ollm_triton.cache.dense import DenseLayer
-
-        layers = []
-        for big in self.cache.layers:
-            spec = LayerSpec(batch=n, kv_heads=big.spec.kv_heads, head_dim=big.spec.head_dim, dtype=big.spec.dtype,
-                             device=big.spec.device, max_len=self.capacity)
-            view = DenseLayer(spec, big.k.dtype, preallocate=False)
-            view.k, view.v = big.k[:n], big.v[:n]
-            layers.append(view)
-        return Bucket(batch=n, capacity=self.capacity, cache=KVCache(layers), token=self.token[:n], pos=self.pos[:n],
-                      logits=self.logits[:n], cos=self.cos, sin=self.sin)
+        return Bucket(batch=n, capacity=self.capacity, cache=KVCache([big.row_view(0, n) for big in self.cache.layers]),
+                      token=self.token[:n], pos=self.pos[:n], logits=self.logits[:n], cos=self.cos, sin=self.sin)
 
     def set_length(self, lengths: list[int]) -> None:
         """Tell the cache layers what the device steps wrote (the longest row). A piecewise bucket's cache counted
@@ -257,7 +240,9 @@ class FastDecoder:
         """What decode attention ran through this decoder: the step's own kernel, or the plugins between segments."""
         if self.piecewise:
             return f"plugins between captured segments: {self.engine.attention.last_path}"
-        return "triton.decode_varlen (static step)" if self.kernels else "torch.decode_varlen_reference (static step)"
+        layers = next((bk.cache.layers for bk in self.buckets.values()), None)
+        kernel = layers[0].static_kernel if layers else "no step run"
+        return f"triton.{kernel} (static step)" if self.kernels else f"torch.{kernel}_reference (static step)"
 
     # ---- buckets ---------------------------------------------------------------------------------------------
     def bucket(self, batch: int, max_len: int) -> Bucket:
@@ -286,8 +271,7 @@ class FastDecoder:
                   "v": new(batch, c.num_kv_heads, 1, c.head_dim), "out": new(batch, c.num_heads, 1, c.head_dim)}
         else:
             for layer in cache.layers:  # finite values everywhere: the masked reference attention multiplies by 0
-                layer.k.zero_()
-                layer.v.zero_()
+                layer.zero_storage()
         cos, sin = rope_cos_sin(e.inv_freq, torch.arange(cap, device=e.device), e.dtype)
         bk = Bucket(batch=batch, capacity=cap, cache=cache,
                     token=torch.zeros(batch, dtype=torch.long, device=e.device),
@@ -367,9 +351,10 @@ class FastDecoder:
 
     # ---- decode loops ----------------------------------------------------------------------------------------
     def decode(self, bk: Bucket, first_logits: torch.Tensor, lengths: list[int], max_new_tokens: int, pick,
-               eos_id: int | None, greedy: bool) -> tuple[torch.Tensor, int]:
+               eos_id: int | None, greedy: bool, rows: list[KVCache] | None = None) -> tuple[torch.Tensor, int]:
         """Decode after a prefill that left row b holding lengths[b] tokens. first_logits: [B, V] of each row's
         last prompt token. pick: logits [B, V] -> tokens [B] (greedy: the step's own argmax is used instead).
+        rows: the per-row caches the prompts were prefilled through (bk.row_cache), when rows differ in length.
         Returns (tokens [B, n], n), the same tokens and stopping rule as the eager decode loop."""
         dev = self.engine.device
         b = bk.batch
@@ -377,6 +362,10 @@ class FastDecoder:
         done = torch.zeros(b, dtype=torch.bool, device=dev)
         bk.pos.copy_(torch.as_tensor(lengths, dtype=torch.long).to(dev))
         token = pick(first_logits)
+        sync = self.engine.codec.static_sync and bk.io is None
+        if sync and rows is None and len(set(lengths)) > 1:
+            raise ValueError("rows of different lengths need their own caches (rows=) for this codec's static step")
+        held = list(zip(rows, lengths, strict=True)) if rows is not None else [(bk.cache, lengths[0])]
         n = 0
         for n in range(1, max_new_tokens + 1):
             token, finished = emit_step(out, n, token, done, eos_id)
@@ -385,8 +374,16 @@ class FastDecoder:
             if token is not bk.token:
                 bk.token.copy_(token)
             self.replay(bk)
+            if sync:  # the layers do host-side work after each step (CacheCodec.static_sync)
+                for cache, length in held:
+                    for layer in cache.layers:
+                        layer.set_length(length + n)
             token = bk.token if greedy else pick(bk.logits)
-        bk.set_length([length + n - 1 for length in lengths])
+        if sync:
+            for cache, length in held:
+                cache.position = length + n - 1
+        else:
+            bk.set_length([length + n - 1 for length in lengths])
         return out[:, :n], n
 
     def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int, pick=argmax_pick, eos_id: int | None = None,

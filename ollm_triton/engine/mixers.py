@@ -35,7 +35,6 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ollm_triton.kernels.attention_decode_varlen import decode_varlen
 from ollm_triton.kernels.rope import rope_qk, rope_write_kv
 
 DECODE_MAX_TOKENS = 16
@@ -100,17 +99,16 @@ class RowsMixer:
 
 
 class StaticDecodeMixer:
-    """One new token per row over static buffers: layers[i].k, .v [B, Hkv, cap, D]; pos [B] each row's slot (its
-    length before the step), cos, sin [B, 1, D] at those positions."""
+    """One new token per row over a codec's static-step layers (`CacheCodec.static_decode`): pos [B] each row's
+    length before the step, cos, sin [B, 1, D] at those positions. The layer stores and attends in place (dense:
+    RoPE fused with the K/V write, then the varlen decode; quantized: the write into the residual window, then the
+    fused varlen decode over the codes), each row's length read on the device."""
 
     def __init__(self, layers, cos, sin, pos, *, kernels: bool):
         self.layers, self.cos, self.sin, self.pos, self.kernels = layers, cos, sin, pos, kernels
-        self.lengths = pos + 1
 
     def __call__(self, i, q, k, v):
-        kv = self.layers[i]
-        q_rot = rope_write_kv(q, k, v, self.cos, self.sin, kv.k, kv.v, self.pos, use_kernel=self.kernels)
-        return decode_varlen(q_rot[:, :, 0], kv.k, kv.v, self.lengths, use_kernel=self.kernels)[:, :, None]
+        return self.layers[i].static_decode(q, k, v, self.cos, self.sin, self.pos, kernels=self.kernels)
 
 
 class StaticBlockMixer:

@@ -5,13 +5,16 @@ Two layouts, chosen from what the plugins declare (the engine's `fast_path`):
 - `CacheRows` (any codec, any backend): each request owns a KVCache of the run's codec, sized to it and freed with
   it, so a compressing codec directly raises how many requests fit. A decode step is `Engine.decode_rows`: one
   model step over the running rows, the matmuls batched, attention through the plugins over each row's own cache.
-- `SlotRows` (when the whole static decode step applies: a dense-causal backend, a codec with static buffers,
-  resident weights): `max_batch` slot rows of one pre-allocated dense cache. A request takes a free slot and is
-  prefilled into that row; a decode step replays the captured static step (engine/fast_decode.py) of the smallest
+- `SlotRows` (when the whole static decode step applies: a dense-causal backend, a codec with a static decode step
+  (`CacheCodec.static_decode`: dense, or the quantized codecs), resident weights): `max_batch` slot rows of one
+  pre-allocated cache of the run's codec. A request takes a free slot and is prefilled into that row (a row view
+  of the codec's storage); a decode step replays the captured static step (engine/fast_decode.py) of the smallest
   bucket size n in 1, 2, 4, ... covering the highest slot in use, over rows 0..n-1 of the shared buffers (each
   row at its own position, its own length read on the device). Rows inside the bucket that are not decoding (free,
   or still being prefilled) are computed at a scratch position past every request's tokens (the last two slots,
-  which admission keeps free: a capture's warm-up steps twice) and ignored: `padding_rows` counts them.
+  which admission keeps free: a capture's warm-up steps twice) and ignored: `padding_rows` counts them. A codec that
+  declares `static_sync` (quantized: a full residual window is quantized on the host) is told each running row's
+  length after every step.
 
 Both hand out a per-request `KVCache` (its `position` = tokens it holds) and give logits [B, V] for a step.
 """
@@ -57,7 +60,8 @@ class CacheRows:
 
 
 class SlotRows:
-    """Slot rows of one dense static cache, decoded by the captured static step (see the module docstring)."""
+    """Slot rows of one static cache of the run's codec, decoded by the captured static step (see the module
+    docstring)."""
 
     kind = "static slots"
 
@@ -69,12 +73,14 @@ class SlotRows:
         self.full = self.fast.new_bucket(max_batch, max_context + 2)
         self.capacity = max_context  # tokens a request may hold
         self.scratch = self.full.capacity - 2
+        for layer in self.full.cache.layers:  # the views of the decode buckets inherit it
+            layer.scratch_from = self.scratch
         self.free_slots = list(range(max_batch))  # the lowest free slot first keeps the bucket small
         self.slot_of: dict[int, int] = {}  # id(cache) -> slot
         self.views = {}
         self.padding_rows = 0
-        self.token_bytes = 2 * engine.config.num_kv_heads * engine.config.head_dim * \
-            self.full.cache.layers[0].k.element_size() * engine.config.num_layers
+        self.sync = engine.codec.static_sync
+        self._spec = engine.layer_spec(1, max_context)
 
     def allocate(self, tokens: int) -> KVCache:
         if tokens > self.capacity:
@@ -86,13 +92,14 @@ class SlotRows:
 
     def release(self, cache: KVCache) -> KVCache | None:
         """Free the slot; a copy of the row's K/V (for the prefix cache) in the run's codec."""
-        slot = self.slot_of[id(cache)]
         n = cache.position
         copy = None
         if n > 0:
             copy = self.engine.new_cache(batch=1, max_len=n)
-            for row, dst in zip(self.full.cache.layers, copy.layers, strict=True):
-                dst.append(row.k[slot : slot + 1, :, :n], row.v[slot : slot + 1, :, :n])
+            for row, dst in zip(cache.layers, copy.layers, strict=True):
+                if not self.sync:  # the static step wrote this row's K/V behind the layer's back
+                    row.set_length(n)
+                dst.append(*row.dense())
             copy.position = n
         self.free(cache)
         return copy
@@ -139,12 +146,16 @@ class SlotRows:
         self.fast.replay(bk)
         for c in caches:
             c.position += 1
+            if self.sync:
+                for layer in c.layers:
+                    layer.set_length(c.position)
         self.padding_rows += bk.batch - len(caches)
         index = index.to(dev)
         return bk.logits.index_select(0, index), bk.token.index_select(0, index)
 
     def bytes_held(self, caches: list[KVCache]) -> int:
-        return sum(c.position for c in caches) * self.token_bytes
+        per_layer = sum(self.engine.codec.bytes_for(self._spec, c.position) for c in caches)
+        return int(per_layer * self.engine.config.num_layers)
 
 
 __all__ = ["CacheRows", "SlotRows"]
