@@ -20,6 +20,11 @@ Per model type:
   output gate per head, q/k norms, RoPE on the first `partial_rotary_factor` of each head; every RMSNorm but the
   gated one is zero-centred (x * (1 + w)); the MLP is qwen3_moe's with a sigmoid-gated shared expert
   (`shared_expert_intermediate_size`).
+- gpt_oss: q/k/v/o biases, a learned sink logit per query head (`sinks`: a softmax column that takes mass and is
+  dropped), `layer_types` alternating "sliding_attention" (a `sliding_window` of 128 keys) and "full_attention"
+  (`layer_windows`), YaRN RoPE; every layer a MoE of `num_local_experts` experts of `intermediate_size` with a biased
+  router (top-k logits, then softmax), clamped SwiGLU experts with biases, stored transposed with gate/up
+  interleaved (transformers 5's layout; MXFP4 checkpoints are dequantized on load: engine/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -30,9 +35,9 @@ from typing import Any
 
 import torch
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen3_next")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen3_next", "gpt_oss")
 LAYER_TYPES = ("full_attention", "linear_attention")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 class UnsupportedModelError(ValueError):
@@ -49,6 +54,12 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # yarn: frequencies blended between interpolated and original over the band [beta_slow, beta_fast] rotations,
+    # and cos/sin multiplied by `attention_factor` (None: 0.1 ln(factor) + 1)
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +112,11 @@ class ModelConfig:
     partial_rotary_factor: float = 1.0  # RoPE on the first int(head_dim * factor) dims of q and k, the rest as is
     attn_output_gate: bool = False  # q_proj yields [q | gate] per head; o_proj(attention * sigmoid(gate))
     norm_offset: float = 0.0  # 1.0: zero-centred RMSNorm weights, normalised x * (1 + w) in float32 (qwen3_next)
+    # Per-layer attention (gpt_oss): layer i attends to its last layer_windows[i] keys (0 = all; () = 0 everywhere);
+    # `attention_sinks`: one learned sink logit per query head. Backends declare whether they honour these
+    # (attention/base.py `layer_window`, `sink_logits`); the engine refuses one that does not.
+    layer_windows: tuple[int, ...] = ()
+    attention_sinks: bool = False
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # fields read but not used (sliding_window)
 
     @classmethod
@@ -130,7 +146,7 @@ class ModelConfig:
         theta, scaling, partial = _read_rope(hf, model_type, max_pos)
 
         attention_bias = bool(hf.get("attention_bias", False)) and model_type in ("llama", "qwen3", "qwen3_moe",
-                                                                                "qwen3_next")
+                                                                                "qwen3_next", "gpt_oss")
         dtype = hf.get("dtype") or hf.get("torch_dtype")  # 5.x writes "dtype", 4.x "torch_dtype"
         return cls(
             model_type=model_type,
@@ -156,7 +172,31 @@ class ModelConfig:
             extra={k: hf[k] for k in ("sliding_window", "use_sliding_window") if k in hf},
             **_read_moe(hf, model_type),
             **_read_hybrid(hf, model_type, int(hf["num_hidden_layers"]), partial),
+            **_read_gpt_oss(hf, model_type, int(hf["num_hidden_layers"])),
         )
+
+    def layer_window(self, i: int) -> int:
+        """The keys layer i's queries see, counted back from their own position (0 = every earlier key)."""
+        return self.layer_windows[i] if self.layer_windows else 0
+
+    def attention_requirements(self) -> dict[str, str]:
+        """What the attention backend must honour for this model: capability (attention/base.py) -> why."""
+        needs = {}
+        windows = sorted({w for w in self.layer_windows if w})
+        if windows:
+            needs["layer_window"] = f"a sliding window of {'/'.join(map(str, windows))} keys on some layers"
+        if self.attention_sinks:
+            needs["sink_logits"] = "a learned sink logit per head"
+        return needs
+
+    @property
+    def rope_attention_factor(self) -> float:
+        """What YaRN multiplies cos and sin by (1.0 for other RoPE types)."""
+        s = self.rope_scaling
+        if s is None or s.kind != "yarn":
+            return 1.0
+        return s.attention_factor if s.attention_factor is not None else (
+            0.1 * math.log(s.factor) + 1.0 if s.factor > 1 else 1.0)
 
     def layer_type(self, i: int) -> str:
         """Decoder layer i's token mixer: "full_attention" or "linear_attention"."""
@@ -180,6 +220,9 @@ class ModelConfig:
                     "not K/V): decode runs the eager step")
         if self.rotary_dim != self.head_dim or self.attn_output_gate or self.norm_offset:
             return f"model {self.model_type}'s partial RoPE / output gate / zero-centred norms: decode runs eager"
+        if self.attention_requirements():
+            return (f"model {self.model_type}'s {' and '.join(self.attention_requirements().values())}: the static "
+                    "step's kernel attends over every key without sinks, so decode runs the eager step")
         return None
 
     def is_moe_layer(self, i: int) -> bool:
@@ -215,6 +258,8 @@ class ModelConfig:
             attn += 2 * d
         if self.attn_output_gate:
             attn += h * q
+        if self.attention_sinks:
+            attn += self.num_heads
         mlp = 3 * h * self.intermediate_size + ((2 * self.intermediate_size + h) if self.mlp_bias else 0)
         moe_layers = sum(self.is_moe_layer(i) for i in range(self.num_layers))
         lin = self.linear_layers
@@ -239,6 +284,8 @@ class ModelConfig:
             return inv
         if s.kind == "linear":
             return inv / s.factor
+        if s.kind == "yarn":
+            return _yarn_inv_freq(inv, d, self.rope_theta, s)
         # llama3: wavelengths shorter than original/high_freq_factor are kept, longer than original/low_freq_factor
         # are divided by factor, and the band between is a linear blend in 1/wavelength.
         low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
@@ -279,6 +326,52 @@ def _read_moe(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
                 mlp_only_layers=tuple(int(i) for i in hf.get("mlp_only_layers") or ()),
                 shared_expert_intermediate_size=int(hf.get("shared_expert_intermediate_size") or 0)
                 if model_type == "qwen3_next" else 0)
+
+
+def _read_gpt_oss(hf: dict[str, Any], model_type: str, num_layers: int) -> dict[str, Any]:
+    """gpt_oss' fields: its MoE (experts of `intermediate_size`), per-layer windows, sinks."""
+    if model_type != "gpt_oss":
+        return {}
+    experts = hf.get("num_local_experts", hf.get("num_experts"))
+    top_k = hf.get("num_experts_per_tok", hf.get("experts_per_token"))
+    if experts is None or top_k is None:
+        raise ValueError(f"{model_type} config is missing required field(s): num_local_experts, num_experts_per_tok")
+    experts, top_k = int(experts), int(top_k)
+    if not 1 <= top_k <= experts:
+        raise ValueError(f"{model_type}: num_experts_per_tok must be in 1..num_local_experts ({experts}), got {top_k}")
+    types = tuple(hf.get("layer_types") or ("sliding_attention", "full_attention") * ((num_layers + 1) // 2))
+    types = types[:num_layers] if hf.get("layer_types") is None else types
+    bad = sorted({t for t in types if t not in ("sliding_attention", "full_attention")})
+    if len(types) != num_layers or bad:
+        raise UnsupportedModelError(
+            f"{model_type}: layer_types must name sliding_attention or full_attention for each of the {num_layers} "
+            f"layers, got {len(types)} entries" + (f" with {', '.join(map(repr, bad))}" if bad else ""))
+    window = int(hf.get("sliding_window") or 0)
+    if window < 1 and "sliding_attention" in types:
+        raise ValueError(f"{model_type}: sliding_window must be >= 1 for sliding_attention layers, got {window}")
+    return dict(num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=int(hf["intermediate_size"]),
+                router="topk_softmax", router_bias=True, expert_bias=True, expert_act="clamped_swiglu",
+                swiglu_alpha=float(hf.get("swiglu_alpha", 1.702)), swiglu_limit=float(hf.get("swiglu_limit", 7.0)),
+                expert_layout="interleaved_t", attention_sinks=True,
+                layer_windows=tuple(window if t == "sliding_attention" else 0 for t in types))
+
+
+def _yarn_inv_freq(inv: torch.Tensor, d: int, theta: float, s: RopeScaling) -> torch.Tensor:
+    """YaRN (transformers' `_compute_yarn_parameters`): the original frequencies above `beta_fast` rotations over the
+    original context, the interpolated ones (divided by factor) below `beta_slow`, a linear ramp between."""
+
+    def dim_of(rotations: float) -> float:
+        return d * math.log(s.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(s.beta_fast), dim_of(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: the original frequency (extrapolation), 0: interpolated
+    return (inv / s.factor) * (1 - keep) + inv * keep
 
 
 def _read_hybrid(hf: dict[str, Any], model_type: str, num_layers: int, partial: float) -> dict[str, Any]:
@@ -333,6 +426,18 @@ def _read_rope(hf: dict[str, Any], model_type: str, max_pos: int) -> tuple[float
     factor = float(params["factor"])
     if kind == "linear":
         return float(theta), RopeScaling("linear", factor), partial
+    if kind == "yarn":
+        original = int(params.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
+                       or max_pos)
+        attention_factor = params.get("attention_factor")
+        if params.get("mscale") and params.get("mscale_all_dim"):
+            raise UnsupportedModelError(f"{model_type}: yarn with mscale/mscale_all_dim is not supported; supported: "
+                                        "factor, beta_fast, beta_slow, truncate, attention_factor")
+        return float(theta), RopeScaling(
+            "yarn", factor, original_max_position_embeddings=original,
+            beta_fast=float(params.get("beta_fast") or 32.0), beta_slow=float(params.get("beta_slow") or 1.0),
+            truncate=bool(params.get("truncate", True)),
+            attention_factor=None if attention_factor is None else float(attention_factor)), partial
     return float(theta), RopeScaling(
         "llama3",
         factor,
