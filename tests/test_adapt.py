@@ -2,6 +2,7 @@
 times, acceptance, power and temperature), the live codec switch against a run that moved its cache by hand, and
 the runner's record of the decisions."""
 
+import dataclasses
 import json
 import time
 from collections import Counter
@@ -343,5 +344,5 @@ def test_runner_records_the_live_switch_in_metrics(tmp_path, one_torch_thread):
 
 def test_signals_are_frozen():
     s = Signals(step=1, t=0.0)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         s.step = 2

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ollm_triton.adapt.base import AdaptParams, Adapter, Signals, Strategy
+from ollm_triton.adapt.base import Adapter, AdaptParams, Signals, Strategy
 from ollm_triton.registry import register
 
 GB = 1e9

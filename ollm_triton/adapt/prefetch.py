@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from ollm_triton.adapt.base import AdaptParams, Adapter, Signals, Strategy
+from ollm_triton.adapt.base import Adapter, AdaptParams, Signals, Strategy
 from ollm_triton.prefetch.adaptive import DistanceTuner
 from ollm_triton.registry import register
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ollm_triton.adapt.base import AdaptParams, Adapter
+from ollm_triton.adapt.base import Adapter, AdaptParams
 from ollm_triton.adapt.memory import MemoryParams, MemoryStrategy
 from ollm_triton.adapt.power import PowerParams, PowerStrategy
 from ollm_triton.adapt.prefetch import PrefetchParams, PrefetchStrategy

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from ollm_triton.adapt.base import AdaptParams, Adapter, Signals, Strategy
+from ollm_triton.adapt.base import Adapter, AdaptParams, Signals, Strategy
 from ollm_triton.registry import register
 
 MAX_RECORDED_CHANGES = 16  # per generate call in the counters; `history` keeps them all

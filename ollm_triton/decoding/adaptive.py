@@ -11,7 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ollm_triton.adapt.speculative import DraftLengthController, DraftLengthParams, expected_tokens
+from ollm_triton.adapt.speculative import (
+    DraftLengthController,
+    DraftLengthParams,
+    expected_tokens,  # noqa: F401  (imported from here by tests and scripts)
+)
 from ollm_triton.decoding.base import DecoderStrategy
 from ollm_triton.decoding.drafters import DraftEngineHolder, model_drafter
 from ollm_triton.decoding.speculation import Sampling, speculate
