@@ -10,7 +10,7 @@ would not fit, saying so):
   decode     batch 1, prompt 512, 256 new tokens: engine graph-captured decode, engine eager, transformers
              `generate` (eager, dynamic cache), transformers `generate` with cache_implementation="static" +
              torch.compile (a time-boxed subprocess on the same seeded weights, failure reported as such)
-  long       32k context: engine graph (dense), engine eager (dense), engine int4 (fast_decode=auto: the piecewise
+  long       32k context: engine graph (dense), engine eager (dense), engine int4 (fast_decode=auto: the whole
              step on a GPU, eager on the CPU), and transformers eager
   prefill    prefill tok/s at 8k and 32k (engine unchunked and chunked with peak memory, transformers)
   ttft       time to first token at 100k, chunked (flash attention), with peak memory
@@ -471,9 +471,13 @@ def main():
         out = {}
         out["engine_graph_dense"], _ = engine_generate(graph, p, args.long_new, args.repeats)
         out["engine_eager_dense"], _ = engine_generate(eager, p, max(2, args.long_new // 2), 1)
-        int4 = sibling(codec="int4", fast_decode="auto")  # the piecewise step on a GPU: int4 is not capturable whole
+        int4 = sibling(codec="int4", fast_decode="auto")  # the whole step captured (QuantLayer.static_decode)
         out["engine_int4"], _ = engine_generate(int4, p, args.long_new, args.repeats)
         out["int4_kv_ratio"] = kv_ratio(int4, ctx)  # its own floor reads these KV bytes, not the dense ones
+        del int4
+        int4_pw = sibling(codec="int4", fast_decode="piecewise")  # the previous path: eager attention between segments
+        out["engine_int4_piecewise"], _ = engine_generate(int4_pw, p, args.long_new, args.repeats)
+        del int4_pw
         hf_long = hf_model_from(graph, arch, dtype, device)
         out["hf_eager"], _ = hf_generate(hf_long, p, max(2, args.long_new // 2), 1)
         del hf_long
@@ -481,10 +485,11 @@ def main():
         for key, name in (("engine_graph_dense", f"{fast_label}, dense cache"),
                           ("engine_eager_dense", "engine, eager, dense cache"),
                           ("engine_int4", "engine, int4 cache (% of its own floor)"),
+                          ("engine_int4_piecewise", "engine, int4 cache, piecewise step (% of its own floor)"),
                           ("hf_eager", "transformers generate, eager")):
             r = out[key]
             pre = r.get("prefill_tok_s") or args.long / r["ttft_s"]
-            fk = floor(1, ctx, out["int4_kv_ratio"]) if key == "engine_int4" else f
+            fk = floor(1, ctx, out["int4_kv_ratio"]) if key.startswith("engine_int4") else f
             bench.row(name, args.long, 1, pre, r["decode_tok_s"], fk, r["peak_gb"], r.get("fast_path", ""))
         return out
 

@@ -235,10 +235,36 @@ def test_gpu_graph_replay_equals_eager_step(batch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("plugins", [dict(codec="int4"), dict(attention="sliding_window", codec="int8")])
+@pytest.mark.parametrize("codec", ["int4", "int8"])
+def test_gpu_quantized_whole_graph_equals_its_uncaptured_step(codec):
+    """A quantized codec's decode step captured whole (the residual write and the varlen fused decode inside the
+    graph, a full window quantized on the host between replays): the same tokens as the same step uncaptured, and
+    the eager engine's logits to bf16 rounding."""
+    graph = load_engine(GPU_MODEL, device="cuda", dtype=torch.bfloat16, seed=0, codec=codec)
+    static = load_engine(GPU_MODEL, device="cuda", dtype=torch.bfloat16, seed=0, codec=codec)
+    assert str(graph.fast_path) == "graph"
+    static._fast = FastDecoder(static, capture=False, fuse_weights=True)
+    ids = prompt(batch=3, t=300).to("cuda") % 4096
+    greedy = registry.build("decoder", "greedy")
+    a = greedy.generate(graph, ids, 300)  # past two window flushes (residual 128 + group 128)
+    b = greedy.generate(static, ids, 300)
+    assert torch.equal(a.tokens, b.tokens) and a.counters["fast_path_graph"] == 1.0
+    assert graph.describe()["decode_attention_path"] == "triton.quant_decode_varlen (static step)"
+    eager = load_engine(GPU_MODEL, device="cuda", dtype=torch.bfloat16, seed=0, fast_decode="off", codec=codec)
+    ref_logits, got_logits = [], []
+    decode_loop(eager, ids, 3, recording_pick(ref_logits), None)
+    graph.fast_decoder().generate(ids, 3, recording_pick(got_logits))
+    for r, g in zip(ref_logits, got_logits, strict=True):
+        assert ((r - g).norm() / r.norm()).item() < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("plugins", [dict(codec=("int4", {"preallocate": False})),
+                                     dict(attention="sliding_window", codec=("int8", {}))])
 def test_gpu_piecewise_graph_equals_its_uncaptured_step(plugins):
     """auto picks the piecewise step for plugins the whole graph cannot hold; replaying its segment graphs (with the
     fused quantized decode between them) gives the same tokens as running the same segments uncaptured."""
+    plugins = {**plugins, "codec": registry.build("cache", *plugins["codec"])}
     graph = load_engine(GPU_MODEL, device="cuda", dtype=torch.bfloat16, seed=0, **plugins)
     static = load_engine(GPU_MODEL, device="cuda", dtype=torch.bfloat16, seed=0, **plugins)
     assert str(graph.fast_path).startswith("piecewise graph (")
