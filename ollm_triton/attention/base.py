@@ -16,6 +16,12 @@ What the engine reads, declared here and never inferred from a backend's name:
                         decode step may attend with its own kernel instead of calling `decode`
     fused_codec_decode  `decode` may hand the query to a codec's fused kernel, which follows `decode_schedule`
     window, sink        the keys a query sees (0 = unbounded): what tasks report as masked
+    layer_window        `prefill`/`decode` honour a per-call `window` (the model's own per-layer sliding window,
+                        gpt-oss: keys p - window < s <= p), on top of whatever the backend masks itself
+    sink_logits         `prefill`/`decode` honour per-head `sinks` logits [Hq] (gpt-oss): each query's softmax
+                        has one more column, exp(sinks[h]), that takes probability mass and is dropped
+The engine refuses a model that needs `layer_window` or `sink_logits` (ModelConfig.attention_requirements) with
+a backend that does not declare it, in one line.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ class AttentionBackend:
     fused_codec_decode: bool = True
     window: int = 0  # keys p - window < s <= p visible to the query at position p (0 = every earlier key)
     sink: int = 0  # the first `sink` keys stay visible under a window
+    layer_window: bool = False  # honours the model's per-layer `window=` argument
+    sink_logits: bool = False  # honours the model's per-head `sinks=` logits
     # What the last call ran ("triton.prefill", "torch.sdpa", "fused:QuantLayer"...), recorded by the runner.
     last_path: str = "torch"
 
@@ -58,14 +66,16 @@ class AttentionBackend:
         raise NotImplementedError
 
     def decode(
-        self, q: torch.Tensor, layer_cache: CacheLayer, *, tree_mask: torch.Tensor | None = None
+        self, q: torch.Tensor, layer_cache: CacheLayer, *, tree_mask: torch.Tensor | None = None, **layer
     ) -> torch.Tensor:
-        """Attention of the T (few) newest queries over everything in `layer_cache` (already appended)."""
-        out = self.codec_decode(q, layer_cache, tree_mask)
+        """Attention of the T (few) newest queries over everything in `layer_cache` (already appended). `layer`:
+        the model's per-layer `window` / `sinks` (only for backends declaring `layer_window` / `sink_logits`), which
+        a codec's fused kernel does not follow, so they attend over `dense()`."""
+        out = None if layer else self.codec_decode(q, layer_cache, tree_mask)
         if out is not None:
             return out
         k, v = layer_cache.dense()
-        return self.prefill(q, k, v, q_offset=k.shape[2] - q.shape[2], tree_mask=tree_mask)
+        return self.prefill(q, k, v, q_offset=k.shape[2] - q.shape[2], tree_mask=tree_mask, **layer)
 
     def codec_decode(self, q: torch.Tensor, layer_cache: CacheLayer, tree_mask=None) -> torch.Tensor | None:
         """The codec's fused kernel over its own storage when this backend declares `fused_codec_decode` and the
@@ -96,11 +106,15 @@ class AttentionBackend:
         return {"attention_path": self.last_path}
 
 
-def causal_mask(t: int, s: int, q_offset: int, device, tree_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Bool [T, S]: True where key s is visible to query t (s <= q_offset + t), with an optional tree mask."""
+def causal_mask(t: int, s: int, q_offset: int, device, tree_mask: torch.Tensor | None = None,
+                window: int = 0) -> torch.Tensor:
+    """Bool [T, S]: True where key s is visible to query t (s <= q_offset + t, and s > q_offset + t - window when
+    `window`), with an optional tree mask among the trailing T keys."""
     q_pos = torch.arange(t, device=device)[:, None] + q_offset
     k_pos = torch.arange(s, device=device)[None, :]
     mask = k_pos <= q_pos
+    if window:
+        mask &= k_pos > q_pos - window
     if tree_mask is not None:
         mask[:, s - t :] = tree_mask.to(device)
     return mask

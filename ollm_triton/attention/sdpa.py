@@ -1,4 +1,7 @@
-"""`sdpa`: torch's scaled_dot_product_attention, the baseline every other backend is compared with."""
+"""`sdpa`: torch's scaled_dot_product_attention, the baseline every other backend is compared with.
+
+It honours a model's per-layer sliding window (a mask) and per-head sink logits (`attend_with_sinks`: scores in
+float32 with the sink as one more softmax column, dropped before the values; SDPA has no such column)."""
 
 from __future__ import annotations
 
@@ -14,18 +17,39 @@ class SDPA(AttentionBackend):
     """Dense causal attention through torch.nn.functional.scaled_dot_product_attention (the baseline)."""
 
     dense_causal = True
+    layer_window = True
+    sink_logits = True
 
     def __init__(self, cfg=None):
         self.cfg = cfg
         self.last_path = "torch.sdpa"
 
-    def prefill(self, q, k, v, *, q_offset, tree_mask=None):
+    def prefill(self, q, k, v, *, q_offset, tree_mask=None, window: int = 0, sinks: torch.Tensor | None = None):
         t, s = q.shape[2], k.shape[2]
+        if window or sinks is not None:
+            mask = causal_mask(t, s, q_offset, q.device, tree_mask, window=window)
+            if sinks is None:
+                return sdpa_gqa(q, k, v, mask=mask)
+            self.last_path = "torch.sinks"
+            return attend_with_sinks(q, k, v, mask, sinks)
         if tree_mask is None and t == s and q_offset == 0:
             return sdpa_gqa(q, k, v, is_causal=True)
         if tree_mask is None and t == 1:
             return sdpa_gqa(q, k, v)  # one query at the end sees every key
         return sdpa_gqa(q, k, v, mask=causal_mask(t, s, q_offset, q.device, tree_mask))
+
+
+def attend_with_sinks(q, k, v, mask: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """softmax([q k^T / sqrt(D), sink_h]) without its last column, @ v. q: [B, Hq, T, D]; k, v: [B, Hkv, S, D];
+    mask: bool [T, S] (True = visible); sinks: [Hq] logits. Returns [B, Hq, T, D] in q's dtype."""
+    b, hq, t, d = q.shape
+    g = hq // k.shape[1]
+    kf, vf = (x.float().repeat_interleave(g, dim=1) if g > 1 else x.float() for x in (k, v))
+    scores = (q.float() @ kf.transpose(-1, -2)) * d**-0.5  # [B, Hq, T, S]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    sink = sinks.float().view(1, hq, 1, 1).expand(b, hq, t, 1)
+    probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]
+    return (probs @ vf).to(q.dtype)
 
 
 def sdpa_gqa(q, k, v, *, is_causal: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:

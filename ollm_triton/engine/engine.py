@@ -37,7 +37,7 @@ from ollm_triton.engine.checkpoint import (
     read_config,
     resolve_source,
 )
-from ollm_triton.engine.config import ModelConfig
+from ollm_triton.engine.config import ModelConfig, UnsupportedModelError
 from ollm_triton.engine.fast_decode import FAST_DECODE_MODES, FastDecoder, FastPath, plan_fast_path
 from ollm_triton.engine.mixers import DECODE_MAX_TOKENS, PluginMixer, RowsMixer
 from ollm_triton.engine.model import FUSED_PATH, CausalLM, rope_cos_sin
@@ -79,6 +79,7 @@ class Engine:
         self.decode_max_tokens = decode_max_tokens
         self.kernel_path = "none"  # what the last forward ran: "torch" or FUSED_PATH
         self._num_parameters = sum(p.numel() for p in model.parameters())
+        check_attention(self.config, attention)
         prefetch.setup(model, device)
         self.inv_freq = self.config.inv_freq().to(device)
         if int(prefill_chunk) < 0:
@@ -325,6 +326,17 @@ def load_engine(
     return Engine(model, attention=attention, codec=codec, prefetch=prefetch, device=device, dtype=dtype,
                   tokenizer=tokenizer, source=source, decode_max_tokens=decode_max_tokens,
                   prefill_chunk=prefill_chunk, fast_decode=fast_decode)
+
+
+def check_attention(cfg: ModelConfig, attention) -> None:
+    """Refuse, in one line, a backend that does not declare what this model's attention needs (a per-layer window,
+    sink logits: ModelConfig.attention_requirements, attention/base.py)."""
+    for capability, why in cfg.attention_requirements().items():
+        if not getattr(attention, capability, False):
+            name = getattr(attention, "plugin_name", type(attention).__name__)
+            raise UnsupportedModelError(
+                f"model {cfg.model_type} needs {why}; attention '{name}' does not declare `{capability}` "
+                f"(attention/base.py), so it would attend past them; use a backend that does (attention=sdpa)")
 
 
 def _plugin(registry, kind: str, value):

@@ -40,22 +40,25 @@ from ollm_triton.kernels.rope import rope_qk, rope_write_kv
 DECODE_MAX_TOKENS = 16
 
 
-def attention_step(q, k, v, layer_cache, attention, *, tree_mask=None, decode_max_tokens=DECODE_MAX_TOKENS):
+def attention_step(q, k, v, layer_cache, attention, *, tree_mask=None, decode_max_tokens=DECODE_MAX_TOKENS,
+                   **layer):
     """Attend T new queries and store their keys (the rule is in this module's docstring).
 
-    q: [B, Hq, T, D]; k, v: [B, Hkv, T, D] (after RoPE) -> [B, Hq, T, D].
+    q: [B, Hq, T, D]; k, v: [B, Hkv, T, D] (after RoPE) -> [B, Hq, T, D]. `layer`: the model's own attention rule
+    for this layer, passed to the backend as it is (gpt-oss: `window`, `sinks`; Attention.mixer_kwargs), empty for
+    most models; the engine has checked that the backend declares it (attention/base.py).
     """
     t = q.shape[2]
     held = layer_cache.length
     if held > 0 and (tree_mask is not None or t <= decode_max_tokens):
         layer_cache.append(k, v)
-        out = attention.decode(q, layer_cache, tree_mask=tree_mask)
+        out = attention.decode(q, layer_cache, tree_mask=tree_mask, **layer)
     else:
         k_all, v_all = k, v
         if held > 0:
             past_k, past_v = layer_cache.dense()
             k_all, v_all = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)
-        out = attention.prefill(q, k_all, v_all, q_offset=k_all.shape[2] - t, tree_mask=tree_mask)
+        out = attention.prefill(q, k_all, v_all, q_offset=k_all.shape[2] - t, tree_mask=tree_mask, **layer)
         layer_cache.append(k, v)
     # eviction codecs score the held tokens with this step's queries, after the step attended to all of them
     layer_cache.observe(q)
@@ -76,10 +79,10 @@ class PluginMixer:
         q, k = rope_qk(q, k, self.cos, self.sin, use_kernel=self.kernels)
         return q, k, v.transpose(1, 2)
 
-    def __call__(self, i, q, k, v):
+    def __call__(self, i, q, k, v, **layer):
         q, k, v = self.rope(q, k, v)
         return attention_step(q, k, v, self.layers[i], self.attention, tree_mask=self.tree_mask,
-                              decode_max_tokens=self.decode_max_tokens)
+                              decode_max_tokens=self.decode_max_tokens, **layer)
 
 
 class RowsMixer:
@@ -90,11 +93,12 @@ class RowsMixer:
         self.caches, self.attention = caches, attention
         self.cos, self.sin, self.kernels, self.decode_max_tokens = cos, sin, kernels, decode_max_tokens
 
-    def __call__(self, i, q, k, v):
+    def __call__(self, i, q, k, v, **layer):
         q, k = rope_qk(q, k, self.cos, self.sin, use_kernel=self.kernels)
         v = v.transpose(1, 2)
         rows = [attention_step(q[b : b + 1], k[b : b + 1], v[b : b + 1], cache.layers[i], self.attention,
-                               decode_max_tokens=self.decode_max_tokens) for b, cache in enumerate(self.caches)]
+                               decode_max_tokens=self.decode_max_tokens, **layer)
+                for b, cache in enumerate(self.caches)]
         return torch.cat(rows) if len(rows) > 1 else rows[0]
 
 

@@ -108,10 +108,16 @@ class Attention(nn.Module):
     qkv_weight: torch.Tensor | None = None  # [(Hq + 2 Hkv) D, hidden] when the projections were fused
     qkv_bias: torch.Tensor | None = None
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, index: int = 0):
         super().__init__()
         d, h = cfg.head_dim, cfg.hidden_size
         qkv_bias = cfg.attention_bias or cfg.qkv_bias
+        # gpt-oss: this layer's own sliding window (0 = none) and one sink logit per query head, handed to the mixer
+        self.window = cfg.layer_window(index)
+        self.sinks = nn.Parameter(torch.zeros(cfg.num_heads)) if cfg.attention_sinks else None
+        # YaRN multiplies cos and sin by its attention factor, so q.k by its square: applied once to q here (RoPE is
+        # linear), so the cos/sin tables of every mixer stay the plain ones
+        self.q_scale = cfg.rope_attention_factor ** 2
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
         self.output_gate = cfg.attn_output_gate  # q_proj rows per head: [q (D), gate (D)] (qwen3_next)
         self.q_proj = nn.Linear(h, cfg.num_heads * d * (2 if self.output_gate else 1), bias=qkv_bias)
@@ -144,7 +150,18 @@ class Attention(nn.Module):
                 k = rmsnorm(k, self.k_norm.weight, self.k_norm.eps, use_kernel=True)
             else:
                 q, k = self.q_norm(q), self.k_norm(k)
+        if self.q_scale != 1.0:
+            q = q * self.q_scale
         return q, k, v, gate
+
+    def mixer_kwargs(self) -> dict:
+        """This layer's own attention rule for the mixer (attention_step): {} for plain causal attention."""
+        out = {}
+        if self.window:
+            out["window"] = self.window
+        if self.sinks is not None:
+            out["sinks"] = self.sinks
+        return out
 
     def output(self, out: torch.Tensor, linear: Linear, gate: torch.Tensor | None = None) -> torch.Tensor:
         """out: [B, Hq, T, D] -> o-projection [B, T, hidden] (of out * sigmoid(gate) with an output gate).
@@ -195,7 +212,7 @@ class DecoderLayer(nn.Module):
         if cfg.layer_type(index) == "linear_attention":
             self.linear_attn = GatedDeltaNet(cfg)
         else:
-            self.self_attn = Attention(cfg)
+            self.self_attn = Attention(cfg, index)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
         self.mlp = make_mlp(cfg, index)
 
@@ -208,7 +225,7 @@ class DecoderLayer(nn.Module):
             delta = self.linear_attn(normed, mixer.state(i), linear)
         else:
             q, k, v, gate = self.self_attn.project(normed, kernels, linear)
-            delta = self.self_attn.output(mixer(i, q, k, v), linear, gate)
+            delta = self.self_attn.output(mixer(i, q, k, v, **self.self_attn.mixer_kwargs()), linear, gate)
         normed, residual = add_norm(delta, residual, self.post_attention_layernorm, kernels)
         return self.mlp(normed, kernels, linear), residual
 
