@@ -92,8 +92,10 @@ class Perplexity(Task):
         if ids.numel() < 2:
             raise ValueError(f"perplexity: the text from {c.data!r} has fewer than 2 tokens")
         chunk = c.chunk or engine.decode_max_tokens
+        if ctx.context is not None:  # the scorer model loads outside the timed region
+            ctx.context.prepare(engine)
         with ctx.timed("scored") as region:
-            s = score(engine, ids, max_length, stride, chunk)
+            s = score(engine, ids, max_length, stride, chunk, context=ctx.context)
             region.tokens = s.scored
         effect, none = plugin_effect(engine, longest=s.longest, masked=s.masked_fraction,
                                      compressed=s.tokens_compressed, evicted=s.max_evicted,
