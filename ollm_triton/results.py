@@ -328,7 +328,9 @@ def study_table(path_or_df: Any, study: str | None = None):
         peak, peak_source = _peak_gb(r, task)
         row: dict[str, Any] = {"set": plugin_set(r)}
         if study in STUDY_LENGTH:
-            row["context"] = r.get(STUDY_LENGTH[study])
+            length, _ = _first(r, STUDY_LENGTH[study])
+            swept = override_value(r.get("overrides"), STUDY_LENGTH[study])  # a job that failed before composing
+            row["context"] = length if length is not None else int(swept) if swept and swept.isdigit() else None
         row["status"] = outcome(r)
         if study == "memory":
             kv = r.get("memory/kv_stored_bytes")

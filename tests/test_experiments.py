@@ -1,0 +1,175 @@
+"""The studies of conf/experiment/: every preset composes as its full sweep and as its smoke sweep, every plugin set
+composes into the plugins it names, one preset smoke-runs end to end into its table (the others are composed only:
+a smoke sweep costs ~10-20 s of this CPU each; notebooks/studies.py runs one more in tests/test_notebooks.py), and
+`results.study_table` classifies and compares rows the way the runner writes them."""
+
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from ollm_triton.registry import BASELINES
+from ollm_triton.results import STUDIES, load, markdown_table, outcome, study_table, write_metrics
+from ollm_triton.run import CONF, check_top_level_keys, fail, resolve_plugins, resolve_tasks
+
+REPO = Path(__file__).resolve().parents[1]
+SETS = sorted(p.stem for p in (CONF / "experiment" / "plugins").glob("*.yaml"))
+
+
+def sweep_params(*overrides):
+    """The preset's hydra.sweeper.params, resolved as the sweeper reads them ({key: comma list})."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+    return cfg, {k: str(v) for k, v in OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True).items()}
+
+
+@pytest.mark.parametrize("study", STUDIES)
+def test_study_sweeps_llama3_8b_and_smoke_sweeps_the_embedded_model(study):
+    cfg, full = sweep_params(f"+experiment={study}")
+    _, smoke = sweep_params(f"+experiment={study}", "debug=smoke")
+    assert full["model"] == "llama3_8b" and smoke["model"] == "tiny"
+    sets = full["+experiment/plugins"].split(",")
+    assert sets[0] == "baseline" and set(sets) <= set(SETS) and smoke["+experiment/plugins"] == full[
+        "+experiment/plugins"]  # smoke keeps every set (each composes and runs), only lengths and model shrink
+    lengths = {k: v for k, v in full.items() if k.startswith("task.")}
+    if study == "memory":
+        assert lengths == {"task.memory.context_len": "8192,32768,131072"}
+    if study == "context_scaling":
+        assert lengths == {"task.throughput.prompt_len": "8192,32768,131072,200000,524288,1048576"}
+    assert all("," not in smoke[k] for k in lengths)  # one tiny length under smoke
+    assert list(cfg.task) == (["memory"] if study == "memory" else ["throughput"])
+    assert Path(cfg.hydra.sweep.dir).name.startswith(f"{study}_")  # the W&B group names the study
+
+
+@pytest.mark.parametrize("name", SETS)
+def test_every_plugin_set_composes_into_the_plugins_it_names(name):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["+experiment=memory", f"+experiment/plugins={name}",
+                                                       "model=llama3_8b"])
+    check_top_level_keys(cfg)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    plugins = resolve_plugins(resolved)  # every name registered, every parameter of the right type
+    resolve_tasks(resolved)
+    chosen = {kind: p["name"] for kind, p in plugins.items() if not p["default"]}
+    text = (CONF / "experiment" / "plugins" / f"{name}.yaml").read_text()
+    assert chosen == {kind: n for kind, n in chosen.items() if f"/{kind}: {n}" in text}  # what its defaults list says
+    if name == "baseline":
+        assert not chosen and all(p["name"] == BASELINES[k] for k, p in plugins.items())
+    else:
+        assert chosen, f"set {name} chose no plugin"
+    assert cfg.model.name == "llama3_8b" and cfg.prefill_chunk == 4096
+
+
+@pytest.mark.slow
+def test_memory_study_smoke_runs_into_its_table(tmp_path):
+    out = tmp_path / "memory"
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "-m", "ollm_triton.run", "-m", "+experiment=memory", "debug=smoke",
+                           "logger=none", f"hydra.sweep.dir={out}"], cwd=REPO, capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = study_table(out)
+    assert table.attrs["study"] == "memory" and table.attrs["smoke"]
+    assert list(table["set"]) == ["baseline", "kv_int4", "kv_snapkv", "prefetch", "all_combined"]
+    assert (table.status == "ok").all() and (table.context == 64).all()
+    # each row ran its plugins: read back from the runs themselves, not from the table
+    runs = load(out).sort_values("run_dir")
+    assert list(runs.cache) == ["dense", "int4", "snapkv", "dense", "int4"]
+    assert list(runs.prefetch) == ["resident", "resident", "resident", "lookahead", "lookahead"]
+    # SnapKV keeps a quarter of 66 tokens (+ its positions and scores); at 66 tokens int4 holds all in its window
+    dense_kv = runs["memory/kv_original_bytes"].iloc[0]
+    snap = table.set_index("set").loc["kv_snapkv"]
+    assert snap.kv_gb_x_baseline == pytest.approx(runs["memory/kv_stored_bytes"].iloc[2] / dense_kv)
+    assert 0.2 < snap.kv_gb_x_baseline < 0.5
+    assert table.set_index("set").loc["baseline"].kv_gb_x_baseline == 1.0
+    lines = markdown_table(table).splitlines()
+    assert len(lines) == 2 + len(table) and lines[2].startswith("| baseline | 64 | ok | ")
+
+
+def _job(sweep: Path, num: int, overrides: list[str], metrics: dict | None = None, error: Exception | None = None,
+         plugins: dict[str, str] | None = None):
+    """A job directory as the runner leaves it: ok with `metrics` (and the plugins it ran, the rest baselines), or
+    failed through the runner's own fail()."""
+    run_dir = sweep / str(num)
+    run_dir.mkdir(parents=True)
+    if error is not None:
+        hc = types.SimpleNamespace(overrides=types.SimpleNamespace(task=overrides))
+        fail(error, run_dir, hc, 0.0, logger=None, multirun=True, cfg=None)
+        return
+    ran = {kind: {"name": (plugins or {}).get(kind, base), "params": {}, "default": kind not in (plugins or {})}
+           for kind, base in BASELINES.items()}
+    write_metrics(run_dir, {"status": "ok", "error": None, "overrides": overrides, "metrics": metrics, "plugins": ran,
+                            "smoke": False, "env": {"device_name": "test device"}})
+
+
+def _does_not_fit() -> Exception:
+    """The memory check's own refusal: llama3_8b with a 1M-token dense cache on this machine's host memory."""
+    from ollm_triton.engine.footprint import DoesNotFit, check_fits
+    from ollm_triton.registry import registry
+
+    arch = OmegaConf.to_container(OmegaConf.load(CONF / "model" / "llama3_8b.yaml").arch)
+    try:
+        check_fits(arch, dtype="bfloat16", device=torch.device("cpu"), batch=1, context=1 << 20,
+                   codec=registry.build("cache", "dense", {}), prefetch=registry.build("prefetch", "resident", {}),
+                   prefill_chunk=4096, name="llama3_8b")
+    except DoesNotFit as e:
+        return e
+    pytest.skip("this machine holds llama3_8b with 1M tokens of KV")
+
+
+def test_study_table_compares_each_set_with_the_baseline_of_its_length(tmp_path):
+    sweep = tmp_path / "cs"
+    common = ["+experiment=context_scaling", "model=llama3_8b"]
+
+    def over(name, n):
+        return [f"+experiment/plugins={name}", f"task.throughput.prompt_len={n}", *common]
+
+    def ok(ttft, tok_s, peak):
+        return {"throughput/ttft_s": ttft, "throughput/decode_tok_s": tok_s, "device_peak_allocated_bytes": peak}
+
+    _job(sweep, 0, over("baseline", 8192), ok(2.0, 100.0, 20e9))
+    _job(sweep, 1, over("baseline", 1 << 20), error=_does_not_fit())
+    _job(sweep, 2, over("kv_int4", 8192), ok(4.0, 50.0, 18e9))
+    oom = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity")
+    _job(sweep, 3, over("kv_int4", 1 << 20), error=oom)
+    for n in range(4):
+        (sweep / str(n) / "metrics.json").read_text()  # the runner's records, as written
+    table = study_table(sweep)
+    assert table.attrs["study"] == "context_scaling"
+    assert list(zip(table["set"], table.context, table.status, strict=True)) == [
+        ("baseline", 8192, "ok"), ("baseline", 1 << 20, "does not fit"),
+        ("kv_int4", 8192, "ok"), ("kv_int4", 1 << 20, "out of memory")]
+    int4 = table.iloc[2]
+    assert int4.decode_tok_s_x_baseline == pytest.approx(50 / 100)
+    assert int4.ttft_s_x_baseline == pytest.approx(2.0 / 4.0)  # baseline / this: above 1 is faster
+    assert int4.peak_gb_x_baseline == pytest.approx(18 / 20) and int4.peak_gb == pytest.approx(18.0)
+    assert pd.isna(table.iloc[3].decode_tok_s_x_baseline) and "CUDA out of memory" in table.iloc[3].error
+    assert " does not fit: " in table.iloc[1].error and pd.isna(table.iloc[1].peak_gb)
+    assert outcome({"status": "failed", "error": "ValueError: bad"}) == "failed"
+
+
+def test_energy_table_subtracts_idle_power_when_the_monitor_measured_it(tmp_path):
+    sweep = tmp_path / "energy"
+    base = {"throughput/decode_tok_s": 200.0, "monitor/throughput/tokens": 768, "monitor/throughput/seconds": 4.0,
+            "monitor/throughput/energy_j": 1600.0, "monitor/throughput/tokens_per_j": 768 / 1600.0,
+            "monitor/idle_power_w": 100.0}
+    int4 = {**base, "monitor/throughput/energy_j": 1200.0, "monitor/throughput/tokens_per_j": 768 / 1200.0}
+    _job(sweep, 0, ["+experiment=energy", "+experiment/plugins=baseline"], base)
+    _job(sweep, 1, ["+experiment=energy", "+cache=int4"], {k: v for k, v in int4.items() if "idle" not in k},
+         plugins={"cache": "int4"})
+    table = study_table(sweep)
+    assert list(table["set"]) == ["baseline", "cache=int4"]  # no named set: the plugins that are not baselines
+    assert table.iloc[0].tokens_per_j_above_idle == pytest.approx(768 / (1600.0 - 100.0 * 4.0))
+    assert table.iloc[1].tokens_per_j_x_baseline == pytest.approx(1600.0 / 1200.0)
+    assert pd.isna(table.iloc[1].tokens_per_j_above_idle)  # idle not measured in that job: not invented
+    with pytest.raises(ValueError, match="one study"):
+        study_table(load(sweep).assign(overrides="+cache=int4"))
+    json.dumps(table.to_dict(orient="records"), default=str)  # a table the notebook and a JSON report can carry
