@@ -264,6 +264,13 @@ def test_speculative_strategy_switches_drafting_off_and_back_on_with_acceptance(
     assert "speculation off" in next(d["reason"] for d in decisions if d["to"] == 0)
 
 
+def test_speculative_adapter_leaves_the_codec_unwrapped():
+    """The speculative loop drives the controller; the static verify steps need the codec's own buffers."""
+    dense = registry.build("cache", "dense")
+    assert registry.build("adapt", "speculative").wrap_codec(dense) is dense
+    assert registry.build("adapt", "memory").wrap_codec(dense) is not dense
+
+
 def test_speculative_strategy_needs_a_decoder_with_a_controller():
     adapter = registry.build("adapt", "speculative")
     adapter.attach(decoder=Greedy())

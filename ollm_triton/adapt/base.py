@@ -14,7 +14,7 @@ under an adapter takes the piecewise step instead of the whole captured one (`fa
 
 What the runner reads, declared here and never inferred from a plugin's name:
     Adapter.active          False for `none`: the runner leaves the codec unwrapped (no cost, same fast path)
-    Adapter.wrap_codec(c)   the codec the engine is built with
+    Adapter.wrap_codec(c)   the codec the engine is built with (unwrapped unless a strategy `needs_clock`)
     Adapter.planning_codec(c)  the codec the run's memory check counts (memory: the most compressed of its ladder,
                             since it re-encodes the cache rather than run out of memory)
     Adapter.attach(...)     after the engine is built: the engine, decoder, prefetch policy, monitor, memory cap
@@ -107,6 +107,7 @@ class Strategy:
 
     name = "base"
     needs_monitor = False  # the controller starts a SystemMonitor for it when the run has none
+    needs_clock = True  # it acts on the step clock, so the codec is wrapped (a strategy its own loop drives: False)
 
     def __init__(self) -> None:
         self.setting: Any = None
@@ -173,7 +174,7 @@ class Adapter:
 
     # -- the runner's hooks --------------------------------------------------------------------------------------
     def wrap_codec(self, codec):
-        if not self.active:
+        if not self.active or not any(s.needs_clock for s in self.strategies):
             return codec
         from ollm_triton.adapt.codec import AdaptCodec
 

@@ -99,8 +99,8 @@ class PrefetchStrategy(Strategy):
     def effect(self, before: Signals, after: Signals) -> dict:
         if before.prefetch_stall_s is None or after.prefetch_stall_s is None or after.t <= before.t:
             return {}
-        return {"stall_s_per_s_after": (after.prefetch_stall_s - before.prefetch_stall_s) / (after.t - before.t),
-                "stall_share_before": self.share}
+        # the share that decided is in the decision's reason; this is the blocked time per second since
+        return {"stall_s_per_s_after": (after.prefetch_stall_s - before.prefetch_stall_s) / (after.t - before.t)}
 
     def summary(self) -> str:
         if self.inactive:

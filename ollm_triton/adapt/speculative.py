@@ -61,6 +61,7 @@ class DraftLengthController(Strategy):
 
     name = "speculative"
     needs_timing = True
+    needs_clock = False  # the speculative loop drives it: the codec stays unwrapped (static verify steps stay)
 
     def __init__(self, cfg: DraftLengthParams, adapter: Adapter | None = None):
         super().__init__()
