@@ -23,6 +23,9 @@ What the engine reads, declared here and never inferred from a codec's name:
     CacheLayer.attend           an optional fused decode kernel over the codec's own storage
     CacheLayer.compressed_tokens, evicted_tokens   tokens held lossily and tokens dropped (tasks report whether the
                                 codec had any effect)
+    CacheLayer.holds_kv         False for a layer that carries a fixed-size state instead of K/V (cache/state.py
+                                `StateLayer`: the linear-attention layers of a hybrid model; no codec applies to
+                                them, their `stored_bytes` is the state's); the engine builds those, codecs never
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ class LayerSpec:
 
 class CacheLayer:
     """One decoder layer's KV storage."""
+
+    holds_kv = True  # False: a fixed-size state, not K/V (cache/state.py)
 
     def __init__(self, spec: LayerSpec):
         self.spec = spec
@@ -173,10 +178,12 @@ class KVCache:
     def stats(self) -> dict[str, float | int]:
         original = sum(layer.original_bytes() for layer in self.layers)
         stored = sum(layer.stored_bytes() for layer in self.layers)
-        first = self.layers[0] if self.layers else None
+        # token counts from the first layer that holds K/V (a hybrid model's first layers may hold a state)
+        first = next((layer for layer in self.layers if layer.holds_kv), self.layers[0] if self.layers else None)
         return {
             "kv_original_bytes": int(original),
             "kv_stored_bytes": int(stored),
+            "kv_state_bytes": int(sum(layer.stored_bytes() for layer in self.layers if not layer.holds_kv)),
             "kv_ratio": stored / original if original else 0.0,
             "kv_tokens_kept": first.length if first else 0,
             "kv_tokens_seen": self.position,

@@ -7,10 +7,13 @@ quantize or evict, and `append`/`dense` refuse. What the engine and the tasks re
 `length` (tokens absorbed), `stored_bytes()` (the state's bytes, counted by `KVCache.stats` and the memory check),
 `truncate(length)` (speculative rollback).
 
-Rollback. A recurrent state cannot drop tokens; it can only go back to a state it kept. `update` keeps the state
-before the block and, when the layer hands them over, the states after each token of the block (a speculative
-verify block of <= 16 tokens), so `truncate` may return to any length from the block's start to its end; anything
-earlier raises NotImplementedError with one line.
+Rollback. A recurrent state cannot drop tokens; it can only go back to a state it kept. The layer keeps the states
+of the last `rollback_tokens` lengths it passed through: the state before each update and, when the layer hands
+them over, the state after each token of a block (a speculative verify block of <= 16 tokens). Single-token steps
+(a draft model's, the layer-skip draft's) cost nothing to keep: each step makes a new state, the old one is only
+referenced. `truncate` returns to any kept length; anything else raises NotImplementedError with one line. Kept
+states are not counted in `stored_bytes` (they are transient: up to `rollback_tokens` more states per layer while
+a speculative decoder runs).
 """
 
 from __future__ import annotations
@@ -25,14 +28,14 @@ class StateLayer(CacheLayer):
 
     holds_kv = False
 
-    def __init__(self, spec: LayerSpec, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]):
+    def __init__(self, spec: LayerSpec, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                 rollback_tokens: int = 16):
         super().__init__(spec)
         self.state = {name: torch.zeros(shape, dtype=dtype, device=spec.device) for name, (shape, dtype) in
                       shapes.items()}
         self._len = 0
-        self._start = 0  # where the last block began
-        self._before: dict[str, torch.Tensor] | None = None  # the state at _start
-        self._history: dict[str, torch.Tensor] | None = None  # name -> [T, ...]: the state after each block token
+        self.rollback_tokens = rollback_tokens
+        self._kept: list[tuple[int, dict[str, torch.Tensor]]] = [(0, self.state)]  # (length, state), ascending
 
     @property
     def length(self) -> int:
@@ -45,28 +48,26 @@ class StateLayer(CacheLayer):
     def update(self, state: dict[str, torch.Tensor], tokens: int,
                history: dict[str, torch.Tensor] | None = None) -> None:
         """The state after `tokens` more tokens; history[name][j]: the state after token j + 1 of them (optional)."""
-        self._before, self._start = self.state, self._len
-        self.state, self._history = state, history
-        self._len += tokens
+        start = self._len
+        if history is not None:
+            self._kept += [(start + j + 1, {name: h[j] for name, h in history.items()}) for j in range(tokens - 1)]
+        self.state, self._len = state, start + tokens
+        self._kept.append((self._len, state))
+        oldest = self._len - self.rollback_tokens
+        self._kept = [(n, s) for n, s in self._kept if n >= oldest]
         self.appended = self._len
 
     def truncate(self, length: int) -> None:
         if length == self._len:
             return
-        if self._before is None or not self._start <= length < self._len:
+        kept = dict(self._kept)
+        if length not in kept:
             raise NotImplementedError(
-                f"a linear-attention state layer at {self._len} tokens can roll back only to the start of its last "
-                f"block ({self._start}) or, after a verify block, to any token of it; asked for {length}")
-        if length == self._start:
-            self.state = self._before
-        elif self._history is not None:
-            j = length - self._start - 1
-            self.state = {name: h[j] for name, h in self._history.items()}
-        else:
-            raise NotImplementedError(
-                f"this state layer kept no per-token states for its last block ({self._start}..{self._len}); "
-                f"cannot roll back to {length}")
-        self._len = length
+                f"a linear-attention state layer at {self._len} tokens kept its states at "
+                f"{', '.join(map(str, sorted(kept)))} tokens only (the last {self.rollback_tokens} tokens, blocks of "
+                f"<= 16 after the prompt); cannot roll back to {length}")
+        self.state, self._len = kept[length], length
+        self._kept = [(n, s) for n, s in self._kept if n <= length]
         self.appended = length
 
     def append(self, k, v):

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from ollm_triton.cache.base import KVCache, LayerSpec
+from ollm_triton.cache.state import StateLayer
 from ollm_triton.engine.checkpoint import (
     CheckpointError,
     empty_model,
@@ -39,6 +40,7 @@ from ollm_triton.engine.checkpoint import (
 )
 from ollm_triton.engine.config import ModelConfig, UnsupportedModelError
 from ollm_triton.engine.fast_decode import FAST_DECODE_MODES, FastDecoder, FastPath, plan_fast_path
+from ollm_triton.engine.linear_attention import state_shapes
 from ollm_triton.engine.mixers import DECODE_MAX_TOKENS, PluginMixer, RowsMixer
 from ollm_triton.engine.model import FUSED_PATH, CausalLM, rope_cos_sin
 from ollm_triton.engine.placement import dtype_name, resolve_device, resolve_dtype
@@ -96,7 +98,11 @@ class Engine:
         pre-allocate to it)."""
         if batch < 1 or max_len < 1:
             raise ValueError(f"new_cache needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}")
-        return KVCache([self.codec.new_layer(self.layer_spec(batch, max_len)) for _ in range(self.config.num_layers)])
+        spec, cfg = self.layer_spec(batch, max_len), self.config
+        # a linear-attention layer holds its fixed-size state, not the codec's K/V (the codec applies elsewhere)
+        return KVCache([StateLayer(spec, state_shapes(cfg, batch, self.dtype), rollback_tokens=self.decode_max_tokens)
+                        if cfg.layer_type(i) == "linear_attention" else self.codec.new_layer(spec)
+                        for i in range(cfg.num_layers)])
 
     def layer_spec(self, batch: int, max_len: int) -> LayerSpec:
         cfg = self.config

@@ -102,7 +102,10 @@ def capture_blocker(engine) -> str | None:
 
 def piecewise_blocker(engine) -> str | None:
     """Why this engine cannot run the piecewise step either (one line), or None when it can: only the weights
-    must stay put."""
+    must stay put, and the model must be one the static step computes (no recurrent state, full RoPE)."""
+    model = engine.config.static_step_blocker()
+    if model is not None:
+        return model
     if not engine.prefetch.resident_weights:
         return f"prefetch '{_name(engine.prefetch)}' moves weights between steps (declares no resident weights)"
     return None

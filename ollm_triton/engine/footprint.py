@@ -10,8 +10,9 @@ What it counts (all upper-bound-ish, from shapes):
   compute device: what the prefetch policy holds there at once (`prefetch.device_weight_bytes(total)`; every
   weight for resident, head + layer slots for the streaming policies). A streaming policy keeps all of them in
   host memory (load_engine materialises them there).
-- KV: `codec.bytes_per_token(LayerSpec)` x context x layers (the codec declares its own cost: int4 a quarter of
-  bf16, eviction codecs dense as an upper bound).
+- KV: `codec.bytes_per_token(LayerSpec)` x context x attention layers (the codec declares its own cost: int4 a
+  quarter of bf16, eviction codecs dense as an upper bound), plus the fixed-size state of each linear-attention
+  layer of a hybrid model (engine/linear_attention.py `state_bytes`), which no codec touches.
 - activations of the largest forward (the prompt, or one `prefill_chunk` of it): hidden states, q/k/v, the MLP's
   intermediate (a MoE's: k expert rows per token), on the CPU the float32 attention scores of one layer (the math
   path materialises them), and the float32 logits of one decode block (a prefill keeps only its last row).
@@ -31,6 +32,8 @@ import torch
 
 from ollm_triton.cache.base import LayerSpec
 from ollm_triton.engine.config import ModelConfig
+from ollm_triton.engine.linear_attention import state_bytes
+from ollm_triton.kernels.gated_delta import CHUNK
 
 GB = 1e9
 LOGIT_ROWS = 16  # logits rows of the largest forward that keeps them all: a decode block, a perplexity chunk
@@ -74,8 +77,11 @@ def estimate(model_cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device
     if context > 0:
         spec = LayerSpec(batch=batch, kv_heads=cfg.num_kv_heads, head_dim=d, dtype=dtype, device=device,
                          max_len=context)
-        kv = int(codec.bytes_for(spec, context) * cfg.num_layers)
-        kv_dense = 2 * batch * cfg.num_kv_heads * d * elt * context * cfg.num_layers
+        attention_layers = cfg.num_layers - cfg.linear_layers  # the codec holds these; linear ones a fixed state
+        kv = int(codec.bytes_for(spec, context) * attention_layers)
+        kv_dense = 2 * batch * cfg.num_kv_heads * d * elt * context * attention_layers
+    state = cfg.linear_layers * state_bytes(cfg, batch, dtype)  # conv + recurrent state, whatever the context
+    kv, kv_dense = kv + state, kv_dense + state
     t = min(context, prefill_chunk) if prefill_chunk else context
     acts = 0
     if t > 0:
@@ -84,6 +90,10 @@ def estimate(model_cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device
         if device.type == "cpu":  # the math path's float32 scores [B, Hq, T, S] of one layer
             acts += batch * cfg.num_heads * t * context * 4
         acts += batch * min(t, LOGIT_ROWS) * cfg.vocab_size * 4  # float32 logits (a prefill keeps its last row)
+        if cfg.linear_layers:  # the chunked gated delta rule in float32: q/k/v/outputs and three [C, C] per chunk
+            hv, conv = cfg.linear_num_value_heads, 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim
+            conv += hv * cfg.linear_value_head_dim
+            acts += batch * t * 4 * (3 * conv + 3 * hv * CHUNK)
     host_weights = weights if device.type == "cpu" or torch.device(prefetch.weights_device(device)).type == "cpu" \
         else 0
     on_device = device_weights + kv + acts
@@ -92,6 +102,7 @@ def estimate(model_cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device
         "device_weights_bytes": int(device_weights),
         "kv_bytes": int(kv),
         "kv_dense_bytes": int(kv_dense),  # what the same tokens take uncompressed (the advice's yardstick)
+        "state_bytes": int(state),  # of kv_bytes: the linear-attention layers' fixed-size state
         "activation_bytes": int(acts),
         "device_bytes": int(on_device),
         # on the CPU the device is the host; on a GPU the host holds what a streaming policy keeps there

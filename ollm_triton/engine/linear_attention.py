@@ -103,7 +103,8 @@ class GatedDeltaNet(nn.Module):
         """x: [B, T, hidden] -> [B, T, hidden]. `state`: the layer's StateLayer (or rows of them), read and
         advanced by T tokens."""
         bsz, t, _ = x.shape
-        q, k, v, z, b, a = self.split(linear(x, self.in_proj_qkvz.weight, None), linear(x, self.in_proj_ba.weight, None))
+        qkvz, ba = linear(x, self.in_proj_qkvz.weight, None), linear(x, self.in_proj_ba.weight, None)
+        q, k, v, z, b, a = self.split(qkvz, ba)
         mixed = torch.cat((q.reshape(bsz, t, -1), k.reshape(bsz, t, -1), v.reshape(bsz, t, -1)), dim=-1)
         # causal depthwise conv over [the previous K - 1 inputs | this block]: zeros before the first token
         held = state.state

@@ -26,6 +26,12 @@ Which attention call PluginMixer makes for a layer (`attention_step`):
   chunk attends to itself at full precision.
 For a lossless cache (dense) the two calls see the same keys under the same causal mask, so the choice changes no
 result beyond floating-point summation order. After either, `layer_cache.observe(q)`: eviction codecs score there.
+
+Linear-attention layers (qwen3_next's Gated DeltaNet) take no q/k/v: the layer asks `mixer.state(i)` for its
+fixed-size state (cache/state.py) and advances it. PluginMixer hands over the cache's StateLayer, RowsMixer the rows'
+layers stacked into one batch; a tree of drafts is refused (one recurrent state holds one sequence), and the static
+mixers have no state (such a model decodes eagerly: ModelConfig.static_step_blocker). Partial RoPE (cos, sin
+narrower than the head) rotates the leading dims and passes the rest through (`rope_partial`).
 """
 
 from __future__ import annotations
@@ -35,9 +41,21 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from ollm_triton.cache.state import StackedStates
 from ollm_triton.kernels.rope import rope_qk, rope_write_kv
 
 DECODE_MAX_TOKENS = 16
+
+
+def rope_partial(q, k, cos, sin, *, use_kernel):
+    """rope_qk over the first cos.shape[-1] dims of each head, the rest passed through (partial rotary):
+    q: [B, T, Hq, D], k: [B, T, Hkv, D] -> head-major [B, H, T, D]."""
+    r = cos.shape[-1]
+    if r == q.shape[-1]:
+        return rope_qk(q, k, cos, sin, use_kernel=use_kernel)
+    q_rot, k_rot = rope_qk(q[..., :r], k[..., :r], cos, sin, use_kernel=use_kernel)
+    return (torch.cat((q_rot, q[..., r:].transpose(1, 2)), dim=-1),
+            torch.cat((k_rot, k[..., r:].transpose(1, 2)), dim=-1))
 
 
 def attention_step(q, k, v, layer_cache, attention, *, tree_mask=None, decode_max_tokens=DECODE_MAX_TOKENS,
@@ -76,8 +94,15 @@ class PluginMixer:
 
     def rope(self, q, k, v):
         """-> head-major q_rot [B, Hq, T, D], k_rot, v [B, Hkv, T, D]."""
-        q, k = rope_qk(q, k, self.cos, self.sin, use_kernel=self.kernels)
+        q, k = rope_partial(q, k, self.cos, self.sin, use_kernel=self.kernels)
         return q, k, v.transpose(1, 2)
+
+    def state(self, i):
+        if self.tree_mask is not None:
+            raise ValueError("a tree of drafts cannot be verified through a linear-attention layer (its recurrent "
+                             "state holds one sequence); use a linear speculative decoder (speculative, "
+                             "self_speculative, prompt_lookup) or greedy/sample")
+        return self.layers[i]
 
     def __call__(self, i, q, k, v, **layer):
         q, k, v = self.rope(q, k, v)
@@ -93,8 +118,12 @@ class RowsMixer:
         self.caches, self.attention = caches, attention
         self.cos, self.sin, self.kernels, self.decode_max_tokens = cos, sin, kernels, decode_max_tokens
 
+    def state(self, i):
+        layers = [cache.layers[i] for cache in self.caches]
+        return layers[0] if len(layers) == 1 else StackedStates(layers)
+
     def __call__(self, i, q, k, v, **layer):
-        q, k = rope_qk(q, k, self.cos, self.sin, use_kernel=self.kernels)
+        q, k = rope_partial(q, k, self.cos, self.sin, use_kernel=self.kernels)
         v = v.transpose(1, 2)
         rows = [attention_step(q[b : b + 1], k[b : b + 1], v[b : b + 1], cache.layers[i], self.attention,
                                decode_max_tokens=self.decode_max_tokens, **layer)
