@@ -140,6 +140,14 @@ def memory_check(resolved: dict[str, Any], source: Any, built: dict[str, Any], t
         return None
     if not isinstance(source, dict) and not (Path(str(source)) / "config.json").exists():
         return None
+    if resolved["model"].get("runtime") == "transformers":  # estimated from the engine's reading of the config
+        from ollm_triton.engine.config import UnsupportedModelError
+        from ollm_triton.engine.footprint import model_config
+
+        try:
+            model_config(source)
+        except UnsupportedModelError:  # an architecture only transformers runs: not estimated
+            return None
     smoke = bool(resolved.get("smoke"))
     shapes = [getattr(t, "footprint", lambda s: (1, 0))(smoke) for t in tasks.values()] or [(1, 0)]
     batch, context = max(shapes, key=lambda bc: (bc[0] * bc[1], bc[1]))
@@ -154,6 +162,32 @@ def memory_check(resolved: dict[str, Any], source: Any, built: dict[str, Any], t
         device_memory_gb=resolved.get("device_memory_gb"),
         prefill_chunk=int(resolved.get("prefill_chunk") or 0),
         name=str(resolved["model"].get("name") or ""),
+    )
+
+
+RUNTIMES = ("engine", "transformers")  # model.runtime: the native engine, or transformers' forward (model=hf_transformers)
+
+
+def load_bridge(source: Any, plugins: dict[str, Any], built: dict[str, Any], device: torch.device, dtype: str,
+                resolved: dict[str, Any]):
+    """The run's plugins on transformers' own forward (ollm_triton/hf/engine.py); what it cannot run is refused in
+    one line before the model loads."""
+    try:
+        from ollm_triton.hf.engine import load_transformers_engine
+    except ImportError as e:  # transformers missing or outside the bridge's range: the bridge's one line
+        raise RunError(f"model runtime transformers: {str(e).splitlines()[0]}") from None
+    return load_transformers_engine(
+        source,
+        attention=plugins["attention"]["name"],
+        attention_params=plugins["attention"]["params"],
+        codec=built["cache"],
+        prefetch=built["prefetch"],
+        decoder=built["decoder"],
+        device=device,
+        dtype=dtype,
+        seed=int(resolved.get("seed", 0)),
+        prefill_chunk=int(resolved.get("prefill_chunk") or 0),
+        fast_decode=str(resolved.get("fast_decode", "auto")),
     )
 
 
@@ -211,21 +245,28 @@ def run_job(cfg: DictConfig, run_dir: Path, job_num: int = 0,
     }
     task_objs = {name: registry.build("task", name, params) for name, params in tasks.items()}
     adapter = built["adapt"]  # +adapt: the run-time controller (ollm_triton/adapt/base.py)
+    runtime = str(resolved["model"].get("runtime") or "engine")
+    if runtime not in RUNTIMES:
+        raise RunError(f"model.runtime={runtime!r} is not accepted; accepted: {', '.join(RUNTIMES)}")
     footprint = memory_check(resolved, source, built, task_objs, device, dtype)  # refuses in one line, before loading
     built["cache"] = adapter.wrap_codec(built["cache"])  # its clock, and the codec it may switch live
-    from ollm_triton.engine import load_engine
 
     t0 = time.perf_counter()
-    engine = load_engine(
-        source,
-        attention=built["attention"],
-        codec=built["cache"],
-        prefetch=built["prefetch"],
-        device=device,
-        dtype=dtype,
-        prefill_chunk=int(resolved.get("prefill_chunk") or 0),
-        fast_decode=str(resolved.get("fast_decode", "auto")),
-    )
+    if runtime == "transformers":  # transformers' own forward with the run's plugins (ollm_triton/hf/engine.py)
+        engine = load_bridge(source, plugins, built, device, dtype, resolved)
+    else:
+        from ollm_triton.engine import load_engine
+
+        engine = load_engine(
+            source,
+            attention=built["attention"],
+            codec=built["cache"],
+            prefetch=built["prefetch"],
+            device=device,
+            dtype=dtype,
+            prefill_chunk=int(resolved.get("prefill_chunk") or 0),
+            fast_decode=str(resolved.get("fast_decode", "auto")),
+        )
     load_s = time.perf_counter() - t0
     adapter.attach(engine=engine, decoder=built["decoder"], prefetch=built["prefetch"], monitor=monitor,
                    device_memory_gb=resolved.get("device_memory_gb"))

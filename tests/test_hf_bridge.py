@@ -66,12 +66,12 @@ def prompt_ids() -> torch.Tensor:
 def hf_models() -> dict:
     """The embedded model under transformers' sdpa and under the bridged sdpa backend (queries reach the cache)."""
     return {impl: AutoModelForCausalLM.from_pretrained(ASSET, dtype=torch.float32, attn_implementation=impl).eval()
-            for impl in ("sdpa", "ollm_sdpa")}
+            for impl in ("sdpa", "ollm_sdp")}
 
 
 def impl_for(codec) -> str:
     """Scoring codecs need the queries, which only an ollm_* attention implementation hands to the cache."""
-    return "ollm_sdpa" if needs_scores(codec.new_layer(_spec())) else "sdpa"
+    return "ollm_sdp" if needs_scores(codec.new_layer(_spec())) else "sdpa"
 
 
 def _spec():
@@ -251,7 +251,7 @@ def test_every_attention_plugin_is_an_attention_implementation():
     for name in registry.names("attention"):
         impl = attention_name(name)
         assert impl in AttentionInterface._global_mapping
-        assert "flash" not in impl  # transformers would take it for a flash-attn kernel
+        assert "flash" not in impl and "sdpa" not in impl  # transformers would take it for its own kernel
 
 
 def test_a_backend_with_parameters_matches_the_engine(prompt_ids, engine):

@@ -9,8 +9,8 @@
   `past_key_values=` in `model(...)` and `model.generate(...)` of a decoder-only transformers model.
 - `ollm_<backend>` attention implementations (attention.py): every registered attention plugin under
   transformers' `AttentionInterface` (`attn_implementation="ollm_sliding_window"`); `attention_name(backend,
-  **params)` registers one with parameters. The flash backend is `ollm_fa`: transformers treats every
-  implementation whose name contains "flash" as a flash-attn kernel to import.
+  **params)` registers one with parameters. The flash backend is `ollm_fa` and the sdpa backend `ollm_sdp`:
+  transformers reads "flash" and "sdpa" inside an implementation's name as its own kernels (attention.py).
 
 This package sits at the top floor beside run.py: it imports engine/, cache/, attention/ and the registry, and
 nothing below imports it. Its supported transformers range is `SUPPORTED` (checked at import, one line otherwise).

@@ -3,8 +3,10 @@
 `attn_implementation="ollm_sliding_window"` runs transformers' model with the toolkit's `sliding_window` backend
 at its schema's defaults; `attention_name("sliding_window", window=256)` registers the same backend with
 parameters (validated by the schema, the CLI's) and returns its name, `ollm_sliding_window[window=256]`.
-The flash backend is registered as `ollm_fa`: transformers (5.17-5.25) treats any implementation whose name
-contains "flash" as a flash-attn kernel to import and refuses to load the model otherwise.
+Two backends get other names (`IMPL_NAMES`), because transformers (5.17-5.25) reads words inside an implementation's
+name: `flash` is `ollm_fa` (a name containing "flash" is taken for a flash-attn kernel to import, and the model
+refuses to load without it) and `sdpa` is `ollm_sdp` (a name containing "sdpa" is checked against the model's own
+SDPA support, so Gemma-2, which has none in 5.25, refused `ollm_sdpa`).
 
 What a call does, for q: [B, Hq, T, D] and the k, v [B, Hkv, S, D] the cache returned:
 - With a CompressedKVCache (cache.py), the cache's note says the step's mode: a decoding step goes through
@@ -30,17 +32,21 @@ from ollm_triton.hf.cache import take_note
 from ollm_triton.registry import PluginError, registry
 
 PREFIX = "ollm_"
+IMPL_NAMES = {"flash": "fa", "sdpa": "sdp"}  # backend -> the name's tail, avoiding the words below
+RESERVED = ("flash", "sdpa", "flex_attention")  # words transformers reads inside an implementation's name
 _BUILT: dict[str, Any] = {}  # implementation name -> backend instance
+_DECODE_PATH: dict[str, str] = {}  # implementation name -> what its last decoding step ran (`backend.last_path`)
 
 
 def attention_name(backend: str, **params: Any) -> str:
     """Register backend `backend` with `params` under AttentionInterface (once) and return the implementation name
     to pass as `attn_implementation=` (or to `set_attention`)."""
     cfg = registry.config("attention", backend, params)  # one-line PluginError for a wrong name or parameter
-    base = PREFIX + ("fa" if backend == "flash" else backend)
-    if "flash" in base:
-        raise PluginError(f"attention {backend!r}: transformers takes any implementation named '*flash*' for a "
-                          "flash-attn kernel; this backend needs another name")
+    base = PREFIX + IMPL_NAMES.get(backend, backend)
+    taken = [word for word in RESERVED if word in base]
+    if taken:
+        raise PluginError(f"attention {backend!r}: transformers reads {taken[0]!r} inside an implementation's name as "
+                          "its own kernel; this backend needs another name (IMPL_NAMES in ollm_triton/hf/attention.py)")
     name = base + ("[" + ",".join(f"{k}={params[k]}" for k in sorted(params)) + "]" if params else "")
     if name not in _BUILT:
         spec = registry.get("attention", backend)
@@ -68,6 +74,17 @@ def backend_of(name: str):
     return _BUILT[name]
 
 
+def decode_path(name: str) -> str | None:
+    """What the last decoding step under implementation `name` ran (e.g. `fused:QuantLayer`: the codec's fused
+    kernel), or None before any; `backend_of(name).last_path` is the last call of any kind."""
+    return _DECODE_PATH.get(name)
+
+
+def clear_decode_path(name: str) -> None:
+    """Forget what `name`'s last decoding step ran (a new run through the same implementation starts clean)."""
+    _DECODE_PATH.pop(name, None)
+
+
 def _attention_function(name: str, backend):
     def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
@@ -92,6 +109,7 @@ def _attention_function(name: str, backend):
             query = query * (scaling * math.sqrt(d))  # the backends scale by 1/sqrt(D)
         if note is not None and note.mode == "decode":
             out = backend.decode(query, note.layer)
+            _DECODE_PATH[name] = backend.last_path
         else:
             out = backend.prefill(query, key, value, q_offset=key.shape[2] - t)
         if note is not None:
@@ -112,4 +130,4 @@ def is_plain_causal(mask: torch.Tensor, t: int) -> bool:
     return bool((mask[..., -t:, :] == causal).all())
 
 
-__all__ = ["PREFIX", "attention_name", "backend_of", "register_all", "set_attention"]
+__all__ = ["IMPL_NAMES", "PREFIX", "attention_name", "backend_of", "clear_decode_path", "decode_path", "register_all", "set_attention"]
