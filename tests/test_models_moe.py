@@ -1,4 +1,4 @@
-"""Mixture-of-experts models in the native engine against transformers' own implementation.
+"""Mixture-of-experts models (qwen3_moe, gpt_oss) in the native engine against transformers' own implementation.
 
 A small random Qwen3-MoE (fp32; 8 experts, 2 routed per token, one dense MLP layer among three) is built with
 transformers' class, its router weights scaled up so that routing is decisive (near-ties between experts would let
@@ -8,6 +8,10 @@ from `save_pretrained` (per-expert tensors: the official checkpoints' layout) an
 the engine's KV cache, batch 2. Max abs error <= 1e-4. The plugins that apply run the same sequence against their own
 reference: flash against the engine's dense run, sliding_window against transformers' own sliding-window attention,
 int8 against the dense run within the codec's quantisation loss.
+
+gpt-oss the same way (window 8 on its sliding layers, sinks, YaRN, biased router, clamped SwiGLU), plus MXFP4 expert
+weights dequantized on load against transformers' own dequantization, and the backends that cannot honour its
+per-layer windows and sinks refusing in one line.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from ollm_triton.conf import __file__ as conf_init
 from ollm_triton.engine import CheckpointError, ModelConfig, load_engine
 from ollm_triton.engine.footprint import estimate
 from ollm_triton.engine.moe import MoE
@@ -183,8 +188,6 @@ def test_bad_moe_config_refuses_in_one_line(qwen3_moe):
 def test_qwen3_moe_30b_preset_counts_every_expert():
     """Qwen3-30B-A3B: 30.5B parameters stored, 3.3B read per token (Qwen's model card); the memory check counts
     all of them, and a MoE's activations by its k expert rows per token."""
-    from ollm_triton.conf import __file__ as conf_init
-
     arch = yaml.safe_load((Path(conf_init).parent / "model" / "qwen3_moe_30b.yaml").read_text())["arch"]
     cfg = ModelConfig.from_hf(arch)
     moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
@@ -201,3 +204,126 @@ def test_qwen3_moe_30b_preset_counts_every_expert():
     one_slot = ModelConfig.from_hf({**arch, "num_experts_per_tok": 1})
     grown = est(cfg)["activation_bytes"] - est(one_slot)["activation_bytes"]
     assert grown == 1024 * 7 * (3 * cfg.moe_intermediate_size + cfg.hidden_size) * 2
+
+
+# ---- gpt-oss -------------------------------------------------------------------------------------------------------
+
+# window 8 on the sliding layers, so a 20-token prompt and 16 steps run past it; YaRN with a short original context,
+# so its ramp covers some of the 8 frequencies at head_dim 16
+GPT_OSS = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=32, num_hidden_layers=2, head_dim=16,
+               num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+               sliding_window=8, layer_types=["sliding_attention", "full_attention"], max_position_embeddings=256,
+               rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                "truncate": False, "original_max_position_embeddings": 64, "rope_theta": 10000.0})
+
+
+def hf_gpt_oss():
+    cfg = transformers.GptOssConfig(**GPT_OSS)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.GptOssForCausalLM(cfg).eval()
+    with torch.no_grad():  # sinks and biases large enough to matter, decisive routing, norms off 1
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.1 * torch.randn_like(p))
+            elif name.endswith("sinks") or name.endswith("bias"):
+                p.normal_(0.0, 0.5)
+            elif name.endswith("router.weight"):
+                p.normal_(0.0, 1.0)
+    return model
+
+
+def save_checkpoint(model, path: Path, tensors: dict | None = None) -> Path:
+    save_file(tensors or {k: v.contiguous() for k, v in model.state_dict().items()}, path / "model.safetensors")
+    model.config.to_json_file(path / "config.json")
+    return path
+
+
+@pytest.fixture(scope="module")
+def gpt_oss(tmp_path_factory):
+    model = hf_gpt_oss()
+    return model, save_checkpoint(model, tmp_path_factory.mktemp("gpt_oss")), transformers_run(model, ids_for())
+
+
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated")
+def test_gpt_oss_matches_transformers(gpt_oss):
+    model, path, (expected, fed) = gpt_oss
+    engine = load_engine(path, attention="sdpa", codec="dense")
+    assert engine.config.layer_windows == (8, 0) and engine.config.attention_sinks
+    assert engine.num_parameters() == model.num_parameters() == engine.config.num_parameters()
+    ours, _ = engine_run(engine, ids_for(), fed)
+    errors = [(o - e).abs().max().item() for o, e in zip(ours, expected, strict=True)]
+    print(f"gpt_oss: max abs error prefill {errors[0]:.2e}, decode {max(errors[1:]):.2e}")
+    assert max(errors) <= TOL, errors
+    # the Triton expert kernels (interpreter) on the transposed interleaved layout with biases and the clamp
+    for layer in engine.model.model.layers:
+        layer.mlp.path = "kernel"
+    ours, _ = engine_run(engine, ids_for(), fed[:1])
+    assert max_error(ours, expected[:2]) <= TOL
+
+
+def test_gpt_oss_int8_within_codec_loss(gpt_oss):
+    _, path, (_, fed) = gpt_oss
+    dense, _ = engine_run(load_engine(path, attention="sdpa", codec="dense"), ids_for(), fed)
+    codec = registry.build("cache", "int8", {"group_size": 16, "residual": 4})
+    quant, cache = engine_run(load_engine(path, attention="sdpa", codec=codec), ids_for(), fed)
+    assert cache.layers[1].compressed_tokens > 0
+    spread = torch.cat([d.flatten() for d in dense]).std().item()
+    assert 0 < max_error(quant, dense) <= 0.02 * spread
+
+
+@pytest.mark.parametrize("attention", ["flash", "sliding_window"])
+def test_gpt_oss_refuses_backends_without_windows_or_sinks(gpt_oss, attention):
+    _, path, _ = gpt_oss
+    with pytest.raises(ValueError, match=r"gpt_oss needs .*does not declare `layer_window`") as err:
+        load_engine(path, attention=attention)
+    assert "\n" not in str(err.value)
+
+
+def test_mxfp4_dequantization_matches_transformers():
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from ollm_triton.engine.checkpoint import dequantize_mxfp4
+
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (3, 10, 4, 16), generator=g, dtype=torch.uint8)
+    scales = torch.randint(117, 137, (3, 10, 4), generator=g).to(torch.uint8)
+    ref = convert_moe_packed_tensors(blocks, scales, dtype=torch.bfloat16)  # [E, in, out]
+    ours = torch.stack([dequantize_mxfp4(blocks[e], scales[e], torch.bfloat16).T for e in range(3)])
+    assert torch.equal(ours, ref)
+
+
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated")
+def test_gpt_oss_mxfp4_checkpoint(tmp_path):
+    """Expert weights stored as MXFP4 blocks + scales (the official checkpoints' layout) load dequantized: the engine
+    then gives the logits of transformers' model holding the dequantized weights."""
+    from ollm_triton.engine.checkpoint import dequantize_mxfp4
+
+    model = hf_gpt_oss()
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(3)
+    for name, p in model.named_parameters():
+        if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
+            e, n_in, n_out = p.shape  # stored [E, out, in / 32, 16] + [E, out, in / 32]
+            blocks = torch.randint(0, 256, (e, n_out, n_in // 32, 16), generator=g, dtype=torch.uint8)
+            scales = torch.randint(116, 121, (e, n_out, n_in // 32), generator=g).to(torch.uint8)
+            with torch.no_grad():
+                p.copy_(torch.stack([dequantize_mxfp4(blocks[i], scales[i], torch.float32).T for i in range(e)]))
+            del tensors[name]
+            tensors[f"{name}_blocks"], tensors[f"{name}_scales"] = blocks, scales
+    path = save_checkpoint(model, tmp_path, tensors)
+    expected, fed = transformers_run(model, ids_for())
+    ours, _ = engine_run(load_engine(path, attention="sdpa", codec="dense"), ids_for(), fed[:2])
+    assert max_error(ours, expected[:3]) <= TOL
+
+
+def test_gpt_oss_20b_preset():
+    arch = yaml.safe_load((Path(conf_init).parent / "model" / "gpt_oss_20b.yaml").read_text())["arch"]
+    cfg = ModelConfig.from_hf(arch)
+    assert round(cfg.num_parameters() / 1e9, 1) == 20.9
+    assert cfg.layer_windows == (128, 0) * 12 and cfg.attention_sinks and cfg.rope_scaling.kind == "yarn"
+    hf = transformers.GptOssConfig(**{k: v for k, v in arch.items() if k != "model_type"})
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    inv_freq, factor = ROPE_INIT_FUNCTIONS["yarn"](hf)
+    assert torch.equal(cfg.inv_freq(), inv_freq) and cfg.rope_attention_factor == factor

@@ -108,24 +108,32 @@ def load_weights(model: CausalLM, directory: Path, device: torch.device, dtype: 
     """Fill every parameter of a meta `model` from the checkpoint in `directory`, on `device` in `dtype`.
 
     Tensors the model does not use (e.g. a tied `lm_head.weight`, old `rotary_emb.inv_freq`) are skipped. A MoE's
-    stacked expert tensors (`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj` [E, H, I]: transformers
-    5's names) are read as they are, or stacked from per-expert tensors (`mlp.experts.{e}.gate_proj.weight`,
-    `up_proj`, `down_proj`: the layout of the official Qwen3-MoE checkpoints), one expert at a time on `device`.
+    stacked expert tensors (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`: transformers 5's names) are read
+    as they are; or stacked from per-expert tensors (`mlp.experts.{e}.gate_proj.weight`, `up_proj`, `down_proj`:
+    the official Qwen3-MoE checkpoints); or dequantized from MXFP4 (`..._blocks` + `..._scales`: the official
+    gpt-oss checkpoints, `dequantize_mxfp4`). The last two go one expert at a time on `device`.
     """
     where = weight_files(directory)
     needed = dict(model.named_parameters())  # deduplicated: a tied lm_head is filled through embed_tokens
-    sources: dict[str, list[list[str]] | None] = {}
+    sources: dict[str, tuple[str, Any]] = {}
     for name in needed:
-        parts = None if name in where else _per_expert_sources(name, needed[name].shape[0])
-        if name not in where and (parts is None or any(p not in where for group in parts for p in group)):
+        if name in where:
+            sources[name] = ("tensor", None)
+            continue
+        packed = (f"{name}_blocks", f"{name}_scales")
+        if _STACKED_EXPERTS.match(name) and all(p in where for p in packed):
+            sources[name] = ("mxfp4", packed)
+            continue
+        parts = _per_expert_sources(name, needed[name].shape[0])
+        if parts is None or any(p not in where for group in parts for p in group):
             listed = f"{INDEX_FILE}" if (directory / INDEX_FILE).is_file() else "any *.safetensors file"
-            also = f" nor as per-expert tensors ({parts[0][0]!r}, ...)" if parts else ""
+            also = f" nor as per-expert tensors ({parts[0][0]!r}, ...) or MXFP4 {packed[0]!r}" if parts else ""
             raise CheckpointError(f"checkpoint {directory}: tensor {name!r} is missing (not in {listed}{also})")
-        sources[name] = parts
+        sources[name] = ("experts", parts)
     with contextlib.ExitStack() as stack:
         handles: dict[Path, Any] = {}
 
-        def read(tensor: str) -> torch.Tensor:
+        def open_file(tensor: str):
             file = where[tensor]
             if file not in handles:
                 if not file.is_file():
@@ -134,19 +142,27 @@ def load_weights(model: CausalLM, directory: Path, device: torch.device, dtype: 
                                                               device=_safetensors_device(device)))
             if tensor not in handles[file].keys():
                 raise CheckpointError(f"checkpoint {directory}: tensor {tensor!r} is missing from {file.name}")
-            return handles[file].get_tensor(tensor).to(dtype)
+            return handles[file]
 
-        for name, parts in sources.items():
+        def read(tensor: str) -> torch.Tensor:
+            return open_file(tensor).get_tensor(tensor).to(dtype)
+
+        for name, (kind, what) in sources.items():
             expected = tuple(needed[name].shape)
-            if parts is None:
+            if kind == "tensor":
                 value = read(name)
-            else:  # expert e's row of the stack: its tensors concatenated along their output dim (gate, then up)
+            else:  # expert by expert: row e of the stack
                 value = torch.empty(expected, device=device, dtype=dtype)
-                for e, group in enumerate(parts):
-                    row = torch.cat([read(p) for p in group]) if len(group) > 1 else read(group[0])
+                for e in range(expected[0]):
+                    if kind == "mxfp4":  # [rows, G, 16] codes + [rows, G] exponents -> [rows, in] -> [in, rows]
+                        blocks, scales = (open_file(t).get_slice(t)[e] for t in what)
+                        row = dequantize_mxfp4(blocks, scales, dtype).transpose(0, 1)
+                    else:  # its tensors concatenated along their output dim (gate, then up)
+                        row = torch.cat([read(p) for p in what[e]]) if len(what[e]) > 1 else read(what[e][0])
                     if tuple(row.shape) != expected[1:]:
-                        raise CheckpointError(f"checkpoint tensors {group} (expert {e} of {name!r}) have shape "
-                                              f"{list(row.shape)}, the config needs {list(expected[1:])}")
+                        source = what if kind == "mxfp4" else what[e]
+                        raise CheckpointError(f"checkpoint tensors {list(source)} (expert {e} of {name!r}) give "
+                                              f"shape {list(row.shape)}, the config needs {list(expected[1:])}")
                     value[e] = row
             if tuple(value.shape) != expected:
                 raise CheckpointError(f"checkpoint tensor {name!r} in {where[name].name} has shape "
@@ -167,6 +183,24 @@ def _per_expert_sources(name: str, num_experts: int) -> list[list[str]] | None:
     if m["which"] == "gate_up_proj":
         return [[f"{prefix}.{e}.gate_proj.weight", f"{prefix}.{e}.up_proj.weight"] for e in range(num_experts)]
     return [[f"{prefix}.{e}.down_proj.weight"] for e in range(num_experts)]
+
+
+# MXFP4 (OCP microscaling): 32 FP4 (e2m1) values share one power-of-two scale (e8m0, exponent bias 127); a byte
+# holds two codes, the low nibble first. Code -> value: sign bit 3, then 0, 0.5, 1, 1.5, 2, 3, 4, 6.
+FP4_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """blocks: uint8 [..., G, 16] (32 FP4 codes per group), scales: uint8 [..., G] -> [..., G * 32] in `dtype`.
+
+    Exact in bf16 and wider: every value is an e2m1 number times a power of two (ldexp in float32, then cast)."""
+    if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != 16:
+        raise CheckpointError(f"MXFP4 blocks {list(blocks.shape)} and scales {list(scales.shape)} do not pair "
+                              "(blocks [..., G, 16] uint8, scales [..., G] uint8)")
+    table = torch.tensor(FP4_E2M1, dtype=torch.float32, device=blocks.device)
+    codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).flatten(-2).long()  # [..., G, 32], low nibble first
+    values = torch.ldexp(table[codes], (scales.to(torch.int32) - 127)[..., None].float())
+    return values.flatten(-2).to(dtype)
 
 
 def init_random(model: CausalLM, device: torch.device, dtype: torch.dtype, seed: int = 0,
