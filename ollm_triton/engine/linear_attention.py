@@ -68,6 +68,10 @@ class GatedRMSNorm(nn.Module):
 
 
 class GatedDeltaNet(nn.Module):
+    # None: flash-linear-attention's kernels where they can run (CUDA, `fla` installed), else the PyTorch reference;
+    # True/False force one (scripts/bench_qwen3_next.py times both in one process)
+    use_fla: bool | None = None
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         h = cfg.hidden_size
@@ -99,7 +103,7 @@ class GatedDeltaNet(nn.Module):
         return (q, k, v.reshape(bsz, t, self.hv, self.dv), z.reshape(bsz, t, self.hv, self.dv),
                 b.reshape(bsz, t, self.hv), a.reshape(bsz, t, self.hv))
 
-    def forward(self, x: torch.Tensor, state, linear=F.linear, *, use_fla: bool | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state, linear=F.linear) -> torch.Tensor:
         """x: [B, T, hidden] -> [B, T, hidden]. `state`: the layer's StateLayer (or rows of them), read and
         advanced by T tokens."""
         bsz, t, _ = x.shape
@@ -117,7 +121,7 @@ class GatedDeltaNet(nn.Module):
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)  # float32: fp16 A_log.exp() overflows
         # a verify block (tokens after a prompt, few enough) keeps every token's state for `truncate`
         keep = state.length > 0 and 1 < t <= ROLLBACK_MAX_TOKENS
-        result = gated_delta(q, k, v, g, beta, held["recurrent"], use_fla=use_fla, all_states=keep)
+        result = gated_delta(q, k, v, g, beta, held["recurrent"], use_fla=self.use_fla, all_states=keep)
         o, recurrent = result[0], result[1]
         k1 = self.kernel_size - 1
         new = {"conv": window[..., window.shape[-1] - k1 :], "recurrent": recurrent}
