@@ -140,6 +140,8 @@ def gated_delta(q, k, v, g, beta, state=None, *, use_fla: bool | None = None, al
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 
         s0 = None if state is None else state.float().contiguous()
+        # fla's kernels index with the strides of contiguous [B, T, H, D]; the layer hands views of one conv output
+        q, k, v, beta = (x.contiguous() for x in (q, k, v, beta))
         if t <= 16:
             o, s = fused_recurrent_gated_delta_rule(q, k, v, g=g.float(), beta=beta, initial_state=s0,
                                                     output_final_state=True, use_qk_l2norm_in_kernel=True)
