@@ -125,6 +125,18 @@ def test_hierarchical_keeps_the_needle_the_question_points_at(target, passkey_do
         assert a - 1 in held and b in held
 
 
+def test_hierarchical_refines_the_relevant_chunk_when_it_does_not_fit(target, passkey_docs):
+    """At 0.1 of 1024 tokens no 128-token chunk fits the ~85 free tokens: the needle's chunk is cut into
+    line-aligned halves, ranked again, and the needle's line is kept whole rather than pooled to 8 tokens."""
+    c = compressor("hierarchical", ratio=0.1)
+    for ids, query, (a, b) in passkey_docs:
+        out = c.compress(ids, query=query, target=target)
+        assert out.notes["chunks_whole"] >= 1  # whole pieces, at a finer level than the first chunks
+        # the needle's leading newline token ends the line before it (pieces end after a newline): the line
+        # `key = value\n` itself is what must survive
+        assert set(range(a + 1, b)) <= set(out.kept[0].tolist()), f"needle line [{a + 1}, {b}) dropped at 0.1"
+
+
 def test_line_chunks_end_at_line_ends_and_never_cross_a_protected_span():
     positions = torch.tensor([*range(0, 50), *range(60, 100)])
     newline = torch.zeros(positions.numel(), dtype=torch.bool)

@@ -17,11 +17,14 @@ all 12 (scratch measurement while building this; experiments/context/ has the en
 then, most relevant first:
 
 - kept whole while a whole chunk fits the budget;
-- pooled: summarised to `pool` representative tokens, its highest self-information tokens (Selective Context's
-  measure, from the same scorer forward) in their original order, while budget remains;
+- the first that does not fit is refined: cut into line-aligned halves that are ranked and allotted the same way
+  (recursively, down to pieces of `pool` tokens), so at a heavy ratio the relevant lines of the relevant chunk
+  survive whole instead of the chunk being averaged away;
+- the rest are pooled: summarised to `pool` representative tokens each, their highest self-information tokens
+  (Selective Context's measure, from the same scorer forward) in their original order, while budget remains;
 - dropped.
 
-The budget is exact: the chunk where it runs out is pooled to what remains, so round(ratio * T) tokens are kept.
+The budget is exact: the piece where it runs out is pooled to what remains, so round(ratio * T) tokens are kept.
 """
 
 from __future__ import annotations
@@ -91,38 +94,66 @@ class Hierarchical(ScoredCompressor):
         sc = self.scorer(target)
         q0, q1 = query_span(t, protected, query, self.cfg.keep_last)
         question = ids[q0:q1]
+        newline = sc.newline[ids.clamp(max=sc.newline.numel() - 1)]
         open_pos = (~protected).nonzero()[:, 0]
-        chunks = line_chunks(open_pos, sc.newline[ids[open_pos].clamp(max=sc.newline.numel() - 1)], self.cfg.chunk)
-        relevance, info = [], torch.zeros(t)  # relevance: lower = more relevant
-        if self.cfg.relevance == "maxsim":
+        chunks = line_chunks(open_pos, newline[open_pos], self.cfg.chunk)
+        info = torch.zeros(t)  # each token's self-information within its chunk (what pooling keeps)
+        maxsim = self.cfg.relevance == "maxsim"
+        if maxsim:  # hidden states read once per chunk; a sub-chunk's relevance reuses its tokens' states
             q_hidden = F.normalize(sc.read(question)[0], dim=-1)
-            for c in chunks:
+            sims = torch.zeros(t, question.numel())  # cosine of each context token with each query token
+        top: dict[tuple[int, int], float] = {}
+        for c in chunks:
+            if maxsim:
                 hidden, own = sc.read(ids[c])
-                relevance.append(-float((q_hidden @ F.normalize(hidden, dim=-1).T).max(dim=1).values.sum()))
-                info[c] = own
-        else:
-            for c in chunks:
+                sims[c] = F.normalize(hidden, dim=-1) @ q_hidden.T
+            else:
                 nll, own = sc.question_nll(ids[c], question)
-                relevance.append(nll)
-                info[c] = own
-        order = sorted(range(len(chunks)), key=lambda i: (relevance[i], i))
+                top[(int(c[0]), c.numel())] = nll
+            info[c] = own
+
+        def relevance(c: torch.Tensor) -> float:  # lower = more relevant
+            if maxsim:
+                return -float(sims[c].max(dim=0).values.sum())
+            key = (int(c[0]), c.numel())
+            if key not in top:  # a sub-chunk under surprisal relevance: its own forward
+                top[key] = sc.question_nll(ids[c], question)[0]
+            return top[key]
+
         keep = protected.clone()
-        whole = pooled = 0
-        filling_whole = True
-        for i in order:
-            if free <= 0:
-                break
-            c = chunks[i]
-            if filling_whole and c.numel() <= free:
-                keep[c] = True
-                free -= c.numel()
-                whole += 1
-                continue
-            filling_whole = False  # the first chunk that does not fit ends the whole tier
+        tally = {"whole": 0, "pooled": 0}
+
+        def pool(c: torch.Tensor, free: int) -> int:
             take = min(self.cfg.pool, free, c.numel())
-            best = torch.argsort(-info[c].double(), stable=True)[:take]
-            keep[c[best]] = True
-            free -= take
-            pooled += take
+            keep[c[torch.argsort(-info[c].double(), stable=True)[:take]]] = True
+            tally["pooled"] += take
+            return free - take
+
+        def allot(level: list[torch.Tensor], free: int, size: int) -> int:
+            """Most relevant first: whole while they fit; the first that does not fit is refined (line-aligned
+            halves, ranked again) while it is larger than a pool; the rest are pooled while budget remains."""
+            order = sorted(range(len(level)), key=lambda i: (relevance(level[i]), i))
+            for n, i in enumerate(order):
+                c = level[i]
+                if free <= 0:
+                    return free
+                if c.numel() <= free:
+                    keep[c] = True
+                    tally["whole"] += 1
+                    free -= c.numel()
+                    continue
+                rest = order[n:]
+                if size // 2 >= 2 and c.numel() > self.cfg.pool:
+                    free = allot(line_chunks(c, newline[c], size // 2), free, size // 2)
+                    rest = order[n + 1 :]
+                for j in rest:
+                    if free <= 0:
+                        break
+                    free = pool(level[j], free)
+                return free
+            return free
+
+        allot(chunks, free, self.cfg.chunk)
+        whole, pooled = tally["whole"], tally["pooled"]
         kept = fill_by_score(keep, info, budget)  # only when every chunk was pooled and budget remains
         return kept, {"chunks": len(chunks), "chunks_whole": whole, "pooled_tokens": pooled}
