@@ -340,7 +340,7 @@ def study_table(path_or_df: Any, study: str | None = None):
             if study in ("throughput", "energy"):
                 row["tokens_per_j"] = r.get("monitor/throughput/tokens_per_j")
             if study == "energy":
-                idle = r.get("monitor/idle_power_w")  # expected from the monitor; absent until it measures idle
+                idle, _ = _first(r, "monitor/idle/power_mean_w")  # the idle task's region, same job (NVML)
                 energy, seconds = r.get("monitor/throughput/energy_j"), r.get("monitor/throughput/seconds")
                 tokens = r.get("monitor/throughput/tokens")
                 above = (

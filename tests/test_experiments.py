@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def test_study_sweeps_llama3_8b_and_smoke_sweeps_the_embedded_model(study):
     if study == "context_scaling":
         assert lengths == {"task.throughput.prompt_len": "8192,32768,131072,200000,524288,1048576"}
     assert all("," not in smoke[k] for k in lengths)  # one tiny length under smoke
-    assert list(cfg.task) == (["memory"] if study == "memory" else ["throughput"])
+    assert list(cfg.task) == {"memory": ["memory"], "energy": ["idle", "throughput"]}.get(study, ["throughput"])
     assert Path(cfg.hydra.sweep.dir).name.startswith(f"{study}_")  # the W&B group names the study
 
 
@@ -160,7 +161,7 @@ def test_energy_table_subtracts_idle_power_when_the_monitor_measured_it(tmp_path
     sweep = tmp_path / "energy"
     base = {"throughput/decode_tok_s": 200.0, "monitor/throughput/tokens": 768, "monitor/throughput/seconds": 4.0,
             "monitor/throughput/energy_j": 1600.0, "monitor/throughput/tokens_per_j": 768 / 1600.0,
-            "monitor/idle_power_w": 100.0}
+            "monitor/idle/power_mean_w": 100.0}
     int4 = {**base, "monitor/throughput/energy_j": 1200.0, "monitor/throughput/tokens_per_j": 768 / 1200.0}
     _job(sweep, 0, ["+experiment=energy", "+experiment/plugins=baseline"], base)
     _job(sweep, 1, ["+experiment=energy", "+cache=int4"], {k: v for k, v in int4.items() if "idle" not in k},
@@ -173,3 +174,26 @@ def test_energy_table_subtracts_idle_power_when_the_monitor_measured_it(tmp_path
     with pytest.raises(ValueError, match="one study"):
         study_table(load(sweep).assign(overrides="+cache=int4"))
     json.dumps(table.to_dict(orient="records"), default=str)  # a table the notebook and a JSON report can carry
+
+
+def test_idle_task_times_one_region_the_monitor_summarizes():
+    from ollm_triton.monitor import SystemMonitor
+    from ollm_triton.registry import PluginError, registry
+    from ollm_triton.run import task_monitor_summary
+    from ollm_triton.tasks.base import RunContext
+
+    task = registry.build("task", "idle", {"seconds": 0.5})
+    cpu = torch.device("cpu")
+    with SystemMonitor(50, cpu) as monitor:
+        ctx = RunContext(engine=None, decoder=None, device=cpu, monitor=monitor)
+        t0 = time.perf_counter()
+        out = task.run(ctx)
+        t1 = time.perf_counter()
+    assert len(ctx.regions) == 1 and 0.5 <= out["seconds"] <= t1 - t0 and out["monitored"] == 1
+    summary = task_monitor_summary(monitor, ctx.regions, t0, t1)
+    assert summary["seconds"] == pytest.approx(out["seconds"]) and summary["samples"] >= 10  # 50 Hz over 0.5 s
+    assert summary["tokens"] == 0 and "rss_peak_bytes" in summary
+    smoke = task.run(RunContext(engine=None, decoder=None, device=cpu, smoke=True))
+    assert smoke["seconds"] < 0.5 and smoke["monitored"] == 0
+    with pytest.raises((PluginError, ValueError), match="seconds"):
+        registry.config("task", "idle", {"seconds": 0})
