@@ -16,6 +16,7 @@ from hydra import compose, initialize_config_dir
 from ollm_triton.adapt.base import Signals
 from ollm_triton.decoding.greedy import Greedy
 from ollm_triton.engine import load_engine
+from ollm_triton.engine.engine import Engine
 from ollm_triton.monitor import Sample
 from ollm_triton.prefetch.stats import PrefetchStats
 from ollm_triton.registry import PluginError, registry
@@ -30,7 +31,7 @@ QUANT = {"residual": 16, "group_size": 16}  # short windows, so a 60-token cache
 @pytest.fixture(scope="module")
 def probe():
     """The embedded model over a plain dense cache (references)."""
-    return load_engine(TINY, device="cpu", dtype=torch.float32)
+    return engine()
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +39,16 @@ def prompt():
     return torch.randint(0, 8000, (1, PROMPT), generator=torch.Generator().manual_seed(3))
 
 
+_WEIGHTS = []  # the embedded model, loaded once: every engine here shares its weights (they are only read)
+
+
 def engine(codec=None):
-    return load_engine(TINY, codec=codec, device="cpu", dtype=torch.float32)
+    if not _WEIGHTS:
+        _WEIGHTS.append(load_engine(TINY, device="cpu", dtype=torch.float32))
+    base = _WEIGHTS[0]
+    return Engine(base.model, attention=registry.build("attention", "sdpa"), codec=codec or registry.build(
+        "cache", "dense"), prefetch=registry.build("prefetch", "resident"), device=base.device, dtype=base.dtype,
+        tokenizer=base.tokenizer)
 
 
 def adapted(name, **params):

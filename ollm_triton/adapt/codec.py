@@ -152,8 +152,13 @@ class AdaptCodec(CacheCodec):
 
     @property
     def layers_per_cache(self) -> int:
+        """Codec layers in one KVCache: every decoder layer but the linear-attention ones (they hold a state)."""
         engine = self.adapter.run.engine
-        return engine.config.num_layers if engine is not None else 1
+        if engine is None:
+            return 1
+        cfg = engine.config
+        kind = getattr(cfg, "layer_type", None)
+        return sum(1 for i in range(cfg.num_layers) if kind is None or kind(i) != "linear_attention")
 
     def new_layer(self, spec: LayerSpec) -> CacheLayer:
         per_cache = self.layers_per_cache
