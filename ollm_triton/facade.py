@@ -38,8 +38,16 @@ import torch
 
 from ollm_triton.config_nodes import PLUGIN_GROUPS
 from ollm_triton.registry import registry
-from ollm_triton.run import CONF, RunError, check_top_level_keys, composition_error, limit_device_memory, \
-    memory_check, model_source, resolve_plugins
+from ollm_triton.run import (
+    CONF,
+    RunError,
+    check_top_level_keys,
+    composition_error,
+    limit_device_memory,
+    memory_check,
+    model_source,
+    resolve_plugins,
+)
 
 STREAMED_DECODERS = ("greedy", "sample")  # what the scheduler samples itself, one token per step
 

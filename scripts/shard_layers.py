@@ -36,6 +36,7 @@ from ollm_triton.prefetch.store import (  # noqa: E402
     cache_root,
     write_layer_cache,
 )
+from ollm_triton.progress import progress  # noqa: E402
 
 
 def shard(source: str, dtype: torch.dtype, out: str | None = None, workers: int = 4) -> Path:
@@ -50,7 +51,7 @@ def shard(source: str, dtype: torch.dtype, out: str | None = None, workers: int 
     staging = (root.parent if out else root) / f".shard-{int(time.time())}-{id(hasher):x}"
 
     def layers():
-        for i, layout in enumerate(layouts):
+        for i, layout in progress(enumerate(layouts), total=len(layouts), desc="shard", unit="layer"):
             prefix = LAYER_PREFIX.format(i)
             tensors = {}
             for e in layout.entries:
@@ -64,7 +65,6 @@ def shard(source: str, dtype: torch.dtype, out: str | None = None, workers: int 
                                            f"{list(e.shape)}")
                 tensors[e.name] = t
             hasher.add_layer(i, tensors)
-            print(f"layer {i + 1}/{len(layouts)}", file=sys.stderr)
             yield i, layout, tensors
 
     try:

@@ -46,6 +46,7 @@ from ollm_triton.data.retrieval import (  # noqa: E402
     make_retrieval_doc,
     make_training_doc,
 )
+from ollm_triton.progress import progress  # noqa: E402
 
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>"]  # ids 0, 1, 2
 
@@ -257,7 +258,8 @@ def train(model, name: str, steps: int, seconds: float, args, device, batches_fa
     tokens = 0
     history = []
     t_start = time.perf_counter()
-    for step in range(steps):
+    bar = progress(range(steps), desc=name, unit="step")
+    for step in bar:
         length = context_at(step, steps, args.short_frac, args.short_context, args.context)
         b = max(1, args.batch_tokens // length)
         for g in opt.param_groups:
@@ -275,8 +277,10 @@ def train(model, name: str, steps: int, seconds: float, args, device, batches_fa
             elapsed = time.perf_counter() - t_start
             history.append({"step": step, "loss": round(value, 4), "answer_acc": acc, "context": length,
                             "tokens": tokens, "seconds": round(elapsed, 1)})
-            print(f"[{name}] step {step}/{steps} ctx {length} loss {value:.4f} answer-acc {acc} tokens {tokens} "
-                  f"{elapsed:.0f}s", flush=True)
+            bar.write(f"[{name}] step {step}/{steps} ctx {length} loss {value:.4f} answer-acc {acc} tokens {tokens} "
+                      f"{elapsed:.0f}s")  # above the bar on a terminal, a plain line in a log
+            sys.stdout.flush()
+            bar.set_postfix(loss=f"{value:.3f}", ctx=length)
     sync(device)
     wall = time.perf_counter() - t_start
     result = {"steps": steps, "tokens_seen": tokens, "train_seconds": round(wall, 1), "history": history,

@@ -2,14 +2,22 @@
 joule follow from it, the host path records this process on a machine without NVML and says why the GPU fields are
 missing, and the runner writes monitor/... summaries over each task's timed region."""
 
+import io
 import math
 import time
 
 import pytest
 import torch
 
-from ollm_triton.monitor import Sample, SystemMonitor, energy_joules, merge_summaries, nvml_sampler, summarize, \
-    wandb_series
+from ollm_triton.monitor import (
+    Sample,
+    SystemMonitor,
+    energy_joules,
+    merge_summaries,
+    nvml_sampler,
+    summarize,
+    wandb_series,
+)
 
 
 def trace(times, power, energy=None):
@@ -86,8 +94,8 @@ def test_host_metrics_without_nvml_and_the_reason():
         assert sampler is None and why.startswith("unavailable (") and why.endswith(")"), why
     with SystemMonitor(rate_hz=100, device=torch.device("cpu")) as mon:
         t0 = time.perf_counter()
-        x = torch.randn(256, 256)
-        for _ in range(200):
+        x = torch.randn(128, 128)
+        while time.perf_counter() - t0 < 0.2:  # busy for 0.2 s: some CPU time on the process's counter
             x = torch.tanh(x @ x)
         t1 = time.perf_counter()
     assert mon.gpu == "unavailable (the run is on cpu)"
@@ -142,3 +150,50 @@ def test_runner_writes_monitor_summaries_over_the_timed_region(monkeypatch, tmp_
     assert m["throughput/decode_s"] <= seconds < m["monitor/job_seconds"]
     assert m["monitor/energy_j"] == pytest.approx(m["monitor/throughput/energy_j"])
     assert seen and seen[0] >= 2
+
+
+# --- progress bars (ollm_triton/progress.py) ----------------------------------------------------------------------
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_is_quiet_off_a_terminal_and_draws_on_one(monkeypatch):
+    from ollm_triton.progress import progress
+
+    monkeypatch.delenv("OLLM_PROGRESS", raising=False)
+    log = io.StringIO()  # CI, `> log 2>&1`
+    assert list(progress(range(5), desc="quiet", file=log)) == [0, 1, 2, 3, 4]
+    with progress(total=3, desc="quiet", file=log) as bar:
+        bar.update(3)
+        bar.set_postfix(loss=1.0)
+    assert log.getvalue() == ""
+    tty = Terminal()
+    assert list(progress(range(5), desc="drawn", file=tty)) == [0, 1, 2, 3, 4]
+    assert "drawn" in tty.getvalue() and "0/5" in tty.getvalue()  # a finished bar is cleared (leave=False)
+    monkeypatch.setenv("OLLM_PROGRESS", "0")  # forced off even on a terminal
+    tty = Terminal()
+    list(progress(range(3), desc="off", file=tty))
+    assert tty.getvalue() == ""
+    monkeypatch.setenv("OLLM_PROGRESS", "1")  # forced on in a log
+    list(progress(range(3), desc="on", file=log))
+    assert "0/3" in log.getvalue()
+
+
+def test_perplexity_counts_its_windows_on_the_bar(monkeypatch, capsys):
+    from ollm_triton.engine import load_engine
+    from ollm_triton.tasks.perplexity import score
+
+    arch = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
+            "max_position_embeddings": 128}
+    engine = load_engine(arch, device="cpu")
+    ids = torch.arange(41) % 64
+    monkeypatch.setenv("OLLM_PROGRESS", "1")
+    out = score(engine, ids, max_length=16, stride=8, chunk=16)
+    assert out.windows == 5  # windows start at 0, 8, 16, 24, 32: the last one reaches token 41
+    assert "0/5" in capsys.readouterr().err  # the bar's total is the windows score() runs
+    monkeypatch.delenv("OLLM_PROGRESS")  # stderr captured by pytest is not a terminal: quiet
+    score(engine, ids, max_length=16, stride=8, chunk=16)
+    assert capsys.readouterr().err == ""

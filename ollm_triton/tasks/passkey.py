@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ollm_triton.progress import progress
 from ollm_triton.registry import register
 from ollm_triton.tasks.base import CacheWatch, RunContext, Task, TaskRefused, compress_prompt, context_metrics, \
     plugin_effect, report_no_effect
@@ -92,7 +93,8 @@ class Passkey(Task):
         needle_kept: list[bool] = []  # did every token of the asked needle survive the compressor
         if ctx.context is not None:
             ctx.context.prepare(engine)
-        with CacheWatch(engine) as watch, ctx.timed("prompt+generated") as region:
+        bar = progress(total=len(lengths) * len(depths) * samples, desc="passkey", unit="doc")
+        with CacheWatch(engine) as watch, ctx.timed("prompt+generated") as region, bar:
             for length in lengths:
                 for depth in depths:
                     for _ in range(samples):
@@ -118,6 +120,7 @@ class Passkey(Task):
                         pairs = causal_pairs(new, n + new, n)
                         causal += pairs
                         visible += engine.attention.visible_fraction(new, n + new, n) * pairs
+                        bar.update(1)
         seconds = time.perf_counter() - t0
 
         every = [ok for oks in by_length.values() for ok in oks]

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ollm_triton.progress import progress
 from ollm_triton.registry import register
 from ollm_triton.tasks.base import RunContext, Task, TaskRefused, context_metrics, lossy_tokens, plugin_effect, \
     report_no_effect
@@ -153,7 +154,9 @@ def score(engine, ids: torch.Tensor, max_length: int, stride: int, chunk: int, c
     out = Scored()
     attention = engine.attention
     prev_end = 0
-    for begin in range(0, n, stride):
+    windows = 1 + (max(n - max_length, 0) + stride - 1) // stride  # the last window is the first reaching n
+    bar = progress(range(0, n, stride), total=windows, desc="perplexity", unit="window")
+    for begin in bar:
         end = min(begin + max_length, n)
         window = ids[begin:end].to(engine.device)[None]
         first = max(prev_end, begin + 1) - begin  # index in the window of its first token not yet scored (>= 1)
@@ -202,6 +205,7 @@ def score(engine, ids: torch.Tensor, max_length: int, stride: int, chunk: int, c
         prev_end = end
         if end == n:
             break
+    bar.close()
     return out
 
 
