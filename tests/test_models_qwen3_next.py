@@ -258,3 +258,15 @@ def test_memory_check_counts_the_state_not_kv_on_linear_layers():
     state = 36 * state_bytes(cfg, 1, torch.bfloat16)
     assert state == 36 * ((2 * 16 * 128 + 32 * 128) * 3 * 2 + 32 * 128 * 128 * 4)
     assert est["kv_bytes"] == kv + state and est["state_bytes"] == state
+
+
+@pytest.mark.interpreter
+def test_fused_kernel_path_matches_transformers(hf_model, ids, reference):
+    """The engine's Triton path (what a CUDA device runs: fused RMSNorm where the norm is not zero-centred, RoPE on
+    the rotated quarter only, SiLU-gate, the grouped MoE kernels) under the interpreter: prefill + 3 steps."""
+    engine = engine_for(hf_model)
+    engine.kernels = True
+    short = ids[:, : PROMPT + 3]
+    logits, _ = run_engine(engine, short)
+    assert engine.kernel_path.startswith("triton:")
+    assert (logits - reference[:, : PROMPT + 3]).abs().max() <= ATOL
