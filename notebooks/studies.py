@@ -18,7 +18,8 @@
 # directory into the study's table (every plugin set against the baseline of the same length; a set that did not
 # fit keeps its row and says so), and this notebook plots it.
 #
-# - `STUDY`: `memory` | `throughput` | `context_scaling` | `energy` (environment `OLLM_STUDY`).
+# - `STUDY`: `memory` | `throughput` | `context_scaling` | `energy` (environment `OLLM_STUDY`; with `STUDY_DIR`, the
+#   sweep's own study).
 # - `STUDY_DIR`: a finished sweep of that study, e.g. one brought back from the GPU (environment `OLLM_STUDY_DIR`).
 #   Left empty, the notebook runs the study's smoke sweep (`debug=smoke`: the embedded model, tiny lengths, seconds on
 #   a CPU) under `multirun/studies/`, so every cell runs anywhere; those numbers check the plumbing, they are not
@@ -35,10 +36,11 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from ollm_triton.results import STUDIES, markdown_table, study_table
+from ollm_triton.results import STUDIES, load, markdown_table, study_name, study_table
 
-STUDY = os.environ.get("OLLM_STUDY", "memory")
 STUDY_DIR = os.environ.get("OLLM_STUDY_DIR", "")
+# a finished sweep names its own study (its jobs' +experiment=<study>); the smoke run needs one
+STUDY = os.environ.get("OLLM_STUDY") or (study_name(load(STUDY_DIR)) if STUDY_DIR else "memory")
 assert STUDY in STUDIES, f"STUDY must be one of {STUDIES}, got {STUDY!r}"
 
 HERE = Path.cwd().resolve()
@@ -57,7 +59,7 @@ else:
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 # %%
-table = study_table(sweep_dir)
+table = study_table(sweep_dir, STUDY)
 print(f"{table.attrs['study']} on {table.attrs['device'] or 'an unknown device'}"
       f"{' (smoke run: the embedded model, tiny lengths)' if table.attrs['smoke'] else ''}\n")
 print(markdown_table(table))
