@@ -19,7 +19,12 @@
 #   energy            5 jobs, ~1-2 min (not in the default list; the throughput study records tokens/J too)
 #   context_scaling  8k, 32k, 128k: ~3-4 min; 200k adds ~4-5 min; 512k / 1M do not fit a call (1M int4: two
 #                    ~15 min prefills a job), so CONTEXT_LENGTHS defaults to 8k..200k under an 8-minute limit
-# So: call 1 `memory throughput` (~6-7 min), call 2 `context_scaling` (8 min, cut at its limit).
+# So: call 1 `memory throughput` (~6-7 min), call 2 `context_scaling` (8 min, cut at its limit), or
+# `LIMIT_CONTEXT_SCALING_S=390 ... context_scaling energy` to add the energy study to call 2.
+# What the memory check should refuse at once (engine/footprint.py's estimate, 90% of free memory usable: ~71 GB on
+# an H100, ~129 GB on an H200): dense, attention_window and kv_snapkv at 512k on an H100 (~85 GB) and at 1M on both
+# (~155 GB; the estimate counts an eviction codec's KV before it evicts); kv_int4 (~53 GB) and all_combined (~41 GB)
+# fit at 1M and would run for tens of minutes.
 #
 # Environment: OUT (default outputs/device_studies), LIMIT_<STUDY>_S (seconds; defaults: memory 270, throughput
 # 200, energy 150, context_scaling 480), CONTEXT_LENGTHS (comma list; default 8192,32768,131072,200000),
