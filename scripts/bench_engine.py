@@ -110,7 +110,10 @@ def main():
     # transformers' model on the meta device, then the engine's tensors assigned: no second copy of the weights
     hf_cfg = transformers.AutoConfig.for_model(**arch)
     with torch.device("meta"):
-        hf_model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype, attn_implementation="sdpa")
+        try:
+            hf_model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype, attn_implementation="sdpa")
+        except ValueError:  # a model transformers runs without sdpa (gpt-oss: sinks): its own eager attention
+            hf_model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype, attn_implementation="eager")
     missing, unexpected = hf_model.load_state_dict(engine.model.state_dict(), strict=False, assign=True)
     assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
     with torch.device(device):  # the rotary buffers were left on meta: rebuild them for real
