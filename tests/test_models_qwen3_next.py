@@ -270,3 +270,10 @@ def test_fused_kernel_path_matches_transformers(hf_model, ids, reference):
     logits, _ = run_engine(engine, short)
     assert engine.kernel_path.startswith("triton:")
     assert (logits - reference[:, : PROMPT + 3]).abs().max() <= ATOL
+
+
+def test_engine_cache_bytes_is_what_a_cache_stores(hf_model, ids):
+    """Engine.cache_bytes (the server's admission): the codec's bytes on the attention layers + the states."""
+    engine = engine_for(hf_model)
+    _, cache = run_engine(engine, ids)
+    assert engine.cache_bytes(ids.shape[1]) == cache.stats()["kv_stored_bytes"]

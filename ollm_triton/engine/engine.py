@@ -40,7 +40,7 @@ from ollm_triton.engine.checkpoint import (
 )
 from ollm_triton.engine.config import ModelConfig, UnsupportedModelError
 from ollm_triton.engine.fast_decode import FAST_DECODE_MODES, FastDecoder, FastPath, plan_fast_path
-from ollm_triton.engine.linear_attention import state_shapes
+from ollm_triton.engine.linear_attention import state_bytes, state_shapes
 from ollm_triton.engine.mixers import DECODE_MAX_TOKENS, PluginMixer, RowsMixer
 from ollm_triton.engine.model import FUSED_PATH, CausalLM, rope_cos_sin
 from ollm_triton.engine.placement import dtype_name, resolve_device, resolve_dtype
@@ -108,6 +108,14 @@ class Engine:
         cfg = self.config
         return LayerSpec(batch=batch, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, dtype=self.dtype,
                          device=self.device, max_len=max_len)
+
+    def cache_bytes(self, tokens: int, batch: int = 1, max_len: int | None = None) -> float:
+        """What a cache of `batch` sequences holding `tokens` tokens takes at most: the codec's `bytes_for` on each
+        attention layer plus the fixed-size state of each linear-attention layer (hybrid models)."""
+        cfg = self.config
+        spec = self.layer_spec(batch, max_len or max(tokens, 1))
+        state = cfg.linear_layers * state_bytes(cfg, batch, self.dtype)
+        return self.codec.bytes_for(spec, tokens) * (cfg.num_layers - cfg.linear_layers) + state
 
     def use_kernels(self) -> bool:
         return self.device.type == "cuda" if self.kernels is None else self.kernels
