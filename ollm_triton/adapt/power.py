@@ -44,11 +44,14 @@ class PowerStrategy(Strategy):
     """Pause share between steps from the monitor's power and temperature against user targets."""
 
     name = "power"
-    needs_monitor = True
+
+    @property
+    def needs_monitor(self) -> bool:  # a monitor is started for it only when it has a target to hold
+        return self.cfg.max_power_w is not None or self.cfg.max_temp_c is not None
 
     def __init__(self, cfg: PowerParams):
-        super().__init__()
         self.cfg = cfg
+        super().__init__()
         self.setting = 0.0
         self.paused_s = 0.0
         self._step_end: float | None = None
