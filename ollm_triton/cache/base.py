@@ -20,6 +20,9 @@ What the engine reads, declared here and never inferred from a codec's name:
                                 a full residual group)
     CacheCodec.bytes_per_token, bytes_for   what one token (or a sequence of n) costs a layer: the run's memory check
                                 before building a model, and the server's admission of requests
+    CacheCodec.max_held_tokens(block)   the most tokens a layer holds, however many it has seen, when tokens arrive
+                                in blocks of at most `block` (None: every token seen); the server admits inputs
+                                longer than the context or the KV memory only for a codec that declares one
     CacheLayer.attend           an optional fused decode kernel over the codec's own storage
     CacheLayer.compressed_tokens, evicted_tokens   tokens held lossily and tokens dropped (tasks report whether the
                                 codec had any effect)
@@ -157,6 +160,12 @@ class CacheCodec:
     def bytes_for(self, spec: LayerSpec, tokens: int) -> float:
         """Bytes a layer holding `tokens` tokens takes at most (a codec with a full-precision window overrides)."""
         return tokens * self.bytes_per_token(spec)
+
+    def max_held_tokens(self, block: int) -> int | None:
+        """The most tokens one layer holds at any time, however many it has seen, when tokens arrive in blocks of at
+        most `block` (a prompt chunk, a decode step); None: it holds every token it has seen (the default). Its KV
+        then never exceeds `bytes_for(spec, max_held_tokens(block))` (serve/scheduler.py: long inputs)."""
+        return None
 
 
 class KVCache:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ollm_triton.cache.base import CacheLayer, LayerSpec
+from ollm_triton.cache.base import CacheCodec, CacheLayer, LayerSpec
 from ollm_triton.cache.storage import StoreParams
 
 
@@ -46,6 +46,26 @@ class EvictionParams(StoreParams):
             raise ValueError(f"ratio must be in (0, 1] when budget is 0, got {self.ratio}")
         if self.evict_every < 1:
             raise ValueError(f"evict_every must be >= 1, got {self.evict_every}")
+
+
+class EvictingCodec(CacheCodec):
+    """What an eviction codec declares (cache/base.py): its bytes per token and the most tokens a layer holds.
+
+    A layer evicts what it owes at the start of an append (EvictingLayer.append), down to `budget` once it holds
+    `budget + evict_every` or more; so before an append it holds at most `budget + evict_every - 1` tokens and after
+    one at most that plus the block appended. A `ratio` budget grows with the tokens seen: no bound."""
+
+    score_bytes = 0  # bytes per token and KV head of the layer's per-token scores (`_extra_state`)
+
+    def bytes_per_token(self, spec: LayerSpec) -> float:
+        """K and V in the model dtype, the int32 position and the scores, per KV head: what `stored_bytes` counts."""
+        elt = torch.empty((), dtype=spec.dtype).element_size()
+        return float(spec.batch * spec.kv_heads * (2 * spec.head_dim * elt + 4 + self.score_bytes))
+
+    def max_held_tokens(self, block: int) -> int | None:
+        if self.cfg.budget <= 0:
+            return None
+        return self.cfg.budget + self.cfg.evict_every - 1 + max(int(block), 1)
 
 
 class EvictingLayer(CacheLayer):

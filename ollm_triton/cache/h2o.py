@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ollm_triton.cache.base import CacheCodec, CacheLayer, LayerSpec
-from ollm_triton.cache.eviction import EvictingLayer, EvictionParams, topk_sorted
+from ollm_triton.cache.base import CacheLayer, LayerSpec
+from ollm_triton.cache.eviction import EvictingCodec, EvictingLayer, EvictionParams, topk_sorted
 from ollm_triton.cache.storage import wrap_store
 from ollm_triton.kernels.kv_scores import attention_column_sums
 from ollm_triton.registry import register
@@ -62,8 +62,10 @@ class H2OLayer(EvictingLayer):
 
 
 @register("cache", "h2o", H2OConfig)
-class H2O(CacheCodec):
+class H2O(EvictingCodec):
     """Heavy-hitter eviction (H2O): accumulated-attention heavy hitters plus recent tokens, `budget` or `ratio`."""
+
+    score_bytes = 4  # the float32 accumulated attention of each held token
 
     def __init__(self, cfg: H2OConfig):
         self.cfg = cfg

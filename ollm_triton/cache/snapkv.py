@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ollm_triton.cache.base import CacheCodec, CacheLayer, LayerSpec
-from ollm_triton.cache.eviction import EvictingLayer, EvictionParams, topk_sorted
+from ollm_triton.cache.base import CacheLayer, LayerSpec
+from ollm_triton.cache.eviction import EvictingCodec, EvictingLayer, EvictionParams, topk_sorted
 from ollm_triton.cache.storage import wrap_store
 from ollm_triton.kernels.kv_scores import attention_column_sums, pool_scores
 from ollm_triton.registry import register
@@ -78,8 +78,11 @@ class SnapKVLayer(EvictingLayer):
 
 
 @register("cache", "snapkv", SnapKVConfig)
-class SnapKV(CacheCodec):
+class SnapKV(EvictingCodec):
     """SnapKV: the prompt's last `window` queries vote (pooled) for the tokens to keep, `budget` or `ratio`."""
+
+    def max_held_tokens(self, block: int) -> int | None:
+        return None  # decode steps never vote, so a layer keeps every generated token: no bound
 
     def __init__(self, cfg: SnapKVConfig):
         self.cfg = cfg

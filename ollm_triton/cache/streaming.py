@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ollm_triton.cache.base import CacheCodec, CacheLayer, LayerSpec
-from ollm_triton.cache.eviction import EvictingLayer, EvictionParams
+from ollm_triton.cache.base import CacheLayer, LayerSpec
+from ollm_triton.cache.eviction import EvictingCodec, EvictingLayer, EvictionParams
 from ollm_triton.cache.storage import wrap_store
 from ollm_triton.registry import register
 
@@ -45,7 +45,7 @@ class StreamingLayer(EvictingLayer):
 
 
 @register("cache", "streaming", StreamingConfig)
-class Streaming(CacheCodec):
+class Streaming(EvictingCodec):
     """StreamingLLM eviction: `sink` first tokens plus a recent window, `budget` tokens or `ratio` of those seen."""
 
     def __init__(self, cfg: StreamingConfig):

@@ -61,7 +61,8 @@ def create_app(scheduler, tokenizer, *, model_name: str, chat_template: ChatTemp
     """The FastAPI app serving `scheduler` (started by the app's lifespan, shut down with it)."""
     info = ServeInfo(model_name, dict(plugins or {}))
     limits = Limits(model=model_name, max_context=int(scheduler.max_context),
-                    vocab_size=int(scheduler.engine.config.vocab_size), defaults=defaults or SamplingParams())
+                    vocab_size=int(scheduler.engine.config.vocab_size), defaults=defaults or SamplingParams(),
+                    long_inputs=getattr(scheduler, "held_bound", None) is not None)
     eos_ids = set(getattr(tokenizer, "eos_token_ids", None) or [])
     registry, http_count = make_registry(scheduler, {"model": model_name, **info.plugins},
                                          codec=info.plugins.get("cache", "unknown"))

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ollm_triton.serve.scheduler import SamplingParams
+from ollm_triton.serve.scheduler import LONG_INPUT_CODECS, SamplingParams
 
 COMPLETION_MAX_LOGPROBS = 5  # OpenAI's documented maximum for /v1/completions `logprobs`
 CHAT_MAX_TOP_LOGPROBS = 20  # and for /v1/chat/completions `top_logprobs`
@@ -68,6 +68,9 @@ class Limits:
     max_context: int
     vocab_size: int
     defaults: SamplingParams  # sampling of a request that omits temperature/top_p/top_k (the +decoder group)
+    # the run's codec bounds the tokens a request holds (Scheduler.held_bound): prompt + max_tokens may exceed
+    # max_context, the prompt streams through the codec in chunks (serve/scheduler.py, "Long inputs")
+    long_inputs: bool = False
 
 
 # ---- parameter readers --------------------------------------------------------------------------------------------
@@ -227,9 +230,13 @@ def read_sampling(body: dict, limits: Limits, logprobs: int | None) -> SamplingP
 def check_length(prompt_len: int, max_tokens: int | None, limits: Limits, prompt_param: str) -> int:
     """max_tokens, checked against the context (None: the rest of the context, OpenAI's chat default)."""
     context = limits.max_context
+    if limits.long_inputs:  # no context limit; without max_tokens: the rest of the context, or 16 (OpenAI's
+        # completions default) once the prompt has passed it
+        return max_tokens if max_tokens is not None else max(context - prompt_len, min(context, 16))
     if prompt_len >= context:
         raise APIError(f"the prompt has {prompt_len} tokens; the model's context is {context} tokens (accepted: "
-                       f"prompt + max_tokens <= {context}, with max_tokens >= 1)", param=prompt_param,
+                       f"prompt + max_tokens <= {context}, with max_tokens >= 1; a longer input needs a cache codec "
+                       f"that bounds the tokens it holds: {LONG_INPUT_CODECS})", param=prompt_param,
                        code="context_length_exceeded")
     if max_tokens is None:
         return context - prompt_len

@@ -9,8 +9,8 @@
 One step of the loop:
 1. queued requests past `queue_timeout_s` fail with a 429-style error; cancelled ones leave (their slot is free now);
 2. admission: waiting requests (highest priority first, then oldest) join while fewer than `max_batch` run and
-   their KV fits `kv_budget_bytes` (the codec's declared `bytes_per_token` times the request's prompt + max_tokens,
-   so a compressing codec admits more requests into the same memory); a request that can never fit is refused at
+   their KV fits `kv_budget_bytes` (the codec's declared `bytes_for` the request's prompt + max_tokens, so a
+   compressing codec admits more requests into the same memory); a request that can never fit is refused at
    `submit`;
 3. prefill: joining requests' prompts go through the engine in chunks of `prefill_chunk` tokens, at most
    `prefill_budget` tokens a step (at least one chunk), requests whose next chunks have one length batched into
@@ -29,6 +29,15 @@ batched matmuls; sampling the same tokens for the same seed). A finished request
 by its tokens, so a chat's next turn, whose prompt starts with this turn's prompt and answer, prefills only its new
 tokens
 (`Request.prefill_tokens`). The prefix cache holds at most `prefix_cache_bytes` and drops the least recently used.
+
+Long inputs. A codec that declares a bound on the tokens a layer holds (`CacheCodec.max_held_tokens(block)`: the
+streaming and h2o codecs with a token budget) keeps a request's KV under `bytes_for(max_held_tokens(prefill_chunk))`
+however long its prompt and answer, so such a run admits prompts longer than the model's context or the KV memory:
+its KV is reserved at that bound, and the prompt goes through the eviction codec one chunk at a time (each chunk
+attends to what the cache kept plus itself; the codec evicts before the next chunk lands). Positions keep counting
+past the context (RoPE of the absolute position, as the engine's eviction codecs do everywhere). Without such a
+codec, prompt + max_tokens beyond the context is refused with one line naming `prompt` or `max_tokens` and what is
+accepted.
 """
 
 from __future__ import annotations
@@ -50,6 +59,8 @@ from ollm_triton.decoding.greedy import sampling_probs
 from ollm_triton.engine.slots import CacheRows, SlotRows
 
 MAX_LOGPROBS = 20
+# what a refusal of a too-long input suggests (the codecs that declare CacheCodec.max_held_tokens given a budget)
+LONG_INPUT_CODECS = "+cache=streaming or +cache=h2o with cache.budget > 0"
 LATENCY_WINDOW = 4096  # recent samples kept for the latency percentiles
 
 
@@ -259,6 +270,10 @@ class Scheduler:
         self.max_context = int(max_context or engine.config.max_position_embeddings)
         self.kv_budget_bytes = kv_budget_bytes
         self._spec = engine.layer_spec(1, self.max_context)
+        # tokens a request's cache layer can hold at most, whatever its length (None: all it has seen): blocks are
+        # at most one prefill chunk (decode steps are one token)
+        held = getattr(engine.codec, "max_held_tokens", None)
+        self.held_bound: int | None = held(prefill_chunk) if held is not None else None
         default_prefix = 256 * 2**20 if kv_budget_bytes is None else kv_budget_bytes // 4
         self.prefix = PrefixCache(default_prefix if prefix_cache_bytes is None else prefix_cache_bytes)
         tok = engine.tokenizer
@@ -294,10 +309,13 @@ class Scheduler:
             raise AdmissionError(f"prompt token ids must be in [0, {vocab})", 400, "prompt")
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise AdmissionError(f"max_tokens must be an integer >= 1, got {max_tokens!r}", 400, "max_tokens")
-        if len(prompt) + max_tokens > self.max_context:
+        if len(prompt) + max_tokens > self.max_context and self.held_bound is None:
+            field = "prompt" if len(prompt) >= self.max_context else "max_tokens"
             raise AdmissionError(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
-                                 f"context of {self.max_context} tokens", 400, "max_tokens")
-        need = self.kv_bytes(len(prompt) + max_tokens)
+                                 f"context of {self.max_context} tokens; accepted: prompt + max_tokens <= "
+                                 f"{self.max_context}, or a longer input with a cache codec that bounds the tokens "
+                                 f"it holds ({LONG_INPUT_CODECS})", 400, field)
+        need = self.kv_bytes(self.kv_tokens(len(prompt) + max_tokens))
         if self.kv_budget_bytes is not None and need > self.kv_budget_bytes:
             raise AdmissionError(f"the request's KV cache ({need / 2**20:.1f} MiB) exceeds the server's KV budget "
                                  f"({self.kv_budget_bytes / 2**20:.1f} MiB)", 400, "max_tokens")
@@ -389,8 +407,12 @@ class Scheduler:
         """The KV bytes a request of `tokens` tokens may take in the run's codec, every layer (admission)."""
         return self.engine.codec.bytes_for(self._spec, tokens) * self.engine.config.num_layers
 
+    def kv_tokens(self, tokens: int) -> int:
+        """The most tokens a request of `tokens` tokens (prompt + max_tokens) holds in a layer of the run's codec."""
+        return tokens if self.held_bound is None else min(tokens, self.held_bound)
+
     def _kv_reserved(self) -> float:
-        return sum(self.kv_bytes(r.req.prompt_tokens + r.req.max_tokens) for r in self._running)
+        return sum(self.kv_bytes(self.kv_tokens(r.req.prompt_tokens + r.req.max_tokens)) for r in self._running)
 
     def _admit(self, now: float) -> None:
         while True:
@@ -398,7 +420,7 @@ class Scheduler:
                 if not self._queue or len(self._running) >= self.max_batch:
                     return
                 req = self._queue[0][2]
-                need = self.kv_bytes(req.prompt_tokens + req.max_tokens)
+                need = self.kv_bytes(self.kv_tokens(req.prompt_tokens + req.max_tokens))
                 if self.kv_budget_bytes is not None and self._running and \
                         self._kv_reserved() + need > self.kv_budget_bytes:
                     return  # waits until running requests free their KV
