@@ -2,6 +2,7 @@
 grouped path and transformers' own experts module, in one process.
 
     python scripts/bench_moe.py [--out bench_moe.json] [--tokens 1 16 512] [--model qwen3_moe_30b|gpt_oss_20b]
+                                [--sweep]   (our kernels at other tile sizes too)
 
 Shapes: one MoE layer of Qwen3-30B-A3B (hidden 2048, 128 experts of intermediate 768, 8 routed per token) or of
 gpt-oss-20b (hidden 2880, 32 experts of 2880, 4 routed, clamped SwiGLU with biases, transposed interleaved layout),
@@ -37,6 +38,8 @@ SHAPES = {  # hidden, experts, intermediate, top-k, layout, activation, biases
     "gpt_oss_20b": dict(h=2880, e=32, i=2880, k=4, layout="interleaved_t", act="clamped_swiglu", bias=True),
 }
 DT = torch.bfloat16
+# (block_m or None = the kernel's choice, block_n, block_k, warps) for --sweep; the first is the default
+SWEEP = [(None, 64, 64, 4), (16, 32, 64, 4), (16, 64, 128, 4), (16, 128, 64, 8), (64, 128, 64, 8), (32, 64, 64, 4)]
 
 
 def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -124,6 +127,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_moe.json"))
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 512])
     ap.add_argument("--model", choices=sorted(SHAPES), nargs="+", default=["qwen3_moe_30b", "gpt_oss_20b"])
+    ap.add_argument("--sweep", action="store_true", help="also time our kernels at other tile sizes (SWEEP)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_moe.py needs a CUDA device")
@@ -151,6 +155,10 @@ def main() -> None:
                 "naive per-expert loop": partial(moe_experts_torch, *args_, **kw),
                 "engine eager grouped": grouped_eager(*args_, s),
             }
+            if args.sweep:
+                for bm, bn, bk, warps in SWEEP[1:]:
+                    paths[f"ours: triton bm={bm} bn={bn} bk={bk} w={warps}"] = partial(
+                        moe_experts_kernel, *args_, **kw, block_m=bm, block_n=bn, block_k=bk, num_warps=warps)
             for name, mod in hf.items():
                 if isinstance(mod, str):
                     rows.append(dict(model=model, tokens=n, path=name, note=mod))

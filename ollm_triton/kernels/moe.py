@@ -194,8 +194,10 @@ def _block_m(num_pairs: int, num_experts: int) -> int:
 
 
 def moe_experts_kernel(x, weights, experts, w_gate_up, w_down, b_gate_up=None, b_down=None, *, layout="concat",
-                       act="silu", alpha=1.702, limit=7.0, block_m: int | None = None) -> torch.Tensor:
-    """The Triton path (shapes in the module docstring)."""
+                       act="silu", alpha=1.702, limit=7.0, block_m: int | None = None, block_n: int = 64,
+                       block_k: int = 64, num_warps: int = 4) -> torch.Tensor:
+    """The Triton path (shapes in the module docstring). The tile sizes are not tuned yet: 64 x 64 with BLOCK_M
+    rows by `_block_m` (scripts/bench_moe.py --sweep times the alternatives on the GPU)."""
     if layout not in LAYOUTS or act not in ACTS:
         raise ValueError(f"moe_experts: layout {layout!r} / act {act!r}; accepted: {LAYOUTS} / {ACTS}")
     n, h = x.shape
@@ -222,19 +224,19 @@ def moe_experts_kernel(x, weights, experts, w_gate_up, w_down, b_gate_up=None, b
     route_w = weights.reshape(-1).contiguous()
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
     has_bias = b_gate_up is not None
-    bn, bk = 64, 64
+    bn, bk = block_n, block_k
     _gate_up_kernel[(rows // bm, triton.cdiv(i, bn))](
         x, w_gate_up, b_gate_up if has_bias else x, pairs, block_expert, inter,
         nk, h, i, float(alpha), float(limit),
         x.stride(0), *gu_strides, b_gate_up.stride(0) if has_bias else 0, inter.stride(0),
-        TOP_K=k, GATE_STEP=gate_step, UP_OFFSET=up_offset,
-        HAS_BIAS=has_bias, ACT=ACTS.index(act), DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
+        TOP_K=k, GATE_STEP=gate_step, UP_OFFSET=up_offset, HAS_BIAS=has_bias, ACT=ACTS.index(act),
+        DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=num_warps,
     )
     _down_kernel[(rows // bm, triton.cdiv(h, bn))](
         inter, w_down, b_down if b_down is not None else x, pairs, block_expert, route_w, out_pairs,
         nk, h, i,
         inter.stride(0), *d_strides, b_down.stride(0) if b_down is not None else 0, out_pairs.stride(0),
-        HAS_BIAS=b_down is not None, DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
+        HAS_BIAS=b_down is not None, DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=num_warps,
     )
     return torch.sum(out_pairs.view(n, k, h), dim=1, out=out)
 
