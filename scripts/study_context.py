@@ -56,7 +56,7 @@ def main() -> int:
     p.add_argument("--samples", type=int, default=2)
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--stride", type=int, default=256)
-    p.add_argument("--ppl-tokens", type=int, default=4096)
+    p.add_argument("--ppl-tokens", type=int, default=2048)
     p.add_argument("--methods", nargs="+", default=[*CONTEXT, *EVICTION])
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--quick", action="store_true", help="one ratio, short prompts: checks the script runs")
@@ -72,6 +72,13 @@ def main() -> int:
         p.error(f"unknown method(s) {unknown}; accepted: {', '.join((*CONTEXT, *EVICTION))}")
 
     rows = []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    setup = {k: getattr(args, k) for k in ("ratios", "lengths", "depths", "samples", "window", "stride",
+                                           "ppl_tokens", "methods", "quick")}
+
+    def save(env: dict) -> None:  # after every row, so a long study interrupted still has what it measured
+        out.write_text(json.dumps({"env": env, "setup": setup, "rows": rows}, indent=1, default=str))
 
     def record(method: str, kind: str, ratio: float, engine, context) -> None:
         t0 = time.perf_counter()
@@ -86,10 +93,13 @@ def main() -> int:
                "passkey_effect": m["passkey/plugin_effect"], "ppl_effect": m["perplexity/plugin_effect"],
                "metrics": m}
         rows.append(row)
+        save(env)
         print(f"{method:13s} ratio {ratio:.1f}: passkey {row['passkey_acc']:.3f}  ppl {row['ppl']:.3f}  "
               f"({row['seconds']:.0f} s)", flush=True)
 
     dense = load_engine(MODEL)
+    env = environment(dense.device)
+    env["torch_threads"] = torch.get_num_threads()
     record("none", "baseline", 1.0, dense, None)
     for ratio in args.ratios:
         for method in args.methods:
@@ -102,13 +112,8 @@ def main() -> int:
                 record(method, "kv eviction", ratio, engine, None)
                 engine.close()
 
-    env = environment(dense.device)
-    env["torch_threads"] = torch.get_num_threads()
-    setup = {k: getattr(args, k) for k in ("ratios", "lengths", "depths", "samples", "window", "stride",
-                                           "ppl_tokens", "methods", "quick")}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"env": env, "setup": setup, "rows": rows}, indent=1, default=str))
+    env["finished"] = environment(dense.device)["date"]
+    save(env)
     print(f"wrote {out}")
     print(table(rows, args.ratios))
     return 0
