@@ -132,3 +132,23 @@ def test_the_http_layer_passes_long_inputs_only_when_the_scheduler_bounds_them()
     limits.long_inputs = True
     assert check_length(3 * CONTEXT, NEW, limits, "prompt") == NEW
     assert check_length(3 * CONTEXT, None, limits, "prompt") == 16  # no context left to fill: OpenAI's default
+
+
+def test_over_http_a_long_prompt_streams_and_without_a_bounding_codec_is_a_400():
+    """The server end to end (the openai client over loopback): serve.max_context=256, a 768-token prompt."""
+    import openai
+    from test_serve import client, serving
+
+    prompt = torch.randint(3, 8000, (768,), generator=torch.Generator().manual_seed(2)).tolist()
+    small = ["serve.max_context=256", "serve.prefill_chunk=64", "+decoder=greedy"]
+    with serving("+cache=streaming", "cache.budget=48", *small) as (server, url):
+        assert server.scheduler.held_bound == 48 + 64
+        out = client(url).completions.create(model=server.model_name, prompt=prompt, max_tokens=4)
+        assert out.usage.prompt_tokens == 768 and out.usage.completion_tokens >= 1
+        assert server.scheduler.counts["prefill_chunks"] >= 768 // 64
+    with serving(*small) as (server, url):
+        with pytest.raises(openai.BadRequestError) as e:
+            client(url).completions.create(model=server.model_name, prompt=prompt, max_tokens=4)
+        error = e.value.body
+        assert error["param"] == "prompt" and error["code"] == "context_length_exceeded", error
+        assert "+cache=streaming" in error["message"] and "\n" not in error["message"]

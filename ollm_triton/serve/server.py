@@ -45,6 +45,7 @@ class ServeSettings:
     kv_budget_gb: float | None
     prefix_cache_gb: float | None
     shutdown_timeout_s: float
+    max_context: int | None
     log_level: str
 
     @classmethod
@@ -76,6 +77,8 @@ class ServeSettings:
              "prefix_cache_gb", "null (the scheduler's default) or a number of GB >= 0 (0 = off)")
         need(is_num(out.shutdown_timeout_s) and out.shutdown_timeout_s >= 0, "shutdown_timeout_s",
              "a number of seconds >= 0")
+        need(out.max_context is None or (is_int(out.max_context) and out.max_context >= 1), "max_context",
+             "null (the model's max_position_embeddings) or an integer >= 1 (tokens)")
         levels = ("critical", "error", "warning", "info", "debug", "trace")
         need(out.log_level in levels, "log_level", " | ".join(levels))
         return out
@@ -232,6 +235,7 @@ def build(cfg: DictConfig, *, shutdown_cancel: bool = True) -> Server:
         prefill_budget=settings.prefill_budget,
         kv_budget_bytes=int(settings.kv_budget_gb * gb) if settings.kv_budget_gb is not None else None,
         prefix_cache_bytes=int(settings.prefix_cache_gb * gb) if settings.prefix_cache_gb is not None else None,
+        max_context=settings.max_context,
     )
     name = settings.model_name or str(resolved["model"].get("name") or Path(str(source)).name)
     names = {g: p["name"] for g, p in plugins.items()}
