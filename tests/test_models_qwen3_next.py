@@ -206,8 +206,9 @@ def test_tree_decoding_is_refused_in_one_line(engines):
     assert "\n" not in str(e.value)
 
 
-def test_static_decode_step_is_refused_with_the_model_named(hf_model):
-    engine = engine_for(hf_model, fast_decode="static")
+@pytest.mark.parametrize("mode", ["auto", "static", "piecewise"])
+def test_static_decode_step_is_refused_with_the_model_named(hf_model, mode):
+    engine = engine_for(hf_model, fast_decode=mode)
     assert engine.fast_path.mode == "eager"
     assert "qwen3_next has 2 linear-attention layers" in engine.fast_path.reason
 

@@ -95,6 +95,10 @@ def capture_blocker(engine) -> str | None:
     if not engine.attention.dense_causal:
         return (f"attention '{_name(engine.attention)}' is not dense causal: the static step cannot stand in for "
                 "its decode")
+    needs = engine.config.attention_requirements()
+    if needs:  # the piecewise step can: its attention runs through the backend, with the layer's own rule
+        return (f"model {engine.config.model_type}'s {' and '.join(needs.values())}: the static step's kernel "
+                "attends over every key without them")
     if not engine.codec.static_decode:
         return f"cache '{_name(engine.codec)}' declares no static decode step"
     return piecewise_blocker(engine)
@@ -119,7 +123,10 @@ def plan_fast_path(engine, mode: str) -> FastPath:
         return FastPath("eager", reason="fast_decode=off")
     cuda = engine.device.type == "cuda"
     whole = capture_blocker(engine)
-    if mode == "piecewise":
+    model = engine.config.static_step_blocker()
+    if model is not None:  # no static step for this model on any device: say so rather than "cpu"
+        reason = model
+    elif mode == "piecewise":
         reason = piecewise_blocker(engine)
         if reason is None:
             return FastPath("piecewise", captured=cuda)
@@ -225,6 +232,9 @@ class FastDecoder:
         self.engine = engine
         self.capture = capture
         self.piecewise = piecewise
+        # each layer's own attention rule (gpt-oss: window, sinks), for the piecewise step's eager attention
+        self.layer_rules = [layer.self_attn.mixer_kwargs() if hasattr(layer, "self_attn") else {}
+                            for layer in engine.model.model.layers]
         self.kernels = engine.device.type == "cuda" if use_kernels is None else use_kernels
         self.linear = decode_linear if self.kernels else F.linear
         self.buckets: OrderedDict[int, Bucket] = OrderedDict()
@@ -305,7 +315,7 @@ class FastDecoder:
         """Piecewise: layer i's attention, eagerly through the plugins (the codec appends, the backend decodes)."""
         e, io = self.engine, bk.io
         io["out"].copy_(attention_step(io["q"], io["k"], io["v"], bk.cache.layers[i], e.attention,
-                                       decode_max_tokens=e.decode_max_tokens))
+                                       decode_max_tokens=e.decode_max_tokens, **self.layer_rules[i]))
 
     def _capture(self, bk: Bucket) -> None:
         """Warm up (Triton compiles, cuBLAS picks kernels), restore the inputs, capture. A piecewise warm-up runs
