@@ -372,3 +372,30 @@ def test_gpu_moe_graph_step_equals_uncaptured_and_eager(batch):
     graph.fast_decoder().generate(ids, 3, recording(got))
     for r, g in zip(ref, got, strict=True):
         assert ((r - g).norm() / r.norm()).item() < 2e-2
+
+
+def test_gpt_oss_piecewise_step_keeps_windows_and_sinks(gpt_oss):
+    """The whole static step cannot attend with windows and sinks, so it is refused; the piecewise step (uncaptured
+    on the CPU) runs each layer's attention through the backend with the layer's own window and sinks: the logits of
+    the eager engine at every step."""
+    from ollm_triton.decoding.greedy import decode_loop
+    from ollm_triton.engine.fast_decode import capture_blocker
+
+    _, path, _ = gpt_oss
+    assert "sliding window of 8 keys" in capture_blocker(load_engine(path))
+    static = load_engine(path, fast_decode="static").fast_path
+    assert static.mode == "eager" and "sink logit" in static.reason
+    piecewise, eager = load_engine(path, fast_decode="piecewise"), load_engine(path, fast_decode="off")
+    assert str(piecewise.fast_path) == "piecewise static"
+
+    def recording(store):
+        def pick(logits):
+            store.append(logits.float().clone())
+            return logits.argmax(-1)
+        return pick
+
+    ref, got = [], []
+    decode_loop(eager, ids_for(), 12, recording(ref), None)
+    piecewise.fast_decoder().generate(ids_for(), 12, recording(got))
+    assert piecewise.describe()["fast_path_steps"] > 0
+    assert max_error(got, ref) <= TOL

@@ -220,9 +220,6 @@ class ModelConfig:
                     "not K/V): decode runs the eager step")
         if self.rotary_dim != self.head_dim or self.attn_output_gate or self.norm_offset:
             return f"model {self.model_type}'s partial RoPE / output gate / zero-centred norms: decode runs eager"
-        if self.attention_requirements():
-            return (f"model {self.model_type}'s {' and '.join(self.attention_requirements().values())}: the static "
-                    "step's kernel attends over every key without sinks, so decode runs the eager step")
         return None
 
     def is_moe_layer(self, i: int) -> bool:

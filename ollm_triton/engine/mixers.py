@@ -181,7 +181,8 @@ class SegmentMixer:
     def __init__(self, io: dict[str, torch.Tensor], cos, sin, cut: Callable[[int], None], *, kernels: bool):
         self.io, self.cos, self.sin, self.cut, self.kernels = io, cos, sin, cut, kernels
 
-    def __call__(self, i, q, k, v):
+    def __call__(self, i, q, k, v, **layer):
+        # `layer` (the model's own window / sinks) is applied where the attention runs: FastDecoder.attend
         io = self.io
         q_rot, k_rot = rope_qk(q, k, self.cos, self.sin, use_kernel=self.kernels)
         io["q"].copy_(q_rot)
