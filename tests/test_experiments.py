@@ -5,6 +5,7 @@ a smoke sweep costs ~10-20 s of this CPU each; notebooks/studies.py runs one mor
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -69,14 +70,22 @@ def test_every_plugin_set_composes_into_the_plugins_it_names(name):
     assert cfg.model.name == "llama3_8b" and cfg.prefill_chunk == 4096
 
 
-@pytest.mark.slow
-def test_memory_study_smoke_runs_into_its_table(tmp_path):
-    out = tmp_path / "memory"
-    env = {**os.environ, "WANDB_MODE": "disabled"}
+@pytest.fixture(scope="module")
+def memory_sweep(tmp_path_factory):
+    """The memory study's smoke sweep with offline W&B runs (no account, no network): its multirun directory."""
+    out = tmp_path_factory.mktemp("studies") / "memory"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(WANDB_SILENT="true", WANDB_DISABLE_CODE="true")
     proc = subprocess.run([sys.executable, "-m", "ollm_triton.run", "-m", "+experiment=memory", "debug=smoke",
-                           "logger=none", f"hydra.sweep.dir={out}"], cwd=REPO, capture_output=True, text=True,
+                           "logger.mode=offline", f"hydra.sweep.dir={out}"], cwd=REPO, capture_output=True, text=True,
                           env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_memory_study_smoke_runs_into_its_table(memory_sweep):
+    out = memory_sweep
     table = study_table(out)
     assert table.attrs["study"] == "memory" and table.attrs["smoke"]
     assert list(table["set"]) == ["baseline", "kv_int4", "kv_snapkv", "prefetch", "all_combined"]
@@ -197,3 +206,35 @@ def test_idle_task_times_one_region_the_monitor_summarizes():
     assert smoke["seconds"] < 0.5 and smoke["monitored"] == 0
     with pytest.raises((PluginError, ValueError), match="seconds"):
         registry.config("task", "idle", {"seconds": 0})
+
+
+@pytest.mark.slow
+def test_offline_wandb_runs_agree_with_results_load(memory_sweep, tmp_path, capsys):
+    pytest.importorskip("wandb")
+    check = _script("check_wandb")
+    assert check.main([str(memory_sweep), "--out", str(tmp_path / "check.json")]) == 0
+    result = json.loads((tmp_path / "check.json").read_text())
+    assert [j["set"] for j in result["jobs"]] == ["baseline", "kv_int4", "kv_snapkv", "prefetch", "all_combined"]
+    assert {j["group"] for j in result["jobs"]} == {"memory"}  # one W&B group per sweep: the sweep directory's name
+    assert "cache:snapkv" in result["jobs"][2]["tags"] and "prefetch:lookahead" in result["jobs"][4]["tags"]
+    assert all(j["compared"] >= 10 for j in result["jobs"])
+    # a metrics.json that no longer says what W&B recorded is caught
+    tampered = tmp_path / "memory"
+    shutil.copytree(memory_sweep, tampered)
+    record = json.loads((tampered / "2" / "metrics.json").read_text())
+    record["metrics"]["memory/kv_stored_bytes"] += 1
+    write_metrics(tampered / "2", record)
+    capsys.readouterr()
+    assert check.main([str(tampered)]) == 1
+    printed = capsys.readouterr().out
+    assert "memory/kv_stored_bytes: row" in printed and "4 of 5 job(s) agree" in printed
+
+
+def _script(name: str):
+    """scripts/<name>.py as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
