@@ -40,7 +40,8 @@ def _one_thread(one_torch_thread):
 
 def run(tmp_path, *overrides):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["logger=none", "debug=smoke", "device=cpu", "monitor.enabled=false", *overrides])
+        cfg = compose(config_name="config",
+                      overrides=["logger=none", "debug=smoke", "device=cpu", "monitor.enabled=false", *overrides])
     return run_job(cfg, tmp_path)
 
 

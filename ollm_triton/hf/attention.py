@@ -130,4 +130,5 @@ def is_plain_causal(mask: torch.Tensor, t: int) -> bool:
     return bool((mask[..., -t:, :] == causal).all())
 
 
-__all__ = ["IMPL_NAMES", "PREFIX", "attention_name", "backend_of", "clear_decode_path", "decode_path", "register_all", "set_attention"]
+__all__ = ["IMPL_NAMES", "PREFIX", "attention_name", "backend_of", "clear_decode_path", "decode_path", "register_all",
+           "set_attention"]
