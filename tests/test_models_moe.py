@@ -399,3 +399,24 @@ def test_gpt_oss_piecewise_step_keeps_windows_and_sinks(gpt_oss):
     piecewise.fast_decoder().generate(ids_for(), 12, recording(got))
     assert piecewise.describe()["fast_path_steps"] > 0
     assert max_error(got, ref) <= TOL
+
+
+def test_attention_sinks_against_float64(monkeypatch):
+    """sdpa's sink attention, whole and in query chunks, against the closed form in float64: plain softmax attention
+    scaled by Z / (Z + exp(sink)), Z the sum of exp(score) over the visible keys."""
+    from ollm_triton.attention import sdpa
+    from ollm_triton.attention.base import causal_mask
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 4, 37, 16, generator=g), torch.randn(2, 2, 50, 16, generator=g), \
+        torch.randn(2, 2, 50, 16, generator=g)
+    sinks = torch.randn(4, generator=g) * 2
+    mask = causal_mask(37, 50, 13, "cpu", window=8)
+    kr, vr = k.double().repeat_interleave(2, 1), v.double().repeat_interleave(2, 1)
+    scores = (q.double() @ kr.transpose(-1, -2) / 4.0).masked_fill(~mask, float("-inf"))
+    z = scores.exp().sum(-1, keepdim=True)
+    ref = torch.softmax(scores, -1) @ vr * (z / (z + sinks.double().exp().view(1, 4, 1, 1)))
+    whole = sdpa.attend_with_sinks(q, k, v, mask, sinks)
+    monkeypatch.setattr(sdpa, "SINK_SCORES_BYTES", 4 * 2 * 4 * 50 * 5)  # chunks of 5 queries
+    chunked = sdpa.attend_with_sinks(q, k, v, mask, sinks)
+    assert (whole.double() - ref).abs().max() < 1e-5 and (chunked.double() - ref).abs().max() < 1e-5

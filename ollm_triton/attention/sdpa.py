@@ -39,17 +39,25 @@ class SDPA(AttentionBackend):
         return sdpa_gqa(q, k, v, mask=causal_mask(t, s, q_offset, q.device, tree_mask))
 
 
+SINK_SCORES_BYTES = 1 << 30  # float32 scores held at once by attend_with_sinks (queries are taken in chunks)
+
+
 def attend_with_sinks(q, k, v, mask: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
     """softmax([q k^T / sqrt(D), sink_h]) without its last column, @ v. q: [B, Hq, T, D]; k, v: [B, Hkv, S, D];
-    mask: bool [T, S] (True = visible); sinks: [Hq] logits. Returns [B, Hq, T, D] in q's dtype."""
+    mask: bool [T, S] (True = visible); sinks: [Hq] logits. Returns [B, Hq, T, D] in q's dtype. Queries go in
+    chunks so the float32 scores stay under SINK_SCORES_BYTES (a 64-head 8k prefill would otherwise hold 17 GB)."""
     b, hq, t, d = q.shape
-    g = hq // k.shape[1]
+    s, g = k.shape[2], hq // k.shape[1]
     kf, vf = (x.float().repeat_interleave(g, dim=1) if g > 1 else x.float() for x in (k, v))
-    scores = (q.float() @ kf.transpose(-1, -2)) * d**-0.5  # [B, Hq, T, S]
-    scores = scores.masked_fill(~mask, float("-inf"))
-    sink = sinks.float().view(1, hq, 1, 1).expand(b, hq, t, 1)
-    probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]
-    return (probs @ vf).to(q.dtype)
+    sink = sinks.float().view(1, hq, 1, 1)
+    chunk = max(1, SINK_SCORES_BYTES // (4 * b * hq * max(s, 1)))
+    out = torch.empty(b, hq, t, vf.shape[-1], dtype=q.dtype, device=q.device)
+    for t0 in range(0, t, chunk):
+        scores = (q[:, :, t0 : t0 + chunk].float() @ kf.transpose(-1, -2)) * d**-0.5  # [B, Hq, chunk, S]
+        scores = scores.masked_fill(~mask[t0 : t0 + chunk], float("-inf"))
+        logits = torch.cat((scores, sink.expand(b, hq, scores.shape[2], 1)), dim=-1)
+        out[:, :, t0 : t0 + chunk] = torch.softmax(logits, dim=-1)[..., :-1] @ vf
+    return out
 
 
 def sdpa_gqa(q, k, v, *, is_causal: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
