@@ -420,3 +420,46 @@ def test_attention_sinks_against_float64(monkeypatch):
     monkeypatch.setattr(sdpa, "SINK_SCORES_BYTES", 4 * 2 * 4 * 50 * 5)  # chunks of 5 queries
     chunked = sdpa.attend_with_sinks(q, k, v, mask, sinks)
     assert (whole.double() - ref).abs().max() < 1e-5 and (chunked.double() - ref).abs().max() < 1e-5
+
+
+@pytest.mark.gpu
+def test_gpu_gpt_oss_piecewise_graphs_equal_uncaptured_and_eager():
+    """On the GPU, auto picks the piecewise step for gpt-oss (windows and sinks attend between captured segments):
+    replayed segments give the tokens of the same step uncaptured, and the eager engine's logits to bf16 rounding."""
+    from ollm_triton.decoding.greedy import decode_loop
+    from ollm_triton.engine.fast_decode import FastDecoder
+
+    arch = dict(model_type="gpt_oss", vocab_size=4096, hidden_size=512, intermediate_size=512, num_hidden_layers=4,
+                head_dim=64, num_attention_heads=8, num_key_value_heads=2, num_local_experts=16,
+                num_experts_per_tok=4, sliding_window=32, max_position_embeddings=4096,
+                layer_types=["sliding_attention", "full_attention"] * 2,
+                rope_parameters={"rope_type": "yarn", "factor": 8.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                 "truncate": False, "original_max_position_embeddings": 512, "rope_theta": 150000.0})
+
+    def decisive(engine):  # router logits far apart, so bf16 rounding of either path picks the same experts
+        for layer in engine.model.model.layers:
+            layer.mlp.router.weight.mul_(50.0)
+            layer.self_attn.sinks.normal_(0.0, 1.0, generator=torch.Generator("cuda").manual_seed(1))
+        return engine
+
+    graph = decisive(load_engine(arch, device="cuda", dtype=torch.bfloat16, seed=0))
+    assert graph.fast_path.mode == "piecewise" and graph.fast_path.captured
+    uncaptured = decisive(load_engine(arch, device="cuda", dtype=torch.bfloat16, seed=0))
+    uncaptured._fast = FastDecoder(uncaptured, capture=False, piecewise=True)
+    ids = torch.randint(0, 4096, (2, 100), generator=torch.Generator().manual_seed(0)).cuda()
+    greedy = registry.build("decoder", "greedy")
+    a, b = greedy.generate(graph, ids, 24), greedy.generate(uncaptured, ids, 24)
+    assert torch.equal(a.tokens, b.tokens)
+    eager = decisive(load_engine(arch, device="cuda", dtype=torch.bfloat16, seed=0, fast_decode="off"))
+    ref, got = [], []
+
+    def recording(store):
+        def pick(logits):
+            store.append(logits.float().clone())
+            return logits.argmax(-1)
+        return pick
+
+    decode_loop(eager, ids, 3, recording(ref), None)
+    graph.fast_decoder().generate(ids, 3, recording(got))
+    for r, g in zip(ref, got, strict=True):
+        assert ((r - g).norm() / r.norm()).item() < 2e-2
