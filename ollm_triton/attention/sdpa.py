@@ -27,6 +27,9 @@ class SDPA(AttentionBackend):
     def prefill(self, q, k, v, *, q_offset, tree_mask=None, window: int = 0, sinks: torch.Tensor | None = None):
         t, s = q.shape[2], k.shape[2]
         if window or sinks is not None:
+            start = max(0, q_offset - window + 1) if window else 0
+            if start:  # keys before the first query's window are invisible to every query: not read at all
+                k, v, s, q_offset = k[:, :, start:], v[:, :, start:], s - start, q_offset - start
             mask = causal_mask(t, s, q_offset, q.device, tree_mask, window=window)
             if sinks is None:
                 return sdpa_gqa(q, k, v, mask=mask)
