@@ -31,7 +31,9 @@
 # STUDY_OVERRIDES (more Hydra overrides, space-separated: `debug=smoke` checks the script on a CPU in seconds),
 # OLLM_GIT_SHA (recorded in every metrics.json; the device tree has no .git), PYTHON (python3).
 # Wheels: every `.whl*/` folder at the repository root (hydra-core, omegaconf, antlr4; wandb and its dependencies for
-# offline W&B runs) is installed with --no-index into /tmp/site first, as experiments/device_run.sh does.
+# offline W&B runs, from `bash scripts/fetch_device_wheels.sh` here) is installed with --no-index into /tmp/site
+# first, as experiments/device_run.sh does. Back here: `tar xzf <study>.tgz` then
+# `python scripts/check_wandb.py <study>` shows the offline W&B runs agree with results.load (group, tags, metrics).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
