@@ -8,7 +8,6 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-
 from test_serve import serving
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_serve.py"
