@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ollm_triton.engine.config import ModelConfig
-from ollm_triton.kernels.moe import expert_activation, moe_experts
+from ollm_triton.kernels.moe import expert_forward, moe_experts, moe_experts_torch
 
 MOE_PATHS = ("auto", "grouped", "naive", "kernel")
 
@@ -87,30 +87,19 @@ class Experts(nn.Module):
     def num_experts(self) -> int:
         return self.gate_up_proj.shape[0]
 
+    def _tensors(self) -> tuple[torch.Tensor | None, ...]:
+        return self.gate_up_proj, self.down_proj, self.gate_up_proj_bias, self.down_proj_bias
+
+    def _options(self) -> dict:
+        return dict(layout=self.layout, act=self.act, alpha=self.alpha, limit=self.limit)
+
     def run(self, e: int, h: torch.Tensor) -> torch.Tensor:
         """Expert e on its tokens h: [n, hidden] -> [n, hidden] (PyTorch)."""
-        gu_b = self.gate_up_proj_bias[e] if self.gate_up_proj_bias is not None else None
-        d_b = self.down_proj_bias[e] if self.down_proj_bias is not None else None
-        if self.layout == "concat":
-            gate, up = F.linear(h, self.gate_up_proj[e], gu_b).chunk(2, dim=-1)
-        else:
-            gate_up = h @ self.gate_up_proj[e]
-            if gu_b is not None:
-                gate_up = gate_up + gu_b
-            gate, up = gate_up[..., ::2], gate_up[..., 1::2]
-        act = expert_activation(gate, up, self.act, self.alpha, self.limit)
-        if self.layout == "concat":
-            return F.linear(act, self.down_proj[e], d_b)
-        out = act @ self.down_proj[e]
-        return out + d_b if d_b is not None else out
+        return expert_forward(h, e, *self._tensors(), **self._options())
 
     def naive(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """The reference: x [N, hidden], weights, experts [N, k] -> [N, hidden], expert by expert."""
-        out = torch.zeros_like(x)
-        for e in experts.unique().tolist():
-            token, slot = torch.where(experts == e)
-            out.index_add_(0, token, self.run(e, x[token]) * weights[token, slot, None])
-        return out
+        return moe_experts_torch(x, weights, experts, *self._tensors(), **self._options())
 
     def grouped(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """(token, slot) pairs sorted by expert, one call per expert over its run: x [N, hidden], weights, experts
@@ -132,9 +121,7 @@ class Experts(nn.Module):
 
     def kernel(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """The Triton grouped kernels (kernels/moe.py): x [N, hidden], weights, experts [N, k] -> [N, hidden]."""
-        return moe_experts(x, weights, experts, self.gate_up_proj, self.down_proj, self.gate_up_proj_bias,
-                           self.down_proj_bias, layout=self.layout, act=self.act, alpha=self.alpha,
-                           limit=self.limit, use_kernel=True)
+        return moe_experts(x, weights, experts, *self._tensors(), **self._options(), use_kernel=True)
 
 
 class MoE(nn.Module):
