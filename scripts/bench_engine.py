@@ -42,6 +42,27 @@ def timed(fn):
     return time.perf_counter() - t0, out
 
 
+def decode_floor(engine) -> dict:
+    """Batch-1 decode cannot beat reading the weights one token touches once: every dense weight, the router and
+    the k routed experts of a MoE layer (not the other experts), one row of the embedding table; over the device's
+    copy bandwidth (bytes read + written by a 2 GB copy). KV reads are left out (short contexts here)."""
+    cfg = engine.config
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+    unread = moe_layers * (cfg.moe_layer_parameters() - cfg.moe_active_parameters()) if moe_layers else 0
+    if not cfg.tie_word_embeddings:  # the table is only gathered from; a tied head reads it whole
+        unread += cfg.vocab_size * cfg.hidden_size
+    active = (cfg.num_parameters() - unread) * engine.dtype.itemsize
+    out = {"active_weight_bytes": active}
+    if torch.cuda.is_available():
+        from triton.testing import do_bench
+
+        src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+        dst = torch.empty_like(src)
+        bw = 2 * (1 << 30) / (do_bench(lambda: dst.copy_(src)) / 1e3)
+        out.update(copy_bandwidth_bytes_s=bw, floor_tok_s=bw / active)
+    return out
+
+
 def bench_engine(engine, prompt, new_tokens, repeats):
     greedy = registry.build("decoder", "greedy")
     greedy.generate(engine, prompt, 4)  # warm-up
@@ -121,6 +142,7 @@ def main():
     hf_model.eval()
 
     rows, results = [], []
+    floor = decode_floor(engine)
     gen = torch.Generator().manual_seed(0)
     for plen in args.prompt:
         prompt = torch.randint(0, arch["vocab_size"], (1, plen), generator=gen).to(device)
@@ -141,6 +163,11 @@ def main():
                 f"| {name} | {plen} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {r['peak_gb']:.2f} |"
             )
         results.append({"prompt": plen, "last_logits_rel_error": agree})
+        if "floor_tok_s" in floor:
+            rows.append(f"| decode floor: {floor['active_weight_bytes'] / 1e9:.2f} GB read per token at "
+                        f"{floor['copy_bandwidth_bytes_s'] / 1e9:.0f} GB/s (ours at "
+                        f"{ours['decode_tok_s'] / floor['floor_tok_s']:.0%} of it) | {plen} | | "
+                        f"{floor['floor_tok_s']:.1f} | |")
         rows.append(f"| last-token logits, relative L2 difference ({args.dtype}) | {plen} | {agree:.1e} | | |")
 
     record = {
@@ -156,6 +183,7 @@ def main():
         "new_tokens": args.new,
         "repeats": args.repeats,
         "results": results,
+        "decode_floor": floor,
     }
     if args.out:
         Path(args.out).write_text(json.dumps(record, indent=1))
