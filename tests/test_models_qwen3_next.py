@@ -278,3 +278,13 @@ def test_engine_cache_bytes_is_what_a_cache_stores(hf_model, ids):
     engine = engine_for(hf_model)
     _, cache = run_engine(engine, ids)
     assert engine.cache_bytes(ids.shape[1]) == cache.stats()["kv_stored_bytes"]
+
+
+@pytest.mark.parametrize("backend", registry.names("attention"))
+def test_every_attention_backend_runs_the_attention_layers(hf_model, ids, reference, backend):
+    """Each backend's prefill and decode on the gated attention layers; at 27 tokens no default window or sparse
+    pattern masks anything, so every one must give transformers' logits."""
+    engine = load_engine(hf_model.config.to_dict(), attention=registry.build("attention", backend))
+    engine.model.load_state_dict(hf_model.state_dict(), strict=False)
+    logits, _ = run_engine(engine, ids)
+    assert (logits - reference).abs().max() <= ATOL
