@@ -228,6 +228,11 @@ def test_offline_wandb_runs_agree_with_results_load(memory_sweep, tmp_path, caps
     assert check.main([str(tampered)]) == 1
     printed = capsys.readouterr().out
     assert "memory/kv_stored_bytes: row" in printed and "4 of 5 job(s) agree" in printed
+    # a failed job (the runner finishes its W&B run with exit code 1 and logs nothing) agrees; exit code 0 does not
+    failed = {"status": "failed", "overrides": "+experiment/plugins=kv_int4", "cache": "int4"}
+    run = {"group": "g", "tags": ["cache:int4"], "name": "x-experiment/plugins=kv_int4", "summary": {}, "exit_code": 1}
+    assert check.check_job(failed, run, "g", ("cache",), ["memory/kv_stored_bytes"]) == ([], 0)
+    assert "exit code 0" in check.check_job(failed, {**run, "exit_code": 0}, "g", ("cache",), [])[0][0]
 
 
 def _script(name: str):
