@@ -197,3 +197,25 @@ def test_perplexity_counts_its_windows_on_the_bar(monkeypatch, capsys):
     monkeypatch.delenv("OLLM_PROGRESS")  # stderr captured by pytest is not a terminal: quiet
     score(engine, ids, max_length=16, stride=8, chunk=16)
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_nvml_reads_the_gpu_that_works():
+    pytest.importorskip("pynvml")
+    device = torch.device("cuda")
+    with SystemMonitor(rate_hz=50, device=device) as mon:
+        x = torch.randn(4096, 4096, device=device)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 1.5:  # long enough for NVML's 1 s power average to see the load
+            x = torch.tanh(x @ x)
+            torch.cuda.synchronize()
+        t1 = time.perf_counter()
+    assert not mon.gpu.startswith("unavailable"), mon.gpu
+    s = mon.summary(t0, t1, tokens=100)
+    assert s["power_mean_w"] > 20 and s["energy_j"] > 20 * (t1 - t0) * 0.5, s
+    assert s["tokens_per_j"] == pytest.approx(100 / s["energy_j"])
+    assert s["gpu_util_mean"] > 20 and s["temp_peak_c"] > 0 and s["gpu_mem_peak_bytes"] > 64 * 2**20
+    if "energy_j_trapezoid" in s:  # the counter and the trapezoid over power agree within NVML's averaging
+        assert s["energy_j_trapezoid"] == pytest.approx(s["energy_j"], rel=0.35)
