@@ -288,3 +288,16 @@ def test_every_attention_backend_runs_the_attention_layers(hf_model, ids, refere
     engine.model.load_state_dict(hf_model.state_dict(), strict=False)
     logits, _ = run_engine(engine, ids)
     assert (logits - reference).abs().max() <= ATOL
+
+
+def test_kept_states_are_bounded_and_can_be_switched_off(hf_model, ids):
+    engine = engine_for(hf_model)
+    _, cache = run_engine(engine, ids)
+    layer = cache.layers[0]
+    cache.truncate(ids.shape[1] - 3)  # three single steps back: kept
+    assert len(layer._kept) <= engine.decode_max_tokens + 1
+    engine.state_rollback_tokens = 0  # a run that never rolls back keeps no old states
+    _, cache = run_engine(engine, ids)
+    assert len(cache.layers[0]._kept) == 1
+    with pytest.raises(NotImplementedError, match="cannot roll back to"):
+        cache.truncate(ids.shape[1] - 1)

@@ -53,6 +53,10 @@ class Engine:
     # None: the fused Triton kernels on CUDA tensors and the eager ops elsewhere; True/False force one path
     # (True on the CPU runs the kernels through the Triton interpreter: tests).
     kernels: bool | None = None
+    # Linear-attention layers keep their states of the last N lengths so speculative decoders can roll back
+    # (cache/state.py); None = decode_max_tokens. Each kept length costs one state per layer (Qwen3-Next-80B: 77 MB
+    # over its 36 layers at batch 1): 0 keeps none, for runs that never roll back (greedy, sample).
+    state_rollback_tokens: int | None = None
 
     def __init__(
         self,
@@ -99,8 +103,9 @@ class Engine:
         if batch < 1 or max_len < 1:
             raise ValueError(f"new_cache needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}")
         spec, cfg = self.layer_spec(batch, max_len), self.config
+        rollback = self.decode_max_tokens if self.state_rollback_tokens is None else self.state_rollback_tokens
         # a linear-attention layer holds its fixed-size state, not the codec's K/V (the codec applies elsewhere)
-        return KVCache([StateLayer(spec, state_shapes(cfg, batch, self.dtype), rollback_tokens=self.decode_max_tokens)
+        return KVCache([StateLayer(spec, state_shapes(cfg, batch, self.dtype), rollback_tokens=rollback)
                         if cfg.layer_type(i) == "linear_attention" else self.codec.new_layer(spec)
                         for i in range(cfg.num_layers)])
 
