@@ -259,6 +259,12 @@ def test_memory_check_counts_the_state_not_kv_on_linear_layers():
     state = 36 * state_bytes(cfg, 1, torch.bfloat16)
     assert state == 36 * ((2 * 16 * 128 + 32 * 128) * 3 * 2 + 32 * 128 * 128 * 4)
     assert est["kv_bytes"] == kv + state and est["state_bytes"] == state
+    from ollm_triton.engine.footprint import DoesNotFit, check_fits
+
+    with pytest.raises(DoesNotFit, match=r"^qwen3_next_80b does not fit: .* need 3\d\d\.\d GB of host memory") as e:
+        check_fits(arch, dtype="auto", device="cpu", batch=1, context=4096, codec=dense, name="qwen3_next_80b",
+                   prefetch=registry.build("prefetch", "resident"), free=(24e9, 24e9))
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.interpreter
