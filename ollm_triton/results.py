@@ -326,7 +326,8 @@ def study_table(path_or_df: Any, study: str | None = None):
     for _, r in df.sort_values("_job").iterrows():
         task = "memory" if study == "memory" else "throughput"
         peak, peak_source = _peak_gb(r, task)
-        row: dict[str, Any] = {"set": plugin_set(r)}
+        model = r.get("model") if isinstance(r.get("model"), str) else override_value(r.get("overrides"), "model")
+        row: dict[str, Any] = {"model": model, "set": plugin_set(r)}
         if study in STUDY_LENGTH:
             length, _ = _first(r, STUDY_LENGTH[study])
             swept = override_value(r.get("overrides"), STUDY_LENGTH[study])  # a job that failed before composing
@@ -363,16 +364,14 @@ def study_table(path_or_df: Any, study: str | None = None):
         row["error"] = r.get("error") if row["status"] != "ok" else None
         rows.append(row)
     table = pd.DataFrame(rows)
-    keys = ["context"] if "context" in table else []
-    base = table[(table["set"] == BASELINE_SET) & (table["status"] == "ok")]
-    base = base.drop_duplicates(keys or ["set"]).set_index(keys) if keys else base.head(1)
+    # each row against the baseline of its model and length (a sweep may add model=a,b on the command line)
+    keys = ["model", *(["context"] if "context" in table else [])]
+    base = table[(table["set"] == BASELINE_SET) & (table["status"] == "ok")].drop_duplicates(keys)
+    base = {tuple(b[k] for k in keys): b for _, b in base.iterrows()}
 
     def baseline_of(row: Any, column: str) -> Any:
-        if base.empty or column not in base:
-            return None
-        if not keys:
-            return base[column].iloc[0]
-        return base[column].get(row["context"]) if row["context"] in base.index else None
+        found = base.get(tuple(row[k] for k in keys))
+        return None if found is None else found.get(column)
 
     against = {
         "memory": ["peak_gb", "kv_gb"],
@@ -388,6 +387,9 @@ def study_table(path_or_df: Any, study: str | None = None):
             _ratio(baseline_of(row, column), row[column]) if inverse else _ratio(row[column], baseline_of(row, column))
             for _, row in table.iterrows()
         ]
+    if table["model"].nunique(dropna=False) == 1:  # one model: said in attrs, not in every row
+        table.attrs["model"] = table["model"].iloc[0]
+        table = table.drop(columns="model")
     table = table[[c for c in table.columns if c != "error"] + ["error"]]  # the long line last
     smoke = df.get("smoke")
     table.attrs.update(

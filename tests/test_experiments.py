@@ -243,3 +243,17 @@ def _script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_a_sweep_over_two_models_compares_each_with_its_own_baseline(tmp_path):
+    sweep = tmp_path / "throughput"
+    for num, (model, name, tok_s) in enumerate([("llama3_8b", "baseline", 200.0), ("llama3_8b", "kv_int4", 150.0),
+                                                 ("qwen3_8b", "baseline", 100.0), ("qwen3_8b", "kv_int4", 90.0)]):
+        _job(sweep, num, ["+experiment=throughput", f"+experiment/plugins={name}", f"model={model}"],
+             {"throughput/decode_tok_s": tok_s, "throughput/ttft_s": 1.0})
+    table = study_table(sweep)
+    assert list(table.model) == ["llama3_8b", "llama3_8b", "qwen3_8b", "qwen3_8b"]
+    assert list(table.decode_tok_s_x_baseline) == pytest.approx([1.0, 0.75, 1.0, 0.9])
+    runs = load(sweep)
+    one = study_table(runs[runs.overrides.str.contains("model=llama3_8b")])
+    assert "model" not in one and one.attrs["model"] == "llama3_8b"
