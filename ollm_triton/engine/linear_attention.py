@@ -9,7 +9,7 @@ A linear-attention layer replaces q/k/v -> attention with (shapes per token, H k
     o = gated delta rule(q, k, v, g, beta; recurrent state [HV, Dk, Dv])  (kernels/gated_delta.py)
     out_proj(RMSNorm(o) * silu(z))                                         (the gated RMSNorm, per value head)
 
-Its cache layer is a `StateLayer` (cache/base.py), not a codec's K/V: the conv state [B, C, K - 1] in the model
+Its cache layer is a `StateLayer` (cache/state.py), not a codec's K/V: the conv state [B, C, K - 1] in the model
 dtype and the recurrent state [B, HV, Dk, Dv] in float32, a fixed size whatever the context (`state_shapes`). A
 block of 2..16 tokens after the prompt (a speculative verify block) runs the recurrent form and keeps the state
 after every token, so `truncate` can roll back to any accepted prefix; a tree of drafts is refused (one recurrent
