@@ -23,6 +23,7 @@ HEADLINE = (
     "memory/kv_stored_bytes",
     "memory/host_peak_rss_bytes",
     "device_peak_allocated_bytes",
+    "monitor/tokens_per_j",  # over every task's timed region; only where NVML reads the GPU's energy
 )
 
 
