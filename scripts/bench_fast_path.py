@@ -11,7 +11,8 @@ would not fit, saying so):
              `generate` (eager, dynamic cache), transformers `generate` with cache_implementation="static" +
              torch.compile (a time-boxed subprocess on the same seeded weights, failure reported as such)
   long       32k context: engine graph (dense), engine eager (dense), engine int4 (fast_decode=auto: the whole
-             step on a GPU, eager on the CPU), and transformers eager
+             step on a GPU, eager on the CPU), engine int4 on the piecewise step, and transformers eager
+  codec_contexts  batch-1 decode at 8k / 32k / 128k: dense, int8, int4 on the whole captured step, int4 piecewise
   prefill    prefill tok/s at 8k and 32k (engine unchunked and chunked with peak memory, transformers)
   ttft       time to first token at 100k, chunked (flash attention), with peak memory
   batch      batch 8 and 32 decode throughput (tok/s summed over sequences): engine graph, transformers eager
@@ -330,6 +331,7 @@ def main():
     ap.add_argument("--long", type=int, default=32768)
     ap.add_argument("--long-new", type=int, default=64)
     ap.add_argument("--prefill", type=int, nargs="*", default=[8192, 32768])
+    ap.add_argument("--codec-contexts", type=int, nargs="*", default=[8192, 32768, 131072])
     ap.add_argument("--ttft", type=int, default=100_000)
     ap.add_argument("--chunk", type=int, default=8192)
     ap.add_argument("--batches", type=int, nargs="*", default=[8, 32])
@@ -344,6 +346,7 @@ def main():
     args = ap.parse_args()
     if args.small:
         args.prompt, args.new, args.long, args.long_new = 32, 8, 160, 4
+        args.codec_contexts = [160]
         args.prefill, args.ttft, args.chunk, args.batches = [64, 128], 300, 64, [2]
     args.dtype = args.dtype or ("bfloat16" if CUDA else "float32")
     if args.compile_worker:
@@ -494,6 +497,32 @@ def main():
         return out
 
     bench.section("long", 40 if not args.small else 1, long_context)
+
+    def codec_contexts():
+        """Batch-1 decode at each of --codec-contexts with the dense cache and the quantized codecs on the whole
+        captured step (and int4 on the piecewise step it replaced), prompts prefilled in chunks of --chunk: does
+        the int4 step beat dense, and does the gap grow with context as the bytes say (issue 20, item 1)?"""
+        out = {}
+        for ctx in args.codec_contexts:
+            p = make_prompt(arch, 1, ctx, device, seed=2)
+            row = {}
+            for key, kw in (("dense", {}), ("int8", dict(codec="int8")), ("int4", dict(codec="int4")),
+                            ("int4_piecewise", dict(codec="int4", fast_decode="piecewise"))):
+                eng = sibling(prefill_chunk=args.chunk, **kw)
+                row[key], _ = engine_generate(eng, p, args.long_new, args.repeats)
+                if key != "dense":
+                    row[key]["kv_ratio"] = kv_ratio(eng, ctx + args.long_new // 2)
+                del eng
+                torch.cuda.empty_cache() if CUDA else None
+                bench.row(f"engine, {key.replace('_', ' ')} cache" + (" (% of its own floor)" if key != "dense" else ""),
+                          ctx, 1, row[key]["prefill_tok_s"], row[key]["decode_tok_s"],
+                          floor(1, ctx + args.long_new // 2, row[key].get("kv_ratio", 1.0)), row[key]["peak_gb"],
+                          row[key]["fast_path"], group=1000 + len(out) * 10 + len(row))
+            row["int4_over_dense"] = row["int4"]["decode_tok_s"] / row["dense"]["decode_tok_s"]
+            out[str(ctx)] = row
+        return out
+
+    bench.section("codec_contexts", 60 if not args.small else 1, codec_contexts)
 
     def prefill():
         out = {}
