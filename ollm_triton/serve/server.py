@@ -201,6 +201,9 @@ def build(cfg: DictConfig, *, shutdown_cancel: bool = True) -> Server:
         raise RunError(f"{e.full_key} is required but not set (see ollm_triton/conf/serve.yaml)") from None
     settings = ServeSettings.from_config(dict(resolved.get("serve") or {}))
     plugins = resolve_plugins(resolved)
+    if not plugins["context"]["default"]:  # accepted and silently ignored would serve uncompressed prompts
+        raise RunError(f"+context={plugins['context']['name']} is not applied by the server yet (the runner's tasks "
+                       f"and OptimizedInference apply it); accepted here: no +context")
     defaults = sampling_defaults(plugins)
     source, _trained = model_source(resolved["model"])
     device = resolve_device(str(resolved.get("device", "auto")))
