@@ -392,8 +392,8 @@ SUMMED = ("seconds", "samples", "energy_j", "energy_j_trapezoid", "tokens", "rea
 
 def merge_summaries(parts: list[dict[str, float | str]]) -> dict[str, float | str]:
     """One summary of several regions' (`SystemMonitor.summary`): seconds, samples, energy, tokens and bytes read
-    summed; peaks the largest; means weighted by each region's seconds; tokens_per_j from the sums; text fields
-    (gpu, energy_source, ...) their distinct values joined by '; '."""
+    summed; peaks the largest; means weighted by each region's seconds; tokens_per_j: the tokens over the energy of
+    the regions that counted tokens; text fields (gpu, energy_source, ...) their distinct values joined by '; '."""
     out: dict[str, float | str] = {}
     keys = list(dict.fromkeys(k for p in parts for k in p))
     for key in keys:
@@ -410,8 +410,10 @@ def merge_summaries(parts: list[dict[str, float | str]]) -> dict[str, float | st
             total = sum(weights)
             out[key] = sum(w * v for w, v in zip(weights, values, strict=True)) / total if total > 0 else \
                 sum(values) / len(values)
-    if "tokens" in out and out.get("energy_j"):
-        out["tokens_per_j"] = out["tokens"] / out["energy_j"]
+    counted = [p for p in parts if "tokens" in p and "energy_j" in p]  # a region without tokens (idle) is not
+    spent = sum(float(p["energy_j"]) for p in counted)  # in tokens per joule: its energy bought no tokens
+    if counted and spent > 0:
+        out["tokens_per_j"] = sum(int(p["tokens"]) for p in counted) / spent
     for key in out:
         if key.endswith("_bytes") or key in ("samples", "tokens"):
             out[key] = int(out[key])
