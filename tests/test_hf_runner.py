@@ -7,7 +7,8 @@
   runs the default tasks under debug=smoke with a compressing codec, the quality tasks refusing for lack of a
   tokenizer;
 - what transformers' forward cannot run refuses in one line before anything loads;
-- on a GPU, decode steps under the bridge run the codec's fused kernel and score as the dense() path does.
+- (tests/test_hf_bridge.py, gpu: decode steps under the runner's adapter run the codec's fused kernel and score as
+  the dense() path does; there because the GPU box may have no hydra.)
 """
 
 from __future__ import annotations
@@ -118,32 +119,3 @@ def test_what_transformers_cannot_run_refuses_in_one_line(tmp_path, override, wo
 def test_every_forward_only_decoder_is_one_the_adapter_can_drive():
     """A decoder declaring forward_only must not reach for the native engine's internals: greedy and sample do."""
     assert {n for n in registry.names("decoder") if registry.get("decoder", n).cls.forward_only} == {"greedy", "sample"}
-
-
-@pytest.mark.gpu
-def test_decode_under_the_bridge_runs_the_codecs_fused_kernel_and_scores_as_the_dense_path():
-    """Perplexity through the runner's adapter on CUDA with int4: decode blocks run the codec's fused kernel, and
-    the score equals the same run with the backend attending over the codec's dense() (its fused decode off)."""
-    from ollm_triton.hf.attention import backend_of
-    from ollm_triton.hf.engine import load_transformers_engine
-    from ollm_triton.tasks.perplexity import score
-
-    def engine(fused: bool):
-        eng = load_transformers_engine(ASSET, attention="sdpa", codec=registry.build("cache", "int4", {}),
-                                       prefetch=registry.build("prefetch", "resident"), device="cuda",
-                                       dtype="bfloat16")
-        eng.attention.fused_codec_decode = fused  # the backend instance is shared by name: set it per run
-        return eng
-
-    ids = torch.randint(3, 8000, (1024,), generator=torch.Generator().manual_seed(0))
-    try:
-        fused = engine(True)
-        got = score(fused, ids, 512, 256, 16)
-        assert fused.describe()["decode_attention_path"] == "fused:QuantLayer"
-        eager = engine(False)
-        ref = score(eager, ids, 512, 256, 16)
-        assert not eager.describe()["decode_attention_path"].startswith("fused:")
-    finally:
-        backend_of("ollm_sdp").__dict__.pop("fused_codec_decode", None)  # back to the class's declaration
-    assert got.scored == ref.scored and got.scored_lossy == ref.scored_lossy > 0
-    assert abs(got.nll / ref.nll - 1) < 2e-3  # bf16: the kernel's accumulation order against SDPA's
