@@ -223,3 +223,17 @@ def test_passkey_task_prefills_the_compressed_prompt(target):
     assert seen == [round(0.3 * 256)]
     assert math.isclose(out["context_ratio"], round(0.3 * 256) / 256)
     assert out["context_method"] == "hierarchical" and out["context_needle_kept"] in (0.0, 1.0)
+
+
+def test_server_refuses_context_in_one_line():
+    """The server does not compress prompts yet: +context is refused rather than accepted and ignored."""
+    from hydra import compose, initialize_config_dir
+
+    from ollm_triton.run import CONF, RunError
+    from ollm_triton.serve.server import build
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="serve", overrides=["+context=importance"])
+    with pytest.raises(RunError, match=r"\+context=importance is not applied by the server") as e:
+        build(cfg)
+    assert "\n" not in str(e.value)
