@@ -410,7 +410,7 @@ def merge_summaries(parts: list[dict[str, float | str]]) -> dict[str, float | st
             total = sum(weights)
             out[key] = sum(w * v for w, v in zip(weights, values, strict=True)) / total if total > 0 else \
                 sum(values) / len(values)
-    counted = [p for p in parts if "tokens" in p and "energy_j" in p]  # a region without tokens (idle) is not
+    counted = [p for p in parts if p.get("tokens") and "energy_j" in p]  # a region without tokens (idle) is not
     spent = sum(float(p["energy_j"]) for p in counted)  # in tokens per joule: its energy bought no tokens
     if counted and spent > 0:
         out["tokens_per_j"] = sum(int(p["tokens"]) for p in counted) / spent

@@ -65,7 +65,7 @@ def test_merged_regions_sum_energy_and_tokens():
     m = merge_summaries([a, b])
     assert m["energy_j"] == 1000 and m["tokens"] == 200 and m["tokens_per_j"] == pytest.approx(0.2)
     assert m["power_mean_w"] == pytest.approx(250) and m["power_peak_w"] == 310 and m["gpu"] == "g"
-    idle = {"gpu": "g", "seconds": 10.0, "energy_j": 700.0, "power_mean_w": 70.0}  # no tokens: not in tokens/J
+    idle = {"gpu": "g", "seconds": 10.0, "energy_j": 700.0, "tokens": 0, "power_mean_w": 70.0}  # not in tokens/J
     m = merge_summaries([idle, a, b])
     assert m["energy_j"] == 1700 and m["tokens_per_j"] == pytest.approx(0.2)
 
