@@ -75,7 +75,7 @@ def test_chat_renders_the_checkpoint_template(llm):
     messages = [{"role": "user", "content": "import os"}]
     template = json.loads((TINY / "tokenizer_config.json").read_text())["chat_template"]
     assert "### " in template  # the embedded template: '### role\ncontent\n' per message, then '### assistant\n'
-    assert llm.chat(messages, max_new_tokens=12) == llm.generate("### user\nimport os\n### assistant\n", 12)
+    assert llm.chat(messages, max_new_tokens=6) == llm.generate("### user\nimport os\n### assistant\n", 6)
 
 
 def test_memory_report_counts_the_last_cache(llm):
