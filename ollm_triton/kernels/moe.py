@@ -17,8 +17,10 @@ back to the host and the launch can be captured in a CUDA graph; blocks past the
 - `_down_kernel`: per (block, H-tile), inter @ the expert's down matrix, + bias, times the pair's routing weight,
   written to the pair's own row of [N*k, H]; the k rows of a token are then summed in PyTorch (a fixed order, so
   results do not depend on scheduling, unlike atomics).
-Each program reads only its block's expert, so a batch-1 decode step reads k experts' weights. The layouts differ
-only in strides and where the up column of gate column n sits (`GATE_STEP`, `UP_OFFSET`): no weight is copied.
+Each program reads only its block's expert, so a batch-1 decode step reads k experts' weights; one token's k
+experts are distinct, so its pairs skip the grouping (`single_token_rows`: block j is pair j, expert ids as routed).
+The layouts differ only in strides and where the up column of gate column n sits (`GATE_STEP`, `UP_OFFSET`): no
+weight is copied.
 """
 
 from __future__ import annotations
@@ -188,6 +190,25 @@ def align_pairs(experts: torch.Tensor, num_experts: int, block_m: int) -> tuple[
     return pairs, block_expert
 
 
+_SINGLE_TOKEN_ROWS: dict = {}
+
+
+def single_token_rows(k: int, block_m: int, device) -> torch.Tensor:
+    """The pairs of one token, one per BLOCK_M-row block: [k * block_m] int32, pair j first in block j, k (padding)
+    elsewhere. A constant, cached per shape: the batch-1 decode step then launches nothing to group its pairs
+    (align_pairs is ~10 small launches a layer, about as long as reading a layer's routed experts on an H100).
+    Never cached while a CUDA graph is being captured (its ops would be recorded, not run)."""
+    key = (k, block_m, str(device))
+    rows = _SINGLE_TOKEN_ROWS.get(key)
+    if rows is None:
+        rows = torch.full((k, block_m), k, dtype=torch.int32, device=device)
+        rows[:, 0] = torch.arange(k, dtype=torch.int32, device=device)
+        rows = rows.reshape(-1)
+        if not (torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _SINGLE_TOKEN_ROWS[key] = rows
+    return rows
+
+
 def _block_m(num_pairs: int, num_experts: int) -> int:
     """16 rows (tl.dot's minimum) while experts see few tokens each (decode), 64 once runs are long (prefill)."""
     return 16 if num_pairs <= 16 * num_experts else 64
@@ -217,7 +238,10 @@ def moe_experts_kernel(x, weights, experts, w_gate_up, w_down, b_gate_up=None, b
     if nk == 0:
         return out.zero_()
     bm = block_m or _block_m(nk, e)
-    pairs, block_expert = align_pairs(experts, e, bm)
+    if n == 1:  # one token: its k experts differ, so each gets a block of its own and nothing needs sorting
+        pairs, block_expert = single_token_rows(k, bm, x.device), experts.reshape(-1)
+    else:
+        pairs, block_expert = align_pairs(experts, e, bm)
     rows = pairs.numel()
     inter = _empty(rows, i, dtype=x.dtype, device=x.device)
     out_pairs = _empty(nk, h, dtype=x.dtype, device=x.device)
