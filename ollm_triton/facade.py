@@ -297,6 +297,7 @@ class OptimizedInference:
             self._scheduler = Scheduler(self.engine, max_batch=1, max_context=max(size, need),
                                         prefill_chunk=self.engine.prefill_chunk or 256, prefix_cache_bytes=0)
         sched = self._scheduler
+        self._caches = []  # the request's cache belongs to the scheduler: memory_report reads the declared bytes
         t0 = self._mark()
         req = sched.submit(ids, max_new_tokens, sampling)
         seen, first = 0, None
@@ -390,9 +391,10 @@ class OptimizedInference:
             stats = cache.stats()
             out.update({k: v for k, v in stats.items()})
             out["kv_bytes"] = int(stats.get("kv_stored_bytes", 0))
-        if self._scheduler is not None and not self._caches:
-            out["kv_bytes"] = int(self._scheduler.kv_bytes(self._last.get("prefilled_tokens", 0)
-                                                           + self._last.get("new_tokens", 0)))
+            out["kv_bytes_source"] = "the cache's stored bytes"
+        if self._scheduler is not None and not self._caches and self._last:  # the last call was stream()
+            out["kv_bytes"] = int(self._scheduler.kv_bytes(self._last["prefilled_tokens"] + self._last["new_tokens"]))
+            out["kv_bytes_source"] = "the codec's declared bytes per token (the scheduler freed the cache)"
         if self.device.type == "cuda":
             out["device_allocated_bytes"] = int(torch.cuda.memory_allocated(self.device))
             out["device_peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated(self.device))

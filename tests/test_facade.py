@@ -87,6 +87,9 @@ def test_memory_report_counts_the_last_cache(llm):
     assert r["kv_tokens_kept"] == tokens and r["kv_bytes"] == tokens * per_token
     assert r["weights_bytes"] == 4 * sum(p.numel() for p in llm.engine.model.parameters())
     assert r["footprint"]["fits"] and r["host_rss_bytes"] > r["weights_bytes"]
+    list(llm.stream(PROMPT, max_new_tokens=4))  # the scheduler frees its cache: the codec's declared bytes
+    r = llm.memory_report()
+    assert r["kv_bytes"] == (llm.stats()["prefilled_tokens"] + 4) * per_token and "declared" in r["kv_bytes_source"]
 
 
 def test_plugins_model_path_and_profile_compose():
@@ -150,3 +153,18 @@ def test_importing_the_package_stays_cheap():
     code = "import sys, ollm_triton; print(sorted(m for m in ('torch', 'hydra') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_the_gpu_stream_agrees_and_energy_is_measured():
+    from ollm_triton import OptimizedInference
+
+    with OptimizedInference(device="cuda") as llm:
+        text = llm.generate(PROMPT, max_new_tokens=32)
+        s = llm.stats()
+        assert "".join(llm.stream(PROMPT, max_new_tokens=32)) == text
+        assert s["decode_tok_s"] > 0 and s["new_tokens"] == 32
+        if not s["monitor/gpu"].startswith("unavailable"):  # NVML present: every call has its energy
+            assert s["monitor/energy_j"] > 0 and s["monitor/tokens_per_j"] == pytest.approx(32 / s["monitor/energy_j"])
+        assert llm.memory_report()["device_peak_allocated_bytes"] > llm.memory_report()["weights_bytes"] // 2
