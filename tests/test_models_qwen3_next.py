@@ -284,6 +284,9 @@ def test_engine_cache_bytes_is_what_a_cache_stores(hf_model, ids):
     engine = engine_for(hf_model)
     _, cache = run_engine(engine, ids)
     assert engine.cache_bytes(ids.shape[1]) == cache.stats()["kv_stored_bytes"]
+    from ollm_triton.serve.scheduler import Scheduler
+
+    assert Scheduler(engine).kv_bytes(ids.shape[1]) == cache.stats()["kv_stored_bytes"]
 
 
 @pytest.mark.parametrize("backend", registry.names("attention"))
