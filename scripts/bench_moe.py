@@ -110,6 +110,9 @@ def transformers_experts(w_gu, w_d, b_gu, b_d, s):
                                                 num_local_experts=s["e"], num_experts_per_tok=s["k"])
                 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts as Cls
             cfg._experts_implementation_internal = impl
+            got = getattr(cfg, "_experts_implementation", None)  # what the module will dispatch on
+            if got != impl and not (impl == "eager" and got is None):  # else a row would be mislabelled
+                raise ValueError(f"this transformers reads _experts_implementation={got!r}, not {impl!r}")
             with torch.device("meta"):
                 mod = Cls(cfg)
             mod.config = cfg
