@@ -48,18 +48,26 @@ SINK_SCORES_BYTES = 1 << 30  # float32 scores held at once by attend_with_sinks 
 def attend_with_sinks(q, k, v, mask: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
     """softmax([q k^T / sqrt(D), sink_h]) without its last column, @ v. q: [B, Hq, T, D]; k, v: [B, Hkv, S, D];
     mask: bool [T, S] (True = visible); sinks: [Hq] logits. Returns [B, Hq, T, D] in q's dtype. Queries go in
-    chunks so the float32 scores stay under SINK_SCORES_BYTES (a 64-head 8k prefill would otherwise hold 17 GB)."""
+    chunks so the float32 scores stay under SINK_SCORES_BYTES (a 64-head 8k prefill would otherwise hold 17 GB).
+
+    The G query heads of a KV head are stacked along the query axis (rows g * T + t), so K/V are read as stored:
+    neither repeated per query head nor copied to float32 (at 32k keys that copy was 0.5 GB per layer and step).
+    Rounding as transformers' eager attention: scores and probabilities in the inputs' dtype around a float32
+    softmax."""
     b, hq, t, d = q.shape
-    s, g = k.shape[2], hq // k.shape[1]
-    kf, vf = (x.float().repeat_interleave(g, dim=1) if g > 1 else x.float() for x in (k, v))
-    sink = sinks.float().view(1, hq, 1, 1)
+    hkv, s = k.shape[1], k.shape[2]
+    g = hq // hkv
+    sink = sinks.float().view(1, hkv, g, 1, 1)
     chunk = max(1, SINK_SCORES_BYTES // (4 * b * hq * max(s, 1)))
-    out = torch.empty(b, hq, t, vf.shape[-1], dtype=q.dtype, device=q.device)
+    out = torch.empty(b, hq, t, v.shape[-1], dtype=q.dtype, device=q.device)
     for t0 in range(0, t, chunk):
-        scores = (q[:, :, t0 : t0 + chunk].float() @ kf.transpose(-1, -2)) * d**-0.5  # [B, Hq, chunk, S]
-        scores = scores.masked_fill(~mask[t0 : t0 + chunk], float("-inf"))
-        logits = torch.cat((scores, sink.expand(b, hq, scores.shape[2], 1)), dim=-1)
-        out[:, :, t0 : t0 + chunk] = torch.softmax(logits, dim=-1)[..., :-1] @ vf
+        qc = q[:, :, t0 : t0 + chunk]
+        tc = qc.shape[2]
+        scores = (qc.reshape(b, hkv, g * tc, d) @ k.transpose(-1, -2)).float() * d**-0.5  # [B, Hkv, G*tc, S]
+        scores = scores.view(b, hkv, g, tc, s).masked_fill(~mask[t0 : t0 + chunk], float("-inf"))
+        logits = torch.cat((scores, sink.expand(b, hkv, g, tc, 1)), dim=-1)  # [B, Hkv, G, tc, S + 1]
+        probs = torch.softmax(logits, dim=-1)[..., :-1].to(v.dtype).reshape(b, hkv, g * tc, s)
+        out[:, :, t0 : t0 + chunk] = (probs @ v).view(b, hq, tc, -1)  # [B, Hkv, G*tc, S] @ [B, Hkv, S, D]
     return out
 
 
