@@ -11,7 +11,8 @@ Routing (`Router`), per token, from router logits [N, E] = linear(x, weight, bia
 
 Experts. Parameter names are transformers 5's (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`, with
 `_bias` for gpt-oss), so a transformers 5 state dict loads as it is; engine/checkpoint.py stacks the per-expert
-tensors of official checkpoints (`mlp.experts.{e}.gate_proj.weight`) into them. Two layouts (`expert_layout`):
+tensors of official Qwen3-MoE checkpoints (`mlp.experts.{e}.gate_proj.weight`) into them and dequantizes the MXFP4
+blocks of official gpt-oss ones. Two layouts (`expert_layout`):
 - "concat": gate_up_proj [E, 2I, H] (the gate's I rows first, then up's), down_proj [E, H, I] (qwen);
 - "interleaved_t": gate_up_proj [E, H, 2I] with gate in the even columns and up in the odd ones, down_proj [E, I, H],
   and biases [E, 2I], [E, H] (gpt-oss).
