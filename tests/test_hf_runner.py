@@ -63,6 +63,16 @@ def test_embedded_model_perplexity_through_transformers_equals_the_engines(tmp_p
     assert m8["perplexity/ppl"] != m["perplexity/ppl"]  # the int8 keys were read
 
 
+def test_the_runs_attention_backend_is_transformers_attn_implementation(tmp_path):
+    window = ["+attention=sliding_window", "attention.window=16", "attention.sink=2"]
+    native = run(tmp_path, "model=tiny", *PPL, *window)["metrics"]
+    bridged = run(tmp_path, *BRIDGE, *PPL, *window)
+    assert bridged["model"]["attn_implementation"] == "ollm_sliding_window[sink=2,window=16]"
+    m = bridged["metrics"]
+    assert m["perplexity/keys_masked"] == native["perplexity/keys_masked"] > 0.3
+    assert abs(m["perplexity/ppl"] / native["perplexity/ppl"] - 1) < 1e-4
+
+
 def save_gemma2(directory: Path) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -70,6 +70,12 @@ class BridgeCache:
     def position(self) -> int:
         return self.hf.get_seq_length()
 
+    @property
+    def kv_length(self) -> int:
+        """Tokens a layer holds (what attention reads: fewer than `position` once a codec evicts)."""
+        layers = self.layers
+        return layers[0].length if layers else self.position
+
     def truncate(self, length: int) -> None:
         self.hf.crop(length)
 
