@@ -104,6 +104,14 @@ def test_logits_match_transformers(hf_model, ids, reference, codec):
     kinds = [isinstance(layer, StateLayer) for layer in cache.layers]
     assert kinds == [True, False, True, False]  # the codec holds the attention layers only
     assert all(layer.length == ids.shape[1] for layer in cache.layers)
+    assert cache.kv_length == ids.shape[1]
+
+
+def test_kv_length_reads_an_attention_layer(hf_model, ids):
+    """An evicting codec on the attention layers: kv_length is what they hold, not the state layers' token count."""
+    engine = engine_for(hf_model, codec=registry.build("cache", "streaming", {"budget": 16, "sink": 4}))
+    _, cache = run_engine(engine, ids)
+    assert cache.layers[0].length == ids.shape[1] and cache.kv_length == cache.layers[1].length <= 17
 
 
 @pytest.mark.parametrize("codec, tol", [("int8", 0.02), ("int4", 0.5), ("int2", 1.0)])

@@ -179,6 +179,10 @@ class KVCache:
         self.layers = layers
         self.position = 0
 
+    @property
+    def kv_length(self) -> int:
+        return kv_length(self)
+
     def truncate(self, length: int) -> None:
         for layer in self.layers:
             layer.truncate(length)
@@ -200,3 +204,11 @@ class KVCache:
             "kv_tokens_evicted": first.evicted_tokens if first else 0,
             "kv_compress_seconds": sum(layer.compress_seconds for layer in self.layers),
         }
+
+
+def kv_length(cache) -> int:
+    """Tokens the first K/V-holding layer of `cache` (a KVCache or anything with `layers` and `position`) holds:
+    what attention reads. A hybrid model's state layers hold every token seen, so `layers[0]` would not show an
+    eviction codec's effect."""
+    first = next((layer for layer in cache.layers if getattr(layer, "holds_kv", True)), None)
+    return first.length if first is not None else cache.position

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ollm_triton.cache.base import kv_length
 from ollm_triton.progress import progress
 from ollm_triton.registry import register
 from ollm_triton.tasks.base import RunContext, Task, TaskRefused, context_metrics, lossy_tokens, plugin_effect, \
@@ -168,7 +169,7 @@ def score(engine, ids: torch.Tensor, max_length: int, stride: int, chunk: int, c
         cache = engine.new_cache(batch=1, max_len=head.shape[1] + end - begin - first)
         logits = engine.prefill(head, cache)  # [1, V]: predicts window[first]
         # the prefill's last query is a scored one: count what it saw
-        held = cache.layers[0].length
+        held = kv_length(cache)
         _count_keys(out, attention, 1, held, held - 1, causal_pairs)
         comp, ev = lossy_tokens(cache)
         preds = [logits[:, None]]
@@ -180,13 +181,13 @@ def score(engine, ids: torch.Tensor, max_length: int, stride: int, chunk: int, c
             t = part.shape[1]
             decode_path = t <= engine.decode_max_tokens
             before = lossy_tokens(cache)
-            held_before = cache.layers[0].length
+            held_before = kv_length(cache)
             logits = engine.forward(part, cache)
             after = lossy_tokens(cache)
             # the decode path appends, then reads the cache as stored; the prefill path reads dense() + the chunk's
             # exact K/V, then appends
             read = after if decode_path else before
-            kv_len = cache.layers[0].length if decode_path else held_before + t
+            kv_len = kv_length(cache) if decode_path else held_before + t
             _count_keys(out, attention, t, kv_len, kv_len - t, causal_pairs)
             comp, ev = max(comp, read[0]), max(ev, read[1])
             preds.append(logits)
