@@ -1,6 +1,6 @@
 """Inputs longer than the model's context through the scheduler (serve/scheduler.py, "Long inputs").
 
-A prompt of 3x the served context goes through `+cache=streaming` chunk by chunk (the context is the scheduler's
+A prompt of 3x the served context goes through `+cache=streaming` and `+cache=h2o` chunk by chunk (the context is the scheduler's
 `max_context`, 512 here as `serve.max_context=512` would set it: the embedded model's own 4096 made the test cost
 three 12k-token prefills, 90 s on this CPU; positions past 4096 are RoPE of the absolute position as anywhere
 else): the KV the request holds is measured after every step against the bound computed here by hand from the
@@ -46,11 +46,24 @@ def held_bytes(cache) -> tuple[int, int]:
     return stored, tensors
 
 
-def test_a_prompt_three_times_the_context_streams_through_a_bounded_cache(engine):
+@pytest.fixture
+def codec(engine, request):
+    """The run's codec for one test (the scheduler reads engine.codec when it starts)."""
+    name, params, score_bytes = request.param
+    before = engine.codec
+    engine.codec = registry.build("cache", name, params)
+    yield score_bytes
+    engine.codec = before
+
+
+@pytest.mark.parametrize("codec", [("streaming", {"budget": BUDGET, "sink": SINK}, 0),
+                                   ("h2o", {"budget": BUDGET}, 4)], indirect=True, ids=["streaming", "h2o"])
+def test_a_prompt_three_times_the_context_streams_through_a_bounded_cache(engine, codec):
     cfg = engine.config
     prompt = long_prompt(engine)
-    # by hand: a streaming layer evicts to BUDGET before each append, so it holds at most BUDGET + one chunk
-    per_token = cfg.num_layers * cfg.num_kv_heads * (2 * cfg.head_dim * 4 + 4)  # float32 K and V, int32 position
+    # by hand: the layer evicts to BUDGET before each append, so it holds at most BUDGET + one chunk, each token at
+    # float32 K and V, an int32 position and (h2o) a float32 accumulated score per KV head
+    per_token = cfg.num_layers * cfg.num_kv_heads * (2 * cfg.head_dim * 4 + 4 + codec)
     bound = (BUDGET + CHUNK) * per_token
     sched = Scheduler(engine, max_batch=2, prefill_chunk=CHUNK, prefill_budget=CHUNK, max_context=CONTEXT)
     assert sched.held_bound == BUDGET + CHUNK and len(prompt) > sched.max_context
