@@ -1,13 +1,13 @@
 """Inputs longer than the model's context through the scheduler (serve/scheduler.py, "Long inputs").
 
-A prompt of 3x the served context goes through `+cache=streaming` and `+cache=h2o` chunk by chunk (the context is the scheduler's
-`max_context`, 512 here as `serve.max_context=512` would set it: the embedded model's own 4096 made the test cost
-three 12k-token prefills, 90 s on this CPU; positions past 4096 are RoPE of the absolute position as anywhere
-else): the KV the request holds is measured after every step against the bound computed here by hand from the
-codec's parameters (budget + the chunk being appended, at K, V and an int32 position per token and KV head), the
-prefill never exceeds the per-step budget, and the answer equals the same prompt run alone through
-`Engine.prefill` with the same chunk. The same
-prompt with the dense codec is refused at submit with one line naming `prompt` and what is accepted.
+A prompt of 3x the served context goes through `+cache=streaming` and `+cache=h2o` chunk by chunk (the context is
+the scheduler's `max_context`, 512 here as `serve.max_context=512` would set it: the embedded model's own 4096 made
+the test cost three 12k-token prefills, 90 s on this CPU; positions past 4096 are RoPE of the absolute position as
+anywhere else): the KV the request holds is measured after every step against the bound computed here by hand from
+the codec's parameters (budget + the chunk being appended, at K, V, an int32 position and h2o's score per token and
+KV head), the prefill never exceeds the per-step budget, and the answer equals the same prompt run alone through
+`Engine.prefill` with the same chunk. The same prompt with the dense codec is refused at submit with one line naming
+`prompt` and what is accepted.
 """
 
 from __future__ import annotations
