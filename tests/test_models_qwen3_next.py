@@ -318,3 +318,33 @@ def test_kept_states_are_bounded_and_can_be_switched_off(hf_model, ids):
     assert len(cache.layers[0]._kept) == 1
     with pytest.raises(NotImplementedError, match="cannot roll back to"):
         cache.truncate(ids.shape[1] - 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("use_fla", [False, True])
+def test_cuda_engine_matches_the_cpu_engine(use_fla):
+    """On CUDA (fused Triton kernels, and fla's gated-delta kernels when installed) the engine gives the CPU
+    engine's logits (which the tests above tie to transformers), fp32, prefill + 16 steps. fla may run its fp32
+    dots in tf32: 2e-3 there."""
+    from ollm_triton.engine.linear_attention import GatedDeltaNet
+    from ollm_triton.kernels.gated_delta import fla_available
+
+    if use_fla and not fla_available(torch.device("cuda")):
+        pytest.skip("flash-linear-attention (the `linear` extra) is not installed")
+    cfg = hf_config().to_dict()
+    cpu = load_engine(cfg, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in cpu.model.parameters():  # norms and decays off their init values too
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    gpu = load_engine(cfg, device="cuda", dtype=torch.float32)
+    gpu.model.load_state_dict(cpu.model.state_dict())
+    ids = torch.randint(0, V, (1, PROMPT + STEPS), generator=torch.Generator().manual_seed(5))
+    want, _ = run_engine(cpu, ids)
+    try:
+        GatedDeltaNet.use_fla = use_fla  # the CPU engine ran the reference
+        got, _ = run_engine(gpu, ids.cuda())
+    finally:
+        GatedDeltaNet.use_fla = None
+    assert gpu.kernel_path.startswith("triton:")
+    assert (got.cpu() - want).abs().max() <= (2e-3 if use_fla else 1e-4)
