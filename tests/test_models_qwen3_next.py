@@ -348,3 +348,13 @@ def test_cuda_engine_matches_the_cpu_engine(use_fla):
         GatedDeltaNet.use_fla = None
     assert gpu.kernel_path.startswith("triton:")
     assert (got.cpu() - want).abs().max() <= (2e-3 if use_fla else 1e-4)
+
+
+@pytest.mark.parametrize("chunk", [4, 9])
+def test_chunked_prefill_equals_one_shot(hf_model, ids, reference, chunk):
+    """A prompt in chunks hands the conv and recurrent states from chunk to chunk: the last token's logits are the
+    one-shot prefill's."""
+    engine = engine_for(hf_model)
+    cache = engine.new_cache(1, 64)
+    last = engine.prefill(ids[:, :PROMPT + STEPS], cache, chunk=chunk)
+    assert (last - reference[:, -1]).abs().max() <= ATOL
