@@ -101,6 +101,7 @@ def test_logits_match_transformers(hf_model, ids, reference, codec):
     engine = engine_for(hf_model, codec=registry.build("cache", codec, params))
     logits, cache = run_engine(engine, ids)
     assert (logits - reference).abs().max() <= ATOL
+    assert engine.describe()["linear_attention_path"].startswith("torch reference")
     kinds = [isinstance(layer, StateLayer) for layer in cache.layers]
     assert kinds == [True, False, True, False]  # the codec holds the attention layers only
     assert all(layer.length == ids.shape[1] for layer in cache.layers)

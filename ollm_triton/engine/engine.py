@@ -40,7 +40,7 @@ from ollm_triton.engine.checkpoint import (
 )
 from ollm_triton.engine.config import ModelConfig, UnsupportedModelError
 from ollm_triton.engine.fast_decode import FAST_DECODE_MODES, FastDecoder, FastPath, plan_fast_path
-from ollm_triton.engine.linear_attention import state_bytes, state_shapes
+from ollm_triton.engine.linear_attention import gated_delta_path, state_bytes, state_shapes
 from ollm_triton.engine.mixers import DECODE_MAX_TOKENS, PluginMixer, RowsMixer
 from ollm_triton.engine.model import FUSED_PATH, CausalLM, rope_cos_sin
 from ollm_triton.engine.placement import dtype_name, resolve_device, resolve_dtype
@@ -258,6 +258,9 @@ class Engine:
             "fast_path_matmul": self._fast_matmul(),
             **{k: v for k, v in self.attention.describe().items() if k != "attention_path"},
         }
+        if self.config.linear_layers:  # a hybrid model: how many layers hold a state, and what computes it
+            out["linear_attention_layers"] = self.config.linear_layers
+            out["linear_attention_path"] = gated_delta_path(self.device)
         if self.tokenizer is not None:
             out["tokenizer_add_bos"] = self.tokenizer.add_bos
         return out

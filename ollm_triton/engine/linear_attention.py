@@ -26,9 +26,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ollm_triton.engine.config import ModelConfig
-from ollm_triton.kernels.gated_delta import gated_delta
+from ollm_triton.kernels.gated_delta import fla_available, gated_delta
 
 ROLLBACK_MAX_TOKENS = 16  # blocks up to this long keep per-token states (the engine's decode_max_tokens)
+
+
+def gated_delta_path(device: torch.device) -> str:
+    """Which gated-delta implementation the layers run on `device` (metrics.json: `linear_attention_path`)."""
+    use = GatedDeltaNet.use_fla
+    fla = fla_available(device) if use is None else use
+    if fla:
+        return "fla (chunked prefill, fused recurrent decode)"
+    return "torch reference (chunked prefill, recurrent decode)"
 
 
 def state_shapes(cfg: ModelConfig, batch: int, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -133,4 +142,4 @@ class GatedDeltaNet(nn.Module):
         return linear(o.reshape(bsz, t, self.hv * self.dv), self.out_proj.weight, None)
 
 
-__all__ = ["GatedDeltaNet", "GatedRMSNorm", "ROLLBACK_MAX_TOKENS", "state_bytes", "state_shapes"]
+__all__ = ["GatedDeltaNet", "GatedRMSNorm", "ROLLBACK_MAX_TOKENS", "gated_delta_path", "state_bytes", "state_shapes"]
