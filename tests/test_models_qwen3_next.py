@@ -205,6 +205,8 @@ def test_speculative_decoders_roll_the_state_back(engines, name):
     strategy = registry.build("decoder", name, params, **({"draft_engine": draft} if needs_draft else {}))
     out = strategy.generate(target, prompt, 20)
     assert torch.equal(out.tokens, ref)
+    rate = out.counters["acceptance_rate"]
+    assert 0 <= rate < 1 and out.counters["mean_drafted"] > 0  # some drafts were rejected: the state rolled back
 
 
 def test_tree_decoding_is_refused_in_one_line(engines):
