@@ -273,6 +273,20 @@ def test_speculative_strategy_switches_drafting_off_and_back_on_with_acceptance(
     assert "speculation off" in next(d["reason"] for d in decisions if d["to"] == 0)
 
 
+def test_the_adaptive_decoder_runs_on_the_adapters_controller(probe, prompt, one_torch_thread):
+    """Through the real speculative loop with the embedded draft: the adapter's controller chooses every draft
+    length (its iterations are the loop's), and greedy speculation stays token-identical to greedy."""
+    adapter = registry.build("adapt", "speculative", {"warmup": 1})
+    decoder = registry.build("decoder", "adaptive", {"fast_path": "off"})
+    adapter.attach(engine=probe, decoder=decoder)
+    out = decoder.generate(probe, prompt, NEW)
+    ctl = adapter.strategies[0]
+    assert ctl.iterations == out.counters["iterations"] > 0
+    assert out.counters["candidates_final"] == ctl.k
+    assert torch.equal(out.tokens, Greedy().generate(probe, prompt, NEW).tokens)
+    decoder.close()
+
+
 def test_speculative_adapter_leaves_the_codec_unwrapped():
     """The speculative loop drives the controller; the static verify steps need the codec's own buffers."""
     dense = registry.build("cache", "dense")
