@@ -157,6 +157,32 @@ def test_memory_on_a_device_sizes_dense_to_the_room_and_switches_before_outgrowi
     assert cache.layers[0].length == PROMPT + 10
 
 
+@pytest.mark.gpu
+def test_memory_switch_on_cuda_reads_the_allocator(prompt):
+    """On a GPU the room is the allocator's: a cap 45.5 dense tokens above what is allocated sizes dense to 45 tokens
+    and the cache moves to int8 at the append past them; the tokens equal a cache moved by hand (fused kernels in
+    both runs)."""
+    base = load_engine(TINY, device="cuda", dtype=torch.float16)
+
+    def on_cuda(codec):
+        return Engine(base.model, attention=registry.build("attention", "sdpa"), codec=codec,
+                      prefetch=registry.build("prefetch", "resident"), device=base.device, dtype=base.dtype,
+                      tokenizer=base.tokenizer, fast_decode="off")
+
+    adapter = registry.build("adapt", "memory", {"reserve_gb": 0.0, **QUANT})
+    eng = on_cuda(adapter.wrap_codec(registry.build("cache", "dense")))
+    per_token = 2 * 2 * 64 * 2 * 6  # float16 K and V, 2 heads of 64, 6 layers
+    ids = prompt.cuda()
+    torch.cuda.synchronize()
+    adapter.attach(engine=eng, device_memory_gb=(torch.cuda.memory_allocated() + 45.5 * per_token) / 1e9)
+    out = Greedy().generate(eng, ids, NEW)
+    decisions = adapter.report()["adapt/decisions"]
+    assert [(d["from"], d["to"], d["step"]) for d in decisions] == [("dense", "int8", 45 - PROMPT + 2)]
+    ref, _ = greedy_by_hand(on_cuda(registry.build("cache", "dense")), ids, NEW, switch_at_len=45,
+                            codec=registry.build("cache", "int8", QUANT))
+    assert torch.equal(out.tokens.cpu(), ref)
+
+
 def test_a_switched_cache_rolls_back_and_reports_its_storage(probe, prompt, one_torch_thread):
     adapter, eng = adapted("memory", budget_gb=45 * dense_bytes_per_token(probe) / 1e9, **QUANT)
     cache = eng.new_cache(batch=1, max_len=PROMPT + NEW)
