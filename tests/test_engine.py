@@ -163,8 +163,8 @@ def test_unsupported_model_type_names_supported_ones(saved, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedModelError, match="falcon.*llama, mistral, qwen2, qwen3"):
         load_engine(tmp_path)
-    with pytest.raises(UnsupportedModelError, match="rope type 'yarn'"):
-        ModelConfig.from_hf({**SMALL, "model_type": "qwen2", "rope_scaling": {"type": "yarn", "factor": 4.0}})
+    with pytest.raises(UnsupportedModelError, match="rope type 'longrope'; supported: default, linear, llama3, yarn"):
+        ModelConfig.from_hf({**SMALL, "model_type": "qwen2", "rope_scaling": {"type": "longrope", "factor": 4.0}})
 
 
 def test_missing_directory_and_config_are_one_line(tmp_path):

@@ -445,7 +445,8 @@ def test_metrics_export_the_batching_statistics(main_server, api):
         assert name in names, name
     assert 'ollm_time_to_first_token_seconds{quantile="0.99"}' in text
     assert 'ollm_kv_cache_bytes{codec="dense",state="in_use"}' in text
-    assert 'ollm_model_info{attention="sdpa",cache="dense",decoder="openai_defaults",model="tiny"' in text
+    assert 'ollm_model_info{adapt="none",attention="sdpa",cache="dense",context="none",decoder="openai_defaults",' \
+        'model="tiny",prefetch="resident"}' in text
 
 
 def test_a_random_model_without_tokenizer_takes_token_ids():
@@ -471,6 +472,8 @@ def test_a_random_model_without_tokenizer_takes_token_ids():
     (["serve.max_batch=0"], ["serve.max_batch", ">= 1"]),
     (["serve.prot=1"], ["prot"]),
     (["+cache=int4", "cache.bits=3"], ["bits"]),
+    (["+adapt=memory"], ["+adapt=memory is not applied by the server", "no +adapt"]),
+    (["+context=importance"], ["+context=importance is not applied by the server", "no +context"]),
 ])
 def test_bad_configuration_fails_in_one_line(overrides, words):
     from hydra.errors import HydraException

@@ -204,6 +204,9 @@ def build(cfg: DictConfig, *, shutdown_cancel: bool = True) -> Server:
     if not plugins["context"]["default"]:  # accepted and silently ignored would serve uncompressed prompts
         raise RunError(f"+context={plugins['context']['name']} is not applied by the server yet (the runner's tasks "
                        f"and OptimizedInference apply it); accepted here: no +context")
+    if "adapt" in plugins and not plugins["adapt"]["default"]:  # the same: the scheduler has no step clock for it
+        raise RunError(f"+adapt={plugins['adapt']['name']} is not applied by the server yet (the runner applies it); "
+                       f"accepted here: no +adapt")
     defaults = sampling_defaults(plugins)
     source, _trained = model_source(resolved["model"])
     device = resolve_device(str(resolved.get("device", "auto")))
