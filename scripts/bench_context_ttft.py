@@ -79,17 +79,17 @@ def main() -> int:
         ids = torch.randint(3, target.config.vocab_size, (1, n), generator=gen)
         query = (n - QUESTION, n)
         prefill(ids[:, : min(n, 2 * args.prefill_chunk)])  # warm-up: kernels, allocator
-        _, full_s = timed(device, lambda: prefill(ids))
+        _, full_s = timed(device, lambda ids=ids: prefill(ids))
         rows.append({"length": n, "method": "none", "ratio": 1.0, "kept": n, "compress_s": 0.0,
                      "prefill_s": full_s, "ttft_s": full_s})
         print(f"{n} tokens: full prefill {full_s:.3f} s", flush=True)
         for (method, ratio), c in compressors.items():
             w = min(n, 4096)
             c.compress(ids[:, :w], query=(w - QUESTION, w), target=target)  # warm-up of the scorer path
-            out, compress_s = timed(device, lambda: c.compress(ids, query=query, target=target))
+            out, compress_s = timed(device, lambda c=c, ids=ids, q=query: c.compress(ids, query=q, target=target))
             assert out.ids.shape[1] == round(ratio * n), (out.ids.shape, ratio * n)
             assert set(range(*query)) <= set(out.kept[0].tolist()), "the question was dropped"
-            _, prefill_s = timed(device, lambda: prefill(out.ids))
+            _, prefill_s = timed(device, lambda kept=out.ids: prefill(kept))
             row = {"length": n, "method": method, "ratio": ratio, "kept": out.ids.shape[1],
                    "compress_s": compress_s, "prefill_s": prefill_s, "ttft_s": compress_s + prefill_s,
                    "saved_s": full_s - compress_s - prefill_s}

@@ -125,7 +125,7 @@ def table(rows: list[dict], ratios: list[float]) -> str:
     base = next(r for r in rows if r["kind"] == "baseline")
     head = "| method | kind | " + " | ".join(f"{x:g}" for x in ratios) + " |"
     lines = [head, "|" + " --- |" * (len(ratios) + 2)]
-    lines.append(f"| none (full prompt) | baseline | " + " | ".join(
+    lines.append("| none (full prompt) | baseline | " + " | ".join(
         f"{base['passkey_acc']:.2f} / {base['ppl']:.2f}" for _ in ratios) + " |")
     for m in methods:
         cells = []

@@ -57,8 +57,8 @@ def main() -> int:
     import torch
     from hydra import compose, initialize_config_dir
 
-    from ollm_triton.run import CONF, clean_state, run_job
     from ollm_triton.results import environment
+    from ollm_triton.run import CONF, clean_state, run_job
 
     overrides = [f"model={args.model}", f"task=[{','.join(args.tasks)}]", "logger=none", *args.override]
     if args.smoke:
