@@ -80,8 +80,8 @@ def line_chunks(positions: torch.Tensor, newline: torch.Tensor, size: int) -> li
 
 @register("context", "hierarchical", HierarchicalConfig)
 class Hierarchical(ScoredCompressor):
-    """Chunks ranked by the scorer's surprisal of the question given each chunk: kept whole, pooled to their most
-    informative tokens, or dropped, most relevant first, to the exact budget."""
+    """Line-aligned chunks ranked by relevance to the question (MaxSim over the scorer's hidden states, or its
+    surprisal of the question): kept whole, refined, pooled to their most informative tokens, or dropped."""
 
     def select(self, ids: torch.Tensor, protected: torch.Tensor, query: tuple[int, int] | None,
                target: Any) -> tuple[torch.Tensor, dict[str, Any]]:
