@@ -17,6 +17,15 @@ What a task reads, declared here and never inferred from a compressor's name:
     ContextCompressor.needs_scorer   it runs a small LM over the prompt (`prepare(target)` loads it before a timed
                                      region, so load time never lands in a time-to-first-token figure)
 
+Where it is applied (tasks/*.py, through `tasks.base.compress_prompt`):
+    passkey      each document: BOS protected, the question is the query (a compressor must not drop what is asked)
+    throughput   the prompt, once, before the timed repeats; the compression time is added to ttft_s
+    memory       the prompt the measured cache holds (the scorer's activations count in the peak)
+    perplexity   each window's context (its tail kept: the scored tokens continue it); the scored tokens are never
+                 compressed, or the score would be of a different text. The first window has no context.
+    facade       OptimizedInference.generate / stream / chat (facade.py)
+    server       refused in one line for now (serve/server.py): it would otherwise serve prompts uncompressed
+
 Floor: a compressor that scores with a language model builds an Engine, so this kind sits beside `decoding/` (above
 `engine/`), not beside `cache/`.
 """
