@@ -135,6 +135,12 @@ def test_fused_codec_path_and_decode_schedules():
     assert isinstance(layer.seen, DecodeSchedule) and (layer.seen.window, layer.seen.sink) == (20, 4)
     assert layer.seen.block_ids.tolist() == [0, 5, 6]  # sinks in block 0, keys 80..99
     assert registry.build("attention", "flash").decode_schedule(100, 16).block_ids is None
+    sdpa = registry.build("attention", "sdpa")  # the label follows the path each call took
+    sdpa.decode(q, layer)
+    assert sdpa.last_path == "fused:FusedLayer"
+    sdpa.fused_codec_decode = False
+    sdpa.decode(q, layer)
+    assert sdpa.last_path == "torch.sdpa"
     sp = registry.build("attention", "sparse", {"pattern": "local", "block_size": 32, "density": 0.3})
     assert sp.decode_schedule(100, 16).block_ids is not None
     ms = registry.build("attention", "multiscale", {"window": 30, "scales": [8, 32]})

@@ -26,6 +26,7 @@ class SDPA(AttentionBackend):
 
     def prefill(self, q, k, v, *, q_offset, tree_mask=None, window: int = 0, sinks: torch.Tensor | None = None):
         t, s = q.shape[2], k.shape[2]
+        self.last_path = "torch.sdpa"  # a decode that fell back here after a fused one must not keep its label
         if window or sinks is not None:
             start = max(0, q_offset - window + 1) if window else 0
             if start:  # keys before the first query's window are invisible to every query: not read at all
