@@ -109,11 +109,12 @@ class CacheLayer:
     # their writes must not land on a slot that holds a token of a row (dense buffers: they land past them)
     scratch_from: int | None = None
 
-    def static_decode(self, q, k, v, cos, sin, pos, *, kernels: bool) -> torch.Tensor:
+    def static_decode(self, q, k, v, cos, sin, pos, *, kernels: bool, shared: dict | None = None) -> torch.Tensor:
         """One new token per row: q [B, 1, Hq, D], k, v [B, 1, Hkv, D] (token-major, before RoPE), cos, sin
         [B, 1, D] at the rows' positions, pos [B] long on the device (each row's length before the step). Store
         the new K/V of row b at position pos[b] and attend it over the row's pos[b] + 1 tokens -> [B, Hq, 1, D].
-        Capturable: reads no host value."""
+        Capturable: reads no host value. `shared`: one dict for all layers of a step, where a layer may keep what
+        it derives from pos alone so that the other layers do not launch it again."""
         raise NotImplementedError(f"{type(self).__name__} has no static decode step")
 
     def row_view(self, start: int, stop: int) -> CacheLayer:
@@ -138,6 +139,15 @@ class CacheLayer:
         s = self.spec
         elt = torch.empty((), dtype=s.dtype).element_size()
         return 2 * s.batch * s.kv_heads * s.head_dim * self.appended * elt
+
+
+def once_per_step(shared: dict | None, key, make):
+    """make() once per static step: kept in the step's `shared` dict for the other layers (None: no sharing)."""
+    if shared is None:
+        return make()
+    if key not in shared:
+        shared[key] = make()
+    return shared[key]
 
 
 class CacheCodec:

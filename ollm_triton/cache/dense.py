@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ollm_triton.cache.base import CacheCodec, CacheLayer, LayerSpec
+from ollm_triton.cache.base import CacheCodec, CacheLayer, LayerSpec, once_per_step
 from ollm_triton.kernels.attention_decode_varlen import decode_varlen
 from ollm_triton.kernels.rope import rope_write_kv
 from ollm_triton.registry import register
@@ -69,10 +69,11 @@ class DenseLayer(CacheLayer):
 
     static_kernel = "decode_varlen"
 
-    def static_decode(self, q, k, v, cos, sin, pos, *, kernels: bool) -> torch.Tensor:
+    def static_decode(self, q, k, v, cos, sin, pos, *, kernels: bool, shared: dict | None = None) -> torch.Tensor:
         """RoPE fused with the K/V write at each row's slot, then the varlen decode reading each row's length."""
         q_rot = rope_write_kv(q, k, v, cos, sin, self.k, self.v, pos, use_kernel=kernels)
-        return decode_varlen(q_rot[:, :, 0], self.k, self.v, pos + 1, use_kernel=kernels)[:, :, None]
+        lengths = once_per_step(shared, "lengths", lambda: pos + 1)
+        return decode_varlen(q_rot[:, :, 0], self.k, self.v, lengths, use_kernel=kernels)[:, :, None]
 
     def row_view(self, start: int, stop: int) -> DenseLayer:
         s = self.spec

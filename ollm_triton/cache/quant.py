@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ollm_triton.cache.base import CacheCodec, CacheLayer, LayerSpec
+from ollm_triton.cache.base import CacheCodec, CacheLayer, LayerSpec, once_per_step
 from ollm_triton.cache.residual import ResidualWindow
 from ollm_triton.cache.storage import StoreParams, wrap_store
 from ollm_triton.kernels import quant as Q
@@ -244,21 +244,28 @@ class QuantLayer(ResidualWindow, CacheLayer):
             return (torch.div(length - r, g, rounding_mode="floor") * g).clamp_min(0)
         return max((length - r) // g * g, 0)
 
-    def static_decode(self, q, k, v, cos, sin, pos, *, kernels: bool) -> torch.Tensor:
+    def static_decode(self, q, k, v, cos, sin, pos, *, kernels: bool, shared: dict | None = None) -> torch.Tensor:
         """The new token of row b goes to the residual window at pos[b] - quantized_for(pos[b]); the fused decode
-        attends the row's codes and window with the row's lengths read on the device."""
-        n_quant = self.quantized_for(pos)
-        slot = pos - n_quant
-        if self.scratch_from is not None:  # idle rows write to the spare slot, never into a row being prefilled
-            slot = torch.where(pos >= self.scratch_from, self.residual + self.group, slot)
+        attends the row's codes and window with the row's lengths read on the device. The split points, slots and
+        lengths are the same for every layer of a step: computed by the first (`shared`)."""
+        n_quant, slot, lengths = once_per_step(shared, ("quant", self.residual, self.group, self.scratch_from),
+                                       lambda: self._split(pos))
         q_rot = rope_write_kv(q, k, v, cos, sin, self.k_res, self.v_res, slot, use_kernel=kernels)
         store = (self.k_codes, self.k_scale, self.k_zero, self.v_codes, self.v_scale, self.v_zero, self.k_res,
                  self.v_res)
         kw = dict(bits=self.bits, key_group=self.group, value_group=self.value_group)
         if kernels:
             opts = {k: v for k, v in self.kernel_options.items() if k in ("num_splits", "num_warps", "num_stages")}
-            return quant_decode_varlen(q_rot, *store, n_quant, pos + 1, block_k=self.block_k, **kw, **opts)
-        return quant_decode_varlen_ref(q_rot, *store, n_quant.tolist(), (pos + 1).tolist(), **kw)
+            return quant_decode_varlen(q_rot, *store, n_quant, lengths, block_k=self.block_k, **kw, **opts)
+        return quant_decode_varlen_ref(q_rot, *store, n_quant.tolist(), lengths.tolist(), **kw)
+
+    def _split(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(quantized tokens, residual slot of the new token, lengths after it) of rows at `pos`."""
+        n_quant = self.quantized_for(pos)
+        slot = pos - n_quant
+        if self.scratch_from is not None:  # idle rows write to the spare slot, never into a row being prefilled
+            slot = torch.where(pos >= self.scratch_from, self.residual + self.group, slot)
+        return n_quant, slot, pos + 1
 
     def set_length(self, length: int) -> None:
         """The static step wrote tokens into the residual window up to `length`: take that as the fill level, and

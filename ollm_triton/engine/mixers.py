@@ -139,9 +139,11 @@ class StaticDecodeMixer:
 
     def __init__(self, layers, cos, sin, pos, *, kernels: bool):
         self.layers, self.cos, self.sin, self.pos, self.kernels = layers, cos, sin, pos, kernels
+        self.shared: dict = {}  # what every layer of this step derives from pos alone, computed by the first
 
     def __call__(self, i, q, k, v):
-        return self.layers[i].static_decode(q, k, v, self.cos, self.sin, self.pos, kernels=self.kernels)
+        return self.layers[i].static_decode(q, k, v, self.cos, self.sin, self.pos, kernels=self.kernels,
+                                            shared=self.shared)
 
 
 class StaticBlockMixer:
