@@ -43,12 +43,14 @@ def test_concurrent_requests_equal_their_one_at_a_time_outputs(engines, codec):
     engine, alone = engines[codec]
     tok = engine.tokenizer
     # 8 requests through 4 slots; prompts in chunks of 48, up to three chunks of one length in one forward
-    sched = Scheduler(engine, max_batch=4, prefill_chunk=CHUNK, prefill_budget=3 * CHUNK, max_context=512).start()
+    sched = Scheduler(engine, max_batch=4, prefill_chunk=CHUNK, prefill_budget=3 * CHUNK, max_context=512)
     assert sched.rows.kind == ("static slots" if codec.endswith("slots") else "codec caches")
     try:
         prompts = [tok.encode(t) for t in TEXTS]
         lengths = [5, 17, 9, 12, 3, 20, 7, 11]
+        # all queued before the first step, so that the first step's prefill batches rows whatever the host's load
         reqs = [sched.submit(p, n, GREEDY) for p, n in zip(prompts, lengths, strict=True)]
+        sched.start()
         results = [r.result(120) for r in reqs]
         greedy = registry.build("decoder", "greedy")
         for p, n, events in zip(prompts, lengths, results, strict=True):
