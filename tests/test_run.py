@@ -86,9 +86,7 @@ def test_multirun_shares_wandb_group(tmp_path):
     assert sorted(df.decoder) == ["greedy", "sample"] and (df.status == "ok").all()
 
 
-@pytest.mark.parametrize(
-    "args, words",
-    [
+BAD_INPUTS = [
         (["+attention=nope"], ["attention", "nope"]),
         (["+decoder=sample", "decoder.top_k=many"], ["decoder 'sample'", "'top_k'", "expects int"]),
         (["+decoder=sample", "+decoder.warmth=3"], ["unknown parameter 'warmth'"]),
@@ -106,18 +104,36 @@ def test_multirun_shares_wandb_group(tmp_path):
         (["task.memory.batch=x"], ["task 'memory'", "'batch'", "expects int"]),
         (["+cache=nope"], ["cache/nope", "Available options in 'cache': cluster, dense"]),
         (["model.dtype=fp8"], ["dtype='fp8'", "accepted: auto"]),
-    ],
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(tmp_path_factory):
+    """Every bad input as its own `python -m ollm_triton.run` process, three at a time (each is mostly interpreter
+    and import start-up): args -> (finished process, its run dir)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(args):
+        out = tmp_path_factory.mktemp("bad")
+        base = [a for a in ("model=tiny_random", "task=memory")
+                if not any(x.startswith(a.split("=")[0] + "=") for x in args)]
+        return tuple(args), (run(*base, *args, "logger=none", "debug=smoke", f"hydra.run.dir={out}"), out)
+
+    with ThreadPoolExecutor(3) as pool:
+        return dict(pool.map(one, [args for args, _ in BAD_INPUTS if args != ["device=cuda"] or not _has_cuda()]))
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    BAD_INPUTS,
     ids=["unknown-plugin", "bad-type", "unknown-param", "no-cuda", "missing-path", "no-source", "refused-task",
          "memory-cap-on-cpu", "memory-cap-negative", "misspelt-group", "misspelt-group-no-plus", "group-without-plus",
          "misspelt-field", "field-type", "task-field-type", "unknown-option", "bad-dtype"],
 )
-def test_bad_input_one_clear_line(tmp_path, args, words):
+def test_bad_input_one_clear_line(bad_input_runs, args, words):
     if args == ["device=cuda"] and _has_cuda():
         pytest.skip("CUDA is available here")
-    base = [
-        a for a in ("model=tiny_random", "task=memory") if not any(x.startswith(a.split("=")[0] + "=") for x in args)
-    ]
-    proc = run(*base, *args, "logger=none", "debug=smoke", f"hydra.run.dir={tmp_path}")
+    proc, tmp_path = bad_input_runs[tuple(args)]
     assert proc.returncode != 0
     line = last_line(proc)
     for w in words:
