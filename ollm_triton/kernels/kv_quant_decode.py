@@ -395,17 +395,9 @@ def quant_decode(
     else:
         n_visit = triton.cdiv(kv_len, block_k)
         n_quant_visit = n_quant // block_k
-    dot = tl.float32 if q.dtype == torch.float32 else tl.float16  # codes <= 255 are exact in fp16
-    if unpack is None:
-        unpack = "cvt" if dot == tl.float32 else "magic" if _interpreted(q) else "asm"
-    if unpack not in UNPACK_MODES or (dot == tl.float32 and unpack != "cvt"):
-        raise ValueError(f"unpack must be one of {', '.join(UNPACK_MODES)} ('cvt' for float32 queries), got {unpack!r}")
-    if unpack == "asm" and _interpreted(q):
-        raise ValueError("unpack='asm' runs PTX and needs a GPU without TRITON_INTERPRET; use 'magic' or 'cvt'")
-    unpack = UNPACK_MODES[unpack]
-    flat = lambda x: x.reshape(b * hkv, *x.shape[2:]) if x is not None else None  # noqa: E731
-    kc, vc, ks, vs, kr, vr = map(flat, (k_codes, v_codes, k_scale, v_scale, k_res, v_res))
-    kz, vz = flat(k_zero) if k_zero is not None else ks, flat(v_zero) if v_zero is not None else vs
+    dot, unpack = _dot_and_unpack(q, unpack)
+    kc, ks, kz, vc, vs, vz, kr, vr = _flat_storage(b * hkv, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res,
+                                                   v_res)
     for name, x in (("k_codes", kc), ("v_codes", vc), ("k_scale", ks), ("v_scale", vs), ("k_res", kr), ("v_res", vr)):
         if x.stride(-1) != 1:
             raise ValueError(f"{name} needs a unit stride on its last axis")
@@ -438,11 +430,7 @@ def quant_decode(
                    n_split_total=n_split_total, **mma_kw)
     else:
         _quant_decode_kernel[(b * hkv, num_splits)](
-            q, kc, ks, kz, vc, vs, vz, kr, vr, ids, o_part, l_part, ids, ids,
-            q.stride(0), q.stride(1), q.stride(2),
-            kc.stride(0), kc.stride(1), ks.stride(0), ks.stride(1),
-            vc.stride(0), vc.stride(1), vs.stride(0), vs.stride(1),
-            kr.stride(0), kr.stride(1),
+            q, kc, ks, kz, vc, vs, vz, kr, vr, ids, o_part, l_part, ids, ids, *_strides(q, kc, ks, vc, vs, kr),
             n_quant, kv_len, n_visit, n_quant_visit, blocks_per_split, window, sink, scale,
             H_KV=hkv, GQ=gq, T=t, D=d, BLOCK_D=block_d, BLOCK_J=block_j, BLOCK_M=block_m, BLOCK_K=block_k,
             BLOCK_R=min(block_k, 32),
@@ -489,14 +477,9 @@ def quant_decode_varlen(
                          f"{tuple(lengths.shape)}")
     gq = hq // hkv
     symmetric = k_zero is None
-    dot = tl.float32 if q.dtype == torch.float32 else tl.float16
-    if unpack is None:
-        unpack = "cvt" if dot == tl.float32 else "magic" if _interpreted(q) else "asm"
-    if unpack not in UNPACK_MODES or (dot == tl.float32 and unpack != "cvt"):
-        raise ValueError(f"unpack must be one of {', '.join(UNPACK_MODES)} ('cvt' for float32 queries), got {unpack!r}")
-    flat = lambda x: x.reshape(b * hkv, *x.shape[2:])  # noqa: E731
-    kc, vc, ks, vs, kr, vr = map(flat, (k_codes, v_codes, k_scale, v_scale, k_res, v_res))
-    kz, vz = flat(k_zero) if k_zero is not None else ks, flat(v_zero) if v_zero is not None else vs
+    dot, unpack = _dot_and_unpack(q, unpack)
+    kc, ks, kz, vc, vs, vz, kr, vr = _flat_storage(b * hkv, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res,
+                                                   v_res)
     block_d = max(16, triton.next_power_of_2(d))
     max_visit = triton.cdiv(kc.shape[1] + kr.shape[1], block_k)  # the longest row the buffers can hold
     num_splits, blocks_per_split, maxnreg = split_launch(bits, q.device, b * hkv, max_visit, num_splits=num_splits,
@@ -505,22 +488,47 @@ def quant_decode_varlen(
     o_part = torch.empty(b * hkv * num_splits * gq * block_d, dtype=torch.float32, device=q.device)
     out = torch.empty_like(q) if out is None else out
     _quant_decode_kernel[(b * hkv, num_splits)](
-        q, kc, ks, kz, vc, vs, vz, kr, vr, kc, o_part, l_part, row_quant, lengths,
-        q.stride(0), q.stride(1), q.stride(2),
-        kc.stride(0), kc.stride(1), ks.stride(0), ks.stride(1),
-        vc.stride(0), vc.stride(1), vs.stride(0), vs.stride(1),
-        kr.stride(0), kr.stride(1),
+        q, kc, ks, kz, vc, vs, vz, kr, vr, kc, o_part, l_part, row_quant, lengths, *_strides(q, kc, ks, vc, vs, kr),
         0, 0, 0, 0, blocks_per_split, 0, 0, math.log2(math.e) / math.sqrt(d),
         H_KV=hkv, GQ=gq, T=1, D=d, BLOCK_D=block_d, BLOCK_J=max(16, triton.next_power_of_2(d // p)),
         BLOCK_M=max(16, triton.next_power_of_2(gq)), BLOCK_K=block_k, BLOCK_R=min(block_k, 32),
         KEY_GROUP=key_group, V_GROUPS=d // value_group, V_GROUP=value_group, BITS=bits, SYMMETRIC=symmetric,
-        HAS_BLOCK_IDS=False, HAS_WINDOW=False, UNPACK=UNPACK_MODES[unpack], DOT=dot, VARLEN=True,
+        HAS_BLOCK_IDS=False, HAS_WINDOW=False, UNPACK=unpack, DOT=dot, VARLEN=True,
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     merge_splits(o_part.view(b * hkv, num_splits, gq, block_d), l_part, out, kv_heads=hkv, group=gq, t=1,
                  n_split=num_splits)
     LAST_LAUNCH.update(kernel="triton.varlen", splits=num_splits)
     return out
+
+
+def _dot_and_unpack(q: torch.Tensor, unpack: str | None):
+    """(the dot dtype, the UNPACK code) for queries q: fp16 dots for half queries (codes <= 255 are exact in fp16),
+    the PTX unpack on a GPU, its Triton-ops twin under the interpreter, plain conversion for float32 queries."""
+    dot = tl.float32 if q.dtype == torch.float32 else tl.float16
+    if unpack is None:
+        unpack = "cvt" if dot == tl.float32 else "magic" if _interpreted(q) else "asm"
+    if unpack not in UNPACK_MODES or (dot == tl.float32 and unpack != "cvt"):
+        raise ValueError(f"unpack must be one of {', '.join(UNPACK_MODES)} ('cvt' for float32 queries), got {unpack!r}")
+    if unpack == "asm" and _interpreted(q):
+        raise ValueError("unpack='asm' runs PTX and needs a GPU without TRITON_INTERPRET; use 'magic' or 'cvt'")
+    return dot, UNPACK_MODES[unpack]
+
+
+def _flat_storage(bh: int, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res) -> tuple:
+    """The storage as [B*Hkv, ...] views (kc, ks, kz, vc, vs, vz, kr, vr); absent zero points stand in as the
+    scales (symmetric: the kernel never reads them)."""
+    flat = lambda x: x.reshape(bh, *x.shape[2:])  # noqa: E731
+    kc, vc, ks, vs, kr, vr = map(flat, (k_codes, v_codes, k_scale, v_scale, k_res, v_res))
+    kz = flat(k_zero) if k_zero is not None else ks
+    vz = flat(v_zero) if v_zero is not None else vs
+    return kc, ks, kz, vc, vs, vz, kr, vr
+
+
+def _strides(q, kc, ks, vc, vs, kr) -> tuple[int, ...]:
+    """The stride arguments of _quant_decode_kernel, in its order."""
+    return (q.stride(0), q.stride(1), q.stride(2), kc.stride(0), kc.stride(1), ks.stride(0), ks.stride(1),
+            vc.stride(0), vc.stride(1), vs.stride(0), vs.stride(1), kr.stride(0), kr.stride(1))
 
 
 def quant_decode_varlen_ref(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res,
