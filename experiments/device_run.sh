@@ -37,20 +37,7 @@ TAG="${TAG:-$what}"
 mkdir -p "$OUT"
 export OUT PYTHONUNBUFFERED=1 PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
 
-if [ -z "${OLLM_GIT_SHA:-}" ]; then
-  OLLM_GIT_SHA="$(git rev-parse --short HEAD 2>/dev/null || true)"
-  [ -n "$OLLM_GIT_SHA" ] || echo "warning: no .git and no OLLM_GIT_SHA: the JSON will not name the commit" >&2
-fi
-export OLLM_GIT_SHA
-
-wheels=(.whl*/*.whl)
-if [ -e "${wheels[0]}" ]; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    "${wheels[@]}" || exit 1
-  export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-else
-  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-fi
+source experiments/device_env.sh  # OLLM_GIT_SHA and the carried wheels
 
 limit=()
 [ -n "${LIMIT_S:-}" ] && limit=(timeout "$LIMIT_S")

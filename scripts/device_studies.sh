@@ -42,20 +42,7 @@ OUT="${OUT:-outputs/device_studies}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 [ $# -gt 0 ] || set -- memory throughput
-if [ -z "${OLLM_GIT_SHA:-}" ]; then
-  OLLM_GIT_SHA="$(git rev-parse --short HEAD 2>/dev/null || true)"
-  [ -n "$OLLM_GIT_SHA" ] || echo "warning: no .git and no OLLM_GIT_SHA: metrics.json will not name the commit" >&2
-fi
-export OLLM_GIT_SHA
-
-wheels=(.whl*/*.whl)
-if [ -e "${wheels[0]}" ]; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    "${wheels[@]}" || exit 1
-  export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-else
-  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-fi
+source experiments/device_env.sh  # OLLM_GIT_SHA and the carried wheels
 # W&B offline where wandb travelled (its runs land in each job's directory and in the archive), else none
 if "$PY" -c "import wandb" 2>/dev/null; then logger=(logger.mode=offline); else logger=(logger=none); fi
 
