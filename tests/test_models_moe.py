@@ -106,6 +106,14 @@ def reference(qwen3_moe):
     return transformers_run(model, ids_for())
 
 
+def recording(store):
+    """A greedy pick that keeps each step's logits (float32 copies) in `store`."""
+    def pick(logits):
+        store.append(logits.float().clone())
+        return logits.argmax(-1)
+    return pick
+
+
 @pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated")
 @pytest.mark.parametrize("layout", ["per_expert", "stacked"])
 def test_qwen3_moe_matches_transformers(qwen3_moe, reference, layout):
@@ -361,13 +369,6 @@ def test_gpu_moe_graph_step_equals_uncaptured_and_eager(batch):
     eager = decisive(load_engine(GPU_MOE, device="cuda", dtype=torch.bfloat16, seed=0, fast_decode="off"))
     eager.kernels = False  # the eager grouped expert path, not the kernels
     ref, got = [], []
-
-    def recording(store):
-        def pick(logits):
-            store.append(logits.float().clone())
-            return logits.argmax(-1)
-        return pick
-
     decode_loop(eager, ids, 3, recording(ref), None)
     graph.fast_decoder().generate(ids, 3, recording(got))
     for r, g in zip(ref, got, strict=True):
@@ -452,13 +453,6 @@ def test_gpu_gpt_oss_piecewise_graphs_equal_uncaptured_and_eager():
     assert torch.equal(a.tokens, b.tokens)
     eager = decisive(load_engine(arch, device="cuda", dtype=torch.bfloat16, seed=0, fast_decode="off"))
     ref, got = [], []
-
-    def recording(store):
-        def pick(logits):
-            store.append(logits.float().clone())
-            return logits.argmax(-1)
-        return pick
-
     decode_loop(eager, ids, 3, recording(ref), None)
     graph.fast_decoder().generate(ids, 3, recording(got))
     for r, g in zip(ref, got, strict=True):
