@@ -29,11 +29,13 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ollm_triton.engine.fast_decode import capture_blocker, fuse_projections
 from ollm_triton.engine.graphs import capture, notify_once, round_capacity
 from ollm_triton.engine.mixers import StaticBlockMixer
 from ollm_triton.engine.model import rope_cos_sin
+from ollm_triton.kernels.gemv import decode_linear
 
 FAST_PATHS = ("auto", "static", "off")
 
@@ -101,6 +103,10 @@ class StaticModel:
         self.capacity = round_capacity(max_len)
         self.capture = capture
         self.kernels = engine.use_kernels()  # the engine's fused Triton kernels on CUDA, references elsewhere
+        # the weight matmul greedy's decode step uses: the one-shot GEMV for a single row (a draft token, a layer-skip
+        # step), which beat cuBLAS at every llama3_8b shape on the H200 (kernels/gemv.py); F.linear for T > 1 rows,
+        # one GEMM per (fused) weight, so a T-token verify block reads each weight once
+        self.linear = decode_linear if self.kernels else F.linear
         if capture:  # one q/k/v and one gate/up matmul per layer, as the engine's own graph path does
             fuse_projections(engine.model)
         self.cache = engine.new_cache(batch=batch, max_len=self.capacity)
@@ -187,7 +193,7 @@ class StaticModel:
         """The step: the engine's model step with the static-block mixer over this object's buffers."""
         mixer = StaticBlockMixer(self.cache.layers, self.cos, self.sin, st.base, st.offsets, st.mask,
                                  group=self.group, kernels=self.kernels)
-        logits = self.model.step(st.tokens, mixer, kernels=self.kernels, num_layers=st.layers)
+        logits = self.model.step(st.tokens, mixer, kernels=self.kernels, linear=self.linear, num_layers=st.layers)
         st.logits.copy_(logits)
         st.argmax.copy_(logits.argmax(-1))
 
