@@ -17,9 +17,10 @@ How arguments map onto the runner's Hydra config (one form each, so a call reads
 - `overrides`: any other Hydra override strings, as on the command line (`["prefill_chunk=1024", "seed=3"]`).
 - `device`: auto | cpu | cuda | cuda:N.
 
-The composed config is validated exactly as `python -m ollm_triton.run` validates it (run.py's functions: the same
-schema, the same one-line errors, raised as `RunError`/`PluginError`/`ValueError` before anything loads), and the
-engine is built with the same plugins, memory check and `load_engine`. `generate` runs the configured decoder
+The composed config is validated exactly as `python -m ollm_triton.run` validates it (the same schema, the same
+one-line errors, raised as `RunError`/`PluginError`/`ValueError` before anything loads), and the engine is built by
+the runner's own sequence (build.py `build_run`: plugins, memory check, monitor, `load_engine` or the transformers
+bridge, the adapter). `generate` runs the configured decoder
 strategy (decoding/); `stream` runs one request through the server's scheduler (serve/scheduler.py, token by token)
 when the decoder is greedy or sample, and otherwise (speculative decoders emit blocks) yields the strategy's
 tokens after it finished. Nothing here is another generation loop.
@@ -36,30 +37,12 @@ from typing import Any
 
 import torch
 
+from ollm_triton.build import CONF, CacheNeed, RunError, build_run, resolve_config, resolve_plugins
 from ollm_triton.config_nodes import PLUGIN_GROUPS
 from ollm_triton.registry import registry
-from ollm_triton.run import (
-    CONF,
-    RunError,
-    check_top_level_keys,
-    composition_error,
-    limit_device_memory,
-    memory_check,
-    model_source,
-    resolve_plugins,
-)
+from ollm_triton.run import check_top_level_keys, composition_error
 
 STREAMED_DECODERS = ("greedy", "sample")  # what the scheduler samples itself, one token per step
-
-
-class _Context:
-    """What run.memory_check asks of a task: the (batch, tokens) one cache holds (0: the weights only)."""
-
-    def __init__(self, tokens: int):
-        self.tokens = tokens
-
-    def footprint(self, smoke: bool) -> tuple[int, int]:
-        return 1, self.tokens
 
 
 def _value(v: Any) -> str:
@@ -133,9 +116,6 @@ class OptimizedInference:
     def __init__(self, model: str | os.PathLike = "tiny", *, profile: str | None = None,
                  attention: Any = None, cache: Any = None, decoder: Any = None, prefetch: Any = None,
                  context: Any = None, adapt: Any = None, overrides: Sequence[str] = (), device: str | None = None):
-        from omegaconf import OmegaConf
-        from omegaconf.errors import MissingMandatoryValue
-
         chosen = {"attention": attention, "cache": cache, "decoder": decoder, "prefetch": prefetch,
                   "context": context, "adapt": adapt}
         unknown = [g for g, v in chosen.items() if v is not None and g not in PLUGIN_GROUPS]
@@ -147,48 +127,17 @@ class OptimizedInference:
         plugins = [o for g, v in chosen.items() if v is not None for o in plugin_overrides(g, v, g in profiled)]
         self.overrides = [*base, *plugins]
         cfg = compose(self.overrides)
-        try:
-            resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-        except MissingMandatoryValue as e:
-            raise RunError(f"{e.full_key} is required but not set (see ollm_triton/conf/ for what it accepts)") \
-                from None
-        self.config = resolved
+        self.config = resolved = resolve_config(cfg)
         self.plugins = resolve_plugins(resolved)  # every parameter validated, as the runner does
-        self._build(resolved)
-
-    # ---- building: the runner's sequence (run.run_job), without tasks -------------------------------------------
-    def _build(self, resolved: dict[str, Any]) -> None:
-        from ollm_triton.engine import load_engine
-        from ollm_triton.engine.placement import resolve_device, resolve_dtype
-        from ollm_triton.run import start_monitor
-
-        source, self.trained = model_source(resolved["model"])
-        device = resolve_device(str(resolved.get("device", "auto")))
-        limit_device_memory(resolved.get("device_memory_gb"), device)
-        dtype = str(resolved["model"].get("dtype", "auto"))
-        resolve_dtype(dtype, device)
-        torch.manual_seed(int(resolved.get("seed", 0)))
-        built = {g: registry.build(g, p["name"], p["params"]) for g, p in self.plugins.items()}
-        need = _Context(int(resolved.get("max_context") or 0))
-        self.footprint = memory_check(resolved, source, built, {"facade": need}, device, dtype)
-        adapter = built.get("adapt")
-        if adapter is not None:
-            built["cache"] = adapter.wrap_codec(built["cache"])
-        self.monitor = start_monitor(resolved.get("monitor"), device)
-        self.engine = load_engine(source, attention=built["attention"], codec=built["cache"],
-                                  prefetch=built["prefetch"], device=device, dtype=dtype,
-                                  seed=int(resolved.get("seed", 0)),
-                                  prefill_chunk=int(resolved.get("prefill_chunk") or 0),
-                                  fast_decode=str(resolved.get("fast_decode", "auto")))
-        if adapter is not None:
-            adapter.attach(engine=self.engine, decoder=built["decoder"], prefetch=built["prefetch"],
-                           monitor=self.monitor, device_memory_gb=resolved.get("device_memory_gb"))
-        self.device, self.source, self.built = device, source, built
-        self.decoder, self.adapter = built["decoder"], adapter
-        compressor = built.get("context")
-        self.compressor = None if compressor is None or self.plugins["context"]["name"] == registry.baseline(
-            "context") else compressor  # the baseline keeps every token: skip the call, as the tasks do
-        if self.compressor is not None:
+        # the runner's build sequence (build.py), the memory check sized to max_context (0: the weights only)
+        self._built_run = run = build_run(resolved, plugins=self.plugins,
+                                   needs={"facade": CacheNeed(int(resolved.get("max_context") or 0))})
+        self.engine, self.monitor, self.device, self.source = run.engine, run.monitor, run.device, run.source
+        self.trained, self.footprint, self.built = run.trained, run.footprint, run.built
+        self.decoder, self.adapter = run.decoder, run.adapter
+        baseline = self.plugins["context"]["name"] == registry.baseline("context")
+        self.compressor = None if baseline else self.built["context"]  # the baseline keeps every token: skip the
+        if self.compressor is not None:  # call, as the tasks do
             self.compressor.prepare(self.engine)
         self._template = None
         self._scheduler = None
@@ -413,15 +362,10 @@ class OptimizedInference:
     # ---- lifetime -----------------------------------------------------------------------------------------------
     def close(self) -> None:
         """Stop the monitor, free the model (and a decoder's draft model)."""
-        if self.monitor is not None:
-            self.monitor.stop()
         if self._scheduler is not None:
             self._scheduler.shutdown(cancel=True)
             self._scheduler = None
-        for part in (self.engine, self.decoder, self.adapter):
-            close = getattr(part, "close", None)
-            if callable(close):
-                close()
+        self._built_run.close()
 
     def __enter__(self) -> OptimizedInference:
         return self

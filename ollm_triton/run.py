@@ -1,8 +1,9 @@
 """The Hydra entry point: `python -m ollm_triton.run [+attention=X] [+cache=Y] [task=...] [-m ...]`.
 
 Composes ollm_triton/conf/config.yaml (plugin nodes generated from the registry's schemas: config_nodes.py), validates
-every plugin's parameters and checks the memory it needs before loading anything, builds the engine, runs the tasks,
-and writes metrics.json (+ the resolved config) in the run directory and a W&B run.
+every plugin's parameters and checks the memory it needs before loading anything, builds the engine (build.py's
+build_run: the sequence the server and OptimizedInference share), runs the tasks, and writes metrics.json (+ the
+resolved config) in the run directory and a W&B run.
 """
 
 from __future__ import annotations
@@ -22,17 +23,29 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException, ValidationError
+from omegaconf.errors import OmegaConfBaseException, ValidationError
 
+from ollm_triton.build import (  # noqa: F401  (ASSETS, RUNTIMES, model_source, ...: imported from here before)
+    ASSETS,
+    CONF,
+    RUNTIMES,
+    USER_ERRORS,
+    RunError,
+    build_run,
+    limit_device_memory,
+    load_bridge,
+    memory_check,
+    model_source,
+    resolve_config,
+    resolve_plugins,
+    start_monitor,
+)
 from ollm_triton.config_nodes import PLUGIN_GROUPS
-from ollm_triton.engine.placement import resolve_device, resolve_dtype
-from ollm_triton.monitor import MonitorConfig, Sample, SystemMonitor, merge_summaries, wandb_series
-from ollm_triton.registry import PluginError, registry
+from ollm_triton.monitor import Sample, SystemMonitor, merge_summaries, wandb_series
+from ollm_triton.registry import registry
 from ollm_triton.results import WandbLogger, environment, write_metrics
 from ollm_triton.tasks.base import RunContext, TaskRefused
 
-ASSETS = Path(__file__).parent / "assets"
-CONF = Path(__file__).parent / "conf"
 # What the runner prints also goes to the job's run.log (hydra/job_logging/ollm: this logger writes only the file,
 # so the console shows the printed lines once).
 log = logging.getLogger("ollm_triton.run")
@@ -41,27 +54,6 @@ log = logging.getLogger("ollm_triton.run")
 def say(message: str, *, err: bool = False) -> None:
     print(message, file=sys.stderr if err else sys.stdout)
     log.info(message)
-
-
-class RunError(Exception):
-    """A user-facing failure: one line saying what was wrong and what is accepted."""
-
-
-def limit_device_memory(gb: Any, device: torch.device) -> None:
-    """device_memory_gb: cap this process's CUDA allocations (a smaller GPU on a big one), so that a run's
-    "fits in 8 GB" is tested by the allocator failing, not read off a peak counter afterwards."""
-    if gb is None:
-        if device.type == "cuda":  # a previous job of the same sweep may have capped it
-            torch.cuda.set_per_process_memory_fraction(1.0, device)
-        return
-    if isinstance(gb, bool) or not isinstance(gb, (int, float)) or gb <= 0:
-        raise RunError(f"device_memory_gb={gb!r} is not accepted; accepted: null or a positive number of GB")
-    if device.type != "cuda":
-        raise RunError(f"device_memory_gb={gb} caps CUDA memory, but this run is on {device}; accepted there: null")
-    total = torch.cuda.get_device_properties(device).total_memory
-    if gb * 1e9 > total:
-        raise RunError(f"device_memory_gb={gb} exceeds {device}'s {total / 1e9:.1f} GB")
-    torch.cuda.set_per_process_memory_fraction(gb * 1e9 / total, device)
 
 
 def config_groups() -> tuple[list[str], list[str]]:
@@ -86,17 +78,6 @@ def check_top_level_keys(cfg: DictConfig | dict) -> None:
         )
 
 
-def resolve_plugins(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """{group: {name, params, default}} for the four plugin groups, every parameter validated."""
-    out = {}
-    for group in PLUGIN_GROUPS:  # a plugin group is named after its kind
-        section = dict(cfg.get(group) or {})
-        name = section.pop("name", None) or registry.baseline(group)
-        registry.config(group, name, section)  # raises PluginError naming plugin, field and type
-        out[group] = {"name": name, "params": section, "default": group not in cfg}
-    return out
-
-
 def resolve_tasks(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
     tasks = cfg.get("task") or {}
     if not tasks:
@@ -106,99 +87,6 @@ def resolve_tasks(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
     for name, params in tasks.items():
         registry.config("task", name, params or {})
     return {name: dict(params or {}) for name, params in tasks.items()}
-
-
-def model_source(model: dict[str, Any]) -> tuple[Any, bool]:
-    """(what load_engine takes, trained?) from the model group."""
-    source = model.get("source")
-    if source == "random":
-        if not model.get("arch"):
-            raise RunError(
-                f"model {model.get('name')!r}: source=random needs an `arch` section of Hugging Face config fields"
-            )
-        return dict(model["arch"]), False
-    if isinstance(source, str) and source.startswith("embedded:"):
-        path = ASSETS / source.split(":", 1)[1]
-        if not (path / "config.json").exists():
-            raise RunError(
-                f"embedded model {source!r} is not in this checkout ({path}); train it with scripts/train_tiny_lm.py"
-            )
-        return str(path), True
-    if not source:
-        raise RunError("model.source is empty; give a checkpoint directory or a hub id (model=hf model.source=...)")
-    return str(source), True
-
-
-def memory_check(resolved: dict[str, Any], source: Any, built: dict[str, Any], tasks: dict[str, Any],
-                 device: torch.device, dtype: str) -> dict[str, Any] | None:
-    """Weights + KV + activations of the largest cache a task declares (Task.footprint) against free memory
-    (engine/footprint.py): raises DoesNotFit (a ValueError, one line naming the need, what is free and what to do)
-    before anything is built. None where it cannot estimate (a hub id: no local config.json)."""
-    try:
-        from ollm_triton.engine.footprint import check_fits
-    except ImportError:  # an engine without the estimator: run unchecked
-        return None
-    if not isinstance(source, dict) and not (Path(str(source)) / "config.json").exists():
-        return None
-    if resolved["model"].get("runtime") == "transformers":  # estimated from the engine's reading of the config
-        from ollm_triton.engine.config import UnsupportedModelError
-        from ollm_triton.engine.footprint import model_config
-
-        try:
-            model_config(source)
-        except UnsupportedModelError:  # an architecture only transformers runs: not estimated
-            return None
-    smoke = bool(resolved.get("smoke"))
-    shapes = [getattr(t, "footprint", lambda s: (1, 0))(smoke) for t in tasks.values()] or [(1, 0)]
-    batch, context = max(shapes, key=lambda bc: (bc[0] * bc[1], bc[1]))
-    return check_fits(
-        source,
-        dtype=dtype,
-        device=device,
-        batch=int(batch),
-        context=int(context),
-        codec=built["adapt"].planning_codec(built["cache"]) if "adapt" in built else built["cache"],
-        prefetch=built["prefetch"],
-        device_memory_gb=resolved.get("device_memory_gb"),
-        prefill_chunk=int(resolved.get("prefill_chunk") or 0),
-        name=str(resolved["model"].get("name") or ""),
-    )
-
-
-RUNTIMES = ("engine", "transformers")  # model.runtime: the native engine, or transformers' forward (model=hf_transformers)
-
-
-def load_bridge(source: Any, plugins: dict[str, Any], built: dict[str, Any], device: torch.device, dtype: str,
-                resolved: dict[str, Any]):
-    """The run's plugins on transformers' own forward (ollm_triton/hf/engine.py); what it cannot run is refused in
-    one line before the model loads."""
-    try:
-        from ollm_triton.hf.engine import load_transformers_engine
-    except ImportError as e:  # transformers missing or outside the bridge's range: the bridge's one line
-        raise RunError(f"model runtime transformers: {str(e).splitlines()[0]}") from None
-    return load_transformers_engine(
-        source,
-        attention=plugins["attention"]["name"],
-        attention_params=plugins["attention"]["params"],
-        codec=built["cache"],
-        prefetch=built["prefetch"],
-        decoder=built["decoder"],
-        device=device,
-        dtype=dtype,
-        seed=int(resolved.get("seed", 0)),
-        prefill_chunk=int(resolved.get("prefill_chunk") or 0),
-        fast_decode=str(resolved.get("fast_decode", "auto")),
-    )
-
-
-def start_monitor(section: dict[str, Any] | None, device: torch.device) -> SystemMonitor | None:
-    """The job's system monitor (ollm_triton/monitor.py), started; None when `monitor.enabled` is false."""
-    cfg = MonitorConfig(**(section or {}))
-    try:
-        cfg.check()
-    except ValueError as e:
-        raise RunError(str(e)) from None
-    return SystemMonitor(cfg.rate_hz, device).start() if cfg.enabled else None
 
 
 def monitor_metrics(monitor: SystemMonitor, by_task: dict[str, dict[str, Any]], t0: float, t1: float
@@ -225,51 +113,13 @@ def run_job(cfg: DictConfig, run_dir: Path, job_num: int = 0,
             on_samples: Any = None) -> dict[str, Any]:
     """Run one job; returns the metrics.json record. Raises RunError/PluginError/ValueError for bad input.
     on_samples(samples, origin): handed the monitor's samples at the end (the W&B time series)."""
-    try:
-        resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    except MissingMandatoryValue as e:
-        raise RunError(f"{e.full_key} is required but not set (see ollm_triton/conf/ for what it accepts)") from None
+    resolved = resolve_config(cfg)
     plugins = resolve_plugins(resolved)
     tasks = resolve_tasks(resolved)
-    source, trained = model_source(resolved["model"])
-    device = resolve_device(str(resolved.get("device", "auto")), job_num)  # ValueError: the one-line error
-    limit_device_memory(resolved.get("device_memory_gb"), device)
-    dtype = str(resolved["model"].get("dtype", "auto"))
-    resolve_dtype(dtype, device)  # a bad name fails here, before anything loads; load_engine resolves auto itself
-    monitor = start_monitor(resolved.get("monitor"), device)
-    job_t0 = time.perf_counter()
-
-    torch.manual_seed(int(resolved.get("seed", 0)))
-    built = {
-        group: registry.build(group, plugins[group]["name"], plugins[group]["params"]) for group in PLUGIN_GROUPS
-    }
-    task_objs = {name: registry.build("task", name, params) for name, params in tasks.items()}
-    adapter = built["adapt"]  # +adapt: the run-time controller (ollm_triton/adapt/base.py)
-    runtime = str(resolved["model"].get("runtime") or "engine")
-    if runtime not in RUNTIMES:
-        raise RunError(f"model.runtime={runtime!r} is not accepted; accepted: {', '.join(RUNTIMES)}")
-    footprint = memory_check(resolved, source, built, task_objs, device, dtype)  # refuses in one line, before loading
-    built["cache"] = adapter.wrap_codec(built["cache"])  # its clock, and the codec it may switch live
-
-    t0 = time.perf_counter()
-    if runtime == "transformers":  # transformers' own forward with the run's plugins (ollm_triton/hf/engine.py)
-        engine = load_bridge(source, plugins, built, device, dtype, resolved)
-    else:
-        from ollm_triton.engine import load_engine
-
-        engine = load_engine(
-            source,
-            attention=built["attention"],
-            codec=built["cache"],
-            prefetch=built["prefetch"],
-            device=device,
-            dtype=dtype,
-            prefill_chunk=int(resolved.get("prefill_chunk") or 0),
-            fast_decode=str(resolved.get("fast_decode", "auto")),
-        )
-    load_s = time.perf_counter() - t0
-    adapter.attach(engine=engine, decoder=built["decoder"], prefetch=built["prefetch"], monitor=monitor,
-                   device_memory_gb=resolved.get("device_memory_gb"))
+    run = build_run(resolved, plugins=plugins, job_num=job_num,
+                    needs=lambda: {name: registry.build("task", name, params) for name, params in tasks.items()})
+    task_objs, engine, built, monitor, device = run.needs, run.engine, run.built, run.monitor, run.device
+    adapter, job_t0, load_s, trained, footprint = run.adapter, run.started, run.load_s, run.trained, run.footprint
     ctx = RunContext(
         engine=engine,
         decoder=built["decoder"],
@@ -313,13 +163,8 @@ def run_job(cfg: DictConfig, run_dir: Path, job_num: int = 0,
             if on_samples is not None:
                 on_samples(monitor.samples(), job_t0)
     finally:  # free the model (and a decoder's draft model) now, not at the next job's garbage collection
-        if monitor is not None:
-            monitor.stop()
-        for part in (engine, built["decoder"], adapter):
-            close = getattr(part, "close", None)
-            if callable(close):
-                close()
-        del engine, ctx
+        run.close()
+        del engine, ctx, run
     if refused and len(refused) == len(tasks):
         raise RunError("every task refused: " + "; ".join(f"{k}: {v}" for k, v in refused.items()))
     return {
@@ -392,7 +237,6 @@ def plugin_sections(cfg: DictConfig | dict) -> dict[str, dict[str, Any]]:
 
 
 _failed_jobs: list[str] = []
-USER_ERRORS = (RunError, PluginError, ValueError, FileNotFoundError, NotImplementedError)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

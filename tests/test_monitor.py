@@ -133,10 +133,11 @@ def test_runner_writes_monitor_summaries_over_the_timed_region(monkeypatch, tmp_
     region holds the tokens the task generated, and the job's record says what was sampled."""
     from hydra import compose, initialize_config_dir
 
+    import ollm_triton.build as build
     import ollm_triton.run as run
 
-    real = run.SystemMonitor
-    monkeypatch.setattr(run, "SystemMonitor", lambda rate, device: real(rate, device, gpu_sampler=lambda: {
+    real = build.SystemMonitor  # the one build sequence starts the monitor (build.py)
+    monkeypatch.setattr(build, "SystemMonitor", lambda rate, device: real(rate, device, gpu_sampler=lambda: {
         "gpu_power_w": 100.0}))
     with initialize_config_dir(config_dir=str(run.CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["model=tiny_random", "task=throughput", "debug=smoke",
