@@ -310,7 +310,10 @@ def main(argv: list[str] | None = None) -> dict:
             greedy_run, reset = steps.greedy(args.replays)
             row = {"greedy_step": ms_per_call(greedy_run, device, args.replays, args.repeats, reset),
                    "floor_ms": floor_ms(target, c), "weights_floor_ms": floor_ms(target, 0),
-                   "captured": steps.captured, "capacity": steps.sm.capacity, "blocks": {}}
+                   "captured": steps.captured, "capacity": steps.sm.capacity, "blocks": {},
+                   # the block attends over its whole static buffer (masked), greedy's step over the held tokens
+                   "kv_read_gb_block": kv_bytes_per_token(target) * steps.sm.capacity / 1e9,
+                   "kv_read_gb_greedy": kv_bytes_per_token(target) * c / 1e9}
             for t in tokens:
                 _, fn = steps.block(t)
                 row["blocks"][t] = ms_per_call(fn, device, args.replays, args.repeats)
