@@ -71,8 +71,12 @@ def estimate(model_cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device
     embed = cfg.vocab_size * h * elt
     head = embed * (1 if cfg.tie_word_embeddings else 2) + h * elt
     layer = (weights - head) // max(cfg.num_layers, 1)
+    # every routed expert of every MoE layer: what a policy streaming by expert keeps on the host (prefetch/experts.py)
+    h_m = cfg.hidden_size * cfg.moe_intermediate_size
+    per_expert = 3 * h_m + ((2 * cfg.moe_intermediate_size + cfg.hidden_size) if cfg.expert_bias else 0)
+    experts = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers)) * cfg.num_experts * per_expert * elt
     device_weights = weights if device.type == "cpu" else float(prefetch.device_weight_bytes(
-        weights, layer_bytes=layer, num_layers=cfg.num_layers, head_bytes=head))
+        weights, layer_bytes=layer, num_layers=cfg.num_layers, head_bytes=head, expert_bytes=experts))
     kv = kv_dense = 0
     if context > 0:
         spec = LayerSpec(batch=batch, kv_heads=cfg.num_kv_heads, head_dim=d, dtype=dtype, device=device,

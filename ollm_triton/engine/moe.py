@@ -131,6 +131,9 @@ class MoE(nn.Module):
 
     # "auto": the Triton kernels when the step runs its kernels, else grouped; or one path forced (tests, benchmarks)
     path = "auto"
+    # a prefetch policy that acts on experts sets itself here (prefetch/base.py `run_experts`): the routed experts then
+    # run through it, which may first bring them to the device and rebind the stacked parameters to its cache
+    expert_hooks = None
 
     def __init__(self, cfg: ModelConfig, shared_expert: nn.Module | None = None):
         super().__init__()
@@ -146,12 +149,11 @@ class MoE(nn.Module):
         flat = x.reshape(-1, shape[-1])
         weights, experts = getattr(self, self.router_name)(flat, linear)
         path = ("kernel" if kernels else "grouped") if self.path == "auto" else self.path
-        if path == "kernel":
-            out = self.experts.kernel(flat, weights, experts)
-        elif path == "naive":
-            out = self.experts.naive(flat, weights, experts)
+        compute = getattr(self.experts, path)  # (x, weights, experts) -> [N, hidden] over the experts as bound now
+        if self.expert_hooks is None:
+            out = compute(flat, weights, experts)
         else:
-            out = self.experts.grouped(flat, weights, experts)
+            out = self.expert_hooks.run_experts(flat, weights, experts, lambda w, ids: compute(flat, w, ids))
         if self.shared_expert is not None:
             gate = torch.sigmoid(linear(flat, self.shared_expert_gate.weight, None))
             out = out + gate * self.shared_expert(flat, kernels, linear)

@@ -9,11 +9,19 @@ What the engine reads, declared here and never inferred from a policy's name:
                         be captured as a CUDA graph (which replays those addresses)
     weights_device(d)   where the weights are materialised before `setup` (a streaming policy keeps them on the
                         host); default: the compute device
-    device_weight_bytes(total, layer_bytes=, num_layers=, head_bytes=)  the weight bytes this policy holds on the
-                        device at once, for the run's memory check before building a model; default: all of them
+    device_weight_bytes(total, layer_bytes=, num_layers=, head_bytes=, expert_bytes=)  the weight bytes this policy
+                        holds on the device at once, for the run's memory check before building a model; default: all
+                        of them
+
+What a mixture-of-experts block calls (engine/moe.py), so a policy can act on expert granularity:
+    run_experts(x, weights, experts, compute)  after routing, inside the layer bracketed by before_layer/after_layer;
+                        the block finds the policy in its `expert_hooks` attribute, which a policy that acts on
+                        experts sets in `setup` (None: the block computes its experts itself); default: compute them
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -28,9 +36,10 @@ class PrefetchPolicy:
         return device
 
     def device_weight_bytes(self, total_bytes: int, layer_bytes: int | None = None, num_layers: int | None = None,
-                            head_bytes: int = 0) -> float:
+                            head_bytes: int = 0, expert_bytes: int = 0) -> float:
         """Weight bytes on the device at once, given the model's total (and, for policies that stream layers, one
-        decoder layer's bytes, the layer count and the embeddings/head bytes)."""
+        decoder layer's bytes, the layer count and the embeddings/head bytes; for policies that stream experts,
+        the bytes of every routed expert of every layer, 0 for a dense model)."""
         return float(total_bytes)
 
     def setup(self, model: torch.nn.Module, device: torch.device) -> None:
@@ -41,6 +50,14 @@ class PrefetchPolicy:
 
     def after_layer(self, index: int) -> None:
         pass
+
+    def run_experts(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
+                    compute: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """A MoE block's routed experts, called by the block after routing. x: [N, hidden] the routed tokens;
+        weights, experts: [N, k] routing weights and expert ids; compute(weights, ids) -> [N, hidden] runs the
+        block's experts as its parameters are bound now, `ids` indexing dim 0 of them. A policy may rebind those
+        parameters and translate the ids (a cache of some experts); the default computes them as they are."""
+        return compute(weights, experts)
 
     def stats(self) -> dict[str, float]:
         return {}

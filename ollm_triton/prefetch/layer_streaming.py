@@ -113,7 +113,7 @@ class StreamingPolicy(PrefetchPolicy):
         return max(1, min(cap, allowed, num_layers))
 
     def device_weight_bytes(self, total_bytes: int, layer_bytes: int | None = None, num_layers: int | None = None,
-                            head_bytes: int = 0) -> float:
+                            head_bytes: int = 0, expert_bytes: int = 0) -> float:
         """Weight bytes on the device at once: the embeddings/head (all of them, or the larger module when
         keep_head_on_device is false) plus the layer slots the budget and the policy allow. Without the layer
         shape: all weights, capped by budget_gb - headroom_gb."""

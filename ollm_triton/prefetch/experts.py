@@ -1,0 +1,398 @@
+"""`experts`: stream a mixture-of-experts model by expert, not by layer.
+
+An 80B MoE model reads ~3B parameters a token: a token's k routed experts of each layer, not the layer's E. Layer
+streaming moves all E (Qwen3-Next-80B: 3.2 GB a layer); this policy moves only the routed experts it does not hold.
+
+`setup(model, device)`: every parameter except the routed experts' (attention or Gated DeltaNet, norms, router,
+shared expert, embeddings, LM head) goes to the device and stays there. Each MoE layer's experts are packed into one
+host buffer [E, P] (pinned on CUDA): expert e's stacked parameters (engine/moe.py `Experts`: every one of them is
+[E, ...] along dim 0) side by side in one row of P elements, so bringing an expert in is one copy. The device holds a
+cache of C such rows, shared by every layer, C = (budget_gb - headroom_gb - dense bytes) // row bytes (at most
+`max_cached_experts`, at most every expert). Every MoE block's expert parameters become views of that cache
+[C, ...], so the block's own compute (grouped, naive or the Triton kernels) runs on it unchanged.
+
+`run_experts` (the hook the MoE block calls after routing, prefetch/base.py): the routed ids come to the host (one
+sync, shared with the prediction below), each distinct (layer, expert) is looked up: a hit uses its slot, a miss
+takes the least recently used slot no expert of this step needs and copies the row in (a side stream on CUDA; the
+compute stream waits for those copies only). The ids are translated to slots and the block computes. A step needing
+more distinct experts than C (a prefill) runs in rounds of at most C experts, each computing its pairs with the
+others' routing weights zeroed, and sums the rounds.
+
+Prediction (`predict: router`): the next MoE layer's router applied to this layer's MLP input, its top
+`prefetch_per_token` experts per token fetched while this layer computes. Chosen over recent routing statistics
+because the residual stream changes little from one layer to the next, so the next router on today's hidden state
+predicts this very token's routing, while statistics predict only experts that are popular in general (a batch-1
+decode's routing changes token to token); it costs one [N, hidden] x [hidden, E] product per layer and shares the
+routing's host sync. `predict: none` measures what it buys (scripts/bench_expert_stream.py).
+
+Outputs equal the resident run: the cache holds the weights' own bytes, the grouped path computes each (token,
+expert) pair on the same rows whatever index the expert has; only a step split into rounds sums in another order.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ollm_triton.prefetch.base import PrefetchPolicy
+from ollm_triton.registry import PluginError, register
+
+GB = 1e9
+PREDICTORS = ("router", "none")
+ALIGN = 64  # elements: each parameter's view in a cache row starts 128-byte aligned in bf16 (coalesced loads)
+
+
+@dataclass
+class ExpertStreamingConfig:
+    budget_gb: float | None = None  # device memory for the dense part + the expert cache (null: every expert)
+    headroom_gb: float = 0.5  # part of budget_gb kept free for activations and the KV cache
+    max_cached_experts: int = 0  # cap on the cache's expert slots (0: as many as the budget allows)
+    predict: str = "router"  # router (next layer's router on this layer's hidden state) | none
+    prefetch_per_token: int = 0  # experts per token prefetched for the next layer (0: the model's experts per token)
+
+    def check(self) -> None:
+        if self.budget_gb is not None and self.budget_gb <= 0:
+            raise ValueError(f"budget_gb must be > 0 or null, got {self.budget_gb}")
+        if self.headroom_gb < 0:
+            raise ValueError(f"headroom_gb must be >= 0, got {self.headroom_gb}")
+        if self.max_cached_experts < 0:
+            raise ValueError(f"max_cached_experts must be >= 0 (0: as many as the budget allows), got "
+                             f"{self.max_cached_experts}")
+        if self.predict not in PREDICTORS:
+            raise ValueError(f"predict must be one of {', '.join(PREDICTORS)}, got {self.predict!r}")
+        if self.prefetch_per_token < 0:
+            raise ValueError(f"prefetch_per_token must be >= 0 (0: the model's experts per token), got "
+                             f"{self.prefetch_per_token}")
+
+
+def _expert_blocks(model: nn.Module) -> dict[int, nn.Module]:
+    """Layer index -> MoE block: the MLPs that declare the expert hook (engine/moe.py `MoE.expert_hooks`)."""
+    return {i: layer.mlp for i, layer in enumerate(model.model.layers)
+            if hasattr(layer.mlp, "expert_hooks") and hasattr(layer.mlp, "experts")}
+
+
+@register("prefetch", "experts", ExpertStreamingConfig)
+class ExpertStreaming(PrefetchPolicy):
+    """MoE models: the dense part resident, routed experts streamed from host memory into an LRU device cache,
+    the next layer's likely experts prefetched from its router applied early."""
+
+    def __init__(self, cfg: ExpertStreamingConfig | None = None):
+        self.cfg = cfg or ExpertStreamingConfig()
+        self.model = None
+
+    # --- the run's memory check, before any model exists ------------------------------------------------------
+    def weights_device(self, device: torch.device) -> torch.device:
+        return torch.device("cpu")  # load_engine materialises on the host; setup moves the dense part
+
+    def _cap(self) -> float | None:
+        return None if self.cfg.budget_gb is None else self.cfg.budget_gb * GB - self.cfg.headroom_gb * GB
+
+    def device_weight_bytes(self, total_bytes: int, layer_bytes: int | None = None, num_layers: int | None = None,
+                            head_bytes: int = 0, expert_bytes: int = 0) -> float:
+        """The dense part plus a cache filling budget_gb - headroom_gb (all weights without a budget). Refuses in
+        one line when the dense part alone does not fit the budget."""
+        cap = self._cap()
+        if cap is None or not expert_bytes:  # a dense model is refused by setup, naming the model
+            return float(total_bytes)
+        dense = total_bytes - expert_bytes
+        if dense >= cap:
+            raise PluginError(self._too_small(dense, "any expert"))
+        return float(min(total_bytes, cap))
+
+    def _too_small(self, dense: float, what: str) -> str:
+        return (f"prefetch {self.plugin_name}: budget_gb={self.cfg.budget_gb} - headroom_gb={self.cfg.headroom_gb} "
+                f"leaves no room for {what} after the {dense / GB:.3f} GB dense part (attention, norms, routers, "
+                f"shared experts, embeddings, head) that stays on the device; raise budget_gb")
+
+    # --- setup --------------------------------------------------------------------------------------------------
+    def setup(self, model: nn.Module, device: torch.device) -> None:
+        blocks = _expert_blocks(model)
+        if not blocks:
+            kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+            raise PluginError(f"prefetch {self.plugin_name}: model {kind} has no mixture-of-experts layers, so "
+                              "there are no experts to stream; use +prefetch=lookahead (layer streaming) or resident")
+        device = torch.device(device)
+        self.device, self.cuda = device, device.type == "cuda"
+        self.blocks = blocks
+        self.moe_layers = sorted(blocks)
+        self._next_moe = dict(zip(self.moe_layers, self.moe_layers[1:], strict=False))  # the last predicts none
+        expert_params = {id(p) for b in blocks.values() for p in b.experts._parameters.values() if p is not None}
+        self.dense_bytes = self._place_dense(model, device, expert_params)
+
+        # one row layout for every layer (the config gives every MoE layer the same experts)
+        first = blocks[self.moe_layers[0]].experts
+        self.entries, offset = [], 0  # (name, per-expert shape, offset, numel)
+        for name, p in first._parameters.items():
+            if p is None:
+                continue
+            n = p[0].numel()
+            self.entries.append((name, tuple(p.shape[1:]), offset, n))
+            offset += -(-n // ALIGN) * ALIGN
+        p0 = first._parameters[self.entries[0][0]]
+        self.row_elems, self.dtype, self.num_experts = offset, p0.dtype, p0.shape[0]
+        self.row_bytes = self.row_elems * p0.element_size()
+        self.top_k = blocks[self.moe_layers[0]].get_submodule(blocks[self.moe_layers[0]].router_name).top_k
+        self.host = {i: self._pack(b.experts) for i, b in blocks.items()}  # layer -> [E, P] (pinned on CUDA)
+
+        total = len(blocks) * self.num_experts
+        cap = self._cap()
+        slots = total if cap is None else int((cap - self.dense_bytes) // self.row_bytes)
+        if self.cfg.max_cached_experts:
+            slots = min(slots, self.cfg.max_cached_experts)
+        self.num_slots = min(slots, total)
+        if self.num_slots < 1:
+            raise PluginError(self._too_small(self.dense_bytes, f"one {self.row_bytes / 1e6:.3f} MB expert"))
+        # NaN until loaded: a slot read before its expert arrived poisons the logits instead of passing unnoticed
+        self.cache = torch.full((self.num_slots, self.row_elems), float("nan"), dtype=self.dtype, device=device)
+        views = {name: self.cache[:, off:off + n].view(self.num_slots, *shape) for name, shape, off, n in self.entries}
+        for b in blocks.values():
+            for name in views:
+                b.experts._parameters[name] = views[name]
+            b.expert_hooks = self
+
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self._slot_of: OrderedDict[tuple[int, int], int] = OrderedDict()  # (layer, expert) -> slot, LRU first
+        self._key_of: list[tuple[int, int] | None] = [None] * self.num_slots
+        self._free = list(range(self.num_slots - 1, -1, -1))
+        self._ready: dict[int, object] = {}  # slot -> copy-done event (CUDA) not yet waited for
+        self._last_use: dict[int, object] = {}  # slot -> compute-done event of its last use (CUDA)
+        self._prefetched: set[tuple[int, int]] = set()  # loaded by a prediction, not yet used
+        self._stalls: list[tuple[object, object]] = []  # CUDA (before, after) events around the waits for copies
+        self.counts: Counter[str] = Counter()
+        self.stall_s = 0.0
+        self.held_bytes = self.dense_bytes + self.num_slots * self.row_bytes
+        self.model = model
+        self._layer = self.moe_layers[0]
+
+    def _place_dense(self, model: nn.Module, device: torch.device, skip: set[int]) -> int:
+        """Every parameter and buffer but the routed experts' onto the device (tied weights once); their bytes."""
+        moved: dict[int, torch.Tensor] = {}
+        for module in model.modules():
+            for name, p in list(module._parameters.items()):
+                if p is None or id(p) in skip:
+                    continue
+                if id(p) not in moved:
+                    moved[id(p)] = nn.Parameter(p.detach().to(device), requires_grad=False)
+                module._parameters[name] = moved[id(p)]
+            for name, b in list(module._buffers.items()):
+                if b is not None:
+                    module._buffers[name] = moved.setdefault(id(b), b.to(device))
+        return sum(t.numel() * t.element_size() for t in moved.values())
+
+    def _pack(self, experts: nn.Module) -> torch.Tensor:
+        """One layer's experts as rows [E, P]: expert e's parameters side by side (the cache's row layout)."""
+        e = self.num_experts
+        host = torch.zeros(e, self.row_elems, dtype=self.dtype, pin_memory=self.cuda)
+        for name, _, off, n in self.entries:
+            p = experts._parameters[name]
+            if p.dtype != self.dtype:
+                raise PluginError(f"prefetch {self.plugin_name}: expert parameter {name} is {p.dtype}, the others "
+                                  f"{self.dtype}; the cache rows hold one dtype")
+            host[:, off:off + n] = p.detach().reshape(e, n).cpu()
+            experts._parameters[name] = None  # the host copy is now the packed row: free the original
+        return host
+
+    # --- the hooks ----------------------------------------------------------------------------------------------
+    def before_layer(self, index: int) -> None:
+        self._layer = index
+
+    def run_experts(self, x, weights, experts, compute):
+        layer = self._layer
+        nxt = self._next_moe.get(layer) if self.cfg.predict == "router" else None
+        routed = experts.reshape(-1)
+        if nxt is not None:  # the next layer's router on this layer's MLP input (softmax keeps the logits' order)
+            router = self.blocks[nxt].get_submodule(self.blocks[nxt].router_name)
+            per_token = min(self.cfg.prefetch_per_token or self.top_k, self.num_experts)
+            guess = torch.topk(F.linear(x, router.weight, router.bias), per_token, dim=-1).indices.reshape(-1)
+            routed = torch.cat((routed, guess))
+        ids_host = routed.cpu()  # the one host sync of this layer
+        self._resolve_stalls()
+        if layer == self.moe_layers[0]:
+            self.counts["tokens"] += x.shape[0]
+            self.counts["forwards"] += 1
+        chosen = ids_host[: experts.numel()].view(experts.shape)
+        needed = sorted(set(chosen.reshape(-1).tolist()))
+        self.counts["accesses"] += len(needed)
+        rounds = [needed[i:i + self.num_slots] for i in range(0, len(needed), self.num_slots)]
+        self.counts["rounds"] += len(rounds)
+        out = None
+        for r, group in enumerate(rounds):
+            slots = self._bring_in(layer, group)
+            if r == len(rounds) - 1 and nxt is not None:  # queued behind this round's copies, hidden by its compute
+                self._prefetch(nxt, ids_host[experts.numel():], pinned=set(slots))
+            self._wait(slots)
+            # pairs of other rounds point at one of this round's slots (zero weight): never at an unloaded NaN row
+            lut = torch.full((self.num_experts,), slots[0], dtype=torch.long)
+            lut[torch.tensor(group)] = torch.tensor(slots)
+            ids = lut[chosen].to(self.device, non_blocking=True)
+            w = weights
+            if len(rounds) > 1:  # this round's pairs only; the others come in their own round
+                w = weights * torch.isin(chosen, torch.tensor(group)).to(self.device, weights.dtype)
+            part = compute(w, ids)
+            out = part if out is None else out + part
+            if self.cuda:
+                done = torch.cuda.Event()
+                done.record()
+                for s in slots:
+                    self._last_use[s] = done
+        return out
+
+    # --- cache machinery ----------------------------------------------------------------------------------------
+    def _take_slot(self, pinned: set[int]) -> int | None:
+        """A free slot, else the least recently used one not in `pinned` (its expert evicted), else None."""
+        if self._free:
+            return self._free.pop()
+        for key, slot in self._slot_of.items():
+            if slot not in pinned:
+                del self._slot_of[key]
+                if key in self._prefetched:
+                    self._prefetched.discard(key)
+                    self.counts["prefetch_wasted"] += 1
+                self.counts["evictions"] += 1
+                return slot
+        return None
+
+    def _copy(self, key: tuple[int, int], slot: int) -> None:
+        layer, e = key
+        src, dst = self.host[layer][e], self.cache[slot]
+        if self.cuda:
+            with torch.cuda.stream(self.copy_stream):
+                used = self._last_use.pop(slot, None)
+                if used is not None:  # the compute stream may still be reading the evicted expert
+                    self.copy_stream.wait_event(used)
+                dst.copy_(src, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record(self.copy_stream)
+            self._ready[slot] = ready
+        else:
+            dst.copy_(src)
+        self._slot_of[key] = slot
+        self._key_of[slot] = key
+        self.counts["bytes_moved"] += self.row_bytes
+        self.counts["copies"] += 1
+
+    def _bring_in(self, layer: int, group: list[int]) -> list[int]:
+        """The slots of `group`'s experts of `layer`, copying in the missing ones (never evicting one of them)."""
+        slots, missing = [], []
+        for e in group:
+            key = (layer, e)
+            slot = self._slot_of.get(key)
+            if slot is None:
+                missing.append((len(slots), key))
+                slots.append(-1)
+                continue
+            self._slot_of.move_to_end(key)
+            if key in self._prefetched:
+                self._prefetched.discard(key)
+                ready = self._ready.get(slot)
+                self.counts["prefetch_hits" if ready is None or ready.query() else "prefetch_late"] += 1
+            else:
+                self.counts["cache_hits"] += 1
+            slots.append(slot)
+        pinned = {s for s in slots if s >= 0}
+        t0 = time.perf_counter()
+        for i, key in missing:
+            slot = self._take_slot(pinned)
+            assert slot is not None, "a round holds at most num_slots experts"
+            self._copy(key, slot)
+            pinned.add(slot)
+            slots[i] = slot
+            self.counts["demand_loads"] += 1
+        if missing and not self.cuda:  # the CPU copies ran inline: the step waited for all of them
+            self.stall_s += time.perf_counter() - t0
+        return slots
+
+    def _prefetch(self, layer: int, guesses: torch.Tensor, pinned: set[int]) -> None:
+        """Copy in the predicted experts of `layer` (most voted first) into slots this round does not use."""
+        votes = Counter(guesses.tolist())
+        room = self.num_slots - len(pinned)
+        for e, _ in votes.most_common(min(len(votes), room)):
+            key = (layer, e)
+            if key in self._slot_of:
+                self._slot_of.move_to_end(key)  # keep it: it is about to be used
+                pinned.add(self._slot_of[key])
+                continue
+            slot = self._take_slot(pinned)
+            if slot is None:
+                return
+            self._copy(key, slot)
+            self._prefetched.add(key)
+            pinned.add(slot)
+            self.counts["prefetch_issued"] += 1
+
+    def _wait(self, slots: list[int]) -> None:
+        """The compute stream waits for the copies of `slots` still in flight (timed between two events)."""
+        if not self.cuda:
+            return
+        events = [self._ready.pop(s) for s in slots if s in self._ready]
+        if not events:
+            return
+        before = torch.cuda.Event(enable_timing=True)
+        before.record()
+        for ev in events:
+            torch.cuda.current_stream().wait_event(ev)
+        after = torch.cuda.Event(enable_timing=True)
+        after.record()
+        self._stalls.append((before, after))
+
+    def _resolve_stalls(self, block: bool = False) -> None:
+        keep = []
+        for before, after in self._stalls:
+            if not block and not after.query():
+                keep.append((before, after))
+                continue
+            after.synchronize()
+            self.stall_s += before.elapsed_time(after) / 1e3
+        self._stalls = keep
+
+    # --- report -------------------------------------------------------------------------------------------------
+    def stats(self) -> dict[str, float]:
+        if self.model is None:
+            return {}
+        self._resolve_stalls(block=True)
+        c = self.counts
+        hits = c["cache_hits"] + c["prefetch_hits"]
+        tokens = max(c["tokens"], 1)
+        return {
+            "accesses": float(c["accesses"]),  # distinct (layer, expert) a step needed, summed over steps
+            "hits": float(hits),
+            "misses": float(c["prefetch_late"] + c["demand_loads"]),
+            "hit_rate": hits / c["accesses"] if c["accesses"] else 0.0,
+            "cache_hits": float(c["cache_hits"]),
+            "prefetch_hits": float(c["prefetch_hits"]),
+            "prefetch_late": float(c["prefetch_late"]),
+            "demand_loads": float(c["demand_loads"]),
+            "prefetch_issued": float(c["prefetch_issued"]),
+            "prefetch_wasted": float(c["prefetch_wasted"]),
+            "prefetch_accuracy": (c["prefetch_hits"] + c["prefetch_late"]) / c["prefetch_issued"]
+            if c["prefetch_issued"] else 0.0,
+            "evictions": float(c["evictions"]),
+            "rounds": float(c["rounds"]),
+            "tokens": float(c["tokens"]),
+            "bytes_moved": float(c["bytes_moved"]),
+            "bytes_per_token": c["bytes_moved"] / tokens,
+            "stall_s": self.stall_s,
+            "expert_bytes": float(self.row_bytes),
+            "cache_slots": float(self.num_slots),
+            "num_experts_stored": float(len(self.blocks) * self.num_experts),
+            "dense_bytes": float(self.dense_bytes),
+            "device_weight_bytes": float(self.held_bytes),
+            "budget_bytes": float(self.cfg.budget_gb or 0.0) * GB,
+        }
+
+    def close(self) -> None:
+        if self.model is None:
+            return
+        if self.cuda:
+            self.copy_stream.synchronize()
+        for b in self.blocks.values():
+            b.expert_hooks = None
+        self.host, self.cache, self.model = {}, None, None
+
+
+__all__ = ["ExpertStreaming", "ExpertStreamingConfig"]

@@ -1,0 +1,204 @@
+"""The expert-streaming prefetch policy (prefetch/experts.py) on tiny random MoE models, on the CPU.
+
+Against independent references: logits equal the all-resident run (qwen3_moe and qwen3_next, prefill + decode), a
+cache smaller than a token's experts still gives them (rounds, evictions), the counters match an LRU simulated here
+over the routing a resident run records, the held bytes stay inside the budget, and the memory check admits
+Qwen3-Next-80B's shapes within 8 GB and refuses them where they do not fit, in one line.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+
+from ollm_triton.engine import load_engine
+from ollm_triton.engine.footprint import DoesNotFit, check_fits
+from ollm_triton.engine.moe import Router
+from ollm_triton.registry import PluginError, registry
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+QWEN3_MOE = dict(model_type="qwen3_moe", vocab_size=128, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                 num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=8,
+                 num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1],
+                 max_position_embeddings=128, rms_norm_eps=1e-5)
+QWEN3_NEXT = dict(model_type="qwen3_next", vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_num_key_heads=2,
+                  linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8, linear_conv_kernel_dim=4,
+                  num_experts=6, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+                  norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[2], full_attention_interval=2,
+                  max_position_embeddings=128, rms_norm_eps=1e-6, partial_rotary_factor=0.25)
+MODELS = {"qwen3_moe": QWEN3_MOE, "qwen3_next": QWEN3_NEXT}
+PROMPT = torch.tensor([[3, 17, 9, 64, 2, 101, 40]])
+STEPS = 4
+GB = 1e9
+
+
+def experts(**params):
+    return registry.build("prefetch", "experts", {"headroom_gb": 0.0, **params})
+
+
+def run(cfg, prefetch=None, prompt=PROMPT, steps=STEPS):
+    """Greedy prefill + decode: (logits of every forward, stats, engine before close)."""
+    engine = load_engine(cfg, prefetch=prefetch)
+    cache = engine.new_cache(1, 32)
+    outs = [engine.forward(prompt, cache)]
+    for _ in range(steps):
+        outs.append(engine.forward(outs[-1][:, -1:].argmax(-1), cache))
+    stats = engine.prefetch.stats()
+    engine.close()
+    return outs, stats
+
+
+@pytest.fixture(scope="module")
+def resident():
+    return {name: run(cfg)[0] for name, cfg in MODELS.items()}
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("predict", ["router", "none"])
+def test_logits_equal_resident(model, predict, resident):
+    """A cache holding every expert: prefill and decode bit-identical to the resident run."""
+    outs, st = run(MODELS[model], experts(predict=predict))
+    for ref, got in zip(resident[model], outs, strict=True):
+        assert torch.equal(ref, got)
+    assert st["accesses"] == st["hits"] + st["misses"] and st["demand_loads"] > 0
+    assert (st["prefetch_issued"] > 0) == (predict == "router")
+    assert st["bytes_moved"] == (st["demand_loads"] + st["prefetch_issued"]) * st["expert_bytes"]
+
+
+@pytest.mark.parametrize("model,slots", [("qwen3_moe", 1), ("qwen3_moe", 3), ("qwen3_next", 1)])
+def test_small_cache_evicts_and_stays_right(model, slots, resident):
+    """Fewer slots than a token's experts (1 < k = 2) or than a prefill's: rounds of at most `slots` experts."""
+    outs, st = run(MODELS[model], experts(max_cached_experts=slots))
+    for ref, got in zip(resident[model], outs, strict=True):
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+    assert st["cache_slots"] == slots and st["evictions"] > 0
+    moe_layers = 2 if model == "qwen3_moe" else 3
+    assert st["rounds"] > moe_layers * (1 + STEPS)  # some step needed more experts than the cache holds
+
+
+def recorded_routing(cfg, prompt, steps):
+    """The distinct experts of every MoE layer at every forward of a resident run, recorded at the router."""
+    seen = []
+    original = Router.forward
+
+    def spy(self, x, linear=torch.nn.functional.linear):
+        w, e = original(self, x, linear)
+        seen.append(sorted(set(e.reshape(-1).tolist())))
+        return w, e
+
+    Router.forward = spy
+    try:
+        run(cfg, prompt=prompt, steps=steps)
+    finally:
+        Router.forward = original
+    return seen
+
+
+def test_counters_match_an_lru_simulation():
+    """predict=none, 4 slots, batch-1 decode (2 experts a layer): hits, loads and bytes equal a plain LRU run over
+    the routing a resident run records; an expert row is its three projections' bytes."""
+    prompt, steps, slots = PROMPT[:, :1], 6, 4  # 4: LRU keeps 9 hits here, first-in-first-out 7
+    routing = recorded_routing(QWEN3_MOE, prompt, steps)
+    moe_layers = [0, 2]
+    lru, hits, misses = OrderedDict(), 0, 0
+    for i, needed in enumerate(routing):
+        layer = moe_layers[i % 2]
+        for e in needed:
+            if (layer, e) in lru:
+                lru.move_to_end((layer, e))
+                hits += 1
+        for e in needed:
+            if (layer, e) not in lru:
+                if len(lru) == slots:
+                    lru.popitem(last=False)
+                lru[(layer, e)] = True
+                misses += 1
+    _, st = run(QWEN3_MOE, experts(predict="none", max_cached_experts=slots), prompt=prompt, steps=steps)
+    h, m = QWEN3_MOE["hidden_size"], QWEN3_MOE["moe_intermediate_size"]
+    assert st["expert_bytes"] == 3 * h * m * 4  # gate, up, down in float32 (both multiples of the row alignment)
+    assert (st["cache_hits"], st["demand_loads"], st["prefetch_issued"]) == (hits, misses, 0)
+    assert st["hit_rate"] == pytest.approx(hits / (hits + misses))
+    assert st["bytes_moved"] == misses * st["expert_bytes"]
+    assert st["tokens"] == 1 + steps and st["bytes_per_token"] == pytest.approx(st["bytes_moved"] / (1 + steps))
+
+
+def test_same_token_twice_hits_every_expert():
+    """The same token at the same position routes identically: the second forward moves nothing."""
+    engine = load_engine(QWEN3_MOE, prefetch=experts(predict="none"))
+    token = PROMPT[:, :1]
+    engine.forward(token, engine.new_cache(1, 4))
+    first = engine.prefetch.stats()
+    engine.forward(token, engine.new_cache(1, 4))
+    second = engine.prefetch.stats()
+    engine.close()
+    assert first["cache_hits"] == 0 and first["demand_loads"] == first["accesses"] == 2 * 2  # 2 MoE layers x k
+    assert second["cache_hits"] - first["cache_hits"] == first["accesses"]
+    assert second["bytes_moved"] == first["bytes_moved"]
+
+
+def test_budget_is_respected():
+    """budget_gb sized for the dense part + 3.5 experts holds 3 slots; the held bytes never exceed the budget, and
+    a budget below the dense part refuses in one line."""
+    probe = load_engine(QWEN3_MOE)
+    moe_ids = {id(p) for layer in probe.model.model.layers if hasattr(layer.mlp, "experts")
+               for p in layer.mlp.experts.parameters()}
+    dense = sum(p.numel() * 4 for p in probe.model.parameters() if id(p) not in moe_ids)  # tied: none
+    probe.close()
+    row = 3 * QWEN3_MOE["hidden_size"] * QWEN3_MOE["moe_intermediate_size"] * 4
+    budget = dense + 3.5 * row
+    engine = load_engine(QWEN3_MOE, prefetch=experts(budget_gb=budget / GB))
+    st = engine.prefetch.stats()
+    assert st["dense_bytes"] == dense and st["cache_slots"] == 3
+    assert engine.prefetch.cache.numel() * 4 == 3 * row
+    assert st["device_weight_bytes"] == dense + 3 * row <= budget
+    cache = engine.new_cache(1, 32)
+    engine.forward(PROMPT, cache)
+    assert engine.prefetch.stats()["device_weight_bytes"] <= budget and engine.prefetch.stats()["rounds"] > 2
+    engine.close()
+    with pytest.raises(PluginError, match=r"^prefetch experts: budget_gb=.* leaves no room for one .* MB expert "
+                                          r"after the .* GB dense part.*raise budget_gb$"):
+        load_engine(QWEN3_MOE, prefetch=experts(budget_gb=(dense + 0.5 * row) / GB))
+
+
+QWEN3_NEXT_80B = dict(QWEN3_NEXT, vocab_size=151936, hidden_size=2048, intermediate_size=5120, num_hidden_layers=48,
+                      num_attention_heads=16, num_key_value_heads=2, head_dim=256, linear_num_key_heads=16,
+                      linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128, num_experts=512,
+                      num_experts_per_tok=10, moe_intermediate_size=512, shared_expert_intermediate_size=512,
+                      mlp_only_layers=[], full_attention_interval=4, max_position_embeddings=262144)
+
+
+def fits(prefetch, free_device_gb, arch=QWEN3_NEXT_80B):
+    dense = registry.build("cache", "dense")
+    return check_fits(arch, dtype="bfloat16", device="cuda", batch=1, context=4096, codec=dense,
+                      prefetch=prefetch, free=(int(free_device_gb * GB), int(1000 * GB)))
+
+
+def test_memory_check_counts_the_budget_not_the_model():
+    """qwen3_next_80b (~160 GB bf16) with budget_gb=8: ~7.5 GB of weights on the device, admitted on a GPU with
+    room for it, refused on one without; a budget under its ~4.8 GB dense part refuses before anything is built."""
+    est = fits(registry.build("prefetch", "experts", {"budget_gb": 8.0}), 80)
+    assert est["weights_bytes"] > 150 * GB and est["device_weights_bytes"] == pytest.approx(7.5 * GB)
+    with pytest.raises(DoesNotFit, match="does not fit"):
+        fits(registry.build("prefetch", "experts", {"budget_gb": 8.0}), 7)
+    with pytest.raises(PluginError, match=r"leaves no room for any expert after the 4\.\d+ GB dense part"):
+        fits(registry.build("prefetch", "experts", {"budget_gb": 4.0}), 80)
+    resident = fits(registry.build("prefetch", "resident"), 1000)
+    assert resident["device_weights_bytes"] == resident["weights_bytes"]
+
+
+def test_bad_input_refused():
+    dense = dict(QWEN3_MOE, model_type="qwen3")
+    with pytest.raises(PluginError, match=r"^prefetch experts: model qwen3 has no mixture-of-experts layers.*"
+                                          r"\+prefetch=lookahead"):
+        load_engine(dense, prefetch=experts())
+    for params, field in [({"predict": "stats"}, "predict must be one of router, none"),
+                          ({"budget_gb": 0.0}, "budget_gb must be > 0"),
+                          ({"max_cached_experts": -1}, "max_cached_experts must be >= 0"),
+                          ({"prefetch_per_token": -2}, "prefetch_per_token must be >= 0"),
+                          ({"tier": "disk"}, "unknown parameter 'tier'")]:
+        with pytest.raises(PluginError, match=field):
+            registry.build("prefetch", "experts", params)
