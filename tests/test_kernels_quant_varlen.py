@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ollm_triton.kernels import kv_quant_decode as KQ
 from ollm_triton.kernels import quant as Q
-from ollm_triton.kernels.kv_quant_decode import quant_decode_varlen, quant_decode_varlen_ref
+from ollm_triton.kernels.kv_quant_decode import quant_decode_varlen, quant_decode_varlen_ref, varlen_launch
 
 
 def _storage(b, h, d, cap, res_cap, bits, group, value_group, symmetric, dtype, device):
@@ -41,6 +42,46 @@ def test_varlen_rows_match_reference(bits, symmetric, dtype):
     tol = 2e-2 if dtype == torch.float16 else 1e-4
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got.double(), want.double(), atol=tol, rtol=tol)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("min_blocks,res_chunk", [(2, 16), (1, 32)])
+def test_varlen_work_follows_each_rows_length(monkeypatch, min_blocks, res_chunk):
+    """The launch is fixed by the capacity, the work by each row's length: a row's quantized blocks are shared by
+    the quantized splits (the ones past them exit at once) and its window by residual splits of res_chunk tokens.
+    Rows end mid-split, at a split's last block and past every split's even share; windows of 1 token, of more
+    than one chunk and a partial last chunk. The split partials are poisoned: every program, one that exits at
+    once included, must write its own; odd head_dim 48 (three value groups a token)."""
+    b, hq, h, d, group, block_k, res_cap, cap = 5, 3, 1, 48, 16, 16, 40, 144
+    store = _storage(b, h, d, cap, res_cap, 4, group, 16, False, torch.float32, "cpu")
+    row_quant = [0, 16, 48, 112, 144]  # 0, 1, 3, 7 and 9 quantized blocks over 3 quantized splits
+    lengths = [1, 16 + 1, 48 + 40, 112 + 17, 144 + 33]
+    empty = KQ._partials
+    monkeypatch.setattr(KQ, "_partials", lambda *a: tuple(x.fill_(float("nan")) for x in empty(*a)))
+    q = torch.randn(b, hq, 1, d, generator=torch.Generator().manual_seed(1))
+    got = quant_decode_varlen(q, *store, torch.tensor(row_quant), torch.tensor(lengths), bits=4, key_group=group,
+                              value_group=16, block_k=block_k, num_splits=3, min_blocks=min_blocks,
+                              res_chunk=res_chunk, out=torch.full_like(q, float("nan")))
+    assert KQ.LAST_LAUNCH["splits"] == 3 + -(-res_cap // res_chunk)
+    want = quant_decode_varlen_ref(q, *store, row_quant, lengths, bits=4, key_group=group, value_group=16,
+                                   compute_dtype=torch.float64)
+    torch.testing.assert_close(got.double(), want.double(), atol=1e-4, rtol=1e-4)
+
+
+def test_varlen_launch_fills_one_wave_at_capacity_and_refuses_bad_chunks(monkeypatch):
+    """On a 132-SM device int4 runs 3 programs an SM: at 32k keys (264 blocks of 128) the quantized and the 5
+    residual splits of a batch-1, 8-KV-head launch make one wave; at 8k the quantized splits keep >= 2 blocks."""
+    monkeypatch.setattr(KQ, "num_sms", lambda device: 132)
+    cuda = torch.device("cuda")  # a device object only: nothing runs on it
+    assert varlen_launch(4, cuda, 8, 264, 5) == (44, 168)  # 8 x (44 + 5) = 392 programs <= 396 = 3 x 132
+    assert varlen_launch(4, cuda, 8, 72, 5) == (36, 168)  # 72 blocks / 2
+    assert varlen_launch(8, cuda, 8, 264, 5) == (28, None)  # int8: 2 an SM, uncapped
+    assert varlen_launch(4, cuda, 8, 264, 5, num_splits=7) == (7, 168)
+    q = torch.zeros(1, 2, 1, 32)
+    store = _storage(1, 2, 32, 32, 32, 4, 16, 32, False, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="res_chunk must be a positive multiple of 16"):
+        quant_decode_varlen(q, *store, torch.tensor([0]), torch.tensor([1]), bits=4, key_group=16, value_group=32,
+                            block_k=16, res_chunk=24)
 
 
 @pytest.mark.gpu

@@ -35,7 +35,7 @@ import triton.language as tl
 
 from ollm_triton.kernels import kv_quant_decode_mma as mma
 from ollm_triton.kernels import quant as Q
-from ollm_triton.kernels.decode_merge import merge_splits, one_wave_splits
+from ollm_triton.kernels.decode_merge import merge_splits, num_sms, one_wave_splits
 
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 LAST_LAUNCH: dict = {}  # what the last quant_decode call ran ({"kernel", "splits"}), for benchmarks to report
@@ -176,20 +176,49 @@ def _softmax_step(b_s, o_n, q_pos, kv_len, window, sink, b_mx, b_l, HAS_WINDOW: 
     return b_p, b_alpha, b_mx_new, b_l * b_alpha + tl.sum(b_p, 1)
 
 
-@triton.jit(do_not_specialize=["n_quant", "kv_len", "n_visit", "n_quant_visit", "blocks_per_split", "window", "sink"])
+@triton.jit
+def _residual_keys(o_n, n_quant, n_res, p_kr, p_vr, stride_r_n, b_q, o_d, m_d, o_j, m_j, q_pos, kv_len, window, sink,
+                   b_mx, b_l, b_acc0, b_acc1, b_acc2, b_acc3, P: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                   DOT: tl.constexpr):
+    """Attend the residual keys at positions o_n [BR] (full precision, window slot o_n - n_quant); -> the updated
+    plane accumulators, running max and sum."""
+    o_r = o_n - n_quant
+    m_r = (o_r < n_res)[:, None]
+    p_r = o_r[:, None] * stride_r_n
+    b_k = tl.load(p_kr + p_r + o_d[None, :], mask=m_r & m_d[None, :], other=0.0).to(DOT)
+    b_s = tl.dot(b_q, tl.trans(b_k))  # [BM, BD] @ [BD, BR] -> [BM, BR]
+    b_p, b_alpha, b_mx, b_l = _softmax_step(b_s, o_n, q_pos, kv_len, window, sink, b_mx, b_l, HAS_WINDOW)
+    b_pd = b_p.to(DOT)
+    m_rj = m_r & m_j[None, :]
+    # the values, read plane by plane to match the accumulators: [BM, BR] @ [BR, BJ] -> [BM, BJ]
+    b_v0 = tl.load(p_vr + p_r + (o_j * P)[None, :], mask=m_rj, other=0.0).to(DOT)
+    b_acc0 = tl.dot(b_pd, b_v0, b_acc0 * b_alpha[:, None])
+    if P >= 2:
+        b_v1 = tl.load(p_vr + p_r + (o_j * P + 1)[None, :], mask=m_rj, other=0.0).to(DOT)
+        b_acc1 = tl.dot(b_pd, b_v1, b_acc1 * b_alpha[:, None])
+    if P >= 4:
+        b_v2 = tl.load(p_vr + p_r + (o_j * P + 2)[None, :], mask=m_rj, other=0.0).to(DOT)
+        b_v3 = tl.load(p_vr + p_r + (o_j * P + 3)[None, :], mask=m_rj, other=0.0).to(DOT)
+        b_acc2 = tl.dot(b_pd, b_v2, b_acc2 * b_alpha[:, None])
+        b_acc3 = tl.dot(b_pd, b_v3, b_acc3 * b_alpha[:, None])
+    return b_acc0, b_acc1, b_acc2, b_acc3, b_mx, b_l
+
+
+@triton.jit(do_not_specialize=["n_quant", "kv_len", "n_visit", "n_quant_visit", "blocks_per_split", "n_qsplit",
+                                "window", "sink"])
 def _quant_decode_kernel(
     Q, KC, KS, KZ, VC, VS, VZ, KR, VR, BLOCK_IDS, O_PART, L_PART, ROW_QUANT, ROW_LEN,
     stride_qb, stride_qh, stride_qt,
     stride_kc_bh, stride_kc_n, stride_ks_bh, stride_ks_g,
     stride_vc_bh, stride_vc_n, stride_vs_bh, stride_vs_n,
     stride_r_bh, stride_r_n,
-    n_quant, kv_len, n_visit, n_quant_visit, blocks_per_split, window, sink, qk_scale,
+    n_quant, kv_len, n_visit, n_quant_visit, blocks_per_split, n_qsplit, window, sink, qk_scale,
     H_KV: tl.constexpr, GQ: tl.constexpr, T: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     KEY_GROUP: tl.constexpr,
     V_GROUPS: tl.constexpr, V_GROUP: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr,
     HAS_BLOCK_IDS: tl.constexpr, HAS_WINDOW: tl.constexpr, UNPACK: tl.constexpr, DOT: tl.constexpr,
-    VARLEN: tl.constexpr = False,
+    VARLEN: tl.constexpr = False, RES_CHUNK: tl.constexpr = 1,
 ):
     """Program (batch*KV head, split): visits [i_lo, i_hi) of the visit list. The first n_quant_visit visits are
     quantized blocks and the rest residual ones (the list is ascending and the quantized region comes first), so
@@ -198,14 +227,19 @@ def _quant_decode_kernel(
     The P = 8 // BITS code planes of a packed byte (channels P*j + i) are never interleaved back into a
     [BLOCK_K, D] tile: the query is split into the same planes, each plane makes its own dot, and each plane has
     its own output accumulator, written back to channels P*j + i at the end. (Interleaving with tl.interleave
-    gave wrong results on the H200 for tiles of 16 x 16 codes and smaller, Triton 3.6.)"""
+    gave wrong results on the H200 for tiles of 16 x 16 codes and smaller, Triton 3.6.)
+
+    VARLEN (the static decode step): each row's n_quant and kv_len are read on the device, the launch is fixed at
+    capture, and the work follows the row's length instead: splits [0, n_qsplit) share the row's quantized blocks
+    evenly, at least blocks_per_split each, so a short row keeps few programs busy and the rest exit at once;
+    splits n_qsplit + j attend the residual window's tokens [j RES_CHUNK, (j + 1) RES_CHUNK), so its up to
+    residual + group tokens are walked in parallel, not after one split's quantized blocks."""
     P: tl.constexpr = 8 // BITS
     i_bh, i_split = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H_KV, i_bh % H_KV
     if VARLEN:  # each row its own lengths, read on the device (the static decode step: no host value)
         n_quant = tl.load(ROW_QUANT + i_b).to(tl.int32)
         kv_len = tl.load(ROW_LEN + i_b).to(tl.int32)
-        n_visit = tl.cdiv(kv_len, BLOCK_K)
         n_quant_visit = n_quant // BLOCK_K
 
     # rows m = g * T + t: query head i_h * GQ + g, new token t at position kv_len - T + t
@@ -222,6 +256,7 @@ def _quant_decode_kernel(
     b_q0 = tl.load(p_q + (o_j * P)[None, :], mask=m_qj, other=0.0).to(tl.float32) * qk_scale
     b_acc0 = tl.zeros([BLOCK_M, BLOCK_J], tl.float32)
     b_q1, b_q2, b_q3 = b_q0, b_q0, b_q0  # placeholders for the planes a byte does not have (unused)
+    b_acc1, b_acc2, b_acc3 = b_acc0, b_acc0, b_acc0
     if P >= 2:
         b_q1 = tl.load(p_q + (o_j * P + 1)[None, :], mask=m_qj, other=0.0).to(tl.float32) * qk_scale
         b_acc1 = tl.zeros([BLOCK_M, BLOCK_J], tl.float32)
@@ -238,8 +273,13 @@ def _quant_decode_kernel(
     p_kc0 = KC + i_bh * stride_kc_bh + o_j[None, :]
     p_vc0 = VC + i_bh * stride_vc_bh + o_j[None, :]
 
-    i_lo = i_split * blocks_per_split
-    i_hi = tl.minimum(i_lo + blocks_per_split, n_visit)
+    if VARLEN:  # quantized visits only; a residual split (i_split >= n_qsplit) starts past them
+        per_split = tl.maximum(tl.cdiv(n_quant_visit, n_qsplit), blocks_per_split)
+        i_lo = i_split * per_split
+        i_hi = tl.minimum(i_lo + per_split, n_quant_visit)
+    else:
+        i_lo = i_split * blocks_per_split
+        i_hi = tl.minimum(i_lo + blocks_per_split, n_visit)
     # quantized blocks: each lies inside one key group (KEY_GROUP % BLOCK_K == 0, n_quant % KEY_GROUP == 0)
     i_q_hi = tl.minimum(i_hi, n_quant_visit)
     for i in range(i_lo, i_q_hi):
@@ -288,32 +328,24 @@ def _quant_decode_kernel(
     b_q = tl.load(p_q + o_d[None, :], mask=m_q & m_d[None, :], other=0.0).to(tl.float32) * qk_scale
     b_q = b_q.to(DOT)
     o_rk = tl.arange(0, BLOCK_R)
-    for i in range(tl.maximum(i_lo, n_quant_visit), i_hi):
-        if HAS_BLOCK_IDS:
-            start = tl.load(BLOCK_IDS + i) * BLOCK_K
-        else:
-            start = i * BLOCK_K
-        for r in range(0, BLOCK_K, BLOCK_R):
-            o_n = start + r + o_rk
-            o_r = o_n - n_quant
-            m_r = (o_r < n_res)[:, None]
-            p_r = i_bh * stride_r_bh + o_r[:, None] * stride_r_n
-            b_k = tl.load(KR + p_r + o_d[None, :], mask=m_r & m_d[None, :], other=0.0).to(DOT)
-            b_s = tl.dot(b_q, tl.trans(b_k))  # [BM, BD] @ [BD, BR] -> [BM, BR]
-            b_p, b_alpha, b_mx, b_l = _softmax_step(b_s, o_n, q_pos, kv_len, window, sink, b_mx, b_l, HAS_WINDOW)
-            b_pd = b_p.to(DOT)
-            m_rj = m_r & m_j[None, :]
-            # the values, read plane by plane to match the accumulators: [BM, BR] @ [BR, BJ] -> [BM, BJ]
-            b_v0 = tl.load(VR + p_r + (o_j * P)[None, :], mask=m_rj, other=0.0).to(DOT)
-            b_acc0 = tl.dot(b_pd, b_v0, b_acc0 * b_alpha[:, None])
-            if P >= 2:
-                b_v1 = tl.load(VR + p_r + (o_j * P + 1)[None, :], mask=m_rj, other=0.0).to(DOT)
-                b_acc1 = tl.dot(b_pd, b_v1, b_acc1 * b_alpha[:, None])
-            if P >= 4:
-                b_v2 = tl.load(VR + p_r + (o_j * P + 2)[None, :], mask=m_rj, other=0.0).to(DOT)
-                b_v3 = tl.load(VR + p_r + (o_j * P + 3)[None, :], mask=m_rj, other=0.0).to(DOT)
-                b_acc2 = tl.dot(b_pd, b_v2, b_acc2 * b_alpha[:, None])
-                b_acc3 = tl.dot(b_pd, b_v3, b_acc3 * b_alpha[:, None])
+    p_kr, p_vr = KR + i_bh * stride_r_bh, VR + i_bh * stride_r_bh
+    if VARLEN:
+        # residual split i_split - n_qsplit: tokens [r_lo, r_lo + RES_CHUNK) of the window, in sub-blocks
+        r_lo = tl.where(i_split >= n_qsplit, (i_split - n_qsplit) * RES_CHUNK, n_res)
+        for r in range(r_lo, tl.minimum(r_lo + RES_CHUNK, n_res), BLOCK_R):
+            b_acc0, b_acc1, b_acc2, b_acc3, b_mx, b_l = _residual_keys(
+                n_quant + r + o_rk, n_quant, n_res, p_kr, p_vr, stride_r_n, b_q, o_d, m_d, o_j, m_j, q_pos, kv_len,
+                window, sink, b_mx, b_l, b_acc0, b_acc1, b_acc2, b_acc3, P, HAS_WINDOW, DOT)
+    else:
+        for i in range(tl.maximum(i_lo, n_quant_visit), i_hi):
+            if HAS_BLOCK_IDS:
+                start = tl.load(BLOCK_IDS + i) * BLOCK_K
+            else:
+                start = i * BLOCK_K
+            for r in range(0, BLOCK_K, BLOCK_R):
+                b_acc0, b_acc1, b_acc2, b_acc3, b_mx, b_l = _residual_keys(
+                    start + r + o_rk, n_quant, n_res, p_kr, p_vr, stride_r_n, b_q, o_d, m_d, o_j, m_j, q_pos, kv_len,
+                    window, sink, b_mx, b_l, b_acc0, b_acc1, b_acc2, b_acc3, P, HAS_WINDOW, DOT)
 
     # this split's normalised partial and log2-sum-exp (-inf when it saw no key), for decode_merge
     b_l_safe = tl.where(b_l > 0, b_l, 1.0)
@@ -329,6 +361,14 @@ def _quant_decode_kernel(
         tl.store(p_o + 3, b_acc3 / b_l_safe[:, None], mask=m_qj)
 
 
+def _occupancy(bits: int, device: torch.device, programs_per_sm: int | None, maxnreg: int | None):
+    """(programs an SM, register cap) of a fused decode launch: 3 under 168 registers for int4/int2 on a GPU unless
+    either is given (see split_launch)."""
+    if programs_per_sm is None and maxnreg is None and bits < 8 and device.type == "cuda":
+        maxnreg, programs_per_sm = 168, 3
+    return programs_per_sm, maxnreg
+
+
 def split_launch(bits: int, device: torch.device, heads: int, n_visit: int, *, num_splits: int | None = None,
                  programs_per_sm: int | None = None, maxnreg: int | None = None) -> tuple[int, int, int | None]:
     """(splits, blocks per split, maxnreg) of a fused decode launch over n_visit blocks of `heads` (batch, KV head)
@@ -336,8 +376,7 @@ def split_launch(bits: int, device: torch.device, heads: int, n_visit: int, *, n
     leaner residual loop, int4 at block 128 needs about that many uncapped; before them the cap spilled 136 bytes
     and still paid: 159 -> 128 us at 128k keys on the H200). int8 keeps 2 programs an SM: capped, it was slower
     (151 -> 161 us; experiments/kv_cache/README.md, sections 5 and 6). Splits default to one wave of programs."""
-    if programs_per_sm is None and maxnreg is None and bits < 8 and device.type == "cuda":
-        maxnreg, programs_per_sm = 168, 3
+    programs_per_sm, maxnreg = _occupancy(bits, device, programs_per_sm, maxnreg)
     if num_splits is None:
         num_splits = one_wave_splits(device, heads, n_visit, per_sm=programs_per_sm or 2)
     per_split = max(1, triton.cdiv(n_visit, max(num_splits, 1)))
@@ -431,7 +470,7 @@ def quant_decode(
     else:
         _quant_decode_kernel[(b * hkv, num_splits)](
             q, kc, ks, kz, vc, vs, vz, kr, vr, ids, o_part, l_part, ids, ids, *_strides(q, kc, ks, vc, vs, kr),
-            n_quant, kv_len, n_visit, n_quant_visit, blocks_per_split, window, sink, scale,
+            n_quant, kv_len, n_visit, n_quant_visit, blocks_per_split, 0, window, sink, scale,
             H_KV=hkv, GQ=gq, T=t, D=d, BLOCK_D=block_d, BLOCK_J=block_j, BLOCK_M=block_m, BLOCK_K=block_k,
             BLOCK_R=min(block_k, 32),
             KEY_GROUP=key_group, V_GROUPS=d // value_group,
@@ -445,11 +484,29 @@ def quant_decode(
     return out
 
 
+RES_CHUNK = 64  # residual-window tokens a varlen split attends: its <= residual + group tokens in a few programs
+
+
+def varlen_launch(bits: int, device: torch.device, heads: int, max_quant_visit: int, res_splits: int, *,
+                  num_splits: int | None = None, min_blocks: int = 2, programs_per_sm: int | None = None,
+                  maxnreg: int | None = None) -> tuple[int, int | None]:
+    """(quantized splits, maxnreg) of a varlen launch over `heads` (batch, KV head) pairs whose buffers hold up to
+    max_quant_visit quantized blocks, beside res_splits residual splits a head. Default: the quantized and residual
+    programs together make one wave at the row's longest (programs_per_sm an SM, as `split_launch`), and no more
+    quantized splits than a full row gives min_blocks blocks each."""
+    programs_per_sm, maxnreg = _occupancy(bits, device, programs_per_sm, maxnreg)
+    if num_splits is None:
+        wave = (programs_per_sm or 2) * num_sms(device) // max(heads, 1)
+        num_splits = min(wave - res_splits, max_quant_visit // max(min_blocks, 1))
+    return max(1, num_splits), maxnreg
+
+
 def quant_decode_varlen(
     q: torch.Tensor,
     k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res,
     row_quant: torch.Tensor, lengths: torch.Tensor,
     *, bits: int, key_group: int, value_group: int, block_k: int = 64, num_splits: int | None = None,
+    min_blocks: int = 2, res_chunk: int = RES_CHUNK,
     num_warps: int = 4, num_stages: int = 3, maxnreg: int | None = None, programs_per_sm: int | None = None,
     unpack: str | None = None, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -457,9 +514,11 @@ def quant_decode_varlen(
 
     q: [B, Hq, 1, D]. Storage as in `quant_decode`, row b holding `row_quant[b]` quantized tokens (a multiple of
     key_group) followed by `lengths[b] - row_quant[b]` residual tokens; the new query sits at `lengths[b] - 1`.
-    row_quant, lengths: [B] integer tensors on the device, read by the kernel (no host value: capturable). The
-    launch (splits, blocks per split) is sized for the buffers' capacity, and a split past a row's last block
-    writes an empty partial that the merge ignores. Returns [B, Hq, 1, D] in q's dtype.
+    row_quant, lengths: [B] integer tensors on the device, read by the kernel (no host value: capturable).
+    The launch is fixed by the buffers' capacity (a CUDA graph keeps it), the work by each row's length: the row's
+    quantized blocks are spread over `num_splits` programs, at least `min_blocks` blocks each (the programs past
+    them exit at once and write an empty partial that the merge ignores), and its residual tokens over programs of
+    `res_chunk` tokens (a multiple of min(block_k, 32)). Returns [B, Hq, 1, D] in q's dtype.
     """
     b, hq, t, d = q.shape
     if t != 1:
@@ -475,31 +534,43 @@ def quant_decode_varlen(
     if row_quant.shape != (b,) or lengths.shape != (b,):
         raise ValueError(f"row_quant and lengths must be [B] = [{b}], got {tuple(row_quant.shape)} and "
                          f"{tuple(lengths.shape)}")
+    block_r = min(block_k, 32)
+    if res_chunk < block_r or res_chunk % block_r or min_blocks < 1:
+        raise ValueError(f"res_chunk must be a positive multiple of {block_r} (min(block_k, 32)) and min_blocks >= 1, "
+                         f"got res_chunk={res_chunk}, min_blocks={min_blocks}")
     gq = hq // hkv
     symmetric = k_zero is None
     dot, unpack = _dot_and_unpack(q, unpack)
     kc, ks, kz, vc, vs, vz, kr, vr = _flat_storage(b * hkv, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res,
                                                    v_res)
     block_d = max(16, triton.next_power_of_2(d))
-    max_visit = triton.cdiv(kc.shape[1] + kr.shape[1], block_k)  # the longest row the buffers can hold
-    num_splits, blocks_per_split, maxnreg = split_launch(bits, q.device, b * hkv, max_visit, num_splits=num_splits,
-                                                         programs_per_sm=programs_per_sm, maxnreg=maxnreg)
-    l_part = torch.empty(b * hkv * num_splits * gq, dtype=torch.float32, device=q.device)
-    o_part = torch.empty(b * hkv * num_splits * gq * block_d, dtype=torch.float32, device=q.device)
+    res_splits = triton.cdiv(kr.shape[1], res_chunk)  # the window's capacity, in chunks
+    q_splits, maxnreg = varlen_launch(bits, q.device, b * hkv, kc.shape[1] // block_k, res_splits,
+                                      num_splits=num_splits, min_blocks=min_blocks, programs_per_sm=programs_per_sm,
+                                      maxnreg=maxnreg)
+    n_split = q_splits + res_splits
+    o_part, l_part = _partials(b * hkv * n_split * gq, block_d, q.device)
     out = torch.empty_like(q) if out is None else out
-    _quant_decode_kernel[(b * hkv, num_splits)](
+    _quant_decode_kernel[(b * hkv, n_split)](
         q, kc, ks, kz, vc, vs, vz, kr, vr, kc, o_part, l_part, row_quant, lengths, *_strides(q, kc, ks, vc, vs, kr),
-        0, 0, 0, 0, blocks_per_split, 0, 0, math.log2(math.e) / math.sqrt(d),
+        0, 0, 0, 0, min_blocks, q_splits, 0, 0, math.log2(math.e) / math.sqrt(d),
         H_KV=hkv, GQ=gq, T=1, D=d, BLOCK_D=block_d, BLOCK_J=max(16, triton.next_power_of_2(d // p)),
-        BLOCK_M=max(16, triton.next_power_of_2(gq)), BLOCK_K=block_k, BLOCK_R=min(block_k, 32),
+        BLOCK_M=max(16, triton.next_power_of_2(gq)), BLOCK_K=block_k, BLOCK_R=block_r,
         KEY_GROUP=key_group, V_GROUPS=d // value_group, V_GROUP=value_group, BITS=bits, SYMMETRIC=symmetric,
-        HAS_BLOCK_IDS=False, HAS_WINDOW=False, UNPACK=unpack, DOT=dot, VARLEN=True,
+        HAS_BLOCK_IDS=False, HAS_WINDOW=False, UNPACK=unpack, DOT=dot, VARLEN=True, RES_CHUNK=res_chunk,
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
-    merge_splits(o_part.view(b * hkv, num_splits, gq, block_d), l_part, out, kv_heads=hkv, group=gq, t=1,
-                 n_split=num_splits)
-    LAST_LAUNCH.update(kernel="triton.varlen", splits=num_splits)
+    merge_splits(o_part.view(b * hkv, n_split, gq, block_d), l_part, out, kv_heads=hkv, group=gq, t=1,
+                 n_split=n_split)
+    LAST_LAUNCH.update(kernel="triton.varlen", splits=n_split)
     return out
+
+
+def _partials(rows: int, block_d: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scratch for the split partials: (o_part [rows * block_d], l_part [rows]) float32, `rows` = heads x splits x
+    query rows. Left uninitialised: every program writes its own partial, an empty one included."""
+    return (torch.empty(rows * block_d, dtype=torch.float32, device=device),
+            torch.empty(rows, dtype=torch.float32, device=device))
 
 
 def _dot_and_unpack(q: torch.Tensor, unpack: str | None):
