@@ -82,10 +82,17 @@ def test_static_step_rows_keep_their_own_windows():
     assert busy.n_res == 24 and torch.equal(busy.k_res[:, :, :32], before[0][:, :, :32])
     assert torch.equal(busy.v_res[:, :, :32], before[1][:, :, :32])  # the idle row's write missed its window
     assert torch.equal(row.v_res[0, :, 31], v[0, 0])  # row 0's token: its window, after its 31 exact tokens
+    assert not row.sync_due(31) and row.sync_due(32)  # the engine's one check a row: due when the window is full
     row.set_length(32)  # 16 + 16: the window is full -> its oldest group is quantized
     assert (row.n_quant, row.n_res) == (16, 16) and torch.equal(busy.k_codes, before[2])
-    with pytest.raises(ValueError, match="must be told every static step"):
-        row.set_length(60)  # steps it was not told of
+    with pytest.raises(ValueError, match="must be told each length its sync_due flags"):
+        row.set_length(60)  # past a due length it was not told of (48)
+    with pytest.raises(ValueError, match="must be told each length its sync_due flags"):
+        row.set_length(32)  # a due length told twice would quantize a second group
+    row.set_length(40)  # steps between two due lengths need not be told one by one
+    assert (row.n_quant, row.n_res) == (16, 24) and not row.sync_due(47) and row.sync_due(48)
+    row.set_length(48)
+    assert (row.n_quant, row.n_res) == (32, 16)
 
 
 @pytest.mark.parametrize("bits,tol", [(8, 0.01), (4, 0.15), (2, 0.6)])

@@ -120,11 +120,17 @@ def test_eos_sampling_and_bucket_reuse():
 
 
 @pytest.mark.parametrize("codec", ["int4", "int2"])
-def test_quantized_static_step_equals_the_decode_loop(codec):
+def test_quantized_static_step_equals_the_decode_loop(codec, monkeypatch):
     """A quantized codec's static step (the residual window written in place, a full group quantized on the host
     after the step, the varlen fused decode): the ordinary loop's tokens and logits, past two group flushes, rows of
-    one length and rows of different lengths (each row's split point computed on the device)."""
+    one length and rows of different lengths (each row's split point computed on the device). The host tells the
+    layers a length only when a window filled (`sync_due`) and at the end, not after every step."""
+    from ollm_triton.cache.quant import QuantLayer
     from ollm_triton.engine.batching import generate_ragged
+
+    told = []
+    set_length = QuantLayer.set_length
+    monkeypatch.setattr(QuantLayer, "set_length", lambda self, n: (told.append(n), set_length(self, n))[1])
 
     params = {"residual": 16, "group_size": 16}
     eager = engine_for(fast_decode="off", codec=registry.build("cache", codec, params))
@@ -134,6 +140,7 @@ def test_quantized_static_step_equals_the_decode_loop(codec):
     ref_logits, got_logits = [], []
     ref = decode_loop(eager, ids, 40, recording_pick(ref_logits), None)
     got = decode_loop(static, ids, 40, recording_pick(got_logits), None)
+    assert told == [32, 32, 48, 48, 60, 60]  # 2 layers: windows full at 16 + 16 and 32 + 16 tokens, then the end
     assert torch.equal(ref.tokens, got.tokens)
     for a, b in zip(ref_logits, got_logits, strict=True):
         assert (a - b).abs().max().item() <= 1e-4

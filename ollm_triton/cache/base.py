@@ -15,9 +15,11 @@ What the engine reads, declared here and never inferred from a codec's name:
                                 `layer.static_decode(q, k, v, cos, sin, pos)` stores and attends with every row's
                                 position read on the device (no host value), `row_view(start, stop)` gives rows of the
                                 layer that share its storage, `zero_storage()` makes every slot finite
-    CacheCodec.static_sync      such a layer must be told each row's fill level (`set_length`) after every static
-                                step, not only at the end of a generation: it does host-side work then (quantizing
-                                a full residual group)
+    CacheCodec.static_sync      such a layer must be told a row's fill level (`set_length`) after each static step
+                                whose length `sync_due(length)` flags, not only at the end of a generation: it does
+                                host-side work then (quantizing a full residual group); between those it may lag.
+                                All layers of a row share its lengths, so the engine asks one layer a row and then
+                                tells them all (one check a row and step, not one call a layer)
     CacheCodec.bytes_per_token, bytes_for   what one token (or a sequence of n) costs a layer: the run's memory check
                                 before building a model, and the server's admission of requests
     CacheCodec.max_held_tokens(block)   the most tokens a layer holds, however many it has seen, when tokens arrive
@@ -98,6 +100,12 @@ class CacheLayer:
         """Static-buffer layers only (`CacheCodec.static_buffers`): the engine's static step wrote K/V into
         `k`, `v` up to `length` tokens behind the layer's back; take that as the fill level."""
         raise NotImplementedError(f"{type(self).__name__} has no static buffers")
+
+    def sync_due(self, length: int) -> bool:
+        """Static-sync layers (`CacheCodec.static_sync`): whether the static step that brought the row to `length`
+        tokens left host work for `set_length(length)` (then every layer of the row must be told now; otherwise
+        the engine may tell them later, at a due step or before the layer is read). Default: every step."""
+        return True
 
     def attend(self, q: torch.Tensor, backend) -> torch.Tensor | None:
         """A fused decode kernel over this codec's own storage, or None to let the backend use dense()."""

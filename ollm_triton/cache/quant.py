@@ -44,7 +44,6 @@ from ollm_triton.kernels.rope import rope_write_kv
 from ollm_triton.registry import register
 from ollm_triton.timing import Timer
 
-
 DEFER = 16  # appends of up to this many tokens (decode steps, verify blocks) are quantized after they attended
 
 
@@ -233,7 +232,7 @@ class QuantLayer(ResidualWindow, CacheLayer):
     # Appends quantize the oldest whole groups once the residual window holds residual + group tokens, whatever the
     # chunking, so a layer that was never truncated holds exactly `quantized_for(length)` quantized tokens: the step
     # computes each row's split point from its position on the device, and `set_length` quantizes a group on the
-    # host when a row's window fills (once every `group` steps a row).
+    # host when a row's window fills (`sync_due`: once every `group` steps a row; the other steps need no host call).
     static_kernel = "quant_decode_varlen"
     shared = False  # a row view of another layer's buffers: it must never re-allocate them
 
@@ -267,13 +266,19 @@ class QuantLayer(ResidualWindow, CacheLayer):
             slot = torch.where(pos >= self.scratch_from, self.residual + self.group, slot)
         return n_quant, slot, pos + 1
 
+    def sync_due(self, length: int) -> bool:
+        """The step that brought the row to `length` filled its window: the oldest group must be quantized now."""
+        return length - self.n_quant >= self.residual + self.group
+
     def set_length(self, length: int) -> None:
         """The static step wrote tokens into the residual window up to `length`: take that as the fill level, and
-        quantize the window's oldest group once it is full."""
+        quantize the window's oldest group once it is full. Lengths between two due ones (`sync_due`) may be
+        skipped: the window only fills up until then."""
         n_res = length - self.n_quant
         if not 0 <= n_res <= self.residual + self.group or self.n_quant != self.quantized_for(length - 1):
             raise ValueError(f"fill level {length} does not follow {self.length} tokens with {self.n_quant} quantized "
-                             "(a quantized layer must be told every static step's length, and not after truncation)")
+                             "(a quantized layer must be told each length its sync_due flags, once, and not after "
+                             "truncation)")
         self.n_res, self.appended = n_res, length
         if n_res >= self.residual + self.group:
             self.observe(None)

@@ -387,13 +387,14 @@ class FastDecoder:
             if token is not bk.token:
                 bk.token.copy_(token)
             self.replay(bk)
-            if sync:  # the layers do host-side work after each step (CacheCodec.static_sync)
+            if sync:  # host work after the steps that fill a row's window (CacheCodec.static_sync): one check a row
                 for cache, length in held:
-                    for layer in cache.layers:
-                        layer.set_length(length + n)
+                    if cache.layers[0].sync_due(length + n):
+                        sync_layers(cache, length + n)
             token = bk.token if greedy else pick(bk.logits)
         if sync:
             for cache, length in held:
+                sync_layers(cache, length + n - 1)
                 cache.position = length + n - 1
         else:
             bk.set_length([length + n - 1 for length in lengths])
@@ -428,6 +429,14 @@ class FastDecoder:
         self.buckets.clear()
 
 
+def sync_layers(cache: KVCache, length: int) -> None:
+    """Tell every layer of a static-sync row (`CacheCodec.static_sync`) that it holds `length` tokens, unless it
+    was told already (the last due step)."""
+    if cache.layers[0].length != length:
+        for layer in cache.layers:
+            layer.set_length(length)
+
+
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     """x.argmax(-1) of a [B, V] tensor in two passes: the maximum of each of ~sqrt(V) chunks, then the best chunk.
     torch reduces one row of a large vocabulary in one thread block; the chunk pass spreads it over many. Same
@@ -450,4 +459,4 @@ def _divisor_near_sqrt(n: int) -> int:
 
 
 __all__ = ["FAST_DECODE_MODES", "Bucket", "FastDecoder", "FastPath", "capture_blocker",
-           "fuse_projections", "piecewise_blocker", "plan_fast_path"]
+           "fuse_projections", "piecewise_blocker", "plan_fast_path", "sync_layers"]

@@ -13,8 +13,9 @@ Two layouts, chosen from what the plugins declare (the engine's `fast_path`):
   row at its own position, its own length read on the device). Rows inside the bucket that are not decoding (free,
   or still being prefilled) are computed at a scratch position past every request's tokens (the last two slots,
   which admission keeps free: a capture's warm-up steps twice) and ignored: `padding_rows` counts them. A codec that
-  declares `static_sync` (quantized: a full residual window is quantized on the host) is told each running row's
-  length after every step.
+  declares `static_sync` (quantized: a full residual window is quantized on the host) is told a running row's
+  length after the steps its first layer's `sync_due` flags (one host check a row and step; the layers of a row
+  that filled its window are told then), and at release.
 
 Both hand out a per-request `KVCache` (its `position` = tokens it holds) and give logits [B, V] for a step.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from ollm_triton.cache.base import KVCache
+from ollm_triton.engine.fast_decode import sync_layers
 
 
 class CacheRows:
@@ -96,6 +98,8 @@ class SlotRows:
         copy = None
         if n > 0:
             copy = self.engine.new_cache(batch=1, max_len=n)
+            if self.sync:  # told only at due steps so far (sync_due)
+                sync_layers(cache, n)
             for row, dst in zip(cache.layers, copy.layers, strict=True):
                 if not self.sync:  # the static step wrote this row's K/V behind the layer's back
                     row.set_length(n)
@@ -146,9 +150,8 @@ class SlotRows:
         self.fast.replay(bk)
         for c in caches:
             c.position += 1
-            if self.sync:
-                for layer in c.layers:
-                    layer.set_length(c.position)
+            if self.sync and c.layers[0].sync_due(c.position):  # one host check a row; all layers only when due
+                sync_layers(c, c.position)
         self.padding_rows += bk.batch - len(caches)
         index = index.to(dev)
         return bk.logits.index_select(0, index), bk.token.index_select(0, index)
