@@ -250,6 +250,12 @@ class SystemMonitor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.read_s = 0.0  # seconds the sampling itself took (the monitor's own overhead)
+        # since the first sample, kept apart from the bounded deque (a server runs for days): the running trapezoid
+        # over power, and the first and newest (t, J) of the energy counter
+        self._first: Sample | None = None
+        self._powered: tuple[float, float] | None = None  # (t, W) of the newest sample with a power reading
+        self._trapezoid_j = 0.0
+        self._counter: tuple[tuple[float, float], tuple[float, float]] | None = None
 
     @property
     def gpu_available(self) -> bool:
@@ -265,8 +271,25 @@ class SystemMonitor:
         s = Sample(t=t0, **values)
         with self._lock:
             self._samples.append(s)
+            self._accumulate(s)
             self.read_s += time.perf_counter() - t0
         return s
+
+    def _accumulate(self, s: Sample) -> None:
+        """Add `s` to the totals since the first sample (under the lock). A sample stamped before the newest one
+        (another thread's sample_now took the lock later) adds no span: the trapezoid never runs backwards."""
+        if self._first is None:
+            self._first = s
+        if s.gpu_power_w is not None:
+            last = self._powered
+            if last is None or s.t > last[0]:
+                if last is not None:
+                    self._trapezoid_j += (s.t - last[0]) * (last[1] + s.gpu_power_w) / 2
+                self._powered = (s.t, s.gpu_power_w)
+        if s.gpu_energy_j is not None:
+            first = self._counter[0] if self._counter is not None else (s.t, s.gpu_energy_j)
+            if self._counter is None or s.t > self._counter[1][0]:
+                self._counter = (first, (s.t, s.gpu_energy_j))
 
     def _loop(self) -> None:
         period = 1.0 / self.rate_hz
@@ -307,6 +330,22 @@ class SystemMonitor:
     def latest(self) -> Sample | None:
         with self._lock:
             return self._samples[-1] if self._samples else None
+
+    def since_start(self) -> dict[str, float | str]:
+        """The totals from the first sample to the newest, however many samples the deque has dropped: seconds;
+        energy_j and energy_source (the NVML energy counter's difference where the GPU has one, else the trapezoid
+        over power; both absent without a GPU reading). Empty before the first sample."""
+        with self._lock:
+            first, latest = self._first, (self._samples[-1] if self._samples else None)
+            powered, trapezoid, counter = self._powered, self._trapezoid_j, self._counter
+        if first is None or latest is None:
+            return {}
+        out: dict[str, float | str] = {"seconds": latest.t - first.t}
+        if counter is not None:
+            out["energy_j"], out["energy_source"] = counter[1][1] - counter[0][1], "nvml energy counter"
+        elif powered is not None:
+            out["energy_j"], out["energy_source"] = trapezoid, "trapezoid over power"
+        return out
 
     def samples(self, t0: float | None = None, t1: float | None = None) -> list[Sample]:
         """The samples with t0 <= t <= t1 (either end open when None), oldest first."""

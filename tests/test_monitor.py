@@ -90,6 +90,25 @@ def test_the_thread_samples_an_injected_gpu_at_its_rate():
     assert mon.latest().t >= t1 and mon.samples(t0, t1) and all(t0 <= x.t <= t1 for x in mon.samples(t0, t1))
 
 
+def test_energy_since_start_outlives_the_dropped_samples():
+    """A fake GPU without an energy counter whose power rises linearly (100 W + 400 W/s): since_start's running
+    trapezoid is the exact integral over [first sample, latest sample], though the deque kept only 4 samples."""
+    base = time.perf_counter()
+    power = lambda t: 100.0 + 400.0 * (t - base)  # noqa: E731
+    with SystemMonitor(rate_hz=100, gpu_sampler=lambda: {"gpu_power_w": power(time.perf_counter())},
+                       max_samples=4) as mon:
+        time.sleep(0.3)
+    total = mon.since_start()
+    t1 = mon.latest().t
+    t0 = t1 - total["seconds"]
+    exact = 100.0 * (t1 - t0) + 200.0 * ((t1 - base) ** 2 - (t0 - base) ** 2)
+    assert total["seconds"] > 0.25 and len(mon.samples()) == 4
+    assert total["energy_source"] == "trapezoid over power"
+    assert total["energy_j"] == pytest.approx(exact, rel=1e-3)
+    assert mon.summary(mon.samples()[0].t, t1)["energy_j"] < total["energy_j"] / 5  # what the deque still holds
+    assert SystemMonitor(rate_hz=1, device=torch.device("cpu")).since_start() == {}  # no sample yet
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the no-NVML path; a GPU machine samples its GPU")
 def test_host_metrics_without_nvml_and_the_reason():
     for device in (None, torch.device("cpu"), torch.device("cuda")):

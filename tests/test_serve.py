@@ -67,7 +67,7 @@ def serving(*overrides: str, fault=None):
         uv.should_exit = True
         thread.join(30)
         sock.close()
-        server.engine.close()
+        server.close()  # the model and the monitor's sampling thread
         assert not thread.is_alive(), "the server did not shut down"
 
 
@@ -447,6 +447,11 @@ def test_metrics_export_the_batching_statistics(main_server, api):
     assert 'ollm_kv_cache_bytes{codec="dense",state="in_use"}' in text
     assert 'ollm_model_info{adapt="none",attention="sdpa",cache="dense",context="none",decoder="openai_defaults",' \
         'model="tiny",prefetch="resident"}' in text
+    # the system monitor (on by default): this process's readings, and the GPU's or why there are none
+    assert {"ollm_process_resident_memory_bytes", "ollm_monitor_info", "ollm_monitor_seconds"} <= names
+    gpu = main_server[0].monitor.gpu
+    assert f'gpu="{gpu}"' in text
+    assert gpu.startswith("unavailable") != ("ollm_gpu_power_watts" in names or "ollm_gpu_utilization_percent" in names)
 
 
 def test_a_random_model_without_tokenizer_takes_token_ids():
@@ -474,6 +479,8 @@ def test_a_random_model_without_tokenizer_takes_token_ids():
     (["+cache=int4", "cache.bits=3"], ["bits"]),
     (["+adapt=memory"], ["+adapt=memory is not applied by the server", "no +adapt"]),
     (["+context=importance"], ["+context=importance is not applied by the server", "no +context"]),
+    (["monitor.rate_hz=0"], ["monitor.rate_hz=0", "accepted: a number in (0, 1000]"]),
+    (["monitor.enable=false"], ["enable"]),
 ])
 def test_bad_configuration_fails_in_one_line(overrides, words):
     from hydra.errors import HydraException
@@ -495,8 +502,11 @@ def test_a_model_that_does_not_fit_is_refused_before_loading(monkeypatch):
     import ollm_triton.engine.footprint as footprint
 
     monkeypatch.setattr(footprint, "free_memory", lambda device, gb=None: (2 * 10**9, 2 * 10**9))
+    monitors = lambda: sum(t.name == "ollm-system-monitor" for t in threading.enumerate())  # noqa: E731
+    before = monitors()
     with pytest.raises(ValueError, match="llama3_8b does not fit"):
         build(compose(["model=llama3_8b", "+cache=int4"]))
+    assert monitors() == before  # the refused build stopped the monitor it had started
 
 
 def test_python_m_serve_starts_answers_and_stops_on_sigterm(tmp_path):

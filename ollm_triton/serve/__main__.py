@@ -22,7 +22,9 @@ An OpenAI-compatible server over the engine and its plugins, with continuous bat
     python -m ollm_triton.serve model=llama3_8b +attention=sliding_window attention.window=1024
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (stream: true = server-sent events),
-           GET /v1/models, GET /health, GET /metrics (Prometheus)
+           GET /v1/models, GET /health, GET /metrics (Prometheus: batching, KV, and the system monitor's GPU power,
+           energy and tokens per joule since start, temperature, utilization, memory; process CPU and RSS)
+Monitor:   monitor.enabled=false (off), monitor.rate_hz=10 (samples per second), as in the runner
 Client:    openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
 
 serve.* keys and their defaults (ollm_triton/conf/serve.yaml):
@@ -39,7 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from ollm_triton.run import USER_ERRORS, composition_error
+    from ollm_triton.build import USER_ERRORS
+    from ollm_triton.run import composition_error
     from ollm_triton.serve.server import build, compose
 
     try:
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         server.uvicorn_server().run(sockets=[sock])  # returns after SIGTERM/SIGINT and the lifespan's shutdown
     finally:
         sock.close()
-        server.engine.close()
+        server.close()  # the monitor's thread and the model (the scheduler already stopped in the lifespan)
 
 
 def _exit_cleanly(signum, frame) -> None:

@@ -57,15 +57,16 @@ class ClientGone(Exception):
 
 def create_app(scheduler, tokenizer, *, model_name: str, chat_template: ChatTemplate | None = None,
                defaults: SamplingParams | None = None, plugins: dict[str, str] | None = None,
-               shutdown_cancel: bool = True) -> FastAPI:
-    """The FastAPI app serving `scheduler` (started by the app's lifespan, shut down with it)."""
+               shutdown_cancel: bool = True, monitor=None) -> FastAPI:
+    """The FastAPI app serving `scheduler` (started by the app's lifespan, shut down with it); `monitor`: the
+    system monitor whose readings /metrics exports (serve/metrics.py), None for none."""
     info = ServeInfo(model_name, dict(plugins or {}))
     limits = Limits(model=model_name, max_context=int(scheduler.max_context),
                     vocab_size=int(scheduler.engine.config.vocab_size), defaults=defaults or SamplingParams(),
                     long_inputs=getattr(scheduler, "held_bound", None) is not None)
     eos_ids = set(getattr(tokenizer, "eos_token_ids", None) or [])
     registry, http_count = make_registry(scheduler, {"model": model_name, **info.plugins},
-                                         codec=info.plugins.get("cache", "unknown"))
+                                         codec=info.plugins.get("cache", "unknown"), monitor=monitor)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

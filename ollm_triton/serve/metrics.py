@@ -15,6 +15,19 @@ process do not share series):
     ollm_model_info{model, attention, cache, decoder, prefetch}         1
 
 A statistic the scheduler adds later is exported as ollm_scheduler_<name> (a gauge) until it gets a name here.
+
+The system monitor's latest sample and its totals since the server started (monitor.py; off with
+monitor.enabled=false), where the field was read:
+
+    ollm_gpu_power_watts, ollm_gpu_temperature_celsius, ollm_gpu_utilization_percent, ollm_gpu_memory_used_bytes,
+    ollm_gpu_sm_clock_hertz, ollm_process_cpu_percent (100 = one core), ollm_process_resident_memory_bytes   gauges
+    ollm_gpu_energy_joules_total                     counter: joules since the monitor's first sample
+    ollm_tokens_per_joule                            gauge: generated tokens over that energy (idle time included)
+    ollm_monitor_seconds                             gauge: seconds from the first sample to the latest
+    ollm_monitor_info{gpu, energy_source, rate_hz}   1; gpu names the device, or `unavailable (<why>)`
+
+Without NVML (no driver, nvidia-ml-py missing, a CPU server) the GPU series, the energy and tokens per joule are
+absent, the process series are there, and ollm_monitor_info's gpu label says why.
 """
 
 from __future__ import annotations
@@ -118,9 +131,57 @@ class SchedulerCollector:
                 yield GaugeMetricFamily(name, f"Scheduler statistic {key}", value=float(value))
 
 
-def make_registry(scheduler: Any, info: dict[str, str], codec: str) -> tuple[CollectorRegistry, Counter]:
-    """The app's registry: the scheduler's collector and the HTTP request counter."""
+# Sample field -> (series, help, factor to the series' unit)
+MONITOR_GAUGES = {
+    "gpu_power_w": ("ollm_gpu_power_watts", "GPU power draw (NVML)", 1.0),
+    "gpu_temp_c": ("ollm_gpu_temperature_celsius", "GPU temperature", 1.0),
+    "gpu_util": ("ollm_gpu_utilization_percent", "GPU utilization (NVML: share of time a kernel ran)", 1.0),
+    "gpu_mem_used": ("ollm_gpu_memory_used_bytes", "GPU memory used, the whole device", 1.0),
+    "sm_clock_mhz": ("ollm_gpu_sm_clock_hertz", "GPU SM clock", 1e6),
+    "cpu_percent": ("ollm_process_cpu_percent", "CPU of the server process (100 = one core busy)", 1.0),
+    "rss_bytes": ("ollm_process_resident_memory_bytes", "Resident memory of the server process", 1.0),
+}
+
+
+class MonitorCollector:
+    """Reads the system monitor's latest sample and its totals since start at each scrape; `generated()` is the
+    tokens generated so far (tokens per joule)."""
+
+    def __init__(self, monitor: Any, generated: Any):
+        self.monitor = monitor
+        self.generated = generated
+
+    def collect(self):
+        latest = self.monitor.latest()
+        totals = self.monitor.since_start()
+        info = InfoMetricFamily("ollm_monitor", "What the system monitor samples (gpu: the device, or why not)")
+        info.add_metric([], {"gpu": str(self.monitor.gpu), "rate_hz": f"{self.monitor.rate_hz:g}",
+                             "energy_source": str(totals.get("energy_source", "none"))})
+        yield info
+        for key, (name, doc, factor) in MONITOR_GAUGES.items():
+            value = getattr(latest, key, None) if latest is not None else None
+            if value is not None:  # a field this machine does not offer is absent, not zero
+                yield GaugeMetricFamily(name, doc + " (latest sample)", value=float(value) * factor)
+        if "seconds" in totals:
+            yield GaugeMetricFamily("ollm_monitor_seconds", "Seconds from the monitor's first sample to its latest",
+                                    value=float(totals["seconds"]))
+        energy = totals.get("energy_j")
+        if energy is not None:
+            yield CounterMetricFamily("ollm_gpu_energy_joules", "GPU energy since the server started",
+                                      value=float(energy))
+            if energy > 0:
+                yield GaugeMetricFamily("ollm_tokens_per_joule", "Tokens generated per joule of GPU energy since "
+                                        "the server started (idle time included)",
+                                        value=float(self.generated()) / float(energy))
+
+
+def make_registry(scheduler: Any, info: dict[str, str], codec: str,
+                  monitor: Any = None) -> tuple[CollectorRegistry, Counter]:
+    """The app's registry: the scheduler's collector, the system monitor's (when there is one), the HTTP request
+    counter."""
     registry = CollectorRegistry()
     registry.register(SchedulerCollector(scheduler, info, codec))
+    if monitor is not None:
+        registry.register(MonitorCollector(monitor, lambda: scheduler.stats().get("generated_tokens", 0)))
     http = Counter("ollm_http_requests", "HTTP requests by route and status", ["route", "status"], registry=registry)
     return registry, http

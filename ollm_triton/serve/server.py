@@ -1,11 +1,12 @@
 """The server composed by Hydra: `compose(overrides)` -> config, `build(cfg)` -> engine + scheduler + app.
 
 The config is ollm_triton/conf/serve.yaml with the runner's groups (model=, +attention=, +cache=, +decoder=,
-+prefetch=); the plugins are validated and the model source resolved by the runner's own functions (run.py), so a
-plugin, a parameter or a model means the same in a sweep and in the server. The decoder group sets the sampling of
-requests that omit it: left out, OpenAI's defaults (temperature 1); `+decoder=greedy`, temperature 0;
-`+decoder=sample`, its temperature, top_k and top_p. Other decoders (speculative, ...) are not served yet: the
-continuous batch samples one token per request per step.
++prefetch=) and the runner's `monitor` section; the engine is built by the runner's own sequence (build.py build_run:
+plugins validated, model resolved, memory checked, the system monitor started), so a plugin, a parameter or a model
+means the same in a sweep and in the server, and /metrics carries the monitor's readings (serve/metrics.py). The
+decoder group sets the sampling of requests that omit it: left out, OpenAI's defaults (temperature 1);
+`+decoder=greedy`, temperature 0; `+decoder=sample`, its temperature, top_k and top_p. Other decoders (speculative,
+...) are not served yet: the continuous batch samples one token per request per step.
 """
 
 from __future__ import annotations
@@ -16,18 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 
+from ollm_triton.build import CONF, BuiltRun, CacheNeed, RunError, build_run, resolve_config, resolve_plugins
 from ollm_triton.config_nodes import PLUGIN_GROUPS  # importing it stores the plugin nodes Hydra composes with
-from ollm_triton.engine.placement import resolve_device, resolve_dtype
 from ollm_triton.registry import registry
-from ollm_triton.run import CONF, RunError, limit_device_memory, memory_check, model_source, resolve_plugins
 from ollm_triton.serve.detokenize import TokenIds
 from ollm_triton.serve.scheduler import SamplingParams, Scheduler
 
 SERVED_DECODERS = ("greedy", "sample")
+GROUPS = ("model", "monitor")  # serve.yaml's defaults list; the plugin groups are appended with +
 
 
 @dataclass
@@ -102,9 +101,9 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
 def check_keys(cfg: DictConfig) -> None:
     """Refuse a top-level key serve.yaml does not know (`+cahce=int4` would otherwise serve the dense cache)."""
     keys = [k for k in OmegaConf.load(CONF / "serve.yaml") if k not in ("defaults", "hydra")]
-    unknown = [k for k in cfg if k not in (*keys, "model", *PLUGIN_GROUPS)]
+    unknown = [k for k in cfg if k not in (*keys, *GROUPS, *PLUGIN_GROUPS)]
     if unknown:
-        groups = ", ".join([*(f"+{g}=" for g in PLUGIN_GROUPS), "model="])
+        groups = ", ".join([*(f"+{g}=" for g in PLUGIN_GROUPS), *(f"{g}=" for g in GROUPS)])
         raise RunError(f"unknown config key {', '.join(repr(k) for k in unknown)}; accepted groups: {groups}; "
                        f"keys: {', '.join(keys)} (see python -m ollm_triton.serve --help)")
 
@@ -119,6 +118,12 @@ class Server:
     settings: ServeSettings
     model_name: str
     plugins: dict[str, str] = field(default_factory=dict)
+    run: BuiltRun | None = None  # what build_run made: the monitor, the plugins; close() releases them
+
+    @property
+    def monitor(self):
+        """The system monitor sampling for /metrics (None: monitor.enabled=false)."""
+        return self.run.monitor if self.run is not None else None
 
     def describe(self) -> str:
         plugins = " ".join(f"{g}={n}" for g, n in self.plugins.items())
@@ -163,18 +168,12 @@ class Server:
         return GracefulServer(config)
 
     def close(self) -> None:
+        """Cancel what still runs, stop the monitor, free the model (again after a shutdown: a no-op)."""
         self.scheduler.shutdown(cancel=True)
-        self.engine.close()
-
-
-class OneRequest:
-    """What run.memory_check asks of a task: the (batch, context) it holds in one cache."""
-
-    def __init__(self, context: int):
-        self.context = context
-
-    def footprint(self, smoke: bool) -> tuple[int, int]:
-        return 1, self.context
+        if self.run is not None:
+            self.run.close()
+        else:
+            self.engine.close()
 
 
 def sampling_defaults(plugins: dict[str, dict[str, Any]]) -> SamplingParams:
@@ -195,10 +194,7 @@ def sampling_defaults(plugins: dict[str, dict[str, Any]]) -> SamplingParams:
 def build(cfg: DictConfig, *, shutdown_cancel: bool = True) -> Server:
     """Validate, load the engine, make the scheduler and the app (not started: the app's lifespan starts it).
     Raises RunError/PluginError/ValueError with one line for bad input, before loading anything."""
-    try:
-        resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    except MissingMandatoryValue as e:
-        raise RunError(f"{e.full_key} is required but not set (see ollm_triton/conf/serve.yaml)") from None
+    resolved = resolve_config(cfg, see="ollm_triton/conf/serve.yaml")
     settings = ServeSettings.from_config(dict(resolved.get("serve") or {}))
     plugins = resolve_plugins(resolved)
     if not plugins["context"]["default"]:  # accepted and silently ignored would serve uncompressed prompts
@@ -207,27 +203,30 @@ def build(cfg: DictConfig, *, shutdown_cancel: bool = True) -> Server:
     if "adapt" in plugins and not plugins["adapt"]["default"]:  # the same: the scheduler has no step clock for it
         raise RunError(f"+adapt={plugins['adapt']['name']} is not applied by the server yet (the runner applies it); "
                        f"accepted here: no +adapt")
+    runtime = str(resolved["model"].get("runtime") or "engine")
+    if runtime != "engine":  # the scheduler drives the native engine's batched step
+        raise RunError(f"model.runtime={runtime} is not served (the scheduler batches the native engine's steps); "
+                       "accepted here: a model preset of runtime engine")
     defaults = sampling_defaults(plugins)
-    source, _trained = model_source(resolved["model"])
-    device = resolve_device(str(resolved.get("device", "auto")))
-    limit_device_memory(resolved.get("device_memory_gb"), device)
-    dtype = str(resolved["model"].get("dtype", "auto"))
-    resolve_dtype(dtype, device)
-    torch.manual_seed(int(resolved.get("seed", 0)))
-    built = {g: registry.build(g, plugins[g]["name"], plugins[g]["params"]) for g in ("attention", "cache", "prefetch")}
-    # the runner's memory check (engine/footprint.py) before anything loads: the weights and one request's prefill
-    # chunk must fit (model=llama3_8b on a CPU refuses in one line instead of swapping); KV beyond that is the
-    # scheduler's admission (serve.kv_budget_gb)
-    memory_check(resolved, source, built, {"serve": OneRequest(settings.prefill_chunk)}, device, dtype)
+    # the runner's build sequence (build.py): its memory check before anything loads needs the weights and one
+    # request's prefill chunk to fit (model=llama3_8b on a CPU refuses in one line instead of swapping); KV beyond
+    # that is the scheduler's admission (serve.kv_budget_gb). The monitor it starts feeds /metrics.
+    run = build_run(resolved, plugins=plugins, needs={"serve": CacheNeed(settings.prefill_chunk)})
+    try:
+        return _serve(run, settings, plugins, defaults, shutdown_cancel)
+    except BaseException:  # the scheduler or the app refused: the monitor's thread and the model go with them
+        run.close()
+        raise
 
-    from ollm_triton.engine import load_engine
+
+def _serve(run: BuiltRun, settings: ServeSettings, plugins: dict[str, dict[str, Any]], defaults: SamplingParams,
+           shutdown_cancel: bool) -> Server:
+    """The scheduler and the app over what build_run made."""
     from ollm_triton.engine.checkpoint import resolve_source
     from ollm_triton.serve.app import create_app
     from ollm_triton.serve.chat import load_chat_template
 
-    engine = load_engine(source, attention=built["attention"], codec=built["cache"], prefetch=built["prefetch"],
-                         device=device, dtype=dtype, seed=int(resolved.get("seed", 0)),
-                         fast_decode=str(resolved.get("fast_decode", "auto")))
+    engine, source, resolved = run.engine, run.source, run.resolved
     # a model without tokenizer.json (random weights): token-id prompts, ids as text (detokenize.TokenIds)
     tokenizer = engine.tokenizer if engine.tokenizer is not None else TokenIds(engine.config.vocab_size)
     template = load_chat_template(resolve_source(source)) if not isinstance(source, dict) else None
@@ -248,5 +247,5 @@ def build(cfg: DictConfig, *, shutdown_cancel: bool = True) -> Server:
     if plugins["decoder"]["default"]:  # no +decoder: each request's own sampling, OpenAI's defaults when omitted
         names["decoder"] = "openai_defaults"
     app = create_app(scheduler, tokenizer, model_name=name, chat_template=template, defaults=defaults,
-                     plugins=names, shutdown_cancel=shutdown_cancel)
-    return Server(engine, scheduler, app, settings, name, names)
+                     plugins=names, shutdown_cancel=shutdown_cancel, monitor=run.monitor)
+    return Server(engine, scheduler, app, settings, name, names, run)
