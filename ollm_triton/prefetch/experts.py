@@ -149,6 +149,8 @@ class ExpertStreaming(PrefetchPolicy):
             raise PluginError(self._too_small(self.dense_bytes, f"one {self.row_bytes / 1e6:.3f} MB expert"))
         # NaN until loaded: a slot read before its expert arrived poisons the logits instead of passing unnoticed
         self.cache = torch.full((self.num_slots, self.row_elems), float("nan"), dtype=self.dtype, device=device)
+        if self.cuda:  # the side stream's first copies into the cache must land after this fill, not under it
+            torch.cuda.synchronize(device)
         views = {name: self.cache[:, off:off + n].view(self.num_slots, *shape) for name, shape, off, n in self.entries}
         for b in blocks.values():
             for name in views:
@@ -156,8 +158,15 @@ class ExpertStreaming(PrefetchPolicy):
             b.expert_hooks = self
 
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.model = model
+        self.forget()
+
+    def forget(self) -> None:
+        """Drop every cached expert and zero the counters: the next step starts cold (a benchmark compares the
+        predictors on one engine)."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
         self._slot_of: OrderedDict[tuple[int, int], int] = OrderedDict()  # (layer, expert) -> slot, LRU first
-        self._key_of: list[tuple[int, int] | None] = [None] * self.num_slots
         self._free = list(range(self.num_slots - 1, -1, -1))
         self._ready: dict[int, object] = {}  # slot -> copy-done event (CUDA) not yet waited for
         self._last_use: dict[int, object] = {}  # slot -> compute-done event of its last use (CUDA)
@@ -166,7 +175,6 @@ class ExpertStreaming(PrefetchPolicy):
         self.counts: Counter[str] = Counter()
         self.stall_s = 0.0
         self.held_bytes = self.dense_bytes + self.num_slots * self.row_bytes
-        self.model = model
         self._layer = self.moe_layers[0]
 
     def _place_dense(self, model: nn.Module, device: torch.device, skip: set[int]) -> int:
@@ -272,7 +280,6 @@ class ExpertStreaming(PrefetchPolicy):
         else:
             dst.copy_(src)
         self._slot_of[key] = slot
-        self._key_of[slot] = key
         self.counts["bytes_moved"] += self.row_bytes
         self.counts["copies"] += 1
 

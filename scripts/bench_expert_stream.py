@@ -1,0 +1,309 @@
+"""Streaming by expert against streaming by layer, within an 8 GB device budget: batch-1 decode of a layer-reduced
+Qwen3-Next-80B (or Qwen3-30B-A3B) with random bf16 weights at the real layer shapes.
+
+    python scripts/bench_expert_stream.py [--model qwen3_next_80b] [--layers 4 8] [--budget-gb 8] [--prompt 64]
+                                          [--decode 16] [--out bench_expert_stream.json]
+    python scripts/bench_expert_stream.py --small      # a tiny config on the CPU: the plumbing, no real timing
+
+What runs, for each depth L (the preset with `num_hidden_layers` cut to L; a multiple of 4 keeps qwen3_next's 3:1
+linear to full attention):
+- resident: every weight on the device (the correctness reference, and the compute-only speed: no copies);
+- experts (predict router), experts (predict none): prefetch/experts.py, one engine, `forget()` between them;
+- on_demand: layer streaming, one layer slot (what 8 GB holds of Qwen3-Next's 3.3 GB layers after the head);
+- lookahead: layer streaming with prefetch distance 1 (2 slots), at the budget it needs (8.4 GB on Qwen3-Next).
+Layer streaming moves whole layers, whatever L, so its budget is the full model's 8 GB. The expert cache is scaled
+with depth: the full model's cache at --budget-gb (budget - headroom - the 48-layer dense part, in experts) per
+layer, times L; budget_gb(L) = headroom + dense(L) + that cache, so every layer gets the full model's share of slots.
+
+Timing: a --prompt-token prefill, 4 warm-up steps, then --decode greedy steps, device-synchronised wall time; peak
+device memory per variant. Copy bandwidth: a 1 GB pinned host-to-device copy, median of 5. I/O floor: the tok/s if
+each token's bytes moved (the policy's own counter) were the only cost, at that bandwidth. Scaling to 48 layers
+(the full model fits neither this GPU nor its host): ms/token = t(L1) + (48 - L1) x per-layer, per-layer =
+(t(L2) - t(L1)) / (L2 - L1); bytes/token the same way. Correctness, in the same run: every streamed variant's
+teacher-forced logits (prompt + 8 steps) against the resident run's, max abs difference (the streamed bytes are the
+weights' own bytes, so 0 is expected) and argmax agreement.
+
+Writes JSON (device, versions, git sha from OLLM_GIT_SHA, date, command) and prints a GitHub table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ollm_triton.engine import ModelConfig, load_engine  # noqa: E402
+from ollm_triton.registry import registry  # noqa: E402
+from ollm_triton.results import environment  # noqa: E402
+
+FULL_LAYERS = 48
+GB = 1e9
+HEADROOM_GB = 0.5
+TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+            linear_value_head_dim=16, num_experts=16, num_experts_per_tok=4, moe_intermediate_size=32,
+            shared_expert_intermediate_size=32)
+DEVICE = torch.device("cuda")
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def split_bytes(arch: dict, layers: int, elt: int) -> dict:
+    """Bytes of the model at `layers` layers: total, routed experts, the dense rest, one expert, the head, a layer."""
+    cfg = ModelConfig.from_hf({**arch, "num_hidden_layers": layers})
+    total = cfg.num_parameters() * elt
+    expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * elt
+    experts = sum(cfg.is_moe_layer(i) for i in range(layers)) * cfg.num_experts * expert
+    head = cfg.vocab_size * cfg.hidden_size * elt * (1 if cfg.tie_word_embeddings else 2)
+    return {"total": total, "experts": experts, "dense": total - experts, "expert": expert, "head": head,
+            "layer": (total - head) / layers, "num_experts": cfg.num_experts}
+
+
+def copy_gbps() -> float:
+    """Pinned host-to-device copy bandwidth, GB/s (median of 5 copies of 1 GB)."""
+    if DEVICE.type != "cuda":
+        return 0.0
+    src = torch.empty(int(GB), dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty_like(src, device=DEVICE)
+    times = []
+    for _ in range(6):
+        sync()
+        t0 = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return GB / statistics.median(times[1:]) / 1e9
+
+
+def teacher_forced(engine, ids: torch.Tensor, prompt: int) -> torch.Tensor:
+    cache = engine.new_cache(1, ids.shape[1] + 1)
+    out = [engine.forward(ids[:, :prompt], cache, last_only=True)]
+    out += [engine.forward(ids[:, i : i + 1], cache) for i in range(prompt, ids.shape[1])]
+    return torch.cat(out, dim=1)
+
+
+def decode(engine, prompt_ids: torch.Tensor, steps: int, warmup: int = 4, head_bytes: float = 0.0) -> dict:
+    """tok/s over `steps` greedy steps after a prefill and `warmup` steps, peak device GB, and the policy's
+    counters over the timed steps only (head_bytes: the embeddings/head a layer-streaming policy keeps resident)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    cache = engine.new_cache(1, prompt_ids.shape[1] + warmup + steps + 1)
+    token = engine.forward(prompt_ids, cache, last_only=True)[:, -1].argmax(-1)
+    for _ in range(warmup):
+        token = engine.forward(token[:, None], cache)[:, -1].argmax(-1)
+    sync()
+    before = engine.prefetch.stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        token = engine.forward(token[:, None], cache)[:, -1].argmax(-1)
+    sync()
+    dt = time.perf_counter() - t0
+    after = engine.prefetch.stats()
+    peak = torch.cuda.max_memory_allocated() / GB if DEVICE.type == "cuda" else 0.0
+    row = {"tok_s": steps / dt, "ms_per_token": 1e3 * dt / steps, "peak_gb": peak}
+    if "bytes_moved" in after:  # expert streaming
+        d = {k: after[k] - before.get(k, 0.0) for k in ("bytes_moved", "accesses", "cache_hits", "prefetch_hits",
+                                                         "prefetch_late", "prefetch_issued", "stall_s")}
+        row.update(bytes_per_token=d["bytes_moved"] / steps, stall_ms_per_token=1e3 * d["stall_s"] / steps,
+                   hit_rate=(d["cache_hits"] + d["prefetch_hits"]) / max(d["accesses"], 1),
+                   prefetch_accuracy=(d["prefetch_hits"] + d["prefetch_late"]) / d["prefetch_issued"]
+                   if d["prefetch_issued"] else None, cache_slots=after["cache_slots"],
+                   device_weight_gb=after["device_weight_bytes"] / GB)
+    elif "bytes_read" in after:  # layer streaming
+        d = {k: after[k] - before.get(k, 0.0) for k in ("bytes_read", "hits", "accesses", "stall_s")}
+        row.update(bytes_per_token=d["bytes_read"] / steps, hit_rate=d["hits"] / max(d["accesses"], 1),
+                   stall_ms_per_token=1e3 * d["stall_s"] / steps, slots=after["slots"],
+                   device_weight_gb=(head_bytes + after["slots"] * after["layer_bytes"]) / GB)
+    else:
+        row["device_weight_gb"] = engine.num_parameters() * next(engine.model.parameters()).element_size() / GB
+    return row
+
+
+def compare(logits: torch.Tensor, ref: torch.Tensor) -> dict:
+    return {"max_abs_diff_vs_resident": (logits - ref).abs().max().item(),
+            "argmax_agree": (logits.argmax(-1) == ref.argmax(-1)).float().mean().item()}
+
+
+def main() -> None:  # noqa: C901 (one study, top to bottom)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="qwen3_next_80b", choices=["qwen3_next_80b", "qwen3_moe_30b"])
+    ap.add_argument("--layers", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--budget-gb", type=float, default=8.0, help="the full 48-layer model's device budget")
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--decode", type=int, default=16)
+    ap.add_argument("--layer-decode", type=int, default=4, help="decode steps for the layer-streaming variants")
+    ap.add_argument("--out", default="bench_expert_stream.json")
+    ap.add_argument("--small", action="store_true", help="a tiny config on the CPU: checks the script only")
+    args = ap.parse_args()
+    global DEVICE
+    if args.small:
+        DEVICE = torch.device("cpu")
+    elif not torch.cuda.is_available():
+        sys.exit("bench_expert_stream needs a CUDA device (or --small for the CPU plumbing check)")
+    arch = yaml.safe_load((ROOT / f"ollm_triton/conf/model/{args.model}.yaml").read_text())["arch"]
+    real = split_bytes(arch, FULL_LAYERS, 2)  # the real model in bf16 decides the cache's share of the experts
+    if args.small:
+        arch.update(TINY)
+    if arch["model_type"] == "qwen3_next" and any(n % 4 for n in args.layers):
+        sys.exit(f"--layers must be multiples of 4 for qwen3_next (3 linear : 1 full attention), got {args.layers}")
+    dtype = torch.float32 if args.small else torch.bfloat16
+    elt = 4 if args.small else 2
+    full = split_bytes(arch, FULL_LAYERS, elt)
+    cache_full = args.budget_gb * GB - HEADROOM_GB * GB - real["dense"]
+    if cache_full < real["expert"]:
+        sys.exit(f"--budget-gb {args.budget_gb} leaves no expert cache after the {real['dense'] / GB:.2f} GB dense "
+                 f"part of {args.model}")
+    share = cache_full / real["expert"] / FULL_LAYERS / real["num_experts"]  # of each layer's experts
+    slots_per_layer = share * full["num_experts"]
+    env = environment(DEVICE)
+    env["command"] = " ".join([Path(sys.executable).name, *sys.argv])
+    gbps = copy_gbps()
+    payload = {"env": env, "args": vars(args), "copy_gbps": gbps, "full_model": full,
+               "expert_slots_per_layer": slots_per_layer,
+               "cache_share_of_experts": share, "rows": []}
+    print("PLAN", json.dumps({k: payload[k] for k in ("copy_gbps", "expert_slots_per_layer",
+                                                     "cache_share_of_experts")}), flush=True)
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, arch["vocab_size"], (1, args.prompt + 8), generator=gen).to(DEVICE)
+    for n in args.layers:
+        part = split_bytes(arch, n, elt)
+        layer_arch = {**arch, "num_hidden_layers": n}
+        expert_budget = HEADROOM_GB * GB + part["dense"] + slots_per_layer * n * full["expert"]
+        two_slots = part["head"] + HEADROOM_GB * GB + 2.02 * part["layer"]  # + a little for the slot alignment
+        variants = [
+            ("resident", None, {}),
+            ("experts", "experts", {"budget_gb": expert_budget / GB, "predict": "router"}),
+            ("on_demand", "on_demand", {"budget_gb": args.budget_gb}),
+            ("lookahead", "lookahead", {"budget_gb": max(args.budget_gb, two_slots / GB), "prefetch_distance": 1,
+                                        "max_cache_size": 2}),
+        ]
+        if args.small:  # the tiny model's bytes are far below any budget in GB: size the caches by count instead
+            slots = max(1, round(slots_per_layer * n))
+            variants[1] = ("experts", "experts", {"max_cached_experts": slots, "predict": "router", "headroom_gb": 0.0})
+            variants[2] = ("on_demand", "on_demand", {})
+            variants[3] = ("lookahead", "lookahead", {"prefetch_distance": 1, "max_cache_size": 2})
+        ref = None
+        for label, name, params in variants:
+            row = {"layers": n, "policy": label, "params": params}
+            engine = None
+            try:
+                prefetch = registry.build("prefetch", name, params) if name else None
+                t0 = time.perf_counter()
+                engine = load_engine(layer_arch, prefetch=prefetch, device=DEVICE, dtype=dtype, fast_decode="off")
+                row["build_s"] = time.perf_counter() - t0
+                with torch.inference_mode():
+                    logits = teacher_forced(engine, ids, args.prompt)
+                    if ref is None:
+                        ref = logits
+                    else:
+                        row.update(compare(logits, ref))
+                    steps = args.decode if label in ("resident", "experts") else args.layer_decode
+                    if label == "experts":  # the same engine twice: the predictor on, then off, each from cold
+                        for predict in ("router", "none"):
+                            engine.prefetch.cfg.predict = predict
+                            engine.prefetch.forget()
+                            sub = decode(engine, ids[:, : args.prompt], steps)
+                            sub["io_floor_tok_s"] = gbps * GB / sub["bytes_per_token"] if sub["bytes_per_token"] \
+                                and gbps else None
+                            payload["rows"].append({**row, "policy": f"experts ({predict})",
+                                                    "params": {**params, "predict": predict}, **sub})
+                            print("ROW", json.dumps(payload["rows"][-1], default=str), flush=True)
+                        continue
+                    row.update(decode(engine, ids[:, : args.prompt], steps, warmup=1 if name else 4,
+                                      head_bytes=part["head"]))
+                    if row.get("bytes_per_token") and gbps:
+                        row["io_floor_tok_s"] = gbps * GB / row["bytes_per_token"]
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                traceback.print_exc()
+            finally:
+                if engine is not None:
+                    engine.close()
+                del engine
+                gc.collect()
+                if DEVICE.type == "cuda":
+                    torch.cuda.empty_cache()
+            if label != "experts" or "error" in row:
+                payload["rows"].append(row)
+                print("ROW", json.dumps(row, default=str), flush=True)
+
+    scale(payload, args.layers)
+    Path(args.out).write_text(json.dumps(payload, indent=1, default=str))
+    print(table(payload))
+
+
+def scale(payload: dict, layers: list[int]) -> None:
+    """Per-layer ms and bytes from the two depths, extrapolated to the 48-layer model."""
+    if len(layers) < 2:
+        return
+    lo, hi = min(layers), max(layers)
+    by = {(r["layers"], r["policy"]): r for r in payload["rows"] if "ms_per_token" in r}
+    for policy in dict.fromkeys(r["policy"] for r in payload["rows"]):
+        a, b = by.get((lo, policy)), by.get((hi, policy))
+        if a is None or b is None:
+            continue
+        per_layer = (b["ms_per_token"] - a["ms_per_token"]) / (hi - lo)
+        ms48 = a["ms_per_token"] + (FULL_LAYERS - lo) * per_layer
+        out = {"ms_per_layer": per_layer, "ms_per_token_48": ms48, "tok_s_48": 1e3 / ms48 if ms48 > 0 else None}
+        if a.get("bytes_per_token") is not None and b.get("bytes_per_token") is not None:
+            bpl = (b["bytes_per_token"] - a["bytes_per_token"]) / (hi - lo)
+            out["bytes_per_token_48"] = a["bytes_per_token"] + (FULL_LAYERS - lo) * bpl
+            if payload["copy_gbps"] and out["bytes_per_token_48"] > 0:
+                out["io_floor_tok_s_48"] = payload["copy_gbps"] * GB / out["bytes_per_token_48"]
+        payload.setdefault("scaling", {})[policy] = out
+
+
+def _f(v, fmt: str) -> str:
+    return "" if v is None else format(v, fmt)
+
+
+def table(p: dict) -> str:
+    env, a = p["env"], p["args"]
+    out = [f"{a['model']} shapes, layer-reduced, {'fp32 tiny (--small)' if a['small'] else 'bf16'}, batch-1 decode, "
+           f"budget {a['budget_gb']} GB for 48 layers ({p['expert_slots_per_layer']:.1f} expert slots per layer, "
+           f"{100 * p['cache_share_of_experts']:.1f}% of the experts); host-to-device copy {p['copy_gbps']:.1f} "
+           f"GB/s; {env.get('device_name')}, torch {env.get('torch')}, triton {env.get('triton')}, git "
+           f"{env.get('git_sha')}, {env.get('date')}", f"command: {env.get('command')}", "",
+           "| layers | policy | tok/s | ms/token | hit rate | prefetch acc. | MB moved/token | I/O floor tok/s | "
+           "stall ms/token | device weights GB | peak GB | max abs diff vs resident |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in p["rows"]:
+        if "error" in r:
+            out.append(f"| {r['layers']} | {r['policy']} | {r['error']} | | | | | | | | | |")
+            continue
+        mb = r.get("bytes_per_token")
+        out.append(f"| {r['layers']} | {r['policy']} | {r['tok_s']:.2f} | {r['ms_per_token']:.1f} | "
+                   f"{_f(r.get('hit_rate'), '.3f')} | {_f(r.get('prefetch_accuracy'), '.3f')} | "
+                   f"{_f(None if mb is None else mb / 1e6, '.1f')} | {_f(r.get('io_floor_tok_s'), '.2f')} | "
+                   f"{_f(r.get('stall_ms_per_token'), '.2f')} | {_f(r.get('device_weight_gb'), '.2f')} | "
+                   f"{r['peak_gb']:.2f} | {_f(r.get('max_abs_diff_vs_resident'), '.2e')} |")
+    if p.get("scaling"):
+        out += ["", "Scaled to 48 layers (t(L1) + (48 - L1) x per-layer, from the two depths; resident: the compute "
+                "alone, which does not fit one GPU):", "",
+                "| policy | ms/layer | ms/token (48) | tok/s (48) | MB moved/token (48) | I/O floor tok/s (48) |",
+                "|---|---|---|---|---|---|"]
+        for policy, s in p["scaling"].items():
+            mb = s.get("bytes_per_token_48")
+            out.append(f"| {policy} | {s['ms_per_layer']:.2f} | {s['ms_per_token_48']:.1f} | "
+                       f"{_f(s.get('tok_s_48'), '.2f')} | {_f(None if mb is None else mb / 1e6, '.0f')} | "
+                       f"{_f(s.get('io_floor_tok_s_48'), '.2f')} |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()
