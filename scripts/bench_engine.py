@@ -110,6 +110,135 @@ def bench_transformers(hf_model, prompt, new_tokens, repeats, **gen_kwargs):
     }
 
 
+# ---- --codec-steps: batch-1 decode steps of the whole captured step over a filled cache, dense beside int4 ----------
+# (issue 20 item 1: does int4 beat dense at 32k, and does the gap grow with context as the bytes say?)
+#
+# The cache is filled with random K/V appended through each codec, layer by layer, as a prefill appends them, and no
+# model forward: a 128k prefill of an 8B model would take most of the time budget, and a decode step's time does
+# not depend on the values it reads. The decode loop timed is the engine's own (FastDecoder.decode: graph replays,
+# the host's per-row window checks and flushes), continued from the cache's length run after run.
+
+CODEC_VARIANTS = {  # label -> (codec, QuantLayer.kernel_options for the static step's varlen kernel)
+    "dense": ("dense", {}),
+    "int4": ("int4", {}),
+    # the residual window walked by one program after a quantized split's blocks, >= 4 blocks a split: the work
+    # layout of the kernel before the varlen splits followed each row's length (e1cfa7a)
+    "int4, window in one split": ("int4", {"res_chunk": 512, "min_blocks": 4}),
+}
+
+
+def fill_cache(bk, context: int, device, dtype) -> None:
+    """Every layer of the bucket's cache holds `context` random tokens (one K and one V tensor for all layers)."""
+    bk.reset()
+    spec = bk.cache.layers[0].spec
+    gen = torch.Generator(device=device).manual_seed(0)
+    k, v = (torch.randn(1, spec.kv_heads, context, spec.head_dim, generator=gen, device=device, dtype=dtype)
+            for _ in range(2))
+    for layer in bk.cache.layers:
+        layer.append(k, v)
+    bk.cache.position = context
+
+
+def check_attention(layer, opts: dict, query_heads: int, device, dtype) -> float:
+    """Relative L2 error of the static step's attention kernel over layer 0's real storage against its float64
+    reference (float32 above 32k keys: the float64 copies of 128k dequantized keys would not fit beside it)."""
+    from ollm_triton.kernels.attention_decode_varlen import decode_varlen_kernel, decode_varlen_reference
+    from ollm_triton.kernels.kv_quant_decode import quant_decode_varlen, quant_decode_varlen_ref
+
+    n = layer.length
+    ref_dtype = torch.float64 if n <= 32768 + 1024 else torch.float32
+    q = torch.randn(1, query_heads, 1, layer.spec.head_dim, device=device, dtype=dtype)
+    if hasattr(layer, "n_quant"):
+        store = (layer.k_codes, layer.k_scale, layer.k_zero, layer.v_codes, layer.v_scale, layer.v_zero, layer.k_res,
+                 layer.v_res)
+        kw = dict(bits=layer.bits, key_group=layer.group, value_group=layer.value_group)
+        nq = torch.tensor([layer.n_quant], device=device)
+        if device.type == "cuda":
+            got = quant_decode_varlen(q, *store, nq, torch.tensor([n], device=device), block_k=layer.block_k, **kw,
+                                      **opts)
+        else:  # the CPU smoke run times the reference step: check the interpreter-free reference against itself
+            got = quant_decode_varlen_ref(q, *store, [layer.n_quant], [n], **kw)
+        want = quant_decode_varlen_ref(q, *store, [layer.n_quant], [n], **kw, compute_dtype=ref_dtype)
+    else:
+        lengths = torch.tensor([n], device=device)
+        got = decode_varlen_kernel(q[:, :, 0], layer.k, layer.v, lengths) if device.type == "cuda" else \
+            decode_varlen_reference(q[:, :, 0], layer.k, layer.v, lengths)
+        want = decode_varlen_reference(q[:, :, 0], layer.k, layer.v, lengths, compute_dtype=ref_dtype)
+    return ((got.double() - want.double()).norm() / want.double().norm()).item()
+
+
+def time_codec_variant(base, codec, opts: dict, ctx: int, args, mode: str) -> dict:
+    """Decode runs of args.new tokens over a cache of `ctx` random tokens through `codec` (an Engine over base's
+    weights), the static step's varlen kernel launched with `opts`: median seconds a run, and what ran."""
+    from ollm_triton.decoding.greedy import argmax_pick
+    from ollm_triton.engine import Engine
+
+    eng = Engine(base.model, attention=base.attention, codec=codec, prefetch=base.prefetch, device=base.device,
+                 dtype=base.dtype, fast_decode=mode)
+    fast = eng.fast_decoder()
+    bk = fast.new_bucket(1, ctx + (args.repeats + 1) * args.new)
+    fill_cache(bk, ctx, base.device, base.dtype)
+    for layer in bk.cache.layers:
+        layer.kernel_options = opts
+    fast.ensure_graph(bk, [ctx])
+    first = torch.zeros(1, base.config.vocab_size, device=base.device)
+    length, times = ctx, []
+    for r in range(args.repeats + 1):  # the first run warms up
+        sec, _ = timed(lambda n=length: fast.decode(bk, first, [n], args.new, argmax_pick, None, greedy=True))
+        length += args.new - 1
+        if r:
+            times.append(sec)
+    layer = bk.cache.layers[0]
+    return {"sec": statistics.median(times), "fast_path": str(eng.fast_path), "attention_path": fast.attention_path,
+            "attention_rel_error": check_attention(layer, opts, base.config.num_heads, base.device, base.dtype)}
+
+
+def codec_steps(args, arch, device, dtype) -> None:
+    mode = "auto" if device.type == "cuda" else "static"
+    base = load_engine(arch, device=device, dtype=dtype, seed=0, fast_decode=mode)
+    floor = decode_floor(base)
+    cfg = base.config
+    results, rows, step_ms = [], [], {}
+    for ctx in args.codec_contexts:
+        for label, (codec_name, opts) in CODEC_VARIANTS.items():
+            codec = registry.build("cache", codec_name)
+            r = time_codec_variant(base, codec, opts, ctx, args, mode)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            tok_s = (args.new - 1) / r["sec"]
+            mid = ctx + (args.repeats + 1) * args.new // 2  # the median run's context, about
+            kv_bytes = cfg.num_layers * codec.bytes_for(base.layer_spec(1, mid), mid)
+            own_floor = floor["copy_bandwidth_bytes_s"] / (floor["active_weight_bytes"] + kv_bytes) \
+                if "copy_bandwidth_bytes_s" in floor else None
+            step_ms[(ctx, label)] = 1e3 * r["sec"] / (args.new - 1)
+            results.append({"impl": label, "codec": codec_name, "kernel_options": opts, "context": ctx,
+                            "decode_tok_s": tok_s, "step_ms": step_ms[(ctx, label)], "kv_bytes_per_step": kv_bytes,
+                            "floor_tok_s": own_floor, **{k: v for k, v in r.items() if k != "sec"}})
+            vs = step_ms[(ctx, "dense")] / step_ms[(ctx, label)]
+            rows.append(f"| {label} | {ctx:,} | {tok_s:.1f} | {step_ms[(ctx, label)]:.3f} | "
+                        f"{f'{tok_s / own_floor:.0%}' if own_floor else '-'} | {vs:.2f}x | "
+                        f"{r['attention_rel_error']:.1e} |")
+
+    import triton
+
+    record = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.machine(),
+        "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+        "git_sha": git_sha(), "model": args.model, "dtype": str(dtype), "new_tokens": args.new,
+        "repeats": args.repeats, "decode_floor": floor, "results": results,
+    }
+    if args.out:
+        Path(args.out).write_text(json.dumps(record, indent=1))
+    print(f"\n{record['device']}, torch {record['torch']}, triton {record['triton']}, {args.model} random {dtype}, "
+          f"batch 1, {args.new - 1} decode steps a run, median of {args.repeats}, git {record['git_sha']}\n")
+    print("| cache (whole captured step) | context | decode tok/s | ms / step | % of its own floor | speed vs dense "
+          "| attention rel. error vs fp64/fp32 |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("\n".join(rows))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama3_8b", help="an ollm_triton/conf/model preset with random weights")
@@ -118,7 +247,17 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--codec-steps", action="store_true",
+                    help="only time decode steps of the whole captured step over a filled dense / int4 cache")
+    ap.add_argument("--codec-contexts", type=int, nargs="+", default=[8192, 32768, 131072])
+    ap.add_argument("--small", action="store_true", help="--codec-steps on a tiny model and contexts (CPU smoke)")
     args = ap.parse_args()
+    if args.codec_steps:
+        if args.small:
+            args.model, args.codec_contexts, args.new, args.repeats = "tiny_random", [300, 700], 8, 1
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        arch = yaml.safe_load((REPO / "ollm_triton" / "conf" / "model" / f"{args.model}.yaml").read_text())["arch"]
+        return codec_steps(args, arch, device, getattr(torch, args.dtype if device.type == "cuda" else "float32"))
 
     import transformers
 

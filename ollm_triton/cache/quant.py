@@ -77,7 +77,8 @@ class QuantLayer(ResidualWindow, CacheLayer):
     # key tokens per block of the fused kernel (divides group_size): 128 was the fastest of 32/64/128 for int8 and
     # int4 at 128k tokens on the H200 (int8 0.187 ms vs 0.271 ms at 64; scripts/bench_kv_cache.py --sweep)
     block_k = 128
-    kernel_options: dict = {}  # num_splits / num_warps / num_stages overrides for the fused kernel
+    kernel_options: dict = {}  # launch overrides for the fused kernels (benchmarks); VARLEN_ONLY: the static step's
+    VARLEN_ONLY = ("min_blocks", "res_chunk")
 
     def __init__(self, spec: LayerSpec, bits: int, cfg: QuantParams):
         super().__init__(spec)
@@ -225,7 +226,7 @@ class QuantLayer(ResidualWindow, CacheLayer):
             q, self.k_codes, self.k_scale, self.k_zero, self.v_codes, self.v_scale, self.v_zero, self.k_res,
             self.v_res, n_quant=self.n_quant, kv_len=kv_len, bits=self.bits, key_group=self.group,
             value_group=self.value_group, block_ids=sched.block_ids, window=sched.window, sink=sched.sink,
-            block_k=self.block_k, **self.kernel_options,
+            block_k=self.block_k, **{k: v for k, v in self.kernel_options.items() if k not in self.VARLEN_ONLY},
         )
 
     # -- the static decode step (Quant.static_decode) ----------------------------------------------------------------
@@ -254,7 +255,8 @@ class QuantLayer(ResidualWindow, CacheLayer):
                  self.v_res)
         kw = dict(bits=self.bits, key_group=self.group, value_group=self.value_group)
         if kernels:
-            opts = {k: v for k, v in self.kernel_options.items() if k in ("num_splits", "num_warps", "num_stages")}
+            opts = {k: v for k, v in self.kernel_options.items()
+                    if k in ("num_splits", "num_warps", "num_stages", *self.VARLEN_ONLY)}
             return quant_decode_varlen(q_rot, *store, n_quant, lengths, block_k=self.block_k, **kw, **opts)
         return quant_decode_varlen_ref(q_rot, *store, n_quant.tolist(), lengths.tolist(), **kw)
 
