@@ -30,7 +30,13 @@ QWEN3_NEXT = dict(model_type="qwen3_next", vocab_size=128, hidden_size=32, inter
                   num_experts=6, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16,
                   norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[2], full_attention_interval=2,
                   max_position_embeddings=128, rms_norm_eps=1e-6, partial_rotary_factor=0.25)
-MODELS = {"qwen3_moe": QWEN3_MOE, "qwen3_next": QWEN3_NEXT}
+# gpt-oss: the transposed interleaved expert layout with biases (four tensors a cache row)
+GPT_OSS = dict(model_type="gpt_oss", vocab_size=128, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+               head_dim=8, num_attention_heads=4, num_key_value_heads=2, num_local_experts=6, num_experts_per_tok=2,
+               sliding_window=4, layer_types=["sliding_attention", "full_attention"], max_position_embeddings=128,
+               rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                "truncate": False, "original_max_position_embeddings": 32, "rope_theta": 10000.0})
+MODELS = {"qwen3_moe": QWEN3_MOE, "qwen3_next": QWEN3_NEXT, "gpt_oss": GPT_OSS}
 PROMPT = torch.tensor([[3, 17, 9, 64, 2, 101, 40]])
 STEPS = 4
 GB = 1e9
@@ -40,9 +46,12 @@ def experts(**params):
     return registry.build("prefetch", "experts", {"headroom_gb": 0.0, **params})
 
 
-def run(cfg, prefetch=None, prompt=PROMPT, steps=STEPS):
-    """Greedy prefill + decode: (logits of every forward, stats, engine before close)."""
+def run(cfg, prefetch=None, prompt=PROMPT, steps=STEPS, path="auto"):
+    """Greedy prefill + decode: (logits of every forward, stats). path: the MoE blocks' expert path."""
     engine = load_engine(cfg, prefetch=prefetch)
+    for layer in engine.model.model.layers:
+        if hasattr(layer.mlp, "experts"):  # a MoE block (an instance attribute: the class default stays "auto")
+            layer.mlp.path = path
     cache = engine.new_cache(1, 32)
     outs = [engine.forward(prompt, cache)]
     for _ in range(steps):
@@ -57,8 +66,8 @@ def resident():
     return {name: run(cfg)[0] for name, cfg in MODELS.items()}
 
 
-@pytest.mark.parametrize("model", list(MODELS))
-@pytest.mark.parametrize("predict", ["router", "none"])
+@pytest.mark.parametrize("model,predict", [("qwen3_moe", "router"), ("qwen3_moe", "none"), ("qwen3_next", "router"),
+                                           ("gpt_oss", "router")])
 def test_logits_equal_resident(model, predict, resident):
     """A cache holding every expert: prefill and decode bit-identical to the resident run."""
     outs, st = run(MODELS[model], experts(predict=predict))
@@ -78,6 +87,17 @@ def test_small_cache_evicts_and_stays_right(model, slots, resident):
     assert st["cache_slots"] == slots and st["evictions"] > 0
     moe_layers = 2 if model == "qwen3_moe" else 3
     assert st["rounds"] > moe_layers * (1 + STEPS)  # some step needed more experts than the cache holds
+
+
+@pytest.mark.interpreter
+def test_triton_expert_kernels_on_the_cache():
+    """The path a GPU takes (the grouped Triton kernels, here the interpreter) reads the cache's strided [C, ...]
+    views by slot id: gpt-oss (biases, interleaved layout), 3 slots so the prefill runs in rounds."""
+    ref, _ = run(GPT_OSS, prompt=PROMPT[:, :5], steps=1, path="kernel")
+    outs, st = run(GPT_OSS, experts(max_cached_experts=3), prompt=PROMPT[:, :5], steps=1, path="kernel")
+    for a, b in zip(ref, outs, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    assert st["rounds"] > 2 * 2
 
 
 def recorded_routing(cfg, prompt, steps):
