@@ -111,7 +111,7 @@ class MemoryStrategy(Strategy):
                 return None
             room = self._room() - self.cfg.reserve_gb * GB
             why = (f"{held} + {incoming} tokens pass the {group.capacity} that fit under {group.codec.plugin_name} "
-                   f"({room / GB:.2f} GB free beyond reserve_gb={self.cfg.reserve_gb})")
+                   f"({room / 1e6:.3f} MB free beyond reserve_gb={self.cfg.reserve_gb})")
             freed = layers * group.codec.bytes_for(group.spec, group.capacity)
         return self._move(group, room + freed, why)
 
@@ -132,6 +132,9 @@ class MemoryStrategy(Strategy):
             self.exhausted += 1
             why += (f"; even {self.ladder[target].plugin_name} needs {need[target] / 1e6:.3f} MB for the "
                     f"{horizon}-token horizon ({room / 1e6:.3f} MB available): moving there anyway")
+        else:  # the numbers the choice followed from, in the decision: a surprising target is read, not guessed
+            needs = ", ".join(f"{self.ladder[i].plugin_name} {n / 1e6:.3f} MB" for i, n in need.items())
+            why += f"; the {horizon}-token horizon needs {needs} of {room / 1e6:.3f} MB available"
         old = group.codec.plugin_name
         group.move_to(target + 1, self.ladder[target])
         self.setting = old  # the move's "from", recorded by the controller; apply() sets the new one
