@@ -205,7 +205,7 @@ def _advice(est: dict[str, int], device: torch.device, dtype: torch.dtype, have:
     if est["kv_bytes"] + est["activation_bytes"] > 0.25 * est["device_bytes"]:
         tips.append("a shorter context or smaller batch")
     tips.append("model=tiny_random")
-    return "to run it: " + ", ".join(tips[:-1]) + " or " + tips[-1]
+    return "to run it: " + (", ".join(tips[:-1]) + " or " if len(tips) > 1 else "") + tips[-1]
 
 
 __all__ = ["DoesNotFit", "check_fits", "estimate", "free_memory", "model_config"]
