@@ -1,5 +1,6 @@
 """The one build sequence of a run: a resolved config in, the engine with its plugins (and the monitor) out.
 
+    cfg = compose_config("serve", ["+cache=int4"])       # or the runner's config under @hydra.main
     resolved = resolve_config(cfg)                       # the composed Hydra config as a dict, `???` refused
     run = build_run(resolved, needs={"serve": CacheNeed(256)})
     run.engine, run.built["decoder"], run.monitor, run.footprint, ...
@@ -22,7 +23,7 @@ This module sits below the three entry points (they import it, it imports none o
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,19 @@ class RunError(Exception):
 
 
 USER_ERRORS = (RunError, PluginError, ValueError, FileNotFoundError, NotImplementedError)
+
+
+def compose_config(config_name: str, overrides: Sequence[str] = ()) -> Any:
+    """conf/<config_name>.yaml (`config`: the runner's, `serve`: the server's) composed with `overrides` through
+    Hydra's compose API: no run directory, no logging changes. Raises Hydra's and OmegaConf's errors as they are
+    (run.composition_error makes them the CLI's one line)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides))
 
 
 def resolve_config(cfg: Any, see: str = "ollm_triton/conf/ for what it accepts") -> dict[str, Any]:
@@ -285,5 +299,5 @@ def build_run(resolved: dict[str, Any], *, needs: Mapping[str, Any] | Callable[[
 
 
 __all__ = ["ASSETS", "CONF", "RUNTIMES", "USER_ERRORS", "BuiltRun", "CacheNeed", "RunError", "build_run",
-           "limit_device_memory", "load_bridge", "memory_check", "model_source", "resolve_config", "resolve_plugins",
-           "start_monitor"]
+           "compose_config", "limit_device_memory", "load_bridge", "memory_check", "model_source", "resolve_config",
+           "resolve_plugins", "start_monitor"]

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from ollm_triton.build import CONF, CacheNeed, RunError, build_run, resolve_config, resolve_plugins
+from ollm_triton.build import CacheNeed, RunError, build_run, compose_config, resolve_config, resolve_plugins
 from ollm_triton.config_nodes import PLUGIN_GROUPS
 from ollm_triton.registry import registry
 from ollm_triton.run import check_top_level_keys, composition_error
@@ -93,17 +93,11 @@ def plugin_overrides(group: str, value: Any, appended: bool) -> list[str]:
 def compose(overrides: Sequence[str]):
     """The runner's config (ollm_triton/conf/config.yaml) composed with `overrides`; a config that does not compose
     raises RunError with the line the CLI prints."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    if GlobalHydra.instance().is_initialized():
-        GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = hydra_compose(config_name="config", overrides=list(overrides))
+        cfg = compose_config("config", overrides)
     except (HydraException, OmegaConfBaseException) as e:
         raise RunError(composition_error(e)) from None
     check_top_level_keys(cfg)

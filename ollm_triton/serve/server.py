@@ -19,7 +19,16 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ollm_triton.build import CONF, BuiltRun, CacheNeed, RunError, build_run, resolve_config, resolve_plugins
+from ollm_triton.build import (
+    CONF,
+    BuiltRun,
+    CacheNeed,
+    RunError,
+    build_run,
+    compose_config,
+    resolve_config,
+    resolve_plugins,
+)
 from ollm_triton.config_nodes import PLUGIN_GROUPS  # importing it stores the plugin nodes Hydra composes with
 from ollm_triton.registry import registry
 from ollm_triton.serve.detokenize import TokenIds
@@ -86,14 +95,7 @@ class ServeSettings:
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """serve.yaml composed with `overrides` (Hydra's compose API: no run directory, no logging changes).
     Raises Hydra's/OmegaConf's errors (run.composition_error makes them one line) or RunError."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
-    if GlobalHydra.instance().is_initialized():
-        GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="ollm_triton.conf", version_base="1.3"):
-        cfg = hydra_compose(config_name="serve", overrides=list(overrides))
+    cfg = compose_config("serve", overrides)
     check_keys(cfg)
     return cfg
 
