@@ -215,6 +215,10 @@ def test_bad_input_refused():
     with pytest.raises(PluginError, match=r"^prefetch experts: model qwen3 has no mixture-of-experts layers.*"
                                           r"\+prefetch=lookahead"):
         load_engine(dense, prefetch=experts())
+    engine = load_engine(QWEN3_MOE, prefetch=experts())
+    with pytest.raises(RuntimeError, match="ran outside before_layer/after_layer"):  # no hooks: no layer index
+        engine.model.step(PROMPT, lambda i, q, k, v, **kw: q.transpose(1, 2))
+    engine.close()
     for params, field in [({"predict": "stats"}, "predict must be one of router, none"),
                           ({"budget_gb": 0.0}, "budget_gb must be > 0"),
                           ({"max_cached_experts": -1}, "max_cached_experts must be >= 0"),

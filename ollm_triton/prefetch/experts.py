@@ -175,7 +175,7 @@ class ExpertStreaming(PrefetchPolicy):
         self.counts: Counter[str] = Counter()
         self.stall_s = 0.0
         self.held_bytes = self.dense_bytes + self.num_slots * self.row_bytes
-        self._layer = self.moe_layers[0]
+        self._layer = None
 
     def _place_dense(self, model: nn.Module, device: torch.device, skip: set[int]) -> int:
         """Every parameter and buffer but the routed experts' onto the device (tied weights once); their bytes."""
@@ -209,8 +209,14 @@ class ExpertStreaming(PrefetchPolicy):
     def before_layer(self, index: int) -> None:
         self._layer = index
 
+    def after_layer(self, index: int) -> None:
+        self._layer = None
+
     def run_experts(self, x, weights, experts, compute):
         layer = self._layer
+        if layer not in self.blocks:  # the layer index comes from the hooks: a step without them would mix layers up
+            raise RuntimeError(f"prefetch {self.plugin_name}: a MoE block ran outside before_layer/after_layer "
+                               f"(layer {layer}); run the model step with this policy as its hooks")
         nxt = self._next_moe.get(layer) if self.cfg.predict == "router" else None
         routed = experts.reshape(-1)
         if nxt is not None:  # the next layer's router on this layer's MLP input (softmax keeps the logits' order)
@@ -222,7 +228,6 @@ class ExpertStreaming(PrefetchPolicy):
         self._resolve_stalls()
         if layer == self.moe_layers[0]:
             self.counts["tokens"] += x.shape[0]
-            self.counts["forwards"] += 1
         chosen = ids_host[: experts.numel()].view(experts.shape)
         needed = sorted(set(chosen.reshape(-1).tolist()))
         self.counts["accesses"] += len(needed)
@@ -281,7 +286,6 @@ class ExpertStreaming(PrefetchPolicy):
             dst.copy_(src)
         self._slot_of[key] = slot
         self.counts["bytes_moved"] += self.row_bytes
-        self.counts["copies"] += 1
 
     def _bring_in(self, layer: int, group: list[int]) -> list[int]:
         """The slots of `group`'s experts of `layer`, copying in the missing ones (never evicting one of them)."""
