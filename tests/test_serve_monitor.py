@@ -102,3 +102,23 @@ def test_without_nvml_the_host_series_and_the_reason_and_an_off_switch():
                                                                                   "ollm_gpu"))]
     finally:
         off.close()
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_metrics_carry_nvml_readings():
+    """The real NVML path: a server on CUDA exports the GPU's power, memory and energy since start, and tokens per
+    joule is the generated tokens over that energy."""
+    pytest.importorskip("pynvml")
+    server = build(compose(["device=cuda", "monitor.rate_hz=50"]))
+    try:
+        assert not server.monitor.gpu.startswith("unavailable"), server.monitor.gpu
+        generate(server, 32)
+        time.sleep(0.3)
+        server.monitor.stop()
+        m = scrape(server)
+        assert m["ollm_gpu_power_watts"] > 0 and m["ollm_gpu_memory_used_bytes"] > 0, m
+        assert m["ollm_gpu_energy_joules_total"] > 0 and m["ollm_generated_tokens_total"] == 32
+        assert m["ollm_tokens_per_joule"] == pytest.approx(32 / m["ollm_gpu_energy_joules_total"], rel=1e-9)
+        assert m["ollm_monitor_seconds"] > 0.3
+    finally:
+        server.close()
