@@ -193,7 +193,7 @@ def main() -> None:  # noqa: C901 (one study, top to bottom)
                                         "max_cache_size": 2}),
         ]
         if args.small:  # the tiny model's bytes are far below any budget in GB: size the caches by count instead
-            slots = max(1, round(slots_per_layer * n))
+            slots = max(2 * arch["num_experts_per_tok"], round(slots_per_layer * n))  # room left to prefetch into
             variants[1] = ("experts", "experts", {"max_cached_experts": slots, "predict": "router", "headroom_gb": 0.0})
             variants[2] = ("on_demand", "on_demand", {})
             variants[3] = ("lookahead", "lookahead", {"prefetch_distance": 1, "max_cache_size": 2})
