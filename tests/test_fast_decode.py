@@ -153,6 +153,26 @@ def test_quantized_static_step_equals_the_decode_loop(codec, monkeypatch):
         assert torch.equal(row, decode_loop(eager, p[None], 30, argmax_pick, None).tokens[0])
 
 
+@pytest.mark.interpreter
+def test_quantized_static_step_with_the_varlen_kernel_under_the_interpreter():
+    """int4's static step with its fused kernels (the varlen quantized decode, its quantized and residual splits)
+    through the interpreter: the eager loop's tokens and logits across a window flush (30 + 3 tokens, groups of 16)."""
+    params = {"residual": 16, "group_size": 16}
+    eager = engine_for(fast_decode="off", codec=registry.build("cache", "int4", params))
+    static = engine_for(fast_decode="static", codec=registry.build("cache", "int4", params))
+    ids = prompt(batch=1, t=30)
+    ref_logits, got_logits = [], []
+    ref = decode_loop(eager, ids, 4, recording_pick(ref_logits), None)
+    fast = FastDecoder(static, capture=False, use_kernels=True, fuse_weights=True)
+    fast.linear = torch.nn.functional.linear  # the GEMV kernels are another test's (and most of the interpreter time)
+    got = fast.generate(ids, 4, recording_pick(got_logits))
+    assert fast.attention_path == "triton.quant_decode_varlen (static step)"
+    assert fast.buckets[1].cache.layers[0].n_quant == 16  # the window filled at 32 tokens and was flushed
+    assert torch.equal(ref.tokens, got.tokens)
+    for a, b in zip(ref_logits, got_logits, strict=True):
+        assert (a - b).abs().max().item() <= 1e-4
+
+
 @pytest.mark.parametrize("variant,plugins", [
     ("llama", dict(codec="int4")),  # a quantized codec: codes flushed every group, fused decode on a GPU
     ("qwen3", dict(codec="h2o")),  # an eviction codec: observes the step's queries, frees memory
