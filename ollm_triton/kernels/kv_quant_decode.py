@@ -256,7 +256,9 @@ def _quant_decode_kernel(
     b_q0 = tl.load(p_q + (o_j * P)[None, :], mask=m_qj, other=0.0).to(tl.float32) * qk_scale
     b_acc0 = tl.zeros([BLOCK_M, BLOCK_J], tl.float32)
     b_q1, b_q2, b_q3 = b_q0, b_q0, b_q0  # placeholders for the planes a byte does not have (unused)
-    b_acc1, b_acc2, b_acc3 = b_acc0, b_acc0, b_acc0
+    # their accumulators: one float each, so that the residual loop, which carries all four, keeps no tile of them
+    b_none = tl.zeros([1], tl.float32)
+    b_acc1, b_acc2, b_acc3 = b_none, b_none, b_none
     if P >= 2:
         b_q1 = tl.load(p_q + (o_j * P + 1)[None, :], mask=m_qj, other=0.0).to(tl.float32) * qk_scale
         b_acc1 = tl.zeros([BLOCK_M, BLOCK_J], tl.float32)
