@@ -8,7 +8,7 @@ Qwen3-Next-80B (or Qwen3-30B-A3B) with random bf16 weights at the real layer sha
 What runs, for each depth L (the preset with `num_hidden_layers` cut to L; a multiple of 4 keeps qwen3_next's 3:1
 linear to full attention):
 - resident: every weight on the device (the correctness reference, and the compute-only speed: no copies);
-- experts (predict router), experts (predict none): prefetch/experts.py, one engine, `forget()` between them;
+- experts (predict router / none, eviction lru / lfu): prefetch/experts.py, one engine, `forget()` between them;
 - on_demand: layer streaming, one layer slot (what 8 GB holds of Qwen3-Next's 3.3 GB layers after the head);
 - lookahead: layer streaming with prefetch distance 1 (2 slots), at the budget it needs (8.4 GB on Qwen3-Next).
 Layer streaming moves whole layers, whatever L, so its budget is the full model's 8 GB. The expert cache is scaled
@@ -213,15 +213,16 @@ def main() -> None:  # noqa: C901 (one study, top to bottom)
                     else:
                         row.update(compare(logits, ref))
                     steps = args.decode if label in ("resident", "experts") else args.layer_decode
-                    if label == "experts":  # the same engine twice: the predictor on, then off, each from cold
-                        for predict in ("router", "none"):
-                            engine.prefetch.cfg.predict = predict
+                    if label == "experts":  # one engine, each setting from a cold cache
+                        for predict, eviction in (("router", "lru"), ("none", "lru"), ("router", "lfu")):
+                            engine.prefetch.cfg.predict, engine.prefetch.cfg.eviction = predict, eviction
                             engine.prefetch.forget()
                             sub = decode(engine, ids[:, : args.prompt], steps)
                             sub["io_floor_tok_s"] = gbps * GB / sub["bytes_per_token"] if sub["bytes_per_token"] \
                                 and gbps else None
-                            payload["rows"].append({**row, "policy": f"experts ({predict})",
-                                                    "params": {**params, "predict": predict}, **sub})
+                            payload["rows"].append({**row, "policy": f"experts ({predict}, {eviction})",
+                                                    "params": {**params, "predict": predict, "eviction": eviction},
+                                                    **sub})
                             print("ROW", json.dumps(payload["rows"][-1], default=str), flush=True)
                         continue
                     row.update(decode(engine, ids[:, : args.prompt], steps, warmup=1 if name else 4,

@@ -8,7 +8,7 @@ Qwen3-Next-80B's shapes within 8 GB and refuses them where they do not fit, in o
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 import pytest
 import torch
@@ -118,26 +118,39 @@ def recorded_routing(cfg, prompt, steps):
     return seen
 
 
-def test_counters_match_an_lru_simulation():
-    """predict=none, 4 slots, batch-1 decode (2 experts a layer): hits, loads and bytes equal a plain LRU run over
-    the routing a resident run records; an expert row is its three projections' bytes."""
-    prompt, steps, slots = PROMPT[:, :1], 6, 4  # 4: LRU keeps 9 hits here, first-in-first-out 7
-    routing = recorded_routing(QWEN3_MOE, prompt, steps)
-    moe_layers = [0, 2]
-    lru, hits, misses = OrderedDict(), 0, 0
+def simulate(routing, moe_layers, slots, eviction):
+    """(hits, misses) of a cache of `slots` rows over `routing`: LRU, or LFU by routed count (ties: least recent)."""
+    rows, routed, hits, misses = OrderedDict(), Counter(), 0, 0
     for i, needed in enumerate(routing):
-        layer = moe_layers[i % 2]
+        layer = moe_layers[i % len(moe_layers)]
+        routed.update((layer, e) for e in needed)
         for e in needed:
-            if (layer, e) in lru:
-                lru.move_to_end((layer, e))
+            if (layer, e) in rows:
+                if eviction != "fifo":  # the control: no refresh on a hit
+                    rows.move_to_end((layer, e))
                 hits += 1
         for e in needed:
-            if (layer, e) not in lru:
-                if len(lru) == slots:
-                    lru.popitem(last=False)
-                lru[(layer, e)] = True
+            if (layer, e) not in rows:
+                if len(rows) == slots:
+                    others = [k for k in rows if not (k[0] == layer and k[1] in needed)]
+                    victim = min(others, key=lambda k: routed[k]) if eviction == "lfu" else others[0]
+                    del rows[victim]
+                rows[(layer, e)] = True
                 misses += 1
-    _, st = run(QWEN3_MOE, experts(predict="none", max_cached_experts=slots), prompt=prompt, steps=steps)
+    return hits, misses
+
+
+@pytest.mark.parametrize("eviction", ["lru", "lfu"])
+def test_counters_match_a_simulated_cache(eviction):
+    """predict=none, 6 slots, batch-1 decode (2 experts a layer): hits, loads and bytes equal the cache simulated
+    here over the routing a resident run records; an expert row is its three projections' bytes."""
+    prompt, steps, slots = PROMPT[:, :1], 10, 6
+    routing = recorded_routing(QWEN3_MOE, prompt, steps)
+    hits, misses = simulate(routing, [0, 2], slots, eviction)
+    # the two rules and first-in-first-out part ways on this routing (16, 17, 15 hits), so the test tells them apart
+    assert len({simulate(routing, [0, 2], slots, rule) for rule in ("lru", "lfu", "fifo")}) == 3
+    _, st = run(QWEN3_MOE, experts(predict="none", max_cached_experts=slots, eviction=eviction), prompt=prompt,
+                steps=steps)
     h, m = QWEN3_MOE["hidden_size"], QWEN3_MOE["moe_intermediate_size"]
     assert st["expert_bytes"] == 3 * h * m * 4  # gate, up, down in float32 (both multiples of the row alignment)
     assert (st["cache_hits"], st["demand_loads"], st["prefetch_issued"]) == (hits, misses, 0)
@@ -223,6 +236,7 @@ def test_bad_input_refused():
                           ({"budget_gb": 0.0}, "budget_gb must be > 0"),
                           ({"max_cached_experts": -1}, "max_cached_experts must be >= 0"),
                           ({"prefetch_per_token": -2}, "prefetch_per_token must be >= 0"),
+                          ({"eviction": "fifo"}, "eviction must be one of lru, lfu"),
                           ({"tier": "disk"}, "unknown parameter 'tier'")]:
         with pytest.raises(PluginError, match=field):
             registry.build("prefetch", "experts", params)
