@@ -286,6 +286,25 @@ def test_gpu_quantized_whole_graph_equals_its_uncaptured_step(codec):
 
 
 @pytest.mark.gpu
+def test_gpu_capture_leaves_a_window_one_short_of_full_alone():
+    """A 255-token int4 prompt leaves its window one token short of full (residual 128 + group 128): the capture's
+    warm-up steps must not write into it (a step at pos + 1 maps to window slot 128, a held token). The captured
+    engine then holds exactly the K/V of the same step run uncaptured."""
+    graph = load_engine(GPU_MODEL, device="cuda", dtype=torch.bfloat16, seed=0, codec="int4")
+    static = load_engine(GPU_MODEL, device="cuda", dtype=torch.bfloat16, seed=0, codec="int4")
+    static._fast = FastDecoder(static, capture=False, fuse_weights=True)
+    ids = prompt(batch=1, t=255).to("cuda") % 4096
+    greedy = registry.build("decoder", "greedy")
+    a, b = greedy.generate(graph, ids, 8), greedy.generate(static, ids, 8)
+    assert torch.equal(a.tokens, b.tokens) and a.counters["fast_path_graph"] == 1.0
+    for got, want in zip(graph.fast_decoder().buckets[1].cache.layers, static.fast_decoder().buckets[1].cache.layers,
+                         strict=True):
+        assert got.n_quant == want.n_quant == 128
+        for x, y in zip(got.dense(), want.dense(), strict=True):
+            assert torch.equal(x, y)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("plugins", [dict(codec=("int4", {"preallocate": False})),
                                      dict(attention="sliding_window", codec=("int8", {}))])
 def test_gpu_piecewise_graph_equals_its_uncaptured_step(plugins):

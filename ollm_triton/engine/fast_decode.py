@@ -324,12 +324,16 @@ class FastDecoder:
         dev = self.engine.device
         saved = bk.token.clone(), bk.pos.clone()
         skip = lambda i: None  # noqa: E731
-        if bk.io is None:
-            warm_up(lambda: self.step(bk), dev)  # writes K/V at slots the first real steps overwrite
-        else:
-            warm_up(lambda: self.step(bk, cut=skip), dev)
-        bk.token.copy_(saved[0])
-        bk.pos.copy_(saved[1])
+
+        def warm():
+            """One step, then the inputs restored: every warm-up step writes K/V at the slots of the rows' own next
+            position, which the first real step overwrites. (A second step at pos + 1 could land inside a held
+            window: a quantized row one token short of a full window maps pos + 1 to window slot `residual`.)"""
+            self.step(bk, cut=None if bk.io is None else skip)
+            bk.token.copy_(saved[0])
+            bk.pos.copy_(saved[1])
+
+        warm_up(warm, dev)
         if bk.io is None:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
