@@ -14,13 +14,15 @@ cache of C such rows, shared by every layer, C = (budget_gb - headroom_gb - dens
 `run_experts` (the hook the MoE block calls after routing, prefetch/base.py): the routed ids come to the host (one
 sync, shared with the prediction below), each distinct (layer, expert) is looked up: a hit uses its slot, a miss
 takes a slot no expert of this step needs and copies the row in (a side stream on CUDA; the compute stream waits for
-those copies only). The victim (`eviction`): the least recently used row (lru), or the least often routed one,
-least recent among equals (lfu). When the cache holds less than one token's experts (Qwen3-Next-80B at 8 GB: 9.2
-rows a layer for 10 routed), LRU under the cyclic layer order evicts every row before its layer comes round again,
-as it does for whole layers (prefetch/lookahead.py); LFU keeps the most routed experts resident across tokens, at
-an O(cache rows) scan per eviction. The ids are translated to slots and the block computes. A step needing
-more distinct experts than C (a prefill) runs in rounds of at most C experts, each computing its pairs with the
-others' routing weights zeroed, and sums the rounds.
+those copies only). The ids are translated to slots and the block computes. A step needing more distinct experts
+than C (a prefill) runs in rounds of at most C experts, each computing its pairs with the others' routing weights
+zeroed, and sums the rounds.
+
+Eviction: the least recently used row (`lru`), or the least often routed one, least recent among equals (`lfu`).
+When the cache holds less than one token's experts (Qwen3-Next-80B at 8 GB: 9.2 rows a layer for 10 routed), LRU
+under the cyclic layer order evicts every row before its layer comes round again, as it does for whole layers
+(prefetch/lookahead.py); LFU keeps the most routed experts resident across tokens, at an O(cache rows) scan per
+eviction.
 
 Prediction (`predict: router`): the next MoE layer's router applied to this layer's MLP input, its top
 `prefetch_per_token` experts per token fetched while this layer computes. Chosen over recent routing statistics
@@ -29,8 +31,9 @@ predicts this very token's routing, while statistics predict only experts that a
 decode's routing changes token to token); it costs one [N, hidden] x [hidden, E] product per layer and shares the
 routing's host sync. `predict: none` measures what it buys (scripts/bench_expert_stream.py).
 
-Outputs equal the resident run: the cache holds the weights' own bytes, the grouped path computes each (token,
-expert) pair on the same rows whatever index the expert has; only a step split into rounds sums in another order.
+Outputs equal the resident run: the cache holds the weights' own bytes, and the grouped path and the Triton kernels
+compute each (token, expert) pair alike whatever index the expert has; only a step split into rounds sums in another
+order.
 """
 
 from __future__ import annotations
