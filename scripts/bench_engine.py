@@ -120,10 +120,11 @@ def bench_transformers(hf_model, prompt, new_tokens, repeats, **gen_kwargs):
 
 CODEC_VARIANTS = {  # label -> (codec, QuantLayer.kernel_options for the static step's varlen kernel)
     "dense": ("dense", {}),
-    "int4": ("int4", {}),
-    # the residual window walked by one program after a quantized split's blocks, >= 4 blocks a split: the work
-    # layout of the kernel before the varlen splits followed each row's length (e1cfa7a)
-    "int4, window in one split": ("int4", {"res_chunk": 512, "min_blocks": 4}),
+    "int4": ("int4", {}),  # defaults: >= 2 quantized blocks a split, the window in programs of 64 tokens
+    "int4, >= 1 block a split": ("int4", {"min_blocks": 1}),
+    # the whole window in one program and >= 4 quantized blocks a split: close to the layout before e1cfa7a, which
+    # walked the window after the last split's quantized blocks (that program now runs beside them)
+    "int4, window in one program, >= 4 blocks a split": ("int4", {"res_chunk": 512, "min_blocks": 4}),
 }
 
 
@@ -189,7 +190,8 @@ def time_codec_variant(base, codec, opts: dict, ctx: int, args, mode: str) -> di
         if r:
             times.append(sec)
     layer = bk.cache.layers[0]
-    return {"sec": statistics.median(times), "fast_path": str(eng.fast_path), "attention_path": fast.attention_path,
+    path = f"{'triton' if fast.kernels else 'torch reference'}: {layer.static_kernel}"
+    return {"sec": statistics.median(times), "fast_path": str(eng.fast_path), "attention_path": path,
             "attention_rel_error": check_attention(layer, opts, base.config.num_heads, base.device, base.dtype)}
 
 
