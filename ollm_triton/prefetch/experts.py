@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ollm_triton.prefetch.base import PrefetchPolicy
+from ollm_triton.prefetch.store import _register_pinned, _unregister_pinned
 from ollm_triton.registry import PluginError, register
 
 GB = 1e9
@@ -148,8 +149,6 @@ class ExpertStreaming(PrefetchPolicy):
         self.row_elems, self.dtype, self.num_experts = offset, p0.dtype, p0.shape[0]
         self.row_bytes = self.row_elems * p0.element_size()
         self.top_k = blocks[self.moe_layers[0]].get_submodule(blocks[self.moe_layers[0]].router_name).top_k
-        self.host = {i: self._pack(b.experts) for i, b in blocks.items()}  # layer -> [E, P] (pinned on CUDA)
-
         total = len(blocks) * self.num_experts
         cap = self._cap()
         slots = total if cap is None else int((cap - self.dense_bytes) // self.row_bytes)
@@ -158,6 +157,8 @@ class ExpertStreaming(PrefetchPolicy):
         self.num_slots = min(slots, total)
         if self.num_slots < 1:
             raise PluginError(self._too_small(self.dense_bytes, f"one {self.row_bytes / 1e6:.3f} MB expert"))
+        self._registered: list[torch.Tensor] = []  # host rows page-locked in place (unregistered by close)
+        self.host = {i: self._pack(b.experts) for i, b in blocks.items()}  # layer -> [E, P] (pinned on CUDA)
         # NaN until loaded: a slot read before its expert arrived poisons the logits instead of passing unnoticed
         self.cache = torch.full((self.num_slots, self.row_elems), float("nan"), dtype=self.dtype, device=device)
         if self.cuda:  # the side stream's first copies into the cache must land after this fill, not under it
@@ -207,7 +208,13 @@ class ExpertStreaming(PrefetchPolicy):
     def _pack(self, experts: nn.Module) -> torch.Tensor:
         """One layer's experts as rows [E, P]: expert e's parameters side by side (the cache's row layout)."""
         e = self.num_experts
-        host = torch.zeros(e, self.row_elems, dtype=self.dtype, pin_memory=self.cuda)
+        host = torch.zeros(e, self.row_elems, dtype=self.dtype)
+        if self.cuda:  # page-locked in place, as the layer store does: torch's pinned allocator would round the
+            # 3.2 GB of a Qwen3-Next layer up to 4 GB (a power of two)
+            if _register_pinned(host):
+                self._registered.append(host)
+            else:
+                host = host.pin_memory()
         for name, _, off, n in self.entries:
             p = experts._parameters[name]
             if p.dtype != self.dtype:
@@ -415,13 +422,26 @@ class ExpertStreaming(PrefetchPolicy):
         }
 
     def close(self) -> None:
-        if self.model is None:
-            return
-        if self.cuda:
-            self.copy_stream.synchronize()
-        for b in self.blocks.values():
-            b.expert_hooks = None
-        self.host, self.cache, self.model = {}, None, None
+        if self.model is not None:
+            if self.cuda:
+                self.copy_stream.synchronize()
+            for b in self.blocks.values():
+                b.expert_hooks = None
+        for t in getattr(self, "_registered", ()):  # also after a failed setup; before the memory is freed: CUDA
+            _unregister_pinned(t)  # must not keep a freed range locked
+        self._registered, self.host, self.cache, self.model = [], {}, None, None
+
+    def host_pinned(self) -> bool:
+        """Whether every layer's host rows are page-locked (torch's allocator or registered in place)."""
+        ids = {t.data_ptr() for t in self._registered}
+        return all(h.is_pinned() or h.data_ptr() in ids for h in self.host.values())
+
+    def __del__(self):
+        if getattr(self, "_registered", None):
+            try:
+                self.close()
+            except Exception:  # interpreter shutdown: CUDA may already be gone
+                pass
 
 
 __all__ = ["ExpertStreaming", "ExpertStreamingConfig"]
