@@ -241,8 +241,7 @@ def http_section(args, reqs_for, n: int) -> dict:
             sync()
             out["api"] = {**asyncio.run(drive_api(server.scheduler, reqs)), "kv_layout": server.scheduler.rows.kind}
         finally:
-            server.scheduler.shutdown()
-            server.engine.close()
+            server.close()  # the scheduler, the monitor's sampler and the model
             del server
             if CUDA:
                 torch.cuda.empty_cache()
