@@ -2,7 +2,7 @@
 
 The engine calls `setup(model, device)` once after loading, then `before_layer(i)` / `after_layer(i)` around
 every decoder layer of every forward. A policy guarantees that layer i's parameters are on `device` when
-`before_layer(i)` returns.
+`before_layer(i)` returns (one acting on experts: the routed experts by the time its `run_experts` computes them).
 
 What the engine reads, declared here and never inferred from a policy's name:
     resident_weights    every parameter stays at one address on the device between forwards, so a decode step may
