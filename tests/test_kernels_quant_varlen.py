@@ -69,14 +69,17 @@ def test_varlen_work_follows_each_rows_length(monkeypatch, min_blocks, res_chunk
 
 
 def test_varlen_launch_fills_one_wave_at_capacity_and_refuses_bad_chunks(monkeypatch):
-    """On a 132-SM device int4 runs 3 programs an SM: at 32k keys (264 blocks of 128) the quantized and the 5
-    residual splits of a batch-1, 8-KV-head launch make one wave; at 8k the quantized splits keep >= 2 blocks."""
+    """On a 132-SM device int4 runs 3 programs an SM, 49 a KV head at batch 1 with 8 KV heads: the quantized
+    splits are the fewest that give a full row its share (32k: 264 blocks of 128 -> 6 a split, 44 splits; 128k:
+    1032 -> 22, 47 splits), and at 8k (72 blocks) they keep >= 2 blocks each."""
     monkeypatch.setattr(KQ, "num_sms", lambda device: 132)
     cuda = torch.device("cuda")  # a device object only: nothing runs on it
-    assert varlen_launch(4, cuda, 8, 264, 5) == (44, 168)  # 8 x (44 + 5) = 392 programs <= 396 = 3 x 132
-    assert varlen_launch(4, cuda, 8, 72, 5) == (36, 168)  # 72 blocks / 2
-    assert varlen_launch(8, cuda, 8, 264, 5) == (28, None)  # int8: 2 an SM, uncapped
-    assert varlen_launch(4, cuda, 8, 264, 5, num_splits=7) == (7, 168)
+    assert varlen_launch(4, cuda, 8, 264) == (44, 168)
+    assert varlen_launch(4, cuda, 8, 1032) == (47, 168)
+    assert varlen_launch(4, cuda, 8, 72) == (36, 168)
+    assert varlen_launch(4, cuda, 8, 72, min_blocks=1) == (36, 168)  # one wave: 49 splits would give 2 blocks too
+    assert varlen_launch(8, cuda, 8, 264) == (33, None)  # int8: 2 an SM, uncapped
+    assert varlen_launch(4, cuda, 8, 264, num_splits=7) == (7, 168)
     q = torch.zeros(1, 2, 1, 32)
     store = _storage(1, 2, 32, 32, 32, 4, 16, 32, False, torch.float32, "cpu")
     with pytest.raises(ValueError, match="res_chunk must be a positive multiple of 16"):

@@ -204,7 +204,7 @@ def _residual_keys(o_n, n_quant, n_res, p_kr, p_vr, stride_r_n, b_q, o_d, m_d, o
     return b_acc0, b_acc1, b_acc2, b_acc3, b_mx, b_l
 
 
-@triton.jit(do_not_specialize=["n_quant", "kv_len", "n_visit", "n_quant_visit", "blocks_per_split", "n_qsplit",
+@triton.jit(do_not_specialize=["n_quant", "kv_len", "n_visit", "n_quant_visit", "blocks_per_split", "n_rsplit",
                                 "window", "sink"])
 def _quant_decode_kernel(
     Q, KC, KS, KZ, VC, VS, VZ, KR, VR, BLOCK_IDS, O_PART, L_PART, ROW_QUANT, ROW_LEN,
@@ -212,7 +212,7 @@ def _quant_decode_kernel(
     stride_kc_bh, stride_kc_n, stride_ks_bh, stride_ks_g,
     stride_vc_bh, stride_vc_n, stride_vs_bh, stride_vs_n,
     stride_r_bh, stride_r_n,
-    n_quant, kv_len, n_visit, n_quant_visit, blocks_per_split, n_qsplit, window, sink, qk_scale,
+    n_quant, kv_len, n_visit, n_quant_visit, blocks_per_split, n_rsplit, window, sink, qk_scale,
     H_KV: tl.constexpr, GQ: tl.constexpr, T: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     KEY_GROUP: tl.constexpr,
@@ -230,10 +230,12 @@ def _quant_decode_kernel(
     gave wrong results on the H200 for tiles of 16 x 16 codes and smaller, Triton 3.6.)
 
     VARLEN (the static decode step): each row's n_quant and kv_len are read on the device, the launch is fixed at
-    capture, and the work follows the row's length instead: splits [0, n_qsplit) share the row's quantized blocks
-    evenly, at least blocks_per_split each, so a short row keeps few programs busy and the rest exit at once;
-    splits n_qsplit + j attend the residual window's tokens [j RES_CHUNK, (j + 1) RES_CHUNK), so its up to
-    residual + group tokens are walked in parallel, not after one split's quantized blocks."""
+    capture, and the work follows the row's length instead: split j < n_rsplit attends the residual window's
+    tokens [j RES_CHUNK, (j + 1) RES_CHUNK), so its up to residual + group tokens are walked in parallel, not after
+    one split's quantized blocks; the splits after them share the row's quantized blocks evenly, at least
+    blocks_per_split each, so a short row keeps few programs busy and the rest exit at once. The residual splits
+    come first in launch order: they are short, and a quantized split that finds no free slot in the first wave
+    waits for one of them, not for a long quantized split."""
     P: tl.constexpr = 8 // BITS
     i_bh, i_split = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H_KV, i_bh % H_KV
@@ -275,9 +277,9 @@ def _quant_decode_kernel(
     p_kc0 = KC + i_bh * stride_kc_bh + o_j[None, :]
     p_vc0 = VC + i_bh * stride_vc_bh + o_j[None, :]
 
-    if VARLEN:  # quantized visits only; a residual split (i_split >= n_qsplit) starts past them
-        per_split = tl.maximum(tl.cdiv(n_quant_visit, n_qsplit), blocks_per_split)
-        i_lo = i_split * per_split
+    if VARLEN:  # quantized visits only; a residual split (i_split < n_rsplit) starts past them
+        per_split = tl.maximum(tl.cdiv(n_quant_visit, tl.num_programs(1) - n_rsplit), blocks_per_split)
+        i_lo = tl.where(i_split >= n_rsplit, (i_split - n_rsplit) * per_split, n_quant_visit)
         i_hi = tl.minimum(i_lo + per_split, n_quant_visit)
     else:
         i_lo = i_split * blocks_per_split
@@ -332,8 +334,8 @@ def _quant_decode_kernel(
     o_rk = tl.arange(0, BLOCK_R)
     p_kr, p_vr = KR + i_bh * stride_r_bh, VR + i_bh * stride_r_bh
     if VARLEN:
-        # residual split i_split - n_qsplit: tokens [r_lo, r_lo + RES_CHUNK) of the window, in sub-blocks
-        r_lo = tl.where(i_split >= n_qsplit, (i_split - n_qsplit) * RES_CHUNK, n_res)
+        # residual split i_split: tokens [r_lo, r_lo + RES_CHUNK) of the window, in sub-blocks
+        r_lo = tl.where(i_split < n_rsplit, i_split * RES_CHUNK, n_res)
         for r in range(r_lo, tl.minimum(r_lo + RES_CHUNK, n_res), BLOCK_R):
             b_acc0, b_acc1, b_acc2, b_acc3, b_mx, b_l = _residual_keys(
                 n_quant + r + o_rk, n_quant, n_res, p_kr, p_vr, stride_r_n, b_q, o_d, m_d, o_j, m_j, q_pos, kv_len,
@@ -489,17 +491,18 @@ def quant_decode(
 RES_CHUNK = 64  # residual-window tokens a varlen split attends: its <= residual + group tokens in a few programs
 
 
-def varlen_launch(bits: int, device: torch.device, heads: int, max_quant_visit: int, res_splits: int, *,
+def varlen_launch(bits: int, device: torch.device, heads: int, max_quant_visit: int, *,
                   num_splits: int | None = None, min_blocks: int = 2, programs_per_sm: int | None = None,
                   maxnreg: int | None = None) -> tuple[int, int | None]:
     """(quantized splits, maxnreg) of a varlen launch over `heads` (batch, KV head) pairs whose buffers hold up to
-    max_quant_visit quantized blocks, beside res_splits residual splits a head. Default: the quantized and residual
-    programs together make one wave at the row's longest (programs_per_sm an SM, as `split_launch`), and no more
-    quantized splits than a full row gives min_blocks blocks each."""
+    max_quant_visit quantized blocks. Default: one wave of programs_per_sm programs an SM (as `split_launch`), at
+    most max_quant_visit // min_blocks, and no more than the fewest that give a full row its blocks a split (the
+    residual splits are not counted: they are short, and first in launch order)."""
     programs_per_sm, maxnreg = _occupancy(bits, device, programs_per_sm, maxnreg)
     if num_splits is None:
         wave = (programs_per_sm or 2) * num_sms(device) // max(heads, 1)
-        num_splits = min(wave - res_splits, max_quant_visit // max(min_blocks, 1))
+        num_splits = max(1, min(wave, max_quant_visit // max(min_blocks, 1)))
+        num_splits = triton.cdiv(max_quant_visit, triton.cdiv(max_quant_visit, num_splits))
     return max(1, num_splits), maxnreg
 
 
@@ -547,7 +550,7 @@ def quant_decode_varlen(
                                                    v_res)
     block_d = max(16, triton.next_power_of_2(d))
     res_splits = triton.cdiv(kr.shape[1], res_chunk)  # the window's capacity, in chunks
-    q_splits, maxnreg = varlen_launch(bits, q.device, b * hkv, kc.shape[1] // block_k, res_splits,
+    q_splits, maxnreg = varlen_launch(bits, q.device, b * hkv, kc.shape[1] // block_k,
                                       num_splits=num_splits, min_blocks=min_blocks, programs_per_sm=programs_per_sm,
                                       maxnreg=maxnreg)
     n_split = q_splits + res_splits
@@ -555,7 +558,7 @@ def quant_decode_varlen(
     out = torch.empty_like(q) if out is None else out
     _quant_decode_kernel[(b * hkv, n_split)](
         q, kc, ks, kz, vc, vs, vz, kr, vr, kc, o_part, l_part, row_quant, lengths, *_strides(q, kc, ks, vc, vs, kr),
-        0, 0, 0, 0, min_blocks, q_splits, 0, 0, math.log2(math.e) / math.sqrt(d),
+        0, 0, 0, 0, min_blocks, res_splits, 0, 0, math.log2(math.e) / math.sqrt(d),
         H_KV=hkv, GQ=gq, T=1, D=d, BLOCK_D=block_d, BLOCK_J=max(16, triton.next_power_of_2(d // p)),
         BLOCK_M=max(16, triton.next_power_of_2(gq)), BLOCK_K=block_k, BLOCK_R=block_r,
         KEY_GROUP=key_group, V_GROUPS=d // value_group, V_GROUP=value_group, BITS=bits, SYMMETRIC=symmetric,
