@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import statistics
 import sys
@@ -195,6 +196,67 @@ def time_codec_variant(base, codec, opts: dict, ctx: int, args, mode: str) -> di
             "attention_rel_error": check_attention(layer, opts, base.config.num_heads, base.device, base.dtype)}
 
 
+def kernel_rows(args, cfg, device, dtype) -> tuple[list[dict], list[str]]:
+    """The static step's attention kernel alone, one layer at batch 1, at each context: dense `decode_varlen` beside
+    int4's `quant_decode_varlen` under each CODEC_VARIANTS launch, over the buffers a bucket of that context holds
+    (capacity rounded up as the engine's, window of residual + group + DEFER slots). Timed as CUDA-graph replays
+    (triton.testing.do_bench_cudagraph); on the CPU (TRITON_INTERPRET=1 only) a median of three calls."""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return [], ["| (attention kernels: need CUDA or TRITON_INTERPRET=1) | | | | |"]
+    results, rows = [], []
+    for ctx in args.codec_contexts:
+        timings = kernel_context(ctx, cfg, args.new, device, dtype)
+        for label, (us, err) in timings.items():
+            results.append({"kernel": label, "context": ctx, "us": us, "rel_error": err})
+            rows.append(f"| {label} | {ctx:,} | {us:.1f} | {timings['dense'][0] / us:.2f}x | {err:.1e} |")
+    return results, rows
+
+
+def kernel_context(ctx: int, cfg, new: int, device, dtype) -> dict[str, tuple[float, float]]:
+    """{kernel: (us a call, relative error against the float64 reference, float32 above 32k)} at one context."""
+    from ollm_triton.engine.graphs import round_capacity
+    from ollm_triton.kernels import quant as Q
+    from ollm_triton.kernels.attention_decode_varlen import decode_varlen_kernel, decode_varlen_reference
+    from ollm_triton.kernels.kv_quant_decode import quant_decode_varlen, quant_decode_varlen_ref
+
+    def bench(fn):
+        if device.type == "cuda":
+            from triton.testing import do_bench_cudagraph
+
+            return do_bench_cudagraph(fn) * 1e3
+        return statistics.median(timed(fn)[0] for _ in range(3)) * 1e6
+
+    def rel(got, want):
+        return ((got.double() - want.double()).norm() / want.double().norm()).item()
+
+    h, d, r, g = cfg.num_kv_heads, cfg.head_dim, 128, 128
+    gen = torch.Generator(device=device).manual_seed(1)
+    cap = round_capacity(ctx + new)
+    k, v = (torch.randn(1, h, cap, d, generator=gen, device=device, dtype=dtype) for _ in range(2))
+    q = torch.randn(1, cfg.num_heads, 1, d, generator=gen, device=device, dtype=dtype)
+    ref_dtype = torch.float64 if ctx <= 32768 else torch.float32
+    lengths = torch.tensor([ctx], device=device)
+    dense = lambda: decode_varlen_kernel(q[:, :, 0], k, v, lengths)  # noqa: E731
+    out = {"dense": (bench(dense), rel(dense(), decode_varlen_reference(q[:, :, 0], k, v, lengths,
+                                                                         compute_dtype=ref_dtype)))}
+    n_quant = max((ctx - 1 - r) // g * g, 0)  # the static step at pos = ctx - 1: quantized_for(pos)
+    sdtype = Q.scale_dtype_for(dtype)
+    cuda = device.type == "cuda"
+    kq = (Q.quantize_keys if cuda else Q.quantize_keys_ref)(k, 4, g, False, sdtype)
+    vq = (Q.quantize_values if cuda else Q.quantize_values_ref)(v, 4, d, False, sdtype)
+    res_k, res_v = (torch.zeros(1, h, r + g - 1 + 16, d, device=device, dtype=dtype) for _ in range(2))
+    res_k[:, :, : ctx - n_quant], res_v[:, :, : ctx - n_quant] = k[:, :, n_quant:ctx], v[:, :, n_quant:ctx]
+    store = (*kq, *vq, res_k, res_v)
+    kw = dict(bits=4, key_group=g, value_group=d)
+    want = quant_decode_varlen_ref(q, *store, [n_quant], [ctx], **kw, compute_dtype=ref_dtype)
+    nq = torch.tensor([n_quant], device=device)
+    for label, (codec, opts) in CODEC_VARIANTS.items():
+        if codec == "int4":
+            call = lambda o=opts: quant_decode_varlen(q, *store, nq, lengths, block_k=128, **kw, **o)  # noqa: E731
+            out[label] = (bench(call), rel(call(), want))
+    return out
+
+
 def codec_steps(args, arch, device, dtype) -> None:
     mode = "auto" if device.type == "cuda" else "static"
     base = load_engine(arch, device=device, dtype=dtype, seed=0, fast_decode=mode)
@@ -221,6 +283,8 @@ def codec_steps(args, arch, device, dtype) -> None:
                         f"{f'{tok_s / own_floor:.0%}' if own_floor else '-'} | {vs:.2f}x | "
                         f"{r['attention_rel_error']:.1e} |")
 
+    kernels, kernel_table = kernel_rows(args, cfg, device, dtype)
+
     import triton
 
     record = {
@@ -229,12 +293,16 @@ def codec_steps(args, arch, device, dtype) -> None:
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.machine(),
         "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
         "git_sha": git_sha(), "model": args.model, "dtype": str(dtype), "new_tokens": args.new,
-        "repeats": args.repeats, "decode_floor": floor, "results": results,
+        "repeats": args.repeats, "decode_floor": floor, "results": results, "attention_kernels": kernels,
     }
     if args.out:
         Path(args.out).write_text(json.dumps(record, indent=1))
     print(f"\n{record['device']}, torch {record['torch']}, triton {record['triton']}, {args.model} random {dtype}, "
           f"batch 1, {args.new - 1} decode steps a run, median of {args.repeats}, git {record['git_sha']}\n")
+    print("| attention kernel, one layer, batch 1 (CUDA graph) | context | us | speed vs dense "
+          "| rel. error vs fp64/fp32 |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    print("\n".join(kernel_table) + "\n")
     print("| cache (whole captured step) | context | decode tok/s | ms / step | % of its own floor | speed vs dense "
           "| attention rel. error vs fp64/fp32 |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
