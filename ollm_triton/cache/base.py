@@ -114,7 +114,9 @@ class CacheLayer:
     # -- the static decode step (layers of codecs that declare `static_decode`) -------------------------------------
     static_kernel = "none"  # what static_decode attends with (metrics.json's decode_attention_path)
     # continuous batching steps idle rows at positions >= scratch_from (past every request's tokens, engine/slots.py):
-    # their writes must not land on a slot that holds a token of a row (dense buffers: they land past them)
+    # their writes must not land on a slot that holds a token of a row (dense buffers: they land past them), and
+    # their output is dropped, so a layer may attend them over one key (at the scratch position, a full-capacity
+    # attention would set the step's time: the varlen kernels' work follows each row's length)
     scratch_from: int | None = None
 
     def static_decode(self, q, k, v, cos, sin, pos, *, kernels: bool, shared: dict | None = None) -> torch.Tensor:

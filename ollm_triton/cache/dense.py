@@ -72,8 +72,14 @@ class DenseLayer(CacheLayer):
     def static_decode(self, q, k, v, cos, sin, pos, *, kernels: bool, shared: dict | None = None) -> torch.Tensor:
         """RoPE fused with the K/V write at each row's slot, then the varlen decode reading each row's length."""
         q_rot = rope_write_kv(q, k, v, cos, sin, self.k, self.v, pos, use_kernel=kernels)
-        lengths = once_per_step(shared, "lengths", lambda: pos + 1)
+        lengths = once_per_step(shared, ("lengths", self.scratch_from), lambda: self._lengths(pos))
         return decode_varlen(q_rot[:, :, 0], self.k, self.v, lengths, use_kernel=kernels)[:, :, None]
+
+    def _lengths(self, pos: torch.Tensor) -> torch.Tensor:
+        """Keys each row attends after the step: pos + 1; idle rows (CacheLayer.scratch_from) one."""
+        if self.scratch_from is None:
+            return pos + 1
+        return torch.where(pos >= self.scratch_from, 1, pos + 1)
 
     def row_view(self, start: int, stop: int) -> DenseLayer:
         s = self.spec
@@ -81,6 +87,7 @@ class DenseLayer(CacheLayer):
                          device=s.device, max_len=self.k.shape[2])
         view = DenseLayer(spec, self.dtype, preallocate=False)
         view.k, view.v = self.k[start:stop], self.v[start:stop]
+        view.scratch_from = self.scratch_from
         return view
 
     def zero_storage(self) -> None:

@@ -263,10 +263,12 @@ class QuantLayer(ResidualWindow, CacheLayer):
     def _split(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(quantized tokens, residual slot of the new token, lengths after it) of rows at `pos`."""
         n_quant = self.quantized_for(pos)
-        slot = pos - n_quant
-        if self.scratch_from is not None:  # idle rows write to the spare slot, never into a row being prefilled
-            slot = torch.where(pos >= self.scratch_from, self.residual + self.group, slot)
-        return n_quant, slot, pos + 1
+        slot, lengths = pos - n_quant, pos + 1
+        if self.scratch_from is not None:  # idle rows write to the spare slot, never into a row being prefilled,
+            idle = pos >= self.scratch_from  # and attend one key of their window (see CacheLayer.scratch_from)
+            slot = torch.where(idle, self.residual + self.group, slot)
+            n_quant, lengths = torch.where(idle, 0, n_quant), torch.where(idle, 1, lengths)
+        return n_quant, slot, lengths
 
     def sync_due(self, length: int) -> bool:
         """The step that brought the row to `length` filled its window: the oldest group must be quantized now."""
