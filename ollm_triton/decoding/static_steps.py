@@ -103,6 +103,7 @@ class StaticModel:
         self.capacity = round_capacity(max_len)
         self.capture = capture
         self.kernels = engine.use_kernels()  # the engine's fused Triton kernels on CUDA, references elsewhere
+        self.attention_kernel: bool | None = None  # False: the blocks attend by masked SDPA (a benchmark's baseline)
         # the weight matmul greedy's decode step uses: the one-shot GEMV for a single row (a draft token, a layer-skip
         # step), which beat cuBLAS at every llama3_8b shape on the H200 (kernels/gemv.py); F.linear for T > 1 rows,
         # one GEMM per (fused) weight, so a T-token verify block reads each weight once
@@ -192,7 +193,7 @@ class StaticModel:
     def _body(self, st: Step) -> None:
         """The step: the engine's model step with the static-block mixer over this object's buffers."""
         mixer = StaticBlockMixer(self.cache.layers, self.cos, self.sin, st.base, st.offsets, st.mask,
-                                 group=self.group, kernels=self.kernels)
+                                 group=self.group, kernels=self.kernels, attention_kernel=self.attention_kernel)
         logits = self.model.step(st.tokens, mixer, kernels=self.kernels, linear=self.linear, num_layers=st.layers)
         st.logits.copy_(logits)
         st.argmax.copy_(logits.argmax(-1))

@@ -11,7 +11,8 @@ A mixer is called as `mixer(i, q, k, v)` for layer i with token-major q: [B, T, 
                         the K/V write at each row's own slot, then the varlen decode kernel reading each row's
                         length from the device (no host value: capturable)
     StaticBlockMixer    T tokens with a [T, T] mask among them over dense static buffers (speculative verify
-                        blocks, draft steps, tree levels): masked attention over the whole buffer, capturable
+                        blocks, draft steps, tree levels): the varlen kernel with T query rows over each row's
+                        held + T keys (device lengths and mask: capturable)
     SegmentMixer        the piecewise step: RoPE, then q/k/v handed to static buffers and the attention run
                         eagerly through the plugins between captured segments (`cut`)
 
@@ -39,9 +40,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from ollm_triton.cache.state import StackedStates
+from ollm_triton.kernels.attention_decode_varlen import (
+    block_visibility,
+    kernel_supports,
+    verify_attention_kernel,
+    verify_attention_reference,
+)
 from ollm_triton.kernels.rope import rope_qk, rope_write_kv
 
 DECODE_MAX_TOKENS = 16
@@ -150,29 +156,29 @@ class StaticBlockMixer:
     """T new tokens per row over static buffers: token t of row b goes to slot base[b] + t at RoPE position
     base[b] + offsets[t] and sees slot s iff s < base[b] or (s = base[b] + j and mask[t, j]).
 
-    Attention is torch SDPA over the whole buffer under that mask, one call per layer with the G query heads of a
-    KV head stacked along the query axis (rows g*T + t): no K/V expansion, no host value (capturable). Rolling back
-    is a smaller `base` next time: rejected tokens' slots are masked out and later overwritten."""
+    Attention (kernels/attention_decode_varlen.py `verify_attention`): with the kernels on, the split-K Triton
+    kernel over each row's base[b] + T keys, base and mask read on the device, so one captured graph serves every
+    context and every chain or tree mask; otherwise (CPU, shapes the kernel does not take, or attention_kernel=False,
+    the benchmark's baseline) torch SDPA over the whole buffer under a [G*T, capacity] mask built once a step. No
+    host value either way (capturable). Rolling back is a smaller `base` next time: rejected tokens' slots are
+    masked out and later overwritten."""
 
-    def __init__(self, layers, cos_table, sin_table, base, offsets, mask, *, group: int, kernels: bool):
-        self.layers, self.kernels, self.base, self.group = layers, kernels, base, group
-        t = offsets.shape[0]
+    def __init__(self, layers, cos_table, sin_table, base, offsets, mask, *, group: int, kernels: bool,
+                 attention_kernel: bool | None = None):
+        self.layers, self.kernels, self.base, self.block_mask, self.group = layers, kernels, base, mask, group
+        self.attention_kernel = kernels if attention_kernel is None else attention_kernel
         rope_pos = base[:, None] + offsets[None, :]  # [B, T]
         self.cos, self.sin = cos_table[rope_pos], sin_table[rope_pos]  # [B, T, D]
-        slots = torch.arange(cos_table.shape[0], device=base.device)
-        rel = slots[None, :] - base[:, None]  # [B, S]: slot s holds new token rel (if 0 <= rel < T)
-        in_block = (rel >= 0) & (rel < t)
-        block = mask[:, rel.clamp(0, t - 1)].transpose(0, 1)  # [B, T, S]: mask[t, rel]
-        visible = (rel < 0)[:, None, :] | (in_block[:, None, :] & block)  # [B, T, S]
-        self.mask = visible[:, None].repeat(1, 1, group, 1)  # [B, 1, G*T, S]
+        self.visible = None  # the SDPA path's [B, 1, G*T, S] mask: built by the first layer, shared by the rest
 
     def __call__(self, i, q, k, v):
         kv = self.layers[i]
-        b, t, hq, d = q.shape
-        q = rope_write_kv(q, k, v, self.cos, self.sin, kv.k, kv.v, self.base, use_kernel=self.kernels)
-        q = q.reshape(b, hq // self.group, self.group * t, d)
-        out = F.scaled_dot_product_attention(q, kv.k, kv.v, attn_mask=self.mask)  # [B, Hkv, G*T, D]
-        return out.reshape(b, hq, t, d)
+        q = rope_write_kv(q, k, v, self.cos, self.sin, kv.k, kv.v, self.base, use_kernel=self.kernels)  # [B,Hq,T,D]
+        if self.attention_kernel and kernel_supports(q, kv.k, q.shape[2]):
+            return verify_attention_kernel(q, kv.k, kv.v, self.base, self.block_mask)
+        if self.visible is None:
+            self.visible = block_visibility(self.base, self.block_mask, kv.k.shape[2], self.group)
+        return verify_attention_reference(q, kv.k, kv.v, self.base, self.block_mask, visible=self.visible)
 
 
 class SegmentMixer:

@@ -1,21 +1,31 @@
-"""Decode attention over a static KV buffer whose per-sequence lengths live in a device tensor, and its reference.
+"""Decode attention over a static KV buffer whose per-sequence lengths live in a device tensor, and its reference;
+and the same kernel with a block of T new queries per sequence (speculative and tree verify).
 
-    q: [B, Hq, D] (one new token per sequence)   k_cache, v_cache: [B, Hkv, cap, D]   lengths: [B] int
-    out[b] = softmax(q[b] k[b, :, :lengths[b]]^T / sqrt(D)) v[b, :, :lengths[b]]
+    decode_varlen      q: [B, Hq, D] (one new token per sequence)   k_cache, v_cache: [B, Hkv, cap, D]   lengths: [B]
+                       out[b] = softmax(q[b] k[b, :, :lengths[b]]^T / sqrt(D)) v[b, :, :lengths[b]]
+    verify_attention   q: [B, Hq, T, D], held: [B], block_mask: [T, T] bool; the block's own K/V at slots
+                       held[b] .. held[b] + T - 1. New token t sees every held slot and new token j iff mask[t, j]
+                       (chain: causal; tree: its ancestors)
 
 `attention_decode.flash_decode` takes the key count as a host integer, so every step would change a launch
 argument and a CUDA graph could not replay it. Here the lengths are read on the device: the launch depends only on
 the buffer's capacity, one captured graph serves every step, and each sequence of a batch reads its own keys only
-(no padding waste for sequences of different lengths). The split-K layout is the same as flash_decode's: GROUP
-query heads of one KV head share the K/V reads (rows of the dot, padded to 16), the blocks of each sequence are
-cut into `n_split` contiguous ranges (fixed by the capacity, sized at launch from the SM count), each writes a
+(no padding waste for sequences of different lengths). The split-K layout is the same as flash_decode's: the
+GROUP query heads of one KV head (times the T new tokens of a verify block: rows g * T + t) share the K/V reads
+(rows of the dot, padded to 16), the blocks of each sequence are cut into `n_split` contiguous ranges (fixed by the
+capacity, sized at launch from the SM count; a split past the sequence's last block exits at once), each writes a
 normalised partial and its log2-sum-exp, and a merge kernel combines them (decode_merge.py).
+
+A verify block reads held + T keys, not the whole buffer: the masked SDPA it replaces (the reference below) reads
+every slot of the capacity, 1.21 GB of K/V a step at 8k held in a 9k buffer on Llama-3-8B shapes (32 layers x 8 KV
+heads x 128) against 1.07 GB for the held tokens, and 4.3 GB in a 32k buffer whatever the context.
 """
 
 # No `from __future__ import annotations`: torch.library.custom_op reads the annotations as types.
 import math
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -23,36 +33,41 @@ from ollm_triton.kernels.attention_prefill import LOG2E
 from ollm_triton.kernels.decode_merge import merge_splits, one_wave_splits
 
 BLOCK_N = 64
-MAX_GROUP = 128
+MAX_ROWS = 128  # GROUP * T query rows a program (acc [128, 128] fp32 at 8 warps)
 
 
 @triton.jit
 def _decode_varlen_split_kernel(
-    Q, K, V, LENS, O_PART, L_PART,
-    stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+    Q, K, V, LENS, BLOCK_MASK, O_PART, L_PART,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_mt,
     Hkv, qk_scale,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    GROUP: tl.constexpr, T: tl.constexpr, IN_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
+    """Split i_s of (sequence, KV head) i_bkv. Keys below LENS[b] are seen by every row; with IN_BLOCK the T keys
+    after them are the block's own, key LENS[b] + j seen by new token t iff BLOCK_MASK[t, j]."""
     i_s = tl.program_id(0)
     i_bkv = tl.program_id(1)
     n_split = tl.num_programs(0)
     i_b = i_bkv // Hkv
     i_kvh = i_bkv % Hkv
 
-    o_r = tl.arange(0, BLOCK_R)  # row r: query head i_kvh * GROUP + r
-    m_r = o_r < GROUP
+    o_r = tl.arange(0, BLOCK_R)  # row r: query head i_kvh * GROUP + r // T, new token r % T
+    m_r = o_r < GROUP * T
+    o_t = o_r % T
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < HEAD_DIM
     o_n = tl.arange(0, BLOCK_N)
-    p_q = Q + i_b.to(tl.int64) * stride_qb + (i_kvh * GROUP + o_r)[:, None] * stride_qh + o_d[None, :]
+    p_q = Q + i_b.to(tl.int64) * stride_qb + (i_kvh * GROUP + o_r // T)[:, None] * stride_qh \
+        + o_t[:, None] * stride_qt + o_d[None, :]
     b_q = tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.0)
     p_k = K + i_b.to(tl.int64) * stride_kb + i_kvh.to(tl.int64) * stride_kh
     p_v = V + i_b.to(tl.int64) * stride_vb + i_kvh.to(tl.int64) * stride_vh
 
-    # This sequence's blocks, split evenly over the programs of the grid's first axis.
+    # This sequence's blocks (held keys, then the verify block's own), split evenly over the grid's first axis.
     kv_len = tl.load(LENS + i_b).to(tl.int32)
-    n_blocks = tl.cdiv(kv_len, BLOCK_N)
+    n_keys = kv_len + T if IN_BLOCK else kv_len
+    n_blocks = tl.cdiv(n_keys, BLOCK_N)
     per_split = tl.cdiv(n_blocks, n_split)
     j_lo = i_s * per_split
     j_hi = tl.minimum(j_lo + per_split, n_blocks)
@@ -62,12 +77,18 @@ def _decode_varlen_split_kernel(
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     for j in range(j_lo, j_hi):
         o_s = j * BLOCK_N + o_n
-        m_s = o_s < kv_len
-        m_kv = m_s[:, None] & m_d[None, :]
+        m_kv = (o_s < n_keys)[:, None] & m_d[None, :]
         b_k = tl.load(p_k + o_s[:, None].to(tl.int64) * stride_ks + o_d[None, :], mask=m_kv, other=0.0)
         b_v = tl.load(p_v + o_s[:, None].to(tl.int64) * stride_vs + o_d[None, :], mask=m_kv, other=0.0)
-        b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale  # [BR, BD] @ [BD, BN] -> [BR, BN]
-        b_qk = tl.where(m_s[None, :], b_qk, float("-inf"))
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale  # [BR, BD] @ [BD, BN] -> [BR, BN]
+        b_qk = tl.where((o_s < kv_len)[None, :], b_s, float("-inf"))
+        if IN_BLOCK:
+            if j * BLOCK_N + BLOCK_N > kv_len:  # only the last one or two tiles reach the new tokens
+                o_j = o_s - kv_len  # key s is new token o_j
+                m_j = (o_j >= 0) & (o_j < T)
+                b_m = tl.load(BLOCK_MASK + o_t[:, None] * stride_mt + o_j[None, :],
+                              mask=m_r[:, None] & m_j[None, :], other=0)
+                b_qk = tl.where(b_m != 0, b_s, b_qk)
         m_new = tl.maximum(m_i, tl.max(b_qk, 1))
         alpha = tl.exp2(m_i - m_new)
         b_p = tl.exp2(b_qk - m_new[:, None])
@@ -79,7 +100,7 @@ def _decode_varlen_split_kernel(
     # A split past the sequence's last block saw nothing: lse -inf, output 0, weight 0 in the merge.
     b_lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
     b_o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    o_part = (i_bkv.to(tl.int64) * n_split + i_s) * GROUP + o_r
+    o_part = (i_bkv.to(tl.int64) * n_split + i_s) * (GROUP * T) + o_r
     tl.store(O_PART + o_part[:, None] * BLOCK_D + o_d[None, :], b_o, mask=m_r[:, None])
     tl.store(L_PART + o_part, b_lse, mask=m_r)
 
@@ -104,36 +125,48 @@ def check_varlen(q, k_cache, v_cache, lengths):
         raise ValueError(f"decode_varlen lengths must be [B] = [{b}], got {tuple(lengths.shape)}")
 
 
-def kernel_supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+def kernel_supports(q: torch.Tensor, k_cache: torch.Tensor, t: int = 1) -> bool:
+    """q: [B, Hq, D] or [B, Hq, T, D] with t = T: GROUP * T rows share one program's K/V reads."""
     group = q.shape[1] // k_cache.shape[1]
     return q.dtype in (torch.float32, torch.float16, torch.bfloat16) and q.dtype == k_cache.dtype \
-        and group <= MAX_GROUP and 16 <= q.shape[2] <= 256
+        and group * t <= MAX_ROWS and 16 <= q.shape[-1] <= 256
 
 
-def decode_varlen_kernel(q, k_cache, v_cache, lengths, *, scale=None, num_splits=None, out=None):
-    """The Triton path of `decode_varlen` (the interpreter on the CPU)."""
-    b, hq, d = q.shape
+def _split_attention(q, k_cache, v_cache, lengths, out, *, t, stride_qt, stride_ot, block_mask, scale, num_splits):
+    """Launch the split kernel and the merge: q and out [B, Hq, (T,) D] with token strides stride_qt, stride_ot
+    (0 for one token), block_mask None (decode: lengths[b] keys) or [T, T] (verify: lengths[b] held keys + T)."""
+    b, hq, d = q.shape[0], q.shape[1], q.shape[-1]
     hkv, cap = k_cache.shape[1], k_cache.shape[2]
     group = hq // hkv
-    q = q if q.stride(-1) == 1 else q.contiguous()
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("decode_varlen needs cache buffers with a contiguous last dim")
     n_split = num_splits or num_splits_for(b, hkv, cap, q.device)
     block_d = max(16, triton.next_power_of_2(d))
-    o_part = torch.empty(b * hkv, n_split, group, block_d, dtype=torch.float32, device=q.device)
-    l_part = torch.empty(b * hkv, n_split, group, dtype=torch.float32, device=q.device)
-    out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device) if out is None else out
+    block_r = max(16, triton.next_power_of_2(group * t))
+    o_part = torch.empty(b * hkv, n_split, group * t, block_d, dtype=torch.float32, device=q.device)
+    l_part = torch.empty(b * hkv, n_split, group * t, dtype=torch.float32, device=q.device)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
+    in_block = block_mask is not None
     _decode_varlen_split_kernel[(n_split, b * hkv)](
-        q, k_cache, v_cache, lengths, o_part, l_part,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), hkv, scale * LOG2E,
-        GROUP=group, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=3,
+        # the mask as bytes: a bool tensor's pointer would be Triton's *i1
+        q, k_cache, v_cache, lengths, block_mask.view(torch.uint8) if in_block else lengths, o_part, l_part,
+        q.stride(0), q.stride(1), stride_qt, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_mask.stride(0) if in_block else 0,
+        hkv, scale * LOG2E,
+        GROUP=group, T=t, IN_BLOCK=in_block, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_N=BLOCK_N,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4 if block_r <= 64 else 8, num_stages=3,
     )
-    # one new token per sequence: T = 1, no token stride
-    merge_splits(o_part, l_part, out, kv_heads=hkv, group=group, t=1, n_split=n_split, stride_ot=0)
+    merge_splits(o_part, l_part, out, kv_heads=hkv, group=group, t=t, n_split=n_split, stride_ot=stride_ot)
     return out
+
+
+def decode_varlen_kernel(q, k_cache, v_cache, lengths, *, scale=None, num_splits=None, out=None):
+    """The Triton path of `decode_varlen` (the interpreter on the CPU)."""
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
+    # one new token per sequence: T = 1, no token stride
+    return _split_attention(q, k_cache, v_cache, lengths, out, t=1, stride_qt=0, stride_ot=0, block_mask=None,
+                            scale=scale, num_splits=num_splits)
 
 
 def decode_varlen_reference(q, k_cache, v_cache, lengths, *, compute_dtype: torch.dtype = torch.float32):
@@ -163,6 +196,74 @@ def decode_varlen(q, k_cache, v_cache, lengths, *, use_kernel: bool | None = Non
     return decode_varlen_reference(q, k_cache, v_cache, lengths)
 
 
+# ---- T new tokens per sequence: the verify block -----------------------------------------------------------------
+
+
+def check_verify(q, k_cache, v_cache, held, block_mask):
+    if q.dim() != 4 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"verify_attention takes q [B, Hq, T, D] and k_cache = v_cache [B, Hkv, cap, D]; got q "
+                         f"{tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
+    b, hq, t, d = q.shape
+    if k_cache.shape[0] != b or k_cache.shape[3] != d or hq % k_cache.shape[1] or t > k_cache.shape[2]:
+        raise ValueError(f"verify_attention: q {tuple(q.shape)} does not fit the cache {tuple(k_cache.shape)} "
+                         "(same B and D, Hq a multiple of Hkv, T <= cap)")
+    if held.shape != (b,):
+        raise ValueError(f"verify_attention held must be [B] = [{b}], got {tuple(held.shape)}")
+    if block_mask.shape != (t, t) or block_mask.dtype != torch.bool:
+        raise ValueError(f"verify_attention block_mask must be bool [T, T] = [{t}, {t}], got {block_mask.dtype} "
+                         f"{tuple(block_mask.shape)}")
+
+
+def verify_attention_kernel(q, k_cache, v_cache, held, block_mask, *, scale=None, num_splits=None, out=None):
+    """The Triton path of `verify_attention` (the interpreter on the CPU): the decode kernel with GROUP * T rows a
+    program; it reads held[b] + T keys of each sequence, the launch depends on the capacity only."""
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    block_mask = block_mask if block_mask.stride(-1) == 1 else block_mask.contiguous()
+    out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
+    return _split_attention(q, k_cache, v_cache, held, out, t=q.shape[2], stride_qt=q.stride(2), stride_ot=None,
+                            block_mask=block_mask, scale=scale, num_splits=num_splits)
+
+
+def block_visibility(held, block_mask, capacity: int, group: int) -> torch.Tensor:
+    """[B, 1, G*T, capacity] bool: row g*T + t (query head g of a KV head, new token t) sees slot s iff
+    s < held[b] or (s = held[b] + j and block_mask[t, j]). Device ops only (capturable)."""
+    t = block_mask.shape[0]
+    rel = torch.arange(capacity, device=held.device)[None, :] - held[:, None]  # [B, S]: slot s is new token rel
+    in_block = (rel >= 0) & (rel < t)
+    sees = block_mask[:, rel.clamp(0, t - 1)].transpose(0, 1)  # [B, T, S]: block_mask[t, rel]
+    visible = (rel < 0)[:, None, :] | (in_block[:, None, :] & sees)  # [B, T, S]
+    return visible[:, None].repeat(1, 1, group, 1)
+
+
+def verify_attention_reference(q, k_cache, v_cache, held, block_mask, *, visible=None,
+                               compute_dtype: torch.dtype | None = None):
+    """torch SDPA over the whole buffer under `block_visibility` (the G query heads of a KV head stacked along the
+    query axis: no K/V expansion); it reads all `capacity` slots whatever the length. `visible`: that mask when
+    the caller keeps it for every layer of a step. compute_dtype None: q's dtype (the uncaptured/CPU path)."""
+    b, hq, t, d = q.shape
+    hkv = k_cache.shape[1]
+    if visible is None:
+        visible = block_visibility(held, block_mask, k_cache.shape[2], hq // hkv)
+    dt = compute_dtype or q.dtype
+    out = F.scaled_dot_product_attention(q.reshape(b, hkv, hq // hkv * t, d).to(dt), k_cache.to(dt),
+                                         v_cache.to(dt), attn_mask=visible)  # [B, Hkv, G*T, D]
+    return out.reshape(b, hq, t, d)
+
+
+def verify_attention(q, k_cache, v_cache, held, block_mask, *, use_kernel: bool | None = None):
+    """Attention of T new tokens per sequence, each over the held keys and the new tokens its mask allows.
+
+    q: [B, Hq, T, D] (after RoPE); k_cache, v_cache: [B, Hkv, cap, D] with the T new tokens' K/V already at slots
+    held[b] .. held[b] + T - 1; held: [B] int on q's device (held[b] + T <= cap); block_mask: [T, T] bool on q's
+    device, new token t sees new token j iff block_mask[t, j] (causal for a chain, ancestors for a tree).
+    Returns [B, Hq, T, D] in q's dtype. use_kernel: None = Triton on CUDA, the reference elsewhere.
+    """
+    check_verify(q, k_cache, v_cache, held, block_mask)
+    if (q.is_cuda if use_kernel is None else use_kernel) and kernel_supports(q, k_cache, q.shape[2]):
+        return verify_attention_kernel(q, k_cache, v_cache, held, block_mask)
+    return verify_attention_reference(q, k_cache, v_cache, held, block_mask)
+
+
 @torch.library.custom_op("ollm_triton::decode_varlen", mutates_args=())
 def decode_varlen_op(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor
@@ -176,4 +277,6 @@ def _(q, k_cache, v_cache, lengths):
     return torch.empty_like(q)
 
 
-__all__ = ["decode_varlen", "decode_varlen_kernel", "decode_varlen_reference", "decode_varlen_op", "num_splits_for"]
+__all__ = ["decode_varlen", "decode_varlen_kernel", "decode_varlen_reference", "decode_varlen_op", "num_splits_for",
+           "verify_attention", "verify_attention_kernel", "verify_attention_reference", "block_visibility",
+           "kernel_supports"]
