@@ -10,7 +10,10 @@ fit, saying so):
               bandwidth
   verify      target (--model, random weights): the verify block of T tokens the speculative decoders replay
               (decoding/static_steps.py, one captured graph per T: StaticTarget.verify) at each --contexts, for
-              T in --tokens, against greedy's captured decode step (engine/fast_decode.py) at the same context
+              T in --tokens, against greedy's captured decode step (engine/fast_decode.py) at the same context.
+              With --kernel, the same blocks with the previous attention too (masked SDPA over the whole static
+              buffer, StaticModel.attention_kernel=False) in their own buffers: the in-run baseline of the verify
+              kernel (kernels/attention_decode_varlen.py), and the two paths' logits for the same block compared
   check       at each context: a T-token block's logits against T single-token steps fed the same tokens (the
               static T=1 step, and greedy's decode step): relative L2 error in float64 of the logits, argmax
               agreement; and the same check on the embedded target in float32 (the exactness claim)
@@ -111,7 +114,7 @@ class Steps:
     """One engine's captured steps at one context: the static T-token blocks (the speculative decoders' verify and
     draft steps) and greedy's decode step, both holding the same `context`-token prompt."""
 
-    def __init__(self, engine, context: int, max_block: int, replays: int, linear=None):
+    def __init__(self, engine, context: int, max_block: int, replays: int, linear=None, attention_kernel=None):
         self.engine, self.context = engine, context
         path = resolve_fast_path("auto", engine)  # what the strategies run: "graph" on CUDA, "static" on the CPU
         if path == "eager":
@@ -119,11 +122,12 @@ class Steps:
         self.captured = path == "graph"
         self.max_len = context + max(max_block, replays) + 8
         max_len = self.max_len
-        if linear is None:
+        if linear is None and attention_kernel is None:
             self.sm = static_model(engine, 1, max_len, self.captured)  # the decoders' own (shared) StaticModel
-        else:  # a private one with another weight matmul (the in-run baseline of a kernel choice)
+        else:  # a private one with another weight matmul or attention (the in-run baseline of a kernel choice)
             self.sm = StaticModel(engine, 1, max_len, self.captured)
-            self.sm.linear = linear
+            self.sm.linear = linear or self.sm.linear
+            self.sm.attention_kernel = attention_kernel
         self.ids = prompt_ids(engine.config.vocab_size, context, engine.device, seed=context)
         self.sm.prefill(self.ids)
         self.fd, self.bk = None, None
@@ -266,6 +270,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--lookup-new", type=int, default=128, help="0 skips the prompt_lookup upper bound")
+    ap.add_argument("--kernel", action="store_true",
+                    help="verify: also time every block with the previous attention (masked SDPA over the buffer)")
     ap.add_argument("--budget", type=float, default=170.0, help="seconds for the whole run; later sections skip")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -311,15 +317,34 @@ def main(argv: list[str] | None = None) -> dict:
             row = {"greedy_step": ms_per_call(greedy_run, device, args.replays, args.repeats, reset),
                    "floor_ms": floor_ms(target, c), "weights_floor_ms": floor_ms(target, 0),
                    "captured": steps.captured, "capacity": steps.sm.capacity, "blocks": {},
-                   # the block attends over its whole static buffer (masked), greedy's step over the held tokens
-                   "kv_read_gb_block": kv_bytes_per_token(target) * steps.sm.capacity / 1e9,
+                   # the verify kernel reads the held tokens + the block (as greedy's step reads the held tokens);
+                   # the masked SDPA it replaced reads the whole static buffer
+                   "block_attention": "triton.verify_attention" if steps.sm.kernels else "torch.sdpa (masked buffer)",
+                   "kv_read_gb_block": kv_bytes_per_token(target) * (
+                       c + max(tokens) if steps.sm.kernels else steps.sm.capacity) / 1e9,
+                   "kv_read_gb_block_sdpa": kv_bytes_per_token(target) * steps.sm.capacity / 1e9,
                    "kv_read_gb_greedy": kv_bytes_per_token(target) * c / 1e9}
             for t in tokens:
                 _, fn = steps.block(t)
                 row["blocks"][t] = ms_per_call(fn, device, args.replays, args.repeats)
+            if args.kernel:  # the previous attention in its own buffers, same prompt and block tokens
+                base = Steps(target, c, max(tokens), args.replays, attention_kernel=False)
+                row["blocks_sdpa"] = {t: ms_per_call(base.block(t)[1], device, args.replays, args.repeats)
+                                      for t in tokens}
+                (new, _), (old, _) = steps.block(max(tokens)), base.block(max(tokens))
+                steps.sm.run(new)
+                base.sm.run(old)
+                row["check_kernel_vs_sdpa"] = {
+                    "tokens": max(tokens), "rel_l2_logits": rel_l2(new.logits, old.logits),
+                    "argmax_agree": float((new.argmax == old.argmax).float().mean())}
+                del base, new, old
             one, g = row["blocks"][1]["ms"], row["greedy_step"]["ms"]
-            for r in row["blocks"].values():
+            for t, r in row["blocks"].items():
                 r.update(over_greedy_step=r["ms"] / g, over_block_1=r["ms"] / one)
+                if args.kernel:
+                    r["sdpa_over_kernel"] = row["blocks_sdpa"][t]["ms"] / r["ms"]
+            for r in row.get("blocks_sdpa", {}).values():
+                r.update(over_greedy_step=r["ms"] / g, over_block_1=r["ms"] / row["blocks_sdpa"][1]["ms"])
             row["check"] = block_check(steps, max(tokens))
             out[c] = row
             print(f"[verify] context {c}: greedy step {g:.3f} ms; " + ", ".join(
@@ -455,10 +480,21 @@ def tables(record: dict, contexts: list[int], tokens: list[int]) -> list[str]:
             f" {f(v[c]['floor_ms'])} | {ratio(c)} | |" for c in contexts))
         out.append("| greedy decode step (T=1) |" + "".join(f" {f(v[c]['greedy_step']['ms'])} | 1.00 | |"
                                                              for c in contexts))
-        for t in tokens:
-            out.append(f"| verify block T={t} |" + "".join(
-                f" {f(v[c]['blocks'][t]['ms'])} | {f(v[c]['blocks'][t]['over_greedy_step'], 2)} | "
-                f"{f(v[c]['blocks'][t]['over_block_1'], 2)} |" for c in contexts))
+        for key, label in (("blocks", f"verify block ({v[contexts[0]].get('block_attention')})"),
+                           ("blocks_sdpa", "verify block, masked SDPA over the buffer (before)")):
+            if not all(key in v[c] for c in contexts):
+                continue
+            for t in tokens:
+                out.append(f"| {label} T={t} |" + "".join(
+                    f" {f(v[c][key][t]['ms'])} | {f(v[c][key][t]['over_greedy_step'], 2)} | "
+                    f"{f(v[c][key][t]['over_block_1'], 2)} |" for c in contexts))
+        if all("check_kernel_vs_sdpa" in v[c] for c in contexts):
+            out.append("| SDPA block / kernel block, per T |" + "".join(
+                " " + " / ".join(f(v[c]["blocks"][t]["sdpa_over_kernel"], 2) for t in tokens) + " | | |"
+                for c in contexts))
+            out.append("| kernel vs SDPA block logits: rel L2, argmax agreement |" + "".join(
+                f" {v[c]['check_kernel_vs_sdpa']['rel_l2_logits']:.2e}, "
+                f"{v[c]['check_kernel_vs_sdpa']['argmax_agree']:.2f} | | |" for c in contexts))
         out.append("")
         checks = [v[c]["check"] for c in contexts]
         if "error" not in s.get("check_fp32", {"error": 1}):
