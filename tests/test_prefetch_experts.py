@@ -3,7 +3,9 @@
 Against independent references: logits equal the all-resident run (qwen3_moe and qwen3_next, prefill + decode), a
 cache smaller than a token's experts still gives them (rounds, evictions), the counters match an LRU simulated here
 over the routing a resident run records, the held bytes stay inside the budget, and the memory check admits
-Qwen3-Next-80B's shapes within 8 GB and refuses them where they do not fit, in one line.
+Qwen3-Next-80B's shapes within 8 GB and refuses them where they do not fit, in one line. host_dtype=fp8: the logits
+equal a resident run whose experts took the same fp8 round trip (kernels/fp8_rows.py), the counters move the
+compressed bytes, and the host-memory check admits the full 48-layer Qwen3-Next-80B on a 128 GB host (bf16 refused).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from ollm_triton.engine import load_engine
 from ollm_triton.engine.footprint import DoesNotFit, check_fits
 from ollm_triton.engine.moe import Router
+from ollm_triton.kernels.fp8_rows import BLOCK, dequantize_fp8_ref, quantize_fp8
 from ollm_triton.registry import PluginError, registry
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -46,12 +49,27 @@ def experts(**params):
     return registry.build("prefetch", "experts", {"headroom_gb": 0.0, **params})
 
 
-def run(cfg, prefetch=None, prompt=PROMPT, steps=STEPS, path="auto"):
-    """Greedy prefill + decode: (logits of every forward, stats). path: the MoE blocks' expert path."""
-    engine = load_engine(cfg, prefetch=prefetch)
+def fp8_round_trip(experts_module):
+    """The resident reference of host_dtype=fp8: each expert's parameter, zero-padded to whole 128-blocks, through
+    quantize_fp8 and back (the policy pads each parameter of a row alike)."""
+    for p in experts_module.parameters():
+        e, n = p.shape[0], p[0].numel()
+        x = torch.nn.functional.pad(p.detach().reshape(e, n), (0, -n % BLOCK))
+        back = dequantize_fp8_ref(*quantize_fp8(x), p.dtype)[:, :n].reshape(p.shape)
+        assert not torch.equal(back, p)  # the round trip changes the weights (else this reference proves nothing)
+        p.data.copy_(back)
+
+
+def run(cfg, prefetch=None, prompt=PROMPT, steps=STEPS, path="auto", round_trip=False, **kw):
+    """Greedy prefill + decode: (logits of every forward, stats). path: the MoE blocks' expert path; round_trip:
+    the experts of a resident run through fp8 and back."""
+    engine = load_engine(cfg, prefetch=prefetch, **kw)
     for layer in engine.model.model.layers:
         if hasattr(layer.mlp, "experts"):  # a MoE block (an instance attribute: the class default stays "auto")
             layer.mlp.path = path
+            if round_trip:
+                fp8_round_trip(layer.mlp.experts)
+    prompt = prompt.to(engine.device)
     cache = engine.new_cache(1, 32)
     outs = [engine.forward(prompt, cache)]
     for _ in range(steps):
@@ -237,6 +255,7 @@ def test_bad_input_refused():
                           ({"max_cached_experts": -1}, "max_cached_experts must be >= 0"),
                           ({"prefetch_per_token": -2}, "prefetch_per_token must be >= 0"),
                           ({"eviction": "fifo"}, "eviction must be one of lru, lfu"),
+                          ({"host_dtype": "int4"}, "host_dtype must be one of model, fp8, got 'int4'"),
                           ({"tier": "disk"}, "unknown parameter 'tier'")]:
         with pytest.raises(PluginError, match=field):
             registry.build("prefetch", "experts", params)
@@ -278,3 +297,91 @@ def test_cuda_side_stream_bf16_equals_resident(predict):
     assert st["bytes_moved"] == (st["demand_loads"] + st["prefetch_issued"]) * st["expert_bytes"]
     assert policy.cache.numel() * 2 == 6 * st["expert_bytes"]
     engine.close()
+
+
+def rel_rms(ref: torch.Tensor, out: torch.Tensor) -> float:
+    ref, out = ref.double(), out.double()
+    return ((ref - out).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
+
+
+@pytest.mark.parametrize("model,slots", [("qwen3_moe", 0), ("qwen3_next", 0), ("gpt_oss", 0), ("qwen3_moe", 3)])
+def test_fp8_host_rows_equal_the_round_tripped_resident_run(model, slots, resident):
+    """host_dtype=fp8: every forward equals a resident run whose experts took the fp8 round trip (bit for bit with
+    a cache holding every expert; rounds sum in another order: 1e-6); the rows hold and move codes + scales, a
+    quarter of float32's bytes; the error against the unchanged resident run is small and nonzero."""
+    policy = experts(host_dtype="fp8", max_cached_experts=slots)
+    outs, st = run(MODELS[model], policy)
+    ref, _ = run(MODELS[model], round_trip=True)
+    for a, b in zip(ref, outs, strict=True):
+        if slots:
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+        else:
+            assert torch.equal(a, b)
+    row = st["expert_cache_bytes"] / 4  # elements a row (float32 model)
+    assert row % BLOCK == 0 and st["expert_bytes"] == row + row / BLOCK * 4  # codes, then a float32 scale per 128
+    assert st["bytes_moved"] == (st["demand_loads"] + st["prefetch_issued"]) * st["expert_bytes"] > 0
+    last = torch.cat([o[:, -1] for o in outs])
+    err = rel_rms(torch.cat([o[:, -1] for o in resident[model]]), last)
+    assert 0 < err < 0.05  # tiny random models: ~0.1% (qwen3_moe, qwen3_next), ~2% (gpt_oss)
+
+
+def test_experts_are_stored_as_they_load():
+    """load_engine hands each parameter to keep_weight as it is drawn: the routed experts go into the host rows at
+    once and the model keeps a storage-free placeholder (so an 80B model never sits on the host in bf16); every
+    other parameter goes to the compute device."""
+    policy = experts(host_dtype="fp8")
+    kept = {}
+    original = policy.keep_weight
+
+    def spy(model, name, value, device):
+        out = original(model, name, value, device)
+        kept[name] = (out.device.type, len(policy.host))
+        return out
+
+    policy.keep_weight = spy
+    engine = load_engine(QWEN3_NEXT, prefetch=policy)
+    routed = {n for n in kept if ".mlp.experts." in n}
+    assert len(routed) == 3 * 2 and all(kept[n][0] == "meta" for n in routed)  # 3 MoE layers x (gate_up, down)
+    assert all(kept[n][0] == "cpu" for n in kept if n not in routed)
+    assert [kept[n][1] for n in sorted(routed)][::2] == [1, 2, 3]  # a layer's rows exist once its first expert came
+    host = sum(h.numel() for h in policy.host.values())
+    assert host == 3 * QWEN3_NEXT["num_experts"] * policy.host_row_bytes
+    assert all(p.device.type == "cpu" for p in engine.model.parameters())  # the cache views replaced the placeholders
+    engine.close()
+
+
+def test_memory_check_admits_the_fp8_80b_on_a_128_gb_host():
+    """Qwen3-Next-80B's 48 layers: 77.3 B routed expert weights. As bf16 on the host, 154.6 GB: refused on a 128 GB
+    host; as fp8, 77.3 GB of codes + 1.2 GB of bf16 scales (the dense part goes to the device): admitted."""
+    dense = registry.build("cache", "dense")
+    experts_params = 48 * 512 * 3 * 2048 * 512
+
+    def host_check(host_dtype):
+        policy = registry.build("prefetch", "experts", {"budget_gb": 8.0, "host_dtype": host_dtype})
+        return check_fits(QWEN3_NEXT_80B, dtype="bfloat16", device="cuda", batch=1, context=4096, codec=dense,
+                          prefetch=policy, free=(80 * GB, 128 * GB))
+
+    est = host_check("fp8")
+    assert est["host_weights_bytes"] == pytest.approx(experts_params * (1 + 2 / BLOCK))
+    assert est["host_weights_bytes"] < 80 * GB and est["device_weights_bytes"] == pytest.approx(7.5 * GB)
+    with pytest.raises(DoesNotFit, match=r"need 154\.6 GB of host memory \(the weights a streaming policy keeps "
+                                         r"there\) \(weights 154\.6\d GB as the prefetch policy stores them\)"):
+        host_check("model")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("predict", ["router", "none"])
+def test_cuda_fp8_rows_equal_the_round_tripped_resident(predict):
+    """bf16 on CUDA: codes copied on the side stream into one staging row and dequantized by the Triton kernel into
+    the slot; decode steps with evictions equal the round-tripped resident run bit for bit, and a miss moves
+    P + P/64 bytes, not 2P."""
+    def go(prefetch, round_trip=False):
+        return run(GPU_MOE, prefetch, prompt=PROMPT[:, :1], steps=12, round_trip=round_trip, device="cuda",
+                   dtype=torch.bfloat16)
+
+    ref, _ = go(None, round_trip=True)
+    outs, st = go(experts(max_cached_experts=6, predict=predict, host_dtype="fp8"))
+    for a, b in zip(ref, outs, strict=True):
+        assert torch.equal(a, b)
+    assert st["evictions"] > 0 and st["expert_bytes"] == st["expert_cache_bytes"] / 2 * (1 + 2 / BLOCK)
+    assert st["bytes_moved"] == (st["demand_loads"] + st["prefetch_issued"]) * st["expert_bytes"]

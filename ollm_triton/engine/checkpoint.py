@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from torch import nn
 from ollm_triton.engine.config import ModelConfig
 from ollm_triton.engine.model import CausalLM
 
+Keep = Callable[[str, torch.Tensor], torch.Tensor]  # (parameter name, value just created) -> what the model keeps
 INDEX_FILE = "model.safetensors.index.json"
 HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", INDEX_FILE, "tokenizer.json",
                 "tokenizer_config.json", "special_tokens_map.json"]
@@ -104,15 +106,18 @@ def weight_files(directory: Path) -> dict[str, Path]:
     return out
 
 
-def load_weights(model: CausalLM, directory: Path, device: torch.device, dtype: torch.dtype) -> None:
+def load_weights(model: CausalLM, directory: Path, device: torch.device, dtype: torch.dtype,
+                 keep: Keep | None = None) -> None:
     """Fill every parameter of a meta `model` from the checkpoint in `directory`, on `device` in `dtype`.
 
     Tensors the model does not use (e.g. a tied `lm_head.weight`, old `rotary_emb.inv_freq`) are skipped. A MoE's
     stacked expert tensors (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`: transformers 5's names) are read
     as they are; or stacked from per-expert tensors (`mlp.experts.{e}.gate_proj.weight`, `up_proj`, `down_proj`:
     the official Qwen3-MoE checkpoints); or dequantized from MXFP4 (`..._blocks` + `..._scales`: the official
-    gpt-oss checkpoints, `dequantize_mxfp4`). The last two go one expert at a time on `device`.
+    gpt-oss checkpoints, `dequantize_mxfp4`). The last two go one expert at a time on `device`. keep(name, value):
+    what the model keeps for each parameter just read (default: the value; a prefetch policy's `keep_weight`).
     """
+    keep = keep or (lambda name, value: value)
     where = weight_files(directory)
     needed = dict(model.named_parameters())  # deduplicated: a tied lm_head is filled through embed_tokens
     sources: dict[str, tuple[str, Any]] = {}
@@ -167,7 +172,7 @@ def load_weights(model: CausalLM, directory: Path, device: torch.device, dtype: 
             if tuple(value.shape) != expected:
                 raise CheckpointError(f"checkpoint tensor {name!r} in {where[name].name} has shape "
                                       f"{list(value.shape)}, the config needs {list(expected)}")
-            _set_parameter(model, name, value)
+            _set_parameter(model, name, keep(name, value))
     model.tie_weights()
 
 
@@ -204,13 +209,15 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
 
 
 def init_random(model: CausalLM, device: torch.device, dtype: torch.dtype, seed: int = 0,
-                rng_device: torch.device | None = None) -> None:
+                rng_device: torch.device | None = None, keep: Keep | None = None) -> None:
     """Fill every parameter of a meta `model` on `device` in `dtype`: projections and embeddings ~ N(0, 0.02),
     biases 0, norm weights 1 (transformers' initialisation), from a generator seeded with `seed` on `rng_device`
     (default `device`). The engine draws on its compute device even when a streaming policy keeps the weights on
     the host: CPU and CUDA generators give different numbers for one seed, and the streamed model must be the
-    resident one (seen on the H200: logits 1.9 apart when the host drew them)."""
+    resident one (seen on the H200: logits 1.9 apart when the host drew them). keep(name, value): what the model
+    keeps for each parameter just drawn (default: value on `device`; a prefetch policy's `keep_weight`)."""
     rng_device = device if rng_device is None else rng_device
+    keep = keep or (lambda name, value: value.to(device))
     gen = torch.Generator(device=rng_device).manual_seed(seed)
     for name, param in list(model.named_parameters()):
         value = torch.empty(param.shape, device=rng_device, dtype=dtype)
@@ -220,7 +227,7 @@ def init_random(model: CausalLM, device: torch.device, dtype: torch.dtype, seed:
             value.zero_()
         else:
             value.normal_(0.0, INIT_STD, generator=gen)
-        _set_parameter(model, name, value.to(device))
+        _set_parameter(model, name, keep(name, value))
     model.tie_weights()
 
 

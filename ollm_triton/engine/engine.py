@@ -340,10 +340,14 @@ def load_engine(
 
     weights_device = torch.device(prefetch.weights_device(device))
     model = empty_model(cfg)
+
+    def keep(name: str, value: torch.Tensor) -> torch.Tensor:  # one parameter at a time: the policy may compress it
+        return prefetch.keep_weight(model, name, value, device)
+
     if directory is None:
-        init_random(model, weights_device, dtype, seed, rng_device=device)
+        init_random(model, weights_device, dtype, seed, rng_device=device, keep=keep)
     else:
-        load_weights(model, Path(directory), weights_device, dtype)
+        load_weights(model, Path(directory), weights_device, dtype, keep=keep)
     model.eval()
     return Engine(model, attention=attention, codec=codec, prefetch=prefetch, device=device, dtype=dtype,
                   tokenizer=tokenizer, source=source, decode_max_tokens=decode_max_tokens,

@@ -8,8 +8,9 @@ instead of building a float32 8B model until the OOM killer ends it.
 What it counts (all upper-bound-ish, from shapes):
 - weights: `ModelConfig.num_parameters()` in the run's dtype (a MoE's experts all count: all are stored). On the
   compute device: what the prefetch policy holds there at once (`prefetch.device_weight_bytes(total)`; every
-  weight for resident, head + layer slots for the streaming policies). A streaming policy keeps all of them in
-  host memory (load_engine materialises them there).
+  weight for resident, head + layer slots for the streaming policies). In host memory: what the policy declares
+  (`prefetch.host_weight_bytes`): all of them for layer streaming (load_engine materialises them there), the routed
+  experts in their stored form for expert streaming (fp8 codes + scales: about half of bf16).
 - KV: `codec.bytes_per_token(LayerSpec)` x context x attention layers (the codec declares its own cost: int4 a
   quarter of bf16, eviction codecs dense as an upper bound), plus the fixed-size state of each linear-attention
   layer of a hybrid model (engine/linear_attention.py `state_bytes`), which no codec touches.
@@ -98,8 +99,9 @@ def estimate(model_cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device
             hv, conv = cfg.linear_num_value_heads, 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim
             conv += hv * cfg.linear_value_head_dim
             acts += batch * t * 4 * (3 * conv + 3 * hv * CHUNK)
-    host_weights = weights if device.type == "cpu" or torch.device(prefetch.weights_device(device)).type == "cpu" \
-        else 0
+    # what the policy keeps on the host, in its own storage (prefetch/experts.py host_dtype=fp8: the experts' codes)
+    host_weights = weights if device.type == "cpu" else prefetch.host_weight_bytes(
+        device, weights, expert_bytes=experts, element_size=elt)
     on_device = device_weights + kv + acts
     return {
         "weights_bytes": int(weights),
@@ -111,6 +113,7 @@ def estimate(model_cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device
         "device_bytes": int(on_device),
         # on the CPU the device is the host; on a GPU the host holds what a streaming policy keeps there
         "host_bytes": int(on_device if device.type == "cpu" else host_weights),
+        "host_weights_bytes": int(weights if device.type == "cpu" else host_weights),
     }
 
 
@@ -176,7 +179,7 @@ def check_fits(model_cfg: ModelConfig | Mapping[str, Any] | str | os.PathLike, *
     what, need, have = over[0]
     parts = (f"weights {est['device_weights_bytes'] / GB:.2f} GB {dtype_name(dtype)}"
              if what != "host memory (the weights a streaming policy keeps there)"
-             else f"weights {est['weights_bytes'] / GB:.2f} GB {dtype_name(dtype)}")
+             else f"weights {est['host_weights_bytes'] / GB:.2f} GB as the prefetch policy stores them")
     if what != "host memory (the weights a streaming policy keeps there)":
         parts += (f" + KV {est['kv_bytes'] / GB:.2f} GB ({getattr(codec, 'plugin_name', type(codec).__name__)})"
                   f" + activations {est['activation_bytes'] / GB:.2f} GB")

@@ -9,6 +9,11 @@ What the engine reads, declared here and never inferred from a policy's name:
                         be captured as a CUDA graph (which replays those addresses)
     weights_device(d)   where the weights are materialised before `setup` (a streaming policy keeps them on the
                         host); default: the compute device
+    keep_weight(model, name, value, d)  the tensor the model keeps for parameter `name` as the loader creates it
+                        (drawn or read, one at a time, before `setup`); default: `value` on weights_device(d). A policy
+                        may store it its own way (compressed on the host) and return a placeholder that `setup` binds
+    host_weight_bytes(d, total, expert_bytes=, element_size=)  the weight bytes this policy keeps in host memory,
+                        for the run's memory check; default: all of them when weights_device(d) is the host, else 0
     device_weight_bytes(total, layer_bytes=, num_layers=, head_bytes=, expert_bytes=)  the weight bytes this policy
                         holds on the device at once, for the run's memory check before building a model; default: all
                         of them
@@ -34,6 +39,18 @@ class PrefetchPolicy:
 
     def weights_device(self, device: torch.device) -> torch.device:
         return device
+
+    def keep_weight(self, model: torch.nn.Module, name: str, value: torch.Tensor,
+                    device: torch.device) -> torch.Tensor:
+        """What the model keeps for parameter `name` (of the meta-built `model`) when the loader has just created
+        `value` (on any device); `device` is the compute device."""
+        return value.to(self.weights_device(device))
+
+    def host_weight_bytes(self, device: torch.device, total_bytes: int, expert_bytes: int = 0,
+                          element_size: int = 2) -> float:
+        """Weight bytes this policy keeps in host memory (total_bytes, expert_bytes: as in device_weight_bytes, in
+        the model dtype of `element_size` bytes)."""
+        return float(total_bytes) if torch.device(self.weights_device(device)).type == "cpu" else 0.0
 
     def device_weight_bytes(self, total_bytes: int, layer_bytes: int | None = None, num_layers: int | None = None,
                             head_bytes: int = 0, expert_bytes: int = 0) -> float:

@@ -3,13 +3,25 @@
 An 80B MoE model reads ~3B parameters a token: a token's k routed experts of each layer, not the layer's E. Layer
 streaming moves all E (Qwen3-Next-80B: 3.2 GB a layer); this policy moves only the routed experts it does not hold.
 
-`setup(model, device)`: every parameter except the routed experts' (attention or Gated DeltaNet, norms, router,
-shared expert, embeddings, LM head) goes to the device and stays there. Each MoE layer's experts are packed into one
-host buffer [E, P] (pinned on CUDA): expert e's stacked parameters (engine/moe.py `Experts`: every one of them is
-[E, ...] along dim 0) side by side in one row of P elements, so bringing an expert in is one copy. The device holds a
-cache of C such rows, shared by every layer, C = (budget_gb - headroom_gb - dense bytes) // row bytes (at most
-`max_cached_experts`, at most every expert). Every MoE block's expert parameters become views of that cache
-[C, ...], so the block's own compute (grouped, naive or the Triton kernels) runs on it unchanged.
+Loading (`keep_weight`, called by load_engine for each parameter as it is drawn or read): every parameter except
+the routed experts' (attention or Gated DeltaNet, norms, router, shared expert, embeddings, LM head) goes straight to
+the device and stays there. Each MoE layer's experts are packed into one host buffer [E, R bytes] (page-locked on
+CUDA): expert e's stacked parameters (engine/moe.py `Experts`: every one of them is [E, ...] along dim 0) side by side
+in one row of P elements, so bringing an expert in is one copy; the model keeps a storage-free placeholder. So the
+host never holds the model at once in the model dtype, only the experts as stored: Qwen3-Next-80B's 77 B expert
+parameters are 155 GB in bf16 and 78 GB as fp8, which fits a 128 GB host.
+
+`host_dtype`: `model` stores the rows as they are (R = 2P bytes in bf16); `fp8` stores e4m3 codes with a scale per
+128 elements (kernels/fp8_rows.py; R = P + P/64 bytes in bf16), so a miss moves about half the bytes, and the device
+dequantizes the codes into the cache slot after the copy, on the copy stream (one Triton launch per row, through a
+one-row staging buffer that the stream's order keeps from being overwritten early). The weights the model computes
+with are then the fp8 round trip of its own: the logits equal a resident run whose experts took the same round trip,
+not the bf16 resident run.
+
+`setup(model, device)`: the device holds a cache of C rows in the model dtype, shared by every layer,
+C = (budget_gb - headroom_gb - dense bytes) // row bytes (at most `max_cached_experts`, at most every expert). Every
+MoE block's expert parameters become views of that cache [C, ...], so the block's own compute (grouped, naive or the
+Triton kernels) runs on it unchanged. (A model built without load_engine has its experts packed here.)
 
 `run_experts` (the hook the MoE block calls after routing, prefetch/base.py): the routed ids come to the host (one
 sync, shared with the prediction below), each distinct (layer, expert) is looked up: a hit uses its slot, a miss
@@ -31,9 +43,9 @@ predicts this very token's routing, while statistics predict only experts that a
 decode's routing changes token to token); it costs one [N, hidden] x [hidden, E] product per layer and shares the
 routing's host sync. `predict: none` measures what it buys (scripts/bench_expert_stream.py).
 
-Outputs equal the resident run: the cache holds the weights' own bytes, and the grouped path and the Triton kernels
-compute each (token, expert) pair alike whatever index the expert has; only a step split into rounds sums in another
-order.
+Outputs equal the resident run (`host_dtype: model`; with fp8, the resident run of the round-tripped experts): the cache
+holds the weights' own bytes, and the grouped path and the Triton kernels compute each (token, expert) pair alike
+whatever index the expert has; only a step split into rounds sums in another order.
 """
 
 from __future__ import annotations
@@ -46,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ollm_triton.kernels.fp8_rows import BLOCK, FP8, dequantize_fp8, quantize_fp8
 from ollm_triton.prefetch.base import PrefetchPolicy
 from ollm_triton.prefetch.store import _register_pinned, _unregister_pinned
 from ollm_triton.registry import PluginError, register
@@ -53,7 +66,11 @@ from ollm_triton.registry import PluginError, register
 GB = 1e9
 PREDICTORS = ("router", "none")
 EVICTIONS = ("lru", "lfu")
-ALIGN = 64  # elements: each parameter's view in a cache row starts 128-byte aligned in bf16 (coalesced loads)
+HOST_DTYPES = ("model", "fp8")
+# elements: each parameter's view in a cache row starts 256-byte aligned in bf16 (coalesced loads), and an fp8 scale
+# block never spans two parameters
+ALIGN = BLOCK
+CHUNK_BYTES = 256 << 20  # float32 temporaries of one quantization step (a Qwen3-Next parameter is 2.1 GB in bf16)
 
 
 @dataclass
@@ -64,6 +81,7 @@ class ExpertStreamingConfig:
     eviction: str = "lru"  # lru | lfu (the least often routed row goes first; ties: the least recent)
     predict: str = "router"  # router (next layer's router on this layer's hidden state) | none
     prefetch_per_token: int = 0  # experts per token prefetched for the next layer (0: the model's experts per token)
+    host_dtype: str = "model"  # model (the rows as they are) | fp8 (e4m3 codes + a scale per 128, dequantized on copy)
 
     def check(self) -> None:
         if self.budget_gb is not None and self.budget_gb <= 0:
@@ -80,6 +98,8 @@ class ExpertStreamingConfig:
         if self.prefetch_per_token < 0:
             raise ValueError(f"prefetch_per_token must be >= 0 (0: the model's experts per token), got "
                              f"{self.prefetch_per_token}")
+        if self.host_dtype not in HOST_DTYPES:
+            raise ValueError(f"host_dtype must be one of {', '.join(HOST_DTYPES)}, got {self.host_dtype!r}")
 
 
 def _expert_blocks(model: nn.Module) -> dict[int, nn.Module]:
@@ -95,11 +115,24 @@ class ExpertStreaming(PrefetchPolicy):
 
     def __init__(self, cfg: ExpertStreamingConfig | None = None):
         self.cfg = cfg or ExpertStreamingConfig()
-        self.model = None
+        self.model = self.staging = None
+        self._loading = None  # the model whose experts are being stored (keep_weight, then setup)
+        self._registered: list[torch.Tensor] = []  # host rows page-locked in place (unregistered by close)
+        self.host: dict[int, torch.Tensor] = {}
 
     # --- the run's memory check, before any model exists ------------------------------------------------------
     def weights_device(self, device: torch.device) -> torch.device:
-        return torch.device("cpu")  # load_engine materialises on the host; setup moves the dense part
+        return torch.device("cpu")  # a checkpoint is read on the host; keep_weight sends the dense part on
+
+    def host_weight_bytes(self, device: torch.device, total_bytes: int, expert_bytes: int = 0,
+                          element_size: int = 2) -> float:
+        """The routed experts as stored (fp8: a byte a weight + a scale per BLOCK); the dense part goes straight to
+        the device. A dense model (no expert bytes) is refused by setup; all of it is counted here."""
+        if not expert_bytes:
+            return float(total_bytes)
+        if self.cfg.host_dtype == "fp8":
+            return expert_bytes / element_size * (1 + element_size / BLOCK)
+        return float(expert_bytes)
 
     def _cap(self) -> float | None:
         return None if self.cfg.budget_gb is None else self.cfg.budget_gb * GB - self.cfg.headroom_gb * GB
@@ -121,49 +154,129 @@ class ExpertStreaming(PrefetchPolicy):
                 f"leaves no room for {what} after the {dense / GB:.3f} GB dense part (attention, norms, routers, "
                 f"shared experts, embeddings, head) that stays on the device; raise budget_gb")
 
-    # --- setup --------------------------------------------------------------------------------------------------
-    def setup(self, model: nn.Module, device: torch.device) -> None:
+    # --- loading: the experts into host rows as they are created ------------------------------------------------
+    def keep_weight(self, model: nn.Module, name: str, value: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """A routed expert parameter is packed (and compressed) into its layer's host rows now, one at a time, and
+        the model keeps a storage-free placeholder; any other parameter goes to the compute device."""
+        if self._loading is not model:
+            self._begin(model, device)
+        module_name, _, attr = name.rpartition(".")
+        layer = self._layer_of.get(id(model.get_submodule(module_name)))
+        if layer is None:
+            return value.to(device)
+        self._store(layer, attr, value)
+        return torch.empty(value.shape, dtype=value.dtype, device="meta")
+
+    def _begin(self, model: nn.Module, device: torch.device) -> None:
+        """Start storing `model`'s experts: the blocks, the row layout (from the parameters' shapes, which even a
+        meta model has), no rows yet."""
         blocks = _expert_blocks(model)
-        if not blocks:
+        if not blocks:  # refused before a dense model is built on the device (it may not fit there)
             kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
             raise PluginError(f"prefetch {self.plugin_name}: model {kind} has no mixture-of-experts layers, so "
                               "there are no experts to stream; use +prefetch=lookahead (layer streaming) or resident")
+        if self.model is not None or self._loading is not None:  # this policy served another model: let it go
+            self.close()
         device = torch.device(device)
         self.device, self.cuda = device, device.type == "cuda"
-        self.blocks = blocks
-        self.moe_layers = sorted(blocks)
-        self._next_moe = dict(zip(self.moe_layers, self.moe_layers[1:], strict=False))  # the last predicts none
-        expert_params = {id(p) for b in blocks.values() for p in b.experts._parameters.values() if p is not None}
-        self.dense_bytes = self._place_dense(model, device, expert_params)
-
-        # one row layout for every layer (the config gives every MoE layer the same experts)
+        self.blocks, self.moe_layers = blocks, sorted(blocks)
+        self._layer_of = {id(b.experts): i for i, b in blocks.items()}
         first = blocks[self.moe_layers[0]].experts
-        self.entries, offset = [], 0  # (name, per-expert shape, offset, numel)
+        self.entries, offset = {}, 0  # name -> (per-expert shape, offset, numel, padded numel)
         for name, p in first._parameters.items():
             if p is None:
                 continue
             n = p[0].numel()
-            self.entries.append((name, tuple(p.shape[1:]), offset, n))
-            offset += -(-n // ALIGN) * ALIGN
-        p0 = first._parameters[self.entries[0][0]]
-        self.row_elems, self.dtype, self.num_experts = offset, p0.dtype, p0.shape[0]
-        self.row_bytes = self.row_elems * p0.element_size()
+            padded = -(-n // ALIGN) * ALIGN
+            self.entries[name] = (tuple(p.shape[1:]), offset, n, padded)
+            offset += padded
+        self.row_elems, self.dtype = offset, None
+        self.num_experts = first._parameters[next(iter(self.entries))].shape[0]
+        self.host, self._stored, self._registered = {}, set(), []
+        self._loading = model
+
+    def _layout_dtype(self, dtype: torch.dtype) -> None:
+        """The first stored parameter fixes the rows' dtype and byte sizes (the cache holds one dtype)."""
+        if self.dtype is None:
+            self.dtype = dtype
+            elt = torch.empty((), dtype=dtype).element_size()
+            self.row_bytes = self.row_elems * elt  # a cache row on the device
+            # a host row: the model's bytes, or the codes then the scales (at byte P: 128-aligned)
+            self.host_row_bytes = self.row_elems * (1 if self.cfg.host_dtype == "fp8" else elt) + \
+                (self.row_elems // BLOCK * elt if self.cfg.host_dtype == "fp8" else 0)
+        elif dtype != self.dtype:
+            raise PluginError(f"prefetch {self.plugin_name}: expert parameters come in {self.dtype} and {dtype}; the "
+                              "cache rows hold one dtype")
+
+    def _rows(self, layer: int) -> torch.Tensor:
+        """Layer's host rows [E, host_row_bytes] uint8, allocated on first use (page-locked on CUDA)."""
+        host = self.host.get(layer)
+        if host is None:
+            host = torch.empty(self.num_experts, self.host_row_bytes, dtype=torch.uint8)
+            if self.cuda:  # page-locked in place, as the layer store does: torch's pinned allocator would round
+                # the 3.2 GB of a Qwen3-Next layer up to 4 GB (a power of two)
+                if _register_pinned(host):
+                    self._registered.append(host)
+                else:
+                    host = host.pin_memory()
+            self.host[layer] = host
+        return host
+
+    def _store(self, layer: int, name: str, value: torch.Tensor) -> None:
+        """Expert parameter `name` of `layer` ([E, ...] on any device) into its columns of the layer's host rows, a
+        few experts at a time (fp8: quantized where the value lies, so a GPU-drawn model sends only the codes)."""
+        self._layout_dtype(value.dtype)
+        host = self._rows(layer)
+        _, off, n, padded = self.entries[name]
+        e = self.num_experts
+        step = max(1, CHUNK_BYTES // (padded * 4))
+        for e0 in range(0, e, step):
+            x = F.pad(value[e0:e0 + step].detach().reshape(-1, n), (0, padded - n))  # zeros: whole scale blocks
+            if self.cfg.host_dtype == "fp8":
+                codes, scales = quantize_fp8(x)
+                host[e0:e0 + step, off:off + padded].copy_(codes.view(torch.uint8))
+                at = self.row_elems + off // BLOCK * scales.element_size()
+                scales = scales.view(torch.uint8)
+                host[e0:e0 + step, at:at + scales.shape[1]].copy_(scales)
+            else:
+                elt = value.element_size()
+                host[e0:e0 + step, off * elt:(off + padded) * elt].copy_(x.view(torch.uint8))
+        self._stored.add((layer, name))
+
+    # --- setup --------------------------------------------------------------------------------------------------
+    def setup(self, model: nn.Module, device: torch.device) -> None:
+        if self._loading is not model:  # built without load_engine's keep_weight: its experts are packed below
+            self._begin(model, device)
+        blocks = self.blocks
+        device = self.device
+        self._next_moe = dict(zip(self.moe_layers, self.moe_layers[1:], strict=False))  # the last predicts none
+        expert_params = {id(p) for b in blocks.values() for p in b.experts._parameters.values() if p is not None}
+        self.dense_bytes = self._place_dense(model, device, expert_params)
+        self._layout_dtype(blocks[self.moe_layers[0]].experts._parameters[next(iter(self.entries))].dtype)
         self.top_k = blocks[self.moe_layers[0]].get_submodule(blocks[self.moe_layers[0]].router_name).top_k
+        # fp8 on CUDA: one row's codes land in a staging buffer and are dequantized from it into the slot
+        staging = self.host_row_bytes if self.cuda and self.cfg.host_dtype == "fp8" else 0
         total = len(blocks) * self.num_experts
         cap = self._cap()
-        slots = total if cap is None else int((cap - self.dense_bytes) // self.row_bytes)
+        slots = total if cap is None else int((cap - self.dense_bytes - staging) // self.row_bytes)
         if self.cfg.max_cached_experts:
             slots = min(slots, self.cfg.max_cached_experts)
         self.num_slots = min(slots, total)
-        if self.num_slots < 1:
+        if self.num_slots < 1:  # before packing what load_engine did not
             raise PluginError(self._too_small(self.dense_bytes, f"one {self.row_bytes / 1e6:.3f} MB expert"))
-        self._registered: list[torch.Tensor] = []  # host rows page-locked in place (unregistered by close)
-        self.host = {i: self._pack(b.experts) for i, b in blocks.items()}  # layer -> [E, P] (pinned on CUDA)
+        for i, b in blocks.items():
+            for name in self.entries:
+                if (i, name) not in self._stored:
+                    self._store(i, name, b.experts._parameters[name])
+                b.experts._parameters[name] = None  # the host rows hold it now: free the original (or placeholder)
+        self._loading = None
+        self.staging = torch.empty(staging, dtype=torch.uint8, device=device) if staging else None
         # NaN until loaded: a slot read before its expert arrived poisons the logits instead of passing unnoticed
         self.cache = torch.full((self.num_slots, self.row_elems), float("nan"), dtype=self.dtype, device=device)
         if self.cuda:  # the side stream's first copies into the cache must land after this fill, not under it
             torch.cuda.synchronize(device)
-        views = {name: self.cache[:, off:off + n].view(self.num_slots, *shape) for name, shape, off, n in self.entries}
+        views = {name: self.cache[:, off:off + n].view(self.num_slots, *shape)
+                 for name, (shape, off, n, _) in self.entries.items()}
         for b in blocks.values():
             for name in views:
                 b.experts._parameters[name] = views[name]
@@ -187,7 +300,8 @@ class ExpertStreaming(PrefetchPolicy):
         self._stalls: list[tuple[object, object]] = []  # CUDA (before, after) events around the waits for copies
         self.counts: Counter[str] = Counter()
         self.stall_s = 0.0
-        self.held_bytes = self.dense_bytes + self.num_slots * self.row_bytes
+        self.held_bytes = self.dense_bytes + self.num_slots * self.row_bytes + \
+            (0 if self.staging is None else self.staging.numel())
         self._layer = None
 
     def _place_dense(self, model: nn.Module, device: torch.device, skip: set[int]) -> int:
@@ -204,25 +318,6 @@ class ExpertStreaming(PrefetchPolicy):
                 if b is not None:
                     module._buffers[name] = moved.setdefault(id(b), b.to(device))
         return sum(t.numel() * t.element_size() for t in moved.values())
-
-    def _pack(self, experts: nn.Module) -> torch.Tensor:
-        """One layer's experts as rows [E, P]: expert e's parameters side by side (the cache's row layout)."""
-        e = self.num_experts
-        host = torch.zeros(e, self.row_elems, dtype=self.dtype)
-        if self.cuda:  # page-locked in place, as the layer store does: torch's pinned allocator would round the
-            # 3.2 GB of a Qwen3-Next layer up to 4 GB (a power of two)
-            if _register_pinned(host):
-                self._registered.append(host)
-            else:
-                host = host.pin_memory()
-        for name, _, off, n in self.entries:
-            p = experts._parameters[name]
-            if p.dtype != self.dtype:
-                raise PluginError(f"prefetch {self.plugin_name}: expert parameter {name} is {p.dtype}, the others "
-                                  f"{self.dtype}; the cache rows hold one dtype")
-            host[:, off:off + n] = p.detach().reshape(e, n).cpu()
-            experts._parameters[name] = None  # the host copy is now the packed row: free the original
-        return host
 
     # --- the hooks ----------------------------------------------------------------------------------------------
     def before_layer(self, index: int) -> None:
@@ -303,14 +398,24 @@ class ExpertStreaming(PrefetchPolicy):
                 used = self._last_use.pop(slot, None)
                 if used is not None:  # the compute stream may still be reading the evicted expert
                     self.copy_stream.wait_event(used)
-                dst.copy_(src, non_blocking=True)
+                if self.staging is None:
+                    dst.view(torch.uint8).copy_(src, non_blocking=True)
+                else:  # the next row's copy into the staging buffer queues behind this dequantization
+                    self._unpack(self.staging.copy_(src, non_blocking=True), dst)
                 ready = torch.cuda.Event()
                 ready.record(self.copy_stream)
             self._ready[slot] = ready
+        elif self.cfg.host_dtype == "fp8":
+            self._unpack(src, dst)
         else:
-            dst.copy_(src)
+            dst.view(torch.uint8).copy_(src)
         self._slot_of[key] = slot
-        self.counts["bytes_moved"] += self.row_bytes
+        self.counts["bytes_moved"] += self.host_row_bytes
+
+    def _unpack(self, row: torch.Tensor, dst: torch.Tensor) -> None:
+        """An fp8 host row's bytes (codes, then scales) dequantized into the cache row `dst`."""
+        p = self.row_elems
+        dequantize_fp8(row[:p].view(FP8), row[p:].view(self.dtype), dst)
 
     def _bring_in(self, layer: int, group: list[int]) -> list[int]:
         """The slots of `group`'s experts of `layer`, copying in the missing ones (never evicting one of them)."""
@@ -413,7 +518,8 @@ class ExpertStreaming(PrefetchPolicy):
             "bytes_moved": float(c["bytes_moved"]),
             "bytes_per_token": c["bytes_moved"] / tokens,
             "stall_s": self.stall_s,
-            "expert_bytes": float(self.row_bytes),
+            "expert_bytes": float(self.host_row_bytes),  # moved per expert (fp8: codes + scales)
+            "expert_cache_bytes": float(self.row_bytes),  # a cache row on the device (the model dtype)
             "cache_slots": float(self.num_slots),
             "num_experts_stored": float(len(self.blocks) * self.num_experts),
             "dense_bytes": float(self.dense_bytes),
@@ -429,7 +535,8 @@ class ExpertStreaming(PrefetchPolicy):
                 b.expert_hooks = None
         for t in getattr(self, "_registered", ()):  # also after a failed setup; before the memory is freed: CUDA
             _unregister_pinned(t)  # must not keep a freed range locked
-        self._registered, self.host, self.cache, self.model = [], {}, None, None
+        self._registered, self.host, self.cache, self.model, self._loading = [], {}, None, None, None
+        self.staging = None
 
     def host_pinned(self) -> bool:
         """Whether every layer's host rows are page-locked (torch's allocator or registered in place)."""
