@@ -5,7 +5,7 @@ reference bit for bit, into a NaN-poisoned output, on odd block counts."""
 import pytest
 import torch
 
-from ollm_triton.kernels.fp8_rows import BLOCK, FP8, dequantize_fp8, dequantize_fp8_ref, quantize_fp8
+from ollm_triton.kernels.fp8_rows import BLOCK, FP8, dequantize_fp8, dequantize_fp8_ref, fp8_round_trip, quantize_fp8
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -92,3 +92,14 @@ def test_bad_input_refused():
         dequantize_fp8(codes.float(), scales, torch.empty(2 * BLOCK))
     with pytest.raises(ValueError, match=r"^an fp8 row holds a multiple of 128 elements \(pad it\), got 100$"):
         quantize_fp8(torch.randn(100))
+
+
+def test_round_trip_pads_to_whole_blocks():
+    """129 weights: the last block holds one weight and 127 zeros, its own scale (the first block's outlier does not
+    reach it)."""
+    x = torch.randn(2, 129, dtype=torch.float64)
+    x[:, 0] = 1000.0
+    back = fp8_round_trip(x)
+    assert back.shape == x.shape and torch.equal(back[:, :128], dequantize_fp8_ref(*quantize_fp8(x[:, :128]),
+                                                                                    torch.float64))
+    assert torch.allclose(back[:, 128], x[:, 128], rtol=2**-4, atol=0)  # alone in its block: |y| = 448, 3 bits

@@ -18,7 +18,7 @@ import torch
 from ollm_triton.engine import load_engine
 from ollm_triton.engine.footprint import DoesNotFit, check_fits
 from ollm_triton.engine.moe import Router
-from ollm_triton.kernels.fp8_rows import BLOCK, dequantize_fp8_ref, quantize_fp8
+from ollm_triton.kernels.fp8_rows import BLOCK, fp8_round_trip
 from ollm_triton.registry import PluginError, registry
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -49,13 +49,11 @@ def experts(**params):
     return registry.build("prefetch", "experts", {"headroom_gb": 0.0, **params})
 
 
-def fp8_round_trip(experts_module):
-    """The resident reference of host_dtype=fp8: each expert's parameter, zero-padded to whole 128-blocks, through
-    quantize_fp8 and back (the policy pads each parameter of a row alike)."""
+def round_trip_experts(experts_module):
+    """The resident reference of host_dtype=fp8: each expert's parameter, flattened per expert, through fp8 and back
+    (kernels/fp8_rows.py, tested against float64 there; the policy pads each parameter of a row alike)."""
     for p in experts_module.parameters():
-        e, n = p.shape[0], p[0].numel()
-        x = torch.nn.functional.pad(p.detach().reshape(e, n), (0, -n % BLOCK))
-        back = dequantize_fp8_ref(*quantize_fp8(x), p.dtype)[:, :n].reshape(p.shape)
+        back = fp8_round_trip(p.detach().reshape(p.shape[0], -1)).reshape(p.shape)
         assert not torch.equal(back, p)  # the round trip changes the weights (else this reference proves nothing)
         p.data.copy_(back)
 
@@ -68,7 +66,7 @@ def run(cfg, prefetch=None, prompt=PROMPT, steps=STEPS, path="auto", round_trip=
         if hasattr(layer.mlp, "experts"):  # a MoE block (an instance attribute: the class default stays "auto")
             layer.mlp.path = path
             if round_trip:
-                fp8_round_trip(layer.mlp.experts)
+                round_trip_experts(layer.mlp.experts)
     prompt = prompt.to(engine.device)
     cache = engine.new_cache(1, 32)
     outs = [engine.forward(prompt, cache)]

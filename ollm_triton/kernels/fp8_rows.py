@@ -66,6 +66,14 @@ def dequantize_fp8_ref(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.d
     return blocks.reshape(codes.shape).to(dtype)
 
 
+def fp8_round_trip(x: torch.Tensor) -> torch.Tensor:
+    """x: [..., n] -> x as stored in fp8 rows and read back: zero-padded to whole blocks, quantized, dequantized,
+    cropped (what a model computes with when its experts are kept as fp8 on the host: the resident reference)."""
+    n = x.shape[-1]
+    padded = torch.nn.functional.pad(x, (0, -n % BLOCK))
+    return dequantize_fp8_ref(*quantize_fp8(padded), x.dtype)[..., :n]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Triton
 # ----------------------------------------------------------------------------------------------------------------
@@ -100,4 +108,4 @@ def dequantize_fp8(codes: torch.Tensor, scales: torch.Tensor, out: torch.Tensor,
     return out
 
 
-__all__ = ["BLOCK", "FP8", "dequantize_fp8", "dequantize_fp8_ref", "quantize_fp8", "scale_count"]
+__all__ = ["BLOCK", "FP8", "dequantize_fp8", "dequantize_fp8_ref", "fp8_round_trip", "quantize_fp8", "scale_count"]
