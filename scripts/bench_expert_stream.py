@@ -2,13 +2,16 @@
 Qwen3-Next-80B (or Qwen3-30B-A3B) with random bf16 weights at the real layer shapes.
 
     python scripts/bench_expert_stream.py [--model qwen3_next_80b] [--layers 4 8] [--budget-gb 8] [--prompt 64]
-                                          [--decode 16] [--out bench_expert_stream.json]
+                                          [--decode 16] [--host-dtype fp8] [--out bench_expert_stream.json]
     python scripts/bench_expert_stream.py --small      # a tiny config on the CPU: the plumbing, no real timing
 
 What runs, for each depth L (the preset with `num_hidden_layers` cut to L; a multiple of 4 keeps qwen3_next's 3:1
 linear to full attention):
 - resident: every weight on the device (the correctness reference, and the compute-only speed: no copies);
 - experts (predict router / none, eviction lru / lfu): prefetch/experts.py, one engine, `forget()` between them;
+- with --host-dtype fp8, beside them: experts (router, lru / lfu) with `host_dtype: fp8` (e4m3 codes + a bf16 scale
+  per 128 on the host, dequantized into the cache slot after the copy): the same cache slots (the cache stays bf16),
+  about half the bytes a miss moves, so half the I/O floor's time;
 - on_demand: layer streaming, one layer slot (what 8 GB holds of Qwen3-Next's 3.3 GB layers after the head);
 - lookahead: layer streaming with prefetch distance 1 (2 slots), at the budget it needs (8.4 GB on Qwen3-Next).
 Layer streaming moves whole layers, whatever L, so its budget is the full model's 8 GB. The expert cache is scaled
@@ -21,7 +24,9 @@ each token's bytes moved (the policy's own counter) were the only cost, at that 
 (the full model fits neither this GPU nor its host): ms/token = t(L1) + (48 - L1) x per-layer, per-layer =
 (t(L2) - t(L1)) / (L2 - L1); bytes/token the same way. Correctness, in the same run: every streamed variant's
 teacher-forced logits (prompt + 8 steps) against the resident run's, max abs difference (the streamed bytes are the
-weights' own bytes, so 0 is expected) and argmax agreement.
+weights' own bytes, so 0 is expected) and argmax agreement; an fp8 variant's against the resident run with its
+experts through the same fp8 round trip (kernels/fp8_rows.py `fp8_round_trip`, applied in place after the resident
+timing: 0 expected), and its relative RMS error against the bf16 resident logits (what fp8 storage costs).
 
 Writes JSON (device, versions, git sha from OLLM_GIT_SHA, date, command) and prints a GitHub table last.
 """
@@ -44,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ollm_triton.engine import ModelConfig, load_engine  # noqa: E402
+from ollm_triton.kernels.fp8_rows import fp8_round_trip  # noqa: E402
 from ollm_triton.registry import registry  # noqa: E402
 from ollm_triton.results import environment  # noqa: E402
 
@@ -138,6 +144,20 @@ def compare(logits: torch.Tensor, ref: torch.Tensor) -> dict:
             "argmax_agree": (logits.argmax(-1) == ref.argmax(-1)).float().mean().item()}
 
 
+def rel_rms(logits: torch.Tensor, ref: torch.Tensor) -> float:
+    ref, logits = ref.double(), logits.double()
+    return ((logits - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
+
+
+def round_trip_experts(engine) -> None:
+    """The resident engine's routed experts through fp8 and back, in place: the reference of host_dtype=fp8."""
+    for layer in engine.model.model.layers:
+        if hasattr(layer.mlp, "experts"):
+            for p in layer.mlp.experts.parameters():
+                for e in range(p.shape[0]):  # an expert at a time: no float32 copy of a whole layer's experts
+                    p.data[e] = fp8_round_trip(p.data[e].reshape(1, -1)).reshape(p.shape[1:])
+
+
 def main() -> None:  # noqa: C901 (one study, top to bottom)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="qwen3_next_80b", choices=["qwen3_next_80b", "qwen3_moe_30b"])
@@ -147,6 +167,8 @@ def main() -> None:  # noqa: C901 (one study, top to bottom)
     ap.add_argument("--decode", type=int, default=16)
     ap.add_argument("--layer-decode", type=int, default=4, help="decode steps for the layer-streaming variants")
     ap.add_argument("--out", default="bench_expert_stream.json")
+    ap.add_argument("--host-dtype", choices=["model", "fp8"], default="model",
+                    help="fp8: also expert streaming from fp8 host rows, beside the model dtype's (bf16)")
     ap.add_argument("--small", action="store_true", help="a tiny config on the CPU: checks the script only")
     args = ap.parse_args()
     global DEVICE
@@ -188,16 +210,22 @@ def main() -> None:  # noqa: C901 (one study, top to bottom)
         variants = [
             ("resident", None, {}),
             ("experts", "experts", {"budget_gb": expert_budget / GB, "predict": "router"}),
+            *([("experts fp8", "experts", {"budget_gb": expert_budget / GB, "predict": "router",
+                                           "host_dtype": "fp8"})] if args.host_dtype == "fp8" else []),
             ("on_demand", "on_demand", {"budget_gb": args.budget_gb}),
             ("lookahead", "lookahead", {"budget_gb": max(args.budget_gb, two_slots / GB), "prefetch_distance": 1,
                                         "max_cache_size": 2}),
         ]
         if args.small:  # the tiny model's bytes are far below any budget in GB: size the caches by count instead
             slots = max(2 * arch["num_experts_per_tok"], round(slots_per_layer * n))  # room left to prefetch into
-            variants[1] = ("experts", "experts", {"max_cached_experts": slots, "predict": "router", "headroom_gb": 0.0})
-            variants[2] = ("on_demand", "on_demand", {})
-            variants[3] = ("lookahead", "lookahead", {"prefetch_distance": 1, "max_cache_size": 2})
-        ref = None
+            for i, (label, name, params) in enumerate(variants):
+                if name == "experts":
+                    params = {**params, "max_cached_experts": slots, "headroom_gb": 0.0}
+                    params.pop("budget_gb")
+                elif name is not None:
+                    params = {"prefetch_distance": 1, "max_cache_size": 2} if name == "lookahead" else {}
+                variants[i] = (label, name, params)
+        ref = ref_fp8 = None
         for label, name, params in variants:
             row = {"layers": n, "policy": label, "params": params}
             engine = None
@@ -208,25 +236,34 @@ def main() -> None:  # noqa: C901 (one study, top to bottom)
                 row["build_s"] = time.perf_counter() - t0
                 with torch.inference_mode():
                     logits = teacher_forced(engine, ids, args.prompt)
+                    fp8 = params.get("host_dtype") == "fp8"
                     if ref is None:
                         ref = logits
                     else:
-                        row.update(compare(logits, ref))
-                    steps = args.decode if label in ("resident", "experts") else args.layer_decode
-                    if label == "experts":  # one engine, each setting from a cold cache
-                        for predict, eviction in (("router", "lru"), ("none", "lru"), ("router", "lfu")):
+                        row.update(compare(logits, ref_fp8 if fp8 else ref))
+                        row["logits_rel_rms_vs_bf16_resident"] = rel_rms(logits, ref)
+                    steps = args.decode if label in ("resident", "experts", "experts fp8") else args.layer_decode
+                    if name == "experts":  # one engine, each setting from a cold cache
+                        settings = (("router", "lru"), ("router", "lfu")) if fp8 else \
+                            (("router", "lru"), ("none", "lru"), ("router", "lfu"))
+                        for predict, eviction in settings:
                             engine.prefetch.cfg.predict, engine.prefetch.cfg.eviction = predict, eviction
                             engine.prefetch.forget()
                             sub = decode(engine, ids[:, : args.prompt], steps)
                             sub["io_floor_tok_s"] = gbps * GB / sub["bytes_per_token"] if sub["bytes_per_token"] \
                                 and gbps else None
-                            payload["rows"].append({**row, "policy": f"experts ({predict}, {eviction})",
+                            what = f"{predict}, {eviction}, fp8" if fp8 else f"{predict}, {eviction}"
+                            payload["rows"].append({**row, "policy": f"experts ({what})",
                                                     "params": {**params, "predict": predict, "eviction": eviction},
                                                     **sub})
                             print("ROW", json.dumps(payload["rows"][-1], default=str), flush=True)
                         continue
                     row.update(decode(engine, ids[:, : args.prompt], steps, warmup=1 if name else 4,
                                       head_bytes=part["head"]))
+                    if name is None and args.host_dtype == "fp8":  # after its timing: the fp8 variants' reference
+                        round_trip_experts(engine)
+                        ref_fp8 = teacher_forced(engine, ids, args.prompt)
+                        row["logits_rel_rms_fp8_round_trip_vs_bf16"] = rel_rms(ref_fp8, ref)
                     if row.get("bytes_per_token") and gbps:
                         row["io_floor_tok_s"] = gbps * GB / row["bytes_per_token"]
             except Exception as e:
@@ -239,7 +276,7 @@ def main() -> None:  # noqa: C901 (one study, top to bottom)
                 gc.collect()
                 if DEVICE.type == "cuda":
                     torch.cuda.empty_cache()
-            if label != "experts" or "error" in row:
+            if name != "experts" or "error" in row:
                 payload["rows"].append(row)
                 print("ROW", json.dumps(row, default=str), flush=True)
 
@@ -281,18 +318,20 @@ def table(p: dict) -> str:
            f"GB/s; {env.get('device_name')}, torch {env.get('torch')}, triton {env.get('triton')}, git "
            f"{env.get('git_sha')}, {env.get('date')}", f"command: {env.get('command')}", "",
            "| layers | policy | tok/s | ms/token | hit rate | prefetch acc. | MB moved/token | I/O floor tok/s | "
-           "stall ms/token | device weights GB | peak GB | max abs diff vs resident |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "stall ms/token | device weights GB | peak GB | max abs diff vs resident (fp8: its round trip) | "
+           "logits rel. RMS vs bf16 resident (resident: its fp8 round trip) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in p["rows"]:
         if "error" in r:
-            out.append(f"| {r['layers']} | {r['policy']} | {r['error']} | | | | | | | | | |")
+            out.append(f"| {r['layers']} | {r['policy']} | {r['error']} | | | | | | | | | | |")
             continue
+        rms = r.get("logits_rel_rms_vs_bf16_resident", r.get("logits_rel_rms_fp8_round_trip_vs_bf16"))
         mb = r.get("bytes_per_token")
         out.append(f"| {r['layers']} | {r['policy']} | {r['tok_s']:.2f} | {r['ms_per_token']:.1f} | "
                    f"{_f(r.get('hit_rate'), '.3f')} | {_f(r.get('prefetch_accuracy'), '.3f')} | "
                    f"{_f(None if mb is None else mb / 1e6, '.1f')} | {_f(r.get('io_floor_tok_s'), '.2f')} | "
                    f"{_f(r.get('stall_ms_per_token'), '.2f')} | {_f(r.get('device_weight_gb'), '.2f')} | "
-                   f"{r['peak_gb']:.2f} | {_f(r.get('max_abs_diff_vs_resident'), '.2e')} |")
+                   f"{r['peak_gb']:.2f} | {_f(r.get('max_abs_diff_vs_resident'), '.2e')} | {_f(rms, '.2e')} |")
     if p.get("scaling"):
         out += ["", "Scaled to 48 layers (t(L1) + (48 - L1) x per-layer, from the two depths; resident: the compute "
                 "alone, which does not fit one GPU):", "",
