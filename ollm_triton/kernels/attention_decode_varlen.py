@@ -34,6 +34,7 @@ from ollm_triton.kernels.decode_merge import merge_splits, one_wave_splits
 
 BLOCK_N = 64
 MAX_ROWS = 128  # GROUP * T query rows a program (acc [128, 128] fp32 at 8 warps)
+MAX_BLOCK_T = 32  # new tokens of a verify block: a row's mask is one int32 of bits in the kernel
 
 
 @triton.jit
@@ -42,7 +43,7 @@ def _decode_varlen_split_kernel(
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_mt,
     Hkv, qk_scale,
     GROUP: tl.constexpr, T: tl.constexpr, IN_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Split i_s of (sequence, KV head) i_bkv. Keys below LENS[b] are seen by every row; with IN_BLOCK the T keys
     after them are the block's own, key LENS[b] + j seen by new token t iff BLOCK_MASK[t, j]."""
@@ -63,6 +64,15 @@ def _decode_varlen_split_kernel(
     b_q = tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.0)
     p_k = K + i_b.to(tl.int64) * stride_kb + i_kvh.to(tl.int64) * stride_kh
     p_v = V + i_b.to(tl.int64) * stride_vb + i_kvh.to(tl.int64) * stride_vh
+
+    # Row r's mask row as the bits of one int32 (bit j: sees new token j, so T <= 32), loaded once: gathering a
+    # [rows, 64] tile of the mask in the tail tiles instead took 254 registers at 32 rows and spilled at 64 (sm_90
+    # AOT, Triton 3.9); with the bits 132 at 32 rows and 217 at 64, no spills (the one-token decode path keeps its 78).
+    if IN_BLOCK:
+        o_bt = tl.arange(0, BLOCK_T)
+        b_row = tl.load(BLOCK_MASK + o_t[:, None] * stride_mt + o_bt[None, :], mask=m_r[:, None] & (o_bt < T)[None, :],
+                        other=0)
+        b_bits = tl.sum(b_row.to(tl.int32) << o_bt[None, :], 1)  # [BR]: distinct bits, the sum is their OR
 
     # This sequence's blocks (held keys, then the verify block's own), split evenly over the grid's first axis.
     kv_len = tl.load(LENS + i_b).to(tl.int32)
@@ -86,9 +96,8 @@ def _decode_varlen_split_kernel(
             if j * BLOCK_N + BLOCK_N > kv_len:  # only the last one or two tiles reach the new tokens
                 o_j = o_s - kv_len  # key s is new token o_j
                 m_j = (o_j >= 0) & (o_j < T)
-                b_m = tl.load(BLOCK_MASK + o_t[:, None] * stride_mt + o_j[None, :],
-                              mask=m_r[:, None] & m_j[None, :], other=0)
-                b_qk = tl.where(b_m != 0, b_s, b_qk)
+                b_see = ((b_bits[:, None] >> tl.where(m_j, o_j, 0)[None, :]) & 1) != 0
+                b_qk = tl.where(m_j[None, :] & b_see, b_s, b_qk)
         m_new = tl.maximum(m_i, tl.max(b_qk, 1))
         alpha = tl.exp2(m_i - m_new)
         b_p = tl.exp2(b_qk - m_new[:, None])
@@ -129,7 +138,7 @@ def kernel_supports(q: torch.Tensor, k_cache: torch.Tensor, t: int = 1) -> bool:
     """q: [B, Hq, D] or [B, Hq, T, D] with t = T: GROUP * T rows share one program's K/V reads."""
     group = q.shape[1] // k_cache.shape[1]
     return q.dtype in (torch.float32, torch.float16, torch.bfloat16) and q.dtype == k_cache.dtype \
-        and group * t <= MAX_ROWS and 16 <= q.shape[-1] <= 256
+        and group * t <= MAX_ROWS and t <= MAX_BLOCK_T and 16 <= q.shape[-1] <= 256
 
 
 def _split_attention(q, k_cache, v_cache, lengths, out, *, t, stride_qt, stride_ot, block_mask, scale, num_splits):
@@ -154,6 +163,7 @@ def _split_attention(q, k_cache, v_cache, lengths, out, *, t, stride_qt, stride_
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_mask.stride(0) if in_block else 0,
         hkv, scale * LOG2E,
         GROUP=group, T=t, IN_BLOCK=in_block, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_N=BLOCK_N,
+        BLOCK_T=max(2, triton.next_power_of_2(t)),
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4 if block_r <= 64 else 8, num_stages=3,
     )
     merge_splits(o_part, l_part, out, kv_heads=hkv, group=group, t=t, n_split=n_split, stride_ot=stride_ot)
