@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import gc
 import json
 import os
 import platform
@@ -223,7 +224,7 @@ def wait_healthy(url: str, proc, timeout: float) -> None:
 
 
 def http_section(args, reqs_for, n: int) -> dict:
-    """The in-process API, then HTTP, on one serve config (see the module docstring)."""
+    """HTTP, then the in-process API, on one serve config (see the module docstring)."""
     from ollm_triton.serve.server import build, compose
 
     out: dict = {}
@@ -233,18 +234,8 @@ def http_section(args, reqs_for, n: int) -> dict:
     overrides = serve_overrides(args, n, max_context)
     warm = [(p[:16], 3) for p, _ in reqs]
     out["overrides"] = overrides
-    if args.url is None or args.api:
-        server = build(compose(overrides))
-        server.scheduler.start()
-        try:
-            asyncio.run(drive_api(server.scheduler, warm))  # captures the buckets' graphs, compiles kernels
-            sync()
-            out["api"] = {**asyncio.run(drive_api(server.scheduler, reqs)), "kv_layout": server.scheduler.rows.kind}
-        finally:
-            server.close()  # the scheduler, the monitor's sampler and the model
-            del server
-            if CUDA:
-                torch.cuda.empty_cache()
+    # HTTP first: the server is its own process, so all it held is freed when it exits; the in-process server
+    # after it is built in this process (its memory is given back only as far as gc and empty_cache can)
     url, proc, log = args.url, None, None
     if url is None:
         port = free_port()
@@ -268,6 +259,19 @@ def http_section(args, reqs_for, n: int) -> dict:
             except subprocess.TimeoutExpired:
                 proc.kill()
             log.close()
+    if args.url is None or args.api:
+        server = build(compose(overrides))
+        server.scheduler.start()
+        try:
+            asyncio.run(drive_api(server.scheduler, warm))  # captures the buckets' graphs, compiles kernels
+            sync()
+            out["api"] = {**asyncio.run(drive_api(server.scheduler, reqs)), "kv_layout": server.scheduler.rows.kind}
+        finally:
+            server.close()  # the scheduler, the monitor's sampler and the model
+            del server
+            gc.collect()  # graphs and caches in reference cycles
+            if CUDA:
+                torch.cuda.empty_cache()
     if "api" in out:
         out["http_over_api_itl_p50"] = out["http"]["itl_s_p50"] / max(out["api"]["itl_s_p50"] or 1e-12, 1e-12)
     return out
