@@ -27,8 +27,10 @@ Triton kernels) runs on it unchanged. (A model built without load_engine has its
 sync, shared with the prediction below), each distinct (layer, expert) is looked up: a hit uses its slot, a miss
 takes a slot no expert of this step needs and copies the row in (a side stream on CUDA; the compute stream waits for
 those copies only). The ids are translated to slots and the block computes. A step needing more distinct experts
-than C (a prefill) runs in rounds of at most C experts, each computing its pairs with the others' routing weights
-zeroed, and sums the rounds.
+than C (a prefill) runs in rounds of at most C experts; a round computes each routing slot j (every token's j-th
+expert) on its own, the other rounds' pairs with zero weight, so each (token, expert) pair's weighted output is kept
+as it is and a token's k outputs are summed once at the end, as a single call sums them (summing whole rounds instead
+rounded every partial sum: issue 18, bf16 logits 0.45 apart after 4 layers).
 
 Eviction: the least recently used row (`lru`), or the least often routed one, least recent among equals (`lfu`).
 When the cache holds less than one token's experts (Qwen3-Next-80B at 8 GB: 9.2 rows a layer for 10 routed), LRU
@@ -45,7 +47,13 @@ routing's host sync. `predict: none` measures what it buys (scripts/bench_expert
 
 Outputs equal the resident run (`host_dtype: model`; with fp8, the resident run of the round-tripped experts): the cache
 holds the weights' own bytes, and the grouped path and the Triton kernels compute each (token, expert) pair alike
-whatever index the expert has; only a step split into rounds sums in another order.
+whatever index the expert has. In rounds a pair is computed among fewer pairs (a call holds N, not N x k): still
+bit for bit where a row's product does not depend on how many rows share its expert (the Triton kernels at one
+BLOCK_M; bf16 on the CPU in the tests), not where it does (float32 GEMMs of a few rows on the CPU: ~1e-7). The
+kernels pick BLOCK_M from a call's pairs and experts (kernels/moe.py `_block_m`: 16 up to 16 pairs an expert, else
+64), and the experts here are the cache's C rows: a round's N pairs over C tile like the resident N x k over E when
+both sides are <= 16 pairs an expert (the bench's 64-token prompt: 64 <= 16 x 36, 640 <= 16 x 512), and may tile
+otherwise on longer prompts.
 """
 
 from __future__ import annotations
@@ -349,7 +357,7 @@ class ExpertStreaming(PrefetchPolicy):
             self._routed.update((layer, e) for e in needed)
         rounds = [needed[i:i + self.num_slots] for i in range(0, len(needed), self.num_slots)]
         self.counts["rounds"] += len(rounds)
-        out = None
+        out = pairs = None
         for r, group in enumerate(rounds):
             slots = self._bring_in(layer, group)
             if r == len(rounds) - 1 and nxt is not None:  # queued behind this round's copies, hidden by its compute
@@ -359,17 +367,38 @@ class ExpertStreaming(PrefetchPolicy):
             lut = torch.full((self.num_experts,), slots[0], dtype=torch.long)
             lut[torch.tensor(group)] = torch.tensor(slots)
             ids = lut[chosen].to(self.device, non_blocking=True)
-            w = weights
-            if len(rounds) > 1:  # this round's pairs only; the others come in their own round
-                w = weights * torch.isin(chosen, torch.tensor(group)).to(self.device, weights.dtype)
-            part = compute(w, ids)
-            out = part if out is None else out + part
+            if len(rounds) == 1:
+                out = compute(weights, ids)
+            else:
+                pairs = self._round_pairs(compute, weights, chosen, group, ids, pairs)
             if self.cuda:
                 done = torch.cuda.Event()
                 done.record()
                 for s in slots:
                     self._last_use[s] = done
+        if pairs is not None:  # every pair came from its own round: one sum over k, as a single call sums
+            out = pairs.sum(dim=1)
         return out
+
+    def _round_pairs(self, compute, weights, chosen, group, ids, pairs):
+        """One round of a step split into rounds: each routing slot j (a token's j-th expert) computed on its own,
+        so a pair's weighted output is the value a single call makes for it and the rounds never add two rounded
+        partial sums. Summing [N, H] rounds instead (the k experts of a token spread over rounds) rounds every
+        partial sum to the model dtype: in bf16 the logits moved by up to 0.45 (4 layers of Qwen3-Next-80B shapes,
+        random weights, a 64-token prompt in ~11 rounds a layer), as random routers' near-tied top-k flip.
+        pairs: [N, k, hidden], zeros where a pair's round has not come yet; adding another round's exact zero
+        (weight 0) leaves a value as it is."""
+        n, k = chosen.shape
+        member = torch.isin(chosen, torch.tensor(group))  # [N, k] on the host: this round's pairs
+        w = weights * member.to(self.device, weights.dtype)
+        for j in range(k):
+            if not bool(member[:, j].any()):
+                continue
+            part = compute(w[:, j:j + 1], ids[:, j:j + 1])  # [N, hidden]: pair j of each token, 0 outside the round
+            if pairs is None:
+                pairs = torch.zeros(n, k, part.shape[-1], dtype=part.dtype, device=part.device)
+            pairs[:, j] += part
+        return pairs
 
     # --- cache machinery ----------------------------------------------------------------------------------------
     def _take_slot(self, pinned: set[int]) -> int | None:
