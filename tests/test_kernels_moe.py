@@ -68,6 +68,22 @@ def test_kernel_matches_float64_reference(poisoned, n, layout, act):
     assert err <= 1e-5 * max(ref.abs().max().item(), 1.0), err
 
 
+@pytest.mark.parametrize("layout,act", [("concat", "silu"), ("interleaved_t", "clamped_swiglu")])
+def test_small_tiles_with_partial_edges(poisoned, layout, act):
+    """16-wide tiles: I = 24 spans one full and one partial column tile (gpt-oss' paired tile holds 16 (gate, up)
+    pairs, so its second tile is half past 2I), H = 40 two full and one partial k step; a (gate, up) pair split across
+    the wrong columns, or a masked edge read, moves the result."""
+    x = torch.randn(5, H, generator=torch.Generator().manual_seed(4)) * 3
+    w, ex = routing(5)
+    w_gu, w_d, b_gu, b_d = weights(layout, bias=act == "clamped_swiglu")
+    ref = moe_experts_torch(f64(x), f64(w), ex, f64(w_gu), f64(w_d), f64(b_gu), f64(b_d), layout=layout, act=act,
+                            limit=2.0)
+    out = moe_experts_kernel(x, w, ex, w_gu, w_d, b_gu, b_d, layout=layout, act=act, limit=2.0, block_m=16,
+                             block_n=16, block_k=16)
+    err = (out.double() - ref).abs().max().item()
+    assert err <= 1e-5 * max(ref.abs().max().item(), 1.0), err
+
+
 def test_block_rows_cover_every_pair_once():
     """Each pair sits in exactly one row; each block holds one expert's pairs; blocks past the end are -1."""
     n, bm = 37, 16

@@ -19,8 +19,9 @@ back to the host and the launch can be captured in a CUDA graph; blocks past the
   results do not depend on scheduling, unlike atomics).
 Each program reads only its block's expert, so a batch-1 decode step reads k experts' weights; one token's k
 experts are distinct, so its pairs skip the grouping (`single_token_rows`: block j is pair j, expert ids as routed).
-The layouts differ only in strides and where the up column of gate column n sits (`GATE_STEP`, `UP_OFFSET`): no
-weight is copied.
+The layouts differ in strides and in where up column n sits, and no weight is copied: "concat" reads gate and up as
+two tiles I columns apart; "interleaved_t" (`PAIRED`) reads one contiguous tile of BLOCK_N (gate, up) column pairs
+and splits the accumulator into even and odd columns after the loop.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def _gate_up_kernel(
     X, W, B, PAIRS, BLOCK_EXPERT, INTER,
     NK, H, I, alpha, limit,
     s_xn, s_we, s_wn, s_wk, s_be, s_in,
-    TOP_K: tl.constexpr, GATE_STEP: tl.constexpr, UP_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
+    TOP_K: tl.constexpr, PAIRED: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACT: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -108,23 +109,41 @@ def _gate_up_kernel(
     o_tok = (b_pair // TOP_K).to(tl.int64)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < I
-    o_gate = o_n * GATE_STEP  # column of gate n in the stacked [2I] axis; up n sits UP_OFFSET after it
     p_w = W + i_e * s_we
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        o_k = k0 + tl.arange(0, BLOCK_K)
-        m_k = o_k < H
-        b_x = tl.load(X + o_tok[:, None] * s_xn + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.0)
-        m_w = m_k[:, None] & m_n[None, :]
-        b_wg = tl.load(p_w + o_gate[None, :] * s_wn + o_k[:, None] * s_wk, mask=m_w, other=0.0)
-        b_wu = tl.load(p_w + (o_gate + UP_OFFSET)[None, :] * s_wn + o_k[:, None] * s_wk, mask=m_w, other=0.0)
-        acc_g = tl.dot(b_x, b_wg, acc_g, input_precision=DOT_PREC)  # [BM, BK] @ [BK, BN] -> [BM, BN]
-        acc_u = tl.dot(b_x, b_wu, acc_u, input_precision=DOT_PREC)  # [BM, BK] @ [BK, BN] -> [BM, BN]
-    if HAS_BIAS:
-        p_b = B + i_e * s_be
-        acc_g += tl.load(p_b + o_gate, mask=m_n, other=0.0).to(tl.float32)[None, :]
-        acc_u += tl.load(p_b + o_gate + UP_OFFSET, mask=m_n, other=0.0).to(tl.float32)[None, :]
+    if PAIRED:
+        # gate n and up n are adjacent columns (gpt-oss): one contiguous [BK, 2BN] tile and one dot, split after the
+        # loop. Loading gate and up as two stride-2 tiles instead gives loads the compiler cannot vectorise (2 bytes
+        # a thread, no cp.async), on the largest weight a gpt-oss decode step reads.
+        o_c = 2 * i_n * BLOCK_N + tl.arange(0, 2 * BLOCK_N)  # columns of the stacked [2I] axis
+        m_c = o_c < 2 * I
+        acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            o_k = k0 + tl.arange(0, BLOCK_K)
+            m_k = o_k < H
+            b_x = tl.load(X + o_tok[:, None] * s_xn + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.0)
+            b_w = tl.load(p_w + o_c[None, :] * s_wn + o_k[:, None] * s_wk, mask=m_k[:, None] & m_c[None, :],
+                          other=0.0)
+            acc = tl.dot(b_x, b_w, acc, input_precision=DOT_PREC)  # [BM, BK] @ [BK, 2BN] -> [BM, 2BN]
+        if HAS_BIAS:
+            acc += tl.load(B + i_e * s_be + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
+        acc_g, acc_u = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))  # even columns gate, odd up: [BM, BN] each
+    else:
+        # gate n at column n, up n at column I + n (qwen): two tiles, each contiguous along k
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            o_k = k0 + tl.arange(0, BLOCK_K)
+            m_k = o_k < H
+            b_x = tl.load(X + o_tok[:, None] * s_xn + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.0)
+            m_w = m_k[:, None] & m_n[None, :]
+            b_wg = tl.load(p_w + o_n[None, :] * s_wn + o_k[:, None] * s_wk, mask=m_w, other=0.0)
+            b_wu = tl.load(p_w + (o_n + I)[None, :] * s_wn + o_k[:, None] * s_wk, mask=m_w, other=0.0)
+            acc_g = tl.dot(b_x, b_wg, acc_g, input_precision=DOT_PREC)  # [BM, BK] @ [BK, BN] -> [BM, BN]
+            acc_u = tl.dot(b_x, b_wu, acc_u, input_precision=DOT_PREC)  # [BM, BK] @ [BK, BN] -> [BM, BN]
+        if HAS_BIAS:
+            p_b = B + i_e * s_be
+            acc_g += tl.load(p_b + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+            acc_u += tl.load(p_b + o_n + I, mask=m_n, other=0.0).to(tl.float32)[None, :]
     b_a = _activation(acc_g, acc_u, ACT, alpha, limit)
     tl.store(INTER + o_m[:, None].to(tl.int64) * s_in + o_n[None, :], b_a.to(INTER.dtype.element_ty),
              mask=m_m[:, None] & m_n[None, :])
@@ -225,13 +244,13 @@ def moe_experts_kernel(x, weights, experts, w_gate_up, w_down, b_gate_up=None, b
     k = experts.shape[1]
     e = w_gate_up.shape[0]
     x = x if x.stride(-1) == 1 else x.contiguous()
-    if layout == "concat":  # [E, 2I, H]: n along dim 1, k along dim 2
+    if layout == "concat":  # [E, 2I, H]: n along dim 1, k along dim 2; gate n at row n, up n at I + n
         i = w_gate_up.shape[1] // 2
-        gu_strides, gate_step, up_offset = (w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2)), 1, i
+        gu_strides = (w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2))
         d_strides = (w_down.stride(0), w_down.stride(1), w_down.stride(2))  # [E, H, I]
     else:  # [E, H, 2I]: n along dim 2, k along dim 1; gate n at column 2n, up n at 2n + 1
         i = w_gate_up.shape[2] // 2
-        gu_strides, gate_step, up_offset = (w_gate_up.stride(0), w_gate_up.stride(2), w_gate_up.stride(1)), 2, 1
+        gu_strides = (w_gate_up.stride(0), w_gate_up.stride(2), w_gate_up.stride(1))
         d_strides = (w_down.stride(0), w_down.stride(2), w_down.stride(1))  # [E, I, H]
     nk = n * k
     out = _empty(n, h, dtype=x.dtype, device=x.device)
@@ -253,7 +272,7 @@ def moe_experts_kernel(x, weights, experts, w_gate_up, w_down, b_gate_up=None, b
         x, w_gate_up, b_gate_up if has_bias else x, pairs, block_expert, inter,
         nk, h, i, float(alpha), float(limit),
         x.stride(0), *gu_strides, b_gate_up.stride(0) if has_bias else 0, inter.stride(0),
-        TOP_K=k, GATE_STEP=gate_step, UP_OFFSET=up_offset, HAS_BIAS=has_bias, ACT=ACTS.index(act),
+        TOP_K=k, PAIRED=layout == "interleaved_t", HAS_BIAS=has_bias, ACT=ACTS.index(act),
         DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=num_warps,
     )
     _down_kernel[(rows // bm, triton.cdiv(h, bn))](
