@@ -2,7 +2,8 @@
 Qwen3-Next-80B (or Qwen3-30B-A3B) with random bf16 weights at the real layer shapes.
 
     python scripts/bench_expert_stream.py [--model qwen3_next_80b] [--layers 4 8] [--budget-gb 8] [--prompt 64]
-                                          [--decode 16] [--host-dtype fp8] [--out bench_expert_stream.json]
+                                          [--decode 16] [--host-dtype fp8] [--max-seconds 140]
+                                          [--out bench_expert_stream.json]
     python scripts/bench_expert_stream.py --small      # a tiny config on the CPU: the plumbing, no real timing
 
 What runs, for each depth L (the preset with `num_hidden_layers` cut to L; a multiple of 4 keeps qwen3_next's 3:1
@@ -22,11 +23,26 @@ Timing: a --prompt-token prefill, 4 warm-up steps, then --decode greedy steps, d
 device memory per variant. Copy bandwidth: a 1 GB pinned host-to-device copy, median of 5. I/O floor: the tok/s if
 each token's bytes moved (the policy's own counter) were the only cost, at that bandwidth. Scaling to 48 layers
 (the full model fits neither this GPU nor its host): ms/token = t(L1) + (48 - L1) x per-layer, per-layer =
-(t(L2) - t(L1)) / (L2 - L1); bytes/token the same way. Correctness, in the same run: every streamed variant's
-teacher-forced logits (prompt + 8 steps) against the resident run's, max abs difference (the streamed bytes are the
-weights' own bytes, so 0 is expected) and argmax agreement; an fp8 variant's against the resident run with its
-experts through the same fp8 round trip (kernels/fp8_rows.py `fp8_round_trip`, applied in place after the resident
-timing: 0 expected), and its relative RMS error against the bf16 resident logits (what fp8 storage costs).
+(t(L2) - t(L1)) / (L2 - L1); bytes/token the same way.
+
+Correctness, in the same run, every engine on the same eager path (fast_decode off; the Triton expert kernels on a
+GPU): each streamed variant's (and each expert setting's, from a cold cache) teacher-forced logits (prompt + 8 steps)
+against the resident run's, max abs difference and argmax agreement. 0 is expected: the streamed bytes are the
+weights' own bytes, and the --prompt prefill, which routes to more experts than the cache holds (the `prefill
+rounds` column, summed over the MoE layers: more than one a layer), keeps each (token, expert) pair's value through
+its rounds (issue 18: summing whole rounds moved the bf16 logits by 0.45 at 4 layers, 1.84 at 8, on an H100). An
+fp8 variant is checked against the resident run with its experts through the same fp8 round trip (kernels/fp8_rows.py
+`fp8_round_trip`, applied in place after the resident timing: 0 expected), and its relative RMS error against the
+bf16 resident logits is what fp8 storage costs.
+The noise floor beside them: the resident run again with its experts on another valid path (the eager grouped path
+instead of the kernels), i.e. the same weights with the bf16 sums in another order: how far these random-weight
+logits move for that alone (random routers' top-k are near-tied, so one flipped expert compounds with depth). And
+the Triton expert kernels at BLOCK_M 16 against 64 on one layer (a streamed call over the cache's rows may tile
+otherwise than the resident call over E on longer prompts).
+
+Time: the table and the JSON are written after each depth (the JSON after each row), so a run cut short keeps what
+ran; a variant expected, from its time at the previous depth, to end past --max-seconds (default 140) is skipped
+and named in the table.
 
 Writes JSON (device, versions, git sha from OLLM_GIT_SHA, date, command) and prints a GitHub table last.
 """
@@ -95,11 +111,54 @@ def copy_gbps() -> float:
     return GB / statistics.median(times[1:]) / 1e9
 
 
-def teacher_forced(engine, ids: torch.Tensor, prompt: int) -> torch.Tensor:
+def teacher_forced(engine, ids: torch.Tensor, prompt: int) -> tuple[torch.Tensor, float | None]:
+    """Logits of a prompt prefill (last position) and one step per later token; the rounds the prefill took (expert
+    streaming: more than one a MoE layer where the prompt routes to more experts than the cache holds)."""
     cache = engine.new_cache(1, ids.shape[1] + 1)
+    before = engine.prefetch.stats().get("rounds")
     out = [engine.forward(ids[:, :prompt], cache, last_only=True)]
+    rounds = None if before is None else engine.prefetch.stats()["rounds"] - before
     out += [engine.forward(ids[:, i : i + 1], cache) for i in range(prompt, ids.shape[1])]
-    return torch.cat(out, dim=1)
+    return torch.cat(out, dim=1), rounds
+
+
+def moe_blocks(engine) -> list:
+    return [layer.mlp for layer in engine.model.model.layers if hasattr(layer.mlp, "experts")]
+
+
+def noise_floor(engine, ids: torch.Tensor, prompt: int, ref: torch.Tensor) -> dict:
+    """The resident run again with its experts on another valid path (the eager grouped path where the Triton
+    kernels ran, the naive loop where grouped ran): same weights, the bf16 sums in another order. How far these
+    random-weight logits move for that alone, beside the streamed rows (0 expected: the same path as resident)."""
+    alt = "grouped" if engine.use_kernels() else "naive"
+    for block in moe_blocks(engine):
+        block.path = alt  # an instance attribute over the class default "auto"
+    try:
+        logits, _ = teacher_forced(engine, ids, prompt)
+    finally:
+        for block in moe_blocks(engine):
+            del block.path
+    return {"paths": f"{engine.kernel_path if engine.use_kernels() else 'grouped'} vs {alt}",
+            **compare(logits, ref), "logits_rel_rms": rel_rms(logits, ref)}
+
+
+def block_m_check(engine) -> float | None:
+    """The Triton expert kernels at BLOCK_M 16 and 64 (kernels/moe.py picks it from a call's pairs and experts, so
+    a streamed call over C cache rows may tile otherwise than the resident call over E) on one MoE layer's weights:
+    64 tokens of N(0, 1), routed by the layer's router; the max abs difference of the outputs (CUDA only)."""
+    if DEVICE.type != "cuda":
+        return None
+    from ollm_triton.kernels.moe import moe_experts_kernel
+
+    block = moe_blocks(engine)[0]
+    ex, router = block.experts, getattr(block, block.router_name)
+    x = torch.randn(64, router.weight.shape[1], generator=torch.Generator(DEVICE).manual_seed(1), device=DEVICE,
+                    dtype=ex.gate_up_proj.dtype)
+    weights, experts = router(x)
+    out = [moe_experts_kernel(x, weights, experts, ex.gate_up_proj, ex.down_proj, ex.gate_up_proj_bias,
+                              ex.down_proj_bias, layout=ex.layout, act=ex.act, alpha=ex.alpha, limit=ex.limit,
+                              block_m=bm) for bm in (16, 64)]
+    return (out[0].float() - out[1].float()).abs().max().item()
 
 
 def decode(engine, prompt_ids: torch.Tensor, steps: int, warmup: int = 4, head_bytes: float = 0.0) -> dict:
@@ -169,6 +228,8 @@ def main() -> None:  # noqa: C901 (one study, top to bottom)
     ap.add_argument("--out", default="bench_expert_stream.json")
     ap.add_argument("--host-dtype", choices=["model", "fp8"], default="model",
                     help="fp8: also expert streaming from fp8 host rows, beside the model dtype's (bf16)")
+    ap.add_argument("--max-seconds", type=float, default=140.0,
+                    help="skip a variant expected (from the previous depth) to end past this many seconds of run")
     ap.add_argument("--small", action="store_true", help="a tiny config on the CPU: checks the script only")
     args = ap.parse_args()
     global DEVICE
@@ -202,7 +263,14 @@ def main() -> None:  # noqa: C901 (one study, top to bottom)
 
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, arch["vocab_size"], (1, args.prompt + 8), generator=gen).to(DEVICE)
-    for n in args.layers:
+    t_start, wall = time.perf_counter(), {}  # wall: (layers, label) -> seconds the variant took
+
+    def emit(row: dict) -> None:
+        payload["rows"].append(row)
+        print("ROW", json.dumps(row, default=str), flush=True)
+        Path(args.out).write_text(json.dumps(payload, indent=1, default=str))  # what ran survives a cut run
+
+    for depth, n in enumerate(args.layers):
         part = split_bytes(arch, n, elt)
         layer_arch = {**arch, "num_hidden_layers": n}
         expert_budget = HEADROOM_GB * GB + part["dense"] + slots_per_layer * n * full["expert"]
@@ -228,6 +296,18 @@ def main() -> None:  # noqa: C901 (one study, top to bottom)
         ref = ref_fp8 = None
         for label, name, params in variants:
             row = {"layers": n, "policy": label, "params": params}
+            prev = args.layers[depth - 1] if depth else None
+            expected = wall[(prev, label)] * n / prev if (prev, label) in wall else 0.0  # from the last depth
+            if name is not None and ref is None:  # the resident run did not finish: nothing to check against
+                row["skipped"] = "no resident reference at this depth"
+                emit(row)
+                continue
+            if time.perf_counter() - t_start + expected > args.max_seconds:
+                row["skipped"] = f"--max-seconds {args.max_seconds:g}: expected to end at " \
+                                 f"{time.perf_counter() - t_start + expected:.0f} s"
+                emit(row)
+                continue
+            t_variant = time.perf_counter()
             engine = None
             try:
                 prefetch = registry.build("prefetch", name, params) if name else None
@@ -235,34 +315,39 @@ def main() -> None:  # noqa: C901 (one study, top to bottom)
                 engine = load_engine(layer_arch, prefetch=prefetch, device=DEVICE, dtype=dtype, fast_decode="off")
                 row["build_s"] = time.perf_counter() - t0
                 with torch.inference_mode():
-                    logits = teacher_forced(engine, ids, args.prompt)
                     fp8 = params.get("host_dtype") == "fp8"
-                    if ref is None:
-                        ref = logits
-                    else:
-                        row.update(compare(logits, ref_fp8 if fp8 else ref))
-                        row["logits_rel_rms_vs_bf16_resident"] = rel_rms(logits, ref)
                     steps = args.decode if label in ("resident", "experts", "experts fp8") else args.layer_decode
-                    if name == "experts":  # one engine, each setting from a cold cache
+                    if name == "experts":  # one engine, each setting from a cold cache, each checked on its own
                         settings = (("router", "lru"), ("router", "lfu")) if fp8 else \
                             (("router", "lru"), ("none", "lru"), ("router", "lfu"))
                         for predict, eviction in settings:
                             engine.prefetch.cfg.predict, engine.prefetch.cfg.eviction = predict, eviction
                             engine.prefetch.forget()
-                            sub = decode(engine, ids[:, : args.prompt], steps)
+                            logits, rounds = teacher_forced(engine, ids, args.prompt)
+                            sub = {**compare(logits, ref_fp8 if fp8 else ref), "prefill_rounds": rounds,
+                                   "logits_rel_rms_vs_bf16_resident": rel_rms(logits, ref)}
+                            engine.prefetch.forget()
+                            sub.update(decode(engine, ids[:, : args.prompt], steps))
                             sub["io_floor_tok_s"] = gbps * GB / sub["bytes_per_token"] if sub["bytes_per_token"] \
                                 and gbps else None
                             what = f"{predict}, {eviction}, fp8" if fp8 else f"{predict}, {eviction}"
-                            payload["rows"].append({**row, "policy": f"experts ({what})",
-                                                    "params": {**params, "predict": predict, "eviction": eviction},
-                                                    **sub})
-                            print("ROW", json.dumps(payload["rows"][-1], default=str), flush=True)
+                            emit({**row, "policy": f"experts ({what})",
+                                  "params": {**params, "predict": predict, "eviction": eviction}, **sub})
                         continue
+                    logits, _ = teacher_forced(engine, ids, args.prompt)
+                    if ref is None:
+                        ref = logits
+                        row["noise_floor"] = noise_floor(engine, ids, args.prompt, ref)
+                        if depth == 0:
+                            payload["block_m_16_vs_64_max_abs_diff"] = block_m_check(engine)
+                    else:
+                        row.update(compare(logits, ref))
+                        row["logits_rel_rms_vs_bf16_resident"] = rel_rms(logits, ref)
                     row.update(decode(engine, ids[:, : args.prompt], steps, warmup=1 if name else 4,
                                       head_bytes=part["head"]))
                     if name is None and args.host_dtype == "fp8":  # after its timing: the fp8 variants' reference
                         round_trip_experts(engine)
-                        ref_fp8 = teacher_forced(engine, ids, args.prompt)
+                        ref_fp8, _ = teacher_forced(engine, ids, args.prompt)
                         row["logits_rel_rms_fp8_round_trip_vs_bf16"] = rel_rms(ref_fp8, ref)
                     if row.get("bytes_per_token") and gbps:
                         row["io_floor_tok_s"] = gbps * GB / row["bytes_per_token"]
@@ -276,13 +361,14 @@ def main() -> None:  # noqa: C901 (one study, top to bottom)
                 gc.collect()
                 if DEVICE.type == "cuda":
                     torch.cuda.empty_cache()
+                wall[(n, label)] = time.perf_counter() - t_variant
             if name != "experts" or "error" in row:
-                payload["rows"].append(row)
-                print("ROW", json.dumps(row, default=str), flush=True)
-
-    scale(payload, args.layers)
-    Path(args.out).write_text(json.dumps(payload, indent=1, default=str))
-    print(table(payload))
+                emit(row)
+        # after each depth: the scaling so far, the JSON and the table (the last one printed is the final table)
+        scale(payload, args.layers[: depth + 1])
+        payload["wall_s"] = time.perf_counter() - t_start
+        Path(args.out).write_text(json.dumps(payload, indent=1, default=str))
+        print(table(payload), flush=True)
 
 
 def scale(payload: dict, layers: list[int]) -> None:
@@ -318,12 +404,13 @@ def table(p: dict) -> str:
            f"GB/s; {env.get('device_name')}, torch {env.get('torch')}, triton {env.get('triton')}, git "
            f"{env.get('git_sha')}, {env.get('date')}", f"command: {env.get('command')}", "",
            "| layers | policy | tok/s | ms/token | hit rate | prefetch acc. | MB moved/token | I/O floor tok/s | "
-           "stall ms/token | device weights GB | peak GB | max abs diff vs resident (fp8: its round trip) | "
-           "logits rel. RMS vs bf16 resident (resident: its fp8 round trip) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "stall ms/token | device weights GB | peak GB | build s | prefill rounds | max abs diff vs resident (fp8: "
+           "its round trip) | argmax agree | logits rel. RMS vs bf16 resident (resident: its fp8 round trip) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in p["rows"]:
-        if "error" in r:
-            out.append(f"| {r['layers']} | {r['policy']} | {r['error']} | | | | | | | | | | |")
+        if "error" in r or "skipped" in r:
+            out.append(f"| {r['layers']} | {r['policy']} | {r.get('error') or 'skipped: ' + r['skipped']} |"
+                       + " |" * 13)
             continue
         rms = r.get("logits_rel_rms_vs_bf16_resident", r.get("logits_rel_rms_fp8_round_trip_vs_bf16"))
         mb = r.get("bytes_per_token")
@@ -331,7 +418,21 @@ def table(p: dict) -> str:
                    f"{_f(r.get('hit_rate'), '.3f')} | {_f(r.get('prefetch_accuracy'), '.3f')} | "
                    f"{_f(None if mb is None else mb / 1e6, '.1f')} | {_f(r.get('io_floor_tok_s'), '.2f')} | "
                    f"{_f(r.get('stall_ms_per_token'), '.2f')} | {_f(r.get('device_weight_gb'), '.2f')} | "
-                   f"{r['peak_gb']:.2f} | {_f(r.get('max_abs_diff_vs_resident'), '.2e')} | {_f(rms, '.2e')} |")
+                   f"{r['peak_gb']:.2f} | {_f(r.get('build_s'), '.1f')} | {_f(r.get('prefill_rounds'), '.0f')} | "
+                   f"{_f(r.get('max_abs_diff_vs_resident'), '.2e')} | {_f(r.get('argmax_agree'), '.3f')} | "
+                   f"{_f(rms, '.2e')} |")
+    floors = [(r["layers"], r["noise_floor"]) for r in p["rows"] if "noise_floor" in r]
+    if floors:
+        out += ["", "Noise floor: the resident run again with its experts on another valid path (same weights, the "
+                "bf16 sums in another order), against the resident logits; the streamed rows run the resident's own "
+                "path, so their difference is 0 unless streaming changed a value:", "",
+                "| layers | paths | max abs diff | argmax agree | logits rel. RMS |", "|---|---|---|---|---|"]
+        out += [f"| {n} | {f['paths']} | {f['max_abs_diff_vs_resident']:.2e} | {f['argmax_agree']:.3f} | "
+                f"{f['logits_rel_rms']:.2e} |" for n, f in floors]
+    if p.get("block_m_16_vs_64_max_abs_diff") is not None:
+        out += ["", "Triton expert kernels at BLOCK_M 16 against 64 on one layer (64 tokens; a streamed call over the "
+                f"cache's rows may tile otherwise than the resident one): max abs diff "
+                f"{p['block_m_16_vs_64_max_abs_diff']:.2e}"]
     if p.get("scaling"):
         out += ["", "Scaled to 48 layers (t(L1) + (48 - L1) x per-layer, from the two depths; resident: the compute "
                 "alone, which does not fit one GPU):", "",
@@ -342,6 +443,7 @@ def table(p: dict) -> str:
             out.append(f"| {policy} | {s['ms_per_layer']:.2f} | {s['ms_per_token_48']:.1f} | "
                        f"{_f(s.get('tok_s_48'), '.2f')} | {_f(None if mb is None else mb / 1e6, '.0f')} | "
                        f"{_f(s.get('io_floor_tok_s_48'), '.2f')} |")
+    out.append(f"wall {p.get('wall_s', 0.0):.0f} s")
     return "\n".join(out)
 
 
