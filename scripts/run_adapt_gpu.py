@@ -8,10 +8,15 @@ The memory arithmetic (bf16, Llama-3-8B: 32 layers, 8 KV heads of 128):
 - dense KV: 32 x 2 x 8 x 128 x 2 B = 131,072 B a token, so 65,536 + 32 tokens = 8.6 GB: 24.7 GB with the weights,
   more than 24 GB before any activation: dense alone does not fit (the runner's memory check refuses it; case 1);
 - int8 KV (codes + per-group scales): ~2.2 KB a layer-token, 4.6 GB at 65.6k; int4 ~1.2 KB, 2.4 GB;
-- under +adapt=memory the cache starts dense, sized to the tokens that fit in the room left after the weights less
-  `reserve_gb` (1 GB for the 4096-token prefill chunk's activations): (24 - 16.06 - 1) GB / (32 x 4096 B) ~ 52.9k
-  tokens, so the switch comes during prefill, at the 13th chunk (53,248 tokens), to the first ladder codec whose
-  bytes for the cache's whole horizon fit (int8; int4 if the fast decoder rounds the horizon up past what int8 fits).
+- under +adapt=memory the cache starts dense, sized to the most tokens C whose KV, plus the activations of a
+  4096-token chunk reading C + 4096 keys (engine/footprint.py: 0.55 GB of its own, and what grows with the keys:
+  the concatenated K/V and the causal mask with SDPA's bf16 copy, 16 KB a key), plus one int8 layer, fit in the
+  room after the weights less `reserve_gb` (0.25 GB): C = 47,039 tokens (6.17 GB), so the switch comes during
+  prefill when the 12th chunk arrives (45,056 tokens held), to the first ladder codec whose bytes for the
+  horizon plus its chunk's activations (it decodes its K/V to attend them: 2.08 GB at 66,560 keys) fit: int8,
+  4.51 + 2.08 GB of the ~7.2 GB left once dense is freed. The first run (git 8dfa974) kept a flat 1 GB instead:
+  dense took 52.9k tokens and the 10th chunk ran out of memory allocating SDPA's additive mask, 4096 x 40,960
+  bf16 = 320 MiB, with 22.01 GiB held of the 22.35 GiB (24e9 B) allowed, before any switch.
 Case 2 must finish with `adapt/decisions` naming dense -> int8 (or int4); case 3 is a dense run of the same shape at a
 length that fits (16k), for the throughput cost of the adapted run's piecewise decode against the dense graph.
 

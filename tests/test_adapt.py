@@ -13,6 +13,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from ollm_triton.adapt.base import Signals
 from ollm_triton.decoding.greedy import Greedy
@@ -139,39 +142,96 @@ def test_memory_moves_straight_to_the_codec_that_fits_the_horizon(probe, prompt,
     assert "needed more than int4" in report["adapt/memory"]
 
 
-def test_memory_on_a_device_sizes_dense_to_the_room_and_switches_before_outgrowing_it(prompt, one_torch_thread):
-    """Without a budget the room is the device's free memory: simulated here. A new cache's dense buffers are
-    sized to the tokens that fit, and the cache moves on before an append would pass them."""
-    adapter, eng = adapted("memory", reserve_gb=0.0, **QUANT)
-    per_token = dense_bytes_per_token(eng)
-    free = 47.5 * per_token  # the simulated device: 47 tokens of dense KV fit
-    adapter.kv_room = lambda held: free - held
+class SimulatedDevice(TorchDispatchMode):
+    """A device allocator on the CPU: every tensor storage made inside counts as allocated until it is freed (weak
+    references to the storages), and an op whose outputs take the total past `cap` fails as a CUDA allocation would.
+    Storages made outside (the weights) are not counted: `cap` is the room above them."""
+
+    def __init__(self, cap: float):
+        super().__init__()
+        self.cap, self.peak = cap, 0
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+
+    def allocated(self) -> int:
+        self.live = {k: (ref, n) for k, (ref, n) in self.live.items() if not ref.expired()}
+        return sum(n for _, n in self.live.values())
+
+    def _see(self, tensors, count: bool) -> int:
+        made = 0
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                known = self.live.get(storage._cdata)
+                if known is None or known[0].expired():
+                    self.live[storage._cdata] = (StorageWeakRef(storage), storage.nbytes() if count else 0)
+                    made += storage.nbytes() if count else 0
+        return made
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self._see(tree_flatten((args, kwargs))[0], count=False)
+        out = func(*args, **(kwargs or {}))
+        if self._see(tree_flatten(out)[0], count=True):
+            self.peak = max(self.peak, self.allocated())
+            if self.peak > self.cap:
+                raise torch.OutOfMemoryError(f"simulated device: {func} takes {self.peak} B past the cap {self.cap}")
+        return out
+
+
+def test_memory_on_a_device_leaves_room_for_the_chunks_activations_and_finishes(prompt, one_torch_thread):
+    """The H100 run at its proportions on a simulated device (chunked prefill, no budget): the room above the weights
+    is 0.91 of the dense KV the horizon needs (7.94 of 8.72 GB there) and reserve_gb 1/7.94 of it (1 GB there).
+    The flat reserve of the first version left too little for a prompt chunk's activations (the H100 ran out
+    inside the prefill); the dense cache is now sized with the chunk's activations counted, so the run switches
+    and finishes under the cap, and its tokens equal a run whose cache was moved by hand where the decision says."""
+    prompt_len, new, chunk = 512, 6, 32
+    ids = torch.randint(0, 8000, (1, prompt_len), generator=torch.Generator().manual_seed(5))
+    adapter = registry.build("adapt", "memory", dict(QUANT))
+    eng = engine(adapter.wrap_codec(registry.build("cache", "dense")))
+    eng.prefill_chunk = chunk
+    adapter.attach(engine=eng)
+    room = 0.91 * (prompt_len + new) * dense_bytes_per_token(eng)
+    adapter.strategies[0].cfg.reserve_gb = room / 7.94 / 1e9
+    device = SimulatedDevice(room)
+    adapter.device_room = lambda: device.cap - device.allocated()
     adapter.strategies[0].inactive = None  # attach found no CUDA device; the simulated one stands in
-    cache = eng.new_cache(batch=1, max_len=PROMPT + NEW)
-    assert cache.layers[0].inner.k.shape[2] == 47  # dense preallocated to what fits, not to the horizon (64)
-    logits = eng.prefill(prompt, cache)
-    for _ in range(10):
-        logits = eng.forward(logits.argmax(-1)[:, None], cache)[:, -1]
+    with device:
+        out = Greedy().generate(eng, ids, new)
+    assert device.peak <= room
     decisions = adapter.report()["adapt/decisions"]
-    assert [(d["from"], d["to"], d["step"]) for d in decisions] == [("dense", "int8", 1 + 47 - PROMPT + 1)]
-    assert all(layer.compressed_tokens > 0 for layer in cache.layers)  # every layer re-encoded, in one forward
-    assert cache.layers[0].length == PROMPT + 10
+    assert [d["from"] for d in decisions] == ["dense"], [d["reason"] for d in decisions]
+    held = int(decisions[0]["reason"].rsplit(" at ", 1)[1].split()[0])
+    assert held % chunk == 0 and 0 < held < prompt_len  # it moved inside the prefill, as on the H100
+
+    # by hand: dense chunks; the chunk that found `held` tokens attends over dense, then every layer moves
+    ladder = registry.build("cache", decisions[0]["to"], QUANT)
+    probe = engine()
+    cache = probe.new_cache(batch=1, max_len=prompt_len + new)
+    for start in range(0, prompt_len, chunk):
+        logits = probe.forward(ids[:, start : start + chunk], cache, last_only=True)[:, -1]
+        if start == held:
+            spec = probe.layer_spec(1, prompt_len + new)
+            moved = []
+            for layer in cache.layers:
+                fresh = ladder.new_layer(spec)
+                fresh.append(*layer.dense())
+                moved.append(fresh)
+            cache.layers = moved
+    tokens = [int(logits.argmax(-1))]
+    for _ in range(new - 1):
+        logits = probe.forward(torch.tensor([[tokens[-1]]]), cache)[:, -1]
+        tokens.append(int(logits.argmax(-1)))
+    assert out.tokens.tolist() == [tokens]
+    assert all(layer.compressed_tokens > 0 for layer in cache.layers)  # the reference really held lossy KV
 
 
 @pytest.mark.gpu
 def test_memory_switch_on_cuda_reads_the_allocator(prompt):
-    """On a GPU the room is the allocator's: a cap 225.5 dense tokens above what is allocated sizes dense to 225
-    tokens, and at the append past them the cache moves to int8, the first codec of the ladder whose bytes for the
-    240-token horizon fit the room plus what dense frees; the tokens equal a cache moved by hand (fused kernels in
-    both runs, the same buffer sizes).
-
-    Why these numbers (an H100 run of a 45.5-token cap and a 56-token horizon chose int4): in float16 int8 stores a
-    token in 320 of dense's 512 bytes and keeps `residual` tokens in full, so its 56-token horizon needs 46.6 dense
-    tokens, more than the cap leaves; the strategy was right to pick int4. Here int8 needs 161.6 of ~225, and the
-    margin covers what the allocator counts beyond the cache at the switch: the step in flight (the last logits,
-    one layer's activations: ~40 KB, ~13 dense tokens) and the 512-byte rounding of each K/V buffer (~1 token).
-    What a first forward allocates for good (the cuBLAS workspace, MBs) is counted before the cap is read: the
-    reference runs go first."""
+    """On a GPU the room is the allocator's: a cap 225.5 dense tokens above what is allocated plus what the strategy
+    keeps for a forward's activations (engine/footprint.py, counted from shapes) and one re-encoded layer sizes
+    dense to 225 tokens; at the append past them the cache moves down the ladder, and the tokens equal a cache
+    moved by hand to the codec the decision names (fused kernels in both runs, the same buffer sizes). What a first
+    forward allocates for good (the cuBLAS workspace, MBs) is counted before the cap is read: a dense run goes
+    first."""
     new, fits = 200, 225
     base = load_engine(TINY, device="cuda", dtype=torch.float16)
 
@@ -181,22 +241,26 @@ def test_memory_switch_on_cuda_reads_the_allocator(prompt):
                       tokenizer=base.tokenizer, fast_decode="off")
 
     per_token = 2 * 2 * 64 * 2 * 6  # float16 K and V, 2 heads of 64, 6 layers
-    spec = base.layer_spec(1, PROMPT + new)
-    need = {n: 6 * registry.build("cache", n, QUANT).bytes_for(spec, PROMPT + new) / per_token
-            for n in ("int8", "int4")}  # in dense tokens
-    assert need["int4"] < need["int8"] < fits - 40  # int8 is the first that fits, with the margin counted above
     ids = prompt.cuda()
-    ref = greedy_by_hand(on_cuda(registry.build("cache", "dense")), ids, new, switch_at_len=fits,
-                         codec=registry.build("cache", "int8", QUANT), capacity=fits)[0]
+    greedy_by_hand(on_cuda(registry.build("cache", "dense")), ids, new)
     adapter = registry.build("adapt", "memory", {"reserve_gb": 0.0, **QUANT})
     eng = on_cuda(adapter.wrap_codec(registry.build("cache", "dense")))
+    strategy = adapter.strategies[0]
+    adapter.attach(engine=eng)
+    spec = eng.layer_spec(1, PROMPT + new)
+    dense = registry.build("cache", "dense")
+    kept = strategy._activations(dense, spec, PROMPT + new) + max(c.bytes_for(spec, PROMPT + new)
+                                                                   for c in strategy.ladder)
     gc.collect()
     torch.cuda.synchronize()
-    adapter.attach(engine=eng, device_memory_gb=(torch.cuda.memory_allocated() + (fits + 0.5) * per_token) / 1e9)
+    adapter.attach(engine=eng, device_memory_gb=(torch.cuda.memory_allocated() + (fits + 0.5) * per_token + kept)
+                   / 1e9)
     out = Greedy().generate(eng, ids, new)
     decisions = adapter.report()["adapt/decisions"]
-    moves = [(d["from"], d["to"], d["step"]) for d in decisions]
-    assert moves == [("dense", "int8", fits - PROMPT + 2)], [d["reason"] for d in decisions]
+    moves = [(d["from"], d["step"]) for d in decisions]
+    assert moves == [("dense", fits - PROMPT + 2)], [d["reason"] for d in decisions]
+    ref = greedy_by_hand(on_cuda(registry.build("cache", "dense")), ids, new, switch_at_len=fits,
+                         codec=registry.build("cache", decisions[0]["to"], QUANT), capacity=fits)[0]
     assert torch.equal(out.tokens.cpu(), ref)
 
 

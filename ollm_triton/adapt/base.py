@@ -269,6 +269,14 @@ class Adapter:
             budget = getattr(s, "kv_budget", None)
             if budget is not None:
                 return budget - held
+        return self.device_room()
+
+    def device_room(self) -> float | None:
+        """Bytes the device's allocator may still hand out: the free memory plus its cached blocks, under the run's
+        `device_memory_gb` cap; None on a host device. The cap is read as the allocator applies it
+        (set_per_process_memory_fraction: 24e9 B is the "22.35 GiB allowed" of its OOM message) against what
+        tensors hold; the cached blocks it frees before failing count as room. (CPU tests replace this with a
+        simulated device.)"""
         engine = self.run.engine
         if engine is None or engine.device.type != "cuda":
             return None

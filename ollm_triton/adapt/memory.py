@@ -1,19 +1,31 @@
 """`+adapt=memory`: when the KV cache would not fit, re-encode it live to the next codec of a ladder (int8, int4).
 
 The room the caches may take is `budget_gb` minus what they hold (a simulated device on the CPU, or a KV budget on
-a GPU), else the device's free memory under the run's `device_memory_gb` less `reserve_gb` for activations.
+a GPU), else the device's free memory under the run's `device_memory_gb`, less what the prompt's chunks need
+besides the KV (their activations, estimated from the model's shapes) and `reserve_gb`.
 
 - With a budget: before a cache stores its next tokens, the strategy projects what the current codec would hold
   after them (`bytes_for(held + incoming + lookahead)`, every layer); if that exceeds the room, the cache moves on.
-- On a device: the run's own codec is sized, when the cache is built, to the tokens that fit the room
-  (`initial_capacity`: a preallocating codec such as dense then holds exactly that); when the next append would
-  pass that capacity, the cache moves on. Sizing up front is what makes the switch safe: a geometrically growing
-  buffer (dense without preallocation doubles) would ask for twice its size at once, past the point of no return.
+- On a device: the run's own codec is sized, when the cache is built, to the most tokens C for which its bytes,
+  the activations of a prompt chunk reading C + chunk keys (the chunk that finds the cache full attends over it
+  before it moves) and one layer of the ladder's largest codec at the horizon (the first layer's new storage
+  exists before its old one goes) fit the room (`initial_capacity`: a preallocating codec such as dense then holds
+  exactly C); when the next append would pass C, the cache moves on. Sizing up front is what makes the switch
+  safe: a geometrically growing buffer (dense without preallocation doubles) would ask for twice its size at once.
+
+Why the activations are estimated, not a flat reserve: a later chunk's attention holds what grows with the keys it
+reads (engine/footprint.py `chunk_attention_bytes`: the held K/V concatenated with the chunk's, the causal mask
+and SDPA's additive copy of it). On Llama-3-8B shapes with 4096-token chunks that is 0.87 GB at 53k keys on top
+of the chunk's own 0.55 GB; the flat 1 GB reserve of the first H100 run (24 GB cap, 65,536-token prompt) let
+dense take 52.9k tokens and the 10th chunk ran out of memory at 40,960 keys, allocating that additive mask
+(4096 x 40,960 bf16 = 320 MiB) with 22.01 GiB held of the 22.35 GiB allowed, before any switch.
 
 Where to: the first codec of the ladder whose bytes for the cache's whole horizon (prompt + new tokens: the
-LayerSpec's max_len) fit in the room plus what the cache frees; if none does, the last one (the decision says
-so). The request's tokens are kept: each layer's stored K/V is appended to the new codec (adapt/codec.py), and
-decoding goes on from there; the tokens after the switch are those of a run that moved its cache at that step.
+LayerSpec's max_len), plus on a device the activations of a chunk reading the horizon from that codec (it decodes
+its K/V to the model dtype to attend them), fit in the room plus what the cache frees; if none does, the last one
+(the decision says so). The request's tokens are kept: each layer's stored K/V is appended to the new codec
+(adapt/codec.py), and decoding goes on from there; the tokens after the switch are those of a run that moved its
+cache at that step.
 """
 
 from __future__ import annotations
@@ -30,7 +42,8 @@ GB = 1e9
 class MemoryParams(AdaptParams):
     ladder: list[str] = field(default_factory=lambda: ["int8", "int4"])  # codecs to move to, in order
     budget_gb: float | None = None  # KV bytes the caches may hold (null: the device's free memory)
-    reserve_gb: float = 1.0  # device memory kept free for activations (no budget_gb)
+    reserve_gb: float = 0.25  # device memory kept free beyond the chunk's estimated activations (no budget_gb):
+    # the allocator's rounding and cached blocks it cannot reuse (the H100 OOM counted 48 MiB of them)
     lookahead: int = 0  # tokens beyond the incoming ones the projection must also fit (budget_gb)
     residual: int = 128  # the ladder codecs' full-precision window of recent tokens
     group_size: int = 128  # the ladder codecs' quantization group
@@ -81,6 +94,27 @@ class MemoryStrategy(Strategy):
         codec = self.adapter.codec if self.adapter is not None else None
         return None if codec is None else codec.room_bytes()
 
+    def _activations(self, codec, spec, context: int) -> float:
+        """Bytes a prompt chunk holds besides the KV when its attention reads `context` keys from `codec`'s
+        storage: its own activations and the attention step's (engine/footprint.py), at the engine's
+        `prefill_chunk` (0: the whole horizon in one forward). 0 without an engine whose config they read."""
+        engine = self.adapter.run.engine if self.adapter is not None else None
+        cfg = getattr(engine, "config", None)
+        if cfg is None or not hasattr(cfg, "num_kv_heads") or context <= 0:
+            return 0.0
+        from ollm_triton.engine.footprint import chunk_attention_bytes, forward_activation_bytes
+
+        tokens = min(int(getattr(engine, "prefill_chunk", 0) or 0) or spec.max_len, context)
+        kw = dict(dtype=spec.dtype, batch=spec.batch, tokens=tokens, context=context)
+        # a codec declaring static_buffers stores model-dtype K/V that dense() slices; any other decodes them
+        views = bool(getattr(codec, "static_buffers", False))
+        return float(forward_activation_bytes(cfg, device=spec.device, **kw)
+                     + chunk_attention_bytes(cfg, reads_views=views, **kw))
+
+    def _chunk(self, spec) -> int:
+        engine = self.adapter.run.engine if self.adapter is not None else None
+        return int(getattr(engine, "prefill_chunk", 0) or 0) or spec.max_len
+
     def initial_capacity(self, spec, codec, num_layers: int) -> int | None:
         if self.kv_budget is not None:  # a budget is checked before each append; the codec keeps its own sizing
             return None
@@ -88,9 +122,20 @@ class MemoryStrategy(Strategy):
         if room is None:
             return None
         room -= self.cfg.reserve_gb * GB
-        per_token = num_layers * codec.bytes_per_token(spec)
-        tokens = int(max(room, 0.0) // per_token) if per_token > 0 else spec.max_len
-        return None if tokens >= spec.max_len else tokens
+        horizon, chunk = spec.max_len, self._chunk(spec)
+        if num_layers * codec.bytes_for(spec, horizon) + self._activations(codec, spec, horizon) <= room:
+            return None  # the whole horizon fits with its activations: no switch needed
+        move = max(c.bytes_for(spec, horizon) for c in self.ladder)  # one layer re-encoded while all dense live
+
+        def fits(tokens: int) -> bool:
+            need = num_layers * codec.bytes_for(spec, tokens) + move
+            return need + self._activations(codec, spec, min(tokens + chunk, horizon)) <= room
+
+        lo, hi = 0, horizon  # the most tokens that fit: the need grows with them, so bisect
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+        return lo
 
     def before_append(self, group, incoming: int):
         if group.stage >= len(self.ladder) and group.stage > 0:
@@ -109,9 +154,12 @@ class MemoryStrategy(Strategy):
         else:
             if group.capacity is None or held + incoming <= group.capacity:
                 return None
+            # read mid-forward: the chunk's activations still held here are counted again in the target's need
             room = self._room() - self.cfg.reserve_gb * GB
-            why = (f"{held} + {incoming} tokens pass the {group.capacity} that fit under {group.codec.plugin_name} "
-                   f"({room / 1e6:.3f} MB free beyond reserve_gb={self.cfg.reserve_gb})")
+            reads = min(group.capacity + self._chunk(group.spec), group.spec.max_len)
+            why = (f"{held} + {incoming} tokens pass the {group.capacity} that {group.codec.plugin_name} was sized "
+                   f"for (with a chunk's {self._activations(group.codec, group.spec, reads) / 1e6:.3f} MB of "
+                   f"activations at {reads} keys; {room / 1e6:.3f} MB free beyond reserve_gb={self.cfg.reserve_gb})")
             freed = layers * group.codec.bytes_for(group.spec, group.capacity)
         return self._move(group, room + freed, why)
 
@@ -120,8 +168,11 @@ class MemoryStrategy(Strategy):
         horizon = group.spec.max_len
         need = {}
         target = None
+        acts = {}
         for i in range(first, len(self.ladder)):
-            need[i] = group.num_layers * self.ladder[i].bytes_for(group.spec, horizon)
+            # on a device the prompt's remaining chunks read the cache back from the new codec: their activations
+            acts[i] = 0.0 if self.kv_budget is not None else self._activations(self.ladder[i], group.spec, horizon)
+            need[i] = group.num_layers * self.ladder[i].bytes_for(group.spec, horizon) + acts[i]
             if need[i] <= room:
                 target = i
                 break
@@ -133,7 +184,9 @@ class MemoryStrategy(Strategy):
             why += (f"; even {self.ladder[target].plugin_name} needs {need[target] / 1e6:.3f} MB for the "
                     f"{horizon}-token horizon ({room / 1e6:.3f} MB available): moving there anyway")
         else:  # the numbers the choice followed from, in the decision: a surprising target is read, not guessed
-            needs = ", ".join(f"{self.ladder[i].plugin_name} {n / 1e6:.3f} MB" for i, n in need.items())
+            needs = ", ".join(f"{self.ladder[i].plugin_name} {n / 1e6:.3f} MB"
+                              + (f" ({acts[i] / 1e6:.3f} MB of it activations)" if acts[i] else "")
+                              for i, n in need.items())
             why += f"; the {horizon}-token horizon needs {needs} of {room / 1e6:.3f} MB available"
         old = group.codec.plugin_name
         group.move_to(target + 1, self.ladder[target])

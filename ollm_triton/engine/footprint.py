@@ -17,6 +17,9 @@ What it counts (all upper-bound-ish, from shapes):
 - activations of the largest forward (the prompt, or one `prefill_chunk` of it): hidden states, q/k/v, the MLP's
   intermediate (a MoE's: k expert rows per token), on the CPU the float32 attention scores of one layer (the math
   path materialises them), and the float32 logits of one decode block (a prefill keeps only its last row).
+  Not counted here yet: what a later chunk's attention holds that grows with the keys it reads
+  (`chunk_attention_bytes`: the concatenated K/V and the causal masks, 1.07 GB for a 4096-token chunk at 65.6k
+  tokens on Llama-3-8B shapes); the memory adapter (adapt/memory.py) sizes its dense cache with it.
 
 Against what: free device memory (`torch.cuda.mem_get_info`, capped by the run's `device_memory_gb`) on a GPU,
 available host memory (psutil) on the CPU; on a GPU the host must also hold the weights a streaming policy keeps
@@ -88,17 +91,7 @@ def estimate(model_cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device
     state = cfg.linear_layers * state_bytes(cfg, batch, dtype)  # conv + recurrent state, whatever the context
     kv, kv_dense = kv + state, kv_dense + state
     t = min(context, prefill_chunk) if prefill_chunk else context
-    acts = 0
-    if t > 0:
-        qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * d
-        acts = batch * t * (4 * h + qkv + _mlp_width(cfg)) * elt  # residual stream, q/k/v, MLP
-        if device.type == "cpu":  # the math path's float32 scores [B, Hq, T, S] of one layer
-            acts += batch * cfg.num_heads * t * context * 4
-        acts += batch * min(t, LOGIT_ROWS) * cfg.vocab_size * 4  # float32 logits (a prefill keeps its last row)
-        if cfg.linear_layers:  # the chunked gated delta rule in float32: q/k/v/outputs and three [C, C] per chunk
-            hv, conv = cfg.linear_num_value_heads, 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim
-            conv += hv * cfg.linear_value_head_dim
-            acts += batch * t * 4 * (3 * conv + 3 * hv * CHUNK)
+    acts = forward_activation_bytes(cfg, dtype=dtype, device=device, batch=batch, tokens=t, context=context)
     # what the policy keeps on the host, in its own storage (prefetch/experts.py host_dtype=fp8: the experts' codes)
     host_weights = weights if device.type == "cpu" else prefetch.host_weight_bytes(
         device, weights, expert_bytes=experts, element_size=elt)
@@ -115,6 +108,60 @@ def estimate(model_cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device
         "host_bytes": int(on_device if device.type == "cpu" else host_weights),
         "host_weights_bytes": int(weights if device.type == "cpu" else host_weights),
     }
+
+
+def forward_activation_bytes(cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device, batch: int, tokens: int,
+                             context: int) -> int:
+    """Activations of one forward of `tokens` new tokens (a prompt chunk) whose attention reads `context` keys: the
+    residual stream, q/k/v and the MLP of the chunk, on the CPU the float32 scores of one layer, the float32 logits
+    of one decode block, a hybrid model's gated delta rule. What grows with the keys a later chunk reads from the
+    cache is `chunk_attention_bytes`."""
+    if tokens <= 0:
+        return 0
+    elt = _elt(dtype)
+    h, d, t = cfg.hidden_size, cfg.head_dim, tokens
+    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * d
+    acts = batch * t * (4 * h + qkv + _mlp_width(cfg)) * elt  # residual stream, q/k/v, MLP
+    if torch.device(device).type == "cpu":  # the math path's float32 scores [B, Hq, T, S] of one layer
+        acts += batch * cfg.num_heads * t * context * 4
+    acts += batch * min(t, LOGIT_ROWS) * cfg.vocab_size * 4  # float32 logits (a prefill keeps its last row)
+    if cfg.linear_layers:  # the chunked gated delta rule in float32: q/k/v/outputs and three [C, C] per chunk
+        hv, conv = cfg.linear_num_value_heads, 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim
+        conv += hv * cfg.linear_value_head_dim
+        acts += batch * t * 4 * (3 * conv + 3 * hv * CHUNK)
+    return int(acts)
+
+
+READ_WORK = 16  # bytes per element of one K or V tensor that a codec's read-back works through (int32 unpacking,
+# then float32 codes, scale and zero point: kernels/quant.py's dequantize_*_ref peaks at 13)
+
+
+def chunk_attention_bytes(cfg: ModelConfig, *, dtype: torch.dtype, batch: int, tokens: int, context: int,
+                          reads_views: bool) -> int:
+    """What one layer's attention step of a later prompt chunk holds at once beyond `forward_activation_bytes`:
+    `tokens` new tokens over `context` keys, of which context - tokens come from the cache (engine/mixers.py
+    attention_step; 0 for the first chunk, which attends to itself under is_causal, and for decode-sized blocks).
+
+    - the held K/V concatenated with the chunk's: K and V of `context` tokens in the model dtype;
+    - the causal mask, bool [T, S], and the additive copy in the model dtype that torch's SDPA makes of it for its
+      memory-efficient kernel (at 4096 x 40,960 in bf16: 320 MiB, the H100 run's failed allocation);
+    - a codec whose layers are not the model-dtype buffers themselves (`reads_views` False: its CacheCodec does not
+      declare `static_buffers`) reads the held tokens back through dense(): K and V in the model dtype, alive
+      through the attention, and before that, their concatenation with the exact window and the decoding work of
+      one of them (READ_WORK bytes an element).
+    Grows with the context: at 4096 x 53,248 on Llama-3-8B shapes (bf16) it is 0.87 GB over a dense cache."""
+    held = context - tokens
+    if held <= 0 or tokens <= 0:
+        return 0
+    elt = _elt(dtype)
+    per_token = 2 * batch * cfg.num_kv_heads * cfg.head_dim * elt  # K and V of one token, one layer
+    masks = tokens * context * (1 + elt)
+    attend = per_token * context + masks
+    if reads_views:
+        return int(attend)
+    read = per_token * held  # the held tokens decoded to the model dtype
+    decode = 2 * read + READ_WORK * batch * cfg.num_kv_heads * cfg.head_dim * held
+    return int(max(read + attend, decode))
 
 
 def _mlp_width(cfg: ModelConfig) -> int:
@@ -211,4 +258,5 @@ def _advice(est: dict[str, int], device: torch.device, dtype: torch.dtype, have:
     return "to run it: " + (", ".join(tips[:-1]) + " or " if len(tips) > 1 else "") + tips[-1]
 
 
-__all__ = ["DoesNotFit", "check_fits", "estimate", "free_memory", "model_config"]
+__all__ = ["DoesNotFit", "check_fits", "chunk_attention_bytes", "estimate", "forward_activation_bytes", "free_memory",
+           "model_config"]
