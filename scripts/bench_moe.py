@@ -1,31 +1,59 @@
 """The MoE expert MLPs on the GPU: our grouped Triton kernels beside the naive per-expert loop, the engine's eager
-grouped path and transformers' own experts module, in one process.
+grouped path and transformers' own experts module, in one process; and where a gpt-oss-20b decode step spends its
+time (issue 18: 64.4 tok/s on an H100, 15% of its active-weight floor).
 
-    python scripts/bench_moe.py [--out bench_moe.json] [--tokens 1 16 512] [--model qwen3_moe_30b|gpt_oss_20b]
-                                [--sweep]   (our kernels at other tile sizes too)
+    OLLM_GIT_SHA=$(git rev-parse --short HEAD) python scripts/bench_moe.py --out $OUT/bench_moe.json   # H100, ~2 min
+    python scripts/bench_moe.py --small --out /tmp/bench_moe.json      # CPU smoke test (interpreter, tiny shapes)
+    [--tokens 1 16 512] [--model qwen3_moe_30b gpt_oss_20b] [--sweep] [--no-step] [--layers L]
 
-Shapes: one MoE layer of Qwen3-30B-A3B (hidden 2048, 128 experts of intermediate 768, 8 routed per token) or of
-gpt-oss-20b (hidden 2880, 32 experts of 2880, 4 routed, clamped SwiGLU with biases, transposed interleaved layout),
-bf16, N tokens (1 = batch-1 decode, 16 = batched decode, 512 = a prefill chunk) routed by a random router (softmax,
-top-k, renormalised). Each path's output is checked against the float32 reference on the same bf16 weights (relative
-RMS error) before it is timed with triton.testing.do_bench (median, after warm-up); ours also as a CUDA-graph replay
-(do_bench_cudagraph: the launch-free number, what the engine's captured decode step sees). The bandwidth column is the
-bytes of the experts the tokens chose (each read once) over the time, against the device's copy bandwidth measured
-here: a decode step is bound by it. Writes JSON (device, versions, git sha, date, command); prints a GitHub table last.
+Section "experts". One MoE layer of Qwen3-30B-A3B (hidden 2048, 128 experts of intermediate 768, 8 routed per
+token) or of gpt-oss-20b (hidden 2880, 32 experts of 2880, 4 routed, clamped SwiGLU with biases, transposed
+interleaved layout), bf16, N tokens (1 = batch-1 decode, 16 = batched decode, 512 = a prefill chunk) routed by a
+random router (softmax, top-k, renormalised). Each path's output is checked against the float32 reference on the
+same bf16 weights (relative RMS error) before it is timed with triton.testing.do_bench (median, L2 flushed, after
+warm-up); ours also as a CUDA-graph replay (do_bench_cudagraph: the launch-free number, what the engine's captured
+decode step sees). The bandwidth column is the bytes of the experts the tokens chose (each read once) over the time,
+against the device's copy bandwidth measured here; beside it the time that reading the routed experts, and every
+expert of the layer, would take at that bandwidth.
+
+Section "step" (gpt-oss-20b, the runner's `model=gpt_oss_20b task=throughput`: random bf16 weights at the preset's
+shapes, batch 1, a 512-token random prompt, 64 new tokens). The engine picks the *piecewise* step for gpt-oss (the
+whole captured step's attention kernel has no sliding window or sinks): L + 1 captured segments with each layer's
+attention run eagerly through the sdpa backend between them. The rows take that step apart on the same weights:
+  - the runner's path (decode tok/s as the runner counts it);
+  - one step replayed (wall, and the host's time to return from the calls);
+  - the captured segments alone (everything but attention: projections, router, experts, norms, LM head);
+  - the eager attention calls alone (L of them, as the step makes them), and the same calls captured as one graph
+    (their device time without the host);
+  - the expert kernels of all L layers alone as one graph, and the naive routed-only loop;
+  - the whole step captured with every layer's window and sinks switched off: a timing projection of the step if
+    the static step's kernel honoured them (plain causal attention, so NOT gpt-oss's output; its logits are checked
+    against the eager engine on the same switched-off model);
+  - the floor: the bytes a token reads (attention, router, the k routed experts, norms, LM head; not the embedding
+    table) over the copy bandwidth.
+Correctness in the same run: the step's first decode logits against the eager engine's (relative L2, bf16); the
+expert kernels against a float32 reference. Writes JSON (device, versions, git sha, date, command); prints GitHub
+tables last.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
+import statistics
 import sys
+import time
 import traceback
 from functools import partial
 from pathlib import Path
 
-import torch
-from triton.testing import do_bench, do_bench_cudagraph
+if "--small" in sys.argv:  # the CPU smoke test runs the Triton kernels through the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -37,9 +65,42 @@ SHAPES = {  # hidden, experts, intermediate, top-k, layout, activation, biases
     "qwen3_moe_30b": dict(h=2048, e=128, i=768, k=8, layout="concat", act="silu", bias=False),
     "gpt_oss_20b": dict(h=2880, e=32, i=2880, k=4, layout="interleaved_t", act="clamped_swiglu", bias=True),
 }
-DT = torch.bfloat16
+SMALL_SHAPES = {  # --small: the same layouts at interpreter sizes (odd widths: partial tiles)
+    "qwen3_moe_30b": dict(h=72, e=8, i=40, k=2, layout="concat", act="silu", bias=False),
+    "gpt_oss_20b": dict(h=72, e=8, i=40, k=2, layout="interleaved_t", act="clamped_swiglu", bias=True),
+}
+SMALL_GPT_OSS = dict(model_type="gpt_oss", vocab_size=512, hidden_size=64, intermediate_size=40, num_hidden_layers=2,
+                     num_attention_heads=8, num_key_value_heads=2, head_dim=16, num_local_experts=8,
+                     num_experts_per_tok=2, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                     max_position_embeddings=4096, attention_bias=True,
+                     rope_parameters={"rope_type": "yarn", "factor": 8.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                      "truncate": False, "original_max_position_embeddings": 512,
+                                      "rope_theta": 150000.0})
 # (block_m or None = the kernel's choice, block_n, block_k, warps) for --sweep; the first is the default
 SWEEP = [(None, 64, 64, 4), (16, 32, 64, 4), (16, 64, 128, 4), (16, 128, 64, 8), (64, 128, 64, 8), (32, 64, 64, 4)]
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DT = torch.bfloat16
+
+
+def sync() -> None:
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, graph: bool = False) -> float:
+    """Milliseconds a call: do_bench (median, L2 flushed) or do_bench_cudagraph on CUDA; on the CPU the median of
+    three calls after one (no meaning beyond the plumbing)."""
+    if DEV.type == "cuda":
+        from triton.testing import do_bench, do_bench_cudagraph
+
+        return (do_bench_cudagraph if graph else do_bench)(fn)
+    fn()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
 
 
 def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -48,19 +109,19 @@ def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def copy_bandwidth() -> float:
-    """Bytes read + written per second by a 2 GB device copy."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    """Bytes read + written per second by a 2 GB device copy (64 MB on the CPU)."""
+    src = torch.empty((1 << 30) if DEV.type == "cuda" else (32 << 20), dtype=torch.uint8, device=DEV)
     dst = torch.empty_like(src)
-    t = do_bench(lambda: dst.copy_(src)) / 1e3
-    return 2 * (1 << 30) / t
+    t = timed(lambda: dst.copy_(src)) / 1e3
+    return 2 * src.numel() / t
 
 
 def make_layer(s: dict, seed: int = 0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
+    g = torch.Generator(device=DEV).manual_seed(seed)
     e, h, i = s["e"], s["h"], s["i"]
 
     def rnd(*shape, std=0.02):
-        return (torch.randn(*shape, generator=g, device="cuda") * std).to(DT)
+        return (torch.randn(*shape, generator=g, device=DEV) * std).to(DT)
 
     if s["layout"] == "concat":
         w_gu, w_d = rnd(e, 2 * i, h), rnd(e, h, i)
@@ -71,8 +132,8 @@ def make_layer(s: dict, seed: int = 0):
 
 
 def route(n: int, s: dict, seed: int = 1):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    probs = torch.randn(n, s["e"], generator=g, device="cuda").softmax(-1)
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    probs = torch.randn(n, s["e"], generator=g, device=DEV).softmax(-1)
     w, ex = torch.topk(probs, s["k"], dim=-1)
     return (w / w.sum(-1, keepdim=True)).to(DT), ex
 
@@ -125,29 +186,22 @@ def transformers_experts(w_gu, w_d, b_gu, b_d, s):
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_moe.json"))
-    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 512])
-    ap.add_argument("--model", choices=sorted(SHAPES), nargs="+", default=["qwen3_moe_30b", "gpt_oss_20b"])
-    ap.add_argument("--sweep", action="store_true", help="also time our kernels at other tile sizes (SWEEP)")
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench_moe.py needs a CUDA device")
-    env = environment(torch.device("cuda"))
-    bw = copy_bandwidth()
+# ---- section "experts" --------------------------------------------------------------------------------------------
+
+
+def expert_rows(args, shapes: dict, bw: float) -> list[dict]:
     rows = []
     for model in args.model:
-        s = SHAPES[model]
+        s = shapes[model]
         w_gu, w_d, b_gu, b_d = make_layer(s)
         hf = transformers_experts(w_gu, w_d, b_gu, b_d, s)
-        per_expert = (w_gu[0].numel() + w_d[0].numel()) * 2 + ((b_gu[0].numel() + b_d[0].numel()) * 2 if s["bias"]
-                                                              else 0)
+        elt = w_gu.element_size()
+        per_expert = (w_gu[0].numel() + w_d[0].numel() + (b_gu[0].numel() + b_d[0].numel() if s["bias"] else 0)) * elt
         for n in args.tokens:
-            x = (torch.randn(n, s["h"], device="cuda", generator=torch.Generator(device="cuda").manual_seed(n))
-                 ).to(DT)
+            x = torch.randn(n, s["h"], device=DEV, generator=torch.Generator(device=DEV).manual_seed(n)).to(DT)
             w, ex = route(n, s)
             read = ex.unique().numel() * per_expert
+            floors = dict(floor_ms_routed=read / bw * 1e3, floor_ms_all_experts=s["e"] * per_expert / bw * 1e3)
             ref = moe_experts_torch(x.float(), w.float(), ex, w_gu.float(), w_d.float(),
                                     None if b_gu is None else b_gu.float(), None if b_d is None else b_d.float(),
                                     layout=s["layout"], act=s["act"])
@@ -155,7 +209,7 @@ def main() -> None:
             kw = dict(layout=s["layout"], act=s["act"])
             paths = {
                 "ours: triton grouped": partial(moe_experts_kernel, *args_, **kw),
-                "naive per-expert loop": partial(moe_experts_torch, *args_, **kw),
+                "naive per-expert loop (routed only)": partial(moe_experts_torch, *args_, **kw),
                 "engine eager grouped": grouped_eager(*args_, s),
             }
             if args.sweep:
@@ -168,13 +222,13 @@ def main() -> None:
                     continue
                 paths[name] = partial(mod, x, ex, w)
             for name, fn in paths.items():
-                row = dict(model=model, tokens=n, path=name, expert_bytes=read)
+                row = dict(model=model, tokens=n, path=name, expert_bytes=read, **floors)
                 try:
                     with torch.inference_mode():
                         row["rel_rms_vs_fp32"] = rel_rms(fn(), ref)
-                        row["ms"] = do_bench(fn)
-                        if name.startswith("ours"):
-                            row["ms_cudagraph"] = do_bench_cudagraph(fn)
+                        row["ms"] = timed(fn)
+                        if name.startswith("ours") and DEV.type == "cuda":
+                            row["ms_cudagraph"] = timed(fn, graph=True)
                     best = min(row["ms"], row.get("ms_cudagraph", row["ms"]))
                     row["GB/s"] = read / (best / 1e3) / 1e9
                     row["of_copy_bw"] = read / (best / 1e3) / bw
@@ -184,26 +238,272 @@ def main() -> None:
                     traceback.print_exc()
                 rows.append(row)
                 print("ROW", json.dumps(row), flush=True)
-    payload = {"env": env, "copy_bandwidth_GBps": bw / 1e9, "shapes": SHAPES, "rows": rows,
-               "command": " ".join(sys.argv)}
+        del w_gu, w_d, b_gu, b_d, hf
+    return rows
+
+
+# ---- section "step" -----------------------------------------------------------------------------------------------
+
+
+def gpt_oss_arch(args) -> dict:
+    if args.small:
+        return copy.deepcopy(SMALL_GPT_OSS)
+    arch = yaml.safe_load((ROOT / "ollm_triton" / "conf" / "model" / "gpt_oss_20b.yaml").read_text())["arch"]
+    if args.layers:  # a layer-reduced model: the per-layer rows scale, the LM head does not
+        arch["num_hidden_layers"] = args.layers
+        arch["layer_types"] = arch["layer_types"][: args.layers]
+    return arch
+
+
+def active_bytes(engine) -> int:
+    """Bytes one decode token reads: every parameter but the embedding table, the stacked experts at k / E."""
+    cfg = engine.config
+    total = 0
+    for name, p in engine.model.named_parameters():
+        if "embed_tokens" in name:
+            continue
+        share = cfg.num_experts_per_tok / cfg.num_experts if ".experts." in name else 1.0
+        total += p.numel() * p.element_size() * share
+    return int(total)
+
+
+def per_call(fn, reps: int) -> tuple[float, float]:
+    """(wall ms, host ms) per call over `reps` calls: host = until the calls returned (launches, Python), wall =
+    until the device finished them."""
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    t1 = time.perf_counter()
+    sync()
+    t2 = time.perf_counter()
+    return (t2 - t0) / reps * 1e3, (t1 - t0) / reps * 1e3
+
+
+def first_step_logits(decoder, ids) -> torch.Tensor:
+    """The logits of the first decode step (after the prompt) through a FastDecoder: [1, V] float32."""
+    seen = []
+
+    def pick(logits):
+        seen.append(logits.float().clone())
+        return logits.argmax(-1)
+
+    decoder.generate(ids, 2, pick)
+    return seen[1]
+
+
+def eager_first_step_logits(engine, ids) -> torch.Tensor:
+    cache = engine.new_cache(batch=1, max_len=ids.shape[1] + 2)
+    token = engine.forward(ids, cache, last_only=True)[:, -1].argmax(-1)
+    return engine.forward(token[:, None], cache)[:, -1]
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def step_rows(args, bw: float) -> tuple[list[dict], dict]:
+    from ollm_triton.engine import load_engine
+    from ollm_triton.engine.fast_decode import FastDecoder
+
+    dtype = torch.float32 if args.small else DT
+    prompt, new, reps = (24, 6, 2) if args.small else (512, 64, 20)
+    arch = gpt_oss_arch(args)
+    t0 = time.perf_counter()
+    engine = load_engine(arch, device=DEV, dtype=dtype, seed=0,
+                         fast_decode="auto" if DEV.type == "cuda" else "piecewise")
+    info = dict(layers=engine.config.num_layers, load_s=time.perf_counter() - t0, fast_path=str(engine.fast_path),
+                prompt=prompt, new_tokens=new, reps=reps, active_bytes=active_bytes(engine))
+    floor_ms = info["active_bytes"] / bw * 1e3
+    info["floor_ms"] = floor_ms
+    layers = engine.model.model.layers
+    n_layers = len(layers)
+    ids = torch.randint(0, arch["vocab_size"], (1, prompt), generator=torch.Generator().manual_seed(0)).to(DEV)
+    rows: list[dict] = []
+
+    def row(name, ms, **kw):
+        r = dict(row=name, ms=ms, tok_s=1e3 / ms if ms else None, of_floor=floor_ms / ms if ms else None, **kw)
+        rows.append(r)
+        print("STEP", json.dumps(r), flush=True)
+
+    def guarded(name, fn):
+        try:
+            fn()
+        except Exception as exc:  # one failing row is reported, the others still run
+            traceback.print_exc()
+            rows.append(dict(row=name, note=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"))
+
+    fd = engine.fast_decoder()
+    with torch.inference_mode():
+        # 1. the runner's path: FastDecoder.generate (prefill, capture once, then the decode timer); the second run
+        # is warm
+        ref = eager_first_step_logits(engine, ids)
+        got = first_step_logits(fd, ids)
+        gens = [fd.generate(ids, new) for _ in range(2)]
+        c = gens[-1].counters
+        decode_ms = c["decode_s"] / max(c["target_forwards"] - 1, 1) * 1e3
+        row(f"runner's path: {fd.mode} step (decode tok/s as the runner counts it)", decode_ms,
+            logits_rel_l2_vs_eager=rel_l2(got, ref))
+        bk = next(iter(fd.buckets.values()))
+
+        # 2. the step replayed, then taken apart on the same bucket (after the decode above: the cache holds
+        # prompt + new tokens, well inside the bucket's capacity; each row below advances it by `reps` at most)
+        wall, host = per_call(lambda: fd.replay(bk), reps)
+        row("one step replayed", wall, host_ms=host)
+        if bk.io is not None:  # piecewise
+            if bk.graphs is not None:
+                wall, host = per_call(lambda: [g.replay() for g in bk.graphs], reps)
+                row(f"captured segments alone ({len(bk.graphs)} graphs; no attention between)", wall, host_ms=host)
+            else:
+                wall, host = per_call(lambda: fd.step(bk, cut=lambda i: None), reps)
+                row("segments alone, uncaptured (no attention between)", wall, host_ms=host)
+            attend_all = lambda: [fd.attend(bk, i) for i in range(n_layers)]  # noqa: E731
+            wall, host = per_call(attend_all, reps)
+            row(f"eager attention calls alone ({n_layers}, sdpa with windows and sinks)", wall, host_ms=host)
+
+            def attention_graph():
+                from ollm_triton.engine.graphs import capture
+
+                held = [layer.length for layer in bk.cache.layers]
+                graph = capture(attend_all, DEV)  # warm-up on a side stream, then one recorded call
+                for layer, n in zip(bk.cache.layers, held, strict=True):  # those calls appended 3 tokens a layer
+                    layer.truncate(n)
+                wall, host = per_call(graph.replay, reps)
+                row("the same attention calls captured as one graph (their device time)", wall, host_ms=host)
+
+            if DEV.type == "cuda":
+                guarded("attention calls as one graph", attention_graph)
+
+        # 3. the expert kernels of every layer alone, and the naive routed-only loop, at N = 1 with each layer's own
+        # router on a random hidden state
+        x = torch.randn(1, engine.config.hidden_size, device=DEV, dtype=dtype,
+                        generator=torch.Generator(device=DEV).manual_seed(3))
+        routed = []
+        for layer in layers:
+            router = getattr(layer.mlp, layer.mlp.router_name)
+            routed.append(router(x))
+
+        def experts(path):
+            return [getattr(layer.mlp.experts, path)(x, w, ex) for layer, (w, ex) in zip(layers, routed, strict=True)]
+
+        e0 = layers[0].mlp.experts
+        want = moe_experts_torch(x.float(), routed[0][0].float(), routed[0][1], *(
+            None if t is None else t.float() for t in e0._tensors()), **e0._options())
+        err = rel_rms(experts("kernel")[0], want)
+        graph = " (one graph)" if DEV.type == "cuda" else ""
+        row(f"expert kernels alone, {n_layers} layers{graph}", timed(lambda: experts("kernel"), graph=True),
+            rel_rms_vs_fp32=err)
+        row(f"naive routed-only expert loop, {n_layers} layers (eager)", timed(lambda: experts("naive")))
+
+        # 4. the projection: the whole step captured, every layer's window and sinks off (plain causal attention)
+        def whole_step():
+            saved = [(layer.self_attn.window, layer.self_attn.sinks) for layer in layers]
+            try:
+                for layer in layers:
+                    layer.self_attn.window, layer.self_attn.sinks = 0, None
+                whole = FastDecoder(engine, capture=DEV.type == "cuda", use_kernels=fd.kernels)
+                ref = eager_first_step_logits(engine, ids)
+                got = first_step_logits(whole, ids)
+                gens = [whole.generate(ids, new) for _ in range(2)]
+                c = gens[-1].counters
+                ms = c["decode_s"] / max(c["target_forwards"] - 1, 1) * 1e3
+                row(f"PROJECTION: whole {whole.mode} step, windows and sinks off (not gpt-oss's attention)", ms,
+                    logits_rel_l2_vs_eager=rel_l2(got, ref))
+                whole.close()
+            finally:
+                for layer, (window, sinks) in zip(layers, saved, strict=True):
+                    layer.self_attn.window, layer.self_attn.sinks = window, sinks
+
+        guarded("whole step projection", whole_step)
+    row(f"floor: {info['active_bytes'] / 1e9:.2f} GB a token at the copy bandwidth", floor_ms)
+    fd.close()
+    engine.close()
+    return rows, info
+
+
+# ---- main ---------------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    global DT
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_moe.json"))
+    ap.add_argument("--tokens", type=int, nargs="+", default=None, help="default 1 16 512 (1 5 with --small)")
+    ap.add_argument("--model", choices=sorted(SHAPES), nargs="+", default=["qwen3_moe_30b", "gpt_oss_20b"])
+    ap.add_argument("--sweep", action="store_true", help="also time our kernels at other tile sizes (SWEEP)")
+    ap.add_argument("--no-step", action="store_true", help="skip the gpt-oss-20b decode step section")
+    ap.add_argument("--layers", type=int, default=0, help="step section: a layer-reduced gpt-oss-20b (0 = all 24)")
+    ap.add_argument("--small", action="store_true", help="tiny shapes on the CPU (interpreter): the plumbing only")
+    args = ap.parse_args()
+    if DEV.type != "cuda" and not args.small:
+        sys.exit("bench_moe.py needs a CUDA device (or --small: tiny shapes on the CPU, the plumbing only)")
+    if args.small:
+        DT = torch.float32  # the interpreter multiplies bf16 bit patterns in tl.dot
+    args.tokens = args.tokens or ([1, 5] if args.small else [1, 16, 512])
+    t_start = time.perf_counter()
+    env = environment(DEV)
+    bw = copy_bandwidth()
+    shapes = SMALL_SHAPES if args.small else SHAPES
+    payload = {"env": env, "copy_bandwidth_GBps": bw / 1e9, "shapes": shapes, "small": args.small,
+               "command": " ".join(sys.argv), "rows": [], "step_rows": [], "step": None, "seconds": {}}
+    payload["rows"] = expert_rows(args, shapes, bw)
+    payload["seconds"]["experts"] = time.perf_counter() - t_start
+    if DEV.type == "cuda":
+        torch.cuda.empty_cache()
+    if not args.no_step:
+        t0 = time.perf_counter()
+        try:
+            payload["step_rows"], payload["step"] = step_rows(args, bw)
+        except Exception as exc:  # recorded, and the expert table still printed
+            traceback.print_exc()
+            payload["step"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+        payload["seconds"]["step"] = time.perf_counter() - t0
+    payload["seconds"]["total"] = time.perf_counter() - t_start
     Path(args.out).write_text(json.dumps(payload, indent=1, default=str))
     print(table(payload))
 
 
+def _f(v, fmt) -> str:
+    return "" if v is None else format(v, fmt)
+
+
 def table(p: dict) -> str:
     env = p["env"]
-    out = [f"MoE experts, bf16 - {env.get('device_name')}, torch {env.get('torch')}, triton {env.get('triton')}, "
-           f"transformers {env.get('transformers')}, git {env.get('git_sha')}, {env.get('date')}; copy bandwidth "
-           f"{p['copy_bandwidth_GBps']:.0f} GB/s", "",
-           "| model | tokens | path | ms | ms (graph) | expert GB/s | of copy bw | rel RMS vs fp32 | ok |",
-           "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    small = " (--small: tiny fp32 shapes, CPU: plumbing only)" if p["small"] else ""
+    head = (f"{env.get('device_name')}, torch {env.get('torch')}, triton {env.get('triton')}, transformers "
+            f"{env.get('transformers')}, git {env.get('git_sha')}, {env.get('date')}; copy bandwidth "
+            f"{p['copy_bandwidth_GBps']:.0f} GB/s{small}")
+    out = [f"MoE experts, {'fp32' if p['small'] else 'bf16'} - {head}", "",
+           "| model | tokens | path | ms | ms (graph) | expert GB/s | of copy bw | floor ms (routed / every expert) "
+           "| rel RMS vs fp32 | ok |",
+           "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in p["rows"]:
         if "ms" not in r:
-            out.append(f"| {r['model']} | {r['tokens']} | {r['path']} | | | | | | {r.get('note', '')} |")
+            out.append(f"| {r['model']} | {r['tokens']} | {r['path']} | | | | | | | {r.get('note', '')} |")
             continue
         graph = f"{r['ms_cudagraph']:.4f}" if "ms_cudagraph" in r else ""
         out.append(f"| {r['model']} | {r['tokens']} | {r['path']} | {r['ms']:.4f} | {graph} | {r['GB/s']:.0f} | "
-                   f"{r['of_copy_bw']:.0%} | {r['rel_rms_vs_fp32']:.1e} | {'yes' if r['ok'] else 'NO'} |")
+                   f"{r['of_copy_bw']:.0%} | {r['floor_ms_routed']:.4f} / {r['floor_ms_all_experts']:.4f} | "
+                   f"{r['rel_rms_vs_fp32']:.1e} | {'yes' if r['ok'] else 'NO'} |")
+    step = p.get("step")
+    if step:
+        out += ["", f"gpt-oss-20b batch-1 decode step, taken apart - {head}"]
+        if "error" in step:
+            out.append(f"failed: {step['error']}")
+        else:
+            out += [f"{step['layers']} layers, fast path: {step['fast_path']}; prompt {step['prompt']}, "
+                    f"{step['new_tokens']} new tokens; rows below the first: ms a call over {step['reps']} calls", "",
+                    "| row | ms | host ms | tok/s | of floor | check |", "| --- | ---: | ---: | ---: | ---: | --- |"]
+            for r in p["step_rows"]:
+                if "ms" not in r:
+                    out.append(f"| {r['row']} | | | | | {r.get('note', '')} |")
+                    continue
+                check = (f"logits rel L2 vs eager {r['logits_rel_l2_vs_eager']:.1e}" if "logits_rel_l2_vs_eager" in r
+                         else f"rel RMS vs fp32 {r['rel_rms_vs_fp32']:.1e}" if "rel_rms_vs_fp32" in r else "")
+                out.append(f"| {r['row']} | {r['ms']:.3f} | {_f(r.get('host_ms'), '.3f')} | {_f(r['tok_s'], '.1f')} | "
+                           f"{_f(r['of_floor'], '.0%')} | {check} |")
+    out.append("")
+    out.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in p["seconds"].items()))
     return "\n".join(out)
 
 
