@@ -138,7 +138,7 @@ def noise_floor(engine, ids: torch.Tensor, prompt: int, ref: torch.Tensor) -> di
     finally:
         for block in moe_blocks(engine):
             del block.path
-    return {"paths": f"{engine.kernel_path if engine.use_kernels() else 'grouped'} vs {alt}",
+    return {"paths": f"{'kernel' if engine.use_kernels() else 'grouped'} vs {alt}",
             **compare(logits, ref), "logits_rel_rms": rel_rms(logits, ref)}
 
 
@@ -152,7 +152,7 @@ def block_m_check(engine) -> float | None:
 
     block = moe_blocks(engine)[0]
     ex, router = block.experts, getattr(block, block.router_name)
-    x = torch.randn(64, router.weight.shape[1], generator=torch.Generator(DEVICE).manual_seed(1), device=DEVICE,
+    x = torch.randn(64, router.weight.shape[1], generator=torch.Generator(device=DEVICE).manual_seed(1), device=DEVICE,
                     dtype=ex.gate_up_proj.dtype)
     weights, experts = router(x)
     out = [moe_experts_kernel(x, weights, experts, ex.gate_up_proj, ex.down_proj, ex.gate_up_proj_bias,
