@@ -415,7 +415,10 @@ class FastDecoder:
         if bk.io is None:
             bk.reset()
         elif any(layer.length for layer in bk.cache.layers):  # a fresh cache of the codec (not every codec can
-            bk.cache = e.new_cache(batch=batch, max_len=bk.capacity)  # truncate to 0); the segments do not hold it
+            # truncate to 0); the segments do not hold it, so the old one is let go first: two caches of the bucket
+            # at once would ask a memory-sized run (+adapt=memory, a cap) for twice its KV
+            bk.cache = None
+            bk.cache = e.new_cache(batch=batch, max_len=bk.capacity)
         with Timer(e.device) as prefill:
             first = e.prefill(ids, bk.cache)
         capture_before = self.capture_s
