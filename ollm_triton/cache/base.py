@@ -15,6 +15,10 @@ What the engine reads, declared here and never inferred from a codec's name:
                                 `layer.static_decode(q, k, v, cos, sin, pos)` stores and attends with every row's
                                 position read on the device (no host value), `row_view(start, stop)` gives rows of the
                                 layer that share its storage, `zero_storage()` makes every slot finite
+    CacheCodec.static_window_sinks   its `static_decode` also takes the model's own attention rule for the layer:
+                                `window` (keys seen back from the newest, 0 = all) and `sinks` ([Hq] logits, one
+                                more softmax denominator term per head), as the attention backends' `layer_window` /
+                                `sink_logits` do (gpt-oss); without it such a model's step runs piecewise
     CacheCodec.static_sync      such a layer must be told a row's fill level (`set_length`) after each static step
                                 whose length `sync_due(length)` flags, not only at the end of a generation: it does
                                 host-side work then (quantizing a full residual group); between those it may lag.
@@ -119,12 +123,14 @@ class CacheLayer:
     # attention would set the step's time: the varlen kernels' work follows each row's length)
     scratch_from: int | None = None
 
-    def static_decode(self, q, k, v, cos, sin, pos, *, kernels: bool, shared: dict | None = None) -> torch.Tensor:
+    def static_decode(self, q, k, v, cos, sin, pos, *, kernels: bool, shared: dict | None = None,
+                      **layer) -> torch.Tensor:
         """One new token per row: q [B, 1, Hq, D], k, v [B, 1, Hkv, D] (token-major, before RoPE), cos, sin
         [B, 1, D] at the rows' positions, pos [B] long on the device (each row's length before the step). Store
         the new K/V of row b at position pos[b] and attend it over the row's pos[b] + 1 tokens -> [B, Hq, 1, D].
         Capturable: reads no host value. `shared`: one dict for all layers of a step, where a layer may keep what
-        it derives from pos alone so that the other layers do not launch it again."""
+        it derives from pos alone so that the other layers do not launch it again. `layer`: `window`, `sinks`
+        (only for codecs declaring `static_window_sinks`)."""
         raise NotImplementedError(f"{type(self).__name__} has no static decode step")
 
     def row_view(self, start: int, stop: int) -> CacheLayer:
@@ -166,6 +172,7 @@ class CacheCodec:
     plugin_name = "base"
     static_buffers: bool = False
     static_decode: bool = False
+    static_window_sinks: bool = False
     static_sync: bool = False
 
     def new_layer(self, spec: LayerSpec) -> CacheLayer:

@@ -69,11 +69,14 @@ class DenseLayer(CacheLayer):
 
     static_kernel = "decode_varlen"
 
-    def static_decode(self, q, k, v, cos, sin, pos, *, kernels: bool, shared: dict | None = None) -> torch.Tensor:
-        """RoPE fused with the K/V write at each row's slot, then the varlen decode reading each row's length."""
+    def static_decode(self, q, k, v, cos, sin, pos, *, kernels: bool, shared: dict | None = None, window: int = 0,
+                      sinks: torch.Tensor | None = None) -> torch.Tensor:
+        """RoPE fused with the K/V write at each row's slot, then the varlen decode reading each row's length (over
+        its last `window` keys, with the layer's `sinks`: gpt-oss' own rule, Dense.static_window_sinks)."""
         q_rot = rope_write_kv(q, k, v, cos, sin, self.k, self.v, pos, use_kernel=kernels)
         lengths = once_per_step(shared, ("lengths", self.scratch_from), lambda: self._lengths(pos))
-        return decode_varlen(q_rot[:, :, 0], self.k, self.v, lengths, use_kernel=kernels)[:, :, None]
+        return decode_varlen(q_rot[:, :, 0], self.k, self.v, lengths, use_kernel=kernels, window=window,
+                             sinks=sinks)[:, :, None]
 
     def _lengths(self, pos: torch.Tensor) -> torch.Tensor:
         """Keys each row attends after the step: pos + 1; idle rows (CacheLayer.scratch_from) one."""
@@ -119,6 +122,11 @@ class Dense(CacheCodec):
     @property
     def static_decode(self) -> bool:
         """The static step writes and attends the buffers in place (DenseLayer.static_decode)."""
+        return self.static_buffers
+
+    @property
+    def static_window_sinks(self) -> bool:
+        """DenseLayer.static_decode attends over a layer's sliding window with its sinks (the varlen kernel)."""
         return self.static_buffers
 
     def bytes_per_token(self, spec: LayerSpec) -> float:

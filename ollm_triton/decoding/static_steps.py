@@ -53,7 +53,7 @@ def resolve_fast_path(requested: str, engine) -> str:
     if requested == "off":
         return "eager"
     if requested == "static":
-        reason = capture_blocker(engine)
+        reason = capture_blocker(engine) or verify_blocker(engine)
         if reason is None and not engine.codec.static_buffers:
             reason = f"cache '{engine.codec.plugin_name}' keeps no dense K/V buffers for the static verify blocks"
         if reason is not None:
@@ -62,9 +62,18 @@ def resolve_fast_path(requested: str, engine) -> str:
     fast = engine.fast_path
     if fast.mode != "graph":  # the piecewise step attends through the codec's cache: speculation runs eagerly there
         return "eager"
-    if not engine.codec.static_buffers:  # the static verify blocks attend dense K/V buffers (StaticBlockMixer)
-        return "eager"
+    if not engine.codec.static_buffers or verify_blocker(engine):  # the static verify blocks attend dense K/V
+        return "eager"  # buffers without windows or sinks (StaticBlockMixer)
     return "graph" if fast.captured else "static"
+
+
+def verify_blocker(engine) -> str | None:
+    """Why the static verify blocks cannot stand in for this model's attention (one line), or None: they attend
+    every held key, with no per-layer window or sink logits (the one-token static step has both)."""
+    needs = engine.config.attention_requirements()
+    if needs:
+        return f"model {engine.config.model_type}'s {' and '.join(needs.values())}: the static verify blocks lack them"
+    return None
 
 
 def static_model(engine, batch: int, max_len: int, capture: bool) -> StaticModel:

@@ -21,7 +21,9 @@ token with the engine's ordinary decode loop.
 Which path a run takes (`plan_fast_path` -> `FastPath`, recorded in metrics.json with its reason) is read from
 what the plugins declare, never from their names:
 - whole step captured ("graph"): the attention backend is `dense_causal` (the step's own varlen kernel computes
-  exactly its decode), the codec has a `static_decode` step, the prefetch policy keeps `resident_weights`;
+  exactly its decode), the codec has a `static_decode` step, the prefetch policy keeps `resident_weights`; a
+  model with per-layer sliding windows or sink logits (gpt-oss) also needs the codec's step to take them
+  (`static_window_sinks`: the dense varlen kernel's device-side window start and the merge's sink term);
 - piecewise ("piecewise"): any codec and backend, resident weights. The same step is cut at each layer's
   attention into L + 1 captured segments (graphs.SegmentRecorder), and the attention -- the codec's append and
   the backend's decode, data-dependent shapes and all -- runs eagerly between them through static q/k/v/out
@@ -95,12 +97,13 @@ def capture_blocker(engine) -> str | None:
     if not engine.attention.dense_causal:
         return (f"attention '{_name(engine.attention)}' is not dense causal: the static step cannot stand in for "
                 "its decode")
-    needs = engine.config.attention_requirements()
-    if needs:  # the piecewise step can: its attention runs through the backend, with the layer's own rule
-        return (f"model {engine.config.model_type}'s {' and '.join(needs.values())}: the static step's kernel "
-                "attends over every key without them")
     if not engine.codec.static_decode:
         return f"cache '{_name(engine.codec)}' declares no static decode step"
+    needs = engine.config.attention_requirements()
+    if needs and not engine.codec.static_window_sinks:  # the piecewise step can: its attention runs through the
+        # backend, with the layer's own rule
+        return (f"model {engine.config.model_type}'s {' and '.join(needs.values())}: cache '{_name(engine.codec)}' "
+                "declares no static step with windows and sinks (static_window_sinks)")
     return piecewise_blocker(engine)
 
 
@@ -429,7 +432,10 @@ class FastDecoder:
                                     greedy=pick is argmax_pick)
         counters = {"generated_tokens": n * batch, "target_forwards": n, "prefill_s": prefill.seconds,
                     "decode_s": decode.seconds, "graph_capture_s": self.capture_s - capture_before,
-                    "fast_path_graph": int(self.capture)}
+                    # 1 only for the whole step as one graph; a piecewise step (captured segments around eager
+                    # attention) is counted by fast_path_piecewise
+                    "fast_path_graph": int(self.capture and not self.piecewise),
+                    "fast_path_piecewise": int(self.piecewise)}
         return Generation(tokens, counters)
 
     def close(self) -> None:

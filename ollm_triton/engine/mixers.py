@@ -147,9 +147,11 @@ class StaticDecodeMixer:
         self.layers, self.cos, self.sin, self.pos, self.kernels = layers, cos, sin, pos, kernels
         self.shared: dict = {}  # what every layer of this step derives from pos alone, computed by the first
 
-    def __call__(self, i, q, k, v):
+    def __call__(self, i, q, k, v, **layer):
+        # `layer`: the model's own window / sinks for layer i, only for codecs declaring `static_window_sinks`
+        # (engine/fast_decode.py capture_blocker refuses the others)
         return self.layers[i].static_decode(q, k, v, self.cos, self.sin, self.pos, kernels=self.kernels,
-                                            shared=self.shared)
+                                            shared=self.shared, **layer)
 
 
 class StaticBlockMixer:

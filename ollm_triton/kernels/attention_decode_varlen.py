@@ -2,7 +2,9 @@
 and the same kernel with a block of T new queries per sequence (speculative and tree verify).
 
     decode_varlen      q: [B, Hq, D] (one new token per sequence)   k_cache, v_cache: [B, Hkv, cap, D]   lengths: [B]
-                       out[b] = softmax(q[b] k[b, :, :lengths[b]]^T / sqrt(D)) v[b, :, :lengths[b]]
+                       out[b] = softmax(q[b] k[b, :, lo:lengths[b]]^T / sqrt(D)) v[b, :, lo:lengths[b]]
+                       lo = max(0, lengths[b] - window) with a sliding `window` (0: lo = 0); with `sinks` [Hq]
+                       head h's softmax has one more term exp(sinks[h]) in its denominator (gpt-oss)
     verify_attention   q: [B, Hq, T, D], held: [B], block_mask: [T, T] bool; the block's own K/V at slots
                        held[b] .. held[b] + T - 1. New token t sees every held slot and new token j iff mask[t, j]
                        (chain: causal; tree: its ancestors)
@@ -15,6 +17,11 @@ GROUP query heads of one KV head (times the T new tokens of a verify block: rows
 (rows of the dot, padded to 16), the blocks of each sequence are cut into `n_split` contiguous ranges (fixed by the
 capacity, sized at launch from the SM count; a split past the sequence's last block exits at once), each writes a
 normalised partial and its log2-sum-exp, and a merge kernel combines them (decode_merge.py).
+
+A sliding window is a launch constant of the layer (not of the step): the first key, max(0, length - window), is
+computed on the device from the length, so one captured graph stays valid as the context grows, and the splits
+share only the blocks from that key's block on (a 128-key window over 32k keys reads 2-3 blocks, not 512). Sinks
+are one more term of each head's softmax denominator, added where the splits are merged.
 
 A verify block reads held + T keys, not the whole buffer: the masked SDPA it replaces (the reference below) reads
 every slot of the capacity, 1.21 GB of K/V a step at 8k held in a 9k buffer on Llama-3-8B shapes (32 layers x 8 KV
@@ -41,12 +48,13 @@ MAX_BLOCK_T = 32  # new tokens of a verify block: a row's mask is one int32 of b
 def _decode_varlen_split_kernel(
     Q, K, V, LENS, BLOCK_MASK, O_PART, L_PART,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_mt,
-    Hkv, qk_scale,
+    Hkv, qk_scale, WINDOW,
     GROUP: tl.constexpr, T: tl.constexpr, IN_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Split i_s of (sequence, KV head) i_bkv. Keys below LENS[b] are seen by every row; with IN_BLOCK the T keys
-    after them are the block's own, key LENS[b] + j seen by new token t iff BLOCK_MASK[t, j]."""
+    after them are the block's own, key LENS[b] + j seen by new token t iff BLOCK_MASK[t, j]. WINDOW > 0 (decode
+    only, T = 1): keys below LENS[b] - WINDOW are not seen, and the blocks before the first seen one not read."""
     i_s = tl.program_id(0)
     i_bkv = tl.program_id(1)
     n_split = tl.num_programs(0)
@@ -78,8 +86,10 @@ def _decode_varlen_split_kernel(
     kv_len = tl.load(LENS + i_b).to(tl.int32)
     n_keys = kv_len + T if IN_BLOCK else kv_len
     n_blocks = tl.cdiv(n_keys, BLOCK_N)
-    per_split = tl.cdiv(n_blocks, n_split)
-    j_lo = i_s * per_split
+    key_lo = tl.where(WINDOW > 0, tl.maximum(kv_len - WINDOW, 0), 0)  # the first key seen (sliding window)
+    j_first = key_lo // BLOCK_N  # the splits share the blocks from the first seen key's on
+    per_split = tl.cdiv(n_blocks - j_first, n_split)
+    j_lo = j_first + i_s * per_split
     j_hi = tl.minimum(j_lo + per_split, n_blocks)
 
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
@@ -91,7 +101,7 @@ def _decode_varlen_split_kernel(
         b_k = tl.load(p_k + o_s[:, None].to(tl.int64) * stride_ks + o_d[None, :], mask=m_kv, other=0.0)
         b_v = tl.load(p_v + o_s[:, None].to(tl.int64) * stride_vs + o_d[None, :], mask=m_kv, other=0.0)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale  # [BR, BD] @ [BD, BN] -> [BR, BN]
-        b_qk = tl.where((o_s < kv_len)[None, :], b_s, float("-inf"))
+        b_qk = tl.where(((o_s < kv_len) & (o_s >= key_lo))[None, :], b_s, float("-inf"))
         if IN_BLOCK:
             if j * BLOCK_N + BLOCK_N > kv_len:  # only the last one or two tiles reach the new tokens
                 o_j = o_s - kv_len  # key s is new token o_j
@@ -141,9 +151,11 @@ def kernel_supports(q: torch.Tensor, k_cache: torch.Tensor, t: int = 1) -> bool:
         and group * t <= MAX_ROWS and t <= MAX_BLOCK_T and 16 <= q.shape[-1] <= 256
 
 
-def _split_attention(q, k_cache, v_cache, lengths, out, *, t, stride_qt, stride_ot, block_mask, scale, num_splits):
+def _split_attention(q, k_cache, v_cache, lengths, out, *, t, stride_qt, stride_ot, block_mask, scale, num_splits,
+                     window: int = 0, sinks: torch.Tensor | None = None):
     """Launch the split kernel and the merge: q and out [B, Hq, (T,) D] with token strides stride_qt, stride_ot
-    (0 for one token), block_mask None (decode: lengths[b] keys) or [T, T] (verify: lengths[b] held keys + T)."""
+    (0 for one token), block_mask None (decode: lengths[b] keys) or [T, T] (verify: lengths[b] held keys + T);
+    window (decode only) and sinks [Hq] as in `decode_varlen`."""
     b, hq, d = q.shape[0], q.shape[1], q.shape[-1]
     hkv, cap = k_cache.shape[1], k_cache.shape[2]
     group = hq // hkv
@@ -161,49 +173,69 @@ def _split_attention(q, k_cache, v_cache, lengths, out, *, t, stride_qt, stride_
         q, k_cache, v_cache, lengths, block_mask.view(torch.uint8) if in_block else lengths, o_part, l_part,
         q.stride(0), q.stride(1), stride_qt, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_mask.stride(0) if in_block else 0,
-        hkv, scale * LOG2E,
+        hkv, scale * LOG2E, window,
         GROUP=group, T=t, IN_BLOCK=in_block, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_N=BLOCK_N,
         BLOCK_T=max(2, triton.next_power_of_2(t)),
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4 if block_r <= 64 else 8, num_stages=3,
     )
-    merge_splits(o_part, l_part, out, kv_heads=hkv, group=group, t=t, n_split=n_split, stride_ot=stride_ot)
+    merge_splits(o_part, l_part, out, kv_heads=hkv, group=group, t=t, n_split=n_split, stride_ot=stride_ot,
+                 sinks=sinks)
     return out
 
 
-def decode_varlen_kernel(q, k_cache, v_cache, lengths, *, scale=None, num_splits=None, out=None):
+def decode_varlen_kernel(q, k_cache, v_cache, lengths, *, scale=None, num_splits=None, out=None, window: int = 0,
+                         sinks: torch.Tensor | None = None):
     """The Triton path of `decode_varlen` (the interpreter on the CPU)."""
     q = q if q.stride(-1) == 1 else q.contiguous()
     out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
     # one new token per sequence: T = 1, no token stride
     return _split_attention(q, k_cache, v_cache, lengths, out, t=1, stride_qt=0, stride_ot=0, block_mask=None,
-                            scale=scale, num_splits=num_splits)
+                            scale=scale, num_splits=num_splits, window=window, sinks=sinks)
 
 
-def decode_varlen_reference(q, k_cache, v_cache, lengths, *, compute_dtype: torch.dtype = torch.float32):
-    """Softmax attention over each sequence's first lengths[b] keys, over the whole buffer with a mask (static
-    shapes: no host sync, so it is graph-capturable too). Keys past a length must be finite (0 * inf is NaN):
-    the fast decode path zero-fills its buffers once."""
+def decode_varlen_reference(q, k_cache, v_cache, lengths, *, compute_dtype: torch.dtype = torch.float32,
+                            window: int = 0, sinks: torch.Tensor | None = None):
+    """Softmax attention over each sequence's keys [max(0, lengths[b] - window), lengths[b]) (window 0: from 0),
+    with sinks [Hq] as one more softmax column dropped before the values, over the whole buffer with a mask (static
+    shapes: no host sync, so it is graph-capturable too). Keys outside must be finite (0 * inf is NaN): the fast
+    decode path zero-fills its buffers once."""
     b, hq, d = q.shape
     hkv, cap = k_cache.shape[1], k_cache.shape[2]
-    qg = q.reshape(b, hkv, hq // hkv, d).to(compute_dtype)  # the GROUP heads of a KV head share its keys
+    g = hq // hkv
+    qg = q.reshape(b, hkv, g, d).to(compute_dtype)  # the GROUP heads of a KV head share its keys
     scores = qg @ k_cache.to(compute_dtype).transpose(-1, -2) / math.sqrt(d)  # [B, Hkv, G, cap]
-    visible = torch.arange(cap, device=q.device)[None, :] < lengths.to(q.device)[:, None]  # [B, cap]
+    slot, lengths = torch.arange(cap, device=q.device)[None, :], lengths.to(q.device)[:, None]
+    visible = slot < lengths  # [B, cap]
+    if window:
+        visible = visible & (slot >= lengths - window)
     scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
-    out = torch.softmax(scores, dim=-1) @ v_cache.to(compute_dtype)
+    if sinks is not None:  # [B, Hkv, G, cap + 1]: the sink's column takes its share of the softmax, then is dropped
+        sink = sinks.to(compute_dtype).view(1, hkv, g, 1).expand(b, hkv, g, 1)
+        probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    out = probs @ v_cache.to(compute_dtype)
     out = out.reshape(b, hq, d)
     return out if compute_dtype == torch.float64 else out.to(q.dtype)
 
 
-def decode_varlen(q, k_cache, v_cache, lengths, *, use_kernel: bool | None = None):
-    """Attention of one new query per sequence over its first lengths[b] cached keys.
+def decode_varlen(q, k_cache, v_cache, lengths, *, use_kernel: bool | None = None, window: int = 0,
+                  sinks: torch.Tensor | None = None):
+    """Attention of one new query per sequence over its first lengths[b] cached keys, or its last `window` of them.
 
-    q: [B, Hq, D]; k_cache, v_cache: [B, Hkv, cap, D]; lengths: [B] int on q's device (1 <= lengths[b] <= cap).
+    q: [B, Hq, D]; k_cache, v_cache: [B, Hkv, cap, D]; lengths: [B] int on q's device (1 <= lengths[b] <= cap);
+    window: keys seen back from the newest (0: all; a per-layer constant, lengths may change between calls);
+    sinks: [Hq] logits on q's device, exp(sinks[h]) added to head h's softmax denominator (None: none).
     Returns [B, Hq, D] in q's dtype. use_kernel: None = Triton on CUDA, the reference elsewhere.
     """
     check_varlen(q, k_cache, v_cache, lengths)
+    if window < 0:
+        raise ValueError(f"decode_varlen window must be >= 0 keys (0: no window), got {window}")
+    if sinks is not None and sinks.shape != (q.shape[1],):
+        raise ValueError(f"decode_varlen sinks must be [Hq] = [{q.shape[1]}] logits, got {tuple(sinks.shape)}")
     if (q.is_cuda if use_kernel is None else use_kernel) and kernel_supports(q, k_cache):
-        return decode_varlen_kernel(q, k_cache, v_cache, lengths)
-    return decode_varlen_reference(q, k_cache, v_cache, lengths)
+        return decode_varlen_kernel(q, k_cache, v_cache, lengths, window=window, sinks=sinks)
+    return decode_varlen_reference(q, k_cache, v_cache, lengths, window=window, sinks=sinks)
 
 
 # ---- T new tokens per sequence: the verify block -----------------------------------------------------------------
