@@ -168,6 +168,17 @@ def test_quantized_codec_keeps_refusing_the_whole_step():
         "piecewise static"
 
 
+def test_speculative_verify_blocks_stay_eager():
+    """The static verify blocks (StaticBlockMixer) attend without windows or sinks: a speculative decoder on gpt-oss
+    verifies eagerly under auto, and fast_path=static says why."""
+    from ollm_triton.decoding.static_steps import resolve_fast_path
+
+    engine = gpt_oss(fast_decode="static")
+    assert resolve_fast_path("auto", engine) == "eager"
+    with pytest.raises(ValueError, match=r"static verify blocks lack them; use fast_path=auto or off"):
+        resolve_fast_path("static", engine)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_gpt_oss_captured_whole_step_equals_eager():
