@@ -95,7 +95,8 @@ def merge_splits(o_part: torch.Tensor, l_part: torch.Tensor, out: torch.Tensor, 
         raise ValueError(f"merge_splits sinks must be a contiguous [Hq] = [{kv_heads * group}], got "
                          f"{tuple(sinks.shape)}")
     _merge_splits_kernel[(l_part.numel() // n_split, block_d // chunk_d)](
-        o_part, l_part, out, l_part if sinks is None else sinks, out.stride(0), out.stride(1), out.stride(2) if stride_ot is None else stride_ot,
+        o_part, l_part, out, l_part if sinks is None else sinks,  # no sinks: any pointer, HAS_SINKS off
+        out.stride(0), out.stride(1), out.stride(2) if stride_ot is None else stride_ot,
         kv_heads, t, n_split, GROUP=group, HEAD_DIM=out.shape[-1], BLOCK_D=block_d,
         BLOCK_SPLIT=max(2, min(MAX_MERGE_CHUNK * block_d // chunk_d, triton.next_power_of_2(n_split))),
         CHUNK_D=chunk_d, HAS_SINKS=sinks is not None, num_warps=4,
