@@ -17,10 +17,10 @@ against the device's copy bandwidth measured here; beside it the time that readi
 expert of the layer, would take at that bandwidth.
 
 Section "step" (gpt-oss-20b, the runner's `model=gpt_oss_20b task=throughput`: random bf16 weights at the preset's
-shapes, batch 1, a 512-token random prompt, 64 new tokens). The engine picks the *piecewise* step for gpt-oss (the
-whole captured step's attention kernel has no sliding window or sinks): L + 1 captured segments with each layer's
-attention run eagerly through the sdpa backend between them. The rows take that step apart on the same weights:
-  - the runner's path (decode tok/s as the runner counts it);
+shapes, batch 1, a 512-token random prompt, 64 new tokens). The engine picks the whole captured step for gpt-oss
+(its varlen kernel takes each layer's window, its merge the sinks); before that it took the *piecewise* step: L + 1
+captured segments with each layer's attention run eagerly through the sdpa backend between them. The rows:
+  - the runner's path (decode tok/s as the runner counts it), and the other of the two paths beside it;
   - one step replayed (wall, and the host's time to return from the calls);
   - the captured segments alone (everything but attention: projections, router, experts, norms, LM head);
   - the eager attention calls alone (L of them, as the step makes them), and the same calls captured as one graph
@@ -344,6 +344,16 @@ def step_rows(args, bw: float) -> tuple[list[dict], dict]:
         decode_ms = c["decode_s"] / max(c["target_forwards"] - 1, 1) * 1e3
         row(f"runner's path: {fd.mode} step (decode tok/s as the runner counts it)", decode_ms,
             logits_rel_l2_vs_eager=rel_l2(got, ref))
+
+        def other_path():  # the whole step with windows and sinks (issue 18) beside the piecewise one, both ways
+            other = FastDecoder(engine, capture=DEV.type == "cuda", use_kernels=fd.kernels, piecewise=not fd.piecewise)
+            got = first_step_logits(other, ids)
+            c = [other.generate(ids, new) for _ in range(2)][-1].counters
+            row(f"the other path: {other.mode} step", c["decode_s"] / max(c["target_forwards"] - 1, 1) * 1e3,
+                logits_rel_l2_vs_eager=rel_l2(got, ref))
+            other.close()
+
+        guarded("the other path", other_path)
         bk = next(iter(fd.buckets.values()))
 
         # 2. the step replayed, then taken apart on the same bucket (after the decode above: the cache holds
