@@ -9,7 +9,8 @@ A mixer is called as `mixer(i, q, k, v)` for layer i with token-major q: [B, T, 
                         rows as one matmul, attention goes through the plugins row by row
     StaticDecodeMixer   one token per row over dense static buffers (the CUDA-graph decode step): RoPE fused with
                         the K/V write at each row's own slot, then the varlen decode kernel reading each row's
-                        length from the device (no host value: capturable)
+                        length from the device (no host value: capturable); the layer's own window and sinks
+                        (gpt-oss) passed through to codecs that declare `static_window_sinks`
     StaticBlockMixer    T tokens with a [T, T] mask among them over dense static buffers (speculative verify
                         blocks, draft steps, tree levels): the varlen kernel with T query rows over each row's
                         held + T keys (device lengths and mask: capturable)
