@@ -5,7 +5,8 @@ reference bit for bit, into a NaN-poisoned output, on odd block counts."""
 import pytest
 import torch
 
-from ollm_triton.kernels.fp8_rows import BLOCK, FP8, dequantize_fp8, dequantize_fp8_ref, fp8_round_trip, quantize_fp8
+from ollm_triton.kernels.fp8_rows import (BLOCK, FP8, dequantize_fp8, dequantize_fp8_ref, dequantize_fp8_rows,
+                                          fp8_round_trip, quantize_fp8)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -84,12 +85,63 @@ def test_dequantize_kernel_on_cuda(blocks, dtype, poison):
     assert torch.equal(out, dequantize_fp8_ref(codes, scales, dtype))
 
 
+def staged(rows: int, blocks: int, dtype: torch.dtype, device=DEVICE):
+    """rows fp8 rows packed as prefetch/experts.py stages them: one byte row each, the codes then the scales, so
+    codes and scales are strided views of one buffer; plus the float64 dequantization of each row."""
+    x = sample(rows, blocks, rows + blocks).to(dtype)
+    codes, scales = quantize_fp8(x)
+    n = x.shape[1]
+    buf = torch.empty(rows, n + scales.shape[1] * scales.element_size(), dtype=torch.uint8)
+    buf[:, :n] = codes.view(torch.uint8)
+    buf[:, n:] = scales.view(torch.uint8)
+    buf = buf.to(device)
+    want = (codes.double().reshape(rows, -1, BLOCK) * scales.double()[..., None]).reshape(rows, n)
+    return buf[:, :n].view(FP8), buf[:, n:].view(dtype), want
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("rows,blocks", [(1, 1), (5, 63), (3, 129)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dequantize_rows_into_indexed_slots(rows, blocks, dtype, poison):
+    """One launch for a batch of staged rows: row r lands in slot index[r] (slots out of order, rows between them
+    untouched), equal to the reference and to float64 rounded once; every written slot was NaN before."""
+    codes, scales, want = staged(rows, blocks, dtype, device="cpu")
+    slots = 2 * rows + 1
+    index = torch.randperm(slots, generator=torch.Generator().manual_seed(rows))[:rows]
+    out = poison(torch.empty(slots, codes.shape[1], dtype=dtype))
+    dequantize_fp8_rows(codes, scales, out, index, use_kernel=True)
+    assert torch.equal(out[index], dequantize_fp8_ref(codes, scales, dtype))
+    assert torch.equal(out[index], want.to(dtype))
+    untouched = torch.ones(slots, dtype=torch.bool)
+    untouched[index] = False
+    assert out[untouched].isnan().all()
+    ref = poison(torch.empty_like(out))
+    dequantize_fp8_rows(codes, scales, ref, index, use_kernel=False)
+    assert torch.equal(ref.nan_to_num(), out.nan_to_num())  # the CPU path writes the same rows
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dequantize_rows_on_cuda(dtype, poison):
+    codes, scales, want = staged(4, 24576, dtype)  # four Qwen3-Next expert rows
+    index = torch.tensor([6, 0, 3, 5], device="cuda")
+    out = poison(torch.empty(7, codes.shape[1], dtype=dtype, device="cuda"))
+    dequantize_fp8_rows(codes, scales, out, index)
+    assert torch.equal(out[index], want.to(dtype)) and out[[1, 2, 4]].isnan().all()
+
+
 def test_bad_input_refused():
     codes, scales = quantize_fp8(torch.randn(2 * BLOCK))
     with pytest.raises(ValueError, match=r"^dequantize_fp8: 256 codes need 2 scales, got \[3\]$"):
         dequantize_fp8(codes, torch.ones(3), torch.empty(2 * BLOCK))
     with pytest.raises(ValueError, match="takes codes .n. torch.float8_e4m3fn and a contiguous out"):
         dequantize_fp8(codes.float(), scales, torch.empty(2 * BLOCK))
+    rows = codes.view(1, -1)
+    with pytest.raises(ValueError, match=r"^dequantize_fp8_rows: index must be \[1\] integers on cpu \(a slot a "
+                                         r"row\), got \[1\] torch.float32 on cpu$"):
+        dequantize_fp8_rows(rows, scales.view(1, -1), torch.empty(3, 2 * BLOCK), torch.zeros(1))
+    with pytest.raises(ValueError, match=r"^dequantize_fp8_rows: 1 rows without an index need out of at least 1"):
+        dequantize_fp8_rows(rows, scales.view(1, -1), torch.empty(0, 2 * BLOCK))
     with pytest.raises(ValueError, match=r"^an fp8 row holds a multiple of 128 elements \(pad it\), got 100$"):
         quantize_fp8(torch.randn(100))
 

@@ -19,7 +19,8 @@ in float32 both round the one product. The Triton interpreter rounds float32 -> 
 3.9 on the CPU), so interpreter tests use fp16/fp32 outputs and bf16 is a GPU test.
 
 PyTorch reference (`quantize_fp8`, `dequantize_fp8_ref`: quantization runs where the weights are drawn or read, once
-at load) and the Triton dequantization (`dequantize_fp8`, the CUDA path) side by side.
+at load) and the Triton dequantization (`dequantize_fp8_rows`: a batch of staged rows into their cache slots from
+an index tensor, one launch; `dequantize_fp8`: one row; the CUDA path) side by side.
 """
 
 from __future__ import annotations
@@ -79,33 +80,71 @@ def fp8_round_trip(x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["n"])
-def _dequantize_fp8_kernel(codes_ptr, scales_ptr, out_ptr, n, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+@triton.jit(do_not_specialize=["n", "codes_stride", "scales_stride", "out_stride"])
+def _dequantize_fp8_kernel(codes_ptr, scales_ptr, index_ptr, out_ptr, n, codes_stride, scales_stride, out_stride,
+                           HAS_INDEX: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
     i_n = tl.program_id(0)
+    i_r = tl.program_id(1)  # the staged row; it lands in out row index[i_r] (its cache slot), or i_r
+    dst = tl.load(index_ptr + i_r).to(tl.int64) if HAS_INDEX else i_r.to(tl.int64)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < n
-    b_codes = tl.load(codes_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)
-    b_scales = tl.load(scales_ptr + o_n // BLOCK, mask=m_n, other=0.0).to(tl.float32)  # one scale per BLOCK codes
-    tl.store(out_ptr + o_n, (b_codes * b_scales).to(out_ptr.dtype.element_ty), mask=m_n)
+    b_codes = tl.load(codes_ptr + i_r.to(tl.int64) * codes_stride + o_n, mask=m_n, other=0.0).to(tl.float32)
+    b_scales = tl.load(scales_ptr + i_r.to(tl.int64) * scales_stride + o_n // BLOCK, mask=m_n,
+                       other=0.0).to(tl.float32)  # one scale per BLOCK codes
+    tl.store(out_ptr + dst * out_stride + o_n, (b_codes * b_scales).to(out_ptr.dtype.element_ty), mask=m_n)
+
+
+def dequantize_fp8_rows(codes: torch.Tensor, scales: torch.Tensor, out: torch.Tensor,
+                        index: torch.Tensor | None = None, use_kernel: bool | None = None) -> torch.Tensor:
+    """Dequantize R rows in one launch: codes [R, n] float8_e4m3fn and scales [R, n / BLOCK] (each row contiguous,
+    rows at any stride: a staging buffer's codes and scales sit side by side in one byte row), written to
+    out[index[r]] (out [C, n], rows contiguous, in the model dtype; index [R] integer on out's device, distinct
+    values in [0, C), not checked on CUDA: a device read would sync) or out[r] without an index. A layer's misses
+    land in arbitrary cache slots with one launch instead of one a row (prefetch/experts.py). The Triton kernel on
+    CUDA (1 byte read and 2 written per element), the reference elsewhere; use_kernel=True forces the kernel (the
+    interpreter on the CPU)."""
+    if codes.dtype != FP8 or codes.dim() != 2 or out.dim() != 2 or out.shape[1] != codes.shape[1] or \
+            codes.stride(1) != 1 or out.stride(1) != 1:
+        raise ValueError(f"dequantize_fp8_rows takes codes [R, n] {FP8} and out [C, n], rows contiguous, got codes "
+                         f"{list(codes.shape)} {codes.dtype}, out {list(out.shape)}")
+    r, n = codes.shape
+    if scales.shape != (r, scale_count(n)) or scales.stride(-1) != 1:
+        raise ValueError(f"dequantize_fp8: {n} codes a row need {n // BLOCK} scales a row ([{r}, {n // BLOCK}], rows "
+                         f"contiguous), got {list(scales.shape)}")
+    if index is not None and (index.shape != (r,) or index.dtype.is_floating_point or index.device != out.device):
+        raise ValueError(f"dequantize_fp8_rows: index must be [{r}] integers on {out.device} (a slot a row), got "
+                         f"{list(index.shape)} {index.dtype} on {index.device}")
+    if index is None and r > out.shape[0]:
+        raise ValueError(f"dequantize_fp8_rows: {r} rows without an index need out of at least {r} rows, got "
+                         f"{out.shape[0]}")
+    if not (codes.is_cuda if use_kernel is None else use_kernel):
+        ref = dequantize_fp8_ref(codes, scales, out.dtype)
+        if index is None:
+            out[:r].copy_(ref)
+        else:
+            out.index_copy_(0, index.long(), ref)
+        return out
+    if r == 0:
+        return out
+    block_n = 4096  # 32 scales a program: a 3.1 MB Qwen3-Next expert row is 768 programs, several waves on 132 SMs
+    _dequantize_fp8_kernel[(triton.cdiv(n, block_n), r)](
+        codes, scales, index if index is not None else codes, out, n, codes.stride(0), scales.stride(0),
+        out.stride(0), HAS_INDEX=index is not None, BLOCK=BLOCK, BLOCK_N=block_n)
+    return out
 
 
 def dequantize_fp8(codes: torch.Tensor, scales: torch.Tensor, out: torch.Tensor,
                    use_kernel: bool | None = None) -> torch.Tensor:
-    """Write dequantized codes into `out`: codes [n] float8_e4m3fn, scales [n / BLOCK] (contiguous), out [n]
-    contiguous in the model dtype. The Triton kernel on CUDA (one launch, 1 byte read and 2 written per element),
-    the reference elsewhere; use_kernel=True forces the kernel (the interpreter on the CPU)."""
+    """One row: codes [n] float8_e4m3fn, scales [n / BLOCK] (contiguous), out [n] contiguous in the model dtype
+    (`dequantize_fp8_rows` with R = 1)."""
     if codes.dtype != FP8 or codes.dim() != 1 or out.shape != codes.shape or not out.is_contiguous():
         raise ValueError(f"dequantize_fp8 takes codes [n] {FP8} and a contiguous out [n], got codes "
                          f"{list(codes.shape)} {codes.dtype}, out {list(out.shape)}")
     if scales.shape != (scale_count(codes.numel()),):
         raise ValueError(f"dequantize_fp8: {codes.numel()} codes need {codes.numel() // BLOCK} scales, got "
                          f"{list(scales.shape)}")
-    if not (codes.is_cuda if use_kernel is None else use_kernel):
-        return out.copy_(dequantize_fp8_ref(codes, scales, out.dtype))
-    block_n = 4096  # 32 scales a program: a 3.1 MB Qwen3-Next expert row is 768 programs, several waves on 132 SMs
-    _dequantize_fp8_kernel[(triton.cdiv(codes.numel(), block_n),)](codes, scales, out, codes.numel(), BLOCK=BLOCK,
-                                                                   BLOCK_N=block_n)
+    dequantize_fp8_rows(codes[None], scales[None], out[None], use_kernel=use_kernel)
     return out
 
 
-__all__ = ["BLOCK", "FP8", "dequantize_fp8", "dequantize_fp8_ref", "fp8_round_trip", "quantize_fp8", "scale_count"]
+__all__ = ["BLOCK", "FP8", "dequantize_fp8", "dequantize_fp8_ref", "dequantize_fp8_rows", "fp8_round_trip", "quantize_fp8", "scale_count"]
