@@ -5,8 +5,15 @@ reference bit for bit, into a NaN-poisoned output, on odd block counts."""
 import pytest
 import torch
 
-from ollm_triton.kernels.fp8_rows import (BLOCK, FP8, dequantize_fp8, dequantize_fp8_ref, dequantize_fp8_rows,
-                                          fp8_round_trip, quantize_fp8)
+from ollm_triton.kernels.fp8_rows import (
+    BLOCK,
+    FP8,
+    dequantize_fp8,
+    dequantize_fp8_ref,
+    dequantize_fp8_rows,
+    fp8_round_trip,
+    quantize_fp8,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -147,4 +147,5 @@ def dequantize_fp8(codes: torch.Tensor, scales: torch.Tensor, out: torch.Tensor,
     return out
 
 
-__all__ = ["BLOCK", "FP8", "dequantize_fp8", "dequantize_fp8_ref", "dequantize_fp8_rows", "fp8_round_trip", "quantize_fp8", "scale_count"]
+__all__ = ["BLOCK", "FP8", "dequantize_fp8", "dequantize_fp8_ref", "dequantize_fp8_rows", "fp8_round_trip",
+           "quantize_fp8", "scale_count"]
