@@ -7,8 +7,9 @@ unique. Segments are tokenized separately and concatenated, which gives exact le
 segment starts at a pre-tokenizer boundary (a newline or a space before a number), so the concatenation is what
 tokenizing the joined text would give for the needle and the answer.
 
-Used twice: as training data for the embedded models (`make_training_doc`, several questions with answers and a loss
-mask) and by the `passkey` task (`make_retrieval_doc`, one question, answer held out).
+Used as training data for the embedded models (`make_training_doc`, several questions with answers and a loss
+mask), by the `passkey` task (`make_retrieval_doc`, one question, answer held out) and by the `multikey` task
+(`make_multikey_doc`: many confusable pairs spread evenly through the context, one of them asked).
 """
 
 from __future__ import annotations
@@ -169,11 +170,55 @@ def make_retrieval_doc(
     keys = random_keys(rng, num_needles)
     values = random_values(rng, num_needles, digits)
     depths = [depth if depth is not None else rng.random()] + [rng.random() for _ in range(num_needles - 1)]
+    return _assemble(tokenizer, filler, length, rng, keys, values, depths)
+
+
+def confusable_keys(rng: random.Random, count: int) -> list[str]:
+    """`count` distinct keys in pairs that share their first word (`amber_lotus`, `amber_quartz`), so that telling
+    two keys apart takes reading both words: a model that matches only a key's first token picks the wrong value."""
+    if count > len(_WORDS) * 2:
+        raise ValueError(f"{count} confusable keys asked; accepted: at most {len(_WORDS) * 2}")
+    keys: list[str] = []
+    for first in rng.sample(_WORDS, (count + 1) // 2):  # distinct first words: each is shared by exactly one pair
+        keys += [f"{first}_{second}" for second in rng.sample(_WORDS, 2)]
+    return keys[:count]
+
+
+def make_multikey_doc(
+    tokenizer: Any,
+    filler: FillerStream,
+    length: int,
+    rng: random.Random,
+    *,
+    depth: float,
+    num_pairs: int,
+    digits: tuple[int, int] = (5, 7),
+) -> RetrievalDoc:
+    """A prompt of exactly `length` tokens holding `num_pairs` key-value pairs spread evenly through the filler (pair
+    i at depth (i + 0.5) / num_pairs), keys in confusable pairs (`confusable_keys`); the question asks for the pair
+    nearest `depth`. Unlike `make_retrieval_doc`, whose distractors land at random depths, every region of the
+    context holds a pair, so an attention backend or KV codec that loses any region is charged for it."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth {depth} is outside [0, 1]")
+    if num_pairs < 2:
+        raise ValueError(f"num_pairs={num_pairs}; a multi-key document needs at least 2")
+    keys = confusable_keys(rng, num_pairs)
+    values = random_values(rng, num_pairs, digits)
+    depths = [(i + 0.5) / num_pairs for i in range(num_pairs)]
+    asked = min(range(num_pairs), key=lambda i: abs(depths[i] - depth))
+    order = [asked] + [i for i in range(num_pairs) if i != asked]  # _assemble asks for the first pair
+    return _assemble(tokenizer, filler, length, rng, [keys[i] for i in order], [values[i] for i in order],
+                     [depths[i] for i in order])
+
+
+def _assemble(tokenizer: Any, filler: FillerStream, length: int, rng: random.Random, keys: list[str],
+              values: list[str], depths: list[float]) -> RetrievalDoc:
+    """Filler free of every key, the needles at their depths, then the question about keys[0]."""
     needle_len = _needles_length(tokenizer, keys, values)
     question = encode(tokenizer, QUESTION_TEMPLATE.format(key=keys[0]))
     n_filler = length - needle_len - len(question)
     if n_filler < 1:
-        raise ValueError(f"length {length} is too short for {num_needles} needle(s) and the question; need > "
+        raise ValueError(f"length {length} is too short for {len(keys)} needle(s) and the question; need > "
                          f"{needle_len + len(question)} tokens")
     for _ in range(100):  # a key that happens to occur in this filler would make the answer ambiguous: redraw
         chunk = filler.window(n_filler, rng)

@@ -64,10 +64,16 @@ class Passkey(Task):
         lengths, _, _ = self._grid(smoke)
         return 1, max(lengths) + self.cfg.max_new_tokens + 16  # + a speculative verify block
 
+    def document(self, tok, filler, length: int, rng: random.Random, depth: float):
+        """The RetrievalDoc of one sample (the `multikey` task builds its own documents through this hook)."""
+        from ollm_triton.data.retrieval import make_retrieval_doc
+
+        return make_retrieval_doc(tok, filler, length, rng, depth=depth, num_needles=self.cfg.num_needles)
+
     def run(self, ctx: RunContext) -> dict[str, float | int | str]:
         from ollm_triton.data.corpus import load_corpus
         from ollm_triton.attention.base import causal_pairs
-        from ollm_triton.data.retrieval import QUESTION_TEMPLATE, corpus_filler, extract_answer, make_retrieval_doc
+        from ollm_triton.data.retrieval import QUESTION_TEMPLATE, corpus_filler, extract_answer
 
         c = self.cfg
         engine = ctx.engine
@@ -93,13 +99,12 @@ class Passkey(Task):
         needle_kept: list[bool] = []  # did every token of the asked needle survive the compressor
         if ctx.context is not None:
             ctx.context.prepare(engine)
-        bar = progress(total=len(lengths) * len(depths) * samples, desc="passkey", unit="doc")
+        bar = progress(total=len(lengths) * len(depths) * samples, desc=self.plugin_name, unit="doc")
         with CacheWatch(engine) as watch, ctx.timed("prompt+generated") as region, bar:
             for length in lengths:
                 for depth in depths:
                     for _ in range(samples):
-                        doc = make_retrieval_doc(tok, filler, length - len(prefix), rng, depth=depth,
-                                                 num_needles=c.num_needles)
+                        doc = self.document(tok, filler, length - len(prefix), rng, depth)
                         prompt = torch.tensor([prefix + doc.ids], dtype=torch.long)
                         # the question ends the prompt: the compressor keeps it and scores the context against it
                         asked = len(tok.encode(QUESTION_TEMPLATE.format(key=doc.needle.key)))
@@ -129,7 +134,7 @@ class Passkey(Task):
         longest = watch.longest() or max(lengths)
         effect, none = plugin_effect(engine, longest=longest, masked=1 - visible / causal if causal else None,
                                      compressed=compressed, evicted=evicted)
-        report_no_effect("passkey", none)
+        report_no_effect(self.plugin_name, none)
         out: dict[str, float | int | str] = {"acc": sum(every) / len(every)}
         out.update({f"acc@{n}": sum(oks) / len(oks) for n, oks in by_length.items()})
         out.update({f"acc_depth@{d:g}": sum(oks) / len(oks) for d, oks in by_depth.items()})
