@@ -344,6 +344,54 @@ def test_cuda_bf16_prefill_in_rounds_equals_resident(host_dtype):
     assert st["rounds"] > 3 * (1 + STEPS) and st["evictions"] > 0
 
 
+def check_batched_copy(cfg, host_dtype, device, dtype):
+    """Several misses of one layer brought in as one batch, their slots out of order (not the experts' order, not
+    consecutive), into a cache that is NaN until loaded: each slot then holds its expert's weights exactly as the
+    resident model has them (fp8: their round trip), the slots outside the batch stay NaN. Returns the policy's
+    stats."""
+    ref = load_engine(cfg, device=device, dtype=dtype)
+    engine = load_engine(cfg, prefetch=experts(host_dtype=host_dtype, predict="none"), device=device, dtype=dtype)
+    policy = engine.prefetch
+    layer = policy.moe_layers[-1]
+    rows = [(5, 6), (1, 0), (2, 3), (3, 4), (4, 5), (0, 9)]  # (expert, slot): experts 2-5 into slots 3-6
+    policy.forget()  # every slot free, NaN
+    policy._free = [s for s in policy._free if s not in {slot for _, slot in rows}]
+    policy._copy(layer, rows)
+    if policy.cuda:
+        torch.cuda.synchronize()
+    got, want = policy.blocks[layer].experts, ref.model.model.layers[layer].mlp.experts
+    for name in policy.entries:
+        w = want._parameters[name].detach()
+        if host_dtype == "fp8":
+            w = fp8_round_trip(w.reshape(w.shape[0], -1)).reshape(w.shape)
+        c = got._parameters[name]
+        for e, slot in rows:
+            assert torch.equal(c[slot], w[e]), (name, e, slot)
+        untouched = [s for s in range(policy.num_slots) if s not in {slot for _, slot in rows}]
+        assert c[untouched].isnan().all()
+    st = policy.stats()
+    engine.close()
+    assert st["demand_loads"] == 0 and st["bytes_moved"] == len(rows) * st["expert_bytes"]
+    assert st["copy_batches"] == 1
+    return st
+
+
+@pytest.mark.parametrize("host_dtype", ["model", "fp8"])
+def test_a_layers_misses_move_as_one_batch(host_dtype):
+    check_batched_copy(dict(QWEN3_MOE, num_experts=12), host_dtype, "cpu", torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("host_dtype", ["model", "fp8"])
+def test_cuda_a_layers_misses_move_as_one_batch(host_dtype):
+    """On the copy stream: bf16 rows go straight into their slots, one copy per run consecutive on the host and in
+    the cache (experts 2-5 into slots 3-6: 3 copies for 6 rows); fp8 through the staging buffer of k = 4 rows,
+    two chunks (one copy per host run in each: experts 0-3, then 4-5), each dequantized by one launch."""
+    st = check_batched_copy(dict(GPU_MOE, num_experts=12), host_dtype, "cuda", torch.bfloat16)
+    assert st["memcpys"] == (3 if host_dtype == "model" else 2)
+    assert st["copy_s"] > 0 and (st["dequant_s"] > 0) == (host_dtype == "fp8")
+
+
 def rel_rms(ref: torch.Tensor, out: torch.Tensor) -> float:
     ref, out = ref.double(), out.double()
     return ((ref - out).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()

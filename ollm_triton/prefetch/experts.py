@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ollm_triton.kernels.fp8_rows import BLOCK, FP8, dequantize_fp8, quantize_fp8
+from ollm_triton.kernels.fp8_rows import BLOCK, FP8, dequantize_fp8_rows, quantize_fp8
 from ollm_triton.prefetch.base import PrefetchPolicy
 from ollm_triton.prefetch.store import _register_pinned, _unregister_pinned
 from ollm_triton.registry import PluginError, register
@@ -274,8 +274,11 @@ class ExpertStreaming(PrefetchPolicy):
         self.dense_bytes = self._place_dense(model, device, expert_params)
         self._layout_dtype(blocks[self.moe_layers[0]].experts._parameters[next(iter(self.entries))].dtype)
         self.top_k = blocks[self.moe_layers[0]].get_submodule(blocks[self.moe_layers[0]].router_name).top_k
-        # fp8 on CUDA: one row's codes land in a staging buffer and are dequantized from it into the slot
-        staging = self.host_row_bytes if self.cuda and self.cfg.host_dtype == "fp8" else 0
+        # fp8 on CUDA: a batch's codes land in a staging buffer of k rows (a decode step's misses of one layer) and
+        # are dequantized from it into their slots in one launch; a larger batch (a prefill round, a prefetch) goes
+        # through it k rows at a time, the stream's order keeping a chunk from overwriting rows not yet dequantized
+        self.staging_rows = self.top_k if self.cuda and self.cfg.host_dtype == "fp8" else 0
+        staging = self.staging_rows * self.host_row_bytes
         total = len(blocks) * self.num_experts
         cap = self._cap()
         slots = total if cap is None else int((cap - self.dense_bytes - staging) // self.row_bytes)
@@ -290,7 +293,8 @@ class ExpertStreaming(PrefetchPolicy):
                     self._store(i, name, b.experts._parameters[name])
                 b.experts._parameters[name] = None  # the host rows hold it now: free the original (or placeholder)
         self._loading = None
-        self.staging = torch.empty(staging, dtype=torch.uint8, device=device) if staging else None
+        self.staging = torch.empty(self.staging_rows, self.host_row_bytes, dtype=torch.uint8,
+                                   device=device) if staging else None
         # NaN until loaded: a slot read before its expert arrived poisons the logits instead of passing unnoticed
         self.cache = torch.full((self.num_slots, self.row_elems), float("nan"), dtype=self.dtype, device=device)
         if self.cuda:  # the side stream's first copies into the cache must land after this fill, not under it
@@ -318,6 +322,8 @@ class ExpertStreaming(PrefetchPolicy):
         self._prefetched: set[tuple[int, int]] = set()  # loaded by a prediction, not yet used
         self._routed: Counter[tuple[int, int]] = Counter()  # (layer, expert) -> steps that routed to it (lfu)
         self._stalls: list[tuple[object, object]] = []  # CUDA (before, after) events around the waits for copies
+        self._copy_times: list[tuple[object, object, object]] = []  # CUDA (start, copied, dequantized or None)
+        self.copy_s = self.dequant_s = 0.0  # copy-stream time in the host-to-device copies, in the dequantization
         self.counts: Counter[str] = Counter()
         self.stall_s = 0.0
         self.held_bytes = self.dense_bytes + self.num_slots * self.row_bytes + \
@@ -431,32 +437,72 @@ class ExpertStreaming(PrefetchPolicy):
         self.counts["evictions"] += 1
         return slot
 
-    def _copy(self, key: tuple[int, int], slot: int) -> None:
-        layer, e = key
-        src, dst = self.host[layer][e], self.cache[slot]
+    def _copy(self, layer: int, rows: list[tuple[int, int]]) -> None:
+        """Bring a batch of `layer`'s experts into their slots: rows [(expert, slot)], each slot free or evicted for
+        it. Issue 18: one copy and one dequantization a row, serialised on the copy stream, held fp8 to 30% of its
+        I/O floor. Now a layer's misses move together: one copy per run of consecutive host rows (bf16: consecutive
+        in both the host and the cache, straight into the slots); fp8 lands in a staging buffer of up to
+        `staging_rows` rows and one launch dequantizes all of them into their slots from an index tensor."""
+        rows = sorted(rows)  # expert order: consecutive host rows become one copy
+        host = self.host[layer]
         if self.cuda:
             with torch.cuda.stream(self.copy_stream):
-                used = self._last_use.pop(slot, None)
-                if used is not None:  # the compute stream may still be reading the evicted expert
-                    self.copy_stream.wait_event(used)
-                if self.staging is None:
-                    dst.view(torch.uint8).copy_(src, non_blocking=True)
-                else:  # the next row's copy into the staging buffer queues behind this dequantization
-                    self._unpack(self.staging.copy_(src, non_blocking=True), dst)
+                for _, slot in rows:
+                    used = self._last_use.pop(slot, None)
+                    if used is not None:  # the compute stream may still be reading the evicted expert
+                        self.copy_stream.wait_event(used)
+                step = self.staging_rows or len(rows)  # bf16 needs no staging: every run in one go
+                for c in range(0, len(rows), step):
+                    self._copy_chunk(host, rows[c:c + step])
                 ready = torch.cuda.Event()
                 ready.record(self.copy_stream)
-            self._ready[slot] = ready
+            for _, slot in rows:
+                self._ready[slot] = ready
         elif self.cfg.host_dtype == "fp8":
-            self._unpack(src, dst)
+            experts, slots = (torch.tensor(v) for v in zip(*rows, strict=True))
+            self._unpack(host[experts], self.cache, slots)
         else:
-            dst.view(torch.uint8).copy_(src)
-        self._slot_of[key] = slot
-        self.counts["bytes_moved"] += self.host_row_bytes
+            for e, slot in rows:
+                self.cache[slot].view(torch.uint8).copy_(host[e])
+        for e, slot in rows:
+            self._slot_of[(layer, e)] = slot
+        self.counts["bytes_moved"] += len(rows) * self.host_row_bytes
+        self.counts["copies"] += len(rows)  # rows moved (a batch may hold several)
+        self.counts["batches"] += 1
 
-    def _unpack(self, row: torch.Tensor, dst: torch.Tensor) -> None:
-        """An fp8 host row's bytes (codes, then scales) dequantized into the cache row `dst`."""
+    def _copy_chunk(self, host: torch.Tensor, rows: list[tuple[int, int]]) -> None:
+        """On the copy stream: rows [(expert, slot)] sorted by expert (at most staging_rows with fp8), timed between
+        events (copy, then dequantization) for the bench."""
+        start = torch.cuda.Event(enable_timing=True)
+        start.record(self.copy_stream)
+        fp8 = self.staging is not None
+        i = 0
+        while i < len(rows):  # a run: host rows e, e+1, ... (bf16: into slots s, s+1, ... as well)
+            j = i + 1
+            while j < len(rows) and rows[j][0] == rows[j - 1][0] + 1 and (fp8 or rows[j][1] == rows[j - 1][1] + 1):
+                j += 1
+            e, slot = rows[i]
+            src = host[e:e + j - i]
+            if fp8:
+                self.staging[i:j].copy_(src, non_blocking=True)
+            else:
+                self.cache[slot:slot + j - i].view(torch.uint8).copy_(src, non_blocking=True)
+            self.counts["memcpys"] += 1
+            i = j
+        copied = torch.cuda.Event(enable_timing=True)
+        copied.record(self.copy_stream)
+        done = None
+        if fp8:  # the slots as a device index: from page-locked memory, queued on this stream (no sync)
+            slots = torch.tensor([s for _, s in rows], dtype=torch.int32).pin_memory()
+            self._unpack(self.staging[:len(rows)], self.cache, slots.to(self.device, non_blocking=True))
+            done = torch.cuda.Event(enable_timing=True)
+            done.record(self.copy_stream)
+        self._copy_times.append((start, copied, done))
+
+    def _unpack(self, rows: torch.Tensor, out: torch.Tensor, slots: torch.Tensor) -> None:
+        """fp8 host rows' bytes [R, host_row_bytes] (codes, then scales) dequantized into out[slots[r]]."""
         p = self.row_elems
-        dequantize_fp8(row[:p].view(FP8), row[p:].view(self.dtype), dst)
+        dequantize_fp8_rows(rows[:, :p].view(FP8), rows[:, p:].view(self.dtype), out, slots)
 
     def _bring_in(self, layer: int, group: list[int]) -> list[int]:
         """The slots of `group`'s experts of `layer`, copying in the missing ones (never evicting one of them)."""
@@ -478,21 +524,29 @@ class ExpertStreaming(PrefetchPolicy):
             slots.append(slot)
         pinned = {s for s in slots if s >= 0}
         t0 = time.perf_counter()
-        for i, key in missing:
+        taken = []
+        for _ in missing:
             slot = self._take_slot(pinned)
             assert slot is not None, "a round holds at most num_slots experts"
-            self._copy(key, slot)
             pinned.add(slot)
+            taken.append(slot)
+        # any of the taken slots may hold any missing expert: in order, the experts (sorted) meet ascending slots, so
+        # a cold cache's consecutive free slots take consecutive host rows in one copy
+        for (i, _), slot in zip(missing, sorted(taken), strict=True):
             slots[i] = slot
-            self.counts["demand_loads"] += 1
+        if missing:
+            self._copy(layer, [(key[1], slots[i]) for i, key in missing])
+            self.counts["demand_loads"] += len(missing)
         if missing and not self.cuda:  # the CPU copies ran inline: the step waited for all of them
             self.stall_s += time.perf_counter() - t0
         return slots
 
     def _prefetch(self, layer: int, guesses: torch.Tensor, pinned: set[int]) -> None:
-        """Copy in the predicted experts of `layer` (most voted first) into slots this round does not use."""
+        """Copy in the predicted experts of `layer` (most voted first) into slots this round does not use, as one
+        batch."""
         votes = Counter(guesses.tolist())
         room = self.num_slots - len(pinned)
+        rows = []
         for e, _ in votes.most_common(min(len(votes), room)):
             key = (layer, e)
             if key in self._slot_of:
@@ -501,11 +555,13 @@ class ExpertStreaming(PrefetchPolicy):
                 continue
             slot = self._take_slot(pinned)
             if slot is None:
-                return
-            self._copy(key, slot)
+                break
+            rows.append((e, slot))
             self._prefetched.add(key)
             pinned.add(slot)
-            self.counts["prefetch_issued"] += 1
+        if rows:
+            self._copy(layer, rows)
+            self.counts["prefetch_issued"] += len(rows)
 
     def _wait(self, slots: list[int]) -> None:
         """The compute stream waits for the copies of `slots` still in flight (timed between two events)."""
@@ -531,6 +587,17 @@ class ExpertStreaming(PrefetchPolicy):
             after.synchronize()
             self.stall_s += before.elapsed_time(after) / 1e3
         self._stalls = keep
+        pending = []
+        for start, copied, done in self._copy_times:
+            last = done or copied
+            if not block and not last.query():
+                pending.append((start, copied, done))
+                continue
+            last.synchronize()
+            self.copy_s += start.elapsed_time(copied) / 1e3
+            if done is not None:
+                self.dequant_s += copied.elapsed_time(done) / 1e3
+        self._copy_times = pending
 
     # --- report -------------------------------------------------------------------------------------------------
     def stats(self) -> dict[str, float]:
@@ -559,6 +626,11 @@ class ExpertStreaming(PrefetchPolicy):
             "bytes_moved": float(c["bytes_moved"]),
             "bytes_per_token": c["bytes_moved"] / tokens,
             "stall_s": self.stall_s,
+            # CUDA: the copy stream's time in host-to-device copies and in fp8 dequantization (events around each)
+            "copy_s": self.copy_s,
+            "dequant_s": self.dequant_s,
+            "copy_batches": float(c["batches"]),  # _copy calls: a layer's misses (or prefetches) together
+            "memcpys": float(c["memcpys"]),  # host-to-device copy calls (CUDA): one per run of consecutive rows
             "expert_bytes": float(self.host_row_bytes),  # moved per expert (fp8: codes + scales)
             "expert_cache_bytes": float(self.row_bytes),  # a cache row on the device (the model dtype)
             "cache_slots": float(self.num_slots),
