@@ -149,6 +149,40 @@ def test_triton_expert_kernels_on_the_cache():
     assert st["rounds"] > 2 * 2
 
 
+@pytest.mark.interpreter
+def test_streamed_prefill_tiles_as_the_resident_run(monkeypatch):
+    """Issue 18: the kernels' BLOCK_M follows the routing (N x k pairs over the model's E), not the call. A 40-token
+    prefill over 4 experts, 2 a token, is 80 pairs > 16 x 4: BLOCK_M 64 resident. Streamed through 3 slots it runs
+    in rounds of one routing slot at a time, 40 pairs over 3 cache rows (<= 16 x 3), which tiled at 16 when the
+    call's shapes chose (a row's value depends on its tile on a GPU). Every streamed call now tiles at 64 and the
+    bf16 logits equal the resident run's bit for bit. (The interpreter cannot show the bits move: its bf16 dot
+    rounds them away, and its float32 dot (numpy) depends on a row's position in the tile, which rounds change
+    anyway; test_cuda_long_prefill_tiles_as_the_resident_run checks the bits on a GPU.)"""
+    import ollm_triton.kernels.moe as moe_kernels
+
+    tiles = []
+    align = moe_kernels.align_pairs
+    monkeypatch.setattr(moe_kernels, "align_pairs", lambda e, n, bm: tiles.append(bm) or align(e, n, bm))
+    cfg = dict(QWEN3_MOE, num_experts=4)
+    ids = torch.randint(0, cfg["vocab_size"], (1, 40), generator=torch.Generator().manual_seed(1))
+
+    def prefill(prefetch=None):
+        engine = load_engine(cfg, prefetch=prefetch, dtype=torch.bfloat16)
+        for layer in engine.model.model.layers:
+            if hasattr(layer.mlp, "experts"):
+                layer.mlp.path = "kernel"
+        out = engine.forward(ids, engine.new_cache(1, 48))
+        stats = engine.prefetch.stats()
+        engine.close()
+        return out, stats
+
+    ref, _ = prefill()
+    assert tiles == [64, 64]  # two MoE layers, one call each
+    got, st = prefill(experts(max_cached_experts=3, predict="none"))
+    assert st["rounds"] > 2 and tiles[2:] and set(tiles[2:]) == {64}
+    assert torch.equal(got, ref)
+
+
 def recorded_routing(cfg, prompt, steps):
     """The distinct experts of every MoE layer at every forward of a resident run, recorded at the router."""
     seen = []
@@ -390,6 +424,27 @@ def test_cuda_a_layers_misses_move_as_one_batch(host_dtype):
     st = check_batched_copy(dict(GPU_MOE, num_experts=12), host_dtype, "cuda", torch.bfloat16)
     assert st["memcpys"] == (3 if host_dtype == "model" else 2)
     assert st["copy_s"] > 0 and (st["dequant_s"] > 0) == (host_dtype == "fp8")
+
+
+@pytest.mark.gpu
+def test_cuda_long_prefill_tiles_as_the_resident_run():
+    """Issue 18 on a GPU: a 136-token bf16 prefill over 32 experts, 4 a token (544 pairs > 16 x 32: BLOCK_M 64),
+    streamed through 10 slots in rounds of 136 pairs over 10 rows (which tiled at 16 before), through the Triton
+    kernels: the logits and a teacher-forced decode equal the resident run bit for bit."""
+    ids = torch.randint(0, GPU_MOE["vocab_size"], (1, 140), generator=torch.Generator().manual_seed(2)).cuda()
+
+    def go(prefetch=None):
+        engine = load_engine(GPU_MOE, prefetch=prefetch, device="cuda", dtype=torch.bfloat16)
+        cache = engine.new_cache(1, 160)
+        outs = [engine.forward(ids[:, :136], cache)] + [engine.forward(ids[:, i:i + 1], cache) for i in range(136, 140)]
+        stats = engine.prefetch.stats()
+        engine.close()
+        return torch.cat(outs, dim=1), stats
+
+    ref, _ = go()
+    got, st = go(experts(max_cached_experts=10, predict="none"))
+    assert st["rounds"] > 3 * 5
+    assert torch.equal(got, ref)
 
 
 def rel_rms(ref: torch.Tensor, out: torch.Tensor) -> float:

@@ -72,6 +72,9 @@ class Experts(nn.Module):
         e, h, m = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.layout, self.act = cfg.expert_layout, cfg.expert_act
         self.alpha, self.limit = cfg.swiglu_alpha, cfg.swiglu_limit
+        # the routing's shape, fixed when the parameters are rebound to a cache of some experts (prefetch/experts.py):
+        # the Triton kernels tile by it, so a streamed call computes each pair as the resident one does
+        self.routing = (e, cfg.num_experts_per_tok)
         if self.layout == "concat":
             self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * m, h))
             self.down_proj = nn.Parameter(torch.empty(e, h, m))
@@ -122,7 +125,8 @@ class Experts(nn.Module):
 
     def kernel(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """The Triton grouped kernels (kernels/moe.py): x [N, hidden], weights, experts [N, k] -> [N, hidden]."""
-        return moe_experts(x, weights, experts, *self._tensors(), **self._options(), use_kernel=True)
+        return moe_experts(x, weights, experts, *self._tensors(), **self._options(), use_kernel=True,
+                           routing=self.routing)
 
 
 class MoE(nn.Module):

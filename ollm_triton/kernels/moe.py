@@ -229,15 +229,20 @@ def single_token_rows(k: int, block_m: int, device) -> torch.Tensor:
 
 
 def _block_m(num_pairs: int, num_experts: int) -> int:
-    """16 rows (tl.dot's minimum) while experts see few tokens each (decode), 64 once runs are long (prefill)."""
+    """16 rows (tl.dot's minimum) while experts see few tokens each (decode), 64 once runs are long (prefill).
+    num_pairs, num_experts: the routing's (tokens x experts a token, the model's experts), not a call's: a row's
+    value depends on the tile (the dot's order), so a call over a cache of some experts, or over one routing slot
+    at a time (prefetch/experts.py), must tile as the whole routing does to give its bits (issue 18)."""
     return 16 if num_pairs <= 16 * num_experts else 64
 
 
 def moe_experts_kernel(x, weights, experts, w_gate_up, w_down, b_gate_up=None, b_down=None, *, layout="concat",
                        act="silu", alpha=1.702, limit=7.0, block_m: int | None = None, block_n: int = 64,
-                       block_k: int = 64, num_warps: int = 4) -> torch.Tensor:
+                       block_k: int = 64, num_warps: int = 4, routing: tuple[int, int] | None = None) -> torch.Tensor:
     """The Triton path (shapes in the module docstring). The tile sizes are not tuned yet: 64 x 64 with BLOCK_M
-    rows by `_block_m` (scripts/bench_moe.py --sweep times the alternatives on the GPU)."""
+    rows by `_block_m` (scripts/bench_moe.py --sweep times the alternatives on the GPU). routing: (the model's
+    experts, experts a token) when this call holds part of the routing (a cache's rows, one slot of k): BLOCK_M
+    then follows N x k pairs over the model's experts, as the resident call's does; default: this call's shapes."""
     if layout not in LAYOUTS or act not in ACTS:
         raise ValueError(f"moe_experts: layout {layout!r} / act {act!r}; accepted: {LAYOUTS} / {ACTS}")
     n, h = x.shape
@@ -256,7 +261,7 @@ def moe_experts_kernel(x, weights, experts, w_gate_up, w_down, b_gate_up=None, b
     out = _empty(n, h, dtype=x.dtype, device=x.device)
     if nk == 0:
         return out.zero_()
-    bm = block_m or _block_m(nk, e)
+    bm = block_m or (_block_m(n * routing[1], routing[0]) if routing else _block_m(nk, e))
     if n == 1:  # one token: its k experts differ, so each gets a block of its own and nothing needs sorting
         pairs, block_expert = single_token_rows(k, bm, x.device), experts.reshape(-1)
     else:
@@ -285,12 +290,14 @@ def moe_experts_kernel(x, weights, experts, w_gate_up, w_down, b_gate_up=None, b
 
 
 def moe_experts(x, weights, experts, w_gate_up, w_down, b_gate_up=None, b_down=None, *, layout="concat",
-                act="silu", alpha=1.702, limit=7.0, use_kernel: bool | None = None) -> torch.Tensor:
+                act="silu", alpha=1.702, limit=7.0, use_kernel: bool | None = None,
+                routing: tuple[int, int] | None = None) -> torch.Tensor:
     """weights * experts(x) summed over the k slots (module docstring). use_kernel: None = Triton on CUDA tensors,
-    the reference elsewhere; True/False force one path (True on the CPU: the interpreter)."""
+    the reference elsewhere; True/False force one path (True on the CPU: the interpreter). routing: the model's
+    (experts, experts a token), which set the kernels' tile (`moe_experts_kernel`)."""
     if use_kernel if use_kernel is not None else x.is_cuda:
         return moe_experts_kernel(x, weights, experts, w_gate_up, w_down, b_gate_up, b_down, layout=layout, act=act,
-                                  alpha=alpha, limit=limit)
+                                  alpha=alpha, limit=limit, routing=routing)
     return moe_experts_torch(x, weights, experts, w_gate_up, w_down, b_gate_up, b_down, layout=layout, act=act,
                              alpha=alpha, limit=limit)
 
