@@ -2,6 +2,8 @@
 
     python scripts/train_tiny_lm.py --out ollm_triton/assets              # the shipped models (GPU: ~6 minutes)
     python scripts/train_tiny_lm.py --smoke                               # the whole pipeline at toy sizes on a CPU
+    python scripts/train_tiny_lm.py --long 16384 --out /tmp/long          # tiny-llama-16k (+ draft) continued from the
+                                                                          # shipped pair (GPU: ~6 minutes, see --long)
 
 Pipeline: corpus (ollm_triton.data.corpus) -> byte-level BPE tokenizer -> target LlamaForCausalLM trained on corpus
 windows mixed with synthetic key-value retrieval documents (ollm_triton.data.retrieval), a short-context phase then
@@ -9,6 +11,13 @@ a long-context phase -> draft LlamaForCausalLM trained on the same mix, distille
 Hugging Face format (bf16 safetensors + tokenizer) and evaluated from the saved files: held-out perplexity, passkey
 accuracy by length, draft/target greedy agreement. A model card (README.md) is written next to each checkpoint and
 a JSON log to --log.
+
+Long context (--init, or --long N which sets the whole recipe): training continues from a saved checkpoint (its
+architecture and tokenizer), with RoPE's base raised (--rope-theta; the new model's config records it and
+max_position_embeddings = --context), a short-then-long curriculum (--short-context 4096 -> --context), and
+retrieval documents with up to --max-needles pairs spread through the long sequences, because corpus windows alone
+carry few dependencies longer than one file. Corpus windows of a long context are cut from the train split's files
+joined in sorted path order (a package's modules sit next to each other) with a blank line between files.
 
 Deterministic given --seed and explicit --target-steps / --draft-steps (0 picks the step count from a short timing
 of the device, which the log and the cards record so that the run can be repeated exactly). Needs torch,
@@ -137,6 +146,28 @@ def make_model(arch: Arch, vocab_size: int, context: int, rope_theta: float, see
     return model
 
 
+def continue_from(folder: str | Path, context: int, rope_theta: float):
+    """The checkpoint in `folder` as a new model whose RoPE base is `rope_theta` and whose context is `context`.
+
+    The weights are copied into a model built from the new config rather than patched into the loaded one: the
+    rotary embedding's inverse frequencies are a buffer computed from the config at construction and not saved, so a
+    config edit after loading would leave the old frequencies in place."""
+    from transformers import AutoModelForCausalLM
+
+    src = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    c = src.config
+    arch = Arch(c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads,
+                c.intermediate_size, head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+    model = make_model(arch, c.vocab_size, context, rope_theta, seed=0)
+    missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings, saved once
+    if missing or unexpected:
+        raise RuntimeError(f"{folder}: checkpoint does not match its own config: missing {missing}, unexpected "
+                           f"{unexpected}")
+    old_theta = (getattr(c, "rope_parameters", None) or {}).get("rope_theta", getattr(c, "rope_theta", None))
+    return model, arch, {"from": str(folder), "rope_theta": old_theta, "context": c.max_position_embeddings}
+
+
 def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())  # tied embeddings are counted once by parameters()
 
@@ -147,8 +178,10 @@ def n_params(model) -> int:
 class Batches:
     """Seeded batches: corpus windows mixed with retrieval documents; labels are inputs shifted by one."""
 
-    def __init__(self, tok, stream: np.ndarray, seed: int, retrieval_frac: float, answer_weight: float):
+    def __init__(self, tok, stream: np.ndarray, seed: int, retrieval_frac: float, answer_weight: float,
+                 max_needles: int = 6):
         self.tok = tok
+        self.max_needles = max_needles
         self.filler = FillerStream(stream)
         self.rng = random.Random(seed)
         self.retrieval_frac = retrieval_frac
@@ -158,7 +191,8 @@ class Batches:
         ids, weights = [], []
         for _ in range(batch):
             if self.rng.random() < self.retrieval_frac:
-                seq, mask = make_training_doc(self.tok, self.filler, length + 1, self.rng)
+                seq, mask = make_training_doc(self.tok, self.filler, length + 1, self.rng,
+                                              max_needles=self.max_needles)
                 w = [self.answer_weight if m else 1.0 for m in mask]
             else:
                 seq, w = self.filler.window(length + 1, self.rng), [1.0] * (length + 1)
@@ -242,7 +276,9 @@ def time_steps(model, batches_factory, args, device, lengths: list[int], teacher
 
 
 def train(model, name: str, steps: int, seconds: float, args, device, batches_factory, seed: int, log: dict,
-          teacher=None) -> dict:
+          teacher=None, deadline: float | None = None) -> dict:
+    """deadline: a time.perf_counter() after which the loop stops at the end of the current step (the schedule
+    stays the planned one, so a cut run is the first part of the planned run, and the log says where it stopped)."""
     model.to(device).train()
     if teacher is not None:
         teacher.to(device).eval()
@@ -259,7 +295,12 @@ def train(model, name: str, steps: int, seconds: float, args, device, batches_fa
     history = []
     t_start = time.perf_counter()
     bar = progress(range(steps), desc=name, unit="step")
+    stopped_at = None
     for step in bar:
+        if deadline is not None and time.perf_counter() >= deadline:
+            stopped_at = step
+            bar.write(f"[{name}] --max-seconds reached: stopping at step {step}/{steps}")
+            break
         length = context_at(step, steps, args.short_frac, args.short_context, args.context)
         b = max(1, args.batch_tokens // length)
         for g in opt.param_groups:
@@ -283,8 +324,9 @@ def train(model, name: str, steps: int, seconds: float, args, device, batches_fa
             bar.set_postfix(loss=f"{value:.3f}", ctx=length)
     sync(device)
     wall = time.perf_counter() - t_start
-    result = {"steps": steps, "tokens_seen": tokens, "train_seconds": round(wall, 1), "history": history,
-              "warmup_steps": warmup}
+    result = {"steps": steps if stopped_at is None else stopped_at, "planned_steps": steps, "tokens_seen": tokens,
+              "train_seconds": round(wall, 1), "history": history, "warmup_steps": warmup,
+              "stopped_by_max_seconds": stopped_at is not None}
     log[name]["training"] = result
     return result
 
@@ -375,10 +417,16 @@ def write_card(folder: Path, name: str, log: dict, role: str) -> None:
     ev = m["eval"]
     ee = log["eval_env"]
     a = m["arch"]
+    init = m.get("init")
+    args = log["args"]
+    origin = "trained from scratch" if not init else (
+        f"continued from `{Path(init['from']).name}` (trained at context {init['context']}, RoPE base "
+        f"{float(init['rope_theta']):g}) with the RoPE base raised to {args['rope_theta']:g} and the context to "
+        f"{args['context']}")
     lines = [
         f"# {folder.name}: the embedded {role} model of ollm-triton",
         "",
-        "A Llama-architecture decoder trained from scratch by `scripts/train_tiny_lm.py` on the Python standard",
+        f"A Llama-architecture decoder {origin} by `scripts/train_tiny_lm.py` on the Python standard",
         "library source (the toolkit's offline corpus, train split) mixed with synthetic key-value retrieval",
         "documents. It exists so that quality numbers (perplexity, passkey retrieval, speculative acceptance) mean",
         "something on a machine with no network. It is not a general-purpose language model.",
@@ -417,8 +465,11 @@ def write_card(folder: Path, name: str, log: dict, role: str) -> None:
         f"| batch | {log['args']['batch_tokens']:,} tokens, AdamW (0.9, 0.95), peak lr {log['args']['lr']:g}, "
         "cosine to "
         f"10%, {'bf16 autocast' if log['args'].get('amp') else 'fp32'} |",
-        f"| retrieval documents | {log['args']['retrieval_frac']:.0%} of sequences, answer tokens weighted "
+        f"| retrieval documents | {log['args']['retrieval_frac']:.0%} of sequences, 1 to "
+        f"{log['args'].get('max_needles', 6)} key-value pairs each at uniform depths, answer tokens weighted "
         f"{log['args']['answer_weight']:g}x |",
+        "| corpus windows | cut from the train split's files joined in sorted path order, a blank line between files "
+        "|",
         f"| corpus | Python {log['corpus']['python_version']} stdlib ({log['corpus'].get('source', 'the interpreter')}"
         f"), {log['corpus']['train_docs']} train files; "
         f"eval split hash `{log['corpus']['eval_hash'][:16]}` |",
@@ -427,6 +478,9 @@ def write_card(folder: Path, name: str, log: dict, role: str) -> None:
         f"| git | {log['git_sha']} |",
         f"| date | {log['date']} |",
     ]
+    if t.get("stopped_by_max_seconds"):
+        lines.append(f"| stopped by `--max-seconds` | after {t['steps']} of {t['planned_steps']} planned steps (the "
+                     "learning-rate schedule is the planned run's) |")
     if role == "draft":
         lines.append(f"| distillation | loss = {1 - log['args']['distill']:g} x CE + {log['args']['distill']:g} x "
                      "KL(target || draft) |")
@@ -512,7 +566,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-eval-docs", type=int, default=0, help="use only the first N eval docs (0: all)")
     p.add_argument("--no-amp", action="store_true", help="train in fp32 (default: bf16 autocast on CUDA)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on any device (the CPU too)")
+    p.add_argument("--names", default="tiny-llama,tiny-llama-draft", help="folder names of target,draft under --out")
+    p.add_argument("--init", default=None, help="continue the target from this checkpoint folder (its architecture "
+                   "and tokenizer; --target is ignored)")
+    p.add_argument("--init-draft", default=None, help="continue the draft from this checkpoint folder")
+    p.add_argument("--max-needles", type=int, default=6, help="most key-value pairs in one retrieval document")
+    p.add_argument("--max-seconds", type=float, default=0.0, help="wall-clock budget from the start to the end of "
+                   "training: both loops stop cleanly and save (0: none); evaluation comes after it")
+    p.add_argument("--long", type=int, default=0, help="the long-context recipe at this context (e.g. 16384): "
+                   "continue the shipped pair with RoPE base 1e6, 20%% of steps at 4096; explicit options still win")
     args = p.parse_args(argv)
+    if args.long:  # the long-context recipe becomes the defaults; options given explicitly still win
+        shipped = REPO / "ollm_triton" / "assets"
+        p.set_defaults(**long_recipe(args.long, shipped))
+        args = p.parse_args(argv)
     if args.smoke:  # toy sizes become the defaults; options given explicitly still win
         p.set_defaults(vocab_size=384, target="64,2,2,1,128", draft="32,1,2,1,32", head_dim=32, context=256,
                        short_context=128, batch_tokens=2048, target_steps=12, draft_steps=6, eval_tokens=2048,
@@ -521,11 +588,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def long_recipe(context: int, shipped: Path) -> dict:
+    """Defaults of --long: continue the shipped pair at `context` tokens.
+
+    RoPE base 1e6 for a 4x-8x longer context than the shipped 4096 at base 1e5: raising the base ("adjusted base
+    frequency", as Code Llama did going from 4k to 16k with 1e4 -> 1e6) keeps the longest wavelengths past the new
+    context, and continued training adapts the weights to the slower rotations; it needs far fewer steps than training
+    from scratch. The peak learning rate is a quarter of from-scratch training, since the weights are already trained.
+
+    Time on an H100 (a budget for one device call of ~8 minutes): the target (12.6M parameters, 6 layers, 384 wide)
+    costs about 6 x 12.6M = 76 MFLOP per token for its matmuls plus 12 x layers x width x context / 2 (causal) =
+    226 MFLOP per token for attention at 16384; the shipped run trained at 4096 (132 MFLOP per token) at 450k tokens/s
+    on the H200 (59 TFLOP/s achieved, an H100 about as much for a model this small). At ~300 MFLOP per token that is
+    ~200k tokens/s at 16k: 240 s of target training sees ~45M tokens (~690 steps of 64k tokens), the draft ~75 s. The
+    step counts come from timing the device (--target-seconds / --draft-seconds); --max-seconds stops both loops and
+    saves if the estimate is off, leaving room for evaluation (~60 s) in the call.
+
+    Retrieval documents: half the sequences (as in the shipped run) with up to 16 pairs each, spread uniformly over
+    the whole sequence, answers weighted 5x."""
+    return dict(init=str(shipped / "tiny-llama"), init_draft=str(shipped / "tiny-llama-draft"), context=context,
+                short_context=4096, short_frac=0.2, rope_theta=1e6, lr=5e-4, batch_tokens=65536,
+                target_seconds=240.0, draft_seconds=75.0, max_seconds=360.0, retrieval_frac=0.5, max_needles=16,
+                names=f"tiny-llama-{context // 1024}k,tiny-llama-{context // 1024}k-draft",
+                passkey_lengths=",".join(str(n) for n in (4096, context // 2, context, 2 * context)),
+                passkey_samples=20, eval_tokens=400_000)
+
+
 def reproduce_command(log: dict) -> str:
     """The logged command without paths and time budgets, with the step counts the run resolved."""
     words = shlex.split(log["command"])[2:]
     drop_with_value = {"--out", "--log", "--target-seconds", "--draft-seconds", "--target-steps", "--draft-steps",
-                       "--corpus-root", "--corpus-python", "--tokenizer"}
+                       "--corpus-root", "--corpus-python", "--tokenizer", "--max-seconds"}
     kept, skip = [], False
     for w in words:
         if skip:
@@ -575,7 +668,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="tiny_lm_")) if args.smoke
                                            else REPO / "ollm_triton" / "assets")
     log_path = Path(args.log) if args.log else out / "train_log.json"
-    target_dir, draft_dir = out / "tiny-llama", out / "tiny-llama-draft"
+    target_name, draft_name = args.names.split(",")
+    target_dir, draft_dir = out / target_name, out / draft_name
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -606,9 +700,10 @@ def main(argv: list[str] | None = None) -> dict:
             "corpus": corpus_info,
         }
         t1 = time.perf_counter()
-        if args.tokenizer:
+        if args.tokenizer or args.init:  # a continued model keeps the vocabulary its embeddings were trained on
             from tokenizers import Tokenizer
 
+            args.tokenizer = args.tokenizer or str(Path(args.init) / "tokenizer.json")
             tok = Tokenizer.from_file(args.tokenizer)
         else:
             tok = train_tokenizer(train_docs, args.vocab_size)
@@ -618,7 +713,8 @@ def main(argv: list[str] | None = None) -> dict:
                             "seconds": round(time.perf_counter() - t1, 1)}
         print(f"tokenizer: vocab {tok.get_vocab_size()}, train {len(train_stream)} tokens "
               f"({time.perf_counter() - t1:.1f}s)", flush=True)
-        train_both(args, device, tok, train_stream, target_dir, draft_dir, log, log_path)
+        deadline = t0 + args.max_seconds if args.max_seconds else None
+        train_both(args, device, tok, train_stream, target_dir, draft_dir, log, log_path, deadline)
         if args.skip_eval:
             return log
 
@@ -636,7 +732,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def train_both(args, device, tok, train_stream: np.ndarray, target_dir: Path, draft_dir: Path, log: dict,
-               log_path: Path) -> None:
+               log_path: Path, deadline: float | None = None) -> None:
+    """deadline (--max-seconds after the start): the target stops early enough to leave the draft its
+    --draft-seconds share (or a third of what is left), the draft stops at the deadline itself; both are saved."""
     target_arch = Arch(*[int(v) for v in args.target.split(",")], head_dim=args.head_dim)
     draft_arch = Arch(*[int(v) for v in args.draft.split(",")], head_dim=args.head_dim)
     for arch in (target_arch, draft_arch):
@@ -646,7 +744,7 @@ def train_both(args, device, tok, train_stream: np.ndarray, target_dir: Path, dr
     log["draft"] = {"arch": asdict(draft_arch)}
 
     def batches_factory(seed: int) -> Batches:
-        return Batches(tok, train_stream, seed, args.retrieval_frac, args.answer_weight)
+        return Batches(tok, train_stream, seed, args.retrieval_frac, args.answer_weight, args.max_needles)
 
     def save(model, name: str, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -657,18 +755,34 @@ def train_both(args, device, tok, train_stream: np.ndarray, target_dir: Path, dr
         save_tokenizer(tok, folder, args.context)
         log[name]["bytes_on_disk"] = folder_bytes(folder)
 
-    target = make_model(target_arch, tok.get_vocab_size(), args.context, args.rope_theta, args.seed)
+    if args.init:
+        target, target_arch, log["target"]["init"] = continue_from(args.init, args.context, args.rope_theta)
+        log["target"]["arch"] = asdict(target_arch)
+    else:
+        target = make_model(target_arch, tok.get_vocab_size(), args.context, args.rope_theta, args.seed)
+    if target.config.vocab_size != tok.get_vocab_size():
+        raise ValueError(f"--init model has vocab {target.config.vocab_size}, the tokenizer {tok.get_vocab_size()}; "
+                         "pass the checkpoint's own tokenizer.json")
     print(f"target: {n_params(target):,} params", flush=True)
-    train(target, "target", args.target_steps, args.target_seconds, args, device, batches_factory, args.seed + 1, log)
+    target_deadline = None
+    if deadline is not None:
+        left = deadline - time.perf_counter()
+        target_deadline = deadline - min(args.draft_seconds, left / 3)
+    train(target, "target", args.target_steps, args.target_seconds, args, device, batches_factory, args.seed + 1, log,
+          deadline=target_deadline)
     save(target, "target", target_dir)
     json_dump(log, log_path)
     del target
 
     teacher = load_saved(target_dir, device)  # the teacher is the saved bf16 target, as shipped
-    draft = make_model(draft_arch, tok.get_vocab_size(), args.context, args.rope_theta, args.seed + 2)
+    if args.init_draft:
+        draft, draft_arch, log["draft"]["init"] = continue_from(args.init_draft, args.context, args.rope_theta)
+        log["draft"]["arch"] = asdict(draft_arch)
+    else:
+        draft = make_model(draft_arch, tok.get_vocab_size(), args.context, args.rope_theta, args.seed + 2)
     print(f"draft: {n_params(draft):,} params ({n_params(draft) / n_params(teacher):.3f} of the target)", flush=True)
     train(draft, "draft", args.draft_steps, args.draft_seconds, args, device, batches_factory, args.seed + 3, log,
-          teacher=teacher)
+          teacher=teacher, deadline=deadline)
     save(draft, "draft", draft_dir)
     log["draft"]["param_ratio"] = log["draft"]["params"] / log["target"]["params"]
     json_dump(log, log_path)
