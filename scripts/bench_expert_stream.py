@@ -9,8 +9,8 @@ Qwen3-Next-80B (or Qwen3-30B-A3B) with random bf16 weights at the real layer sha
 What runs, for each depth L (the preset with `num_hidden_layers` cut to L; a multiple of 4 keeps qwen3_next's 3:1
 linear to full attention):
 - resident: every weight on the device (the correctness reference, and the compute-only speed: no copies);
-- experts (predict router / none, eviction lru / lfu): prefetch/experts.py, one engine, `forget()` between them;
-- with --host-dtype fp8, beside them: experts (router, lru / lfu) with `host_dtype: fp8` (e4m3 codes + a bf16 scale
+- experts (predict none / router, eviction lru / lfu): prefetch/experts.py, one engine, `forget()` between them;
+- with --host-dtype fp8, beside them: experts (none / router, lru) with `host_dtype: fp8` (e4m3 codes + a bf16 scale
   per 128 on the host, dequantized into the cache slot after the copy): the same cache slots (the cache stays bf16),
   about half the bytes a miss moves, so half the I/O floor's time;
 - on_demand: layer streaming, one layer slot (what 8 GB holds of Qwen3-Next's 3.3 GB layers after the head);
@@ -20,7 +20,11 @@ with depth: the full model's cache at --budget-gb (budget - headroom - the 48-la
 layer, times L; budget_gb(L) = headroom + dense(L) + that cache, so every layer gets the full model's share of slots.
 
 Timing: a --prompt-token prefill, 4 warm-up steps, then --decode greedy steps, device-synchronised wall time; peak
-device memory per variant. Copy bandwidth: a 1 GB pinned host-to-device copy, median of 5. I/O floor: the tok/s if
+device memory per variant. Expert streaming also reports, per token, the copy stream's time in host-to-device copies
+and in fp8 dequantization (CUDA events around each batch's copies and its one dequant launch; they overlap the
+compute, so they are not the stall) and the copy calls and batches (a layer's misses move as one batch: one copy
+per run of consecutive host rows, fp8 through a k-row staging buffer and one dequant launch). Copy bandwidth: a 1 GB
+pinned host-to-device copy, median of 5. I/O floor: the tok/s if
 each token's bytes moved (the policy's own counter) were the only cost, at that bandwidth. Scaling to 48 layers
 (the full model fits neither this GPU nor its host): ms/token = t(L1) + (48 - L1) x per-layer, per-layer =
 (t(L2) - t(L1)) / (L2 - L1); bytes/token the same way.
@@ -38,7 +42,7 @@ The noise floor beside them: the resident run again with its experts on another 
 instead of the kernels), i.e. the same weights with the bf16 sums in another order: how far these random-weight
 logits move for that alone (random routers' top-k are near-tied, so one flipped expert compounds with depth). And
 the Triton expert kernels at BLOCK_M 16 against 64 on one layer (a streamed call over the cache's rows may tile
-otherwise than the resident call over E on longer prompts).
+otherwise than the resident call over E on longer prompts before the tile followed the routing: what that moved).
 
 Time: the table and the JSON are written after each depth (the JSON after each row), so a run cut short keeps what
 ran; a variant expected, from its time at the previous depth, to end past --max-seconds (default 140) is skipped
@@ -143,8 +147,9 @@ def noise_floor(engine, ids: torch.Tensor, prompt: int, ref: torch.Tensor) -> di
 
 
 def block_m_check(engine) -> float | None:
-    """The Triton expert kernels at BLOCK_M 16 and 64 (kernels/moe.py picks it from a call's pairs and experts, so
-    a streamed call over C cache rows may tile otherwise than the resident call over E) on one MoE layer's weights:
+    """The Triton expert kernels at BLOCK_M 16 and 64 (kernels/moe.py picks it from the routing's N x k pairs over
+    the model's E, so a streamed call over C cache rows tiles as the resident call does; before, it counted the
+    cache's rows and could tile otherwise on long prompts: this is what that would move) on one MoE layer's weights:
     64 tokens of N(0, 1), routed by the layer's router; the max abs difference of the outputs (CUDA only)."""
     if DEVICE.type != "cuda":
         return None
@@ -182,7 +187,12 @@ def decode(engine, prompt_ids: torch.Tensor, steps: int, warmup: int = 4, head_b
     row = {"tok_s": steps / dt, "ms_per_token": 1e3 * dt / steps, "peak_gb": peak}
     if "bytes_moved" in after:  # expert streaming
         d = {k: after[k] - before.get(k, 0.0) for k in ("bytes_moved", "accesses", "cache_hits", "prefetch_hits",
-                                                         "prefetch_late", "prefetch_issued", "stall_s")}
+                                                         "prefetch_late", "prefetch_issued", "stall_s", "copy_s",
+                                                         "dequant_s", "copy_batches", "memcpys")}
+        # the copy stream's time (CUDA events around each batch's copies, then its fp8 dequantization): where a
+        # miss's time goes; it overlaps the compute, so it is not the stall
+        row.update(copy_ms_per_token=1e3 * d["copy_s"] / steps, dequant_ms_per_token=1e3 * d["dequant_s"] / steps,
+                   copy_batches_per_token=d["copy_batches"] / steps, memcpys_per_token=d["memcpys"] / steps)
         row.update(bytes_per_token=d["bytes_moved"] / steps, stall_ms_per_token=1e3 * d["stall_s"] / steps,
                    hit_rate=(d["cache_hits"] + d["prefetch_hits"]) / max(d["accesses"], 1),
                    prefetch_accuracy=(d["prefetch_hits"] + d["prefetch_late"]) / d["prefetch_issued"]
@@ -277,8 +287,8 @@ def main() -> None:  # noqa: C901 (one study, top to bottom)
         two_slots = part["head"] + HEADROOM_GB * GB + 2.02 * part["layer"]  # + a little for the slot alignment
         variants = [
             ("resident", None, {}),
-            ("experts", "experts", {"budget_gb": expert_budget / GB, "predict": "router"}),
-            *([("experts fp8", "experts", {"budget_gb": expert_budget / GB, "predict": "router",
+            ("experts", "experts", {"budget_gb": expert_budget / GB}),
+            *([("experts fp8", "experts", {"budget_gb": expert_budget / GB,
                                            "host_dtype": "fp8"})] if args.host_dtype == "fp8" else []),
             ("on_demand", "on_demand", {"budget_gb": args.budget_gb}),
             ("lookahead", "lookahead", {"budget_gb": max(args.budget_gb, two_slots / GB), "prefetch_distance": 1,
@@ -318,8 +328,8 @@ def main() -> None:  # noqa: C901 (one study, top to bottom)
                     fp8 = params.get("host_dtype") == "fp8"
                     steps = args.decode if label in ("resident", "experts", "experts fp8") else args.layer_decode
                     if name == "experts":  # one engine, each setting from a cold cache, each checked on its own
-                        settings = (("router", "lru"), ("router", "lfu")) if fp8 else \
-                            (("router", "lru"), ("none", "lru"), ("router", "lfu"))
+                        settings = (("none", "lru"), ("router", "lru")) if fp8 else \
+                            (("none", "lru"), ("router", "lru"), ("router", "lfu"))
                         for predict, eviction in settings:
                             engine.prefetch.cfg.predict, engine.prefetch.cfg.eviction = predict, eviction
                             engine.prefetch.forget()
@@ -396,6 +406,13 @@ def _f(v, fmt: str) -> str:
     return "" if v is None else format(v, fmt)
 
 
+def copies(r: dict) -> str:
+    """Host-to-device copy calls a token (the batches they came in), expert streaming only."""
+    if r.get("memcpys_per_token") is None:
+        return ""
+    return f"{r['memcpys_per_token']:.1f} ({r['copy_batches_per_token']:.1f})"
+
+
 def table(p: dict) -> str:
     env, a = p["env"], p["args"]
     out = [f"{a['model']} shapes, layer-reduced, {'fp32 tiny (--small)' if a['small'] else 'bf16'}, batch-1 decode, "
@@ -404,20 +421,23 @@ def table(p: dict) -> str:
            f"GB/s; {env.get('device_name')}, torch {env.get('torch')}, triton {env.get('triton')}, git "
            f"{env.get('git_sha')}, {env.get('date')}", f"command: {env.get('command')}", "",
            "| layers | policy | tok/s | ms/token | hit rate | prefetch acc. | MB moved/token | I/O floor tok/s | "
-           "stall ms/token | device weights GB | peak GB | build s | prefill rounds | max abs diff vs resident (fp8: "
-           "its round trip) | argmax agree | logits rel. RMS vs bf16 resident (resident: its fp8 round trip) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "stall ms/token | copy ms/token | dequant ms/token | copies/token (batches) | device weights GB | "
+           "peak GB | build s | prefill rounds | max abs diff vs resident (fp8: its round trip) | argmax agree | "
+           "logits rel. RMS vs bf16 resident (resident: its fp8 round trip) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in p["rows"]:
         if "error" in r or "skipped" in r:
             out.append(f"| {r['layers']} | {r['policy']} | {r.get('error') or 'skipped: ' + r['skipped']} |"
-                       + " |" * 13)
+                       + " |" * 16)
             continue
         rms = r.get("logits_rel_rms_vs_bf16_resident", r.get("logits_rel_rms_fp8_round_trip_vs_bf16"))
         mb = r.get("bytes_per_token")
         out.append(f"| {r['layers']} | {r['policy']} | {r['tok_s']:.2f} | {r['ms_per_token']:.1f} | "
                    f"{_f(r.get('hit_rate'), '.3f')} | {_f(r.get('prefetch_accuracy'), '.3f')} | "
                    f"{_f(None if mb is None else mb / 1e6, '.1f')} | {_f(r.get('io_floor_tok_s'), '.2f')} | "
-                   f"{_f(r.get('stall_ms_per_token'), '.2f')} | {_f(r.get('device_weight_gb'), '.2f')} | "
+                   f"{_f(r.get('stall_ms_per_token'), '.2f')} | {_f(r.get('copy_ms_per_token'), '.2f')} | "
+                   f"{_f(r.get('dequant_ms_per_token'), '.2f')} | {copies(r)} | "
+                   f"{_f(r.get('device_weight_gb'), '.2f')} | "
                    f"{r['peak_gb']:.2f} | {_f(r.get('build_s'), '.1f')} | {_f(r.get('prefill_rounds'), '.0f')} | "
                    f"{_f(r.get('max_abs_diff_vs_resident'), '.2e')} | {_f(r.get('argmax_agree'), '.3f')} | "
                    f"{_f(rms, '.2e')} |")
@@ -430,8 +450,8 @@ def table(p: dict) -> str:
         out += [f"| {n} | {f['paths']} | {f['max_abs_diff_vs_resident']:.2e} | {f['argmax_agree']:.3f} | "
                 f"{f['logits_rel_rms']:.2e} |" for n, f in floors]
     if p.get("block_m_16_vs_64_max_abs_diff") is not None:
-        out += ["", "Triton expert kernels at BLOCK_M 16 against 64 on one layer (64 tokens; a streamed call over the "
-                f"cache's rows may tile otherwise than the resident one): max abs diff "
+        out += ["", "Triton expert kernels at BLOCK_M 16 against 64 on one layer (64 tokens): what a tile change would "
+                "move; streamed calls now tile by the routing (N x k over E), as the resident one does: max abs diff "
                 f"{p['block_m_16_vs_64_max_abs_diff']:.2e}"]
     if p.get("scaling"):
         out += ["", "Scaled to 48 layers (t(L1) + (48 - L1) x per-layer, from the two depths; resident: the compute "

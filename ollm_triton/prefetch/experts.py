@@ -11,26 +11,29 @@ in one row of P elements, so bringing an expert in is one copy; the model keeps 
 host never holds the model at once in the model dtype, only the experts as stored: Qwen3-Next-80B's 77 B expert
 parameters are 155 GB in bf16 and 78 GB as fp8, which fits a 128 GB host.
 
-`host_dtype`: `model` stores the rows as they are (R = 2P bytes in bf16); `fp8` stores e4m3 codes with a scale per
-128 elements (kernels/fp8_rows.py; R = P + P/64 bytes in bf16), so a miss moves about half the bytes, and the device
-dequantizes the codes into the cache slot after the copy, on the copy stream (one Triton launch per row, through a
-one-row staging buffer that the stream's order keeps from being overwritten early). The weights the model computes
-with are then the fp8 round trip of its own: the logits equal a resident run whose experts took the same round trip,
-not the bf16 resident run.
+`host_dtype`: `model` stores the rows as they are (R = 2P bytes in bf16); `fp8` stores e4m3 codes with a scale per 128
+elements (kernels/fp8_rows.py; R = P + P/64 bytes in bf16), so a miss moves about half the bytes, and the device
+dequantizes the codes into the cache slots after the copy, on the copy stream (through a staging buffer of k rows that
+the stream's order keeps from being overwritten early; one launch for a layer's misses, below). The weights the model
+computes with are then the fp8 round trip of its own: the logits equal a resident run whose experts took the same round
+trip, not the bf16 resident run.
 
 `setup(model, device)`: the device holds a cache of C rows in the model dtype, shared by every layer,
 C = (budget_gb - headroom_gb - dense bytes) // row bytes (at most `max_cached_experts`, at most every expert). Every
 MoE block's expert parameters become views of that cache [C, ...], so the block's own compute (grouped, naive or the
 Triton kernels) runs on it unchanged. (A model built without load_engine has its experts packed here.)
 
-`run_experts` (the hook the MoE block calls after routing, prefetch/base.py): the routed ids come to the host (one
-sync, shared with the prediction below), each distinct (layer, expert) is looked up: a hit uses its slot, a miss
-takes a slot no expert of this step needs and copies the row in (a side stream on CUDA; the compute stream waits for
-those copies only). The ids are translated to slots and the block computes. A step needing more distinct experts
-than C (a prefill) runs in rounds of at most C experts; a round computes each routing slot j (every token's j-th
-expert) on its own, the other rounds' pairs with zero weight, so each (token, expert) pair's weighted output is kept
-as it is and a token's k outputs are summed once at the end, as a single call sums them (summing whole rounds instead
-rounded every partial sum: issue 18, bf16 logits 0.45 apart after 4 layers).
+`run_experts` (the hook the MoE block calls after routing, prefetch/base.py): the routed ids come to the host (one sync,
+shared with the prediction below), each distinct (layer, expert) is looked up: a hit uses its slot, a miss takes a slot
+no expert of this step needs, and the layer's misses are copied in as one batch (a side stream on CUDA; the compute
+stream waits for those copies only): one copy per run of experts consecutive on the host (bf16: and in the cache, the
+batch's slots handed out in ascending order), fp8 through the staging buffer and one dequantization launch per k rows,
+writing each row to its slot from an index tensor. One copy and one launch a row, expert after expert, held fp8 to 30%
+of its I/O floor on an H100 (issue 18). The ids are translated to slots and the block computes. A step needing more
+distinct experts than C (a prefill) runs in rounds of at most C experts; a round computes each routing slot j (every
+token's j-th expert) on its own, the other rounds' pairs with zero weight, so each (token, expert) pair's weighted
+output is kept as it is and a token's k outputs are summed once at the end, as a single call sums them (summing whole
+rounds instead rounded every partial sum: issue 18, bf16 logits 0.45 apart after 4 layers).
 
 Eviction: the least recently used row (`lru`), or the least often routed one, least recent among equals (`lfu`).
 When the cache holds less than one token's experts (Qwen3-Next-80B at 8 GB: 9.2 rows a layer for 10 routed), LRU
@@ -38,22 +41,24 @@ under the cyclic layer order evicts every row before its layer comes round again
 (prefetch/lookahead.py); LFU keeps the most routed experts resident across tokens, at an O(cache rows) scan per
 eviction.
 
-Prediction (`predict: router`): the next MoE layer's router applied to this layer's MLP input, its top
+Prediction (`predict: router`; the default is `none`: on the first H100 table, experiments/prefetch/README.md, the
+router's guesses on random weights moved 1.5x the bytes and decoded 10% slower): the next MoE layer's router
+applied to this layer's MLP input, its top
 `prefetch_per_token` experts per token fetched while this layer computes. Chosen over recent routing statistics
 because the residual stream changes little from one layer to the next, so the next router on today's hidden state
 predicts this very token's routing, while statistics predict only experts that are popular in general (a batch-1
 decode's routing changes token to token); it costs one [N, hidden] x [hidden, E] product per layer and shares the
-routing's host sync. `predict: none` measures what it buys (scripts/bench_expert_stream.py).
+routing's host sync. scripts/bench_expert_stream.py measures what it buys beside `none`.
 
 Outputs equal the resident run (`host_dtype: model`; with fp8, the resident run of the round-tripped experts): the cache
 holds the weights' own bytes, and the grouped path and the Triton kernels compute each (token, expert) pair alike
 whatever index the expert has. In rounds a pair is computed among fewer pairs (a call holds N, not N x k): still
 bit for bit where a row's product does not depend on how many rows share its expert (the Triton kernels at one
 BLOCK_M; bf16 on the CPU in the tests), not where it does (float32 GEMMs of a few rows on the CPU: ~1e-7). The
-kernels pick BLOCK_M from a call's pairs and experts (kernels/moe.py `_block_m`: 16 up to 16 pairs an expert, else
-64), and the experts here are the cache's C rows: a round's N pairs over C tile like the resident N x k over E when
-both sides are <= 16 pairs an expert (the bench's 64-token prompt: 64 <= 16 x 36, 640 <= 16 x 512), and may tile
-otherwise on longer prompts.
+kernels pick BLOCK_M from the routing, not the call (kernels/moe.py `_block_m`: 16 up to 16 pairs an expert, else
+64, over the N x k pairs and the model's E that engine/moe.py `Experts.routing` passes), so a round's call over the
+cache's C rows, one routing slot at a time, tiles as the resident call does at any prompt length (it counted the
+cache's rows before, and a long prompt could tile otherwise: issue 18).
 """
 
 from __future__ import annotations
@@ -87,7 +92,9 @@ class ExpertStreamingConfig:
     headroom_gb: float = 0.5  # part of budget_gb kept free for activations and the KV cache
     max_cached_experts: int = 0  # cap on the cache's expert slots (0: as many as the budget allows)
     eviction: str = "lru"  # lru | lfu (the least often routed row goes first; ties: the least recent)
-    predict: str = "router"  # router (next layer's router on this layer's hidden state) | none
+    # none | router (next layer's router on this layer's hidden state). none by default: on the first H100 table
+    # (experiments/prefetch/README.md) the router's guesses moved 1.5x the bytes for 10% fewer tok/s
+    predict: str = "none"
     prefetch_per_token: int = 0  # experts per token prefetched for the next layer (0: the model's experts per token)
     host_dtype: str = "model"  # model (the rows as they are) | fp8 (e4m3 codes + a scale per 128, dequantized on copy)
 
