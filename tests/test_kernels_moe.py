@@ -105,6 +105,30 @@ def test_block_rows_cover_every_pair_once():
     assert sorted(e for e in blocks.tolist() if e >= 0) == sorted(one[0].tolist())
 
 
+def test_tile_follows_the_routing_not_the_call(poisoned, monkeypatch):
+    """A call holding part of a routing (some of E = 6 experts' rows, one routing slot of K = 2) tiles as the whole
+    routing does when given it: 60 tokens are 120 pairs > 16 x 6 (BLOCK_M 64) where the call's own 60 pairs over 4
+    rows would take 16; 40 tokens are 80 <= 96 (16) where 40 over 2 rows would take 64. It then equals the call at
+    that explicit BLOCK_M bit for bit, and float64 (prefetch/experts.py's rounds pass the routing through
+    engine/moe.py, so a streamed call tiles as the resident one)."""
+    tiles = []
+    align = moe.align_pairs
+    monkeypatch.setattr(moe, "align_pairs", lambda e, n, bm: tiles.append(bm) or align(e, n, bm))
+    w_gu, w_d, _, _ = weights("concat", bias=False)
+    for n, rows, tile, own in [(60, 4, 64, 16), (40, 2, 16, 64)]:
+        x = torch.randn(n, H, generator=torch.Generator().manual_seed(n))
+        w, ex = routing(n)
+        w, ex = w[:, :1], ex[:, :1] % rows
+        tiles.clear()
+        out = moe_experts_kernel(x, w, ex, w_gu[:rows], w_d[:rows], routing=(E, K))
+        at = moe_experts_kernel(x, w, ex, w_gu[:rows], w_d[:rows], block_m=tile)
+        moe_experts_kernel(x, w, ex, w_gu[:rows], w_d[:rows])
+        assert tiles == [tile, tile, own]
+        assert torch.equal(out, at)
+        ref = moe_experts_torch(f64(x), f64(w), ex, f64(w_gu[:rows]), f64(w_d[:rows]))
+        assert (out.double() - ref).abs().max().item() <= 1e-5 * max(ref.abs().max().item(), 1.0)
+
+
 def test_unknown_layout_refuses_in_one_line():
     w, ex = routing(3)
     with pytest.raises(ValueError, match="accepted") as err:
