@@ -13,9 +13,15 @@
 #                             each run's metrics.json                              -> $OUT/<tag>[_<job>]_metrics.json
 #   quality [ROOT]            the CPU quality sweeps of experiments/{attention,kv_cache} (multirun/quality by default);
 #                             tables: python experiments/quality_tables.py ROOT
+#   quality_long [ROOT [SWEEP...]]  the same sweeps with +experiment=quality_long (8k-32k on tiny-llama-16k, passkey
+#                             and multikey); SWEEP picks some of attention_dense attention_window attention_sparse
+#                             cache_quant cache_evict (default all); tables: python scripts/quality_long_tables.py ROOT
 #   retrain                   retrain the embedded tiny-llama + draft, two variants side by side; needs
 #                             .carry3/stdlib.tgz (Python 3.11.7's stdlib *.py, the training corpus)
 #                                                                                    -> $OUT/best_*.tgz.part_*
+#   train_long [CTX] [args]   continue the shipped pair at context CTX (default 16384; train_tiny_lm.py --long, RoPE
+#                             base 1e6, ~6 min of training + ~1 min of evaluation on an H100); needs .carry3/stdlib.tgz
+#                             -> $OUT/train_log_<CTX>.json, train_long_<CTX>.txt, long_<CTX>.tgz.part_* (15 MB each)
 #   exec CMD...               any command in the same environment, e.g.
 #                             exec ncu --clock-control none --kernel-name regex:'quant_decode|merge' --launch-skip 4 \
 #                               --launch-count 2 python3 experiments/profile/decode_profile.py run int4
@@ -29,7 +35,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 what="${1:-}"
-[ -n "$what" ] || { sed -n '2,26p' "$0"; exit 2; }
+[ -n "$what" ] || { sed -n '2,33p' "$0"; exit 2; }
 shift
 PY="${PYTHON:-python3}"
 OUT="${OUT:-outputs/device_run}"
@@ -76,22 +82,30 @@ case "$what" in
     for f in "$tmp"/*/metrics.json; do
       [ -f "$f" ] && cp "$f" "$OUT/${TAG}_$(basename "$(dirname "$f")")_metrics.json"
     done ;;
-  quality)
-    root="${1:-multirun/quality}"
-    common=(logger=none "task=[perplexity,passkey]" task.perplexity.max_length=2048 task.perplexity.stride=1024
-            task.perplexity.max_tokens=4096 "task.passkey.lengths=[1024,4096]" "task.passkey.depths=[0.1,0.5,0.9]"
-            task.passkey.samples=1)
-    q() { "$PY" -m ollm_triton.run -m "${common[@]}" "$@" || exit 1; }
+  quality|quality_long)
+    root="${1:-multirun/$what}"; shift || true
+    only=" ${*:-attention_dense attention_window attention_sparse cache_quant cache_evict} "
+    if [ "$what" = quality ]; then
+      common=(logger=none "task=[perplexity,passkey]" task.perplexity.max_length=2048 task.perplexity.stride=1024
+              task.perplexity.max_tokens=4096 "task.passkey.lengths=[1024,4096]" "task.passkey.depths=[0.1,0.5,0.9]"
+              task.passkey.samples=1)
+      windows=256,1024; tables="experiments/quality_tables.py"
+    else  # the preset holds the model, tasks and lengths; windows are 1/64 and 1/16 of the trained 16k as 256, 1024
+      common=(logger=none +experiment=quality_long)  # were of 4k above; sparse densities and ratios are fractions
+      windows=1024,4096; tables="scripts/quality_long_tables.py"
+    fi
+    q() { case "$only" in *" $1 "*) ;; *) return 0 ;; esac
+          local name=$1; shift; echo "-- sweep $name"
+          "${limit[@]}" "$PY" -m ollm_triton.run -m "${common[@]}" hydra.sweep.dir="$root/$name" "$@" || exit 1; }
     # attention backends: prefill and decode follow the backend's pattern
-    q hydra.sweep.dir="$root/attention_dense" +attention=sdpa,flash,multiscale,adaptive
-    q hydra.sweep.dir="$root/attention_window" +attention=sliding_window attention.window=256,1024 attention.sink=4
-    q hydra.sweep.dir="$root/attention_sparse" +attention=sparse attention.block_size=64 \
-      attention.pattern=local,strided,bigbird attention.density=0.25,0.5
+    q attention_dense +attention=sdpa,flash,multiscale,adaptive
+    q attention_window +attention=sliding_window attention.window=$windows attention.sink=4
+    q attention_sparse +attention=sparse attention.block_size=64 attention.pattern=local,strided,bigbird \
+      attention.density=0.25,0.5
     # KV codecs: perplexity fed in chunks of 16 tokens, so every token attends over the codec's stored K/V
-    q task.perplexity.chunk=16 hydra.sweep.dir="$root/cache_quant" +cache=dense,int8,int4,int2,cluster
-    q task.perplexity.chunk=16 hydra.sweep.dir="$root/cache_evict" +cache=streaming,h2o,snapkv \
-      cache.ratio=0.5,0.25,0.125
-    rc=0; echo "tables: $PY experiments/quality_tables.py $root" ;;
+    q cache_quant task.perplexity.chunk=16 +cache=dense,int8,int4,int2,cluster
+    q cache_evict task.perplexity.chunk=16 +cache=streaming,h2o,snapkv cache.ratio=0.5,0.25,0.125
+    rc=0; echo "tables: $PY $tables $root" ;;
   retrain)
     [ -f .carry3/stdlib.tgz ] || { echo "retrain needs .carry3/stdlib.tgz (the corpus)" >&2; exit 2; }
     mkdir -p /tmp/stdlib && tar xzf .carry3/stdlib.tgz -C /tmp/stdlib
@@ -121,11 +135,23 @@ P
     [ -n "$best" ] && tar czf /tmp/best.tgz -C "/tmp/v$best" tiny-llama tiny-llama-draft \
       && split -b 15M /tmp/best.tgz "$OUT/best_$best.tgz.part_"
     rc=$? ;;
+  train_long)
+    ctx="${1:-16384}"; shift || true
+    [ -f .carry3/stdlib.tgz ] || { echo "train_long needs .carry3/stdlib.tgz (the corpus)" >&2; exit 2; }
+    mkdir -p /tmp/stdlib && tar xzf .carry3/stdlib.tgz -C /tmp/stdlib
+    rm -rf /tmp/long && mkdir -p /tmp/long
+    # the shipped corpus (Python 3.11.7's stdlib, same split and eval hash as the shipped models' cards)
+    "${limit[@]}" "$PY" scripts/train_tiny_lm.py --long "$ctx" --corpus-root /tmp/stdlib --corpus-python 3.11.7 \
+      --out /tmp/long --log "$OUT/train_log_$ctx.json" "$@" > "$OUT/train_long_$ctx.txt" 2>&1
+    rc=$?; tail -n 12 "$OUT/train_long_$ctx.txt"
+    # the checkpoints (bf16 safetensors in 15 MB shards, tokenizer, cards) as 15 MB parts: the tool returns 16 MiB files
+    ls /tmp/long/*/config.json > /dev/null 2>&1 && tar czf /tmp/long.tgz -C /tmp/long --exclude=train_log.json . \
+      && split -b 15M /tmp/long.tgz "$OUT/long_$ctx.tgz.part_" && ls -la "$OUT" ;;
   exec)
     "${limit[@]}" "$@"
     rc=$? ;;
   *)
-    echo "unknown <what>: $what" >&2; sed -n '6,23p' "$0" >&2; exit 2 ;;
+    echo "unknown <what>: $what" >&2; sed -n '6,28p' "$0" >&2; exit 2 ;;
 esac
 echo "== $what done: rc=$rc in $(( $(date +%s) - t0 )) s"
 exit "$rc"

@@ -600,16 +600,17 @@ def long_recipe(context: int, shipped: Path) -> dict:
     costs about 6 x 12.6M = 76 MFLOP per token for its matmuls plus 12 x layers x width x context / 2 (causal) =
     226 MFLOP per token for attention at 16384; the shipped run trained at 4096 (132 MFLOP per token) at 450k tokens/s
     on the H200 (59 TFLOP/s achieved, an H100 about as much for a model this small). At ~300 MFLOP per token that is
-    ~200k tokens/s at 16k: 240 s of target training sees ~45M tokens (~690 steps of 64k tokens), the draft ~75 s. The
+    ~200k tokens/s at 16k: 225 s of target training sees ~45M tokens (~690 steps of 64k tokens), the draft ~70 s. The
     step counts come from timing the device (--target-seconds / --draft-seconds); --max-seconds stops both loops and
     saves if the estimate is off, leaving room for evaluation (~60 s) in the call.
 
     Retrieval documents: half the sequences (as in the shipped run) with up to 16 pairs each, spread uniformly over
     the whole sequence, answers weighted 5x."""
+    size = f"{context // 1024}k" if context % 1024 == 0 else str(context)  # tiny-llama-16k
     return dict(init=str(shipped / "tiny-llama"), init_draft=str(shipped / "tiny-llama-draft"), context=context,
                 short_context=4096, short_frac=0.2, rope_theta=1e6, lr=5e-4, batch_tokens=65536,
-                target_seconds=240.0, draft_seconds=75.0, max_seconds=360.0, retrieval_frac=0.5, max_needles=16,
-                names=f"tiny-llama-{context // 1024}k,tiny-llama-{context // 1024}k-draft",
+                target_seconds=225.0, draft_seconds=70.0, max_seconds=330.0, retrieval_frac=0.5, max_needles=16,
+                names=f"tiny-llama-{size},tiny-llama-{size}-draft",
                 passkey_lengths=",".join(str(n) for n in (4096, context // 2, context, 2 * context)),
                 passkey_samples=20, eval_tokens=400_000)
 

@@ -1,6 +1,7 @@
 """scripts/train_tiny_lm.py's long-context continuation at toy sizes on the CPU: --init carries the checkpoint's
 weights into a model whose config and rotary frequencies use the new RoPE base and context, --max-seconds stops both
-loops and still saves, and scripts/make_model_card.py writes the cards from the log alone."""
+loops and still saves, and scripts/make_model_card.py writes the cards from the log alone; the quality_long preset
+composes onto the long model at 8k-32k and onto the shipped model at short lengths under debug=smoke."""
 
 import json
 import shutil
@@ -89,3 +90,19 @@ def test_init_with_another_vocabulary_is_refused(inits, tmp_path):
     with pytest.raises(ValueError, match="--init model has vocab 8192, the tokenizer 3"):
         train_tiny_lm.main([*TOY, "--init", str(inits / "t"), "--tokenizer", str(tmp_path / "tok.json"),
                             "--target-steps", "1", "--out", str(tmp_path)])
+
+
+def test_quality_long_preset_measures_the_long_model_at_8k_to_32k_and_smoke_shrinks_it():
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from ollm_triton.run import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        full, smoke = (OmegaConf.to_container(compose(config_name="config", overrides=o), resolve=True) for o in (
+            ["+experiment=quality_long", "+cache=int4"], ["+experiment=quality_long", "+cache=int4", "debug=smoke"]))
+    assert full["model"]["source"] == "embedded:tiny-llama-16k" and smoke["model"]["source"] == "embedded:tiny-llama"
+    assert list(full["task"]) == list(smoke["task"]) == ["perplexity", "passkey", "multikey"]
+    for task in ("passkey", "multikey"):
+        assert full["task"][task]["lengths"] == [8192, 16384, 32768] and max(smoke["task"][task]["lengths"]) <= 320
+    assert full["task"]["perplexity"]["max_length"] == 16384 and full["task"]["multikey"]["num_pairs"] == 16
