@@ -85,7 +85,10 @@ def _dequantize_fp8_kernel(codes_ptr, scales_ptr, index_ptr, out_ptr, n, codes_s
                            HAS_INDEX: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
     i_n = tl.program_id(0)
     i_r = tl.program_id(1)  # the staged row; it lands in out row index[i_r] (its cache slot), or i_r
-    dst = tl.load(index_ptr + i_r).to(tl.int64) if HAS_INDEX else i_r.to(tl.int64)
+    if HAS_INDEX:
+        dst = tl.load(index_ptr + i_r).to(tl.int64)
+    else:
+        dst = i_r.to(tl.int64)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < n
     b_codes = tl.load(codes_ptr + i_r.to(tl.int64) * codes_stride + o_n, mask=m_n, other=0.0).to(tl.float32)
