@@ -52,6 +52,7 @@ from ollm_triton.data.corpus import DOC_SEPARATOR, build_corpus, load_corpus  # 
 from ollm_triton.data.retrieval import (  # noqa: E402
     FillerStream,
     extract_answer,
+    make_multikey_doc,
     make_retrieval_doc,
     make_training_doc,
 )
@@ -379,12 +380,14 @@ def greedy(model, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
 
 
 def passkey(model, tok, filler: FillerStream, lengths: list[int], samples: int, seed: int, device,
-            max_new_tokens: int = 10, batch: int = 8) -> dict:
-    """Accuracy by length; sample i of a length puts the needle at depth (i + 0.5) / samples."""
+            max_new_tokens: int = 10, batch: int = 8, pairs: int = 0) -> dict:
+    """Accuracy by length; sample i of a length asks for the needle at depth (i + 0.5) / samples. pairs > 0: the
+    multi-key documents of the `multikey` task (that many confusable pairs spread evenly, one asked)."""
     rng = random.Random(seed)
     by_length, by_depth = {}, {}
     for length in lengths:
-        docs = [make_retrieval_doc(tok, filler, length, rng, depth=(i + 0.5) / samples) for i in range(samples)]
+        docs = [make_multikey_doc(tok, filler, length, rng, depth=(i + 0.5) / samples, num_pairs=pairs) if pairs
+                else make_retrieval_doc(tok, filler, length, rng, depth=(i + 0.5) / samples) for i in range(samples)]
         correct = []
         for i in range(0, samples, batch):
             chunk = docs[i:i + batch]
@@ -396,7 +399,7 @@ def passkey(model, tok, filler: FillerStream, lengths: list[int], samples: int, 
                 bucket = f"{min(int(d.depth * 5), 4) / 5:.1f}"  # depth buckets 0.0, 0.2, ..., 0.8
                 by_depth.setdefault(bucket, []).append(ok)
         by_length[str(length)] = sum(correct) / len(correct)
-        print(f"[passkey] length {length}: {by_length[str(length)]:.3f}", flush=True)
+        print(f"[{'multikey' if pairs else 'passkey'}] length {length}: {by_length[str(length)]:.3f}", flush=True)
     return {"by_length": by_length, "by_depth": {k: sum(v) / len(v) for k, v in sorted(by_depth.items())},
             "samples_per_length": samples}
 
@@ -512,6 +515,20 @@ def write_card(folder: Path, name: str, log: dict, role: str) -> None:
         "context." if role == "target" else "The draft is not expected to retrieve: it proposes tokens for "
         "speculative decoding, where the target verifies them.",
         "",
+    ]
+    if "multikey" in ev:
+        mk = ev["multikey"]
+        lines += [
+            f"Multi-key retrieval ({mk['pairs']} key-value pairs spread evenly through held-out filler, keys in pairs "
+            f"that share their first word, one asked; greedy, exact match; {mk['samples_per_length']} samples per "
+            "length, the asked pair's depth spread over 0..1; the `multikey` task's documents):",
+            "",
+            "| length | " + " | ".join(mk["by_length"]) + " |",
+            "| --- | " + " | ".join("---" for _ in mk["by_length"]) + " |",
+            "| accuracy | " + " | ".join(f"{v:.0%}" for v in mk["by_length"].values()) + " |",
+            "",
+        ]
+    lines += [
         *(["## Notes", "", log["card_note"].strip(), ""] if log.get("card_note") else []),
         "## Data and license",
         "",
@@ -571,6 +588,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "and tokenizer; --target is ignored)")
     p.add_argument("--init-draft", default=None, help="continue the draft from this checkpoint folder")
     p.add_argument("--max-needles", type=int, default=6, help="most key-value pairs in one retrieval document")
+    p.add_argument("--multikey-pairs", type=int, default=0, help="also evaluate multi-key retrieval with this many "
+                   "pairs per document at the passkey lengths (target only; 0: skip)")
     p.add_argument("--max-seconds", type=float, default=0.0, help="wall-clock budget from the start to the end of "
                    "training: both loops stop cleanly and save (0: none); evaluation comes after it")
     p.add_argument("--long", type=int, default=0, help="the long-context recipe at this context (e.g. 16384): "
@@ -610,6 +629,7 @@ def long_recipe(context: int, shipped: Path) -> dict:
     return dict(init=str(shipped / "tiny-llama"), init_draft=str(shipped / "tiny-llama-draft"), context=context,
                 short_context=4096, short_frac=0.2, rope_theta=1e6, lr=5e-4, batch_tokens=65536,
                 target_seconds=225.0, draft_seconds=70.0, max_seconds=330.0, retrieval_frac=0.5, max_needles=16,
+                multikey_pairs=16,
                 names=f"tiny-llama-{size},tiny-llama-{size}-draft",
                 passkey_lengths=",".join(str(n) for n in (4096, context // 2, context, 2 * context)),
                 passkey_samples=20, eval_tokens=400_000)
@@ -801,6 +821,10 @@ def evaluate_both(args, device, tok, eval_stream: np.ndarray, target_dir: Path, 
         print(f"[{name}] held-out ppl {ev['perplexity']['ppl']:.3f}", flush=True)
         ev["passkey"] = passkey(model, tok, eval_filler, lengths, args.passkey_samples, args.seed + 7, device,
                                 batch=batch)
+        if args.multikey_pairs and name == "target":
+            ev["multikey"] = passkey(model, tok, eval_filler, lengths, args.passkey_samples, args.seed + 8, device,
+                                     batch=batch, pairs=args.multikey_pairs)
+            ev["multikey"]["pairs"] = args.multikey_pairs
         if name == "draft":
             ev["agreement"] = agreement(target, draft, eval_stream, context, args.eval_tokens, device, batch)
             print(f"[draft] agreement {ev['agreement']['agreement']:.3f}", flush=True)
@@ -819,6 +843,8 @@ def summary(log: dict) -> str:
     for name in ("target", "draft"):
         m = log[name]
         pk = " ".join(f"{k}:{v:.0%}" for k, v in m["eval"]["passkey"]["by_length"].items())
+        if "multikey" in m["eval"]:
+            pk += " / multikey " + " ".join(f"{k}:{v:.0%}" for k, v in m["eval"]["multikey"]["by_length"].items())
         agree = f"{m['eval']['agreement']['agreement']:.1%}" if "agreement" in m["eval"] else "-"
         rows.append(f"| {name} | {m['params']:,} | {m['training']['steps']} | {m['training']['tokens_seen']:,} | "
                     f"{m['training']['train_seconds']:.0f} | {m['eval']['perplexity']['ppl']:.2f} | {pk} | {agree} |")

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.skipif(not TOKENIZER.is_file(), reason="embedded tokeni
 
 TOY = ["--smoke", "--context", "128", "--short-context", "64", "--short-frac", "0.5", "--batch-tokens", "256",
        "--max-docs", "3", "--max-eval-docs", "1", "--eval-tokens", "256", "--passkey-lengths", "128",
-       "--passkey-samples", "1", "--max-needles", "2", "--rope-theta", "1e6", "--names", "long,long-draft"]
+       "--passkey-samples", "1", "--max-needles", "2", "--multikey-pairs", "2", "--rope-theta", "1e6",
+       "--names", "long,long-draft"]
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +68,8 @@ def test_init_continues_the_weights_with_the_new_rope_base_and_a_card_from_the_l
     assert "continued from `t` (trained at context 64, RoPE base 10000) with the RoPE base raised to 1e+06" in card
     assert "| trained context / RoPE theta | 128 / 1e+06 |" in card and "1 to 2 key-value pairs" in card
     assert f"**{log['target']['eval']['perplexity']['ppl']:.2f}**" in card and "TODO" not in card
+    assert "Multi-key retrieval (2 key-value pairs" in card and set(log["target"]["eval"]["multikey"]["by_length"]) == {
+        "128"} and "multikey" not in log["draft"]["eval"]
 
 
 def test_max_seconds_stops_both_loops_and_saves(inits, tmp_path):
