@@ -628,7 +628,7 @@ def long_recipe(context: int, shipped: Path) -> dict:
     size = f"{context // 1024}k" if context % 1024 == 0 else str(context)  # tiny-llama-16k
     return dict(init=str(shipped / "tiny-llama"), init_draft=str(shipped / "tiny-llama-draft"), context=context,
                 short_context=4096, short_frac=0.2, rope_theta=1e6, lr=5e-4, batch_tokens=65536,
-                target_seconds=225.0, draft_seconds=70.0, max_seconds=330.0, retrieval_frac=0.5, max_needles=16,
+                target_seconds=225.0, draft_seconds=70.0, max_seconds=345.0, retrieval_frac=0.5, max_needles=16,
                 multikey_pairs=16,
                 names=f"tiny-llama-{size},tiny-llama-{size}-draft",
                 passkey_lengths=",".join(str(n) for n in (4096, context // 2, context, 2 * context)),
