@@ -15,7 +15,8 @@
 #                             tables: python experiments/quality_tables.py ROOT
 #   quality_long [ROOT [SWEEP...]]  the same sweeps with +experiment=quality_long (8k-32k on tiny-llama-16k, passkey
 #                             and multikey); SWEEP picks some of attention_dense attention_window attention_sparse
-#                             cache_quant cache_evict (default all); tables: python scripts/quality_long_tables.py ROOT
+#                             cache_quant cache_evict (default all); ROOT archived as $OUT/<tag>.tgz;
+#                             tables: python scripts/quality_long_tables.py ROOT
 #   retrain                   retrain the embedded tiny-llama + draft, two variants side by side; needs
 #                             .carry3/stdlib.tgz (Python 3.11.7's stdlib *.py, the training corpus)
 #                                                                                    -> $OUT/best_*.tgz.part_*
@@ -35,7 +36,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 what="${1:-}"
-[ -n "$what" ] || { sed -n '2,33p' "$0"; exit 2; }
+[ -n "$what" ] || { sed -n '2,34p' "$0"; exit 2; }
 shift
 PY="${PYTHON:-python3}"
 OUT="${OUT:-outputs/device_run}"
@@ -96,7 +97,10 @@ case "$what" in
     fi
     q() { case "$only" in *" $1 "*) ;; *) return 0 ;; esac
           local name=$1; shift; echo "-- sweep $name"
-          "${limit[@]}" "$PY" -m ollm_triton.run -m "${common[@]}" hydra.sweep.dir="$root/$name" "$@" || exit 1; }
+          # QUALITY_EXTRA: more overrides for every sweep (e.g. debug=smoke); a failed job is a row, the sweeps go on
+          "${limit[@]}" "$PY" -m ollm_triton.run -m "${common[@]}" hydra.sweep.dir="$root/$name" "$@" \
+            ${QUALITY_EXTRA:-} || failed=1; }
+    failed=0
     # attention backends: prefill and decode follow the backend's pattern
     q attention_dense +attention=sdpa,flash,multiscale,adaptive
     q attention_window +attention=sliding_window attention.window=$windows attention.sink=4
@@ -105,7 +109,9 @@ case "$what" in
     # KV codecs: perplexity fed in chunks of 16 tokens, so every token attends over the codec's stored K/V
     q cache_quant task.perplexity.chunk=16 +cache=dense,int8,int4,int2,cluster
     q cache_evict task.perplexity.chunk=16 +cache=streaming,h2o,snapkv cache.ratio=0.5,0.25,0.125
-    rc=0; echo "tables: $PY $tables $root" ;;
+    # the device tool returns at most 8 files: the sweeps' run folders as one archive
+    [ "$what" = quality_long ] && tar czf "$OUT/$TAG.tgz" -C "$root" . && ls -la "$OUT/$TAG.tgz"
+    rc=$failed; echo "tables: $PY $tables $root" ;;
   retrain)
     [ -f .carry3/stdlib.tgz ] || { echo "retrain needs .carry3/stdlib.tgz (the corpus)" >&2; exit 2; }
     mkdir -p /tmp/stdlib && tar xzf .carry3/stdlib.tgz -C /tmp/stdlib
@@ -151,7 +157,7 @@ P
     "${limit[@]}" "$@"
     rc=$? ;;
   *)
-    echo "unknown <what>: $what" >&2; sed -n '6,28p' "$0" >&2; exit 2 ;;
+    echo "unknown <what>: $what" >&2; sed -n '6,29p' "$0" >&2; exit 2 ;;
 esac
 echo "== $what done: rc=$rc in $(( $(date +%s) - t0 )) s"
 exit "$rc"
