@@ -159,7 +159,7 @@ def test_help_teaches_appending_plugin_groups():
     assert "APPENDED with a leading +" in out and "`cache=int4` without + fails" in out
     assert "python -m ollm_triton.plugins" in out
     assert "cache: cluster, dense, h2o" in out and "attention: adaptive, flash" in out  # groups and their options
-    assert "task: idle, memory, passkey, perplexity, throughput" in out
+    assert "task: idle, memory, multikey, passkey, perplexity, throughput" in out
     assert "Powered by Hydra" not in out  # our help, not Hydra's default
 
 
