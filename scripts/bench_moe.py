@@ -333,24 +333,23 @@ def step_rows(args, bw: float) -> tuple[list[dict], dict]:
             traceback.print_exc()
             rows.append(dict(row=name, note=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"))
 
+    def decode_row(name, decoder, ref):
+        """The runner's way of counting a decoder: its first step's logits against `ref`, then two generations (the
+        second warm), decode ms a target forward."""
+        got = first_step_logits(decoder, ids)
+        c = [decoder.generate(ids, new) for _ in range(2)][-1].counters
+        row(name, c["decode_s"] / max(c["target_forwards"] - 1, 1) * 1e3, logits_rel_l2_vs_eager=rel_l2(got, ref))
+
     fd = engine.fast_decoder()
     with torch.inference_mode():
         # 1. the runner's path: FastDecoder.generate (prefill, capture once, then the decode timer); the second run
         # is warm
         ref = eager_first_step_logits(engine, ids)
-        got = first_step_logits(fd, ids)
-        gens = [fd.generate(ids, new) for _ in range(2)]
-        c = gens[-1].counters
-        decode_ms = c["decode_s"] / max(c["target_forwards"] - 1, 1) * 1e3
-        row(f"runner's path: {fd.mode} step (decode tok/s as the runner counts it)", decode_ms,
-            logits_rel_l2_vs_eager=rel_l2(got, ref))
+        decode_row(f"runner's path: {fd.mode} step (decode tok/s as the runner counts it)", fd, ref)
 
         def other_path():  # the whole step with windows and sinks (issue 18) beside the piecewise one, both ways
             other = FastDecoder(engine, capture=DEV.type == "cuda", use_kernels=fd.kernels, piecewise=not fd.piecewise)
-            got = first_step_logits(other, ids)
-            c = [other.generate(ids, new) for _ in range(2)][-1].counters
-            row(f"the other path: {other.mode} step", c["decode_s"] / max(c["target_forwards"] - 1, 1) * 1e3,
-                logits_rel_l2_vs_eager=rel_l2(got, ref))
+            decode_row(f"the other path: {other.mode} step", other, ref)
             other.close()
 
         guarded("the other path", other_path)
@@ -412,13 +411,8 @@ def step_rows(args, bw: float) -> tuple[list[dict], dict]:
                 for layer in layers:
                     layer.self_attn.window, layer.self_attn.sinks = 0, None
                 whole = FastDecoder(engine, capture=DEV.type == "cuda", use_kernels=fd.kernels)
-                ref = eager_first_step_logits(engine, ids)
-                got = first_step_logits(whole, ids)
-                gens = [whole.generate(ids, new) for _ in range(2)]
-                c = gens[-1].counters
-                ms = c["decode_s"] / max(c["target_forwards"] - 1, 1) * 1e3
-                row(f"PROJECTION: whole {whole.mode} step, windows and sinks off (not gpt-oss's attention)", ms,
-                    logits_rel_l2_vs_eager=rel_l2(got, ref))
+                decode_row(f"PROJECTION: whole {whole.mode} step, windows and sinks off (not gpt-oss's attention)",
+                           whole, eager_first_step_logits(engine, ids))
                 whole.close()
             finally:
                 for layer, (window, sinks) in zip(layers, saved, strict=True):
