@@ -19,6 +19,9 @@ not copies of it: `kernels` runs the fused Triton RMSNorm(+residual), RoPE and S
 points are the eager ops', so results agree to the reduction order), `linear` is the weight matmul (the static
 decode step passes the one-shot GEMV), and a layer whose q/k/v (gate/up) weights were concatenated into one matrix
 (`qkv_weight`, `gate_up_weight`, engine/fast_decode.py `fuse_projections`) runs one matmul instead of three (two).
+`norm_linear` folds a norm into the fused matmul that reads it (the residual add, RMSNorm and q/k/v, gate/up or LM
+head matmul in one kernel: kernels/gemv.py `decode_add_norm_linear`, the static decode step's option at one row);
+where it declines the shapes, the norm and the matmul run apart, so every path keeps this one structure.
 A new MLP or mixer (linear attention) is one module here: the mixture of experts is engine/moe.py's `MoE`, which
 layer i runs in place of the dense MLP when the config says so (`ModelConfig.is_moe_layer`).
 """
@@ -40,6 +43,9 @@ from ollm_triton.kernels.norm import rmsnorm
 
 FUSED_PATH = "triton:rmsnorm+residual,rope,silu_mul"
 Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+# (delta | None, residual, norm weight, eps, norm offset, W, b | None) -> (norm(residual + delta) W^T + b,
+# residual + delta), or None when it does not take these shapes
+NormLinear = Callable[..., tuple[torch.Tensor, torch.Tensor] | None]
 
 
 class Mixer(Protocol):
@@ -94,6 +100,20 @@ def add_norm(delta: torch.Tensor | None, residual: torch.Tensor, norm: RMSNorm,
     return norm(residual), residual
 
 
+def add_norm_project(delta: torch.Tensor | None, residual: torch.Tensor, norm: RMSNorm, kernels: bool,
+                     norm_linear: NormLinear | None = None, weight: tuple | None = None,
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """add_norm, with the matmul that reads the normed row folded in when it can be: (normed, None, residual) as
+    add_norm gives them, or (None, norm(residual + delta) W^T + b, residual) when the step has a `norm_linear`
+    that takes these shapes. weight: (W, b) of that matmul, None when the reader is not one matmul."""
+    if norm_linear is not None and weight is not None:
+        folded = norm_linear(delta, residual, norm.weight, norm.eps, norm.offset, *weight)
+        if folded is not None:
+            return None, *folded
+    normed, residual = add_norm(delta, residual, norm, kernels)
+    return normed, None, residual
+
+
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """cos, sin: [..., D] in `dtype` for absolute `positions` [...] (angles computed in float32).
 
@@ -130,14 +150,22 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def project(self, x: torch.Tensor, kernels: bool, linear: Linear) -> tuple[torch.Tensor, ...]:
+    def fused_input(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(W, b) of the one matmul that reads the normed input (the fused q/k/v), None when there are three."""
+        return (self.qkv_weight, self.qkv_bias) if self.qkv_weight is not None else None
+
+    def project(self, x: torch.Tensor | None, kernels: bool, linear: Linear,
+                qkv: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """x: [B, T, hidden] -> token-major q [B, T, Hq, D], k, v [B, T, Hkv, D] (q/k-normed for qwen3) and the
-        output gate [B, T, Hq * D] (None unless `output_gate`)."""
-        b, t, _ = x.shape
+        output gate [B, T, Hq * D] (None unless `output_gate`). qkv: the fused projection when it was computed with
+        the norm folded in (x is then None)."""
+        b, t = (x if qkv is None else qkv).shape[:2]
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         gate = None
-        if self.qkv_weight is not None:
-            q, k, v = linear(x, self.qkv_weight, self.qkv_bias).split((hq * d, hkv * d, hkv * d), dim=-1)
+        if qkv is None and self.qkv_weight is not None:
+            qkv = linear(x, self.qkv_weight, self.qkv_bias)
+        if qkv is not None:
+            q, k, v = qkv.split((hq * d, hkv * d, hkv * d), dim=-1)
         else:
             q, k, v = (linear(x, p.weight, p.bias) for p in (self.q_proj, self.k_proj, self.v_proj))
         if self.output_gate:
@@ -186,9 +214,18 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(h, m, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(m, h, bias=cfg.mlp_bias)
 
-    def forward(self, x: torch.Tensor, kernels: bool, linear: Linear) -> torch.Tensor:
-        if self.gate_up_weight is not None:
-            gate, up = linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
+    def fused_input(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(W, b) of the one matmul that reads the normed input (the fused gate/up), None when there are two."""
+        return (self.gate_up_weight, self.gate_up_bias) if self.gate_up_weight is not None else None
+
+    def forward(self, x: torch.Tensor | None, kernels: bool, linear: Linear,
+                gate_up: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, T, hidden] -> [B, T, hidden]; gate_up: the fused gate/up projection when it was computed with the
+        norm folded in (x is then None)."""
+        if gate_up is None and self.gate_up_weight is not None:
+            gate_up = linear(x, self.gate_up_weight, self.gate_up_bias)
+        if gate_up is not None:
+            gate, up = gate_up.chunk(2, dim=-1)
         else:
             gate = linear(x, self.gate_proj.weight, self.gate_proj.bias)
             up = linear(x, self.up_proj.weight, self.up_proj.bias)
@@ -217,16 +254,24 @@ class DecoderLayer(nn.Module):
         self.mlp = make_mlp(cfg, index)
 
     def forward(self, i: int, delta: torch.Tensor | None, residual: torch.Tensor, mixer: Mixer, kernels: bool,
-                linear: Linear) -> tuple[torch.Tensor, torch.Tensor]:
+                linear: Linear, norm_linear: NormLinear | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoder layer: (delta, residual) in, (this layer's MLP output, the residual stream before it) out;
-        the previous layer's delta is added into the residual inside this layer's first norm."""
-        normed, residual = add_norm(delta, residual, self.input_layernorm, kernels)
-        if hasattr(self, "linear_attn"):
+        the previous layer's delta is added into the residual inside this layer's first norm (with `norm_linear`,
+        norm and add inside the q/k/v and gate/up matmuls where the shapes allow)."""
+        attn = getattr(self, "self_attn", None)
+        fold = attn.fused_input() if attn is not None and norm_linear is not None else None
+        normed, qkv, residual = add_norm_project(delta, residual, self.input_layernorm, kernels, norm_linear, fold)
+        if attn is None:
             delta = self.linear_attn(normed, mixer.state(i), linear)
         else:
-            q, k, v, gate = self.self_attn.project(normed, kernels, linear)
-            delta = self.self_attn.output(mixer(i, q, k, v, **self.self_attn.mixer_kwargs()), linear, gate)
-        normed, residual = add_norm(delta, residual, self.post_attention_layernorm, kernels)
+            q, k, v, gate = attn.project(normed, kernels, linear, qkv)
+            delta = attn.output(mixer(i, q, k, v, **attn.mixer_kwargs()), linear, gate)
+        dense = isinstance(self.mlp, MLP)  # a MoE routes the normed row: nothing to fold into
+        fold = self.mlp.fused_input() if dense and norm_linear is not None else None
+        normed, gate_up, residual = add_norm_project(delta, residual, self.post_attention_layernorm, kernels,
+                                                     norm_linear, fold)
+        if gate_up is not None:
+            return self.mlp(None, kernels, linear, gate_up), residual
         return self.mlp(normed, kernels, linear), residual
 
 
@@ -260,21 +305,24 @@ class CausalLM(nn.Module):
         *,
         kernels: bool = False,
         linear: Linear = F.linear,
+        norm_linear: NormLinear | None = None,
         hooks: LayerHooks | None = None,
         num_layers: int | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:
         """The model step (see the module docstring). ids: [B, T] -> logits [B, T, V] in the model dtype ([B, 1, V]
-        with `last_only`). `num_layers` runs the first layers only, then the final norm and head (early exit)."""
+        with `last_only`). `num_layers` runs the first layers only, then the final norm and head (early exit).
+        norm_linear: the folded norm + matmul (kernels/gemv.py `decode_add_norm_linear`), None to keep them apart."""
         layers = self.model.layers if num_layers is None else self.model.layers[:num_layers]
         residual, delta = self.model.embed_tokens(ids), None
         for i, layer in enumerate(layers):
             if hooks is not None:
                 hooks.before_layer(i)
-            delta, residual = layer(i, delta, residual, mixer, kernels, linear)
+            delta, residual = layer(i, delta, residual, mixer, kernels, linear, norm_linear)
             if hooks is not None:
                 hooks.after_layer(i)
         if last_only:
             residual, delta = residual[:, -1:], delta[:, -1:] if delta is not None else None
-        normed, _ = add_norm(delta, residual, self.model.norm, kernels)
-        return linear(normed, self.lm_head.weight, self.lm_head.bias)
+        head = (self.lm_head.weight, self.lm_head.bias) if norm_linear is not None else None
+        normed, logits, _ = add_norm_project(delta, residual, self.model.norm, kernels, norm_linear, head)
+        return logits if logits is not None else linear(normed, self.lm_head.weight, self.lm_head.bias)

@@ -13,6 +13,19 @@ steps of 512-2048 lost to cuBLAS by 30-50% and was removed.
 `decode_linear` is what the fast decode step calls: this kernel for one row on a GPU when a row of W fits in a
 program's registers, `F.linear` otherwise. The choice depends only on shapes and device, never on timing, so the
 captured step and its uncaptured twin run the same kernels and round the same way.
+
+`add_rmsnorm_gemv` folds the RMSNorm before a matmul (and the residual add before the norm) into the GEMV's
+prologue: y = norm(residual + delta) W^T (+ b), and residual + delta. Every program loads the whole input row
+(K <= MAX_K, served from L2 after the first program), adds the delta, takes the rms, scales by the norm weight and
+dots the result with its weight rows; program 0 writes the new residual stream (into a fresh buffer: the others
+are still reading the old one). At batch-1 decode this removes the norm kernel before q/k/v, before gate/up and
+before the LM head (65 launches of ~1.9 us on the H200 for llama3_8b, experiments/engine/README.md section 6).
+What it costs: every program repeats the norm (~10 instructions an input element), so a program holds
+FOLD_BLOCK_N weight rows to share it; with one row a program the LM head's 128,256 programs would issue about as
+many instructions as its weight stream takes to arrive. Rounding follows engine.model.RMSNorm, as kernels/norm.py
+does, so the fold changes only the reduction order of the mean against the unfolded norm + GEMV.
+`decode_add_norm_linear` is the fast step's entry: the fold when the shapes fit, None otherwise (the caller then
+runs the norm and the matmul apart).
 """
 
 # No `from __future__ import annotations`: kept like the other kernel modules (custom ops read annotations).
@@ -24,6 +37,10 @@ import triton.language as tl
 MAX_K = 16384  # one program holds BLOCK_N rows of K weights in registers: 16384 bf16 over 128 threads is 64 regs
 BLOCK_N = 1  # rows a program; 1 was the fastest of 1, 2, 4 and 8 at three of the four llama3_8b shapes
 NUM_WARPS = 4
+# the folded norm's programs: rows a program and warps (an estimate of issue cost, not yet timed on a GPU:
+# experiments/profile/fast_step_profile.py --fold-kernels times 1-8 rows against the norm kernel + GEMV)
+FOLD_BLOCK_N = 4
+FOLD_NUM_WARPS = 8
 
 
 @triton.jit
@@ -36,6 +53,39 @@ def _gemv_kernel(X, W, B, Y, N, K, stride_wn, HAS_BIAS: tl.constexpr, BLOCK_N: t
     b_w = tl.load(W + o_n[:, None].to(tl.int64) * stride_wn + o_k[None, :], mask=m_n[:, None] & m_k[None, :],
                   other=0.0)
     b_x = tl.load(X + o_k, mask=m_k, other=0.0)
+    b_y = tl.sum(b_w.to(tl.float32) * b_x.to(tl.float32)[None, :], 1)
+    if HAS_BIAS:
+        b_y += tl.load(B + o_n, mask=m_n, other=0.0).to(tl.float32)
+    tl.store(Y + o_n, b_y.to(Y.dtype.element_ty), mask=m_n)
+
+
+@triton.jit
+def _add_rmsnorm_gemv_kernel(D, R, G, W, B, Y, S, N, K, stride_wn, eps, offset, HAS_DELTA: tl.constexpr,
+                             HAS_BIAS: tl.constexpr, OFFSET: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr):
+    i_n = tl.program_id(0)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    o_k = tl.arange(0, BLOCK_K)
+    m_k = o_k < K
+    # the weight rows first: their HBM stream is in flight while the prologue reads the L2-resident row
+    b_w = tl.load(W + o_n[:, None].to(tl.int64) * stride_wn + o_k[None, :], mask=m_n[:, None] & m_k[None, :],
+                  other=0.0)
+    b_g = tl.load(G + o_k, mask=m_k, other=0.0).to(tl.float32)
+    b_s = tl.load(R + o_k, mask=m_k, other=0.0)
+    if HAS_DELTA:
+        b_d = tl.load(D + o_k, mask=m_k, other=0.0)
+        # rounded to the stream's dtype before the norm reads it, as the eager `residual + delta` is
+        b_s = (b_s.to(tl.float32) + b_d.to(tl.float32)).to(R.dtype.element_ty)
+        if i_n == 0:  # every program computed the same sum; one writes it (S is not R: the others still read R)
+            tl.store(S + o_k, b_s, mask=m_k)
+    b_s32 = b_s.to(tl.float32)
+    b_rstd = 1.0 / tl.sqrt(tl.sum(b_s32 * b_s32, 0) / K + eps)
+    if OFFSET:  # zero-centred weights: x / rms(x) * (offset + w) in float32, one rounding at the end
+        b_x = (b_s32 * b_rstd * (offset + b_g)).to(W.dtype.element_ty)
+    else:  # rounded before the weight, and after it, as the eager RMSNorm and the unfolded norm kernel
+        b_x = ((b_s32 * b_rstd).to(R.dtype.element_ty).to(tl.float32) * b_g).to(W.dtype.element_ty)
+    # [BLOCK_N, BLOCK_K] * [1, BLOCK_K] -> sum over K -> [BLOCK_N]
     b_y = tl.sum(b_w.to(tl.float32) * b_x.to(tl.float32)[None, :], 1)
     if HAS_BIAS:
         b_y += tl.load(B + o_n, mask=m_n, other=0.0).to(tl.float32)
@@ -67,6 +117,51 @@ def gemv_reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = No
     return y + b.to(compute_dtype) if b is not None else y
 
 
+def add_rmsnorm_gemv(delta: torch.Tensor | None, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                     w: torch.Tensor, b: torch.Tensor | None = None, *, offset: float = 0.0,
+                     block_n: int = FOLD_BLOCK_N, num_warps: int = FOLD_NUM_WARPS, out: torch.Tensor | None = None,
+                     residual_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(residual + delta) w^T + b, residual + delta) for one row, in one kernel.
+
+    delta, residual: [..., K] (one row; delta None: the norm of residual itself, which is returned as is)
+    norm_weight: [K]   w: [N, K] with a contiguous last dim   b: [N] or None   -> y [..., N], residual [..., K]
+    norm: s / rms(s) * norm_weight (offset 0, rounded as engine.model.RMSNorm) or s / rms(s) * (offset +
+    norm_weight) (zero-centred weights). residual_out must not alias residual or delta.
+    """
+    k, n = residual.shape[-1], w.shape[0]
+    if residual.numel() != k or (delta is not None and delta.shape != residual.shape) or norm_weight.shape != (k,) \
+            or w.dim() != 2 or w.shape[1] != k or w.stride(1) != 1 or k > MAX_K or (b is not None and b.shape != (n,)):
+        got = (f"delta {None if delta is None else tuple(delta.shape)}, residual {tuple(residual.shape)}, norm weight "
+               f"{tuple(norm_weight.shape)}, w {tuple(w.shape)}, b {None if b is None else tuple(b.shape)}")
+        raise ValueError(f"add_rmsnorm_gemv takes one row residual [..., K] (delta None or its shape) with K <= "
+                         f"{MAX_K}, norm weight [K], w [N, K] with a contiguous last dim and b [N]; got {got}")
+    r1 = residual.reshape(k).contiguous()
+    d1 = delta.reshape(k).contiguous() if delta is not None else r1
+    if delta is None:
+        s = residual
+    else:
+        s = torch.empty_like(r1) if residual_out is None else residual_out.view(k)
+        if s.data_ptr() in (r1.data_ptr(), d1.data_ptr()):
+            raise ValueError("add_rmsnorm_gemv's residual_out must not alias residual or delta: program 0 writes it "
+                             "while the others read them")
+    y = torch.empty(n, dtype=w.dtype, device=w.device) if out is None else out.view(n)
+    _add_rmsnorm_gemv_kernel[(triton.cdiv(n, block_n),)](
+        d1, r1, norm_weight.contiguous(), w, b if b is not None else w, y, s if delta is not None else r1, n, k,
+        w.stride(0), eps, float(offset), HAS_DELTA=delta is not None, HAS_BIAS=b is not None, OFFSET=bool(offset),
+        BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(k), num_warps=num_warps,
+    )
+    return y.view(*residual.shape[:-1], n), s.view(residual.shape) if delta is not None else residual
+
+
+def add_rmsnorm_gemv_reference(delta: torch.Tensor | None, residual: torch.Tensor, norm_weight: torch.Tensor,
+                               eps: float, w: torch.Tensor, b: torch.Tensor | None = None, *, offset: float = 0.0,
+                               compute_dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fold without intermediate rounding, every step in compute_dtype (float64 for tests)."""
+    s = residual.to(compute_dtype) + (delta.to(compute_dtype) if delta is not None else 0)
+    x = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps) * (offset + norm_weight.to(compute_dtype))
+    return gemv_reference(x, w, b, compute_dtype), s
+
+
 def decode_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear for the fast decode step: the one-shot GEMV for a single row on a GPU, F.linear otherwise."""
     if x.is_cuda and x.numel() == x.shape[-1] and x.shape[-1] <= MAX_K and w.stride(-1) == 1 and w.dtype == x.dtype:
@@ -74,4 +169,21 @@ def decode_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
     return F.linear(x, w, b)
 
 
-__all__ = ["gemv", "gemv_reference", "decode_linear", "MAX_K"]
+
+
+def decode_add_norm_linear(delta: torch.Tensor | None, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                           offset: float, w: torch.Tensor, b: torch.Tensor | None = None,
+                           ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The fast step's folded norm + matmul (engine.model `add_norm_project`): `add_rmsnorm_gemv` when the shapes
+    fit (one row, K <= MAX_K, one dtype for the stream, norm weight and w, w's last dim contiguous), else None and
+    the caller runs the norm and the matmul apart. By shape only, like decode_linear, so captured and uncaptured
+    steps run the same kernels; the device choice is the caller's (FastDecoder.fold_norm)."""
+    k = residual.shape[-1]
+    if residual.numel() != k or k > MAX_K or w.stride(-1) != 1 or not (
+            residual.dtype == norm_weight.dtype == w.dtype) or (delta is not None and delta.dtype != residual.dtype):
+        return None
+    return add_rmsnorm_gemv(delta, residual, norm_weight, eps, w, b, offset=offset)
+
+
+__all__ = ["gemv", "gemv_reference", "decode_linear", "add_rmsnorm_gemv", "add_rmsnorm_gemv_reference",
+           "decode_add_norm_linear", "MAX_K"]
