@@ -10,17 +10,36 @@ fp32 in the exp2 domain; P is cast to the input dtype for the PV product as ever
 
 Multi-scale attention adds "summary keys" (mean-pooled K/V of whole blocks, see attention_multiscale.py): extra
 keys with a per-key rule, visited after the exact tiles in the same online softmax.
+
+Variants of the same kernel (constexpr switches chosen by `PrefillConfig`; every schedule, window, sink, tree and
+summary case runs on each of them, the element rules are per row, so none needs its own path):
+    kv_desc          K/V tiles through host-side tensor descriptors (TMA on sm_90; `triton.tools.tensor_descriptor`,
+                     Triton >= 3.4). The pointer path stays for older GPUs and for views TMA cannot describe.
+                     Summary keys keep pointer loads (a short tail loop, not the hot path).
+    pack_gqa         one program takes the GROUP query heads of one KV head: its M rows are GROUP x (block_m of the
+                     schedule) positions, so a K/V tile is loaded once for the whole group.
+Not here: `tl.range(..., warp_specialize=True)`. Triton 3.6 runs its Hopper warp-specialization pass on such
+loops for sm_90, but compiling this kernel for sm_90 (bundled ptxas, no GPU) left the 8-warp kernel unchanged (no
+warp_specialize region in the TTGIR) and crashed the pass at 4 warps (an MLIR dominance assertion in
+NVGPUWarpSpecialization), with or without the schedule's index load; on sm_100 it needs Triton >= 3.4.
+Nor a counted range for rows whose full tiles are contiguous (no index load per tile): a run-time choice between
+two pipelined loops took 288 KB of shared memory on sm_90 (each loop keeps its own buffers), past the 227 KB limit.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
+
+try:  # host-side TMA descriptors: Triton >= 3.4
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton keeps the pointer path
+    TensorDescriptor = None
 
 from ollm_triton.kernels.attention_schedule import BlockSchedule, window_start
 
@@ -67,41 +86,78 @@ def _online_softmax_step(acc, l_i, m_i, b_s, b_v, qk_scale):
 
 
 @triton.jit
+def _attn_tile(
+    acc, l_i, m_i, b_q, i_k, K, V, base_k, base_v, stride_ks, stride_vs,
+    o_p, o_t, m_t, lo, T, S, sink, qk_scale, TREE, stride_tree,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_TREE: tl.constexpr, DOT_PREC: tl.constexpr, KV_DESC: tl.constexpr,
+):
+    """KV tile i_k of one row of the schedule. base_k/base_v: the head's first row (descriptors) or pointer."""
+    o_n = tl.arange(0, BLOCK_N)
+    o_s = i_k * BLOCK_N + o_n
+    m_s = o_s < S
+    if KV_DESC:
+        # Rows past S belong to the next head (or are zero padding past the view): the scores of those keys are
+        # masked below, and their V rows are zeroed so that non-finite bytes there cannot reach 0 * V.
+        b_k = K.load([base_k + i_k * BLOCK_N, 0])
+        b_v = V.load([base_v + i_k * BLOCK_N, 0])
+        if MASKED:
+            b_v = tl.where(m_s[:, None], b_v, 0.0)
+    else:
+        o_d = tl.arange(0, HEAD_DIM)
+        b_k = tl.load(base_k + o_s[:, None] * stride_ks + o_d[None, :], mask=m_s[:, None], other=0.0)
+        b_v = tl.load(base_v + o_s[:, None] * stride_vs + o_d[None, :], mask=m_s[:, None], other=0.0)
+    b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC)  # [BM, D] @ [D, BN] -> [BM, BN]
+    if MASKED:
+        m_vis = m_s[None, :]
+        if CAUSAL:
+            m_causal = o_s[None, :] <= o_p[:, None]
+            if HAS_TREE:
+                # The trailing T keys follow the tree mask instead of the causal triangle.
+                tail = S - T
+                m_tail = o_s >= tail
+                b_tree = tl.load(TREE + o_t[:, None] * stride_tree + (o_s - tail)[None, :],
+                                 mask=m_t[:, None] & (m_tail & m_s)[None, :], other=0)
+                m_causal = tl.where(m_tail[None, :], b_tree != 0, m_causal)
+            m_vis = m_vis & m_causal
+        if HAS_WINDOW:
+            m_vis = m_vis & ((o_s[None, :] < sink) | (o_s[None, :] >= lo[:, None]))
+        b_qk = tl.where(m_vis, b_qk, float("-inf"))
+    return _online_softmax_step(acc, l_i, m_i, b_qk, b_v, qk_scale)
+
+
+@triton.jit
+def _attn_list(
+    acc, l_i, m_i, b_q, p_list, j_start, j_end, K, V, base_k, base_v, stride_ks, stride_vs,
+    o_p, o_t, m_t, lo, T, S, sink, qk_scale, TREE, stride_tree,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_TREE: tl.constexpr, DOT_PREC: tl.constexpr, KV_DESC: tl.constexpr,
+):
+    """The tiles listed in p_list[j_start:j_end]."""
+    for j in range(j_start, j_end):
+        i_k = tl.load(p_list + j)
+        acc, l_i, m_i = _attn_tile(
+            acc, l_i, m_i, b_q, i_k, K, V, base_k, base_v, stride_ks, stride_vs,
+            o_p, o_t, m_t, lo, T, S, sink, qk_scale, TREE, stride_tree,
+            BLOCK_N, HEAD_DIM, MASKED, CAUSAL, HAS_WINDOW, HAS_TREE, DOT_PREC, KV_DESC)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _attn_tiles(
-    acc, l_i, m_i, b_q, p_list, j_start, j_end, p_k, p_v, stride_ks, stride_vs,
+    acc, l_i, m_i, b_q, p_list, j_start, j_end, K, V, base_k, base_v, stride_ks, stride_vs,
     o_p, o_t, m_t, T, S, window, sink, window_align, qk_scale, TREE, stride_tree,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_TREE: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_TREE: tl.constexpr, DOT_PREC: tl.constexpr, KV_DESC: tl.constexpr,
 ):
-    o_n = tl.arange(0, BLOCK_N)
-    o_d = tl.arange(0, HEAD_DIM)
+    lo = o_p
     if HAS_WINDOW:
         # First key of each row's window; sinks stay visible below it.
         lo = (tl.maximum(o_p - window + 1, 0) // window_align) * window_align
-    for j in range(j_start, j_end):
-        i_k = tl.load(p_list + j)
-        o_s = i_k * BLOCK_N + o_n
-        m_s = o_s < S
-        b_k = tl.load(p_k + o_s[:, None] * stride_ks + o_d[None, :], mask=m_s[:, None], other=0.0)
-        b_v = tl.load(p_v + o_s[:, None] * stride_vs + o_d[None, :], mask=m_s[:, None], other=0.0)
-        b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC)  # [BM, D] @ [D, BN] -> [BM, BN]
-        if MASKED:
-            m_vis = m_s[None, :]
-            if CAUSAL:
-                m_causal = o_s[None, :] <= o_p[:, None]
-                if HAS_TREE:
-                    # The trailing T keys follow the tree mask instead of the causal triangle.
-                    tail = S - T
-                    m_tail = o_s >= tail
-                    b_tree = tl.load(TREE + o_t[:, None] * stride_tree + (o_s - tail)[None, :],
-                                     mask=m_t[:, None] & (m_tail & m_s)[None, :], other=0)
-                    m_causal = tl.where(m_tail[None, :], b_tree != 0, m_causal)
-                m_vis = m_vis & m_causal
-            if HAS_WINDOW:
-                m_vis = m_vis & ((o_s[None, :] < sink) | (o_s[None, :] >= lo[:, None]))
-            b_qk = tl.where(m_vis, b_qk, float("-inf"))
-        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, b_qk, b_v, qk_scale)
-    return acc, l_i, m_i
+    return _attn_list(
+        acc, l_i, m_i, b_q, p_list, j_start, j_end, K, V, base_k, base_v, stride_ks, stride_vs,
+        o_p, o_t, m_t, lo, T, S, sink, qk_scale, TREE, stride_tree,
+        BLOCK_N, HEAD_DIM, MASKED, CAUSAL, HAS_WINDOW, HAS_TREE, DOT_PREC, KV_DESC)
 
 
 @triton.jit(do_not_specialize=["T", "S", "q_offset", "window", "sink", "window_align", "n_sum", "max_visits"])
@@ -112,24 +168,40 @@ def _attn_prefill_kernel(
     stride_tree, Hq, T, S, q_offset, window, sink, window_align, n_sum, max_visits, qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_TREE: tl.constexpr, HAS_SUMMARY: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, KV_DESC: tl.constexpr = False,
+    PACK_GQA: tl.constexpr = False,
 ):
+    """KV_DESC: K and V are 2-D tensor descriptors over rows of D, and stride_k*/stride_v* (b, h) count rows.
+    PACK_GQA: program axis 0 is (batch, KV head) and row r of the tile is head GROUP * kvh + r // POS at the
+    r % POS-th position of schedule tile i_m (POS = BLOCK_M // GROUP = the schedule's block_m)."""
     i_bh = tl.program_id(0)
     # Heaviest (last) query tiles first: under causal masking they have the most KV tiles, so the tail of the
     # grid is made of short programs.
     i_m = tl.num_programs(1) - 1 - tl.program_id(1)
-    i_b = i_bh // Hq
-    i_h = i_bh % Hq
-    i_kvh = i_h // GROUP
-
-    o_p = (q_offset // BLOCK_M + i_m) * BLOCK_M + tl.arange(0, BLOCK_M)  # absolute query positions
+    o_r = tl.arange(0, BLOCK_M)
+    if PACK_GQA:
+        POS: tl.constexpr = BLOCK_M // GROUP
+        n_kvh = Hq // GROUP
+        i_b = i_bh // n_kvh
+        i_kvh = i_bh % n_kvh
+        o_h = i_kvh * GROUP + o_r // POS  # [BM] query head of each row
+        o_p = (q_offset // POS + i_m) * POS + o_r % POS  # absolute query positions
+    else:
+        i_b = i_bh // Hq
+        o_h = i_bh % Hq
+        i_kvh = o_h // GROUP
+        o_p = (q_offset // BLOCK_M + i_m) * BLOCK_M + o_r
     o_t = o_p - q_offset  # query index within this call
     m_t = (o_t >= 0) & (o_t < T)
     o_d = tl.arange(0, HEAD_DIM)
-    p_q = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
-    b_q = tl.load(p_q + o_t[:, None] * stride_qt + o_d[None, :], mask=m_t[:, None], other=0.0)
-    p_k = K + i_b.to(tl.int64) * stride_kb + i_kvh.to(tl.int64) * stride_kh
-    p_v = V + i_b.to(tl.int64) * stride_vb + i_kvh.to(tl.int64) * stride_vh
+    o_q = i_b.to(tl.int64) * stride_qb + o_h.to(tl.int64) * stride_qh + o_t.to(tl.int64) * stride_qt  # [BM]
+    b_q = tl.load(Q + o_q[:, None] + o_d[None, :], mask=m_t[:, None], other=0.0)
+    if KV_DESC:
+        base_k = i_b * stride_kb + i_kvh * stride_kh
+        base_v = i_b * stride_vb + i_kvh * stride_vh
+    else:
+        base_k = K + i_b.to(tl.int64) * stride_kb + i_kvh.to(tl.int64) * stride_kh
+        base_v = V + i_b.to(tl.int64) * stride_vb + i_kvh.to(tl.int64) * stride_vh
 
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     # A finite start keeps exp2(m_old - m_new) at 1 (not NaN) for rows that have seen only masked keys.
@@ -140,13 +212,14 @@ def _attn_prefill_kernel(
     n_full = tl.load(KV_FULL + i_m)
     n_total = tl.load(KV_TOTAL + i_m)
     acc, l_i, m_i = _attn_tiles(
-        acc, l_i, m_i, b_q, p_list, 0, n_full, p_k, p_v, stride_ks, stride_vs,
+        acc, l_i, m_i, b_q, p_list, 0, n_full, K, V, base_k, base_v, stride_ks, stride_vs,
         o_p, o_t, m_t, T, S, window, sink, window_align, qk_scale, TREE, stride_tree,
-        BLOCK_N, HEAD_DIM, False, CAUSAL, HAS_WINDOW, HAS_TREE, DOT_PREC)
+        BLOCK_N, HEAD_DIM, False, CAUSAL, HAS_WINDOW, HAS_TREE, DOT_PREC, KV_DESC)
+    # The boundary tiles (one or two a row for dense causal) are not worth a second specialized pipeline.
     acc, l_i, m_i = _attn_tiles(
-        acc, l_i, m_i, b_q, p_list, n_full, n_total, p_k, p_v, stride_ks, stride_vs,
+        acc, l_i, m_i, b_q, p_list, n_full, n_total, K, V, base_k, base_v, stride_ks, stride_vs,
         o_p, o_t, m_t, T, S, window, sink, window_align, qk_scale, TREE, stride_tree,
-        BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_TREE, DOT_PREC)
+        BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_WINDOW, HAS_TREE, DOT_PREC, KV_DESC)
 
     if HAS_SUMMARY:
         o_n = tl.arange(0, BLOCK_N)
@@ -171,8 +244,8 @@ def _attn_prefill_kernel(
     # A row with no visible key (only possible with an all-False tree row) outputs zeros, like the reference.
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     b_o = acc / l_safe[:, None]
-    p_o = O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
-    tl.store(p_o + o_t[:, None] * stride_ot + o_d[None, :], b_o.to(O.dtype.element_ty), mask=m_t[:, None])
+    o_o = i_b.to(tl.int64) * stride_ob + o_h.to(tl.int64) * stride_oh + o_t.to(tl.int64) * stride_ot  # [BM]
+    tl.store(O + o_o[:, None] + o_d[None, :], b_o.to(O.dtype.element_ty), mask=m_t[:, None])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -181,26 +254,65 @@ def _attn_prefill_kernel(
 
 @dataclass(frozen=True)
 class PrefillConfig:
+    """Tiles, launch and kernel variant of one call. block_m: query positions per schedule tile (with pack_gqa the
+    kernel's M is block_m x the GQA group); the flags are the variants of the module docstring."""
+
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    kv_desc: bool = False
+    pack_gqa: bool = False
 
 
-def prefill_config(head_dim: int, dtype: torch.dtype, q_len: int = 1 << 20) -> PrefillConfig:
-    """Tile sizes for a call. fp16/bf16: 128x128 tiles, 8 warps, 2 stages. Measured on the H200 (bf16, d=128,
-    32/8 heads, causal; experiments/attention/README.md): 425 TFLOP/s at 8k and 438 at 32k, against 369/367 for
-    128x64 tiles with 3 stages (434/449 with 3 stages at 128x128: 229 KB of shared memory, at the limit); on sm_90
-    it compiles to wgmma with 250 registers, no spills, 160 KB of shared memory (aot_compile.py beside the README).
-    fp32 (3xTF32 dots) uses 64x32 tiles; calls of few queries use 64- or 16-row tiles (64 rows with 4 warps
-    spill, with 8 they take 139 registers)."""
+# The long-call candidates that scripts/bench_prefill.py times side by side (bf16/fp16, head_dim 128, sm_90).
+# "base" is the configuration measured on the H200 before these variants existed (425 / 438 TFLOP/s at 8k / 32k,
+# experiments/attention/README.md); the rest are untimed on a GPU when written. pack_gqa entries give block_m per
+# head for a group of 4 (32 x 4 = 128 rows); prefill_config rescales it to the call's group.
+PREFILL_VARIANTS: dict[str, PrefillConfig] = {
+    "base": PrefillConfig(128, 128, 8, 2),
+    "base_s3": PrefillConfig(128, 128, 8, 3),
+    "tma": PrefillConfig(128, 128, 8, 2, kv_desc=True),
+    "tma_s3": PrefillConfig(128, 128, 8, 3, kv_desc=True),
+    "pack": PrefillConfig(32, 128, 8, 2, pack_gqa=True),
+    "pack_tma": PrefillConfig(32, 128, 8, 2, kv_desc=True, pack_gqa=True),
+    "pack_tma_s3": PrefillConfig(32, 128, 8, 3, kv_desc=True, pack_gqa=True),
+}
+# The one edit that picks the winner for long fp16/bf16 calls on sm_90+ (a name in PREFILL_VARIANTS).
+LONG_PREFILL_VARIANT = "base"
+PACKED_ROWS = 128  # kernel M of a packed tile; 256 rows of fp32 accumulator would not fit the register file
+
+
+def prefill_config(head_dim: int, dtype: torch.dtype, q_len: int = 1 << 20, device: torch.device | str | None = None,
+                   group: int = 1) -> PrefillConfig:
+    """Tile sizes and variant for a call. fp16/bf16: 128x128 tiles, 8 warps, 2 stages. Measured on the H200 (bf16,
+    d=128, 32/8 heads, causal; experiments/attention/README.md): 425 TFLOP/s at 8k and 438 at 32k, against 369/367
+    for 128x64 tiles with 3 stages (434/449 with 3 stages at 128x128: 229 KB of shared memory, at the limit); on
+    sm_90 it compiles to wgmma with 250 registers, no spills, 160 KB of shared memory (aot_compile.py beside the
+    README). fp32 (3xTF32 dots) uses 64x32 tiles; calls of few queries use 64- or 16-row tiles (64 rows with 4 warps
+    spill, with 8 they take 139 registers). Long fp16/bf16 calls on a GPU of compute capability >= 9 take
+    LONG_PREFILL_VARIANT (tensor descriptors need sm_90); `group` (query heads per KV head) sizes packed tiles."""
     if dtype == torch.float32:
         return PrefillConfig(64 if q_len > 16 else 16, 32, 4, 2)
     if q_len <= 16:
         return PrefillConfig(16, 64, 4, 3)
     if q_len <= 64:
         return PrefillConfig(64, 64, 8, 3)
-    return PrefillConfig(128, 128, 8, 2)
+    cfg = PREFILL_VARIANTS["base"]
+    if _capability(device) >= 9:
+        cfg = PREFILL_VARIANTS[LONG_PREFILL_VARIANT]
+    if cfg.pack_gqa:
+        if group > 1 and PACKED_ROWS % group == 0:
+            return replace(cfg, block_m=PACKED_ROWS // group)
+        return replace(cfg, block_m=PACKED_ROWS, pack_gqa=False)
+    return cfg
+
+
+def _capability(device) -> int:
+    """Major compute capability of a CUDA device, 0 for anything else (the CPU interpreter)."""
+    if device is None or torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return 0
+    return torch.cuda.get_device_capability(torch.device(device))[0]
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -230,6 +342,27 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _describable(x: torch.Tensor, block_n: int) -> bool:
+    """Whether [B, H, S, D] x is one 2-D TMA descriptor over rows of D: rows equally spaced (head and batch strides
+    multiples of the row stride), 16-byte aligned base and rows, tile dims within TMA's 256."""
+    if TensorDescriptor is None or x.stride(3) != 1 or x.shape[2] < 2:
+        return False
+    rs = x.stride(2)
+    spaced = all(n == 1 or st % rs == 0 for n, st in zip(x.shape[:2], x.stride()[:2], strict=True))
+    return rs > 0 and spaced and (rs * x.element_size()) % 16 == 0 and x.data_ptr() % 16 == 0 \
+        and block_n <= 256 and x.shape[3] <= 256
+
+
+def _row_descriptor(x: torch.Tensor, block_n: int):
+    """A descriptor over the rows x spans (row (b, h, s) = b * sb + h * sh + s) and the row strides (sb, sh)."""
+    b, h, s, d = x.shape
+    rs = x.stride(2)
+    sb = x.stride(0) // rs if b > 1 else 0  # the stride of a size-1 dim is arbitrary and never used
+    sh = x.stride(1) // rs if h > 1 else 0
+    n_rows = (b - 1) * sb + (h - 1) * sh + s
+    return TensorDescriptor(x, [n_rows, d], [rs, 1], [block_n, d]), (sb, sh)
+
+
 def flash_prefill(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -241,12 +374,16 @@ def flash_prefill(
     scale: float | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    config: PrefillConfig | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of q over k, v following `schedule` (built for T = q.shape[2], S = k.shape[2]).
 
     q: [B, Hq, T, D]; k, v: [B, Hkv, S, D]; tree_mask: bool [T, T] if the schedule has tree=True;
     summaries: extra multi-scale keys. Returns [B, Hq, T, D] in q's dtype (or writes `out`).
+    config: the variant to run (default `prefill_config` of the call); its block_m/block_n must be the schedule's.
+    A variant the call cannot take falls back quietly: kv_desc without a describable K/V (or before sm_90),
+    pack_gqa when block_m x group is not 16..128 rows.
     """
     check_qkv(q, k, v)
     b, hq, t, d = q.shape
@@ -267,22 +404,35 @@ def flash_prefill(
     ks = _last_dim_contiguous(summaries.k) if has_sum else k
     vs = _last_dim_contiguous(summaries.v) if has_sum else v
     meta = summaries.meta.to(device=q.device, dtype=torch.int32).contiguous() if has_sum else schedule.kv_total
-    cfg = prefill_config(d, q.dtype, t)
-    if (cfg.block_m, cfg.block_n) != (schedule.block_m, schedule.block_n):  # a schedule built for other tiles
+    group = hq // hkv
+    cfg = config or prefill_config(d, q.dtype, t, q.device, group)
+    if (cfg.block_m, cfg.block_n) != (schedule.block_m, schedule.block_n):
+        if config is not None:
+            raise ValueError(f"config tiles {cfg.block_m}x{cfg.block_n} differ from the schedule's "
+                             f"{schedule.block_m}x{schedule.block_n}; build the schedule with the config's tiles")
+        # A schedule built for other tiles: the plain variant at those tiles.
         cfg = PrefillConfig(schedule.block_m, schedule.block_n, 8 if schedule.block_m >= 64 else 4,
                             2 if schedule.block_n >= 128 or q.dtype == torch.float32 else 3)
-    grid = (b * hq, schedule.n_q_tiles)
+    pack = cfg.pack_gqa and group > 1 and 16 <= schedule.block_m * group <= PACKED_ROWS
+    rows = schedule.block_m * group if pack else schedule.block_m
+    kk, vv, kv_strides = k, v, (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
+    if cfg.kv_desc and _describable(k, schedule.block_n) and _describable(v, schedule.block_n) \
+            and (not q.is_cuda or _capability(q.device) >= 9):
+        kk, kr = _row_descriptor(k, schedule.block_n)
+        vv, vr = _row_descriptor(v, schedule.block_n)
+        kv_strides = (*kr, 1, *vr, 1)
+    grid = (b * (hkv if pack else hq), schedule.n_q_tiles)
     _attn_prefill_kernel[grid](
-        q, k, v, out, schedule.kv_blocks, schedule.kv_full, schedule.kv_total, tree, ks, vs, meta,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        q, kk, vv, out, schedule.kv_blocks, schedule.kv_full, schedule.kv_total, tree, ks, vs, meta,
+        q.stride(0), q.stride(1), q.stride(2), *kv_strides, out.stride(0), out.stride(1), out.stride(2),
         ks.stride(0), ks.stride(1), ks.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
         tree.stride(0) if tree_mask is not None else 0,
         hq, t, s, schedule.q_offset, schedule.window, schedule.sink, schedule.window_align,
         summaries.count if has_sum else 0, schedule.kv_blocks.shape[1], scale * LOG2E,
-        GROUP=hq // hkv, HEAD_DIM=d, BLOCK_M=schedule.block_m, BLOCK_N=schedule.block_n,
+        GROUP=group, HEAD_DIM=d, BLOCK_M=rows, BLOCK_N=schedule.block_n,
         CAUSAL=schedule.causal, HAS_WINDOW=schedule.window > 0, HAS_TREE=tree_mask is not None,
-        HAS_SUMMARY=has_sum, DOT_PREC=dot_precision(q.dtype),
+        HAS_SUMMARY=has_sum, DOT_PREC=dot_precision(q.dtype), KV_DESC=kk is not k,
+        PACK_GQA=pack,
         num_warps=num_warps or cfg.num_warps, num_stages=num_stages or cfg.num_stages,
     )
     return out
@@ -339,5 +489,5 @@ def attention_reference(
     return out.to(q.dtype)
 
 
-__all__ = ["flash_prefill", "attention_reference", "prefill_config", "PrefillConfig", "SummaryKeys",
+__all__ = ["flash_prefill", "attention_reference", "prefill_config", "PrefillConfig", "PREFILL_VARIANTS", "SummaryKeys",
            "kernel_supports", "check_qkv", "dot_precision", "SUPPORTED_HEAD_DIMS", "window_start"]
