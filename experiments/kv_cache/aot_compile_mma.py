@@ -31,19 +31,20 @@ from ollm_triton.kernels import kv_quant_decode_mma as M  # noqa: E402
 KINDS = KINDS + ("LDL", "STL")
 
 
-def build(bits: int, bn: int, d: int = 128, gq: int = 4, t: int = 1, schedule: bool = False, maxnreg=None):
+def build(bits: int, bn: int, d: int = 128, gq: int = 4, t: int = 1, schedule: bool = False, maxnreg=None,
+          stages: int = 1, varlen: bool = False):
     from triton.experimental.gluon._runtime import GluonASTSource
 
     fn = M._quant_decode_mma_kernel
     s = M.layout_sizes(bits, d)
     ptr = {"Q": "*bf16", "KW": "*i32", "KS": "*bf16", "KZ": "*bf16", "VW_": "*i32", "VS": "*bf16", "VZ": "*bf16",
            "KR": "*bf16", "VR": "*bf16", "BLOCK_IDS": "*i32", "RES_IDS": "*i32", "VCH": "*i32", "O_PART": "*fp32",
-           "L_PART": "*fp32", "qk_scale": "fp32"}
+           "L_PART": "*fp32", "ROW_QUANT": "*i32", "ROW_LEN": "*i32", "qk_scale": "fp32"}
     const = dict(stride_vs_n=1, H_KV=8, GQ=gq, T=t, D=d, BLOCK_K=128, BN=bn, KEY_GROUP=128, BITS=bits,
                  SYMMETRIC=False, HAS_BLOCK_IDS=schedule, HAS_WINDOW=schedule, WK=s["WK"], UK=s["UK"], VW=s["VW"],
                  UV=s["UV"], K_ASM=M.key_unpack_asm(bits, M.KEYS_EXACT), K_CONS=",".join(["=r"] * s["UK"] + ["r"]),
                  V_ASM=M.value_unpack_asm(bits), V_CONS=",".join(["=r"] * s["UV"] + ["r", "r"]),
-                 KEYS_EXACT=M.KEYS_EXACT)
+                 KEYS_EXACT=M.KEYS_EXACT, STAGES=stages, VARLEN=varlen)
     sig = {n: ("constexpr" if n in const else ptr.get(n, "i32")) for n in fn.arg_names}
     # what the JIT sees at run time: 16-byte aligned tensors and strides divisible by 16 (stride_vs_n is 1)
     hinted = [i for i, n in enumerate(fn.arg_names) if n not in const and (sig[n].startswith("*") or "stride" in n)]
@@ -56,7 +57,10 @@ def build(bits: int, bn: int, d: int = 128, gq: int = 4, t: int = 1, schedule: b
 def main():
     print(f"triton {triton.__version__}, target sm_90, one-warp programs")
     for bits, bn, extra in ((4, 64, {}), (4, 32, {}), (4, 32, {"maxnreg": 168}), (8, 32, {}), (8, 64, {}),
-                            (2, 64, {}), (4, 64, {"schedule": True, "t": 2}), (8, 32, {"d": 64, "gq": 8})):
+                            (2, 64, {}), (4, 64, {"schedule": True, "t": 2}), (8, 32, {"d": 64, "gq": 8}),
+                            (4, 64, {"stages": 2}), (4, 64, {"stages": 3}), (4, 32, {"stages": 3}),
+                            (4, 32, {"stages": 4}), (8, 32, {"stages": 3}), (8, 64, {"stages": 2}),
+                            (2, 64, {"stages": 3}), (4, 64, {"varlen": True}), (4, 64, {"varlen": True, "stages": 3})):
         tag = f"int{bits} step {bn} {extra or ''}"
         try:
             k = build(bits, bn, **extra)

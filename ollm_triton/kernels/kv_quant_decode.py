@@ -395,7 +395,7 @@ def quant_decode(
     block_k: int = 64, num_splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
     maxnreg: int | None = None, programs_per_sm: int | None = None, unpack: str | None = None,
     kernel: str | None = None, mma_block_n: int | None = None, mma_maxnreg: int | None = None,
-    out: torch.Tensor | None = None,
+    mma_stages: int | None = None, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention of T new queries over a quantized cache: one launch, plus the split merge.
 
@@ -411,8 +411,9 @@ def quant_decode(
     kernel: "mma" (kv_quant_decode_mma.py: Gluon, hand-laid-out tensor-core operands) for the quantized blocks,
     "triton" (this file's kernel for everything), or None: "mma" where it applies. With "mma", num_warps, num_stages,
     maxnreg and unpack apply to the residual tail only, programs_per_sm to the MMA kernel's one-warp programs, and
-    mma_block_n sets the keys an MMA program attends per step and mma_maxnreg caps its registers (defaults:
-    mma.DEFAULTS; an explicit mma_block_n alone runs uncapped).
+    mma_block_n sets the keys an MMA program attends per step, mma_maxnreg caps its registers and mma_stages picks
+    its load pipeline (1: the next step in registers; >= 2: a cp.async ring of that many shared-memory stages)
+    (defaults: mma.DEFAULTS; an explicit mma_block_n alone runs uncapped).
     """
     b, hq, t, d = q.shape
     hkv = k_codes.shape[1]
@@ -446,7 +447,8 @@ def quant_decode(
             raise ValueError(f"{name} needs a unit stride on its last axis")
     out = torch.empty_like(q) if out is None else out
 
-    bn, mma_maxnreg = mma.launch_defaults(bits, mma_block_n, mma_maxnreg)
+    bn, mma_maxnreg, mma_stages = mma.launch_defaults(bits, mma_block_n, mma_maxnreg, mma_stages)
+    mma.check_stages(mma_stages, bn)
     use_mma = _use_mma(kernel, q, bits, d, gq * t, d // value_group, n_quant_visit, block_k, bn, kc, vc)
     ids = block_ids if block_ids is not None else kc
     scale = math.log2(math.e) / math.sqrt(d)
@@ -458,7 +460,7 @@ def quant_decode(
                   ids, res_ids)
         mma_kw = dict(kv_len=kv_len, n_quant=n_quant, n_quant_visit=n_quant_visit, window=window, sink=sink,
                       qk_scale=scale, hkv=hkv, gq=gq, block_k=block_k, key_group=key_group, bits=bits,
-                      has_block_ids=block_ids is not None, bn=bn, maxnreg=mma_maxnreg)
+                      has_block_ids=block_ids is not None, bn=bn, maxnreg=mma_maxnreg, stages=mma_stages)
         mma_splits, mma_per_split = mma.split_launch(*mma_in, n_quant_visit, res_blocks=n_res_blocks - first_res,
                                                      num_splits=num_splits, per_sm=programs_per_sm, **mma_kw)
         n_split_total = mma_splits + n_res_blocks - first_res
@@ -513,7 +515,8 @@ def quant_decode_varlen(
     *, bits: int, key_group: int, value_group: int, block_k: int = 64, num_splits: int | None = None,
     min_blocks: int = 2, res_chunk: int = RES_CHUNK,
     num_warps: int = 4, num_stages: int = 3, maxnreg: int | None = None, programs_per_sm: int | None = None,
-    unpack: str | None = None, out: torch.Tensor | None = None,
+    unpack: str | None = None, kernel: str | None = None, mma_block_n: int | None = None,
+    mma_maxnreg: int | None = None, mma_stages: int | None = None, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention of one new token per row, each row at its own length (the static decode step).
 
@@ -524,6 +527,9 @@ def quant_decode_varlen(
     quantized blocks are spread over `num_splits` programs, at least `min_blocks` blocks each (the programs past
     them exit at once and write an empty partial that the merge ignores), and its residual tokens over programs of
     `res_chunk` tokens (a multiple of min(block_k, 32)). Returns [B, Hq, 1, D] in q's dtype.
+    kernel: as in `quant_decode`: None takes the Gluon MMA kernel where the shapes and device allow (its residual
+    programs attend mma_block_n window tokens each instead of res_chunk; mma_* as in `quant_decode`; num_warps,
+    num_stages, maxnreg, unpack and res_chunk apply to the Triton-language kernel only), "triton" refuses it.
     """
     b, hq, t, d = q.shape
     if t != 1:
@@ -549,13 +555,21 @@ def quant_decode_varlen(
     kc, ks, kz, vc, vs, vz, kr, vr = _flat_storage(b * hkv, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res,
                                                    v_res)
     block_d = max(16, triton.next_power_of_2(d))
+    out = torch.empty_like(q) if out is None else out
+    bn, mma_maxnreg, mma_stages = mma.launch_defaults(bits, mma_block_n, mma_maxnreg, mma_stages)
+    mma.check_stages(mma_stages, bn)
+    # the capacity's blocks stand for "some quantized visit": the rows' own counts are on the device
+    if _use_mma(kernel, q, bits, d, gq, d // value_group, kc.shape[1] // block_k, block_k, bn, kc, vc):
+        return _varlen_mma(q, kc, ks, kz, vc, vs, vz, kr, vr, row_quant, lengths, out, hkv=hkv, gq=gq, bits=bits,
+                           block_k=block_k, key_group=key_group, symmetric=symmetric, block_d=block_d, bn=bn,
+                           maxnreg=mma_maxnreg, stages=mma_stages, num_splits=num_splits, min_blocks=min_blocks,
+                           programs_per_sm=programs_per_sm)
     res_splits = triton.cdiv(kr.shape[1], res_chunk)  # the window's capacity, in chunks
     q_splits, maxnreg = varlen_launch(bits, q.device, b * hkv, kc.shape[1] // block_k,
                                       num_splits=num_splits, min_blocks=min_blocks, programs_per_sm=programs_per_sm,
                                       maxnreg=maxnreg)
     n_split = q_splits + res_splits
     o_part, l_part = _partials(b * hkv * n_split * gq, block_d, q.device)
-    out = torch.empty_like(q) if out is None else out
     _quant_decode_kernel[(b * hkv, n_split)](
         q, kc, ks, kz, vc, vs, vz, kr, vr, kc, o_part, l_part, row_quant, lengths, *_strides(q, kc, ks, vc, vs, kr),
         0, 0, 0, 0, min_blocks, res_splits, 0, 0, math.log2(math.e) / math.sqrt(d),
@@ -568,6 +582,34 @@ def quant_decode_varlen(
     merge_splits(o_part.view(b * hkv, n_split, gq, block_d), l_part, out, kv_heads=hkv, group=gq, t=1,
                  n_split=n_split)
     LAST_LAUNCH.update(kernel="triton.varlen", splits=n_split)
+    return out
+
+
+def _varlen_mma(q, kc, ks, kz, vc, vs, vz, kr, vr, row_quant, lengths, out, *, hkv, gq, bits, block_k, key_group,
+                symmetric, block_d, bn, maxnreg, stages, num_splits, min_blocks, programs_per_sm) -> torch.Tensor:
+    """`quant_decode_varlen` on the Gluon MMA kernel (flattened storage): quantized splits sized as
+    `varlen_launch` sizes them, at the MMA kernel's own programs an SM, then one program per bn window tokens of
+    the window's capacity; each row's lengths read on the device, the grid fixed by the capacity."""
+    b = q.shape[0]
+    heads = b * hkv
+    res_splits = triton.cdiv(kr.shape[1], bn)
+    max_quant_visit = kc.shape[1] // block_k
+    mma_in = (q, kc, ks, None if symmetric else kz, vc, vs, None if symmetric else vz, kr, vr, kc, kc)
+    mma_kw = dict(kv_len=0, n_quant=0, n_quant_visit=0, window=0, sink=0,
+                  qk_scale=math.log2(math.e) / math.sqrt(q.shape[3]), hkv=hkv, gq=gq, block_k=block_k,
+                  key_group=key_group, bits=bits, has_block_ids=False, bn=bn,
+                  maxnreg=maxnreg, stages=stages, row_quant=row_quant, row_len=lengths)
+    if num_splits is None:  # one wave with the residual programs, and no split a full row leaves empty
+        per_sm = programs_per_sm or mma.programs_per_sm(*mma_in, **mma_kw)
+        wave = (per_sm * num_sms(q.device) - heads * res_splits) // max(heads, 1)
+        num_splits = max(1, min(wave, max_quant_visit // max(min_blocks, 1)))
+        num_splits = triton.cdiv(max_quant_visit, triton.cdiv(max_quant_visit, num_splits))
+    n_split = num_splits + res_splits
+    o_part, l_part = _partials(heads * n_split * gq, block_d, q.device)
+    mma.launch(*mma_in, o_part, l_part, per_split=min_blocks, n_split_quant=num_splits, n_split_total=n_split,
+               **mma_kw)
+    merge_splits(o_part.view(heads, n_split, gq, block_d), l_part, out, kv_heads=hkv, group=gq, t=1, n_split=n_split)
+    LAST_LAUNCH.update(kernel="mma.varlen", splits=n_split)
     return out
 
 

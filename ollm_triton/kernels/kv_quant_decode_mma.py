@@ -44,7 +44,11 @@ from ollm_triton.kernels.decode_merge import num_sms
 try:  # Gluon ships with Triton >= 3.5
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
     HAVE_GLUON = True
+    # the same builtins under Triton 3.6's names (the device) and 3.9's (this repo's CPU machine, for AOT compiles)
+    _async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+    _barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 except ImportError:  # pragma: no cover - older Triton
     HAVE_GLUON = False
 
@@ -164,22 +168,33 @@ if HAVE_GLUON:
                         gl.join(gl.join(u[3], u[11]), gl.join(u[7], u[15]))))
 
 
+    @gluon.constexpr_function
+    def _key_row_layout(D, WK, P):
+        """[4 t, WK w, 4 b, P i] (channels (t WK + w) 4 P + b P + i): lane t's contiguous quarter of a key-group
+        row, replicated over the 8 lane groups (every lane of a quad column needs the same slots)."""
+        return gl.BlockedLayout([1, WK, 4, P], [4, 8, 1, 1], [1, 1, 1, 1], [0, 3, 2, 1])
+
     @gluon.jit
     def _key_row(ROW, D: gl.constexpr, WK: gl.constexpr, P: gl.constexpr, BITS: gl.constexpr, SCALED: gl.constexpr):
-        """A per-channel row of a key group (scales or zeros) [D], in the slot order of the key operand
-        (key_channels), as SliceLayout(0, A_OP). Lane t's slots are channels [t D/4, (t+1) D/4): it loads them as
-        one contiguous run [w, byte b, plane i], and reshapes recast them, register for register, into slots
-        ((w UK + u) 4 + t) 2 + h with b = u % 2 + 2 h, i = u // 2. SCALED multiplies by 2^-(bits i), which undoes
-        the plane's 2^s in the fp16 code."""
-        L: gl.constexpr = gl.BlockedLayout([1, WK, 4, P], [4, 8, 1, 1], [1, 1, 1, 1], [0, 3, 2, 1])
-        i = _idx(P, 3, L)
-        ch = ((_idx(4, 0, L) * WK + _idx(WK, 1, L)) * 4 + _idx(4, 2, L)) * P + i
-        x = gl.load(ROW + ch).to(gl.float32)
+        """A per-channel row of a key group (scales or zeros) [D] from global memory: see _key_row_slots."""
+        L: gl.constexpr = _key_row_layout(D, WK, P)
+        ch = ((_idx(4, 0, L) * WK + _idx(WK, 1, L)) * 4 + _idx(4, 2, L)) * P + _idx(P, 3, L)
+        return _key_row_slots(gl.load(ROW + ch), D, WK, P, BITS, SCALED)
+
+    @gluon.jit
+    def _key_row_slots(x, D: gl.constexpr, WK: gl.constexpr, P: gl.constexpr, BITS: gl.constexpr,
+                       SCALED: gl.constexpr):
+        """A per-channel row of a key group x [4, WK, 4, P] (in _key_row_layout), in the slot order of the key
+        operand (key_channels), as fp32 SliceLayout(0, A_OP). Lane t's slots are channels [t D/4, (t+1) D/4): it
+        holds them as one contiguous run [w, byte b, plane i], and reshapes recast them, register for register,
+        into slots ((w UK + u) 4 + t) 2 + h with b = u % 2 + 2 h, i = u // 2. SCALED multiplies by 2^-(bits i),
+        which undoes the plane's 2^s in the fp16 code."""
+        L: gl.constexpr = _key_row_layout(D, WK, P)
+        x = x.to(gl.float32)
         if SCALED:
-            x = x * gl.exp2(-(BITS * i).to(gl.float32))
+            x = x * gl.exp2(-(BITS * _idx(P, 3, L)).to(gl.float32))
         x = gl.permute(gl.reshape(x, [4, WK, 2, 2, P]), [1, 4, 3, 0, 2])  # [w, i, u % 2, t, h]
         return gl.convert_layout(gl.reshape(x, [D]), gl.SliceLayout(0, A_OP), assert_trivial=True)
-
 
     @gluon.jit
     def _query_rows(Q, i_b, i_h, stride_qb, stride_qh, stride_qt, GQ: gl.constexpr, T: gl.constexpr,
@@ -229,10 +244,15 @@ if HAVE_GLUON:
         return gl.where(m_vis, b_s, float("-inf"))
 
     @gluon.jit
-    def _key_words(KW, n0, stride_n, BN: gl.constexpr, WK: gl.constexpr):
-        """The 32-bit words of keys n0..n0+BN, lane (g, t) holding words WK t.. of keys g + 8 i (16 bytes for int4)."""
+    def _key_word_offsets(n0, stride_n, BN: gl.constexpr, WK: gl.constexpr):
+        """Offsets of the 32-bit words of keys n0..n0+BN, lane (g, t) holding words WK t.. of keys g + 8 i (16 bytes
+        for int4), in _key_word_layout."""
         L: gl.constexpr = gl.BlockedLayout([1, 1, WK], [8, 4, 1], [1, 1, 1], [2, 1, 0])
-        return gl.load(KW + (n0 + _idx(BN, 0, L)) * stride_n + _idx(4, 1, L) * WK + _idx(WK, 2, L))
+        return (n0 + _idx(BN, 0, L)) * stride_n + _idx(4, 1, L) * WK + _idx(WK, 2, L)
+
+    @gluon.jit
+    def _key_words(KW, n0, stride_n, BN: gl.constexpr, WK: gl.constexpr):
+        return gl.load(KW + _key_word_offsets(n0, stride_n, BN, WK))
 
     @gluon.jit
     def _key_operand(w, BN: gl.constexpr, D: gl.constexpr, WK: gl.constexpr, UK: gl.constexpr,
@@ -245,12 +265,17 @@ if HAVE_GLUON:
         return gl.convert_layout(gl.permute(x, [1, 0]), B_OP, assert_trivial=True)
 
     @gluon.jit
-    def _value_words(VW_, n0, stride_n, BN: gl.constexpr, VW: gl.constexpr):
-        """The 32-bit words of values n0..n0+BN, lane (g, t) holding words VW g.. of keys 16 j + 8 a + 2 t + e."""
+    def _value_word_offsets(n0, stride_n, BN: gl.constexpr, VW: gl.constexpr):
+        """Offsets of the 32-bit words of values n0..n0+BN [BN/16 j, 2 a, 4 t, 2 e, 8 g, VW], lane (g, t) holding
+        words VW g.. of keys 16 j + 8 a + 2 t + e."""
         L: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 1, VW], [1, 1, 4, 1, 8, 1], [1, 1, 1, 1, 1, 1],
                                            [5, 2, 4, 3, 1, 0])
         key = n0 + _idx(BN // 16, 0, L) * 16 + _idx(2, 1, L) * 8 + _idx(4, 2, L) * 2 + _idx(2, 3, L)
-        return gl.load(VW_ + key * stride_n + _idx(8, 4, L) * VW + _idx(VW, 5, L))
+        return key * stride_n + _idx(8, 4, L) * VW + _idx(VW, 5, L)
+
+    @gluon.jit
+    def _value_words(VW_, n0, stride_n, BN: gl.constexpr, VW: gl.constexpr):
+        return gl.load(VW_ + _value_word_offsets(n0, stride_n, BN, VW))
 
     @gluon.jit
     def _value_operand(w, BN: gl.constexpr, D: gl.constexpr, VW: gl.constexpr, UV: gl.constexpr,
@@ -268,17 +293,88 @@ if HAVE_GLUON:
     def _sub_block_start(BLOCK_IDS, j, sub_blocks, i_lo, n_quant_visit, BLOCK_K: gl.constexpr, BN: gl.constexpr,
                          HAS_BLOCK_IDS: gl.constexpr):
         """First key of sub-block j of a split (clamped to the last quantized visit, for the prefetch past the end)."""
-        i = gl.minimum(i_lo + j // sub_blocks, n_quant_visit - 1)
+        i = gl.maximum(gl.minimum(i_lo + j // sub_blocks, n_quant_visit - 1), 0)
         if HAS_BLOCK_IDS:
             start = gl.load(BLOCK_IDS + i) * BLOCK_K
         else:
             start = i * BLOCK_K
         return start + (j % sub_blocks) * BN
 
+    @gluon.jit
+    def _group_query(Q, b_ks, b_kz, i_b, i_h, stride_qb, stride_qh, stride_qt, qk_scale, GQ: gl.constexpr,
+                     T: gl.constexpr, D: gl.constexpr, WK: gl.constexpr, P: gl.constexpr, KEYS_EXACT: gl.constexpr):
+        """A new key group's query side: q' = q s 2^-s per slot (the fp16 A operand of the score dot) and the
+        scores' bias q . z (- 1024 sum q' for offset codes)."""
+        # the query is reloaded (from L1/L2) rather than held: 32 registers fewer
+        b_qf = _query_rows(Q, i_b, i_h, stride_qb, stride_qh, stride_qt, GQ, T, D, WK, P) * qk_scale
+        b_qs = (b_qf * b_ks[None, :]).to(gl.float16)
+        b_sum = gl.sum(b_qf * b_kz[None, :], 1)
+        if not KEYS_EXACT:
+            b_sum -= 1024.0 * gl.sum(b_qs.to(gl.float32), 1)
+        return b_qs, gl.convert_layout(b_sum, ROWS)
+
+    @gluon.jit
+    def _step(w_k, w_v, r_vs, r_vz, b_qs, b_bias, n0, q_pos, kv_len, window, sink, b_mx, b_l, b_pz, b_acc,
+              BN: gl.constexpr, D: gl.constexpr, BITS: gl.constexpr, SYMMETRIC: gl.constexpr,
+              HAS_WINDOW: gl.constexpr, T: gl.constexpr, WK: gl.constexpr, UK: gl.constexpr, VW: gl.constexpr,
+              UV: gl.constexpr, K_ASM: gl.constexpr, K_CONS: gl.constexpr, V_ASM: gl.constexpr,
+              V_CONS: gl.constexpr):
+        """One step of BN quantized keys from their words in registers: scores, online softmax, values."""
+        o_n = gl.arange(0, BN, layout=COLS)
+        b_s = gl.nvidia.ampere.mma_v2(b_qs, _key_operand(w_k, BN, D, WK, UK, K_ASM, K_CONS),
+                                      gl.full([16, BN], 0.0, gl.float32, layout=MMA) + b_bias[:, None])
+        if HAS_WINDOW or T > 1:  # quantized keys all lie below kv_len
+            b_s = _visible(b_s, n0 + o_n, q_pos, kv_len, window, sink, HAS_WINDOW)
+        b_new = gl.maximum(b_mx, gl.max(b_s, 1))
+        b_ref = gl.where(b_new == float("-inf"), 0.0, b_new)
+        b_alpha = gl.exp2(b_mx - b_ref)
+        b_p = gl.exp2(b_s - b_ref[:, None])
+        b_vs = r_vs.to(gl.float32)
+        if SYMMETRIC:
+            b_vz = -b_vs * (1 << (BITS - 1))
+        else:
+            b_vz = r_vz.to(gl.float32)
+        b_pp = (b_p * b_vs[None, :]).to(gl.float16)
+        b_l = b_l * b_alpha + gl.sum(b_p, 1)
+        b_pz = b_pz * b_alpha + gl.sum(b_p * b_vz[None, :], 1)
+        # rows 0..7 of p' [16, BN] are, register for register, the B operand [BN, 8] of O^T
+        b_p8, _ = gl.split(gl.permute(gl.reshape(b_pp, [2, 8, BN]), [1, 2, 0]))
+        b_pt = gl.convert_layout(gl.permute(b_p8, [1, 0]), B_OP, assert_trivial=True)
+        b_a8, _ = gl.split(gl.permute(gl.reshape(b_alpha, [2, 8]), [1, 0]))
+        b_acc = b_acc * gl.convert_layout(b_a8, COLS)[None, :]
+        b_acc = gl.nvidia.ampere.mma_v2(_value_operand(w_v, BN, D, VW, UV, V_ASM, V_CONS), b_pt, b_acc)
+        return b_new, b_l, b_pz, b_acc
+
+    @gluon.jit
+    def _stage_copy(s_k, s_v, s_vs, s_vz, s_ks, s_kz, st, j, n_sub, p_kw, p_vw, p_vs, p_vz, p_ks, p_kz, BLOCK_IDS,
+                    sub_blocks, i_lo, n_quant_visit, stride_kw_n, stride_vw_n, stride_vs_n, stride_ks_g,
+                    BLOCK_K: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, KEY_GROUP: gl.constexpr,
+                    WK: gl.constexpr, VW: gl.constexpr, HAS_BLOCK_IDS: gl.constexpr):
+        """cp.async of sub-block j's words, value scales and zeros (and, at a key group's first sub-block, the
+        group's key scales and zeros) into ring stage st; nothing past the split's last sub-block (masked: no
+        traffic). Each lane copies exactly the words it later reads (the same layouts); the key-group and value-
+        scale rows use plain row layouts, read across lanes after the barrier."""
+        valid = j < n_sub
+        n0 = _sub_block_start(BLOCK_IDS, j, sub_blocks, i_lo, n_quant_visit, BLOCK_K, BN, HAS_BLOCK_IDS)
+        o_k = _key_word_offsets(n0, stride_kw_n, BN, WK)
+        _async_load(s_k.index(st), p_kw + o_k, mask=(o_k >= 0) & valid)
+        o_v = _value_word_offsets(n0, stride_vw_n, BN, VW)
+        _async_load(s_v.index(st), p_vw + o_v, mask=(o_v >= 0) & valid)
+        # >= 4 bytes a lane (cp.async's smallest copy): lanes past the row repeat the first ones
+        L_S: gl.constexpr = gl.BlockedLayout([max(BN // 32, 2)], [32], [1], [0])
+        o_s = (n0 + gl.arange(0, BN, layout=L_S)) * stride_vs_n
+        _async_load(s_vs.index(st), p_vs + o_s, mask=(o_s >= 0) & valid)
+        _async_load(s_vz.index(st), p_vz + o_s, mask=(o_s >= 0) & valid)
+        L_G: gl.constexpr = gl.BlockedLayout([max(D // 32, 2)], [32], [1], [0])
+        o_g = (n0 // KEY_GROUP) * stride_ks_g + gl.arange(0, D, layout=L_G)
+        new_group = valid & (j % sub_blocks == 0)
+        _async_load(s_ks.index(st), p_ks + o_g, mask=(o_g >= 0) & new_group)
+        _async_load(s_kz.index(st), p_kz + o_g, mask=(o_g >= 0) & new_group)
+
     @gluon.jit(do_not_specialize=["kv_len", "n_quant", "n_quant_visit", "blocks_per_split", "n_split_quant",
                                   "n_split_total", "window", "sink", "sub_blocks"])
     def _quant_decode_mma_kernel(
-        Q, KW, KS, KZ, VW_, VS, VZ, KR, VR, BLOCK_IDS, RES_IDS, VCH, O_PART, L_PART,
+        Q, KW, KS, KZ, VW_, VS, VZ, KR, VR, BLOCK_IDS, RES_IDS, VCH, O_PART, L_PART, ROW_QUANT, ROW_LEN,
         stride_qb, stride_qh, stride_qt, stride_kw_bh, stride_kw_n, stride_ks_bh, stride_ks_g,
         stride_vw_bh, stride_vw_n, stride_vs_bh, stride_vs_n, stride_r_bh, stride_r_n,
         kv_len, n_quant, n_quant_visit, blocks_per_split, n_split_quant, n_split_total, window, sink, sub_blocks,
@@ -288,15 +384,29 @@ if HAVE_GLUON:
         HAS_BLOCK_IDS: gl.constexpr, HAS_WINDOW: gl.constexpr,
         WK: gl.constexpr, UK: gl.constexpr, VW: gl.constexpr, UV: gl.constexpr,
         K_ASM: gl.constexpr, K_CONS: gl.constexpr, V_ASM: gl.constexpr, V_CONS: gl.constexpr,
-        KEYS_EXACT: gl.constexpr,
+        KEYS_EXACT: gl.constexpr, STAGES: gl.constexpr = 1, VARLEN: gl.constexpr = False,
     ):
         """Program (batch * KV head, split). Splits below n_split_quant attend quantized visits [split * per_split,
         ...) of the visit list; each split above attends one BN-key block of the full-precision residual tail
         (block RES_IDS[r] with a schedule, else n_quant / BN + r). Rows m = g T + t of S are query head g of the
-        group and new token t; rows >= GQ T are zero padding."""
+        group and new token t; rows >= GQ T are zero padding.
+
+        STAGES: 1 keeps the next step's words in registers (one step in flight); >= 2 runs a ring of STAGES
+        shared-memory stages filled by cp.async, STAGES - 1 steps in flight and no prefetch registers (the key
+        group's scales and zeros ride in the ring too, instead of a load that waited in full at every group).
+
+        VARLEN (the static decode step, T = 1): row i_b's quantized tokens and length are read from ROW_QUANT and
+        ROW_LEN on the device; the launch is fixed by the buffers' capacity. The row's quantized blocks are shared
+        by the n_split_quant quantized splits, at least blocks_per_split each (splits past them write an empty
+        partial), and residual split r attends window tokens [r BN, (r + 1) BN) (empty past the row's length)."""
         P: gl.constexpr = 8 // BITS
         i_bh, i_split = gl.program_id(0), gl.program_id(1)
         i_b, i_h = i_bh // H_KV, i_bh % H_KV
+        if VARLEN:
+            n_quant = gl.load(ROW_QUANT + i_b).to(gl.int32)
+            kv_len = gl.load(ROW_LEN + i_b).to(gl.int32)
+            n_quant_visit = n_quant // BLOCK_K
+            blocks_per_split = gl.maximum(gl.cdiv(n_quant_visit, n_split_quant), blocks_per_split)
 
         o_r = gl.arange(0, 16, layout=ROWS)
         o_n = gl.arange(0, BN, layout=COLS)
@@ -330,62 +440,93 @@ if HAVE_GLUON:
             p_vw = VW_ + i_bh * stride_vw_bh
             p_vs = VS + i_bh * stride_vs_bh
             p_vz = VZ + i_bh * stride_vs_bh
+            p_ks = KS + i_bh * stride_ks_bh
+            p_kz = KZ + i_bh * stride_ks_bh
             i_lo = i_split * blocks_per_split
-            n_sub = (gl.minimum(i_lo + blocks_per_split, n_quant_visit) - i_lo) * sub_blocks
-            # software pipelining: sub-block j + 1's words are in flight while j is computed (each load otherwise
-            # waited in full, twice a sub-block: the value loads were issued only after the score dots)
-            n0 = _sub_block_start(BLOCK_IDS, 0, sub_blocks, i_lo, n_quant_visit, BLOCK_K, BN, HAS_BLOCK_IDS)
-            w_k = _key_words(p_kw, n0, stride_kw_n, BN, WK)
-            w_v = _value_words(p_vw, n0, stride_vw_n, BN, VW)
-            r_vs = gl.load(p_vs + (n0 + o_n) * stride_vs_n)
-            r_vz = gl.load(p_vz + (n0 + o_n) * stride_vs_n)
+            n_sub = (gl.minimum(i_lo + blocks_per_split, n_quant_visit) - i_lo) * sub_blocks  # <= 0: nothing
             b_qs = gl.full([16, D], 0.0, gl.float16, layout=A_OP)
             b_bias = gl.full([16], 0.0, gl.float32, layout=ROWS)
-            for j in range(0, n_sub):
-                n1 = _sub_block_start(BLOCK_IDS, j + 1, sub_blocks, i_lo, n_quant_visit, BLOCK_K, BN, HAS_BLOCK_IDS)
-                w_k1 = _key_words(p_kw, n1, stride_kw_n, BN, WK)
-                w_v1 = _value_words(p_vw, n1, stride_vw_n, BN, VW)
-                r_vs1 = gl.load(p_vs + (n1 + o_n) * stride_vs_n)
-                r_vz1 = gl.load(p_vz + (n1 + o_n) * stride_vs_n)
-                if j % sub_blocks == 0:
-                    # a new key group: q' = q s 2^-s per slot, and the bias q . z (- 1024 sum q' for offset codes)
-                    p_row = i_bh * stride_ks_bh + (n0 // KEY_GROUP) * stride_ks_g
-                    b_ks = _key_row(KS + p_row, D, WK, P, BITS, True)
-                    if SYMMETRIC:
-                        b_kz = -_key_row(KS + p_row, D, WK, P, BITS, False) * (1 << (BITS - 1))
-                    else:
-                        b_kz = _key_row(KZ + p_row, D, WK, P, BITS, False)
-                    # the query is reloaded (from L1/L2) rather than held: 32 registers fewer, one program more an SM
-                    b_qf = _query_rows(Q, i_b, i_h, stride_qb, stride_qh, stride_qt, GQ, T, D, WK, P) * qk_scale
-                    b_qs = (b_qf * b_ks[None, :]).to(gl.float16)
-                    b_sum = gl.sum(b_qf * b_kz[None, :], 1)
-                    if not KEYS_EXACT:
-                        b_sum -= 1024.0 * gl.sum(b_qs.to(gl.float32), 1)
-                    b_bias = gl.convert_layout(b_sum, ROWS)
-                b_s = gl.nvidia.ampere.mma_v2(b_qs, _key_operand(w_k, BN, D, WK, UK, K_ASM, K_CONS),
-                                              gl.full([16, BN], 0.0, gl.float32, layout=MMA) + b_bias[:, None])
-                if HAS_WINDOW or T > 1:  # quantized keys all lie below kv_len
-                    b_s = _visible(b_s, n0 + o_n, q_pos, kv_len, window, sink, HAS_WINDOW)
-                b_new = gl.maximum(b_mx, gl.max(b_s, 1))
-                b_ref = gl.where(b_new == float("-inf"), 0.0, b_new)
-                b_alpha = gl.exp2(b_mx - b_ref)
-                b_p = gl.exp2(b_s - b_ref[:, None])
-                b_mx = b_new
-                b_vs = r_vs.to(gl.float32)
-                if SYMMETRIC:
-                    b_vz = -b_vs * (1 << (BITS - 1))
-                else:
-                    b_vz = r_vz.to(gl.float32)
-                b_pp = (b_p * b_vs[None, :]).to(gl.float16)
-                b_l = b_l * b_alpha + gl.sum(b_p, 1)
-                b_pz = b_pz * b_alpha + gl.sum(b_p * b_vz[None, :], 1)
-                # rows 0..7 of p' [16, BN] are, register for register, the B operand [BN, 8] of O^T
-                b_p8, _ = gl.split(gl.permute(gl.reshape(b_pp, [2, 8, BN]), [1, 2, 0]))
-                b_pt = gl.convert_layout(gl.permute(b_p8, [1, 0]), B_OP, assert_trivial=True)
-                b_a8, _ = gl.split(gl.permute(gl.reshape(b_alpha, [2, 8]), [1, 0]))
-                b_acc = b_acc * gl.convert_layout(b_a8, COLS)[None, :]
-                b_acc = gl.nvidia.ampere.mma_v2(_value_operand(w_v, BN, D, VW, UV, V_ASM, V_CONS), b_pt, b_acc)
-                n0, w_k, w_v, r_vs, r_vz = n1, w_k1, w_v1, r_vs1, r_vz1
+            if STAGES == 1:
+                # software pipelining in registers: sub-block j + 1's words are in flight while j is computed (each
+                # load otherwise waited in full, twice a sub-block: the value loads were issued after the score dots)
+                n0 = _sub_block_start(BLOCK_IDS, 0, sub_blocks, i_lo, n_quant_visit, BLOCK_K, BN, HAS_BLOCK_IDS)
+                w_k = _key_words(p_kw, n0, stride_kw_n, BN, WK)
+                w_v = _value_words(p_vw, n0, stride_vw_n, BN, VW)
+                r_vs = gl.load(p_vs + (n0 + o_n) * stride_vs_n)
+                r_vz = gl.load(p_vz + (n0 + o_n) * stride_vs_n)
+                for j in range(0, n_sub):
+                    n1 = _sub_block_start(BLOCK_IDS, j + 1, sub_blocks, i_lo, n_quant_visit, BLOCK_K, BN,
+                                          HAS_BLOCK_IDS)
+                    w_k1 = _key_words(p_kw, n1, stride_kw_n, BN, WK)
+                    w_v1 = _value_words(p_vw, n1, stride_vw_n, BN, VW)
+                    r_vs1 = gl.load(p_vs + (n1 + o_n) * stride_vs_n)
+                    r_vz1 = gl.load(p_vz + (n1 + o_n) * stride_vs_n)
+                    if j % sub_blocks == 0:  # a new key group
+                        p_row = (n0 // KEY_GROUP) * stride_ks_g
+                        b_ks = _key_row(p_ks + p_row, D, WK, P, BITS, True)
+                        if SYMMETRIC:
+                            b_kz = -_key_row(p_ks + p_row, D, WK, P, BITS, False) * (1 << (BITS - 1))
+                        else:
+                            b_kz = _key_row(p_kz + p_row, D, WK, P, BITS, False)
+                        b_qs, b_bias = _group_query(Q, b_ks, b_kz, i_b, i_h, stride_qb, stride_qh, stride_qt,
+                                                    qk_scale, GQ, T, D, WK, P, KEYS_EXACT)
+                    b_mx, b_l, b_pz, b_acc = _step(w_k, w_v, r_vs, r_vz, b_qs, b_bias, n0, q_pos, kv_len, window,
+                                                   sink, b_mx, b_l, b_pz, b_acc, BN, D, BITS, SYMMETRIC, HAS_WINDOW,
+                                                   T, WK, UK, VW, UV, K_ASM, K_CONS, V_ASM, V_CONS)
+                    n0, w_k, w_v, r_vs, r_vz = n1, w_k1, w_v1, r_vs1, r_vz1
+            else:
+                # the ring: stage j % STAGES holds sub-block j; STAGES - 1 sub-blocks are in flight while one is
+                # computed. Natural (unswizzled) order except the value words, stored [.., t, e, g, VW] -> lanes
+                # (t, g) of one read take 32 consecutive runs of VW words (the keys' order would hit every bank 4x)
+                # (the layouts describe one stage; the leading stage axis is outermost)
+                SH3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
+                SH1: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+                SHV: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [5, 4, 2, 3, 1, 0])
+                s_k = gl.allocate_shared_memory(gl.int32, [STAGES, BN, 4, WK], SH3)
+                s_v = gl.allocate_shared_memory(gl.int32, [STAGES, BN // 16, 2, 4, 2, 8, VW], SHV)
+                s_vs = gl.allocate_shared_memory(VS.dtype.element_ty, [STAGES, BN], SH1)
+                s_vz = gl.allocate_shared_memory(VZ.dtype.element_ty, [STAGES, BN], SH1)
+                s_ks = gl.allocate_shared_memory(KS.dtype.element_ty, [STAGES, D], SH1)
+                s_kz = gl.allocate_shared_memory(KZ.dtype.element_ty, [STAGES, D], SH1)
+                L_K: gl.constexpr = gl.BlockedLayout([1, 1, WK], [8, 4, 1], [1, 1, 1], [2, 1, 0])
+                L_V: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 1, VW], [1, 1, 4, 1, 8, 1], [1, 1, 1, 1, 1, 1],
+                                                     [5, 2, 4, 3, 1, 0])
+                L_R: gl.constexpr = _key_row_layout(D, WK, P)
+                for jj in gl.static_range(STAGES - 1):
+                    _stage_copy(s_k, s_v, s_vs, s_vz, s_ks, s_kz, jj, jj, n_sub, p_kw, p_vw, p_vs, p_vz, p_ks, p_kz,
+                                BLOCK_IDS, sub_blocks, i_lo, n_quant_visit, stride_kw_n, stride_vw_n, stride_vs_n,
+                                stride_ks_g, BLOCK_K, BN, D, KEY_GROUP, WK, VW, HAS_BLOCK_IDS)
+                    async_copy.commit_group()
+                for j in range(0, n_sub):
+                    # sub-block j has landed (in-order groups: at most STAGES - 2 newer ones pending), and every
+                    # lane's reads of the stage refilled next (read at j - 1) are done
+                    async_copy.wait_group(STAGES - 2)
+                    _barrier()
+                    _stage_copy(s_k, s_v, s_vs, s_vz, s_ks, s_kz, (j + STAGES - 1) % STAGES, j + STAGES - 1, n_sub,
+                                p_kw, p_vw, p_vs, p_vz, p_ks, p_kz, BLOCK_IDS, sub_blocks, i_lo, n_quant_visit,
+                                stride_kw_n, stride_vw_n, stride_vs_n, stride_ks_g, BLOCK_K, BN, D, KEY_GROUP, WK, VW,
+                                HAS_BLOCK_IDS)
+                    async_copy.commit_group()
+                    st = j % STAGES
+                    n0 = _sub_block_start(BLOCK_IDS, j, sub_blocks, i_lo, n_quant_visit, BLOCK_K, BN, HAS_BLOCK_IDS)
+                    if j % sub_blocks == 0:  # a new key group: its rows came with this stage
+                        x_s = s_ks.index(st).reshape([4, WK, 4, P]).load(L_R)
+                        b_ks = _key_row_slots(x_s, D, WK, P, BITS, True)
+                        if SYMMETRIC:
+                            b_kz = -_key_row_slots(x_s, D, WK, P, BITS, False) * (1 << (BITS - 1))
+                        else:
+                            b_kz = _key_row_slots(s_kz.index(st).reshape([4, WK, 4, P]).load(L_R), D, WK, P, BITS,
+                                                  False)
+                        b_qs, b_bias = _group_query(Q, b_ks, b_kz, i_b, i_h, stride_qb, stride_qh, stride_qt,
+                                                    qk_scale, GQ, T, D, WK, P, KEYS_EXACT)
+                    w_k = s_k.index(st).load(L_K)
+                    w_v = s_v.index(st).load(L_V)
+                    r_vs = s_vs.index(st).load(COLS)
+                    r_vz = s_vz.index(st).load(COLS)
+                    b_mx, b_l, b_pz, b_acc = _step(w_k, w_v, r_vs, r_vz, b_qs, b_bias, n0, q_pos, kv_len, window,
+                                                   sink, b_mx, b_l, b_pz, b_acc, BN, D, BITS, SYMMETRIC, HAS_WINDOW,
+                                                   T, WK, UK, VW, UV, K_ASM, K_CONS, V_ASM, V_CONS)
+                async_copy.wait_group(0)  # no copy outlives the program (the masked ones past the end included)
 
         # O[m, VCH[r]] = (2^-s acc[r, m] + pz[m]) / l[m]; the partial is normalised for the merge
         b_l8, _ = gl.split(gl.permute(gl.reshape(b_l, [2, 8]), [1, 0]))
@@ -422,31 +563,44 @@ def _value_channel_table(bits: int, d: int, device: torch.device) -> torch.Tenso
     return _CHANNELS[key]
 
 
-# default (keys a step, register cap) per bit width: the fastest of the 128k-key launch sweep on the H200
-# (experiments/kv_cache/README.md section 7):
+# default (keys a step, register cap, ring stages) per bit width: the fastest of the 128k-key launch sweep on the
+# H200 (experiments/kv_cache/README.md section 7):
 # int4 64 keys (55.7 us; 57.3 at 32, 58.2 at 32 under a 168-register cap that fits 12 programs an SM instead of 8),
-# int2 64 keys (50.9 us), int8 32 keys (80.7 us; 89.6 at 64); no cap: capped, the kernel spilled and was no faster
-DEFAULTS = {8: (32, None), 4: (64, None), 2: (64, None)}
+# int2 64 keys (50.9 us), int8 32 keys (80.7 us; 89.6 at 64); no cap: capped, the kernel spilled and was no faster.
+# Stages 1: the next step's words in registers. The cp.async ring (stages >= 2) is a launch option until a sweep
+# on the device (scripts/bench_kv_cache.py --mma-sweep) has timed it.
+DEFAULTS = {8: (32, None, 1), 4: (64, None, 1), 2: (64, None, 1)}
+SMEM_PER_SM = 233472  # bytes of shared memory an SM gives its blocks (sm_90: 228 KB), 1 KB of it reserved a block
 
 
-def launch_defaults(bits: int, block_n: int | None = None, maxnreg: int | None = None) -> tuple[int, int | None]:
-    """(keys a program attends per step, register cap) of an MMA launch: the arguments, else DEFAULTS."""
-    bn, cap = DEFAULTS[bits]
-    return block_n or bn, maxnreg if maxnreg is not None or block_n is not None else cap
+def launch_defaults(bits: int, block_n: int | None = None, maxnreg: int | None = None,
+                    stages: int | None = None) -> tuple[int, int | None, int]:
+    """(keys a program attends per step, register cap, ring stages) of an MMA launch: the arguments, else
+    DEFAULTS (an explicit block_n alone runs uncapped)."""
+    bn, cap, st = DEFAULTS[bits]
+    return (block_n or bn, maxnreg if maxnreg is not None or block_n is not None else cap,
+            stages if stages is not None else st)
+
+
+def check_stages(stages: int, bn: int) -> None:
+    if stages < 1 or (stages > 1 and bn < 32):
+        raise ValueError(f"mma stages must be 1 (registers) or >= 2 (a cp.async ring, steps of >= 32 keys), got "
+                         f"stages={stages} with {bn}-key steps")
 
 
 def _call(grid, warmup: bool, q, kc, ks, kz, vc, vs, vz, kr, vr, block_ids, res_ids, o_part, l_part, *, kv_len,
           n_quant, n_quant_visit, per_split, n_split_quant, n_split_total, window, sink, qk_scale, hkv, gq, block_k,
-          key_group, bits, has_block_ids, bn, maxnreg):
+          key_group, bits, has_block_ids, bn, maxnreg, stages=1, row_quant=None, row_len=None):
     b, _, t, d = q.shape
     s = layout_sizes(bits, d)
     kw, vw = kc.view(torch.int32), vc.view(torch.int32)
     vch = _value_channel_table(bits, d, q.device)
     ku, vu = s["UK"], s["UV"]
+    varlen = row_quant is not None
     fn = _quant_decode_mma_kernel.warmup if warmup else _quant_decode_mma_kernel[grid]
     return fn(
         q, kw, ks, kz if kz is not None else ks, vw, vs, vz if vz is not None else vs, kr, vr, block_ids, res_ids,
-        vch, o_part, l_part,
+        vch, o_part, l_part, row_quant if varlen else vch, row_len if varlen else vch,
         q.stride(0), q.stride(1), q.stride(2), kw.stride(0), kw.stride(1), ks.stride(0), ks.stride(1),
         vw.stride(0), vw.stride(1), vs.stride(0), vs.stride(1), kr.stride(0), kr.stride(1),
         kv_len, n_quant, n_quant_visit, per_split, n_split_quant, n_split_total, window, sink, block_k // bn,
@@ -456,31 +610,42 @@ def _call(grid, warmup: bool, q, kc, ks, kz, vc, vs, vz, kr, vr, block_ids, res_
         WK=s["WK"], UK=ku, VW=s["VW"], UV=vu,
         K_ASM=key_unpack_asm(bits, KEYS_EXACT), K_CONS=",".join(["=r"] * ku + ["r"]),
         V_ASM=value_unpack_asm(bits), V_CONS=",".join(["=r"] * vu + ["r", "r"]), KEYS_EXACT=KEYS_EXACT,
+        STAGES=stages, VARLEN=varlen,
         num_warps=1, **({"grid": grid} if warmup else {}), **({"maxnreg": maxnreg} if maxnreg else {}),
     )
 
 
+def occupancy(n_regs: int, shared: int) -> int:
+    """One-warp programs an SM holds at n_regs registers a thread and `shared` bytes of shared memory a program.
+    Registers are allocated per warp in units of 8 a thread, from each of the 4 schedulers' 16,384: 168 registers
+    give 3 warps a scheduler (12 an SM), 169-224 (and up to 256) give 2 (8). Shared memory: SMEM_PER_SM, 1 KB of it
+    reserved a block. At most 32 resident blocks an SM (sm_90)."""
+    regs = -(-n_regs // 8) * 8
+    by_regs = 4 * (16384 // (32 * regs))
+    by_smem = SMEM_PER_SM // (shared + 1024) if shared else 32
+    return max(1, min(32, by_regs, by_smem))
+
+
 def programs_per_sm(q, kc, ks, kz, vc, vs, vz, kr, vr, block_ids, res_ids, **kw) -> int:
-    """One-warp programs an SM holds at this specialization's register count (compiled ahead, once). Registers are
-    allocated per warp in units of 8 a thread, from each of the 4 schedulers' 16,384: 168 registers give 3 warps a
-    scheduler (12 an SM), 169-224 give 2 (8). Asking for more than fit leaves a second, partial wave, which was
-    slower on the H200 (experiments/kv_cache/README.md section 7)."""
+    """One-warp programs an SM holds at this specialization's registers and shared memory (compiled ahead, once).
+    Asking for more than fit leaves a second, partial wave, which was slower on the H200 (experiments/kv_cache/
+    README.md section 7)."""
     key = (q.dtype, q.shape[2], q.shape[3], kz is None, block_ids is not None, kw["window"] > 0, kw["hkv"], kw["gq"],
-           kw["block_k"], kw["key_group"], kw["bits"], kw["bn"], kw["maxnreg"], q.device)
+           kw["block_k"], kw["key_group"], kw["bits"], kw["bn"], kw["maxnreg"], kw.get("stages", 1),
+           kw.get("row_quant") is not None, q.device)
     if key not in _PER_SM:
         part = torch.empty(16, dtype=torch.float32, device=q.device)
         compiled = _call((1,), True, q, kc, ks, kz, vc, vs, vz, kr, vr, block_ids, res_ids, part, part, per_split=1,
                          n_split_quant=1, n_split_total=1, **kw)
         compiled._init_handles()
-        regs = -(-compiled.n_regs // 8) * 8
-        _PER_SM[key] = max(1, min(32, 4 * (16384 // (32 * regs))))  # 32 resident blocks an SM at most (sm_90)
+        _PER_SM[key] = occupancy(compiled.n_regs, compiled.metadata.shared)
     return _PER_SM[key]
 
 
 def split_launch(q, kc, ks, kz, vc, vs, vz, kr, vr, block_ids, res_ids, n_visit: int, *, res_blocks: int = 0,
                  num_splits: int | None = None, per_sm: int | None = None, **kw) -> tuple[int, int]:
     """(splits, visits per split) over n_visit quantized visits: by default as many one-warp programs an SM as its
-    registers allow, in one wave together with the res_blocks residual programs of every head."""
+    registers and shared memory allow, in one wave together with the res_blocks residual programs of every head."""
     if num_splits is None:
         per_sm = per_sm or programs_per_sm(q, kc, ks, kz, vc, vs, vz, kr, vr, block_ids, res_ids, **kw)
         heads = q.shape[0] * kw["hkv"]
@@ -494,6 +659,7 @@ def launch(q, kc, ks, kz, vc, vs, vz, kr, vr, block_ids, res_ids, o_part, l_part
     """Attend the quantized visits into splits [0, n_split_quant) of o_part / l_part and the residual tail's blocks
     (res_ids, or every block from n_quant on) into the rest, up to n_split_total: one launch (flattened
     [B*Hkv, ...] codes, scales, zeros and residual buffers as quant_decode prepares them; kz / vz None when
-    symmetric)."""
+    symmetric). With row_quant / row_len ([B] device tensors) each row's lengths are read on the device (VARLEN):
+    kv_len, n_quant and n_quant_visit are then ignored and per_split is the fewest quantized blocks a split takes."""
     _call((q.shape[0] * kw["hkv"], kw["n_split_total"]), False, q, kc, ks, kz, vc, vs, vz, kr, vr, block_ids, res_ids,
           o_part, l_part, **kw)
