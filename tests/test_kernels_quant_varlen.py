@@ -91,7 +91,8 @@ def test_varlen_launch_fills_one_wave_at_capacity_and_refuses_bad_chunks(monkeyp
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("bits", [8, 4, 2])
 @pytest.mark.parametrize("opts", [{}, {"min_blocks": 1, "res_chunk": 32}, {"min_blocks": 4, "res_chunk": 512}])
-def test_varlen_rows_match_reference_gpu(bits, opts):
+@pytest.mark.parametrize("kernel", [None, "triton"])  # None: the Gluon MMA kernel on a GPU at these shapes
+def test_varlen_rows_match_reference_gpu(bits, opts, kernel):
     b, hq, h, d, group, res_cap, cap = 5, 32, 8, 128, 128, 256, 4096
     store = _storage(b, h, d, cap, res_cap, bits, group, d, False, torch.bfloat16, "cuda")
     row_quant = [0, 128, 1024, 2048, 4096]
@@ -99,7 +100,8 @@ def test_varlen_rows_match_reference_gpu(bits, opts):
     q = torch.randn(b, hq, 1, d, device="cuda", dtype=torch.bfloat16)
     got = quant_decode_varlen(q, *store, torch.tensor(row_quant, device="cuda"), torch.tensor(lengths, device="cuda"),
                               bits=bits, key_group=group, value_group=d, block_k=128,
-                              out=torch.full_like(q, float("nan")), **opts)
+                              out=torch.full_like(q, float("nan")), kernel=kernel, **opts)
+    assert KQ.LAST_LAUNCH["kernel"] == ("triton.varlen" if kernel else "mma.varlen")
     want = quant_decode_varlen_ref(q, *store, row_quant, lengths, bits=bits, key_group=group, value_group=d,
                                    compute_dtype=torch.float64)
     torch.testing.assert_close(got.double(), want.double(), atol=2e-2, rtol=2e-2)
