@@ -16,6 +16,11 @@ would not fit, saying so):
   prefill    prefill tok/s at 8k and 32k (engine unchunked and chunked with peak memory, transformers)
   ttft       time to first token at 100k, chunked (flash attention), with peak memory
   batch      batch 8 and 32 decode throughput (tok/s summed over sequences): engine graph, transformers eager
+  fold       (only when named in --only) batch-1 decode at --prompt and --long with the RMSNorm folded into the
+             GEMVs' prologue (the GPU default) and without it (FastDecoder(fold_norm=False)), same weights,
+             alternating, each against the floor; the fold's kernel against float64 at llama3_8b's shapes, and the
+             two steps' logits against each other. On the CPU it needs TRITON_INTERPRET=1:
+                 TRITON_INTERPRET=1 python scripts/bench_fast_path.py --small --only fold
 Decode tok/s counts the tokens after the first (which comes from the prefill) over the time after it; medians over
 --repeats runs after a warm-up, CUDA-synchronized. JSON: device, versions, git sha (OLLM_GIT_SHA overrides), date,
 command; a GitHub table is printed last.
@@ -44,7 +49,8 @@ sys.path.insert(0, str(REPO))
 from ollm_triton.cache.base import LayerSpec  # noqa: E402
 from ollm_triton.decoding.greedy import decode_loop  # noqa: E402
 from ollm_triton.engine import Engine, load_engine  # noqa: E402
-from ollm_triton.kernels.gemv import decode_linear  # noqa: E402
+from ollm_triton.engine.fast_decode import FastDecoder  # noqa: E402
+from ollm_triton.kernels.gemv import add_rmsnorm_gemv, add_rmsnorm_gemv_reference, decode_linear  # noqa: E402
 from ollm_triton.registry import registry  # noqa: E402
 from ollm_triton.results import git_sha  # noqa: E402
 
@@ -201,6 +207,24 @@ def matmul_ceiling(model, batch: int = 1, linear=None) -> float:
         return triton.testing.do_bench_cudagraph(step, rep=200, return_mode="median") / 1e3  # capture on default
 
 
+def fold_kernel_check(cfg, device, dtype, small: bool) -> dict:
+    """The folded kernel at the model's batch-1 shapes (q/k/v, gate/up, LM head) against float64: relative RMS
+    error of y and the largest error of the written residual, in the run's dtype."""
+    shapes = {"qkv": (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, "gate_up": 2 * cfg.intermediate_size,
+              "lm_head": cfg.vocab_size if small else 8192}  # the head's rows are alike: 8192 of them suffice
+    k, g = cfg.hidden_size, torch.Generator(device=device).manual_seed(0)
+    out = {}
+    for name, n in shapes.items():
+        r, d = (torch.randn(1, k, device=device, generator=g, dtype=dtype) for _ in range(2))
+        nw = 1 + 0.2 * torch.randn(k, device=device, generator=g, dtype=dtype)
+        w = torch.randn(n, k, device=device, generator=g, dtype=dtype) / k**0.5
+        y, s = add_rmsnorm_gemv(d, r, nw, 1e-5, w)
+        y_ref, s_ref = add_rmsnorm_gemv_reference(d, r, nw, 1e-5, w)
+        out[name] = {"y_rel_rms": ((y.double() - y_ref).pow(2).mean().sqrt() / y_ref.pow(2).mean().sqrt()).item(),
+                     "residual_max_abs_err": (s.double() - s_ref).abs().max().item()}
+    return out
+
+
 def timed_prefill(fn, repeats):
     times, peaks = [], []
     for _ in range(repeats):
@@ -282,9 +306,10 @@ class Bench:
     def left(self) -> float:
         return self.args.budget - (time.perf_counter() - self.t0)
 
-    def section(self, name, need_s, fn):
-        """Run one section unless the budget cannot hold it; record failures instead of stopping."""
-        if self.args.only is not None and name not in self.args.only and name != "bandwidth":
+    def section(self, name, need_s, fn, opt_in=False):
+        """Run one section unless the budget cannot hold it; record failures instead of stopping. An opt_in
+        section runs only when --only names it."""
+        if (self.args.only is not None or opt_in) and name not in (self.args.only or ()) and name != "bandwidth":
             return
         if self.left() < need_s:
             self.record[name] = {"skipped": f"time budget: {self.left():.0f} s left, section needs ~{need_s:.0f} s"}
@@ -594,6 +619,47 @@ def main():
         return out
 
     bench.section("batch", 45 if not args.small else 1, batches)
+
+    def fold():
+        """Issue 20 item 4: the step with the RMSNorm (+ residual add) folded into the q/k/v, gate/up and LM-head
+        GEMVs against the same step with the norm kernels, batch 1, at --prompt and --long, same weights."""
+        out = {"kernel_vs_float64": fold_kernel_check(cfg, device, dtype, args.small)}
+        engines = {}
+        for on in (False, True):
+            eng = sibling(fast_decode="auto" if CUDA else "static")
+            eng._fast = FastDecoder(eng, capture=CUDA, use_kernels=eng.kernels, fold_norm=on)
+            engines[on] = eng
+        for ctx, new, seed in ((args.prompt, args.new, 0), (args.long, args.long_new, 1)):
+            p = make_prompt(arch, 1, ctx, device, seed=seed)
+            row = {}
+            for key, on in (("no_fold", False), ("fold", True), ("no_fold_again", False), ("fold_again", True)):
+                row[key], _ = engine_generate(engines[on], p, new, max(1, args.repeats // 2) if "again" in key
+                                              else args.repeats)
+                engines[on].fast_decoder().buckets.clear()  # one context's KV buffers at a time
+                if CUDA:
+                    torch.cuda.empty_cache()
+            with torch.inference_mode():  # first decode steps of the two, the same prompt
+                logits = {}
+                for on, eng in engines.items():
+                    logits[on] = store = []
+                    eng.fast_decoder().generate(p, 2, lambda lg, store=store: store.append(lg.clone()) or lg.argmax(-1))
+                    eng.fast_decoder().buckets.clear()
+            row["fold_vs_no_fold_step_logits_rel_l2"] = max(
+                ((a - b).norm() / b.norm()).item() for a, b in zip(logits[True], logits[False], strict=True))
+            tok = {k: statistics.median([row[k]["decode_tok_s"], row[k + "_again"]["decode_tok_s"]])
+                   for k in ("no_fold", "fold")}
+            row["fold_over_no_fold"] = tok["fold"] / tok["no_fold"]
+            f, rel = floor(1, ctx + new // 2), row["fold_vs_no_fold_step_logits_rel_l2"]
+            for k, name in (("no_fold", "norm kernels apart (fold_norm=False)"),
+                            ("fold", "RMSNorm folded into the GEMVs (default)")):
+                bench.row(f"engine, {engines[k == 'fold'].fast_path} step, {name}", ctx, 1,
+                          row[k]["prefill_tok_s"], tok[k], f, row[k]["peak_gb"],
+                          f"median of 2 alternating runs; step logits fold vs apart: rel L2 {rel:.1e}",
+                          group=2000 + len(out) * 10 + (k == "fold"))
+            out[str(ctx)] = row
+        return out
+
+    bench.section("fold", 60 if not args.small else 1, fold, opt_in=True)
 
     bench.header["total_s"] = time.perf_counter() - bench.t0
     bench.save()

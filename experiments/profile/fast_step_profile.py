@@ -1,15 +1,22 @@
 """What one graph-replayed decode step of llama3_8b (random bf16 weights, batch 1, 512-token prompt) spends its
 GPU time on, kernel by kernel: torch.profiler (CUPTI) over replays of the captured step.
 
-    python experiments/profile/fast_step_profile.py [--prompt 512] [--steps 64] > step_profile.txt
+    python experiments/profile/fast_step_profile.py [--prompt 512] [--steps 64] [--fold both] > step_profile.txt
+    python experiments/profile/fast_step_profile.py --fold-kernels      # the folded GEMV alone, ~1 min on an H100
 
 Prints the kernels grouped by name with their total and per-step GPU time, the sum of kernel time per step, and
 the wall time per step, whose difference is the gaps between kernels (launch latency inside the graph).
+--fold on|off|both: the step with the RMSNorm folded into the q/k/v, gate/up and LM-head GEMVs (kernels/gemv.py
+`add_rmsnorm_gemv`, the GPU default), with the norm kernels apart (FastDecoder(fold_norm=False)), or both, one
+after the other on the same weights and prompt (default both), each with its wall time; both: their ratio last.
+--fold-kernels: those three shapes alone over cold weights (a CUDA graph over copies of the weight, as
+step_kernels.py): the norm kernel + GEMV apart against the fold at 1-8 rows a program, each checked against float64.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -21,6 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from ollm_triton.engine import load_engine  # noqa: E402
+from ollm_triton.engine.fast_decode import FastDecoder  # noqa: E402
 
 
 def main():
@@ -28,13 +36,33 @@ def main():
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--gemv", action="store_true", help="only time llama3_8b's batch-1 matmuls three ways")
+    ap.add_argument("--fold", choices=("on", "off", "both"), default="both",
+                    help="the RMSNorm folded into the GEMVs (on), apart (off), or both profiled in turn")
+    ap.add_argument("--fold-kernels", action="store_true", help="only time the folded GEMV against norm + GEMV")
     args = ap.parse_args()
     if args.gemv:
         return gemv()
+    if args.fold_kernels:
+        return fold_kernels()
     arch = yaml.safe_load((REPO / "ollm_triton" / "conf" / "model" / "llama3_8b.yaml").read_text())["arch"]
     engine = load_engine(arch, device="cuda", dtype=torch.bfloat16, seed=0, fast_decode="graph")
-    fd = engine.fast_decoder()
+    engine.fast_decoder()  # fuses q/k/v and gate/up once
     prompt = torch.randint(0, arch["vocab_size"], (1, args.prompt), device="cuda")
+    walls = {}
+    for fold in {"on": (True,), "off": (False,), "both": (False, True)}[args.fold]:
+        engine._fast = FastDecoder(engine, capture=True, fold_norm=fold)
+        print(f"\n## fold_norm={fold}: {'RMSNorm folded into the GEMVs' if fold else 'norm kernels apart'}")
+        walls[fold] = profile_step(engine, prompt, args.steps)
+        engine._fast.close()
+        torch.cuda.empty_cache()
+    if len(walls) == 2:
+        print(f"\nfold: {walls[True]:.1f} us a step against {walls[False]:.1f} us apart "
+              f"({walls[False] / walls[True]:.3f}x)")
+
+
+def profile_step(engine, prompt, steps) -> float:
+    """Kernel table of `steps` replays of the engine's captured step; returns the wall time of a step in us."""
+    fd = engine.fast_decoder()
     with torch.inference_mode():
         fd.generate(prompt, 8, lambda lg: lg.argmax(-1))  # compile, capture
         bk = next(iter(fd.buckets.values()))
@@ -42,14 +70,14 @@ def main():
             fd.replay(bk)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        for _ in range(args.steps):
+        for _ in range(steps):
             fd.replay(bk)
         torch.cuda.synchronize()
-        wall_us = (time.perf_counter() - t0) / args.steps * 1e6
+        wall_us = (time.perf_counter() - t0) / steps * 1e6
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(args.steps):
+            for _ in range(steps):
                 fd.replay(bk)
             torch.cuda.synchronize()
     rows = {}
@@ -58,12 +86,13 @@ def main():
             name = e.name[:90]
             n, t = rows.get(name, (0, 0.0))
             rows[name] = (n + 1, t + e.device_time)
-    total = sum(t for _, t in rows.values()) / args.steps
+    total = sum(t for _, t in rows.values()) / steps
     print(f"wall per step {wall_us:.1f} us ({1e6 / wall_us:.1f} tok/s); kernel time per step {total:.1f} us; "
           f"gaps {wall_us - total:.1f} us; layers {len(engine.model.model.layers)}")
     print(f"{'us/step':>9} {'calls/step':>10} {'us/call':>8}  kernel")
     for name, (n, t) in sorted(rows.items(), key=lambda kv: -kv[1][1]):
-        print(f"{t / args.steps:9.1f} {n / args.steps:10.1f} {t / n:8.2f}  {name}")
+        print(f"{t / steps:9.1f} {n / steps:10.1f} {t / n:8.2f}  {name}")
+    return wall_us
 
 
 def gemv():
@@ -85,6 +114,78 @@ def gemv():
                 row[how] = f"{us:.2f} us ({w.numel() * 2 / us / 1e3:.0f} GB/s)"
             print(name, n, k, row, flush=True)
             w = None  # free it before the next shape
+
+
+def fold_kernels():
+    """llama3_8b's three folded shapes (K = 4096): the fused add + RMSNorm kernel then the one-shot GEMV (what the
+    step runs with fold_norm=False) against add_rmsnorm_gemv at several rows a program and warps, each a CUDA graph
+    over copies of the weight (>= 400 MB in all, so the weights stream from HBM as in the step), divided by the
+    copies; every config checked against float64. JSON lines, then a GitHub table."""
+    import triton
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from step_kernels import graph_us
+
+    from ollm_triton.kernels import gemv as G
+    from ollm_triton.kernels.norm import rmsnorm_kernel
+
+    dt, k, eps = torch.bfloat16, 4096, 1e-5
+    g = torch.Generator(device="cuda").manual_seed(0)
+    r, d = (torch.randn(1, k, device="cuda", dtype=dt, generator=g) for _ in range(2))
+    nw = 1 + 0.2 * torch.randn(k, device="cuda", dtype=dt, generator=g)
+    normed, s = torch.empty(1, k, device="cuda", dtype=dt), torch.empty(1, k, device="cuda", dtype=dt)
+    configs = [(1, 4), (2, 4), (4, 4), (4, 8), (8, 8)]
+    table = []
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
+          f"default fold config: {G.FOLD_BLOCK_N} rows, {G.FOLD_NUM_WARPS} warps")
+    with torch.inference_mode():
+        for name, n in (("qkv", 6144), ("gate_up", 28672), ("lm_head", 128256)):
+            copies = max(2, -(-400_000_000 // (n * k * 2)))
+            ws = [torch.randn(n, k, device="cuda", dtype=dt, generator=g) / k**0.5 for _ in range(copies)]
+            y = torch.empty(n, device="cuda", dtype=dt)
+            y_ref, _ = G.add_rmsnorm_gemv_reference(d, r, nw, eps, ws[0])
+
+            def err(y=y, y_ref=y_ref):
+                return ((y.double() - y_ref).pow(2).mean().sqrt() / y_ref.pow(2).mean().sqrt()).item()
+
+            def apart(ws=ws, y=y):  # a list of one weight: the checked call
+                for w in ws:
+                    rmsnorm_kernel(d, nw, eps, residual=r, out=normed, residual_out=s)
+                    G.gemv(normed, w, out=y)
+
+            def gemv_only(ws=ws, y=y):
+                for w in ws:
+                    G.gemv(normed, w, out=y)
+
+            row = {"shape": name, "n": n, "k": k, "copies": copies}
+            apart(ws[:1])
+            row["apart_err"] = err()
+            row["apart_us"] = graph_us(apart) / copies
+            row["gemv_alone_us"] = graph_us(gemv_only) / copies
+            for bn, warps in configs:
+                def fold(ws=ws, y=y, bn=bn, warps=warps):  # ws[:1]: the checked call
+                    for w in ws:
+                        G.add_rmsnorm_gemv(d, r, nw, eps, w, block_n=bn, num_warps=warps, out=y, residual_out=s)
+
+                key = f"fold_b{bn}_w{warps}"
+                try:
+                    fold(ws[:1])
+                    row[key + "_err"] = err()
+                    row[key + "_us"] = graph_us(fold) / copies
+                except Exception as e:  # noqa: BLE001 - a config that does not compile or fit is a finding
+                    row[key + "_error"] = repr(e)[:160]
+            print(json.dumps(row), flush=True)
+            table.append(row)
+            ws = None
+            torch.cuda.empty_cache()
+    print("\n| shape (N x 4096) | norm + GEMV apart | GEMV alone | "
+          + " | ".join(f"fold {bn} rows, {w} warps" for bn, w in configs) + " |")
+    print("| --- | ---: | ---: | " + " | ".join("---:" for _ in configs) + " |")
+    for row in table:
+        cells = [f"{row.get(f'fold_b{bn}_w{w}_us', float('nan')):.2f}" for bn, w in configs]
+        print(f"| {row['shape']} ({row['n']}) | {row['apart_us']:.2f} | {row['gemv_alone_us']:.2f} | "
+              + " | ".join(cells) + " |")
+    print("us per call (median graph replay / copies); errors against float64 in the JSON lines above")
 
 
 if __name__ == "__main__":
