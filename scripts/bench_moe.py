@@ -4,7 +4,10 @@ time (issue 18: 64.4 tok/s on an H100, 15% of its active-weight floor).
 
     OLLM_GIT_SHA=$(git rev-parse --short HEAD) python scripts/bench_moe.py --out $OUT/bench_moe.json   # H100, ~2 min
     python scripts/bench_moe.py --small --out /tmp/bench_moe.json      # CPU smoke test (interpreter, tiny shapes)
-    [--tokens 1 16 512] [--model qwen3_moe_30b gpt_oss_20b] [--sweep] [--no-step] [--layers L]
+    [--tokens 1 16 512] [--model qwen3_moe_30b gpt_oss_20b] [--sweep] [--no-step] [--no-experts] [--layers L]
+    [--transformers [--prompt 512] [--new 64] [--repeats 2] [--no-compile] [--compile-timeout 100]]
+    # the engine beside transformers, one model a call (each < 3 min on an H100):
+    python scripts/bench_moe.py --transformers --no-experts --no-step --model gpt_oss_20b --out $OUT/bench_moe_hf.json
 
 Section "experts". One MoE layer of Qwen3-30B-A3B (hidden 2048, 128 experts of intermediate 768, 8 routed per
 token) or of gpt-oss-20b (hidden 2880, 32 experts of 2880, 4 routed, clamped SwiGLU with biases, transposed
@@ -32,14 +35,33 @@ captured segments with each layer's attention run eagerly through the sdpa backe
   - the floor: the bytes a token reads (attention, router, the k routed experts, norms, LM head; not the embedding
     table) over the copy bandwidth.
 Correctness in the same run: the step's first decode logits against the eager engine's (relative L2, bf16); the
-expert kernels against a float32 reference. Writes JSON (device, versions, git sha, date, command); prints GitHub
-tables last.
+expert kernels against a float32 reference.
+
+Section "transformers" (--transformers; issue 18's "against transformers in the same run"). For each --model, the
+preset's random bf16 weights (seed 0, drawn on the GPU), batch 1, a --prompt-token random prompt, --new tokens,
+greedy, one model at a time:
+  - the engine's runner path (FastDecoder.generate, what `task=throughput` times: the captured step where the model
+    allows it), decode ms a token over the second of two generations;
+  - transformers' own GptOssForCausalLM / Qwen3MoeForCausalLM `generate` (eager, its default dynamic cache; its
+    default attention and experts implementations, named in the row), medians over --repeats after a warm-up, the
+    decode time after the first token (scripts/bench_fast_path.py's timer). transformers' model is built on the meta
+    device and handed the engine's tensors (the engine's parameter names are transformers 5's): ONE copy of the
+    weights for both, since gpt-oss (~42 GB) or Qwen3-MoE (~61 GB) fits an 80 GB H100 once, not twice;
+  - transformers `generate` with a static cache and its torch.compile (reduce-overhead) in a subprocess, after this
+    process freed the model, within --compile-timeout seconds (a run over it, or one that fails, is a row saying so;
+    a generate that fell back to the uncompiled call says NOT COMPILED).
+Checked in the same run: transformers' prefill logits and its first decode step's (fed the engine's token) against
+the eager engine's (relative L2; ~1e-7 in float32 on the CPU, bf16 rounding on the GPU), the runner path's first
+step likewise, and the compiled run's tokens against transformers eager's.
+
+Writes JSON (device, versions, git sha, date, command); prints GitHub tables last.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import statistics
@@ -72,10 +94,15 @@ SMALL_SHAPES = {  # --small: the same layouts at interpreter sizes (odd widths: 
 SMALL_GPT_OSS = dict(model_type="gpt_oss", vocab_size=512, hidden_size=64, intermediate_size=40, num_hidden_layers=2,
                      num_attention_heads=8, num_key_value_heads=2, head_dim=16, num_local_experts=8,
                      num_experts_per_tok=2, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
-                     max_position_embeddings=4096, attention_bias=True,
+                     max_position_embeddings=4096, attention_bias=True, rms_norm_eps=1e-5,
                      rope_parameters={"rope_type": "yarn", "factor": 8.0, "beta_fast": 32.0, "beta_slow": 1.0,
                                       "truncate": False, "original_max_position_embeddings": 512,
                                       "rope_theta": 150000.0})
+SMALL_QWEN3_MOE = dict(model_type="qwen3_moe", vocab_size=512, hidden_size=64, intermediate_size=96,
+                       moe_intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=16, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+                       max_position_embeddings=4096)
+SMALL_ARCHS = {"qwen3_moe_30b": SMALL_QWEN3_MOE, "gpt_oss_20b": SMALL_GPT_OSS}  # --small: the presets' stand-ins
 # (block_m or None = the kernel's choice, block_n, block_k, warps) for --sweep; the first is the default
 SWEEP = [(None, 64, 64, 4), (16, 32, 64, 4), (16, 64, 128, 4), (16, 128, 64, 8), (64, 128, 64, 8), (32, 64, 64, 4)]
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -245,13 +272,15 @@ def expert_rows(args, shapes: dict, bw: float) -> list[dict]:
 # ---- section "step" -----------------------------------------------------------------------------------------------
 
 
-def gpt_oss_arch(args) -> dict:
+def preset_arch(model: str, args) -> dict:
+    """The model preset's arch (conf/model/<model>.yaml), or its tiny stand-in with --small."""
     if args.small:
-        return copy.deepcopy(SMALL_GPT_OSS)
-    arch = yaml.safe_load((ROOT / "ollm_triton" / "conf" / "model" / "gpt_oss_20b.yaml").read_text())["arch"]
+        return copy.deepcopy(SMALL_ARCHS[model])
+    arch = yaml.safe_load((ROOT / "ollm_triton" / "conf" / "model" / f"{model}.yaml").read_text())["arch"]
     if args.layers:  # a layer-reduced model: the per-layer rows scale, the LM head does not
         arch["num_hidden_layers"] = args.layers
-        arch["layer_types"] = arch["layer_types"][: args.layers]
+        if "layer_types" in arch:
+            arch["layer_types"] = arch["layer_types"][: args.layers]
     return arch
 
 
@@ -292,10 +321,25 @@ def first_step_logits(decoder, ids) -> torch.Tensor:
     return seen[1]
 
 
-def eager_first_step_logits(engine, ids) -> torch.Tensor:
+def eager_first_steps(engine, ids, token: torch.Tensor | None = None):
+    """Through the eager engine: (the prefill's last logits [1, V], the token fed next [1]: their argmax unless
+    given, the first decode step's logits [1, V])."""
     cache = engine.new_cache(batch=1, max_len=ids.shape[1] + 2)
-    token = engine.forward(ids, cache, last_only=True)[:, -1].argmax(-1)
-    return engine.forward(token[:, None], cache)[:, -1]
+    prefill = engine.forward(ids, cache, last_only=True)[:, -1]
+    token = prefill.argmax(-1) if token is None else token
+    return prefill, token, engine.forward(token[:, None], cache)[:, -1]
+
+
+def eager_first_step_logits(engine, ids) -> torch.Tensor:
+    return eager_first_steps(engine, ids)[2]
+
+
+def decoder_ms(decoder, ids, new: int) -> tuple[float, torch.Tensor]:
+    """The runner's way of counting a decoder: (decode ms a target forward over the second of two generations of
+    `new` tokens, the first one warm-up and capture; its first decode step's logits [1, V])."""
+    got = first_step_logits(decoder, ids)
+    c = [decoder.generate(ids, new) for _ in range(2)][-1].counters
+    return c["decode_s"] / max(c["target_forwards"] - 1, 1) * 1e3, got
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -308,7 +352,7 @@ def step_rows(args, bw: float) -> tuple[list[dict], dict]:
 
     dtype = torch.float32 if args.small else DT
     prompt, new, reps = (24, 6, 2) if args.small else (512, 64, 20)
-    arch = gpt_oss_arch(args)
+    arch = preset_arch("gpt_oss_20b", args)
     t0 = time.perf_counter()
     engine = load_engine(arch, device=DEV, dtype=dtype, seed=0,
                          fast_decode="auto" if DEV.type == "cuda" else "piecewise")
@@ -336,9 +380,8 @@ def step_rows(args, bw: float) -> tuple[list[dict], dict]:
     def decode_row(name, decoder, ref):
         """The runner's way of counting a decoder: its first step's logits against `ref`, then two generations (the
         second warm), decode ms a target forward."""
-        got = first_step_logits(decoder, ids)
-        c = [decoder.generate(ids, new) for _ in range(2)][-1].counters
-        row(name, c["decode_s"] / max(c["target_forwards"] - 1, 1) * 1e3, logits_rel_l2_vs_eager=rel_l2(got, ref))
+        ms, got = decoder_ms(decoder, ids, new)
+        row(name, ms, logits_rel_l2_vs_eager=rel_l2(got, ref))
 
     fd = engine.fast_decoder()
     with torch.inference_mode():
@@ -425,6 +468,199 @@ def step_rows(args, bw: float) -> tuple[list[dict], dict]:
     return rows, info
 
 
+# ---- section "transformers" ---------------------------------------------------------------------------------------
+
+
+def fast_path_bench():
+    """scripts/bench_fast_path.py as a module: its transformers `generate` timer (hf_generate), so that this table and
+    the dense engine study count transformers' decode tok/s the same way."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_fast_path", ROOT / "scripts" / "bench_fast_path.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def hf_from_engine(engine, arch: dict):
+    """transformers' own class for `arch` (GptOssForCausalLM, Qwen3MoeForCausalLM), built on the meta device with
+    the engine's tensors assigned: one copy of the weights serves both (in bf16 gpt-oss is ~42 GB and Qwen3-MoE
+    ~61 GB; an 80 GB H100 holds one copy, not two). The engine's parameter names are transformers 5's, so its state
+    dict fills the model as it is; a tensor missing or left over is an error. Attention and experts run as the
+    class's defaults (the row names them)."""
+    import transformers
+
+    cfg = transformers.AutoConfig.for_model(**arch)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=engine.dtype)
+    missing, unexpected = model.load_state_dict(engine.model.state_dict(), strict=False, assign=True)
+    if missing or unexpected:
+        raise RuntimeError(f"the engine's state dict does not fill {type(model).__name__}: missing {missing[:4]}, "
+                           f"unexpected {unexpected[:4]}")
+    with torch.device(engine.device):  # the rotary buffers are not in the state dict: built where they are used
+        model.model.rotary_emb = type(model.model.rotary_emb)(model.config)
+    return model.eval()
+
+
+def hf_first_steps(model, ids, token):
+    """transformers' (prefill's last logits [1, V], first decode step's logits [1, V] after `token` [1])."""
+    out = model(ids, use_cache=True, logits_to_keep=1)
+    step = model(token[:, None], past_key_values=out.past_key_values, use_cache=True)
+    return out.logits[:, -1], step.logits[:, -1]
+
+
+def hf_lengths(args) -> tuple[int, int, int]:
+    """(prompt, new tokens, timed repeats) of the transformers section."""
+    return (24, 6, 1) if args.small else (args.prompt, args.new, args.repeats)
+
+
+def hf_prompt(arch: dict, prompt: int) -> torch.Tensor:
+    return torch.randint(0, arch["vocab_size"], (1, prompt), generator=torch.Generator().manual_seed(0)).to(DEV)
+
+
+def peak_gb() -> float | None:
+    return torch.cuda.max_memory_allocated() / 1e9 if DEV.type == "cuda" else None
+
+
+def hf_model_rows(model: str, args, rows: list[dict]) -> list[int]:
+    """One model: the engine's runner path, then transformers `generate` (eager, dynamic cache) on the same tensors,
+    appended to `rows` as they finish. Returns transformers' generated tokens (the compiled run is compared with
+    them; empty when transformers did not run)."""
+    from ollm_triton.engine import load_engine
+
+    prompt, new, repeats = hf_lengths(args)
+    arch = preset_arch(model, args)
+    t0 = time.perf_counter()
+    engine = load_engine(arch, device=DEV, dtype=torch.float32 if args.small else DT, seed=0,
+                         fast_decode="auto" if DEV.type == "cuda" else "piecewise")
+    base = dict(model=model, layers=engine.config.num_layers, prompt=prompt, new_tokens=new,
+                load_s=time.perf_counter() - t0)
+    ids = hf_prompt(arch, prompt)
+    tokens: list[int] = []
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        print("HF", json.dumps(row), flush=True)
+
+    try:
+        with torch.inference_mode():
+            # the reference of both checks: the eager engine's prefill, the token it picks, and the step after it
+            pre_ref, token, step_ref = eager_first_steps(engine, ids)
+            fd = engine.fast_decoder()
+            if DEV.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            ms, got = decoder_ms(fd, ids, new)
+            add(dict(base, path=f"engine: the runner's path ({fd.mode} step)", ms=ms, tok_s=1e3 / ms, peak_gb=peak_gb(),
+                     step_rel_l2=rel_l2(got, step_ref), note=str(engine.fast_path)))
+            fd.close()
+            path = "transformers generate, eager, dynamic cache"
+            try:
+                hf = hf_from_engine(engine, arch)
+                pre, step = hf_first_steps(hf, ids, token)
+                res, out = fast_path_bench().hf_generate(hf, ids, new, repeats)
+                tokens = out[0].tolist()
+                impl = (f"attention {hf.config._attn_implementation}, experts "
+                        f"{getattr(hf.config, '_experts_implementation', None) or 'eager'}")
+                del hf
+                add(dict(base, path=path, ms=1e3 / res["decode_tok_s"], tok_s=res["decode_tok_s"],
+                         peak_gb=res["peak_gb"] if DEV.type == "cuda" else None, prefill_rel_l2=rel_l2(pre, pre_ref),
+                         step_rel_l2=rel_l2(step, step_ref), note=impl))
+            except Exception as exc:  # transformers failing (out of memory, a missing tensor) is its row
+                traceback.print_exc()
+                add(dict(base, path=path, note=f"failed: {type(exc).__name__}: "
+                                               f"{(str(exc).splitlines() or [''])[0][:160]}"))
+    finally:
+        engine.close()
+        del engine
+    return tokens
+
+
+def compile_worker(args) -> None:
+    """In its own process (torch.compile can take minutes or fail): the same seeded weights rebuilt, transformers
+    `generate` with a static cache and its auto-compile (torch.compile mode reduce-overhead; on the CPU the eager
+    backend, which checks the plumbing only). Writes {ok, decode_tok_s, ..., tokens, compiled} to --worker-out."""
+    from ollm_triton.engine import load_engine
+
+    try:
+        from transformers.generation import CompileConfig
+
+        model, (prompt, new, repeats) = args.model[0], hf_lengths(args)
+        arch = preset_arch(model, args)
+        engine = load_engine(arch, device=DEV, dtype=torch.float32 if args.small else DT, seed=0, fast_decode="off")
+        hf = hf_from_engine(engine, arch)
+        config = CompileConfig(fullgraph=False, mode="reduce-overhead") if DEV.type == "cuda" else \
+            CompileConfig(backend="eager")
+        if DEV.type != "cuda":  # transformers compiles on CUDA only unless told otherwise
+            config._compile_all_devices = True
+        hf.generation_config.compile_config = config
+        # the warm-up has the timed runs' length: a static cache of another length would compile again
+        res, tokens = fast_path_bench().hf_generate(hf, hf_prompt(arch, prompt), new, repeats, warm_new=new,
+                                                    cache_implementation="static")
+        # transformers falls back to the uncompiled call when its criteria fail: say which ran
+        out = {"ok": True, **res, "tokens": tokens[0].tolist(), "compiled": hasattr(hf, "_compiled_call"),
+               "backend": config.backend, "mode": config.mode}
+    except Exception as exc:  # reported in the parent's row, never hidden
+        out = {"ok": False, "error": f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}",
+               "trace": traceback.format_exc()[-1500:]}
+    Path(args.worker_out).write_text(json.dumps(out))
+
+
+def compile_row(model: str, args, eager_tokens: list[int]) -> dict:
+    """Runs compile_worker for `model` within --compile-timeout seconds: its row (or why there is none)."""
+    import subprocess
+
+    prompt, new, _ = hf_lengths(args)
+    out = Path(args.out).with_suffix(f".{model}.compile.json")
+    cmd = [sys.executable, __file__, "--compile-worker", "--worker-out", str(out), "--model", model,
+           "--prompt", str(args.prompt), "--new", str(args.new), "--repeats", str(args.repeats)]
+    cmd += ["--small"] if args.small else []
+    cmd += ["--layers", str(args.layers)] if args.layers else []
+    row = dict(model=model, path="transformers generate, static cache + torch.compile", prompt=prompt, new_tokens=new)
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.compile_timeout)
+    except subprocess.TimeoutExpired:
+        return dict(row, note=f"not measured: over the {args.compile_timeout:.0f} s time box (rebuild + compile + "
+                              "warm-up + runs)")
+    row["wall_s"] = time.perf_counter() - t0
+    if not out.is_file():
+        tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-3:]
+        return dict(row, note=f"failed: worker exited {proc.returncode} without a result: {' | '.join(tail)[:200]}")
+    res = json.loads(out.read_text())
+    out.unlink()
+    if not res["ok"]:
+        return dict(row, note=f"failed: {res['error']}")
+    same = next((i for i, (a, b) in enumerate(zip(res["tokens"], eager_tokens, strict=False)) if a != b),
+                min(len(res["tokens"]), len(eager_tokens)))
+    note = (f"{res['backend']}, {res['mode']}; compile + warm-up {res['warmup_s']:.0f} s; first {same} of "
+            f"{len(eager_tokens)} tokens as transformers eager")
+    if not res["compiled"]:
+        note = f"NOT COMPILED (transformers fell back to its eager call); {note}"
+    return dict(row, ms=1e3 / res["decode_tok_s"], tok_s=res["decode_tok_s"],
+                peak_gb=res["peak_gb"] if DEV.type == "cuda" else None, note=note)
+
+
+def hf_rows(args) -> list[dict]:
+    """Section "transformers": each model's engine beside transformers' own implementation, one model at a time
+    (the first model's tensors are freed before the next is built, and before the compile worker rebuilds them)."""
+    rows: list[dict] = []
+    for model in args.model:
+        tokens: list[int] = []
+        try:
+            tokens = hf_model_rows(model, args, rows)
+        except Exception as exc:  # one model failing is a row, not the end of the run
+            traceback.print_exc()
+            rows.append(dict(model=model, path="engine and transformers eager",
+                             note=f"failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"))
+        gc.collect()
+        if DEV.type == "cuda":
+            torch.cuda.empty_cache()
+        if not args.no_compile:
+            rows.append(compile_row(model, args, tokens))
+            print("HF", json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 # ---- main ---------------------------------------------------------------------------------------------------------
 
 
@@ -436,24 +672,46 @@ def main() -> None:
     ap.add_argument("--model", choices=sorted(SHAPES), nargs="+", default=["qwen3_moe_30b", "gpt_oss_20b"])
     ap.add_argument("--sweep", action="store_true", help="also time our kernels at other tile sizes (SWEEP)")
     ap.add_argument("--no-step", action="store_true", help="skip the gpt-oss-20b decode step section")
-    ap.add_argument("--layers", type=int, default=0, help="step section: a layer-reduced gpt-oss-20b (0 = all 24)")
+    ap.add_argument("--no-experts", action="store_true", help="skip the expert-kernel section")
+    ap.add_argument("--transformers", action="store_true",
+                    help="add the transformers section: each --model's engine beside transformers' own generate")
+    ap.add_argument("--prompt", type=int, default=512, help="transformers section: prompt tokens (24 with --small)")
+    ap.add_argument("--new", type=int, default=64, help="transformers section: new tokens (6 with --small)")
+    ap.add_argument("--repeats", type=int, default=2, help="transformers section: timed generations (median)")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="transformers section: skip the static cache + torch.compile subprocess")
+    ap.add_argument("--compile-timeout", type=float, default=100.0,
+                    help="transformers section: seconds for the compile subprocess (rebuild, compile, runs)")
+    ap.add_argument("--layers", type=int, default=0,
+                    help="step and transformers sections: a layer-reduced model (0 = the preset's depth)")
     ap.add_argument("--small", action="store_true", help="tiny shapes on the CPU (interpreter): the plumbing only")
+    ap.add_argument("--compile-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if DEV.type != "cuda" and not args.small:
         sys.exit("bench_moe.py needs a CUDA device (or --small: tiny shapes on the CPU, the plumbing only)")
     if args.small:
         DT = torch.float32  # the interpreter multiplies bf16 bit patterns in tl.dot
+    if args.compile_worker:
+        compile_worker(args)
+        return
     args.tokens = args.tokens or ([1, 5] if args.small else [1, 16, 512])
     t_start = time.perf_counter()
     env = environment(DEV)
     bw = copy_bandwidth()
     shapes = SMALL_SHAPES if args.small else SHAPES
     payload = {"env": env, "copy_bandwidth_GBps": bw / 1e9, "shapes": shapes, "small": args.small,
-               "command": " ".join(sys.argv), "rows": [], "step_rows": [], "step": None, "seconds": {}}
-    payload["rows"] = expert_rows(args, shapes, bw)
-    payload["seconds"]["experts"] = time.perf_counter() - t_start
+               "command": " ".join(sys.argv), "rows": [], "step_rows": [], "step": None, "hf_rows": [],
+               "seconds": {}}
+    if not args.no_experts:
+        payload["rows"] = expert_rows(args, shapes, bw)
+        payload["seconds"]["experts"] = time.perf_counter() - t_start
     if DEV.type == "cuda":
         torch.cuda.empty_cache()
+    if args.transformers:  # before the step section: its engine is closed, so each model here has the whole device
+        t0 = time.perf_counter()
+        payload["hf_rows"] = hf_rows(args)
+        payload["seconds"]["transformers"] = time.perf_counter() - t0
     if not args.no_step:
         t0 = time.perf_counter()
         try:
@@ -480,7 +738,7 @@ def table(p: dict) -> str:
     out = [f"MoE experts, {'fp32' if p['small'] else 'bf16'} - {head}", "",
            "| model | tokens | path | ms | ms (graph) | expert GB/s | of copy bw | floor ms (routed / every expert) "
            "| rel RMS vs fp32 | ok |",
-           "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+           "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"] if p["rows"] else []
     for r in p["rows"]:
         if "ms" not in r:
             out.append(f"| {r['model']} | {r['tokens']} | {r['path']} | | | | | | | {r.get('note', '')} |")
@@ -506,9 +764,32 @@ def table(p: dict) -> str:
                          else f"rel RMS vs fp32 {r['rel_rms_vs_fp32']:.1e}" if "rel_rms_vs_fp32" in r else "")
                 out.append(f"| {r['row']} | {r['ms']:.3f} | {_f(r.get('host_ms'), '.3f')} | {_f(r['tok_s'], '.1f')} | "
                            f"{_f(r['of_floor'], '.0%')} | {check} |")
+    out += hf_table(p, head)
     out.append("")
     out.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in p["seconds"].items()))
     return "\n".join(out)
+
+
+
+def hf_table(p: dict, head: str) -> list[str]:
+    """The transformers section: decode tok/s of each path, the engine's over each, first-step logits checks."""
+    if not p.get("hf_rows"):
+        return []
+    engine = {r["model"]: r["tok_s"] for r in p["hf_rows"] if r["path"].startswith("engine") and "tok_s" in r}
+    out = ["", f"The engine beside transformers, batch 1, same weights, {'fp32' if p['small'] else 'bf16'} - {head}",
+           "", "| model | layers | path | prompt + new | decode tok/s | ms/token | engine x | peak GB | "
+           "prefill logits rel L2 | step logits rel L2 | note |",
+           "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in p["hf_rows"]:
+        tok_s = r.get("tok_s")
+        times = engine.get(r["model"]) / tok_s if tok_s and engine.get(r["model"]) else None
+        out.append(f"| {r['model']} | {r.get('layers', '')} | {r['path']} | {r.get('prompt', '')} + "
+                   f"{r.get('new_tokens', '')} | {_f(tok_s, '.1f')} | {_f(r.get('ms'), '.2f')} | {_f(times, '.2f')} | "
+                   f"{_f(r.get('peak_gb'), '.1f')} | {_f(r.get('prefill_rel_l2'), '.1e')} | "
+                   f"{_f(r.get('step_rel_l2'), '.1e')} | {r.get('note', '')} |")
+    out += ["", "Logits rel L2: against the eager engine's on the same prompt and the same fed token (the engine's "
+            "runner path: its first decode step; transformers: its prefill and first decode step)."]
+    return out
 
 
 if __name__ == "__main__":
