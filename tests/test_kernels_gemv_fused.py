@@ -39,17 +39,19 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" 
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("n,k,block_n,bias", [(1, 1, 4, True), (63, 129, 4, False), (33, 63, 1, True),
-                                              (129, 63, 8, True), (37, 1000, 8, True)])
+@pytest.mark.parametrize("n,k,block_n,steps,bias", [(1, 1, 4, 1, True), (63, 129, 4, 1, False), (33, 63, 1, 1, True),
+                                                    (129, 63, 2, 8, True), (37, 1000, 8, 2, True)])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fold_matches_float64(n, k, block_n, bias, dtype, poison):
+def test_fold_matches_float64(n, k, block_n, steps, bias, dtype, poison):
     """y = norm(residual + delta) W^T + b and the new residual stream, every output element written; the residual
-    is the eager `residual + delta` exactly (one rounding), the inputs untouched."""
+    is the eager `residual + delta` exactly (one rounding), the inputs untouched. steps > 1: a program walks several
+    chunks of rows, the last program's partly or wholly past N."""
     delta, residual, norm_w, w, b = operands(n, k, dtype, bias)
     before = residual.clone(), delta.clone()
     out = poison(torch.empty(n, dtype=dtype, device=DEVICE))
     res_out = poison(torch.empty(k, dtype=dtype, device=DEVICE))
-    y, s = add_rmsnorm_gemv(delta, residual, norm_w, 1e-5, w, b, block_n=block_n, out=out, residual_out=res_out)
+    y, s = add_rmsnorm_gemv(delta, residual, norm_w, 1e-5, w, b, block_n=block_n, steps=steps, out=out,
+                            residual_out=res_out)
     assert y.shape == (1, 1, n) and s.shape == (1, 1, k)
     assert y.data_ptr() == out.data_ptr() and s.data_ptr() == res_out.data_ptr()
     y_ref, s_ref = add_rmsnorm_gemv_reference(delta, residual, norm_w, 1e-5, w, b)

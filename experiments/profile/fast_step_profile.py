@@ -10,7 +10,8 @@ the wall time per step, whose difference is the gaps between kernels (launch lat
 `add_rmsnorm_gemv`, the GPU default), with the norm kernels apart (FastDecoder(fold_norm=False)), or both, one
 after the other on the same weights and prompt (default both), each with its wall time; both: their ratio last.
 --fold-kernels: those three shapes alone over cold weights (a CUDA graph over copies of the weight, as
-step_kernels.py): the norm kernel + GEMV apart against the fold at 1-8 rows a program, each checked against float64.
+step_kernels.py): the norm kernel + GEMV apart against the fold at 1-64 rows a program, each checked against
+float64.
 """
 
 from __future__ import annotations
@@ -134,10 +135,11 @@ def fold_kernels():
     r, d = (torch.randn(1, k, device="cuda", dtype=dt, generator=g) for _ in range(2))
     nw = 1 + 0.2 * torch.randn(k, device="cuda", dtype=dt, generator=g)
     normed, s = torch.empty(1, k, device="cuda", dtype=dt), torch.empty(1, k, device="cuda", dtype=dt)
-    configs = [(1, 4), (2, 4), (4, 4), (4, 8), (8, 8)]
+    # (rows a chunk, warps, chunks a program): one chunk a program as the plain GEMV; more chunks share a prologue
+    configs = [(1, 4, 1), (2, 4, 1), (4, 4, 1), (4, 8, 1), (8, 8, 1), (2, 4, 4), (4, 8, 4), (4, 8, 16)]
     table = []
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
-          f"default fold config: {G.FOLD_BLOCK_N} rows, {G.FOLD_NUM_WARPS} warps")
+          f"default fold config: {G.FOLD_BLOCK_N} rows, {G.FOLD_NUM_WARPS} warps, {G.FOLD_STEPS} chunks a program")
     with torch.inference_mode():
         for name, n in (("qkv", 6144), ("gate_up", 28672), ("lm_head", 128256)):
             copies = max(2, -(-400_000_000 // (n * k * 2)))
@@ -162,12 +164,13 @@ def fold_kernels():
             row["apart_err"] = err()
             row["apart_us"] = graph_us(apart) / copies
             row["gemv_alone_us"] = graph_us(gemv_only) / copies
-            for bn, warps in configs:
-                def fold(ws=ws, y=y, bn=bn, warps=warps):  # ws[:1]: the checked call
+            for bn, warps, steps in configs:
+                def fold(ws=ws, y=y, bn=bn, warps=warps, steps=steps):  # ws[:1]: the checked call
                     for w in ws:
-                        G.add_rmsnorm_gemv(d, r, nw, eps, w, block_n=bn, num_warps=warps, out=y, residual_out=s)
+                        G.add_rmsnorm_gemv(d, r, nw, eps, w, block_n=bn, num_warps=warps, steps=steps, out=y,
+                                           residual_out=s)
 
-                key = f"fold_b{bn}_w{warps}"
+                key = f"fold_b{bn}_w{warps}_s{steps}"
                 try:
                     fold(ws[:1])
                     row[key + "_err"] = err()
@@ -179,13 +182,14 @@ def fold_kernels():
             ws = None
             torch.cuda.empty_cache()
     print("\n| shape (N x 4096) | norm + GEMV apart | GEMV alone | "
-          + " | ".join(f"fold {bn} rows, {w} warps" for bn, w in configs) + " |")
+          + " | ".join(f"fold {bn}x{st} rows, {w} warps" for bn, w, st in configs) + " |")
     print("| --- | ---: | ---: | " + " | ".join("---:" for _ in configs) + " |")
     for row in table:
-        cells = [f"{row.get(f'fold_b{bn}_w{w}_us', float('nan')):.2f}" for bn, w in configs]
+        cells = [f"{row.get(f'fold_b{bn}_w{w}_s{st}_us', float('nan')):.2f}" for bn, w, st in configs]
         print(f"| {row['shape']} ({row['n']}) | {row['apart_us']:.2f} | {row['gemv_alone_us']:.2f} | "
               + " | ".join(cells) + " |")
-    print("us per call (median graph replay / copies); errors against float64 in the JSON lines above")
+    print("us per call (median graph replay / copies); fold AxB rows: A rows a chunk, B chunks a program; errors "
+          "against float64 in the JSON lines above")
 
 
 if __name__ == "__main__":

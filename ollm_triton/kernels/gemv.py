@@ -21,8 +21,9 @@ dots the result with its weight rows; program 0 writes the new residual stream (
 are still reading the old one). At batch-1 decode this removes the norm kernel before q/k/v, before gate/up and
 before the LM head (65 launches of ~1.9 us on the H200 for llama3_8b, experiments/engine/README.md section 6).
 What it costs: every program repeats the norm (~10 instructions an input element), so a program holds
-FOLD_BLOCK_N weight rows to share it; with one row a program the LM head's 128,256 programs would issue about as
-many instructions as its weight stream takes to arrive. Rounding follows engine.model.RMSNorm, as kernels/norm.py
+FOLD_BLOCK_N weight rows to share it (and optionally FOLD_STEPS chunks of them in a loop, whose next loads the
+compiler may pipeline); with one row a program the LM head's 128,256 programs would issue about as many
+instructions as its weight stream takes to arrive. Rounding follows engine.model.RMSNorm, as kernels/norm.py
 does, so the fold changes only the reduction order of the mean against the unfolded norm + GEMV.
 `decode_add_norm_linear` is the fast step's entry: the fold when the shapes fit, None otherwise (the caller then
 runs the norm and the matmul apart).
@@ -41,6 +42,7 @@ NUM_WARPS = 4
 # experiments/profile/fast_step_profile.py --fold-kernels times 1-8 rows against the norm kernel + GEMV)
 FOLD_BLOCK_N = 4
 FOLD_NUM_WARPS = 8
+FOLD_STEPS = 1  # chunks of FOLD_BLOCK_N rows a program walks after one prologue (1: no loop)
 
 
 @triton.jit
@@ -62,13 +64,13 @@ def _gemv_kernel(X, W, B, Y, N, K, stride_wn, HAS_BIAS: tl.constexpr, BLOCK_N: t
 @triton.jit
 def _add_rmsnorm_gemv_kernel(D, R, G, W, B, Y, S, N, K, stride_wn, eps, offset, HAS_DELTA: tl.constexpr,
                              HAS_BIAS: tl.constexpr, OFFSET: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_K: tl.constexpr):
-    i_n = tl.program_id(0)
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+                             BLOCK_K: tl.constexpr, STEPS: tl.constexpr):
+    i_p = tl.program_id(0)
+    o_n = i_p * (BLOCK_N * STEPS) + tl.arange(0, BLOCK_N)
     m_n = o_n < N
     o_k = tl.arange(0, BLOCK_K)
     m_k = o_k < K
-    # the weight rows first: their HBM stream is in flight while the prologue reads the L2-resident row
+    # the first weight rows before the prologue: their HBM stream is in flight while it reads the L2-resident row
     b_w = tl.load(W + o_n[:, None].to(tl.int64) * stride_wn + o_k[None, :], mask=m_n[:, None] & m_k[None, :],
                   other=0.0)
     b_g = tl.load(G + o_k, mask=m_k, other=0.0).to(tl.float32)
@@ -77,7 +79,7 @@ def _add_rmsnorm_gemv_kernel(D, R, G, W, B, Y, S, N, K, stride_wn, eps, offset, 
         b_d = tl.load(D + o_k, mask=m_k, other=0.0)
         # rounded to the stream's dtype before the norm reads it, as the eager `residual + delta` is
         b_s = (b_s.to(tl.float32) + b_d.to(tl.float32)).to(R.dtype.element_ty)
-        if i_n == 0:  # every program computed the same sum; one writes it (S is not R: the others still read R)
+        if i_p == 0:  # every program computed the same sum; one writes it (S is not R: the others still read R)
             tl.store(S + o_k, b_s, mask=m_k)
     b_s32 = b_s.to(tl.float32)
     b_rstd = 1.0 / tl.sqrt(tl.sum(b_s32 * b_s32, 0) / K + eps)
@@ -85,11 +87,22 @@ def _add_rmsnorm_gemv_kernel(D, R, G, W, B, Y, S, N, K, stride_wn, eps, offset, 
         b_x = (b_s32 * b_rstd * (offset + b_g)).to(W.dtype.element_ty)
     else:  # rounded before the weight, and after it, as the eager RMSNorm and the unfolded norm kernel
         b_x = ((b_s32 * b_rstd).to(R.dtype.element_ty).to(tl.float32) * b_g).to(W.dtype.element_ty)
-    # [BLOCK_N, BLOCK_K] * [1, BLOCK_K] -> sum over K -> [BLOCK_N]
-    b_y = tl.sum(b_w.to(tl.float32) * b_x.to(tl.float32)[None, :], 1)
-    if HAS_BIAS:
-        b_y += tl.load(B + o_n, mask=m_n, other=0.0).to(tl.float32)
-    tl.store(Y + o_n, b_y.to(Y.dtype.element_ty), mask=m_n)
+    b_x = b_x.to(tl.float32)
+    o_end = tl.minimum(N, (i_p + 1) * (BLOCK_N * STEPS))  # this program's rows end here
+    for i_s in tl.range(0, STEPS):  # the program's chunks of rows share the prologue's b_x
+        o_n = i_p * (BLOCK_N * STEPS) + i_s * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_n = o_n < o_end
+        if STEPS > 1:  # the next chunk's rows in flight before this chunk's store (a load after a store that may
+            # alias it waits for it)
+            b_w_next = tl.load(W + (o_n + BLOCK_N)[:, None].to(tl.int64) * stride_wn + o_k[None, :],
+                               mask=((o_n + BLOCK_N) < o_end)[:, None] & m_k[None, :], other=0.0)
+        # [BLOCK_N, BLOCK_K] * [1, BLOCK_K] -> sum over K -> [BLOCK_N]
+        b_y = tl.sum(b_w.to(tl.float32) * b_x[None, :], 1)
+        if HAS_BIAS:
+            b_y += tl.load(B + o_n, mask=m_n, other=0.0).to(tl.float32)
+        tl.store(Y + o_n, b_y.to(Y.dtype.element_ty), mask=m_n)
+        if STEPS > 1:
+            b_w = b_w_next
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *, block_n: int = BLOCK_N,
@@ -119,14 +132,16 @@ def gemv_reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = No
 
 def add_rmsnorm_gemv(delta: torch.Tensor | None, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                      w: torch.Tensor, b: torch.Tensor | None = None, *, offset: float = 0.0,
-                     block_n: int = FOLD_BLOCK_N, num_warps: int = FOLD_NUM_WARPS, out: torch.Tensor | None = None,
-                     residual_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     block_n: int = FOLD_BLOCK_N, num_warps: int = FOLD_NUM_WARPS, steps: int = FOLD_STEPS,
+                     out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """(norm(residual + delta) w^T + b, residual + delta) for one row, in one kernel.
 
     delta, residual: [..., K] (one row; delta None: the norm of residual itself, which is returned as is)
     norm_weight: [K]   w: [N, K] with a contiguous last dim   b: [N] or None   -> y [..., N], residual [..., K]
     norm: s / rms(s) * norm_weight (offset 0, rounded as engine.model.RMSNorm) or s / rms(s) * (offset +
-    norm_weight) (zero-centred weights). residual_out must not alias residual or delta.
+    norm_weight) (zero-centred weights). residual_out must not alias residual or delta. A program computes the
+    norm once and dots it with `steps` chunks of `block_n` weight rows.
     """
     k, n = residual.shape[-1], w.shape[0]
     if residual.numel() != k or (delta is not None and delta.shape != residual.shape) or norm_weight.shape != (k,) \
@@ -145,10 +160,10 @@ def add_rmsnorm_gemv(delta: torch.Tensor | None, residual: torch.Tensor, norm_we
             raise ValueError("add_rmsnorm_gemv's residual_out must not alias residual or delta: program 0 writes it "
                              "while the others read them")
     y = torch.empty(n, dtype=w.dtype, device=w.device) if out is None else out.view(n)
-    _add_rmsnorm_gemv_kernel[(triton.cdiv(n, block_n),)](
+    _add_rmsnorm_gemv_kernel[(triton.cdiv(n, block_n * steps),)](
         d1, r1, norm_weight.contiguous(), w, b if b is not None else w, y, s if delta is not None else r1, n, k,
         w.stride(0), eps, float(offset), HAS_DELTA=delta is not None, HAS_BIAS=b is not None, OFFSET=bool(offset),
-        BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(k), num_warps=num_warps,
+        BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(k), STEPS=steps, num_warps=num_warps,
     )
     return y.view(*residual.shape[:-1], n), s.view(residual.shape) if delta is not None else residual
 
