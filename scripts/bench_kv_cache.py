@@ -1,6 +1,7 @@
 """KV cache codecs on the GPU: fused quantized decode vs SDPA over the dense bf16 cache, and bytes stored.
 
     python scripts/bench_kv_cache.py [--ctx 131072] [--ratio-ctx 32768] [--sweep] [--out results.json]
+    python scripts/bench_kv_cache.py --mma-sweep [--sweep-ctx 8192 32768 131072] [--small]
 
 Llama-3-8B attention shapes (32 query heads, 8 KV heads, head_dim 128), bf16, batch 1, one layer. In one process:
 1. the device copy bandwidth (read + write bytes of a 2 GB copy), the ceiling for everything below;
@@ -12,6 +13,13 @@ Llama-3-8B attention shapes (32 query heads, 8 KV heads, head_dim 128), bf16, ba
    default;
 3. int4 under the sliding_window backend (window 4096) next to the same backend over the dense cache;
 4. stored/original bytes (and allocated device bytes, measured) of every codec after a `--ratio-ctx` prompt.
+`--mma-sweep` replaces 2-4 with the launch sweep of the Gluon MMA kernel (issue 20 item 2): at each of
+`--sweep-ctx` it times SDPA over the dense bf16 cache, the Triton-language kernel and the MMA kernel's variants
+(keys a step, register pipeline or cp.async ring of 2-4 stages, programs an SM, hence splits) for int4 and int8,
+the merge kernel alone at the default's split count, and the static step's varlen entry on both kernels; every
+variant is checked against a float64 reference (the codes dequantized in fp32, attended in float64) in the same
+run, and reports GB/s over the bytes it reads and its speed-up over SDPA (CUDA-graph replays). `--small` runs a
+tiny version on the CPU's interpreter (Triton kernel only: Gluon needs a GPU) to check the script itself.
 Writes JSON (device, versions, git sha, date, command) and prints a GitHub table last. Timings: triton do_bench,
 median, after warm-up; the decode rows also replay a CUDA graph of the same call (`do_bench_cudagraph`), which
 takes the Python launch overhead out, so the two columns separate host cost from GPU cost.
@@ -29,14 +37,20 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
-from triton.testing import do_bench, do_bench_cudagraph
+
+if "--small" in sys.argv and not torch.cuda.is_available():  # the interpreter, set before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+import triton  # noqa: E402
+from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ollm_triton.attention.base import AttentionBackend  # noqa: E402
 from ollm_triton.cache.base import LayerSpec  # noqa: E402
 from ollm_triton.kernels import kv_quant_decode  # noqa: E402
+from ollm_triton.kernels import quant as Q  # noqa: E402
+from ollm_triton.kernels.decode_merge import merge_splits  # noqa: E402
+from ollm_triton.kernels.kv_quant_decode import quant_decode, quant_decode_varlen  # noqa: E402
 from ollm_triton.registry import registry  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
@@ -76,8 +90,8 @@ def copy_bandwidth() -> float:
     return 2 * 2 * 1024**3 / ms / 1e9  # TB/s, read + write
 
 
-def spec(ctx: int) -> LayerSpec:
-    return LayerSpec(batch=1, kv_heads=HKV, head_dim=D, dtype=DT, device=torch.device("cuda"), max_len=ctx + 64)
+def spec(ctx: int, device: str = "cuda") -> LayerSpec:
+    return LayerSpec(batch=1, kv_heads=HKV, head_dim=D, dtype=DT, device=torch.device(device), max_len=ctx + 64)
 
 
 def fill(layer, k, v, decode_steps=5):
@@ -150,6 +164,146 @@ def decode_section(ctx: int, sweep: bool) -> dict:
         layer = None  # free it before the next codec
         torch.cuda.empty_cache()
     return res
+
+
+# the MMA kernel's launch variants per codec: (label, quant_decode options). Keys a step, load pipeline (stages 1:
+# the next step in registers; 2-4: a cp.async ring), programs an SM (fewer: fewer splits, a cheaper merge). The
+# AOT build for sm_90 (Triton 3.6) gives int4: registers 220 -> 8 an SM; ring bn64 s2 168 regs 17.9 KB -> 12; bn64 s3
+# 163 / 26.9 KB -> 8; bn32 s3 162 / 14.2 KB -> 12; bn32 s4 166 / 18.9 KB -> 11. int8: bn32 s3 130 / 26.5 KB -> 8.
+MMA_VARIANTS = {
+    "int4": [("mma", {}), ("mma bn32", {"mma_block_n": 32}),
+             ("mma ring bn64 s2", {"mma_block_n": 64, "mma_stages": 2}),
+             ("mma ring bn64 s3", {"mma_block_n": 64, "mma_stages": 3}),
+             ("mma ring bn32 s3", {"mma_block_n": 32, "mma_stages": 3}),
+             ("mma ring bn32 s4", {"mma_block_n": 32, "mma_stages": 4}),
+             ("mma ring bn64 s2 8/SM", {"mma_block_n": 64, "mma_stages": 2, "programs_per_sm": 8})],
+    "int8": [("mma", {}), ("mma ring bn32 s2", {"mma_block_n": 32, "mma_stages": 2}),
+             ("mma ring bn32 s3", {"mma_block_n": 32, "mma_stages": 3}),
+             ("mma ring bn32 s3 6/SM", {"mma_block_n": 32, "mma_stages": 3, "programs_per_sm": 6})],
+}
+# the static step's entry (one row, its lengths on the device): the Triton-language kernel, the MMA kernel's default
+# and one ring
+VARLEN_VARIANTS = {"int4": [("varlen mma", {}), ("varlen mma ring bn64 s2", {"mma_block_n": 64, "mma_stages": 2})],
+                   "int8": [("varlen mma", {}), ("varlen mma ring bn32 s2", {"mma_block_n": 32, "mma_stages": 2})]}
+
+
+def _time_us(fn, device: str) -> float:
+    """CUDA-graph replays (median) on a GPU; on the CPU (--small) the median of 3 plain calls."""
+    if device == "cuda":
+        return 1000 * do_bench_cudagraph(fn, rep=60, return_mode="median")
+    import time
+
+    ts = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return 1e6 * sorted(ts)[1]
+
+
+def _reference64(layer, q) -> torch.Tensor:
+    """Attention of q over the layer's codes dequantized in fp32 (kernels/quant.py references) and its residual
+    window, in float64: what every variant must match."""
+    n, g, d = layer.n_quant, layer.group, D
+    kz = None if layer.symmetric else layer.k_zero[:, :, : n // g]
+    vz = None if layer.symmetric else layer.v_zero[:, :, :n]
+    k = Q.dequantize_keys_ref(layer.k_codes[:, :, :n], layer.k_scale[:, :, : n // g], kz, layer.bits, g, d,
+                              layer.symmetric).double()
+    v = Q.dequantize_values_ref(layer.v_codes[:, :, :n], layer.v_scale[:, :, :n], vz, layer.bits, layer.value_group,
+                                d, layer.symmetric).double()
+    k = torch.cat((k, layer.k_res[:, :, : layer.n_res].double()), 2).repeat_interleave(HQ // HKV, 1)
+    v = torch.cat((v, layer.v_res[:, :, : layer.n_res].double()), 2).repeat_interleave(HQ // HKV, 1)
+    return torch.softmax(q.double() @ k.transpose(-1, -2) / D**0.5, -1) @ v
+
+
+def mma_sweep_section(ctxs: list[int], device: str, rows: list, save, codecs=("int4", "int8")) -> list[dict]:
+    """Appends one row per (context, path) to rows, and calls save() after each context: us (CUDA graph), bytes
+    read, GB/s, speed-up over SDPA, rel. error against the float64 reference, splits. Variants that fail to compile
+    or launch are recorded with their error. (The lambdas below are called within their own iteration.)"""
+    for ctx in ctxs:
+        g = torch.Generator(device=device).manual_seed(ctx)
+        k = torch.randn(1, HKV, ctx, D, device=device, dtype=DT, generator=g)
+        v = torch.randn(1, HKV, ctx, D, device=device, dtype=DT, generator=g)
+        q = torch.randn(1, HQ, 1, D, device=device, dtype=DT, generator=g)
+        sdpa_ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), enable_gqa=True)
+        fn = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731, B023
+        sdpa_us = _time_us(fn, device)
+        dense_bytes = 2 * k.numel() * 2
+        rows.append({"ctx": ctx, "codec": "bf16", "path": "sdpa", "us": sdpa_us, "bytes_read": dense_bytes,
+                     "GBps": dense_bytes / sdpa_us / 1e3, "speedup": 1.0, "err": rel_err(fn(), sdpa_ref)})
+        print(json.dumps(rows[-1]), flush=True)
+        for name in codecs:
+            layer = fill(registry.build("cache", name).new_layer(spec(ctx, device)), k, v)
+            ref = _reference64(layer, q)
+            store = (layer.k_codes, layer.k_scale, layer.k_zero, layer.v_codes, layer.v_scale, layer.v_zero,
+                     layer.k_res, layer.v_res)
+            kw = dict(n_quant=layer.n_quant, kv_len=layer.length, bits=layer.bits, key_group=layer.group,
+                      value_group=layer.value_group, block_k=layer.block_k)
+            out = torch.empty_like(q)
+            variants = [("triton", {"kernel": "triton"})] + (MMA_VARIANTS[name] if device == "cuda" else [])
+            fns = [(label, opts, lambda opts=opts: quant_decode(q, *store, **kw, **opts, out=out))  # noqa: B023
+                   for label, opts in variants]
+            rq = torch.tensor([layer.n_quant], device=device)
+            ln = torch.tensor([layer.length], device=device)
+            vkw = dict(bits=layer.bits, key_group=layer.group, value_group=layer.value_group, block_k=layer.block_k)
+            for label, opts in [("varlen triton", {"kernel": "triton"})] + (VARLEN_VARIANTS[name]
+                                                                            if device == "cuda" else []):
+                fns.append((label, opts, lambda opts=opts: quant_decode_varlen(q, *store, rq, ln, **vkw, **opts,  # noqa: B023
+                                                                               out=out)))  # noqa: B023
+            for label, opts, f in fns:
+                row = {"ctx": ctx, "codec": name, "path": label, "options": opts}
+                try:
+                    out.fill_(float("nan"))
+                    row["err"] = rel_err(f(), ref)
+                    row["kernel"], row["splits"] = kv_quant_decode.LAST_LAUNCH["kernel"], \
+                        kv_quant_decode.LAST_LAUNCH["splits"]
+                    row["us"] = _time_us(f, device)
+                except Exception as e:  # a variant that does not compile or fit is a finding, not the end of the run
+                    row["error"] = repr(e)[:300]
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    continue
+                row["bytes_read"] = fused_bytes(layer, row["splits"])
+                row["GBps"] = row["bytes_read"] / row["us"] / 1e3
+                row["speedup"] = sdpa_us / row["us"]
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                if label == "mma" and device == "cuda":  # the merge alone, at the default's split count
+                    n_split = row["splits"]
+                    o_part = torch.randn(HKV * n_split * (HQ // HKV) * D, device=device)
+                    l_part = torch.randn(HKV * n_split * (HQ // HKV), device=device)
+                    o = torch.empty_like(q)
+                    t = _time_us(lambda n=n_split, op=o_part, lp=l_part, o=o: merge_splits(
+                        op.view(HKV, n, HQ // HKV, D), lp, o, kv_heads=HKV, group=HQ // HKV, t=1, n_split=n), device)
+                    rows.append({"ctx": ctx, "codec": name, "path": "merge alone (mma's splits)", "us": t,
+                                 "splits": n_split, "share_of_mma": t / row["us"]})
+                    print(json.dumps(rows[-1]), flush=True)
+            del layer, ref
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        save()
+    return rows
+
+
+def sweep_table(r: dict) -> str:
+    lines = [f"Quantized decode attention launch sweep, batch 1, 32 q / 8 KV heads, d=128, bf16 ({r['device']}; copy "
+             f"bandwidth {r.get('copy_TBps') or 0:.2f} TB/s); us: CUDA-graph replays, median; err: rel. RMS against "
+             "the float64 reference of the same codes", "",
+             "| context | codec | path | us | speed-up vs SDPA | GB/s | % of copy | splits | rel. err |",
+             "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    cb = r.get("copy_TBps")
+    for row in r["mma_sweep"]:
+        if "error" in row:
+            lines.append(f"| {row['ctx']} | {row['codec']} | {row['path']} | error: {row['error'][:60]} | | | | | |")
+            continue
+        if "share_of_mma" in row:
+            lines.append(f"| {row['ctx']} | {row['codec']} | {row['path']} | {row['us']:.1f} | | | | "
+                         f"{row['splits']} | {100 * row['share_of_mma']:.0f}% of mma |")
+            continue
+        pct = f"{100 * row['GBps'] / 1e3 / cb:.0f}%" if cb else "-"
+        lines.append(f"| {row['ctx']} | {row['codec']} | {row['path']} | {row['us']:.1f} | {row['speedup']:.2f}x | "
+                     f"{row['GBps']:.0f} | {pct} | {row.get('splits', '-')} | {row['err']:.1e} |")
+    return "\n".join(lines)
 
 
 def window_section(ctx: int) -> dict:
@@ -267,8 +421,13 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=131072)
     ap.add_argument("--ratio-ctx", type=int, default=32768)
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--mma-sweep", action="store_true", help="the MMA kernel's launch sweep at --sweep-ctx instead")
+    ap.add_argument("--sweep-ctx", type=int, nargs="+", default=[8192, 32768, 131072])
+    ap.add_argument("--small", action="store_true", help="--mma-sweep at tiny contexts (runs on the CPU)")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_kv_cache.json"))
     a = ap.parse_args()
+    if a.mma_sweep:
+        return mma_sweep_main(a)
     r = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -291,6 +450,23 @@ def main() -> None:
         print(key, json.dumps(r[key], default=str)[:3000], flush=True)
         Path(a.out).write_text(json.dumps(r, indent=1, default=str))
     print(table(r))
+
+
+def mma_sweep_main(a) -> None:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ctxs = [256, 640] if a.small else a.sweep_ctx
+    r = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "git_sha": git_sha(),
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu (interpreter)",
+        "torch": torch.__version__, "triton": triton.__version__, "python": sys.version.split()[0], "ctx": ctxs,
+    }
+    r["copy_TBps"] = copy_bandwidth() if device == "cuda" else None
+    r["mma_sweep"] = []
+    save = lambda: Path(a.out).write_text(json.dumps(r, indent=1, default=str))  # noqa: E731
+    mma_sweep_section(ctxs, device, r["mma_sweep"], save)
+    print(sweep_table(r))
 
 
 if __name__ == "__main__":

@@ -2,11 +2,17 @@
 
     python experiments/profile/decode_profile.py sweep [--ctx 131072] [--dense-ctx 32768] [--quant-only]  # JSON lines
     ncu --clock-control none --kernel-name regex:'decode' python experiments/profile/decode_profile.py run int4
+    ncu --profile-from-start off --clock-control none --set full -o $OUT/int4_ring \
+        python experiments/profile/decode_profile.py run int4 --calls 1 --opts '{"mma_stages": 2}' [--varlen]
 
 `sweep` times the dense flash decode (batch 1 and 8, at --dense-ctx and --ctx) and the fused quantized decode
 (int4/int8/int2 at --ctx, batch 1) over a few launch configurations, each replayed from a CUDA graph (no launch
 overhead), next to SDPA on the same dense cache and the device copy bandwidth.
-`run X` calls one path a few times so that `ncu` can read its counters.
+`run X` calls one path a few times so that `ncu` can read its counters: the calls are warmed up (compiled) first,
+and only the last `--calls` run between cudaProfilerStart/Stop, so `ncu --profile-from-start off` sees the decode
+and its merge and nothing of the setup (the K/V fill, the quantization, the compiles). `--opts` passes quant_decode
+launch options as JSON (kernel, mma_block_n, mma_stages, programs_per_sm, num_splits, ...); `--varlen` runs the
+static step's entry (quant_decode_varlen, one row, lengths on the device) instead of the layer's attend.
 Llama-3-8B attention shapes, bf16, batch 1, random normal K/V.
 """
 
@@ -25,7 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from ollm_triton.attention.base import AttentionBackend  # noqa: E402
 from ollm_triton.cache.base import LayerSpec  # noqa: E402
+from ollm_triton.kernels import kv_quant_decode  # noqa: E402
 from ollm_triton.kernels.attention_decode import flash_decode  # noqa: E402
+from ollm_triton.kernels.kv_quant_decode import quant_decode_varlen  # noqa: E402
 from ollm_triton.registry import registry  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
@@ -55,6 +63,8 @@ QUANT_CONFIGS = (
     (128, {}), (128, {"kernel": "triton"}), (128, {"kernel": "mma", "mma_block_n": 32}),
     (128, {"kernel": "mma", "mma_block_n": 32, "mma_maxnreg": 168}), (128, {"kernel": "mma", "mma_block_n": 64}),
     (128, {"kernel": "mma", "mma_block_n": 64, "mma_maxnreg": 168}),
+    (128, {"kernel": "mma", "mma_block_n": 64, "mma_stages": 2}), (128, {"kernel": "mma", "mma_block_n": 32,
+                                                                         "mma_stages": 3}),
 )
 
 
@@ -115,17 +125,36 @@ def sweep(ctx: int, dense_ctx: int, quant_only: bool = False) -> None:
         torch.cuda.empty_cache()
 
 
-def run(what: str, ctx: int, dense_ctx: int) -> None:
+def run(what: str, ctx: int, dense_ctx: int, calls: int = 5, opts: dict | None = None, varlen: bool = False) -> None:
+    """Warm up, then `calls` calls of one path inside a profiler range (ncu --profile-from-start off)."""
+    opts = opts or {}
     if what == "dense":
         q, k, v = kv(dense_ctx)
-        for _ in range(5):
-            flash_decode(q, k, v)
+        fn = lambda: flash_decode(q, k, v, **opts)  # noqa: E731
     else:
         q, k, v = kv(ctx)
         layer = quant_layer(what, k, v)
-        for _ in range(5):
-            layer.attend(q, AttentionBackend())
+        if varlen:
+            store = (layer.k_codes, layer.k_scale, layer.k_zero, layer.v_codes, layer.v_scale, layer.v_zero,
+                     layer.k_res, layer.v_res)
+            rq = torch.tensor([layer.n_quant], device="cuda")
+            ln = torch.tensor([layer.length], device="cuda")
+            fn = lambda: quant_decode_varlen(q, *store, rq, ln, bits=layer.bits, key_group=layer.group,  # noqa: E731
+                                             value_group=layer.value_group, block_k=layer.block_k, **opts)
+        else:
+            layer.kernel_options = opts
+            fn = lambda: layer.attend(q, AttentionBackend())  # noqa: E731
+    for _ in range(2):  # compiles, the occupancy probe, the allocator
+        fn()
     torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+    launch = dict(kv_quant_decode.LAST_LAUNCH) if what != "dense" else {}
+    print(json.dumps({"path": what, "ctx": ctx if what != "dense" else dense_ctx, "varlen": varlen, "opts": opts,
+                      "calls": calls} | launch), flush=True)
 
 
 if __name__ == "__main__":
@@ -135,5 +164,11 @@ if __name__ == "__main__":
     ap.add_argument("--ctx", type=int, default=131072)
     ap.add_argument("--dense-ctx", type=int, default=32768)
     ap.add_argument("--quant-only", action="store_true", help="sweep: skip the dense decode cases")
+    ap.add_argument("--calls", type=int, default=5, help="run: calls inside the profiler range")
+    ap.add_argument("--opts", type=json.loads, default={}, help="run: launch options as JSON")
+    ap.add_argument("--varlen", action="store_true", help="run: the static step's quant_decode_varlen")
     a = ap.parse_args()
-    sweep(a.ctx, a.dense_ctx, a.quant_only) if a.mode == "sweep" else run(a.what, a.ctx, a.dense_ctx)
+    if a.mode == "sweep":
+        sweep(a.ctx, a.dense_ctx, a.quant_only)
+    else:
+        run(a.what, a.ctx, a.dense_ctx, a.calls, a.opts, a.varlen)
