@@ -253,6 +253,14 @@ def gpt_oss(tmp_path_factory):
     return model, save_checkpoint(model, tmp_path_factory.mktemp("gpt_oss")), transformers_run(model, ids_for())
 
 
+def test_gpt_oss_fields_left_out_take_transformers_defaults():
+    """A gpt_oss config.json without rms_norm_eps or attention_bias builds what transformers builds from it."""
+    sparse = {k: v for k, v in GPT_OSS.items() if k not in ("rms_norm_eps", "attention_bias")}
+    hf = transformers.GptOssConfig(**sparse)
+    cfg = ModelConfig.from_hf({**sparse, "model_type": "gpt_oss"})
+    assert (cfg.rms_norm_eps, cfg.attention_bias) == (hf.rms_norm_eps, hf.attention_bias) == (1e-5, True)
+
+
 @pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated")
 def test_gpt_oss_matches_transformers(gpt_oss):
     model, path, (expected, fed) = gpt_oss

@@ -35,6 +35,9 @@ from typing import Any
 
 import torch
 
+# transformers' config defaults where they differ from the engine's (rms_norm_eps 1e-6, no attention bias)
+_HF_DEFAULTS: dict[str, dict[str, Any]] = {"gpt_oss": {"rms_norm_eps": 1e-5, "attention_bias": True}}
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen3_next", "gpt_oss")
 LAYER_TYPES = ("full_attention", "linear_attention")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -145,7 +148,10 @@ class ModelConfig:
         max_pos = int(hf.get("max_position_embeddings") or 2048)
         theta, scaling, partial = _read_rope(hf, model_type, max_pos)
 
-        attention_bias = bool(hf.get("attention_bias", False)) and model_type in ("llama", "qwen3", "qwen3_moe",
+        # a field the config leaves out takes transformers' default for that model type (GptOssConfig: eps 1e-5,
+        # biases on), so a sparse config.json gives the model transformers would build from it
+        defaults = _HF_DEFAULTS.get(model_type, {})
+        attention_bias = bool(hf.get("attention_bias", defaults.get("attention_bias", False))) and model_type in ("llama", "qwen3", "qwen3_moe",
                                                                                 "qwen3_next", "gpt_oss")
         dtype = hf.get("dtype") or hf.get("torch_dtype")  # 5.x writes "dtype", 4.x "torch_dtype"
         return cls(
@@ -157,7 +163,7 @@ class ModelConfig:
             num_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=int(head_dim),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=float(hf.get("rms_norm_eps", defaults.get("rms_norm_eps", 1e-6))),
             rope_theta=theta,
             rope_scaling=scaling,
             max_position_embeddings=max_pos,
