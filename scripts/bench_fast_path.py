@@ -17,9 +17,10 @@ would not fit, saying so):
   ttft       time to first token at 100k, chunked (flash attention), with peak memory
   batch      batch 8 and 32 decode throughput (tok/s summed over sequences): engine graph, transformers eager
   fold       (only when named in --only) batch-1 decode at --prompt and --long with the RMSNorm folded into the
-             GEMVs' prologue (the GPU default) and without it (FastDecoder(fold_norm=False)), same weights,
-             alternating, each against the floor; the fold's kernel against float64 at llama3_8b's shapes, and the
-             two steps' logits against each other. On the CPU it needs TRITON_INTERPRET=1:
+             GEMVs' prologue (the GPU default), with the SwiGLU gate folded into the down GEMV too (fold_silu), and
+             with both apart (FastDecoder(fold_norm=False)), same weights, two alternating rounds, each against the
+             floor; the folded kernels against float64 at the model's shapes, and the steps' logits against the
+             unfolded step's. On the CPU it needs TRITON_INTERPRET=1:
                  TRITON_INTERPRET=1 python scripts/bench_fast_path.py --small --only fold
 Decode tok/s counts the tokens after the first (which comes from the prefill) over the time after it; medians over
 --repeats runs after a warm-up, CUDA-synchronized. JSON: device, versions, git sha (OLLM_GIT_SHA overrides), date,
@@ -50,7 +51,13 @@ from ollm_triton.cache.base import LayerSpec  # noqa: E402
 from ollm_triton.decoding.greedy import decode_loop  # noqa: E402
 from ollm_triton.engine import Engine, load_engine  # noqa: E402
 from ollm_triton.engine.fast_decode import FastDecoder  # noqa: E402
-from ollm_triton.kernels.gemv import add_rmsnorm_gemv, add_rmsnorm_gemv_reference, decode_linear  # noqa: E402
+from ollm_triton.kernels.gemv import (  # noqa: E402
+    add_rmsnorm_gemv,
+    add_rmsnorm_gemv_reference,
+    decode_linear,
+    silu_mul_gemv,
+    silu_mul_gemv_reference,
+)
 from ollm_triton.registry import registry  # noqa: E402
 from ollm_triton.results import git_sha  # noqa: E402
 
@@ -214,14 +221,21 @@ def fold_kernel_check(cfg, device, dtype, small: bool) -> dict:
               "lm_head": cfg.vocab_size if small else 8192}  # the head's rows are alike: 8192 of them suffice
     k, g = cfg.hidden_size, torch.Generator(device=device).manual_seed(0)
     out = {}
+
+    def rel(y, y_ref):
+        return ((y.double() - y_ref).pow(2).mean().sqrt() / y_ref.pow(2).mean().sqrt()).item()
+
     for name, n in shapes.items():
         r, d = (torch.randn(1, k, device=device, generator=g, dtype=dtype) for _ in range(2))
         nw = 1 + 0.2 * torch.randn(k, device=device, generator=g, dtype=dtype)
         w = torch.randn(n, k, device=device, generator=g, dtype=dtype) / k**0.5
         y, s = add_rmsnorm_gemv(d, r, nw, 1e-5, w)
         y_ref, s_ref = add_rmsnorm_gemv_reference(d, r, nw, 1e-5, w)
-        out[name] = {"y_rel_rms": ((y.double() - y_ref).pow(2).mean().sqrt() / y_ref.pow(2).mean().sqrt()).item(),
-                     "residual_max_abs_err": (s.double() - s_ref).abs().max().item()}
+        out[name] = {"y_rel_rms": rel(y, y_ref), "residual_max_abs_err": (s.double() - s_ref).abs().max().item()}
+    m = cfg.intermediate_size  # the SiLU gate folded into the down GEMV
+    gate_up = 2 * torch.randn(1, 2 * m, device=device, generator=g, dtype=dtype)
+    w = torch.randn(k, m, device=device, generator=g, dtype=dtype) / m**0.5
+    out["down_silu"] = {"y_rel_rms": rel(silu_mul_gemv(gate_up, w), silu_mul_gemv_reference(gate_up, w))}
     return out
 
 
@@ -622,40 +636,46 @@ def main():
 
     def fold():
         """Issue 20 item 4: the step with the RMSNorm (+ residual add) folded into the q/k/v, gate/up and LM-head
-        GEMVs against the same step with the norm kernels, batch 1, at --prompt and --long, same weights."""
+        GEMVs (the GPU default), that plus the SwiGLU gate folded into the down GEMV, and the step with both apart,
+        batch 1, at --prompt and --long, same weights, two alternating rounds."""
         out = {"kernel_vs_float64": fold_kernel_check(cfg, device, dtype, args.small)}
+        variants = {"apart": dict(fold_norm=False), "norm": dict(fold_norm=True),
+                    "norm_silu": dict(fold_norm=True, fold_silu=True)}
+        labels = {"apart": "norm and SiLU kernels apart (fold_norm=False)",
+                  "norm": "RMSNorm folded into the GEMVs (default)",
+                  "norm_silu": "RMSNorm and SiLU gate folded (fold_silu=True)"}
         engines = {}
-        for on in (False, True):
+        for key, kw in variants.items():
             eng = sibling(fast_decode="auto" if CUDA else "static")
-            eng._fast = FastDecoder(eng, capture=CUDA, use_kernels=eng.kernels, fold_norm=on)
-            engines[on] = eng
+            eng._fast = FastDecoder(eng, capture=CUDA, use_kernels=eng.kernels, **kw)
+            engines[key] = eng
         for ctx, new, seed in ((args.prompt, args.new, 0), (args.long, args.long_new, 1)):
             p = make_prompt(arch, 1, ctx, device, seed=seed)
-            row = {}
-            for key, on in (("no_fold", False), ("fold", True), ("no_fold_again", False), ("fold_again", True)):
-                row[key], _ = engine_generate(engines[on], p, new, max(1, args.repeats // 2) if "again" in key
-                                              else args.repeats)
-                engines[on].fast_decoder().buckets.clear()  # one context's KV buffers at a time
-                if CUDA:
-                    torch.cuda.empty_cache()
-            with torch.inference_mode():  # first decode steps of the two, the same prompt
+            row = {key: [] for key in variants}
+            for rnd in range(2):
+                for key, eng in engines.items():
+                    r, _ = engine_generate(eng, p, new, args.repeats if rnd == 0 else 1)
+                    row[key].append(r)
+                    eng.fast_decoder().buckets.clear()  # one context's KV buffers at a time
+                    if CUDA:
+                        torch.cuda.empty_cache()
+            with torch.inference_mode():  # the first decode step's logits of each, the same prompt
                 logits = {}
-                for on, eng in engines.items():
-                    logits[on] = store = []
+                for key, eng in engines.items():
+                    logits[key] = store = []
                     eng.fast_decoder().generate(p, 2, lambda lg, store=store: store.append(lg.clone()) or lg.argmax(-1))
                     eng.fast_decoder().buckets.clear()
-            row["fold_vs_no_fold_step_logits_rel_l2"] = max(
-                ((a - b).norm() / b.norm()).item() for a, b in zip(logits[True], logits[False], strict=True))
-            tok = {k: statistics.median([row[k]["decode_tok_s"], row[k + "_again"]["decode_tok_s"]])
-                   for k in ("no_fold", "fold")}
-            row["fold_over_no_fold"] = tok["fold"] / tok["no_fold"]
-            f, rel = floor(1, ctx + new // 2), row["fold_vs_no_fold_step_logits_rel_l2"]
-            for k, name in (("no_fold", "norm kernels apart (fold_norm=False)"),
-                            ("fold", "RMSNorm folded into the GEMVs (default)")):
-                bench.row(f"engine, {engines[k == 'fold'].fast_path} step, {name}", ctx, 1,
-                          row[k]["prefill_tok_s"], tok[k], f, row[k]["peak_gb"],
-                          f"median of 2 alternating runs; step logits fold vs apart: rel L2 {rel:.1e}",
-                          group=2000 + len(out) * 10 + (k == "fold"))
+            rel = {key: max(((a - b).norm() / b.norm()).item() for a, b in zip(logits[key], logits["apart"],
+                                                                              strict=True)) for key in variants}
+            tok = {key: statistics.mean(r["decode_tok_s"] for r in runs) for key, runs in row.items()}
+            row.update(step_logits_rel_l2_vs_apart=rel, decode_tok_s=tok,
+                       over_apart={key: tok[key] / tok["apart"] for key in variants})
+            f = floor(1, ctx + new // 2)
+            for i, key in enumerate(variants):
+                r = row[key][0]
+                bench.row(f"engine, {engines[key].fast_path} step, {labels[key]}", ctx, 1, r["prefill_tok_s"],
+                          tok[key], f, r["peak_gb"], f"{tok[key] / tok['apart']:.3f}x apart; step logits vs apart: "
+                          f"rel L2 {rel[key]:.1e}", group=2000 + len(out) * 10 + i)
             out[str(ctx)] = row
         return out
 

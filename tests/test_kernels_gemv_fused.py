@@ -1,5 +1,6 @@
-"""The RMSNorm folded into the batch-1 GEMV (kernels/gemv.py `add_rmsnorm_gemv`) against a float64 reference, and
-the static decode step with the fold against the same step with the norm and the matmul apart."""
+"""The RMSNorm folded into the batch-1 GEMV (kernels/gemv.py `add_rmsnorm_gemv`) and the SwiGLU gate folded into
+the down GEMV (`silu_mul_gemv`) against float64 references, and the static decode step with the folds against the
+same step with the norm, the gate and the matmuls apart."""
 
 import pytest
 import torch
@@ -12,8 +13,12 @@ from ollm_triton.kernels.gemv import (
     add_rmsnorm_gemv,
     add_rmsnorm_gemv_reference,
     decode_add_norm_linear,
+    decode_silu_linear,
     gemv,
+    silu_mul_gemv,
+    silu_mul_gemv_reference,
 )
+from ollm_triton.kernels.mlp import silu_mul
 from ollm_triton.kernels.norm import rmsnorm
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -109,6 +114,33 @@ def test_fold_bad_input_and_shapes_it_declines():
     assert decode_add_norm_linear(None, big, torch.ones(MAX_K + 1), 1e-5, 0.0, torch.zeros(2, MAX_K + 1)) is None
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("n,m,block_n,steps,bias", [(1, 1, 1, 1, True), (63, 129, 2, 4, False), (129, 63, 4, 1, True)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_fold_matches_float64(n, m, block_n, steps, bias, dtype, poison):
+    """(silu(gate) * up) W^T + b from the fused gate/up row, every output written, rounded as silu_mul + GEMV."""
+    g = torch.Generator().manual_seed(n + m)
+    gate_up = (2 * torch.randn(1, 1, 2 * m, generator=g)).to(dtype).to(DEVICE)
+    w = (torch.randn(n, m, generator=g) / m**0.5).to(dtype).to(DEVICE)
+    b = torch.randn(n, generator=g).to(dtype).to(DEVICE) if bias else None
+    out = poison(torch.empty(n, dtype=dtype, device=DEVICE))
+    y = silu_mul_gemv(gate_up, w, b, block_n=block_n, steps=steps, num_warps=4, out=out)
+    assert y.shape == (1, 1, n) and y.data_ptr() == out.data_ptr()
+    assert rel_rms(silu_mul_gemv_reference(gate_up, w, b), y) < TOL[dtype]
+    assert rel_rms(gemv(silu_mul(gate_up, use_kernel=True), w, b), y) < TOL[dtype] / 10
+
+
+def test_silu_fold_bad_input_and_shapes_it_declines():
+    w = torch.zeros(8, 16)
+    with pytest.raises(ValueError, match="silu_mul_gemv takes one row gate_up"):
+        silu_mul_gemv(torch.zeros(1, 30), w)  # 2M = 30: M = 15, not w's 16
+    with pytest.raises(ValueError, match="silu_mul_gemv takes one row gate_up"):
+        silu_mul_gemv(torch.zeros(2, 32), w)
+    assert decode_silu_linear(torch.zeros(2, 1, 32), w) is None  # two rows
+    assert decode_silu_linear(torch.zeros(1, 32).half(), w) is None  # mixed dtypes
+    assert decode_silu_linear(torch.zeros(1, 2 * MAX_K + 2), torch.zeros(2, MAX_K + 1)) is None
+
+
 # ---- the fold in the model step -------------------------------------------------------------------------------
 
 SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -130,22 +162,24 @@ def engine_for(variant):
 
 
 def spy_fold(monkeypatch) -> list:
-    """Count the step's folded calls. They run 16 rows a program: the interpreter's time is per program, and the
-    kernel tests above cover 1, 4 and 8."""
+    """Count the step's folded calls ("norm", "silu"). They run 16 rows a program: the interpreter's time is per
+    program, and the kernel tests above cover the other shapes."""
     calls = []
     monkeypatch.setattr(G, "add_rmsnorm_gemv",
-                        lambda *a, **kw: calls.append(1) or add_rmsnorm_gemv(*a, **kw, block_n=16))
+                        lambda *a, **kw: calls.append("norm") or add_rmsnorm_gemv(*a, **kw, block_n=16))
+    monkeypatch.setattr(G, "silu_mul_gemv",
+                        lambda *a, **kw: calls.append("silu") or silu_mul_gemv(*a, **kw, block_n=8, steps=2))
     return calls
 
 
 def run_step(engine, fold, ids, new, monkeypatch):
-    """Greedy tokens and every step's logits through a static step with (or without) the fold; the kernels
-    otherwise off (their references), so only the fold runs through the interpreter. Counts folded calls."""
+    """Greedy tokens and every step's logits through a static step with (or without) both folds; the kernels
+    otherwise off (their references), so only the folds run through the interpreter. Counts folded calls."""
     calls = spy_fold(monkeypatch)
-    fast = FastDecoder(engine, capture=False, use_kernels=False, fuse_weights=True, fold_norm=fold)
+    fast = FastDecoder(engine, capture=False, use_kernels=False, fuse_weights=True, fold_norm=fold, fold_silu=fold)
     logits = []
     out = fast.generate(ids, new, lambda lg: logits.append(lg.clone()) or lg.argmax(-1))
-    return out.tokens, logits, len(calls)
+    return out.tokens, logits, calls
 
 
 @pytest.mark.interpreter
@@ -153,9 +187,11 @@ def run_step(engine, fold, ids, new, monkeypatch):
 def test_static_step_with_the_fold_equals_the_step_without(variant, monkeypatch):
     ids = torch.randint(0, 256, (1, 13), generator=torch.Generator().manual_seed(0))
     engine = engine_for(variant)
-    ref, ref_logits, n_ref = run_step(engine, False, ids, 4, monkeypatch)
-    got, got_logits, n_fold = run_step(engine, True, ids, 4, monkeypatch)
-    assert n_ref == 0 and n_fold == 3 * (2 * SMALL["num_hidden_layers"] + 1)  # q/k/v, gate/up, head; 3 steps
+    ref, ref_logits, apart = run_step(engine, False, ids, 4, monkeypatch)
+    got, got_logits, folded = run_step(engine, True, ids, 4, monkeypatch)
+    layers = SMALL["num_hidden_layers"]
+    assert apart == [] and folded.count("norm") == 3 * (2 * layers + 1)  # q/k/v, gate/up, head; 3 steps
+    assert folded.count("silu") == 3 * layers
     assert torch.equal(ref, got)
     for a, b in zip(ref_logits, got_logits, strict=True):
         assert (a - b).abs().max().item() <= 1e-5
@@ -163,18 +199,18 @@ def test_static_step_with_the_fold_equals_the_step_without(variant, monkeypatch)
 
 @pytest.mark.interpreter
 def test_the_fold_declines_a_batch_and_unfused_weights(monkeypatch):
-    """Two rows (cuBLAS territory) and separate q/k/v and gate/up weights keep the norm apart: same tokens, no
-    folded call."""
+    """Two rows (cuBLAS territory) and separate q/k/v and gate/up weights keep the norm and the gate apart: same
+    tokens, no folded call."""
     engine = engine_for("llama")
     ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
     ref, _, _ = run_step(engine, False, ids, 4, monkeypatch)
-    got, _, n = run_step(engine, True, ids, 4, monkeypatch)
-    assert n == 0 and torch.equal(ref, got)
+    got, _, calls = run_step(engine, True, ids, 4, monkeypatch)
+    assert calls == [] and torch.equal(ref, got)
     unfused = engine_for("llama")
     calls = spy_fold(monkeypatch)
-    fast = FastDecoder(unfused, capture=False, use_kernels=False, fuse_weights=False, fold_norm=True)
+    fast = FastDecoder(unfused, capture=False, use_kernels=False, fuse_weights=False, fold_norm=True, fold_silu=True)
     fast.generate(ids[:1], 3)
-    assert len(calls) == 2  # only the LM head (one matrix): 2 steps
+    assert calls == ["norm", "norm"]  # only the LM head (one matrix), 2 steps; no fused gate/up for the SiLU
 
 
 # ---- GPU ---------------------------------------------------------------------------------------------------------

@@ -1,17 +1,18 @@
 """What one graph-replayed decode step of llama3_8b (random bf16 weights, batch 1, 512-token prompt) spends its
 GPU time on, kernel by kernel: torch.profiler (CUPTI) over replays of the captured step.
 
-    python experiments/profile/fast_step_profile.py [--prompt 512] [--steps 64] [--fold both] > step_profile.txt
+    python experiments/profile/fast_step_profile.py [--prompt 512] [--steps 64] [--fold off norm silu] > out.txt
     python experiments/profile/fast_step_profile.py --fold-kernels      # the folded GEMV alone, ~1 min on an H100
 
 Prints the kernels grouped by name with their total and per-step GPU time, the sum of kernel time per step, and
 the wall time per step, whose difference is the gaps between kernels (launch latency inside the graph).
---fold on|off|both: the step with the RMSNorm folded into the q/k/v, gate/up and LM-head GEMVs (kernels/gemv.py
-`add_rmsnorm_gemv`, the GPU default), with the norm kernels apart (FastDecoder(fold_norm=False)), or both, one
-after the other on the same weights and prompt (default both), each with its wall time; both: their ratio last.
+--fold: which steps to profile, one after the other on the same weights and prompt (default all three): "off" with
+the norm and SiLU kernels apart (FastDecoder(fold_norm=False)), "norm" with the RMSNorm folded into the q/k/v,
+gate/up and LM-head GEMVs (kernels/gemv.py `add_rmsnorm_gemv`, the GPU default), "silu" with the SwiGLU gate
+folded into the down GEMV as well (`silu_mul_gemv`, fold_silu=True); each with its wall time, the ratios last.
 --fold-kernels: those three shapes alone over cold weights (a CUDA graph over copies of the weight, as
-step_kernels.py): the norm kernel + GEMV apart against the fold at 1-64 rows a program, each checked against
-float64.
+step_kernels.py): the norm kernel + GEMV apart against the fold at 1-64 rows a program, and the down GEMV with
+the SiLU kernel apart against silu_mul_gemv's configs, each checked against float64.
 """
 
 from __future__ import annotations
@@ -31,14 +32,18 @@ sys.path.insert(0, str(REPO))
 from ollm_triton.engine import load_engine  # noqa: E402
 from ollm_triton.engine.fast_decode import FastDecoder  # noqa: E402
 
+FOLDS = {"off": (dict(fold_norm=False), "norm and SiLU kernels apart"),
+         "norm": (dict(fold_norm=True), "RMSNorm (+ residual add) folded into the q/k/v, gate/up, LM-head GEMVs"),
+         "silu": (dict(fold_norm=True, fold_silu=True), "that, and the SwiGLU gate folded into the down GEMV")}
+
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--gemv", action="store_true", help="only time llama3_8b's batch-1 matmuls three ways")
-    ap.add_argument("--fold", choices=("on", "off", "both"), default="both",
-                    help="the RMSNorm folded into the GEMVs (on), apart (off), or both profiled in turn")
+    ap.add_argument("--fold", nargs="+", choices=FOLDS, default=list(FOLDS),
+                    help="steps to profile: norm and SiLU apart (off), the norm folded (norm), norm and SiLU (silu)")
     ap.add_argument("--fold-kernels", action="store_true", help="only time the folded GEMV against norm + GEMV")
     args = ap.parse_args()
     if args.gemv:
@@ -50,15 +55,16 @@ def main():
     engine.fast_decoder()  # fuses q/k/v and gate/up once
     prompt = torch.randint(0, arch["vocab_size"], (1, args.prompt), device="cuda")
     walls = {}
-    for fold in {"on": (True,), "off": (False,), "both": (False, True)}[args.fold]:
-        engine._fast = FastDecoder(engine, capture=True, fold_norm=fold)
-        print(f"\n## fold_norm={fold}: {'RMSNorm folded into the GEMVs' if fold else 'norm kernels apart'}")
+    for fold in args.fold:
+        engine._fast = FastDecoder(engine, capture=True, **FOLDS[fold][0])
+        print(f"\n## --fold {fold}: {FOLDS[fold][1]}")
         walls[fold] = profile_step(engine, prompt, args.steps)
         engine._fast.close()
         torch.cuda.empty_cache()
-    if len(walls) == 2:
-        print(f"\nfold: {walls[True]:.1f} us a step against {walls[False]:.1f} us apart "
-              f"({walls[False] / walls[True]:.3f}x)")
+    print()
+    for fold, us in walls.items():
+        vs = f" ({walls['off'] / us:.3f}x off)" if "off" in walls else ""
+        print(f"--fold {fold}: {us:.1f} us a step{vs}")
 
 
 def profile_step(engine, prompt, steps) -> float:
@@ -181,6 +187,7 @@ def fold_kernels():
             table.append(row)
             ws = None
             torch.cuda.empty_cache()
+        silu_rows = silu_fold_kernels(graph_us, g)
     print("\n| shape (N x 4096) | norm + GEMV apart | GEMV alone | "
           + " | ".join(f"fold {bn}x{st} rows, {w} warps" for bn, w, st in configs) + " |")
     print("| --- | ---: | ---: | " + " | ".join("---:" for _ in configs) + " |")
@@ -190,6 +197,64 @@ def fold_kernels():
               + " | ".join(cells) + " |")
     print("us per call (median graph replay / copies); fold AxB rows: A rows a chunk, B chunks a program; errors "
           "against float64 in the JSON lines above")
+    print("\n| shape | SiLU kernel + GEMV apart | GEMV alone | "
+          + " | ".join(f"fold {bn}x{st} rows, {w} warps" for bn, w, st in SILU_CONFIGS) + " |")
+    print("| --- | ---: | ---: | " + " | ".join("---:" for _ in SILU_CONFIGS) + " |")
+    for row in silu_rows:
+        cells = [f"{row.get(f'fold_b{bn}_w{w}_s{st}_us', float('nan')):.2f}" for bn, w, st in SILU_CONFIGS]
+        print(f"| down ({row['n']} x {row['m']}) | {row['apart_us']:.2f} | {row['gemv_alone_us']:.2f} | "
+              + " | ".join(cells) + " |")
+
+
+SILU_CONFIGS = [(1, 4, 1), (2, 8, 1), (2, 8, 4), (2, 16, 4), (4, 16, 4), (2, 16, 8)]
+
+
+def silu_fold_kernels(graph_us, g) -> list[dict]:
+    """llama3_8b's down GEMV (4096 x 14336) with the SwiGLU gate apart (silu_mul kernel, then the one-shot GEMV the
+    step runs) against silu_mul_gemv's configs, over cold weight copies, each checked against float64."""
+    from ollm_triton.kernels import gemv as G
+    from ollm_triton.kernels.mlp import silu_mul_kernel
+
+    dt, n, m = torch.bfloat16, 4096, 14336
+    copies = max(2, -(-400_000_000 // (n * m * 2)))
+    gate_up = 2 * torch.randn(1, 2 * m, device="cuda", dtype=dt, generator=g)
+    act = torch.empty(1, m, device="cuda", dtype=dt)
+    ws = [torch.randn(n, m, device="cuda", dtype=dt, generator=g) / m**0.5 for _ in range(copies)]
+    y = torch.empty(n, device="cuda", dtype=dt)
+    y_ref = G.silu_mul_gemv_reference(gate_up, ws[0])
+
+    def err():
+        return ((y.double() - y_ref).pow(2).mean().sqrt() / y_ref.pow(2).mean().sqrt()).item()
+
+    def apart(ws=ws):  # a list of one weight: the checked call
+        for w in ws:
+            silu_mul_kernel(gate_up[:, :m], gate_up[:, m:], out=act)
+            G.gemv(act, w, out=y)
+
+    def gemv_only(ws=ws):
+        for w in ws:
+            G.gemv(act, w, out=y)
+
+    row = {"shape": "down", "n": n, "m": m, "copies": copies}
+    with torch.inference_mode():
+        apart(ws[:1])
+        row["apart_err"] = err()
+        row["apart_us"] = graph_us(apart) / copies
+        row["gemv_alone_us"] = graph_us(gemv_only) / copies
+        for bn, warps, steps in SILU_CONFIGS:
+            def fold(ws=ws, bn=bn, warps=warps, steps=steps):  # ws[:1]: the checked call
+                for w in ws:
+                    G.silu_mul_gemv(gate_up, w, block_n=bn, num_warps=warps, steps=steps, out=y)
+
+            key = f"fold_b{bn}_w{warps}_s{steps}"
+            try:
+                fold(ws[:1])
+                row[key + "_err"] = err()
+                row[key + "_us"] = graph_us(fold) / copies
+            except Exception as e:  # noqa: BLE001 - a config that does not compile or fit is a finding
+                row[key + "_error"] = repr(e)[:160]
+    print(json.dumps(row), flush=True)
+    return [row]
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ RoPE fused with the K/V cache write, varlen attention over the cache, o-projecti
 the LM head and the argmax. At one row every weight matmul is the one-shot Triton GEMV (kernels/gemv.py); at more
 rows, cuBLAS. At one row on a GPU (`fold_norm`) the norms before q/k/v, gate/up and the LM head are folded into
 those GEMVs' prologue with the residual add (kernels/gemv.py `add_rmsnorm_gemv`): 65 fewer kernels a llama3_8b
-step; `FastDecoder(fold_norm=False)` keeps them apart (the benchmark's baseline).
+step; `FastDecoder(fold_norm=False)` keeps them apart (the benchmark's baseline). `fold_silu=True` (off by default
+until timed on a GPU) also computes the SwiGLU gate in the down GEMV's prologue (`silu_mul_gemv`).
 
     token [B] long       the token fed this step (the graph writes the argmax of the step's logits back into it)
     pos   [B] long       its position = the sequence's length before the step (incremented by the graph)
@@ -49,7 +50,7 @@ from ollm_triton.engine.generation import Generation, argmax_pick, emit_step
 from ollm_triton.engine.graphs import SegmentRecorder, notify_once, round_capacity, warm_up
 from ollm_triton.engine.mixers import SegmentMixer, StaticDecodeMixer, attention_step
 from ollm_triton.engine.model import rope_cos_sin
-from ollm_triton.kernels.gemv import decode_add_norm_linear, decode_linear
+from ollm_triton.kernels.gemv import decode_add_norm_linear, decode_linear, decode_silu_linear
 from ollm_triton.timing import Timer
 
 FAST_DECODE_MODES = ("auto", "graph", "static", "piecewise", "off")
@@ -229,11 +230,12 @@ class FastDecoder:
     use_kernels: None = the fused Triton kernels on CUDA and the PyTorch references elsewhere (True on the CPU runs
     them through the interpreter). fuse_weights (default: with capture) concatenates q/k/v and gate/up weights.
     fold_norm: None = with the kernels on CUDA; folds each norm into the fused matmul after it at one row
-    (kernels/gemv.py `decode_add_norm_linear`; needs fused weights to act on q/k/v and gate/up).
+    (kernels/gemv.py `decode_add_norm_linear`; needs fused weights to act on q/k/v and gate/up). fold_silu: the
+    SwiGLU gate computed in the down GEMV's prologue at one row (`decode_silu_linear`; needs fused gate/up).
     """
 
     def __init__(self, engine, *, capture: bool, use_kernels: bool | None = None, fuse_weights: bool | None = None,
-                 piecewise: bool = False, fold_norm: bool | None = None):
+                 piecewise: bool = False, fold_norm: bool | None = None, fold_silu: bool = False):
         if capture and engine.device.type != "cuda":
             raise ValueError("FastDecoder(capture=True) needs a CUDA engine; use capture=False (static) on the CPU")
         self.engine = engine
@@ -245,6 +247,7 @@ class FastDecoder:
         self.kernels = engine.device.type == "cuda" if use_kernels is None else use_kernels
         self.linear = decode_linear if self.kernels else F.linear
         self.fold_norm = self.kernels and engine.device.type == "cuda" if fold_norm is None else fold_norm
+        self.fold_silu = fold_silu
         self.buckets: OrderedDict[int, Bucket] = OrderedDict()
         self.steps = 0  # decode steps run through the static step (replayed or not)
         self.captures = 0
@@ -314,7 +317,8 @@ class FastDecoder:
         else:
             mixer = SegmentMixer(bk.io, cos, sin, cut or (lambda i: self.attend(bk, i)), kernels=self.kernels)
         logits = self.engine.model.step(bk.token[:, None], mixer, kernels=self.kernels, linear=self.linear,
-                                        norm_linear=decode_add_norm_linear if self.fold_norm else None)[:, 0]
+                                        norm_linear=decode_add_norm_linear if self.fold_norm else None,
+                                        silu_linear=decode_silu_linear if self.fold_silu else None)[:, 0]
         bk.logits.copy_(logits)
         bk.token.copy_(argmax_rows(logits))  # argmax of the model-dtype logits = argmax of their float32 copy
         bk.pos.add_(1)

@@ -20,8 +20,9 @@ points are the eager ops', so results agree to the reduction order), `linear` is
 decode step passes the one-shot GEMV), and a layer whose q/k/v (gate/up) weights were concatenated into one matrix
 (`qkv_weight`, `gate_up_weight`, engine/fast_decode.py `fuse_projections`) runs one matmul instead of three (two).
 `norm_linear` folds a norm into the fused matmul that reads it (the residual add, RMSNorm and q/k/v, gate/up or LM
-head matmul in one kernel: kernels/gemv.py `decode_add_norm_linear`, the static decode step's option at one row);
-where it declines the shapes, the norm and the matmul run apart, so every path keeps this one structure.
+head matmul in one kernel: kernels/gemv.py `decode_add_norm_linear`, the static decode step's option at one row),
+and `silu_linear` the SwiGLU gate into the down matmul (`decode_silu_linear`); where one declines the shapes, the
+two run apart, so every path keeps this one structure.
 A new MLP or mixer (linear attention) is one module here: the mixture of experts is engine/moe.py's `MoE`, which
 layer i runs in place of the dense MLP when the config says so (`ModelConfig.is_moe_layer`).
 """
@@ -46,6 +47,8 @@ Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tenso
 # (delta | None, residual, norm weight, eps, norm offset, W, b | None) -> (norm(residual + delta) W^T + b,
 # residual + delta), or None when it does not take these shapes
 NormLinear = Callable[..., tuple[torch.Tensor, torch.Tensor] | None]
+# (gate_up [..., 2M], W, b | None) -> (silu(gate) * up) W^T + b, or None when it does not take these shapes
+SiluLinear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor | None]
 
 
 class Mixer(Protocol):
@@ -218,12 +221,17 @@ class MLP(nn.Module):
         """(W, b) of the one matmul that reads the normed input (the fused gate/up), None when there are two."""
         return (self.gate_up_weight, self.gate_up_bias) if self.gate_up_weight is not None else None
 
-    def forward(self, x: torch.Tensor | None, kernels: bool, linear: Linear,
-                gate_up: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | None, kernels: bool, linear: Linear, gate_up: torch.Tensor | None = None,
+                silu_linear: SiluLinear | None = None) -> torch.Tensor:
         """x: [B, T, hidden] -> [B, T, hidden]; gate_up: the fused gate/up projection when it was computed with the
-        norm folded in (x is then None)."""
+        norm folded in (x is then None); silu_linear: the gate folded into the down matmul, when it takes the
+        fused projection's shape."""
         if gate_up is None and self.gate_up_weight is not None:
             gate_up = linear(x, self.gate_up_weight, self.gate_up_bias)
+        if gate_up is not None and silu_linear is not None:
+            out = silu_linear(gate_up, self.down_proj.weight, self.down_proj.bias)
+            if out is not None:
+                return out
         if gate_up is not None:
             gate, up = gate_up.chunk(2, dim=-1)
         else:
@@ -254,10 +262,12 @@ class DecoderLayer(nn.Module):
         self.mlp = make_mlp(cfg, index)
 
     def forward(self, i: int, delta: torch.Tensor | None, residual: torch.Tensor, mixer: Mixer, kernels: bool,
-                linear: Linear, norm_linear: NormLinear | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                linear: Linear, norm_linear: NormLinear | None = None,
+                silu_linear: SiluLinear | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoder layer: (delta, residual) in, (this layer's MLP output, the residual stream before it) out;
         the previous layer's delta is added into the residual inside this layer's first norm (with `norm_linear`,
-        norm and add inside the q/k/v and gate/up matmuls where the shapes allow)."""
+        norm and add inside the q/k/v and gate/up matmuls where the shapes allow; with `silu_linear`, the SwiGLU
+        gate inside the down matmul)."""
         attn = getattr(self, "self_attn", None)
         fold = attn.fused_input() if attn is not None and norm_linear is not None else None
         normed, qkv, residual = add_norm_project(delta, residual, self.input_layernorm, kernels, norm_linear, fold)
@@ -270,8 +280,8 @@ class DecoderLayer(nn.Module):
         fold = self.mlp.fused_input() if dense and norm_linear is not None else None
         normed, gate_up, residual = add_norm_project(delta, residual, self.post_attention_layernorm, kernels,
                                                      norm_linear, fold)
-        if gate_up is not None:
-            return self.mlp(None, kernels, linear, gate_up), residual
+        if dense:
+            return self.mlp(normed, kernels, linear, gate_up, silu_linear), residual
         return self.mlp(normed, kernels, linear), residual
 
 
@@ -306,19 +316,21 @@ class CausalLM(nn.Module):
         kernels: bool = False,
         linear: Linear = F.linear,
         norm_linear: NormLinear | None = None,
+        silu_linear: SiluLinear | None = None,
         hooks: LayerHooks | None = None,
         num_layers: int | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:
         """The model step (see the module docstring). ids: [B, T] -> logits [B, T, V] in the model dtype ([B, 1, V]
         with `last_only`). `num_layers` runs the first layers only, then the final norm and head (early exit).
-        norm_linear: the folded norm + matmul (kernels/gemv.py `decode_add_norm_linear`), None to keep them apart."""
+        norm_linear: the folded norm + matmul (kernels/gemv.py `decode_add_norm_linear`), None to keep them apart;
+        silu_linear: the folded SwiGLU gate + down matmul (`decode_silu_linear`), the same."""
         layers = self.model.layers if num_layers is None else self.model.layers[:num_layers]
         residual, delta = self.model.embed_tokens(ids), None
         for i, layer in enumerate(layers):
             if hooks is not None:
                 hooks.before_layer(i)
-            delta, residual = layer(i, delta, residual, mixer, kernels, linear, norm_linear)
+            delta, residual = layer(i, delta, residual, mixer, kernels, linear, norm_linear, silu_linear)
             if hooks is not None:
                 hooks.after_layer(i)
         if last_only:

@@ -26,7 +26,9 @@ compiler may pipeline); with one row a program the LM head's 128,256 programs wo
 instructions as its weight stream takes to arrive. Rounding follows engine.model.RMSNorm, as kernels/norm.py
 does, so the fold changes only the reduction order of the mean against the unfolded norm + GEMV.
 `decode_add_norm_linear` is the fast step's entry: the fold when the shapes fit, None otherwise (the caller then
-runs the norm and the matmul apart).
+runs the norm and the matmul apart). `silu_mul_gemv` (`decode_silu_linear`) folds SwiGLU's silu(gate) * up into the
+down GEMV's prologue the same way; its prologue is dearer (special-function units), so a program shares it over
+SILU_BLOCK_N x SILU_STEPS rows.
 """
 
 # No `from __future__ import annotations`: kept like the other kernel modules (custom ops read annotations).
@@ -43,6 +45,13 @@ NUM_WARPS = 4
 FOLD_BLOCK_N = 4
 FOLD_NUM_WARPS = 8
 FOLD_STEPS = 1  # chunks of FOLD_BLOCK_N rows a program walks after one prologue (1: no loop)
+# the SiLU-gate fold into the down GEMV (K = 14336 for llama3_8b): its prologue costs an exponential and a
+# reciprocal an input element on the special-function units, so a program shares it over many rows (4096 programs
+# of one row would be 117M such operations a layer, ~28 us on an H200's 132 x 16 units a clock, against the
+# GEMV's 30 us); untimed on a GPU, like the norm fold's choice
+SILU_BLOCK_N = 2
+SILU_NUM_WARPS = 16
+SILU_STEPS = 4
 
 
 @triton.jit
@@ -87,7 +96,31 @@ def _add_rmsnorm_gemv_kernel(D, R, G, W, B, Y, S, N, K, stride_wn, eps, offset, 
         b_x = (b_s32 * b_rstd * (offset + b_g)).to(W.dtype.element_ty)
     else:  # rounded before the weight, and after it, as the eager RMSNorm and the unfolded norm kernel
         b_x = ((b_s32 * b_rstd).to(R.dtype.element_ty).to(tl.float32) * b_g).to(W.dtype.element_ty)
-    b_x = b_x.to(tl.float32)
+    _dot_rows(W, B, Y, b_w, b_x.to(tl.float32), i_p, N, stride_wn, o_k, m_k, HAS_BIAS, BLOCK_N, STEPS)
+
+
+@triton.jit
+def _silu_mul_gemv_kernel(GU, W, B, Y, N, M, stride_wn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, STEPS: tl.constexpr):
+    i_p = tl.program_id(0)
+    o_n = i_p * (BLOCK_N * STEPS) + tl.arange(0, BLOCK_N)
+    o_k = tl.arange(0, BLOCK_K)
+    m_k = o_k < M
+    b_w = tl.load(W + o_n[:, None].to(tl.int64) * stride_wn + o_k[None, :], mask=(o_n < N)[:, None] & m_k[None, :],
+                  other=0.0)
+    b_g = tl.load(GU + o_k, mask=m_k, other=0.0).to(tl.float32)
+    b_u = tl.load(GU + M + o_k, mask=m_k, other=0.0).to(tl.float32)
+    # silu rounded to the input dtype, then the product rounded, as kernels/mlp.py and the eager F.silu(g) * u
+    b_s = (b_g / (1.0 + tl.exp(-b_g))).to(GU.dtype.element_ty).to(tl.float32)
+    b_x = (b_s * b_u).to(GU.dtype.element_ty).to(tl.float32)
+    _dot_rows(W, B, Y, b_w, b_x, i_p, N, stride_wn, o_k, m_k, HAS_BIAS, BLOCK_N, STEPS)
+
+
+@triton.jit
+def _dot_rows(W, B, Y, b_w, b_x, i_p, N, stride_wn, o_k, m_k, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+              STEPS: tl.constexpr):
+    """Y[rows] = W[rows] . b_x (+ B) for program i_p's STEPS chunks of BLOCK_N rows; b_w: the first chunk, loaded
+    by the caller before its prologue."""
     o_end = tl.minimum(N, (i_p + 1) * (BLOCK_N * STEPS))  # this program's rows end here
     for i_s in tl.range(0, STEPS):  # the program's chunks of rows share the prologue's b_x
         o_n = i_p * (BLOCK_N * STEPS) + i_s * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -103,7 +136,6 @@ def _add_rmsnorm_gemv_kernel(D, R, G, W, B, Y, S, N, K, stride_wn, eps, offset, 
         tl.store(Y + o_n, b_y.to(Y.dtype.element_ty), mask=m_n)
         if STEPS > 1:
             b_w = b_w_next
-
 
 def gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *, block_n: int = BLOCK_N,
          num_warps: int = NUM_WARPS, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -177,6 +209,37 @@ def add_rmsnorm_gemv_reference(delta: torch.Tensor | None, residual: torch.Tenso
     return gemv_reference(x, w, b, compute_dtype), s
 
 
+def silu_mul_gemv(gate_up: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *,
+                  block_n: int = SILU_BLOCK_N, num_warps: int = SILU_NUM_WARPS, steps: int = SILU_STEPS,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """(silu(gate) * up) w^T + b for one row, the SwiGLU gate computed in the GEMV's prologue.
+
+    gate_up: [..., 2M] (one row: gate, then up, as the fused gate/up projection writes them)   w: [N, M] with a
+    contiguous last dim   b: [N] or None   -> [..., N] in w's dtype
+    """
+    m2, n = gate_up.shape[-1], w.shape[0]
+    m = m2 // 2
+    if gate_up.numel() != m2 or m2 % 2 or w.dim() != 2 or w.shape[1] != m or w.stride(1) != 1 or m > MAX_K or (
+            b is not None and b.shape != (n,)):
+        got = f"gate_up {tuple(gate_up.shape)}, w {tuple(w.shape)}, b {None if b is None else tuple(b.shape)}"
+        raise ValueError(f"silu_mul_gemv takes one row gate_up [..., 2M] with M <= {MAX_K}, w [N, M] with a "
+                         f"contiguous last dim and b [N]; got {got}")
+    gu = gate_up.reshape(m2).contiguous()
+    y = torch.empty(n, dtype=w.dtype, device=w.device) if out is None else out.view(n)
+    _silu_mul_gemv_kernel[(triton.cdiv(n, block_n * steps),)](
+        gu, w, b if b is not None else w, y, n, m, w.stride(0), HAS_BIAS=b is not None, BLOCK_N=block_n,
+        BLOCK_K=triton.next_power_of_2(m), STEPS=steps, num_warps=num_warps,
+    )
+    return y.view(*gate_up.shape[:-1], n)
+
+
+def silu_mul_gemv_reference(gate_up: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
+                            compute_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """(silu(gate) * up) w^T + b without intermediate rounding, in compute_dtype (float64 for tests)."""
+    gate, up = gate_up.to(compute_dtype).chunk(2, dim=-1)
+    return gemv_reference(F.silu(gate) * up, w, b, compute_dtype)
+
+
 def decode_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear for the fast decode step: the one-shot GEMV for a single row on a GPU, F.linear otherwise."""
     if x.is_cuda and x.numel() == x.shape[-1] and x.shape[-1] <= MAX_K and w.stride(-1) == 1 and w.dtype == x.dtype:
@@ -200,5 +263,15 @@ def decode_add_norm_linear(delta: torch.Tensor | None, residual: torch.Tensor, n
     return add_rmsnorm_gemv(delta, residual, norm_weight, eps, w, b, offset=offset)
 
 
+def decode_silu_linear(gate_up: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The fast step's SwiGLU gate folded into the down matmul (engine.model MLP): `silu_mul_gemv` when the shapes
+    fit (one row, M <= MAX_K, one dtype, w's last dim contiguous), else None (silu_mul, then the matmul). By
+    shape only; the device choice is the caller's (FastDecoder.fold_silu)."""
+    m2 = gate_up.shape[-1]
+    if gate_up.numel() != m2 or m2 % 2 or m2 // 2 > MAX_K or w.stride(-1) != 1 or gate_up.dtype != w.dtype:
+        return None
+    return silu_mul_gemv(gate_up, w, b)
+
+
 __all__ = ["gemv", "gemv_reference", "decode_linear", "add_rmsnorm_gemv", "add_rmsnorm_gemv_reference",
-           "decode_add_norm_linear", "MAX_K"]
+           "decode_add_norm_linear", "silu_mul_gemv", "silu_mul_gemv_reference", "decode_silu_linear", "MAX_K"]
