@@ -157,11 +157,14 @@ def test_gpt_oss_whole_static_step_with_the_kernels(eager_logits):
     assert max((a - b).abs().max().item() for a, b in zip(got, eager_logits[:9], strict=True)) <= 1e-4
 
 
-def test_quantized_codec_keeps_refusing_the_whole_step():
-    """int4's static step has no window or sinks: the whole step is refused with the reason, piecewise still runs."""
-    int4 = registry.build("cache", "int4", {})
-    assert not int4.static_window_sinks
-    engine = gpt_oss(codec=int4, fast_decode="static")
+def test_quantized_codec_runs_the_whole_step_and_a_codec_without_windows_is_refused(monkeypatch):
+    """int4's static step takes the window and sinks (tests/test_kernels_quant_window_sinks.py checks its numbers):
+    the whole step runs; a codec that declared none would be refused with the reason, piecewise still running."""
+    from ollm_triton.cache.quant import Quant
+
+    assert str(gpt_oss(codec=registry.build("cache", "int4", {}), fast_decode="static").fast_path) == "static"
+    monkeypatch.setattr(Quant, "static_window_sinks", property(lambda self: False))
+    engine = gpt_oss(codec=registry.build("cache", "int4", {}), fast_decode="static")
     assert engine.fast_path.mode == "eager"
     assert "cache 'int4' declares no static step with windows and sinks" in engine.fast_path.reason
     assert str(gpt_oss(codec=registry.build("cache", "int4", {}), fast_decode="piecewise").fast_path) == \

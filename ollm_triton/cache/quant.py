@@ -244,19 +244,22 @@ class QuantLayer(ResidualWindow, CacheLayer):
             return (torch.div(length - r, g, rounding_mode="floor") * g).clamp_min(0)
         return max((length - r) // g * g, 0)
 
-    def static_decode(self, q, k, v, cos, sin, pos, *, kernels: bool, shared: dict | None = None) -> torch.Tensor:
+    def static_decode(self, q, k, v, cos, sin, pos, *, kernels: bool, shared: dict | None = None, window: int = 0,
+                      sinks: torch.Tensor | None = None) -> torch.Tensor:
         """The new token of row b goes to the residual window at pos[b] - quantized_for(pos[b]); the fused decode
-        attends the row's codes and window with the row's lengths read on the device. The split points, slots and
+        attends the row's codes and window with the row's lengths read on the device (over its last `window` keys,
+        with the layer's `sinks`: gpt-oss' own rule, Quant.static_window_sinks). The split points, slots and
         lengths are the same for every layer of a step: computed by the first (`shared`)."""
         n_quant, slot, lengths = once_per_step(shared, ("quant", self.residual, self.group, self.scratch_from),
                                        lambda: self._split(pos))
         q_rot = rope_write_kv(q, k, v, cos, sin, self.k_res, self.v_res, slot, use_kernel=kernels)
         store = (self.k_codes, self.k_scale, self.k_zero, self.v_codes, self.v_scale, self.v_zero, self.k_res,
                  self.v_res)
-        kw = dict(bits=self.bits, key_group=self.group, value_group=self.value_group)
+        kw = dict(bits=self.bits, key_group=self.group, value_group=self.value_group, window=window, sinks=sinks)
         if kernels:
             opts = {k: v for k, v in self.kernel_options.items()
-                    if k in ("num_splits", "num_warps", "num_stages", *self.VARLEN_ONLY)}
+                    if k in ("num_splits", "num_warps", "num_stages", "kernel", "mma_block_n", "mma_maxnreg",
+                             "mma_stages", "programs_per_sm", *self.VARLEN_ONLY)}
             return quant_decode_varlen(q_rot, *store, n_quant, lengths, block_k=self.block_k, **kw, **opts)
         return quant_decode_varlen_ref(q_rot, *store, n_quant.tolist(), lengths.tolist(), **kw)
 
@@ -344,6 +347,12 @@ class Quant(CacheCodec):
         """Pre-allocated codes on the device: the static step writes the residual window and runs the fused
         decode in place (QuantLayer.static_decode)."""
         return self.cfg.preallocate and self.cfg.store == "device"
+
+    @property
+    def static_window_sinks(self) -> bool:
+        """QuantLayer.static_decode attends over a layer's sliding window (quantized blocks wholly before it are
+        skipped) with its sinks (the split merge's sink term)."""
+        return self.static_decode
 
     def new_layer(self, spec: LayerSpec) -> CacheLayer:
         return wrap_store(QuantLayer(spec, self._bits(), self.cfg), self.cfg, self)

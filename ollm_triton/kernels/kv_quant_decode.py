@@ -278,8 +278,13 @@ def _quant_decode_kernel(
     p_vc0 = VC + i_bh * stride_vc_bh + o_j[None, :]
 
     if VARLEN:  # quantized visits only; a residual split (i_split < n_rsplit) starts past them
-        per_split = tl.maximum(tl.cdiv(n_quant_visit, tl.num_programs(1) - n_rsplit), blocks_per_split)
-        i_lo = tl.where(i_split >= n_rsplit, (i_split - n_rsplit) * per_split, n_quant_visit)
+        # a window (the layer's last `window` keys) skips the quantized blocks wholly before it: the splits share
+        # the blocks [i_first, n_quant_visit) only
+        i_first = 0
+        if HAS_WINDOW:
+            i_first = tl.minimum(tl.maximum(kv_len - window, 0) // BLOCK_K, n_quant_visit)
+        per_split = tl.maximum(tl.cdiv(n_quant_visit - i_first, tl.num_programs(1) - n_rsplit), blocks_per_split)
+        i_lo = tl.where(i_split >= n_rsplit, i_first + (i_split - n_rsplit) * per_split, n_quant_visit)
         i_hi = tl.minimum(i_lo + per_split, n_quant_visit)
     else:
         i_lo = i_split * blocks_per_split
@@ -516,7 +521,8 @@ def quant_decode_varlen(
     min_blocks: int = 2, res_chunk: int = RES_CHUNK,
     num_warps: int = 4, num_stages: int = 3, maxnreg: int | None = None, programs_per_sm: int | None = None,
     unpack: str | None = None, kernel: str | None = None, mma_block_n: int | None = None,
-    mma_maxnreg: int | None = None, mma_stages: int | None = None, out: torch.Tensor | None = None,
+    mma_maxnreg: int | None = None, mma_stages: int | None = None, window: int = 0,
+    sinks: torch.Tensor | None = None, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention of one new token per row, each row at its own length (the static decode step).
 
@@ -527,6 +533,9 @@ def quant_decode_varlen(
     quantized blocks are spread over `num_splits` programs, at least `min_blocks` blocks each (the programs past
     them exit at once and write an empty partial that the merge ignores), and its residual tokens over programs of
     `res_chunk` tokens (a multiple of min(block_k, 32)). Returns [B, Hq, 1, D] in q's dtype.
+    window: each row attends its last `window` keys only (0: all; the quantized blocks wholly before them are not
+    visited); sinks: None or [Hq] logits, one more softmax denominator term per head (gpt-oss' rule, as
+    attention_decode_varlen's `decode_varlen`).
     kernel: as in `quant_decode`: None takes the Gluon MMA kernel where the shapes and device allow (its residual
     programs attend mma_block_n window tokens each instead of res_chunk; mma_* as in `quant_decode`; num_warps,
     num_stages, maxnreg, unpack and res_chunk apply to the Triton-language kernel only), "triton" refuses it.
@@ -542,6 +551,10 @@ def quant_decode_varlen(
     p = 8 // bits
     if d % p:
         raise ValueError(f"head_dim {d} must be divisible by {p} for {bits}-bit codes")
+    if window < 0:
+        raise ValueError(f"window must be >= 0 keys (0: every key), got {window}")
+    if sinks is not None and (sinks.shape != (hq,) or sinks.stride(0) != 1):
+        raise ValueError(f"sinks must be [Hq] = [{hq}] contiguous logits, got {tuple(sinks.shape)}")
     if row_quant.shape != (b,) or lengths.shape != (b,):
         raise ValueError(f"row_quant and lengths must be [B] = [{b}], got {tuple(row_quant.shape)} and "
                          f"{tuple(lengths.shape)}")
@@ -563,7 +576,7 @@ def quant_decode_varlen(
         return _varlen_mma(q, kc, ks, kz, vc, vs, vz, kr, vr, row_quant, lengths, out, hkv=hkv, gq=gq, bits=bits,
                            block_k=block_k, key_group=key_group, symmetric=symmetric, block_d=block_d, bn=bn,
                            maxnreg=mma_maxnreg, stages=mma_stages, num_splits=num_splits, min_blocks=min_blocks,
-                           programs_per_sm=programs_per_sm)
+                           programs_per_sm=programs_per_sm, window=window, sinks=sinks)
     res_splits = triton.cdiv(kr.shape[1], res_chunk)  # the window's capacity, in chunks
     q_splits, maxnreg = varlen_launch(bits, q.device, b * hkv, kc.shape[1] // block_k,
                                       num_splits=num_splits, min_blocks=min_blocks, programs_per_sm=programs_per_sm,
@@ -572,21 +585,22 @@ def quant_decode_varlen(
     o_part, l_part = _partials(b * hkv * n_split * gq, block_d, q.device)
     _quant_decode_kernel[(b * hkv, n_split)](
         q, kc, ks, kz, vc, vs, vz, kr, vr, kc, o_part, l_part, row_quant, lengths, *_strides(q, kc, ks, vc, vs, kr),
-        0, 0, 0, 0, min_blocks, res_splits, 0, 0, math.log2(math.e) / math.sqrt(d),
+        0, 0, 0, 0, min_blocks, res_splits, window, 0, math.log2(math.e) / math.sqrt(d),
         H_KV=hkv, GQ=gq, T=1, D=d, BLOCK_D=block_d, BLOCK_J=max(16, triton.next_power_of_2(d // p)),
         BLOCK_M=max(16, triton.next_power_of_2(gq)), BLOCK_K=block_k, BLOCK_R=block_r,
         KEY_GROUP=key_group, V_GROUPS=d // value_group, V_GROUP=value_group, BITS=bits, SYMMETRIC=symmetric,
-        HAS_BLOCK_IDS=False, HAS_WINDOW=False, UNPACK=unpack, DOT=dot, VARLEN=True, RES_CHUNK=res_chunk,
+        HAS_BLOCK_IDS=False, HAS_WINDOW=window > 0, UNPACK=unpack, DOT=dot, VARLEN=True, RES_CHUNK=res_chunk,
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     merge_splits(o_part.view(b * hkv, n_split, gq, block_d), l_part, out, kv_heads=hkv, group=gq, t=1,
-                 n_split=n_split)
+                 n_split=n_split, sinks=sinks)
     LAST_LAUNCH.update(kernel="triton.varlen", splits=n_split)
     return out
 
 
 def _varlen_mma(q, kc, ks, kz, vc, vs, vz, kr, vr, row_quant, lengths, out, *, hkv, gq, bits, block_k, key_group,
-                symmetric, block_d, bn, maxnreg, stages, num_splits, min_blocks, programs_per_sm) -> torch.Tensor:
+                symmetric, block_d, bn, maxnreg, stages, num_splits, min_blocks, programs_per_sm, window=0,
+                sinks=None) -> torch.Tensor:
     """`quant_decode_varlen` on the Gluon MMA kernel (flattened storage): quantized splits sized as
     `varlen_launch` sizes them, at the MMA kernel's own programs an SM, then one program per bn window tokens of
     the window's capacity; each row's lengths read on the device, the grid fixed by the capacity."""
@@ -595,7 +609,7 @@ def _varlen_mma(q, kc, ks, kz, vc, vs, vz, kr, vr, row_quant, lengths, out, *, h
     res_splits = triton.cdiv(kr.shape[1], bn)
     max_quant_visit = kc.shape[1] // block_k
     mma_in = (q, kc, ks, None if symmetric else kz, vc, vs, None if symmetric else vz, kr, vr, kc, kc)
-    mma_kw = dict(kv_len=0, n_quant=0, n_quant_visit=0, window=0, sink=0,
+    mma_kw = dict(kv_len=0, n_quant=0, n_quant_visit=0, window=window, sink=0,
                   qk_scale=math.log2(math.e) / math.sqrt(q.shape[3]), hkv=hkv, gq=gq, block_k=block_k,
                   key_group=key_group, bits=bits, has_block_ids=False, bn=bn,
                   maxnreg=maxnreg, stages=stages, row_quant=row_quant, row_len=lengths)
@@ -608,7 +622,8 @@ def _varlen_mma(q, kc, ks, kz, vc, vs, vz, kr, vr, row_quant, lengths, out, *, h
     o_part, l_part = _partials(heads * n_split * gq, block_d, q.device)
     mma.launch(*mma_in, o_part, l_part, per_split=min_blocks, n_split_quant=num_splits, n_split_total=n_split,
                **mma_kw)
-    merge_splits(o_part.view(heads, n_split, gq, block_d), l_part, out, kv_heads=hkv, group=gq, t=1, n_split=n_split)
+    merge_splits(o_part.view(heads, n_split, gq, block_d), l_part, out, kv_heads=hkv, group=gq, t=1, n_split=n_split,
+                 sinks=sinks)
     LAST_LAUNCH.update(kernel="mma.varlen", splits=n_split)
     return out
 
@@ -651,9 +666,12 @@ def _strides(q, kc, ks, vc, vs, kr) -> tuple[int, ...]:
 
 def quant_decode_varlen_ref(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res,
                             row_quant: list[int], lengths: list[int], *, bits: int, key_group: int, value_group: int,
-                            compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                            compute_dtype: torch.dtype = torch.float32, window: int = 0,
+                            sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Reference of `quant_decode_varlen`: row by row, dequantize the row's codes (kernels/quant.py references),
-    append its residual tokens and attend in `compute_dtype`. row_quant, lengths: host ints. -> [B, Hq, 1, D]."""
+    append its residual tokens and attend in `compute_dtype`, over the row's last `window` keys (0: all) and with
+    each head's sink logit as one more softmax term (dropped from the output). row_quant, lengths: host ints.
+    -> [B, Hq, 1, D]."""
     b, hq, _, d = q.shape
     symmetric = k_zero is None
     out = torch.empty_like(q)
@@ -673,8 +691,15 @@ def quant_decode_varlen_ref(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
         gq = hq // ks.shape[1]
         kk = ks.to(compute_dtype).repeat_interleave(gq, dim=1)
         vv = vs.to(compute_dtype).repeat_interleave(gq, dim=1)
-        s = q[rows].to(compute_dtype) @ kk.transpose(-1, -2) / math.sqrt(d)
-        out[rows] = (torch.softmax(s, -1) @ vv).to(q.dtype)
+        s = q[rows].to(compute_dtype) @ kk.transpose(-1, -2) / math.sqrt(d)  # [1, Hq, 1, n]
+        if window:
+            s[..., : max(n - window, 0)] = float("-inf")
+        if sinks is not None:  # softmax over [scores, sink], the sink's column dropped
+            s = torch.cat((s, sinks.to(device=s.device, dtype=compute_dtype)[None, :, None, None]), -1)
+            p = torch.softmax(s, -1)[..., :-1]
+        else:
+            p = torch.softmax(s, -1)
+        out[rows] = (p @ vv).to(q.dtype)
     return out
 
 

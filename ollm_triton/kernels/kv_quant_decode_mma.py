@@ -398,15 +398,19 @@ if HAVE_GLUON:
         VARLEN (the static decode step, T = 1): row i_b's quantized tokens and length are read from ROW_QUANT and
         ROW_LEN on the device; the launch is fixed by the buffers' capacity. The row's quantized blocks are shared
         by the n_split_quant quantized splits, at least blocks_per_split each (splits past them write an empty
-        partial), and residual split r attends window tokens [r BN, (r + 1) BN) (empty past the row's length)."""
+        partial), and residual split r attends window tokens [r BN, (r + 1) BN) (empty past the row's length).
+        With HAS_WINDOW (sink tokens 0) the quantized splits share only the blocks that reach the row's window."""
         P: gl.constexpr = 8 // BITS
         i_bh, i_split = gl.program_id(0), gl.program_id(1)
         i_b, i_h = i_bh // H_KV, i_bh % H_KV
+        i_first = 0  # the first quantized visit the splits share
         if VARLEN:
             n_quant = gl.load(ROW_QUANT + i_b).to(gl.int32)
             kv_len = gl.load(ROW_LEN + i_b).to(gl.int32)
             n_quant_visit = n_quant // BLOCK_K
-            blocks_per_split = gl.maximum(gl.cdiv(n_quant_visit, n_split_quant), blocks_per_split)
+            if HAS_WINDOW:  # the row's last `window` keys: blocks wholly before them are not visited
+                i_first = gl.minimum(gl.maximum(kv_len - window, 0) // BLOCK_K, n_quant_visit)
+            blocks_per_split = gl.maximum(gl.cdiv(n_quant_visit - i_first, n_split_quant), blocks_per_split)
 
         o_r = gl.arange(0, 16, layout=ROWS)
         o_n = gl.arange(0, BN, layout=COLS)
@@ -442,7 +446,7 @@ if HAVE_GLUON:
             p_vz = VZ + i_bh * stride_vs_bh
             p_ks = KS + i_bh * stride_ks_bh
             p_kz = KZ + i_bh * stride_ks_bh
-            i_lo = i_split * blocks_per_split
+            i_lo = i_first + i_split * blocks_per_split
             n_sub = (gl.minimum(i_lo + blocks_per_split, n_quant_visit) - i_lo) * sub_blocks  # <= 0: nothing
             b_qs = gl.full([16, D], 0.0, gl.float16, layout=A_OP)
             b_bias = gl.full([16], 0.0, gl.float32, layout=ROWS)
