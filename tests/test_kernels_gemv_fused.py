@@ -221,15 +221,18 @@ GPU_MODEL = dict(model_type="llama", vocab_size=4096, hidden_size=512, intermedi
 
 
 @pytest.mark.gpu
-def test_gpu_graph_with_the_fold_against_the_unfolded_eager_step():
-    """The captured step with the fold (the GPU default) gives the tokens of the same step uncaptured, and the
-    logits of the unfolded step run eagerly (captured=False, fold_norm=False) to bf16 rounding."""
+@pytest.mark.parametrize("silu", [False, True])
+def test_gpu_graph_with_the_fold_against_the_unfolded_eager_step(silu):
+    """The captured step with the folds (the norm fold is the GPU default; the SiLU one opt-in) gives the tokens of
+    the same step uncaptured, and the logits of the unfolded step run uncaptured (fold_norm=False) to bf16
+    rounding."""
     from ollm_triton.registry import registry
 
     graph = load_engine(GPU_MODEL, device="cuda", dtype=torch.bfloat16, seed=0)
     static = load_engine(GPU_MODEL, device="cuda", dtype=torch.bfloat16, seed=0, fast_decode="static")
-    assert graph.fast_decoder().fold_norm
-    static._fast = FastDecoder(static, capture=False, fuse_weights=True)  # the fold too, uncaptured
+    assert graph.fast_decoder().fold_norm and not graph.fast_decoder().fold_silu
+    graph._fast = FastDecoder(graph, capture=True, fold_silu=silu)
+    static._fast = FastDecoder(static, capture=False, fuse_weights=True, fold_silu=silu)  # the same folds
     ids = torch.randint(0, 4096, (1, 300), generator=torch.Generator().manual_seed(0)).to("cuda")
     greedy = registry.build("decoder", "greedy")
     a, b = greedy.generate(graph, ids, 64), greedy.generate(static, ids, 64)
@@ -239,5 +242,5 @@ def test_gpu_graph_with_the_fold_against_the_unfolded_eager_step():
     ref_logits, got_logits = [], []
     unfolded.fast_decoder().generate(ids, 2, lambda lg: ref_logits.append(lg.clone()) or lg.argmax(-1))
     graph.fast_decoder().generate(ids, 2, lambda lg: got_logits.append(lg.clone()) or lg.argmax(-1))
-    for r, g in zip(ref_logits, got_logits, strict=True):  # the fold changes the mean's reduction order only
+    for r, g in zip(ref_logits, got_logits, strict=True):  # the folds change the mean's reduction order only
         assert ((r - g).norm() / r.norm()).item() < 1e-2
