@@ -40,15 +40,19 @@ import triton.language as tl
 MAX_K = 16384  # one program holds BLOCK_N rows of K weights in registers: 16384 bf16 over 128 threads is 64 regs
 BLOCK_N = 1  # rows a program; 1 was the fastest of 1, 2, 4 and 8 at three of the four llama3_8b shapes
 NUM_WARPS = 4
-# the folded norm's programs: rows a program and warps (an estimate of issue cost, not yet timed on a GPU:
-# experiments/profile/fast_step_profile.py --fold-kernels times 1-8 rows against the norm kernel + GEMV)
+# the folded norm's programs: rows a program and warps, chosen by instruction count, not yet timed on a GPU
+# (experiments/profile/fast_step_profile.py --fold-kernels times 1-64 rows against the norm kernel + GEMV). Compiled
+# for sm_90 by Triton 3.6 at K = 4096: 4 rows over 8 warps take 73 registers, no spills, and issue ~700 warp
+# instructions a weight row against the plain GEMV's ~640; 1 row over 4 warps issues ~1,400 (the prologue per row)
 FOLD_BLOCK_N = 4
 FOLD_NUM_WARPS = 8
 FOLD_STEPS = 1  # chunks of FOLD_BLOCK_N rows a program walks after one prologue (1: no loop)
 # the SiLU-gate fold into the down GEMV (K = 14336 for llama3_8b): its prologue costs an exponential and a
 # reciprocal an input element on the special-function units, so a program shares it over many rows (4096 programs
 # of one row would be 117M such operations a layer, ~28 us on an H200's 132 x 16 units a clock, against the
-# GEMV's 30 us); untimed on a GPU, like the norm fold's choice
+# GEMV's 30 us); untimed on a GPU, like the norm fold's choice. At M = 14336 (sm_90, Triton 3.6): 2 rows x 4 steps
+# over 16 warps take 123 registers, no spills, ~16M special-function operations a layer (~4 us of the units'
+# time, under the GEMV's 30); 4 rows x 4 steps spill (408 bytes of stack), 2 x 4 over 8 warps takes 222 registers
 SILU_BLOCK_N = 2
 SILU_NUM_WARPS = 16
 SILU_STEPS = 4
