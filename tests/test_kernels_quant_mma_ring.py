@@ -49,6 +49,21 @@ def test_launch_options_checked():
         M.check_stages(2, 16)
 
 
+def test_ring_needs_aligned_scale_rows():
+    """cp.async copies >= 4 bytes: the ring takes scales and zeros whose bases are 16-byte aligned and strides
+    divisible by 16 or unit (what the JIT can prove); a default ring falls back to registers, an explicit one is
+    refused in one line."""
+    aligned = torch.zeros(2, 1280, 1, dtype=torch.float16)  # [B*Hkv, tokens, value groups]
+    odd = torch.zeros(2, 1283, 1, dtype=torch.float16)
+    keys = torch.zeros(2, 10, 128, dtype=torch.float16)  # [B*Hkv, groups, D]
+    assert M.ring_fits(aligned, None, keys) and not M.ring_fits(keys, odd)
+    assert not M.ring_fits(torch.zeros(2 * 1280 + 1, dtype=torch.float16)[1:].view(2, 1280, 1))  # base misaligned
+    assert M.pick_stages(3, False, aligned, keys) == 3 and M.pick_stages(3, False, odd) == 1
+    assert M.pick_stages(1, True, odd) == 1
+    with pytest.raises(ValueError, match=r"mma_stages=2 needs the scales and zeros 16-byte aligned .*use mma_stages=1"):
+        M.pick_stages(2, True, odd)
+
+
 def _varlen_storage(b, h, d, cap, res_cap, bits, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     k = torch.randn(b, h, cap, d, generator=g).to(torch.bfloat16)

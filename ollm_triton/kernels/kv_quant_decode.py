@@ -452,9 +452,13 @@ def quant_decode(
             raise ValueError(f"{name} needs a unit stride on its last axis")
     out = torch.empty_like(q) if out is None else out
 
+    explicit = mma_stages is not None
     bn, mma_maxnreg, mma_stages = mma.launch_defaults(bits, mma_block_n, mma_maxnreg, mma_stages)
     mma.check_stages(mma_stages, bn)
     use_mma = _use_mma(kernel, q, bits, d, gq * t, d // value_group, n_quant_visit, block_k, bn, kc, vc)
+    if use_mma:
+        mma_stages = mma.pick_stages(mma_stages, explicit, ks, None if symmetric else kz, vs,
+                                     None if symmetric else vz)
     ids = block_ids if block_ids is not None else kc
     scale = math.log2(math.e) / math.sqrt(d)
     if use_mma:  # one launch: quantized visits, then the residual tail in blocks of bn keys, one split each
@@ -569,10 +573,13 @@ def quant_decode_varlen(
                                                    v_res)
     block_d = max(16, triton.next_power_of_2(d))
     out = torch.empty_like(q) if out is None else out
+    explicit = mma_stages is not None
     bn, mma_maxnreg, mma_stages = mma.launch_defaults(bits, mma_block_n, mma_maxnreg, mma_stages)
     mma.check_stages(mma_stages, bn)
     # the capacity's blocks stand for "some quantized visit": the rows' own counts are on the device
     if _use_mma(kernel, q, bits, d, gq, d // value_group, kc.shape[1] // block_k, block_k, bn, kc, vc):
+        mma_stages = mma.pick_stages(mma_stages, explicit, ks, None if symmetric else kz, vs,
+                                     None if symmetric else vz)
         return _varlen_mma(q, kc, ks, kz, vc, vs, vz, kr, vr, row_quant, lengths, out, hkv=hkv, gq=gq, bits=bits,
                            block_k=block_k, key_group=key_group, symmetric=symmetric, block_d=block_d, bn=bn,
                            maxnreg=mma_maxnreg, stages=mma_stages, num_splits=num_splits, min_blocks=min_blocks,

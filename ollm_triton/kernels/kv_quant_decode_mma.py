@@ -23,8 +23,22 @@ chosen so that the packed words land in registers exactly where `mma.sync` wants
   signal through the accumulators: for the values, whose accumulator spans every block of a split, that lost up to
   0.3 relative error at 128k keys on the H200: experiments/kv_cache/README.md section 7.)
 - One warp a program: each warp owns its keys and its softmax, so nothing crosses warps; splits of the visit list
-  are merged by the shared merge kernel (decode_merge.py). Each program's next step of codes is loaded while the
-  current one is computed, and the default launch is one wave at the occupancy its registers allow.
+  are merged by the shared merge kernel (decode_merge.py). The default launch is one wave at the occupancy its
+  registers and shared memory allow.
+- Loads, two pipelines (`STAGES`). 1: the next step's words are loaded into registers while the current one is
+  computed. What bounds that at 128k keys (int4, read from the kernel and its sm_90 build, Triton 3.6): 220
+  registers -> 8 one-warp programs an SM, 2 a scheduler; one 64-key step (8.25 KB) in flight a program, ~66 KB an
+  SM at best and nothing once it lands; and at every key group (128 keys) the group's scales and zeros (512 bytes,
+  first touch: DRAM) and the query (L1) are loaded and waited for in full. The step itself is ~1,570 SASS
+  instructions a warp with the group's prologue (the loop body), ~24 us of issue for the whole 128k at 2 warps a
+  scheduler against ~35 us of DRAM time at SDPA's bandwidth: latency, not issue or bandwidth, sets the 56 us
+  measured (ncu: 1.9 warps a scheduler, 0.64 eligible, top stall the global loads). >= 2: a ring of STAGES
+  shared-memory stages filled by cp.async, STAGES - 1 steps in flight, the key group's rows in the ring too; no
+  prefetch registers, so 162-168 registers (12 programs an SM at 2 stages of 64 keys, 17.9 KB; 8 at 3 stages,
+  26.9 KB, smem-bound; 12 at 3 stages of 32 keys). The ring adds ~100 instructions a step (copies, shared loads, a
+  barrier). Which wins is measured by `scripts/bench_kv_cache.py --mma-sweep`; DEFAULTS holds the choice.
+- Varlen (`VARLEN`, the static decode step): each row's quantized tokens and length are read on the device, the
+  grid is fixed by the buffers' capacity, and a layer's sliding window skips the quantized blocks wholly before it.
 
 Covered: 8-, 4- and 2-bit codes with one value group per token, head_dim * bits >= 256 (head_dim 128 at every
 width, 64 at int4/int8), up to 8 query rows per KV head (GQA group x new tokens), fp16/bf16 queries, the
@@ -590,6 +604,25 @@ def check_stages(stages: int, bn: int) -> None:
     if stages < 1 or (stages > 1 and bn < 32):
         raise ValueError(f"mma stages must be 1 (registers) or >= 2 (a cp.async ring, steps of >= 32 keys), got "
                          f"stages={stages} with {bn}-key steps")
+
+
+def ring_fits(*scales: torch.Tensor | None) -> bool:
+    """Whether the ring's copies of the 2-byte scale and zero rows can be 4 bytes or wider, which cp.async needs:
+    the JIT proves it only from 16-byte aligned bases and strides divisible by 16 or unit (flattened [B*Hkv, ...]
+    scales and zeros; otherwise the sm_90 build fails: checked AOT with the strides unhinted)."""
+    return all(x is None or (x.data_ptr() % 16 == 0 and all(st % 16 == 0 or st == 1 for st in x.stride()))
+               for x in scales)
+
+
+def pick_stages(stages: int, explicit: bool, *scales: torch.Tensor | None) -> int:
+    """The ring's depth for this storage: as asked where it fits; a default ring falls back to the register
+    pipeline where it does not; an explicit one is refused in one line."""
+    if stages == 1 or ring_fits(*scales):
+        return stages
+    if explicit:
+        raise ValueError(f"mma_stages={stages} needs the scales and zeros 16-byte aligned with strides divisible by 16 "
+                         f"(got strides {[tuple(x.stride()) for x in scales if x is not None]}); use mma_stages=1")
+    return 1
 
 
 def _call(grid, warmup: bool, q, kc, ks, kz, vc, vs, vz, kr, vr, block_ids, res_ids, o_part, l_part, *, kv_len,
