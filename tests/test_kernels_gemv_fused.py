@@ -14,6 +14,7 @@ from ollm_triton.kernels.gemv import (
     add_rmsnorm_gemv_reference,
     decode_add_norm_linear,
     decode_silu_linear,
+    fold_block_n,
     gemv,
     silu_mul_gemv,
     silu_mul_gemv_reference,
@@ -110,6 +111,8 @@ def test_fold_bad_input_and_shapes_it_declines():
     assert decode_add_norm_linear(None, torch.zeros(2, 1, 16), nw, 1e-5, 0.0, w) is None  # two rows
     assert decode_add_norm_linear(None, r, nw.half(), 1e-5, 0.0, w) is None  # mixed dtypes
     assert decode_add_norm_linear(None, r, nw, 1e-5, 0.0, w.T.contiguous().T) is None  # column-major weight
+    # rows a program by width: the registers of 4 rows at 4096 (sm_90 compiles 4 rows at 8192 to 192 registers)
+    assert [fold_block_n(k) for k in (63, 4096, 5000, 8192, MAX_K)] == [4, 4, 2, 2, 1]
     big = torch.zeros(1, MAX_K + 1)
     assert decode_add_norm_linear(None, big, torch.ones(MAX_K + 1), 1e-5, 0.0, torch.zeros(2, MAX_K + 1)) is None
 

@@ -44,7 +44,7 @@ NUM_WARPS = 4
 # (experiments/profile/fast_step_profile.py --fold-kernels times 1-64 rows against the norm kernel + GEMV). Compiled
 # for sm_90 by Triton 3.6 at K = 4096: 4 rows over 8 warps take 73 registers, no spills, and issue ~700 warp
 # instructions a weight row against the plain GEMV's ~640; 1 row over 4 warps issues ~1,400 (the prologue per row)
-FOLD_BLOCK_N = 4
+FOLD_BLOCK_N = 4  # at K <= 4096; wider rows take fewer (fold_block_n), so a thread holds as many weights
 FOLD_NUM_WARPS = 8
 FOLD_STEPS = 1  # chunks of FOLD_BLOCK_N rows a program walks after one prologue (1: no loop)
 # the SiLU-gate fold into the down GEMV (K = 14336 for llama3_8b): its prologue costs an exponential and a
@@ -166,9 +166,15 @@ def gemv_reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = No
     return y + b.to(compute_dtype) if b is not None else y
 
 
+def fold_block_n(k: int) -> int:
+    """Weight rows a folded-norm program takes at input width k: FOLD_BLOCK_N up to 4096, halved per doubling
+    (at 8192 over 8 warps, 2 rows: the registers of 4 rows at 4096; 4 rows there compile to 192 registers)."""
+    return max(1, FOLD_BLOCK_N * 4096 // max(4096, triton.next_power_of_2(k)))
+
+
 def add_rmsnorm_gemv(delta: torch.Tensor | None, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                      w: torch.Tensor, b: torch.Tensor | None = None, *, offset: float = 0.0,
-                     block_n: int = FOLD_BLOCK_N, num_warps: int = FOLD_NUM_WARPS, steps: int = FOLD_STEPS,
+                     block_n: int | None = None, num_warps: int = FOLD_NUM_WARPS, steps: int = FOLD_STEPS,
                      out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(norm(residual + delta) w^T + b, residual + delta) for one row, in one kernel.
@@ -177,7 +183,7 @@ def add_rmsnorm_gemv(delta: torch.Tensor | None, residual: torch.Tensor, norm_we
     norm_weight: [K]   w: [N, K] with a contiguous last dim   b: [N] or None   -> y [..., N], residual [..., K]
     norm: s / rms(s) * norm_weight (offset 0, rounded as engine.model.RMSNorm) or s / rms(s) * (offset +
     norm_weight) (zero-centred weights). residual_out must not alias residual or delta. A program computes the
-    norm once and dots it with `steps` chunks of `block_n` weight rows.
+    norm once and dots it with `steps` chunks of `block_n` weight rows (None: `fold_block_n(K)`).
     """
     k, n = residual.shape[-1], w.shape[0]
     if residual.numel() != k or (delta is not None and delta.shape != residual.shape) or norm_weight.shape != (k,) \
@@ -196,6 +202,7 @@ def add_rmsnorm_gemv(delta: torch.Tensor | None, residual: torch.Tensor, norm_we
             raise ValueError("add_rmsnorm_gemv's residual_out must not alias residual or delta: program 0 writes it "
                              "while the others read them")
     y = torch.empty(n, dtype=w.dtype, device=w.device) if out is None else out.view(n)
+    block_n = fold_block_n(k) if block_n is None else block_n
     _add_rmsnorm_gemv_kernel[(triton.cdiv(n, block_n * steps),)](
         d1, r1, norm_weight.contiguous(), w, b if b is not None else w, y, s if delta is not None else r1, n, k,
         w.stride(0), eps, float(offset), HAS_DELTA=delta is not None, HAS_BIAS=b is not None, OFFSET=bool(offset),
