@@ -241,12 +241,15 @@ def mma_sweep_section(ctxs: list[int], device: str, rows: list, save, codecs=("i
                       value_group=layer.value_group, block_k=layer.block_k)
             out = torch.empty_like(q)
             variants = [("triton", {"kernel": "triton"})] + (MMA_VARIANTS[name] if device == "cuda" else [])
+            if device == "cuda" and ctx <= 8192:  # short contexts: one block a split (more programs, no new compile)
+                variants.append(("mma 1 block/split", {"num_splits": ctx}))
             fns = [(label, opts, lambda opts=opts: quant_decode(q, *store, **kw, **opts, out=out))  # noqa: B023
                    for label, opts in variants]
             rq = torch.tensor([layer.n_quant], device=device)
             ln = torch.tensor([layer.length], device=device)
             vkw = dict(bits=layer.bits, key_group=layer.group, value_group=layer.value_group, block_k=layer.block_k)
-            for label, opts in [("varlen triton", {"kernel": "triton"})] + (VARLEN_VARIANTS[name]
+            more = [("varlen mma 1 block/split", {"min_blocks": 1})] if device == "cuda" and ctx <= 8192 else []
+            for label, opts in [("varlen triton", {"kernel": "triton"})] + (VARLEN_VARIANTS[name] + more
                                                                             if device == "cuda" else []):
                 fns.append((label, opts, lambda opts=opts: quant_decode_varlen(q, *store, rq, ln, **vkw, **opts,  # noqa: B023
                                                                                out=out)))  # noqa: B023
