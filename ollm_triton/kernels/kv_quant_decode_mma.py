@@ -516,15 +516,18 @@ if HAVE_GLUON:
                                 stride_ks_g, BLOCK_K, BN, D, KEY_GROUP, WK, VW, HAS_BLOCK_IDS)
                     async_copy.commit_group()
                 for j in range(0, n_sub):
-                    # sub-block j has landed (in-order groups: at most STAGES - 2 newer ones pending), and every
-                    # lane's reads of the stage refilled next (read at j - 1) are done
-                    async_copy.wait_group(STAGES - 2)
+                    # the stage read at j - 1 is refilled with sub-block j + STAGES - 1 before waiting for j, so
+                    # STAGES - 1 sub-blocks stay in flight through the wait (the first barrier: every lane's reads
+                    # of it are done); then sub-block j has landed (in-order groups: at most STAGES - 1 newer ones
+                    # pending) and, after the second barrier, every lane's copies of it are visible
                     _barrier()
                     _stage_copy(s_k, s_v, s_vs, s_vz, s_ks, s_kz, (j + STAGES - 1) % STAGES, j + STAGES - 1, n_sub,
                                 p_kw, p_vw, p_vs, p_vz, p_ks, p_kz, BLOCK_IDS, sub_blocks, i_lo, n_quant_visit,
                                 stride_kw_n, stride_vw_n, stride_vs_n, stride_ks_g, BLOCK_K, BN, D, KEY_GROUP, WK, VW,
                                 HAS_BLOCK_IDS)
                     async_copy.commit_group()
+                    async_copy.wait_group(STAGES - 1)
+                    _barrier()
                     st = j % STAGES
                     n0 = _sub_block_start(BLOCK_IDS, j, sub_blocks, i_lo, n_quant_visit, BLOCK_K, BN, HAS_BLOCK_IDS)
                     if j % sub_blocks == 0:  # a new key group: its rows came with this stage
