@@ -168,8 +168,9 @@ def decode_section(ctx: int, sweep: bool) -> dict:
 
 # the MMA kernel's launch variants per codec: (label, quant_decode options). Keys a step, load pipeline (stages 1:
 # the next step in registers; 2-4: a cp.async ring), programs an SM (fewer: fewer splits, a cheaper merge). The
-# AOT build for sm_90 (Triton 3.6) gives int4: registers 220 -> 8 an SM; ring bn64 s2 168 regs 17.9 KB -> 12; bn64 s3
-# 163 / 26.9 KB -> 8; bn32 s3 162 / 14.2 KB -> 12; bn32 s4 166 / 18.9 KB -> 11. int8: bn32 s3 130 / 26.5 KB -> 8.
+# AOT build for sm_90 (Triton 3.6) gives int4: registers 220 -> 8 an SM; ring bn64 s2 162 regs 17.9 KB -> 12; bn64 s3
+# 167 / 26.9 KB -> 8; bn32 s3 168 / 14.2 KB -> 12. int8: registers 210 -> 8; bn32 s2 168 / 17.7 KB -> 12; bn32 s3 130 /
+# 26.5 KB -> 8.
 MMA_VARIANTS = {
     "int4": [("mma", {}), ("mma bn32", {"mma_block_n": 32}),
              ("mma ring bn64 s2", {"mma_block_n": 64, "mma_stages": 2}),
@@ -268,6 +269,8 @@ def mma_sweep_section(ctxs: list[int], device: str, rows: list, save, codecs=("i
                     continue
                 row["bytes_read"] = fused_bytes(layer, row["splits"])
                 row["GBps"] = row["bytes_read"] / row["us"] / 1e3
+                row["codes_bytes"] = 2 * HKV * layer.n_quant * (D // layer.p)  # the packed K and V codes alone
+                row["GBps_codes"] = row["codes_bytes"] / row["us"] / 1e3
                 row["speedup"] = sdpa_us / row["us"]
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -292,20 +295,22 @@ def sweep_table(r: dict) -> str:
     lines = [f"Quantized decode attention launch sweep, batch 1, 32 q / 8 KV heads, d=128, bf16 ({r['device']}; copy "
              f"bandwidth {r.get('copy_TBps') or 0:.2f} TB/s); us: CUDA-graph replays, median; err: rel. RMS against "
              "the float64 reference of the same codes", "",
-             "| context | codec | path | us | speed-up vs SDPA | GB/s | % of copy | splits | rel. err |",
-             "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "| context | codec | path | us | speed-up vs SDPA | GB/s (all bytes) | % of copy | GB/s (codes) | splits "
+             "| rel. err |",
+             "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     cb = r.get("copy_TBps")
     for row in r["mma_sweep"]:
         if "error" in row:
-            lines.append(f"| {row['ctx']} | {row['codec']} | {row['path']} | error: {row['error'][:60]} | | | | | |")
+            lines.append(f"| {row['ctx']} | {row['codec']} | {row['path']} | error: {row['error'][:60]} | | | | | | |")
             continue
         if "share_of_mma" in row:
-            lines.append(f"| {row['ctx']} | {row['codec']} | {row['path']} | {row['us']:.1f} | | | | "
+            lines.append(f"| {row['ctx']} | {row['codec']} | {row['path']} | {row['us']:.1f} | | | | | "
                          f"{row['splits']} | {100 * row['share_of_mma']:.0f}% of mma |")
             continue
         pct = f"{100 * row['GBps'] / 1e3 / cb:.0f}%" if cb else "-"
+        codes = f"{row['GBps_codes']:.0f}" if "GBps_codes" in row else "-"
         lines.append(f"| {row['ctx']} | {row['codec']} | {row['path']} | {row['us']:.1f} | {row['speedup']:.2f}x | "
-                     f"{row['GBps']:.0f} | {pct} | {row.get('splits', '-')} | {row['err']:.1e} |")
+                     f"{row['GBps']:.0f} | {pct} | {codes} | {row.get('splits', '-')} | {row['err']:.1e} |")
     return "\n".join(lines)
 
 
