@@ -311,6 +311,20 @@ def sweep_table(r: dict) -> str:
         codes = f"{row['GBps_codes']:.0f}" if "GBps_codes" in row else "-"
         lines.append(f"| {row['ctx']} | {row['codec']} | {row['path']} | {row['us']:.1f} | {row['speedup']:.2f}x | "
                      f"{row['GBps']:.0f} | {pct} | {codes} | {row.get('splits', '-')} | {row['err']:.1e} |")
+    # the fastest variant within the kernels' error level (the Triton kernel's 2.8-3.4e-3), per context and codec
+    lines += ["", "Fastest correct (rel. err < 1e-2) per context and codec, static and varlen entries:"]
+    for ctx in r["ctx"]:
+        for codec in ("int4", "int8"):
+            for varlen in (False, True):
+                ok = [x for x in r["mma_sweep"] if x["ctx"] == ctx and x["codec"] == codec and "us" in x
+                      and "err" in x and x["err"] < 1e-2 and x["path"].startswith("varlen") == varlen]
+                if ok:
+                    best = min(ok, key=lambda x: x["us"])
+                    lines.append(f"- {ctx} {codec}{' varlen' if varlen else ''}: {best['path']} {best['options']} "
+                                 f"{best['us']:.1f} us, {best['speedup']:.2f}x SDPA")
+    bad = [x for x in r["mma_sweep"] if "error" in x or ("err" in x and x["err"] >= 1e-2)]
+    lines.append(f"Variants failing (error or rel. err >= 1e-2): {len(bad)}" + "".join(
+        f"\n- {x['ctx']} {x['codec']} {x['path']}: {x.get('error') or x['err']}" for x in bad))
     return "\n".join(lines)
 
 
