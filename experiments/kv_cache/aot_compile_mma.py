@@ -28,7 +28,7 @@ from aot_compile_quant import KINDS, sass_counts  # noqa: E402
 
 from ollm_triton.kernels import kv_quant_decode_mma as M  # noqa: E402
 
-KINDS = KINDS + ("LDL", "STL")
+KINDS = KINDS + ("LDL", "STL", "LDGSTS", "BAR")
 
 
 def build(bits: int, bn: int, d: int = 128, gq: int = 4, t: int = 1, schedule: bool = False, maxnreg=None,
