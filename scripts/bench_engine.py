@@ -123,9 +123,9 @@ CODEC_VARIANTS = {  # label -> (codec, QuantLayer.kernel_options for the static 
     "dense": ("dense", {}),
     "int4": ("int4", {}),  # defaults: >= 2 quantized blocks a split, the window in programs of 64 tokens
     "int4, >= 1 block a split": ("int4", {"min_blocks": 1}),
-    # the whole window in one program and >= 4 quantized blocks a split: close to the layout before e1cfa7a, which
-    # walked the window after the last split's quantized blocks (that program now runs beside them)
-    "int4, window in one program, >= 4 blocks a split": ("int4", {"res_chunk": 512, "min_blocks": 4}),
+    # on a GPU the default is now the Gluon MMA kernel's varlen entry (kernels/kv_quant_decode_mma.py); this row is
+    # the Triton-language varlen kernel that the step ran before, as the baseline in the same call
+    "int4, Triton-language varlen kernel": ("int4", {"kernel": "triton"}),
 }
 
 
