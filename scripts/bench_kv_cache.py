@@ -176,7 +176,6 @@ MMA_VARIANTS = {
              ("mma ring bn64 s2", {"mma_block_n": 64, "mma_stages": 2}),
              ("mma ring bn64 s3", {"mma_block_n": 64, "mma_stages": 3}),
              ("mma ring bn32 s3", {"mma_block_n": 32, "mma_stages": 3}),
-             ("mma ring bn32 s4", {"mma_block_n": 32, "mma_stages": 4}),
              ("mma ring bn64 s2 8/SM", {"mma_block_n": 64, "mma_stages": 2, "programs_per_sm": 8})],
     "int8": [("mma", {}), ("mma ring bn32 s2", {"mma_block_n": 32, "mma_stages": 2}),
              ("mma ring bn32 s3", {"mma_block_n": 32, "mma_stages": 3}),
@@ -191,7 +190,7 @@ VARLEN_VARIANTS = {"int4": [("varlen mma", {}), ("varlen mma ring bn64 s2", {"mm
 def _time_us(fn, device: str) -> float:
     """CUDA-graph replays (median) on a GPU; on the CPU (--small) the median of 3 plain calls."""
     if device == "cuda":
-        return 1000 * do_bench_cudagraph(fn, rep=60, return_mode="median")
+        return 1000 * do_bench_cudagraph(fn, rep=40, return_mode="median")
     import time
 
     ts = []
