@@ -107,8 +107,7 @@ def test_ring_matches_reference_and_registers_gpu(bits, bn, stages):
     ids = torch.tensor([0, 4, 5, 6, 7, 8, 9, 10], dtype=torch.int32)
     kw = dict(n_quant=1280, kv_len=1343, bits=bits, key_group=128, value_group=128, block_k=128, kernel="mma",
               mma_block_n=bn)
-    for block_ids, window, sink, splits in ((None, 0, 0, None), (None, 0, 0, 3), (ids, 700, 2, None),
-                                            (ids, 700, 2, 2)):
+    for block_ids, window, sink, splits in ((None, 0, 0, None), (None, 0, 0, 3), (ids, 700, 2, None)):
         out = torch.full_like(q, float("nan"))
         quant_decode(q, *store, block_ids=block_ids, window=window, sink=sink, num_splits=splits, mma_stages=stages,
                      out=out, **kw)
@@ -116,6 +115,7 @@ def test_ring_matches_reference_and_registers_gpu(bits, bn, stages):
         assert not out.isnan().any()
         assert rel_rms(quant_decode_ref(q, k_deq, v_deq, mask), out) < 1e-2
         if splits is not None:  # the same splits: the same keys a split, the same operations in the same order
+            # (without the schedule only: one compile less a case, each costs device time)
             regs = quant_decode(q, *store, block_ids=block_ids, window=window, sink=sink, num_splits=splits,
                                 mma_stages=1, **kw)
             assert rel_rms(regs.float(), out.float()) < 1e-4
