@@ -279,7 +279,20 @@ def test_decode_over_a_quantized_cache_runs_the_codecs_fused_kernel():
     engine = load_engine(ASSET, attention="flash", codec=registry.build("cache", "int4", {"group_size": 64,
                                                                                           "residual": 64}),
                          device="cuda", dtype="bfloat16")
-    assert tokens.tolist() == registry.build("decoder", "greedy").generate(engine, ids, NEW).tokens[0].tolist()
+    ours = registry.build("decoder", "greedy").generate(engine, ids, NEW).tokens[0].tolist()
+    # transformers' layers and the engine's round bf16 differently: the greedy runs agree token for token until a
+    # step whose two best logits (transformers') are a near-tie, 1% of the top logit apart at most
+    parted = next((i for i, (a, b) in enumerate(zip(tokens.tolist(), ours, strict=True)) if a != b), None)
+    if parted is not None:
+        top2 = logits[parted].topk(2).values
+        assert (top2[0] - top2[1]).item() <= 1e-2 * top2[0].abs().item(), (parted, top2.tolist())
+    # and fed transformers' tokens, the engine's logits are transformers' to bf16 rounding at every step
+    cache2 = engine.new_cache(max_len=ids.shape[1] + NEW)
+    with torch.inference_mode():
+        step = [engine.prefill(ids, cache2)]
+        step += [engine.forward(t.view(1, 1), cache2)[:, -1] for t in tokens[:-1]]
+    for i, (want, got) in enumerate(zip(logits, torch.cat(step).float(), strict=True)):
+        assert ((want - got).norm() / want.norm()).item() < 3e-2, i
 
 
 @pytest.mark.gpu

@@ -209,5 +209,10 @@ def test_gpu_gpt_oss_captured_whole_step_equals_eager():
     ref, got = [], []
     decode_loop(eager, ids, 12, recording(ref), None)
     graph.fast_decoder().generate(ids, 12, recording(got))
+    # each run feeds back its own argmax: a row is compared while both runs fed it the same tokens (a bf16 near-tie
+    # of this random model's flat logits may part them; the step where they part is still compared)
+    together = torch.ones(ids.shape[0], dtype=torch.bool)
     for r, g in zip(ref, got, strict=True):
-        assert ((r - g).norm() / r.norm()).item() < 2e-2
+        for row in together.nonzero().flatten().tolist():
+            assert ((r[row] - g[row]).norm() / r[row].norm()).item() < 2e-2, row
+        together &= (r.argmax(-1) == g.argmax(-1)).cpu()
