@@ -278,8 +278,10 @@ PREFILL_VARIANTS: dict[str, PrefillConfig] = {
     "pack_tma": PrefillConfig(32, 128, 8, 2, kv_desc=True, pack_gqa=True),
     "pack_tma_s3": PrefillConfig(32, 128, 8, 3, kv_desc=True, pack_gqa=True),
 }
-# The one edit that picks the winner for long fp16/bf16 calls on sm_90+ (a name in PREFILL_VARIANTS).
-LONG_PREFILL_VARIANT = "base"
+# The one edit that picks the winner for long fp16/bf16 calls on sm_90+ (a name in PREFILL_VARIANTS): tensor-
+# descriptor K/V with 3 stages was the fastest at 8k and 32k on the H100, 464 / 485 TFLOP/s against base's 428 / 445
+# (experiments/attention/README.md, "Prefill variants").
+LONG_PREFILL_VARIANT = "tma_s3"
 PACKED_ROWS = 128  # kernel M of a packed tile; 256 rows of fp32 accumulator would not fit the register file
 
 
