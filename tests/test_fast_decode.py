@@ -62,7 +62,7 @@ def test_static_step_equals_the_decode_loop(variant):
     assert torch.equal(greedy.tokens, ref.tokens)
     info = static.describe()
     assert info["fast_path"] == "static" and info["fast_path_steps"] == 22 and info["fused_kernels"] == "torch"
-    assert info["fast_path_matmul"] == "torch"
+    assert info["fast_path_matmul"] == "torch" and info["fast_path_fold"] == "none"  # no kernels: nothing folded
     # the static step wrote the same K/V the loop appended (row 0, layer 1, every position fed)
     bk = static.fast_decoder().buckets[2]
     cache = eager.new_cache(2, 64)
@@ -251,7 +251,7 @@ def test_gpu_graph_replay_equals_eager_step(batch):
     assert torch.equal(again.tokens, a.tokens) and again.counters["graph_capture_s"] == 0
     info = graph.describe()
     assert info["fast_path"] == "graph" and info["fused_kernels"].startswith("triton")
-    assert info["fast_path_matmul"].startswith("triton:gemv")
+    assert info["fast_path_matmul"].startswith("triton:gemv") and info["fast_path_fold"] == "norm"
     # next to the unfused eager engine: same logits to bf16 rounding at the first decode step
     eager = load_engine(GPU_MODEL, device="cuda", dtype=torch.bfloat16, seed=0, fast_decode="off")
     ref_logits, got_logits = [], []

@@ -256,6 +256,10 @@ class Engine:
             **fast,
             "fast_path_steps": steps,
             "fast_path_matmul": self._fast_matmul(),
+            # the norms (and SwiGLU gate) folded into the one-row GEMVs that read them (engine section 10)
+            "fast_path_fold": ("none" if self._fast is None else
+                               "+".join(n for n, on in (("norm", self._fast.fold_norm), ("silu", self._fast.fold_silu))
+                                        if on) or "none"),
             **{k: v for k, v in self.attention.describe().items() if k != "attention_path"},
         }
         if self.config.linear_layers:  # a hybrid model: how many layers hold a state, and what computes it

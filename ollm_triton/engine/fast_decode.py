@@ -26,7 +26,8 @@ what the plugins declare, never from their names:
 - whole step captured ("graph"): the attention backend is `dense_causal` (the step's own varlen kernel computes
   exactly its decode), the codec has a `static_decode` step, the prefetch policy keeps `resident_weights`; a
   model with per-layer sliding windows or sink logits (gpt-oss) also needs the codec's step to take them
-  (`static_window_sinks`: the dense varlen kernel's device-side window start and the merge's sink term);
+  (`static_window_sinks`: the varlen kernels' device-side window start and the merge's sink term; dense and the
+  quantized codecs declare it);
 - piecewise ("piecewise"): any codec and backend, resident weights. The same step is cut at each layer's
   attention into L + 1 captured segments (graphs.SegmentRecorder), and the attention -- the codec's append and
   the backend's decode, data-dependent shapes and all -- runs eagerly between them through static q/k/v/out
