@@ -6,19 +6,22 @@
 #   bash scripts/device_studies.sh memory throughput   # there: installs .whl*/ into /tmp/site, runs W&B offline
 #   python scripts/check_wandb.py <unpacked sweep>     # here: the offline runs against results.load
 #
-# WANDB_VERSION (default: the version installed here, whose protobuf classes check_wandb.py reads the runs with).
+# WANDB_VERSION (default 0.16.6). Why that old one: the working tree (60 MB with the long-context model) and what is
+# carried must stay under the device tool's 64 MiB, and wandb >= 0.17 ships its 9-20 MB wandb-core binary (0.31 with
+# its dependencies: 27 MB). 0.16.6 is 2.2 MB of pure Python (~6 MB with its dependencies) and writes the same offline
+# `.wandb` records: a smoke sweep of `+experiment=throughput` logged through it here passes check_wandb.py (read
+# with this machine's wandb 0.31 classes) for every job. It predates NumPy 2, so experiments/device_env.sh adds
+# NumPy's removed aliases (np.float_ ...) through a sitecustomize when it installs a wandb older than 0.17.
 # The wheels resolve with their dependencies (pip download resolves for the target platform, not this machine);
 # packages the device image already has (requests, pyyaml, protobuf, ...) travel too, so nothing depends on the
-# image's versions. About 27 MB for wandb 0.31 (its wheel carries the wandb-core binary, 20 MB): the working tree
-# (~34 MB) and what is carried must stay under the device tool's 64 MiB. hydra-core, omegaconf and antlr4 are not
-# fetched here (the lead's .whl*/ folders already carry them); two versions of one package in .whl*/ stop the
-# install, so the versions already there constrain the download and the script refuses to leave duplicates.
+# image's versions. hydra-core, omegaconf and antlr4 are not fetched here (the lead's .whl*/ folders already carry
+# them); two versions of one package in .whl*/ stop the install, so the versions already there constrain the
+# download and the script refuses to leave duplicates.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY="${PYTHON:-python3}"
-version="${WANDB_VERSION:-$("$PY" -c 'import wandb; print(wandb.__version__)' 2>/dev/null || true)}"
-[ -n "$version" ] || { echo "no wandb here and no WANDB_VERSION: say which version to fetch" >&2; exit 2; }
+version="${WANDB_VERSION:-0.16.6}"
 mkdir -p .whl
 # .gitignore lists /.whl/; a checkout without it keeps the wheels out of git through its local exclude file
 if [ -d .git ] && ! git check-ignore -q .whl/x.whl; then echo '/.whl/' >> .git/info/exclude; fi
