@@ -335,52 +335,120 @@ def train(model, name: str, steps: int, seconds: float, args, device, batches_fa
 # --------------------------------------------------------------------------------------------------------- evaluation
 
 
+# Evaluation runs every sequence through the model in query chunks with transformers' own KV cache (chunked prefill):
+# memory grows with the length, never with its square. A full-length forward cannot be trusted to stay small: in fp32
+# with grouped KV heads, torch's sdpa on CUDA has no fused kernel and takes its math path, which holds
+# heads x length^2 scores per sequence (the 2026-12-07 H100 run: batch 8 at 16384 asked for 48 GiB and died). The
+# CPU's sdpa is memory-bounded either way (16384 tokens at batch 1: 1.4 GB peak), so chunks cost it little.
+EVAL_CHUNK = 2048
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for evaluation tensors on `device` (CUDA: the driver's free memory; CPU: MemAvailable)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 2**30  # no /proc (macOS, Windows): assume a small machine
+
+
+def eval_batch(config, length: int, device: torch.device, chunk: int = EVAL_CHUNK, cap: int = 8,
+               free: int | None = None) -> int:
+    """Sequences of `length` tokens per chunked forward that fit in half the device's free memory (at least 1).
+
+    Per sequence, in fp32: the KV cache (layers x 2 x kv_heads x head_dim x length), one layer's attention scores and
+    probabilities for a chunk of queries if sdpa falls back to its math path (2 x heads x chunk x length), and the
+    chunk's logits with their fp32 copy and log-softmax (3 x chunk x vocab)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    chunk = min(chunk, length)
+    per_seq = 4 * (config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * length
+                   + 2 * config.num_attention_heads * chunk * length + 3 * chunk * config.vocab_size)
+    free = available_memory(device) if free is None else free
+    return max(1, min(cap, int(0.5 * free) // per_seq))
+
+
+def chunked_logits(model, x: torch.Tensor, chunk: int = EVAL_CHUNK, keep: int | None = None):
+    """x: [B, T] -> yields (start, logits [B, n, V]) for consecutive query chunks of at most `chunk` tokens, each
+    attending to everything before it through a DynamicCache; keep=1 returns only each chunk's last position.
+    The last item's cache is the whole prefix's (returned as the generator's value)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()  # filled in place by every forward
+    for start in range(0, x.shape[1], chunk):
+        out = model(input_ids=x[:, start:start + chunk], use_cache=True, logits_to_keep=keep or 0,
+                    **cache_kwarg(model, cache))
+        yield start, out.logits
+    return cache
+
+
+def cache_kwarg(model, cache) -> dict:
+    """The forward's cache argument: `past_key_values` up to transformers ~5.2x, `cache` after (the old name warns
+    from 5.25 and goes in 5.40)."""
+    import inspect
+
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+
+
 @torch.no_grad()
-def perplexity(model, stream: np.ndarray, context: int, max_tokens: int, device, batch: int = 8) -> dict:
-    """exp(mean NLL) over non-overlapping windows of `context` tokens (each window predicts its tokens 1..context-1)."""
+def perplexity(model, stream: np.ndarray, context: int, max_tokens: int, device, batch: int | None = None,
+               chunk: int = EVAL_CHUNK) -> dict:
+    """exp(mean NLL) over non-overlapping windows of `context` tokens (each window predicts its tokens 1..context-1).
+    batch None: sized from the context and the device's memory (eval_batch)."""
     n_windows = max(1, min(len(stream), max_tokens) // context)
     windows = torch.from_numpy(stream[: n_windows * context].reshape(n_windows, context))
+    batch = batch or eval_batch(model.config, context, device, chunk)
     nll, count = 0.0, 0
     for i in range(0, n_windows, batch):
         x = windows[i:i + batch].to(device)
-        logits = model(input_ids=x, use_cache=False).logits.float()
-        nll += F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="sum").item()
-        count += x[:, 1:].numel()
-    return {"ppl": math.exp(nll / count), "tokens": count, "window": context}
+        for start, logits in chunked_logits(model, x, chunk):
+            n = min(logits.shape[1], x.shape[1] - 1 - start)  # the window's last token predicts nothing scored
+            labels = x[:, start + 1:start + 1 + n]
+            nll += F.cross_entropy(logits[:, :n].float().flatten(0, 1), labels.flatten(), reduction="sum").item()
+            count += labels.numel()
+    return {"ppl": math.exp(nll / count), "tokens": count, "window": context, "batch": batch, "chunk": chunk}
 
 
 @torch.no_grad()
-def agreement(target, draft, stream: np.ndarray, context: int, max_tokens: int, device, batch: int = 8) -> dict:
+def agreement(target, draft, stream: np.ndarray, context: int, max_tokens: int, device, batch: int | None = None,
+              chunk: int = EVAL_CHUNK) -> dict:
     """Fraction of held-out positions where the draft's argmax next token equals the target's."""
     n_windows = max(1, min(len(stream), max_tokens) // context)
     windows = torch.from_numpy(stream[: n_windows * context].reshape(n_windows, context))
+    batch = batch or min(eval_batch(target.config, context, device, chunk),
+                         eval_batch(draft.config, context, device, chunk))
     same, count = 0, 0
     for i in range(0, n_windows, batch):
         x = windows[i:i + batch].to(device)
-        a = target(input_ids=x, use_cache=False).logits.argmax(-1)
-        b = draft(input_ids=x, use_cache=False).logits.argmax(-1)
-        same += (a == b).sum().item()
-        count += a.numel()
+        for (_, a), (_, b) in zip(chunked_logits(target, x, chunk), chunked_logits(draft, x, chunk), strict=True):
+            same += (a.argmax(-1) == b.argmax(-1)).sum().item()
+            count += a.shape[0] * a.shape[1]
     return {"agreement": same / count, "positions": count}
 
 
 @torch.no_grad()
-def greedy(model, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-    """ids: [B, T] -> [B, max_new_tokens] greedy continuation with the KV cache."""
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    past = out.past_key_values
-    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+def greedy(model, ids: torch.Tensor, max_new_tokens: int, chunk: int = EVAL_CHUNK) -> torch.Tensor:
+    """ids: [B, T] -> [B, max_new_tokens] greedy continuation with the KV cache (prefilled in chunks)."""
+    prefill = chunked_logits(model, ids, chunk, keep=1)
+    try:
+        while True:
+            _, logits = next(prefill)
+    except StopIteration as done:
+        past = done.value
+    nxt = logits[:, -1].argmax(-1, keepdim=True)
     new = [nxt]
     for _ in range(max_new_tokens - 1):
-        out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=nxt, use_cache=True, **cache_kwarg(model, past))
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         new.append(nxt)
     return torch.cat(new, dim=1)
 
 
 def passkey(model, tok, filler: FillerStream, lengths: list[int], samples: int, seed: int, device,
-            max_new_tokens: int = 10, batch: int = 8, pairs: int = 0) -> dict:
+            max_new_tokens: int = 10, batch: int | None = None, pairs: int = 0) -> dict:
     """Accuracy by length; sample i of a length asks for the needle at depth (i + 0.5) / samples. pairs > 0: the
     multi-key documents of the `multikey` task (that many confusable pairs spread evenly, one asked)."""
     rng = random.Random(seed)
@@ -389,8 +457,9 @@ def passkey(model, tok, filler: FillerStream, lengths: list[int], samples: int, 
         docs = [make_multikey_doc(tok, filler, length, rng, depth=(i + 0.5) / samples, num_pairs=pairs) if pairs
                 else make_retrieval_doc(tok, filler, length, rng, depth=(i + 0.5) / samples) for i in range(samples)]
         correct = []
-        for i in range(0, samples, batch):
-            chunk = docs[i:i + batch]
+        b = batch or eval_batch(model.config, length, device)
+        for i in range(0, samples, b):
+            chunk = docs[i:i + b]
             ids = torch.tensor([d.ids for d in chunk], dtype=torch.long, device=device)
             gen = greedy(model, ids, max_new_tokens).tolist()
             for d, g in zip(chunk, gen, strict=True):
@@ -495,6 +564,8 @@ def write_card(folder: Path, name: str, log: dict, role: str) -> None:
         f"{ee['device_name']}; corpus eval split of Python {ee['corpus']['python_version']} "
         f"({ee['corpus']['eval_docs']} files, {ee['eval_tokens']:,} tokens, hash `{ee['corpus']['eval_hash'][:16]}`).",
         "",
+        *([f"Evaluated separately from training ({ee['date']}, git {ee['git_sha']}, torch {ee['versions']['torch']}), "
+           "by:", "", "```", ee["command"], "```", ""] if ee.get("command") else []),
         f"Held-out perplexity (corpus eval split, non-overlapping windows of {ev['perplexity']['window']} tokens, "
         f"{ev['perplexity']['tokens']:,} predicted tokens): **{ev['perplexity']['ppl']:.2f}**",
         "",
@@ -502,8 +573,8 @@ def write_card(folder: Path, name: str, log: dict, role: str) -> None:
     if "agreement" in ev:
         lines += [f"Agreement with the target's greedy next token on held-out positions: "
                   f"**{ev['agreement']['agreement']:.1%}** ({ev['agreement']['positions']:,} positions)", ""]
-    pk = ev["passkey"]
-    lines += [
+    pk = ev.get("passkey")  # a draft evaluated with --draft-eval ppl has none
+    lines += [] if pk is None else [
         f"Passkey retrieval (one needle `<key> = <5-7 digit value>` in held-out filler, question at the end, greedy, "
         f"exact match; {pk['samples_per_length']} samples per length with depths spread evenly over 0..1):",
         "",
@@ -579,6 +650,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "--eval-only, e.g. on another machine)")
     p.add_argument("--eval-only", action="store_true", help="evaluate the models already in --out and rewrite the "
                    "cards, taking the training record from the existing log")
+    p.add_argument("--eval-batch", type=int, default=0, help="sequences per evaluation forward (0: sized from "
+                   "each length and the device's free memory)")
+    p.add_argument("--draft-eval", choices=("full", "ppl"), default="full", help="ppl: the draft gets perplexity "
+                   "and agreement only (no passkey), for a slow device")
     p.add_argument("--max-docs", type=int, default=0, help="use only the first N train docs (0: all)")
     p.add_argument("--max-eval-docs", type=int, default=0, help="use only the first N eval docs (0: all)")
     p.add_argument("--no-amp", action="store_true", help="train in fp32 (default: bf16 autocast on CUDA)")
@@ -669,12 +744,23 @@ def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
+def cpu_name() -> str:
+    """'CPU: <model> (<n> cores)' -- a card evaluated on a CPU says so, and how small the machine was."""
+    model = platform.processor() or platform.machine() or "unknown"
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU: {model} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
 def environment(device: torch.device) -> dict:
     import tokenizers
     import transformers
 
     return {
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "tokenizers": tokenizers.__version__, "python": platform.python_version()},
         "git_sha": git_sha(),
@@ -743,6 +829,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.card_note:
         log["card_note"] = Path(args.card_note).read_text()
     log["eval_env"] = {**environment(device), "corpus": corpus_info, "eval_tokens": int(len(eval_stream))}
+    if args.eval_only:  # the log's "command" is the training run's; this one made the numbers below it
+        log["eval_env"]["command"] = "python " + " ".join(shlex.quote(a) for a in [
+            "scripts/train_tiny_lm.py", *(sys.argv[1:] if argv is None else argv)])
     evaluate_both(args, device, tok, eval_stream, target_dir, draft_dir, log)
     log["total_seconds"] = round(time.perf_counter() - t0, 1)
     write_card(target_dir, "target", log, "target")
@@ -811,7 +900,7 @@ def train_both(args, device, tok, train_stream: np.ndarray, target_dir: Path, dr
 
 def evaluate_both(args, device, tok, eval_stream: np.ndarray, target_dir: Path, draft_dir: Path, log: dict) -> None:
     target, draft = load_saved(target_dir, device), load_saved(draft_dir, device)
-    batch = 8 if device.type == "cuda" else 2  # a CPU has no room for 8 x 8192-token fp32 attention/logit tensors
+    batch = args.eval_batch or None  # None: each length sizes its own batch from the device's memory (eval_batch)
     eval_filler = FillerStream(eval_stream)
     lengths = [int(v) for v in args.passkey_lengths.split(",")]
     context = log["args"]["context"]
@@ -819,8 +908,9 @@ def evaluate_both(args, device, tok, eval_stream: np.ndarray, target_dir: Path, 
         t2 = time.perf_counter()
         ev = {"perplexity": perplexity(model, eval_stream, context, args.eval_tokens, device, batch)}
         print(f"[{name}] held-out ppl {ev['perplexity']['ppl']:.3f}", flush=True)
-        ev["passkey"] = passkey(model, tok, eval_filler, lengths, args.passkey_samples, args.seed + 7, device,
-                                batch=batch)
+        if name == "target" or args.draft_eval == "full":
+            ev["passkey"] = passkey(model, tok, eval_filler, lengths, args.passkey_samples, args.seed + 7, device,
+                                    batch=batch)
         if args.multikey_pairs and name == "target":
             ev["multikey"] = passkey(model, tok, eval_filler, lengths, args.passkey_samples, args.seed + 8, device,
                                      batch=batch, pairs=args.multikey_pairs)
@@ -842,7 +932,7 @@ def summary(log: dict) -> str:
             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name in ("target", "draft"):
         m = log[name]
-        pk = " ".join(f"{k}:{v:.0%}" for k, v in m["eval"]["passkey"]["by_length"].items())
+        pk = " ".join(f"{k}:{v:.0%}" for k, v in m["eval"].get("passkey", {"by_length": {}})["by_length"].items())
         if "multikey" in m["eval"]:
             pk += " / multikey " + " ".join(f"{k}:{v:.0%}" for k, v in m["eval"]["multikey"]["by_length"].items())
         agree = f"{m['eval']['agreement']['agreement']:.1%}" if "agreement" in m["eval"] else "-"
