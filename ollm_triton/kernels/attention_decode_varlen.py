@@ -7,7 +7,10 @@ and the same kernel with a block of T new queries per sequence (speculative and 
                        head h's softmax has one more term exp(sinks[h]) in its denominator (gpt-oss)
     verify_attention   q: [B, Hq, T, D], held: [B], block_mask: [T, T] bool; the block's own K/V at slots
                        held[b] .. held[b] + T - 1. New token t sees every held slot and new token j iff mask[t, j]
-                       (chain: causal; tree: its ancestors)
+                       (chain: causal; tree: its ancestors); with `window` only the keys of positions
+                       p - window < s <= p, p = held[b] + depth(t) its position (depth = mask row sum - 1: t for a
+                       chain, the tree depth for a tree, so a tree path sees what it would decoded token by
+                       token); `sinks` as above
 
 `attention_decode.flash_decode` takes the key count as a host integer, so every step would change a launch
 argument and a CUDA graph could not replay it. Here the lengths are read on the device: the launch depends only on
@@ -53,8 +56,9 @@ def _decode_varlen_split_kernel(
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Split i_s of (sequence, KV head) i_bkv. Keys below LENS[b] are seen by every row; with IN_BLOCK the T keys
-    after them are the block's own, key LENS[b] + j seen by new token t iff BLOCK_MASK[t, j]. WINDOW > 0 (decode
-    only, T = 1): keys below LENS[b] - WINDOW are not seen, and the blocks before the first seen one not read."""
+    after them are the block's own, key LENS[b] + j seen by new token t iff BLOCK_MASK[t, j]. WINDOW > 0: the row
+    at position p sees keys of positions > p - WINDOW only (decode: p = LENS[b] - 1; verify: p = LENS[b] + depth
+    of token t, a block key's position LENS[b] + its depth), and the blocks before the first seen key not read."""
     i_s = tl.program_id(0)
     i_bkv = tl.program_id(1)
     n_split = tl.num_programs(0)
@@ -76,17 +80,29 @@ def _decode_varlen_split_kernel(
     # Row r's mask row as the bits of one int32 (bit j: sees new token j, so T <= 32), loaded once: gathering a
     # [rows, 64] tile of the mask in the tail tiles instead took 254 registers at 32 rows and spilled at 64 (sm_90
     # AOT, Triton 3.9); with the bits 132 at 32 rows and 217 at 64, no spills (the one-token decode path keeps its 78).
+    kv_len = tl.load(LENS + i_b).to(tl.int32)
     if IN_BLOCK:
         o_bt = tl.arange(0, BLOCK_T)
-        b_row = tl.load(BLOCK_MASK + o_t[:, None] * stride_mt + o_bt[None, :], mask=m_r[:, None] & (o_bt < T)[None, :],
+        m_bt = o_bt < T
+        b_row = tl.load(BLOCK_MASK + o_t[:, None] * stride_mt + o_bt[None, :], mask=m_r[:, None] & m_bt[None, :],
                         other=0)
+        # A token's depth is its mask row's count less itself (chain: t; tree: ancestors), its position kv_len +
+        # depth: what it would have had decoded token by token. The window drops the ancestors WINDOW or more
+        # positions back from the row's bits, and the held keys below the row's own first key (b_lo).
+        b_depth = tl.sum(b_row.to(tl.int32), 1) - 1  # [BR]
+        b_mt = tl.load(BLOCK_MASK + o_bt[None, :] * stride_mt + o_bt[:, None], mask=m_bt[:, None] & m_bt[None, :],
+                       other=0)  # [BT, BT]: element (c, j) = mask[j, c], so the column sums lie along the keys' axis
+        b_key_depth = tl.sum(b_mt.to(tl.int32), 0) - 1  # [BT]: depth of new token j
+        b_near = ((b_depth[:, None] - b_key_depth[None, :]) < WINDOW) | (WINDOW <= 0)  # [BR, BT]
+        b_row = tl.where(b_near, b_row, 0)
         b_bits = tl.sum(b_row.to(tl.int32) << o_bt[None, :], 1)  # [BR]: distinct bits, the sum is their OR
+        b_lo = tl.where(WINDOW > 0, tl.maximum(kv_len + b_depth + 1 - WINDOW, 0), 0)  # [BR]
 
     # This sequence's blocks (held keys, then the verify block's own), split evenly over the grid's first axis.
-    kv_len = tl.load(LENS + i_b).to(tl.int32)
     n_keys = kv_len + T if IN_BLOCK else kv_len
     n_blocks = tl.cdiv(n_keys, BLOCK_N)
-    key_lo = tl.where(WINDOW > 0, tl.maximum(kv_len - WINDOW, 0), 0)  # the first key seen (sliding window)
+    # the first key any row sees (sliding window): decode's one row is at kv_len - 1, a block's first at kv_len
+    key_lo = tl.where(WINDOW > 0, tl.maximum(kv_len - WINDOW + (1 if IN_BLOCK else 0), 0), 0)
     j_first = key_lo // BLOCK_N  # the splits share the blocks from the first seen key's on
     per_split = tl.cdiv(n_blocks - j_first, n_split)
     j_lo = j_first + i_s * per_split
@@ -101,7 +117,10 @@ def _decode_varlen_split_kernel(
         b_k = tl.load(p_k + o_s[:, None].to(tl.int64) * stride_ks + o_d[None, :], mask=m_kv, other=0.0)
         b_v = tl.load(p_v + o_s[:, None].to(tl.int64) * stride_vs + o_d[None, :], mask=m_kv, other=0.0)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale  # [BR, BD] @ [BD, BN] -> [BR, BN]
-        b_qk = tl.where(((o_s < kv_len) & (o_s >= key_lo))[None, :], b_s, float("-inf"))
+        if IN_BLOCK:
+            b_qk = tl.where((o_s < kv_len)[None, :] & (o_s[None, :] >= b_lo[:, None]), b_s, float("-inf"))
+        else:
+            b_qk = tl.where(((o_s < kv_len) & (o_s >= key_lo))[None, :], b_s, float("-inf"))
         if IN_BLOCK:
             if j * BLOCK_N + BLOCK_N > kv_len:  # only the last one or two tiles reach the new tokens
                 o_j = o_s - kv_len  # key s is new token o_j
@@ -155,7 +174,7 @@ def _split_attention(q, k_cache, v_cache, lengths, out, *, t, stride_qt, stride_
                      window: int = 0, sinks: torch.Tensor | None = None):
     """Launch the split kernel and the merge: q and out [B, Hq, (T,) D] with token strides stride_qt, stride_ot
     (0 for one token), block_mask None (decode: lengths[b] keys) or [T, T] (verify: lengths[b] held keys + T);
-    window (decode only) and sinks [Hq] as in `decode_varlen`."""
+    window and sinks [Hq] as in `decode_varlen` / `verify_attention`."""
     b, hq, d = q.shape[0], q.shape[1], q.shape[-1]
     hkv, cap = k_cache.shape[1], k_cache.shape[2]
     group = hq // hkv
@@ -241,7 +260,7 @@ def decode_varlen(q, k_cache, v_cache, lengths, *, use_kernel: bool | None = Non
 # ---- T new tokens per sequence: the verify block -----------------------------------------------------------------
 
 
-def check_verify(q, k_cache, v_cache, held, block_mask):
+def check_verify(q, k_cache, v_cache, held, block_mask, window: int = 0, sinks: torch.Tensor | None = None):
     if q.dim() != 4 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"verify_attention takes q [B, Hq, T, D] and k_cache = v_cache [B, Hkv, cap, D]; got q "
                          f"{tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
@@ -254,56 +273,85 @@ def check_verify(q, k_cache, v_cache, held, block_mask):
     if block_mask.shape != (t, t) or block_mask.dtype != torch.bool:
         raise ValueError(f"verify_attention block_mask must be bool [T, T] = [{t}, {t}], got {block_mask.dtype} "
                          f"{tuple(block_mask.shape)}")
+    if window < 0:
+        raise ValueError(f"verify_attention window must be >= 0 keys (0: no window), got {window}")
+    if sinks is not None and sinks.shape != (hq,):
+        raise ValueError(f"verify_attention sinks must be [Hq] = [{hq}] logits, got {tuple(sinks.shape)}")
 
 
-def verify_attention_kernel(q, k_cache, v_cache, held, block_mask, *, scale=None, num_splits=None, out=None):
+def verify_attention_kernel(q, k_cache, v_cache, held, block_mask, *, scale=None, num_splits=None, out=None,
+                            window: int = 0, sinks: torch.Tensor | None = None):
     """The Triton path of `verify_attention` (the interpreter on the CPU): the decode kernel with GROUP * T rows a
-    program; it reads held[b] + T keys of each sequence, the launch depends on the capacity only."""
+    program; it reads held[b] + T keys of each sequence (from the window's first block on), the launch depends on
+    the capacity only."""
     q = q if q.stride(-1) == 1 else q.contiguous()
     block_mask = block_mask if block_mask.stride(-1) == 1 else block_mask.contiguous()
     out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
     return _split_attention(q, k_cache, v_cache, held, out, t=q.shape[2], stride_qt=q.stride(2), stride_ot=None,
-                            block_mask=block_mask, scale=scale, num_splits=num_splits)
+                            block_mask=block_mask, scale=scale, num_splits=num_splits, window=window, sinks=sinks)
 
 
-def block_visibility(held, block_mask, capacity: int, group: int) -> torch.Tensor:
+def block_visibility(held, block_mask, capacity: int, group: int, window: int = 0) -> torch.Tensor:
     """[B, 1, G*T, capacity] bool: row g*T + t (query head g of a KV head, new token t) sees slot s iff
-    s < held[b] or (s = held[b] + j and block_mask[t, j]). Device ops only (capturable)."""
+    s < held[b] or (s = held[b] + j and block_mask[t, j]); with `window`, only where the slot's position is above
+    that of token t less `window` (a held slot's position is s, new token j's held[b] + depth(j), depth = mask row
+    sum - 1). Device ops only (capturable)."""
     t = block_mask.shape[0]
     rel = torch.arange(capacity, device=held.device)[None, :] - held[:, None]  # [B, S]: slot s is new token rel
     in_block = (rel >= 0) & (rel < t)
     sees = block_mask[:, rel.clamp(0, t - 1)].transpose(0, 1)  # [B, T, S]: block_mask[t, rel]
     visible = (rel < 0)[:, None, :] | (in_block[:, None, :] & sees)  # [B, T, S]
+    if window:
+        depth = block_mask.sum(1) - 1  # [T]
+        slot = torch.arange(capacity, device=held.device)[None, :]
+        key_pos = torch.where(in_block, held[:, None] + depth[rel.clamp(0, t - 1)], slot)  # [B, S]
+        query_pos = held[:, None] + depth[None, :]  # [B, T]
+        visible = visible & (key_pos[:, None, :] > query_pos[:, :, None] - window)
     return visible[:, None].repeat(1, 1, group, 1)
 
 
 def verify_attention_reference(q, k_cache, v_cache, held, block_mask, *, visible=None,
-                               compute_dtype: torch.dtype | None = None):
+                               compute_dtype: torch.dtype | None = None, window: int = 0,
+                               sinks: torch.Tensor | None = None):
     """torch SDPA over the whole buffer under `block_visibility` (the G query heads of a KV head stacked along the
-    query axis: no K/V expansion); it reads all `capacity` slots whatever the length. `visible`: that mask when
-    the caller keeps it for every layer of a step. compute_dtype None: q's dtype (the uncaptured/CPU path)."""
+    query axis: no K/V expansion); it reads all `capacity` slots whatever the length. `visible`: that mask (for
+    this `window`) when the caller keeps it for several layers of a step. compute_dtype None: q's dtype (the
+    uncaptured/CPU path). With `sinks` SDPA has no column for them: the scores are computed here, the sink's
+    column joins the softmax in float32 (at least) and is dropped before the values, as decode_varlen_reference."""
     b, hq, t, d = q.shape
     hkv = k_cache.shape[1]
     if visible is None:
-        visible = block_visibility(held, block_mask, k_cache.shape[2], hq // hkv)
+        visible = block_visibility(held, block_mask, k_cache.shape[2], hq // hkv, window)
     dt = compute_dtype or q.dtype
-    out = F.scaled_dot_product_attention(q.reshape(b, hkv, hq // hkv * t, d).to(dt), k_cache.to(dt),
-                                         v_cache.to(dt), attn_mask=visible)  # [B, Hkv, G*T, D]
+    qg, k, v = q.reshape(b, hkv, hq // hkv * t, d).to(dt), k_cache.to(dt), v_cache.to(dt)  # rows g * T + t
+    if sinks is None:
+        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=visible)  # [B, Hkv, G*T, D]
+    else:
+        st = torch.promote_types(dt, torch.float32)
+        scores = (qg @ k.transpose(-1, -2)).to(st) / math.sqrt(d)  # [B, Hkv, G*T, S]
+        scores = scores.masked_fill(~visible, float("-inf"))
+        sink = sinks.to(st).view(1, hkv, hq // hkv, 1, 1).expand(b, hkv, hq // hkv, t, 1).reshape(b, hkv, -1, 1)
+        probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]
+        out = probs.to(dt) @ v
     return out.reshape(b, hq, t, d)
 
 
-def verify_attention(q, k_cache, v_cache, held, block_mask, *, use_kernel: bool | None = None):
+def verify_attention(q, k_cache, v_cache, held, block_mask, *, use_kernel: bool | None = None, window: int = 0,
+                     sinks: torch.Tensor | None = None):
     """Attention of T new tokens per sequence, each over the held keys and the new tokens its mask allows.
 
     q: [B, Hq, T, D] (after RoPE); k_cache, v_cache: [B, Hkv, cap, D] with the T new tokens' K/V already at slots
     held[b] .. held[b] + T - 1; held: [B] int on q's device (held[b] + T <= cap); block_mask: [T, T] bool on q's
-    device, new token t sees new token j iff block_mask[t, j] (causal for a chain, ancestors for a tree).
+    device, new token t sees new token j iff block_mask[t, j] (causal for a chain, ancestors-or-self for a tree);
+    window: the model's sliding window (0: none): token t at position p = held[b] + depth(t) (depth: its mask
+    row's count - 1) sees only keys of positions p - window < s <= p, a new token j's position held[b] + depth(j);
+    sinks: [Hq] logits on q's device, exp(sinks[h]) added to head h's softmax denominator (None: none).
     Returns [B, Hq, T, D] in q's dtype. use_kernel: None = Triton on CUDA, the reference elsewhere.
     """
-    check_verify(q, k_cache, v_cache, held, block_mask)
+    check_verify(q, k_cache, v_cache, held, block_mask, window, sinks)
     if (q.is_cuda if use_kernel is None else use_kernel) and kernel_supports(q, k_cache, q.shape[2]):
-        return verify_attention_kernel(q, k_cache, v_cache, held, block_mask)
-    return verify_attention_reference(q, k_cache, v_cache, held, block_mask)
+        return verify_attention_kernel(q, k_cache, v_cache, held, block_mask, window=window, sinks=sinks)
+    return verify_attention_reference(q, k_cache, v_cache, held, block_mask, window=window, sinks=sinks)
 
 
 @torch.library.custom_op("ollm_triton::decode_varlen", mutates_args=())
