@@ -9,8 +9,11 @@ them). `report()` is what metrics.json carries: `adapt/decisions`, the full list
 
 A step is one forward of a model sequence (a prompt chunk, a decode step, a verify block): the controller sees it
 through the KV cache, whose layers it wraps (`wrap_codec`, adapt/codec.py), so it ticks on every decode path that
-appends through the plugins (eager, piecewise, batched rows). The wrapper declares no static buffers, so a run
-under an adapter takes the piecewise step instead of the whole captured one (`fast_path_reason` says so).
+appends through the plugins (eager, piecewise, batched rows). Only a generation in which some strategy may act
+needs that clock: the wrapper names the codec it wraps as its `static_form`, and before each generation the fast
+decoder asks it (`static_blocker`) whether one may (`Adapter.static_blocker`: each active strategy's own answer for
+that cache and horizon). When none may, the generation runs the wrapped codec's whole captured step, as a run
+without the adapter does; otherwise the piecewise step, whose appends tick the clock.
 
 What the runner reads, declared here and never inferred from a plugin's name:
     Adapter.active          False for `none`: the runner leaves the codec unwrapped (no cost, same fast path)
@@ -27,6 +30,9 @@ A strategy declares:
     Strategy.check(signals) (new setting, reason) to move, or None
     Strategy.apply(new)     make the move
     Strategy.effect(before, after)  what the move measurably did
+    Strategy.static_blocker(spec, tokens, codec, num_layers)  why it may act during a generation that will hold
+                            `tokens` in a cache built with `codec` and `spec` (max_len: its capacity), or None when
+                            it cannot (the generation may then run the whole captured step, behind the clock's back)
 """
 
 from __future__ import annotations
@@ -136,6 +142,10 @@ class Strategy:
     def initial_capacity(self, spec, codec, num_layers: int) -> int | None:
         """Tokens a new cache's first codec is sized for (None: its whole horizon, spec.max_len)."""
         return None
+
+    def static_blocker(self, spec, tokens: int, codec, num_layers: int) -> str | None:
+        """Default: a strategy on the step clock may act at any step (a pause, a stall reading)."""
+        return f"adapt '{self.name}' acts on the step clock" if self.needs_clock else None
 
     def after_step(self, signals: Signals) -> None:
         """Called at every step (not only every `every`): strategies whose action is per step (a pause)."""
@@ -256,6 +266,17 @@ class Adapter:
                 if move is not None:
                     self.switch(s, move[0], move[1])
         self._periodic()
+
+    def static_blocker(self, spec, tokens: int, codec, num_layers: int) -> str | None:
+        """Why a strategy may act during a generation that will hold `tokens` in a cache of `spec` (one line), or
+        None: none can."""
+        return next((why for s in self.strategies if not s.inactive
+                     and (why := s.static_blocker(spec, tokens, codec, num_layers)) is not None), None)
+
+    def count_static(self, tokens: int) -> None:
+        """Decode steps that ran inside the whole captured step (one token each): counted, no strategy asked."""
+        self.steps += tokens
+        self.tokens += tokens
 
     def initial_capacity(self, spec, codec, num_layers: int) -> int | None:
         caps = [c for s in self.strategies if not s.inactive

@@ -9,8 +9,12 @@ each layer re-encodes what it holds at its own next append (dense() of the old l
 the new codec, then the old storage is dropped), so every layer changes in the same forward and peak memory grows
 by one layer's worth, not the cache's.
 
-The wrapper declares `static_buffers = False` whatever the base codec declares: its layers may change format, so
-the engine's whole captured step (which writes the dense buffers in place) is never planned over them.
+The wrapper declares no static step of its own (`static_decode`, `static_buffers` False: the static verify blocks
+and batched rows, which ask nothing per generation, never write its layers behind the clock). Its `static_form` is
+the wrapped codec: the fast decoder asks `static_blocker` before a generation, and when no strategy can act on that
+cache (the memory strategy: its whole horizon fits), the layers run the wrapped codec's static step, delegated to
+the inner layers; after the step the adapter counts the tokens (`set_length`). A cache that moved, or one sized
+short of its horizon, is refused after the prompt, and that generation runs piecewise.
 """
 
 from __future__ import annotations
@@ -123,6 +127,30 @@ class AdaptLayer(CacheLayer):
     def attend(self, q, backend):
         return self.inner.attend(q, backend)
 
+    # -- the wrapped codec's static step, for a generation no strategy can act in (AdaptCodec.static_blocker) -------
+    @property
+    def static_kernel(self) -> str:
+        return self.inner.static_kernel
+
+    def static_decode(self, q, k, v, cos, sin, pos, **kw) -> torch.Tensor:
+        return self.inner.static_decode(q, k, v, cos, sin, pos, **kw)
+
+    def zero_storage(self) -> None:
+        self.inner.zero_storage()
+
+    def sync_due(self, length: int) -> bool:
+        return self.inner.sync_due(length)
+
+    def set_length(self, length: int) -> None:
+        if self.index == 0 and length > self.inner.length:
+            self.adapter.count_static(length - self.inner.length)
+        self.inner.set_length(length)
+        self.appended = length
+
+    def row_view(self, start: int, stop: int) -> CacheLayer:
+        raise NotImplementedError("rows of a cache under +adapt share no storage: the adapter sees a cache through its "
+                                  "appends; run batched rows of different lengths without +adapt")
+
     def observe(self, q) -> None:
         self.inner.observe(q)
 
@@ -143,6 +171,27 @@ class AdaptCodec(CacheCodec):
         self.groups: weakref.WeakSet = weakref.WeakSet()
         self._group: CacheGroup | None = None
         self._made = 0
+
+    @property
+    def static_form(self) -> CacheCodec:
+        return self.base
+
+    def static_blocker(self, spec: LayerSpec, tokens: int, cache=None) -> str | None:
+        """Before a generation (cache None): whether a strategy may act on a cache of `spec` before it holds `tokens`
+        (spec.max_len: the capacity it is built with). After its prompt: that
+        the cache is still at the codec it was built with, sized for its whole horizon (no strategy moved it)."""
+        if not self.base.static_decode:
+            return f"cache '{self.plugin_name}' declares no static decode step"
+        if cache is None:
+            return self.adapter.static_blocker(spec, tokens, self.base, self.layers_per_cache)
+        group = next((layer.group for layer in cache.layers if isinstance(layer, AdaptLayer)), None)
+        if group is None:
+            return None
+        if group.stage or any(layer.generation != group.generation for layer in group.live()):
+            return f"adapt moved the cache to {group.codec.plugin_name} during the prompt"
+        if group.capacity is not None:
+            return f"adapt sized the cache for {group.capacity} of its {group.spec.max_len} tokens"
+        return None
 
     def bytes_per_token(self, spec: LayerSpec) -> float:
         return self.base.bytes_per_token(spec)

@@ -137,6 +137,23 @@ class MemoryStrategy(Strategy):
             lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
         return lo
 
+    def static_blocker(self, spec, tokens: int, codec, num_layers: int) -> str | None:
+        """None when a cache of `spec` cannot need a move before it holds `tokens`: with a budget, those tokens (plus
+        `lookahead`) fit what is left of it now; on a device, `initial_capacity` sizes the cache for its whole
+        capacity (it then never moves). Reads token counts and bytes only, before any cache is built."""
+        horizon = tokens
+        if self.kv_budget is not None:
+            need = num_layers * codec.bytes_for(spec, horizon + self.cfg.lookahead)
+            room = self._room()
+            if room is None or need <= room:
+                return None
+            return (f"adapt 'memory': the {horizon}-token horizon needs {need / 1e6:.3f} MB under {codec.plugin_name}, "
+                    f"{room / 1e6:.3f} MB of budget_gb={self.cfg.budget_gb} left")
+        capacity = self.initial_capacity(spec, codec, num_layers)
+        if capacity is None:
+            return None
+        return f"adapt 'memory': {codec.plugin_name} fits {capacity} of the cache's {spec.max_len} tokens"
+
     def before_append(self, group, incoming: int):
         if group.stage >= len(self.ladder) and group.stage > 0:
             return None

@@ -24,6 +24,14 @@ What the engine reads, declared here and never inferred from a codec's name:
                                 host-side work then (quantizing a full residual group); between those it may lag.
                                 All layers of a row share its lengths, so the engine asks one layer a row and then
                                 tells them all (one check a row and step, not one call a layer)
+    CacheCodec.static_form      the codec whose static-step declarations above hold for this codec's layers: itself,
+                                or, for a wrapper whose layers may change format (adapt/codec.py), the codec it wraps:
+                                its layers then run that codec's static step only for a generation `static_blocker`
+                                clears, and the engine's plan reads the wrapped codec's declarations
+    CacheCodec.static_blocker(spec, tokens, cache=None)   why a generation that will hold `tokens` in a cache built
+                                with `spec` (max_len: its capacity) cannot run the whole static step over this codec's
+                                layers (one line), or None (the default); with `cache`, asked again after its prompt
+                                was stored there
     CacheCodec.bytes_per_token, bytes_for   what one token (or a sequence of n) costs a layer: the run's memory check
                                 before building a model, and the server's admission of requests
     CacheCodec.max_held_tokens(block)   the most tokens a layer holds, however many it has seen, when tokens arrive
@@ -174,6 +182,13 @@ class CacheCodec:
     static_decode: bool = False
     static_window_sinks: bool = False
     static_sync: bool = False
+
+    @property
+    def static_form(self) -> CacheCodec:
+        return self
+
+    def static_blocker(self, spec: LayerSpec, tokens: int, cache: KVCache | None = None) -> str | None:
+        return None
 
     def new_layer(self, spec: LayerSpec) -> CacheLayer:
         raise NotImplementedError

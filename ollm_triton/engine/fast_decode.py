@@ -34,6 +34,12 @@ what the plugins declare, never from their names:
   buffers. It keeps the codec's own cache and all of its behaviour, and costs one graph launch and one eager
   attention call a layer;
 - otherwise eager, with the reason.
+
+A codec whose layers may change format during a run (the adapter's wrapper, adapt/codec.py) declares no static step
+of its own but names the codec it wraps (`CacheCodec.static_form`): the plan reads that codec's declarations, and
+before each generation the whole-step decoder asks `static_blocker` whether the wrapper can stay put for it. When it
+cannot (a strategy may act), that generation runs through a piecewise decoder, whose eager appends the wrapper sees;
+the two decoders never hold a bucket of the same batch size at once (a memory-sized run would pay twice its KV).
 """
 
 from __future__ import annotations
@@ -101,10 +107,11 @@ def capture_blocker(engine) -> str | None:
     if not engine.attention.dense_causal:
         return (f"attention '{_name(engine.attention)}' is not dense causal: the static step cannot stand in for "
                 "its decode")
-    if not engine.codec.static_decode:
+    codec = engine.codec.static_form  # a wrapper's generations that no strategy acts in run its codec's step
+    if not codec.static_decode:
         return f"cache '{_name(engine.codec)}' declares no static decode step"
     needs = engine.config.attention_requirements()
-    if needs and not engine.codec.static_window_sinks:  # the piecewise step can: its attention runs through the
+    if needs and not codec.static_window_sinks:  # the piecewise step can: its attention runs through the
         # backend, with the layer's own rule
         return (f"model {engine.config.model_type}'s {' and '.join(needs.values())}: cache '{_name(engine.codec)}' "
                 "declares no static step with windows and sinks (static_window_sinks)")
@@ -250,6 +257,8 @@ class FastDecoder:
         self.fold_norm = self.kernels and engine.device.type == "cuda" if fold_norm is None else fold_norm
         self.fold_silu = fold_silu
         self.buckets: OrderedDict[int, Bucket] = OrderedDict()
+        self.segments: FastDecoder | None = None  # the piecewise decoder of generations the codec blocks
+        self.blocker: str | None = None  # why the last generation did not run the whole step (static_blocker)
         self.steps = 0  # decode steps run through the static step (replayed or not)
         self.captures = 0
         self.capture_s = 0.0
@@ -263,7 +272,7 @@ class FastDecoder:
     @property
     def attention_path(self) -> str:
         """What decode attention ran through this decoder: the step's own kernel, or the plugins between segments."""
-        if self.piecewise:
+        if self.piecewise or self.blocker is not None:
             return f"plugins between captured segments: {self.engine.attention.last_path}"
         layers = next((bk.cache.layers for bk in self.buckets.values()), None)
         kernel = layers[0].static_kernel if layers else "no step run"
@@ -393,7 +402,7 @@ class FastDecoder:
         done = torch.zeros(b, dtype=torch.bool, device=dev)
         bk.pos.copy_(torch.as_tensor(lengths, dtype=torch.long).to(dev))
         token = pick(first_logits)
-        sync = self.engine.codec.static_sync and bk.io is None
+        sync = self.engine.codec.static_form.static_sync and bk.io is None
         if sync and rows is None and len(set(lengths)) > 1:
             raise ValueError("rows of different lengths need their own caches (rows=) for this codec's static step")
         held = list(zip(rows, lengths, strict=True)) if rows is not None else [(bk.cache, lengths[0])]
@@ -425,6 +434,15 @@ class FastDecoder:
         e = self.engine
         ids = prompt_ids.to(e.device)
         batch, prompt_len = ids.shape
+        if not self.piecewise:
+            held = self.buckets.get(batch)
+            horizon = prompt_len + max_new_tokens
+            cap = held.capacity if held is not None and held.capacity >= horizon else round_capacity(horizon)
+            self.blocker = e.codec.static_blocker(e.layer_spec(batch, cap), horizon)
+            if self.blocker is not None:
+                return self._generate_piecewise(prompt_ids, max_new_tokens, pick, eos_id)
+            if self.segments is not None:
+                self.segments.buckets.pop(batch, None)
         bk = self.bucket(batch, prompt_len + max_new_tokens)
         if bk.io is None:
             bk.reset()
@@ -435,6 +453,11 @@ class FastDecoder:
             bk.cache = e.new_cache(batch=batch, max_len=bk.capacity)
         with Timer(e.device) as prefill:
             first = e.prefill(ids, bk.cache)
+        if not self.piecewise:  # a strategy moved the cache while it stored the prompt: its step is not this one
+            self.blocker = e.codec.static_blocker(e.layer_spec(batch, bk.capacity), prompt_len + max_new_tokens,
+                                                  bk.cache)
+            if self.blocker is not None:
+                return self._generate_piecewise(prompt_ids, max_new_tokens, pick, eos_id)
         capture_before = self.capture_s
         if max_new_tokens > 1:
             self.ensure_graph(bk, [prompt_len] * batch)  # once per bucket, outside the decode timer
@@ -449,8 +472,23 @@ class FastDecoder:
                     "fast_path_piecewise": int(self.piecewise)}
         return Generation(tokens, counters)
 
+    def _generate_piecewise(self, prompt_ids, max_new_tokens, pick, eos_id) -> Generation:
+        """This generation through the piecewise decoder (self.blocker says why); the whole step's bucket of its
+        batch size goes first, so the two caches are never held together."""
+        self.buckets.pop(prompt_ids.shape[0], None)
+        if self.segments is None:
+            self.segments = FastDecoder(self.engine, capture=self.capture, use_kernels=self.kernels,
+                                        fuse_weights=False, piecewise=True, fold_norm=self.fold_norm,
+                                        fold_silu=self.fold_silu)
+        steps = self.segments.steps
+        out = self.segments.generate(prompt_ids, max_new_tokens, pick, eos_id)
+        self.steps += self.segments.steps - steps
+        return out
+
     def close(self) -> None:
         self.buckets.clear()
+        if self.segments is not None:
+            self.segments.close()
 
 
 def sync_layers(cache: KVCache, length: int) -> None:
