@@ -171,15 +171,37 @@ def test_quantized_codec_runs_the_whole_step_and_a_codec_without_windows_is_refu
         "piecewise static"
 
 
-def test_speculative_verify_blocks_stay_eager():
-    """The static verify blocks (StaticBlockMixer) attend without windows or sinks: a speculative decoder on gpt-oss
-    verifies eagerly under auto, and fast_path=static says why."""
+def noisy_copy(noise=0.1, **kw):
+    """A draft for the gpt_oss target: its weights plus relative Gaussian noise (acceptance partial, not nil)."""
+    draft = gpt_oss(**kw)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in draft.model.parameters():
+            if p.dim() > 1:
+                p.add_(torch.randn(p.shape, generator=g).to(p) * p.float().std().to(p.dtype) * noise)
+    return draft
+
+
+def test_speculative_static_verify_is_lossless():
+    """The static verify blocks (StaticBlockMixer -> verify_attention) take each layer's window and sinks: auto
+    picks them for a speculative decoder on gpt-oss, and greedy speculation gives greedy's tokens over 24 new ones
+    (past layer 0's 8-key window): blocks of 5 all accepted (the target as its own draft, batch 2), partly accepted
+    and rolled back (a noisy draft), and a tree (its tokens windowed by their depth, not their slot)."""
     from ollm_triton.decoding.static_steps import resolve_fast_path
 
     engine = gpt_oss(fast_decode="static")
-    assert resolve_fast_path("auto", engine) == "eager"
-    with pytest.raises(ValueError, match=r"static verify blocks lack them; use fast_path=auto or off"):
-        resolve_fast_path("static", engine)
+    assert resolve_fast_path("auto", engine) == "static" and resolve_fast_path("static", engine) == "static"
+    draft = noisy_copy()
+    greedy = registry.build("decoder", "greedy")
+    for name, params, drafter, ids in (("speculative", {"num_candidates": 4}, gpt_oss(), prompt()),
+                                       ("speculative", {"num_candidates": 4}, draft, prompt(1)),
+                                       ("tree", {"depth": 3, "branching": 2, "width": 3}, draft, prompt(1))):
+        ref = greedy.generate(engine, ids, 24).tokens
+        out = registry.build("decoder", name, {**params, "fast_path": "auto"}, draft_engine=drafter).generate(
+            engine, ids, 24)
+        assert out.counters["fast_path_static"] == 1 and out.counters["fast_path_graph"] == 0
+        assert out.counters["mean_accepted_length"] > 2.5, (name, out.counters["mean_accepted_length"])
+        assert torch.equal(out.tokens, ref), (name, out.tokens.tolist(), ref.tolist())
 
 
 @pytest.mark.gpu
@@ -216,3 +238,32 @@ def test_gpu_gpt_oss_captured_whole_step_equals_eager():
         for row in together.nonzero().flatten().tolist():
             assert ((r[row] - g[row]).norm() / r[row].norm()).item() < 2e-2, row
         together &= (r.argmax(-1) == g.argmax(-1)).cpu()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_gpt_oss_captured_speculation_equals_greedy():
+    """The speculative verify blocks captured as CUDA graphs (bf16, the verify kernel with window 8 and sinks) on
+    a 40-token prompt, 48 new tokens: greedy's tokens, row by row, up to where the two first part, and they may part
+    only at a near-tie of greedy's own logits there (top two within bf16 rounding of the largest)."""
+    kw = dict(device="cuda", dtype=torch.bfloat16)
+    engine, eager = gpt_oss(**kw), gpt_oss(fast_decode="off", **kw)
+    assert str(engine.fast_path) == "graph"
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(0)).cuda()
+    greedy = registry.build("decoder", "greedy")
+    for name, params, drafter, rows in (("speculative", {"num_candidates": 4}, gpt_oss(**kw), ids),
+                                        ("tree", {"depth": 3, "branching": 2, "width": 3}, noisy_copy(**kw), ids[:1])):
+        ref = greedy.generate(engine, rows, 48).tokens
+        out = registry.build("decoder", name, {**params, "fast_path": "auto"}, draft_engine=drafter).generate(
+            engine, rows, 48)
+        assert out.counters["fast_path_graph"] == 1, name
+        for row in range(rows.shape[0]):
+            differ = (out.tokens[row] != ref[row]).nonzero()
+            if differ.numel() == 0:
+                continue
+            i = int(differ[0])
+            with torch.no_grad():
+                logits = eager.forward(torch.cat((rows[row : row + 1], ref[row : row + 1, :i]), 1),
+                                       eager.new_cache(batch=1, max_len=rows.shape[1] + i + 1))[0, -1].float()
+            top = logits.topk(2).values
+            assert (top[0] - top[1]).item() <= 2e-2 * logits.abs().max().item(), (name, row, i)

@@ -14,7 +14,10 @@ each such step is one function of static buffers only, captured once per (T, lay
 
 Each step is the engine's one model step (engine/model.py) with the static-block mixer (engine/mixers.py
 `StaticBlockMixer`): key slot s is visible to new token t iff s < base or (s = base + j and mask[t, j]), so
-nothing depends on a host value and rolling back is just a smaller `base` next time. On the CPU (tests) or with
+nothing depends on a host value and rolling back is just a smaller `base` next time. A layer's own sliding window
+and sink logits (gpt-oss) apply inside the block too (kernels/attention_decode_varlen.py `verify_attention`: a
+tree token is windowed by its depth, as it would be decoded token by token), so these steps serve every model the
+one-token static step serves. On the CPU (tests) or with
 capture=False the same step runs uncaptured ("static" mode).
 
 Numerics: the eager engine and the fast decoder attend with other kernels and reduction orders, so in bf16 a
@@ -53,7 +56,7 @@ def resolve_fast_path(requested: str, engine) -> str:
     if requested == "off":
         return "eager"
     if requested == "static":
-        reason = capture_blocker(engine) or verify_blocker(engine)
+        reason = capture_blocker(engine)
         if reason is None and not engine.codec.static_buffers:
             reason = f"cache '{engine.codec.plugin_name}' keeps no dense K/V buffers for the static verify blocks"
         if reason is not None:
@@ -62,18 +65,9 @@ def resolve_fast_path(requested: str, engine) -> str:
     fast = engine.fast_path
     if fast.mode != "graph":  # the piecewise step attends through the codec's cache: speculation runs eagerly there
         return "eager"
-    if not engine.codec.static_buffers or verify_blocker(engine):  # the static verify blocks attend dense K/V
-        return "eager"  # buffers without windows or sinks (StaticBlockMixer)
+    if not engine.codec.static_buffers:  # the static verify blocks attend dense K/V buffers (StaticBlockMixer),
+        return "eager"  # each layer with its own window and sinks (gpt-oss), as the one-token static step
     return "graph" if fast.captured else "static"
-
-
-def verify_blocker(engine) -> str | None:
-    """Why the static verify blocks cannot stand in for this model's attention (one line), or None: they attend
-    every held key, with no per-layer window or sink logits (the one-token static step has both)."""
-    needs = engine.config.attention_requirements()
-    if needs:
-        return f"model {engine.config.model_type}'s {' and '.join(needs.values())}: the static verify blocks lack them"
-    return None
 
 
 def static_model(engine, batch: int, max_len: int, capture: bool) -> StaticModel:

@@ -13,7 +13,7 @@ A mixer is called as `mixer(i, q, k, v)` for layer i with token-major q: [B, T, 
                         (gpt-oss) passed through to codecs that declare `static_window_sinks`
     StaticBlockMixer    T tokens with a [T, T] mask among them over dense static buffers (speculative verify
                         blocks, draft steps, tree levels): the varlen kernel with T query rows over each row's
-                        held + T keys (device lengths and mask: capturable)
+                        held + T keys (device lengths and mask: capturable), with the layer's own window and sinks
     SegmentMixer        the piecewise step: RoPE, then q/k/v handed to static buffers and the attention run
                         eagerly through the plugins between captured segments (`cut`)
 
@@ -164,7 +164,8 @@ class StaticBlockMixer:
     context and every chain or tree mask; otherwise (CPU, shapes the kernel does not take, or attention_kernel=False,
     the benchmark's baseline) torch SDPA over the whole buffer under a [G*T, capacity] mask built once a step. No
     host value either way (capturable). Rolling back is a smaller `base` next time: rejected tokens' slots are
-    masked out and later overwritten."""
+    masked out and later overwritten. A layer's own window and sinks (gpt-oss) go to `verify_attention` as they
+    are; the SDPA path keeps one mask per window size."""
 
     def __init__(self, layers, cos_table, sin_table, base, offsets, mask, *, group: int, kernels: bool,
                  attention_kernel: bool | None = None):
@@ -172,16 +173,17 @@ class StaticBlockMixer:
         self.attention_kernel = kernels if attention_kernel is None else attention_kernel
         rope_pos = base[:, None] + offsets[None, :]  # [B, T]
         self.cos, self.sin = cos_table[rope_pos], sin_table[rope_pos]  # [B, T, D]
-        self.visible = None  # the SDPA path's [B, 1, G*T, S] mask: built by the first layer, shared by the rest
+        self.visible = {}  # window -> the SDPA path's [B, 1, G*T, S] mask: built by a layer, shared by the rest
 
-    def __call__(self, i, q, k, v):
+    def __call__(self, i, q, k, v, window: int = 0, sinks: torch.Tensor | None = None):
         kv = self.layers[i]
         q = rope_write_kv(q, k, v, self.cos, self.sin, kv.k, kv.v, self.base, use_kernel=self.kernels)  # [B,Hq,T,D]
         if self.attention_kernel and kernel_supports(q, kv.k, q.shape[2]):
-            return verify_attention_kernel(q, kv.k, kv.v, self.base, self.block_mask)
-        if self.visible is None:
-            self.visible = block_visibility(self.base, self.block_mask, kv.k.shape[2], self.group)
-        return verify_attention_reference(q, kv.k, kv.v, self.base, self.block_mask, visible=self.visible)
+            return verify_attention_kernel(q, kv.k, kv.v, self.base, self.block_mask, window=window, sinks=sinks)
+        if window not in self.visible:
+            self.visible[window] = block_visibility(self.base, self.block_mask, kv.k.shape[2], self.group, window)
+        return verify_attention_reference(q, kv.k, kv.v, self.base, self.block_mask, visible=self.visible[window],
+                                          sinks=sinks)
 
 
 class SegmentMixer:
