@@ -6,7 +6,9 @@ against a float64 reference written here from the definition (softmax over [scor
 sink column dropped), at odd lengths, windows shorter and longer than the context, sinks of both signs, poisoned
 outputs, and the lengths changed in place between calls on one set of tensors (what a replayed graph does). Then
 the gpt_oss tiny random model's whole static step (uncaptured on the CPU) against the eager engine's logits over a
-prompt and decode steps that run past its 8-key window; on the GPU the same step captured.
+prompt and decode steps that run past its 8-key window; on the GPU the same step captured. Last, speculative
+decoding on the same model through the static verify blocks (their window and sinks: tests/test_verify_window_sinks.py):
+greedy's tokens, uncaptured on the CPU, captured in bf16 on the GPU.
 """
 
 import pytest
