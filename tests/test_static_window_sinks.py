@@ -206,6 +206,37 @@ def test_speculative_static_verify_is_lossless():
         assert torch.equal(out.tokens, ref), (name, out.tokens.tolist(), ref.tolist())
 
 
+def test_eager_tree_verify_windows_by_depth():
+    """The eager verify's mask (attention/base.py causal_mask, what sdpa attends with): a tree node at depth d sits at
+    position q_offset + d and sees, within the window, the held keys and its own ancestors by their positions; with
+    a chain mask it is the plain causal mask. Then the tree decoder with fast_path=off on gpt-oss gives greedy's
+    tokens (it did not when the window was applied by slot and the tree overwrote the block columns)."""
+    from ollm_triton.attention.base import causal_mask
+
+    parent = [-1, 0, 0, 1, 1, 2]  # a root, two children, each child's children: depths 0 1 1 2 2 2
+    t, held = len(parent), 7
+    tree = torch.zeros(t, t, dtype=torch.bool)
+    depth = []
+    for i, p in enumerate(parent):
+        tree[i, i] = True
+        if p >= 0:
+            tree[i] |= tree[p]
+        depth.append(0 if p < 0 else depth[p] + 1)
+    for window in (0, 2, 3, 5):
+        want = torch.zeros(t, held + t, dtype=torch.bool)
+        for i in range(t):
+            pos = held + depth[i]
+            for k in range(held + t):
+                kpos, ok = (k, True) if k < held else (held + depth[k - held], bool(tree[i, k - held]))
+                want[i, k] = ok and kpos <= pos and (not window or kpos > pos - window)
+        assert torch.equal(causal_mask(t, held + t, held, "cpu", tree, window), want), window
+    engine, ids = gpt_oss(fast_decode="off"), prompt(1)
+    ref = registry.build("decoder", "greedy").generate(engine, ids, 24).tokens
+    out = registry.build("decoder", "tree", {"depth": 3, "branching": 2, "width": 3, "fast_path": "off"},
+                         draft_engine=noisy_copy()).generate(engine, ids, 24)
+    assert torch.equal(out.tokens, ref), (out.tokens.tolist(), ref.tolist())
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_gpt_oss_captured_whole_step_equals_eager():

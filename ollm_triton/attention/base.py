@@ -109,14 +109,23 @@ class AttentionBackend:
 def causal_mask(t: int, s: int, q_offset: int, device, tree_mask: torch.Tensor | None = None,
                 window: int = 0) -> torch.Tensor:
     """Bool [T, S]: True where key s is visible to query t (s <= q_offset + t, and s > q_offset + t - window when
-    `window`), with an optional tree mask among the trailing T keys."""
-    q_pos = torch.arange(t, device=device)[:, None] + q_offset
+    `window`), with an optional tree mask among the trailing T keys. Under a tree mask a block token's position is
+    q_offset + its depth (its row's ancestors, itself included, less one: t for a chain), the position it would have
+    decoded at, and the window applies to held and block keys by those positions."""
     k_pos = torch.arange(s, device=device)[None, :]
-    mask = k_pos <= q_pos
+    if tree_mask is None:
+        q_pos = torch.arange(t, device=device)[:, None] + q_offset
+        mask = k_pos <= q_pos
+        if window:
+            mask &= k_pos > q_pos - window
+        return mask
+    tree = tree_mask.to(device=device, dtype=torch.bool)
+    depth = tree.sum(-1) - 1
+    q_pos = q_offset + depth[:, None]
+    k_pos = torch.cat((k_pos[:, : s - t], q_offset + depth[None, :]), dim=1)  # block keys at their nodes' positions
+    mask = torch.cat((k_pos[:, : s - t] <= q_pos, tree), dim=1)
     if window:
         mask &= k_pos > q_pos - window
-    if tree_mask is not None:
-        mask[:, s - t :] = tree_mask.to(device)
     return mask
 
 
