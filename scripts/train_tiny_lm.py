@@ -652,8 +652,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "cards, taking the training record from the existing log")
     p.add_argument("--eval-batch", type=int, default=0, help="sequences per evaluation forward (0: sized from "
                    "each length and the device's free memory)")
-    p.add_argument("--draft-eval", choices=("full", "ppl"), default="full", help="ppl: the draft gets perplexity "
-                   "and agreement only (no passkey), for a slow device")
+    p.add_argument("--draft-eval", choices=("full", "ppl", "none"), default="full", help="ppl: the draft gets "
+                   "perplexity and agreement only (no passkey), for a slow device; none: the target alone")
     p.add_argument("--max-docs", type=int, default=0, help="use only the first N train docs (0: all)")
     p.add_argument("--max-eval-docs", type=int, default=0, help="use only the first N eval docs (0: all)")
     p.add_argument("--no-amp", action="store_true", help="train in fp32 (default: bf16 autocast on CUDA)")
@@ -835,7 +835,8 @@ def main(argv: list[str] | None = None) -> dict:
     evaluate_both(args, device, tok, eval_stream, target_dir, draft_dir, log)
     log["total_seconds"] = round(time.perf_counter() - t0, 1)
     write_card(target_dir, "target", log, "target")
-    write_card(draft_dir, "draft", log, "draft")
+    if args.draft_eval != "none":
+        write_card(draft_dir, "draft", log, "draft")
     json_dump(log, log_path)
     print(summary(log), flush=True)
     return log
@@ -899,12 +900,14 @@ def train_both(args, device, tok, train_stream: np.ndarray, target_dir: Path, dr
 
 
 def evaluate_both(args, device, tok, eval_stream: np.ndarray, target_dir: Path, draft_dir: Path, log: dict) -> None:
-    target, draft = load_saved(target_dir, device), load_saved(draft_dir, device)
+    # --draft-eval none: the target alone (a draft that was not shipped need not be on the machine)
+    target = load_saved(target_dir, device)
+    draft = load_saved(draft_dir, device) if args.draft_eval != "none" else None
     batch = args.eval_batch or None  # None: each length sizes its own batch from the device's memory (eval_batch)
     eval_filler = FillerStream(eval_stream)
     lengths = [int(v) for v in args.passkey_lengths.split(",")]
     context = log["args"]["context"]
-    for name, model in (("target", target), ("draft", draft)):
+    for name, model in (("target", target), ("draft", draft))[: 1 if draft is None else 2]:
         t2 = time.perf_counter()
         ev = {"perplexity": perplexity(model, eval_stream, context, args.eval_tokens, device, batch)}
         print(f"[{name}] held-out ppl {ev['perplexity']['ppl']:.3f}", flush=True)
@@ -932,6 +935,8 @@ def summary(log: dict) -> str:
             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name in ("target", "draft"):
         m = log[name]
+        if "eval" not in m:  # --draft-eval none on a log that never evaluated the draft
+            continue
         pk = " ".join(f"{k}:{v:.0%}" for k, v in m["eval"].get("passkey", {"by_length": {}})["by_length"].items())
         if "multikey" in m["eval"]:
             pk += " / multikey " + " ".join(f"{k}:{v:.0%}" for k, v in m["eval"]["multikey"]["by_length"].items())
