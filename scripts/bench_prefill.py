@@ -21,7 +21,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -40,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from ollm_triton.kernels.attention_prefill import PREFILL_VARIANTS, PrefillConfig, flash_prefill  # noqa: E402
 from ollm_triton.kernels.attention_schedule import build_schedule  # noqa: E402
+from ollm_triton.results import git_sha  # noqa: E402
 
 HQ, HKV, D, DT, DEV = 32, 8, 128, torch.bfloat16, "cuda"
 T0 = time.time()
@@ -185,16 +185,6 @@ def table(env, results, sizes) -> str:
             cells.append(f"{r['slice_f64_max_abs']:.1e} / {r['full_fp32_rel_rms']:.1e}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def git_sha() -> str | None:
-    if os.environ.get("OLLM_GIT_SHA"):
-        return os.environ["OLLM_GIT_SHA"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def main():

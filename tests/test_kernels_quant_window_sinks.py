@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_static_window_sinks import GPT_OSS, gpt_oss, recording
+from test_static_window_sinks import GPT_OSS, check_captured_gpt_oss, gpt_oss, recording
 
 from ollm_triton.decoding.greedy import decode_loop
 from ollm_triton.engine.fast_decode import FastDecoder, capture_blocker
@@ -168,31 +168,7 @@ def test_varlen_mma_window_and_sinks_gpu(stages):
 def test_gpu_gpt_oss_int4_captured_whole_step():
     """gpt-oss with int4 (groups of 16) captured as one CUDA graph, past the window and two group flushes: the
     same tokens as the step uncaptured, and the eager engine's logits to bf16 rounding."""
-    from ollm_triton.engine import load_engine
-
-    def on_gpu(**more):
-        engine = load_engine(GPT_OSS, seed=0, device="cuda", dtype=torch.bfloat16,
-                             codec=registry.build("cache", "int4", PARAMS), **more)
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for layer in engine.model.model.layers:
-                layer.self_attn.sinks.copy_(2.0 * torch.randn(layer.self_attn.sinks.shape, generator=g))
-                layer.mlp.router.weight.mul_(20.0)
-        return engine
-
-    graph, static, eager = on_gpu(), on_gpu(fast_decode="static"), on_gpu(fast_decode="off")
-    assert str(graph.fast_path) == "graph"
-    static._fast = FastDecoder(static, capture=False, fuse_weights=True)
-    ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(0)).cuda()
-    greedy = registry.build("decoder", "greedy")
-    a, b = greedy.generate(graph, ids, 40), greedy.generate(static, ids, 40)
-    assert torch.equal(a.tokens, b.tokens)
-    assert a.counters["fast_path_graph"] == 1 and a.counters["fast_path_piecewise"] == 0
-    ref, got = [], []
-    decode_loop(eager, ids, 30, recording(ref), None)
-    graph.fast_decoder().generate(ids, 30, recording(got))
-    for r, g in zip(ref, got, strict=True):
-        assert ((r - g).norm() / r.norm()).item() < 2e-2
+    check_captured_gpt_oss(prompt_len=20, new=40, eager_steps=30, codec=lambda: registry.build("cache", "int4", PARAMS))
 
 
 assert GPT_OSS["sliding_window"] == 8  # the engine tests above rely on layer 0's window of 8 keys

@@ -237,15 +237,15 @@ def test_eager_tree_verify_windows_by_depth():
     assert torch.equal(out.tokens, ref), (out.tokens.tolist(), ref.tolist())
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_gpt_oss_captured_whole_step_equals_eager():
-    """The whole step captured as one CUDA graph (bf16, window 8 and sinks in the varlen kernel and the merge),
-    past the window: the same tokens as the step uncaptured, and the eager engine's logits to bf16 rounding."""
-    kw = dict(device="cuda", dtype=torch.bfloat16)
+def check_captured_gpt_oss(prompt_len: int, new: int, eager_steps: int, codec=None):
+    """On the GPU (bf16, window 8 and sinks): the whole step captured as one CUDA graph gives the tokens of the
+    same step uncaptured over `new` steps, and the eager engine's logits to bf16 rounding over `eager_steps`, a row
+    compared while both runs fed it the same tokens (each feeds back its own argmax: a bf16 near-tie of this random
+    model's flat logits may part them; the step where they part is still compared)."""
 
     def on_gpu(**more):
-        engine = load_engine(GPT_OSS, seed=0, **kw, **more)
+        engine = load_engine(GPT_OSS, seed=0, device="cuda", dtype=torch.bfloat16,
+                             **({} if codec is None else {"codec": codec()}), **more)
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():
             for layer in engine.model.model.layers:
@@ -256,21 +256,26 @@ def test_gpu_gpt_oss_captured_whole_step_equals_eager():
     graph, static, eager = on_gpu(), on_gpu(fast_decode="static"), on_gpu(fast_decode="off")
     assert str(graph.fast_path) == "graph"
     static._fast = FastDecoder(static, capture=False, fuse_weights=True)
-    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(0)).cuda()
+    ids = torch.randint(0, 128, (2, prompt_len), generator=torch.Generator().manual_seed(0)).cuda()
     greedy = registry.build("decoder", "greedy")
-    a, b = greedy.generate(graph, ids, 64), greedy.generate(static, ids, 64)
+    a, b = greedy.generate(graph, ids, new), greedy.generate(static, ids, new)
     assert torch.equal(a.tokens, b.tokens)
     assert a.counters["fast_path_graph"] == 1 and a.counters["fast_path_piecewise"] == 0
     ref, got = [], []
-    decode_loop(eager, ids, 12, recording(ref), None)
-    graph.fast_decoder().generate(ids, 12, recording(got))
-    # each run feeds back its own argmax: a row is compared while both runs fed it the same tokens (a bf16 near-tie
-    # of this random model's flat logits may part them; the step where they part is still compared)
+    decode_loop(eager, ids, eager_steps, recording(ref), None)
+    graph.fast_decoder().generate(ids, eager_steps, recording(got))
     together = torch.ones(ids.shape[0], dtype=torch.bool)
     for r, g in zip(ref, got, strict=True):
         for row in together.nonzero().flatten().tolist():
             assert ((r[row] - g[row]).norm() / r[row].norm()).item() < 2e-2, row
         together &= (r.argmax(-1) == g.argmax(-1)).cpu()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_gpt_oss_captured_whole_step_equals_eager():
+    """The whole dense step captured, past the window (check_captured_gpt_oss)."""
+    check_captured_gpt_oss(prompt_len=40, new=64, eager_steps=12)
 
 
 @pytest.mark.gpu
