@@ -23,8 +23,9 @@ VARIANTS = {
 }
 
 
-def engine_for(variant="llama", **kw):
-    engine = load_engine({**SMALL, **VARIANTS[variant]}, seed=1, **kw)
+def engine_for(variant="llama", arch=None, **kw):
+    """SMALL of one variant (arch: fields over it), norms and biases randomised."""
+    engine = load_engine({**SMALL, **VARIANTS[variant], **(arch or {})}, seed=1, **kw)
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():  # norms off 1 and biases off 0, so that a step forgetting one of them differs
         for name, p in engine.model.named_parameters():

@@ -4,6 +4,8 @@ same step with the norm, the gate and the matmuls apart."""
 
 import pytest
 import torch
+from test_fast_decode import SMALL, VARIANTS
+from test_fast_decode import engine_for as fast_decode_engine
 
 from ollm_triton.engine import load_engine
 from ollm_triton.engine.fast_decode import FastDecoder
@@ -146,22 +148,10 @@ def test_silu_fold_bad_input_and_shapes_it_declines():
 
 # ---- the fold in the model step -------------------------------------------------------------------------------
 
-SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
-VARIANTS = {"llama": dict(model_type="llama"), "qwen2": dict(model_type="qwen2"),  # q/k/v biases
-            "qwen3": dict(model_type="qwen3", head_dim=16, tie_word_embeddings=True)}  # q/k norm, tied head
-
-
 def engine_for(variant):
-    engine = load_engine({**SMALL, **VARIANTS[variant]}, seed=1, fast_decode="static")
-    gen = torch.Generator().manual_seed(2)
-    with torch.no_grad():  # norms off 1 and biases off 0, so that a fold forgetting one of them differs
-        for name, p in engine.model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.add_(0.2 * torch.randn(p.shape, generator=gen))
-            elif name.endswith(".bias"):
-                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
-    return engine
+    """test_fast_decode's engines (llama; qwen2: q/k/v biases; qwen3: q/k norm, tied head), norms off 1 and biases
+    off 0 so that a fold forgetting one of them differs; intermediate 96, not a power of two, for the down fold."""
+    return fast_decode_engine(variant, arch={"intermediate_size": 96}, fast_decode="static")
 
 
 def spy_fold(monkeypatch) -> list:
