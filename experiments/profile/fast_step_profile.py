@@ -123,6 +123,19 @@ def gemv():
             w = None  # free it before the next shape
 
 
+def time_configs(row: dict, configs, fold, ws, err, graph_us, copies: int) -> None:
+    """Each (rows a chunk, warps, chunks a program) config of a folded GEMV: checked on the first weight (err()),
+    then timed as one CUDA graph over every copy; a config that does not compile or fit is recorded as a finding."""
+    for bn, warps, steps in configs:
+        key = f"fold_b{bn}_w{warps}_s{steps}"
+        try:
+            fold(ws[:1], bn, warps, steps)
+            row[key + "_err"] = err()
+            row[key + "_us"] = graph_us(lambda bn=bn, warps=warps, steps=steps: fold(ws, bn, warps, steps)) / copies
+        except Exception as e:  # noqa: BLE001 - a config that does not compile or fit is a finding
+            row[key + "_error"] = repr(e)[:160]
+
+
 def fold_kernels():
     """llama3_8b's three folded shapes (K = 4096): the fused add + RMSNorm kernel then the one-shot GEMV (what the
     step runs with fold_norm=False) against add_rmsnorm_gemv at several rows a program and warps, each a CUDA graph
@@ -170,19 +183,12 @@ def fold_kernels():
             row["apart_err"] = err()
             row["apart_us"] = graph_us(apart) / copies
             row["gemv_alone_us"] = graph_us(gemv_only) / copies
-            for bn, warps, steps in configs:
-                def fold(ws=ws, y=y, bn=bn, warps=warps, steps=steps):  # ws[:1]: the checked call
-                    for w in ws:
-                        G.add_rmsnorm_gemv(d, r, nw, eps, w, block_n=bn, num_warps=warps, steps=steps, out=y,
-                                           residual_out=s)
+            def norm_fold(ws, bn, warps, steps, y=y):
+                for w in ws:
+                    G.add_rmsnorm_gemv(d, r, nw, eps, w, block_n=bn, num_warps=warps, steps=steps, out=y,
+                                       residual_out=s)
 
-                key = f"fold_b{bn}_w{warps}_s{steps}"
-                try:
-                    fold(ws[:1])
-                    row[key + "_err"] = err()
-                    row[key + "_us"] = graph_us(fold) / copies
-                except Exception as e:  # noqa: BLE001 - a config that does not compile or fit is a finding
-                    row[key + "_error"] = repr(e)[:160]
+            time_configs(row, configs, norm_fold, ws, err, graph_us, copies)
             print(json.dumps(row), flush=True)
             table.append(row)
             ws = None
@@ -241,18 +247,11 @@ def silu_fold_kernels(graph_us, g) -> list[dict]:
         row["apart_err"] = err()
         row["apart_us"] = graph_us(apart) / copies
         row["gemv_alone_us"] = graph_us(gemv_only) / copies
-        for bn, warps, steps in SILU_CONFIGS:
-            def fold(ws=ws, bn=bn, warps=warps, steps=steps):  # ws[:1]: the checked call
-                for w in ws:
-                    G.silu_mul_gemv(gate_up, w, block_n=bn, num_warps=warps, steps=steps, out=y)
+        def silu_fold(ws, bn, warps, steps):
+            for w in ws:
+                G.silu_mul_gemv(gate_up, w, block_n=bn, num_warps=warps, steps=steps, out=y)
 
-            key = f"fold_b{bn}_w{warps}_s{steps}"
-            try:
-                fold(ws[:1])
-                row[key + "_err"] = err()
-                row[key + "_us"] = graph_us(fold) / copies
-            except Exception as e:  # noqa: BLE001 - a config that does not compile or fit is a finding
-                row[key + "_error"] = repr(e)[:160]
+        time_configs(row, SILU_CONFIGS, silu_fold, ws, err, graph_us, copies)
     print(json.dumps(row), flush=True)
     return [row]
 
