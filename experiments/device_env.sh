@@ -12,9 +12,13 @@ if [ -e "${wheels[0]}" ]; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     "${wheels[@]}" || exit 1
   # wandb < 0.17 (the 2 MB pure-Python one scripts/fetch_device_wheels.sh fetches) reads NumPy aliases that NumPy 2
-  # removed: put them back for these runs only, through the carried site's sitecustomize
+  # removed: put them back for these runs only, through the carried site's sitecustomize. It also hides the box's
+  # tensorboard: wandb's internal process imports it when present, and its protos need protobuf >= 5.26 where
+  # wandb 0.16 carries 4.25 (the W&B service then died at `wandb.init` with "MailboxError: transport failed")
   if compgen -G "/tmp/site/wandb-0.1[0-6].*.dist-info" > /dev/null; then
     cat > /tmp/site/sitecustomize.py <<'PYEOF'
+import sys as _sys
+_sys.modules.setdefault("tensorboard", None)
 import numpy as _np
 for _old, _new in (("float_", "float64"), ("complex_", "complex128"), ("unicode_", "str_"), ("string_", "bytes_")):
     if not hasattr(_np, _old):

@@ -8,7 +8,9 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-from test_serve import serving
+
+pytest.importorskip("openai")  # test_serve's serve extra: skipped where it is not installed
+from test_serve import serving  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_serve.py"
 

@@ -11,12 +11,14 @@ import threading
 import time
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-from starlette.testclient import TestClient
 
-import ollm_triton.build as build_module
-from ollm_triton.serve.scheduler import SamplingParams
-from ollm_triton.serve.server import build, compose
+# the serve extra (README): a machine without it skips the module
+text_string_to_metric_families = pytest.importorskip("prometheus_client.parser").text_string_to_metric_families
+TestClient = pytest.importorskip("starlette.testclient").TestClient
+
+import ollm_triton.build as build_module  # noqa: E402
+from ollm_triton.serve.scheduler import SamplingParams  # noqa: E402
+from ollm_triton.serve.server import build, compose  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 WATTS = 250.0
