@@ -241,7 +241,13 @@ def check_captured_gpt_oss(prompt_len: int, new: int, eager_steps: int, codec=No
     """On the GPU (bf16, window 8 and sinks): the whole step captured as one CUDA graph gives the tokens of the
     same step uncaptured over `new` steps, and the eager engine's logits to bf16 rounding over `eager_steps`, a row
     compared while both runs fed it the same tokens (each feeds back its own argmax: a bf16 near-tie of this random
-    model's flat logits may part them; the step where they part is still compared)."""
+    model's flat logits may part them; the step where they part is still compared).
+
+    bf16 rounding here: every compared step within 5e-2 relative L2 and their mean within 1e-2. The router's
+    weights are scaled 20x (sharp routing), so a bf16 near-tie between two experts moves one step's logits by a few
+    percent without any step after it departing: on an H100 the int4 run's row 0 read 2.4e-2 at one step, 3e-3 to
+    1e-2 at the other 29, and the dense step up to 1.1e-2 (experiments/moe/logits_diag.py int4; moe README
+    section 2). A wrong window, sink, scale or flush departs at every step after it."""
 
     def on_gpu(**more):
         engine = load_engine(GPT_OSS, seed=0, device="cuda", dtype=torch.bfloat16,
@@ -264,11 +270,13 @@ def check_captured_gpt_oss(prompt_len: int, new: int, eager_steps: int, codec=No
     ref, got = [], []
     decode_loop(eager, ids, eager_steps, recording(ref), None)
     graph.fast_decoder().generate(ids, eager_steps, recording(got))
-    together = torch.ones(ids.shape[0], dtype=torch.bool)
-    for r, g in zip(ref, got, strict=True):
+    together, errors = torch.ones(ids.shape[0], dtype=torch.bool), []
+    for step, (r, g) in enumerate(zip(ref, got, strict=True)):
         for row in together.nonzero().flatten().tolist():
-            assert ((r[row] - g[row]).norm() / r[row].norm()).item() < 2e-2, row
+            errors.append(((r[row] - g[row]).norm() / r[row].norm()).item())
+            assert errors[-1] < 5e-2, (step, row, errors[-1])
         together &= (r.argmax(-1) == g.argmax(-1)).cpu()
+    assert sum(errors) / len(errors) < 1e-2, errors
 
 
 @pytest.mark.gpu
