@@ -12,21 +12,21 @@
 # and prints the table (the sweep's own output is sweep.log inside the archive). A study cut off by its limit keeps the jobs that finished (the presets run length by
 # length, so every set holds the shorter lengths); the table then lists those only, and the .md says it was cut.
 #
-# Expected run times on one H100 (estimates from experiments/engine, kv_cache and prefetch rows, not measured as a
-# whole; the first study also pays ~30 s of imports and Triton compiles):
-#   memory           15 jobs, ~3-4 min: 128k prefills (~15-30 s each) and the streaming sets dominate
-#   throughput        7 jobs, ~2-3 min: prefetch and all_combined stream 16 GB a token (~4 tok/s): ~40 s each
+# Expected run times on one H100 (memory and throughput measured; the others estimated from experiments/engine, kv_cache and
+# prefetch rows; the first study also pays ~30 s of imports and Triton compiles):
+#   memory           15 jobs, ~5 min: 14 took 275 s on an H100 (2026-12-07); the streaming sets take 23-44 s each
+#   throughput        7 jobs, 146 s on an H100 (2026-12-07)
 #   energy            5 jobs, ~1-2 min (not in the default list; the throughput study records tokens/J too)
 #   context_scaling  8k, 32k, 128k: ~3-4 min; 200k adds ~4-5 min; 512k / 1M do not fit a call (1M int4: two
 #                    ~15 min prefills a job), so CONTEXT_LENGTHS defaults to 8k..200k under an 8-minute limit
-# So: call 1 `memory throughput` (~6-7 min), call 2 `context_scaling` (8 min, cut at its limit), or
+# So: call 1 `memory throughput` (~8 min), call 2 `context_scaling` (8 min, cut at its limit), or
 # `LIMIT_CONTEXT_SCALING_S=390 ... context_scaling energy` to add the energy study to call 2.
 # What the memory check should refuse at once (engine/footprint.py's estimate, 90% of free memory usable: ~71 GB on
 # an H100, ~129 GB on an H200): dense, attention_window and kv_snapkv at 512k on an H100 (~85 GB) and at 1M on both
 # (~155 GB; the estimate counts an eviction codec's KV before it evicts); kv_int4 (~53 GB) and all_combined (~41 GB)
 # fit at 1M and would run for tens of minutes.
 #
-# Environment: OUT (default outputs/device_studies), LIMIT_<STUDY>_S (seconds; defaults: memory 270, throughput
+# Environment: OUT (default outputs/device_studies), LIMIT_<STUDY>_S (seconds; defaults: memory 330, throughput
 # 200, energy 150, context_scaling 480), CONTEXT_LENGTHS (comma list; default 8192,32768,131072,200000),
 # STUDY_OVERRIDES (more Hydra overrides, space-separated: `debug=smoke` checks the script on a CPU in seconds),
 # OLLM_GIT_SHA (recorded in every metrics.json; the device tree has no .git), PYTHON (python3).
@@ -46,7 +46,7 @@ source experiments/device_env.sh  # OLLM_GIT_SHA and the carried wheels
 # W&B offline where wandb travelled (its runs land in each job's directory and in the archive), else none
 if "$PY" -c "import wandb" 2>/dev/null; then logger=(logger.mode=offline); else logger=(logger=none); fi
 
-declare -A limit=([memory]=270 [throughput]=200 [energy]=150 [context_scaling]=480)
+declare -A limit=([memory]=330 [throughput]=200 [energy]=150 [context_scaling]=480)
 rc_all=0
 for study in "$@"; do
   [ -n "${limit[$study]:-}" ] || { echo "unknown study $study; studies: ${!limit[*]}" >&2; exit 2; }
