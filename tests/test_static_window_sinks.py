@@ -237,6 +237,19 @@ def test_eager_tree_verify_windows_by_depth():
     assert torch.equal(out.tokens, ref), (out.tokens.tolist(), ref.tolist())
 
 
+def gpt_oss_on_gpu(codec=None, **more):
+    """The tiny gpt-oss in bf16 on the GPU, its sinks drawn at scale 2 and its router weights scaled 20x (sharp
+    routing, sinks that take real probability mass); `codec` builds the cache codec (None: the default)."""
+    engine = load_engine(GPT_OSS, seed=0, device="cuda", dtype=torch.bfloat16,
+                         **({} if codec is None else {"codec": codec()}), **more)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in engine.model.model.layers:
+            layer.self_attn.sinks.copy_(2.0 * torch.randn(layer.self_attn.sinks.shape, generator=g))
+            layer.mlp.router.weight.mul_(20.0)
+    return engine
+
+
 def check_captured_gpt_oss(prompt_len: int, new: int, eager_steps: int, codec=None):
     """On the GPU (bf16, window 8 and sinks): the whole step captured as one CUDA graph gives the tokens of the
     same step uncaptured over `new` steps, and the eager engine's logits to bf16 rounding over `eager_steps`, a row
@@ -250,14 +263,7 @@ def check_captured_gpt_oss(prompt_len: int, new: int, eager_steps: int, codec=No
     section 2). A wrong window, sink, scale or flush departs at every step after it."""
 
     def on_gpu(**more):
-        engine = load_engine(GPT_OSS, seed=0, device="cuda", dtype=torch.bfloat16,
-                             **({} if codec is None else {"codec": codec()}), **more)
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for layer in engine.model.model.layers:
-                layer.self_attn.sinks.copy_(2.0 * torch.randn(layer.self_attn.sinks.shape, generator=g))
-                layer.mlp.router.weight.mul_(20.0)
-        return engine
+        return gpt_oss_on_gpu(codec, **more)
 
     graph, static, eager = on_gpu(), on_gpu(fast_decode="static"), on_gpu(fast_decode="off")
     assert str(graph.fast_path) == "graph"

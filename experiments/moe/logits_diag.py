@@ -60,21 +60,12 @@ def hf(layers):
 
 
 def int4():
-    from test_static_window_sinks import GPT_OSS, recording
+    from test_kernels_quant_window_sinks import PARAMS
+    from test_static_window_sinks import gpt_oss_on_gpu as on_gpu
+    from test_static_window_sinks import recording
 
     from ollm_triton.decoding.greedy import decode_loop
-    from ollm_triton.engine import load_engine
     from ollm_triton.registry import registry
-    from test_kernels_quant_window_sinks import PARAMS
-
-    def on_gpu(codec, **more):
-        engine = load_engine(GPT_OSS, seed=0, device="cuda", dtype=torch.bfloat16, codec=codec(), **more)
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for layer in engine.model.model.layers:
-                layer.self_attn.sinks.copy_(2.0 * torch.randn(layer.self_attn.sinks.shape, generator=g))
-                layer.mlp.router.weight.mul_(20.0)
-        return engine
 
     ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(0)).cuda()
     runs = {}
@@ -88,7 +79,8 @@ def int4():
         else:
             e.fast_decoder().generate(ids, 30, recording(store))
         runs[name] = store
-    print("step | row | int4 graph vs int4 eager | int4 eager vs dense eager | dense graph vs dense eager | same argmax")
+    print("step | row | int4 graph vs int4 eager | int4 eager vs dense eager | dense graph vs dense eager"
+          " | same argmax")
     for s in range(30):
         for r in range(2):
             same = all(runs[n][t][r].argmax() == runs["int4 eager"][t][r].argmax() for t in range(s)
