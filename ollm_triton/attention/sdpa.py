@@ -43,13 +43,34 @@ class SDPA(AttentionBackend):
         return sdpa_gqa(q, k, v, mask=causal_mask(t, s, q_offset, q.device, tree_mask))
 
 
-SINK_SCORES_BYTES = 1 << 30  # float32 scores held at once by attend_with_sinks (queries are taken in chunks)
+# float32 scores one query chunk of attend_with_sinks holds (its transient is ~2x this: sink_attention_bytes). At
+# 1 GiB a gpt-oss-20b 8k prefill peaked ~5.1 GB above weights + KV on the H100 (the memory study's rows, the
+# masked copy, the sink column's concatenation, the softmax and bf16 probabilities alive at once). 256 MiB chunks
+# with the softmax in place are faster, not slower: 31.7 s against 73.3 s for the 1 GiB chunks with their copies
+# (2-core CPU, fp32, 4096 queries x 8192 keys, 64 / 8 heads, D 16); GPU numbers: scripts/bench_prefill.py --sinks.
+SINK_SCORES_BYTES = 256 << 20
+
+
+def sink_chunk_rows(batch: int, heads: int, kv_len: int) -> int:
+    """Query rows attend_with_sinks takes at once: float32 scores [B, Hq, rows, S] under SINK_SCORES_BYTES."""
+    return max(1, SINK_SCORES_BYTES // (4 * batch * heads * max(kv_len, 1)))
+
+
+def sink_attention_bytes(batch: int, heads: int, q_len: int, kv_len: int, element_size: int) -> int:
+    """What attend_with_sinks holds at once beyond its inputs and output, for the footprint estimate: one chunk's
+    float32 scores, plus either the matmul's scores in the inputs' dtype (before the float32 copy) or the
+    probabilities cast back to it (after the in-place softmax); and the chunk's bool mask rows."""
+    rows = min(q_len, sink_chunk_rows(batch, heads, kv_len))
+    scores = batch * heads * rows * kv_len
+    return scores * (4 + element_size) + rows * kv_len
 
 
 def attend_with_sinks(q, k, v, mask: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
     """softmax([q k^T / sqrt(D), sink_h]) without its last column, @ v. q: [B, Hq, T, D]; k, v: [B, Hkv, S, D];
     mask: bool [T, S] (True = visible); sinks: [Hq] logits. Returns [B, Hq, T, D] in q's dtype. Queries go in
-    chunks so the float32 scores stay under SINK_SCORES_BYTES (a 64-head 8k prefill would otherwise hold 17 GB).
+    chunks so the float32 scores stay under SINK_SCORES_BYTES (a 64-head 8k prefill would otherwise hold 17 GB),
+    and the softmax runs in place on them, the sink as one more denominator term (no concatenated column, no
+    masked copy): a chunk holds its float32 scores and one copy in the inputs' dtype (sink_attention_bytes).
 
     The G query heads of a KV head are stacked along the query axis (rows g * T + t), so K/V are read as stored:
     neither repeated per query head nor copied to float32 (at 32k keys that copy was 0.5 GB per layer and step).
@@ -59,15 +80,17 @@ def attend_with_sinks(q, k, v, mask: torch.Tensor, sinks: torch.Tensor) -> torch
     hkv, s = k.shape[1], k.shape[2]
     g = hq // hkv
     sink = sinks.float().view(1, hkv, g, 1, 1)
-    chunk = max(1, SINK_SCORES_BYTES // (4 * b * hq * max(s, 1)))
+    chunk = sink_chunk_rows(b, hq, s)
     out = torch.empty(b, hq, t, v.shape[-1], dtype=q.dtype, device=q.device)
     for t0 in range(0, t, chunk):
         qc = q[:, :, t0 : t0 + chunk]
         tc = qc.shape[2]
-        scores = (qc.reshape(b, hkv, g * tc, d) @ k.transpose(-1, -2)).float() * d**-0.5  # [B, Hkv, G*tc, S]
-        scores = scores.view(b, hkv, g, tc, s).masked_fill(~mask[t0 : t0 + chunk], float("-inf"))
-        logits = torch.cat((scores, sink.expand(b, hkv, g, tc, 1)), dim=-1)  # [B, Hkv, G, tc, S + 1]
-        probs = torch.softmax(logits, dim=-1)[..., :-1].to(v.dtype).reshape(b, hkv, g * tc, s)
+        scores = (qc.reshape(b, hkv, g * tc, d) @ k.transpose(-1, -2)).float()  # [B, Hkv, G*tc, S]
+        scores = scores.view(b, hkv, g, tc, s).mul_(d**-0.5).masked_fill_(~mask[t0 : t0 + chunk], float("-inf"))
+        top = torch.maximum(scores.amax(dim=-1, keepdim=True), sink)  # [B, Hkv, G, tc, 1]: finite (the sink is)
+        probs = scores.sub_(top).exp_()
+        probs = probs.div_(probs.sum(dim=-1, keepdim=True).add_((sink - top).exp_()))
+        probs = probs.to(v.dtype).view(b, hkv, g * tc, s)
         out[:, :, t0 : t0 + chunk] = (probs @ v).view(b, hq, tc, -1)  # [B, Hkv, G*tc, S] @ [B, Hkv, S, D]
     return out
 

@@ -16,7 +16,10 @@ What it counts (all upper-bound-ish, from shapes):
   layer of a hybrid model (engine/linear_attention.py `state_bytes`), which no codec touches.
 - activations of the largest forward (the prompt, or one `prefill_chunk` of it): hidden states, q/k/v, the MLP's
   intermediate (a MoE's: k expert rows per token), on the CPU the float32 attention scores of one layer (the math
-  path materialises them), and the float32 logits of one decode block (a prefill keeps only its last row).
+  path materialises them), for a model with sink logits (gpt-oss) what the baseline's `attend_with_sinks` holds
+  (attention/sdpa.py `sink_attention_bytes`: one query chunk's float32 scores and their copy in the model dtype; the
+  Triton `flash` path holds none, so for it this is an upper bound), and the float32 logits of one decode block (a
+  prefill keeps only its last row).
   Not counted here yet: what a later chunk's attention holds that grows with the keys it reads
   (`chunk_attention_bytes`: the concatenated K/V and the causal masks, 1.07 GB for a 4096-token chunk at 65.6k
   tokens on Llama-3-8B shapes); the memory adapter (adapt/memory.py) sizes its dense cache with it.
@@ -34,6 +37,7 @@ from typing import Any
 
 import torch
 
+from ollm_triton.attention.sdpa import sink_attention_bytes
 from ollm_triton.cache.base import LayerSpec
 from ollm_triton.engine.config import ModelConfig
 from ollm_triton.engine.linear_attention import state_bytes
@@ -113,17 +117,22 @@ def estimate(model_cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device
 def forward_activation_bytes(cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device, batch: int, tokens: int,
                              context: int) -> int:
     """Activations of one forward of `tokens` new tokens (a prompt chunk) whose attention reads `context` keys: the
-    residual stream, q/k/v and the MLP of the chunk, on the CPU the float32 scores of one layer, the float32 logits
-    of one decode block, a hybrid model's gated delta rule. What grows with the keys a later chunk reads from the
-    cache is `chunk_attention_bytes`."""
+    residual stream, q/k/v and the MLP of the chunk, on the CPU the float32 scores of one layer, with sink logits
+    what the baseline's sink attention holds over `context` keys (both at once they are not: the larger), the
+    float32 logits of one decode block, a hybrid model's gated delta rule. What grows with the keys a later chunk
+    reads from the cache is `chunk_attention_bytes`."""
     if tokens <= 0:
         return 0
     elt = _elt(dtype)
     h, d, t = cfg.hidden_size, cfg.head_dim, tokens
     qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * d
     acts = batch * t * (4 * h + qkv + _mlp_width(cfg)) * elt  # residual stream, q/k/v, MLP
+    scores = 0
     if torch.device(device).type == "cpu":  # the math path's float32 scores [B, Hq, T, S] of one layer
-        acts += batch * cfg.num_heads * t * context * 4
+        scores = batch * cfg.num_heads * t * context * 4
+    if cfg.attention_sinks:  # a chunk of float32 scores, their model-dtype copy and the [T, S] causal mask
+        scores = max(scores, sink_attention_bytes(batch, cfg.num_heads, t, context, elt) + t * context)
+    acts += scores
     acts += batch * min(t, LOGIT_ROWS) * cfg.vocab_size * 4  # float32 logits (a prefill keeps its last row)
     if cfg.linear_layers:  # the chunked gated delta rule in float32: q/k/v/outputs and three [C, C] per chunk
         hv, conv = cfg.linear_num_value_heads, 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim

@@ -9,6 +9,8 @@ into contiguous splits so that B * Hkv * splits programs fill the GPU once; each
 output and its log-sum-exp, and a second small kernel merges the splits (decode_merge.py).
 Element rules inside the visited blocks: causal among the T new queries, and window + sink (as in
 attention_schedule: key s visible iff s < sink or s >= floor(max(p - window + 1, 0) / align) * align).
+Per-head sink logits (gpt-oss) are not keys: the merge adds exp(sinks[h]) to each head's denominator
+(decode_merge.py), so the split kernel is the same with or without them.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ollm_triton.kernels.attention_prefill import LOG2E, check_qkv, dot_precision, kernel_supports
+from ollm_triton.kernels.attention_prefill import LOG2E, check_qkv, check_sinks, dot_precision, kernel_supports
 from ollm_triton.kernels.attention_schedule import cdiv, window_start
 from ollm_triton.kernels.decode_merge import merge_splits, one_wave_splits
 
@@ -113,13 +115,14 @@ def flash_decode(
     num_stages: int = 3,  # with one wave of splits, 3 beat 4 at 32k/128k x b=1/8 (experiments/attention, run 3)
     programs_per_sm: int = 2,
     out: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of the T newest queries (positions S - T .. S - 1) over k, v.
 
     q: [B, Hq, T, D]; k, v: [B, Hkv, S, D] (any strides with a contiguous last dim, e.g. a cache buffer's view);
     block_ids: ascending int32 ids of the `block_n`-key blocks to visit (None = all); window/sink/window_align:
-    element rules. num_splits defaults to one wave of `programs_per_sm` programs per SM. Returns [B, Hq, T, D] in
-    q's dtype.
+    element rules; sinks: [Hq] logits, exp(sinks[h]) one more term of head h's softmax denominator (gpt-oss).
+    num_splits defaults to one wave of `programs_per_sm` programs per SM. Returns [B, Hq, T, D] in q's dtype.
     """
     check_qkv(q, k, v)
     if not decode_supports(q, k):
@@ -128,6 +131,7 @@ def flash_decode(
     b, hq, t, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
     group = hq // hkv
+    sinks = check_sinks(sinks, hq, q.device)
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
     v = v if v.stride(-1) == 1 else v.contiguous()
@@ -160,7 +164,7 @@ def flash_decode(
         HAS_IDS=block_ids is not None, HAS_WINDOW=window > 0,
         DOT_PREC=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
     )
-    merge_splits(o_part, l_part, out, kv_heads=hkv, group=group, t=t, n_split=n_split)
+    merge_splits(o_part, l_part, out, kv_heads=hkv, group=group, t=t, n_split=n_split, sinks=sinks)
     return out
 
 
@@ -181,12 +185,13 @@ def decode_mask(
     return mask
 
 
-def decode_reference(q, k, v, *, compute_dtype: torch.dtype = torch.float32, **rules) -> torch.Tensor:
-    """`flash_decode` in PyTorch (same arguments as `decode_mask`'s rules)."""
+def decode_reference(q, k, v, *, compute_dtype: torch.dtype = torch.float32, sinks: torch.Tensor | None = None,
+                     **rules) -> torch.Tensor:
+    """`flash_decode` in PyTorch (same arguments as `decode_mask`'s rules, and `sinks`)."""
     from ollm_triton.kernels.attention_prefill import attention_reference
 
     mask = decode_mask(q.shape[2], k.shape[2], device=q.device, **rules)
-    return attention_reference(q, k, v, mask, compute_dtype=compute_dtype)
+    return attention_reference(q, k, v, mask, compute_dtype=compute_dtype, sinks=sinks)
 
 
 __all__ = ["flash_decode", "decode_reference", "decode_mask", "decode_supports", "MAX_ROWS"]

@@ -8,6 +8,12 @@ to fourth reads come from L2). The program walks the tiles its schedule row list
 any mask, then the boundary ones with the element rules (causal, window + sink, tree). Softmax runs online in
 fp32 in the exp2 domain; P is cast to the input dtype for the PV product as every flash kernel does.
 
+Per-head sink logits (gpt-oss: `sinks` [Hq], natural-log units) are one more term of each row's softmax
+denominator, exp(sinks[h]), that takes probability mass and adds nothing to the numerator: the epilogue folds
+sinks[h] * log2(e) into the running max and l before the division (the kernel's own scaled exp2 domain), so a row
+costs one load and two exp2 more. With the model's per-layer sliding window as the schedule's window (sink 0), the
+kernel computes gpt-oss attention exactly, without the float32 score matrices of the PyTorch path.
+
 Multi-scale attention adds "summary keys" (mean-pooled K/V of whole blocks, see attention_multiscale.py): extra
 keys with a per-key rule, visited after the exact tiles in the same online softmax.
 
@@ -162,18 +168,19 @@ def _attn_tiles(
 
 @triton.jit(do_not_specialize=["T", "S", "q_offset", "window", "sink", "window_align", "n_sum", "max_visits"])
 def _attn_prefill_kernel(
-    Q, K, V, O, KV_BLOCKS, KV_FULL, KV_TOTAL, TREE, KS, VS, SUM_META,
+    Q, K, V, O, KV_BLOCKS, KV_FULL, KV_TOTAL, TREE, KS, VS, SUM_META, SINKS,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     stride_ob, stride_oh, stride_ot, stride_ksb, stride_ksh, stride_kss, stride_vsb, stride_vsh, stride_vss,
     stride_tree, Hq, T, S, q_offset, window, sink, window_align, n_sum, max_visits, qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_TREE: tl.constexpr, HAS_SUMMARY: tl.constexpr,
     DOT_PREC: tl.constexpr, KV_DESC: tl.constexpr = False,
-    PACK_GQA: tl.constexpr = False,
+    PACK_GQA: tl.constexpr = False, HAS_SINKS: tl.constexpr = False,
 ):
     """KV_DESC: K and V are 2-D tensor descriptors over rows of D, and stride_k*/stride_v* (b, h) count rows.
     PACK_GQA: program axis 0 is (batch, KV head) and row r of the tile is head GROUP * kvh + r // POS at the
-    r % POS-th position of schedule tile i_m (POS = BLOCK_M // GROUP = the schedule's block_m)."""
+    r % POS-th position of schedule tile i_m (POS = BLOCK_M // GROUP = the schedule's block_m).
+    HAS_SINKS: SINKS [Hq] logits (natural-log units), one more denominator term per head."""
     i_bh = tl.program_id(0)
     # Heaviest (last) query tiles first: under causal masking they have the most KV tiles, so the tail of the
     # grid is made of short programs.
@@ -241,7 +248,16 @@ def _attn_prefill_kernel(
             b_qk = tl.where(m_vis, b_qk, float("-inf"))
             acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, b_qk, b_v, qk_scale)
 
-    # A row with no visible key (only possible with an all-False tree row) outputs zeros, like the reference.
+    if HAS_SINKS:
+        # The sink as one more key of score sinks[h] and value 0, in the log2 domain of m_i (scores * qk_scale).
+        # Raising the max to it first keeps exp2 finite whatever the sign and size of the logit.
+        b_sink = tl.load(SINKS + o_h + tl.zeros([BLOCK_M], tl.int32)).to(tl.float32) * 1.4426950408889634
+        m_new = tl.maximum(m_i, b_sink)
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.exp2(b_sink - m_new)
+        acc = acc * alpha[:, None]
+    # A row with no visible key (an all-False tree row; under a sink only the sink) outputs zeros, like the
+    # reference.
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     b_o = acc / l_safe[:, None]
     o_o = i_b.to(tl.int64) * stride_ob + o_h.to(tl.int64) * stride_oh + o_t.to(tl.int64) * stride_ot  # [BM]
@@ -334,6 +350,16 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of KV heads ({k.shape[1]})")
 
 
+def check_sinks(sinks: torch.Tensor | None, heads: int, device) -> torch.Tensor | None:
+    """sinks as the kernels read them (a contiguous [Hq] on the device), or a one-line ValueError."""
+    if sinks is None:
+        return None
+    if sinks.shape != (heads,) or not sinks.is_floating_point():
+        raise ValueError(f"sinks must be floating-point [Hq] = [{heads}] logits, got {sinks.dtype} "
+                         f"{tuple(sinks.shape)}")
+    return sinks.detach().to(device).contiguous()
+
+
 def kernel_supports(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether the Triton path takes these tensors (head_dim a power of two 16..128; fp16/bf16/fp32)."""
     return q.shape[-1] in SUPPORTED_HEAD_DIMS and q.dtype in (torch.float16, torch.bfloat16, torch.float32) \
@@ -378,11 +404,13 @@ def flash_prefill(
     num_stages: int | None = None,
     config: PrefillConfig | None = None,
     out: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of q over k, v following `schedule` (built for T = q.shape[2], S = k.shape[2]).
 
     q: [B, Hq, T, D]; k, v: [B, Hkv, S, D]; tree_mask: bool [T, T] if the schedule has tree=True;
-    summaries: extra multi-scale keys. Returns [B, Hq, T, D] in q's dtype (or writes `out`).
+    summaries: extra multi-scale keys; sinks: [Hq] logits, exp(sinks[h]) one more term of head h's softmax
+    denominator (gpt-oss). Returns [B, Hq, T, D] in q's dtype (or writes `out`).
     config: the variant to run (default `prefill_config` of the call); its block_m/block_n must be the schedule's.
     A variant the call cannot take falls back quietly: kv_desc without a describable K/V (or before sm_90),
     pack_gqa when block_m x group is not 16..128 rows.
@@ -397,6 +425,7 @@ def flash_prefill(
         raise ValueError(f"schedule built for T={schedule.q_len}, S={schedule.kv_len}; called with T={t}, S={s}")
     if schedule.tree != (tree_mask is not None):
         raise ValueError("pass tree_mask exactly when the schedule was built with tree=True")
+    sinks = check_sinks(sinks, hq, q.device)
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     if out is None:
         out = torch.empty_like(q)
@@ -426,6 +455,7 @@ def flash_prefill(
     grid = (b * (hkv if pack else hq), schedule.n_q_tiles)
     _attn_prefill_kernel[grid](
         q, kk, vv, out, schedule.kv_blocks, schedule.kv_full, schedule.kv_total, tree, ks, vs, meta,
+        meta if sinks is None else sinks,  # no sinks: any pointer, HAS_SINKS off
         q.stride(0), q.stride(1), q.stride(2), *kv_strides, out.stride(0), out.stride(1), out.stride(2),
         ks.stride(0), ks.stride(1), ks.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
         tree.stride(0) if tree_mask is not None else 0,
@@ -434,7 +464,7 @@ def flash_prefill(
         GROUP=group, HEAD_DIM=d, BLOCK_M=rows, BLOCK_N=schedule.block_n,
         CAUSAL=schedule.causal, HAS_WINDOW=schedule.window > 0, HAS_TREE=tree_mask is not None,
         HAS_SUMMARY=has_sum, DOT_PREC=dot_precision(q.dtype), KV_DESC=kk is not k,
-        PACK_GQA=pack,
+        PACK_GQA=pack, HAS_SINKS=sinks is not None,
         num_warps=num_warps or cfg.num_warps, num_stages=num_stages or cfg.num_stages,
     )
     return out
@@ -454,16 +484,19 @@ def attention_reference(
     scale: float | None = None,
     compute_dtype: torch.dtype = torch.float32,
     max_scores: int = 1 << 25,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Masked softmax attention in `compute_dtype` (float64 for tests), returned in q's dtype.
 
     q: [B, Hq, T, D]; k, v: [B, Hkv, S, D]; mask: bool [T, S] (True = visible) or a function of a row slice
     returning that slice of the mask (so a long call is built in pieces of at most `max_scores` scores).
     summaries: (k_sum [B, Hkv, N, D], v_sum, mask function rows -> bool [rows, N], logit bias [N]).
+    sinks: [Hq] logits: head h's softmax gets one more column, sinks[h], dropped before the values.
     Rows without a visible key give zeros.
     """
     check_qkv(q, k, v)
     b, hq, t, d = q.shape
+    sinks = check_sinks(sinks, hq, q.device)
     hkv, s = k.shape[1], k.shape[2]
     group = hq // hkv
     scale = 1.0 / math.sqrt(d) if scale is None else scale
@@ -486,10 +519,15 @@ def attention_reference(
         if summaries is not None:
             scores = scores + bias
         scores = scores.masked_fill(~m, float("-inf"))
+        if sinks is not None:  # the sink column takes its share of the softmax and is dropped
+            sink = sinks.to(compute_dtype).view(1, hq, 1, 1).expand(b, hq, scores.shape[2], 1)
+            scores = torch.cat((scores, sink), dim=-1)
         weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows: NaN -> 0
+        if sinks is not None:
+            weights = weights[..., :-1]
         out[:, :, rows] = torch.matmul(weights, vc)
     return out.to(q.dtype)
 
 
 __all__ = ["flash_prefill", "attention_reference", "prefill_config", "PrefillConfig", "PREFILL_VARIANTS", "SummaryKeys",
-           "kernel_supports", "check_qkv", "dot_precision", "SUPPORTED_HEAD_DIMS", "window_start"]
+           "kernel_supports", "check_qkv", "check_sinks", "dot_precision", "SUPPORTED_HEAD_DIMS", "window_start"]
