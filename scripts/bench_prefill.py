@@ -11,6 +11,20 @@ Timing: CUDA events around each call after warm-up (the first call compiles), me
 query rows of query heads 0-3, one KV group; max abs error and rel RMS), and the full output against SDPA computed
 in fp32 (rel RMS). Writes JSON (device, versions, git sha, date, command) and prints a GitHub table last.
 To adopt a winner: set LONG_PREFILL_VARIANT in ollm_triton/kernels/attention_prefill.py to its name.
+
+    OLLM_GIT_SHA=<sha> python scripts/bench_prefill.py --sinks --out $OUT/bench_prefill_sinks.json   # GPU, < 2 min
+    python scripts/bench_prefill.py --sinks --small
+
+--sinks: gpt-oss attention instead (issue 18): bf16, 64 query / 8 KV heads, head_dim 64, per-head sink logits, the
+sliding layers' 128-key window and the full layers, at a 4096-token prefill chunk over 8192 keys (the memory
+study's second chunk of an 8k prompt) and T = S = 8192. Timed side by side: the `flash` backend's Triton prefill
+(sinks in the kernel's epilogue), the `sdpa` backend (attend_with_sinks: float32 scores in SINK_SCORES_BYTES query
+chunks), the same at the former 1 GiB chunks, and FlexAttention (block mask for the window, its log-sum-exp to add
+the sink: out * sigmoid(lse - sink); it compiles per case, and is left out once --budget-s is spent). Each row
+also gets its peak memory above the inputs (torch.cuda max allocated during one call, the output included) and,
+for sdpa, the footprint's estimate of its transient.
+Correctness: float64 from the definition on the first and last 64 query rows of one KV group, and the full output
+against the flash backend's float32 reference. TFLOP/s count the visible (query, key) pairs: 4 D Hq per pair.
 """
 
 from __future__ import annotations
@@ -162,6 +176,137 @@ def case(n: int, variants: list[str], budget_s: float, flex_fn) -> dict:
     return res
 
 
+# ---- gpt-oss: sliding window + sink logits --------------------------------------------------------------------------
+
+SINK_CASES = [(4096, 8192, 128), (4096, 8192, 0), (8192, 8192, 128), (8192, 8192, 0)]  # (T, S, window)
+
+
+def sinks_slice_reference(q, k, v, sinks, rows: slice, q_offset: int, window: int) -> torch.Tensor:
+    """float64 from the definition for query heads 0..G-1 (KV head 0), rows `rows`: softmax over [scores of keys
+    p - window < s <= p, sink_h], the sink's column dropped. [1, G, R, D]."""
+    g = HQ // HKV
+    qs, ks, vs = q[:, :g, rows].double(), k[:, :1].double(), v[:, :1].double()
+    scores = qs @ ks.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    p = torch.arange(q.shape[2], device=q.device)[rows][:, None] + q_offset
+    key = torch.arange(k.shape[2], device=q.device)[None, :]
+    visible = (key <= p) & ((key > p - window) if window else True)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    sink = sinks[:g].double().view(1, g, 1, 1).expand(1, g, scores.shape[2], 1)
+    return torch.softmax(torch.cat((scores, sink), -1), -1)[..., :-1] @ vs
+
+
+def visible_pairs(t: int, s: int, window: int) -> int:
+    p = torch.arange(s - t, s, dtype=torch.int64)
+    return int((torch.minimum(p + 1, torch.tensor(window)) if window else p + 1).sum())
+
+
+def peak_bytes(fn) -> int | None:
+    """Bytes allocated above what was held before one call (its output included): the call's transient."""
+    if DEV != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    del out
+    return int(peak)
+
+
+def sinks_case(t: int, s: int, window: int, flex_fn) -> dict:
+    from ollm_triton.attention import sdpa as sdpa_module
+    from ollm_triton.registry import registry
+
+    g = torch.Generator(device=DEV).manual_seed(t + s + window)
+    q = torch.randn(1, HQ, t, D, device=DEV, dtype=DT, generator=g)
+    k = torch.randn(1, HKV, s, D, device=DEV, dtype=DT, generator=g)
+    v = torch.randn(1, HKV, s, D, device=DEV, dtype=DT, generator=g)
+    sinks = (2.0 * torch.randn(HQ, device=DEV, generator=g)).to(DT)  # gpt-oss keeps them in the model dtype
+    q_offset = s - t
+    flops = 4 * visible_pairs(t, s, window) * D * HQ
+    flash, base = registry.build("attention", "flash"), registry.build("attention", "sdpa")
+    flash.use_kernels = True  # the interpreter under --small
+    rows = [slice(0, min(64, t)), slice(max(0, t - 64), t)]
+    refs = [(r, sinks_slice_reference(q, k, v, sinks, r, q_offset, window)) for r in rows]
+    full_ref = flash.reference(q, k, v, q_offset=q_offset, window=window, sinks=sinks).float()
+    res: dict = {}
+
+    def record(name, fn, **extra):
+        try:
+            out = fn()
+            r = errors(out, refs, full_ref)
+            del out
+            r["peak_bytes"] = peak_bytes(fn)
+            r["ms"] = timed_ms(lambda: fn())
+            r["TFLOPs"] = flops / r["ms"] / 1e9
+            r.update(extra)
+            res[name] = r
+        except Exception as e:  # one failing implementation must not lose the others
+            res[name] = {"error": repr(e)[:400], "trace": traceback.format_exc()[-1500:]}
+        print(name, t, s, window, {k_: (round(v_, 4) if isinstance(v_, float) else v_)
+                                   for k_, v_ in res[name].items() if k_ != "trace"}, flush=True)
+
+    layer = dict(window=window, sinks=sinks) if window else dict(sinks=sinks)
+    record("ours_flash", lambda: flash.prefill(q, k, v, q_offset=q_offset, **layer))
+    assert flash.last_path == "triton.prefill", flash.last_path
+    kept = max(0, q_offset - window + 1) if window else 0  # the keys sdpa reads (it drops those no query sees)
+    estimate = sdpa_module.sink_attention_bytes(1, HQ, t, s - kept, q.element_size()) + t * (s - kept)
+    record("sdpa_sinks", lambda: base.prefill(q, k, v, q_offset=q_offset, **layer), estimate_bytes=estimate,
+           chunk_bytes=sdpa_module.SINK_SCORES_BYTES)
+    old = sdpa_module.SINK_SCORES_BYTES
+    sdpa_module.SINK_SCORES_BYTES = 1 << 30
+    try:  # the former chunk size (its copies were gone too: this isolates the chunk's share)
+        record("sdpa_sinks_1GiB_chunks", lambda: base.prefill(q, k, v, q_offset=q_offset, **layer),
+               chunk_bytes=1 << 30)
+    finally:
+        sdpa_module.SINK_SCORES_BYTES = old
+    if flex_fn is not None:
+        try:
+            fa, create_block_mask = flex_fn
+
+            def visible(b, h, qi, ki):
+                p = qi + q_offset
+                return (ki <= p) & (ki > p - window) if window else ki <= p
+
+            bmask = create_block_mask(visible, None, None, t, s, device=DEV)
+            sink = sinks.float().view(1, HQ, 1, 1)
+
+            def flex():
+                out, lse = fa(q, k, v, block_mask=bmask, enable_gqa=True, return_lse=True)
+                return (out.float() * torch.sigmoid(lse.float()[..., None] - sink)).to(q.dtype)
+
+            record("flex_lse_sink", flex)
+        except Exception as e:
+            res["flex_lse_sink"] = {"error": repr(e)[:400]}
+    for r in res.values():  # ratios against the baseline of the same run
+        if "TFLOPs" in r and "TFLOPs" in res.get("sdpa_sinks", {}):
+            r["x_sdpa_sinks"] = r["TFLOPs"] / res["sdpa_sinks"]["TFLOPs"]
+    return res
+
+
+def sinks_table(env, results) -> str:
+    def gb(x):
+        return "-" if x is None else f"{x / 1e9:.2f}"
+
+    lines = [f"Device: {env['device']}, torch {env['torch']}, triton {env['triton']}, git {env['git_sha']}, "
+             f"{env['date']}", "", f"gpt-oss attention: {DT}, {HQ}/{HKV} heads, d={D}, sink logits per head; peak = "
+             "max allocated above the inputs during one call (output included).", "",
+             "| case (T x S, window) | impl | ms | TFLOP/s | x sdpa_sinks | peak GB | est. GB | f64 max err | "
+             "fp32 rel RMS |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for key, res in results.items():
+        for name, r in res.items():
+            if "ms" not in r:
+                lines.append(f"| {key} | {name} | {r.get('error', '-')[:60].replace('|', '/')} | | | | | | |")
+                continue
+            est = gb(r["estimate_bytes"]) if "estimate_bytes" in r else "-"
+            lines.append(f"| {key} | {name} | {r['ms']:.3f} | {r['TFLOPs']:.1f} | {r.get('x_sdpa_sinks', 1):.2f} | "
+                         f"{gb(r['peak_bytes'])} | {est} | {r['slice_f64_max_abs']:.1e} | "
+                         f"{r['full_fp32_rel_rms']:.1e} |")
+    return "\n".join(lines)
+
+
 def table(env, results, sizes) -> str:
     def size(s):
         return f"{s // 1024}k" if s >= 1024 else str(s)
@@ -195,9 +340,14 @@ def main():
     ap.add_argument("--variants", default=",".join(PREFILL_VARIANTS),
                     help=f"comma-separated names from PREFILL_VARIANTS ({', '.join(PREFILL_VARIANTS)})")
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes ~30 s)")
-    ap.add_argument("--budget-s", type=float, default=150.0, help="skip further variants after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=150.0,
+                    help="skip further variants (--sinks: Flex) after this many seconds (--sinks: default 75)")
     ap.add_argument("--small", action="store_true", help="CPU interpreter, tiny shapes: checks the script only")
+    ap.add_argument("--sinks", action="store_true",
+                    help="gpt-oss attention (64/8 heads, d=64, window 128 and full, sink logits): flash vs sdpa")
     args = ap.parse_args()
+    if args.sinks:
+        return main_sinks(args)
     variants = [x for x in args.variants.split(",") if x]
     unknown = [x for x in variants if x not in PREFILL_VARIANTS]
     if unknown:
@@ -236,6 +386,48 @@ def main():
     Path(args.out).write_text(json.dumps(payload, indent=1, default=str))
     print(f"wrote {args.out}")
     print(table(env, results, sizes))
+
+
+def main_sinks(args):
+    global HQ, HKV, D, DT, DEV
+    HQ, HKV, D, DT, DEV = 64, 8, 64, torch.bfloat16, "cuda"
+    cases = SINK_CASES
+    if "--budget-s" not in sys.argv:
+        args.budget_s = 75.0
+    if args.small:
+        HQ, HKV, D, DT, DEV = 8, 2, 16, torch.float16, "cpu"
+        cases = [(61, 130, 8), (61, 130, 0)]
+    elif not torch.cuda.is_available():
+        sys.exit("no CUDA device: run on a GPU, or pass --small for the CPU interpreter check")
+    out_path = args.out if args.out != os.path.join(os.environ.get("OUT", "."), "bench_prefill.json") \
+        else os.path.join(os.environ.get("OUT", "."), "bench_prefill_sinks.json")
+    env = {"device": torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu (interpreter, --small)",
+           "capability": list(torch.cuda.get_device_capability(0)) if DEV == "cuda" else None,
+           "torch": torch.__version__, "triton": triton.__version__, "python": sys.version.split()[0],
+           "git_sha": git_sha(), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+           "command": "python " + " ".join(sys.argv),
+           "shape": {"hq": HQ, "hkv": HKV, "d": D, "dtype": str(DT), "batch": 1, "sinks": True}}
+    print(env, flush=True)
+    flex_fn = None
+    if DEV == "cuda" and not args.no_flex:
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+            flex_fn = (torch.compile(flex_attention), create_block_mask)
+        except Exception as e:  # keep the other rows
+            print("flex unavailable:", e, flush=True)
+    results = {}
+    for t, s, window in cases:
+        key = f"{t} x {s}, {'window ' + str(window) if window else 'full'}"
+        late = time.time() - T0 > args.budget_s  # Flex's compiles are what could run long: they go first
+        results[key] = sinks_case(t, s, window, None if late else flex_fn)
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+    payload = {"env": env, "results": results, "seconds": round(time.time() - T0, 1)}
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(out_path).write_text(json.dumps(payload, indent=1, default=str))
+    print(f"wrote {out_path}")
+    print(sinks_table(env, results))
 
 
 if __name__ == "__main__":
