@@ -114,6 +114,17 @@ def test_references_are_float64_exact():
         assert (got - ref).abs().max() < 1e-12
         got = decode_reference(q[:, :, -2:], k, v, compute_dtype=torch.float64, window=window, sinks=SINKS)
         assert (got - ref[:, :, -2:]).abs().max() < 1e-12
+    # a speculative tree under the window: block tokens at their depths' positions (base.causal_mask), as sdpa;
+    # the kernels' per-row rule does not know depths, so that call takes the reference even with kernels on
+    tree = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 1]], dtype=torch.bool)
+    flash.use_kernels = True
+    got = flash.prefill(q[:, :, -4:], k, v, q_offset=57, tree_mask=tree, window=5, sinks=SINKS)
+    assert flash.last_path == "torch.reference"
+    want = registry.build("attention", "sdpa").prefill(q[:, :, -4:], k, v, q_offset=57, tree_mask=tree, window=5,
+                                                       sinks=SINKS)
+    assert (got - want).abs().max() < 1e-5  # both compute in float32
+    unwindowed = flash.prefill(q[:, :, -4:], k, v, q_offset=57, tree_mask=tree, sinks=SINKS)
+    assert (unwindowed - want).abs().max() > 1e-2
     # the in-place softmax of sdpa's chunked path, forced into 4-row chunks
     q, k, v = (x.float() for x in (q, k, v))
     mask = torch.arange(61)[None, :] <= torch.arange(29)[:, None] + 32
