@@ -361,12 +361,16 @@ def load_engine(
 def check_attention(cfg: ModelConfig, attention) -> None:
     """Refuse, in one line, a backend that does not declare what this model's attention needs (a per-layer window,
     sink logits: ModelConfig.attention_requirements, attention/base.py)."""
+    from ollm_triton.registry import registry
+
     for capability, why in cfg.attention_requirements().items():
         if not getattr(attention, capability, False):
             name = getattr(attention, "plugin_name", type(attention).__name__)
+            able = [n for n in registry.names("attention")
+                    if getattr(registry.get("attention", n).cls, capability, False)]
             raise UnsupportedModelError(
                 f"model {cfg.model_type} needs {why}; attention '{name}' does not declare `{capability}` "
-                f"(attention/base.py), so it would attend past them; use a backend that does (attention=sdpa)")
+                f"(attention/base.py), so it would attend past them; backends that do: {', '.join(able) or 'none'}")
 
 
 def _plugin(registry, kind: str, value):
