@@ -35,6 +35,9 @@ class Drafter:
     prefill_s = 0.0
     forwards = 0  # draft forwards in the decode loop (prompt prefill excluded)
     capture_s = 0.0  # seconds spent capturing CUDA graphs (static drafters)
+    # True: drafts from a host copy of the sequence fed by `extend` (prompt lookup): `propose` returns host lists and
+    # never reads `seq`, so the loop's one device-to-host read per iteration is all the drafter needs
+    host_tokens = False
 
     def start(self, prompt: torch.Tensor, target, max_len: int, gen: torch.Generator | None) -> None:
         """After the target's prefill (target: an EagerTarget or StaticTarget): prompt [B, P] on the device."""
@@ -44,11 +47,16 @@ class Drafter:
 
     def propose(self, seq: torch.Tensor, seq_len: int, m: int, gen: torch.Generator | None):
         """seq: [B, >= seq_len] tokens so far (seq[:, seq_len-1] is pending). -> (drafts [B, m'] long, q [B, m', V]
-        or None when the drafts are deterministic), m' <= m."""
+        or None when the drafts are deterministic), m' <= m; host_tokens drafters return drafts as B host lists of
+        m' ints and None for q, or (None, None) when they have none."""
         raise NotImplementedError
 
     def commit(self, valid_len: int) -> None:
         """seq[:, :valid_len] is now final: roll back any draft state past it."""
+
+    def extend(self, tokens: list[list[int]]) -> None:
+        """host_tokens drafters only: the tokens appended to the sequence, per row (first the prompt and the first
+        new token, then each iteration's emitted tokens); they are final, never rolled back."""
 
     def counters(self) -> dict[str, float]:
         return {}

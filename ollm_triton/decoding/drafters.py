@@ -165,7 +165,14 @@ class LayerSkipDrafter(Drafter):
 
 class LookupDrafter(Drafter):
     """Drafts the tokens that followed the most recent earlier occurrence of the sequence's last n-gram
-    (n from max_ngram down to min_ngram), in the prompt or the generated text. Deterministic drafts (q one-hot)."""
+    (n from max_ngram down to min_ngram), in the prompt or the generated text. Deterministic drafts (q one-hot).
+
+    Works on the host (`host_tokens`): each row keeps its tokens as a list and an index n-gram -> the position right
+    after its latest occurrence, updated with each iteration's new tokens (a few dict writes per token) instead of
+    re-scanning the sequence; a proposal is at most max_ngram - min_ngram + 1 dict lookups per row.
+    """
+
+    host_tokens = True
 
     def __init__(self, max_ngram: int, min_ngram: int):
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
@@ -174,36 +181,44 @@ class LookupDrafter(Drafter):
         self.hits = 0
 
     def start(self, prompt, target, max_len, gen):
-        self.host = torch.empty(prompt.shape[0], max_len, dtype=torch.long)
-        self.known = 0
+        self.rows: list[list[int]] = [[] for _ in range(prompt.shape[0])]
+        self.index: list[dict[tuple[int, ...], int]] = [{} for _ in self.rows]
         self.lookups = self.hits = 0
 
+    def extend(self, tokens):
+        for row, index, new in zip(self.rows, self.index, tokens, strict=True):
+            old = len(row)
+            row.extend(new)
+            for n in range(self.min_ngram, self.max_ngram + 1):
+                # the n-grams that now have a continuation: the one at position i (i >= n) is row[i-n:i]; later
+                # positions overwrite earlier ones, so each key keeps its most recent occurrence. zip builds the
+                # tuples in C: no Python loop per token
+                first = max(old, n)
+                keys = zip(*(row[first - n + j : len(row) - n + j] for j in range(n)), strict=True)
+                index.update(zip(keys, range(first, len(row)), strict=True))
+
     def propose(self, seq, seq_len, m, gen):
-        self.host[:, self.known : seq_len] = seq[:, self.known : seq_len].cpu()
-        self.known = seq_len
-        rows = [self._match(self.host[r, :seq_len], m) for r in range(self.host.shape[0])]
-        self.lookups += len(rows)
-        self.hits += sum(len(r) > 0 for r in rows)
-        width = max(len(r) for r in rows)
+        drafts = []
+        for row, index in zip(self.rows, self.index, strict=True):
+            length = len(row)
+            if length != seq_len:
+                raise RuntimeError(f"prompt lookup holds {length} tokens of a row, the loop {seq_len}: extend() missed")
+            found = []
+            # windows that end before the last token: the tail itself has no continuation yet, so is never found
+            for n in range(min(self.max_ngram, length - 1), self.min_ngram - 1, -1):
+                i = index.get(tuple(row[length - n :]))
+                if i is not None:
+                    found = row[i : i + m]
+                    break
+            drafts.append(found)
+        self.lookups += len(drafts)
+        self.hits += sum(len(d) > 0 for d in drafts)
+        width = max(len(d) for d in drafts)
         if width == 0:
             return None, None
         # shorter rows are padded with their last token: any draft is safe, the target only accepts agreement
-        padded = [r + [r[-1] if r else int(self.host[i, seq_len - 1])] * (width - len(r)) for i, r in enumerate(rows)]
-        return torch.tensor(padded, dtype=torch.long).to(seq.device), None
-
-    def _match(self, s: torch.Tensor, m: int) -> list[int]:
-        length = s.shape[0]
-        for n in range(min(self.max_ngram, length - 1), self.min_ngram - 1, -1):
-            tail = s[length - n :]
-            # windows starting at 0 .. length-1-n: each has a continuation token and none is the tail itself
-            starts = (s[: length - 1].unfold(0, n, 1) == tail).all(1).nonzero()
-            if starts.numel():
-                i = int(starts[-1]) + n
-                return s[i : i + m].tolist()
-        return []
-
-    def commit(self, valid_len):
-        self.known = min(self.known, valid_len)
+        rows = self.rows
+        return [d + [d[-1] if d else row[-1]] * (width - len(d)) for d, row in zip(drafts, rows, strict=True)], None
 
     def counters(self):
         return {"lookup_hit_rate": self.hits / self.lookups if self.lookups else 0.0}

@@ -72,16 +72,20 @@ def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
 # ------------------------------------------------------------------------------------------------- acceptance rules
 
 
-def accept_greedy(logits: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits: [B, m+1, V] target logits at the pending token and each draft; drafts: [B, m].
-
-    Returns (accepted [B]: leading drafts equal to the target's argmax, outcome [B, m+1]: the target's argmax at
-    every position). A row that accepted a drafts emits outcome[:, :a+1]; outcome[:, i] == drafts[:, i] for i < a.
-    """
-    target = logits.argmax(-1)
-    m = drafts.shape[1]
-    agree = drafts == target[:, :m]
-    return agree.long().cumprod(-1).sum(-1), target
+def accept_greedy(drafts: list[list[int]], target: list[list[int]]) -> list[int]:
+    """Host lists, after the loop's one sync: drafts [B][m], target [B][m+1] the target's argmax at the pending
+    token and after each draft. Returns accepted [B]: leading drafts equal to the target's argmax. A row that
+    accepted a drafts emits target[:a+1] (target[i] == drafts[i] for i < a). A few ints per row: cheaper on the host
+    than the five device ops (and their launches) of the same rule on tensors."""
+    out = []
+    for d, t in zip(drafts, target, strict=True):
+        a = 0
+        for x, y in zip(d, t, strict=False):  # t is one longer; stops at the first disagreement: at most m compares
+            if x != y:
+                break
+            a += 1
+        out.append(a)
+    return out
 
 
 def accept_sampled(
@@ -121,42 +125,51 @@ def accept_sampled(
 
 class EmittedTokens:
     """The [B, max_new] output with `greedy`'s eos rule: a row that emitted eos_id keeps emitting it, and the
-    output ends at the first column where every row is done (or at max_new)."""
+    output ends at the first column where every row is done (or at max_new). Kept on the host as lists of ints,
+    filled from the loop's one sync per iteration (the eos rule then costs no device op and no extra sync)."""
 
-    def __init__(self, batch: int, max_new: int, eos_id: int | None, device: torch.device):
-        self.tokens = torch.empty(batch, max_new, dtype=torch.long, device=device)
+    def __init__(self, batch: int, max_new: int, eos_id: int | None):
+        self.rows: list[list[int]] = [[] for _ in range(batch)]
         self.max_new = max_new
         self.eos_id = eos_id
         self.count = 0
-        self.done = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.done = [False] * batch
         self.finished = max_new <= 0
 
     @property
     def remaining(self) -> int:
         return self.max_new - self.count
 
-    def extend(self, chunk: torch.Tensor) -> None:
-        """chunk: [B, c] tokens in order; keeps what fits and applies the eos rule."""
-        c = min(chunk.shape[1], self.remaining)
-        chunk = chunk[:, :c]
-        if self.eos_id is not None and c > 0:
-            is_eos = (chunk == self.eos_id).long()
-            done_before = self.done[:, None] | ((is_eos.cumsum(1) - is_eos) > 0)
-            chunk = chunk.masked_fill(done_before, self.eos_id)
-            done_after = done_before | (chunk == self.eos_id)
-            all_done = done_after.all(0)
-            if bool(all_done.any()):
-                c = int(all_done.long().argmax()) + 1
-                chunk, done_after = chunk[:, :c], done_after[:, :c]
+    def extend(self, chunk: list[list[int]]) -> None:
+        """chunk: [B][c] tokens in order (every row c long); keeps what fits and applies the eos rule."""
+        c = min(len(chunk[0]), self.remaining)
+        if self.eos_id is None or c == 0:
+            for row, new in zip(self.rows, chunk, strict=True):
+                row.extend(new[:c])
+        else:
+            eos, last = self.eos_id, -1  # last: the column at which the last row to finish emitted eos
+            for r, new in enumerate(chunk):
+                new = new[:c]
+                if self.done[r]:
+                    new = [eos] * c
+                elif eos in new:
+                    j = new.index(eos)
+                    new = new[: j + 1] + [eos] * (c - j - 1)
+                    self.done[r] = True
+                    last = max(last, j)
+                self.rows[r].extend(new)
+            if all(self.done):  # the output ends where its last row finished
+                c = last + 1
+                for row in self.rows:
+                    del row[self.count + c :]
                 self.finished = True
-            self.done = done_after[:, -1]
-        self.tokens[:, self.count : self.count + c] = chunk
         self.count += c
         if self.count >= self.max_new:
             self.finished = True
 
-    def result(self) -> torch.Tensor:
-        return self.tokens[:, : self.count]
+    def result(self, device: torch.device) -> torch.Tensor:
+        """[B, N] long on `device`."""
+        return torch.tensor(self.rows, dtype=torch.long, device=device).view(len(self.rows), self.count)
 
 
 # --------------------------------------------------------------------------------------------------- the loop
@@ -213,9 +226,13 @@ def speculate(
     max_len = prompt_len + max(max_new_tokens, 1) + controller.max_candidates + 2
     device = engine.device
     gen = None if sampling.greedy else torch.Generator(device=device).manual_seed(seed)
-    out = EmittedTokens(batch, max_new_tokens, eos_id, device)
+    out = EmittedTokens(batch, max_new_tokens, eos_id)
+    # the device copy of the sequence feeds device-side drafters (draft models); a host-side drafter (prompt
+    # lookup) gets the tokens on the host instead (`extend`) and the device copy is only written at the end
+    host_drafter = drafter.host_tokens
     seq = torch.empty(batch, max_len, dtype=torch.long, device=device)
     seq[:, :prompt_len] = ids
+    emitted_rows: list[list[int]] = [[] for _ in range(batch)]  # every emitted token before the eos rule
     stats = LoopStats()
     clock = Timer(device)
     with torch.inference_mode():
@@ -226,8 +243,14 @@ def speculate(
                 stats.target_forwards = 1
                 drafter.start(ids, target, max_len, gen)
                 seq[:, prompt_len] = first
-                out.extend(first[:, None])
+                chunk = [[t] for t in first.tolist()]
+                out.extend(chunk)
+                for row, new in zip(emitted_rows, chunk, strict=True):
+                    row.extend(new)
+                if host_drafter:
+                    drafter.extend([p + c for p, c in zip(ids.tolist(), chunk, strict=True)])
         seq_len = prompt_len + 1
+        pending = [row[-1] for row in emitted_rows]  # the last token of each row, whose logits come next
         # graphs of the usual block are captured here, outside the timers; any captured later (adaptive's other
         # block lengths) are taken out of decode_s and reported as graph_capture_s
         if not out.finished:
@@ -242,28 +265,55 @@ def speculate(
                 if not target.fixed_width:  # no drafts past the end (a static target keeps one block length)
                     m = min(m, out.remaining - 1)
                 drafts, q = drafter.propose(seq, seq_len, m, gen) if m > 0 else (None, None)
-                if drafts is None:
-                    drafts = seq.new_empty(batch, 0)
-                if target.fixed_width and drafts.shape[1] < m:  # prompt lookup found fewer: pad (never harmful)
-                    pad = seq[:, seq_len - 1 : seq_len].expand(batch, m - drafts.shape[1])
-                    drafts = torch.cat((drafts, pad), dim=1)
-                m = drafts.shape[1]
-                clock.mark("verify")
-                logits = target.verify(torch.cat((seq[:, seq_len - 1 : seq_len], drafts), dim=1))
-                clock.mark("accept")
-                if sampling.greedy:
-                    accepted, outcome = accept_greedy(logits, drafts)
+                if not target.fixed_width:
+                    m = 0 if drafts is None else len(drafts[0]) if host_drafter else drafts.shape[1]
+                if host_drafter:  # the whole block [pending, drafts] is known here: one host-to-device copy
+                    # (a static target keeps one block length: rows with fewer drafts repeat the pending token;
+                    # any draft is safe, the target only accepts agreement)
+                    host_block = [[t] + (d or [])[:m] + [t] * (m - len(d or ())) for t, d in
+                                  zip(pending, drafts or [None] * batch, strict=True)]
+                    block = torch.tensor(host_block, dtype=torch.long)  # the target copies it in
+                    drafts = None
                 else:
-                    accepted, outcome = accept_sampled(sampling.probs(logits), q, drafts, gen)
+                    if drafts is None:
+                        drafts = seq.new_empty(batch, 0)
+                    root = seq[:, seq_len - 1 : seq_len]
+                    if target.fixed_width and drafts.shape[1] < m:
+                        drafts = torch.cat((drafts, root.expand(batch, m - drafts.shape[1])), dim=1)
+                    block = torch.cat((root, drafts), dim=1)
+                    host_block = None
+                clock.mark("verify")
+                logits = target.verify(block)
+                clock.mark("accept")
+                # the iteration's one host sync: what acceptance needs, read in one device-to-host copy
+                if sampling.greedy:
+                    outcome = target.argmax(logits)  # [B, m+1]
+                    if host_block is None:
+                        host = torch.cat((block, outcome), dim=1).tolist()
+                        host_block, target_rows = [r[: m + 1] for r in host], [r[m + 1 :] for r in host]
+                    else:
+                        target_rows = outcome.tolist()
+                    accepted = accept_greedy([r[1:] for r in host_block], target_rows)
+                else:
+                    if drafts is None:  # host drafts: the device copy the sampled rule compares with
+                        drafts = block[:, 1:].to(device)
+                    acc, outcome = accept_sampled(sampling.probs(logits), q, drafts, gen)
+                    host = torch.cat((acc[:, None], outcome), dim=1).tolist()
+                    accepted, target_rows = [r[0] for r in host], [r[1:] for r in host]
                 # finished rows emit eos whatever they accept, so they do not hold the batch back
-                accepted = accepted.masked_fill(out.done, m)
-                n = int(accepted.min())  # the iteration's one host sync
-                emitted = outcome[:, : n + 1]
-                seq[:, seq_len : seq_len + n + 1] = emitted
+                n = min((a for a, done in zip(accepted, out.done, strict=True) if not done), default=m)
+                chunk = [r[: n + 1] for r in target_rows]
+                if not host_drafter:
+                    seq[:, seq_len : seq_len + n + 1] = outcome[:, : n + 1]
                 target.commit(seq_len + n)  # pending + n accepted drafts; the rejected ones never happened
                 drafter.commit(seq_len + n)
+                if host_drafter:
+                    drafter.extend(chunk)
+                for row, new in zip(emitted_rows, chunk, strict=True):
+                    row.extend(new)
+                pending = [r[-1] for r in chunk]
                 seq_len += n + 1
-                out.extend(emitted)
+                out.extend(chunk)
                 stats.iterations += 1
                 stats.target_forwards += 1
                 stats.drafted += m
@@ -274,20 +324,22 @@ def speculate(
                 wall = now
             clock.mark("end")
         capture_s = target.capture_s + drafter.capture_s - capture_before
+        if host_drafter and emitted_rows[0]:
+            seq[:, prompt_len:seq_len] = torch.tensor(emitted_rows, dtype=torch.long, device=device)
         if keep_state is not None:  # tests compare the final caches with a fresh run
             keep_state.update(target=target, seq=seq[:, :seq_len], drafter=drafter)
     phases = clock.phases()
     counters = speculation_counters(out, stats, prefill.seconds, decode.seconds - capture_s, phases, drafter)
     counters.update(graph_capture_s=capture_s, fast_path_graph=int(path == "graph"),
                     fast_path_static=int(path != "eager"))
-    return Generation(out.result(), counters)
+    return Generation(out.result(device), counters)
 
 
 def speculation_counters(out: EmittedTokens, stats: LoopStats, prefill_s: float, decode_s: float,
                          phases: dict[str, float], drafter: Drafter) -> dict[str, float]:
     """The counters every speculative strategy reports (see base.Generation)."""
     n = max(out.count, 1)
-    batch = out.tokens.shape[0]
+    batch = len(out.rows)
     iters = max(stats.iterations, 1)
     draft_forwards = drafter.forwards
     return {

@@ -53,9 +53,13 @@ class EagerTarget:
 
     def verify(self, block: torch.Tensor, mask: torch.Tensor | None = None, offsets: torch.Tensor | None = None):
         """block: [B, T] appended after the held tokens -> logits [B, T, V]. mask: [T, T] (tree), offsets: [T]
-        RoPE offsets from the first block token (tree depths); default causal chain."""
+        RoPE offsets from the first block token (tree depths); default causal chain. block may be on the host."""
         positions = None if offsets is None else self.cache.position + offsets
-        return self.engine.forward(block, self.cache, positions=positions, tree_mask=mask)
+        return self.engine.forward(block.to(self.engine.device), self.cache, positions=positions, tree_mask=mask)
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """The target's argmax [B, T] of the block `verify` just returned logits [B, T, V] for."""
+        return logits.argmax(-1)
 
     def commit(self, length: int) -> None:
         """Keep the first `length` tokens."""
@@ -94,6 +98,7 @@ class StaticTarget:
         self.sm.prepare(st)
 
     def verify(self, block, mask=None, offsets=None):
+        """As EagerTarget.verify; a host block is copied straight into the step's token buffer."""
         st = self.sm.step(block.shape[1], tree=mask is not None)
         st.tokens.copy_(block)
         st.base.fill_(self.length)
@@ -102,7 +107,12 @@ class StaticTarget:
             st.offsets.copy_(offsets)
         self.sm.run(st)
         self.length += block.shape[1]
+        self._last = st
         return st.logits
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """The step computed it with the logits (inside its graph): no extra kernel, no extra launch."""
+        return self._last.argmax
 
     def commit(self, length: int) -> None:
         self.length = length

@@ -188,7 +188,7 @@ class TreeSpeculative(DecoderStrategy):
         max_len = prompt_len + max(max_new_tokens, 1) + sum(self.sizes) + 2
         seq = torch.empty(1, max_len, dtype=torch.long, device=device)
         seq[:, :prompt_len] = ids
-        out = EmittedTokens(1, max_new_tokens, eos_id, device)
+        out = EmittedTokens(1, max_new_tokens, eos_id)
         stats, clock = LoopStats(), Timer(device)
         nodes_total = levels_total = compaction_forwards = 0
         with torch.inference_mode():
@@ -199,7 +199,7 @@ class TreeSpeculative(DecoderStrategy):
                     stats.target_forwards = 1
                     drafter.start(ids, target, max_len, None)
                     seq[:, prompt_len] = first
-                    out.extend(first[:, None])
+                    out.extend([first.tolist()])
             seq_len = prompt_len + 1
             if not out.finished and path_kind != "eager":  # capture outside the timers
                 target.prepare(sum(self.sizes) + 1, tree=True)
@@ -224,7 +224,7 @@ class TreeSpeculative(DecoderStrategy):
                     clock.mark("verify")
                     logits = target.verify(block, mask, offsets)
                     clock.mark("accept")
-                    argmax = logits[0].argmax(-1)
+                    argmax = target.argmax(logits)[0]
                     if tree is None:
                         path, last, path_tokens = [], int(argmax[0]), []
                     else:
@@ -243,7 +243,7 @@ class TreeSpeculative(DecoderStrategy):
                     drafter.commit(seq_len)  # the draft holds the sequence up to the root; nodes were never kept
                     seq[:, seq_len : seq_len + len(path) + 1] = emitted
                     seq_len += len(path) + 1
-                    out.extend(emitted)
+                    out.extend([path_tokens + [last]])
                     stats.iterations += 1
                     stats.target_forwards += 1 + (c.compaction == "rerun")
                     stats.drafted += n_nodes
@@ -265,7 +265,7 @@ class TreeSpeculative(DecoderStrategy):
             graph_capture_s=capture_s, fast_path_graph=int(path_kind == "graph"),
             fast_path_static=int(path_kind != "eager"),
         )
-        return Generation(out.result(), counters)
+        return Generation(out.result(device), counters)
 
     def close(self) -> None:
         self.draft.close()
