@@ -15,13 +15,14 @@ table is its own greedy continuation (so the stubbed target *is* greedy with tha
 reproduce it: checked in the same run), the draft's is the draft's teacher-forced argmax along it (the real
 acceptance pattern), the layer-skip draft's the target's first k layers'. Prompt lookup sees the real text.
 
-Columns: iteration us = decode seconds / iterations (fastest of --repeats per prompt, summed over prompts); steps / iter =
-stubbed model steps per iteration (verify + draft forwards); loop us = iteration us minus the stand-in steps' own
-time (measured inside them on the CPU; on CUDA steps x one replay's host time, measured alone): the loop's own cost;
-draft / verify / accept us: the loop's phases per iteration (its own device-event marks); syncs / iter = device-to-host reads per iteration:
-counted exactly on CUDA (torch.cuda.set_sync_debug_mode), and on the CPU the calls that would read a device tensor
-there (tolist, item, cpu, bool/int of a tensor, nonzero, torch.equal), host-side tensors included. Both counts cover
-the whole generate call (prefill and timers add ~2-4 per call, < 0.1 per iteration at 256 tokens).
+Columns: iteration us = decode seconds / iterations (fastest of --repeats per prompt, summed over prompts);
+steps / iter = stubbed model steps per iteration (verify + draft forwards); loop us = iteration us minus the
+stand-in steps' own time (measured inside them on the CPU; on CUDA steps x one replay's host time, measured alone):
+the loop's own cost; draft / verify / accept us: the loop's phases per iteration (its own device-event marks);
+syncs / iter = device-to-host reads per iteration: counted exactly on CUDA (torch.cuda.set_sync_debug_mode), and on
+the CPU the calls that would read a device tensor there (tolist, item, cpu, bool/int of a tensor, nonzero,
+torch.equal), host-side tensors included. Both counts cover the whole generate call (prefill and timers add ~2-4 per
+call, < 0.1 per iteration at 256 tokens).
 
 Writes JSON (device, versions, git sha from OLLM_GIT_SHA, date, command) and prints a GitHub table last.
 """
