@@ -194,6 +194,8 @@ class LookupDrafter(Drafter):
                 # positions overwrite earlier ones, so each key keeps its most recent occurrence. zip builds the
                 # tuples in C: no Python loop per token
                 first = max(old, n)
+                if first >= len(row):  # no n-gram of this length with a continuation yet (slices would wrap)
+                    continue
                 keys = zip(*(row[first - n + j : len(row) - n + j] for j in range(n)), strict=True)
                 index.update(zip(keys, range(first, len(row)), strict=True))
 
