@@ -284,7 +284,20 @@ class StaticModelDrafter(Drafter):
         self.forwards += 1
         return fit_vocab(st.logits[:, -1], self.vocab)
 
+    chain_layers: int | None = None  # layers a draft step runs (None: all of the draft model's)
+
     def propose(self, seq, seq_len, m, gen):
+        # greedy drafts whose argmax the step already computes (a draft vocabulary no larger than the target's: the
+        # -inf padding of fit_vocab cannot move it): the catch-up and all m drafts in one replay
+        if self.sampling.greedy and self.engine.config.vocab_size <= self.vocab:
+            r = seq_len - self.held
+            ch = self.sm.chain(r, m, self.chain_layers)
+            ch.first.tokens.copy_(seq[:, self.held : seq_len])
+            ch.first.base.fill_(self.held)
+            self.sm.run_chain(ch)
+            self.held = seq_len + m - 1  # the last draft is not fed: its K/V would be rolled back or rewritten
+            self.forwards += m
+            return ch.drafts, None  # a static buffer: read before the next proposal (the loop does)
         return draw_chain(self._feed, self.catch_up(seq, seq_len), m, self.sampling, gen)
 
     def commit(self, valid_len):
@@ -311,6 +324,7 @@ class StaticLayerSkipDrafter(StaticModelDrafter):
         self.target = target
         self.sm = target.sm
         self.step = self.sm.step(1, layers=self.num_layers)
+        self.chain_layers = self.num_layers
         self.held = target.length
         self.forwards = 0
 

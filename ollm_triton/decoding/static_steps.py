@@ -95,6 +95,19 @@ class Step:
     graph: object | None = None
 
 
+@dataclass
+class Chain:
+    """m greedy draft tokens as one function of static buffers (one CUDA graph): a catch-up step of r tokens
+    (`first`: its tokens and base are the inputs), then m - 1 single-token steps (`next`), each fed the previous
+    step's argmax at the next slot. Out: drafts [B, m]. The same steps as m separate ones, without the host work
+    between them (per draft: an argmax, a token copy, a base fill and a replay launch)."""
+
+    first: Step
+    next: Step
+    drafts: torch.Tensor
+    graph: object | None = None
+
+
 class StaticModel:
     """K/V buffers of `capacity` tokens for `batch` rows of one engine, and its captured steps."""
 
@@ -121,7 +134,7 @@ class StaticModel:
         self.cos, self.sin = rope_cos_sin(engine.inv_freq, torch.arange(self.capacity, device=dev), engine.dtype)
         cfg = engine.config
         self.group = cfg.num_heads // cfg.num_kv_heads
-        self.steps: dict[tuple[int, int, bool], Step] = {}
+        self.steps: dict[tuple, Step | Chain] = {}  # (t, layers, tree) steps and ("chain", r, m, layers) chains
         self.capture_s = 0.0
         self.captures = 0
 
@@ -149,45 +162,81 @@ class StaticModel:
         key = (t, layers, tree)
         st = self.steps.get(key)
         if st is None:
-            dev, b = self.engine.device, self.batch
-            st = Step(tokens=torch.zeros(b, t, dtype=torch.long, device=dev),
-                      base=torch.zeros(b, dtype=torch.long, device=dev),
-                      offsets=torch.arange(t, device=dev),
-                      mask=torch.ones(t, t, dtype=torch.bool, device=dev).tril_(),
-                      logits=torch.zeros(b, t, self.model.config.vocab_size, dtype=torch.float32, device=dev),
-                      argmax=torch.zeros(b, t, dtype=torch.long, device=dev), layers=layers)
-            self.steps[key] = st
+            st = self.steps[key] = self._new_step(t, layers)
         return st
+
+    def _new_step(self, t: int, layers: int) -> Step:
+        dev, b = self.engine.device, self.batch
+        return Step(tokens=torch.zeros(b, t, dtype=torch.long, device=dev),
+                    base=torch.zeros(b, dtype=torch.long, device=dev),
+                    offsets=torch.arange(t, device=dev),
+                    mask=torch.ones(t, t, dtype=torch.bool, device=dev).tril_(),
+                    logits=torch.zeros(b, t, self.model.config.vocab_size, dtype=torch.float32, device=dev),
+                    argmax=torch.zeros(b, t, dtype=torch.long, device=dev), layers=layers)
+
+    def chain(self, r: int, m: int, layers: int | None = None) -> Chain:
+        """The greedy draft chain of a catch-up of r tokens and m drafts (created on first use; its steps are its
+        own buffers, written inside its graph)."""
+        layers = layers or self.model.config.num_layers
+        key = ("chain", r, m, layers)
+        ch = self.steps.get(key)
+        if ch is None:
+            ch = self.steps[key] = Chain(self._new_step(r, layers), self._new_step(1, layers),
+                                         torch.zeros(self.batch, m, dtype=torch.long, device=self.engine.device))
+        return ch
+
+    def run_chain(self, ch: Chain) -> None:
+        """Run a chain: its graph (captured on first use) or the eager body."""
+        if self.capture:
+            if ch.graph is None:
+                self._capture(ch, lambda: self._chain_body(ch), (ch.first.tokens, ch.first.base))
+            if ch.graph is not None:
+                ch.graph.replay()
+                return
+        self._chain_body(ch)
+
+    @torch.inference_mode()
+    def _chain_body(self, ch: Chain) -> None:
+        first, nxt, drafts = ch.first, ch.next, ch.drafts
+        r = first.tokens.shape[1]
+        self._body(first)
+        drafts[:, 0].copy_(first.argmax[:, -1])
+        for i in range(1, drafts.shape[1]):  # draft i goes to slot base + r + i - 1
+            nxt.tokens.copy_(drafts[:, i - 1 : i])
+            torch.add(first.base, r + i - 1, out=nxt.base)
+            self._body(nxt)
+            drafts[:, i].copy_(nxt.argmax[:, 0])
 
     def run(self, st: Step) -> None:
         """Run a step: its graph (captured on first use) or the eager body."""
         if self.capture:
             if st.graph is None:
-                self._capture(st)
-            st.graph.replay()
-        else:
-            self._body(st)
+                self._capture(st, lambda: self._body(st), (st.tokens, st.base))
+            if st.graph is not None:
+                st.graph.replay()
+                return
+        self._body(st)
 
     def prepare(self, st: Step) -> None:
         """Capture now (outside a timed region) if this step will be replayed."""
         if self.capture and st.graph is None:
-            self._capture(st)
+            self._capture(st, lambda: self._body(st), (st.tokens, st.base))
 
-    def _capture(self, st: Step) -> None:
-        """Warm up, restore the inputs, capture. Warm-up writes K/V at slots from `base` on, which hold nothing
-        valid yet (they are beyond every committed token). A step that cannot be captured still runs, uncaptured,
-        and says so once."""
+    def _capture(self, holder: Step | Chain, body, inputs: tuple[torch.Tensor, ...]) -> None:
+        """Warm up, restore the inputs, capture `body` into holder.graph. Warm-up writes K/V at slots from `base`
+        on, which hold nothing valid yet (they are beyond every committed token). A step that cannot be captured
+        still runs, uncaptured, and says so once."""
         t0 = time.perf_counter()
         dev = self.engine.device
-        saved = st.tokens.clone(), st.base.clone()
+        saved = [x.clone() for x in inputs]  # the body reads its inputs, never writes them; warm-up may not either
         try:
-            st.graph = capture(lambda: self._body(st), dev)  # the body reads tokens and base, never writes them
+            holder.graph = capture(body, dev)
         except Exception as e:
             first = (str(e).splitlines() or [""])[0][:120]
             notify_once(f"speculative fast path: capture failed ({type(e).__name__}: {first}); uncaptured steps")
             self.capture = False
-        st.tokens.copy_(saved[0])
-        st.base.copy_(saved[1])
+        for x, old in zip(inputs, saved, strict=True):
+            x.copy_(old)
         torch.cuda.synchronize(dev)
         self.captures += 1
         self.capture_s += time.perf_counter() - t0
