@@ -152,3 +152,31 @@ def test_one_host_read_per_iteration(engine, name, params, path):
         iterations.append(g.counters["iterations"])
     assert iterations[1] > iterations[0]
     assert reads[1] - reads[0] == iterations[1] - iterations[0], (reads, iterations)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,params", [("speculative", {"num_candidates": 3}),
+                                         ("self_speculative", {"draft_layers": 1, "num_candidates": 3}),
+                                         ("tree", {"depth": 3, "branching": 2, "width": 3})])
+def test_cuda_draft_chains_and_tree_expansions_are_captured(name, params):
+    """On CUDA the greedy draft chain and the tree expansion replay one graph each (a failed capture would fall back
+    to uncaptured steps silently but for one stderr line): every captured function has its graph, tokens are
+    greedy's (float32)."""
+    from ollm_triton.decoding.static_steps import Captured, Chain, static_model
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    target, draft = (load_engine(ARCH, device="cuda", dtype=torch.float32, seed=1) for _ in range(2))
+    with torch.no_grad():
+        target.model.lm_head.weight.mul_(40.0)
+        draft.model.lm_head.weight.mul_(40.0)  # the target's weights: drafts accepted, chains of every length
+    assert str(target.fast_path) == "graph", target.fast_path
+    kwargs = {"draft_engine": draft} if name != "self_speculative" else {}
+    s = registry.build("decoder", name, {**params, "fast_path": "auto"}, **kwargs)
+    prompt = torch.tensor([[3, 9, 4, 3, 9, 4, 3, 9, 4, 3, 9]], device="cuda")
+    ref = registry.build("decoder", "greedy").generate(target, prompt, 24).tokens
+    out = s.generate(target, prompt, 24)
+    assert torch.equal(out.tokens, ref) and out.counters["fast_path_graph"] == 1
+    sms = [static_model(e, 1, 64, capture=True) for e in (target, draft)]
+    fused = [v for sm in sms for v in sm.steps.values() if isinstance(v, Chain | Captured)]
+    assert all(sm.capture for sm in sms) and fused and all(v.graph is not None for v in fused)

@@ -108,6 +108,15 @@ class Chain:
     graph: object | None = None
 
 
+@dataclass
+class Captured:
+    """Any function of static buffers captured as one graph; `outputs` is what it returned during capture (tensors
+    of the graph's pool, rewritten by each replay)."""
+
+    outputs: object = None
+    graph: object | None = None
+
+
 class StaticModel:
     """K/V buffers of `capacity` tokens for `batch` rows of one engine, and its captured steps."""
 
@@ -134,7 +143,9 @@ class StaticModel:
         self.cos, self.sin = rope_cos_sin(engine.inv_freq, torch.arange(self.capacity, device=dev), engine.dtype)
         cfg = engine.config
         self.group = cfg.num_heads // cfg.num_kv_heads
-        self.steps: dict[tuple, Step | Chain] = {}  # (t, layers, tree) steps and ("chain", r, m, layers) chains
+        # (t, layers, tree) steps, ("chain", r, m, layers) chains, and the callers' own captured functions
+        self.steps: dict[tuple, Step | Chain | Captured] = {}
+        self.buffers: dict[tuple, object] = {}
         self.capture_s = 0.0
         self.captures = 0
 
@@ -195,6 +206,37 @@ class StaticModel:
                 return
         self._chain_body(ch)
 
+    def run_captured(self, key: tuple, body, inputs: tuple[torch.Tensor, ...], replay: bool = True):
+        """body() -> outputs, a function of static buffers (`inputs` among them) that calls steps through
+        `run_inline`: its graph, captured on first use under `key`, is replayed (or body runs eagerly when this
+        model does not capture). Returns the outputs. replay=False only captures (outside a timed region)."""
+        if not self.capture:
+            return body() if replay else None
+        c = self.steps.get(key)
+        if c is None:
+            c = self.steps[key] = Captured()
+
+            def record():
+                c.outputs = body()
+
+            self._capture(c, record, inputs)
+            if c.graph is None:  # capture failed: from now on uncaptured
+                return body() if replay else None
+        if replay:
+            c.graph.replay()
+        return c.outputs
+
+    def buffer(self, key: tuple, make) -> object:
+        """A caller's static buffers, made once by make() and kept with this model (and its graphs that read them)."""
+        buf = self.buffers.get(key)
+        if buf is None:
+            buf = self.buffers[key] = make()
+        return buf
+
+    def run_inline(self, st: Step) -> None:
+        """A step's body inside a function that `run_captured` captures as a whole."""
+        self._body(st)
+
     @torch.inference_mode()
     def _chain_body(self, ch: Chain) -> None:
         first, nxt, drafts = ch.first, ch.next, ch.drafts
@@ -222,7 +264,7 @@ class StaticModel:
         if self.capture and st.graph is None:
             self._capture(st, lambda: self._body(st), (st.tokens, st.base))
 
-    def _capture(self, holder: Step | Chain, body, inputs: tuple[torch.Tensor, ...]) -> None:
+    def _capture(self, holder: Step | Chain | Captured, body, inputs: tuple[torch.Tensor, ...]) -> None:
         """Warm up, restore the inputs, capture `body` into holder.graph. Warm-up writes K/V at slots from `base`
         on, which hold nothing valid yet (they are beyond every committed token). A step that cannot be captured
         still runs, uncaptured, and says so once."""

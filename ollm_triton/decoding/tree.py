@@ -120,32 +120,45 @@ class TreeDrafter(ModelDrafter):
 
 class StaticTreeDrafter(StaticModelDrafter):
     """The same tree on the draft's static buffers: single-token catch-up steps, then one tree step per level
-    writing the nodes at the slots after the root (rewritten by the next level, never committed)."""
+    writing the nodes at the slots after the root (rewritten by the next level, never committed). The whole
+    expansion after the catch-up (every level's step and the top-k bookkeeping between them, ~20 small ops a level)
+    is one function of static buffers: one graph replay on the GPU."""
 
     def expand(self, seq: torch.Tensor, seq_len: int, sizes: list[int], branching: int) -> Tree:
         root_logits = self.catch_up(seq, seq_len)
-        sm = self.sm
+        root_in, base_in = self._inputs()
+        root_in.copy_(root_logits[0])
+        base_in.fill_(seq_len)  # slot after the root; RoPE position seq_len - 1 + depth
+        self.forwards += len(sizes) - 1
+        return self.sm.run_captured(*self._expansion(sizes, branching))
+
+    def _inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(root logits [V], base [B]): the expansion's inputs, kept with the draft's static model and its graphs."""
+        dev = self.engine.device
+        return self.sm.buffer(("tree_inputs", self.vocab), lambda: (
+            torch.zeros(self.vocab, dtype=torch.float32, device=dev), torch.zeros(self.sm.batch, dtype=torch.long,
+                                                                                  device=dev)))
+
+    def _expansion(self, sizes: list[int], branching: int):
+        """(key, body, inputs) of the expansion for run_captured."""
+        sm, (root_in, base_in) = self.sm, self._inputs()
 
         def level(tokens, depths, ancestors):
             st = sm.step(tokens.shape[0], tree=True)
             st.tokens.copy_(tokens[None])
-            st.base.fill_(seq_len)  # slot after the root; RoPE position seq_len - 1 + depth
+            st.base.copy_(base_in)
             st.offsets.copy_(depths - 1)
             st.mask.copy_(ancestors)
-            sm.run(st)
-            self.forwards += 1
+            sm.run_inline(st)
             return fit_vocab(st.logits[0], self.vocab)
 
-        return expand_tree(root_logits[0], level, sizes, branching)
+        key = ("tree", tuple(sizes), branching, self.vocab)
+        return key, lambda: expand_tree(root_in, level, sizes, branching), (root_in, base_in)
 
-    def prepare_levels(self, sizes: list[int]) -> None:
-        """Capture the level steps before the decode timer (each level has its own node count)."""
-        total = 0
-        for size in sizes[:-1]:
-            total += size
-            st = self.sm.step(total, tree=True)
-            st.base.fill_(self.held)
-            self.sm.prepare(st)
+    def prepare_levels(self, sizes: list[int], branching: int) -> None:
+        """Capture the expansion before the decode timer."""
+        self._inputs()[1].fill_(self.held)  # warm-up writes the node slots after the held tokens
+        self.sm.run_captured(*self._expansion(sizes, branching), replay=False)
 
 
 def accepted_path(target_argmax: list[int], tokens: list[int], parents: list[int]) -> tuple[list[int], int]:
@@ -204,7 +217,7 @@ class TreeSpeculative(DecoderStrategy):
             if not out.finished and path_kind != "eager":  # capture outside the timers
                 target.prepare(sum(self.sizes) + 1, tree=True)
                 drafter.prepare(catch_up=c.depth + 1)  # an accepted path of d nodes leaves d + 1 tokens to feed
-                drafter.prepare_levels(self.sizes)
+                drafter.prepare_levels(self.sizes, c.branching)
             capture_before = target.capture_s + drafter.capture_s
             with Timer(device) as decode:
                 while not out.finished:
