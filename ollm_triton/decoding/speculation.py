@@ -23,6 +23,14 @@ Batches: every row shares one cache length, so an iteration keeps n = the fewest
 Rows that accepted more emit their (accepted) draft token at position n, which is itself a valid outcome of the
 rule; since n depends only on the other rows' randomness, each row remains an exact sampler (and, in greedy mode,
 identical to `greedy`). Batch 1 is where the speed-up is.
+
+Host cost: on a GPU a verify block is one graph replay (~0.3 ms for the embedded pair), so the Python and small
+tensor ops around it decide whether speculation beats greedy's 0.16 ms step. An iteration reads the device once
+(`tolist` of what acceptance needs: the target's argmax, with the drafts when they live on the device, or the
+sampled rule's accepted counts and outcome); acceptance, the eos rule (EmittedTokens) and the output stay on the
+host from there. Prompt lookup drafts from a host copy of the sequence (`Drafter.host_tokens`), so its verify block
+is one host-to-device copy; draft models' greedy chains are one replay (static_steps.Chain). Measured by
+experiments/decoding/host_overhead.py (the model steps stubbed out).
 """
 
 from __future__ import annotations
