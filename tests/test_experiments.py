@@ -6,8 +6,6 @@ a smoke sweep costs ~10-20 s of this CPU each; notebooks/studies.py runs one mor
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 import types
 from pathlib import Path
@@ -15,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from cli_fork import run_module
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -72,13 +71,13 @@ def test_every_plugin_set_composes_into_the_plugins_it_names(name):
 
 @pytest.fixture(scope="module")
 def memory_sweep(tmp_path_factory):
-    """The memory study's smoke sweep with offline W&B runs (no account, no network): its multirun directory."""
+    """The memory study's smoke sweep with offline W&B runs (no account, no network): its multirun directory.
+    `python -m ollm_triton.run` in its own process, forked with its imports done (tests/cli_fork.py)."""
     out = tmp_path_factory.mktemp("studies") / "memory"
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(WANDB_SILENT="true", WANDB_DISABLE_CODE="true")
-    proc = subprocess.run([sys.executable, "-m", "ollm_triton.run", "-m", "+experiment=memory", "debug=smoke",
-                           "logger.mode=offline", f"hydra.sweep.dir={out}"], cwd=REPO, capture_output=True, text=True,
-                          env=env, timeout=600)
+    proc = run_module("ollm_triton.run", ["-m", "+experiment=memory", "debug=smoke", "logger.mode=offline",
+                                          f"hydra.sweep.dir={out}"], env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 

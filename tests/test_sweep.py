@@ -4,11 +4,10 @@ W&B name, run.log holding what was printed, and host peak memory measured per jo
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_fork import run_module
 
 from ollm_triton.results import load, summary_table, write_metrics
 from ollm_triton.run import reset_host_peak, run_name
@@ -18,15 +17,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    """One small sweep with a failing third job: (the finished process, the sweep directory)."""
+    """One small sweep with a failing third job: (the finished process, the sweep directory). `python -m
+    ollm_triton.run -m` in its own process, forked with its imports done (tests/cli_fork.py)."""
     out = tmp_path_factory.mktemp("sweep")
     env = {**os.environ, "WANDB_MODE": "disabled"}
     env.pop("HYDRA_FULL_ERROR", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "ollm_triton.run", "-m", "model=tiny_random", "task=memory", "debug=smoke",
-         "logger=none", "+cache=streaming", "cache.ratio=0.25,0.75,-1", f"hydra.sweep.dir={out}"],
-        cwd=REPO, capture_output=True, text=True, env=env, timeout=600,
-    )
+    proc = run_module("ollm_triton.run", ["-m", "model=tiny_random", "task=memory", "debug=smoke", "logger=none",
+                                          "+cache=streaming", "cache.ratio=0.25,0.75,-1", f"hydra.sweep.dir={out}"],
+                      env=env, cwd=REPO)
     return proc, out
 
 
