@@ -1,4 +1,5 @@
-"""`python -m <module> <args>` for tests that start a command line many times, without paying its imports each time.
+"""`python -m <module> <args>` (and `python <script> <args>`) for tests that start a command line, without paying
+its imports each time.
 
 Each run is still its own process: a child forked from a server that has already imported torch, Hydra and the
 package modules the entry point imports, in which the entry point itself runs fresh as `__main__` (runpy, as
@@ -9,6 +10,7 @@ start-up itself (the installed wheel, the console script) keep real `subprocess`
 
     proc = run_module("ollm_triton.run", ["model=tiny_random", ...], env={**os.environ, "WANDB_MODE": "offline"})
     proc.returncode, proc.stdout, proc.stderr  # as subprocess.run(..., capture_output=True, text=True) gives them
+    proc = run_script(REPO / "scripts" / "bench_kv_capacity.py", ["--small", ...])
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# What ollm_triton/run.py imports at its top (the expensive part of its start); not ollm_triton.run itself, so that the
-# child runs run.py once, as __main__, exactly as `python -m ollm_triton.run` does. A module that run.py starts to
-# import later is simply imported in the child (slower, same behaviour).
+# What ollm_triton/run.py imports at its top (the expensive part of its start; the scripts' ollm_triton.engine is among
+# them); not ollm_triton.run itself, so that the child runs run.py once, as __main__, exactly as `python -m
+# ollm_triton.run` does. A module that run.py starts to import later is simply imported in the child (slower, same
+# behaviour).
 PRELOAD = ["torch", "hydra", "omegaconf", "ollm_triton.build", "ollm_triton.config_nodes", "ollm_triton.monitor",
            "ollm_triton.registry", "ollm_triton.results", "ollm_triton.tasks.base", "cli_fork"]
 
@@ -47,7 +50,7 @@ def _server():
         return _context
 
 
-def _child(module: str, args: list[str], env: dict[str, str], cwd: str, out: str, err: str) -> None:
+def _child(target: str, is_path: bool, args: list[str], env: dict[str, str], cwd: str, out: str, err: str) -> None:
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
@@ -55,9 +58,13 @@ def _child(module: str, args: list[str], env: dict[str, str], cwd: str, out: str
         f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(f, fd)
         os.close(f)
-    sys.argv = [module, *args]
+    sys.argv = [target, *args]
     try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        if is_path:  # `python script.py` puts the script's folder first on sys.path
+            sys.path.insert(0, os.path.dirname(os.path.abspath(target)))
+            runpy.run_path(target, run_name="__main__")
+        else:
+            runpy.run_module(target, run_name="__main__", alter_sys=True)
     finally:  # what the interpreter does before it exits; multiprocessing's child would skip both
         for thread in threading.enumerate():
             if thread is not threading.current_thread() and not thread.daemon:
@@ -70,18 +77,29 @@ def _child(module: str, args: list[str], env: dict[str, str], cwd: str, out: str
 def run_module(module: str, args: list[str], *, env: dict[str, str] | None = None, cwd: Path | str = REPO,
                timeout: float = 600) -> subprocess.CompletedProcess:
     """`python -m module *args` in cwd with env (default: this process's): returncode, stdout, stderr (text)."""
+    return _run(module, False, args, env, cwd, timeout)
+
+
+def run_script(path: Path | str, args: list[str], *, env: dict[str, str] | None = None, cwd: Path | str = REPO,
+               timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python path *args`, as run_module."""
+    return _run(str(path), True, args, env, cwd, timeout)
+
+
+def _run(target: str, is_path: bool, args: list[str], env: dict[str, str] | None, cwd: Path | str,
+         timeout: float) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, *([] if is_path else ["-m"]), target, *args]
     env = dict(os.environ if env is None else env)
     with tempfile.TemporaryDirectory(prefix="cli_fork") as tmp:
         out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
-        proc = _server().Process(target=_child, args=(module, list(args), env, str(cwd), out, err))
+        proc = _server().Process(target=_child, args=(target, is_path, list(args), env, str(cwd), out, err))
         proc.start()
         proc.join(timeout)
         if proc.exitcode is None:
             proc.kill()
             proc.join()
-            raise subprocess.TimeoutExpired([sys.executable, "-m", module, *args], timeout)
+            raise subprocess.TimeoutExpired(cmd, timeout)
         if not os.path.exists(err):  # it died in multiprocessing's own start-up: the reason is on this stderr
-            raise RuntimeError(f"the forked `-m {module}` exited {proc.exitcode} before running")
+            raise RuntimeError(f"the forked {' '.join(cmd[1:])} exited {proc.exitcode} before running")
         with open(out) as f_out, open(err) as f_err:
-            return subprocess.CompletedProcess([sys.executable, "-m", module, *args], proc.exitcode, f_out.read(),
-                                               f_err.read())
+            return subprocess.CompletedProcess(cmd, proc.exitcode, f_out.read(), f_err.read())
