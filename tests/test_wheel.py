@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,35 @@ def _run(cmd, site, cwd):
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+def _console_script(site):
+    """The console script run through this interpreter (its shebang), checking that the installed copy is the one
+    imported."""
+    script = site / "bin" / "ollm-triton"
+    check = f"import ollm_triton; assert ollm_triton.__file__.startswith({str(site)!r}), ollm_triton.__file__"
+    return [sys.executable, "-c", f"{check}; import runpy, sys; sys.argv[0] = {str(script)!r}; "
+            f"runpy.run_path({str(script)!r}, run_name='__main__')"]
+
+
+@pytest.fixture(scope="module")
+def started(installed, tmp_path_factory):
+    """The installed copy's three runs, started together as soon as it is installed: name -> (future of the
+    finished process, its run directory). Each is one interpreter start (~6 s, one core), so two cores finish the
+    three in about the time of two; every test below still asserts on its own run."""
+    site, _ = installed
+    cwd = tmp_path_factory.mktemp("unrelated")  # an unrelated working directory
+    dirs = {name: cwd / name for name in ("module", "console")}
+    commands = {
+        "module": [sys.executable, "-m", "ollm_triton.run", "debug=smoke", "logger.mode=disabled", "task=perplexity",
+                   "+cache=int4", f"hydra.run.dir={dirs['module']}"],
+        "help": [*_console_script(site), "--help"],
+        "console": [*_console_script(site), "debug=smoke", "logger.mode=disabled", "model=tiny_random", "task=memory",
+                    f"hydra.run.dir={dirs['console']}"],
+    }
+    pool = ThreadPoolExecutor(len(commands))
+    yield {name: (pool.submit(_run, cmd, site, cwd), dirs.get(name)) for name, cmd in commands.items()}
+    pool.shutdown()
+
+
 def test_wheel_carries_configs_and_assets(installed):
     _, wheel = installed
     names = set(zipfile.ZipFile(wheel).namelist())
@@ -53,11 +83,10 @@ def test_wheel_carries_configs_and_assets(installed):
 
 
 @pytest.mark.slow
-def test_installed_wheel_runs_from_an_unrelated_directory(installed, tmp_path):
+def test_installed_wheel_runs_from_an_unrelated_directory(installed, started):
     site, _ = installed
-    run_dir = tmp_path / "run"
-    proc = _run([sys.executable, "-m", "ollm_triton.run", "debug=smoke", "logger.mode=disabled", "task=perplexity",
-                 "+cache=int4", f"hydra.run.dir={run_dir}"], site, tmp_path)
+    future, run_dir = started["module"]
+    proc = future.result()
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((run_dir / "metrics.json").read_text())
     assert record["status"] == "ok" and record["plugins"]["cache"]["name"] == "int4"
@@ -66,20 +95,15 @@ def test_installed_wheel_runs_from_an_unrelated_directory(installed, tmp_path):
 
 
 @pytest.mark.slow
-def test_console_script_after_install(installed, tmp_path):
+def test_console_script_after_install(installed, started):
     """`ollm-triton` (pyproject's [project.scripts]) composes pkg://ollm_triton.conf: it needs conf/__init__.py."""
     site, _ = installed
     script = site / "bin" / "ollm-triton"
     assert script.exists(), sorted(p.name for p in (site / "bin").iterdir()) if (site / "bin").exists() else site
-    # its shebang is this interpreter; run through it, checking that the installed copy is the one imported
-    check = f"import ollm_triton; assert ollm_triton.__file__.startswith({str(site)!r}), ollm_triton.__file__"
-    cmd = [sys.executable, "-c", f"{check}; import runpy, sys; sys.argv[0] = {str(script)!r}; "
-           f"runpy.run_path({str(script)!r}, run_name='__main__')"]
-    helped = _run([*cmd, "--help"], site, tmp_path)
+    helped = started["help"][0].result()
     assert helped.returncode == 0, helped.stderr[-3000:]
     assert "+cache=" in helped.stdout and "ollm_triton.plugins" in helped.stdout
-    run_dir = tmp_path / "run"
-    proc = _run([*cmd, "debug=smoke", "logger.mode=disabled", "model=tiny_random", "task=memory",
-                 f"hydra.run.dir={run_dir}"], site, tmp_path)
+    future, run_dir = started["console"]
+    proc = future.result()
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "ok"
