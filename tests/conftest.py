@@ -25,14 +25,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def frozen_import_heap():
-    """Moves what collection created (torch, triton, every test module: ~560k objects) out of the garbage collector's
-    reach for the session: each gc.collect() (Engine.close calls one; ~150 in the suite) walked all of it, 0.17-0.3 s
-    a call on the 2-core CI machine. Objects the tests create are collected as before."""
-    gc.freeze()
+@pytest.fixture(scope="session")
+def _unfreeze_at_exit():
     yield
     gc.unfreeze()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def frozen_heap(_unfreeze_at_exit):
+    """Moves what is alive when a module starts (torch, triton, every test module, what earlier modules imported:
+    ~560k objects) out of the garbage collector's reach: each gc.collect() (Engine.close calls one; ~220 in the suite)
+    walked all of it, 0.1-0.3 s a call on the 2-core CI machine. Objects the module's tests create are collected as
+    before; the heap is unfrozen at session end."""
+    gc.collect()
+    gc.freeze()
 
 
 @pytest.fixture
