@@ -332,6 +332,32 @@ def table(env, results, sizes) -> str:
     return "\n".join(lines)
 
 
+def run_env(shape: dict, **more) -> dict:
+    """The run's device, versions, commit, date, command and shape (printed, and the JSON's `env`)."""
+    env = {"device": torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu (interpreter, --small)",
+           "capability": list(torch.cuda.get_device_capability(0)) if DEV == "cuda" else None,
+           "torch": torch.__version__, "triton": triton.__version__, "python": sys.version.split()[0],
+           "git_sha": git_sha(), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+           "command": "python " + " ".join(sys.argv),
+           "shape": {"hq": HQ, "hkv": HKV, "d": D, "dtype": str(DT), "batch": 1, **shape}, **more}
+    print(env, flush=True)
+    return env
+
+
+def flex_or_none(args):
+    """(compiled flex_attention, create_block_mask) on CUDA unless --no-flex; None where Flex is unavailable (the
+    other rows still run)."""
+    if DEV != "cuda" or args.no_flex:
+        return None
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        return torch.compile(flex_attention), create_block_mask
+    except Exception as e:  # keep the other baselines
+        print("flex unavailable:", e, flush=True)
+        return None
+
+
 def main():
     global HQ, HKV, D, DT, DEV
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -358,22 +384,8 @@ def main():
         sizes = [s for s in sizes if s <= 512] or [130]
     elif not torch.cuda.is_available():
         sys.exit("no CUDA device: run on a GPU, or pass --small for the CPU interpreter check")
-    env = {"device": torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu (interpreter, --small)",
-           "capability": list(torch.cuda.get_device_capability(0)) if DEV == "cuda" else None,
-           "torch": torch.__version__, "triton": triton.__version__, "python": sys.version.split()[0],
-           "git_sha": git_sha(), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-           "command": "python " + " ".join(sys.argv),
-           "shape": {"hq": HQ, "hkv": HKV, "d": D, "dtype": str(DT), "batch": 1, "causal": True},
-           "variants": {v_: asdict(variant_config(PREFILL_VARIANTS[v_])) for v_ in variants}}
-    print(env, flush=True)
-    flex_fn = None
-    if DEV == "cuda" and not args.no_flex:
-        try:
-            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-            flex_fn = (torch.compile(flex_attention), create_block_mask)
-        except Exception as e:  # keep the other baselines
-            print("flex unavailable:", e, flush=True)
+    env = run_env({"causal": True}, variants={v_: asdict(variant_config(PREFILL_VARIANTS[v_])) for v_ in variants})
+    flex_fn = flex_or_none(args)
     results = {}
     for n in sizes:
         t = time.time()
@@ -401,21 +413,8 @@ def main_sinks(args):
         sys.exit("no CUDA device: run on a GPU, or pass --small for the CPU interpreter check")
     out_path = args.out if args.out != os.path.join(os.environ.get("OUT", "."), "bench_prefill.json") \
         else os.path.join(os.environ.get("OUT", "."), "bench_prefill_sinks.json")
-    env = {"device": torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu (interpreter, --small)",
-           "capability": list(torch.cuda.get_device_capability(0)) if DEV == "cuda" else None,
-           "torch": torch.__version__, "triton": triton.__version__, "python": sys.version.split()[0],
-           "git_sha": git_sha(), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-           "command": "python " + " ".join(sys.argv),
-           "shape": {"hq": HQ, "hkv": HKV, "d": D, "dtype": str(DT), "batch": 1, "sinks": True}}
-    print(env, flush=True)
-    flex_fn = None
-    if DEV == "cuda" and not args.no_flex:
-        try:
-            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-            flex_fn = (torch.compile(flex_attention), create_block_mask)
-        except Exception as e:  # keep the other rows
-            print("flex unavailable:", e, flush=True)
+    env = run_env({"sinks": True})
+    flex_fn = flex_or_none(args)
     results = {}
     for t, s, window in cases:
         key = f"{t} x {s}, {'window ' + str(window) if window else 'full'}"

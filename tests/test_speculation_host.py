@@ -14,6 +14,8 @@ from ollm_triton.engine import load_engine
 from ollm_triton.engine.generation import emit_step
 from ollm_triton.registry import registry
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny matmuls (conftest)
+
 
 def scan_lookup(row: list[int], m: int, max_ngram: int, min_ngram: int) -> list[int]:
     """Reference: the tokens after the most recent earlier occurrence of the longest matching tail n-gram."""
@@ -117,15 +119,6 @@ class HostReads(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         self.count += getattr(func, "__name__", "") in HOST_READS
         return func(*args, **(kwargs or {}))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread avoids OpenMP hand-offs on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,8 @@ from ollm_triton.decoding.tree import accepted_path, level_sizes
 from ollm_triton.engine import load_engine
 from ollm_triton.registry import PluginError, registry
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny matmuls (conftest)
+
 V = 48
 ARCH = dict(model_type="llama", vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
@@ -41,15 +43,6 @@ def copy_of(target, layers=2, noise=0.0):
             if noise and p.dim() > 1:
                 p.add_(torch.randn(p.shape, generator=gen) * p.std() * noise)
     return draft
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is ~7x faster than two on a shared 2-core machine (no OpenMP hand-offs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,8 @@ from ollm_triton.decoding.greedy import sampling_probs
 from ollm_triton.engine import load_engine
 from ollm_triton.registry import registry
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny matmuls (conftest)
+
 Z = 4.0  # one-sided normal quantile of the threshold: a correct sampler fails with probability ~3e-5
 
 
@@ -108,14 +110,6 @@ ARCH = dict(model_type="llama", vocab_size=V, hidden_size=32, intermediate_size=
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
 ROWS = 4000
 SAMPLING = {"temperature": 0.8, "top_k": 16, "top_p": 1.0, "seed": 11}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def build(layers=2):
