@@ -11,11 +11,25 @@ if not os.path.exists("/dev/nvidiactl"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import gc  # noqa: E402
+import importlib.util  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(scope="session")
+def train_script():
+    """scripts/train_tiny_lm.py loaded as a module (the training and long-context evaluation tests share it)."""
+    path = Path(__file__).resolve().parent.parent / "scripts" / "train_tiny_lm.py"
+    spec = importlib.util.spec_from_file_location("train_tiny_lm", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the script executes
+    spec.loader.exec_module(module)
+    return module
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,10 +1,8 @@
 """The long-context embedded model (ollm_triton/assets/tiny-llama-16k) and the memory-bounded evaluation that
 measured it (scripts/train_tiny_lm.py: chunked prefill through transformers' KV cache, batch sized from memory)."""
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,18 +12,13 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
 LONG = REPO / "ollm_triton" / "assets" / "tiny-llama-16k"
-SCRIPT = REPO / "scripts" / "train_tiny_lm.py"
 
 needs_long = pytest.mark.skipif(not (LONG / "config.json").is_file(), reason="tiny-llama-16k not in this checkout")
 
 
 @pytest.fixture(scope="module")
-def script():
-    spec = importlib.util.spec_from_file_location("train_tiny_lm", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the script executes
-    spec.loader.exec_module(module)
-    return module
+def script(train_script):
+    return train_script
 
 
 @pytest.fixture(scope="module")

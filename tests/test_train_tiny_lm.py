@@ -1,26 +1,18 @@
 """scripts/train_tiny_lm.py end to end at toy sizes: tokenizer, target, distilled draft, HF files, cards, log."""
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "train_tiny_lm.py"
 TINY = ["--smoke", "--max-docs", "12", "--max-eval-docs", "4", "--target-steps", "30", "--draft-steps", "3",
         "--batch-tokens", "1024", "--passkey-lengths", "192", "--passkey-samples", "2", "--eval-tokens", "1024"]
 
 
 @pytest.fixture(scope="module")
-def script():
-    spec = importlib.util.spec_from_file_location("train_tiny_lm", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the script executes
-    spec.loader.exec_module(module)
-    return module
+def script(train_script):
+    return train_script
 
 
 @pytest.fixture(scope="module")
