@@ -194,22 +194,22 @@ def fold_kernels():
             ws = None
             torch.cuda.empty_cache()
         silu_rows = silu_fold_kernels(graph_us, g)
-    print("\n| shape (N x 4096) | norm + GEMV apart | GEMV alone | "
-          + " | ".join(f"fold {bn}x{st} rows, {w} warps" for bn, w, st in configs) + " |")
-    print("| --- | ---: | ---: | " + " | ".join("---:" for _ in configs) + " |")
-    for row in table:
-        cells = [f"{row.get(f'fold_b{bn}_w{w}_s{st}_us', float('nan')):.2f}" for bn, w, st in configs]
-        print(f"| {row['shape']} ({row['n']}) | {row['apart_us']:.2f} | {row['gemv_alone_us']:.2f} | "
-              + " | ".join(cells) + " |")
+    fold_table("shape (N x 4096) | norm + GEMV apart", configs, table,
+               lambda row: f"{row['shape']} ({row['n']})")
     print("us per call (median graph replay / copies); fold AxB rows: A rows a chunk, B chunks a program; errors "
           "against float64 in the JSON lines above")
-    print("\n| shape | SiLU kernel + GEMV apart | GEMV alone | "
-          + " | ".join(f"fold {bn}x{st} rows, {w} warps" for bn, w, st in SILU_CONFIGS) + " |")
-    print("| --- | ---: | ---: | " + " | ".join("---:" for _ in SILU_CONFIGS) + " |")
-    for row in silu_rows:
-        cells = [f"{row.get(f'fold_b{bn}_w{w}_s{st}_us', float('nan')):.2f}" for bn, w, st in SILU_CONFIGS]
-        print(f"| down ({row['n']} x {row['m']}) | {row['apart_us']:.2f} | {row['gemv_alone_us']:.2f} | "
-              + " | ".join(cells) + " |")
+    fold_table("shape | SiLU kernel + GEMV apart", SILU_CONFIGS, silu_rows,
+               lambda row: f"down ({row['n']} x {row['m']})")
+
+
+def fold_table(head: str, configs, rows, label) -> None:
+    """One GitHub table: the unfolded pair, the GEMV alone and each fold configuration, a row per shape."""
+    print(f"\n| {head} | GEMV alone | "
+          + " | ".join(f"fold {bn}x{st} rows, {w} warps" for bn, w, st in configs) + " |")
+    print("| --- | ---: | ---: | " + " | ".join("---:" for _ in configs) + " |")
+    for row in rows:
+        cells = [f"{row.get(f'fold_b{bn}_w{w}_s{st}_us', float('nan')):.2f}" for bn, w, st in configs]
+        print(f"| {label(row)} | {row['apart_us']:.2f} | {row['gemv_alone_us']:.2f} | " + " | ".join(cells) + " |")
 
 
 SILU_CONFIGS = [(1, 4, 1), (2, 8, 1), (2, 8, 4), (2, 16, 4), (4, 16, 4), (2, 16, 8)]
