@@ -15,7 +15,8 @@
 #                             tables: python experiments/quality_tables.py ROOT
 #   quality_long [ROOT [SWEEP...]]  the same sweeps with +experiment=quality_long (8k-32k on tiny-llama-16k, passkey
 #                             and multikey); SWEEP picks some of attention_dense attention_window attention_sparse
-#                             cache_quant cache_evict (default all); ROOT archived as $OUT/<tag>.tgz;
+#                             cache_quant cache_evict (default all); QUALITY_PARALLEL=1 runs the sweeps at once
+#                             (each sweep's log beside its folder); ROOT archived as $OUT/<tag>.tgz;
 #                             tables: python scripts/quality_long_tables.py ROOT
 #   retrain                   retrain the embedded tiny-llama + draft, two variants side by side; needs
 #                             .carry3/stdlib.tgz (Python 3.11.7's stdlib *.py, the training corpus)
@@ -98,9 +99,14 @@ case "$what" in
     q() { case "$only" in *" $1 "*) ;; *) return 0 ;; esac
           local name=$1; shift; echo "-- sweep $name"
           # QUALITY_EXTRA: more overrides for every sweep (e.g. debug=smoke); a failed job is a row, the sweeps go on
+          if [ -n "${QUALITY_PARALLEL:-}" ]; then  # every sweep at once on one GPU: the tiny model leaves it idle
+            "${limit[@]}" "$PY" -m ollm_triton.run -m "${common[@]}" hydra.sweep.dir="$root/$name" "$@" \
+              ${QUALITY_EXTRA:-} > "$root.$name.log" 2>&1 &
+            pids+=($!); return 0
+          fi
           "${limit[@]}" "$PY" -m ollm_triton.run -m "${common[@]}" hydra.sweep.dir="$root/$name" "$@" \
             ${QUALITY_EXTRA:-} || failed=1; }
-    failed=0
+    failed=0; pids=()
     # attention backends: prefill and decode follow the backend's pattern
     q attention_dense +attention=sdpa,flash,multiscale,adaptive
     q attention_window +attention=sliding_window attention.window=$windows attention.sink=4
@@ -109,6 +115,8 @@ case "$what" in
     # KV codecs: perplexity fed in chunks of 16 tokens, so every token attends over the codec's stored K/V
     q cache_quant task.perplexity.chunk=16 +cache=dense,int8,int4,int2,cluster
     q cache_evict task.perplexity.chunk=16 +cache=streaming,h2o,snapkv cache.ratio=0.5,0.25,0.125
+    for p in "${pids[@]}"; do wait "$p" || failed=1; done
+    [ ${#pids[@]} -gt 0 ] && mkdir -p "$root" && cp "$root".*.log "$root"/ 2>/dev/null
     # the device tool returns at most 8 files: the sweeps' run folders as one archive
     [ "$what" = quality_long ] && tar czf "$OUT/$TAG.tgz" -C "$root" . && ls -la "$OUT/$TAG.tgz"
     rc=$failed; echo "tables: $PY $tables $root" ;;
