@@ -9,8 +9,13 @@ export OLLM_GIT_SHA
 
 wheels=(.whl*/*.whl)
 if [ -e "${wheels[0]}" ]; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    "${wheels[@]}" || exit 1
+  # once per set of wheels: a second script started beside a running one (device_run.sh's steps run at once in one
+  # call) must not rewrite the site its neighbour is importing from
+  if [ "$(cat /tmp/site/.carried 2>/dev/null)" != "${wheels[*]}" ]; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      "${wheels[@]}" || exit 1
+    echo "${wheels[*]}" > /tmp/site/.carried
+  fi
   # wandb < 0.17 (the 2 MB pure-Python one scripts/fetch_device_wheels.sh fetches) reads NumPy aliases that NumPy 2
   # removed: put them back for these runs only, through the carried site's sitecustomize. It also hides the box's
   # tensorboard: wandb's internal process imports it when present, and its protos need protobuf >= 5.26 where
