@@ -1,11 +1,17 @@
 """Markdown tables of the long-context quality sweeps (`bash experiments/device_run.sh quality_long ROOT`).
 
     python scripts/quality_long_tables.py multirun/quality_long
+    python scripts/quality_long_tables.py multirun/quality_long --plot quality_vs_kept.png
 
 One table per sweep folder (attention_dense, attention_window, attention_sparse, cache_quant, cache_evict), one row per
 run: the plugin and its parameters, perplexity and its change against sdpa + dense (the first run of
 attention_dense, or of cache_quant when only that sweep ran), then passkey and multikey accuracy overall and at each
 length the runs measured (the columns come from the metrics, so 8k / 16k / 32k appear as they were run).
+
+`--plot PNG` draws the quality-vs-compression curves (as kvpress publishes them): perplexity change and retrieval
+accuracy against the fraction of the context's KV each run keeps or reads -- an eviction codec's ratio, a quantizer's
+bits over 16 (nominal: its group scales add ~8% at int4), a window over the longest measured context, a sparse
+pattern's density -- one line per method, the dense baseline at 1.
 """
 
 from __future__ import annotations
@@ -66,6 +72,79 @@ def table(df, kind: str, base: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+QUANT_BITS = {"int8": 8, "int4": 4, "int2": 2}
+
+
+def kept_fraction(r, kind: str, context: int) -> tuple[str, float] | None:
+    """(method, fraction of the KV kept or read) of one run, or None for a run with no such axis (cluster, the
+    full-attention backends other than the baseline)."""
+    name = str(r.get(kind, ""))
+    if kind == "cache":
+        ratio = r.get("cache.ratio")
+        if ratio is not None and ratio == ratio:
+            return name, float(ratio)
+        if name in QUANT_BITS:
+            return "quantization (int8 / int4 / int2)", QUANT_BITS[name] / 16
+        return ("dense", 1.0) if name == "dense" else None
+    if name == "sliding_window" and context:
+        return f"sliding window (sink {int(r.get('attention.sink', 0) or 0)})", min(1.0, r["attention.window"] / context)
+    if name == "sparse":
+        return f"sparse {r.get('attention.pattern')}", float(r["attention.density"])
+    return ("dense", 1.0) if name == "sdpa" else None
+
+
+def curve_points(root: Path) -> tuple[list[dict], int]:
+    """Every finished run of the sweeps under root as {method, kept, dppl (%), passkey, multikey}, and the longest
+    retrieval context measured (the denominator of a window's fraction)."""
+    base = baseline_ppl(root)
+    frames = [(load(root / sub, include_failed=False), kind) for sub, kind in SWEEPS if (root / sub).exists()]
+    context = max((int(c.rsplit("@", 1)[1]) for df, _ in frames for t in RETRIEVAL for c in length_columns(df, t)),
+                  default=0)
+    points = []
+    for df, kind in frames:
+        for _, r in df.iterrows():
+            got = kept_fraction(r, kind, context)
+            if got is None:
+                continue
+            ppl = r.get("perplexity/ppl", math.nan)
+            points.append({"method": got[0], "kept": got[1], "dppl": 100 * (ppl / base - 1),
+                           **{t: r.get(f"{t}/acc", math.nan) for t in RETRIEVAL}})
+    return points, context
+
+
+def plot(root: Path, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points, context = curve_points(root)
+    if not points:
+        raise SystemExit(f"{root}: no finished run with a kept fraction to plot")
+    methods = sorted({p["method"] for p in points} - {"dense"})
+    fig, (ax_p, ax_r) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, m in enumerate(methods):
+        pts = sorted((p for p in points if p["method"] in (m, "dense")), key=lambda p: p["kept"])
+        xs, color = [p["kept"] for p in pts], f"C{i}"
+        ax_p.plot(xs, [p["dppl"] for p in pts], "o-", color=color, label=m)
+        for task, style in zip(RETRIEVAL, ("o-", "s--")):
+            ax_r.plot(xs, [p[task] for p in pts], style, color=color, label=f"{m}: {task}")
+    for ax in (ax_p, ax_r):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("fraction of the KV kept or read")
+        ax.grid(True, alpha=0.3)
+    ax_p.set_ylabel("perplexity change vs sdpa + dense (%)")
+    ax_p.set_yscale("symlog", linthresh=1.0)
+    ax_r.set_ylabel(f"retrieval accuracy (up to {context:,} tokens)")
+    ax_r.set_ylim(-0.05, 1.05)
+    ax_p.legend(fontsize=7)
+    ax_r.legend(fontsize=6, ncol=2)
+    fig.suptitle(f"quality vs compression: {root.name}")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    return out
+
+
 def main(root: Path) -> str:
     base = baseline_ppl(root)
     out = []
@@ -81,4 +160,12 @@ def main(root: Path) -> str:
 
 
 if __name__ == "__main__":
-    print(main(Path(sys.argv[1] if len(sys.argv) > 1 else "multirun/quality_long")))
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    ap.add_argument("root", nargs="?", default="multirun/quality_long", type=Path)
+    ap.add_argument("--plot", type=Path, default=None, help="also draw the quality-vs-compression curves to this PNG")
+    args = ap.parse_args()
+    print(main(args.root))
+    if args.plot:
+        print(f"plot: {plot(args.root, args.plot)}")
