@@ -501,31 +501,36 @@ def attention_reference(
     group = hq // hkv
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     mask_fn = mask if callable(mask) else (lambda rows: mask[rows])
-    kc = k.to(compute_dtype).repeat_interleave(group, dim=1)
-    vc = v.to(compute_dtype).repeat_interleave(group, dim=1)
+    # Grouped queries against their KV head, [B, Hkv, G, rows, S]: query head h reads KV head h // G (the
+    # repeat_interleave convention) without a G-fold copy of K and V, the largest cost of a CPU decode step here
+    kc, vc = k.to(compute_dtype), v.to(compute_dtype)
     if summaries is not None:
         k_sum, v_sum, sum_mask_fn, bias = summaries
-        kc = torch.cat((kc, k_sum.to(compute_dtype).repeat_interleave(group, dim=1)), dim=2)
-        vc = torch.cat((vc, v_sum.to(compute_dtype).repeat_interleave(group, dim=1)), dim=2)
+        kc = torch.cat((kc, k_sum.to(compute_dtype)), dim=2)
+        vc = torch.cat((vc, v_sum.to(compute_dtype)), dim=2)
         bias = torch.cat((torch.zeros(s, dtype=compute_dtype, device=q.device), bias.to(q.device, compute_dtype)))
-    out = torch.empty(b, hq, t, d, dtype=compute_dtype, device=q.device)
+    qg = q.view(b, hkv, group, t, d)
+    out = torch.empty(b, hkv, group, t, d, dtype=compute_dtype, device=q.device)
     step = max(1, max_scores // max(1, b * hq * kc.shape[2]))
     for start in range(0, t, step):
         rows = slice(start, min(t, start + step))
         m = mask_fn(rows).to(q.device)
         if summaries is not None:
             m = torch.cat((m, sum_mask_fn(rows).to(q.device)), dim=1)
-        scores = torch.matmul(q[:, :, rows].to(compute_dtype), kc.transpose(-1, -2)) * scale
+        n = rows.stop - rows.start
+        qr = qg[:, :, :, rows].to(compute_dtype).reshape(b, hkv, group * n, d)
+        scores = (torch.matmul(qr, kc.transpose(-1, -2)) * scale).view(b, hkv, group, n, -1)
         if summaries is not None:
             scores = scores + bias
         scores = scores.masked_fill(~m, float("-inf"))
         if sinks is not None:  # the sink column takes its share of the softmax and is dropped
-            sink = sinks.to(compute_dtype).view(1, hq, 1, 1).expand(b, hq, scores.shape[2], 1)
+            sink = sinks.to(compute_dtype).view(1, hkv, group, 1, 1).expand(b, hkv, group, n, 1)
             scores = torch.cat((scores, sink), dim=-1)
         weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows: NaN -> 0
         if sinks is not None:
             weights = weights[..., :-1]
-        out[:, :, rows] = torch.matmul(weights, vc)
+        out[:, :, :, rows] = torch.matmul(weights.reshape(b, hkv, group * n, -1), vc).view(b, hkv, group, n, d)
+    out = out.view(b, hq, t, d)
     return out.to(q.dtype)
 
 
