@@ -695,18 +695,21 @@ def quant_decode_varlen_ref(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
                                         None if symmetric else v_zero[rows, :, :nq], bits, value_group, d,
                                         symmetric, q.dtype)
             ks, vs = torch.cat((k, ks), dim=2), torch.cat((v, vs), dim=2)
-        gq = hq // ks.shape[1]
-        kk = ks.to(compute_dtype).repeat_interleave(gq, dim=1)
-        vv = vs.to(compute_dtype).repeat_interleave(gq, dim=1)
-        s = q[rows].to(compute_dtype) @ kk.transpose(-1, -2) / math.sqrt(d)  # [1, Hq, 1, n]
+        hkv = ks.shape[1]
+        gq = hq // hkv
+        # each KV head against its group of query heads (h // gq), no gq-fold copy: at 1M keys that copy alone
+        # would be 16 GB in float32
+        kk, vv = ks.to(compute_dtype), vs.to(compute_dtype)
+        qg = q[rows].to(compute_dtype).view(1, hkv, gq, d)
+        s = qg @ kk.transpose(-1, -2) / math.sqrt(d)  # [1, Hkv, gq, n]
         if window:
             s[..., : max(n - window, 0)] = float("-inf")
         if sinks is not None:  # softmax over [scores, sink], the sink's column dropped
-            s = torch.cat((s, sinks.to(device=s.device, dtype=compute_dtype)[None, :, None, None]), -1)
+            s = torch.cat((s, sinks.to(device=s.device, dtype=compute_dtype).view(1, hkv, gq, 1)), -1)
             p = torch.softmax(s, -1)[..., :-1]
         else:
             p = torch.softmax(s, -1)
-        out[rows] = (p @ vv).to(q.dtype)
+        out[rows] = (p @ vv).view(1, hq, 1, d).to(q.dtype)
     return out
 
 
