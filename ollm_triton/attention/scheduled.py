@@ -37,6 +37,7 @@ from ollm_triton.kernels.attention_schedule import (
 
 DECODE_BLOCK = 64  # keys per block of the decode kernel (and of decode_schedule's default)
 REFERENCE_TILE = 64
+REFERENCE_GATHER_SCORES = 1 << 20  # queries x keys up to which the reference gathers the visible keys first
 
 
 class ScheduledAttention(AttentionBackend):
@@ -146,7 +147,15 @@ class ScheduledAttention(AttentionBackend):
                   sinks: torch.Tensor | None = None):
         """The PyTorch path: softmax attention under this backend's dense mask (and the model's per-layer window
         and sinks), in float32 (or compute_dtype)."""
-        mask = self.mask(q.shape[2], k.shape[2], q_offset, tree_mask, q.device, window)
+        t, s = q.shape[2], k.shape[2]
+        mask = self.mask(t, s, q_offset, tree_mask, q.device, window)
+        if t * s <= REFERENCE_GATHER_SCORES:
+            # a few queries (decode, chunked scoring): attend over the keys some query sees, not all s -- a window
+            # of 1024 in an 8k cache reads an eighth of it. The dropped columns were masked: same softmax.
+            m = mask(slice(0, t))
+            cols = m.any(0).nonzero().flatten()
+            if cols.numel() < s // 2:
+                k, v, mask = k.index_select(2, cols), v.index_select(2, cols), m.index_select(1, cols)
         return attention_reference(q, k, v, mask, compute_dtype=compute_dtype or torch.float32, sinks=sinks)
 
     # ---- decode -----------------------------------------------------------------------------------------------
