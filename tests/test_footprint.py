@@ -105,3 +105,23 @@ def test_streaming_policy_is_checked_against_its_budget():
     with pytest.raises(DoesNotFit, match="host memory"):
         check_fits(arch("llama3_8b"), dtype="bfloat16", device="cuda", batch=1, context=4096, codec=codec,
                    prefetch=lookahead, free=(80 * GB, 8 * GB))
+
+
+def test_kv_stored_on_the_host_counts_three_layers_on_the_device():
+    """The moonshot run (Llama-3-8B at 128k within 8 GB): int4 KV with store=cpu waits on the host between layers, so
+    the device holds at most three layers' KV (attending, prefetched, copying out); the rest counts as host memory."""
+    lookahead = registry.build("prefetch", "lookahead", {"budget_gb": 8.0, "keep_head_on_device": True})
+    kw = dict(dtype="bfloat16", device="cuda", batch=1, context=131096, prefetch=lookahead, device_memory_gb=8,
+              prefill_chunk=4096, free=(80 * GB, 200 * GB))
+    with pytest.raises(DoesNotFit, match=r"KV 4\.59 GB \(int4\)"):  # all 32 layers on the device: over 8 GB
+        check_fits(arch("llama3_8b"), codec=registry.build("cache", "int4"), **kw)
+    est = check_fits(arch("llama3_8b"), codec=registry.build("cache", "int4", {"store": "cpu"}), **kw)
+    per_layer = 4.59 * GB / 32
+    assert est["kv_bytes"] == pytest.approx(3 * per_layer, rel=0.01)
+    assert est["kv_host_bytes"] == pytest.approx(29 * per_layer, rel=0.01)
+    assert est["host_bytes"] == est["host_weights_bytes"] + est["kv_host_bytes"]
+    # on the CPU the store is the host itself: every layer counts there
+    cpu = estimate(model_config(arch("tiny_random")), dtype=torch.float32, device=torch.device("cpu"), batch=1,
+                   context=512, codec=registry.build("cache", "int4", {"store": "cpu"}),
+                   prefetch=registry.build("prefetch", "resident"))
+    assert cpu["kv_host_bytes"] == 0 and cpu["kv_bytes"] > 0

@@ -203,6 +203,12 @@ class CacheCodec:
         """Bytes a layer holding `tokens` tokens takes at most (a codec with a full-precision window overrides)."""
         return tokens * self.bytes_per_token(spec)
 
+    def device_layers(self, num_layers: int, device: torch.device) -> int:
+        """How many of a cache's `num_layers` layers hold their KV on `device` at once; the memory check counts
+        those there and the rest in host memory. Default: all (a codec whose layers wait on the host or on disk
+        between uses, cache/storage.py `store`, declares fewer)."""
+        return num_layers
+
     def max_held_tokens(self, block: int) -> int | None:
         """The most tokens one layer holds at any time, however many it has seen, when tokens arrive in blocks of at
         most `block` (a prompt chunk, a decode step); None: it holds every token it has seen (the default). Its KV

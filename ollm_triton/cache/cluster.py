@@ -21,7 +21,7 @@ import torch
 
 from ollm_triton.cache.base import CacheCodec, CacheLayer, LayerSpec
 from ollm_triton.cache.residual import ResidualWindow
-from ollm_triton.cache.storage import StoreParams, wrap_store
+from ollm_triton.cache.storage import StoreParams, StoredCodec, wrap_store
 from ollm_triton.kernels.cluster import assign, assign_ref, kmeans
 from ollm_triton.registry import register
 
@@ -128,7 +128,7 @@ class ClusterLayer(ResidualWindow, CacheLayer):
 
 
 @register("cache", "cluster", ClusterConfig)
-class Cluster(CacheCodec):
+class Cluster(StoredCodec, CacheCodec):
     """k-means vector quantization of K and V per (layer, KV head): integer codes, fixed codebooks, recent window."""
 
     def __init__(self, cfg: ClusterConfig):

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ollm_triton.cache.base import CacheCodec, CacheLayer, LayerSpec
-from ollm_triton.cache.storage import StoreParams
+from ollm_triton.cache.storage import StoreParams, StoredCodec
 
 
 @dataclass
@@ -48,7 +48,7 @@ class EvictionParams(StoreParams):
             raise ValueError(f"evict_every must be >= 1, got {self.evict_every}")
 
 
-class EvictingCodec(CacheCodec):
+class EvictingCodec(StoredCodec, CacheCodec):
     """What an eviction codec declares (cache/base.py): its bytes per token and the most tokens a layer holds.
 
     A layer evicts what it owes at the start of an append (EvictingLayer.append), down to `budget` once it holds

@@ -50,6 +50,23 @@ class StoreParams:
             raise ValueError("store=disk needs cache_dir=<directory>")
 
 
+# the layer attending, its successor being fetched, and the one whose copy out may still be in flight
+LAYERS_IN_FLIGHT = 3
+
+
+class StoredCodec:
+    """Mixed into a codec whose layers honour its StoreParams (`new_layer` returns `wrap_store(...)`): with
+    store=cpu or disk on a GPU, at most LAYERS_IN_FLIGHT layers' KV are on the device at once (cache/base.py
+    `device_layers`); the others wait on the host (store=cpu) or on disk."""
+
+    cfg: StoreParams
+
+    def device_layers(self, num_layers: int, device: torch.device) -> int:
+        if self.cfg.store == "device" or torch.device(device).type != "cuda":  # wrap_store keeps these as they are
+            return num_layers
+        return min(num_layers, LAYERS_IN_FLIGHT)
+
+
 # ------------------------------------------------------------------------------------------------ file format
 
 _DTYPES = {str(dt).removeprefix("torch."): dt for dt in (torch.float32, torch.float16, torch.bfloat16, torch.uint8,

@@ -13,7 +13,9 @@ What it counts (all upper-bound-ish, from shapes):
   experts in their stored form for expert streaming (fp8 codes + scales: about half of bf16).
 - KV: `codec.bytes_per_token(LayerSpec)` x context x attention layers (the codec declares its own cost: int4 a
   quarter of bf16, eviction codecs dense as an upper bound), plus the fixed-size state of each linear-attention
-  layer of a hybrid model (engine/linear_attention.py `state_bytes`), which no codec touches.
+  layer of a hybrid model (engine/linear_attention.py `state_bytes`), which no codec touches. On a GPU a codec with
+  `store=cpu|disk` keeps only `codec.device_layers(...)` layers there at once (three); the rest count as host memory
+  (for store=disk an upper bound: those wait in files).
 - activations of the largest forward (the prompt, or one `prefill_chunk` of it): hidden states, q/k/v, the MLP's
   intermediate (a MoE's: k expert rows per token), on the CPU the float32 attention scores of one layer (the math
   path materialises them), for a model with sink logits (gpt-oss) what the baseline's `attend_with_sinks` holds
@@ -85,12 +87,15 @@ def estimate(model_cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device
     experts = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers)) * cfg.num_experts * per_expert * elt
     device_weights = weights if device.type == "cpu" else float(prefetch.device_weight_bytes(
         weights, layer_bytes=layer, num_layers=cfg.num_layers, head_bytes=head, expert_bytes=experts))
-    kv = kv_dense = 0
+    kv = kv_dense = kv_host = 0
     if context > 0:
         spec = LayerSpec(batch=batch, kv_heads=cfg.num_kv_heads, head_dim=d, dtype=dtype, device=device,
                          max_len=context)
         attention_layers = cfg.num_layers - cfg.linear_layers  # the codec holds these; linear ones a fixed state
-        kv = int(codec.bytes_for(spec, context) * attention_layers)
+        per_layer = codec.bytes_for(spec, context)
+        on_device = codec.device_layers(attention_layers, device)  # the others wait in host memory (store=cpu)
+        kv = int(per_layer * on_device)
+        kv_host = int(per_layer * (attention_layers - on_device))
         kv_dense = 2 * batch * cfg.num_kv_heads * d * elt * context * attention_layers
     state = cfg.linear_layers * state_bytes(cfg, batch, dtype)  # conv + recurrent state, whatever the context
     kv, kv_dense = kv + state, kv_dense + state
@@ -103,13 +108,14 @@ def estimate(model_cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device
     return {
         "weights_bytes": int(weights),
         "device_weights_bytes": int(device_weights),
-        "kv_bytes": int(kv),
+        "kv_bytes": int(kv),  # on the device
+        "kv_host_bytes": int(kv_host),  # the layers a stored codec keeps on the host or on disk (counted as host)
         "kv_dense_bytes": int(kv_dense),  # what the same tokens take uncompressed (the advice's yardstick)
         "state_bytes": int(state),  # of kv_bytes: the linear-attention layers' fixed-size state
         "activation_bytes": int(acts),
         "device_bytes": int(on_device),
         # on the CPU the device is the host; on a GPU the host holds what a streaming policy keeps there
-        "host_bytes": int(on_device if device.type == "cpu" else host_weights),
+        "host_bytes": int(on_device if device.type == "cpu" else host_weights + kv_host),
         "host_weights_bytes": int(weights if device.type == "cpu" else host_weights),
     }
 
