@@ -96,10 +96,11 @@ class Recorder(DecoderStrategy):
     """Greedy, recording the prompts it was given."""
 
     def __init__(self):
-        self.inner, self.prompts = registry.build("decoder", "greedy"), []
+        self.inner, self.prompts, self.lengths = registry.build("decoder", "greedy"), [], []
 
     def generate(self, engine, prompt_ids, max_new_tokens, *, eos_id=None):
         self.prompts.append(prompt_ids.cpu())
+        self.lengths.append(max_new_tokens)
         return self.inner.generate(engine, prompt_ids, max_new_tokens, eos_id=eos_id)
 
 
@@ -116,6 +117,15 @@ def test_throughput_prompt_is_held_out_text():
         assert any(doc.startswith(text[:200]) for doc in docs), text[:80]
     for key in ("prompt_len", "new_tokens", "batch"):
         assert type(out[key]) is int, key
+
+
+def test_throughput_warms_up_as_long_as_a_timed_run():
+    """The warm-up decodes as many tokens as each timed run, so every graph a timed run replays (the piecewise step
+    captures per length) is captured before the timing, also with repeats=1."""
+    eng, rec = engine(), Recorder()
+    registry.build("task", "throughput", {"prompt_len": 32, "new_tokens": 6, "repeats": 1, "prompt": "random"}).run(
+        RunContext(engine=eng, decoder=rec, device=CPU))
+    assert rec.lengths == [6, 6]
 
 
 def test_throughput_random_prompt_on_request_and_without_tokenizer():
