@@ -113,8 +113,10 @@ def test_kv_stored_on_the_host_counts_three_layers_on_the_device():
     lookahead = registry.build("prefetch", "lookahead", {"budget_gb": 8.0, "keep_head_on_device": True})
     kw = dict(dtype="bfloat16", device="cuda", batch=1, context=131096, prefetch=lookahead, device_memory_gb=8,
               prefill_chunk=4096, free=(80 * GB, 200 * GB))
-    with pytest.raises(DoesNotFit, match=r"KV 4\.59 GB \(int4\)"):  # all 32 layers on the device: over 8 GB
+    with pytest.raises(DoesNotFit, match=r"KV 4\.59 GB \(int4\)") as e:  # all 32 layers on the device: over 8 GB
         check_fits(arch("llama3_8b"), codec=registry.build("cache", "int4"), **kw)
+    # the advice: the KV to the host, not the streaming the run already does
+    assert "cache.store=cpu" in str(e.value) and "+prefetch=lookahead" not in str(e.value)
     est = check_fits(arch("llama3_8b"), codec=registry.build("cache", "int4", {"store": "cpu"}), **kw)
     per_layer = 4.59 * GB / 32
     assert est["kv_bytes"] == pytest.approx(3 * per_layer, rel=0.01)

@@ -41,6 +41,7 @@ import torch
 
 from ollm_triton.attention.sdpa import sink_attention_bytes
 from ollm_triton.cache.base import LayerSpec
+from ollm_triton.cache.storage import StoredCodec
 from ollm_triton.engine.config import ModelConfig
 from ollm_triton.engine.linear_attention import state_bytes
 from ollm_triton.kernels.gated_delta import CHUNK
@@ -259,9 +260,12 @@ def _advice(est: dict[str, int], device: torch.device, dtype: torch.dtype, have:
         tips.append("use a GPU (device=cuda)")
         if dtype == torch.float32 and est["weights_bytes"] / 2 + est["kv_bytes"] / 2 < USABLE * have:
             tips.append("model.dtype=bfloat16")
-    elif weights > 0.5 * USABLE * have:
+    elif weights > 0.5 * USABLE * have and weights >= est["weights_bytes"]:  # not streaming yet
         budget = max(USABLE * have / GB - 1.0, 0.5)
         tips.append(f"+prefetch=lookahead prefetch.budget_gb={budget:.0f}")
+    if device.type == "cuda" and isinstance(codec, StoredCodec) and not est.get("kv_host_bytes") \
+            and est["kv_bytes"] > 0.25 * est["device_bytes"]:
+        tips.append("cache.store=cpu (the KV waits in host memory between layers)")
     compresses = est["kv_bytes"] < 0.5 * est.get("kv_dense_bytes", est["kv_bytes"])  # read from the codec's bytes
     if est["kv_bytes"] > 0.25 * est["device_bytes"] and not compresses:
         tips.append("+cache=int4")
