@@ -471,11 +471,12 @@ def test_runner_records_the_live_switch_in_metrics(tmp_path, one_torch_thread):
     record = run_job(cfg, tmp_path)
     m = record["metrics"]
     assert record["plugins"]["adapt"]["name"] == "memory"
-    assert m["adapt/switches"] == 1 and m["adapt/decisions"][0]["to"] == "int8"
-    # the warm-up generation (prefill + 1 step) fits; the timed run's prefill is step 3 and its step 3 + n appends
-    # token 40 + n - 1: the first past 45 held is n = 6
-    assert m["adapt/decisions"][0]["step"] == 2 + 1 + (45 - 40) + 1
-    assert Counter(d["strategy"] for d in m["adapt/decisions"]) == {"memory": 1}
+    # the warm-up generation is as long as the timed one (12 tokens: prefill + 11 steps), so each of the two switches
+    # dense -> int8 once: a generation's prefill is its step s, and its step s + n appends token 40 + n - 1, the first
+    # past the 45 held at n = 6 -- step 1 + 6 in the warm-up, 13 + 6 in the timed run
+    assert m["adapt/switches"] == 2 and [d["to"] for d in m["adapt/decisions"]] == ["int8", "int8"]
+    assert [d["step"] for d in m["adapt/decisions"]] == [1 + (45 - 40) + 1, 12 + 1 + (45 - 40) + 1]
+    assert Counter(d["strategy"] for d in m["adapt/decisions"]) == {"memory": 2}
     json.dumps(record["metrics"])  # metrics.json can hold the decisions
 
 
