@@ -99,13 +99,13 @@ case "$what" in
     q() { case "$only" in *" $1 "*) ;; *) return 0 ;; esac
           local name=$1; shift; echo "-- sweep $name"
           # QUALITY_EXTRA: more overrides for every sweep (e.g. debug=smoke); a failed job is a row, the sweeps go on
+          local cmd=("${limit[@]}" "$PY" -m ollm_triton.run -m "${common[@]}" hydra.sweep.dir="$root/$name" "$@"
+                     ${QUALITY_EXTRA:-})
           if [ -n "${QUALITY_PARALLEL:-}" ]; then  # every sweep at once on one GPU: the tiny model leaves it idle
-            "${limit[@]}" "$PY" -m ollm_triton.run -m "${common[@]}" hydra.sweep.dir="$root/$name" "$@" \
-              ${QUALITY_EXTRA:-} > "$root.$name.log" 2>&1 &
-            pids+=($!); return 0
-          fi
-          "${limit[@]}" "$PY" -m ollm_triton.run -m "${common[@]}" hydra.sweep.dir="$root/$name" "$@" \
-            ${QUALITY_EXTRA:-} || failed=1; }
+            "${cmd[@]}" > "$root.$name.log" 2>&1 & pids+=($!)
+          else
+            "${cmd[@]}" || failed=1
+          fi; }
     failed=0; pids=()
     # attention backends: prefill and decode follow the backend's pattern
     q attention_dense +attention=sdpa,flash,multiscale,adaptive

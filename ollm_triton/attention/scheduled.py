@@ -152,10 +152,10 @@ class ScheduledAttention(AttentionBackend):
         if t * s <= REFERENCE_GATHER_SCORES:
             # a few queries (decode, chunked scoring): attend over the keys some query sees, not all s -- a window
             # of 1024 in an 8k cache reads an eighth of it. The dropped columns were masked: same softmax.
-            m = mask(slice(0, t))
-            cols = m.any(0).nonzero().flatten()
+            mask = mask(slice(0, t))  # built once, whether or not the keys are gathered
+            cols = mask.any(0).nonzero().flatten()
             if cols.numel() < s // 2:
-                k, v, mask = k.index_select(2, cols), v.index_select(2, cols), m.index_select(1, cols)
+                k, v, mask = k.index_select(2, cols), v.index_select(2, cols), mask.index_select(1, cols)
         return attention_reference(q, k, v, mask, compute_dtype=compute_dtype or torch.float32, sinks=sinks)
 
     # ---- decode -----------------------------------------------------------------------------------------------

@@ -62,7 +62,8 @@ class StoredCodec:
     cfg: StoreParams
 
     def device_layers(self, num_layers: int, device: torch.device) -> int:
-        if self.cfg.store == "device" or torch.device(device).type != "cuda":  # wrap_store keeps these as they are
+        device = torch.device(device)
+        if device.type != "cuda" or stays_in_place(self.cfg, device):
             return num_layers
         return min(num_layers, LAYERS_IN_FLIGHT)
 
@@ -135,9 +136,14 @@ class StoreTier:
             return self.dir / f"kv-{os.getpid()}-{id(self):x}-{self._count}.bin"
 
 
+def stays_in_place(params: StoreParams, device: torch.device) -> bool:
+    """Whether a layer's buffers stay where they are built (store=device, or store=cpu on a CPU run)."""
+    return params.store == "device" or (params.store == "cpu" and device.type != "cuda")
+
+
 def wrap_store(layer: CacheLayer, params: StoreParams, tier_holder) -> CacheLayer:
     """The codec's layer as is (store=device, or cpu on a CPU run), else wrapped in a StoredLayer."""
-    if params.store == "device" or (params.store == "cpu" and layer.spec.device.type != "cuda"):
+    if stays_in_place(params, layer.spec.device):
         return layer
     tier = getattr(tier_holder, "_store_tier", None)
     if tier is None:
