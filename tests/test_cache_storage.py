@@ -80,6 +80,37 @@ def test_disk_tier_gives_identical_results_and_holds_nothing_between_steps(name,
     assert not path.exists()  # the file goes with the layer
 
 
+def test_a_stored_layer_starts_in_its_tier(tmp_path):
+    spec = LayerSpec(batch=1, kv_heads=2, head_dim=16, dtype=torch.float32, device=torch.device("cpu"), max_len=512)
+    layer = registry.build("cache", "int4", {"store": "disk", "cache_dir": str(tmp_path)}).new_layer(spec)
+    assert isinstance(layer, StoredLayer) and layer.state == "disk"
+    assert all(t.device.type == "meta" for t in vars(layer.inner).values() if isinstance(t, torch.Tensor))
+    k = torch.randn(1, 2, 300, 16)
+    layer.append(k, -k)
+    out_k, out_v = layer.dense()
+    ref = registry.build("cache", "int4").new_layer(spec)
+    ref.append(k, -k)
+    ref_k, ref_v = ref.dense()
+    assert torch.equal(out_k, ref_k) and torch.equal(out_v, ref_v)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("store", ["cpu", "disk"])
+def test_a_stored_cache_builds_its_layers_off_the_device(store, tmp_path):
+    # a cache builds every layer before its first step: a preallocated int4 layer at 64k is ~70 MB, so 8 layers
+    # left on the device would hold ~0.55 GB that store=cpu|disk promises to keep off it (the 128k-in-8GB run)
+    spec = LayerSpec(batch=1, kv_heads=8, head_dim=128, dtype=torch.bfloat16, device=torch.device("cuda"),
+                     max_len=65536)
+    codec = registry.build("cache", "int4", {"store": store, "cache_dir": str(tmp_path)})
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    layers = [codec.new_layer(spec) for _ in range(8)]
+    torch.cuda.synchronize()
+    per_layer = codec.bytes_per_token(spec) * spec.max_len
+    assert torch.cuda.memory_allocated() - before < 0.5 * per_layer
+    assert all(lay.state == store for lay in layers)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("store", ["cpu", "disk"])
 def test_tiers_on_gpu_free_device_memory_and_match(store, tmp_path):

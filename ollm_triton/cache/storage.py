@@ -1,8 +1,9 @@
 """Storage tiers for any codec's layers: `store=device|cpu|disk` (and `cache_dir` for disk).
 
-With `cpu` or `disk`, each layer's buffers leave the device once the layer's step is done (`observe`, which the
-engine calls after the layer's attention, or `truncate`) and come back before its next use. While layer i is in
-use, layer i + 1 (of the same cache) is fetched on a side stream, so the copy overlaps layer i's compute.
+With `cpu` or `disk`, each layer's buffers leave the device as soon as the layer is built and again once the layer's
+step is done (`observe`, which the engine calls after the layer's attention, or `truncate`), and come back before
+its next use. While layer i is in use, layer i + 1 (of the same cache) is fetched on a side stream, so the copy
+overlaps layer i's compute.
 
 - `cpu`: the buffers go to pinned host memory (device-to-host on the side stream; the device memory is returned
   to the allocator once the copy is done). On a CPU-only run the layers already live in host memory: no-op.
@@ -173,6 +174,11 @@ class StoredLayer(CacheLayer):
         self._group = group
         if self.path is not None:
             weakref.finalize(self, _remove, self.path)
+        # a codec allocates its buffers on the device (a preallocated int4 layer at 128k: ~140 MB); a cache builds
+        # all its layers before the first step, so each leaves at once, or all of them would sit there together
+        self._offload()
+        if self.tier.cuda:
+            self.tier.stream.synchronize()  # the copy out has landed: its device memory is free for the next layer
 
     # -- residency -----------------------------------------------------------------------------------------------
 
