@@ -17,7 +17,7 @@
 #                             and multikey); SWEEP picks some of attention_dense attention_window attention_sparse
 #                             cache_quant cache_evict (default all); QUALITY_PARALLEL=1 runs the sweeps at once
 #                             (each sweep's log beside its folder); ROOT archived as $OUT/<tag>.tgz;
-#                             tables: python scripts/quality_long_tables.py ROOT
+#                             tables: python -m ollm_triton.quality_curves ROOT
 #   retrain                   retrain the embedded tiny-llama + draft, two variants side by side; needs
 #                             .carry3/stdlib.tgz (Python 3.11.7's stdlib *.py, the training corpus)
 #                                                                                    -> $OUT/best_*.tgz.part_*
@@ -94,7 +94,7 @@ case "$what" in
       windows=256,1024; tables="experiments/quality_tables.py"
     else  # the preset holds the model, tasks and lengths; windows are 1/64 and 1/16 of the trained 16k as 256, 1024
       common=(logger=none +experiment=quality_long)  # were of 4k above; sparse densities and ratios are fractions
-      windows=1024,4096; tables="scripts/quality_long_tables.py"
+      windows=1024,4096; tables="-m ollm_triton.quality_curves"
     fi
     q() { case "$only" in *" $1 "*) ;; *) return 0 ;; esac
           local name=$1; shift; echo "-- sweep $name"

@@ -1,16 +1,13 @@
-"""scripts/quality_long_tables.py: each run's place on the quality-vs-compression axis (an eviction ratio, a
+"""ollm_triton/quality_curves.py: each run's place on the quality-vs-compression axis (an eviction ratio, a
 quantizer's bits over 16, a window over the longest context measured, a sparse density), the tables and the plot,
 from multirun folders laid out as `python -m ollm_triton.run -m` writes them."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-import quality_long_tables as Q  # noqa: E402
+import ollm_triton.quality_curves as Q
 
 
 def job(root: Path, sweep: str, i: int, kind: str, name: str, params: dict, ppl: float, passkey: float,
@@ -48,7 +45,18 @@ def test_points_place_each_run_on_the_kept_fraction_axis(root):
 
 
 def test_tables_and_plot(root, tmp_path):
-    text = Q.main(root)
+    text = Q.tables(root)
     assert "| snapkv | 0.25 | 4.400 | +10.00% |" in text and "### attention_sparse" in text
-    out = Q.plot(root, tmp_path / "curves.png")
+    out = tmp_path / "curves.png"
+    Q.plot(root, out)
     assert out.stat().st_size > 10_000 and out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_folder_without_sweeps_is_one_line_and_a_failure(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "ollm_triton.quality_curves", str(tmp_path)], capture_output=True,
+                          text=True)
+    assert proc.returncode != 0 and proc.stdout == ""
+    assert proc.stderr.strip().count("\n") == 0 and "none of attention_dense" in proc.stderr

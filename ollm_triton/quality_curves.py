@@ -1,14 +1,15 @@
-"""Markdown tables of the long-context quality sweeps (`bash experiments/device_run.sh quality_long ROOT`).
+"""Tables and quality-vs-compression curves of the long-context quality sweeps (`+experiment=quality_long`, run
+by `bash experiments/device_run.sh quality_long ROOT`; `notebooks/quality_long.py` plots them).
 
-    python scripts/quality_long_tables.py multirun/quality_long
-    python scripts/quality_long_tables.py multirun/quality_long --plot quality_vs_kept.png
+    python -m ollm_triton.quality_curves multirun/quality_long
+    python -m ollm_triton.quality_curves multirun/quality_long --plot quality_vs_kept.png
 
 One table per sweep folder (attention_dense, attention_window, attention_sparse, cache_quant, cache_evict), one row per
 run: the plugin and its parameters, perplexity and its change against sdpa + dense (the first run of
 attention_dense, or of cache_quant when only that sweep ran), then passkey and multikey accuracy overall and at each
 length the runs measured (the columns come from the metrics, so 8k / 16k / 32k appear as they were run).
 
-`--plot PNG` draws the quality-vs-compression curves (as kvpress publishes them): perplexity change and retrieval
+`plot` draws the quality-vs-compression curves (as kvpress publishes them): perplexity change and retrieval
 accuracy against the fraction of the context's KV each run keeps or reads -- an eviction codec's ratio, a quantizer's
 bits over 16 (nominal: its group scales add ~8% at int4), a window over the longest measured context, a sparse
 pattern's density -- one line per method, the dense baseline at 1.
@@ -18,11 +19,9 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ollm_triton.results import load  # noqa: E402
+from ollm_triton.results import load
 
 SWEEPS = [("attention_dense", "attention"), ("attention_window", "attention"), ("attention_sparse", "attention"),
           ("cache_quant", "cache"), ("cache_evict", "cache")]
@@ -112,15 +111,14 @@ def curve_points(root: Path) -> tuple[list[dict], int]:
     return points, context
 
 
-def plot(root: Path, out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
+def plot(root: Path, out: Path | None = None):
+    """The curves of the sweeps under root as a matplotlib figure, saved to out when given (PNG)."""
     import matplotlib.pyplot as plt
 
+    root = Path(root)
     points, context = curve_points(root)
     if not points:
-        raise SystemExit(f"{root}: no finished run with a kept fraction to plot")
+        raise ValueError(f"{root}: no finished run with a kept fraction to plot")
     methods = sorted({p["method"] for p in points} - {"dense"})
     fig, (ax_p, ax_r) = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, m in enumerate(methods):
@@ -141,11 +139,14 @@ def plot(root: Path, out: Path) -> Path:
     ax_r.legend(fontsize=6, ncol=2)
     fig.suptitle(f"quality vs compression: {root.name}")
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    return out
+    if out is not None:
+        fig.savefig(out, dpi=110)
+    return fig
 
 
-def main(root: Path) -> str:
+def tables(root: Path) -> str:
+    """The markdown tables of the sweeps under root, one section per sweep folder."""
+    root = Path(root)
     base = baseline_ppl(root)
     out = []
     for sub, kind in SWEEPS:
@@ -154,7 +155,7 @@ def main(root: Path) -> str:
             body = table(df, kind, base) if not df.empty else f"(no runs under {root / sub})\n"
             out.append(f"### {sub}\n\n{body}")
     if not out:
-        raise SystemExit(f"{root}: none of {', '.join(s for s, _ in SWEEPS)} is there; run experiments/device_run.sh "
+        raise ValueError(f"{root}: none of {', '.join(s for s, _ in SWEEPS)} is there; run experiments/device_run.sh "
                          "quality_long first")
     return "\n".join(out)
 
@@ -162,10 +163,17 @@ def main(root: Path) -> str:
 if __name__ == "__main__":
     import argparse
 
+    import matplotlib
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     ap.add_argument("root", nargs="?", default="multirun/quality_long", type=Path)
     ap.add_argument("--plot", type=Path, default=None, help="also draw the quality-vs-compression curves to this PNG")
     args = ap.parse_args()
-    print(main(args.root))
-    if args.plot:
-        print(f"plot: {plot(args.root, args.plot)}")
+    try:
+        print(tables(args.root))
+        if args.plot:
+            matplotlib.use("Agg")
+            plot(args.root, args.plot)
+            print(f"plot: {args.plot}")
+    except ValueError as e:  # one line: the folder holds no sweep, or no run to plot
+        raise SystemExit(f"error: {e}") from None
