@@ -86,7 +86,8 @@ def kept_fraction(r, kind: str, context: int) -> tuple[str, float] | None:
             return "quantization (int8 / int4 / int2)", QUANT_BITS[name] / 16
         return ("dense", 1.0) if name == "dense" else None
     if name == "sliding_window" and context:
-        return f"sliding window (sink {int(r.get('attention.sink', 0) or 0)})", min(1.0, r["attention.window"] / context)
+        sink = int(r.get("attention.sink", 0) or 0)
+        return f"sliding window (sink {sink})", min(1.0, r["attention.window"] / context)
     if name == "sparse":
         return f"sparse {r.get('attention.pattern')}", float(r["attention.density"])
     return ("dense", 1.0) if name == "sdpa" else None
@@ -125,7 +126,7 @@ def plot(root: Path, out: Path | None = None):
         pts = sorted((p for p in points if p["method"] in (m, "dense")), key=lambda p: p["kept"])
         xs, color = [p["kept"] for p in pts], f"C{i}"
         ax_p.plot(xs, [p["dppl"] for p in pts], "o-", color=color, label=m)
-        for task, style in zip(RETRIEVAL, ("o-", "s--")):
+        for task, style in zip(RETRIEVAL, ("o-", "s--"), strict=True):
             ax_r.plot(xs, [p[task] for p in pts], style, color=color, label=f"{m}: {task}")
     for ax in (ax_p, ax_r):
         ax.set_xscale("log", base=2)
