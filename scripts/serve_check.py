@@ -5,8 +5,12 @@
 Prints: the time to come up, end-to-end tok/s at 1, 8 and 32 concurrent completions (512-token prompts, 32 new,
 greedy), a streamed completion's last event, the server's KV / batch / latency metrics, and whether SIGTERM ended
 it cleanly. A check that the whole stack runs on a machine, not a benchmark (scripts/bench_serve.py is that)."""
-import json, os, signal, subprocess, sys, time, threading
+import signal
+import subprocess
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
+
 import httpx
 
 overrides = sys.argv[1:]

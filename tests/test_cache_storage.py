@@ -4,8 +4,8 @@ import pytest
 import torch
 from test_cache_codecs import PARAMS, run_codec
 
-from ollm_triton.cache.storage import StoredLayer, read_tensors, write_tensors
 from ollm_triton.cache.base import LayerSpec
+from ollm_triton.cache.storage import StoredLayer, read_tensors, write_tensors
 from ollm_triton.registry import PluginError, registry
 
 

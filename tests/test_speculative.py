@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from ollm_triton.cache.base import KVCache
+from ollm_triton.decoding.adaptive import AdaptiveConfig, CandidateController, expected_tokens
 from ollm_triton.decoding.drafters import draft_source
 from ollm_triton.decoding.targets import keep_tokens
-from ollm_triton.decoding.adaptive import AdaptiveConfig, CandidateController, expected_tokens
 from ollm_triton.decoding.tree import accepted_path, level_sizes
 from ollm_triton.engine import load_engine
 from ollm_triton.registry import PluginError, registry

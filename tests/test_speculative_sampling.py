@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from ollm_triton.decoding.speculation import accept_sampled
 from ollm_triton.decoding.greedy import sampling_probs
+from ollm_triton.decoding.speculation import accept_sampled
 from ollm_triton.engine import load_engine
 from ollm_triton.registry import registry
 

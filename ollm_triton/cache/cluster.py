@@ -21,7 +21,7 @@ import torch
 
 from ollm_triton.cache.base import CacheCodec, CacheLayer, LayerSpec
 from ollm_triton.cache.residual import ResidualWindow
-from ollm_triton.cache.storage import StoreParams, StoredCodec, wrap_store
+from ollm_triton.cache.storage import StoredCodec, StoreParams, wrap_store
 from ollm_triton.kernels.cluster import assign, assign_ref, kmeans
 from ollm_triton.registry import register
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ollm_triton.cache.base import CacheCodec, CacheLayer, LayerSpec
-from ollm_triton.cache.storage import StoreParams, StoredCodec
+from ollm_triton.cache.storage import StoredCodec, StoreParams
 
 
 @dataclass

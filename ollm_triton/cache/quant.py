@@ -36,7 +36,7 @@ import torch
 
 from ollm_triton.cache.base import CacheCodec, CacheLayer, LayerSpec, once_per_step
 from ollm_triton.cache.residual import ResidualWindow
-from ollm_triton.cache.storage import StoreParams, StoredCodec, wrap_store
+from ollm_triton.cache.storage import StoredCodec, StoreParams, wrap_store
 from ollm_triton.kernels import quant as Q
 from ollm_triton.kernels.attention_schedule import DecodeSchedule
 from ollm_triton.kernels.kv_quant_decode import quant_decode, quant_decode_varlen, quant_decode_varlen_ref

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ollm_triton.prefetch.store import WeightStore
 from ollm_triton.prefetch.layer_streaming import EVICTIONS, StreamingConfig, StreamingPolicy
+from ollm_triton.prefetch.store import WeightStore
 from ollm_triton.registry import register
 
 

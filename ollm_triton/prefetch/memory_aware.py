@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import psutil
 import torch
 
-from ollm_triton.prefetch.store import WeightStore
 from ollm_triton.prefetch.layer_streaming import EVICTIONS, StreamingConfig, StreamingPolicy
+from ollm_triton.prefetch.store import WeightStore
 from ollm_triton.registry import register
 
 GB = 1e9

@@ -17,8 +17,18 @@ import psutil
 import torch
 
 from ollm_triton.registry import register
-from ollm_triton.tasks.base import PROMPTS, RunContext, Task, compress_prompt, context_metrics, lossy_tokens, \
-    plugin_effect, prompt_ids, report_no_effect, synchronize
+from ollm_triton.tasks.base import (
+    PROMPTS,
+    RunContext,
+    Task,
+    compress_prompt,
+    context_metrics,
+    lossy_tokens,
+    plugin_effect,
+    prompt_ids,
+    report_no_effect,
+    synchronize,
+)
 
 
 @dataclass

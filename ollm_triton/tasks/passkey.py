@@ -11,8 +11,16 @@ import torch
 
 from ollm_triton.progress import progress
 from ollm_triton.registry import register
-from ollm_triton.tasks.base import CacheWatch, RunContext, Task, TaskRefused, compress_prompt, context_metrics, \
-    plugin_effect, report_no_effect
+from ollm_triton.tasks.base import (
+    CacheWatch,
+    RunContext,
+    Task,
+    TaskRefused,
+    compress_prompt,
+    context_metrics,
+    plugin_effect,
+    report_no_effect,
+)
 
 
 @dataclass
@@ -71,8 +79,8 @@ class Passkey(Task):
         return make_retrieval_doc(tok, filler, length, rng, depth=depth, num_needles=self.cfg.num_needles)
 
     def run(self, ctx: RunContext) -> dict[str, float | int | str]:
-        from ollm_triton.data.corpus import load_corpus
         from ollm_triton.attention.base import causal_pairs
+        from ollm_triton.data.corpus import load_corpus
         from ollm_triton.data.retrieval import QUESTION_TEMPLATE, corpus_filler, extract_answer
 
         c = self.cfg

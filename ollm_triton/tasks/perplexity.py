@@ -25,9 +25,15 @@ import torch.nn.functional as F
 from ollm_triton.cache.base import kv_length
 from ollm_triton.progress import progress
 from ollm_triton.registry import register
-from ollm_triton.tasks.base import RunContext, Task, TaskRefused, context_metrics, lossy_tokens, plugin_effect, \
-    report_no_effect
-
+from ollm_triton.tasks.base import (
+    RunContext,
+    Task,
+    TaskRefused,
+    context_metrics,
+    lossy_tokens,
+    plugin_effect,
+    report_no_effect,
+)
 
 SMOKE_LENGTH = 384  # debug=smoke: windows of at most this many tokens (past int4/int2's default residual + group)
 

@@ -11,8 +11,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ollm_triton.registry import register
-from ollm_triton.tasks.base import PROMPTS, CacheWatch, RunContext, Task, Timer, compress_prompt, context_metrics, \
-    plugin_effect, prompt_ids, report_no_effect
+from ollm_triton.tasks.base import (
+    PROMPTS,
+    CacheWatch,
+    RunContext,
+    Task,
+    Timer,
+    compress_prompt,
+    context_metrics,
+    plugin_effect,
+    prompt_ids,
+    report_no_effect,
+)
 
 
 @dataclass
