@@ -1,6 +1,8 @@
 # Sourced (not run) by the device scripts (experiments/device_run.sh, scripts/device_studies.sh) from the repository
 # root with PY set: names the commit (OLLM_GIT_SHA: the GPU box's tree travels without .git) and installs every
 # carried `.whl*/` wheel into /tmp/site with --no-index (hydra-core, omegaconf, antlr4, ...; ../shared/DEVICE.md).
+# Pass OLLM_GIT_SHA on the device tool's box: its tree travels without .git, yet `git rev-parse` there answered with
+# the session's first commit for trees of later ones (2026-12-07, experiments/raw/2026-12-07f-h100/MANIFEST.md).
 if [ -z "${OLLM_GIT_SHA:-}" ]; then
   OLLM_GIT_SHA="$(git rev-parse --short HEAD 2>/dev/null || true)"
   [ -n "$OLLM_GIT_SHA" ] || echo "warning: no .git and no OLLM_GIT_SHA: the results will not name the commit" >&2
