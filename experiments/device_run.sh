@@ -15,8 +15,9 @@
 #                             tables: python experiments/quality_tables.py ROOT
 #   quality_long [ROOT [SWEEP...]]  the same sweeps with +experiment=quality_long (8k-32k on tiny-llama-16k, passkey
 #                             and multikey); SWEEP picks some of attention_dense attention_window attention_sparse
-#                             cache_quant cache_evict (default all); QUALITY_PARALLEL=1 runs the sweeps at once
-#                             (each sweep's log beside its folder); ROOT archived as $OUT/<tag>.tgz;
+#                             cache_quant cache_evict (default all); QUALITY_PARALLEL=1 runs the sweeps at once,
+#                             the window, sparse and eviction groups one process per part (each sweep's log beside
+#                             its folder; ~9 minutes on an H100 for the slowest); ROOT archived as $OUT/<tag>.tgz;
 #                             tables: python -m ollm_triton.quality_curves ROOT
 #   retrain                   retrain the embedded tiny-llama + draft, two variants side by side; needs
 #                             .carry3/stdlib.tgz (Python 3.11.7's stdlib *.py, the training corpus)
@@ -96,25 +97,33 @@ case "$what" in
       common=(logger=none +experiment=quality_long)  # were of 4k above; sparse densities and ratios are fractions
       windows=1024,4096; tables="-m ollm_triton.quality_curves"
     fi
-    q() { case "$only" in *" $1 "*) ;; *) return 0 ;; esac
+    # a sweep's folder is its group (the table's section), or group/part: the longer groups run as parts, so that
+    # with QUALITY_PARALLEL each part is its own process (results.load reads a group's parts as one table)
+    q() { case "$only" in *" ${1%%/*} "*) ;; *) return 0 ;; esac
           local name=$1; shift; echo "-- sweep $name"
           # QUALITY_EXTRA: more overrides for every sweep (e.g. debug=smoke); a failed job is a row, the sweeps go on
           local cmd=("${limit[@]}" "$PY" -m ollm_triton.run -m "${common[@]}" hydra.sweep.dir="$root/$name" "$@"
                      ${QUALITY_EXTRA:-})
           if [ -n "${QUALITY_PARALLEL:-}" ]; then  # every sweep at once on one GPU: the tiny model leaves it idle
-            "${cmd[@]}" > "$root.$name.log" 2>&1 & pids+=($!)
+            OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" "${cmd[@]}" > "$root.${name//\//_}.log" 2>&1 & pids+=($!)
           else
             "${cmd[@]}" || failed=1
           fi; }
     failed=0; pids=()
     # attention backends: prefill and decode follow the backend's pattern
     q attention_dense +attention=sdpa,flash,multiscale,adaptive
-    q attention_window +attention=sliding_window attention.window=$windows attention.sink=4
-    q attention_sparse +attention=sparse attention.block_size=64 attention.pattern=local,strided,bigbird \
-      attention.density=0.25,0.5
+    for window in ${windows//,/ }; do
+      q "attention_window/$window" +attention=sliding_window attention.window=$window attention.sink=4
+    done
+    for pattern in local strided bigbird; do
+      q "attention_sparse/$pattern" +attention=sparse attention.block_size=64 attention.pattern=$pattern \
+        attention.density=0.25,0.5
+    done
     # KV codecs: perplexity fed in chunks of 16 tokens, so every token attends over the codec's stored K/V
     q cache_quant task.perplexity.chunk=16 +cache=dense,int8,int4,int2,cluster
-    q cache_evict task.perplexity.chunk=16 +cache=streaming,h2o,snapkv cache.ratio=0.5,0.25,0.125
+    for codec in streaming h2o snapkv; do
+      q "cache_evict/$codec" task.perplexity.chunk=16 +cache=$codec cache.ratio=0.5,0.25,0.125
+    done
     for p in "${pids[@]}"; do wait "$p" || failed=1; done
     [ ${#pids[@]} -gt 0 ] && mkdir -p "$root" && cp "$root".*.log "$root"/ 2>/dev/null
     # the device tool returns at most 8 files: the sweeps' run folders as one archive
