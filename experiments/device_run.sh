@@ -17,7 +17,8 @@
 #                             and multikey); SWEEP picks some of attention_dense attention_window attention_sparse
 #                             cache_quant cache_evict (default all); QUALITY_PARALLEL=1 runs the sweeps at once,
 #                             the window, sparse and eviction groups one process per part (each sweep's log beside
-#                             its folder; ~9 minutes on an H100 for the slowest); ROOT archived as $OUT/<tag>.tgz;
+#                             its folder; the slowest job, window 1024, took 417 s beside the others on an H100);
+#                             ROOT archived as $OUT/<tag>.tgz;
 #                             tables: python -m ollm_triton.quality_curves ROOT
 #   retrain                   retrain the embedded tiny-llama + draft, two variants side by side; needs
 #                             .carry3/stdlib.tgz (Python 3.11.7's stdlib *.py, the training corpus)
