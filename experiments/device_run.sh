@@ -39,7 +39,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 what="${1:-}"
-[ -n "$what" ] || { sed -n '2,34p' "$0"; exit 2; }
+[ -n "$what" ] || { sed -n '2,37p' "$0"; exit 2; }
 shift
 PY="${PYTHON:-python3}"
 OUT="${OUT:-outputs/device_run}"
@@ -175,7 +175,7 @@ P
     "${limit[@]}" "$@"
     rc=$? ;;
   *)
-    echo "unknown <what>: $what" >&2; sed -n '6,29p' "$0" >&2; exit 2 ;;
+    echo "unknown <what>: $what" >&2; sed -n '6,31p' "$0" >&2; exit 2 ;;
 esac
 echo "== $what done: rc=$rc in $(( $(date +%s) - t0 )) s"
 exit "$rc"
