@@ -61,7 +61,7 @@ CASES = {
     "speculative-self-k3": ("speculative", {"num_candidates": 3}, "self"),
     "speculative-noisy-k4": ("speculative", {"num_candidates": 4}, "noisy"),
     "speculative-truncated-k1": ("speculative", {"num_candidates": 1}, "truncated"),
-    "adaptive-noisy": ("adaptive", {"initial_candidates": 2, "warmup": 1}, "noisy"),
+    "adaptive-noisy": ("adaptive", {"initial_candidates": 2, "warmup": 1, "min_candidates": 1}, "noisy"),
     "tree-noisy-gather": ("tree", {"depth": 4, "branching": 2, "width": 3}, "noisy"),
     "tree-noisy-rerun": ("tree", {"depth": 3, "branching": 3, "width": 4, "compaction": "rerun"}, "noisy"),
     "tree-chain": ("tree", {"depth": 3, "branching": 1, "width": 1}, "truncated"),
@@ -233,6 +233,45 @@ def test_adaptive_records_changes_in_counters(models, monkeypatch):
     assert c["candidates_changes"] == 1 and c["candidates_change_0_to"] == 5 and c["candidates_final"] == 5
     assert c["candidates_change_0_at_token"] > 1 and 1 < c["candidates_mean"] < 5
     assert len(s.history) == 1 and s.history[0]["from"] == 1.0 and s.history[0]["iteration"] == 2.0
+
+
+def _off_between(first: int, last: int):
+    """A controller rate that switches speculation off (0 drafts) for observations first..last-1 and asks for the
+    most drafts otherwise: exact moves, whatever the machine's timings."""
+    def rate(self, k):
+        return 1.0 + (k == 0) if first <= self.iterations < last else 1.0 + k
+    return rate
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_adaptive_switched_off_runs_plain_bursts_equal_to_greedy_and_drafts_again(models, monkeypatch, path):
+    from ollm_triton.decoding.speculation import OFF_BURST
+
+    monkeypatch.setattr(CandidateController, "rate", _off_between(2, 4))  # two bursts off, then drafting again
+    s = registry.build("decoder", "adaptive", {"initial_candidates": 2, "max_candidates": 3, "warmup": 1,
+                                                "hysteresis": 0.0, "fast_path": path}, draft_engine=models["noisy"])
+    greedy = registry.build("decoder", "greedy")
+    prompt, new = prompts()[0], 64
+    ref = greedy.generate(models["target"], prompt, new).tokens
+    out = s.generate(models["target"], prompt, new)
+    assert torch.equal(out.tokens, ref), (out.tokens.tolist(), ref.tolist())
+    c = out.counters
+    assert [h["to"] for h in s.history] == [3.0, 0.0, 3.0]
+    assert c["candidates_final"] == 3 and c["target_forwards"] == 1 + c["iterations"]
+    # each burst is OFF_BURST target steps and one observation: the iterations count steps, not observations
+    assert c["speculation_off_bursts"] == 2 and c["speculation_off_steps"] == 2 * OFF_BURST
+    assert s.controller.iterations == c["iterations"] - c["speculation_off_steps"] + c["speculation_off_bursts"]
+    # an eos inside a burst: the output stops where greedy's does
+    seen, stop = set(), None
+    for i, t in enumerate(ref[0].tolist()):
+        if i >= 2 + OFF_BURST // 2 and t not in seen:
+            stop = (i, t)
+            break
+        seen.add(t)
+    assert stop is not None
+    ref_eos = greedy.generate(models["target"], prompt, new, eos_id=stop[1]).tokens
+    out_eos = s.generate(models["target"], prompt, new, eos_id=stop[1]).tokens
+    assert ref_eos.shape[1] == stop[0] + 1 and torch.equal(out_eos, ref_eos)
 
 
 def test_bad_parameters_are_one_line_errors(models):

@@ -29,6 +29,7 @@ CandidateController = DraftLengthController  # the name this module gave the con
 @dataclass
 class AdaptiveConfig(SamplingStrategyFields, DraftLengthParams):
     draft: str = "embedded:tiny-llama-draft"  # embedded:NAME | checkpoint dir | random:<json|conf/model preset>
+    min_candidates: int = 0  # 0: speculation switches off where drafting does not pay (plain steps, speculation.py)
     persist: bool = True  # keep the estimates across generate calls on the same engine (a warm-up call teaches them)
 
     def check(self) -> None:

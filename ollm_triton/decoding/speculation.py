@@ -31,6 +31,12 @@ sampled rule's accepted counts and outcome); acceptance, the eos rule (EmittedTo
 host from there. Prompt lookup drafts from a host copy of the sequence (`Drafter.host_tokens`), so its verify block
 is one host-to-device copy; draft models' greedy chains are one replay (static_steps.Chain). Measured by
 experiments/decoding/host_overhead.py (the model steps stubbed out).
+
+Speculation off: a controller that asks for 0 drafts (`adaptive`, `+adapt=speculative`, when drafting does not pay)
+gets, in greedy mode, up to OFF_BURST plain target steps that feed each argmax back on the device, with one sync for
+all of them (`greedy_burst`): a one-token iteration's host work would otherwise cost about as much as the step
+(~0.1 ms against 0.13 ms on the H100, experiments/decoding/README.md), and "off" would still be slower than greedy.
+The burst is one observation of the controller (its per-token cost is the k = 0 cost it weighs drafting against).
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ import torch
 from ollm_triton.decoding.base import Drafter, Generation
 from ollm_triton.decoding.greedy import sampling_probs
 from ollm_triton.timing import Timer
+
+OFF_BURST = 16  # target steps per host sync while speculation is off (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -206,6 +214,8 @@ class LoopStats:
     drafted: int = 0  # drafts verified
     accepted: int = 0  # drafts accepted (the batch rule's n)
     target_forwards: int = 0
+    off_bursts: int = 0  # bursts of plain steps while speculation was off (each one controller observation)
+    off_steps: int = 0  # the target steps of those bursts (also counted in iterations and target_forwards)
 
 
 def speculate(
@@ -270,6 +280,26 @@ def speculate(
             while not out.finished:
                 start = clock.mark("draft")
                 m = controller.candidates()
+                if m == 0 and sampling.greedy:  # speculation off: plain steps, one sync per burst
+                    steps = min(OFF_BURST, out.remaining)
+                    clock.mark("verify")
+                    chunk = greedy_burst(target, seq, seq_len, pending, steps)
+                    clock.mark("accept")
+                    if host_drafter:
+                        drafter.extend(chunk)
+                    for row, new in zip(emitted_rows, chunk, strict=True):
+                        row.extend(new)
+                    pending = [r[-1] for r in chunk]
+                    seq_len += steps
+                    out.extend(chunk)
+                    stats.iterations += steps
+                    stats.target_forwards += steps
+                    stats.off_bursts += 1
+                    stats.off_steps += steps
+                    now = time.perf_counter()
+                    controller.observe(0, 0, 0.0, (now - wall) / steps, out.count)
+                    wall = now
+                    continue
                 if not target.fixed_width:  # no drafts past the end (a static target keeps one block length)
                     m = min(m, out.remaining - 1)
                 drafts, q = drafter.propose(seq, seq_len, m, gen) if m > 0 else (None, None)
@@ -343,6 +373,18 @@ def speculate(
     return Generation(out.result(device), counters)
 
 
+def greedy_burst(target, seq: torch.Tensor, seq_len: int, pending: list[int], steps: int) -> list[list[int]]:
+    """`steps` single-token target steps from the pending tokens, each feeding its argmax back on the device (no
+    host sync between them); the tokens land in seq[:, seq_len : seq_len + steps] -> [B][steps] on the host."""
+    tok = torch.tensor(pending, dtype=torch.long, device=seq.device)[:, None]
+    for i in range(steps):
+        logits = target.verify(tok)
+        target.commit(seq_len + i)  # the target now holds every token but the one it just predicted
+        tok = target.argmax(logits)[:, :1]
+        seq[:, seq_len + i] = tok[:, 0]
+    return seq[:, seq_len : seq_len + steps].tolist()
+
+
 def speculation_counters(out: EmittedTokens, stats: LoopStats, prefill_s: float, decode_s: float,
                          phases: dict[str, float], drafter: Drafter) -> dict[str, float]:
     """The counters every speculative strategy reports (see base.Generation)."""
@@ -367,5 +409,7 @@ def speculation_counters(out: EmittedTokens, stats: LoopStats, prefill_s: float,
         "accept_s": phases.get("accept", 0.0),
         "draft_step_s": phases.get("draft", 0.0) / draft_forwards if draft_forwards else 0.0,
         "verify_step_s": phases.get("verify", 0.0) / iters,
+        "speculation_off_steps": int(stats.off_steps),  # plain target steps while a controller asked for 0 drafts
+        "speculation_off_bursts": int(stats.off_bursts),
         **drafter.counters(),
     }
