@@ -243,21 +243,24 @@ def _off_between(first: int, last: int):
     return rate
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", [*PATHS, pytest.param("auto", marks=pytest.mark.gpu)])  # auto on CUDA: graphs
 def test_adaptive_switched_off_runs_plain_bursts_equal_to_greedy_and_drafts_again(models, monkeypatch, path):
     from ollm_triton.decoding.speculation import OFF_BURST
 
+    if path == "auto":
+        models = _cuda_models()
     monkeypatch.setattr(CandidateController, "rate", _off_between(2, 4))  # two bursts off, then drafting again
     s = registry.build("decoder", "adaptive", {"initial_candidates": 2, "max_candidates": 3, "warmup": 1,
                                                 "hysteresis": 0.0, "fast_path": path}, draft_engine=models["noisy"])
     greedy = registry.build("decoder", "greedy")
-    prompt, new = prompts()[0], 64
+    prompt, new = prompts()[0].to(models["target"].device), 64
     ref = greedy.generate(models["target"], prompt, new).tokens
     out = s.generate(models["target"], prompt, new)
     assert torch.equal(out.tokens, ref), (out.tokens.tolist(), ref.tolist())
     c = out.counters
     assert [h["to"] for h in s.history] == [3.0, 0.0, 3.0]
     assert c["candidates_final"] == 3 and c["target_forwards"] == 1 + c["iterations"]
+    assert c["fast_path_graph"] == float(path == "auto")  # on CUDA the bursts replay the one-token graph
     # each burst is OFF_BURST target steps and one observation: the iterations count steps, not observations
     assert c["speculation_off_bursts"] == 2 and c["speculation_off_steps"] == 2 * OFF_BURST
     assert s.controller.iterations == c["iterations"] - c["speculation_off_steps"] + c["speculation_off_bursts"]
@@ -308,12 +311,8 @@ def test_random_draft_sources(models):
     assert s.draft._engine is None
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", ["speculative-noisy-k4", "adaptive-noisy", "tree-noisy-gather", "tree-noisy-rerun",
-                                  "prompt_lookup", "self_speculative"])
-def test_cuda_graph_path_matches_greedy(case):
-    """On CUDA (float32) greedy replays the engine's captured decode step and the strategies their captured
-    static-buffer steps (fast_path=auto resolves to graph): the tokens must still be greedy's."""
+def _cuda_models():
+    """The module's target and noisy draft on CUDA (float32), the target decoding through captured graphs."""
 
     def cuda_build(layers=2):
         eng = load_engine({**ARCH, "num_hidden_layers": layers}, device="cuda", dtype=torch.float32, seed=1)
@@ -330,7 +329,17 @@ def test_cuda_graph_path_matches_greedy(case):
             p.copy_(src)
             if p.dim() > 1:
                 p.add_(torch.randn(p.shape, generator=gen, device="cuda") * p.std() * 0.1)
-    cuda_models = {"target": target, "self": target, "noisy": noisy, "truncated": noisy}
+    return {"target": target, "self": target, "noisy": noisy, "truncated": noisy}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["speculative-noisy-k4", "adaptive-noisy", "tree-noisy-gather", "tree-noisy-rerun",
+                                  "prompt_lookup", "self_speculative"])
+def test_cuda_graph_path_matches_greedy(case):
+    """On CUDA (float32) greedy replays the engine's captured decode step and the strategies their captured
+    static-buffer steps (fast_path=auto resolves to graph): the tokens must still be greedy's."""
+    cuda_models = _cuda_models()
+    target = cuda_models["target"]
     greedy = registry.build("decoder", "greedy")
     s = strategy(case, cuda_models, "auto")
     for prompt in prompts():
