@@ -23,19 +23,14 @@
 # saved there as PNG, next to the runs it plots.
 
 # %%
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from ollm_triton.results import load
+from ollm_triton.results import load, notebook_root, run_sweep
 
-HERE = Path.cwd().resolve()
-# Jupyter starts the kernel in the notebook's folder: put the sweep under the repository's multirun/ then.
-ROOT = HERE.parent if HERE.name == "notebooks" and (HERE.parent / "pyproject.toml").exists() else HERE
+ROOT = notebook_root()  # the repository root when Jupyter runs this from notebooks/
 sweep_dir = ROOT / "multirun" / "quickstart" / time.strftime("%Y-%m-%d_%H-%M-%S")
 SWEEP = [
     "task=[perplexity,memory]",
@@ -50,10 +45,7 @@ SWEEP = [
 ]
 
 # %%
-cmd = [sys.executable, "-m", "ollm_triton.run", "-m", *SWEEP, f"hydra.sweep.dir={sweep_dir}"]
-proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-print(proc.stdout[-2000:])
-assert proc.returncode == 0, proc.stderr[-2000:]
+print(run_sweep(SWEEP, sweep_dir, cwd=ROOT))  # python -m ollm_triton.run -m <SWEEP> hydra.sweep.dir=<sweep_dir>
 
 # %%
 df = load(sweep_dir).sort_values("memory/kv_ratio", ascending=False)

@@ -28,20 +28,16 @@
 
 # %%
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 
 from ollm_triton.quality_curves import plot, tables
+from ollm_triton.results import notebook_root, run_sweep
 
 QUALITY_DIR = os.environ.get("OLLM_QUALITY_DIR", "")
-
-HERE = Path.cwd().resolve()
-# Jupyter starts the kernel in the notebook's folder: put a smoke run under the repository's multirun/ then.
-ROOT = HERE.parent if HERE.name == "notebooks" and (HERE.parent / "pyproject.toml").exists() else HERE
+ROOT = notebook_root()  # the repository root when Jupyter runs this from notebooks/
 
 # %%
 if QUALITY_DIR:
@@ -51,11 +47,8 @@ else:
     # two of device_run.sh's five sweeps, fewer settings: perplexity through the codec's stored K/V (chunks of 16)
     sweeps = {"cache_quant": ["+cache=dense,int4"], "cache_evict": ["+cache=snapkv", "cache.ratio=0.5,0.25"]}
     for name, overrides in sweeps.items():
-        cmd = [sys.executable, "-m", "ollm_triton.run", "-m", "+experiment=quality_long", "debug=smoke", "logger=none",
-               "task.perplexity.chunk=16", *overrides, f"hydra.sweep.dir={quality_root / name}"]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        print(proc.stdout[-600:])
-        assert proc.returncode == 0, proc.stderr[-2000:]
+        common = ["+experiment=quality_long", "debug=smoke", "logger=none", "task.perplexity.chunk=16"]
+        print(run_sweep([*common, *overrides], quality_root / name, cwd=ROOT)[-600:])
 
 # %%
 print(tables(quality_root))

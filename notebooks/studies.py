@@ -29,34 +29,26 @@
 
 # %%
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from ollm_triton.results import STUDIES, load, markdown_table, study_name, study_table
+from ollm_triton.results import STUDIES, load, markdown_table, notebook_root, run_sweep, study_name, study_table
 
 STUDY_DIR = os.environ.get("OLLM_STUDY_DIR", "")
 # a finished sweep names its own study (its jobs' +experiment=<study>); the smoke run needs one
 STUDY = os.environ.get("OLLM_STUDY") or (study_name(load(STUDY_DIR)) if STUDY_DIR else "memory")
 assert STUDY in STUDIES, f"STUDY must be one of {STUDIES}, got {STUDY!r}"
 
-HERE = Path.cwd().resolve()
-# Jupyter starts the kernel in the notebook's folder: put a smoke sweep under the repository's multirun/ then.
-ROOT = HERE.parent if HERE.name == "notebooks" and (HERE.parent / "pyproject.toml").exists() else HERE
+ROOT = notebook_root()  # the repository root when Jupyter runs this from notebooks/
 
 # %%
 if STUDY_DIR:
     sweep_dir = Path(STUDY_DIR)
 else:
     sweep_dir = ROOT / "multirun" / "studies" / f"{STUDY}_smoke_{time.strftime('%Y-%m-%d_%H-%M-%S')}"
-    cmd = [sys.executable, "-m", "ollm_triton.run", "-m", f"+experiment={STUDY}", "debug=smoke", "logger=none",
-           f"hydra.sweep.dir={sweep_dir}"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    print(proc.stdout[-1500:])
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    print(run_sweep([f"+experiment={STUDY}", "debug=smoke", "logger=none"], sweep_dir, cwd=ROOT))
 
 # %%
 table = study_table(sweep_dir, STUDY)

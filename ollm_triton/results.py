@@ -123,6 +123,23 @@ class WandbLogger:
             self.run = None
 
 
+def notebook_root(cwd: str | Path | None = None) -> Path:
+    """Where a notebook puts its sweeps (under `<root>/multirun/`): the repository root when Jupyter started the
+    kernel in its `notebooks/` folder, else the working directory."""
+    here = Path(cwd or Path.cwd()).resolve()
+    return here.parent if here.name == "notebooks" and (here.parent / "pyproject.toml").exists() else here
+
+
+def run_sweep(overrides: list[str], sweep_dir: str | Path, *, cwd: str | Path | None = None) -> str:
+    """`python -m ollm_triton.run -m <overrides> hydra.sweep.dir=<sweep_dir>` in a subprocess, as the notebooks run
+    their sweeps -> the tail of what it printed; RuntimeError with the tail of its stderr when it fails."""
+    cmd = [sys.executable, "-m", "ollm_triton.run", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"]
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[1:])} exited {proc.returncode}:\n{proc.stderr[-2000:]}")
+    return proc.stdout[-2000:]
+
+
 def load(path_or_glob: str | Path, include_failed: bool = True):
     """A pandas DataFrame with one row per run found under a run dir, a multirun dir, or a glob of them.
 

@@ -1,6 +1,6 @@
 """Execute every notebook in notebooks/ (jupytext percent scripts) top to bottom, in a temporary working directory,
 and check that it showed its figures and saved them as PNG beside its sweep, or beside the sweeps it plots (under
-multirun/)."""
+multirun/); and the helpers they run their sweeps with."""
 
 from pathlib import Path
 
@@ -30,3 +30,12 @@ def test_notebook_executes(path, tmp_path):
         assert len(data) > 5_000, f"{png} is only {len(data)} bytes"
         sweeps = [png.parent, *(d for d in png.parent.iterdir() if d.is_dir())]
         assert any((d / "multirun.yaml").exists() for d in sweeps), f"{png} is not beside a sweep"
+
+
+def test_run_sweep_raises_with_the_runs_error_and_notebook_root_finds_the_repository(tmp_path):
+    from ollm_triton.results import notebook_root, run_sweep
+
+    with pytest.raises(RuntimeError, match="no_such_plugin"):
+        run_sweep(["+cache=no_such_plugin", "logger=none"], tmp_path / "sweep", cwd=tmp_path)
+    repo = Path(__file__).resolve().parents[1]
+    assert notebook_root(repo / "notebooks") == repo and notebook_root(tmp_path) == tmp_path.resolve()
