@@ -285,80 +285,71 @@ def speculate(
                     clock.mark("verify")
                     chunk = greedy_burst(target, seq, seq_len, pending, steps)
                     clock.mark("accept")
-                    if host_drafter:
-                        drafter.extend(chunk)
-                    for row, new in zip(emitted_rows, chunk, strict=True):
-                        row.extend(new)
-                    pending = [r[-1] for r in chunk]
-                    seq_len += steps
-                    out.extend(chunk)
-                    stats.iterations += steps
-                    stats.target_forwards += steps
+                    n, forwards = 0, steps
                     stats.off_bursts += 1
                     stats.off_steps += steps
-                    now = time.perf_counter()
-                    controller.observe(0, 0, 0.0, (now - wall) / steps, out.count)
-                    wall = now
-                    continue
-                if not target.fixed_width:  # no drafts past the end (a static target keeps one block length)
-                    m = min(m, out.remaining - 1)
-                drafts, q = drafter.propose(seq, seq_len, m, gen) if m > 0 else (None, None)
-                if not target.fixed_width:
-                    m = 0 if drafts is None else len(drafts[0]) if host_drafter else drafts.shape[1]
-                if host_drafter:  # the whole block [pending, drafts] is known here: one host-to-device copy
-                    # (a static target keeps one block length: rows with fewer drafts repeat the pending token;
-                    # any draft is safe, the target only accepts agreement)
-                    host_block = [[t] + (d or [])[:m] + [t] * (m - len(d or ())) for t, d in
-                                  zip(pending, drafts or [None] * batch, strict=True)]
-                    block = torch.tensor(host_block, dtype=torch.long)  # the target copies it in
-                    drafts = None
                 else:
-                    if drafts is None:
-                        drafts = seq.new_empty(batch, 0)
-                    root = seq[:, seq_len - 1 : seq_len]
-                    if target.fixed_width and drafts.shape[1] < m:
-                        drafts = torch.cat((drafts, root.expand(batch, m - drafts.shape[1])), dim=1)
-                    block = torch.cat((root, drafts), dim=1)
-                    host_block = None
-                clock.mark("verify")
-                logits = target.verify(block)
-                clock.mark("accept")
-                # the iteration's one host sync: what acceptance needs, read in one device-to-host copy
-                if sampling.greedy:
-                    outcome = target.argmax(logits)  # [B, m+1]
-                    if host_block is None:
-                        host = torch.cat((block, outcome), dim=1).tolist()
-                        host_block, target_rows = [r[: m + 1] for r in host], [r[m + 1 :] for r in host]
+                    if not target.fixed_width:  # no drafts past the end (a static target keeps one block length)
+                        m = min(m, out.remaining - 1)
+                    drafts, q = drafter.propose(seq, seq_len, m, gen) if m > 0 else (None, None)
+                    if not target.fixed_width:
+                        m = 0 if drafts is None else len(drafts[0]) if host_drafter else drafts.shape[1]
+                    if host_drafter:  # the whole block [pending, drafts] is known here: one host-to-device copy
+                        # (a static target keeps one block length: rows with fewer drafts repeat the pending token;
+                        # any draft is safe, the target only accepts agreement)
+                        host_block = [[t] + (d or [])[:m] + [t] * (m - len(d or ())) for t, d in
+                                      zip(pending, drafts or [None] * batch, strict=True)]
+                        block = torch.tensor(host_block, dtype=torch.long)  # the target copies it in
+                        drafts = None
                     else:
-                        target_rows = outcome.tolist()
-                    accepted = accept_greedy([r[1:] for r in host_block], target_rows)
-                else:
-                    if drafts is None:  # host drafts: the device copy the sampled rule compares with
-                        drafts = block[:, 1:].to(device)
-                    acc, outcome = accept_sampled(sampling.probs(logits), q, drafts, gen)
-                    host = torch.cat((acc[:, None], outcome), dim=1).tolist()
-                    accepted, target_rows = [r[0] for r in host], [r[1:] for r in host]
-                # finished rows emit eos whatever they accept, so they do not hold the batch back
-                n = min((a for a, done in zip(accepted, out.done, strict=True) if not done), default=m)
-                chunk = [r[: n + 1] for r in target_rows]
-                if not host_drafter:
-                    seq[:, seq_len : seq_len + n + 1] = outcome[:, : n + 1]
-                target.commit(seq_len + n)  # pending + n accepted drafts; the rejected ones never happened
-                drafter.commit(seq_len + n)
+                        if drafts is None:
+                            drafts = seq.new_empty(batch, 0)
+                        root = seq[:, seq_len - 1 : seq_len]
+                        if target.fixed_width and drafts.shape[1] < m:
+                            drafts = torch.cat((drafts, root.expand(batch, m - drafts.shape[1])), dim=1)
+                        block = torch.cat((root, drafts), dim=1)
+                        host_block = None
+                    clock.mark("verify")
+                    logits = target.verify(block)
+                    clock.mark("accept")
+                    # the iteration's one host sync: what acceptance needs, read in one device-to-host copy
+                    if sampling.greedy:
+                        outcome = target.argmax(logits)  # [B, m+1]
+                        if host_block is None:
+                            host = torch.cat((block, outcome), dim=1).tolist()
+                            host_block, target_rows = [r[: m + 1] for r in host], [r[m + 1 :] for r in host]
+                        else:
+                            target_rows = outcome.tolist()
+                        accepted = accept_greedy([r[1:] for r in host_block], target_rows)
+                    else:
+                        if drafts is None:  # host drafts: the device copy the sampled rule compares with
+                            drafts = block[:, 1:].to(device)
+                        acc, outcome = accept_sampled(sampling.probs(logits), q, drafts, gen)
+                        host = torch.cat((acc[:, None], outcome), dim=1).tolist()
+                        accepted, target_rows = [r[0] for r in host], [r[1:] for r in host]
+                    # finished rows emit eos whatever they accept, so they do not hold the batch back
+                    n = min((a for a, done in zip(accepted, out.done, strict=True) if not done), default=m)
+                    chunk = [r[: n + 1] for r in target_rows]
+                    if not host_drafter:
+                        seq[:, seq_len : seq_len + n + 1] = outcome[:, : n + 1]
+                    target.commit(seq_len + n)  # pending + n accepted drafts; the rejected ones never happened
+                    drafter.commit(seq_len + n)
+                    forwards = 1
                 if host_drafter:
                     drafter.extend(chunk)
                 for row, new in zip(emitted_rows, chunk, strict=True):
                     row.extend(new)
                 pending = [r[-1] for r in chunk]
-                seq_len += n + 1
+                seq_len += len(chunk[0])
                 out.extend(chunk)
-                stats.iterations += 1
-                stats.target_forwards += 1
+                stats.iterations += forwards
+                stats.target_forwards += forwards
                 stats.drafted += m
                 stats.accepted += n
                 now = time.perf_counter()
                 draft_s = clock.phases(start).get("draft", 0.0) if controller.needs_timing else 0.0
-                controller.observe(m, n, draft_s, now - wall, out.count)
+                # a burst is one observation at its cost per step: the k = 0 cost drafting is weighed against
+                controller.observe(m, n, draft_s, (now - wall) / forwards, out.count)
                 wall = now
             clock.mark("end")
         capture_s = target.capture_s + drafter.capture_s - capture_before
