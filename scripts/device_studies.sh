@@ -17,8 +17,10 @@
 #   memory           15 jobs, ~5 min: 14 took 275 s on an H100 (2026-12-07); the streaming sets take 23-44 s each
 #   throughput        7 jobs, 146 s on an H100 (2026-12-07)
 #   energy            5 jobs, ~1-2 min (not in the default list; the throughput study records tokens/J too)
-#   context_scaling  8k, 32k, 128k: ~3-4 min; 200k adds ~4-5 min; 512k / 1M do not fit a call (1M int4: two
-#                    ~15 min prefills a job), so CONTEXT_LENGTHS defaults to 8k..200k under an 8-minute limit
+#   context_scaling  8k, 32k, 128k: ~3-4 min for five sets (14 jobs in 261 s on an H100, 2026-12-07; the sixth,
+#                    kv_streaming, came later); 200k adds ~4-5 min; 512k / 1M do not fit a call (1M int4: two
+#                    ~15 min prefills a job), so CONTEXT_LENGTHS defaults to 8k..200k under an 8-minute limit;
+#                    the 8k-128k rows of five sets are measured: CONTEXT_LENGTHS=200000 runs what is missing first
 # So: call 1 `memory throughput` (~8 min), call 2 `context_scaling` (8 min, cut at its limit), or
 # `LIMIT_CONTEXT_SCALING_S=390 ... context_scaling energy` to add the energy study to call 2.
 # What the memory check should refuse at once (engine/footprint.py's estimate, 90% of free memory usable: ~71 GB on
