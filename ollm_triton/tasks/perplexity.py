@@ -204,7 +204,7 @@ def score(engine, ids: torch.Tensor, max_length: int, stride: int, chunk: int, c
         nll = F.cross_entropy(pred, target, reduction="none")
         out.nll += nll.sum().item()
         out.scored += target.numel()
-        out.scored_lossy += sum(sz for sz, lo in zip(sizes, lossy) if lo)
+        out.scored_lossy += sum(sz for sz, lo in zip(sizes, lossy, strict=True) if lo)
         out.tokens_compressed = max(out.tokens_compressed, comp)
         out.max_evicted = max(out.max_evicted, ev)
         out.windows += 1
