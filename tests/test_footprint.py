@@ -85,7 +85,8 @@ def test_gpu_checks_the_device_cap_and_suggests_streaming_or_int4():
         check_fits(arch("llama3_8b"), dtype="bfloat16", device="cuda", batch=1, context=4096, codec=codec,
                    prefetch=policy, device_memory_gb=8, free=(80 * GB, 200 * GB))
     msg = str(e.value)
-    assert "of cuda memory" in msg and "(device_memory_gb=8)" in msg and "+prefetch=lookahead prefetch.budget_gb=" in msg
+    assert "of cuda memory" in msg and "(device_memory_gb=8)" in msg
+    assert "+prefetch=lookahead prefetch.budget_gb=" in msg
     with pytest.raises(DoesNotFit, match=r"\+cache=int4, prefill_chunk=4096"):  # KV and activations of 8 x 128k
         check_fits(arch("llama3_8b"), dtype="bfloat16", device="cuda", batch=8, context=131072, codec=codec,
                    prefetch=policy, free=(80 * GB, 200 * GB))

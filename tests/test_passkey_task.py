@@ -140,5 +140,6 @@ def test_window_longer_than_every_document_says_none(capsys):
         RunContext(engine=engine, decoder=registry.build("decoder", "greedy"), device=torch.device("cpu")))
     effect = out["plugin_effect"]
     assert effect.startswith("none: attention sliding_window: window 4096 >= longest sequence 30"), effect
-    assert "cache int4: up to " in effect and "tokens compressed per layer" in effect and out["keys_masked"] == 0.0  # int4 quantized most of the 300 tokens
+    # int4 quantized most of the 300 tokens
+    assert "cache int4: up to " in effect and "tokens compressed per layer" in effect and out["keys_masked"] == 0.0
     assert "passkey: selected plugin had no effect: attention sliding_window" in capsys.readouterr().err
