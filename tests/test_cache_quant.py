@@ -113,6 +113,28 @@ def test_dense_roundtrip_and_exact_residual(bits, tol, symmetric):
         assert 0 < err < tol + (0.25 if symmetric and bits == 2 else 0)
 
 
+@pytest.mark.parametrize("slice_tokens", [1, 40, 64, 10_000])  # one group, rounded down to one, two, all at once
+def test_dense_in_slices_is_the_whole_cache_decoded_at_once(slice_tokens, monkeypatch):
+    import ollm_triton.cache.quant as quant
+    from ollm_triton.kernels import quant as Q
+
+    monkeypatch.setattr(quant, "DENSE_SLICE", slice_tokens)
+    lay = layer(bits=4, group=32, residual=16, max_len=512)
+    k_in, v_in = kv(203, seed=3)
+    lay.append(k_in, v_in)
+    n = lay.n_quant
+    assert n >= 3 * 32  # several slices at every size above but the last
+    k, v = lay.dense()
+    # the reference: every quantized token decoded in one call, then the exact window after it
+    k_ref = Q.dequantize_keys_ref(lay.k_codes[:, :, :n], lay.k_scale[:, :, : n // 32], lay.k_zero[:, :, : n // 32],
+                                  4, 32, 32, False, torch.float32)
+    v_ref = Q.dequantize_values_ref(lay.v_codes[:, :, :n], lay.v_scale[:, :, :n], lay.v_zero[:, :, :n], 4,
+                                    lay.value_group, 32, False, torch.float32)
+    assert torch.equal(k[:, :, :n], k_ref) and torch.equal(v[:, :, :n], v_ref)
+    assert torch.equal(k[:, :, n:], k_in[:, :, n:]) and torch.equal(v[:, :, n:], v_in[:, :, n:])
+    assert k.shape == k_in.shape and v.shape == v_in.shape
+
+
 def test_truncate_inside_residual_and_inside_quantized_region():
     lay = layer(bits=4, group=32, residual=16)
     lay.append(*kv(120))

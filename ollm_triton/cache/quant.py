@@ -45,6 +45,10 @@ from ollm_triton.registry import register
 from ollm_triton.timing import Timer
 
 DEFER = 16  # appends of up to this many tokens (decode steps, verify blocks) are quantized after they attended
+# dense() decodes the quantized tokens this many at a time (rounded down to whole key groups) into its output: the
+# reference dequantization's int32 / float32 intermediates (~13 bytes an element) then span one slice, not the whole
+# cache (a later prompt chunk reads the cache back through dense(): at 128k tokens on Llama-3-8B shapes ~2 GB a layer)
+DENSE_SLICE = 8192
 
 
 @dataclass
@@ -191,11 +195,20 @@ class QuantLayer(ResidualWindow, CacheLayer):
         return k, v
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every held token in the model dtype, written slice by slice into one output per K and V (DENSE_SLICE)."""
         k_res, v_res = self.k_res[:, :, : self.n_res], self.v_res[:, :, : self.n_res]
-        if self.n_quant == 0:
+        nq = self.n_quant
+        if nq == 0:
             return k_res, v_res
-        k, v = self._dequant(0, self.n_quant)
-        return torch.cat((k, k_res), dim=2), torch.cat((v, v_res), dim=2)
+        s = self.spec
+        k = torch.empty(s.batch, s.kv_heads, nq + self.n_res, s.head_dim, dtype=s.dtype, device=s.device)
+        v = torch.empty_like(k)
+        step = max(DENSE_SLICE // self.group, 1) * self.group
+        for lo in range(0, nq, step):
+            hi = min(lo + step, nq)
+            k[:, :, lo:hi], v[:, :, lo:hi] = self._dequant(lo, hi)
+        k[:, :, nq:], v[:, :, nq:] = k_res, v_res
+        return k, v
 
     def truncate(self, length: int) -> None:
         if not 0 <= length <= self.length:
