@@ -195,15 +195,19 @@ class QuantLayer(ResidualWindow, CacheLayer):
         return k, v
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every held token in the model dtype, written slice by slice into one output per K and V (DENSE_SLICE)."""
+        """Every held token in the model dtype; beyond one slice (DENSE_SLICE) written slice by slice into one output
+        per K and V."""
         k_res, v_res = self.k_res[:, :, : self.n_res], self.v_res[:, :, : self.n_res]
         nq = self.n_quant
         if nq == 0:
             return k_res, v_res
+        step = max(DENSE_SLICE // self.group, 1) * self.group
+        if nq <= step:  # one slice: decoded whole, then joined with the window (the fewest bytes held at once)
+            k, v = self._dequant(0, nq)
+            return torch.cat((k, k_res), dim=2), torch.cat((v, v_res), dim=2)
         s = self.spec
         k = torch.empty(s.batch, s.kv_heads, nq + self.n_res, s.head_dim, dtype=s.dtype, device=s.device)
         v = torch.empty_like(k)
-        step = max(DENSE_SLICE // self.group, 1) * self.group
         for lo in range(0, nq, step):
             hi = min(lo + step, nq)
             k[:, :, lo:hi], v[:, :, lo:hi] = self._dequant(lo, hi)

@@ -41,6 +41,7 @@ import torch
 
 from ollm_triton.attention.sdpa import sink_attention_bytes
 from ollm_triton.cache.base import LayerSpec
+from ollm_triton.cache.quant import DENSE_SLICE
 from ollm_triton.cache.storage import StoredCodec
 from ollm_triton.engine.config import ModelConfig
 from ollm_triton.engine.linear_attention import state_bytes
@@ -163,8 +164,9 @@ def chunk_attention_bytes(cfg: ModelConfig, *, dtype: torch.dtype, batch: int, t
       memory-efficient kernel (at 4096 x 40,960 in bf16: 320 MiB, the H100 run's failed allocation);
     - a codec whose layers are not the model-dtype buffers themselves (`reads_views` False: its CacheCodec does not
       declare `static_buffers`) reads the held tokens back through dense(): K and V in the model dtype, alive
-      through the attention, and before that, their concatenation with the exact window and the decoding work of
-      one of them (READ_WORK bytes an element).
+      through the attention, and while they are written, one slice of them as decoded and its decoding work
+      (READ_WORK bytes an element; at most DENSE_SLICE tokens: the quantizers decode slice by slice into their
+      output).
     Grows with the context: at 4096 x 53,248 on Llama-3-8B shapes (bf16) it is 0.87 GB over a dense cache."""
     held = context - tokens
     if held <= 0 or tokens <= 0:
@@ -176,7 +178,8 @@ def chunk_attention_bytes(cfg: ModelConfig, *, dtype: torch.dtype, batch: int, t
     if reads_views:
         return int(attend)
     read = per_token * held  # the held tokens decoded to the model dtype
-    decode = 2 * read + READ_WORK * batch * cfg.num_kv_heads * cfg.head_dim * held
+    piece = min(held, DENSE_SLICE)  # one slice: its K and V as decoded, and the decoding's intermediates
+    decode = read + (per_token + READ_WORK * batch * cfg.num_kv_heads * cfg.head_dim) * piece
     return int(max(read + attend, decode))
 
 
