@@ -47,7 +47,7 @@ from ollm_triton.timing import Timer
 DEFER = 16  # appends of up to this many tokens (decode steps, verify blocks) are quantized after they attended
 # dense() decodes the quantized tokens this many at a time (rounded down to whole key groups) into its output: the
 # reference dequantization's int32 / float32 intermediates (~13 bytes an element) then span one slice, not the whole
-# cache (a later prompt chunk reads the cache back through dense(): at 128k tokens on Llama-3-8B shapes ~2 GB a layer)
+# cache (a later prompt chunk reads the cache back through dense(): at 128k tokens on Llama-3-8B shapes ~1.7 GB a layer)
 DENSE_SLICE = 8192
 
 
