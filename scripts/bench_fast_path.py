@@ -553,7 +553,8 @@ def main():
                     row[key]["kv_ratio"] = kv_ratio(eng, ctx + args.long_new // 2)
                 del eng
                 torch.cuda.empty_cache() if CUDA else None
-                bench.row(f"engine, {key.replace('_', ' ')} cache" + (" (% of its own floor)" if key != "dense" else ""),
+                own_floor = " (% of its own floor)" if key != "dense" else ""
+                bench.row(f"engine, {key.replace('_', ' ')} cache" + own_floor,
                           ctx, 1, row[key]["prefill_tok_s"], row[key]["decode_tok_s"],
                           floor(1, ctx + args.long_new // 2, row[key].get("kv_ratio", 1.0)), row[key]["peak_gb"],
                           row[key]["fast_path"], group=1000 + len(out) * 10 + len(row))

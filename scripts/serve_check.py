@@ -51,7 +51,9 @@ with httpx.stream("POST", url + "/completions", json={"model": model, "prompt": 
     lines = [l for l in r.iter_lines() if l]
 print("stream", len(lines), lines[-1], flush=True)
 m = httpx.get(root + "/metrics").text
-print("\n".join(l for l in m.splitlines() if l.startswith(("ollm_kv", "ollm_batch", "ollm_time_to", "ollm_inter", "ollm_model", "ollm_generated_tokens_total", "ollm_requests_finished"))), flush=True)
+SHOWN = ("ollm_kv", "ollm_batch", "ollm_time_to", "ollm_inter", "ollm_model", "ollm_generated_tokens_total",
+         "ollm_requests_finished")
+print("\n".join(line for line in m.splitlines() if line.startswith(SHOWN)), flush=True)
 proc.send_signal(signal.SIGTERM)
 rc = proc.wait(60)
 err = proc.stderr.read()
