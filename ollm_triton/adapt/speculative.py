@@ -33,7 +33,7 @@ MAX_RECORDED_CHANGES = 16  # per generate call in the counters; `history` keeps 
 @dataclass
 class DraftLengthParams:
     initial_candidates: int = 4
-    min_candidates: int = 1  # 0 lets the controller switch speculation off (the adapter's default)
+    min_candidates: int = 0  # 0: speculation off where drafting does not pay (plain steps, decoding/speculation.py)
     max_candidates: int = 12
     decay: float = 0.95  # per-iteration forgetting of the acceptance and cost estimates
     warmup: int = 4  # iterations observed before the first change
@@ -178,8 +178,6 @@ def _ema(old: float | None, new: float, decay: float) -> float:
 
 @dataclass
 class SpeculativeParams(AdaptParams, DraftLengthParams):
-    min_candidates: int = 0  # the adapter may switch speculation off
-
     def check(self) -> None:
         AdaptParams.check(self)
         DraftLengthParams.check(self)

@@ -3,8 +3,8 @@
 The controller is the adaptation layer's draft-length strategy (adapt/speculative.py: the model of tokens per
 forward against measured draft and verify costs, its warm-up and hysteresis, every change recorded in counters and
 `history`). This decoder builds one for itself; under `+adapt=speculative` the run's adapter hands over its own
-(`use_controller`), so the moves become the adapter's decisions, and its `min_candidates` may be 0 (speculation
-off while drafting does not pay).
+(`use_controller`), so the moves become the adapter's decisions. Both may go down to 0 drafts (`min_candidates`):
+speculation off while drafting does not pay, plain target steps in bursts (decoding/speculation.py).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ CandidateController = DraftLengthController  # the name this module gave the con
 @dataclass
 class AdaptiveConfig(SamplingStrategyFields, DraftLengthParams):
     draft: str = "embedded:tiny-llama-draft"  # embedded:NAME | checkpoint dir | random:<json|conf/model preset>
-    min_candidates: int = 0  # 0: speculation switches off where drafting does not pay (plain steps, speculation.py)
     persist: bool = True  # keep the estimates across generate calls on the same engine (a warm-up call teaches them)
 
     def check(self) -> None:
