@@ -366,11 +366,11 @@ def speculate(
 
 def greedy_burst(target, seq: torch.Tensor, seq_len: int, pending: list[int], steps: int) -> list[list[int]]:
     """`steps` single-token target steps from the pending tokens, each feeding its argmax back on the device (no
-    host sync between them); the tokens land in seq[:, seq_len : seq_len + steps] -> [B][steps] on the host."""
+    host sync between them); the tokens land in seq[:, seq_len : seq_len + steps] -> [B][steps] on the host. Nothing
+    is rolled back: after each step the target holds every token but the one it just predicted, so no commit."""
     tok = torch.tensor(pending, dtype=torch.long, device=seq.device)[:, None]
     for i in range(steps):
         logits = target.verify(tok)
-        target.commit(seq_len + i)  # the target now holds every token but the one it just predicted
         tok = target.argmax(logits)[:, :1]
         seq[:, seq_len + i] = tok[:, 0]
     return seq[:, seq_len : seq_len + steps].tolist()
