@@ -219,6 +219,7 @@ class BuiltRun:
     footprint: dict[str, Any] | None
     engine: Any
     load_s: float
+    load_peak: tuple[int, int] | None = None  # CUDA: (allocated, reserved) peak while the engine loaded
     closed: bool = field(default=False, repr=False)
 
     @property
@@ -228,6 +229,19 @@ class BuiltRun:
     @property
     def decoder(self):
         return self.built["decoder"]
+
+    def device_peaks(self) -> dict[str, int]:
+        """The device's peak memory so far, split at the end of loading (build_run reset the counters there): the
+        job's peak, the load's (a random model is drawn on the device, a streamed one packed from there) and the
+        run's since, so a streamed run that stays in its budget is told apart from a load that did not. {} off CUDA."""
+        if self.device.type != "cuda" or self.load_peak is None:
+            return {}
+        run_alloc = int(torch.cuda.max_memory_allocated(self.device))
+        run_reserved = int(torch.cuda.max_memory_reserved(self.device))
+        return {"device_peak_allocated_bytes": max(self.load_peak[0], run_alloc),
+                "device_peak_reserved_bytes": max(self.load_peak[1], run_reserved),
+                "device_load_peak_allocated_bytes": self.load_peak[0],
+                "device_run_peak_allocated_bytes": run_alloc}
 
     def close(self) -> None:
         """Stop the monitor; free the model, a decoder's draft model and the adapter's own monitor."""
@@ -286,6 +300,10 @@ def build_run(resolved: dict[str, Any], *, needs: Mapping[str, Any] | Callable[[
                                  prefill_chunk=int(resolved.get("prefill_chunk") or 0),
                                  fast_decode=str(resolved.get("fast_decode", "auto")))
         load_s = time.perf_counter() - t0
+        load_peak = None
+        if device.type == "cuda":  # BuiltRun.device_peaks: the load's peak apart from the run's
+            load_peak = (int(torch.cuda.max_memory_allocated(device)), int(torch.cuda.max_memory_reserved(device)))
+            torch.cuda.reset_peak_memory_stats(device)
         adapter.attach(engine=engine, decoder=built["decoder"], prefetch=built["prefetch"], monitor=monitor,
                        device_memory_gb=resolved.get("device_memory_gb"))
     except BaseException:  # refused or failed: no sampling thread (nor a draft model) outlives the attempt
@@ -295,7 +313,7 @@ def build_run(resolved: dict[str, Any], *, needs: Mapping[str, Any] | Callable[[
         raise
     return BuiltRun(resolved=resolved, plugins=plugins, source=source, trained=trained, device=device, dtype=dtype,
                     runtime=runtime, monitor=monitor, started=started, built=built, needs=made, footprint=footprint,
-                    engine=engine, load_s=load_s)
+                    engine=engine, load_s=load_s, load_peak=load_peak)
 
 
 __all__ = ["ASSETS", "CONF", "RUNTIMES", "USER_ERRORS", "BuiltRun", "CacheNeed", "RunError", "build_run",

@@ -340,7 +340,7 @@ class OptimizedInference:
             out["kv_bytes_source"] = "the codec's declared bytes per token (the scheduler freed the cache)"
         if self.device.type == "cuda":
             out["device_allocated_bytes"] = int(torch.cuda.memory_allocated(self.device))
-            out["device_peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated(self.device))
+            out.update(self._built_run.device_peaks())
         import psutil
 
         out["host_rss_bytes"] = int(psutil.Process().memory_info().rss)

@@ -152,9 +152,7 @@ def run_job(cfg: DictConfig, run_dir: Path, job_num: int = 0,
         # what attention ran, per phase: under the captured decode step it is the step's own kernel, not the plugin
         metrics["attention_path"] = engine_info["attention_path"]
         metrics["decode_attention_path"] = engine_info["decode_attention_path"]
-        if device.type == "cuda":  # over the whole job (clean_state reset the counter before it began)
-            metrics["device_peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated(device))
-            metrics["device_peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved(device))
+        metrics.update(run.device_peaks())  # over the whole job (clean_state reset the counters before it began)
         metrics.update({f"prefetch/{k}": v for k, v in built["prefetch"].stats().items()})
         metrics.update(adapter.report())  # adapt/decisions: every switch, when, why, its measured effect
         if monitor is not None:

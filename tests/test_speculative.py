@@ -221,6 +221,30 @@ def test_adaptive_controller_moves_towards_the_cost_optimum():
     assert expected_tokens(0.5, 2) == pytest.approx(1.75)
 
 
+def _drive(ctl, plain_s, iterations, accept=0.65):
+    """Feed the controller one device's costs: a plain step plain_s (a burst of 16 is observed per step), a draft
+    0.08 ms, a verify iteration 0.35 ms + 0.01 ms a draft; drafts accepted at rate `accept` in order."""
+    for i in range(iterations):
+        k = ctl.candidates()
+        if k == 0:
+            ctl.observe(0, 0, 0.0, plain_s, 0)
+            continue
+        n = next((j for j in range(k) if (i * 7 + j * 3) % 100 >= accept * 100), k)
+        ctl.observe(k, n, 0.08e-3 * k, 0.35e-3 + 0.01e-3 * k + 0.08e-3 * k, 0)
+
+
+def test_adaptive_measures_plain_steps_before_weighing_drafts_against_them():
+    # speculation off is tried once, not priced from a verify's cost: where plain steps cost 0.13 ms (a GPU's
+    # bursts) it stays off; where they cost 0.6 ms drafting comes back and stays on
+    fast = CandidateController(AdaptiveConfig(warmup=2))
+    _drive(fast, 0.13e-3, 40)
+    assert fast.history[0]["to"] == 0.0 and fast.history[0]["measuring"] == 1.0 and fast.k == 0
+    assert fast.rate(0) > fast.rate(4) and len(fast.history) == 1
+    slow = CandidateController(AdaptiveConfig(warmup=2))
+    _drive(slow, 0.6e-3, 40)
+    assert slow.history[0]["to"] == 0.0 and slow.k > 0 and all(h["to"] > 0 for h in slow.history[1:])
+
+
 def test_adaptive_records_changes_in_counters(models, monkeypatch):
     # timings are machine noise: a controller that always predicts more candidates to be faster makes it exact
     monkeypatch.setattr(CandidateController, "rate", lambda self, k: float(k))

@@ -8,7 +8,9 @@ forward plus the loop's bookkeeping, D one draft forward. The controller keeps
   rejection at draft i means i acceptances and one failure, drafts after it were never tested;
 - D: moving average of the draft phase's time per draft (device-event timed on CUDA);
 - V(k): moving average of the rest of the iteration's wall time, per k; an untried k borrows the nearest tried one,
-  extrapolated by the slope between tried ones (0 until two have been tried, which makes it try larger k);
+  extrapolated by the slope between tried ones (0 until two have been tried, which makes it try larger k); k = 0
+  (speculation off) borrows nothing: until measured it is tried once, because plain steps run in bursts with one
+  sync and cost much less than any verify iteration would suggest (decoding README, "Speculation off on the GPU");
 and after `warmup` iterations moves to the k in [min_candidates, max_candidates] that maximises E(k) / C(k) when
 that beats the current k by more than `hysteresis`. At k = 0 (off) nothing is tested, so the estimates decay
 towards the prior (a = 1/2) and drafting is tried again once that predicts a gain.
@@ -21,6 +23,7 @@ adapter's decisions with their callbacks. It is driven by the speculative loop (
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 
@@ -113,7 +116,9 @@ class DraftLengthController(Strategy):
         return self.verify[nearest] + slope * (k - nearest)
 
     def rate(self, k: int) -> float:
-        """Predicted tokens per second with k drafts."""
+        """Predicted tokens per second with k drafts (infinite for k = 0 until a burst of plain steps measured it)."""
+        if k == 0 and 0 not in self.verify:
+            return math.inf
         cost = self.verify_cost(k) + k * (self.draft_step or 0.0)
         return expected_tokens(self.alpha, k) / max(cost, 1e-12)
 
@@ -123,14 +128,20 @@ class DraftLengthController(Strategy):
         rates = {k: self.rate(k) for k in range(self.cfg.min_candidates, self.cfg.max_candidates + 1)}
         best = max(rates, key=rates.get)
         if best != self.k and rates[best] > rates[self.k] * (1.0 + self.cfg.hysteresis):
+            measuring = math.isinf(rates[best])
+            gain = 0.0 if measuring else rates[best] / rates[self.k] - 1.0
             change = {"iteration": float(self.iterations), "emitted": float(emitted), "from": float(self.k),
                       "to": float(best), "alpha": self.alpha, "draft_step_s": self.draft_step,
-                      "verify_s": self.verify_cost(best), "predicted_gain": rates[best] / rates[self.k] - 1.0}
+                      "verify_s": 0.0 if measuring else self.verify_cost(best), "predicted_gain": gain,
+                      "measuring": float(measuring)}
             self.history.append(change)
             self.call_changes.append(change)
-            reason = (f"acceptance {self.alpha:.2f}, draft {self.draft_step * 1e3:.3g} ms, verify "
-                      f"{self.verify_cost(best) * 1e3:.3g} ms: {rates[best] / rates[self.k] - 1.0:+.0%} predicted "
-                      f"tokens/s" + (" (speculation off)" if best == 0 else ""))
+            if measuring:
+                reason = "speculation off for one burst: the cost of a plain step is not measured yet"
+            else:
+                reason = (f"acceptance {self.alpha:.2f}, draft {self.draft_step * 1e3:.3g} ms, verify "
+                          f"{self.verify_cost(best) * 1e3:.3g} ms: {gain:+.0%} predicted tokens/s"
+                          + (" (speculation off)" if best == 0 else ""))
             if self.adapter is not None:
                 self.adapter.switch(self, best, reason)
             else:

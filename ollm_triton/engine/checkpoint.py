@@ -173,6 +173,9 @@ def load_weights(model: CausalLM, directory: Path, device: torch.device, dtype: 
                 raise CheckpointError(f"checkpoint tensor {name!r} in {where[name].name} has shape "
                                       f"{list(value.shape)}, the config needs {list(expected)}")
             _set_parameter(model, name, keep(name, value))
+        # freed before the next draw, not after it: a streamed model keeps a placeholder, and the next tensor would
+        # otherwise be allocated beside this one (Qwen3-Next-80B: a layer's two expert tensors, 3.2 GB, at once)
+        del value
     model.tie_weights()
 
 
@@ -228,6 +231,9 @@ def init_random(model: CausalLM, device: torch.device, dtype: torch.dtype, seed:
         else:
             value.normal_(0.0, INIT_STD, generator=gen)
         _set_parameter(model, name, keep(name, value))
+        # freed before the next draw, not after it: a streamed model keeps a placeholder, and the next tensor would
+        # otherwise be allocated beside this one (Qwen3-Next-80B: a layer's two expert tensors, 3.2 GB, at once)
+        del value
     model.tie_weights()
 
 
