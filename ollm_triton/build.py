@@ -137,6 +137,7 @@ def memory_check(resolved: dict[str, Any], source: Any, built: dict[str, Any], t
     before anything is built. None where it cannot estimate (a hub id: no local config.json)."""
     try:
         from ollm_triton.engine.footprint import check_fits
+        from ollm_triton.engine.mixers import DECODE_MAX_TOKENS
     except ImportError:  # an engine without the estimator: run unchecked
         return None
     if not isinstance(source, dict) and not (Path(str(source)) / "config.json").exists():
@@ -163,6 +164,8 @@ def memory_check(resolved: dict[str, Any], source: Any, built: dict[str, Any], t
         device_memory_gb=resolved.get("device_memory_gb"),
         prefill_chunk=int(resolved.get("prefill_chunk") or 0),
         name=str(resolved["model"].get("name") or ""),
+        # a forward-only decoder (greedy, sample) keeps no states to roll back to; the others up to a verify block
+        state_rollback_tokens=0 if getattr(built["decoder"], "forward_only", False) else DECODE_MAX_TOKENS,
     )
 
 

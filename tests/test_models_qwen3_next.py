@@ -270,6 +270,9 @@ def test_memory_check_counts_the_state_not_kv_on_linear_layers():
     state = 36 * state_bytes(cfg, 1, torch.bfloat16)
     assert state == 36 * ((2 * 16 * 128 + 32 * 128) * 3 * 2 + 32 * 128 * 128 * 4)
     assert est["kv_bytes"] == kv + state and est["state_bytes"] == state
+    speculative = estimate(cfg, dtype=torch.bfloat16, device=torch.device("cpu"), batch=1, context=32768,
+                           codec=dense, prefetch=registry.build("prefetch", "resident"), state_rollback_tokens=16)
+    assert speculative["state_bytes"] == 17 * state  # the state and the 16 lengths a verify block may roll back
     from ollm_triton.engine.footprint import DoesNotFit, check_fits
 
     with pytest.raises(DoesNotFit, match=r"^qwen3_next_80b does not fit: .* need 3\d\d\.\d GB of host memory") as e:
@@ -321,6 +324,13 @@ def test_kept_states_are_bounded_and_can_be_switched_off(hf_model, ids):
     assert len(cache.layers[0]._kept) == 1
     with pytest.raises(NotImplementedError, match="cannot roll back to"):
         cache.truncate(ids.shape[1] - 1)
+    engine.state_rollback_tokens = None  # the engine's default again: greedy's loop asks for none itself
+    from ollm_triton.tasks.base import CacheWatch
+
+    with CacheWatch(engine) as watch:
+        registry.build("decoder", "greedy").generate(engine, ids[:, :PROMPT], 4)
+    states = [layer for layer in watch.caches[0].layers if not layer.holds_kv]
+    assert states and all(len(layer._kept) == 1 for layer in states)
 
 
 @pytest.mark.gpu

@@ -128,6 +128,46 @@ def test_throughput_warms_up_as_long_as_a_timed_run():
     assert rec.lengths == [6, 6]
 
 
+class AliveCaches(Recorder):
+    """Records, as each generation starts, how many caches of the earlier generations are still alive."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs, self.alive = [], []
+
+    def generate(self, engine, prompt_ids, max_new_tokens, *, eos_id=None):
+        import gc
+        import weakref
+
+        gc.collect()
+        self.alive.append(sum(r() is not None for r in self.refs))
+        own = "new_cache" in engine.__dict__  # the task's CacheWatch wrapper, else the engine's own method
+        build = engine.new_cache
+
+        def new_cache(*args, **kwargs):
+            cache = build(*args, **kwargs)
+            self.refs.append(weakref.ref(cache))
+            return cache
+
+        engine.new_cache = new_cache
+        try:
+            return super().generate(engine, prompt_ids, max_new_tokens, eos_id=eos_id)
+        finally:
+            if own:
+                engine.new_cache = build
+            else:
+                del engine.new_cache
+
+
+def test_throughput_holds_one_cache_at_a_time():
+    """The timed repeats' caches are released as each run ends (the memory check counts one cache): holding them
+    to the task's end kept 3 caches alive, ~4 GB over the estimate for qwen3_next_80b's linear-attention states."""
+    eng, rec = engine(), AliveCaches()
+    registry.build("task", "throughput", {"prompt_len": 16, "new_tokens": 2, "repeats": 3, "prompt": "random"}).run(
+        RunContext(engine=eng, decoder=rec, device=CPU))
+    assert rec.alive == [0, 0, 0, 0]  # warm-up, then the 3 timed runs
+
+
 def test_throughput_random_prompt_on_request_and_without_tokenizer():
     eng, rec = engine(), Recorder()
     task = registry.build("task", "throughput", {"prompt_len": 32, "new_tokens": 2, "repeats": 1, "prompt": "random"})

@@ -9,11 +9,11 @@ quantize or evict, and `append`/`dense` refuse. What the engine and the tasks re
 
 Rollback. A recurrent state cannot drop tokens; it can only go back to a state it kept. The layer keeps the states
 of the last `rollback_tokens` lengths it passed through: the state before each update and, when the layer hands
-them over, the state after each token of a block (a speculative verify block of <= 16 tokens). Single-token steps
-(a draft model's, the layer-skip draft's) cost nothing to keep: each step makes a new state, the old one is only
-referenced. `truncate` returns to any kept length; anything else raises NotImplementedError with one line. Kept
-states are not counted in `stored_bytes` (they are transient: up to `rollback_tokens` more states per layer while
-a speculative decoder runs).
+them over, the state after each token of a block (a speculative verify block of <= 16 tokens). Each kept length
+holds its own state (a step makes a new one), so a layer holds up to `rollback_tokens` + 1 states: a caller that
+never truncates asks for 0 (engine `new_cache(rollback_tokens=0)`, greedy's loop). `truncate` returns to any kept
+length; anything else raises NotImplementedError with one line. Kept states are not counted in `stored_bytes`; the
+memory check counts them for decoders that are not forward-only (engine/footprint.py).
 """
 
 from __future__ import annotations

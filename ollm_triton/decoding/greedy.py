@@ -24,7 +24,7 @@ def decode_loop(engine, prompt_ids: torch.Tensor, max_new_tokens: int, pick, eos
         return fast.generate(prompt_ids, max_new_tokens, pick, eos_id)
     ids = prompt_ids.to(engine.device)
     batch, prompt_len = ids.shape
-    cache = engine.new_cache(batch=batch, max_len=prompt_len + max_new_tokens)
+    cache = engine.new_cache(batch=batch, max_len=prompt_len + max_new_tokens, rollback_tokens=0)  # never truncated
     out = torch.empty(batch, max_new_tokens, dtype=torch.long, device=ids.device)
     done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
     with Timer(engine.device) as prefill:

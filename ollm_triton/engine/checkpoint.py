@@ -173,9 +173,7 @@ def load_weights(model: CausalLM, directory: Path, device: torch.device, dtype: 
                 raise CheckpointError(f"checkpoint tensor {name!r} in {where[name].name} has shape "
                                       f"{list(value.shape)}, the config needs {list(expected)}")
             _set_parameter(model, name, keep(name, value))
-        # freed before the next draw, not after it: a streamed model keeps a placeholder, and the next tensor would
-        # otherwise be allocated beside this one (Qwen3-Next-80B: a layer's two expert tensors, 3.2 GB, at once)
-        del value
+            del value  # before the next read, as init_random does (a streamed model keeps only a placeholder)
     model.tie_weights()
 
 

@@ -13,7 +13,9 @@ What it counts (all upper-bound-ish, from shapes):
   experts in their stored form for expert streaming (fp8 codes + scales: about half of bf16).
 - KV: `codec.bytes_per_token(LayerSpec)` x context x attention layers (the codec declares its own cost: int4 a
   quarter of bf16, eviction codecs dense as an upper bound), plus the fixed-size state of each linear-attention
-  layer of a hybrid model (engine/linear_attention.py `state_bytes`), which no codec touches. On a GPU a codec with
+  layer of a hybrid model (engine/linear_attention.py `state_bytes`), which no codec touches, times the lengths a
+  layer keeps for rollback (`state_rollback_tokens` + 1: cache/state.py; 1 for a forward-only decoder, 17 for a
+  speculative one). On a GPU a codec with
   `store=cpu|disk` keeps only `codec.device_layers(...)` layers there at once (three); the rest count as host memory
   (for store=disk an upper bound: those wait in files).
 - activations of the largest forward (the prompt, or one `prefill_chunk` of it): hidden states, q/k/v, the MLP's
@@ -73,7 +75,7 @@ def _elt(dtype: torch.dtype) -> int:
 
 
 def estimate(model_cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device, batch: int, context: int,
-             codec, prefetch, prefill_chunk: int = 0) -> dict[str, int]:
+             codec, prefetch, prefill_chunk: int = 0, state_rollback_tokens: int = 0) -> dict[str, int]:
     """The bytes a run needs, by part (see the module docstring); no memory is read or allocated."""
     cfg = model_config(model_cfg)
     device = torch.device(device)
@@ -99,7 +101,8 @@ def estimate(model_cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device
         kv = int(per_layer * on_device)
         kv_host = int(per_layer * (attention_layers - on_device))
         kv_dense = 2 * batch * cfg.num_kv_heads * d * elt * context * attention_layers
-    state = cfg.linear_layers * state_bytes(cfg, batch, dtype)  # conv + recurrent state, whatever the context
+    # conv + recurrent state, whatever the context, once per length a layer keeps for rollback
+    state = cfg.linear_layers * state_bytes(cfg, batch, dtype) * (1 + state_rollback_tokens)
     kv, kv_dense = kv + state, kv_dense + state
     t = min(context, prefill_chunk) if prefill_chunk else context
     acts = forward_activation_bytes(cfg, dtype=dtype, device=device, batch=batch, tokens=t, context=context)
@@ -113,7 +116,7 @@ def estimate(model_cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device
         "kv_bytes": int(kv),  # on the device
         "kv_host_bytes": int(kv_host),  # the layers a stored codec keeps on the host or on disk (counted as host)
         "kv_dense_bytes": int(kv_dense),  # what the same tokens take uncompressed (the advice's yardstick)
-        "state_bytes": int(state),  # of kv_bytes: the linear-attention layers' fixed-size state
+        "state_bytes": int(state),  # of kv_bytes: the linear-attention layers' fixed-size states (kept ones too)
         "activation_bytes": int(acts),
         "device_bytes": int(on_device),
         # on the CPU the device is the host; on a GPU the host holds what a streaming policy keeps there
@@ -212,13 +215,14 @@ def free_memory(device: torch.device, device_memory_gb: float | None = None) -> 
 def check_fits(model_cfg: ModelConfig | Mapping[str, Any] | str | os.PathLike, *, dtype: torch.dtype | str,
                device: torch.device | str, batch: int, context: int, codec, prefetch,
                device_memory_gb: float | None = None, prefill_chunk: int = 0, name: str | None = None,
-               free: tuple[int, int] | None = None) -> dict[str, Any]:
+               free: tuple[int, int] | None = None, state_rollback_tokens: int = 0) -> dict[str, Any]:
     """Raise DoesNotFit (one line) unless weights + KV + activations of the run fit; return the estimate.
 
     model_cfg: a ModelConfig, a dict of Hugging Face config fields (source=random's `arch`), or a checkpoint
     directory. dtype: a torch dtype or a name ("auto" resolves as load_engine does). batch, context: the largest
     (sequences, tokens) a task holds in one cache (Task.footprint). codec, prefetch: the built plugins.
     prefill_chunk: the run's prefill_chunk (bounds activations). name: the model's name in the message.
+    state_rollback_tokens: the lengths a linear-attention layer keeps besides its state (0: a forward-only decoder).
     free: (device, host) free bytes to check against instead of measuring them (tests).
     """
     from ollm_triton.engine.placement import dtype_name, resolve_dtype
@@ -227,7 +231,7 @@ def check_fits(model_cfg: ModelConfig | Mapping[str, Any] | str | os.PathLike, *
     device = torch.device(device)
     dtype = resolve_dtype(dtype, device, cfg.checkpoint_dtype)
     est = estimate(cfg, dtype=dtype, device=device, batch=batch, context=context, codec=codec, prefetch=prefetch,
-                   prefill_chunk=prefill_chunk)
+                   prefill_chunk=prefill_chunk, state_rollback_tokens=state_rollback_tokens)
     free_device, free_host = free if free is not None else free_memory(device, device_memory_gb)
     if device.type == "cuda" and device_memory_gb:
         free_device = min(free_device, int(device_memory_gb * GB))

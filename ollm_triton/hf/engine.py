@@ -131,8 +131,10 @@ class TransformersEngine:
         self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.forwards = 0
 
-    def new_cache(self, batch: int = 1, max_len: int = 2048) -> BridgeCache:
-        """An empty cache of the run's codec (its layers are built at the first forward, from the shapes seen)."""
+    def new_cache(self, batch: int = 1, max_len: int = 2048, rollback_tokens: int | None = None) -> BridgeCache:
+        """An empty cache of the run's codec (its layers are built at the first forward, from the shapes seen).
+        rollback_tokens: accepted as the native engine's is; the bridge runs attention-only models, with no states
+        to keep."""
         if batch < 1 or max_len < 1:
             raise ValueError(f"new_cache needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}")
         return BridgeCache(CompressedKVCache(self.codec, max_len=max_len))

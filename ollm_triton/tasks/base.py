@@ -151,10 +151,15 @@ def lossy_tokens(cache) -> tuple[int, int]:
 
 class CacheWatch:
     """Records the KV caches `engine.new_cache` builds while active (decoders build their own), so a task can read
-    how much of them the codec compressed or evicted after a generation."""
+    how much of them the codec compressed or evicted after a generation.
+
+    A task that generates several times calls `settle()` after each generation: the caches built so far are read
+    at their final state and released. Holding them kept every repeat's cache alive until the task ended: more
+    device memory than the memory check's one cache (Qwen3-Next-80B's throughput run, experiments/moe section 4a)."""
 
     def __init__(self, engine):
         self.engine, self.caches = engine, []
+        self._settled: list[tuple[tuple[int, int], int]] = []  # (lossy_tokens, position) of released caches
 
     def __enter__(self) -> CacheWatch:
         build = getattr(self.engine, "new_cache", None)
@@ -172,13 +177,18 @@ class CacheWatch:
     def __exit__(self, *exc) -> None:
         self.engine.__dict__.pop("new_cache", None)
 
+    def settle(self) -> None:
+        """After a generation: read the caches built so far at their final state and let them go."""
+        self._settled += [(lossy_tokens(c), c.position) for c in self.caches]
+        self.caches = []
+
     def lossy(self) -> tuple[int, int]:
         """(most compressed, most evicted) tokens of one layer over the caches seen, at their final state."""
-        seen = [lossy_tokens(c) for c in self.caches] or [(0, 0)]
+        seen = [s for s, _ in self._settled] + [lossy_tokens(c) for c in self.caches] or [(0, 0)]
         return max(s[0] for s in seen), max(s[1] for s in seen)
 
     def longest(self) -> int:
-        return max((c.position for c in self.caches), default=0)
+        return max([p for _, p in self._settled] + [c.position for c in self.caches], default=0)
 
 
 # --- prompts -----------------------------------------------------------------------------------------------------

@@ -125,6 +125,7 @@ class Passkey(Task):
                             held = set(record.kept[0].tolist())
                             needle_kept.append(all(p + len(prefix) in held for p in range(a, b)))
                         gen = ctx.decoder.generate(engine, prompt, c.max_new_tokens, eos_id=eos_id)
+                        watch.settle()  # this document's cache read and released (not held to the task's end)
                         answer = extract_answer(tok.decode(gen.tokens[0].tolist()))
                         by_length[length].append(answer == doc.answer)
                         by_depth[depth].append(answer == doc.answer)
