@@ -331,6 +331,11 @@ def test_kept_states_are_bounded_and_can_be_switched_off(hf_model, ids):
         registry.build("decoder", "greedy").generate(engine, ids[:, :PROMPT], 4)
     states = [layer for layer in watch.caches[0].layers if not layer.holds_kv]
     assert states and all(len(layer._kept) == 1 for layer in states)
+    from ollm_triton.engine.slots import CacheRows
+
+    _, cache = run_engine(engine, ids, CacheRows(engine).allocate(64))  # a served request's cache
+    assert all(len(layer._kept) == 2 for layer in cache.layers if not layer.holds_kv)
+    cache.truncate(ids.shape[1] - 1)  # the scheduler's rollback of one failed decode step
 
 
 @pytest.mark.gpu

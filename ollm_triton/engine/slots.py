@@ -38,7 +38,10 @@ class CacheRows:
         self.padding_rows = 0
 
     def allocate(self, tokens: int) -> KVCache:
-        return self.engine.new_cache(batch=1, max_len=tokens)
+        # a linear-attention layer keeps one earlier state, not a verify block's 16: the scheduler rolls a row back
+        # one decode step when a batched step fails part-way (serve/scheduler.py `_rollback`); 16 would hold 1.24 GB
+        # more a request on Qwen3-Next-80B that admission (Engine.cache_bytes) does not count
+        return self.engine.new_cache(batch=1, max_len=tokens, rollback_tokens=1)
 
     def release(self, cache: KVCache) -> KVCache:
         return cache  # the cache itself can serve a later prefix hit
