@@ -10,7 +10,7 @@
 #   profile <tool> [args]     experiments/profile/<tool>.py (decode_profile, fast_step_profile, step_kernels)
 #                                                                                    -> $OUT/<tag>.txt, .err
 #   run [overrides]           python -m ollm_triton.run with Hydra overrides (-m for a sweep);
-#                             each run's metrics.json                              -> $OUT/<tag>[_<job>]_metrics.json
+#                             the run's metrics.json, a sweep's as one archive     -> $OUT/<tag>_metrics.{json,tgz}
 #   quality [ROOT]            the CPU quality sweeps of experiments/{attention,kv_cache} (multirun/quality by default);
 #                             tables: python experiments/quality_tables.py ROOT
 #   quality_long [ROOT [SWEEP...]]  the same sweeps with +experiment=quality_long (8k-32k on tiny-llama-16k, passkey
@@ -83,9 +83,9 @@ case "$what" in
     esac
     rc=$?
     [ -f "$tmp/metrics.json" ] && cp "$tmp/metrics.json" "$OUT/${TAG}_metrics.json"
-    for f in "$tmp"/*/metrics.json; do
-      [ -f "$f" ] && cp "$f" "$OUT/${TAG}_$(basename "$(dirname "$f")")_metrics.json"
-    done ;;
+    # a sweep's jobs as one archive (<job>/metrics.json): the device tool returns at most 8 files
+    jobs=$(cd "$tmp" && ls -d */metrics.json 2>/dev/null)
+    [ -n "$jobs" ] && tar czf "$OUT/${TAG}_metrics.tgz" -C "$tmp" $jobs ;;
   quality|quality_long)
     root="${1:-multirun/$what}"; shift || true
     only=" ${*:-attention_dense attention_window attention_sparse cache_quant cache_evict} "
