@@ -136,7 +136,7 @@ class OptimizedInference:
         self._template = None
         self._scheduler = None
         self._last: dict[str, Any] = {}
-        self._caches: list[Any] = []
+        self._cache_stats: list[dict[str, Any]] = []  # the last decoder call's target cache, read when it ended
 
     # ---- prompts ------------------------------------------------------------------------------------------------
     @property
@@ -217,7 +217,7 @@ class OptimizedInference:
             out = self.decoder.generate(self.engine, torch.tensor([ids], dtype=torch.long), max_new_tokens,
                                         eos_id=getattr(self.tokenizer, "eos_token_id", None))
         t1 = self._mark()
-        self._caches = watch.caches
+        self._cache_stats = [c.stats() for c in watch.caches[-1:]]  # read now: the caches themselves are let go
         pieces, n = [], 0
         for token in out.tokens[0].tolist():
             n += 1
@@ -240,7 +240,7 @@ class OptimizedInference:
             self._scheduler = Scheduler(self.engine, max_batch=1, max_context=max(size, need),
                                         prefill_chunk=self.engine.prefill_chunk or 256, prefix_cache_bytes=0)
         sched = self._scheduler
-        self._caches = []  # the request's cache belongs to the scheduler: memory_report reads the declared bytes
+        self._cache_stats = []  # the request's cache belongs to the scheduler: memory_report reads the declared bytes
         t0 = self._mark()
         req = sched.submit(ids, max_new_tokens, sampling)
         seen, first = 0, None
@@ -330,12 +330,11 @@ class OptimizedInference:
             "kv_bytes": 0,
             "kv_codec": self.plugins["cache"]["name"],
         }
-        for cache in self._caches[-1:]:  # the target's cache of the last decoder call
-            stats = cache.stats()
+        for stats in self._cache_stats:  # the target's cache of the last decoder call
             out.update({k: v for k, v in stats.items()})
             out["kv_bytes"] = int(stats.get("kv_stored_bytes", 0))
             out["kv_bytes_source"] = "the cache's stored bytes"
-        if self._scheduler is not None and not self._caches and self._last:  # the last call was stream()
+        if self._scheduler is not None and not self._cache_stats and self._last:  # the last call was stream()
             out["kv_bytes"] = int(self._scheduler.kv_bytes(self._last["prefilled_tokens"] + self._last["new_tokens"]))
             out["kv_bytes_source"] = "the codec's declared bytes per token (the scheduler freed the cache)"
         if self.device.type == "cuda":

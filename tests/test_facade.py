@@ -79,7 +79,23 @@ def test_chat_renders_the_checkpoint_template(llm):
 
 
 def test_memory_report_counts_the_last_cache(llm):
-    llm.generate(PROMPT, max_new_tokens=8)
+    import gc
+    import weakref
+
+    refs, build = [], llm.engine.new_cache
+
+    def new_cache(*args, **kwargs):
+        cache = build(*args, **kwargs)
+        refs.append(weakref.ref(cache))
+        return cache
+
+    llm.engine.new_cache = new_cache
+    try:
+        llm.generate(PROMPT, max_new_tokens=8)
+    finally:
+        llm.engine.__dict__.pop("new_cache", None)
+    gc.collect()
+    assert refs and all(r() is None for r in refs), "the call's cache outlived it (memory_report reads its stats)"
     r = llm.memory_report()
     cfg = json.loads((TINY / "config.json").read_text())
     tokens = llm.stats()["prefilled_tokens"] + 8 - 1  # the last token is returned, never fed back
