@@ -166,6 +166,7 @@ def memory_check(resolved: dict[str, Any], source: Any, built: dict[str, Any], t
         name=str(resolved["model"].get("name") or ""),
         # a forward-only decoder (greedy, sample) keeps no states to roll back to; the others up to a verify block
         state_rollback_tokens=0 if getattr(built.get("decoder"), "forward_only", False) else DECODE_MAX_TOKENS,
+        attention=built.get("attention"),
     )
 
 

@@ -76,7 +76,32 @@ def test_codec_and_prefill_chunk_shrink_the_estimate():
     b = estimate(cfg, codec=int4, **kw)
     assert b["kv_bytes"] < a["kv_bytes"] / 3.5
     c = estimate(cfg, codec=dense, prefill_chunk=4096, **kw)
-    assert c["activation_bytes"] < a["activation_bytes"] / 10
+    # a chunk's own activations, plus what its attention holds over the 131k held keys (sdpa's masks: 1.6 GB)
+    assert c["activation_bytes"] < a["activation_bytes"] / 6
+
+
+def test_a_later_prompt_chunk_counts_the_keys_it_reads_and_the_masks_its_backend_declares():
+    """At 128k in 4096-token chunks the last chunk concatenates the 127k held K/V with its own (4 KB a token a layer
+    on Llama-3-8B shapes in bf16) and, with sdpa, holds a bool mask and its bf16 additive copy (3 B a pair); the
+    Triton kernels on CUDA hold no mask; int4 also decodes the held tokens back (the memory study's 128k rows were
+    1.9-2.4 GB over the estimate without this term)."""
+    cfg = model_config(arch("llama3_8b"))
+    dense, policy = plugins()
+    t, s, per_token = 4096, 131072, 2 * 8 * 128 * 2
+    kw = dict(dtype=torch.bfloat16, device=torch.device("cuda"), batch=1, context=s, prefetch=policy, prefill_chunk=t)
+    sdpa, flash = registry.build("attention", "sdpa"), registry.build("attention", "flash")
+    with_sdpa = estimate(cfg, codec=dense, attention=sdpa, **kw)
+    assert with_sdpa["chunk_attention_bytes"] == per_token * s + t * s * 3
+    assert estimate(cfg, codec=dense, **kw)["chunk_attention_bytes"] == with_sdpa["chunk_attention_bytes"]
+    with_flash = estimate(cfg, codec=dense, attention=flash, **kw)
+    assert with_flash["chunk_attention_bytes"] == per_token * s  # the kernels read a block schedule
+    assert with_sdpa["device_bytes"] - with_flash["device_bytes"] == t * s * 3
+    on_cpu = estimate(cfg, codec=dense, attention=flash, **{**kw, "device": torch.device("cpu")})
+    assert on_cpu["chunk_attention_bytes"] == with_sdpa["chunk_attention_bytes"]  # the reference masks densely
+    int4 = estimate(cfg, codec=plugins("int4")[0], attention=flash, **kw)
+    assert int4["chunk_attention_bytes"] >= per_token * (s + s - t)  # the held tokens decoded, then concatenated
+    one_shot = estimate(cfg, codec=dense, attention=sdpa, **{**kw, "prefill_chunk": 0})
+    assert one_shot["chunk_attention_bytes"] == 0  # one forward attends to itself under is_causal
 
 
 def test_gpu_checks_the_device_cap_and_suggests_streaming_or_int4():
@@ -113,11 +138,14 @@ def test_kv_stored_on_the_host_counts_three_layers_on_the_device():
     the device holds at most three layers' KV (attending, prefetched, copying out); the rest counts as host memory."""
     lookahead = registry.build("prefetch", "lookahead", {"budget_gb": 8.0, "keep_head_on_device": True})
     kw = dict(dtype="bfloat16", device="cuda", batch=1, context=131096, prefetch=lookahead, device_memory_gb=8,
-              prefill_chunk=4096, free=(80 * GB, 200 * GB))
+              prefill_chunk=4096, free=(80 * GB, 200 * GB), attention=registry.build("attention", "flash"))
     with pytest.raises(DoesNotFit, match=r"KV 4\.59 GB \(int4\)") as e:  # all 32 layers on the device: over 8 GB
         check_fits(arch("llama3_8b"), codec=registry.build("cache", "int4"), **kw)
     # the advice: the KV to the host, not the streaming the run already does
     assert "cache.store=cpu" in str(e.value) and "+prefetch=lookahead" not in str(e.value)
+    with pytest.raises(DoesNotFit):  # sdpa's masks over 131k keys (1.6 GB a chunk) do not fit beside them
+        check_fits(arch("llama3_8b"), codec=registry.build("cache", "int4", {"store": "cpu"}),
+                   **{**kw, "attention": registry.build("attention", "sdpa")})
     est = check_fits(arch("llama3_8b"), codec=registry.build("cache", "int4", {"store": "cpu"}), **kw)
     per_layer = 4.59 * GB / 32
     assert est["kv_bytes"] == pytest.approx(3 * per_layer, rel=0.01)

@@ -107,6 +107,9 @@ class Adaptive(AttentionBackend):
         self.counts[self.choice] += 1
         return self.backends[self.choice]
 
+    def prefill_mask_bytes(self, q_len: int, kv_len: int, element_size: int, device: torch.device) -> int:
+        return max(b.prefill_mask_bytes(q_len, kv_len, element_size, device) for b in self.backends.values())
+
     def prefill(self, q, k, v, *, q_offset, tree_mask=None):
         backend = self.pick(k.shape[2], q.device)
         out = backend.prefill(q, k, v, q_offset=q_offset, tree_mask=tree_mask)

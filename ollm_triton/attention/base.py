@@ -20,6 +20,8 @@ What the engine reads, declared here and never inferred from a backend's name:
                         gpt-oss: keys p - window < s <= p), on top of whatever the backend masks itself
     sink_logits         `prefill`/`decode` honour per-head `sinks` logits [Hq] (gpt-oss): each query's softmax
                         has one more column, exp(sinks[h]), that takes probability mass and is dropped
+    prefill_mask_bytes  what a prefill of a later prompt chunk (q_offset > 0) holds in masks at once, which the
+                        memory check adds to the chunk's other transients (engine/footprint.py)
 The engine refuses a model that needs `layer_window` or `sink_logits` (ModelConfig.attention_requirements) with
 a backend that does not declare it, in one line.
 """
@@ -94,6 +96,13 @@ class AttentionBackend:
         codec then returns None from `attend` and the backend attends over `dense()`). Dense backends visit
         everything."""
         return DecodeSchedule()
+
+    def prefill_mask_bytes(self, q_len: int, kv_len: int, element_size: int, device: torch.device) -> int:
+        """Bytes of masks a `prefill` of q_len queries over kv_len keys with q_offset > 0 holds at once on `device`
+        (the memory check's sizing of a later prompt chunk). Default: a bool [q_len, kv_len] mask and the additive
+        copy in the model dtype that torch's SDPA makes of it for its memory-efficient kernel (sdpa; 320 MiB at
+        4096 x 40,960 in bf16)."""
+        return q_len * kv_len * (1 + element_size)
 
     def visible_fraction(self, q_len: int, kv_len: int, q_offset: int) -> float:
         """The fraction of causally visible (query, key) pairs this backend actually attends to, for T = q_len

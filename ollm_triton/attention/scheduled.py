@@ -71,6 +71,11 @@ class ScheduledAttention(AttentionBackend):
             bm, bn = min(bm, self.pattern.block_size), min(bn, self.pattern.block_size)
         return bm, bn
 
+    def prefill_mask_bytes(self, q_len: int, kv_len: int, element_size: int, device: torch.device) -> int:
+        """The kernels read a block schedule, not a mask (a few bytes a block); the reference path masks densely."""
+        kernels = torch.device(device).type == "cuda" if self.use_kernels is None else self.use_kernels
+        return 0 if kernels else super().prefill_mask_bytes(q_len, kv_len, element_size, device)
+
     def rule(self, window: int = 0) -> tuple[int, int, int]:
         """(window, sink, window_align) of a call: the backend's own, or the model's per-layer `window` (a backend
         declaring `layer_window` has none of its own: check_layer_rule)."""

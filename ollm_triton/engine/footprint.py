@@ -24,9 +24,12 @@ What it counts (all upper-bound-ish, from shapes):
   (attention/sdpa.py `sink_attention_bytes`: one query chunk's float32 scores and their copy in the model dtype; the
   Triton `flash` path holds none, so for it this is an upper bound), and the float32 logits of one decode block (a
   prefill keeps only its last row).
-  Not counted here yet: what a later chunk's attention holds that grows with the keys it reads
-  (`chunk_attention_bytes`: the concatenated K/V and the causal masks, 1.07 GB for a 4096-token chunk at 65.6k
-  tokens on Llama-3-8B shapes); the memory adapter (adapt/memory.py) sizes its dense cache with it.
+- with a `prefill_chunk` shorter than the context: what the last chunk's attention step holds that grows with the
+  keys it reads (`chunk_attention_bytes`: the held K/V concatenated with the chunk's, a stored codec's K/V decoded
+  back, and the masks the attention backend declares, `AttentionBackend.prefill_mask_bytes`: 2.15 GB for a
+  4096-token chunk at 128k on Llama-3-8B shapes with sdpa and dense KV). Without it the estimate was 1.9-2.4 GB
+  under the measured peaks of the memory study's 128k rows (experiments/memory section 2); the memory adapter
+  (adapt/memory.py) sizes its dense cache with the same function.
 
 Against what: free device memory (`torch.cuda.mem_get_info`, capped by the run's `device_memory_gb`) on a GPU,
 available host memory (psutil) on the CPU; on a GPU the host must also hold the weights a streaming policy keeps
@@ -75,8 +78,10 @@ def _elt(dtype: torch.dtype) -> int:
 
 
 def estimate(model_cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device, batch: int, context: int,
-             codec, prefetch, prefill_chunk: int = 0, state_rollback_tokens: int = 0) -> dict[str, int]:
-    """The bytes a run needs, by part (see the module docstring); no memory is read or allocated."""
+             codec, prefetch, prefill_chunk: int = 0, state_rollback_tokens: int = 0,
+             attention=None) -> dict[str, int]:
+    """The bytes a run needs, by part (see the module docstring); no memory is read or allocated. attention: the
+    run's backend (its declared mask bytes; None: sdpa's, an upper bound for the others)."""
     cfg = model_config(model_cfg)
     device = torch.device(device)
     elt = _elt(dtype)
@@ -106,6 +111,13 @@ def estimate(model_cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device
     kv, kv_dense = kv + state, kv_dense + state
     t = min(context, prefill_chunk) if prefill_chunk else context
     acts = forward_activation_bytes(cfg, dtype=dtype, device=device, batch=batch, tokens=t, context=context)
+    chunk = 0
+    if t < context and cfg.num_layers > cfg.linear_layers:  # a later chunk reads the held keys back
+        masks = None if attention is None else attention.prefill_mask_bytes(t, context, elt, device)
+        # a codec declaring static_buffers stores model-dtype K/V that dense() slices; any other decodes them
+        chunk = chunk_attention_bytes(cfg, dtype=dtype, batch=batch, tokens=t, context=context, mask_bytes=masks,
+                                      reads_views=bool(getattr(codec, "static_buffers", False)))
+    acts += chunk
     # what the policy keeps on the host, in its own storage (prefetch/experts.py host_dtype=fp8: the experts' codes)
     host_weights = weights if device.type == "cpu" else prefetch.host_weight_bytes(
         device, weights, expert_bytes=experts, element_size=elt)
@@ -117,7 +129,8 @@ def estimate(model_cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device
         "kv_host_bytes": int(kv_host),  # the layers a stored codec keeps on the host or on disk (counted as host)
         "kv_dense_bytes": int(kv_dense),  # what the same tokens take uncompressed (the advice's yardstick)
         "state_bytes": int(state),  # of kv_bytes: the linear-attention layers' fixed-size states (kept ones too)
-        "activation_bytes": int(acts),
+        "activation_bytes": int(acts),  # with the last prompt chunk's attention transient
+        "chunk_attention_bytes": int(chunk),
         "device_bytes": int(on_device),
         # on the CPU the device is the host; on a GPU the host holds what a streaming policy keeps there
         "host_bytes": int(on_device if device.type == "cpu" else host_weights + kv_host),
@@ -157,14 +170,15 @@ READ_WORK = 16  # bytes per element of one K or V tensor that a codec's read-bac
 
 
 def chunk_attention_bytes(cfg: ModelConfig, *, dtype: torch.dtype, batch: int, tokens: int, context: int,
-                          reads_views: bool) -> int:
+                          reads_views: bool, mask_bytes: int | None = None) -> int:
     """What one layer's attention step of a later prompt chunk holds at once beyond `forward_activation_bytes`:
     `tokens` new tokens over `context` keys, of which context - tokens come from the cache (engine/mixers.py
     attention_step; 0 for the first chunk, which attends to itself under is_causal, and for decode-sized blocks).
 
     - the held K/V concatenated with the chunk's: K and V of `context` tokens in the model dtype;
     - the causal mask, bool [T, S], and the additive copy in the model dtype that torch's SDPA makes of it for its
-      memory-efficient kernel (at 4096 x 40,960 in bf16: 320 MiB, the H100 run's failed allocation);
+      memory-efficient kernel (at 4096 x 40,960 in bf16: 320 MiB, the H100 run's failed allocation), or what the
+      backend declares instead (`mask_bytes`: AttentionBackend.prefill_mask_bytes; the Triton kernels hold none);
     - a codec whose layers are not the model-dtype buffers themselves (`reads_views` False: its CacheCodec does not
       declare `static_buffers`) reads the held tokens back through dense(): K and V in the model dtype, alive
       through the attention, and while they are written, one slice of them as decoded and its decoding work
@@ -176,7 +190,7 @@ def chunk_attention_bytes(cfg: ModelConfig, *, dtype: torch.dtype, batch: int, t
         return 0
     elt = _elt(dtype)
     per_token = 2 * batch * cfg.num_kv_heads * cfg.head_dim * elt  # K and V of one token, one layer
-    masks = tokens * context * (1 + elt)
+    masks = tokens * context * (1 + elt) if mask_bytes is None else mask_bytes
     attend = per_token * context + masks
     if reads_views:
         return int(attend)
@@ -215,7 +229,8 @@ def free_memory(device: torch.device, device_memory_gb: float | None = None) -> 
 def check_fits(model_cfg: ModelConfig | Mapping[str, Any] | str | os.PathLike, *, dtype: torch.dtype | str,
                device: torch.device | str, batch: int, context: int, codec, prefetch,
                device_memory_gb: float | None = None, prefill_chunk: int = 0, name: str | None = None,
-               free: tuple[int, int] | None = None, state_rollback_tokens: int = 0) -> dict[str, Any]:
+               free: tuple[int, int] | None = None, state_rollback_tokens: int = 0,
+               attention=None) -> dict[str, Any]:
     """Raise DoesNotFit (one line) unless weights + KV + activations of the run fit; return the estimate.
 
     model_cfg: a ModelConfig, a dict of Hugging Face config fields (source=random's `arch`), or a checkpoint
@@ -223,6 +238,7 @@ def check_fits(model_cfg: ModelConfig | Mapping[str, Any] | str | os.PathLike, *
     (sequences, tokens) a task holds in one cache (Task.footprint). codec, prefetch: the built plugins.
     prefill_chunk: the run's prefill_chunk (bounds activations). name: the model's name in the message.
     state_rollback_tokens: the lengths a linear-attention layer keeps besides its state (0: a forward-only decoder).
+    attention: the run's attention backend (the masks a later prompt chunk holds; None: sdpa's).
     free: (device, host) free bytes to check against instead of measuring them (tests).
     """
     from ollm_triton.engine.placement import dtype_name, resolve_dtype
@@ -231,7 +247,7 @@ def check_fits(model_cfg: ModelConfig | Mapping[str, Any] | str | os.PathLike, *
     device = torch.device(device)
     dtype = resolve_dtype(dtype, device, cfg.checkpoint_dtype)
     est = estimate(cfg, dtype=dtype, device=device, batch=batch, context=context, codec=codec, prefetch=prefetch,
-                   prefill_chunk=prefill_chunk, state_rollback_tokens=state_rollback_tokens)
+                   prefill_chunk=prefill_chunk, state_rollback_tokens=state_rollback_tokens, attention=attention)
     free_device, free_host = free if free is not None else free_memory(device, device_memory_gb)
     if device.type == "cuda" and device_memory_gb:
         free_device = min(free_device, int(device_memory_gb * GB))
