@@ -279,6 +279,12 @@ def test_memory_check_counts_the_state_not_kv_on_linear_layers():
         check_fits(arch, dtype="auto", device="cpu", batch=1, context=4096, codec=dense, name="qwen3_next_80b",
                    prefetch=registry.build("prefetch", "resident"), free=(24e9, 24e9))
     assert "\n" not in str(e.value)
+    # streamed by expert on a GPU machine with a 128 GB host: bf16 rows (155 GB) do not fit there, fp8 rows do
+    kw = dict(dtype="auto", device="cuda", batch=1, context=576, codec=dense, free=(80e9, 128e9))
+    with pytest.raises(DoesNotFit, match=r"host memory .* to run it: prefetch\.host_dtype=fp8 \(.* 78\.5 GB\)"):
+        check_fits(arch, prefetch=registry.build("prefetch", "experts", {"budget_gb": 8.0}), **kw)
+    fp8 = check_fits(arch, prefetch=registry.build("prefetch", "experts", {"budget_gb": 8, "host_dtype": "fp8"}), **kw)
+    assert fp8["fits"] and fp8["host_bytes"] < 0.9 * 128e9
 
 
 @pytest.mark.interpreter

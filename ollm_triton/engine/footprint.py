@@ -135,6 +135,7 @@ def estimate(model_cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device
         # on the CPU the device is the host; on a GPU the host holds what a streaming policy keeps there
         "host_bytes": int(on_device if device.type == "cpu" else host_weights + kv_host),
         "host_weights_bytes": int(weights if device.type == "cpu" else host_weights),
+        "routed_expert_bytes": int(experts),  # every routed expert of every MoE layer, in the model dtype
     }
 
 
@@ -270,14 +271,21 @@ def check_fits(model_cfg: ModelConfig | Mapping[str, Any] | str | os.PathLike, *
         parts += (f" + KV {est['kv_bytes'] / GB:.2f} GB ({getattr(codec, 'plugin_name', type(codec).__name__)})"
                   f" + activations {est['activation_bytes'] / GB:.2f} GB")
     cap = f" (device_memory_gb={device_memory_gb})" if device.type == "cuda" and device_memory_gb else ""
+    host_short = what == "host memory (the weights a streaming policy keeps there)"
+    advice = _advice(est, device, dtype, have, codec, prefill_chunk, prefetch if host_short else None)
     raise DoesNotFit(
         f"{label} does not fit: {batch} x {context} tokens need {need / GB:.1f} GB of {what} ({parts}) but "
-        f"{have / GB:.1f} GB is free{cap}; {_advice(est, device, dtype, have, codec, prefill_chunk)}")
+        f"{have / GB:.1f} GB is free{cap}; {advice}")
 
 
 def _advice(est: dict[str, int], device: torch.device, dtype: torch.dtype, have: int, codec,
-            prefill_chunk: int) -> str:
+            prefill_chunk: int, host_policy=None) -> str:
     tips = []
+    if host_policy is not None:  # the host is what is short: the streaming policy may store its weights smaller
+        tip = host_policy.host_advice(USABLE * have, est["weights_bytes"], est["routed_expert_bytes"],
+                                      torch.empty((), dtype=dtype).element_size())
+        if tip:
+            tips.append(tip)
     weights = est["device_weights_bytes"]
     if device.type == "cpu":
         tips.append("use a GPU (device=cuda)")

@@ -52,6 +52,11 @@ class PrefetchPolicy:
         the model dtype of `element_size` bytes)."""
         return float(total_bytes) if torch.device(self.weights_device(device)).type == "cpu" else 0.0
 
+    def host_advice(self, room: float, total_bytes: int, expert_bytes: int = 0, element_size: int = 2) -> str | None:
+        """A setting of this policy under which what it keeps in host memory fits in `room` bytes, for the memory
+        check's one-line refusal (e.g. `prefetch.host_dtype=fp8`); None when it has none."""
+        return None
+
     def device_weight_bytes(self, total_bytes: int, layer_bytes: int | None = None, num_layers: int | None = None,
                             head_bytes: int = 0, expert_bytes: int = 0) -> float:
         """Weight bytes on the device at once, given the model's total (and, for policies that stream layers, one

@@ -160,6 +160,12 @@ class ExpertStreaming(PrefetchPolicy):
             return expert_bytes / element_size * (1 + element_size / BLOCK)
         return float(expert_bytes)
 
+    def host_advice(self, room: float, total_bytes: int, expert_bytes: int = 0, element_size: int = 2) -> str | None:
+        fp8 = expert_bytes / element_size * (1 + element_size / BLOCK)
+        if self.cfg.host_dtype != "fp8" and expert_bytes and fp8 <= room:  # Qwen3-Next-80B: 78.5 GB, not 155
+            return f"prefetch.host_dtype=fp8 (the routed experts' host rows in {fp8 / GB:.1f} GB)"
+        return None
+
     def _cap(self) -> float | None:
         return None if self.cfg.budget_gb is None else self.cfg.budget_gb * GB - self.cfg.headroom_gb * GB
 
