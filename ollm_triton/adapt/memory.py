@@ -105,14 +105,9 @@ class MemoryStrategy(Strategy):
         from ollm_triton.engine.footprint import chunk_attention_bytes, forward_activation_bytes
 
         tokens = min(int(getattr(engine, "prefill_chunk", 0) or 0) or spec.max_len, context)
-        kw = dict(dtype=spec.dtype, batch=spec.batch, tokens=tokens, context=context)
-        # a codec declaring static_buffers stores model-dtype K/V that dense() slices; any other decodes them
-        views = bool(getattr(codec, "static_buffers", False))
-        attention = getattr(engine, "attention", None)  # the masks its backend declares (None: sdpa's)
-        masks = None if attention is None else attention.prefill_mask_bytes(
-            tokens, context, spec.dtype.itemsize, spec.device)
-        return float(forward_activation_bytes(cfg, device=spec.device, **kw)
-                     + chunk_attention_bytes(cfg, reads_views=views, mask_bytes=masks, **kw))
+        kw = dict(dtype=spec.dtype, device=spec.device, batch=spec.batch, tokens=tokens, context=context)
+        return float(forward_activation_bytes(cfg, **kw)
+                     + chunk_attention_bytes(cfg, codec=codec, attention=getattr(engine, "attention", None), **kw))
 
     def _chunk(self, spec) -> int:
         engine = self.adapter.run.engine if self.adapter is not None else None

@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from ollm_triton.attention.base import AttentionBackend
 from ollm_triton.attention.sdpa import sink_attention_bytes
 from ollm_triton.cache.base import LayerSpec
 from ollm_triton.cache.quant import DENSE_SLICE
@@ -112,11 +113,9 @@ def estimate(model_cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device
     t = min(context, prefill_chunk) if prefill_chunk else context
     acts = forward_activation_bytes(cfg, dtype=dtype, device=device, batch=batch, tokens=t, context=context)
     chunk = 0
-    if t < context and cfg.num_layers > cfg.linear_layers:  # a later chunk reads the held keys back
-        masks = None if attention is None else attention.prefill_mask_bytes(t, context, elt, device)
-        # a codec declaring static_buffers stores model-dtype K/V that dense() slices; any other decodes them
-        chunk = chunk_attention_bytes(cfg, dtype=dtype, batch=batch, tokens=t, context=context, mask_bytes=masks,
-                                      reads_views=bool(getattr(codec, "static_buffers", False)))
+    if cfg.num_layers > cfg.linear_layers:  # a later chunk reads the held keys back (none for the first)
+        chunk = chunk_attention_bytes(cfg, dtype=dtype, device=device, batch=batch, tokens=t, context=context,
+                                      codec=codec, attention=attention)
     acts += chunk
     # what the policy keeps on the host, in its own storage (prefetch/experts.py host_dtype=fp8: the experts' codes)
     host_weights = weights if device.type == "cpu" else prefetch.host_weight_bytes(
@@ -170,19 +169,19 @@ READ_WORK = 16  # bytes per element of one K or V tensor that a codec's read-bac
 # then float32 codes, scale and zero point: kernels/quant.py's dequantize_*_ref peaks at 13)
 
 
-def chunk_attention_bytes(cfg: ModelConfig, *, dtype: torch.dtype, batch: int, tokens: int, context: int,
-                          reads_views: bool, mask_bytes: int | None = None) -> int:
+def chunk_attention_bytes(cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device, batch: int, tokens: int,
+                          context: int, codec, attention=None) -> int:
     """What one layer's attention step of a later prompt chunk holds at once beyond `forward_activation_bytes`:
     `tokens` new tokens over `context` keys, of which context - tokens come from the cache (engine/mixers.py
     attention_step; 0 for the first chunk, which attends to itself under is_causal, and for decode-sized blocks).
 
     - the held K/V concatenated with the chunk's: K and V of `context` tokens in the model dtype;
     - the causal mask, bool [T, S], and the additive copy in the model dtype that torch's SDPA makes of it for its
-      memory-efficient kernel (at 4096 x 40,960 in bf16: 320 MiB, the H100 run's failed allocation), or what the
-      backend declares instead (`mask_bytes`: AttentionBackend.prefill_mask_bytes; the Triton kernels hold none);
-    - a codec whose layers are not the model-dtype buffers themselves (`reads_views` False: its CacheCodec does not
-      declare `static_buffers`) reads the held tokens back through dense(): K and V in the model dtype, alive
-      through the attention, and while they are written, one slice of them as decoded and its decoding work
+      memory-efficient kernel (at 4096 x 40,960 in bf16: 320 MiB, the H100 run's failed allocation): what
+      `attention` declares (AttentionBackend.prefill_mask_bytes; the Triton kernels hold none; None: sdpa's);
+    - a codec whose layers are not the model-dtype buffers that dense() slices (its CacheCodec does not declare
+      `static_buffers`) reads the held tokens back through dense(): K and V in the model dtype, alive through the
+      attention, and while they are written, one slice of them as decoded and its decoding work
       (READ_WORK bytes an element; at most DENSE_SLICE tokens: the quantizers decode slice by slice into their
       output).
     Grows with the context: at 4096 x 53,248 on Llama-3-8B shapes (bf16) it is 0.87 GB over a dense cache."""
@@ -191,9 +190,9 @@ def chunk_attention_bytes(cfg: ModelConfig, *, dtype: torch.dtype, batch: int, t
         return 0
     elt = _elt(dtype)
     per_token = 2 * batch * cfg.num_kv_heads * cfg.head_dim * elt  # K and V of one token, one layer
-    masks = tokens * context * (1 + elt) if mask_bytes is None else mask_bytes
+    masks = (attention or AttentionBackend()).prefill_mask_bytes(tokens, context, elt, device)
     attend = per_token * context + masks
-    if reads_views:
+    if getattr(codec, "static_buffers", False):
         return int(attend)
     read = per_token * held  # the held tokens decoded to the model dtype
     piece = min(held, DENSE_SLICE)  # one slice: its K and V as decoded, and the decoding's intermediates
@@ -282,8 +281,7 @@ def _advice(est: dict[str, int], device: torch.device, dtype: torch.dtype, have:
             prefill_chunk: int, host_policy=None) -> str:
     tips = []
     if host_policy is not None:  # the host is what is short: the streaming policy may store its weights smaller
-        tip = host_policy.host_advice(USABLE * have, est["weights_bytes"], est["routed_expert_bytes"],
-                                      torch.empty((), dtype=dtype).element_size())
+        tip = host_policy.host_advice(USABLE * have, est["weights_bytes"], est["routed_expert_bytes"], _elt(dtype))
         if tip:
             tips.append(tip)
     weights = est["device_weights_bytes"]
