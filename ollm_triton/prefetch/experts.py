@@ -134,6 +134,11 @@ def _put(rows: torch.Tensor, src: torch.Tensor) -> None:
         rows.copy_(src)
 
 
+def _fp8_row_bytes(expert_bytes: float, element_size: int) -> float:
+    """Host bytes of the routed experts as fp8 rows: a byte a weight and a model-dtype scale per BLOCK weights."""
+    return expert_bytes / element_size * (1 + element_size / BLOCK)
+
+
 @register("prefetch", "experts", ExpertStreamingConfig)
 class ExpertStreaming(PrefetchPolicy):
     """MoE models: the dense part resident, routed experts streamed from host memory into a device cache (LRU or
@@ -156,12 +161,10 @@ class ExpertStreaming(PrefetchPolicy):
         the device. A dense model (no expert bytes) is refused by setup; all of it is counted here."""
         if not expert_bytes:
             return float(total_bytes)
-        if self.cfg.host_dtype == "fp8":
-            return expert_bytes / element_size * (1 + element_size / BLOCK)
-        return float(expert_bytes)
+        return _fp8_row_bytes(expert_bytes, element_size) if self.cfg.host_dtype == "fp8" else float(expert_bytes)
 
     def host_advice(self, room: float, total_bytes: int, expert_bytes: int = 0, element_size: int = 2) -> str | None:
-        fp8 = expert_bytes / element_size * (1 + element_size / BLOCK)
+        fp8 = _fp8_row_bytes(expert_bytes, element_size)
         if self.cfg.host_dtype != "fp8" and expert_bytes and fp8 <= room:  # Qwen3-Next-80B: 78.5 GB, not 155
             return f"prefetch.host_dtype=fp8 (the routed experts' host rows in {fp8 / GB:.1f} GB)"
         return None
