@@ -158,6 +158,11 @@ class CacheLayer:
     def stored_bytes(self) -> int:
         raise NotImplementedError
 
+    def held_bytes(self) -> int:
+        """What the layer occupies: `stored_bytes` plus anything kept beside the sequence's entries (a state layer's
+        rollback states, cache/state.py)."""
+        return self.stored_bytes()
+
     def original_bytes(self) -> int:
         """What a dense cache in the model dtype would hold for every token appended (not only those kept)."""
         s = self.spec

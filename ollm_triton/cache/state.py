@@ -12,8 +12,9 @@ of the last `rollback_tokens` lengths it passed through: the state before each u
 them over, the state after each token of a block (a speculative verify block of <= 16 tokens). Each kept length
 holds its own state (a step makes a new one), so a layer holds up to `rollback_tokens` + 1 states: a caller that
 never truncates asks for 0 (engine `new_cache(rollback_tokens=0)`, greedy's loop). `truncate` returns to any kept
-length; anything else raises NotImplementedError with one line. Kept states are not counted in `stored_bytes`; the
-memory check counts them for decoders that are not forward-only (engine/footprint.py).
+length; anything else raises NotImplementedError with one line. Kept states are not counted in `stored_bytes`
+(what the layer holds for the sequence); `held_bytes` counts them too. The memory check counts them for decoders
+that are not forward-only (engine/footprint.py), the server's admission for its one kept step (Engine.cache_bytes).
 """
 
 from __future__ import annotations
@@ -78,6 +79,10 @@ class StateLayer(CacheLayer):
 
     def stored_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.state.values())
+
+    def held_bytes(self) -> int:
+        """The current state and every kept one: what the layer occupies."""
+        return sum(t.numel() * t.element_size() for _, state in self._kept for t in state.values())
 
     def original_bytes(self) -> int:
         return self.stored_bytes()  # no codec: the state is what an uncompressed cache holds too

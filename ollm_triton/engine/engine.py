@@ -117,12 +117,13 @@ class Engine:
         return LayerSpec(batch=batch, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, dtype=self.dtype,
                          device=self.device, max_len=max_len)
 
-    def cache_bytes(self, tokens: int, batch: int = 1, max_len: int | None = None) -> float:
+    def cache_bytes(self, tokens: int, batch: int = 1, max_len: int | None = None, rollback_tokens: int = 0) -> float:
         """What a cache of `batch` sequences holding `tokens` tokens takes at most: the codec's `bytes_for` on each
-        attention layer plus the fixed-size state of each linear-attention layer (hybrid models)."""
+        attention layer plus the fixed-size state of each linear-attention layer (hybrid models), and the
+        `rollback_tokens` earlier states such a layer keeps (`new_cache`'s argument)."""
         cfg = self.config
         spec = self.layer_spec(batch, max_len or max(tokens, 1))
-        state = cfg.linear_layers * state_bytes(cfg, batch, self.dtype)
+        state = cfg.linear_layers * state_bytes(cfg, batch, self.dtype) * (1 + rollback_tokens)
         return self.codec.bytes_for(spec, tokens) * (cfg.num_layers - cfg.linear_layers) + state
 
     def use_kernels(self) -> bool:

@@ -32,16 +32,17 @@ class CacheRows:
     """Each request its own KVCache of the run's codec (see the module docstring)."""
 
     kind = "codec caches"
+    # a linear-attention layer keeps one earlier state, not a verify block's 16: the scheduler rolls a row back one
+    # decode step when a batched step fails part-way (serve/scheduler.py `_rollback`); 16 would hold 1.24 GB more a
+    # request on Qwen3-Next-80B. Admission counts the one (Scheduler.kv_bytes).
+    rollback_tokens = 1
 
     def __init__(self, engine):
         self.engine = engine
         self.padding_rows = 0
 
     def allocate(self, tokens: int) -> KVCache:
-        # a linear-attention layer keeps one earlier state, not a verify block's 16: the scheduler rolls a row back
-        # one decode step when a batched step fails part-way (serve/scheduler.py `_rollback`); 16 would hold 1.24 GB
-        # more a request on Qwen3-Next-80B that admission (Engine.cache_bytes) does not count
-        return self.engine.new_cache(batch=1, max_len=tokens, rollback_tokens=1)
+        return self.engine.new_cache(batch=1, max_len=tokens, rollback_tokens=self.rollback_tokens)
 
     def release(self, cache: KVCache) -> KVCache:
         return cache  # the cache itself can serve a later prefix hit
@@ -61,7 +62,7 @@ class CacheRows:
         return self.engine.decode_rows(tokens, caches), None
 
     def bytes_held(self, caches: list[KVCache]) -> int:
-        return sum(layer.stored_bytes() for c in caches for layer in c.layers)
+        return sum(layer.held_bytes() for c in caches for layer in c.layers)
 
 
 class SlotRows:
@@ -69,6 +70,7 @@ class SlotRows:
     docstring)."""
 
     kind = "static slots"
+    rollback_tokens = 0  # no state layers: hybrid models have no static step (ModelConfig.static_step_blocker)
 
     def __init__(self, engine, max_batch: int, max_context: int):
         self.engine = engine

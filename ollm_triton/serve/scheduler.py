@@ -405,8 +405,9 @@ class Scheduler:
 
     def kv_bytes(self, tokens: int) -> float:
         """The KV bytes a request of `tokens` tokens may take in the run's codec, every layer (admission); a hybrid
-        model's linear-attention layers count their fixed-size state instead (Engine.cache_bytes)."""
-        return self.engine.cache_bytes(tokens, max_len=self._spec.max_len)
+        model's linear-attention layers count their fixed-size state instead, and the earlier states the rows keep
+        (Engine.cache_bytes)."""
+        return self.engine.cache_bytes(tokens, max_len=self._spec.max_len, rollback_tokens=self.rows.rollback_tokens)
 
     def kv_tokens(self, tokens: int) -> int:
         """The most tokens a request of `tokens` tokens (prompt + max_tokens) holds in a layer of the run's codec."""
