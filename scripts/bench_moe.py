@@ -103,8 +103,12 @@ SMALL_QWEN3_MOE = dict(model_type="qwen3_moe", vocab_size=512, hidden_size=64, i
                        head_dim=16, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
                        max_position_embeddings=4096)
 SMALL_ARCHS = {"qwen3_moe_30b": SMALL_QWEN3_MOE, "gpt_oss_20b": SMALL_GPT_OSS}  # --small: the presets' stand-ins
-# (block_m or None = the kernel's choice, block_n, block_k, warps) for --sweep; the first is the default
-SWEEP = [(None, 64, 64, 4), (16, 32, 64, 4), (16, 64, 128, 4), (16, 128, 64, 8), (64, 128, 64, 8), (32, 64, 64, 4)]
+# (block_m or None = the kernel's choice, block_n, block_k, warps, stages or None = Triton's) for --sweep; the first
+# is the default
+SWEEP = [(None, 64, 64, 4, None), (16, 32, 64, 4, None), (16, 64, 128, 4, None), (16, 128, 64, 8, None),
+         (64, 128, 64, 8, None), (32, 64, 64, 4, None), (None, 64, 64, 4, 4), (None, 64, 128, 4, 4),
+         (None, 128, 64, 4, 4), (None, 128, 128, 8, 3), (None, 32, 128, 4, 4), (64, 128, 64, 4, 4),
+         (128, 128, 64, 8, 3)]
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DT = torch.bfloat16
 
@@ -240,9 +244,10 @@ def expert_rows(args, shapes: dict, bw: float) -> list[dict]:
                 "engine eager grouped": grouped_eager(*args_, s),
             }
             if args.sweep:
-                for bm, bn, bk, warps in SWEEP[1:]:
-                    paths[f"ours: triton bm={bm} bn={bn} bk={bk} w={warps}"] = partial(
-                        moe_experts_kernel, *args_, **kw, block_m=bm, block_n=bn, block_k=bk, num_warps=warps)
+                for bm, bn, bk, warps, stages in SWEEP[1:]:
+                    paths[f"ours: triton bm={bm} bn={bn} bk={bk} w={warps} s={stages}"] = partial(
+                        moe_experts_kernel, *args_, **kw, block_m=bm, block_n=bn, block_k=bk, num_warps=warps,
+                        num_stages=stages)
             for name, mod in hf.items():
                 if isinstance(mod, str):
                     rows.append(dict(model=model, tokens=n, path=name, note=mod))

@@ -238,7 +238,8 @@ def _block_m(num_pairs: int, num_experts: int) -> int:
 
 def moe_experts_kernel(x, weights, experts, w_gate_up, w_down, b_gate_up=None, b_down=None, *, layout="concat",
                        act="silu", alpha=1.702, limit=7.0, block_m: int | None = None, block_n: int = 64,
-                       block_k: int = 64, num_warps: int = 4, routing: tuple[int, int] | None = None) -> torch.Tensor:
+                       block_k: int = 64, num_warps: int = 4, num_stages: int | None = None,
+                       routing: tuple[int, int] | None = None) -> torch.Tensor:
     """The Triton path (shapes in the module docstring). The tile sizes are not tuned yet: 64 x 64 with BLOCK_M
     rows by `_block_m` (scripts/bench_moe.py --sweep times the alternatives on the GPU). routing: (the model's
     experts, experts a token) when this call holds part of the routing (a cache's rows, one slot of k): BLOCK_M
@@ -273,18 +274,19 @@ def moe_experts_kernel(x, weights, experts, w_gate_up, w_down, b_gate_up=None, b
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
     has_bias = b_gate_up is not None
     bn, bk = block_n, block_k
+    launch = dict(num_warps=num_warps) if num_stages is None else dict(num_warps=num_warps, num_stages=num_stages)
     _gate_up_kernel[(rows // bm, triton.cdiv(i, bn))](
         x, w_gate_up, b_gate_up if has_bias else x, pairs, block_expert, inter,
         nk, h, i, float(alpha), float(limit),
         x.stride(0), *gu_strides, b_gate_up.stride(0) if has_bias else 0, inter.stride(0),
         TOP_K=k, PAIRED=layout == "interleaved_t", HAS_BIAS=has_bias, ACT=ACTS.index(act),
-        DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=num_warps,
+        DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch,
     )
     _down_kernel[(rows // bm, triton.cdiv(h, bn))](
         inter, w_down, b_down if b_down is not None else x, pairs, block_expert, route_w, out_pairs,
         nk, h, i,
         inter.stride(0), *d_strides, b_down.stride(0) if b_down is not None else 0, out_pairs.stride(0),
-        HAS_BIAS=b_down is not None, DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=num_warps,
+        HAS_BIAS=b_down is not None, DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch,
     )
     return torch.sum(out_pairs.view(n, k, h), dim=1, out=out)
 
