@@ -43,6 +43,27 @@ def test_llama3_8b_on_a_24gb_cpu_refuses_in_milliseconds():
     assert "use a GPU" in msg and "model=tiny_random" in msg
 
 
+@pytest.mark.parametrize("big, tiny", [("qwen3_moe_30b", "tiny_qwen3_moe"), ("gpt_oss_20b", "tiny_gpt_oss"),
+                                       ("qwen3_next_80b", "tiny_qwen3_next")])
+def test_a_refused_model_points_to_a_small_one_of_its_architecture(big, tiny):
+    """The refusal names the small preset of the same architecture, and that preset fits and runs on this CPU."""
+    codec, policy = plugins()
+    with pytest.raises(DoesNotFit) as e:
+        check_fits(arch(big), dtype="auto", device="cpu", batch=1, context=592, codec=codec, prefetch=policy,
+                   name=big, free=(24 * GB, 24 * GB))
+    assert str(e.value).endswith(f"model={tiny}")
+    assert arch(tiny)["model_type"] == arch(big)["model_type"]
+    assert check_fits(arch(tiny), dtype="auto", device="cpu", batch=1, context=592, codec=codec,
+                      prefetch=policy)["fits"]
+    from ollm_triton.engine.engine import load_engine
+
+    torch.manual_seed(0)
+    engine = load_engine(arch(tiny), device="cpu")
+    cache = engine.new_cache(max_len=8)
+    logits = engine.forward(torch.arange(5)[None], cache)
+    assert logits.shape == (1, 5, arch(tiny)["vocab_size"]) and torch.isfinite(logits).all()
+
+
 def test_llama3_8b_measured_against_this_machine():
     """Without injected numbers it reads psutil: float32 8B needs 32 GB, more than this CPU machine has."""
     import psutil

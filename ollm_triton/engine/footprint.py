@@ -271,14 +271,18 @@ def check_fits(model_cfg: ModelConfig | Mapping[str, Any] | str | os.PathLike, *
                   f" + activations {est['activation_bytes'] / GB:.2f} GB")
     cap = f" (device_memory_gb={device_memory_gb})" if device.type == "cuda" and device_memory_gb else ""
     host_short = what == "host memory (the weights a streaming policy keeps there)"
-    advice = _advice(est, device, dtype, have, codec, prefill_chunk, prefetch if host_short else None)
+    advice = _advice(est, device, dtype, have, codec, prefill_chunk, prefetch if host_short else None, cfg.model_type)
     raise DoesNotFit(
         f"{label} does not fit: {batch} x {context} tokens need {need / GB:.1f} GB of {what} ({parts}) but "
         f"{have / GB:.1f} GB is free{cap}; {advice}")
 
 
+# the small random-weight preset of each architecture (conf/model/): the plumbing of a run on any machine
+TINY_PRESETS = {"qwen3_moe": "tiny_qwen3_moe", "gpt_oss": "tiny_gpt_oss", "qwen3_next": "tiny_qwen3_next"}
+
+
 def _advice(est: dict[str, int], device: torch.device, dtype: torch.dtype, have: int, codec,
-            prefill_chunk: int, host_policy=None) -> str:
+            prefill_chunk: int, host_policy=None, model_type: str = "llama") -> str:
     tips = []
     if host_policy is not None:  # the host is what is short: the streaming policy may store its weights smaller
         tip = host_policy.host_advice(USABLE * have, est["weights_bytes"], est["routed_expert_bytes"], _elt(dtype))
@@ -302,7 +306,7 @@ def _advice(est: dict[str, int], device: torch.device, dtype: torch.dtype, have:
         tips.append("prefill_chunk=4096")
     if est["kv_bytes"] + est["activation_bytes"] > 0.25 * est["device_bytes"]:
         tips.append("a shorter context or smaller batch")
-    tips.append("model=tiny_random")
+    tips.append(f"model={TINY_PRESETS.get(model_type, 'tiny_random')}")
     return "to run it: " + (", ".join(tips[:-1]) + " or " if len(tips) > 1 else "") + tips[-1]
 
 
