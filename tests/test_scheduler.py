@@ -178,3 +178,46 @@ def test_kv_budget_admits_by_the_codecs_bytes(engines):
     budget = int(3 * Scheduler(dense).kv_bytes(800))  # three 800-token requests in dense bytes
     # int4 keeps the newest residual + group - 1 tokens exact and the rest at about a quarter: more fit
     assert admitted(int4, budget) > admitted(dense, budget) >= 1
+
+
+def test_a_failed_prompt_chunk_rolls_back_on_a_hybrid_model():
+    """Qwen3-Next's linear-attention layers hold a state, not K/V. When a batched prompt chunk fails after some of
+    them updated (here in its fourth layer, the first attention layer, after three Gated DeltaNet layers), the
+    other request's state goes back to before the chunk and it gets the tokens it gets alone; the failing request
+    fails alone."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    arch = yaml.safe_load((root / "ollm_triton" / "conf" / "model" / "tiny_qwen3_next.yaml").read_text())["arch"]
+    engine = load_engine(arch, seed=0)
+    greedy = registry.build("decoder", "greedy")
+    good = [11 + 7 * i for i in range(2 * CHUNK + 5)]  # three chunks: the failure comes in the second
+    bad = [12 + 5 * i for i in range(2 * CHUNK + 5)]
+    bad[CHUNK + 3] = 8000
+    alone = greedy.generate(engine, torch.tensor([good]), 6).tokens[0].tolist()
+    step = engine.model.step
+
+    class FailingMixer:  # the step's mixer, raising when the attention layer is reached
+        def __init__(self, mixer):
+            self.mixer = mixer
+
+        def __call__(self, i, *a, **k):
+            if i == 3:
+                raise RuntimeError("injected fault")
+            return self.mixer(i, *a, **k)
+
+        def __getattr__(self, name):  # the linear-attention layers' `state(i)`
+            return getattr(self.mixer, name)
+
+    def failing(ids, mixer, *args, **kwargs):
+        return step(ids, FailingMixer(mixer) if (ids == 8000).any() else mixer, *args, **kwargs)
+
+    engine.model.step = failing
+    sched = Scheduler(engine, max_batch=2, prefill_chunk=CHUNK, prefill_budget=2 * CHUNK, max_context=512)
+    reqs = [sched.submit(good, 6, GREEDY), sched.submit(bad, 6, GREEDY)]
+    for _ in range(20):
+        sched.step()
+    assert all(r.finished for r in reqs)
+    assert reqs[1].events[-1].finish_reason == "error" and "injected fault" in reqs[1].events[-1].error
+    assert tokens(reqs[0].events) == alone
+    sched.shutdown()

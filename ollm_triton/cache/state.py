@@ -9,8 +9,10 @@ quantize or evict, and `append`/`dense` refuse. What the engine and the tasks re
 
 Rollback. A recurrent state cannot drop tokens; it can only go back to a state it kept. The layer keeps the states
 of the last `rollback_tokens` lengths it passed through: the state before each update and, when the layer hands
-them over, the state after each token of a block (a speculative verify block of <= 16 tokens). Each kept length
-holds its own state (a step makes a new one), so a layer holds up to `rollback_tokens` + 1 states: a caller that
+them over, the state after each token of a block (a speculative verify block of <= 16 tokens). An update longer
+than that reach (a prompt chunk) keeps the state before it instead of the oldest of those, so any caller that rolls
+back at all can undo its last step whole. Each kept length holds its own state (a step makes a new one), so a layer
+holds up to `rollback_tokens` + 1 states: a caller that
 never truncates asks for 0 (engine `new_cache(rollback_tokens=0)`, greedy's loop). `truncate` returns to any kept
 length; anything else raises NotImplementedError with one line. Kept states are not counted in `stored_bytes`
 (what the layer holds for the sequence); `held_bytes` counts them too. The memory check counts them for decoders
@@ -49,13 +51,17 @@ class StateLayer(CacheLayer):
     def update(self, state: dict[str, torch.Tensor], tokens: int,
                history: dict[str, torch.Tensor] | None = None) -> None:
         """The state after `tokens` more tokens; history[name][j]: the state after token j + 1 of them (optional)."""
-        start = self._len
+        start, before = self._len, self._kept[-1]
         if history is not None:
             self._kept += [(start + j + 1, {name: h[j] for name, h in history.items()}) for j in range(tokens - 1)]
         self.state, self._len = state, start + tokens
         self._kept.append((self._len, state))
         oldest = self._len - self.rollback_tokens
         self._kept = [(n, s) for n, s in self._kept if n >= oldest]
+        if self.rollback_tokens and start < oldest:
+            # an update longer than the reach (a prompt chunk) can still be undone as a whole: the server rolls a
+            # failed batched step back (serve/scheduler.py `_rows_call`); still at most rollback_tokens + 1 states
+            self._kept = [before, *self._kept[-self.rollback_tokens:]]
         self.appended = self._len
 
     def truncate(self, length: int) -> None:
