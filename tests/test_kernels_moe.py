@@ -136,6 +136,60 @@ def test_unknown_layout_refuses_in_one_line():
     assert "\n" not in str(err.value)
 
 
+def mxfp4_weights(layout, bias, h=96, i=32, device="cpu"):
+    """MXFP4 stacks of random weights (H = 96: three 32-code groups, a tile and a half of 64; I = 32) in the layout's
+    row order (output rows along K), and the biases."""
+    from ollm_triton.kernels.mxfp4 import quantize_mxfp4
+
+    g = torch.Generator().manual_seed(3)
+    w_gu, w_d = torch.randn(E, 2 * i, h, generator=g) * 0.2, torch.randn(E, h, i, generator=g) * 0.2
+    if layout == "interleaved_t":  # gate n and up n adjacent rows, as gpt-oss stores them
+        w_gu = torch.stack((w_gu[:, :i], w_gu[:, i:]), dim=2).reshape(E, 2 * i, h)
+    b_gu, b_d = (torch.randn(E, 2 * i, generator=g), torch.randn(E, h, generator=g)) if bias else (None, None)
+    move = (lambda t: None if t is None else t.to(device))
+    mx_gu, mx_d = quantize_mxfp4(w_gu), quantize_mxfp4(w_d)
+    return (type(mx_gu)(*map(move, mx_gu)), type(mx_d)(*map(move, mx_d)), move(b_gu), move(b_d))
+
+
+@pytest.mark.parametrize("n", [1, 63])
+@pytest.mark.parametrize("layout,act", [("concat", "silu"), ("interleaved_t", "clamped_swiglu")])
+def test_mxfp4_weights_read_directly_match_float64(poisoned, n, layout, act):
+    """The kernels reading MXFP4 bytes (two codes a byte, a power-of-two scale per 32) equal the float64 reference
+    over the dequantized matrices (kernels/mxfp4.py); a wrong nibble order, sign or scale moves the result."""
+    mx_gu, mx_d, b_gu, b_d = mxfp4_weights(layout, bias=act == "clamped_swiglu")
+    x = torch.randn(n, 96, generator=torch.Generator().manual_seed(5)) * 3
+    w, ex = routing(n)
+    ref = moe_experts_torch(f64(x), f64(w), ex, mx_gu, mx_d, f64(b_gu), f64(b_d), layout=layout, act=act, limit=2.0)
+    out = moe_experts_kernel(x, w, ex, mx_gu, mx_d, b_gu, b_d, layout=layout, act=act, limit=2.0)
+    err = (out.double() - ref).abs().max().item()
+    assert err <= 1e-5 * max(ref.abs().max().item(), 1.0), err
+    with pytest.raises(ValueError, match="both MXFP4 or neither"):
+        moe_experts_kernel(x, w, ex, mx_gu, mx_d.dense(x.dtype, transposed=layout == "interleaved_t"), layout=layout)
+
+
+def test_mxfp4_round_trip_is_exact_on_representable_values():
+    """quantize(dequantize(codes, scales)) gives back the codes and scales wherever a group holds a +-6 (its scale
+    is then the one that was drawn), and every value lands within half a code step otherwise."""
+    from ollm_triton.kernels.mxfp4 import MXFP4, dequantize_mxfp4, quantize_mxfp4
+
+    g = torch.Generator().manual_seed(6)
+    codes = torch.randint(0, 16, (2, 3, 4, 32), generator=g, dtype=torch.uint8)
+    codes[..., 0] = 7  # +6: each group's largest magnitude is 6 x its scale
+    scales = torch.randint(120, 135, (2, 3, 4), generator=g, dtype=torch.uint8)
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    w = dequantize_mxfp4(blocks, scales, torch.float32)
+    back = quantize_mxfp4(w)
+    negative_zero = (codes == 8)  # -0 comes back as +0: the same value
+    assert torch.equal(back.scales, scales)
+    got = torch.stack((back.blocks & 15, back.blocks >> 4), dim=-1).flatten(-2)
+    assert torch.equal(torch.where(negative_zero, torch.zeros_like(codes), codes), got)
+    assert torch.equal(MXFP4(back.blocks, back.scales).dense(torch.float32, transposed=False), w.reshape(2, 3, 128))
+    x = torch.randn(2, 3, 64, generator=g)
+    q = quantize_mxfp4(x).dense(torch.float32, transposed=False)
+    step = torch.exp2(torch.ceil(torch.log2(x.reshape(2, 3, 2, 32).abs().amax(-1) / 6)))  # the scale of each group
+    assert ((q - x).reshape(2, 3, 2, 32).abs() <= step[..., None] * 1.0 + 1e-7).all()  # the widest code gap is 2
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("n", [1, 16, 129])
 @pytest.mark.parametrize("layout,act", [("concat", "silu"), ("interleaved_t", "clamped_swiglu")])
@@ -146,5 +200,20 @@ def test_kernel_bf16_gpu(poisoned, n, layout, act):
     w_gu, w_d, b_gu, b_d = weights(layout, bias=act == "clamped_swiglu", dtype=torch.bfloat16, device="cuda")
     ref = moe_experts_torch(f64(x), f64(w), ex, f64(w_gu), f64(w_d), f64(b_gu), f64(b_d), layout=layout, act=act)
     out = moe_experts_kernel(x, w, ex, w_gu, w_d, b_gu, b_d, layout=layout, act=act)
+    rel = ((out.double() - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
+    assert rel < 1e-2, rel
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [1, 16, 129])
+def test_mxfp4_kernel_bf16_gpu(poisoned, n):
+    mx_gu, mx_d, b_gu, b_d = mxfp4_weights("interleaved_t", bias=True, device="cuda")
+    x = torch.randn(n, 96, device="cuda").bfloat16()
+    w, ex = routing(n, device="cuda")
+    w = w.bfloat16()
+    ref = moe_experts_torch(f64(x), f64(w), ex, mx_gu, mx_d, f64(b_gu), f64(b_d), layout="interleaved_t",
+                            act="clamped_swiglu")
+    out = moe_experts_kernel(x, w, ex, mx_gu, mx_d, b_gu.bfloat16(), b_d.bfloat16(), layout="interleaved_t",
+                             act="clamped_swiglu")
     rel = ((out.double() - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
     assert rel < 1e-2, rel

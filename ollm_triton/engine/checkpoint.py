@@ -24,6 +24,7 @@ from torch import nn
 
 from ollm_triton.engine.config import ModelConfig
 from ollm_triton.engine.model import CausalLM
+from ollm_triton.kernels import mxfp4
 
 Keep = Callable[[str, torch.Tensor], torch.Tensor]  # (parameter name, value just created) -> what the model keeps
 INDEX_FILE = "model.safetensors.index.json"
@@ -191,22 +192,12 @@ def _per_expert_sources(name: str, num_experts: int) -> list[list[str]] | None:
     return [[f"{prefix}.{e}.down_proj.weight"] for e in range(num_experts)]
 
 
-# MXFP4 (OCP microscaling): 32 FP4 (e2m1) values share one power-of-two scale (e8m0, exponent bias 127); a byte
-# holds two codes, the low nibble first. Code -> value: sign bit 3, then 0, 0.5, 1, 1.5, 2, 3, 4, 6.
-FP4_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
-
-
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """blocks: uint8 [..., G, 16] (32 FP4 codes per group), scales: uint8 [..., G] -> [..., G * 32] in `dtype`.
-
-    Exact in bf16 and wider: every value is an e2m1 number times a power of two (ldexp in float32, then cast)."""
-    if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != 16:
-        raise CheckpointError(f"MXFP4 blocks {list(blocks.shape)} and scales {list(scales.shape)} do not pair "
-                              "(blocks [..., G, 16] uint8, scales [..., G] uint8)")
-    table = torch.tensor(FP4_E2M1, dtype=torch.float32, device=blocks.device)
-    codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).flatten(-2).long()  # [..., G, 32], low nibble first
-    values = torch.ldexp(table[codes], (scales.to(torch.int32) - 127)[..., None].float())
-    return values.flatten(-2).to(dtype)
+    """kernels/mxfp4.py's dequantization; a bad pairing of blocks and scales is a CheckpointError (one line)."""
+    try:
+        return mxfp4.dequantize_mxfp4(blocks, scales, dtype)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def init_random(model: CausalLM, device: torch.device, dtype: torch.dtype, seed: int = 0,

@@ -6,6 +6,8 @@ PyTorch reference beside them.
         layout "concat":        w_gate_up [E, 2I, H] (gate rows, then up rows), w_down [E, H, I]
         layout "interleaved_t": w_gate_up [E, H, 2I] (gate, up interleaved columns), w_down [E, I, H]
         b_gate_up [E, 2I], b_down [E, H] or None
+        or both weights as MXFP4 (kernels/mxfp4.py: uint8 codes [E, rows, K / 32, 16] + scales, row = output, in
+        the layout's row order), read as 4.25-bit bytes and decoded in the kernels (`_load_w`)
         -> [N, H] = sum over the k slots of weight * down(act(gate, up))
 
 How the kernels see the tokens. The N*k (token, slot) pairs are sorted by expert and each expert's run padded to a
@@ -30,6 +32,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from ollm_triton.kernels.mxfp4 import MXFP4
 
 ACTS = ("silu", "clamped_swiglu")
 _empty = torch.empty  # every buffer the kernels write is allocated here (tests fill them with NaN)
@@ -68,7 +72,12 @@ def expert_forward(h: torch.Tensor, e: int, w_gate_up, w_down, b_gate_up=None, b
 
 def moe_experts_torch(x, weights, experts, w_gate_up, w_down, b_gate_up=None, b_down=None, *, layout="concat",
                       act="silu", alpha=1.702, limit=7.0) -> torch.Tensor:
-    """The reference: expert by expert over the tokens that chose it, index_add into [N, H] (transformers' loop)."""
+    """The reference: expert by expert over the tokens that chose it, index_add into [N, H] (transformers' loop).
+    MXFP4 weights are dequantized to the layout's dense matrices in x's dtype first."""
+    if isinstance(w_gate_up, MXFP4):
+        w_gate_up = w_gate_up.dense(x.dtype, transposed=layout == "interleaved_t")
+    if isinstance(w_down, MXFP4):
+        w_down = w_down.dense(x.dtype, transposed=layout == "interleaved_t")
     out = torch.zeros_like(x)
     for e in experts.unique().tolist():
         token, slot = torch.where(experts == e)
@@ -90,13 +99,29 @@ def _activation(b_g, b_u, ACT: tl.constexpr, alpha, limit):
     return (b_u + 1.0) * (b_g / (1.0 + tl.exp(-alpha * b_g)))
 
 
+@triton.jit
+def _load_w(p_w, p_s, o_k, o_n, mask, s_wn, s_wk, s_sn, MX: tl.constexpr):
+    """The [BK, BN] weight tile (k, n) of one expert: element n * s_wn + k * s_wk, or with MX its MXFP4 code (byte
+    k // 2 of row n, low nibble first) times 2^(scale of group k // 32 - 127), decoded in float32 (kernels/mxfp4.py)."""
+    if MX:
+        b = tl.load(p_w + o_n[None, :] * s_wn + (o_k // 2)[:, None], mask=mask, other=0).to(tl.int32)
+        code = (b >> ((o_k % 2) * 4)[:, None]) & 15
+        e = (code >> 1) & 3
+        half = (code & 1).to(tl.float32) * 0.5
+        mag = tl.where(e == 0, half, (1.0 + half) * tl.where(e == 1, 1.0, tl.where(e == 2, 2.0, 4.0)))
+        val = tl.where(code >= 8, -mag, mag)
+        sc = tl.load(p_s + o_n[None, :] * s_sn + (o_k // 32)[:, None], mask=mask, other=127).to(tl.float32)
+        return val * tl.exp2(sc - 127.0)
+    return tl.load(p_w + o_n[None, :] * s_wn + o_k[:, None] * s_wk, mask=mask, other=0.0)
+
+
 @triton.jit(do_not_specialize=["NK"])
 def _gate_up_kernel(
-    X, W, B, PAIRS, BLOCK_EXPERT, INTER,
+    X, W, S, B, PAIRS, BLOCK_EXPERT, INTER,
     NK, H, I, alpha, limit,
-    s_xn, s_we, s_wn, s_wk, s_be, s_in,
+    s_xn, s_we, s_wn, s_wk, s_se, s_sn, s_be, s_in,
     TOP_K: tl.constexpr, PAIRED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ACT: tl.constexpr, DOT_PREC: tl.constexpr,
+    ACT: tl.constexpr, DOT_PREC: tl.constexpr, MX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     i_m, i_n = tl.program_id(0), tl.program_id(1)
@@ -109,7 +134,7 @@ def _gate_up_kernel(
     o_tok = (b_pair // TOP_K).to(tl.int64)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < I
-    p_w = W + i_e * s_we
+    p_w, p_s = W + i_e * s_we, S + i_e * s_se
     if PAIRED:
         # gate n and up n are adjacent columns (gpt-oss): one contiguous [BK, 2BN] tile and one dot, split after the
         # loop. Loading gate and up as two stride-2 tiles instead gives loads the compiler cannot vectorise (2 bytes
@@ -121,8 +146,7 @@ def _gate_up_kernel(
             o_k = k0 + tl.arange(0, BLOCK_K)
             m_k = o_k < H
             b_x = tl.load(X + o_tok[:, None] * s_xn + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.0)
-            b_w = tl.load(p_w + o_c[None, :] * s_wn + o_k[:, None] * s_wk, mask=m_k[:, None] & m_c[None, :],
-                          other=0.0)
+            b_w = _load_w(p_w, p_s, o_k, o_c, m_k[:, None] & m_c[None, :], s_wn, s_wk, s_sn, MX).to(b_x.dtype)
             acc = tl.dot(b_x, b_w, acc, input_precision=DOT_PREC)  # [BM, BK] @ [BK, 2BN] -> [BM, 2BN]
         if HAS_BIAS:
             acc += tl.load(B + i_e * s_be + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
@@ -136,8 +160,8 @@ def _gate_up_kernel(
             m_k = o_k < H
             b_x = tl.load(X + o_tok[:, None] * s_xn + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.0)
             m_w = m_k[:, None] & m_n[None, :]
-            b_wg = tl.load(p_w + o_n[None, :] * s_wn + o_k[:, None] * s_wk, mask=m_w, other=0.0)
-            b_wu = tl.load(p_w + (o_n + I)[None, :] * s_wn + o_k[:, None] * s_wk, mask=m_w, other=0.0)
+            b_wg = _load_w(p_w, p_s, o_k, o_n, m_w, s_wn, s_wk, s_sn, MX).to(b_x.dtype)
+            b_wu = _load_w(p_w, p_s, o_k, o_n + I, m_w, s_wn, s_wk, s_sn, MX).to(b_x.dtype)
             acc_g = tl.dot(b_x, b_wg, acc_g, input_precision=DOT_PREC)  # [BM, BK] @ [BK, BN] -> [BM, BN]
             acc_u = tl.dot(b_x, b_wu, acc_u, input_precision=DOT_PREC)  # [BM, BK] @ [BK, BN] -> [BM, BN]
         if HAS_BIAS:
@@ -151,10 +175,10 @@ def _gate_up_kernel(
 
 @triton.jit(do_not_specialize=["NK"])
 def _down_kernel(
-    INTER, W, B, PAIRS, BLOCK_EXPERT, ROUTE_W, OUT,
+    INTER, W, S, B, PAIRS, BLOCK_EXPERT, ROUTE_W, OUT,
     NK, H, I,
-    s_in, s_we, s_wn, s_wk, s_be, s_on,
-    HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
+    s_in, s_we, s_wn, s_wk, s_se, s_sn, s_be, s_on,
+    HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr, MX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     i_m, i_n = tl.program_id(0), tl.program_id(1)
@@ -166,14 +190,14 @@ def _down_kernel(
     m_m = b_pair < NK
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < H
-    p_w = W + i_e * s_we
+    p_w, p_s = W + i_e * s_we, S + i_e * s_se
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, I, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < I
         b_a = tl.load(INTER + o_m[:, None].to(tl.int64) * s_in + o_k[None, :], mask=m_m[:, None] & m_k[None, :],
                       other=0.0)
-        b_w = tl.load(p_w + o_n[None, :] * s_wn + o_k[:, None] * s_wk, mask=m_k[:, None] & m_n[None, :], other=0.0)
+        b_w = _load_w(p_w, p_s, o_k, o_n, m_k[:, None] & m_n[None, :], s_wn, s_wk, s_sn, MX).to(b_a.dtype)
         acc = tl.dot(b_a, b_w, acc, input_precision=DOT_PREC)  # [BM, BK] @ [BK, BN] -> [BM, BN]
     if HAS_BIAS:
         acc += tl.load(B + i_e * s_be + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
@@ -248,16 +272,30 @@ def moe_experts_kernel(x, weights, experts, w_gate_up, w_down, b_gate_up=None, b
         raise ValueError(f"moe_experts: layout {layout!r} / act {act!r}; accepted: {LAYOUTS} / {ACTS}")
     n, h = x.shape
     k = experts.shape[1]
-    e = w_gate_up.shape[0]
     x = x if x.stride(-1) == 1 else x.contiguous()
-    if layout == "concat":  # [E, 2I, H]: n along dim 1, k along dim 2; gate n at row n, up n at I + n
-        i = w_gate_up.shape[1] // 2
-        gu_strides = (w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2))
-        d_strides = (w_down.stride(0), w_down.stride(1), w_down.stride(2))  # [E, H, I]
-    else:  # [E, H, 2I]: n along dim 2, k along dim 1; gate n at column 2n, up n at 2n + 1
-        i = w_gate_up.shape[2] // 2
-        gu_strides = (w_gate_up.stride(0), w_gate_up.stride(2), w_gate_up.stride(1))
-        d_strides = (w_down.stride(0), w_down.stride(2), w_down.stride(1))  # [E, I, H]
+    mx = isinstance(w_gate_up, MXFP4)
+    if mx != isinstance(w_down, MXFP4):
+        raise ValueError("moe_experts: w_gate_up and w_down are both MXFP4 or neither")
+    if mx:  # row n of a matrix is output n along K (kernels/mxfp4.py); the layout says where gate and up rows sit
+        for w in (w_gate_up, w_down):
+            if w.blocks.dtype != torch.uint8 or w.blocks.stride()[2:] != (16, 1) or w.scales.stride(2) != 1:
+                raise ValueError("moe_experts: MXFP4 blocks [E, N, G, 16] and scales [E, N, G], uint8, contiguous "
+                                 "within a row")
+        e, i = w_gate_up.blocks.shape[0], w_gate_up.blocks.shape[1] // 2
+        w_gu, s_gu, w_d, s_d = w_gate_up.blocks, w_gate_up.scales, w_down.blocks, w_down.scales
+        gu_strides = (w_gu.stride(0), w_gu.stride(1), 1, s_gu.stride(0), s_gu.stride(1))
+        d_strides = (w_d.stride(0), w_d.stride(1), 1, s_d.stride(0), s_d.stride(1))
+    else:
+        e = w_gate_up.shape[0]
+        w_gu, s_gu, w_d, s_d = w_gate_up, w_gate_up, w_down, w_down  # no scales: S is never read
+        if layout == "concat":  # [E, 2I, H]: n along dim 1, k along dim 2; gate n at row n, up n at I + n
+            i = w_gate_up.shape[1] // 2
+            gu_strides = (w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), 0, 0)
+            d_strides = (w_down.stride(0), w_down.stride(1), w_down.stride(2), 0, 0)  # [E, H, I]
+        else:  # [E, H, 2I]: n along dim 2, k along dim 1; gate n at column 2n, up n at 2n + 1
+            i = w_gate_up.shape[2] // 2
+            gu_strides = (w_gate_up.stride(0), w_gate_up.stride(2), w_gate_up.stride(1), 0, 0)
+            d_strides = (w_down.stride(0), w_down.stride(2), w_down.stride(1), 0, 0)  # [E, I, H]
     nk = n * k
     out = _empty(n, h, dtype=x.dtype, device=x.device)
     if nk == 0:
@@ -276,17 +314,17 @@ def moe_experts_kernel(x, weights, experts, w_gate_up, w_down, b_gate_up=None, b
     bn, bk = block_n, block_k
     launch = dict(num_warps=num_warps) if num_stages is None else dict(num_warps=num_warps, num_stages=num_stages)
     _gate_up_kernel[(rows // bm, triton.cdiv(i, bn))](
-        x, w_gate_up, b_gate_up if has_bias else x, pairs, block_expert, inter,
+        x, w_gu, s_gu, b_gate_up if has_bias else x, pairs, block_expert, inter,
         nk, h, i, float(alpha), float(limit),
         x.stride(0), *gu_strides, b_gate_up.stride(0) if has_bias else 0, inter.stride(0),
         TOP_K=k, PAIRED=layout == "interleaved_t", HAS_BIAS=has_bias, ACT=ACTS.index(act),
-        DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch,
+        DOT_PREC=prec, MX=mx, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch,
     )
     _down_kernel[(rows // bm, triton.cdiv(h, bn))](
-        inter, w_down, b_down if b_down is not None else x, pairs, block_expert, route_w, out_pairs,
+        inter, w_d, s_d, b_down if b_down is not None else x, pairs, block_expert, route_w, out_pairs,
         nk, h, i,
         inter.stride(0), *d_strides, b_down.stride(0) if b_down is not None else 0, out_pairs.stride(0),
-        HAS_BIAS=b_down is not None, DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch,
+        HAS_BIAS=b_down is not None, DOT_PREC=prec, MX=mx, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch,
     )
     return torch.sum(out_pairs.view(n, k, h), dim=1, out=out)
 
