@@ -17,7 +17,9 @@ same bf16 weights (relative RMS error) before it is timed with triton.testing.do
 warm-up); ours also as a CUDA-graph replay (do_bench_cudagraph: the launch-free number, what the engine's captured
 decode step sees). The bandwidth column is the bytes of the experts the tokens chose (each read once) over the time,
 against the device's copy bandwidth measured here; beside it the time that reading the routed experts, and every
-expert of the layer, would take at that bandwidth.
+expert of the layer, would take at that bandwidth. gpt-oss adds a row with the same layer quantized to MXFP4 (its
+checkpoints' format) and read as bytes by the same kernels (kernels/mxfp4.py): checked against the float32
+reference on the dequantized weights, its bandwidth on the 4.25-bit bytes it reads (the floor columns stay bf16's).
 
 Section "step" (gpt-oss-20b, the runner's `model=gpt_oss_20b task=throughput`: random bf16 weights at the preset's
 shapes, batch 1, a 512-token random prompt, 64 new tokens). The engine picks the whole captured step for gpt-oss
@@ -80,6 +82,7 @@ import yaml  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ollm_triton.kernels.mxfp4 import quantize_mxfp4  # noqa: E402
 from ollm_triton.kernels.moe import moe_experts_kernel, moe_experts_torch  # noqa: E402
 from ollm_triton.results import environment  # noqa: E402
 
@@ -89,7 +92,7 @@ SHAPES = {  # hidden, experts, intermediate, top-k, layout, activation, biases
 }
 SMALL_SHAPES = {  # --small: the same layouts at interpreter sizes (odd widths: partial tiles)
     "qwen3_moe_30b": dict(h=72, e=8, i=40, k=2, layout="concat", act="silu", bias=False),
-    "gpt_oss_20b": dict(h=72, e=8, i=40, k=2, layout="interleaved_t", act="clamped_swiglu", bias=True),
+    "gpt_oss_20b": dict(h=96, e=8, i=32, k=2, layout="interleaved_t", act="clamped_swiglu", bias=True),  # MXFP4: 32s
 }
 SMALL_GPT_OSS = dict(model_type="gpt_oss", vocab_size=512, hidden_size=64, intermediate_size=40, num_hidden_layers=2,
                      num_attention_heads=8, num_key_value_heads=2, head_dim=16, num_local_experts=8,
@@ -228,6 +231,11 @@ def expert_rows(args, shapes: dict, bw: float) -> list[dict]:
         hf = transformers_experts(w_gu, w_d, b_gu, b_d, s)
         elt = w_gu.element_size()
         per_expert = (w_gu[0].numel() + w_d[0].numel() + (b_gu[0].numel() + b_d[0].numel() if s["bias"] else 0)) * elt
+        mx = mx_per_expert = None
+        if s["layout"] == "interleaved_t":  # gpt-oss: its rows along K, as the checkpoints store them
+            mx = tuple(quantize_mxfp4(t.transpose(1, 2)) for t in (w_gu, w_d))
+            mx_per_expert = sum(m.blocks[0].numel() + m.scales[0].numel() for m in mx) + (
+                (b_gu[0].numel() + b_d[0].numel()) * elt if s["bias"] else 0)
         for n in args.tokens:
             x = torch.randn(n, s["h"], device=DEV, generator=torch.Generator(device=DEV).manual_seed(n)).to(DT)
             w, ex = route(n, s)
@@ -236,6 +244,9 @@ def expert_rows(args, shapes: dict, bw: float) -> list[dict]:
             ref = moe_experts_torch(x.float(), w.float(), ex, w_gu.float(), w_d.float(),
                                     None if b_gu is None else b_gu.float(), None if b_d is None else b_d.float(),
                                     layout=s["layout"], act=s["act"])
+            if mx is not None:
+                mx_ref = moe_experts_torch(x.float(), w.float(), ex, *mx, None if b_gu is None else b_gu.float(),
+                                           None if b_d is None else b_d.float(), layout=s["layout"], act=s["act"])
             args_ = (x, w, ex, w_gu, w_d, b_gu, b_d)
             kw = dict(layout=s["layout"], act=s["act"])
             paths = {
@@ -253,17 +264,23 @@ def expert_rows(args, shapes: dict, bw: float) -> list[dict]:
                     rows.append(dict(model=model, tokens=n, path=name, note=mod))
                     continue
                 paths[name] = partial(mod, x, ex, w)
+            own = {}  # path -> (its reference, the bytes it reads) where they are not the bf16 layer's
+            if mx is not None:  # gpt-oss checkpoints store MXFP4: the same layer quantized, read as bytes
+                name = "ours: triton grouped, MXFP4 weights read directly"
+                paths[name] = partial(moe_experts_kernel, x, w, ex, *mx, b_gu, b_d, **kw)
+                own[name] = (mx_ref, ex.unique().numel() * mx_per_expert)
             for name, fn in paths.items():
-                row = dict(model=model, tokens=n, path=name, expert_bytes=read, **floors)
+                ref_, read_ = own.get(name, (ref, read))
+                row = dict(model=model, tokens=n, path=name, expert_bytes=read_, **floors)
                 try:
                     with torch.inference_mode():
-                        row["rel_rms_vs_fp32"] = rel_rms(fn(), ref)
+                        row["rel_rms_vs_fp32"] = rel_rms(fn(), ref_)
                         row["ms"] = timed(fn)
                         if name.startswith("ours") and DEV.type == "cuda":
                             row["ms_cudagraph"] = timed(fn, graph=True)
                     best = min(row["ms"], row.get("ms_cudagraph", row["ms"]))
-                    row["GB/s"] = read / (best / 1e3) / 1e9
-                    row["of_copy_bw"] = read / (best / 1e3) / bw
+                    row["GB/s"] = read_ / (best / 1e3) / 1e9
+                    row["of_copy_bw"] = read_ / (best / 1e3) / bw
                     row["ok"] = row["rel_rms_vs_fp32"] < 2e-2
                 except Exception as exc:  # one failing path is a row, not the end of the run
                     row["note"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
