@@ -167,6 +167,7 @@ def memory_check(resolved: dict[str, Any], source: Any, built: dict[str, Any], t
         # a forward-only decoder (greedy, sample) keeps no states to roll back to; the others up to a verify block
         state_rollback_tokens=0 if getattr(built.get("decoder"), "forward_only", False) else DECODE_MAX_TOKENS,
         attention=built.get("attention"),
+        experts=str(resolved.get("experts") or "dense"),
     )
 
 
@@ -289,6 +290,9 @@ def build_run(resolved: dict[str, Any], *, needs: Mapping[str, Any] | Callable[[
         made = dict(needs() if callable(needs) else needs)
         if runtime not in RUNTIMES:
             raise RunError(f"model.runtime={runtime!r} is not accepted; accepted: {', '.join(RUNTIMES)}")
+        if runtime == "transformers" and str(resolved.get("experts") or "dense") != "dense":
+            raise RunError("experts=mxfp4 is the native engine's storage; model.runtime=transformers loads the "
+                           "checkpoint its own way (leave experts=dense)")
         footprint = memory_check(resolved, source, built, made, device, dtype)  # refuses in one line, before loading
         adapter = built["adapt"]  # +adapt: the run-time controller (ollm_triton/adapt/base.py)
         built["cache"] = adapter.wrap_codec(built["cache"])  # its clock, and the codec it may switch live
@@ -302,7 +306,8 @@ def build_run(resolved: dict[str, Any], *, needs: Mapping[str, Any] | Callable[[
             engine = load_engine(source, attention=built["attention"], codec=built["cache"],
                                  prefetch=built["prefetch"], device=device, dtype=dtype, seed=seed,
                                  prefill_chunk=int(resolved.get("prefill_chunk") or 0),
-                                 fast_decode=str(resolved.get("fast_decode", "auto")))
+                                 fast_decode=str(resolved.get("fast_decode", "auto")),
+                                 experts=str(resolved.get("experts") or "dense"))
         load_s = time.perf_counter() - t0
         load_peak = None
         if device.type == "cuda":  # BuiltRun.device_peaks: the load's peak apart from the run's

@@ -64,6 +64,33 @@ def test_a_refused_model_points_to_a_small_one_of_its_architecture(big, tiny):
     assert logits.shape == (1, 5, arch(tiny)["vocab_size"]) and torch.isfinite(logits).all()
 
 
+def test_mxfp4_experts_count_as_the_bytes_the_engine_holds():
+    """experts=mxfp4: the estimate's weights are the parameters the engine holds, byte for byte (codes and scales
+    for the routed experts, float32 for the rest on this CPU); gpt-oss-20b comes to ~13.8 GB against ~41.8 in bf16."""
+    from ollm_triton.engine.engine import load_engine
+
+    codec, policy = plugins()
+    est = check_fits(arch("tiny_gpt_oss"), dtype="auto", device="cpu", batch=1, context=0, codec=codec,
+                     prefetch=policy, experts="mxfp4")
+    engine = load_engine(arch("tiny_gpt_oss"), experts="mxfp4")
+    held = {p.data_ptr(): p.numel() * p.element_size() for p in engine.model.parameters()}  # tied: once
+    assert est["weights_bytes"] == sum(held.values())
+    big = model_config(arch("gpt_oss_20b"))
+    dense = estimate(big, dtype=torch.bfloat16, device="cpu", batch=1, context=0, codec=codec, prefetch=policy)
+    packed = estimate(big.with_experts("mxfp4"), dtype=torch.bfloat16, device="cpu", batch=1, context=0, codec=codec,
+                      prefetch=policy)
+    assert (round(dense["weights_bytes"] / GB, 1), round(packed["weights_bytes"] / GB, 1)) == (41.8, 13.8)
+    with pytest.raises(ValueError, match="keeps the experts resident"):
+        check_fits(arch("tiny_gpt_oss"), dtype="auto", device="cpu", batch=1, context=0, codec=codec,
+                   prefetch=registry.build("prefetch", "lookahead"), experts="mxfp4")
+    # the run's `experts=mxfp4` reaches the memory check and the engine (build.py)
+    from ollm_triton import OptimizedInference
+
+    with OptimizedInference("tiny_gpt_oss", overrides=["experts=mxfp4"], device="cpu") as llm:
+        assert llm.footprint["weights_bytes"] == est["weights_bytes"]
+        assert llm.engine.config.expert_format == "mxfp4"
+
+
 def test_llama3_8b_measured_against_this_machine():
     """Without injected numbers it reads psutil: float32 8B needs 32 GB, more than this CPU machine has."""
     import psutil

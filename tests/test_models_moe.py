@@ -331,6 +331,22 @@ def test_gpt_oss_mxfp4_checkpoint(tmp_path):
     expected, fed = transformers_run(model, ids_for())
     ours, _ = engine_run(load_engine(path, attention="sdpa", codec="dense"), ids_for(), fed[:2])
     assert max_error(ours, expected[:3]) <= TOL
+    # kept as MXFP4 (experts="mxfp4"): the checkpoint's bytes on the model, dequantized per expert by the eager
+    # path and read as bytes by the Triton kernels (interpreter); the same logits
+    packed = load_engine(path, attention="sdpa", codec="dense", experts="mxfp4")
+    experts = packed.model.model.layers[0].mlp.experts
+    assert experts.gate_up_proj_blocks.dtype == torch.uint8 and not hasattr(experts, "gate_up_proj")
+    ours, _ = engine_run(packed, ids_for(), fed[:2])
+    assert max_error(ours, expected[:3]) <= TOL
+    for layer in packed.model.model.layers:
+        layer.mlp.path = "kernel"
+    ours, _ = engine_run(packed, ids_for(), fed[:1])
+    assert max_error(ours, expected[:2]) <= TOL
+    for bad, match in [(dict(experts="fp4"), "accepted: dense, mxfp4"),
+                       (dict(experts="mxfp4", prefetch="lookahead"), "keeps the experts resident")]:
+        with pytest.raises(ValueError, match=match) as err:
+            load_engine(path, **bad)
+        assert "\n" not in str(err.value)
 
 
 def test_gpt_oss_20b_preset():

@@ -151,7 +151,8 @@ def load_weights(model: CausalLM, directory: Path, device: torch.device, dtype: 
             return handles[file]
 
         def read(tensor: str) -> torch.Tensor:
-            return open_file(tensor).get_tensor(tensor).to(dtype)
+            value = open_file(tensor).get_tensor(tensor)
+            return value.to(dtype) if value.is_floating_point() else value  # MXFP4 codes and scales stay bytes
 
         for name, (kind, what) in sources.items():
             expected = tuple(needed[name].shape)
@@ -212,6 +213,14 @@ def init_random(model: CausalLM, device: torch.device, dtype: torch.dtype, seed:
     keep = keep or (lambda name, value: value.to(device))
     gen = torch.Generator(device=rng_device).manual_seed(seed)
     for name, param in list(model.named_parameters()):
+        if not param.dtype.is_floating_point:  # MXFP4 experts (engine/moe.py): random codes, each group's scale 2^-7
+            if name.endswith("_blocks"):  # magnitudes 0-6 x 2^-7: RMS 0.023, near the others' 0.02
+                value = torch.randint(0, 256, param.shape, device=rng_device, dtype=param.dtype, generator=gen)
+            else:
+                value = torch.full(param.shape, 120, device=rng_device, dtype=param.dtype)
+            _set_parameter(model, name, keep(name, value))
+            del value
+            continue
         value = torch.empty(param.shape, device=rng_device, dtype=dtype)
         if name.endswith("norm.weight"):  # 1, or 0 for a zero-centred norm (x * (1 + w): qwen3_next)
             value.fill_(getattr(model.get_submodule(name.rpartition(".")[0]), "init_value", 1.0))

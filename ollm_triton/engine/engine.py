@@ -312,6 +312,7 @@ def load_engine(
     decode_max_tokens: int = DECODE_MAX_TOKENS,
     prefill_chunk: int = 0,
     fast_decode: str = "auto",
+    experts: str = "dense",
 ) -> Engine:
     """Build an Engine.
 
@@ -322,6 +323,9 @@ def load_engine(
     device: "cpu", "cuda", "cuda:N" or "auto" (cuda when available). dtype: a torch dtype, a name
         ("bfloat16", "fp16", ...), or "auto" (the checkpoint's dtype on CUDA, float32 on the CPU).
     prefill_chunk, fast_decode: see the module docstring (chunked prefill; graph-captured decode).
+    experts: "dense" (the routed experts in `dtype`; an MXFP4 checkpoint is dequantized on load) or "mxfp4" (kept as
+        MXFP4 codes and read so by the expert kernels: an MXFP4 checkpoint's bytes as they are, random codes for a
+        random model; ModelConfig.expert_format).
     """
     from ollm_triton.registry import registry
 
@@ -345,8 +349,9 @@ def load_engine(
         raise TypeError(f"model_source must be a checkpoint path, a hub id, a config dict or a ModelConfig, "
                         f"got {type(model_source).__name__}")
     dtype = resolve_dtype(dtype, device, cfg.checkpoint_dtype)
-
     weights_device = torch.device(prefetch.weights_device(device))
+    cfg = cfg.with_experts(experts, resident=prefetch.resident_weights)
+
     model = empty_model(cfg)
 
     def keep(name: str, value: torch.Tensor) -> torch.Tensor:  # one parameter at a time: the policy may compress it

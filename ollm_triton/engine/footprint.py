@@ -6,7 +6,8 @@ do. It allocates nothing and reads no weights, so `model=llama3_8b` on a 24 GB C
 instead of building a float32 8B model until the OOM killer ends it.
 
 What it counts (all upper-bound-ish, from shapes):
-- weights: `ModelConfig.num_parameters()` in the run's dtype (a MoE's experts all count: all are stored). On the
+- weights: `ModelConfig.num_parameters()` in the run's dtype (a MoE's experts all count: all are stored; MXFP4
+  experts as their codes, `ModelConfig.routed_expert_matrix_bytes`). On the
   compute device: what the prefetch policy holds there at once (`prefetch.device_weight_bytes(total)`; every
   weight for resident, head + layer slots for the streaming policies). In host memory: what the policy declares
   (`prefetch.host_weight_bytes`): all of them for layer streaming (load_engine materialises them there), the routed
@@ -86,15 +87,15 @@ def estimate(model_cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device
     cfg = model_config(model_cfg)
     device = torch.device(device)
     elt = _elt(dtype)
-    weights = cfg.num_parameters() * elt
+    stored, as_dtype = cfg.routed_expert_matrix_bytes(elt)
+    weights = cfg.num_parameters() * elt - as_dtype + stored  # MXFP4 experts as their codes (ModelConfig.expert_format)
     h, d = cfg.hidden_size, cfg.head_dim
     embed = cfg.vocab_size * h * elt
     head = embed * (1 if cfg.tie_word_embeddings else 2) + h * elt
     layer = (weights - head) // max(cfg.num_layers, 1)
     # every routed expert of every MoE layer: what a policy streaming by expert keeps on the host (prefetch/experts.py)
-    h_m = cfg.hidden_size * cfg.moe_intermediate_size
-    per_expert = 3 * h_m + ((2 * cfg.moe_intermediate_size + cfg.hidden_size) if cfg.expert_bias else 0)
-    experts = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers)) * cfg.num_experts * per_expert * elt
+    biases = (2 * cfg.moe_intermediate_size + cfg.hidden_size) if cfg.expert_bias else 0
+    experts = stored + sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers)) * cfg.num_experts * biases * elt
     device_weights = weights if device.type == "cpu" else float(prefetch.device_weight_bytes(
         weights, layer_bytes=layer, num_layers=cfg.num_layers, head_bytes=head, expert_bytes=experts))
     kv = kv_dense = kv_host = 0
@@ -230,7 +231,7 @@ def check_fits(model_cfg: ModelConfig | Mapping[str, Any] | str | os.PathLike, *
                device: torch.device | str, batch: int, context: int, codec, prefetch,
                device_memory_gb: float | None = None, prefill_chunk: int = 0, name: str | None = None,
                free: tuple[int, int] | None = None, state_rollback_tokens: int = 0,
-               attention=None) -> dict[str, Any]:
+               attention=None, experts: str = "dense") -> dict[str, Any]:
     """Raise DoesNotFit (one line) unless weights + KV + activations of the run fit; return the estimate.
 
     model_cfg: a ModelConfig, a dict of Hugging Face config fields (source=random's `arch`), or a checkpoint
@@ -239,11 +240,12 @@ def check_fits(model_cfg: ModelConfig | Mapping[str, Any] | str | os.PathLike, *
     prefill_chunk: the run's prefill_chunk (bounds activations). name: the model's name in the message.
     state_rollback_tokens: the lengths a linear-attention layer keeps besides its state (0: a forward-only decoder).
     attention: the run's attention backend (the masks a later prompt chunk holds; None: sdpa's).
+    experts: how the routed experts are stored (load_engine's `experts`; ModelConfig.with_experts refuses in one line).
     free: (device, host) free bytes to check against instead of measuring them (tests).
     """
     from ollm_triton.engine.placement import dtype_name, resolve_dtype
 
-    cfg = model_config(model_cfg)
+    cfg = model_config(model_cfg).with_experts(experts, resident=getattr(prefetch, "resident_weights", True))
     device = torch.device(device)
     dtype = resolve_dtype(dtype, device, cfg.checkpoint_dtype)
     est = estimate(cfg, dtype=dtype, device=device, batch=batch, context=context, codec=codec, prefetch=prefetch,

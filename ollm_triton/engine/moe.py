@@ -12,7 +12,9 @@ Routing (`Router`), per token, from router logits [N, E] = linear(x, weight, bia
 Experts. Parameter names are transformers 5's (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`, with
 `_bias` for gpt-oss), so a transformers 5 state dict loads as it is; engine/checkpoint.py stacks the per-expert
 tensors of official Qwen3-MoE checkpoints (`mlp.experts.{e}.gate_proj.weight`) into them and dequantizes the MXFP4
-blocks of official gpt-oss ones. Two layouts (`expert_layout`):
+blocks of official gpt-oss ones, or keeps them as they are (`expert_format` "mxfp4", load_engine's `experts`: the
+parameters `gate_up_proj_blocks` / `_scales` and `down_proj_blocks` / `_scales`, uint8, row = output; the kernels read
+the codes, the eager paths dequantize one expert at a time). Two layouts (`expert_layout`):
 - "concat": gate_up_proj [E, 2I, H] (the gate's I rows first, then up's), down_proj [E, H, I] (qwen);
 - "interleaved_t": gate_up_proj [E, H, 2I] with gate in the even columns and up in the odd ones, down_proj [E, I, H],
   and biases [E, 2I], [E, H] (gpt-oss).
@@ -38,6 +40,7 @@ from torch import nn
 
 from ollm_triton.engine.config import ModelConfig
 from ollm_triton.kernels.moe import expert_forward, moe_experts, moe_experts_torch
+from ollm_triton.kernels.mxfp4 import GROUP, MXFP4
 
 MOE_PATHS = ("auto", "grouped", "naive", "kernel")
 
@@ -75,7 +78,17 @@ class Experts(nn.Module):
         # the routing's shape, fixed when the parameters are rebound to a cache of some experts (prefetch/experts.py):
         # the Triton kernels tile by it, so a streamed call computes each pair as the resident one does
         self.routing = (e, cfg.num_experts_per_tok)
-        if self.layout == "concat":
+        self.mxfp4 = cfg.expert_format == "mxfp4"
+        if self.mxfp4:  # the checkpoint's names and shapes: row n = output n of gate_up (in the layout's order) or down
+            def codes(rows, k):
+                return nn.Parameter(torch.empty(e, rows, k // GROUP, 16, dtype=torch.uint8), requires_grad=False)
+
+            def scales(rows, k):
+                return nn.Parameter(torch.empty(e, rows, k // GROUP, dtype=torch.uint8), requires_grad=False)
+
+            self.gate_up_proj_blocks, self.gate_up_proj_scales = codes(2 * m, h), scales(2 * m, h)
+            self.down_proj_blocks, self.down_proj_scales = codes(h, m), scales(h, m)
+        elif self.layout == "concat":
             self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * m, h))
             self.down_proj = nn.Parameter(torch.empty(e, h, m))
         else:
@@ -89,17 +102,26 @@ class Experts(nn.Module):
 
     @property
     def num_experts(self) -> int:
-        return self.gate_up_proj.shape[0]
+        return (self.gate_up_proj_blocks if self.mxfp4 else self.gate_up_proj).shape[0]
 
-    def _tensors(self) -> tuple[torch.Tensor | None, ...]:
+    def _tensors(self) -> tuple:
+        if self.mxfp4:
+            return (MXFP4(self.gate_up_proj_blocks, self.gate_up_proj_scales),
+                    MXFP4(self.down_proj_blocks, self.down_proj_scales), self.gate_up_proj_bias, self.down_proj_bias)
         return self.gate_up_proj, self.down_proj, self.gate_up_proj_bias, self.down_proj_bias
 
     def _options(self) -> dict:
         return dict(layout=self.layout, act=self.act, alpha=self.alpha, limit=self.limit)
 
     def run(self, e: int, h: torch.Tensor) -> torch.Tensor:
-        """Expert e on its tokens h: [n, hidden] -> [n, hidden] (PyTorch)."""
-        return expert_forward(h, e, *self._tensors(), **self._options())
+        """Expert e on its tokens h: [n, hidden] -> [n, hidden] (PyTorch; MXFP4 experts dequantized one at a time)."""
+        w_gu, w_d, b_gu, b_d = self._tensors()
+        if self.mxfp4:
+            t = self.layout == "interleaved_t"
+            w_gu, w_d = (MXFP4(w.blocks[e : e + 1], w.scales[e : e + 1]).dense(h.dtype, t) for w in (w_gu, w_d))
+            b_gu, b_d = (None if b is None else b[e : e + 1] for b in (b_gu, b_d))
+            e = 0
+        return expert_forward(h, e, w_gu, w_d, b_gu, b_d, **self._options())
 
     def naive(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """The reference: x [N, hidden], weights, experts [N, k] -> [N, hidden], expert by expert."""
