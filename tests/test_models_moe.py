@@ -28,6 +28,7 @@ from ollm_triton.conf import __file__ as conf_init
 from ollm_triton.engine import CheckpointError, ModelConfig, load_engine
 from ollm_triton.engine.footprint import estimate
 from ollm_triton.engine.moe import MoE
+from ollm_triton.kernels.mxfp4 import MXFP4
 from ollm_triton.registry import registry
 
 transformers = pytest.importorskip("transformers")
@@ -483,3 +484,35 @@ def test_gpu_gpt_oss_piecewise_graphs_equal_uncaptured_and_eager():
     graph.fast_decoder().generate(ids, 3, recording(got))
     for r, g in zip(ref, got, strict=True):
         assert ((r - g).norm() / r.norm()).item() < 2e-2
+
+
+@pytest.mark.gpu
+def test_gpu_gpt_oss_mxfp4_experts_whole_step_equal_dequantized():
+    """experts=mxfp4 on the GPU, bf16, the engine's whole captured step: the tokens and logits of the same model
+    with its MXFP4 experts dequantized to bf16 parameters (exact: every MXFP4 value is a bf16 number)."""
+    arch = dict(model_type="gpt_oss", vocab_size=4096, hidden_size=512, intermediate_size=512, num_hidden_layers=4,
+                head_dim=64, num_attention_heads=8, num_key_value_heads=2, num_local_experts=16,
+                num_experts_per_tok=4, sliding_window=32, max_position_embeddings=4096,
+                layer_types=["sliding_attention", "full_attention"] * 2)
+    packed = load_engine(arch, device="cuda", dtype=torch.bfloat16, experts="mxfp4")
+    dense = load_engine(arch, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        for p_layer, d_layer in zip(packed.model.model.layers, dense.model.model.layers, strict=True):
+            p_layer.mlp.router.weight.mul_(50.0)  # decisive routing: both pick the same experts
+            ex = p_layer.mlp.experts
+            for name, param in d_layer.named_parameters():
+                if name == "mlp.experts.gate_up_proj":
+                    param.copy_(MXFP4(ex.gate_up_proj_blocks, ex.gate_up_proj_scales).dense(param.dtype, True))
+                elif name == "mlp.experts.down_proj":
+                    param.copy_(MXFP4(ex.down_proj_blocks, ex.down_proj_scales).dense(param.dtype, True))
+                else:
+                    param.copy_(p_layer.get_parameter(name))
+        for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+            dense.model.get_parameter(name).copy_(packed.model.get_parameter(name))
+    ids = torch.randint(0, 4096, (1, 24), generator=torch.Generator().manual_seed(0))
+    assert packed.fast_path.mode == dense.fast_path.mode == "graph"
+    greedy = registry.build("decoder", "greedy")
+    a, b = (greedy.generate(e, ids, 12) for e in (packed, dense))
+    assert torch.equal(a.tokens, b.tokens)
+    la, lb = (e.forward(ids.cuda(), e.new_cache(max_len=32)) for e in (packed, dense))
+    assert ((la - lb).norm() / lb.norm()).item() < 1e-2
