@@ -337,6 +337,7 @@ def test_gpt_oss_mxfp4_checkpoint(tmp_path):
     packed = load_engine(path, attention="sdpa", codec="dense", experts="mxfp4")
     experts = packed.model.model.layers[0].mlp.experts
     assert experts.gate_up_proj_blocks.dtype == torch.uint8 and not hasattr(experts, "gate_up_proj")
+    assert packed.num_parameters() == model.num_parameters()
     ours, _ = engine_run(packed, ids_for(), fed[:2])
     assert max_error(ours, expected[:3]) <= TOL
     for layer in packed.model.model.layers:

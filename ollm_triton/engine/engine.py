@@ -84,7 +84,9 @@ class Engine:
         self.source = source
         self.decode_max_tokens = decode_max_tokens
         self.kernel_path = "none"  # what the last forward ran: "torch" or FUSED_PATH
-        self._num_parameters = sum(p.numel() for p in model.parameters())
+        # MXFP4 experts hold bytes, not one element a weight: their count is the config's
+        self._num_parameters = self.config.num_parameters() if self.config.expert_format == "mxfp4" else sum(
+            p.numel() for p in model.parameters())
         check_attention(self.config, attention)
         prefetch.setup(model, device)
         self.inv_freq = self.config.inv_freq().to(device)

@@ -36,6 +36,11 @@ class MXFP4(NamedTuple):
         return w.transpose(1, 2) if transposed else w
 
 
+def stored_bytes(weights: int) -> int:
+    """Bytes of `weights` weights as MXFP4: half a byte each plus one scale byte per GROUP."""
+    return weights // 2 + weights // GROUP
+
+
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """blocks: uint8 [..., G, 16] (32 FP4 codes per group), scales: uint8 [..., G] -> [..., G * 32] in `dtype`.
 
@@ -67,4 +72,4 @@ def quantize_mxfp4(w: torch.Tensor) -> MXFP4:
     return MXFP4(blocks.contiguous(), (exp + 127).to(torch.uint8).contiguous())
 
 
-__all__ = ["FP4_E2M1", "GROUP", "MXFP4", "dequantize_mxfp4", "quantize_mxfp4"]
+__all__ = ["FP4_E2M1", "GROUP", "MXFP4", "dequantize_mxfp4", "quantize_mxfp4", "stored_bytes"]
