@@ -289,6 +289,13 @@ def test_gpt_oss_int8_within_codec_loss(gpt_oss):
     assert 0 < max_error(quant, dense) <= 0.02 * spread
 
 
+def test_gpt_oss_dense_checkpoint_refuses_mxfp4_experts_in_one_line(gpt_oss):
+    _, path, _ = gpt_oss
+    with pytest.raises(CheckpointError, match="stores them otherwise; leave experts=dense") as err:
+        load_engine(path, experts="mxfp4")
+    assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("attention", ["sparse", "sliding_window"])  # flash declares both
 def test_gpt_oss_refuses_backends_without_windows_or_sinks(gpt_oss, attention):
     _, path, _ = gpt_oss

@@ -130,6 +130,10 @@ def load_weights(model: CausalLM, directory: Path, device: torch.device, dtype: 
         if _STACKED_EXPERTS.match(name) and all(p in where for p in packed):
             sources[name] = ("mxfp4", packed)
             continue
+        if not needed[name].dtype.is_floating_point:  # MXFP4 codes or scales the model keeps as they are
+            raise CheckpointError(f"checkpoint {directory}: tensor {name!r} is missing: experts=mxfp4 keeps a "
+                                  "checkpoint's MXFP4 experts (gpt-oss's *_blocks / *_scales) and this one stores "
+                                  "them otherwise; leave experts=dense")
         parts = _per_expert_sources(name, needed[name].shape[0])
         if parts is None or any(p not in where for group in parts for p in group):
             listed = f"{INDEX_FILE}" if (directory / INDEX_FILE).is_file() else "any *.safetensors file"
