@@ -111,8 +111,11 @@ def _load_w(p_w, p_s, o_k, o_n, mask, s_wn, s_wk, s_sn, MX: tl.constexpr):
         mag = tl.where(e == 0, half, (1.0 + half) * tl.where(e == 1, 1.0, tl.where(e == 2, 2.0, 4.0)))
         val = tl.where(code >= 8, -mag, mag)
         sc = tl.load(p_s + o_n[None, :] * s_sn + (o_k // 32)[:, None], mask=mask, other=127).to(tl.float32)
-        return val * tl.exp2(sc - 127.0)
-    return tl.load(p_w + o_n[None, :] * s_wn + o_k[:, None] * s_wk, mask=mask, other=0.0)
+        w = val * tl.exp2(sc - 127.0)
+    else:  # an else, not a second return: the compiler (unlike the interpreter) builds code after a constexpr-if's
+        # return too, and its uint8 load would then clash with the float32 tile
+        w = tl.load(p_w + o_n[None, :] * s_wn + o_k[:, None] * s_wk, mask=mask, other=0.0)
+    return w
 
 
 @triton.jit(do_not_specialize=["NK"])
