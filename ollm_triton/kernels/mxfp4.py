@@ -5,7 +5,7 @@ then 0, 0.5, 1, 1.5, 2, 3, 4, 6.
     MXFP4(blocks, scales): blocks uint8 [E, N, K / 32, 16], scales uint8 [E, N, K / 32] (row n: output n, along K)
     dequantize_mxfp4(blocks, scales, dtype) -> [..., K]: the PyTorch reference (exact in bf16 and wider)
 
-The expert kernels (kernels/moe.py) read these bytes directly (`_load_w`): 4.25 bits a weight from memory instead of
+The expert kernels (kernels/moe.py) read these bytes directly (`_mx_dot`): 4.25 bits a weight from memory instead of
 16, decoded in registers before the dot.
 """
 
