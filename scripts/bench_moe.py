@@ -269,6 +269,11 @@ def expert_rows(args, shapes: dict, bw: float) -> list[dict]:
                 name = "ours: triton grouped, MXFP4 weights read directly"
                 paths[name] = partial(moe_experts_kernel, x, w, ex, *mx, b_gu, b_d, **kw)
                 own[name] = (mx_ref, ex.unique().numel() * mx_per_expert)
+                for bm, bn, bk, warps, stages in SWEEP[1:] if args.sweep else ():
+                    name = f"ours: MXFP4 bm={bm} bn={bn} bk={bk} w={warps} s={stages}"
+                    paths[name] = partial(moe_experts_kernel, x, w, ex, *mx, b_gu, b_d, **kw, block_m=bm, block_n=bn,
+                                          block_k=bk, num_warps=warps, num_stages=stages)
+                    own[name] = (mx_ref, ex.unique().numel() * mx_per_expert)
             for name, fn in paths.items():
                 ref_, read_ = own.get(name, (ref, read))
                 row = dict(model=model, tokens=n, path=name, expert_bytes=read_, **floors)
