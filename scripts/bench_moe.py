@@ -269,6 +269,9 @@ def expert_rows(args, shapes: dict, bw: float) -> list[dict]:
                 name = "ours: triton grouped, MXFP4 weights read directly"
                 paths[name] = partial(moe_experts_kernel, x, w, ex, *mx, b_gu, b_d, **kw)
                 own[name] = (mx_ref, ex.unique().numel() * mx_per_expert)
+                name = "ours: triton grouped, MXFP4, weights as the left operand"
+                paths[name] = partial(moe_experts_kernel, x, w, ex, *mx, b_gu, b_d, **kw, mx_swap=True)
+                own[name] = (mx_ref, ex.unique().numel() * mx_per_expert)
                 for bm, bn, bk, warps, stages in SWEEP[1:] if args.sweep else ():
                     name = f"ours: MXFP4 bm={bm} bn={bn} bk={bk} w={warps} s={stages}"
                     paths[name] = partial(moe_experts_kernel, x, w, ex, *mx, b_gu, b_d, **kw, block_m=bm, block_n=bn,

@@ -151,16 +151,18 @@ def mxfp4_weights(layout, bias, h=96, i=32, device="cpu"):
     return (type(mx_gu)(*map(move, mx_gu)), type(mx_d)(*map(move, mx_d)), move(b_gu), move(b_d))
 
 
+@pytest.mark.parametrize("swap", [False, True])
 @pytest.mark.parametrize("n", [1, 63])
 @pytest.mark.parametrize("layout,act", [("concat", "silu"), ("interleaved_t", "clamped_swiglu")])
-def test_mxfp4_weights_read_directly_match_float64(poisoned, n, layout, act):
+def test_mxfp4_weights_read_directly_match_float64(poisoned, n, layout, act, swap):
     """The kernels reading MXFP4 bytes (two codes a byte, a power-of-two scale per 32) equal the float64 reference
-    over the dequantized matrices (kernels/mxfp4.py); a wrong nibble order, sign or scale moves the result."""
+    over the dequantized matrices (kernels/mxfp4.py), with the weights as the dot's right operand or (swap) its
+    left; a wrong nibble order, sign or scale moves the result."""
     mx_gu, mx_d, b_gu, b_d = mxfp4_weights(layout, bias=act == "clamped_swiglu")
     x = torch.randn(n, 96, generator=torch.Generator().manual_seed(5)) * 3
     w, ex = routing(n)
     ref = moe_experts_torch(f64(x), f64(w), ex, mx_gu, mx_d, f64(b_gu), f64(b_d), layout=layout, act=act, limit=2.0)
-    out = moe_experts_kernel(x, w, ex, mx_gu, mx_d, b_gu, b_d, layout=layout, act=act, limit=2.0)
+    out = moe_experts_kernel(x, w, ex, mx_gu, mx_d, b_gu, b_d, layout=layout, act=act, limit=2.0, mx_swap=swap)
     err = (out.double() - ref).abs().max().item()
     assert err <= 1e-5 * max(ref.abs().max().item(), 1.0), err
     with pytest.raises(ValueError, match="both MXFP4 or neither"):
@@ -205,8 +207,9 @@ def test_kernel_bf16_gpu(poisoned, n, layout, act):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("swap", [False, True])
 @pytest.mark.parametrize("n", [1, 16, 129])
-def test_mxfp4_kernel_bf16_gpu(poisoned, n):
+def test_mxfp4_kernel_bf16_gpu(poisoned, n, swap):
     mx_gu, mx_d, b_gu, b_d = mxfp4_weights("interleaved_t", bias=True, device="cuda")
     x = torch.randn(n, 96, device="cuda").bfloat16()
     w, ex = routing(n, device="cuda")
@@ -214,6 +217,6 @@ def test_mxfp4_kernel_bf16_gpu(poisoned, n):
     ref = moe_experts_torch(f64(x), f64(w), ex, mx_gu, mx_d, f64(b_gu), f64(b_d), layout="interleaved_t",
                             act="clamped_swiglu")
     out = moe_experts_kernel(x, w, ex, mx_gu, mx_d, b_gu.bfloat16(), b_d.bfloat16(), layout="interleaved_t",
-                             act="clamped_swiglu")
+                             act="clamped_swiglu", mx_swap=swap)
     rel = ((out.double() - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
     assert rel < 1e-2, rel

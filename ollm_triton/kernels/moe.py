@@ -109,26 +109,39 @@ def _e2m1(code):
 
 
 @triton.jit
-def _mx_dot(acc, p_x, m_x, p_w, p_s, o_n, m_n, k0, K, s_wn, s_sn, DOT_PREC: tl.constexpr, BLOCK_K: tl.constexpr):
+def _mx_dot(acc, p_x, m_x, p_w, p_s, o_n, m_n, k0, K, s_wn, s_sn, DOT_PREC: tl.constexpr, BLOCK_K: tl.constexpr,
+            SWAP: tl.constexpr):
     """acc + x[:, k0:k0+BK] @ W[k0:k0+BK, n] for MXFP4 W (row n of the blocks is output n, kernels/mxfp4.py), one
-    32-code group at a time: the group's 16 bytes of each row as one contiguous [16, BN] tile, its low nibbles (even
-    k) and high nibbles (odd k) decoded and scaled in registers, and dotted with x's even and odd columns. p_x: [BM]
-    pointers to x's rows (m_x their mask). Addressing each code's byte per element instead (k // 2) defeats the
-    compiler's contiguity analysis: every byte becomes a lone load (84 GB/s on the gpt-oss layer, moe study 2d)."""
+    32-code group at a time: the group's 16 bytes of each row as one contiguous tile, its low nibbles (even k) and high
+    nibbles (odd k) decoded and scaled in registers, and dotted with x's even and odd columns. p_x: [BM] pointers to
+    x's rows (m_x their mask). Addressing each code's byte per element instead (k // 2) defeats the compiler's
+    contiguity analysis: every byte becomes a lone load (84 GB/s on the gpt-oss layer, moe study 5).
+    SWAP: acc is the transpose, [BN, BM], and the decoded weights are the dot's left operand, W^T @ x^T: on sm_90 the
+    left operand of a warpgroup MMA may stay in registers, where the right one goes through shared memory."""
     o_b = tl.arange(0, 16)
     for g in tl.static_range(BLOCK_K // 32):
         k_g = k0 + 32 * g
         m_b = k_g + 2 * o_b < K  # K is a multiple of 32 (ModelConfig.with_experts): a group is all in or all out
-        b_xe = tl.load(p_x[:, None] + (k_g + 2 * o_b)[None, :], mask=m_x[:, None] & m_b[None, :], other=0.0)
-        b_xo = tl.load(p_x[:, None] + (k_g + 1 + 2 * o_b)[None, :], mask=m_x[:, None] & m_b[None, :], other=0.0)
-        b = tl.load(p_w + o_n[None, :] * s_wn + (k_g // 2 + o_b)[:, None], mask=m_b[:, None] & m_n[None, :],
-                    other=0).to(tl.int32)
         m_s = m_n & (k_g + 0 * o_n < K)
         sc = tl.exp2(tl.load(p_s + o_n * s_sn + k_g // 32, mask=m_s, other=127).to(tl.float32) - 127.0)
-        w_lo = (_e2m1(b & 15) * sc[None, :]).to(b_xe.dtype)  # exact: an e2m1 value times a power of two
-        w_hi = (_e2m1(b >> 4) * sc[None, :]).to(b_xe.dtype)
-        acc = tl.dot(b_xe, w_lo, acc, input_precision=DOT_PREC)  # [BM, 16] @ [16, BN]
-        acc = tl.dot(b_xo, w_hi, acc, input_precision=DOT_PREC)
+        if SWAP:
+            b_xe = tl.load(p_x[None, :] + (k_g + 2 * o_b)[:, None], mask=m_b[:, None] & m_x[None, :], other=0.0)
+            b_xo = tl.load(p_x[None, :] + (k_g + 1 + 2 * o_b)[:, None], mask=m_b[:, None] & m_x[None, :], other=0.0)
+            b = tl.load(p_w + o_n[:, None] * s_wn + (k_g // 2 + o_b)[None, :], mask=m_n[:, None] & m_b[None, :],
+                        other=0).to(tl.int32)
+            w_lo = (_e2m1(b & 15) * sc[:, None]).to(b_xe.dtype)  # [BN, 16]
+            w_hi = (_e2m1(b >> 4) * sc[:, None]).to(b_xe.dtype)
+            acc = tl.dot(w_lo, b_xe, acc, input_precision=DOT_PREC)  # [BN, 16] @ [16, BM]
+            acc = tl.dot(w_hi, b_xo, acc, input_precision=DOT_PREC)
+        else:
+            b_xe = tl.load(p_x[:, None] + (k_g + 2 * o_b)[None, :], mask=m_x[:, None] & m_b[None, :], other=0.0)
+            b_xo = tl.load(p_x[:, None] + (k_g + 1 + 2 * o_b)[None, :], mask=m_x[:, None] & m_b[None, :], other=0.0)
+            b = tl.load(p_w + o_n[None, :] * s_wn + (k_g // 2 + o_b)[:, None], mask=m_b[:, None] & m_n[None, :],
+                        other=0).to(tl.int32)
+            w_lo = (_e2m1(b & 15) * sc[None, :]).to(b_xe.dtype)  # exact: an e2m1 value times a power of two
+            w_hi = (_e2m1(b >> 4) * sc[None, :]).to(b_xe.dtype)
+            acc = tl.dot(b_xe, w_lo, acc, input_precision=DOT_PREC)  # [BM, 16] @ [16, BN]
+            acc = tl.dot(b_xo, w_hi, acc, input_precision=DOT_PREC)
     return acc
 
 
@@ -159,9 +172,12 @@ def _gate_up_kernel(
         o_c = 2 * i_n * BLOCK_N + tl.arange(0, 2 * BLOCK_N)  # columns of the stacked [2I] axis
         m_c = o_c < 2 * I
         acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+        if MX == 2:
+            acc = tl.zeros((2 * BLOCK_N, BLOCK_M), dtype=tl.float32)
         for k0 in range(0, H, BLOCK_K):
             if MX:
-                acc = _mx_dot(acc, X + o_tok * s_xn, m_m, p_w, p_s, o_c, m_c, k0, H, s_wn, s_sn, DOT_PREC, BLOCK_K)
+                acc = _mx_dot(acc, X + o_tok * s_xn, m_m, p_w, p_s, o_c, m_c, k0, H, s_wn, s_sn, DOT_PREC, BLOCK_K,
+                              MX == 2)
             else:
                 o_k = k0 + tl.arange(0, BLOCK_K)
                 m_k = o_k < H
@@ -169,6 +185,8 @@ def _gate_up_kernel(
                 b_w = tl.load(p_w + o_c[None, :] * s_wn + o_k[:, None] * s_wk, mask=m_k[:, None] & m_c[None, :],
                               other=0.0)
                 acc = tl.dot(b_x, b_w, acc, input_precision=DOT_PREC)  # [BM, BK] @ [BK, 2BN] -> [BM, 2BN]
+        if MX == 2:
+            acc = tl.trans(acc)
         if HAS_BIAS:
             acc += tl.load(B + i_e * s_be + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
         acc_g, acc_u = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))  # even columns gate, odd up: [BM, BN] each
@@ -176,11 +194,15 @@ def _gate_up_kernel(
         # gate n at column n, up n at column I + n (qwen): two tiles, each contiguous along k
         acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if MX == 2:
+            acc_g = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            acc_u = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for k0 in range(0, H, BLOCK_K):
             if MX:
                 p_x = X + o_tok * s_xn
-                acc_g = _mx_dot(acc_g, p_x, m_m, p_w, p_s, o_n, m_n, k0, H, s_wn, s_sn, DOT_PREC, BLOCK_K)
-                acc_u = _mx_dot(acc_u, p_x, m_m, p_w, p_s, o_n + I, m_n, k0, H, s_wn, s_sn, DOT_PREC, BLOCK_K)
+                acc_g = _mx_dot(acc_g, p_x, m_m, p_w, p_s, o_n, m_n, k0, H, s_wn, s_sn, DOT_PREC, BLOCK_K, MX == 2)
+                acc_u = _mx_dot(acc_u, p_x, m_m, p_w, p_s, o_n + I, m_n, k0, H, s_wn, s_sn, DOT_PREC, BLOCK_K,
+                                MX == 2)
             else:
                 o_k = k0 + tl.arange(0, BLOCK_K)
                 m_k = o_k < H
@@ -190,6 +212,8 @@ def _gate_up_kernel(
                 b_wu = tl.load(p_w + (o_n + I)[None, :] * s_wn + o_k[:, None] * s_wk, mask=m_w, other=0.0)
                 acc_g = tl.dot(b_x, b_wg, acc_g, input_precision=DOT_PREC)  # [BM, BK] @ [BK, BN] -> [BM, BN]
                 acc_u = tl.dot(b_x, b_wu, acc_u, input_precision=DOT_PREC)  # [BM, BK] @ [BK, BN] -> [BM, BN]
+        if MX == 2:
+            acc_g, acc_u = tl.trans(acc_g), tl.trans(acc_u)
         if HAS_BIAS:
             p_b = B + i_e * s_be
             acc_g += tl.load(p_b + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
@@ -218,10 +242,12 @@ def _down_kernel(
     m_n = o_n < H
     p_w, p_s = W + i_e * s_we, S + i_e * s_se
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if MX == 2:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(0, I, BLOCK_K):
         if MX:
             acc = _mx_dot(acc, INTER + o_m.to(tl.int64) * s_in, m_m, p_w, p_s, o_n, m_n, k0, I, s_wn, s_sn, DOT_PREC,
-                          BLOCK_K)
+                          BLOCK_K, MX == 2)
         else:
             o_k = k0 + tl.arange(0, BLOCK_K)
             m_k = o_k < I
@@ -229,6 +255,8 @@ def _down_kernel(
                           other=0.0)
             b_w = tl.load(p_w + o_n[None, :] * s_wn + o_k[:, None] * s_wk, mask=m_k[:, None] & m_n[None, :], other=0.0)
             acc = tl.dot(b_a, b_w, acc, input_precision=DOT_PREC)  # [BM, BK] @ [BK, BN] -> [BM, BN]
+    if MX == 2:
+        acc = tl.trans(acc)
     if HAS_BIAS:
         acc += tl.load(B + i_e * s_be + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
     b_r = tl.load(ROUTE_W + b_pair, mask=m_m, other=0.0).to(tl.float32)
@@ -293,11 +321,12 @@ def _block_m(num_pairs: int, num_experts: int) -> int:
 def moe_experts_kernel(x, weights, experts, w_gate_up, w_down, b_gate_up=None, b_down=None, *, layout="concat",
                        act="silu", alpha=1.702, limit=7.0, block_m: int | None = None, block_n: int = 64,
                        block_k: int = 64, num_warps: int = 4, num_stages: int | None = None,
-                       routing: tuple[int, int] | None = None) -> torch.Tensor:
+                       routing: tuple[int, int] | None = None, mx_swap: bool = False) -> torch.Tensor:
     """The Triton path (shapes in the module docstring). The tile sizes are not tuned yet: 64 x 64 with BLOCK_M
     rows by `_block_m` (scripts/bench_moe.py --sweep times the alternatives on the GPU). routing: (the model's
     experts, experts a token) when this call holds part of the routing (a cache's rows, one slot of k): BLOCK_M
-    then follows N x k pairs over the model's experts, as the resident call's does; default: this call's shapes."""
+    then follows N x k pairs over the model's experts, as the resident call's does; default: this call's shapes.
+    mx_swap: MXFP4 weights as the dot's left operand (`_mx_dot` SWAP), timed beside the default by bench_moe."""
     if layout not in LAYOUTS or act not in ACTS:
         raise ValueError(f"moe_experts: layout {layout!r} / act {act!r}; accepted: {LAYOUTS} / {ACTS}")
     n, h = x.shape
@@ -328,6 +357,7 @@ def moe_experts_kernel(x, weights, experts, w_gate_up, w_down, b_gate_up=None, b
             i = w_gate_up.shape[2] // 2
             gu_strides = (w_gate_up.stride(0), w_gate_up.stride(2), w_gate_up.stride(1), 0, 0)
             d_strides = (w_down.stride(0), w_down.stride(2), w_down.stride(1), 0, 0)  # [E, I, H]
+    mx_mode = (2 if mx_swap else 1) if mx else 0  # the kernels' MX: 0 dense, 1 MXFP4, 2 MXFP4 as the left operand
     nk = n * k
     out = _empty(n, h, dtype=x.dtype, device=x.device)
     if nk == 0:
@@ -350,13 +380,13 @@ def moe_experts_kernel(x, weights, experts, w_gate_up, w_down, b_gate_up=None, b
         nk, h, i, float(alpha), float(limit),
         x.stride(0), *gu_strides, b_gate_up.stride(0) if has_bias else 0, inter.stride(0),
         TOP_K=k, PAIRED=layout == "interleaved_t", HAS_BIAS=has_bias, ACT=ACTS.index(act),
-        DOT_PREC=prec, MX=mx, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch,
+        DOT_PREC=prec, MX=mx_mode, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch,
     )
     _down_kernel[(rows // bm, triton.cdiv(h, bn))](
         inter, w_d, s_d, b_down if b_down is not None else x, pairs, block_expert, route_w, out_pairs,
         nk, h, i,
         inter.stride(0), *d_strides, b_down.stride(0) if b_down is not None else 0, out_pairs.stride(0),
-        HAS_BIAS=b_down is not None, DOT_PREC=prec, MX=mx, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch,
+        HAS_BIAS=b_down is not None, DOT_PREC=prec, MX=mx_mode, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch,
     )
     return torch.sum(out_pairs.view(n, k, h), dim=1, out=out)
 
