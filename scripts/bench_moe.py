@@ -275,7 +275,7 @@ def expert_rows(args, shapes: dict, bw: float) -> list[dict]:
                 for bm, bn, bk, warps, stages in SWEEP[1:] if args.sweep else ():
                     name = f"ours: MXFP4 bm={bm} bn={bn} bk={bk} w={warps} s={stages}"
                     paths[name] = partial(moe_experts_kernel, x, w, ex, *mx, b_gu, b_d, **kw, block_m=bm, block_n=bn,
-                                          block_k=bk, num_warps=warps, num_stages=stages)
+                                          block_k=bk, num_warps=warps, num_stages=stages, mx_swap=False)
                     own[name] = (mx_ref, ex.unique().numel() * mx_per_expert)
             for name, fn in paths.items():
                 ref_, read_ = own.get(name, (ref, read))

@@ -319,14 +319,17 @@ def _block_m(num_pairs: int, num_experts: int) -> int:
 
 
 def moe_experts_kernel(x, weights, experts, w_gate_up, w_down, b_gate_up=None, b_down=None, *, layout="concat",
-                       act="silu", alpha=1.702, limit=7.0, block_m: int | None = None, block_n: int = 64,
+                       act="silu", alpha=1.702, limit=7.0, block_m: int | None = None, block_n: int | None = None,
                        block_k: int = 64, num_warps: int = 4, num_stages: int | None = None,
-                       routing: tuple[int, int] | None = None, mx_swap: bool = False) -> torch.Tensor:
-    """The Triton path (shapes in the module docstring). The tile sizes are not tuned yet: 64 x 64 with BLOCK_M
-    rows by `_block_m` (scripts/bench_moe.py --sweep times the alternatives on the GPU). routing: (the model's
+                       routing: tuple[int, int] | None = None, mx_swap: bool | None = None) -> torch.Tensor:
+    """The Triton path (shapes in the module docstring). Tiles: BLOCK_M rows by `_block_m`, 64 x 64 (bf16: the
+    sweep of scripts/bench_moe.py --sweep found 0-12% in other settings, none best twice, moe study 5a). routing: (the model's
     experts, experts a token) when this call holds part of the routing (a cache's rows, one slot of k): BLOCK_M
     then follows N x k pairs over the model's experts, as the resident call's does; default: this call's shapes.
-    mx_swap: MXFP4 weights as the dot's left operand (`_mx_dot` SWAP), timed beside the default by bench_moe."""
+    MXFP4 weights (moe study 5b, gpt-oss's layer on an H100): as the dot's right operand with BLOCK_N 32 while
+    BLOCK_M is 16 (decode: 0.20 ms a layer at one token against 0.31 at BLOCK_N 64), as its left operand (`mx_swap`,
+    `_mx_dot` SWAP) with BLOCK_N 64 once BLOCK_M is larger (prefill: 2.41 ms at 512 tokens against 4.73); block_n
+    and mx_swap given explicitly override that."""
     if layout not in LAYOUTS or act not in ACTS:
         raise ValueError(f"moe_experts: layout {layout!r} / act {act!r}; accepted: {LAYOUTS} / {ACTS}")
     n, h = x.shape
@@ -357,12 +360,16 @@ def moe_experts_kernel(x, weights, experts, w_gate_up, w_down, b_gate_up=None, b
             i = w_gate_up.shape[2] // 2
             gu_strides = (w_gate_up.stride(0), w_gate_up.stride(2), w_gate_up.stride(1), 0, 0)
             d_strides = (w_down.stride(0), w_down.stride(2), w_down.stride(1), 0, 0)  # [E, I, H]
-    mx_mode = (2 if mx_swap else 1) if mx else 0  # the kernels' MX: 0 dense, 1 MXFP4, 2 MXFP4 as the left operand
     nk = n * k
     out = _empty(n, h, dtype=x.dtype, device=x.device)
     if nk == 0:
         return out.zero_()
     bm = block_m or (_block_m(n * routing[1], routing[0]) if routing else _block_m(nk, e))
+    if mx and mx_swap is None:
+        mx_swap = bm > 16
+    if block_n is None:
+        block_n = 32 if mx and not mx_swap else 64
+    mx_mode = (2 if mx_swap else 1) if mx else 0  # the kernels' MX: 0 dense, 1 MXFP4, 2 MXFP4 as the left operand
     if n == 1:  # one token: its k experts differ, so each gets a block of its own and nothing needs sorting
         pairs, block_expert = single_token_rows(k, bm, x.device), experts.reshape(-1)
     else:
