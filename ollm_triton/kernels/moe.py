@@ -115,7 +115,7 @@ def _mx_dot(acc, p_x, m_x, p_w, p_s, o_n, m_n, k0, K, s_wn, s_sn, DOT_PREC: tl.c
     32-code group at a time: the group's 16 bytes of each row as one contiguous tile, its low nibbles (even k) and high
     nibbles (odd k) decoded and scaled in registers, and dotted with x's even and odd columns. p_x: [BM] pointers to
     x's rows (m_x their mask). Addressing each code's byte per element instead (k // 2) defeats the compiler's
-    contiguity analysis: every byte becomes a lone load (84 GB/s on the gpt-oss layer, moe study 5).
+    contiguity analysis: every byte becomes a lone load (84 GB/s on the gpt-oss layer, moe study 5b).
     SWAP: acc is the transpose, [BN, BM], and the decoded weights are the dot's left operand, W^T @ x^T: on sm_90 the
     left operand of a warpgroup MMA may stay in registers, where the right one goes through shared memory."""
     o_b = tl.arange(0, 16)
@@ -323,9 +323,10 @@ def moe_experts_kernel(x, weights, experts, w_gate_up, w_down, b_gate_up=None, b
                        block_k: int = 64, num_warps: int = 4, num_stages: int | None = None,
                        routing: tuple[int, int] | None = None, mx_swap: bool | None = None) -> torch.Tensor:
     """The Triton path (shapes in the module docstring). Tiles: BLOCK_M rows by `_block_m`, 64 x 64 (bf16: the
-    sweep of scripts/bench_moe.py --sweep found 0-12% in other settings, none best twice, moe study 5a). routing: (the model's
-    experts, experts a token) when this call holds part of the routing (a cache's rows, one slot of k): BLOCK_M
-    then follows N x k pairs over the model's experts, as the resident call's does; default: this call's shapes.
+    sweep of scripts/bench_moe.py --sweep found 0-12% in other settings, none best twice, moe study 5a). routing:
+    (the model's experts, experts a token) when this call holds part of the routing (a cache's rows, one slot of
+    k): BLOCK_M then follows N x k pairs over the model's experts, as the resident call's does; default: this
+    call's shapes.
     MXFP4 weights (moe study 5b, gpt-oss's layer on an H100): as the dot's right operand with BLOCK_N 32 while
     BLOCK_M is 16 (decode: 0.20 ms a layer at one token against 0.31 at BLOCK_N 64), as its left operand (`mx_swap`,
     `_mx_dot` SWAP) with BLOCK_N 64 once BLOCK_M is larger (prefill: 2.41 ms at 512 tokens against 4.73); block_n
