@@ -82,8 +82,8 @@ import yaml  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ollm_triton.kernels.mxfp4 import quantize_mxfp4  # noqa: E402
 from ollm_triton.kernels.moe import moe_experts_kernel, moe_experts_torch  # noqa: E402
+from ollm_triton.kernels.mxfp4 import quantize_mxfp4  # noqa: E402
 from ollm_triton.results import environment  # noqa: E402
 
 SHAPES = {  # hidden, experts, intermediate, top-k, layout, activation, biases
