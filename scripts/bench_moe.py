@@ -269,6 +269,13 @@ def expert_rows(args, shapes: dict, bw: float) -> list[dict]:
                 name = "ours: triton grouped, MXFP4 weights read directly"
                 paths[name] = partial(moe_experts_kernel, x, w, ex, *mx, b_gu, b_d, **kw)
                 own[name] = (mx_ref, ex.unique().numel() * mx_per_expert)
+                name = "ours: MXFP4 through tl.dot_scaled"
+                paths[name] = partial(moe_experts_kernel, x, w, ex, *mx, b_gu, b_d, **kw, mx_dot_scaled=True)
+                own[name] = (mx_ref, ex.unique().numel() * mx_per_expert)
+                name = "ours: MXFP4 through tl.dot_scaled, BLOCK_N 32"
+                paths[name] = partial(moe_experts_kernel, x, w, ex, *mx, b_gu, b_d, **kw, mx_dot_scaled=True,
+                                      block_n=32)
+                own[name] = (mx_ref, ex.unique().numel() * mx_per_expert)
                 name = "ours: triton grouped, MXFP4, weights as the left operand"
                 paths[name] = partial(moe_experts_kernel, x, w, ex, *mx, b_gu, b_d, **kw, mx_swap=True)
                 own[name] = (mx_ref, ex.unique().numel() * mx_per_expert)

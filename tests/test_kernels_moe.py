@@ -169,6 +169,25 @@ def test_mxfp4_weights_read_directly_match_float64(poisoned, n, layout, act, swa
         moe_experts_kernel(x, w, ex, mx_gu, mx_d.dense(x.dtype, transposed=layout == "interleaved_t"), layout=layout)
 
 
+@pytest.mark.parametrize("n", [1, 63])
+@pytest.mark.parametrize("layout,act", [("concat", "silu"), ("interleaved_t", "clamped_swiglu")])
+def test_mxfp4_through_dot_scaled_matches_float64(poisoned, n, layout, act):
+    """The tl.dot_scaled variant (fp16 activations: the formats it accepts are 16-bit) equals the float64 reference
+    over the dequantized matrices to fp16's rounding of the intermediate, as the other MXFP4 path does; fp32
+    activations are refused in one line."""
+    mx_gu, mx_d, b_gu, b_d = mxfp4_weights(layout, bias=act == "clamped_swiglu")
+    x = torch.randn(n, 96, generator=torch.Generator().manual_seed(5)).half()
+    w, ex = routing(n)
+    ref = moe_experts_torch(f64(x), f64(w), ex, mx_gu, mx_d, f64(b_gu), f64(b_d), layout=layout, act=act, limit=2.0)
+    half = (lambda t: None if t is None else t.half())
+    out = moe_experts_kernel(x, w.half(), ex, mx_gu, mx_d, half(b_gu), half(b_d), layout=layout, act=act, limit=2.0,
+                             mx_dot_scaled=True)
+    rel = ((out.double() - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
+    assert rel < 2e-3, rel
+    with pytest.raises(ValueError, match="mx_dot_scaled with torch.float32 activations"):
+        moe_experts_kernel(x.float(), w, ex, mx_gu, mx_d, layout=layout, act=act, mx_dot_scaled=True)
+
+
 def test_mxfp4_round_trip_is_exact_on_representable_values():
     """quantize(dequantize(codes, scales)) gives back the codes and scales wherever a group holds a +-6 (its scale
     is then the one that was drawn), and every value lands within half a code step otherwise."""
@@ -207,7 +226,7 @@ def test_kernel_bf16_gpu(poisoned, n, layout, act):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("swap", [False, True, "dot_scaled"])
 @pytest.mark.parametrize("n", [1, 16, 129])
 def test_mxfp4_kernel_bf16_gpu(poisoned, n, swap):
     mx_gu, mx_d, b_gu, b_d = mxfp4_weights("interleaved_t", bias=True, device="cuda")
@@ -217,6 +236,6 @@ def test_mxfp4_kernel_bf16_gpu(poisoned, n, swap):
     ref = moe_experts_torch(f64(x), f64(w), ex, mx_gu, mx_d, f64(b_gu), f64(b_d), layout="interleaved_t",
                             act="clamped_swiglu")
     out = moe_experts_kernel(x, w, ex, mx_gu, mx_d, b_gu.bfloat16(), b_d.bfloat16(), layout="interleaved_t",
-                             act="clamped_swiglu", mx_swap=swap)
+                             act="clamped_swiglu", mx_swap=swap is True, mx_dot_scaled=swap == "dot_scaled")
     rel = ((out.double() - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
     assert rel < 1e-2, rel

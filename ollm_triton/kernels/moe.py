@@ -145,13 +145,28 @@ def _mx_dot(acc, p_x, m_x, p_w, p_s, o_n, m_n, k0, K, s_wn, s_sn, DOT_PREC: tl.c
     return acc
 
 
+@triton.jit
+def _mx_dot_scaled(acc, p_x, m_x, p_w, p_s, o_n, m_n, k0, K, s_wn, s_sn, X_FORMAT: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """`_mx_dot` through Triton's own microscaled dot (`tl.dot_scaled`, e2m1 weights with e8m0 scales; on sm_90 the
+    compiler upcasts them to bf16 itself): x's [BM, BK] tile, the weights' [BK / 2, BN] bytes (two codes a byte
+    along K, as the blocks store them) and their [BN, BK / 32] scales, one call per BLOCK_K."""
+    o_k = k0 + tl.arange(0, BLOCK_K)
+    o_kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    o_g = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+    b_x = tl.load(p_x[:, None] + o_k[None, :], mask=m_x[:, None] & (o_k < K)[None, :], other=0.0)
+    b_w = tl.load(p_w + o_n[None, :] * s_wn + o_kb[:, None], mask=(o_kb < K // 2)[:, None] & m_n[None, :], other=0)
+    b_s = tl.load(p_s + o_n[:, None] * s_sn + o_g[None, :], mask=m_n[:, None] & (o_g < K // 32)[None, :], other=127)
+    return tl.dot_scaled(b_x, None, X_FORMAT, b_w, b_s, "e2m1", acc)
+
+
 @triton.jit(do_not_specialize=["NK"])
 def _gate_up_kernel(
     X, W, S, B, PAIRS, BLOCK_EXPERT, INTER,
     NK, H, I, alpha, limit,
     s_xn, s_we, s_wn, s_wk, s_se, s_sn, s_be, s_in,
     TOP_K: tl.constexpr, PAIRED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ACT: tl.constexpr, DOT_PREC: tl.constexpr, MX: tl.constexpr,
+    ACT: tl.constexpr, DOT_PREC: tl.constexpr, MX: tl.constexpr, X_FORMAT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     i_m, i_n = tl.program_id(0), tl.program_id(1)
@@ -175,7 +190,10 @@ def _gate_up_kernel(
         if MX == 2:
             acc = tl.zeros((2 * BLOCK_N, BLOCK_M), dtype=tl.float32)
         for k0 in range(0, H, BLOCK_K):
-            if MX:
+            if MX == 3:
+                acc = _mx_dot_scaled(acc, X + o_tok * s_xn, m_m, p_w, p_s, o_c, m_c, k0, H, s_wn, s_sn, X_FORMAT,
+                                     BLOCK_K)
+            elif MX:
                 acc = _mx_dot(acc, X + o_tok * s_xn, m_m, p_w, p_s, o_c, m_c, k0, H, s_wn, s_sn, DOT_PREC, BLOCK_K,
                               MX == 2)
             else:
@@ -198,7 +216,11 @@ def _gate_up_kernel(
             acc_g = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             acc_u = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for k0 in range(0, H, BLOCK_K):
-            if MX:
+            if MX == 3:
+                p_x = X + o_tok * s_xn
+                acc_g = _mx_dot_scaled(acc_g, p_x, m_m, p_w, p_s, o_n, m_n, k0, H, s_wn, s_sn, X_FORMAT, BLOCK_K)
+                acc_u = _mx_dot_scaled(acc_u, p_x, m_m, p_w, p_s, o_n + I, m_n, k0, H, s_wn, s_sn, X_FORMAT, BLOCK_K)
+            elif MX:
                 p_x = X + o_tok * s_xn
                 acc_g = _mx_dot(acc_g, p_x, m_m, p_w, p_s, o_n, m_n, k0, H, s_wn, s_sn, DOT_PREC, BLOCK_K, MX == 2)
                 acc_u = _mx_dot(acc_u, p_x, m_m, p_w, p_s, o_n + I, m_n, k0, H, s_wn, s_sn, DOT_PREC, BLOCK_K,
@@ -228,7 +250,7 @@ def _down_kernel(
     INTER, W, S, B, PAIRS, BLOCK_EXPERT, ROUTE_W, OUT,
     NK, H, I,
     s_in, s_we, s_wn, s_wk, s_se, s_sn, s_be, s_on,
-    HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr, MX: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr, MX: tl.constexpr, X_FORMAT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     i_m, i_n = tl.program_id(0), tl.program_id(1)
@@ -245,7 +267,10 @@ def _down_kernel(
     if MX == 2:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(0, I, BLOCK_K):
-        if MX:
+        if MX == 3:
+            acc = _mx_dot_scaled(acc, INTER + o_m.to(tl.int64) * s_in, m_m, p_w, p_s, o_n, m_n, k0, I, s_wn, s_sn,
+                                 X_FORMAT, BLOCK_K)
+        elif MX:
             acc = _mx_dot(acc, INTER + o_m.to(tl.int64) * s_in, m_m, p_w, p_s, o_n, m_n, k0, I, s_wn, s_sn, DOT_PREC,
                           BLOCK_K, MX == 2)
         else:
@@ -321,7 +346,8 @@ def _block_m(num_pairs: int, num_experts: int) -> int:
 def moe_experts_kernel(x, weights, experts, w_gate_up, w_down, b_gate_up=None, b_down=None, *, layout="concat",
                        act="silu", alpha=1.702, limit=7.0, block_m: int | None = None, block_n: int | None = None,
                        block_k: int = 64, num_warps: int = 4, num_stages: int | None = None,
-                       routing: tuple[int, int] | None = None, mx_swap: bool | None = None) -> torch.Tensor:
+                       routing: tuple[int, int] | None = None, mx_swap: bool | None = None,
+                       mx_dot_scaled: bool = False) -> torch.Tensor:
     """The Triton path (shapes in the module docstring). Tiles: BLOCK_M rows by `_block_m`, 64 x 64 (bf16: the
     sweep of scripts/bench_moe.py --sweep found 0-12% in other settings, none best twice, moe study 5a). routing:
     (the model's experts, experts a token) when this call holds part of the routing (a cache's rows, one slot of
@@ -330,7 +356,8 @@ def moe_experts_kernel(x, weights, experts, w_gate_up, w_down, b_gate_up=None, b
     MXFP4 weights (moe study 5b, gpt-oss's layer on an H100): as the dot's right operand with BLOCK_N 32 while
     BLOCK_M is 16 (decode: 0.20 ms a layer at one token against 0.31 at BLOCK_N 64), as its left operand (`mx_swap`,
     `_mx_dot` SWAP) with BLOCK_N 64 once BLOCK_M is larger (prefill: 2.41 ms at 512 tokens against 4.73); block_n
-    and mx_swap given explicitly override that."""
+    and mx_swap given explicitly override that. mx_dot_scaled: Triton's `tl.dot_scaled` instead (bf16 or fp16
+    activations), timed beside the others by bench_moe."""
     if layout not in LAYOUTS or act not in ACTS:
         raise ValueError(f"moe_experts: layout {layout!r} / act {act!r}; accepted: {LAYOUTS} / {ACTS}")
     n, h = x.shape
@@ -370,7 +397,11 @@ def moe_experts_kernel(x, weights, experts, w_gate_up, w_down, b_gate_up=None, b
         mx_swap = bm > 16
     if block_n is None:
         block_n = 32 if mx and not mx_swap else 64
-    mx_mode = (2 if mx_swap else 1) if mx else 0  # the kernels' MX: 0 dense, 1 MXFP4, 2 MXFP4 as the left operand
+    # the kernels' MX: 0 dense, 1 MXFP4, 2 MXFP4 as the left operand, 3 MXFP4 through tl.dot_scaled
+    mx_mode = (3 if mx_dot_scaled else 2 if mx_swap else 1) if mx else 0
+    x_format = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(x.dtype, "")
+    if mx_mode == 3 and not x_format:
+        raise ValueError(f"moe_experts: mx_dot_scaled with {x.dtype} activations; accepted: bfloat16, float16")
     if n == 1:  # one token: its k experts differ, so each gets a block of its own and nothing needs sorting
         pairs, block_expert = single_token_rows(k, bm, x.device), experts.reshape(-1)
     else:
@@ -388,13 +419,13 @@ def moe_experts_kernel(x, weights, experts, w_gate_up, w_down, b_gate_up=None, b
         nk, h, i, float(alpha), float(limit),
         x.stride(0), *gu_strides, b_gate_up.stride(0) if has_bias else 0, inter.stride(0),
         TOP_K=k, PAIRED=layout == "interleaved_t", HAS_BIAS=has_bias, ACT=ACTS.index(act),
-        DOT_PREC=prec, MX=mx_mode, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch,
+        DOT_PREC=prec, MX=mx_mode, X_FORMAT=x_format, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch,
     )
     _down_kernel[(rows // bm, triton.cdiv(h, bn))](
         inter, w_d, s_d, b_down if b_down is not None else x, pairs, block_expert, route_w, out_pairs,
         nk, h, i,
         inter.stride(0), *d_strides, b_down.stride(0) if b_down is not None else 0, out_pairs.stride(0),
-        HAS_BIAS=b_down is not None, DOT_PREC=prec, MX=mx_mode, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch,
+        HAS_BIAS=b_down is not None, DOT_PREC=prec, MX=mx_mode, X_FORMAT=x_format, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch,
     )
     return torch.sum(out_pairs.view(n, k, h), dim=1, out=out)
 
