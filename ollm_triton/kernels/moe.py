@@ -425,7 +425,8 @@ def moe_experts_kernel(x, weights, experts, w_gate_up, w_down, b_gate_up=None, b
         inter, w_d, s_d, b_down if b_down is not None else x, pairs, block_expert, route_w, out_pairs,
         nk, h, i,
         inter.stride(0), *d_strides, b_down.stride(0) if b_down is not None else 0, out_pairs.stride(0),
-        HAS_BIAS=b_down is not None, DOT_PREC=prec, MX=mx_mode, X_FORMAT=x_format, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch,
+        HAS_BIAS=b_down is not None, DOT_PREC=prec, MX=mx_mode, X_FORMAT=x_format, BLOCK_M=bm, BLOCK_N=bn,
+        BLOCK_K=bk, **launch,
     )
     return torch.sum(out_pairs.view(n, k, h), dim=1, out=out)
 
