@@ -102,6 +102,11 @@ def model_source(model: dict[str, Any]) -> tuple[Any, bool]:
     return str(source), True
 
 
+def experts_format(resolved: dict[str, Any]) -> str:
+    """The run's `experts` option: how a MoE model keeps its routed experts (dense | mxfp4; engine/config.py)."""
+    return str(resolved.get("experts") or "dense")
+
+
 def limit_device_memory(gb: Any, device: torch.device) -> None:
     """device_memory_gb: cap this process's CUDA allocations (a smaller GPU on a big one), so that a run's
     "fits in 8 GB" is tested by the allocator failing, not read off a peak counter afterwards."""
@@ -167,7 +172,7 @@ def memory_check(resolved: dict[str, Any], source: Any, built: dict[str, Any], t
         # a forward-only decoder (greedy, sample) keeps no states to roll back to; the others up to a verify block
         state_rollback_tokens=0 if getattr(built.get("decoder"), "forward_only", False) else DECODE_MAX_TOKENS,
         attention=built.get("attention"),
-        experts=str(resolved.get("experts") or "dense"),
+        experts=experts_format(resolved),
     )
 
 
@@ -290,7 +295,7 @@ def build_run(resolved: dict[str, Any], *, needs: Mapping[str, Any] | Callable[[
         made = dict(needs() if callable(needs) else needs)
         if runtime not in RUNTIMES:
             raise RunError(f"model.runtime={runtime!r} is not accepted; accepted: {', '.join(RUNTIMES)}")
-        if runtime == "transformers" and str(resolved.get("experts") or "dense") != "dense":
+        if runtime == "transformers" and experts_format(resolved) != "dense":
             raise RunError("experts=mxfp4 is the native engine's storage; model.runtime=transformers loads the "
                            "checkpoint its own way (leave experts=dense)")
         footprint = memory_check(resolved, source, built, made, device, dtype)  # refuses in one line, before loading
@@ -307,7 +312,7 @@ def build_run(resolved: dict[str, Any], *, needs: Mapping[str, Any] | Callable[[
                                  prefetch=built["prefetch"], device=device, dtype=dtype, seed=seed,
                                  prefill_chunk=int(resolved.get("prefill_chunk") or 0),
                                  fast_decode=str(resolved.get("fast_decode", "auto")),
-                                 experts=str(resolved.get("experts") or "dense"))
+                                 experts=experts_format(resolved))
         load_s = time.perf_counter() - t0
         load_peak = None
         if device.type == "cuda":  # BuiltRun.device_peaks: the load's peak apart from the run's
