@@ -266,23 +266,17 @@ def expert_rows(args, shapes: dict, bw: float) -> list[dict]:
                 paths[name] = partial(mod, x, ex, w)
             own = {}  # path -> (its reference, the bytes it reads) where they are not the bf16 layer's
             if mx is not None:  # gpt-oss checkpoints store MXFP4: the same layer quantized, read as bytes
-                name = "ours: triton grouped, MXFP4 weights read directly"
-                paths[name] = partial(moe_experts_kernel, x, w, ex, *mx, b_gu, b_d, **kw)
-                own[name] = (mx_ref, ex.unique().numel() * mx_per_expert)
-                name = "ours: MXFP4 through tl.dot_scaled"
-                paths[name] = partial(moe_experts_kernel, x, w, ex, *mx, b_gu, b_d, **kw, mx_dot_scaled=True)
-                own[name] = (mx_ref, ex.unique().numel() * mx_per_expert)
-                name = "ours: MXFP4 through tl.dot_scaled, BLOCK_N 32"
-                paths[name] = partial(moe_experts_kernel, x, w, ex, *mx, b_gu, b_d, **kw, mx_dot_scaled=True,
-                                      block_n=32)
-                own[name] = (mx_ref, ex.unique().numel() * mx_per_expert)
-                name = "ours: triton grouped, MXFP4, weights as the left operand"
-                paths[name] = partial(moe_experts_kernel, x, w, ex, *mx, b_gu, b_d, **kw, mx_swap=True)
-                own[name] = (mx_ref, ex.unique().numel() * mx_per_expert)
+                mx_paths = {  # name -> the kernel's options beside the layer's
+                    "ours: triton grouped, MXFP4 weights read directly": {},
+                    "ours: MXFP4 through tl.dot_scaled": dict(mx_dot_scaled=True),
+                    "ours: MXFP4 through tl.dot_scaled, BLOCK_N 32": dict(mx_dot_scaled=True, block_n=32),
+                    "ours: triton grouped, MXFP4, weights as the left operand": dict(mx_swap=True),
+                }
                 for bm, bn, bk, warps, stages in SWEEP[1:] if args.sweep else ():
-                    name = f"ours: MXFP4 bm={bm} bn={bn} bk={bk} w={warps} s={stages}"
-                    paths[name] = partial(moe_experts_kernel, x, w, ex, *mx, b_gu, b_d, **kw, block_m=bm, block_n=bn,
-                                          block_k=bk, num_warps=warps, num_stages=stages, mx_swap=False)
+                    mx_paths[f"ours: MXFP4 bm={bm} bn={bn} bk={bk} w={warps} s={stages}"] = dict(
+                        block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages, mx_swap=False)
+                for name, opts in mx_paths.items():
+                    paths[name] = partial(moe_experts_kernel, x, w, ex, *mx, b_gu, b_d, **kw, **opts)
                     own[name] = (mx_ref, ex.unique().numel() * mx_per_expert)
             for name, fn in paths.items():
                 ref_, read_ = own.get(name, (ref, read))
